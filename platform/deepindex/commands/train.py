@@ -1,0 +1,35 @@
+"""``deepindex train`` and ``deepindex evaluate``."""
+from __future__ import annotations
+
+import json
+
+
+def add_config_args(p) -> None:
+    p.add_argument("--config", help="YAML config file (defaults apply to what it leaves out)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.1")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a model with Ray Train on the connected cluster")
+    add_config_args(p)
+    p.add_argument("--name", help="run name; the same name and storage path resume a run")
+    p.set_defaults(func=run_train)
+
+    e = sub.add_parser("evaluate", help="a checkpoint's metrics on a split of its dataset")
+    e.add_argument("checkpoint", help="checkpoint directory or checkpoint.pt")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.set_defaults(func=run_evaluate)
+
+
+def run_train(args) -> int:
+    from deepindex.jobs import train_main
+
+    train_main(args.config, args.overrides, name=args.name)
+    return 0
+
+
+def run_evaluate(args) -> int:
+    from deepindex.train.trainer import evaluate_checkpoint
+
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.split), indent=2))
+    return 0

@@ -1,0 +1,227 @@
+"""One typed configuration for every step, loaded from YAML with dotted overrides.
+
+Unknown or ill-typed keys are a :class:`ConfigError` that names the dotted key, so
+``deepindex train optim.lrr=0.1`` fails with ``optim.lrr: unknown key``.  The resolved
+config travels as a plain dict (``to_dict``) into checkpoints, MLflow params and Tune
+search spaces, which address the same dotted keys.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the dotted key at fault."""
+
+
+class _Section(BaseModel):
+    # frozen: a resolved config is a value; extra=forbid: typos are errors, not silence.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(_Section):
+    dataset: Literal["digit-scenes", "digits", "image-folder", "manifest", "cifar10", "cifar100"] = "digit-scenes"
+    root: str | None = None  # image folder root, manifest root or CIFAR folder
+    manifest: str | None = None  # CSV or JSONL of path + tags (multi-label)
+    concepts: str | None = None  # concept list file for a manifest (one per line)
+    image_size: int = Field(32, ge=8, le=1024)
+    channels: Literal[1, 3] = 1
+    train_size: int = Field(20000, ge=1)
+    val_size: int = Field(2000, ge=1)
+    test_size: int = Field(2000, ge=1)
+    max_digits: int = Field(4, ge=1, le=4)  # digit-scenes: 1..max_digits glyphs per scene
+    val_fraction: float = Field(0.1, gt=0, lt=1)  # image-folder/manifest/CIFAR: held out from train
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 0
+    num_workers: int = Field(0, ge=0)  # DataLoader worker processes
+
+
+class ModelConfig(_Section):
+    name: str = "convnet"
+    channels: tuple[int, ...] = (32, 64, 128)  # convnet: one block per entry, each halves H and W
+    convs_per_block: int = Field(1, ge=1, le=4)
+    activation: Literal["relu", "prelu", "tanh", "sigmoid"] = "relu"
+    pool: Literal["max", "avg"] = "max"
+    embed_dim: int = Field(128, ge=2)
+    dropout: float = Field(0.3, ge=0, lt=1)
+    stochastic_depth: float = Field(0.0, ge=0, lt=1)  # resnets: drop probability of the last block
+    weights: str | None = None  # local state_dict file for transfer learning; never downloaded
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(0.0, ge=0)  # AdamW's decoupled decay; SGD uses regularization.l2
+    backbone_lr_mult: float = Field(1.0, gt=0)  # lr of everything but the head = lr * this
+
+
+class ScheduleConfig(_Section):
+    policy: Literal["none", "step", "multistep", "exponential", "cosine", "plateau"] = "step"
+    step_size: int = Field(4, ge=1)  # step: constant for step_size epochs, then / factor
+    factor: float = Field(10.0, gt=1)  # divide by this at each step (step, multistep, plateau)
+    milestones: tuple[int, ...] = (6, 9)
+    gamma: float = Field(0.9, gt=0, le=1)  # exponential: lr *= gamma each epoch
+    min_lr: float = Field(0.0, ge=0)  # cosine floor
+    patience: int = Field(1, ge=0)  # plateau
+    warmup_epochs: int = Field(0, ge=0)
+
+
+class RegularizationConfig(_Section):
+    l1: float = Field(0.0, ge=0)
+    l1_start_epoch: int = Field(2, ge=0)
+    l2: float = Field(5e-4, ge=0)
+    l2_start_epoch: int = Field(2, ge=0)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(128, ge=1)  # global: split across workers
+    seed: int = 0
+    threads: int = Field(0, ge=0)  # torch threads per worker; 0 = cpus_per_worker
+
+
+class RayConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    storage_path: str | None = None  # default: <state dir>/ray_results
+    name: str | None = None  # same name + storage path = resume
+    max_failures: int = Field(2, ge=-1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    experiment: str = "deepindex"
+    registered_model: str = "deepindex"
+    run_name: str | None = None
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    regularization: RegularizationConfig = RegularizationConfig()
+    train: TrainConfig = TrainConfig()
+    ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        from deepindex.models import registered_models  # late: models import torch
+
+        if self.model.name not in registered_models():
+            raise ValueError(
+                f"model.name: unknown model {self.model.name!r}; registered: {', '.join(registered_models())}"
+            )
+        if self.train.batch_size < self.ray.num_workers:
+            raise ValueError("train.batch_size: smaller than ray.num_workers")
+        return self
+
+    # ---- conversions -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, e.g. {"optim.lr": 0.05}: MLflow params, Tune spaces."""
+        return flatten(self.to_dict())
+
+    @property
+    def multilabel(self) -> bool:
+        return self.data.dataset in ("digit-scenes", "manifest")
+
+    def override(self, overrides: dict[str, Any] | list[str]) -> "Config":
+        """A new config with dotted overrides applied (strings are parsed as YAML scalars)."""
+        if isinstance(overrides, list):
+            overrides = parse_overrides(overrides)
+        return from_dict(_merge(self.to_dict(), overrides))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{item}: an override must look like key=value (e.g. optim.lr=0.1)")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def _merge(base: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
+    out = _deepcopy(base)
+    for key, value in dotted.items():
+        parts = key.split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: unknown section")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"{key}: unknown key")
+        if isinstance(node[parts[-1]], dict) and not isinstance(value, dict):
+            raise ConfigError(f"{key}: is a section, not a value")
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def from_dict(d: dict[str, Any] | None) -> Config:
+    """Validate a nested dict; the error names the first dotted key at fault."""
+    try:
+        return Config.model_validate(d or {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+            if ": " in msg and not loc:  # our own validators already start with the key
+                raise ConfigError(msg) from None
+        raise ConfigError(f"{loc or 'config'}: {msg}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Defaults <- YAML file <- dotted overrides."""
+    base: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config: no such file {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config: {p} is not valid YAML ({e.__class__.__name__})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config: {p} must hold a mapping of sections")
+        base = loaded
+    cfg = from_dict(base)
+    if overrides:
+        cfg = cfg.override(overrides)
+    return cfg

@@ -1,0 +1,49 @@
+"""One model registry: ``build_model(cfg, num_concepts, in_channels)`` by name.
+
+Every model is a :class:`ConceptModel`: ``forward(x)`` gives concept logits (B, K) and
+``embed(x)`` the penultimate activations (B, D) used for query by example.  ``head`` is the
+final linear layer, so optimisers can give it its own learning rate.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., "nn.Module"]] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def registered_models() -> list[str]:
+    _load()
+    return sorted(_REGISTRY)
+
+
+def build_model(model_cfg, num_concepts: int, in_channels: int) -> "ConceptModel":
+    """Build the registered model ``model_cfg.name`` (a :class:`deepindex.config.ModelConfig`)."""
+    _load()
+    if model_cfg.name not in _REGISTRY:
+        raise ValueError(f"model.name: unknown model {model_cfg.name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+    model = _REGISTRY[model_cfg.name](model_cfg, num_concepts, in_channels)
+    if model_cfg.weights:
+        from deepindex.models.backbones import load_local_weights
+
+        load_local_weights(model, model_cfg.weights)
+    return model
+
+
+def _load() -> None:
+    # Import the modules that register models on first use, not at import of this package.
+    from deepindex.models import backbones, convnet  # noqa: F401
+
+
+from deepindex.models.base import ConceptModel  # noqa: E402
+
+__all__ = ["ConceptModel", "build_model", "register", "registered_models"]

@@ -1,0 +1,130 @@
+"""torchvision backbones by name, their classifier replaced by a concept head.
+
+Nothing is downloaded: ``weights=None`` always, and transfer learning reads a local
+state_dict file (``model.weights``), either torchvision's own or one of ours.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+from torchvision.ops import StochasticDepth
+
+from deepindex.models import register
+from deepindex.models.base import ConceptModel
+
+log = logging.getLogger(__name__)
+
+
+class _ResNetBody(nn.Module):
+    def __init__(self, net: tvm.ResNet):
+        super().__init__()
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)  # (B, 512 | 2048)
+
+
+class _VGGBody(nn.Module):
+    def __init__(self, net: tvm.VGG):
+        super().__init__()
+        # Keep Linear-ReLU-Dropout-Linear-ReLU; the last Dropout and Linear become ours.
+        net.classifier = net.classifier[:-2]
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)  # (B, 4096)
+
+
+class _DenseNetBody(nn.Module):
+    def __init__(self, net: tvm.DenseNet):
+        super().__init__()
+        net.classifier = nn.Identity()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)  # (B, 1024)
+
+
+def _with_in_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    if conv.in_channels == in_channels:
+        return conv
+    return nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+
+
+def _add_stochastic_depth(net: tvm.ResNet, p: float) -> None:
+    """Drop each residual branch with a probability rising linearly to ``p`` (Huang et al. 2016)."""
+    blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
+    for i, block in enumerate(blocks):
+        prob = p * (i + 1) / len(blocks)
+        # The branch's last batch norm feeds the addition with the identity: drop its output.
+        name = "bn3" if isinstance(block, tvm.resnet.Bottleneck) else "bn2"
+        setattr(block, name, nn.Sequential(getattr(block, name), StochasticDepth(prob, mode="row")))
+
+
+def _resnet(factory, cfg, num_concepts: int, in_channels: int) -> ConceptModel:
+    net = factory(weights=None)
+    net.conv1 = _with_in_channels(net.conv1, in_channels)
+    if cfg.stochastic_depth > 0:
+        _add_stochastic_depth(net, cfg.stochastic_depth)
+    dim = net.fc.in_features
+    return ConceptModel(_ResNetBody(net), dim, num_concepts, cfg.dropout)
+
+
+@register("resnet18")
+def resnet18(cfg, num_concepts, in_channels):
+    return _resnet(tvm.resnet18, cfg, num_concepts, in_channels)
+
+
+@register("resnet50")
+def resnet50(cfg, num_concepts, in_channels):
+    return _resnet(tvm.resnet50, cfg, num_concepts, in_channels)
+
+
+@register("vgg11_bn")
+def vgg11_bn(cfg, num_concepts, in_channels):
+    net = tvm.vgg11_bn(weights=None)
+    net.features[0] = _with_in_channels(net.features[0], in_channels)
+    return ConceptModel(_VGGBody(net), net.classifier[-1].in_features, num_concepts, cfg.dropout)
+
+
+@register("densenet121")
+def densenet121(cfg, num_concepts, in_channels):
+    net = tvm.densenet121(weights=None)
+    net.features.conv0 = _with_in_channels(net.features.conv0, in_channels)
+    dim = net.classifier.in_features
+    return ConceptModel(_DenseNetBody(net), dim, num_concepts, cfg.dropout)
+
+
+def load_local_weights(model: nn.Module, path: str | Path) -> int:
+    """Load a local state_dict into ``model``; returns how many tensors were taken.
+
+    Accepts our own state_dicts and torchvision's (keys without the ``body.net.`` prefix).
+    Tensors whose shape differs (a first conv for another channel count, a classifier for
+    another concept count) are skipped and logged: that is what transfer learning wants.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"model.weights: no such file {p}")
+    sd = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]  # one of our checkpoints
+    own = model.state_dict()
+    take, skipped = {}, []
+    for k, v in sd.items():
+        for cand in (k, f"body.net.{k}", f"body.{k}"):
+            if cand in own:
+                if own[cand].shape == v.shape:
+                    take[cand] = v
+                else:
+                    skipped.append(cand)
+                break
+    if not take:
+        raise ValueError(f"model.weights: {p} shares no tensor with model")
+    model.load_state_dict(take, strict=False)
+    log.info("loaded %d tensors from %s; skipped %d of another shape: %s", len(take), p, len(skipped), skipped[:5])
+    return len(take)

@@ -1,0 +1,1 @@
+"""Training: epoch functions (plain torch), the Ray Train worker loop and trainer."""

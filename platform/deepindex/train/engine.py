@@ -1,0 +1,91 @@
+"""Plain-torch epoch functions (no Ray): ``train_one_epoch`` and ``evaluate``.
+
+Both return a metrics dict; the Ray Train worker loop, the benchmark's plain baseline and
+the tests all call these same functions.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from deepindex.train.losses import Penalty, penalised_params
+from deepindex.train.metrics import mean_ap, per_concept_ap, topk_error
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    penalty: Penalty,
+    epoch: int,
+    device: torch.device | str = "cpu",
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """One pass of minibatch SGD; returns mean data loss, penalty and images/s."""
+    model.train()
+    params = penalised_params(model)
+    total_loss, total_pen, seen, batches = 0.0, 0.0, 0, 0
+    start = time.perf_counter()
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, C, H, W), (B,) | (B, K)
+        logits = model(x)  # (B, K)
+        loss = loss_fn(logits, y)
+        pen = penalty(params, epoch)
+        objective = loss if pen is None else loss + pen
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        optimizer.step()
+        n = x.shape[0]
+        total_loss += loss.item() * n
+        total_pen += (pen.item() if pen is not None else 0.0) * n
+        seen += n
+        batches += 1
+        if max_batches is not None and batches >= max_batches:
+            break
+    elapsed = time.perf_counter() - start
+    return {
+        "train_loss": total_loss / max(seen, 1),
+        "train_penalty": total_pen / max(seen, 1),
+        "images_per_s": seen / elapsed if elapsed > 0 else 0.0,
+        "train_images": float(seen),
+    }
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits and targets of a loader, on the CPU: (N, K), (N,) | (N, K)."""
+    model.eval()
+    outs, ys = [], []
+    for x, y in loader:
+        outs.append(model(x.to(device)).float().cpu())
+        ys.append(y)
+    return torch.cat(outs), torch.cat(ys)
+
+
+def scores_to_metrics(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, loss_fn: nn.Module | None = None, prefix: str = "val_") -> dict:
+    """Metrics of a whole split from its logits: loss and top-1/top-5 error, or mAP and per-concept AP."""
+    out: dict = {}
+    if loss_fn is not None:
+        out[f"{prefix}loss"] = float(loss_fn(logits, targets))
+    if multilabel:
+        ap = per_concept_ap(torch.sigmoid(logits), targets)
+        out[f"{prefix}map"] = mean_ap(torch.sigmoid(logits), targets)
+        out[f"{prefix}ap"] = [None if v != v else float(v) for v in ap.tolist()]  # NaN -> None (JSON)
+    else:
+        out[f"{prefix}top1_error"] = topk_error(logits, targets, 1)
+        out[f"{prefix}top5_error"] = topk_error(logits, targets, 5)
+    return out
+
+
+def evaluate(model: nn.Module, loader: DataLoader, multilabel: bool, loss_fn: nn.Module | None = None, device="cpu", prefix: str = "val_") -> dict:
+    logits, targets = predict(model, loader, device)
+    return scores_to_metrics(logits, targets, multilabel, loss_fn, prefix)
+
+
+def primary_metric(multilabel: bool, prefix: str = "val_") -> tuple[str, str]:
+    """(metric name, "max" | "min"): what best-k checkpoints, Tune and promotion rank by."""
+    return (f"{prefix}map", "max") if multilabel else (f"{prefix}top1_error", "min")

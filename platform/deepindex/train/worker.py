@@ -1,0 +1,121 @@
+"""The per-worker training function: the only training code that touches Ray.
+
+Each Ray Train worker builds the same splits (deterministic in the config), wraps the
+model in DDP through ``prepare_model``, reads a shard of every epoch through a
+``DistributedSampler`` reshuffled per epoch, evaluates its shard of the validation split
+(gathered so every rank sees the same metrics), and reports once per epoch; rank 0 attaches
+the checkpoint.  A restarted worker group (after a failure, or a run started again under
+the same name) resumes from ``ray.train.get_checkpoint()``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from deepindex.checkpoint import read_checkpoint, save_checkpoint
+from deepindex.config import from_dict
+from deepindex.data import build_splits
+from deepindex.models import build_model
+from deepindex.train.engine import predict, scores_to_metrics, train_one_epoch
+from deepindex.train.losses import Penalty, make_loss
+from deepindex.train.optim import EpochScheduler, build_optimizer, current_lr
+
+log = logging.getLogger(__name__)
+
+
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor from every rank (rank order); sizes may differ by one."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, t)
+    return torch.cat(parts)
+
+
+def _write_status(status_dir: str | None, rank: int, **fields) -> None:
+    """Where each worker is (pid, epoch): for operators, and for fault-injection tests."""
+    if not status_dir:
+        return
+    d = Path(status_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".rank{rank}.json.tmp"
+    tmp.write_text(json.dumps({"rank": rank, "pid": os.getpid(), "node": os.uname().nodename, "time": time.time(), **fields}))
+    os.replace(tmp, d / f"rank{rank}.json")
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.train.seed + rank)
+    threads = cfg.train.threads or max(1, int(cfg.ray.cpus_per_worker))
+    torch.set_num_threads(threads)
+    device = ray.train.torch.get_device()
+
+    splits = build_splits(cfg.data)
+    model = build_model(cfg.model, len(splits.concepts), splits.channels)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = EpochScheduler(optimizer, cfg.schedule, cfg.train.epochs)
+    start_epoch, extra = 0, dict(loop_config.get("extra") or {})
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = read_checkpoint(d)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"] + 1
+        extra.update(state.get("extra") or {})  # e.g. the MLflow run id: continue, not duplicate
+        if rank == 0:
+            log.info("resuming from the checkpoint of epoch %d", state["epoch"])
+
+    model = ray.train.torch.prepare_model(model)
+    per_worker_batch = max(1, cfg.train.batch_size // world)  # the global batch is split
+    sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
+    train_loader = DataLoader(splits.train, batch_size=per_worker_batch, sampler=sampler,
+                              num_workers=cfg.data.num_workers, drop_last=True)
+    # Each rank scores a strided shard of the validation split; all_gather puts it back together.
+    val_loader = DataLoader(Subset(splits.val, range(rank, len(splits.val), world)), batch_size=256)
+    loss_fn = make_loss(splits.multilabel)
+    penalty = Penalty(cfg.regularization)
+    tracker = loop_config.get("tracker")
+    if tracker is not None and rank == 0:
+        extra = tracker.start(cfg, extra)
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        _write_status(loop_config.get("status_dir"), rank, epoch=epoch)
+        sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
+        lr = current_lr(optimizer)
+        train_metrics = train_one_epoch(model, train_loader, optimizer, loss_fn, penalty, epoch, device)
+        logits, targets = predict(model.module if hasattr(model, "module") else model, val_loader, device)
+        logits, targets = _gather(logits), _gather(targets)
+        val_metrics = scores_to_metrics(logits, targets, splits.multilabel, loss_fn)
+        scheduler.step(val_metrics["val_loss"])
+        # images/s of the whole group: every rank trained as many images in about the same time.
+        metrics = {**train_metrics, **val_metrics, "epoch": epoch, "lr": lr,
+                   "images_per_s": train_metrics["images_per_s"] * world}
+        if rank == 0 and tracker is not None:
+            tracker.log_epoch(metrics, epoch)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint(tmp, model=model, config=cfg, stats=splits.stats, concepts=splits.concepts,
+                                multilabel=splits.multilabel, epoch=epoch, optimizer=optimizer,
+                                scheduler=scheduler, metrics=metrics, extra=extra)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+                log.info("epoch %d: %s", epoch, {k: v for k, v in metrics.items() if not isinstance(v, list)})
+            ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, list)}, checkpoint=ckpt)
+    _write_status(loop_config.get("status_dir"), rank, epoch=cfg.train.epochs, done=True)
