@@ -46,6 +46,9 @@ class ModelConfig(_Section):
     convs_per_block: int = Field(1, ge=1, le=4)
     activation: Literal["relu", "prelu", "tanh", "sigmoid"] = "relu"
     pool: Literal["max", "avg"] = "max"
+    # Global pooling before the embedding: max answers "is the concept anywhere?", which suits
+    # multi-label scenes where a concept fills one corner; avg is the classic choice.
+    global_pool: Literal["max", "avg"] = "max"
     embed_dim: int = Field(128, ge=2)
     dropout: float = Field(0.3, ge=0, lt=1)
     stochastic_depth: float = Field(0.0, ge=0, lt=1)  # resnets: drop probability of the last block

@@ -89,7 +89,8 @@ def resnet50(cfg, num_concepts, in_channels):
 def vgg11_bn(cfg, num_concepts, in_channels):
     net = tvm.vgg11_bn(weights=None)
     net.features[0] = _with_in_channels(net.features[0], in_channels)
-    return ConceptModel(_VGGBody(net), net.classifier[-1].in_features, num_concepts, cfg.dropout)
+    dim = net.classifier[-1].in_features
+    return ConceptModel(_VGGBody(net), dim, num_concepts, cfg.dropout)
 
 
 @register("densenet121")

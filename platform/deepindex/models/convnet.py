@@ -27,7 +27,7 @@ def convnet(cfg, num_concepts: int, in_channels: int) -> ConceptModel:
         c = width
     body = nn.Sequential(
         *blocks,  # (B, C, H / 2^n, W / 2^n)
-        nn.AdaptiveAvgPool2d(1),
+        nn.AdaptiveMaxPool2d(1) if cfg.global_pool == "max" else nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),  # (B, C)
         nn.Linear(c, cfg.embed_dim),
         ACTIVATIONS[cfg.activation](cfg.embed_dim),  # (B, D): the embedding

@@ -52,7 +52,8 @@ def _write_status(status_dir: str | None, rank: int, **fields) -> None:
     os.replace(tmp, d / f"rank{rank}.json")
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+def train_loop_per_worker(loop_config: dict) -> list[dict]:
+    """Train ``loop_config["config"]``; returns this rank's per-epoch scalar metrics."""
     import ray.train
     import ray.train.torch
 
@@ -95,8 +96,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if tracker is not None and rank == 0:
         extra = tracker.start(cfg, extra)
 
+    status = {"node_id": ray.get_runtime_context().get_node_id(), "start_epoch": start_epoch}
+    history: list[dict] = []
     for epoch in range(start_epoch, cfg.train.epochs):
-        _write_status(loop_config.get("status_dir"), rank, epoch=epoch)
+        epoch_start = time.time()
+        _write_status(loop_config.get("status_dir"), rank, epoch=epoch, **status)
         sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
         lr = current_lr(optimizer)
         train_metrics = train_one_epoch(model, train_loader, optimizer, loss_fn, penalty, epoch, device)
@@ -109,6 +113,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                    "images_per_s": train_metrics["images_per_s"] * world}
         if rank == 0 and tracker is not None:
             tracker.log_epoch(metrics, epoch)
+        scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}  # per-concept AP stays in the checkpoint
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -116,6 +121,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                 multilabel=splits.multilabel, epoch=epoch, optimizer=optimizer,
                                 scheduler=scheduler, metrics=metrics, extra=extra)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-                log.info("epoch %d: %s", epoch, {k: v for k, v in metrics.items() if not isinstance(v, list)})
-            ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, list)}, checkpoint=ckpt)
-    _write_status(loop_config.get("status_dir"), rank, epoch=cfg.train.epochs, done=True)
+                log.info("epoch %d: %s", epoch, scalars)
+            ray.train.report(scalars, checkpoint=ckpt)
+        history.append({**scalars, "epoch_start_time": epoch_start})
+    _write_status(loop_config.get("status_dir"), rank, epoch=cfg.train.epochs, done=True, **status)
+    return history

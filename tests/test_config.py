@@ -1,0 +1,54 @@
+import pytest
+
+from deepindex.config import Config, ConfigError, load_config
+
+
+def test_defaults_are_valid_and_multilabel_digit_scenes():
+    cfg = load_config()
+    assert cfg.data.dataset == "digit-scenes" and cfg.multilabel
+    assert cfg.flat()["optim.lr"] == cfg.optim.lr
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 0.2\nmodel:\n  channels: [4, 8]\n")
+    cfg = load_config(f, ["optim.lr=0.3", "schedule.policy=cosine"])
+    assert cfg.optim.lr == 0.3 and cfg.model.channels == (4, 8) and cfg.schedule.policy == "cosine"
+
+
+@pytest.mark.parametrize("override, key", [
+    (["optim.lrr=1"], "optim.lrr"),
+    (["nosuch.lr=1"], "nosuch"),
+    (["optim.lr=abc"], "optim.lr"),
+    (["optim.lr=-1"], "optim.lr"),
+    (["schedule.policy=linear"], "schedule.policy"),
+    (["model.name=alexnet"], "model.name"),
+    (["optim=3"], "optim"),
+    (["noequals"], "noequals"),
+])
+def test_bad_override_names_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, override)
+    assert str(e.value).startswith(key), str(e.value)
+
+
+def test_bad_yaml_key_is_named(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"^train\.epochz: unknown key"):
+        load_config(f)
+
+
+def test_config_is_frozen_and_roundtrips():
+    cfg = load_config(None, ["train.epochs=3"])
+    with pytest.raises(Exception):
+        cfg.train.epochs = 4  # type: ignore[misc]
+    assert Config.model_validate(cfg.to_dict()) == cfg
+
+
+def test_cli_prints_one_line_for_bad_key(capsys):
+    from deepindex.cli import main
+
+    assert main(["train", "optim.lrr=0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["deepindex train: error: optim.lrr: unknown key"]

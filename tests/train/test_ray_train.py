@@ -1,0 +1,149 @@
+"""Ray Train V2 on real local clusters: quality floors, multi-node placement, resume after faults."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepindex.checkpoint import load_model, read_checkpoint
+from deepindex.config import load_config
+from deepindex.train.trainer import build_trainer, train
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["data.dataset=digits", "data.train_size=600", "data.val_size=200", "data.test_size=200",
+        "model.channels=[8,16]", "model.embed_dim=32", "train.batch_size=64", "ray.num_workers=2",
+        "ray.cpus_per_worker=1", "train.threads=1"]
+
+
+def _status(storage: Path, name: str) -> dict[int, dict]:
+    d = storage / name / "workers"
+    return {int(p.stem[4:]): json.loads(p.read_text()) for p in d.glob("rank*.json")} if d.is_dir() else {}
+
+
+@pytest.mark.timeout(600)
+def test_two_workers_reach_the_single_label_floor(ray_local, tmp_path):
+    """Default ConvNet and config, single-label digits, 2 DDP workers: test top-1 error <= 1.5%."""
+    cfg = load_config(None, ["data.dataset=digits", "ray.num_workers=2", "train.threads=1",
+                             f"ray.storage_path={tmp_path}"])
+    out = train(cfg, name="floor-digits")
+    assert out.test_metrics["test_top1_error"] <= 0.015, out.test_metrics
+    assert out.metrics["epoch"] == cfg.train.epochs - 1
+    # Best-k by validation metric are kept, plus the latest.
+    kept = list((tmp_path / "floor-digits").glob("checkpoint_*"))
+    assert 1 <= len(kept) <= cfg.ray.keep_checkpoints + 1
+    # The checkpoint rebuilds the model alone, loaded without unpickling code.
+    lm = load_model(out.checkpoint)
+    assert lm.concepts == [str(d) for d in range(10)] and not lm.multilabel
+    assert lm.config == cfg and lm.stats.mean[0] > 0
+    status = _status(tmp_path, "floor-digits")
+    assert set(status) == {0, 1} and status[0]["pid"] != status[1]["pid"]
+
+
+@pytest.fixture
+def two_node_cluster():
+    """Two Ray nodes in this machine (head + worker), 2 CPUs each."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.timeout(720)
+def test_two_nodes_train_digit_scenes_to_the_map_floor(two_node_cluster, tmp_path):
+    """Default multi-label config; one worker per node (2 CPUs each on 2-CPU nodes): test mAP >= 0.95."""
+    import ray
+
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    cfg = load_config(None, ["ray.num_workers=2", "ray.cpus_per_worker=2", "train.threads=1",
+                             "ray.placement_strategy=STRICT_SPREAD", f"ray.storage_path={tmp_path}"])
+    out = train(cfg, name="floor-scenes")
+    assert out.test_metrics["test_map"] >= 0.95, out.test_metrics
+    ap = out.test_metrics["test_ap"]
+    assert len(ap) == 10 and min(ap) > 0.8
+    status = _status(tmp_path, "floor-scenes")
+    assert status[0]["node_id"] != status[1]["node_id"]  # the two workers ran on different nodes
+
+
+def _committed_epoch(storage: Path, name: str) -> int:
+    """The epoch of the latest checkpoint the Train controller has registered (-1: none)."""
+    f = storage / name / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(f.read_text()).get("latest_checkpoint_result") or {}
+    except (FileNotFoundError, json.JSONDecodeError):
+        return -1
+    return int(latest.get("metrics", {}).get("epoch", -1))
+
+
+@pytest.mark.timeout(420)
+def test_killed_worker_resumes_from_its_last_checkpoint(ray_local, tmp_path):
+    """SIGKILL a Train worker process mid-epoch: the group restarts from the last registered checkpoint."""
+    cfg = load_config(None, [*TINY, "data.train_size=8000", "train.epochs=4", "ray.max_failures=2",
+                             f"ray.storage_path={tmp_path}"])
+    trainer = build_trainer(cfg, name="fault")
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.update(result=trainer.fit()), daemon=True)
+    t.start()
+    killed, committed = None, -1
+    deadline = time.time() + 300
+    while time.time() < deadline and t.is_alive():
+        st = _status(tmp_path, "fault").get(1)
+        committed = _committed_epoch(tmp_path, "fault")
+        if st and st["epoch"] == 2 and committed == 1 and not st.get("done"):
+            os.kill(st["pid"], signal.SIGKILL)  # in epoch 2, after epoch 1's checkpoint
+            killed = st["pid"]
+            break
+        time.sleep(0.05)
+    assert killed, "worker never reached epoch 2 with epoch 1 checkpointed"
+    t.join(timeout=300)
+    result = box["result"]
+    assert result.error is None and result.metrics["epoch"] == 3
+    final = _status(tmp_path, "fault")
+    assert final[1]["pid"] != killed and final[1]["done"]
+    # Resumed from the checkpoint of epoch 1: epochs 0 and 1 were not recomputed.
+    assert final[0]["start_epoch"] == 2 and final[1]["start_epoch"] == 2
+    assert read_checkpoint(result.checkpoint.path)["epoch"] == 3
+
+
+@pytest.mark.timeout(420)
+def test_stopped_run_started_again_resumes(tmp_path):
+    """Kill a whole `jobs/train.py` run (driver and its local cluster), start it again: it resumes."""
+    env = {**os.environ, "DEEPINDEX_HOME": str(tmp_path / "home"), "DEEPINDEX_NUM_CPUS": "4"}
+    cmd = [sys.executable, str(REPO / "jobs" / "train.py"), "--name", "again", *TINY, "data.train_size=3000", "train.epochs=4",
+           f"ray.storage_path={tmp_path}"]
+    p = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if _committed_epoch(tmp_path, "again") >= 1:
+                break
+            assert p.poll() is None, "the first run ended before it could be stopped"
+            time.sleep(0.2)
+        else:
+            pytest.fail("the first run never checkpointed epoch 1")
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        p.wait(timeout=30)
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout[done.stdout.index("{"):])
+    assert result["last_epoch"]["epoch"] == 3
+    st = _status(tmp_path, "again")[0]
+    assert st["done"] and st["start_epoch"] >= 2  # resumed after epoch 1's checkpoint, not started over
