@@ -1,0 +1,66 @@
+import numpy as np
+import torch
+
+from deepindex.data import build_splits
+from deepindex.data.digits import CONCEPTS, glyph_split, make_scenes
+from deepindex.config import load_config
+
+
+def test_glyph_splits_are_disjoint_and_cover_all_glyphs():
+    s = glyph_split(0)
+    sets = {k: set(v.tolist()) for k, v in s.items()}
+    assert not (sets["train"] & sets["val"]) and not (sets["train"] & sets["test"]) and not (sets["val"] & sets["test"])
+    assert len(sets["train"] | sets["val"] | sets["test"]) == 1797
+
+
+def test_scenes_are_deterministic_and_seed_dependent():
+    a = make_scenes("train", 50, seed=0)
+    b = make_scenes("train", 50, seed=0)
+    c = make_scenes("train", 50, seed=1)
+    assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_test_split_does_not_depend_on_train_size():
+    small = build_splits(load_config(None, ["data.train_size=10", "data.test_size=20"]).data)
+    big = build_splits(load_config(None, ["data.train_size=30", "data.test_size=20"]).data)
+    assert torch.equal(small.test.tensors[1], big.test.tensors[1])
+
+
+def test_multilabel_scenes_hold_one_to_max_digits():
+    s = make_scenes("val", 300, max_digits=4, seed=0)
+    assert s.images.shape == (300, 1, 32, 32) and s.targets.shape == (300, 10)
+    counts = s.targets.sum(1)
+    assert counts.min() >= 1 and counts.max() <= 4
+    assert s.concepts == CONCEPTS
+    # Every digit occurs, and scenes with several digits exist.
+    assert (s.targets.sum(0) > 0).all() and (counts >= 3).any()
+    assert 0.0 <= s.images.min() and s.images.max() <= 1.0
+
+
+def test_scenes_use_only_their_split_glyphs():
+    """A scene built from test glyphs has exactly the pixels of one test glyph, not a train one."""
+    from sklearn.datasets import load_digits
+    import torch.nn.functional as F
+
+    s = make_scenes("test", 5, multilabel=False, seed=0)
+    d = load_digits()
+    pool = glyph_split(0)["test"]
+    for img, y in zip(s.images, s.targets):
+        nz = img[0].nonzero()
+        (y0, x0), (y1, x1) = nz.min(0).values, nz.max(0).values
+        assert int(y) in set(d.target[pool].tolist())
+        patch_side = max(y1 - y0, x1 - x0) + 1
+        assert 8 <= patch_side <= 32
+
+
+def test_single_label_targets_are_class_indices():
+    s = make_scenes("train", 100, multilabel=False, seed=0)
+    assert s.targets.dtype == torch.int64 and set(s.targets.tolist()) <= set(range(10))
+
+
+def test_splits_are_normalised_with_train_stats():
+    sp = build_splits(load_config(None, ["data.train_size=400", "data.val_size=50", "data.test_size=50"]).data)
+    x = sp.train.tensors[0]
+    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
+    assert sp.multilabel and sp.channels == 1 and len(sp.concepts) == 10
