@@ -176,6 +176,8 @@ def _merge(base: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
     out = _deepcopy(base)
     for key, value in dotted.items():
         parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"{key or '(empty key)'}: not a dotted config key (e.g. optim.lr)")
         node = out
         for i, part in enumerate(parts[:-1]):
             if not isinstance(node.get(part), dict):

@@ -60,7 +60,7 @@ def test_csv_and_jsonl_manifests(tmp_path, manifest_root):
     ("missing.png,sky", "missing file"),
     ("a1.png,sky;whale", "unknown tag 'whale'"),
     ("../outside.png,sky", "escapes the root"),
-    ("/etc/passwd,sky", "relative to the root"),
+    ("/etc/passwd,sky", "relative path under the root"),
     ("bad.png,sky", "unreadable image"),
 ])
 def test_bad_manifest_line_is_named(tmp_path, manifest_root, line, message):

@@ -12,6 +12,7 @@ is a :class:`ManifestError` naming the file and the line number.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,8 @@ class FileItems:
 
 def resolve_inside(root: Path, rel: str) -> Path:
     """``root / rel``, refusing absolute paths and ``..`` escapes (symlinks resolved)."""
-    if not rel or Path(rel).is_absolute():
-        raise ValueError(f"path {rel!r} must be relative to the root")
+    if not rel or "\x00" in rel or Path(rel).is_absolute():
+        raise ValueError(f"path {rel!r} must be a relative path under the root")
     root_r = root.resolve()
     p = (root_r / rel).resolve()
     if p != root_r and root_r not in p.parents:
@@ -68,7 +69,8 @@ def read_concepts(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"data.concepts: no such file {p}")
-    concepts = [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    concepts = [line.strip() for line in _read_text(p, "the concept list").splitlines()
+                if line.strip() and not line.startswith("#")]
     if not concepts:
         raise ValueError(f"data.concepts: {p} lists no concepts")
     if len(set(concepts)) != len(concepts):
@@ -76,10 +78,18 @@ def read_concepts(path: str | Path) -> list[str]:
     return concepts
 
 
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: {what} is not UTF-8 text (byte {e.start})") from None
+
+
 def _manifest_rows(path: Path):
     """Yield (line number, relative path, tags) from a CSV or JSONL manifest."""
+    text = _read_text(path, "the manifest")
     if path.suffix.lower() in (".jsonl", ".json"):
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
+        for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -97,14 +107,19 @@ def _manifest_rows(path: Path):
                 raise ManifestError(f"{path}:{n}: 'path' must be a string")
             yield n, row["path"], [t.strip() for t in tags if t.strip()]
     else:
-        with path.open(newline="") as fh:
-            reader = csv.DictReader(fh)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
             if reader.fieldnames is None or not {"path", "tags"} <= set(reader.fieldnames):
                 raise ManifestError(f"{path}:1: the CSV header must name 'path' and 'tags'")
             for row in reader:
                 n = reader.line_num
-                tags = (row.get("tags") or "").replace("|", ";").split(";")
-                yield n, row.get("path") or "", [t.strip() for t in tags if t.strip()]
+                rel, tags = row.get("path"), row.get("tags")
+                if not isinstance(rel, str) or not isinstance(tags, (str, type(None))):
+                    raise ManifestError(f"{path}:{n}: expected the columns path,tags")
+                tags_list = (tags or "").replace("|", ";").split(";")
+                yield n, rel, [t.strip() for t in tags_list if t.strip()]
+        except csv.Error as e:
+            raise ManifestError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
 
 
 def read_manifest(manifest: str | Path, root: str | Path, concepts: list[str], check_images: bool = True) -> FileItems:

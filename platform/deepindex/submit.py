@@ -1,0 +1,208 @@
+"""Submitting the job entrypoints (``jobs/*.py``) to a running Ray cluster through the Jobs API.
+
+``deepindex submit train data.dataset=digits`` is ``ray job submit -- python jobs/train.py
+data.dataset=digits`` with the runtime environment this project needs: the working tree as
+``working_dir`` (the job's entrypoint and configs), ``platform/deepindex`` as a ``py_module`` (so
+the cluster need not have the library installed), excludes for local state and caches, and the
+MLflow tracking URI.  Ray's token authentication is honoured the way Ray's own clients find the
+token: ``RAY_AUTH_TOKEN``, else the file at ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+log = logging.getLogger(__name__)
+
+# The job name on the command line -> its entrypoint script, relative to the project root.
+JOBS: dict[str, str] = {
+    "train": "jobs/train.py",
+    "tune": "jobs/tune.py",
+    "index": "jobs/build_index.py",
+    "promote": "jobs/promote.py",
+}
+
+# Never uploaded: local state, caches and weights (jobs read data and write results on shared
+# storage), and what only a developer's machine needs.  Gitignore-style patterns; Ray applies them
+# to working_dir *and* to each py_module with that one as the base, so a pattern that could match
+# inside platform/deepindex (e.g. "data", the package's data module) must never appear here.
+# Ray also honours the root .gitignore (which already ignores /data and local state).
+EXCLUDES: list[str] = [
+    ".git", ".venv", "venv", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".hypothesis",
+    ".deepindex", "mlruns", "mlartifacts", "ray_results", "*.pt", "*.pth", "*.ckpt", "*.faiss", "*.db",
+    "/tests", "/k8s", "/build", "/dist", "/.whl", "/.gl", "/Dockerfile", "/.dockerignore",
+]
+
+# Environment variables passed through to the job when set here (--tracking-uri and --env win).
+# Not DEEPINDEX_HOME: a local state folder means nothing on the cluster's nodes.
+PASSTHROUGH_ENV: tuple[str, ...] = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL")
+
+# A head that has just started may not have registered its job agent yet (HTTP 500 with this text).
+_AGENT_NOT_READY = "No available agent"
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What is sent to the Jobs API: enough to print, test or replay a submission."""
+
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    submission_id: str | None = None
+
+
+def find_project_root(start: str | Path | None = None) -> Path:
+    """The nearest directory at or above ``start`` that holds ``jobs/`` and ``platform/deepindex``."""
+    here = Path(start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "jobs").is_dir() and (d / "platform" / "deepindex").is_dir():
+            return d
+    raise ValueError(f"project-dir: no deepindex project (jobs/ and platform/deepindex/) at or above {here}")
+
+
+def parse_env(items: list[str] | None) -> dict[str, str]:
+    """``["KEY=value", ...]`` -> dict; a malformed item is a one-line error naming it."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not key.replace("_", "").isalnum():
+            raise ValueError(f"env: {item!r} must look like KEY=value")
+        out[key] = value
+    return out
+
+
+def build_runtime_env(root: Path, *, tracking_uri: str | None = None,
+                      env: dict[str, str] | None = None, ship_code: bool = True) -> dict[str, Any]:
+    """The runtime environment of every deepindex job.
+
+    ``ship_code=False`` is for clusters whose image has the project installed (``k8s/``): then only
+    the environment variables travel.
+    """
+    env_vars = {k: os.environ[k] for k in PASSTHROUGH_ENV if os.environ.get(k)}
+    if tracking_uri:
+        env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
+    env_vars.update(env or {})
+    uri = env_vars.get("MLFLOW_TRACKING_URI", "")
+    if (uri and "://" not in uri) or uri.startswith(("file:", "sqlite:")):
+        # A path on this machine means nothing on the cluster's nodes unless it is shared storage.
+        log.warning("MLFLOW_TRACKING_URI=%s is a local store; the job's runs land on the cluster's disk", uri)
+    runtime_env: dict[str, Any] = {"env_vars": env_vars}
+    if ship_code:
+        runtime_env.update(working_dir=str(root), py_modules=[str(root / "platform" / "deepindex")],
+                           excludes=list(EXCLUDES))
+    return runtime_env
+
+
+def build_submission(job: str, args: list[str], root: Path, *, tracking_uri: str | None = None,
+                     env: dict[str, str] | None = None, ship_code: bool = True,
+                     submission_id: str | None = None) -> Submission:
+    """The entrypoint and runtime environment for ``job`` with its command-line ``args``."""
+    if job not in JOBS:
+        raise ValueError(f"job: unknown job {job!r}; one of {', '.join(JOBS)}")
+    script = JOBS[job]
+    if ship_code and not (root / script).is_file():
+        raise ValueError(f"job: {script} does not exist under {root}")
+    entrypoint = shlex.join(["python", script, *args])
+    return Submission(entrypoint, build_runtime_env(root, tracking_uri=tracking_uri, env=env, ship_code=ship_code),
+                      submission_id)
+
+
+def resolve_address(address: str | None) -> str:
+    """``--address``, else ``RAY_API_SERVER_ADDRESS``, else ``RAY_ADDRESS`` (as ``ray job`` does)."""
+    addr = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not addr or addr in ("auto", "local"):
+        raise ValueError("address: no Ray cluster; pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS")
+    return addr
+
+
+def read_auth_token() -> str | None:
+    """The cluster token, looked up in Ray's order; ``None`` when there is none or auth is disabled."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    p = Path(path).expanduser() if path else Path.home() / ".ray" / "auth_token"
+    if path and not p.is_file():
+        raise ValueError(f"RAY_AUTH_TOKEN_PATH: no such file {p}")
+    return (p.read_text().strip() or None) if p.is_file() else None
+
+
+def auth_headers() -> dict[str, str]:
+    # Sent explicitly, so a client works without RAY_AUTH_MODE=token in its own environment.
+    token = read_auth_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def connect(address: str | None = None):
+    """A ``JobSubmissionClient`` for the cluster; connection and auth failures are one-line errors."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    addr = resolve_address(address)
+    try:
+        return JobSubmissionClient(addr, headers=auth_headers())
+    except (ConnectionError, RuntimeError, AuthenticationError) as e:
+        raise ValueError(f"address: cannot reach the Ray Jobs API at {addr}: {_first_line(e)}") from None
+
+
+def submit(client, sub: Submission, *, metadata: dict[str, str] | None = None, retry_s: float = 60.0) -> str:
+    """Submit and return the job id; retries while a new head's job agent is not yet up."""
+    from ray.exceptions import AuthenticationError
+
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
+                                     submission_id=sub.submission_id, metadata=metadata or {})
+        except (RuntimeError, AuthenticationError) as e:
+            if _AGENT_NOT_READY in str(e) and time.monotonic() < deadline:
+                log.info("the cluster's job agent is not ready yet; retrying")
+                time.sleep(2)
+                continue
+            raise ValueError(f"submit: {_first_line(e)}") from None
+
+
+def follow(client, job_id: str, out: TextIO = sys.stdout) -> None:
+    """Stream the job's logs to ``out`` until it ends."""
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    asyncio.run(tail())
+
+
+def wait(client, job_id: str, poll_s: float = 1.0, timeout_s: float | None = None):
+    """Poll until the job reaches a terminal status; returns its ``JobDetails``."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        info = client.get_job_info(job_id)
+        if info.status.is_terminal():
+            return info
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {info.status} after {timeout_s}s")
+        time.sleep(poll_s)
+
+
+def exit_status(info) -> int:
+    """0 for a job that succeeded; else the driver's exit code when known, else 1."""
+    from ray.job_submission import JobStatus
+
+    if info.status == JobStatus.SUCCEEDED:
+        return 0
+    code = getattr(info, "driver_exit_code", None)
+    return code if isinstance(code, int) and code > 0 else 1
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else e.__class__.__name__

@@ -1,0 +1,139 @@
+"""Jobs on a real 2-node Ray cluster (separate processes, token auth on), submitted both with the
+plain ``ray job submit`` CLI (the README's command) and with ``deepindex submit``."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import ROOT, TINY_TRAIN, pid_alive
+from deepindex.submit import EXCLUDES
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+def readme_ray_job_submit(address: str, tracking_uri: str, submission_id: str, script: str,
+                          args: list[str]) -> list[str]:
+    """The plain ``ray job submit`` of the README ("Running on a Ray cluster"), as argv."""
+    runtime_env = {"py_modules": ["platform/deepindex"], "excludes": EXCLUDES,
+                   "env_vars": {"MLFLOW_TRACKING_URI": tracking_uri}}
+    return ["job", "submit", "--address", address, "--submission-id", submission_id, "--working-dir", ".",
+            "--runtime-env-json", json.dumps(runtime_env), "--", "python", script, *args]
+
+
+def assert_trained_on_both_nodes(cluster, submission_id: str, run_name: str) -> None:
+    """Both Train workers ran, on different nodes, and together they were the whole cluster."""
+    info = cluster.job_info(submission_id)
+    workers = cluster.train_workers(info["job_id"])
+    assert len(workers) == 2, workers
+    assert {w["node_id"] for w in workers} == set(cluster.node_ids)
+    # The worker loop's own record: one status file per rank, each written by a different process.
+    status = [json.loads((cluster.storage / run_name / "workers" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(s.get("done") for s in status), status
+    assert len({s["pid"] for s in status}) == 2
+    assert {s["pid"] for s in status} == {w["pid"] for w in workers}
+    # TODO(tracking): once deepindex.tracking lands, assert the run is in the MLflow server here:
+    #   MlflowClient(tracking_uri).search_runs(<experiment "deepindex">, f"attributes.run_name = '{run_name}'")
+    #   returns exactly one FINISHED run with metrics val_* and images_per_s.
+
+
+def tiny_train_args(cluster, name: str) -> list[str]:
+    return ["--name", name, *TINY_TRAIN, f"ray.storage_path={cluster.storage}"]
+
+
+@pytest.mark.timeout(60)
+def test_token_auth_is_on(stack):
+    cluster, _ = stack
+    assert requests.get(f"{cluster.address}/api/version", timeout=5).status_code == 401
+    assert requests.get(f"{cluster.address}/api/version", headers=cluster.headers, timeout=5).status_code == 200
+    # A client with the wrong token is refused with a one-line error, before anything is uploaded.
+    out = cluster.deepindex("submit", "--address", cluster.address, "--no-wait", "train",
+                            RAY_AUTH_TOKEN="0" * 64, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "Authentication" in out.stderr, out.stderr
+
+
+@pytest.mark.timeout(300)
+def test_ray_job_submit_cli_trains_on_both_nodes(stack):
+    cluster, tracking_uri = stack
+    sid, name = f"cli-{uuid.uuid4().hex[:8]}", "cli-run"
+    out = cluster.ray_cli(*readme_ray_job_submit(cluster.address, tracking_uri, sid, "jobs/train.py",
+                                                 tiny_train_args(cluster, name)))
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert f"Job '{sid}' succeeded" in out.stdout + out.stderr
+    assert "test_" in out.stdout  # the job printed its held-out metrics
+    info = cluster.job_info(sid)
+    assert info["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == tracking_uri
+    assert_trained_on_both_nodes(cluster, sid, name)
+
+
+@pytest.mark.timeout(300)
+def test_deepindex_submit_trains_on_both_nodes(stack):
+    cluster, tracking_uri = stack
+    sid, name = f"di-{uuid.uuid4().hex[:8]}", "di-run"
+    out = cluster.deepindex("submit", "--address", cluster.address, "--tracking-uri", tracking_uri,
+                            "--submission-id", sid, "train", *tiny_train_args(cluster, name))
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert out.stdout.splitlines()[0] == sid  # the job id comes first, then the followed logs
+    result = json.loads(out.stdout[out.stdout.index("{\n"):out.stdout.rindex("}") + 1])
+    assert result["name"] == name and result["test"], result
+    assert f"job {sid} SUCCEEDED" in out.stderr
+    info = cluster.job_info(sid)
+    assert info["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == tracking_uri
+    assert Path(info["entrypoint"].split()[1]) == Path("jobs/train.py")
+    assert_trained_on_both_nodes(cluster, sid, name)
+
+
+@pytest.mark.timeout(180)
+def test_bad_config_fails_and_logs_name_the_key(stack):
+    cluster, _ = stack
+    sid = f"bad-{uuid.uuid4().hex[:8]}"
+    out = cluster.deepindex("submit", "--address", cluster.address, "--submission-id", sid, "train",
+                            *TINY_TRAIN, "optim.lrr=0.1")
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]  # the driver's exit status
+    assert f"job {sid} FAILED" in out.stderr
+    assert cluster.job_info(sid)["status"] == "FAILED"
+    logs = cluster.ray_cli("job", "logs", "--address", cluster.address, sid, check=True).stdout
+    assert "optim.lrr: unknown key" in logs
+    assert "Traceback" not in logs  # a one-line error, not a stack trace
+
+
+@pytest.mark.timeout(240)
+def test_ray_job_stop_stops_a_running_sweep_cleanly(stack):
+    cluster, tracking_uri = stack
+    sid = f"sweep-{uuid.uuid4().hex[:8]}"
+    # A sweep that would run for hours: the smoke space with 1000 epochs per trial.
+    out = cluster.deepindex("submit", "--address", cluster.address, "--tracking-uri", tracking_uri,
+                            "--submission-id", sid, "--no-wait", "tune", "--space", "tune_configs/smoke.yaml",
+                            "--name", "stop-sweep", "--no-promote", "train.epochs=1000",
+                            f"ray.storage_path={cluster.storage}")
+    assert out.returncode == 0 and out.stdout.strip() == sid, out.stderr
+    deadline = time.monotonic() + 150
+    while True:  # trials are training: their Train workers are alive
+        info = cluster.job_info(sid)
+        assert info["status"] in ("PENDING", "RUNNING"), info
+        if info.get("job_id") and any(w["state"] == "ALIVE" for w in cluster.train_workers(info["job_id"])):
+            break
+        assert time.monotonic() < deadline, "the sweep never started training"
+        time.sleep(2)
+    ray_job_id = info["job_id"]
+    pids = [w["pid"] for w in cluster.train_workers(ray_job_id) if w["state"] == "ALIVE"]
+
+    stop = cluster.ray_cli("job", "stop", "--address", cluster.address, sid, timeout=120)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert cluster.wait_job(sid, 60)["status"] == "STOPPED"
+    # Cleanly: every Train worker of every trial is gone, processes and actors, and the cluster's
+    # CPUs are all free again for the next job.
+    deadline = time.monotonic() + 90
+    while any(pid_alive(p) for p in pids) or any(w["state"] != "DEAD" for w in cluster.train_workers(ray_job_id)):
+        assert time.monotonic() < deadline, "train workers outlived the stopped sweep"
+        time.sleep(2)
+    deadline = time.monotonic() + 60
+    while "0.0/4.0 CPU" not in (status := cluster.ray_cli("status", "--address", f"127.0.0.1:{cluster.gcs_port}",
+                                                         check=True, timeout=60).stdout):
+        assert time.monotonic() < deadline, status
+        time.sleep(2)

@@ -1,0 +1,87 @@
+"""``deepindex submit`` without a cluster: what it would send, and its one-line errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from deepindex import submit as s
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_submission_ships_the_project_and_the_tracking_uri(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    sub = s.build_submission("train", ["--name", "r 1", "optim.lr=0.1"], ROOT, tracking_uri="http://mlflow:5000",
+                             env={"A": "1"})
+    assert sub.entrypoint == "python jobs/train.py --name 'r 1' optim.lr=0.1"
+    env = sub.runtime_env
+    assert env["working_dir"] == str(ROOT) and env["py_modules"] == [str(ROOT / "platform" / "deepindex")]
+    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "A": "1"}
+    assert {".venv", ".git", ".deepindex"} <= set(env["excludes"])
+    no_ship = s.build_submission("promote", ["--sweep", "x"], ROOT, ship_code=False).runtime_env
+    assert set(no_ship) == {"env_vars"}
+
+
+@pytest.mark.parametrize("module", ["working_dir", "py_modules"])
+def test_uploaded_packages_hold_the_whole_library_and_no_local_state(tmp_path, module):
+    """Pack what Ray would upload, with Ray's own packer (it honours .gitignore as well as our
+    excludes, and applies the excludes to py_modules with the module as base)."""
+    from ray._private.runtime_env.packaging import create_package
+
+    env = s.build_runtime_env(ROOT)
+    src = Path(env["working_dir"]) if module == "working_dir" else Path(env["py_modules"][0])
+    target = tmp_path / "pkg.zip"
+    create_package(str(src), target, include_parent_dir=module == "py_modules", excludes=env["excludes"],
+                   include_gitignore=True)  # Ray's default (RAY_RUNTIME_ENV_IGNORE_GITIGNORE unset)
+    names = zipfile.ZipFile(target).namelist()
+    lib = [n for n in names if n.endswith(".py") and "deepindex/" in n]
+    if module == "py_modules":
+        want = {p.relative_to(src.parent).as_posix() for p in src.rglob("*.py") if "__pycache__" not in p.parts}
+        assert want and want <= set(names), sorted(want - set(names))[:5]  # e.g. deepindex/data/*.py
+    else:
+        assert "jobs/train.py" in names and lib
+    assert not [n for n in names if n.startswith((".venv/", ".git/", ".deepindex/", "tests/", "k8s/"))]
+    assert not [n for n in names if n.endswith((".pt", ".pyc"))]
+
+
+def test_cli_errors_are_one_line_and_name_the_field(tmp_path):
+    def run(*argv, **env):
+        return subprocess.run([sys.executable, "-m", "deepindex.cli", "submit", *argv], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env})
+
+    for argv, env, field in [(["--env", "NOEQUALS", "train"], {}, "env:"),
+                             (["train"], {}, "address:"),
+                             (["--address", "http://127.0.0.1:9", "train"], {}, "address:"),
+                             (["--project-dir", str(tmp_path), "train"], {}, "project-dir:"),
+                             (["--address", "http://127.0.0.1:9", "train"], {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "no")},
+                              "RAY_AUTH_TOKEN_PATH:")]:
+        out = run(*argv, **env)
+        assert out.returncode == 2, (argv, out.stderr)
+        assert out.stderr.count("\n") == 1 and f"error: {field}" in out.stderr, (argv, out.stderr)
+    dry = run("--dry-run", "--tracking-uri", "http://m:5000", "tune", "--space", "tune_configs/smoke.yaml")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["entrypoint"] == "python jobs/tune.py --space tune_configs/smoke.yaml"
+
+
+def test_auth_token_lookup_follows_ray(tmp_path, monkeypatch):
+    for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert s.auth_headers() == {}
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("home-token\n")
+    assert s.auth_headers() == {"Authorization": "Bearer home-token"}
+    (tmp_path / "t").write_text("file-token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "t"))
+    assert s.read_auth_token() == "file-token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "env-token")
+    assert s.read_auth_token() == "env-token"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert s.auth_headers() == {}
