@@ -9,6 +9,7 @@ reads it without unpickling code.  Writes are atomic: a temp file then ``os.repl
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,12 @@ def read_checkpoint(path: str | Path) -> dict:
         p = p / FILENAME
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint: no such file {p}")
-    state = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        # weights_only: tensors and plain containers only; a pickled object is refused, never run.
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        reason = str(e).splitlines()[0][:120] if str(e) else e.__class__.__name__
+        raise ValueError(f"checkpoint: {p} is not a loadable deepindex checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise ValueError(f"checkpoint: {p} is not a deepindex checkpoint (format {FORMAT_VERSION})")
     return state

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ class _Evil:
 def test_a_pickled_payload_is_refused_not_executed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save({"format": 1, "model": _Evil()}, tmp_path / FILENAME)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match="not a loadable deepindex checkpoint"):
         read_checkpoint(tmp_path)
     assert not (tmp_path / "PWNED").exists()
 
@@ -33,6 +32,9 @@ def test_a_pickled_payload_is_refused_not_executed(tmp_path, monkeypatch):
 def test_foreign_file_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / FILENAME)
     with pytest.raises(ValueError, match="not a deepindex checkpoint"):
+        read_checkpoint(tmp_path)
+    (tmp_path / FILENAME).write_text('{"json": "not torch"}')
+    with pytest.raises(ValueError, match="not a loadable deepindex checkpoint"):
         read_checkpoint(tmp_path)
 
 
