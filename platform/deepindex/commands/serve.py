@@ -1,0 +1,77 @@
+"""``deepindex serve``: run ``serving/config.yaml``'s application on the connected Ray cluster."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve tagging, keyword and similar-image search over HTTP (Ray Serve)")
+    p.add_argument("--config", default="serving/config.yaml", help="Serve config file (its first application)")
+    p.add_argument("--model", help="override args.model (models:/NAME@champion, models:/NAME/VERSION, a checkpoint)")
+    p.add_argument("--index", dest="index_dir", help="override args.index_dir (an index or a collection folder)")
+    p.add_argument("--host", help="override http_options.host")
+    p.add_argument("--port", type=int, help="override http_options.port")
+    p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE", help="override any build_app arg")
+    p.add_argument("--detach", action="store_true", help="return once the app is up (it runs on until shut down)")
+    p.set_defaults(func=run_serve)
+
+
+def _app_args(args) -> tuple[dict, dict, str]:
+    import yaml
+
+    from deepindex.config import parse_overrides
+
+    cfg_path = Path(args.config)
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"serve: no such config {cfg_path}")
+    cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    apps = cfg.get("applications") or []
+    if not apps:
+        raise ValueError(f"serve: {cfg_path} defines no application")
+    app = apps[0]
+    app_args = dict(app.get("args") or {})
+    # Paths given on this command line are relative to where it runs, not to the repo.
+    if args.model:
+        m = args.model
+        app_args["model"] = m if m.startswith("models:/") else str(Path(m).expanduser().resolve())
+    if args.index_dir:
+        app_args["index_dir"] = str(Path(args.index_dir).expanduser().resolve())
+    app_args.update(parse_overrides(args.arg))
+    http = dict(cfg.get("http_options") or {})
+    if args.host:
+        http["host"] = args.host
+    if args.port:
+        http["port"] = args.port
+    return app_args, http, app.get("name", "deepindex")
+
+
+def run_serve(args) -> int:
+    import sys
+
+    app_args, http, name = _app_args(args)
+    repo = Path(__file__).resolve().parents[3]  # platform/deepindex/commands -> the repo root
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))  # `serving` is a top-level folder, not an installed package
+    from ray import serve
+
+    from deepindex.cluster import connect
+    from serving.app import build_app
+
+    app = build_app(app_args)  # validates the args before anything starts
+    connect()
+    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": int(http.get("port", 8000))})
+    serve.run(app, name=name, route_prefix="/")
+    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    print(f"deepindex serving at {url}/ (API {url}/docs)", flush=True)
+    if args.detach:
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(name)
+    return 0

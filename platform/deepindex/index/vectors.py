@@ -1,0 +1,136 @@
+"""The FAISS wrapper: exact search for small collections, HNSW or IVF for large ones.
+
+Scores are "higher is more similar" whatever the metric: the inner product (the cosine when
+``normalize``), or minus the Euclidean distance for ``l2``.  Rows are positions in the index
+(0..N-1, in insertion order); the store maps them to item ids.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class VectorConfig(BaseModel):
+    """How the similar-item index is built (``deepindex index build --kind/--metric``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["auto", "flat", "hnsw", "ivf"] = "auto"
+    metric: Literal["l2", "ip"] = "ip"
+    normalize: bool = True  # L2-normalise embeddings: ip is then the cosine, l2 a monotone twin of it
+    exact_max: int = Field(100_000, ge=1)  # auto: exact (flat) up to this many items, IVF above
+    hnsw_m: int = Field(32, ge=4)
+    hnsw_ef_construction: int = Field(80, ge=8)
+    hnsw_ef_search: int = Field(64, ge=1)
+    ivf_nlist: int = Field(0, ge=0)  # 0: 4 * sqrt(N), a common rule of thumb
+    ivf_nprobe: int = Field(32, ge=1)
+    train_sample: int = Field(100_000, ge=1000)  # IVF k-means trains on at most this many vectors
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+class VectorIndex:
+    """A FAISS index plus the knowledge of how to prepare vectors and turn distances into scores."""
+
+    def __init__(self, index, cfg: VectorConfig):
+        self.index, self.cfg = index, cfg
+
+    @property
+    def kind(self) -> str:
+        name = type(self.index).__name__
+        return "hnsw" if "HNSW" in name else "ivf" if "IVF" in name else "flat"
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.cfg.normalize:
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, cfg: VectorConfig, seed: int = 0) -> "VectorIndex":
+        """An index over (N, D) vectors; IVF trains its coarse quantiser on a sample first."""
+        faiss = _faiss()
+        n, d = vectors.shape
+        metric = faiss.METRIC_INNER_PRODUCT if cfg.metric == "ip" else faiss.METRIC_L2
+        kind = cfg.kind if cfg.kind != "auto" else ("flat" if n <= cfg.exact_max else "ivf")
+        if kind == "flat":
+            index = faiss.IndexFlat(d, metric)
+        elif kind == "hnsw":
+            index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, metric)
+            index.hnsw.efConstruction = cfg.hnsw_ef_construction
+            index.hnsw.efSearch = cfg.hnsw_ef_search
+        else:
+            nlist = cfg.ivf_nlist or max(1, int(4 * math.sqrt(max(n, 1))))
+            nlist = min(nlist, max(1, n // 39))  # k-means wants ~39+ points per centroid
+            index = faiss.IndexIVFFlat(faiss.IndexFlat(d, metric), d, nlist, metric)
+            index.nprobe = min(cfg.ivf_nprobe, nlist)
+        out = cls(index, cfg)
+        x = out.prepare(vectors)
+        if not index.is_trained:
+            rng = np.random.default_rng(seed)
+            sample = x[rng.choice(n, size=min(n, cfg.train_sample), replace=False)]
+            index.train(sample)
+        index.add(x)
+        return out
+
+    def add(self, vectors: np.ndarray) -> None:
+        """Append vectors (rows ntotal..): no rebuild; an IVF index keeps its trained centroids."""
+        self.index.add(self.prepare(vectors))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) -> scores (Q, k) higher-is-better and rows (Q, k); -1 rows where fewer than k exist."""
+        dist, rows = self.index.search(self.prepare(queries), k)
+        scores = dist if self.cfg.metric == "ip" else -np.sqrt(np.maximum(dist, 0))
+        return scores.astype(np.float32), rows
+
+    def save(self, path: str) -> None:
+        _faiss().write_index(self.index, path)
+
+    @classmethod
+    def load(cls, path: str, cfg: VectorConfig) -> "VectorIndex":
+        index = _faiss().read_index(path)
+        # Search-time knobs are not all serialised: set them from the config again.
+        if hasattr(index, "hnsw"):
+            index.hnsw.efSearch = cfg.hnsw_ef_search
+        if hasattr(index, "nprobe"):
+            index.nprobe = min(cfg.ivf_nprobe, index.nlist)
+        return cls(index, cfg)
+
+
+def brute_force(base: np.ndarray, queries: np.ndarray, k: int, metric: str = "ip", normalize: bool = True,
+                chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k with numpy only (the benchmark's reference): scores (Q, k), rows (Q, k)."""
+    def prep(x):
+        x = np.asarray(x, dtype=np.float32)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) if normalize else x
+
+    b, q = prep(base), prep(queries)
+    chunk = max(1, min(chunk, (1 << 26) // max(len(b), 1)))  # bound the (chunk, N) score matrix to ~256 MB
+    bn = (b * b).sum(axis=1) if metric == "l2" else None
+    all_s, all_r = [], []
+    for s in range(0, len(q), chunk):
+        qq = q[s : s + chunk]
+        sim = qq @ b.T  # (q, N)
+        if metric == "l2":
+            sim = -(bn[None, :] - 2 * sim + (qq * qq).sum(axis=1, keepdims=True))  # -squared distance
+        kk = min(k, sim.shape[1])
+        part = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
+        ps = np.take_along_axis(sim, part, axis=1)
+        order = np.argsort(-ps, axis=1)
+        rows = np.take_along_axis(part, order, axis=1)
+        sc = np.take_along_axis(ps, order, axis=1)
+        if metric == "l2":
+            sc = -np.sqrt(np.maximum(-sc, 0))
+        all_s.append(sc)
+        all_r.append(rows)
+    return np.concatenate(all_s).astype(np.float32), np.concatenate(all_r)

@@ -1,0 +1,37 @@
+"""The wiring: ``serving.app:build_app(args)`` -> Ingress(model, index).
+
+``serve run serving/config.yaml``, ``serve deploy``, the RayService and ``deepindex serve``
+all build the application here; ``args`` are :class:`serving.schemas.ServeArgs`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from serving.schemas import ServeArgs
+
+
+def _scaling(replicas: int, autoscaling: dict[str, Any] | None) -> dict[str, Any]:
+    # Serve takes a fixed replica count or an autoscaling config, never both.
+    return {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    from serving.index import IndexServer
+    from serving.ingress import Ingress
+    from serving.model import ModelServer
+
+    a = ServeArgs.model_validate(args or {}).resolved()
+    model = ModelServer.options(
+        **_scaling(a.model_replicas, a.model_autoscaling),
+        # Enough requests in flight per replica for full batches to form.
+        max_ongoing_requests=max(2 * a.max_batch_size, 8),
+        ray_actor_options={"num_cpus": a.model_num_cpus},
+    ).bind(a.model, a.tracking_uri, a.reload_interval_s, a.max_batch_size, a.batch_wait_timeout_s,
+           a.model_threads or max(1, int(a.model_num_cpus)))
+    # One index replica: it is the writer for POST /v1/items, so every search sees every add.
+    index = IndexServer.options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(a.index_dir, a.persist_added)
+    return Ingress.options(**_scaling(a.ingress_replicas, a.ingress_autoscaling),
+                           max_ongoing_requests=256,
+                           ray_actor_options={"num_cpus": a.ingress_num_cpus}).bind(model, index, a.model_dump())

@@ -1,0 +1,11 @@
+"""Client errors as ``{"error": {"code", "message"}}`` with a 4xx status; the service keeps serving."""
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}

@@ -1,0 +1,342 @@
+"""The HTTP ingress: FastAPI on Ray Serve, under ``/v1``, OpenAPI at ``/docs``.
+
+Client input is decoded and checked here (limits, formats) so a bad request never reaches
+the model; each image then goes to the model deployment as one call, and ``@serve.batch``
+there gathers concurrent calls into batches.  Index work goes to the single index replica.
+Every error a client can cause is a 4xx ``{"error": {"code", "message"}}``.
+"""
+# No `from __future__ import annotations`: FastAPI must see real types (Request) on Serve's methods.
+import asyncio
+import logging
+import re
+import time
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.errors import ApiError
+from serving.schemas import (HERE, AddItemsResponse, ErrorResponse, Health, ImagesJSON, ItemResponse,
+                             KeywordSearchResponse, ServeArgs, SimilarResponse, TagResponse)
+
+log = logging.getLogger(__name__)
+
+SPEC_TTL_S = 1.0  # how stale the ingress's view of the served model version may get
+ITEM_ID = re.compile(r"^[A-Za-z0-9._:@/+-]{1,200}$")
+SCORING = {"all": "product of the query concepts' presence probabilities (all present, independence assumed)",
+           "any": "1 - product of (1 - presence probability): noisy-or, at least one present"}
+_ERRORS = {c: {"model": ErrorResponse} for c in (400, 404, 409, 413, 415, 422, 503)}
+_IMAGES_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "id": {"type": "array", "items": {"type": "string"}, "description": "item ids, in file order"}}}},
+    "application/json": {"schema": ImagesJSON.model_json_schema()}}}}
+
+app = FastAPI(title="deepindex", version="1.0",
+              description="Image concept tagging, keyword search and query by example.", docs_url="/docs")
+
+
+# ---- errors and metrics ----------------------------------------------------------------------
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, e: ApiError):
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, e: RequestValidationError):
+    first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "body", "path"))
+    return JSONResponse({"error": {"code": "invalid_request", "message": f"{where}: {first['msg']}"}}, status_code=422)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException):
+    codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "request_too_large"}
+    return JSONResponse({"error": {"code": codes.get(e.status_code, "http_error"), "message": str(e.detail)}},
+                        status_code=e.status_code)
+
+
+@app.middleware("http")
+async def _observe(request: Request, call_next):
+    """Requests by endpoint (the route template, not the raw path) and status; latency; body limit."""
+    state = request.app.state
+    start = time.perf_counter()
+    limit = getattr(state, "max_body", None)
+    size = request.headers.get("content-length")
+    if limit and size and size.isdigit() and int(size) > limit:
+        response = JSONResponse({"error": {"code": "request_too_large",
+                                           "message": f"request body of {size} bytes, the limit is {limit}"}},
+                                status_code=413)
+    else:
+        try:
+            response = await call_next(request)
+        except Exception:  # a bug, not the client: logged, answered 500, and the replica keeps serving
+            log.exception("unhandled error on %s", request.url.path)
+            response = JSONResponse({"error": {"code": "internal", "message": "internal error"}}, status_code=500)
+    m = getattr(state, "metrics", None)
+    if m is not None:
+        route = request.scope.get("route")
+        # The route template bounds label cardinality; a path no route matched is "unmatched".
+        endpoint = getattr(route, "path", None) or (request.url.path if response.status_code < 400 else "unmatched")
+        m.requests.labels(endpoint=endpoint, method=request.method, status=str(response.status_code)).inc()
+        m.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)
+    return response
+
+
+def _check(res: dict[str, Any]) -> dict[str, Any]:
+    if "error" in res:
+        raise ApiError(res["status"], res["error"]["code"], res["error"]["message"])
+    return res
+
+
+def _image_url(item_id: str) -> str:
+    return f"/v1/items/{quote(item_id, safe='/')}/image"
+
+
+def _hits(results: list[dict]) -> list[dict]:
+    return [{**h, "image_url": _image_url(h["id"])} for h in results]
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, model, index, args: dict[str, Any]):
+        from PIL import Image
+
+        from serving.metrics import ServeMetrics
+
+        self.args = ServeArgs.model_validate(args)
+        self.model, self.index = model, index
+        self.metrics = ServeMetrics()
+        app.state.metrics = self.metrics
+        # base64 inflates by 4/3; one spare megabyte for the rest of the body.
+        app.state.max_body = int(self.args.max_images_per_request * self.args.max_image_bytes * 4 / 3) + (1 << 20)
+        Image.MAX_IMAGE_PIXELS = self.args.max_image_pixels  # PIL's own bomb guard, as a backstop
+        self._spec: dict[str, Any] | None = None
+        self._spec_at = 0.0
+        self._vocab: dict[tuple, Any] = {}
+        self._page = (HERE / "static" / "index.html").read_text()
+
+    # ---- helpers ---------------------------------------------------------------------------
+    async def _model_spec(self, refresh: bool = False) -> dict[str, Any]:
+        if refresh or self._spec is None or time.monotonic() - self._spec_at > SPEC_TTL_S:
+            self._spec = await self.model.info.remote()
+            self._spec_at = time.monotonic()
+            self.metrics.set_model(self._spec["name"], self._spec["version"])
+        return self._spec
+
+    def _vocabulary(self, concepts: list[str]):
+        from deepindex.index.keywords import Vocabulary
+
+        key = tuple(concepts)
+        if key not in self._vocab:
+            self._vocab[key] = Vocabulary.from_file(self.args.vocabulary, concepts)
+        return self._vocab[key]
+
+    def _k(self, k: int, name: str = "k") -> int:
+        if not 1 <= k <= self.args.max_k:
+            raise ApiError(422, f"{name}_out_of_range", f"{name}={k}: must be between 1 and {self.args.max_k}")
+        return k
+
+    async def _read_images(self, request: Request) -> list[tuple[str | None, bytes, str]]:
+        """(id or None, bytes, name for messages) per image, from multipart files or base64 JSON."""
+        a = self.args
+        ctype = request.headers.get("content-type", "")
+        out: list[tuple[str | None, bytes, str]] = []
+        if ctype.startswith("multipart/form-data"):
+            try:
+                form = await request.form(max_files=a.max_images_per_request + 1, max_fields=1000)
+            except StarletteHTTPException as e:
+                if "too many files" in str(e.detail).lower():
+                    raise ApiError(413, "too_many_images", f"at most {a.max_images_per_request} images per request") from None
+                raise ApiError(400, "bad_multipart", f"multipart body: {e.detail}") from None
+            files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+            ids = [str(v) for k, v in form.multi_items() if k == "id" and not isinstance(v, UploadFile)]
+            if len(files) > a.max_images_per_request:
+                raise ApiError(413, "too_many_images", f"{len(files)} images; at most {a.max_images_per_request} per request")
+            if ids and len(ids) != len(files):
+                raise ApiError(400, "bad_ids", f"{len(ids)} ids for {len(files)} images")
+            for i, f in enumerate(files):
+                data = await f.read(a.max_image_bytes + 1)  # one byte over is enough to refuse
+                out.append((ids[i] if ids else None, data, f.filename or f"image {i}"))
+        elif ctype.startswith("application/json"):
+            try:
+                body = ImagesJSON.model_validate(await request.json())
+            except Exception as e:
+                raise ApiError(400, "bad_json", f"expected {{\"images\": [{{\"data\": <base64>}}]}}: {str(e).splitlines()[0]}") from None
+            if len(body.images) > a.max_images_per_request:
+                raise ApiError(413, "too_many_images",
+                               f"{len(body.images)} images; at most {a.max_images_per_request} per request")
+            from serving.decode import b64_bytes
+
+            for i, im in enumerate(body.images):
+                what = f"images[{i}]"
+                out.append((im.id, b64_bytes(im.data, what), what))
+        else:
+            raise ApiError(415, "unsupported_media_type", "send multipart/form-data files or application/json base64 images")
+        if not out:
+            raise ApiError(400, "no_images", "the request holds no image")
+        return out
+
+    def _decode(self, raw: list[tuple[str | None, bytes, str]]):
+        from serving.decode import decode_image
+
+        return [decode_image(data, what, self.args.max_image_bytes, self.args.max_image_pixels) for _, data, what in raw]
+
+    async def _infer(self, images, endpoint: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Images -> (model spec, per image {probs, embedding, version, batch_size}) via the batched model."""
+        from deepindex.data.transforms import pil_to_unit_tensor
+
+        for attempt in range(2):
+            spec = await self._model_spec(refresh=attempt > 0)
+            units = [pil_to_unit_tensor(im, spec["image_size"], spec["channels"]).numpy() for im in images]  # (C, S, S)
+            results = await asyncio.gather(*[self.model.infer.remote(u) for u in units])
+            # A reload between the spec and the call: refresh the spec once and redo the request.
+            if all("error" not in r and r["version"] == spec["version"] for r in results):
+                break
+        else:
+            raise ApiError(503, "model_changing", "the model version changed during the request; retry")
+        for r in results:
+            self.metrics.batch_size.observe(r["batch_size"])
+        self.metrics.images.labels(endpoint=endpoint).inc(len(results))
+        return spec, results
+
+    @staticmethod
+    def _top(probs: np.ndarray, concepts: list[str], top_k: int, threshold: float) -> list[dict]:
+        order = np.argsort(-probs, kind="stable")
+        return [{"concept": concepts[i], "probability": float(probs[i])} for i in order if probs[i] >= threshold][:top_k]
+
+    # ---- health, metrics, page -------------------------------------------------------------
+    @app.get("/healthz", response_model=Health)
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+    async def readyz(self):
+        reasons: list[str] = []
+        try:
+            spec = await self._model_spec(refresh=True)
+        except Exception as e:
+            return JSONResponse({"status": "not ready", "reasons": [f"model: {e}"]}, status_code=503)
+        index = await self.index.info.remote(spec["name"], spec["version"])
+        self.metrics.index_items.set(index.get("count", 0))
+        if not index.get("loaded"):
+            reasons.append(f"index: {index.get('problem')}")
+        model = {k: spec[k] for k in ("name", "version", "uri", "reloads", "last_error")}
+        body = {"status": "ready" if not reasons else "not ready", "model": model, "index": index, "reasons": reasons}
+        return JSONResponse(body, status_code=200 if not reasons else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(self):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        try:
+            spec = await self._model_spec()
+            info = await self.index.info.remote(spec["name"], spec["version"])
+            self.metrics.index_items.set(info.get("count", 0))
+        except Exception as e:  # a scrape still answers with what this replica knows
+            log.warning("metrics: model/index info unavailable: %s", e)
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self):
+        return HTMLResponse(self._page)
+
+    # ---- tagging ----------------------------------------------------------------------------
+    @app.post("/v1/tag", response_model=TagResponse, responses=_ERRORS, openapi_extra=_IMAGES_BODY)
+    async def tag(self, request: Request, top_k: int = 10, threshold: float = 0.0) -> dict:
+        """Concept probabilities per image, sorted, at most ``top_k``, at least ``threshold``."""
+        if not 0.0 <= threshold <= 1.0:
+            raise ApiError(422, "threshold_out_of_range", f"threshold={threshold}: must be between 0 and 1")
+        self._k(top_k, "top_k")
+        raw = await self._read_images(request)
+        spec, results = await self._infer(self._decode(raw), "/v1/tag")
+        return {"model": {"name": spec["name"], "version": spec["version"]},
+                "results": [{"index": i, "id": raw[i][0], "concepts": self._top(r["probs"], spec["concepts"], top_k, threshold)}
+                            for i, r in enumerate(results)]}
+
+    # ---- search -----------------------------------------------------------------------------
+    @app.get("/v1/search", response_model=KeywordSearchResponse, responses=_ERRORS)
+    async def search(self, q: str = "", k: int = 10, mode: str = "all") -> dict:
+        """Keywords -> concepts (vocabulary with synonyms) -> items ranked by those concepts' probabilities."""
+        if not q.strip():
+            raise ApiError(400, "empty_query", "q: give one or more keywords")
+        if mode not in SCORING:
+            raise ApiError(422, "bad_mode", f"mode={mode!r}: 'all' or 'any'")
+        self._k(k)
+        spec = await self._model_spec()
+        parsed = self._vocabulary(spec["concepts"]).parse(q)
+        results: list[dict] = []
+        if parsed.concepts:
+            res = _check(await self.index.keywords.remote(parsed.concepts, mode, k, spec["name"], spec["version"]))
+            results = _hits(res["results"])
+        return {"query": q, "mode": mode, "concepts": parsed.concepts, "matched": parsed.matched,
+                "unmatched": parsed.unmatched, "scoring": SCORING[mode],
+                "model": {"name": spec["name"], "version": spec["version"]}, "results": results}
+
+    @app.post("/v1/search/similar", response_model=SimilarResponse, responses=_ERRORS, openapi_extra=_IMAGES_BODY)
+    async def similar_image(self, request: Request, k: int = 10) -> dict:
+        """The k indexed items nearest to one uploaded image (query by example)."""
+        self._k(k)
+        raw = await self._read_images(request)
+        if len(raw) != 1:
+            raise ApiError(400, "one_image", f"send exactly one image, got {len(raw)}")
+        spec, results = await self._infer(self._decode(raw), "/v1/search/similar")
+        r = results[0]
+        res = _check(await self.index.similar_vector.remote(r["embedding"], k, r["name"], r["version"]))
+        return {"metric": res["metric"], "model": {"name": r["name"], "version": r["version"]},
+                "results": _hits(res["results"])}
+
+    # ---- items (the suffixed routes first: ids may hold '/') -----------------------------------
+    @app.get("/v1/items/{item_id:path}/similar", response_model=SimilarResponse, responses=_ERRORS)
+    async def similar_item(self, item_id: str, k: int = 10) -> dict:
+        """The k items nearest to an indexed item (itself excluded)."""
+        self._k(k)
+        spec = await self._model_spec()
+        res = _check(await self.index.similar_item.remote(item_id, k, spec["name"], spec["version"]))
+        return {"metric": res["metric"], "model": {"name": spec["name"], "version": spec["version"]},
+                "query_id": item_id, "results": _hits(res["results"])}
+
+    @app.get("/v1/items/{item_id:path}/image", responses={200: {"content": {"image/png": {}}}, **_ERRORS})
+    async def item_image(self, item_id: str):
+        """The item's image as the model saw it (model input size), PNG."""
+        res = _check(await self.index.thumbnail.remote(item_id))
+        return Response(res["png"], media_type="image/png")
+
+    @app.get("/v1/items/{item_id:path}", response_model=ItemResponse, responses=_ERRORS)
+    async def get_item(self, item_id: str, top_k: int = 10) -> dict:
+        self._k(top_k, "top_k")
+        spec = await self._model_spec()
+        res = _check(await self.index.get.remote(item_id, spec["name"], spec["version"]))
+        return {"id": item_id, "concepts": self._top(res["probs"], res["concepts"], top_k, 0.0),
+                "labels": res["labels"], "meta": res["meta"], "image_url": _image_url(item_id)}
+
+    @app.post("/v1/items", response_model=AddItemsResponse, status_code=201, responses=_ERRORS,
+              openapi_extra=_IMAGES_BODY)
+    async def add_items(self, request: Request) -> dict:
+        """Embed images and add them, with their ids, to the live index (no rebuild)."""
+        from deepindex.index.embed import to_thumb
+
+        raw = await self._read_images(request)
+        ids = [i if i is not None else "" for i, _, _ in raw]
+        for item_id, _, what in raw:
+            if not item_id or not ITEM_ID.match(item_id):
+                raise ApiError(400, "bad_id", f"{what}: an item id of 1-200 characters [A-Za-z0-9._:@/+-] is required")
+        if len(set(ids)) != len(ids):
+            raise ApiError(400, "bad_id", "the same id twice in one request")
+        images = self._decode(raw)
+        spec, results = await self._infer(images, "/v1/items")
+        from deepindex.data.transforms import pil_to_unit_tensor
+
+        thumbs = to_thumb(np.stack([pil_to_unit_tensor(im, spec["image_size"], spec["channels"]).numpy() for im in images]))
+        probs = np.stack([r["probs"] for r in results])  # (B, K)
+        embs = np.stack([r["embedding"] for r in results])  # (B, D)
+        res = _check(await self.index.add.remote(ids, probs, embs, thumbs, spec["name"], spec["version"]))
+        self.metrics.index_items.set(res["count"])
+        return {"added": res["added"], "count": res["count"], "model": {"name": spec["name"], "version": spec["version"]}}

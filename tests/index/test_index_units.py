@@ -1,0 +1,210 @@
+"""Unit tests of the index package: FAISS wrapper, store, keywords, retrieval metrics, model source."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deepindex.index.keywords import Vocabulary, rank, scores
+from deepindex.index.metrics import average_precision_at_k, map_at_k, precision_at_k, recall_at_k, relevance
+from deepindex.index.store import DuplicateItem, IndexMismatch, IndexStore, find_index, index_dir_name
+from deepindex.index.vectors import VectorConfig, VectorIndex, brute_force
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def clustered(n: int, d: int = 32, centers: int = 50, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centers, d)).astype(np.float32)
+    return (c[rng.integers(centers, size=n)] + 0.3 * rng.normal(size=(n, d))).astype(np.float32)
+
+
+# ---- vectors ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_flat_is_exact(metric, normalize):
+    x, q = clustered(2000), clustered(50, seed=1)
+    vi = VectorIndex.build(x, VectorConfig(kind="flat", metric=metric, normalize=normalize))
+    s, r = vi.search(q, 10)
+    bs, br = brute_force(x, q, 10, metric, normalize)
+    assert recall_at_k(r, br, 10) == 1.0
+    np.testing.assert_allclose(s, bs, rtol=1e-3, atol=1e-3)
+    assert (np.diff(s, axis=1) <= 1e-6).all()  # best first, higher is better for both metrics
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_indexes_recall(kind):
+    x, q = clustered(5000), clustered(100, seed=2)
+    vi = VectorIndex.build(x, VectorConfig(kind=kind, metric="ip", ivf_nlist=64, ivf_nprobe=16))
+    assert vi.kind == kind
+    _, r = vi.search(q, 10)
+    _, br = brute_force(x, q, 10, "ip", True)
+    assert recall_at_k(r, br, 10) >= 0.9
+
+
+def test_auto_kind_and_add_save_load(tmp_path):
+    x = clustered(3000)
+    assert VectorIndex.build(x, VectorConfig(kind="auto", exact_max=5000)).kind == "flat"
+    cfg = VectorConfig(kind="auto", exact_max=1000, ivf_nprobe=8)
+    vi = VectorIndex.build(x, cfg)
+    assert vi.kind == "ivf"
+    new = clustered(5, seed=9) * 5  # far from the rest
+    vi.add(new)
+    _, r = vi.search(new, 1)
+    assert r[:, 0].tolist() == list(range(3000, 3005))
+    vi.save(str(tmp_path / "v.faiss"))
+    back = VectorIndex.load(str(tmp_path / "v.faiss"), cfg)
+    assert back.ntotal == 3005 and back.index.nprobe == 8
+    assert (back.search(new, 3)[1] == vi.search(new, 3)[1]).all()
+
+
+# ---- store ------------------------------------------------------------------------------------
+def make_store(n=200, version="v1", name="m") -> IndexStore:
+    rng = np.random.default_rng(0)
+    return IndexStore.create(model={"uri": "x", "name": name, "version": version}, collection="c",
+                             concepts=["a", "b", "c"], ids=[f"i{j}" for j in range(n)],
+                             meta=[{"labels": ["a"]} for _ in range(n)], probs=rng.random((n, 3), np.float32),
+                             embeddings=clustered(n, 8), thumbs=np.zeros((n, 1, 4, 4), np.uint8),
+                             cfg=VectorConfig(kind="flat"), image_size=4, channels=1, multilabel=True)
+
+
+def test_store_roundtrip_and_manifest(tmp_path):
+    s = make_store()
+    path = s.save(tmp_path / "c" / index_dir_name("m", "v1"))
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["model"]["version"] == "v1" and m["metric"] == "ip" and m["count"] == 200 and m["kind"] == "flat"
+    back = IndexStore.load(path)
+    assert back.ids == s.ids and np.array_equal(back.probs, s.probs) and back.meta[3] == {"labels": ["a"]}
+    assert back.similar(s.embeddings[:2], 3)[0][0][0] == 0
+    assert back.similar(s.embeddings[:2], 3, exclude=[0, 1])[0][0][0] != 0
+
+
+def test_atomic_overwrite_leaves_no_temp_and_keeps_old_on_failure(tmp_path):
+    target = tmp_path / "idx"
+    make_store(50).save(target)
+    s = make_store(60)
+    s.save(target)  # overwrite
+    assert IndexStore.load(target).manifest["count"] == 60
+    assert sorted(os.listdir(tmp_path)) == ["idx"]  # no temp or old folders left behind
+
+    class Boom(Exception):
+        pass
+
+    def broken(tmp):
+        (tmp / "partial").write_text("x")
+        raise Boom()
+
+    from deepindex.index.store import atomic_write_dir
+
+    with pytest.raises(Boom):
+        atomic_write_dir(target, broken)
+    assert IndexStore.load(target).manifest["count"] == 60 and sorted(os.listdir(tmp_path)) == ["idx"]
+
+
+def test_add_items_without_rebuild(tmp_path):
+    s = make_store(100)
+    e = clustered(2, 8, seed=5) * 10
+    rows = s.add(["new-a", "new-b"], np.full((2, 3), 0.5, np.float32), e, None, [{"x": 1}, {"x": 2}])
+    assert rows == [100, 101] and len(s) == 102 and s.thumbs.shape[0] == 102
+    assert s.similar(e[:1], 1)[0][0][0] == 100
+    with pytest.raises(DuplicateItem):
+        s.add(["new-a"], np.zeros((1, 3), np.float32), e[:1], None)
+    back = IndexStore.load(s.save(tmp_path / "i"))
+    assert back.rows["new-b"] == 101 and back.meta[101] == {"x": 2}
+
+
+def test_version_lookup_and_refusal(tmp_path):
+    coll = tmp_path / "coll"
+    make_store(version="v1").save(coll / index_dir_name("m", "v1"))
+    make_store(version="v2").save(coll / index_dir_name("m", "v2"))
+    assert find_index(coll, "m", "v2").name == "m-v2"
+    assert find_index(coll, "m", "v3") is None
+    direct = find_index(coll / "m-v1", "m", "v2")  # an index folder given directly is returned as is...
+    with pytest.raises(IndexMismatch):
+        IndexStore.load(direct).check_model("m", "v2")  # ...and refused for another version
+
+
+def test_index_server_refuses_other_version(tmp_path):
+    """The index deployment's class, without Ray: a mismatching index is not served."""
+    from serving.index import IndexServer
+
+    make_store(version="v1").save(tmp_path / "m-v1")
+    cls = IndexServer.func_or_class
+    srv = cls(str(tmp_path / "m-v1"), persist_added=False)
+    assert srv.info("m", "v1")["loaded"]
+    res = srv.keywords(["a"], "all", 5, "m", "v2")
+    assert res["status"] == 503 and res["error"]["code"] == "index_unavailable" and "v1" in res["error"]["message"]
+    assert not srv.info()["loaded"]
+
+
+# ---- keywords ---------------------------------------------------------------------------------
+def test_vocabulary_parse(tmp_path):
+    f = tmp_path / "v.yaml"
+    f.write_text('concepts:\n  "3": [three, trois]\n  "7": [seven, "lucky number"]\n  "x": [unknown]\nstopwords: [and, with]\n')
+    v = Vocabulary.from_file(f, [str(i) for i in range(10)])
+    p = v.parse("Three AND lucky  number, 9 with banana three")
+    assert p.concepts == ["3", "7", "9"]
+    assert p.matched == {"three": "3", "lucky number": "7", "9": "9"}
+    assert p.unmatched == ["banana"]
+    assert v.parse("unknown").unmatched == ["unknown"]  # a concept the model lacks matches nothing
+    assert v.parse("   ").concepts == []
+
+
+def test_scores_all_any():
+    p = np.array([[0.9, 0.8], [0.9, 0.1], [0.2, 0.2]], np.float32)
+    np.testing.assert_allclose(scores(p, [0, 1], "all"), [0.72, 0.09, 0.04], rtol=1e-5)
+    np.testing.assert_allclose(scores(p, [0, 1], "any"), [0.98, 0.91, 0.36], rtol=1e-5)
+    rows, s = rank(p, [0, 1], 2)
+    assert rows.tolist() == [0, 1] and s[0] >= s[1]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 5), st.integers(1, 50), st.integers(0, 1000))
+def test_rank_properties(n, q, k, seed):
+    p = np.random.default_rng(seed).random((n, 6)).astype(np.float32)
+    idx = list(range(q))
+    rows, s = rank(p, idx, k, "all")
+    assert len(rows) == min(n, k) and (np.diff(s) <= 1e-12).all()
+    assert (s <= p[rows][:, idx].min(axis=1) + 1e-6).all()  # all present: never above the weakest
+    full = scores(p, idx, "all")
+    assert s[0] == pytest.approx(full.max())
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+def test_precision_and_map():
+    rel = np.array([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], bool)
+    assert precision_at_k(rel, 2) == pytest.approx((0.5 + 0 + 1) / 3)
+    ap = average_precision_at_k(rel, 4)
+    np.testing.assert_allclose(ap, [(1 + 2 / 3) / 2, 0, 1])
+    assert map_at_k(rel, 4) == pytest.approx(ap.mean())
+    # Normalised by the relevant items in the collection: missing ones cost.
+    assert average_precision_at_k(rel[:1], 4, np.array([4]))[0] == pytest.approx((1 + 2 / 3) / 4)
+    q = np.array([[1, 0, 0]])
+    res = np.array([[[1, 1, 0], [0, 1, 1], [0, 0, 1]]])
+    assert relevance(q, res).tolist() == [[True, False, False]]
+    with pytest.raises(ValueError):
+        precision_at_k(rel, 5)
+
+
+# ---- model source -----------------------------------------------------------------------------
+def test_local_checkpoint_version(tmp_path, monkeypatch):
+    import hashlib
+
+    from deepindex.index import source
+
+    f = tmp_path / "checkpoint.pt"
+    f.write_bytes(b"weights")
+    monkeypatch.setattr(source, "_registry_resolver", lambda: None)  # the fallback path
+    r = source.resolve_model(str(tmp_path))
+    assert r.name == "local" and r.version == "file-" + hashlib.sha256(b"weights").hexdigest()[:12]
+    assert source.resolve_model(str(f)).version == r.version
+    f.write_bytes(b"other weights")
+    assert source.resolve_model(str(tmp_path)).version != r.version
+    with pytest.raises(ValueError):
+        source.resolve_model("models:/x@champion")
+    with pytest.raises(FileNotFoundError):
+        source.resolve_model(str(tmp_path / "nope"))

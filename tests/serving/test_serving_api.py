@@ -1,0 +1,240 @@
+"""The Serve application over real HTTP on loopback: tagging, search, items, batching, metrics, bad input."""
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.serving.conftest import GALLERY, LIMITS, png_bytes
+
+pytestmark = [pytest.mark.slow, pytest.mark.serve, pytest.mark.cluster, pytest.mark.timeout(600)]
+
+CONCEPTS = [str(d) for d in range(10)]
+# Query by example on the digit-scenes gallery: the small model measures 0.993 (mAP@10 0.994);
+# chance (10 random items) measures ~0.43 on this gallery, so the floor sits far above both.
+PRECISION_AT_10_FLOOR = 0.93
+
+
+def multihot(labels: list[str]) -> np.ndarray:
+    return np.array([c in labels for c in CONCEPTS])
+
+
+def scrape(served) -> dict[str, list]:
+    text = served.get("/metrics").text
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def test_health_ready_docs(served):
+    assert served.get("/healthz").json() == {"status": "ok", "model": None, "index": None, "reasons": []}
+    r = served.get("/readyz").json()
+    assert r["status"] == "ready" and r["model"]["version"] == served.version and r["index"]["count"] >= GALLERY
+    assert served.get("/docs").status_code == 200
+    paths = served.get("/openapi.json").json()["paths"]
+    for p in ["/v1/tag", "/v1/search", "/v1/search/similar", "/v1/items", "/v1/items/{item_id}",
+              "/v1/items/{item_id}/similar"]:
+        assert p in paths, p
+
+
+def test_tags_match_offline_inference(served):
+    from PIL import Image
+
+    from deepindex.checkpoint import load_model
+    from deepindex.data.transforms import image_to_tensor
+
+    lm = load_model(served.trained)
+    rows = list(range(6))
+    pngs = [png_bytes(served.images[i]) for i in rows]
+    multipart = served.post("/v1/tag?top_k=10", files=[("images", (f"{i}.png", b)) for i, b in zip(rows, pngs)])
+    as_json = served.post("/v1/tag?top_k=10", json={"images": [{"id": f"x{i}", "data": base64.b64encode(b).decode()}
+                                                               for i, b in zip(rows, pngs)]})
+    assert multipart.status_code == 200 and as_json.status_code == 200, multipart.text
+    exact = 0
+    for body in (multipart.json(), as_json.json()):
+        assert body["model"]["version"] == served.version
+        for i, res in zip(rows, body["results"]):
+            x = image_to_tensor(Image.open(io.BytesIO(pngs[i])), 32, 1, lm.stats)[None]  # (1, 1, 32, 32)
+            offline = lm.model(x).sigmoid()[0].detach().numpy()
+            got = {c["concept"]: c["probability"] for c in res["concepts"]}
+            probs = [c["probability"] for c in res["concepts"]]
+            assert probs == sorted(probs, reverse=True)
+            np.testing.assert_allclose([got[c] for c in CONCEPTS], offline, atol=1e-5)
+            # The model's most probable concept is one of the scene's digits.
+            exact += res["concepts"][0]["concept"] in served.labels[i]
+    assert exact >= 10  # of 12 (6 images, two request forms)
+    assert as_json.json()["results"][2]["id"] == "x2"
+    cut = served.post("/v1/tag?top_k=2&threshold=0.5", files=[("images", ("a.png", pngs[0]))]).json()["results"][0]
+    assert len(cut["concepts"]) <= 2 and all(c["probability"] >= 0.5 for c in cut["concepts"])
+
+
+@pytest.mark.parametrize("query,digit", [("three", "3"), ("7", "7"), ("a picture with nought", "0")])
+def test_keyword_search_returns_items_holding_the_digit_first(served, query, digit):
+    body = served.get("/v1/search", params={"q": query, "k": 20}).json()
+    assert body["concepts"] == [digit] and body["unmatched"] == []
+    holding = [digit in h["labels"] for h in body["results"]]
+    assert len(holding) == 20 and all(holding[:10]) and sum(holding) >= 18
+    assert [h["score"] for h in body["results"]] == sorted((h["score"] for h in body["results"]), reverse=True)
+
+
+def test_keyword_search_two_concepts_and_unmatched_words(served):
+    body = served.get("/v1/search", params={"q": "three and SEVEN zebra", "k": 5}).json()
+    assert body["concepts"] == ["3", "7"] and body["unmatched"] == ["zebra"] and body["mode"] == "all"
+    assert all({"3", "7"} <= set(h["labels"]) for h in body["results"])
+    anyb = served.get("/v1/search", params={"q": "three seven", "k": 10, "mode": "any"}).json()
+    assert all({"3", "7"} & set(h["labels"]) for h in anyb["results"])
+    none = served.get("/v1/search", params={"q": "zebra"}).json()
+    assert none["concepts"] == [] and none["results"] == [] and none["unmatched"] == ["zebra"]
+
+
+def test_query_by_example_precision_at_10(served, record_property):
+    from deepindex.index.metrics import map_at_k, precision_at_k
+
+    queries = list(range(0, GALLERY, GALLERY // 200))  # 200 indexed items as queries
+    with ThreadPoolExecutor(8) as pool:
+        bodies = list(pool.map(lambda i: served.get(f"/v1/items/scene-{i:06d}/similar?k=10").json(), queries))
+    rel = np.array([[bool(multihot(h["labels"]) @ multihot(served.labels[q])) for h in b["results"]]
+                    for q, b in zip(queries, bodies)])
+    assert all(b["query_id"] == f"scene-{q:06d}" and all(h["id"] != b["query_id"] for h in b["results"])
+               for q, b in zip(queries, bodies))
+    p10, map10 = precision_at_k(rel, 10), map_at_k(rel, 10)
+    # Chance level on the same gallery: 10 items drawn at random per query.
+    rng = np.random.default_rng(0)
+    lab = np.array([multihot(x) for x in served.labels])
+    chance = np.mean([(lab[rng.choice(GALLERY, 10, replace=False)] @ lab[q] > 0).mean() for q in queries])
+    record_property("precision_at_10", p10)
+    record_property("map_at_10", map10)
+    print(f"query by example: precision@10={p10:.4f} mAP@10={map10:.4f} chance={chance:.4f}")
+    assert p10 >= PRECISION_AT_10_FLOOR and p10 > chance + 0.1
+
+
+def test_similar_by_uploaded_image_finds_itself(served):
+    i = 17
+    body = served.post("/v1/search/similar?k=5", files={"image": ("q.png", png_bytes(served.images[i]))}).json()
+    assert body["results"][0]["id"] == f"scene-{i:06d}" and body["results"][0]["score"] > 0.99
+    assert body["metric"] == "ip" and len(body["results"]) == 5
+
+
+def test_added_items_are_found(served):
+    from deepindex.index.collection import digit_gallery
+    from deepindex.index.store import IndexStore
+
+    new = digit_gallery(3, seed=7)  # other glyph draws: images not in the index
+    before = served.get("/readyz").json()["index"]["count"]
+    files = [("images", (f"n{j}.png", png_bytes(new.images[j]))) for j in range(3)]
+    r = served.post("/v1/items", files=files, data={"id": ["added/a", "added/b", "added/c"]})
+    assert r.status_code == 201, r.text
+    assert r.json()["added"] == ["added/a", "added/b", "added/c"] and r.json()["count"] == before + 3
+    item = served.get("/v1/items/added/b").json()
+    assert item["id"] == "added/b" and item["concepts"][0]["probability"] > 0.5
+    assert served.get("/v1/items/added/b/image").headers["content-type"] == "image/png"
+    hit = served.post("/v1/search/similar?k=3", files={"image": ("q.png", png_bytes(new.images[2]))}).json()
+    assert hit["results"][0]["id"] == "added/c"
+    assert served.get("/v1/items/added/a/similar?k=3").status_code == 200
+    b64 = base64.b64encode(png_bytes(new.images[0])).decode()
+    dup = served.post("/v1/items", json={"images": [{"id": "added/a", "data": b64}]})
+    assert dup.status_code == 409 and dup.json()["error"]["code"] == "duplicate_item"
+    assert "added/c" in IndexStore.load(served.index_path).rows  # persisted atomically
+
+
+def test_concurrent_requests_are_batched(served):
+    png = png_bytes(served.images[3])
+    with ThreadPoolExecutor(32) as pool:
+        codes = list(pool.map(lambda _: served.post("/v1/tag", files={"images": ("a.png", png)}).status_code, range(64)))
+    assert codes == [200] * 64
+    samples = scrape(served)["deepindex_model_batch_size"]
+    count = next(s.value for s in samples if s.name.endswith("_count"))
+    single = next(s.value for s in samples if s.name.endswith("_bucket") and s.labels["le"] == "1.0")
+    assert count >= 64 and single < count  # some images went through a batch of more than one
+
+
+def test_metrics_scrape(served):
+    served.get("/v1/search", params={"q": "three"})
+    m = scrape(served)
+    reqs = {(s.labels["endpoint"], s.labels["status"]): s.value for s in m["deepindex_requests"]
+            if s.name.endswith("_total")}
+    assert reqs[("/v1/search", "200")] >= 1
+    assert any(s.labels.get("endpoint") == "/v1/search" for s in m["deepindex_request_latency_seconds"])
+    info = [s for s in m["deepindex_model_info"] if s.value == 1]
+    assert info[0].labels["version"] == served.version
+    items = m["deepindex_index_items"][0].value
+    assert items == served.get("/readyz").json()["index"]["count"]
+
+
+def _bomb_png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (2000, 2000)).save(buf, format="PNG", optimize=True)  # ~4 MP in a few KB
+    assert len(buf.getvalue()) < LIMITS["max_image_bytes"]
+    return buf.getvalue()
+
+
+def _big_png() -> bytes:
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)  # incompressible
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    assert len(buf.getvalue()) > LIMITS["max_image_bytes"]
+    return buf.getvalue()
+
+
+def _ppm() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, format="PPM")
+    return buf.getvalue()
+
+
+def _bad_requests(served):
+    good = png_bytes(served.images[0])
+    one = lambda b: {"files": {"images": ("x.png", b)}}  # noqa: E731
+    return {
+        "not an image": ("post", "/v1/tag", one(b"this is not an image"), 400, "not_an_image"),
+        "truncated image": ("post", "/v1/tag", one(good[: len(good) // 2]), 400, "truncated_image"),
+        "unsupported format": ("post", "/v1/tag", one(_ppm()), 415, "unsupported_format"),
+        "over the byte limit": ("post", "/v1/tag", one(_big_png()), 413, "image_too_large"),
+        "over the pixel limit": ("post", "/v1/tag", one(_bomb_png()), 413, "too_many_pixels"),
+        "too many images": ("post", "/v1/tag", {"files": [("images", (f"{i}.png", good)) for i in range(9)]},
+                            413, "too_many_images"),
+        "too many base64 images": ("post", "/v1/tag", {"json": {"images": [{"data": base64.b64encode(good).decode()}] * 9}},
+                                   413, "too_many_images"),
+        "bad base64": ("post", "/v1/tag", {"json": {"images": [{"data": "%%%not base64"}]}}, 400, "bad_base64"),
+        "no images": ("post", "/v1/tag", {"json": {"images": []}}, 400, "no_images"),
+        "wrong content type": ("post", "/v1/tag", {"data": "x", "headers": {"content-type": "text/plain"}},
+                               415, "unsupported_media_type"),
+        "k zero": ("get", "/v1/search?q=three&k=0", {}, 422, "k_out_of_range"),
+        "k too large": ("get", "/v1/items/scene-000001/similar?k=101", {}, 422, "k_out_of_range"),
+        "k not a number": ("get", "/v1/search?q=three&k=ten", {}, 422, "invalid_request"),
+        "top_k zero": ("post", "/v1/tag?top_k=0", one(good), 422, "top_k_out_of_range"),
+        "threshold over 1": ("post", "/v1/tag?threshold=2", one(good), 422, "threshold_out_of_range"),
+        "unknown item": ("get", "/v1/items/no-such-item", {}, 404, "unknown_item"),
+        "unknown item similar": ("get", "/v1/items/no-such-item/similar", {}, 404, "unknown_item"),
+        "empty query": ("get", "/v1/search?q=", {}, 400, "empty_query"),
+        "blank query": ("get", "/v1/search?q=%20%20", {}, 400, "empty_query"),
+        "similar with two images": ("post", "/v1/search/similar", {"files": [("images", ("a.png", good))] * 2},
+                                    400, "one_image"),
+        "add without id": ("post", "/v1/items", one(good), 400, "bad_id"),
+        "unknown route": ("get", "/v2/nothing", {}, 404, "not_found"),
+    }
+
+
+def test_bad_input_gets_4xx_json_and_service_keeps_serving(served):
+    failures = []
+    for name, (method, path, kw, status, code) in _bad_requests(served).items():
+        r = getattr(served, method)(path, **kw)
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        if r.status_code != status or body.get("error", {}).get("code") != code or not body["error"].get("message"):
+            failures.append((name, r.status_code, r.text[:200]))
+    assert not failures, failures
+    big = served.post("/v1/tag", data=b"x" * (20 * 1024 * 1024 + 10), headers={"content-type": "application/json"})
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    assert served.get("/healthz").status_code == 200
+    ok = served.post("/v1/tag", files={"images": ("a.png", png_bytes(served.images[0]))})
+    assert ok.status_code == 200
+    statuses = {s.labels["status"] for s in scrape(served)["deepindex_requests"] if s.name.endswith("_total")}
+    assert "500" not in statuses
