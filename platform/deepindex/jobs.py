@@ -17,12 +17,13 @@ def _summary(d: dict[str, Any]) -> dict[str, Any]:
 def train_main(config_path: str | None, overrides: list[str], name: str | None = None) -> dict[str, Any]:
     """Validate the config first (a bad key fails before Ray starts), train, print the results."""
     from deepindex.cluster import connect
-    from deepindex.train.trainer import train
+    from deepindex.tracking.run import tracked_train
 
     cfg = load_config(config_path, overrides)
     connect()
-    out = train(cfg, name=name)
+    # One MLflow run per training run (when a tracking server is configured or up).
+    out, run_id = tracked_train(cfg, name=name)
     result = {"name": out.name, "checkpoint": out.checkpoint, "last_epoch": _summary(out.metrics),
-              "test": _summary(out.test_metrics)}
+              "test": _summary(out.test_metrics), "mlflow_run_id": run_id}
     print(json.dumps(result, indent=2))
     return result

@@ -1,0 +1,39 @@
+"""``deepindex tune`` (a Ray Tune sweep) and ``deepindex promote`` (registry + champion alias)."""
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("tune", help="run (or resume) a hyperparameter sweep with Ray Tune, tracked in MLflow")
+    p.add_argument("--space", required=True, help="search space YAML, e.g. tune_configs/smoke.yaml")
+    p.add_argument("--name", help="sweep name; the same name resumes an interrupted sweep")
+    p.add_argument("--samples", type=int, help="override tune.num_samples")
+    p.add_argument("--search", choices=["random", "grid", "optuna"], help="override tune.search")
+    p.add_argument("--max-concurrent", type=int, help="override tune.max_concurrent_trials (0: sized to the cluster)")
+    p.add_argument("--no-promote", action="store_true", help="do not promote the best trial at the end")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the base config")
+    p.set_defaults(func=run_tune)
+
+    q = sub.add_parser("promote", help="register a sweep's best trial; move alias `champion` only if it is better")
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument("--sweep", help="sweep name (its best trial is promoted)")
+    g.add_argument("--run", dest="run_id", help="an MLflow run id with a checkpoint/ artifact")
+    q.add_argument("--model", default="deepindex", help="registered model name")
+    q.add_argument("--experiment", default="deepindex", help="MLflow experiment of the sweep")
+    q.set_defaults(func=run_promote)
+
+
+def run_tune(args) -> int:
+    from deepindex.tune.main import tune_main
+
+    settings = {k: v for k, v in {"num_samples": args.samples, "search": args.search,
+                                  "max_concurrent_trials": args.max_concurrent}.items() if v is not None}
+    out = tune_main(args.space, args.overrides, name=args.name, settings=settings,
+                    promote=False if args.no_promote else None)
+    return 3 if out["interrupted"] else 0
+
+
+def run_promote(args) -> int:
+    from deepindex.tune.main import promote_main
+
+    promote_main(sweep=args.sweep, run_id=args.run_id, model=args.model, experiment=args.experiment)
+    return 0

@@ -1,0 +1,97 @@
+"""Test-split scoring of a checkpoint and the artifacts made from it (plain torch, no Ray)."""
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Scored:
+    metrics: dict[str, Any]  # "test_map"/"test_ap" or "test_top1_error"/"test_top5_error", "test_loss"
+    logits: torch.Tensor  # (N, K)
+    targets: torch.Tensor  # (N,) class ids | (N, K) 0/1
+    concepts: list[str]
+    multilabel: bool
+
+
+def score_checkpoint(path: str | Path, split: str = "test", data=None) -> Scored:
+    """A checkpoint's logits and metrics on a split of ``data`` (default: its own data config).
+
+    Promotion scores the candidate and the champion on the candidate's data config, so both
+    figures come from the same images.
+    """
+    from torch.utils.data import DataLoader
+
+    from deepindex.checkpoint import load_model
+    from deepindex.data import build_splits
+    from deepindex.train.engine import predict, scores_to_metrics
+    from deepindex.train.losses import make_loss
+
+    lm = load_model(path)
+    splits = build_splits(data if data is not None else lm.config.data)
+    if list(splits.concepts) != list(lm.concepts):
+        raise ValueError(f"data.dataset: the checkpoint {path} knows {len(lm.concepts)} concepts, the split has "
+                         f"{len(splits.concepts)}: not comparable")
+    logits, targets = predict(lm.model, DataLoader(getattr(splits, split), batch_size=256))
+    metrics = scores_to_metrics(logits, targets, lm.multilabel, make_loss(lm.multilabel), prefix=f"{split}_")
+    return Scored(metrics, logits, targets, list(lm.concepts), lm.multilabel)
+
+
+def ap_table(scored: Scored) -> str:
+    """CSV of concept, AP, positives: sigmoid scores (multi-label) or one-vs-rest softmax."""
+    from deepindex.train.metrics import per_concept_ap
+
+    if scored.multilabel:
+        probs, onehot = torch.sigmoid(scored.logits), scored.targets
+    else:
+        probs = torch.softmax(scored.logits, dim=1)
+        onehot = torch.nn.functional.one_hot(scored.targets.long(), probs.shape[1])
+    ap = per_concept_ap(probs, onehot)
+    out = io.StringIO()
+    w = csv.writer(out)
+    w.writerow(["concept", "ap", "positives"])
+    for name, a, n in zip(scored.concepts, ap.tolist(), onehot.sum(0).tolist()):
+        w.writerow([name, "" if a != a else f"{a:.4f}", int(n)])
+    return out.getvalue()
+
+
+def curve_figure(scored: Scored):
+    """Precision-recall curves (multi-label; micro average + up to 10 concepts) or a confusion matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix, precision_recall_curve
+
+    if scored.multilabel:
+        probs, t = torch.sigmoid(scored.logits).numpy(), scored.targets.int().numpy()
+        fig, ax = plt.subplots(figsize=(6, 5))
+        p, r, _ = precision_recall_curve(t.ravel(), probs.ravel())
+        ax.plot(r, p, color="black", lw=2, label="micro average")
+        for k, name in enumerate(scored.concepts[:10]):
+            if t[:, k].any():
+                p, r, _ = precision_recall_curve(t[:, k], probs[:, k])
+                ax.plot(r, p, lw=1, alpha=0.7, label=name)
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_title(f"test mAP {scored.metrics.get('test_map', float('nan')):.3f}")
+        ax.legend(fontsize=7, loc="lower left")
+    else:
+        k = len(scored.concepts)
+        cm = confusion_matrix(scored.targets.numpy(), scored.logits.argmax(1).numpy(), labels=list(range(k)))
+        fig, ax = plt.subplots(figsize=(6, 5))
+        im = ax.imshow(cm, cmap="Blues")
+        fig.colorbar(im, ax=ax)
+        ticks = range(k) if k <= 30 else []
+        ax.set_xticks(list(ticks), [scored.concepts[i] for i in ticks], rotation=90, fontsize=7)
+        ax.set_yticks(list(ticks), [scored.concepts[i] for i in ticks], fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"test top-1 error {scored.metrics.get('test_top1_error', float('nan')):.3f}")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,186 @@
+"""The rank-0 tracker of the worker loop: one MLflow run per training run.
+
+The driver builds a :class:`Tracker` (tracking URI, experiment id, tags, parent run) and
+passes it to ``build_trainer``; rank 0 of the worker group calls ``start`` once and
+``log_epoch`` every epoch.  ``start`` returns the loop's ``extra`` dict with the MLflow run
+id in it; the worker saves ``extra`` in every checkpoint, so a run resumed after a failure
+(same Ray Train name and storage path) finds its run id and continues the same MLflow run.
+
+An unreachable tracking server never stops training: the first failure logs one warning,
+the tracker turns itself off, and every later call is appended to a JSON-lines journal
+(``offline_path``, next to the run's checkpoints) so the lost logs can be read or replayed
+(:func:`replay_journal`).  The checkpoints' ``metrics`` keep every epoch's numbers anyway.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deepindex.config import Config
+
+log = logging.getLogger(__name__)
+
+RUN_ID_KEY = "mlflow_run_id"
+TAG_TRAIN_NAME = "deepindex.train_name"
+# MLflow's HTTP client retries for minutes by default; a dead server must cost seconds.
+_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def param_value(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(str(x) for x in v) + "]"
+    return str(v)
+
+
+def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics (lists such as per-concept AP go to artifacts, not metric series)."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+
+
+def quiet_http_retries() -> None:
+    for k, v in _HTTP_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+@dataclass
+class Tracker:
+    """Picklable: it travels in ``train_loop_config`` to the worker that runs rank 0."""
+
+    tracking_uri: str
+    experiment_id: str
+    run_name: str
+    tags: dict[str, str] = field(default_factory=dict)
+    parent_run_id: str | None = None
+    offline_path: str | None = None
+    run_id: str | None = None
+    disabled: bool = False
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_client", None)  # a client holds HTTP sessions: rebuilt where it is used
+        return state
+
+    @property
+    def client(self):
+        if getattr(self, "_client", None) is None:
+            from mlflow.tracking import MlflowClient
+
+            quiet_http_retries()
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    # ---- worker side -----------------------------------------------------------------
+    def start(self, cfg: Config, extra: dict[str, Any]) -> dict[str, Any]:
+        """Create the MLflow run, or continue the one whose id ``extra`` carries (resume)."""
+        extra = dict(extra)
+        if self.disabled:
+            return extra
+        from deepindex.tracking.uri import reachable
+
+        if not reachable(self.tracking_uri):
+            self._fail(f"tracking server {self.tracking_uri} is unreachable")
+            self.journal("start", config=cfg.to_dict(), run_id=extra.get(RUN_ID_KEY))
+            return extra
+        try:
+            run_id = extra.get(RUN_ID_KEY) or self.run_id
+            if run_id and self._exists(run_id):
+                self.run_id = run_id
+                self.client.update_run(run_id, status="RUNNING")
+                log.info("continuing MLflow run %s", run_id)
+            else:
+                self.run_id = self._create(cfg)
+            extra[RUN_ID_KEY] = self.run_id
+        except Exception as e:  # noqa: BLE001 - any tracking failure must leave training alone
+            self._fail(f"{type(e).__name__}: {e}")
+        return extra
+
+    def log_epoch(self, metrics: dict[str, Any], epoch: int) -> None:
+        values = numeric_metrics(metrics)
+        if self.disabled or self.run_id is None:
+            self.journal("epoch", step=epoch, metrics=values)
+            return
+        try:
+            self.log_metrics(values, step=epoch)
+        except Exception as e:  # noqa: BLE001
+            self._fail(f"{type(e).__name__}: {e}")
+            self.journal("epoch", step=epoch, metrics=values)
+
+    # ---- shared with the driver ------------------------------------------------------
+    def log_metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, step or 0) for k, v in values.items()]
+        for i in range(0, len(batch), 500):  # the REST API takes at most 1000 per call
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 500])
+
+    def _exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+            return True
+        except MlflowException:
+            log.warning("MLflow run %s from the checkpoint is not on %s; starting a new run", run_id, self.tracking_uri)
+            return False
+
+    def _create(self, cfg: Config) -> str:
+        import yaml
+        from mlflow.entities import Param, RunTag
+
+        tags = {**self.tags, TAG_TRAIN_NAME: self.run_name}
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id  # how the UI nests trials under a sweep
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.run_name)
+        run_id = run.info.run_id
+        params = [Param(k, param_value(v)) for k, v in sorted(cfg.flat().items())]
+        for i in range(0, len(params), 100):  # at most 100 params per call
+            self.client.log_batch(run_id, params=params[i:i + 100])
+        self.client.log_batch(run_id, tags=[RunTag("deepindex.rank", "0")])
+        self.client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+        log.info("MLflow run %s (%s) in experiment %s at %s", run_id, self.run_name, self.experiment_id,
+                 self.tracking_uri)
+        return run_id
+
+    def _fail(self, why: str) -> None:
+        if not self.disabled:
+            where = f"; the rest is journaled in {self.offline_path}" if self.offline_path else ""
+            log.warning("MLflow tracking stopped (%s). Training goes on; its results stay on the Ray storage "
+                        "path%s", why, where)
+        self.disabled = True
+
+    def journal(self, kind: str, **fields) -> None:
+        if not self.offline_path:
+            return
+        try:
+            p = Path(self.offline_path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            with p.open("a") as f:
+                f.write(json.dumps({"kind": kind, "time": time.time(), "run_name": self.run_name,
+                                    "run_id": self.run_id, **fields}) + "\n")
+        except OSError as e:
+            log.debug("tracking journal %s not written: %s", self.offline_path, e)
+
+
+def replay_journal(path: str | Path, tracking_uri: str, run_id: str) -> int:
+    """Log a journal's epoch metrics to ``run_id`` (once the server is back); returns the count."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    n = 0
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") != "epoch":
+            continue
+        ts = int(rec["time"] * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, v, ts, rec["step"]) for k, v in rec["metrics"].items()])
+        n += 1
+    return n

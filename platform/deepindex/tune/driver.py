@@ -1,0 +1,345 @@
+"""A sweep: ``tune.Tuner`` over a trial driver that runs one ``TorchTrainer`` per trial (Train V2).
+
+Each trial is a Tune function trainable that runs the shared trainer
+(``deepindex.train.trainer.train`` -> ``build_trainer``) with a rank-0 MLflow tracker (so
+trial == training run == MLflow child run) and a ``TuneReportCallback`` that forwards every
+epoch's report to Tune; the sweep driver then scores every finished or stopped trial on the
+test split and logs its artifacts.  ASHA stops weak
+trials on ``epochs_done``; random/grid search or Optuna (TPE) propose configs.  Tune does
+not see the Train workers' resources (they are another placement group), so trial
+concurrency is sized here from the cluster's free CPUs/GPUs.
+
+The sweep is one MLflow parent run; trials nest under it (``mlflow.parentRunId``).  The
+sweep's name and storage path identify it: running it again with the same name restores
+it (``Tuner.restore``): finished trials are kept, unfinished ones resume from their Train
+checkpoints and continue their MLflow runs, and the parent run id is read back from
+``deepindex_sweep.json`` in the sweep folder.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deepindex.tune.space import SweepSpec
+
+log = logging.getLogger(__name__)
+
+EPOCHS_DONE = "epochs_done"  # the ASHA time attribute: survives trial restarts, unlike training_iteration
+SWEEP_FILE = "deepindex_sweep.json"
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    params: dict[str, Any]
+    metric: float | None
+    epochs_done: int
+    stopped_early: bool
+    status: str
+    run_id: str | None = None
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    path: str
+    metric: str
+    mode: str
+    trials: list[TrialSummary]
+    best: TrialSummary | None
+    parent_run_id: str | None
+    wall_s: float
+    interrupted: bool
+    promotion: Any = None  # deepindex.tracking.registry.PromotionDecision
+    best_test: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stopped_early(self) -> int:
+        return sum(t.stopped_early for t in self.trials)
+
+
+def _report_callback():
+    """``TuneReportCallback`` plus ``epochs_done`` (1-based), the ASHA time attribute."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            metrics = [dict(m, **{EPOCHS_DONE: int(m.get("epoch", 0)) + 1}) for m in metrics]
+            super().after_report(run_context, metrics, checkpoint)
+
+    return EpochReportCallback()
+
+
+def trial_driver(params: dict[str, Any], *, base: dict, sweep: str, train_storage: str,
+                 tracking_uri: str | None, parent_run_id: str | None) -> None:
+    """One Tune trial: the base config + this trial's params, trained as a tracked Ray Train run.
+
+    Test scoring and artifacts happen on the sweep driver afterwards (:func:`finalize_trials`):
+    ASHA ends a trial by killing this function's actor, finished or not.
+    """
+    import ray.tune
+
+    from deepindex.config import from_dict
+    from deepindex.tracking.run import make_tracker
+    from deepindex.train.trainer import train
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = from_dict(base).override({**params, "ray.storage_path": train_storage})
+    tags = {"tune.sweep": sweep, "tune.trial_id": trial_id}
+    # The trial id is stable across Tuner.restore: the same Train run (and MLflow run) resumes.
+    tracker = make_tracker(cfg, trial_id, tracking_uri=tracking_uri, parent_run_id=parent_run_id, tags=tags)
+    train(cfg, name=trial_id, evaluate_test=False, tracker=tracker, callbacks=[_report_callback()])
+
+
+def trial_checkpoints(train_storage: str | Path, trial_id: str, metric: str, mode: str) -> tuple[str | None, str | None]:
+    """(best by ``metric``, latest by epoch) checkpoint folders of a trial's Train run."""
+    from deepindex.checkpoint import FILENAME, read_checkpoint
+
+    found = []
+    for f in sorted(Path(train_storage, trial_id).glob(f"checkpoint_*/{FILENAME}")):
+        try:
+            state = read_checkpoint(f)
+        except (OSError, ValueError, RuntimeError):
+            continue  # a checkpoint being written when the trial was killed
+        found.append((state["epoch"], (state.get("metrics") or {}).get(metric), str(f.parent)))
+    if not found:
+        return None, None
+    latest = max(found)[2]
+    scored = [c for c in found if c[1] is not None]
+    if not scored:
+        return latest, latest
+    best = (max if mode == "max" else min)(scored, key=lambda c: c[1])[2]
+    return best, latest
+
+
+def trial_concurrency(spec: SweepSpec) -> int:
+    """How many trials the cluster's free CPUs/GPUs hold at once (at least 1)."""
+    import ray
+
+    s, r = spec.settings, spec.base.ray
+    free = ray.available_resources()
+    per_trial_cpu = s.trial_driver_cpus + r.num_workers * r.cpus_per_worker
+    n = int(free.get("CPU", 0.0) // per_trial_cpu)
+    if r.use_gpu:
+        n = min(n, int(free.get("GPU", 0.0) // r.num_workers))
+    n = max(1, n)
+    if s.max_concurrent_trials:
+        n = min(n, s.max_concurrent_trials)
+    return n
+
+
+def _searcher(spec: SweepSpec, metric: str, mode: str, concurrency: int):
+    """(search algorithm, TuneConfig.max_concurrent_trials): Tune applies the latter only to a
+    ``Searcher``; the random/grid generator takes its limit itself."""
+    s = spec.settings
+    if s.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=s.seed)), concurrency
+    from ray.tune.search import BasicVariantGenerator
+
+    # random and grid: `grid` entries expand, the other distributions are sampled
+    return BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrency), None
+
+
+def _scheduler(spec: SweepSpec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = spec.settings
+    if s.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr=EPOCHS_DONE, max_t=spec.max_epochs, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor)
+
+
+def _parent_run(spec: SweepSpec, name: str, sweep_dir: Path, tracking_uri: str | None) -> str | None:
+    """The sweep's MLflow parent run: created once, found again on restore."""
+    from mlflow.tracking import MlflowClient
+
+    from deepindex.tracking.run import get_or_create_experiment, run_tags
+    from deepindex.tracking.tracker import param_value
+
+    f = sweep_dir / SWEEP_FILE
+    recorded = json.loads(f.read_text()) if f.is_file() else {}
+    if tracking_uri is None:
+        return None
+    client = MlflowClient(tracking_uri)
+    if recorded.get("parent_run_id"):
+        try:
+            client.get_run(recorded["parent_run_id"])
+            client.update_run(recorded["parent_run_id"], status="RUNNING")
+            return recorded["parent_run_id"]
+        except Exception:  # noqa: BLE001 - another server: start a new parent
+            log.warning("sweep %s: parent run %s not on %s; creating a new one", name, recorded["parent_run_id"],
+                        tracking_uri)
+    exp_id = get_or_create_experiment(client, spec.base.tracking.experiment)
+    tags = run_tags(spec.base, {"tune.sweep": name, "tune.space": spec.path, "deepindex.kind": "sweep"})
+    run = client.create_run(exp_id, tags=tags, run_name=name)
+    rid = run.info.run_id
+    from mlflow.entities import Param
+
+    params = {f"sweep.{k}": v for k, v in vars(spec.settings).items()}
+    params.update({f"space.{k}": f"{d.kind} {d.args}" for k, d in spec.space.items()})
+    client.log_batch(rid, params=[Param(k, param_value(v)) for k, v in params.items()][:100])
+    client.log_text(rid, yaml.safe_dump(spec.raw, sort_keys=False), "space.yaml")
+    client.log_text(rid, yaml.safe_dump(spec.base.to_dict(), sort_keys=False), "base_config.yaml")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps({**recorded, "parent_run_id": rid, "tracking_uri": tracking_uri}))
+    return rid
+
+
+def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | None = None,
+              callbacks: list | None = None, promote: bool | None = None) -> SweepOutcome:
+    """Run (or restore) the sweep on the connected cluster; record the best trial; maybe promote it."""
+    from ray import tune
+
+    from deepindex.tracking.uri import resolve_tracking_uri
+    from deepindex.train.engine import primary_metric
+    from deepindex.train.trainer import storage_path
+
+    start = time.monotonic()
+    name = name or spec.settings.name or time.strftime("sweep-%Y%m%d-%H%M%S")
+    storage = storage_path(spec.base)
+    sweep_dir = Path(storage) / name
+    metric, mode = primary_metric(spec.base.multilabel)
+    uri = (tracking_uri or resolve_tracking_uri()) if spec.base.tracking.enabled else None
+    parent = _parent_run(spec, name, sweep_dir, uri)
+
+    trainable = tune.with_resources(
+        functools.partial(trial_driver, base=spec.base.to_dict(), sweep=name,
+                          train_storage=str(sweep_dir / "train"), tracking_uri=uri, parent_run_id=parent),
+        {"CPU": spec.settings.trial_driver_cpus})
+    if tune.Tuner.can_restore(str(sweep_dir)):
+        log.info("sweep %s exists at %s: restoring it (finished trials kept, unfinished ones resumed)", name, sweep_dir)
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        concurrency = trial_concurrency(spec)
+        log.info("sweep %s: %d samples, %s search, %s scheduler, %d trials at a time", name,
+                 spec.settings.num_samples, spec.settings.search, spec.settings.scheduler, concurrency)
+        search_alg, max_concurrent = _searcher(spec, metric, mode, concurrency)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=spec.param_space(),
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=search_alg,
+                                        scheduler=_scheduler(spec), num_samples=spec.settings.num_samples,
+                                        max_concurrent_trials=max_concurrent),
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
+                                      failure_config=tune.FailureConfig(max_failures=1)),
+        )
+    grid = tuner.fit()
+    outcome = _summarise(grid, spec, name, str(sweep_dir), metric, mode, parent, time.monotonic() - start)
+    _record(outcome, uri)
+    if outcome.interrupted:
+        log.warning("sweep %s was interrupted; run it again with the same name to resume it", name)
+        return outcome
+    do_promote = spec.settings.promote if promote is None else promote
+    if outcome.best is not None and outcome.best.run_id and uri:
+        from deepindex.tracking.registry import promote as promote_run
+
+        if do_promote:
+            outcome.promotion = promote_run(outcome.best.run_id, spec.base.tracking.registered_model, uri,
+                                            parent_run_id=parent)
+    return outcome
+
+
+def _summarise(grid, spec: SweepSpec, name: str, path: str, metric: str, mode: str, parent: str | None,
+               wall_s: float) -> SweepOutcome:
+    trials_state = _saved_statuses(path)
+    summaries = []
+    for r in grid:
+        m = r.metrics or {}
+        tid = m.get("trial_id") or (Path(r.path).name if r.path else "?")
+        status = trials_state.get(tid, "ERROR" if r.error else "TERMINATED")
+        done = int(m.get(EPOCHS_DONE, 0))
+        params = {k: v for k, v in (r.config or {}).items()}
+        value = m.get(metric)
+        summaries.append(TrialSummary(tid, params, float(value) if value is not None else None, done,
+                                      stopped_early=status == "TERMINATED" and r.error is None and done < spec.max_epochs,
+                                      status=status))
+    interrupted = any(s.status in ("PENDING", "RUNNING", "PAUSED") for s in summaries)
+    scored = [s for s in summaries if s.metric is not None and s.status != "ERROR"]
+    # The best by the last reported value: a trial ASHA stopped early is never better than
+    # the rung's survivors, and a finished trial's last epoch is what its checkpoint saw.
+    best = None
+    if scored:
+        best = max(scored, key=lambda s: s.metric) if mode == "max" else min(scored, key=lambda s: s.metric)
+    return SweepOutcome(name, path, metric, mode, summaries, best, parent, wall_s, interrupted)
+
+
+def _saved_statuses(path: str) -> dict[str, str]:
+    """Trial statuses as Tune last saved them.  After an interrupt (SIGINT/SIGUSR1) Tune marks
+    the trials it stops TERMINATED in memory, but saves them RUNNING/PENDING, which is what
+    ``Tuner.restore`` resumes: the saved state tells an interrupted sweep from a finished one."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return {t.trial_id: t.status for t in ExperimentAnalysis(path).trials}
+    except Exception as e:  # noqa: BLE001 - no saved state: trust the results
+        log.debug("no saved experiment state at %s (%s)", path, e)
+        return {}
+
+
+def _record(outcome: SweepOutcome, uri: str | None) -> None:
+    """Child run ids, early-stopped child runs closed as KILLED, the best trial on the parent run."""
+    if uri is None or outcome.parent_run_id is None:
+        return
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from deepindex.tracking.tracker import param_value
+
+    from deepindex.tracking.run import finalize
+    from deepindex.tracking.tracker import Tracker
+
+    client = MlflowClient(uri)
+    exp_id = _experiment_of(client, outcome.parent_run_id)
+    children = client.search_runs(exp_id, f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'", max_results=1000)
+    by_trial = {c.data.tags.get("tune.trial_id"): c for c in children}
+    train_storage = Path(outcome.path) / "train"
+    for t in outcome.trials:
+        child = by_trial.get(t.trial_id)
+        if child is None:
+            continue
+        t.run_id = child.info.run_id
+        client.set_tag(t.run_id, "tune.status", "stopped early (ASHA)" if t.stopped_early else t.status.lower())
+        if child.info.status != "RUNNING" or t.status not in ("TERMINATED", "ERROR"):
+            continue  # finalized already (a restored sweep), or still to be resumed
+        best, latest = trial_checkpoints(train_storage, t.trial_id, outcome.metric, outcome.mode)
+        if t.status == "ERROR" or best is None:
+            client.set_terminated(t.run_id, "FAILED")
+            continue
+        # ASHA ends a trial by killing its actor: the test split, artifacts and the checkpoint
+        # of every trial are logged here, and a stopped trial's run ends KILLED.
+        tracker = Tracker(uri, exp_id[0], t.trial_id, run_id=t.run_id)
+        finalize(tracker, best, latest, t.trial_id, status="KILLED" if t.stopped_early else "FINISHED")
+    now = int(time.time() * 1000)
+    metrics = [Metric("trials", len(outcome.trials), now, 0), Metric("trials_stopped_early", outcome.stopped_early, now, 0),
+               Metric("sweep_wall_s", outcome.wall_s, now, 0)]
+    if outcome.best is not None and outcome.best.metric is not None:
+        metrics.append(Metric(f"best_{outcome.metric}", outcome.best.metric, now, 0))
+        client.set_tag(outcome.parent_run_id, "best_trial_id", outcome.best.trial_id)
+        if outcome.best.run_id:
+            client.set_tag(outcome.parent_run_id, "best_run_id", outcome.best.run_id)
+        if not outcome.interrupted:
+            try:  # params are write-once: a sweep restored after it finished must not fail here
+                client.log_batch(outcome.parent_run_id, params=[Param(f"best.{k}", param_value(v))
+                                                                for k, v in list(outcome.best.params.items())[:90]])
+            except Exception as e:  # noqa: BLE001
+                log.warning("sweep %s: best params not logged on the parent run (%s)", outcome.name, e)
+    client.log_batch(outcome.parent_run_id, metrics=metrics)
+    client.log_text(outcome.parent_run_id, json.dumps([vars(t) for t in outcome.trials], indent=2, default=str),
+                    "trials.json")
+    if not outcome.interrupted:
+        client.set_terminated(outcome.parent_run_id, "FINISHED")
+
+
+def _experiment_of(client, run_id: str) -> list[str]:
+    return [client.get_run(run_id).info.experiment_id]

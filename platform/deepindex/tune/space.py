@@ -1,0 +1,195 @@
+"""Search spaces: ``tune_configs/*.yaml`` over the same dotted keys as training configs.
+
+A file has three sections::
+
+    base:                     # the config every trial starts from
+      config: null            # optional training YAML
+      overrides: {train.epochs: 8}
+    space:                    # dotted key -> one distribution
+      optim.lr: {loguniform: [0.005, 0.2]}
+      schedule.policy: {choice: [step, cosine]}
+    tune:                     # how the sweep runs (see SweepSettings)
+      num_samples: 12
+      search: optuna
+
+Distributions: ``choice`` / ``grid`` (a non-empty list), ``uniform`` / ``loguniform``
+(``[low, high]``, low < high, loguniform needs low > 0), ``randint`` (``[low, high]``,
+both included), ``value`` (a constant).  Every key must exist in the config, and both ends
+of a range (and every choice) must be a valid value of that key: the error names the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from deepindex.config import Config, ConfigError, load_config
+
+KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "value")
+_SECTIONS = ("base", "space", "tune")
+
+
+@dataclass(frozen=True)
+class Dist:
+    kind: str
+    args: Any  # list of values, [low, high], or a constant
+
+    def to_tune(self):
+        from ray import tune
+
+        if self.kind == "choice":
+            return tune.choice(list(self.args))
+        if self.kind == "grid":
+            return tune.grid_search(list(self.args))
+        if self.kind == "uniform":
+            return tune.uniform(*self.args)
+        if self.kind == "loguniform":
+            return tune.loguniform(*self.args)
+        if self.kind == "randint":
+            return tune.randint(self.args[0], self.args[1] + 1)  # tune's upper bound is exclusive
+        return self.args
+
+    def samples(self) -> list[Any]:
+        """Values that must all be valid for the key: the ends of a range, every choice."""
+        return list(self.args) if self.kind in ("choice", "grid", "uniform", "loguniform", "randint") else [self.args]
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    num_samples: int = 8
+    search: Literal["random", "grid", "optuna"] = "random"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = 1  # epochs before ASHA may stop a trial
+    reduction_factor: int = 2
+    max_concurrent_trials: int = 0  # 0: as many as the cluster's free CPUs/GPUs hold
+    trial_driver_cpus: float = 0.5  # the Tune trial that drives a TorchTrainer (waits, then scores the test split)
+    seed: int | None = 0
+    promote: bool = True  # promote the best trial at the end of the sweep
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    path: str
+    base: Config
+    space: dict[str, Dist]
+    settings: SweepSettings
+    raw: dict = field(default_factory=dict)
+
+    def param_space(self) -> dict[str, Any]:
+        return {k: d.to_tune() for k, d in self.space.items()}
+
+    @property
+    def max_epochs(self) -> int:
+        d = self.space.get("train.epochs")
+        return int(max(d.samples())) if d is not None else self.base.train.epochs
+
+
+def _dist(key: str, spec: Any) -> Dist:
+    where = f"space.{key}"
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
+        raise ConfigError(f"{where}: expected one of {{{', '.join(KINDS)}: ...}}, got {spec!r}")
+    kind, args = next(iter(spec.items()))
+    if kind in ("choice", "grid"):
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{where}: empty {kind} (needs a non-empty list)")
+    elif kind in ("uniform", "loguniform", "randint"):
+        if not (isinstance(args, list) and len(args) == 2
+                and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)):
+            raise ConfigError(f"{where}: {kind} needs [low, high], got {args!r}")
+        low, high = args
+        if (low >= high) if kind != "randint" else (low > high):
+            raise ConfigError(f"{where}: empty range [{low}, {high}]")
+        if kind == "loguniform" and low <= 0:
+            raise ConfigError(f"{where}: loguniform needs low > 0, got {low}")
+        if kind == "randint" and not all(isinstance(a, int) for a in args):
+            raise ConfigError(f"{where}: randint needs integer bounds, got {args!r}")
+        args = [float(low), float(high)] if kind != "randint" else [int(low), int(high)]
+    return Dist(kind, args)
+
+
+def parse_space(raw: dict[str, Any], path: str = "<space>", overrides: list[str] | None = None) -> SweepSpec:
+    """Validate a loaded YAML dict; the first problem is a ConfigError naming its key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"space: {path} must hold a mapping with sections {', '.join(_SECTIONS)}")
+    for k in raw:
+        if k not in _SECTIONS:
+            raise ConfigError(f"{k}: unknown section (expected {', '.join(_SECTIONS)})")
+    base_raw = raw.get("base") or {}
+    if not isinstance(base_raw, dict) or set(base_raw) - {"config", "overrides"}:
+        raise ConfigError("base: expected a mapping with `config` and/or `overrides`")
+    base_overrides = dict(base_raw.get("overrides") or {})
+    cfg_path = base_raw.get("config")
+    if cfg_path and not Path(cfg_path).is_absolute():
+        cfg_path = str((Path(path).parent / cfg_path)) if not Path(cfg_path).exists() else cfg_path
+    base = load_config(cfg_path, base_overrides)
+    if overrides:
+        base = base.override(overrides)
+
+    flat = base.flat()
+    space_raw = raw.get("space") or {}
+    if not isinstance(space_raw, dict) or not space_raw:
+        raise ConfigError("space: needs at least one dotted key with a distribution")
+    space: dict[str, Dist] = {}
+    for key, spec in space_raw.items():
+        if key not in flat:
+            raise ConfigError(f"space.{key}: unknown key")
+        dist = _dist(key, spec)
+        for v in dist.samples():
+            try:
+                base.override({key: v})
+            except ConfigError as e:
+                raise ConfigError(f"space.{key}: {v!r} is not a valid value ({e})") from None
+        space[key] = dist
+
+    tune_raw = raw.get("tune") or {}
+    if not isinstance(tune_raw, dict):
+        raise ConfigError("tune: expected a mapping")
+    allowed = SweepSettings.__dataclass_fields__
+    for k in tune_raw:
+        if k not in allowed:
+            raise ConfigError(f"tune.{k}: unknown key")
+    settings = SweepSettings(**tune_raw)
+    _check_settings(settings, space, base)
+    return SweepSpec(path, base, space, settings, raw)
+
+
+def _check_settings(s: SweepSettings, space: dict[str, Dist], base: Config) -> None:
+    if not isinstance(s.num_samples, int) or s.num_samples < 1:
+        raise ConfigError(f"tune.num_samples: must be an integer >= 1, got {s.num_samples!r}")
+    if s.search not in ("random", "grid", "optuna"):
+        raise ConfigError(f"tune.search: must be random, grid or optuna, got {s.search!r}")
+    if s.scheduler not in ("asha", "fifo"):
+        raise ConfigError(f"tune.scheduler: must be asha or fifo, got {s.scheduler!r}")
+    grids = [k for k, d in space.items() if d.kind == "grid"]
+    if s.search == "optuna" and grids:
+        raise ConfigError(f"space.{grids[0]}: grid is not supported by the optuna search (use choice)")
+    if s.search == "grid" and not grids:
+        raise ConfigError("tune.search: grid needs at least one `grid` distribution in space")
+    epochs = space.get("train.epochs")
+    max_t = int(max(epochs.samples())) if epochs else base.train.epochs
+    if not isinstance(s.grace_period, int) or not 1 <= s.grace_period <= max_t:
+        raise ConfigError(f"tune.grace_period: must be an integer in [1, {max_t}] (train.epochs), got {s.grace_period!r}")
+    if not isinstance(s.reduction_factor, int) or s.reduction_factor < 2:
+        raise ConfigError(f"tune.reduction_factor: must be an integer >= 2, got {s.reduction_factor!r}")
+    if s.max_concurrent_trials < 0:
+        raise ConfigError("tune.max_concurrent_trials: must be >= 0 (0: sized to the cluster)")
+    if not s.trial_driver_cpus > 0:
+        raise ConfigError("tune.trial_driver_cpus: must be > 0")
+
+
+def load_space(path: str | Path, overrides: list[str] | None = None, settings: dict[str, Any] | None = None) -> SweepSpec:
+    """Read and validate ``tune_configs/X.yaml``; ``overrides`` apply to the base config,
+    ``settings`` to the ``tune`` section (e.g. ``{"num_samples": 4}``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"space: no such file {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"space: {p} is not valid YAML ({e.__class__.__name__})") from None
+    if settings and isinstance(raw, dict):
+        raw = {**raw, "tune": {**(raw.get("tune") or {}), **settings}}
+    return parse_space(raw, str(p), overrides)

@@ -1,0 +1,104 @@
+"""`deepindex up` / `down` / `status`: a real Ray head and MLflow server, stopped by process group."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from deepindex.cli import main
+from deepindex.localplatform import free_port, group_members, read_state
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.mlflow]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPINDEX_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield tmp_path / "home"
+    main(["down"])  # whatever a failing test left running
+
+
+def _platform_pids() -> list[int]:
+    return [p for svc in read_state().values() for p in group_members(svc.pgid)]
+
+
+@pytest.mark.timeout(300)
+def test_up_down_twice_leaves_no_stray_process(home, capsys):
+    seen: list[int] = []
+    groups: list[int] = []
+    for _ in range(2):
+        ports = ["--ray-port", str(free_port()), "--mlflow-port", str(free_port()), "--num-cpus", "2"]
+        assert main(["up", *ports]) == 0
+        first = read_state()
+        assert set(first) == {"ray", "mlflow"}
+        assert any(len(group_members(s.pgid)) > 1 for s in first.values())  # helpers are in the groups
+        assert main(["up", *ports]) == 0  # idempotent: the same processes, nothing new started
+        assert {k: v.pid for k, v in read_state().items()} == {k: v.pid for k, v in first.items()}
+        assert main(["status"]) == 0
+        groups += [s.pgid for s in first.values()]
+        seen += _platform_pids()
+
+        # A client of this head: token auth is on, so it needs the token `up` wrote.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        code = ("from deepindex.cluster import connect; import ray; connect(); "
+                "print(int(ray.cluster_resources()['CPU']))")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip().splitlines()[-1] == "2", out.stderr[-2000:]
+        if len(groups) == 2:  # first round only: a refused client waits for its connect timeout
+            bad = subprocess.run([sys.executable, "-c", "import ray, os; ray.init(address=os.environ['A'])"],
+                                 env={**env, "A": first["ray"].address, "RAY_AUTH_MODE": "token",
+                                      "RAY_AUTH_TOKEN": "0" * 64}, capture_output=True, text=True, timeout=120)
+            assert bad.returncode != 0  # a wrong token is refused
+
+        assert main(["down"]) == 0
+        assert main(["down"]) == 0  # idempotent
+        assert read_state() == {}
+        assert all(not group_members(g) for g in groups)
+    alive = [p for p in seen if os.path.exists(f"/proc/{p}") and _state(p) != "Z"]
+    assert alive == [], alive
+    assert "was not running" in capsys.readouterr().out
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return "gone"
+    return stat[stat.rfind(")") + 2]
+
+
+@pytest.mark.timeout(120)
+def test_a_port_in_use_is_reported_and_nothing_starts(home, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["up", "--mlflow-port", str(port), "--ray-port", str(free_port())]) == 1
+    err = capsys.readouterr().err
+    assert f"mlflow: port 127.0.0.1:{port} is in use" in err
+    assert read_state() == {}  # every port is checked before anything starts
+
+
+@pytest.mark.timeout(180)
+def test_a_dead_service_is_reported_and_restarted(home, capsys):
+    import signal
+
+    from deepindex.localplatform import up
+
+    first = up(mlflow_port=0, services=("mlflow",))["mlflow"]
+    os.killpg(first.pgid, signal.SIGKILL)
+    import time
+
+    deadline = time.monotonic() + 10
+    while group_members(first.pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert main(["status"]) == 1
+    assert '"state": "dead"' in capsys.readouterr().out
+    again = up(mlflow_port=0, services=("mlflow",))["mlflow"]
+    assert again.pid != first.pid and group_members(again.pgid)

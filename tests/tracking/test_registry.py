@@ -1,0 +1,91 @@
+"""Registry and promotion on a real MLflow server: `champion` moves only to a better model."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from deepindex.checkpoint import load_model, save_checkpoint
+from deepindex.config import load_config
+from fixtures_mlflow import TINY
+
+pytestmark = [pytest.mark.mlflow, pytest.mark.timeout(240)]
+
+
+@pytest.fixture(scope="module")
+def splits():
+    from deepindex.data import build_splits
+
+    cfg = load_config(None, TINY)
+    return cfg, build_splits(cfg.data)
+
+
+def _candidate(client, experiment_id, splits, tmp_path, epochs: int, seed: int) -> str:
+    """A run holding checkpoint/checkpoint.pt of a ConvNet trained ``epochs`` epochs (plain torch)."""
+    from deepindex.models import build_model
+    from deepindex.train.engine import train_one_epoch
+    from deepindex.train.losses import Penalty, make_loss
+    from deepindex.train.optim import build_optimizer
+
+    cfg, sp = splits
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, len(sp.concepts), sp.channels)
+    opt = build_optimizer(model, cfg.optim)
+    for e in range(epochs):
+        train_one_epoch(model, DataLoader(sp.train, batch_size=32, shuffle=True), opt, make_loss(sp.multilabel),
+                        Penalty(cfg.regularization), e)
+    d = tmp_path / f"ckpt-{epochs}-{seed}"
+    save_checkpoint(d, model=model, config=cfg, stats=sp.stats, concepts=sp.concepts, multilabel=sp.multilabel,
+                    epoch=epochs)
+    run = client.create_run(experiment_id, run_name=f"candidate-{epochs}-{seed}")
+    client.log_artifact(run.info.run_id, str(d / "checkpoint.pt"), "checkpoint")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def test_weaker_candidate_keeps_the_champion_better_one_replaces_it(mlflow_server, splits, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from deepindex.tracking.registry import promote, resolve_model
+
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.create_experiment(f"registry-{tmp_path.name}")
+    name = f"model-{tmp_path.name}"
+    untrained = _candidate(client, exp, splits, tmp_path, epochs=0, seed=1)
+    trained = _candidate(client, exp, splits, tmp_path, epochs=3, seed=2)
+    untrained2 = _candidate(client, exp, splits, tmp_path, epochs=0, seed=3)
+
+    first = promote(untrained, name, mlflow_server.uri)
+    assert first.promoted and first.champion is None and first.metric == "test_top1_error"
+
+    better = promote(trained, name, mlflow_server.uri)
+    assert better.promoted, better.reason
+    assert better.candidate < better.champion  # top-1 error: lower is better
+    assert client.get_model_version_by_alias(name, "champion").version == better.version
+
+    weaker = promote(untrained2, name, mlflow_server.uri)
+    assert not weaker.promoted, weaker.reason
+    assert weaker.candidate > weaker.champion
+    assert weaker.champion == pytest.approx(better.candidate)  # the champion re-scored on the same split
+    assert client.get_model_version_by_alias(name, "champion").version == better.version
+    # The weaker one is registered all the same, and the decision with both figures is on its run.
+    assert {mv.version for mv in client.search_model_versions(f"name='{name}'")} == {"1", "2", "3"}
+    run = client.get_run(untrained2)
+    assert run.data.tags["promotion.decision"] == "not promoted"
+    assert run.data.metrics["promotion_candidate_test_top1_error"] == pytest.approx(weaker.candidate)
+    assert run.data.metrics["promotion_champion_test_top1_error"] == pytest.approx(weaker.champion)
+
+    # resolve_model: alias, version and a local path all give a loadable checkpoint.
+    champ = resolve_model(f"models:/{name}@champion", mlflow_server.uri)
+    assert (champ.name, champ.version) == (name, better.version)
+    lm = load_model(champ.checkpoint_path)
+    assert lm.concepts == splits[1].concepts and lm.epoch == 3
+    by_version = resolve_model(f"models:/{name}/1", mlflow_server.uri)
+    assert load_model(by_version.checkpoint_path).epoch == 0
+    local = resolve_model(champ.checkpoint_path)
+    digest = hashlib.sha256((tmp_path / "ckpt-3-2" / "checkpoint.pt").read_bytes()).hexdigest()[:12]
+    assert (local.name, local.version) == ("local", "file-" + digest)
+    with pytest.raises(ValueError, match="not found in the registry"):
+        resolve_model(f"models:/{name}@nobody", mlflow_server.uri)

@@ -1,0 +1,71 @@
+"""Search spaces: the shipped files load; bad spaces are refused with the key at fault."""
+from pathlib import Path
+
+import pytest
+
+from deepindex.config import ConfigError
+from deepindex.tune.space import load_space, parse_space
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD_SPACE = {"optim.lr": {"loguniform": [0.001, 0.1]}}
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml"])
+def test_shipped_spaces_load(name):
+    spec = load_space(ROOT / "tune_configs" / name)
+    assert {"optim.lr", "model.dropout", "regularization.l1", "regularization.l2", "schedule.policy"} <= set(spec.space)
+    assert spec.space["regularization.l2"].kind == "loguniform"
+    from ray.tune.search.sample import Domain
+
+    space = spec.param_space()
+    assert all(isinstance(v, Domain) for v in space.values())
+    assert spec.settings.scheduler == "asha"
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"optim.lrr": {"uniform": [0.1, 0.2]}}, "space.optim.lrr: unknown key"),
+    ({"optim.lr": {"loguniform": [0.1, 0.1]}}, "space.optim.lr: empty range"),
+    ({"model.dropout": {"uniform": [0.5, 0.2]}}, "space.model.dropout: empty range"),
+    ({"schedule.policy": {"choice": []}}, "space.schedule.policy: empty choice"),
+    ({"regularization.l1": {"loguniform": [0.0, 1e-3]}}, "space.regularization.l1: loguniform needs low > 0"),
+    ({"model.dropout": {"uniform": [0.0, 1.5]}}, "space.model.dropout: 1.5 is not a valid value"),
+    ({"schedule.policy": {"choice": ["step", "linear"]}}, "space.schedule.policy: 'linear' is not a valid value"),
+    ({"optim.lr": {"normal": [0, 1]}}, "space.optim.lr: expected one of"),
+    ({"optim": {"choice": [1]}}, "space.optim: unknown key"),
+])
+def test_bad_space_names_the_key(space, message):
+    with pytest.raises(ConfigError) as e:
+        parse_space({"space": space})
+    assert str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"space": GOOD_SPACE, "tune": {"serach": "optuna"}}, "tune.serach: unknown key"),
+    ({"space": {"optim.lr": {"grid": [0.1, 0.2]}}, "tune": {"search": "optuna"}}, "space.optim.lr: grid is not supported"),
+    ({"space": GOOD_SPACE, "tune": {"grace_period": 50}}, "tune.grace_period:"),
+    ({"space": GOOD_SPACE, "base": {"overrides": {"optim.lrr": 1}}}, "optim.lrr: unknown key"),
+    ({"space": {}}, "space: needs at least one"),
+    ({"spaces": GOOD_SPACE}, "spaces: unknown section"),
+])
+def test_bad_sweep_settings_are_refused(raw, message):
+    with pytest.raises(ConfigError) as e:
+        parse_space(raw)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_base_overrides_and_randint_bounds_inclusive():
+    spec = parse_space({"base": {"overrides": {"train.epochs": 3}},
+                        "space": {"regularization.l2_start_epoch": {"randint": [0, 2]}}})
+    assert spec.base.train.epochs == 3 and spec.max_epochs == 3
+    dom = spec.param_space()["regularization.l2_start_epoch"]
+    assert {dom.sample() for _ in range(200)} == {0, 1, 2}
+
+
+def test_cli_refuses_a_bad_space_with_one_line(tmp_path, capsys):
+    from deepindex.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("space:\n  optim.lr: {loguniform: [0.1, 0.01]}\n")
+    assert main(["tune", "--space", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "deepindex tune: error: space.optim.lr: empty range [0.1, 0.01]"

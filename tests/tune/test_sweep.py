@@ -1,0 +1,103 @@
+"""Sweeps on a local Ray cluster and a real MLflow server: ASHA, parent/child runs, promotion, restore."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from fixtures_mlflow import TINY
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.mlflow]
+
+
+def _spec(tmp_path, space: dict, tune: dict, epochs: int):
+    from deepindex.tune.space import parse_space
+
+    overrides = {k: v for k, v in (item.split("=", 1) for item in TINY)}
+    overrides.update({"train.epochs": str(epochs), "ray.storage_path": str(tmp_path / "results"),
+                      "tracking.experiment": f"sweep-{tmp_path.name}",
+                      "tracking.registered_model": f"model-{tmp_path.name}"})
+    import yaml
+
+    return parse_space({"base": {"overrides": {k: yaml.safe_load(v) for k, v in overrides.items()}},
+                        "space": space, "tune": tune})
+
+
+def _children(client, parent_run_id: str):
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+class _InterruptAfter:
+    """A Tune callback that sends this process SIGUSR1 (Tune's interrupt) after ``n`` results.
+
+    ``Tuner.restore`` brings the run config's callbacks back from the saved sweep, so the
+    marker file makes it fire once, not again in the restored sweep.
+    """
+
+    def __new__(cls, n: int, marker):
+        from ray import tune
+
+        class Interrupt(tune.Callback):
+            seen = 0
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                Interrupt.seen += 1
+                if Interrupt.seen >= n and not marker.exists():
+                    marker.touch()
+                    os.kill(os.getpid(), signal.SIGUSR1)
+
+        return Interrupt()
+
+
+@pytest.mark.timeout(540)
+def test_asha_sweep_interrupted_restored_tracked_and_promoted(ray_local, mlflow_server, tmp_path):
+    """4 trials, 2 at a time; Tune is interrupted after 3 results and the sweep restored.
+
+    One learning rate that learns and three that barely move: at an ASHA rung a weak trial
+    that arrives after a better one falls below the cutoff and stops.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from deepindex.tune.driver import run_sweep
+
+    spec = _spec(tmp_path, {"optim.lr": {"grid": [0.03, 1e-6, 2e-6, 3e-6]},
+                            "model.dropout": {"uniform": [0.0, 0.3]}},
+                 {"search": "grid", "num_samples": 1, "grace_period": 1, "reduction_factor": 2,
+                  "max_concurrent_trials": 2, "promote": True}, epochs=4)
+    client = MlflowClient(mlflow_server.uri)
+
+    first = run_sweep(spec, name="asha", tracking_uri=mlflow_server.uri, callbacks=[_InterruptAfter(3, tmp_path / "interrupted")])
+    assert first.interrupted and first.promotion is None
+    assert client.get_run(first.parent_run_id).info.status == "RUNNING"
+
+    out = run_sweep(spec, name="asha", tracking_uri=mlflow_server.uri)  # same name: Tuner.restore
+    assert not out.interrupted and out.parent_run_id == first.parent_run_id
+    assert len(out.trials) == 4
+    assert out.stopped_early >= 1, [(t.trial_id, t.epochs_done) for t in out.trials]
+    finished = [t for t in out.trials if not t.stopped_early]
+    assert out.best is not None and out.best.metric == min(t.metric for t in finished)
+
+    parent = client.get_run(out.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["best_run_id"] == out.best.run_id
+    assert parent.data.metrics["trials_stopped_early"] == out.stopped_early
+    children = _children(client, out.parent_run_id)
+    # Restored trials continued their own runs: one child run per trial, no duplicates.
+    assert sorted(c.data.tags["tune.trial_id"] for c in children) == sorted(t.trial_id for t in out.trials)
+    for t in out.trials:
+        child = client.get_run(t.run_id)
+        assert float(child.data.params["optim.lr"]) == pytest.approx(t.params["optim.lr"])
+        steps = [m.step for m in client.get_metric_history(t.run_id, "val_top1_error")]
+        # The worker logs an epoch before reporting it: a stopped trial may hold one more than Tune saw.
+        assert sorted(set(steps)) == list(range(len(set(steps)))) and len(set(steps)) >= t.epochs_done
+        assert "test_top1_error" in child.data.metrics
+        assert child.info.status == ("KILLED" if t.stopped_early else "FINISHED")
+
+    # The best trial is registered and holds the alias (there was no champion before).
+    assert out.promotion is not None and out.promotion.promoted
+    champ = client.get_model_version_by_alias(spec.base.tracking.registered_model, "champion")
+    assert champ.run_id == out.best.run_id
+
+
