@@ -20,4 +20,5 @@ demo: $(STAMP)
 	$(PY) jobs/demo.py
 
 clean:
+	-test -x $(PY) && $(PY) -m deepindex.cli down
 	rm -rf .deepindex .pytest_cache

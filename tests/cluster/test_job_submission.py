@@ -25,7 +25,7 @@ def readme_ray_job_submit(address: str, tracking_uri: str, submission_id: str, s
             "--runtime-env-json", json.dumps(runtime_env), "--", "python", script, *args]
 
 
-def assert_trained_on_both_nodes(cluster, submission_id: str, run_name: str) -> None:
+def assert_trained_on_both_nodes(cluster, submission_id: str, run_name: str, tracking_uri: str) -> None:
     """Both Train workers ran, on different nodes, and together they were the whole cluster."""
     info = cluster.job_info(submission_id)
     workers = cluster.train_workers(info["job_id"])
@@ -36,9 +36,16 @@ def assert_trained_on_both_nodes(cluster, submission_id: str, run_name: str) -> 
     assert all(s.get("done") for s in status), status
     assert len({s["pid"] for s in status}) == 2
     assert {s["pid"] for s in status} == {w["pid"] for w in workers}
-    # TODO(tracking): once deepindex.tracking lands, assert the run is in the MLflow server here:
-    #   MlflowClient(tracking_uri).search_runs(<experiment "deepindex">, f"attributes.run_name = '{run_name}'")
-    #   returns exactly one FINISHED run with metrics val_* and images_per_s.
+    # The run landed in the tracking server the job was given: one FINISHED run with its metrics.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("deepindex")
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{run_name}'")
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    assert runs[0].info.status == "FINISHED"
+    assert {"val_loss", "val_top1_error", "images_per_s"} <= set(runs[0].data.metrics)
 
 
 def tiny_train_args(cluster, name: str) -> list[str]:
@@ -68,7 +75,7 @@ def test_ray_job_submit_cli_trains_on_both_nodes(stack):
     assert "test_" in out.stdout  # the job printed its held-out metrics
     info = cluster.job_info(sid)
     assert info["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == tracking_uri
-    assert_trained_on_both_nodes(cluster, sid, name)
+    assert_trained_on_both_nodes(cluster, sid, name, tracking_uri)
 
 
 @pytest.mark.timeout(300)
@@ -85,7 +92,7 @@ def test_deepindex_submit_trains_on_both_nodes(stack):
     info = cluster.job_info(sid)
     assert info["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == tracking_uri
     assert Path(info["entrypoint"].split()[1]) == Path("jobs/train.py")
-    assert_trained_on_both_nodes(cluster, sid, name)
+    assert_trained_on_both_nodes(cluster, sid, name, tracking_uri)
 
 
 @pytest.mark.timeout(180)
