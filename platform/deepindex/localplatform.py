@@ -220,13 +220,18 @@ def _ensure_token() -> None:
 def _start_ray(port: int, num_cpus: int | None) -> Service:
     _ensure_token()
     cmd = [_bin("ray"), "start", "--head", "--block", f"--port={port}", f"--node-ip-address={HOST}",
-           "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={ray_temp_dir()}",
+           # The dashboard serves the Jobs API (`deepindex submit`) and the State API, which Ray
+           # Train's placement-group cleaner needs: without it, a trial killed by ASHA leaks its
+           # workers' CPUs and later jobs wait forever.  Loopback only.
+           "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={free_port()}",
+           "--disable-usage-stats", f"--temp-dir={ray_temp_dir()}",
            # Ray Client's fixed default port (10001) would clash with a second head on the machine.
            f"--ray-client-server-port={free_port()}"]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
-    env = {**os.environ, **ray_client_env()}
-    env.pop("RAY_ADDRESS", None)
+    # In-cluster State API calls (that cleaner's) otherwise guess the cluster and give up when
+    # another Ray runs on the machine ("Found multiple active Ray instances").
+    env = {**os.environ, **ray_client_env(), "RAY_ADDRESS": f"{HOST}:{port}"}
     proc, logf = _spawn("ray", cmd, env)
     return Service("ray", proc.pid, proc.pid, port, f"{HOST}:{port}", str(logf), [])
 
