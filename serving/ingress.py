@@ -89,6 +89,30 @@ async def _observe(request: Request, call_next):
     return response
 
 
+# A replica that died under a call (killed, OOM, node lost): Serve starts a replacement and routes
+# the next call there, so an idempotent call is simply sent again.
+RETRIES = 4
+
+
+def _replica_lost() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    return (RayActorError, ActorUnavailableError, ReplicaUnavailableError)
+
+
+async def _call(method, *args, idempotent: bool = True):
+    """``await method.remote(*args)``; retried when the replica died (idempotent calls), else a 503."""
+    lost = _replica_lost()
+    for attempt in range(RETRIES + 1 if idempotent else 1):
+        try:
+            return await method.remote(*args)
+        except lost as e:
+            log.warning("replica lost during a call (attempt %d): %s", attempt + 1, type(e).__name__)
+            await asyncio.sleep(0.1 * 2 ** attempt)  # let the controller notice the death
+    raise ApiError(503, "replica_unavailable", "a service replica was lost during the request; retry")
+
+
 def _check(res: dict[str, Any]) -> dict[str, Any]:
     if "error" in res:
         raise ApiError(res["status"], res["error"]["code"], res["error"]["message"])
@@ -126,7 +150,7 @@ class Ingress:
     # ---- helpers ---------------------------------------------------------------------------
     async def _model_spec(self, refresh: bool = False) -> dict[str, Any]:
         if refresh or self._spec is None or time.monotonic() - self._spec_at > SPEC_TTL_S:
-            self._spec = await self.model.info.remote()
+            self._spec = await _call(self.model.info)
             self._spec_at = time.monotonic()
             self.metrics.set_model(self._spec["name"], self._spec["version"])
         return self._spec
@@ -196,7 +220,7 @@ class Ingress:
         for attempt in range(2):
             spec = await self._model_spec(refresh=attempt > 0)
             units = [pil_to_unit_tensor(im, spec["image_size"], spec["channels"]).numpy() for im in images]  # (C, S, S)
-            results = await asyncio.gather(*[self.model.infer.remote(u) for u in units])
+            results = await asyncio.gather(*[_call(self.model.infer, u) for u in units])
             # A reload between the spec and the call: refresh the spec once and redo the request.
             if all("error" not in r and r["version"] == spec["version"] for r in results):
                 break
@@ -224,7 +248,7 @@ class Ingress:
             spec = await self._model_spec(refresh=True)
         except Exception as e:
             return JSONResponse({"status": "not ready", "reasons": [f"model: {e}"]}, status_code=503)
-        index = await self.index.info.remote(spec["name"], spec["version"])
+        index = await _call(self.index.info, spec["name"], spec["version"])
         self.metrics.index_items.set(index.get("count", 0))
         if not index.get("loaded"):
             reasons.append(f"index: {index.get('problem')}")
@@ -238,7 +262,7 @@ class Ingress:
 
         try:
             spec = await self._model_spec()
-            info = await self.index.info.remote(spec["name"], spec["version"])
+            info = await _call(self.index.info, spec["name"], spec["version"])
             self.metrics.index_items.set(info.get("count", 0))
         except Exception as e:  # a scrape still answers with what this replica knows
             log.warning("metrics: model/index info unavailable: %s", e)
@@ -267,6 +291,8 @@ class Ingress:
         """Keywords -> concepts (vocabulary with synonyms) -> items ranked by those concepts' probabilities."""
         if not q.strip():
             raise ApiError(400, "empty_query", "q: give one or more keywords")
+        if len(q) > self.args.max_query_chars:
+            raise ApiError(422, "query_too_long", f"q: {len(q)} characters, the limit is {self.args.max_query_chars}")
         if mode not in SCORING:
             raise ApiError(422, "bad_mode", f"mode={mode!r}: 'all' or 'any'")
         self._k(k)
@@ -274,7 +300,7 @@ class Ingress:
         parsed = self._vocabulary(spec["concepts"]).parse(q)
         results: list[dict] = []
         if parsed.concepts:
-            res = _check(await self.index.keywords.remote(parsed.concepts, mode, k, spec["name"], spec["version"]))
+            res = _check(await _call(self.index.keywords, parsed.concepts, mode, k, spec["name"], spec["version"]))
             results = _hits(res["results"])
         return {"query": q, "mode": mode, "concepts": parsed.concepts, "matched": parsed.matched,
                 "unmatched": parsed.unmatched, "scoring": SCORING[mode],
@@ -289,7 +315,7 @@ class Ingress:
             raise ApiError(400, "one_image", f"send exactly one image, got {len(raw)}")
         spec, results = await self._infer(self._decode(raw), "/v1/search/similar")
         r = results[0]
-        res = _check(await self.index.similar_vector.remote(r["embedding"], k, r["name"], r["version"]))
+        res = _check(await _call(self.index.similar_vector, r["embedding"], k, r["name"], r["version"]))
         return {"metric": res["metric"], "model": {"name": r["name"], "version": r["version"]},
                 "results": _hits(res["results"])}
 
@@ -299,21 +325,21 @@ class Ingress:
         """The k items nearest to an indexed item (itself excluded)."""
         self._k(k)
         spec = await self._model_spec()
-        res = _check(await self.index.similar_item.remote(item_id, k, spec["name"], spec["version"]))
+        res = _check(await _call(self.index.similar_item, item_id, k, spec["name"], spec["version"]))
         return {"metric": res["metric"], "model": {"name": spec["name"], "version": spec["version"]},
                 "query_id": item_id, "results": _hits(res["results"])}
 
     @app.get("/v1/items/{item_id:path}/image", responses={200: {"content": {"image/png": {}}}, **_ERRORS})
     async def item_image(self, item_id: str):
         """The item's image as the model saw it (model input size), PNG."""
-        res = _check(await self.index.thumbnail.remote(item_id))
+        res = _check(await _call(self.index.thumbnail, item_id))
         return Response(res["png"], media_type="image/png")
 
     @app.get("/v1/items/{item_id:path}", response_model=ItemResponse, responses=_ERRORS)
     async def get_item(self, item_id: str, top_k: int = 10) -> dict:
         self._k(top_k, "top_k")
         spec = await self._model_spec()
-        res = _check(await self.index.get.remote(item_id, spec["name"], spec["version"]))
+        res = _check(await _call(self.index.get, item_id, spec["name"], spec["version"]))
         return {"id": item_id, "concepts": self._top(res["probs"], res["concepts"], top_k, 0.0),
                 "labels": res["labels"], "meta": res["meta"], "image_url": _image_url(item_id)}
 
@@ -337,6 +363,8 @@ class Ingress:
         thumbs = to_thumb(np.stack([pil_to_unit_tensor(im, spec["image_size"], spec["channels"]).numpy() for im in images]))
         probs = np.stack([r["probs"] for r in results])  # (B, K)
         embs = np.stack([r["embedding"] for r in results])  # (B, D)
-        res = _check(await self.index.add.remote(ids, probs, embs, thumbs, spec["name"], spec["version"]))
+        # Not re-sent: a replica that died after applying the add would make the retry a 409.
+        res = _check(await _call(self.index.add, ids, probs, embs, thumbs, spec["name"], spec["version"],
+                                idempotent=False))
         self.metrics.index_items.set(res["count"])
         return {"added": res["added"], "count": res["count"], "model": {"name": spec["name"], "version": spec["version"]}}

@@ -24,6 +24,7 @@ class ServeArgs(BaseModel):
     max_image_pixels: int = Field(16_000_000, ge=1)  # decompression bombs stop at the header
     max_images_per_request: int = Field(16, ge=1)
     max_k: int = Field(100, ge=1)
+    max_query_chars: int = Field(512, ge=1)  # keyword query length (GET /v1/search?q=)
     # Batching and scaling.
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)

@@ -53,35 +53,73 @@ def read_manifest(path: str | Path) -> dict:
 def find_index(path: str | Path, model_name: str | None = None, version: str | None = None) -> Path | None:
     """``path`` itself when it is an index; else its sub-folder built with ``version`` (a collection folder)."""
     p = Path(path)
+    recover_interrupted(p)
     if (p / MANIFEST).is_file():
         return p
     if version is None or not p.is_dir():
         return None
+    for old in p.glob(".*.old-*/x"):  # a version's index that a killed writer left moved aside
+        recover_interrupted(p / old.parent.name[1:].split(".old-")[0])
     for sub in sorted(p.iterdir()):
-        if (sub / MANIFEST).is_file():
+        # Hidden folders are a writer's temp or moved-aside copies (atomic_write_dir), never an index.
+        if not sub.name.startswith(".") and (sub / MANIFEST).is_file():
             m = read_manifest(sub)["model"]
             if m["version"] == version and (model_name is None or m["name"] == model_name):
                 return sub
     return None
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+    import errno
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel or a filesystem without it
+        return False
+    raise OSError(err, f"renameat2({a}, {b}): {os.strerror(err)}")
+
+
+def recover_interrupted(target: str | Path) -> None:
+    """Put back an index that a writer moved aside and died before replacing (the two-rename swap)."""
+    target = Path(target)
+    if (target / MANIFEST).is_file() or not target.parent.is_dir():
+        return
+    for old in sorted(target.parent.glob(f".{target.name}.old-*/x"), key=lambda q: q.stat().st_mtime, reverse=True):
+        if (old / MANIFEST).is_file() and not target.exists():
+            os.rename(old, target)
+            log.warning("index %s: restored the previous version left by an interrupted write", target)
+            return
+
+
 def atomic_write_dir(target: str | Path, write) -> Path:
-    """Call ``write(tmp_dir)`` then swap ``tmp_dir`` in for ``target`` by renames."""
+    """Call ``write(tmp_dir)`` then swap ``tmp_dir`` in for ``target``: readers, and a writer killed at
+    any point, see the old complete directory or the new one, never none."""
     target = Path(target).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted(target)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         write(tmp)
         for f in tmp.iterdir():  # durable before the rename makes it visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if target.exists():
+        if not target.exists():
+            os.rename(tmp, target)
+        elif not _exchange(tmp, target):  # when swapped, tmp holds the old version: removed below
+            # Two renames: a crash between them leaves the old version under .old-*/x, where
+            # recover_interrupted (run by every load and write) finds it and puts it back.
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
             os.rename(target, old / "x")
             os.rename(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -118,6 +156,7 @@ class IndexStore:
     @classmethod
     def load(cls, path: str | Path) -> "IndexStore":
         p = Path(path)
+        recover_interrupted(p)
         if not (p / MANIFEST).is_file():
             raise FileNotFoundError(f"index: no {MANIFEST} in {p}")
         manifest = read_manifest(p)
@@ -126,9 +165,12 @@ class IndexStore:
         cfg = VectorConfig(**manifest["vector_config"])
         rows = [json.loads(line) for line in (p / "items.jsonl").read_text().splitlines() if line]
         ids = [r.pop("id") for r in rows]
-        thumbs = np.load(p / "thumbs.npy") if (p / "thumbs.npy").is_file() else None
+        # allow_pickle=False: an index folder holds plain numeric arrays; an object array (a pickle)
+        # is refused with a ValueError, never unpickled.
+        thumbs = np.load(p / "thumbs.npy", allow_pickle=False) if (p / "thumbs.npy").is_file() else None
         store = cls(manifest, VectorIndex.load(str(p / "vectors.faiss"), cfg), ids, rows,
-                    np.load(p / "probs.npy"), np.load(p / "embeddings.npy"), thumbs)
+                    np.load(p / "probs.npy", allow_pickle=False), np.load(p / "embeddings.npy", allow_pickle=False),
+                    thumbs)
         if not (store.vectors.ntotal == len(ids) == len(store.probs) == len(store.embeddings)):
             raise ValueError(f"index: {p} is inconsistent (vectors, ids and arrays differ in length)")
         return store

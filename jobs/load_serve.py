@@ -1,0 +1,256 @@
+"""Load run: N concurrent clients for T seconds against a running service.  JSON on stdout.
+
+``python jobs/load_serve.py --url http://127.0.0.1:8000 [--clients 32] [--seconds 60] [--warmup 5]``
+
+Each client loops over a mix of ``POST /v1/tag`` (one PNG), ``GET /v1/search`` (keywords) and
+``GET /v1/items/{id}/similar`` (ids found by a first search).  Reported: requests, errors (any
+non-2xx or transport failure), p50/p99 latency overall and per endpoint, throughput, and the
+resident memory (VmRSS) of every replica of the application at the end of the warm-up and at
+the end of the run (found through Ray's actor table when this process can join the cluster:
+``--ray-address``, ``RAY_ADDRESS`` or the test's own ``ray.init``).  ``tests/serving`` runs the
+same code for a few seconds; this job is the full-size run.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import random
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("load_serve")
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+OPS = ("tag", "search", "similar")
+
+
+@dataclass
+class Record:
+    op: str
+    start: float  # time.monotonic()
+    end: float
+    status: int  # 0: no HTTP answer (connection refused, reset, timeout)
+    error: str = ""
+
+
+@dataclass
+class Workload:
+    pngs: list[bytes]
+    ids: list[str]
+    words: list[str] = field(default_factory=lambda: list(WORDS))
+
+
+def _png(unit: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(unit.reshape(unit.shape[-2:]) * 255), 0, 255).astype(np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def prepare(url: str, n_images: int = 16, timeout: float = 60.0) -> Workload:
+    """Query images (digit scenes, not indexed) and item ids that the service holds."""
+    import requests
+
+    from deepindex.index.collection import digit_gallery
+
+    g = digit_gallery(n_images, seed=123)
+    ids: list[str] = []
+    for w in WORDS:
+        r = requests.get(f"{url}/v1/search", params={"q": w, "k": 20}, timeout=timeout)
+        r.raise_for_status()
+        ids += [h["id"] for h in r.json()["results"]]
+    if not ids:
+        raise RuntimeError(f"{url}: the index returned no items; is it loaded (/readyz)?")
+    return Workload([_png(im) for im in g.images], sorted(set(ids)))
+
+
+def drive(url: str, work: Workload, clients: int, seconds: float, timeout: float = 30.0,
+          stop: threading.Event | None = None) -> list[Record]:
+    """``clients`` threads, each one request at a time, for ``seconds``; every request recorded."""
+    import requests
+
+    records: list[list[Record]] = [[] for _ in range(clients)]
+    deadline = time.monotonic() + seconds
+    stop = stop or threading.Event()
+
+    def client(c: int) -> None:
+        rng = random.Random(c)
+        out = records[c]
+        with requests.Session() as s:
+            i = c  # clients start on different operations: the mix is even from the first second
+            while time.monotonic() < deadline and not stop.is_set():
+                op = OPS[i % len(OPS)]
+                i += 1
+                t0 = time.monotonic()
+                try:
+                    if op == "tag":
+                        r = s.post(f"{url}/v1/tag", files={"images": ("q.png", rng.choice(work.pngs))}, timeout=timeout)
+                    elif op == "search":
+                        q = " ".join(rng.sample(work.words, rng.choice((1, 2))))
+                        r = s.get(f"{url}/v1/search", params={"q": q, "k": 10, "mode": rng.choice(("all", "any"))},
+                                  timeout=timeout)
+                    else:
+                        r = s.get(f"{url}/v1/items/{rng.choice(work.ids)}/similar", params={"k": 10}, timeout=timeout)
+                    status, err = r.status_code, "" if r.status_code < 400 else r.text[:200]
+                except requests.RequestException as e:
+                    status, err = 0, f"{type(e).__name__}: {e}"[:200]
+                out.append(Record(op, t0, time.monotonic(), status, err))
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True, name=f"load-{c}") for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + timeout + 30)
+    return sorted((r for rs in records for r in rs), key=lambda r: r.start)
+
+
+# ---- replica memory ------------------------------------------------------------------------
+def _vmrss_kb(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def replicas(app: str = "deepindex") -> list[dict[str, Any]]:
+    """Live Serve replicas of ``app``: deployment, pid, node id (Ray's actor table, read from the GCS).
+
+    ``ray._private.state`` because the public ``ray.util.state`` needs the dashboard, which the
+    test cluster does not start.  [] when this process is not connected to Ray.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    from ray._private import state
+
+    prefix = f"ServeReplica:{app}:"
+    return [{"deployment": a["ActorClassName"][len(prefix):], "pid": a["Pid"], "node_id": a["Address"]["NodeID"],
+             "actor_id": a["ActorID"]}
+            for a in state.actors().values() if a["ActorClassName"].startswith(prefix) and a["State"] == "ALIVE"]
+
+
+def replica_rss_kb(reps: list[dict[str, Any]]) -> dict[str, int | None]:
+    """VmRSS per replica ("Deployment/pid"): read from /proc here, or by a 0-CPU task on the replica's node."""
+    import ray
+
+    if not reps:
+        return {}
+    here = ray.get_runtime_context().get_node_id()
+    remote_rss = None
+    out: dict[str, int | None] = {}
+    for r in reps:
+        key = f"{r['deployment']}/{r['pid']}"
+        if r["node_id"] == here:
+            out[key] = _vmrss_kb(r["pid"])
+            continue
+        if remote_rss is None:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            remote_rss = (ray.remote(num_cpus=0)(_vmrss_kb), NodeAffinitySchedulingStrategy)
+        fn, strategy = remote_rss
+        out[key] = ray.get(fn.options(scheduling_strategy=strategy(r["node_id"], soft=False)).remote(r["pid"]))
+    return out
+
+
+# ---- the run -----------------------------------------------------------------------------
+def _pct(xs: list[float], q: float) -> float | None:
+    return round(float(np.percentile(xs, q)) * 1000, 2) if xs else None
+
+
+def summarize(records: list[Record], t0: float) -> dict[str, Any]:
+    """Counts, errors and latency percentiles (ms) of the records that started at or after ``t0``."""
+    rs = [r for r in records if r.start >= t0]
+    span = (max(r.end for r in rs) - t0) if rs else 0.0
+    errors = [r for r in rs if not 200 <= r.status < 300]
+    lat = [r.end - r.start for r in rs]
+    per_op = {op: {"requests": len(x := [r for r in rs if r.op == op]),
+                   "errors": sum(not 200 <= r.status < 300 for r in x),
+                   "p50_ms": _pct([r.end - r.start for r in x], 50), "p99_ms": _pct([r.end - r.start for r in x], 99)}
+              for op in OPS}
+    return {"requests": len(rs), "errors": len(errors), "error_samples": [(r.op, r.status, r.error) for r in errors[:5]],
+            "throughput_rps": round(len(rs) / span, 1) if span else 0.0,
+            "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99), "per_endpoint": per_op}
+
+
+def run_load(url: str, clients: int = 32, seconds: float = 60.0, warmup: float = 5.0,
+             timeout: float = 30.0, on_warm: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Warm up, then measure: latency, errors, and replica RSS at the end of warm-up and at the end."""
+    url = url.rstrip("/")
+    work = prepare(url)
+    result: dict[str, Any] = {"url": url, "clients": clients, "seconds": seconds, "warmup_s": warmup}
+    start = time.monotonic()
+    rss: dict[str, dict[str, int | None]] = {}
+    reps: list[dict[str, Any]] = []
+
+    def sample_after_warmup() -> None:
+        time.sleep(warmup)
+        reps.extend(replicas())
+        rss["warm"] = replica_rss_kb(reps)
+        if on_warm is not None:
+            on_warm()
+
+    sampler = threading.Thread(target=sample_after_warmup, daemon=True)
+    sampler.start()
+    records = drive(url, work, clients, warmup + seconds, timeout)
+    sampler.join(60)
+    rss["end"] = replica_rss_kb(reps)
+    result.update(summarize(records, start + warmup))
+    growth = {k: (rss["end"].get(k) or 0) - v for k, v in rss.get("warm", {}).items() if v is not None}
+    result["rss_kb"] = {k: {"warm": v, "end": rss["end"].get(k), "growth": growth.get(k)}
+                        for k, v in rss.get("warm", {}).items()}
+    result["rss_growth_kb_max"] = max(growth.values()) if growth else None
+    result["rss_growth_pct_max"] = (round(max(100.0 * growth[k] / rss["warm"][k] for k in growth), 2)
+                                    if growth else None)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--warmup", type=float, default=5.0)
+    ap.add_argument("--ray-address", default=None, help="join this cluster to read the replicas' memory")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import os
+
+    from deepindex.localplatform import running_service
+
+    if a.ray_address:
+        os.environ["RAY_ADDRESS"] = a.ray_address
+    # Join the service's cluster only: connect() would otherwise start a fresh, empty one.
+    if os.environ.get("RAY_ADDRESS") or running_service("ray") is not None:
+        from deepindex.cluster import connect
+
+        try:
+            connect(log_to_driver=False)
+        except Exception as e:  # noqa: BLE001 - memory is optional; latency and errors are the result
+            log.warning("not connected to Ray (%s): replica memory is not measured", e)
+    else:
+        log.warning("no Ray address (--ray-address, RAY_ADDRESS or `deepindex up`): replica memory is not measured")
+    out = run_load(a.url, a.clients, a.seconds, a.warmup)
+    text = json.dumps(out, indent=2)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text)
+    return 0 if out["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
