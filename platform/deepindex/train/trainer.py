@@ -75,7 +75,11 @@ class TrainOutcome:
 def train(cfg: Config, *, name: str | None = None, evaluate_test: bool = True, tracker=None,
           callbacks: list | None = None) -> TrainOutcome:
     """Fit on the connected Ray cluster, then score the best checkpoint on the test split."""
+    from deepindex.cluster import connect
+
     name = name or run_name(cfg)
+    # Our connection rules, not ray's auto-init (which may attach to any cluster on the machine).
+    connect()
     trainer = build_trainer(cfg, name=name, tracker=tracker, callbacks=callbacks)
     result = trainer.fit()
     metric, mode = primary_metric(cfg.multilabel)

@@ -1,0 +1,55 @@
+"""Ray Train V2 across two Ray nodes on this machine (``ray.cluster_utils.Cluster``).
+
+A module of its own: the 2-node fixture replaces the process's Ray connection, which must not
+pull the module-scoped single-node cluster out from under other tests.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from deepindex.config import load_config
+from deepindex.train.trainer import train
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+def _status(storage: Path, name: str) -> dict[int, dict]:
+    d = storage / name / "workers"
+    return {int(p.stem[4:]): json.loads(p.read_text()) for p in d.glob("rank*.json")}
+
+
+@pytest.fixture
+def two_node_cluster():
+    """Two Ray nodes in this machine (head + worker), 2 CPUs each."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.timeout(720)
+def test_two_nodes_train_digit_scenes_to_the_map_floor(two_node_cluster, tmp_path, record_property):
+    """Default multi-label config; one worker per node (2 CPUs each on 2-CPU nodes): test mAP >= 0.95."""
+    import ray
+
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    cfg = load_config(None, ["ray.num_workers=2", "ray.cpus_per_worker=2", "train.threads=1",
+                             "ray.placement_strategy=STRICT_SPREAD", f"ray.storage_path={tmp_path}"])
+    out = train(cfg, name="floor-scenes")
+    record_property("test_map", out.test_metrics["test_map"])
+    assert out.test_metrics["test_map"] >= 0.95, out.test_metrics
+    ap = out.test_metrics["test_ap"]
+    assert len(ap) == 10 and min(ap) > 0.8
+    status = _status(tmp_path, "floor-scenes")
+    assert status[0]["node_id"] != status[1]["node_id"]  # the two workers ran on different nodes
