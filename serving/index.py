@@ -106,25 +106,30 @@ class IndexServer:
         hits = self.store.similar(embedding[None, :], k)[0]
         return {"results": self._hits(hits), "metric": self.store.manifest["metric"], "count": len(self.store)}
 
+    def _row(self, item_id: str, name: str, version: str) -> tuple[int | None, dict[str, Any] | None]:
+        """(row of ``item_id``, None) or (None, the error to answer): index in sync, item known."""
+        if (e := self._sync(name, version)) is not None:
+            return None, e
+        row = self.store.rows.get(item_id)
+        if row is None:
+            return None, _err(404, "unknown_item", f"no item {item_id!r} in the index")
+        return row, None
+
     @_locked
     def similar_item(self, item_id: str, k: int, name: str, version: str) -> dict[str, Any]:
-        if (e := self._sync(name, version)) is not None:
+        row, e = self._row(item_id, name, version)
+        if e is not None:
             return e
         s = self.store
-        row = s.rows.get(item_id)
-        if row is None:
-            return _err(404, "unknown_item", f"no item {item_id!r} in the index")
         hits = s.similar(s.embeddings[row][None, :], k, exclude=[row])[0]
         return {"results": self._hits(hits), "metric": s.manifest["metric"], "count": len(s)}
 
     @_locked
     def get(self, item_id: str, name: str, version: str) -> dict[str, Any]:
-        if (e := self._sync(name, version)) is not None:
+        row, e = self._row(item_id, name, version)
+        if e is not None:
             return e
         s = self.store
-        row = s.rows.get(item_id)
-        if row is None:
-            return _err(404, "unknown_item", f"no item {item_id!r} in the index")
         return {"id": item_id, "probs": s.probs[row], "concepts": s.manifest["concepts"],
                 "labels": s.meta[row].get("labels"), "meta": s.meta[row]}
 

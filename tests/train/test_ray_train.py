@@ -62,7 +62,11 @@ def _committed_epoch(storage: Path, name: str) -> int:
 @pytest.mark.timeout(420)
 def test_killed_worker_resumes_from_its_last_checkpoint(ray_local, tmp_path):
     """SIGKILL a Train worker process mid-epoch: the group restarts from the last registered checkpoint."""
-    cfg = load_config(None, [*TINY, "data.train_size=8000", "train.epochs=4", "ray.max_failures=2",
+    # Three blocks (enough receptive field to learn digits in 4 epochs) and an early LR step, so
+    # both runs settle and their comparison measures the resume, not noise; epochs of a few
+    # seconds leave time to kill a worker inside one.
+    cfg = load_config(None, [*TINY, "model.channels=[8,16,32]", "data.train_size=16000", "data.val_size=500",
+                             "schedule.step_size=2", "train.epochs=4", "ray.max_failures=2",
                              f"ray.storage_path={tmp_path}"])
     trainer = build_trainer(cfg, name="fault")
     box: dict = {}
