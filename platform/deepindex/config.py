@@ -212,17 +212,23 @@ def from_dict(d: dict[str, Any] | None) -> Config:
         raise ConfigError(f"{loc or 'config'}: {msg}") from None
 
 
+def read_yaml(path: str | Path, label: str) -> Any:
+    """A YAML file's content; a missing or malformed file is a ConfigError starting with ``label``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{label}: no such file {p}")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{label}: {p} is not valid YAML ({e.__class__.__name__})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Defaults <- YAML file <- dotted overrides."""
     base: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config: no such file {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config: {p} is not valid YAML ({e.__class__.__name__})") from None
+        loaded = read_yaml(p, "config")
         if not isinstance(loaded, dict):
             raise ConfigError(f"config: {p} must hold a mapping of sections")
         base = loaded

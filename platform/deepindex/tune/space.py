@@ -23,9 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from deepindex.config import Config, ConfigError, load_config
+from deepindex.config import Config, ConfigError, load_config, read_yaml
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "value")
 _SECTIONS = ("base", "space", "tune")
@@ -184,12 +182,7 @@ def load_space(path: str | Path, overrides: list[str] | None = None, settings: d
     """Read and validate ``tune_configs/X.yaml``; ``overrides`` apply to the base config,
     ``settings`` to the ``tune`` section (e.g. ``{"num_samples": 4}``)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"space: no such file {p}")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"space: {p} is not valid YAML ({e.__class__.__name__})") from None
+    raw = read_yaml(p, "space")
     if settings and isinstance(raw, dict):
         raw = {**raw, "tune": {**(raw.get("tune") or {}), **settings}}
     return parse_space(raw, str(p), overrides)
