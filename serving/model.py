@@ -36,7 +36,7 @@ def _load(uri: str, tracking_uri: str | None) -> _Served:
 @serve.deployment(name="ConceptModel", health_check_period_s=10, health_check_timeout_s=30)
 class ModelServer:
     def __init__(self, model: str, tracking_uri: str | None = None, reload_interval_s: float = 30.0,
-                 max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, threads: int = 0):
+                 max_batch_size: int = 32, batch_wait_timeout_s: float = 0.0, threads: int = 0):
         import torch
 
         if threads:
@@ -90,9 +90,10 @@ class ModelServer:
                 "concepts": list(s.lm.concepts), "multilabel": s.lm.multilabel, "image_size": d.image_size,
                 "channels": d.channels, "reloads": self.reloads, "last_error": self.last_error}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def infer(self, units: list[np.ndarray]) -> list[dict[str, Any]]:
-        """Unit images (C, S, S) in [0, 1] -> per image probabilities (K,), embedding (D,), version, batch size."""
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    async def infer(self, pixels: list[np.ndarray]) -> list[dict[str, Any]]:
+        """uint8 images (C, S, S) -> per image probabilities (K,), embedding (D,), version, batch size."""
+        from deepindex.data.transforms import uint8_to_unit
         from deepindex.index.embed import infer_unit
 
         s = self._served
@@ -100,10 +101,10 @@ class ModelServer:
         shape = (d.channels, d.image_size, d.image_size)
         # After a reload to a model with another input size, callers holding the old spec get
         # an error entry (they refresh the spec and retry) instead of a failed batch for all.
-        ok = [i for i, u in enumerate(units) if u.shape == shape]
-        out: list[dict[str, Any]] = [{"error": "input_shape", "version": s.resolved.version} for _ in units]
+        ok = [i for i, u in enumerate(pixels) if u.shape == shape]
+        out: list[dict[str, Any]] = [{"error": "input_shape", "version": s.resolved.version} for _ in pixels]
         if ok:
-            probs, emb = infer_unit(s.lm, np.stack([units[i] for i in ok]))  # (B, K), (B, D)
+            probs, emb = infer_unit(s.lm, uint8_to_unit(np.stack([pixels[i] for i in ok])))  # (B, K), (B, D)
             for j, i in enumerate(ok):
                 out[i] = {"probs": probs[j], "embedding": emb[j], "name": s.resolved.name,
                           "version": s.resolved.version, "batch_size": len(ok)}

@@ -27,7 +27,9 @@ class ServeArgs(BaseModel):
     max_query_chars: int = Field(512, ge=1)  # keyword query length (GET /v1/search?q=)
     # Batching and scaling.
     max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    # 0 (greedy): a batch is whatever queued while the previous batch ran: full batches under load,
+    # no added latency when idle.  A wait > 0 trades latency for fuller batches at middling load.
+    batch_wait_timeout_s: float = Field(0.0, ge=0)
     model_replicas: int = Field(1, ge=1)
     model_autoscaling: dict[str, Any] | None = None  # Serve autoscaling_config; replaces model_replicas
     model_num_cpus: float = Field(1.0, ge=0)

@@ -42,17 +42,27 @@ def normalize(x: torch.Tensor, stats: NormStats) -> torch.Tensor:
     return (x - mean) / std
 
 
-def pil_to_unit_tensor(img: Image.Image, image_size: int, channels: int) -> torch.Tensor:
-    """A PIL image -> (C, S, S) float32 in [0, 1], resized to the model's input size."""
+def pil_to_uint8(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
+    """A PIL image -> (C, S, S) uint8, resized to the model's input size.
+
+    What serving ships from the ingress to the model replica: a quarter of the float32 bytes.
+    """
     img = img.convert("L" if channels == 1 else "RGB")
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    if arr.ndim == 2:
-        arr = arr[None]  # (1, S, S)
-    else:
-        arr = arr.transpose(2, 0, 1)  # (3, S, S)
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    arr = np.asarray(img)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (1, S, S) or (3, S, S)
+    return np.ascontiguousarray(arr)
+
+
+def uint8_to_unit(arr: np.ndarray) -> np.ndarray:
+    """uint8 pixels (any shape) -> float32 in [0, 1]."""
+    return arr.astype(np.float32) / np.float32(255.0)
+
+
+def pil_to_unit_tensor(img: Image.Image, image_size: int, channels: int) -> torch.Tensor:
+    """A PIL image -> (C, S, S) float32 in [0, 1], resized to the model's input size."""
+    return torch.from_numpy(uint8_to_unit(pil_to_uint8(img, image_size, channels)))
 
 
 def image_to_tensor(img: Image.Image, image_size: int, channels: int, stats: NormStats) -> torch.Tensor:
