@@ -28,6 +28,7 @@ from hashlib import sha1
 from pathlib import Path
 from typing import Any
 
+from deepindex.cluster import serve_env
 from deepindex.paths import state_dir
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ def _start_ray(port: int, num_cpus: int | None) -> Service:
         cmd.append(f"--num-cpus={num_cpus}")
     # In-cluster State API calls (that cleaner's) otherwise guess the cluster and give up when
     # another Ray runs on the machine ("Found multiple active Ray instances").
-    env = {**os.environ, **ray_client_env(), "RAY_ADDRESS": f"{HOST}:{port}"}
+    env = {**os.environ, **ray_client_env(), **serve_env(), "RAY_ADDRESS": f"{HOST}:{port}"}
     proc, logf = _spawn("ray", cmd, env)
     return Service("ray", proc.pid, proc.pid, port, f"{HOST}:{port}", str(logf), [])
 

@@ -3,6 +3,7 @@ Ray Serve over HTTP on a free loopback port.  Package-scoped: built once, torn d
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import socket
 import sys
@@ -86,8 +87,12 @@ def served(tmp_path_factory):
     shutil.copy(trained, live / "checkpoint.pt")
     version = resolve_model(str(live)).version
 
+    from deepindex.cluster import serve_env
+
     if ray.is_initialized():
         ray.shutdown()
+    # The data plane `deepindex up` and k8s/ run (HAProxy + direct ingress where haproxy exists).
+    os.environ.update(serve_env())
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     coll = root / "indexes" / "digit-scenes"
     # In-process embedding: tests/index covers the Ray Data path; here the service is under test.

@@ -28,6 +28,19 @@ def scrape(served) -> dict[str, list]:
     return {f.name: f.samples for f in text_string_to_metric_families(text)}
 
 
+def test_serve_port_is_haproxy_in_front_of_direct_ingress(served):
+    """The data plane deepindex.cluster.serve_env asks for: HAProxy answers the Serve port (CI and
+    the image install it) and forwards to the ingress replica's own HTTP server, not Ray's proxy."""
+    import shutil
+    import subprocess
+
+    assert shutil.which("haproxy"), "haproxy is not installed (.ci/run and the Dockerfile install it)"
+    port = served.url.rsplit(":", 1)[1]
+    out = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, timeout=10).stdout
+    assert '"haproxy"' in out, out
+    assert served.get("/healthz").status_code == 200
+
+
 def test_health_ready_docs(served):
     assert served.get("/healthz").json() == {"status": "ok", "model": None, "index": None, "reasons": []}
     r = served.get("/readyz").json()
