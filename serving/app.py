@@ -5,16 +5,25 @@ all build the application here; ``args`` are :class:`serving.schemas.ServeArgs`.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ray.serve import Application
 
-from serving.schemas import ServeArgs
+from serving.schemas import HERE, ServeArgs
 
 
 def _scaling(replicas: int, autoscaling: dict[str, Any] | None) -> dict[str, Any]:
     # Serve takes a fixed replica count or an autoscaling config, never both.
     return {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
+
+
+def _actor_options(num_cpus: float) -> dict[str, Any]:
+    # Replicas unpickle classes of `serving`, a top-level folder rather than an installed package:
+    # Ray puts only the driver's working directory on its workers' paths, so a `deepindex serve`
+    # typed outside the repo would leave them unable to import it.  (In the image, /app again.)
+    path = os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p)
+    return {"num_cpus": num_cpus, "runtime_env": {"env_vars": {"PYTHONPATH": path}}}
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -27,11 +36,11 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         **_scaling(a.model_replicas, a.model_autoscaling),
         # Enough requests in flight per replica for full batches to form.
         max_ongoing_requests=max(2 * a.max_batch_size, 8),
-        ray_actor_options={"num_cpus": a.model_num_cpus},
+        ray_actor_options=_actor_options(a.model_num_cpus),
     ).bind(a.model, a.tracking_uri, a.reload_interval_s, a.max_batch_size, a.batch_wait_timeout_s,
            a.model_threads or max(1, int(a.model_num_cpus)))
     # One index replica: it is the writer for POST /v1/items, so every search sees every add.
-    index = IndexServer.options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(a.index_dir, a.persist_added)
+    index = IndexServer.options(num_replicas=1, ray_actor_options=_actor_options(0)).bind(a.index_dir, a.persist_added)
     return Ingress.options(**_scaling(a.ingress_replicas, a.ingress_autoscaling),
                            max_ongoing_requests=256,
-                           ray_actor_options={"num_cpus": a.ingress_num_cpus}).bind(model, index, a.model_dump())
+                           ray_actor_options=_actor_options(a.ingress_num_cpus)).bind(model, index, a.model_dump())

@@ -1,0 +1,85 @@
+"""`deepindex serve` as `make demo` runs it: the local platform, the registry's champion, HAProxy.
+
+Run from a project folder with no DEEPINDEX_HOME and no MLFLOW_TRACKING_URI, as a user would:
+the Serve replicas run in Ray's worker folders, so they must be told where MLflow is.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+pytestmark = [pytest.mark.slow, pytest.mark.serve, pytest.mark.cluster, pytest.mark.mlflow, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cli(project: Path, env: dict, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "deepindex"  # the console script of this venv
+    out = subprocess.run([str(exe), *args], cwd=project, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"deepindex {' '.join(args)}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    return out
+
+
+def _champion(uri: str, work: Path) -> str:
+    """A small trained model registered as `deepindex` version 1, alias champion."""
+    from mlflow.tracking import MlflowClient
+
+    from deepindex.index.tiny import train_small
+    from deepindex.tracking.registry import promote
+
+    ckpt, _ = train_small(work / "ckpt", overrides=["train.epochs=3"])
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("serve-command"), run_name="candidate")
+    client.log_artifact(run.info.run_id, str(ckpt), "checkpoint")
+    client.set_terminated(run.info.run_id)
+    decision = promote(run.info.run_id, "deepindex", uri)
+    assert decision.promoted
+    return decision.version
+
+
+def test_serve_command_serves_the_champion_behind_haproxy(tmp_path, monkeypatch):
+    from deepindex.index.build import build_index
+    from deepindex.localplatform import free_port
+    from deepindex.tracking.uri import resolve_tracking_uri
+
+    project = tmp_path / "project"
+    project.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DEEPINDEX_HOME", "MLFLOW_TRACKING_URI") and not k.startswith("RAY_")}
+    _cli(project, env, "up", "--num-cpus", "4", "--ray-port", str(free_port()), "--mlflow-port", str(free_port()))
+    try:
+        # This test process finds the same platform through the project's state folder.
+        monkeypatch.setenv("DEEPINDEX_HOME", str(project / ".deepindex"))
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        uri = resolve_tracking_uri(warn=False)
+        assert uri and uri.startswith("http://127.0.0.1:")
+        version = _champion(uri, tmp_path)
+        build_index("models:/deepindex@champion", size=300, use_ray=False, tracking_uri=uri)
+
+        port = free_port()
+        _cli(project, env, "serve", "--detach", "--config", str(REPO / "serving" / "config.yaml"),
+             "--model", "models:/deepindex@champion", "--index", ".deepindex/indexes/digit-scenes",
+             "--host", "127.0.0.1", "--port", str(port))
+        url = f"http://127.0.0.1:{port}"
+        ready = requests.get(f"{url}/readyz", timeout=60)
+        assert ready.status_code == 200, ready.text
+        body = ready.json()
+        assert body["model"]["version"] == version and body["index"]["count"] == 300
+
+        from tests.serving.conftest import png_bytes
+        from deepindex.index.collection import digit_gallery
+
+        tag = requests.post(f"{url}/v1/tag", files={"images": ("a.png", png_bytes(digit_gallery(1, seed=5).images[0]))},
+                            timeout=60)
+        assert tag.status_code == 200 and tag.json()["model"]["version"] == version
+        assert len(tag.json()["results"][0]["concepts"]) == 10
+        listeners = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        assert '"haproxy"' in listeners, listeners
+    finally:
+        _cli(project, env, "down", timeout=120)
