@@ -58,7 +58,13 @@ def serve_env() -> dict[str, str]:
            # to notice (30 s by default); HAProxy here is told at once.
            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
     if shutil.which("haproxy"):
+        from deepindex.localplatform import free_port
+
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        # HAProxy's metrics and stats ports are fixed by default (9101, 8404): a second local
+        # cluster on the machine (the demo's service while the tests run) could not bind them.
+        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
+        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
     return {k: os.environ.get(k, v) for k, v in env.items()}
 
 

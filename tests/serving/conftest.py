@@ -92,8 +92,11 @@ def served(tmp_path_factory):
     if ray.is_initialized():
         ray.shutdown()
     # The data plane `deepindex up` and k8s/ run (HAProxy + direct ingress where haproxy exists).
+    saved = dict(os.environ)
     os.environ.update(serve_env())
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    os.environ.clear()
+    os.environ.update(saved)  # the cluster has it now; later tests start from a clean environment
     coll = root / "indexes" / "digit-scenes"
     # In-process embedding: tests/index covers the Ray Data path; here the service is under test.
     built = build_index(str(live), size=GALLERY, out=coll / index_dir_name("local", version), use_ray=False)
