@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from deepindex.localplatform import free_port, group_members
+from deepindex.localplatform import free_port, session_members
 
 
 @dataclass
@@ -37,9 +37,9 @@ class MlflowServer:
         except ProcessLookupError:
             return
         deadline = time.monotonic() + 10
-        while group_members(self.pid) and time.monotonic() < deadline:
+        while session_members(self.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if group_members(self.pid):
+        if session_members(self.pid):
             os.killpg(self.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
 

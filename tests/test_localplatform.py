@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from deepindex.cli import main
-from deepindex.localplatform import free_port, group_members, read_state
+from deepindex.localplatform import free_port, session_members, read_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.mlflow]
 
@@ -23,7 +23,7 @@ def home(tmp_path, monkeypatch):
 
 
 def _platform_pids() -> list[int]:
-    return [p for svc in read_state().values() for p in group_members(svc.pgid)]
+    return [p for svc in read_state().values() for p in session_members(svc.pgid)]
 
 
 @pytest.mark.timeout(300)
@@ -35,7 +35,7 @@ def test_up_down_twice_leaves_no_stray_process(home, capsys):
         assert main(["up", *ports]) == 0
         first = read_state()
         assert set(first) == {"ray", "mlflow"}
-        assert any(len(group_members(s.pgid)) > 1 for s in first.values())  # helpers are in the groups
+        assert any(len(session_members(s.pgid)) > 1 for s in first.values())  # helpers are in the groups
         assert main(["up", *ports]) == 0  # idempotent: the same processes, nothing new started
         assert {k: v.pid for k, v in read_state().items()} == {k: v.pid for k, v in first.items()}
         assert main(["status"]) == 0
@@ -57,7 +57,7 @@ def test_up_down_twice_leaves_no_stray_process(home, capsys):
         assert main(["down"]) == 0
         assert main(["down"]) == 0  # idempotent
         assert read_state() == {}
-        assert all(not group_members(g) for g in groups)
+        assert all(not session_members(g) for g in groups)
     alive = [p for p in seen if os.path.exists(f"/proc/{p}") and _state(p) != "Z"]
     assert alive == [], alive
     assert "was not running" in capsys.readouterr().out
@@ -96,9 +96,9 @@ def test_a_dead_service_is_reported_and_restarted(home, capsys):
     import time
 
     deadline = time.monotonic() + 10
-    while group_members(first.pgid) and time.monotonic() < deadline:
+    while session_members(first.pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert main(["status"]) == 1
     assert '"state": "dead"' in capsys.readouterr().out
     again = up(mlflow_port=0, services=("mlflow",))["mlflow"]
-    assert again.pid != first.pid and group_members(again.pgid)
+    assert again.pid != first.pid and session_members(again.pgid)

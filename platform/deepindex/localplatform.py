@@ -2,15 +2,15 @@
 
 ``up`` starts both (or keeps the ones already running), ``down`` stops them, ``status``
 reports them.  Each service is started in a new session (``start_new_session=True``), so it
-and every helper process it spawns (raylet, GCS, dashboard agent, Ray workers; uvicorn
-workers of MLflow) share one process group: ``down`` stops that group by its id and then
-checks ``/proc`` for anything left in it.  Nothing is ever stopped by name (``ray stop``
-would stop every Ray on the machine).
+and every process it or its helpers spawn (raylet, GCS, dashboard agent, Ray workers and
+their children such as Serve's HAProxy; uvicorn workers of MLflow) share one session:
+``down`` stops that session's processes by id and then checks ``/proc`` for anything left in
+it.  Nothing is ever stopped by name (``ray stop`` would stop every Ray on the machine).
 
 Ray keeps token authentication on: ``up`` writes a token file (mode 0600) in the state
 folder and starts the head with ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``;
 :func:`ray_client_env` gives clients the same two variables (``deepindex.cluster.connect``
-uses it).  Process-group bookkeeping reads ``/proc``: Linux only.
+uses it).  Session bookkeeping reads ``/proc``: Linux only.
 """
 from __future__ import annotations
 
@@ -89,8 +89,14 @@ def _write_state(services: dict[str, Service]) -> None:
 
 
 # ---- processes --------------------------------------------------------------------------
-def group_members(pgid: int) -> list[int]:
-    """Live pids whose process group is ``pgid`` (zombies excluded), from ``/proc``."""
+def session_members(sid: int) -> list[int]:
+    """Live pids in the session ``sid`` (zombies excluded), from ``/proc``.
+
+    A session, not a process group: `_spawn` starts each service as the leader of a new session
+    (its pid is the session's and the group's id), and Ray moves its workers into process groups
+    of their own; a worker's children (Serve's HAProxy) are re-parented to init when the worker
+    is killed, but stay in the session.
+    """
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -100,14 +106,14 @@ def group_members(pgid: int) -> list[int]:
         except OSError:
             continue
         # the command name is in parentheses and may hold spaces: split after the last ')'
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+        fields = stat[stat.rfind(")") + 2:].split()  # state, ppid, pgrp, session, ...
+        if len(fields) > 3 and fields[0] != "Z" and int(fields[3]) == sid:
             out.append(int(entry))
     return sorted(out)
 
 
 def _alive(svc: Service) -> bool:
-    return svc.pid in group_members(svc.pgid)
+    return svc.pid in session_members(svc.pgid)
 
 
 def _port_free(port: int) -> bool:
@@ -137,40 +143,41 @@ def _port_open(port: int) -> bool:
 def _wait_gone(pgid: int, pid: int | None, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        members = group_members(pgid)
+        members = session_members(pgid)
         if not members or (pid is not None and pid not in members):
             return
         time.sleep(0.2)
 
 
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
+def _signal_session(sid: int, sig: int) -> None:
+    for pid in session_members(sid):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
-def _stop_group(pgid: int, leader: int | None = None, grace: float = 15.0) -> list[int]:
-    """Stop a process group; returns the pids that were in it.
+def _stop_session(pgid: int, leader: int | None = None, grace: float = 15.0) -> list[int]:
+    """Stop a service's session (see `session_members`); returns the pids that were in it.
 
     The leader gets SIGTERM first: ``ray start --block`` then shuts its helpers down in
     order (a group-wide SIGTERM leaves the GCS waiting for a raylet that is already gone).
     What is left then gets SIGTERM, and after a few seconds SIGKILL.
     """
-    members = group_members(pgid)
+    members = session_members(pgid)
     if not members:
         return []
     if leader is not None and leader in members:
         os.kill(leader, signal.SIGTERM)
         _wait_gone(pgid, leader, grace)
         _wait_gone(pgid, None, 3.0)  # the helpers exit right after the leader
-    if group_members(pgid):
-        _signal_group(pgid, signal.SIGTERM)
+    if session_members(pgid):
+        _signal_session(pgid, signal.SIGTERM)
         _wait_gone(pgid, None, 5.0)
-    left = group_members(pgid)
+    left = session_members(pgid)
     if left:
-        log.warning("process group %d: %s still running after SIGTERM; sending SIGKILL", pgid, left)
-        _signal_group(pgid, signal.SIGKILL)
+        log.warning("session %d: %s still running after SIGTERM; sending SIGKILL", pgid, left)
+        _signal_session(pgid, signal.SIGKILL)
         _wait_gone(pgid, None, 5.0)
     return members
 
@@ -178,7 +185,7 @@ def _stop_group(pgid: int, leader: int | None = None, grace: float = 15.0) -> li
 def _spawn(name: str, cmd: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
     logf = platform_dir() / f"{name}.log"
     with open(logf, "ab") as out:
-        # A new session: the service and all its helpers form one process group we can stop by id.
+        # A new session: the service and everything it starts form one session we can stop by id.
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True, cwd=str(platform_dir()))
     return proc, logf
@@ -241,7 +248,7 @@ def _ray_ready(svc: Service) -> bool:
     if not _port_open(svc.port):
         return False
     # The GCS listens first; the head is usable once its raylet runs too.
-    for pid in group_members(svc.pgid):
+    for pid in session_members(svc.pgid):
         try:
             if "raylet" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace").split("\0")[0]:
                 return True
@@ -286,7 +293,7 @@ def up(ray_port: int = DEFAULT_RAY_PORT, mlflow_port: int = DEFAULT_MLFLOW_PORT,
             continue
         if old is not None:
             log.warning("%s (pid %d) recorded as running has died; see %s. Starting it again.", name, old.pid, old.log)
-            _stop_group(old.pgid, old.pid)  # its helpers may have outlived it
+            _stop_session(old.pgid, old.pid)  # its helpers may have outlived it
             state.pop(name)
         port = (ray_port if name == "ray" else mlflow_port) or free_port()
         if not _port_free(port):
@@ -305,11 +312,11 @@ def up(ray_port: int = DEFAULT_RAY_PORT, mlflow_port: int = DEFAULT_MLFLOW_PORT,
         for name, svc in list(pending.items()):
             ready = _ray_ready(svc) if name == "ray" else mlflow_healthy(svc.address, timeout=1.0)
             if ready:
-                svc.helpers = [p for p in group_members(svc.pgid) if p != svc.pid]
+                svc.helpers = [p for p in session_members(svc.pgid) if p != svc.pid]
                 log.info("%s up at %s (pid %d, %d helper processes)", name, svc.address, svc.pid, len(svc.helpers))
                 pending.pop(name)
             elif not _alive(svc):
-                _stop_group(svc.pgid, svc.pid)
+                _stop_session(svc.pgid, svc.pid)
                 state.update({k: v for k, v in starting.items() if k != name})
                 _write_state(state)
                 raise PlatformError(f"{name}: exited while starting; last lines of {svc.log}:\n{_tail(Path(svc.log))}")
@@ -324,12 +331,12 @@ def up(ray_port: int = DEFAULT_RAY_PORT, mlflow_port: int = DEFAULT_MLFLOW_PORT,
 
 
 def down() -> dict[str, list[int]]:
-    """Stop every recorded service's process group; returns the pids stopped per service."""
+    """Stop every recorded service's session; returns the pids stopped per service."""
     state = read_state()
     stopped: dict[str, list[int]] = {}
     for name, svc in state.items():
         # Ray's leader shuts its helpers down in order; MLflow's leader only waits for uvicorn.
-        stopped[name] = _stop_group(svc.pgid, svc.pid if name == "ray" else None)
+        stopped[name] = _stop_session(svc.pgid, svc.pid if name == "ray" else None)
         if stopped[name]:
             log.info("%s: stopped %d processes", name, len(stopped[name]))
         else:
@@ -344,7 +351,7 @@ def status() -> dict[str, dict[str, Any]]:
     """Each recorded service: running or dead, address, pids."""
     out: dict[str, dict[str, Any]] = {}
     for name, svc in read_state().items():
-        members = group_members(svc.pgid)
+        members = session_members(svc.pgid)
         alive = svc.pid in members
         info: dict[str, Any] = {"state": "running" if alive else "dead", "address": svc.address, "pid": svc.pid,
                                 "processes": members, "log": svc.log}

@@ -6,6 +6,7 @@ the Serve replicas run in Ray's worker folders, so they must be told where MLflo
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,13 @@ def _cli(project: Path, env: dict, *args: str, timeout: int = 300) -> subprocess
                          capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"deepindex {' '.join(args)}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
     return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _champion(uri: str, work: Path) -> str:
@@ -50,6 +58,7 @@ def test_serve_command_serves_the_champion_behind_haproxy(tmp_path, monkeypatch)
 
     project = tmp_path / "project"
     project.mkdir()
+    haproxy: list[int] = []
     env = {k: v for k, v in os.environ.items()
            if k not in ("DEEPINDEX_HOME", "MLFLOW_TRACKING_URI") and not k.startswith("RAY_")}
     _cli(project, env, "up", "--num-cpus", "4", "--ray-port", str(free_port()), "--mlflow-port", str(free_port()))
@@ -81,5 +90,8 @@ def test_serve_command_serves_the_champion_behind_haproxy(tmp_path, monkeypatch)
         assert len(tag.json()["results"][0]["concepts"]) == 10
         listeners = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True).stdout
         assert '"haproxy"' in listeners, listeners
+        haproxy = [int(p) for p in re.findall(r'"haproxy",pid=(\d+)', listeners)]
     finally:
         _cli(project, env, "down", timeout=120)
+    # HAProxy is a child of a Ray worker, not a worker: `down` must stop it too (it holds the port).
+    assert not [p for p in haproxy if _alive(p)], f"haproxy {haproxy} outlived `deepindex down`"

@@ -47,7 +47,7 @@ def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    from deepindex.localplatform import group_members
+    from deepindex.localplatform import session_members
 
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -55,9 +55,9 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
     proc.wait(30)
     deadline = time.monotonic() + 30
-    while group_members(proc.pid) and time.monotonic() < deadline:
+    while session_members(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not group_members(proc.pid), "processes of the killed group are still running"
+    assert not session_members(proc.pid), "processes of the killed group are still running"
 
 
 def _wait(predicate, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):

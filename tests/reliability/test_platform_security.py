@@ -123,16 +123,16 @@ def _flag(pid: int, name: str) -> str | None:
 
 @pytest.mark.timeout(300)
 def test_up_listens_on_loopback(monkeypatch, tmp_path):
-    from deepindex.localplatform import down, free_port, group_members, up
+    from deepindex.localplatform import down, free_port, session_members, up
 
     monkeypatch.setenv("DEEPINDEX_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     try:
         state = up(ray_port=free_port(), mlflow_port=free_port(), num_cpus=1)
         listening = _listening()
-        sockets = {name: {(_name(p), p): _sockets_of(p, listening) for p in group_members(svc.pgid)}
+        sockets = {name: {(_name(p), p): _sockets_of(p, listening) for p in session_members(svc.pgid)}
                    for name, svc in state.items()}
-        dashboard_ports = [_flag(p, "--port") for p in group_members(state["ray"].pgid) if _name(p) == "dashboard.py"]
+        dashboard_ports = [_flag(p, "--port") for p in session_members(state["ray"].pgid) if _name(p) == "dashboard.py"]
     finally:
         down()
     flat = {name: sorted({(proc, a, port) for (proc, _), ss in procs.items() for a, port in ss})
