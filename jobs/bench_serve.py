@@ -27,8 +27,6 @@ import io
 import json
 import logging
 import multiprocessing
-import os
-import socket
 import sys
 import tempfile
 import time
@@ -44,11 +42,6 @@ PROFILES = ("small", "resnet18-224")
 def _pct(xs, q) -> float:
     return float(np.percentile(np.asarray(xs), q)) if len(xs) else float("nan")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- models and inputs -------------------------------------------------------------------------
@@ -191,19 +184,19 @@ def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threa
     from ray import serve
 
     from deepindex.cluster import connect
+    from deepindex.localplatform import free_port
 
     sys.path.insert(0, str(REPO))
     from serving.app import build_app
 
     connect()  # a fresh local cluster gets deepindex.cluster.serve_env (HAProxy + direct ingress)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model": model_path, "index_dir": None, "reload_interval_s": 0,
                          "model_num_cpus": threads, "model_threads": threads}),
               name="bench", route_prefix="/")
     bodies, ctype = make_requests(model_path)
-    out: dict = {"data_plane": "haproxy + direct ingress" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
-                 else "ray proxy", "request_bytes": int(np.mean([len(b) for b in bodies])), "levels": {}}
+    out: dict = {"request_bytes": int(np.mean([len(b) for b in bodies])), "levels": {}}
     url = f"http://127.0.0.1:{port}"
     try:
         for c in concurrencies:

@@ -75,7 +75,9 @@ class ObserveMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        state = scope["app"].state if "app" in scope else app.state
+        # The state of the app serving this request: in a Serve replica that is not the object this
+        # module's `app` names here (reading `app.state` found no metrics there).
+        state = scope["app"].state
         start = time.perf_counter()
         status = 500
         started = False

@@ -48,7 +48,15 @@ class ServeArgs(BaseModel):
             return p if p is None or Path(p).is_absolute() else str(root / p)
 
         model = self.model if self.model.startswith("models:/") else fix(self.model)
-        return self.model_copy(update={"model": model, "index_dir": fix(self.index_dir),
+        tracking_uri = self.tracking_uri
+        if tracking_uri is None and model.startswith("models:/"):
+            # Decided where the app is built (`deepindex serve`, `serve run`, the RayService's
+            # build): replicas run in Ray's worker folders, where neither that shell's
+            # MLFLOW_TRACKING_URI nor the local platform's state folder can be found.
+            from deepindex.tracking.uri import resolve_tracking_uri
+
+            tracking_uri = resolve_tracking_uri(warn=False)
+        return self.model_copy(update={"model": model, "tracking_uri": tracking_uri, "index_dir": fix(self.index_dir),
                                        "vocabulary": fix(self.vocabulary)})
 
 

@@ -46,7 +46,7 @@ class PlatformError(RuntimeError):
 class Service:
     name: str
     pid: int
-    pgid: int
+    pgid: int  # also the session id: `_spawn` makes each service a session leader
     port: int
     address: str  # "127.0.0.1:6390" for Ray, "http://127.0.0.1:5050" for MLflow
     log: str
@@ -140,10 +140,10 @@ def _port_open(port: int) -> bool:
         return False
 
 
-def _wait_gone(pgid: int, pid: int | None, timeout: float) -> None:
+def _wait_gone(sid: int, pid: int | None, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        members = session_members(pgid)
+        members = session_members(sid)
         if not members or (pid is not None and pid not in members):
             return
         time.sleep(0.2)
@@ -157,28 +157,28 @@ def _signal_session(sid: int, sig: int) -> None:
             pass
 
 
-def _stop_session(pgid: int, leader: int | None = None, grace: float = 15.0) -> list[int]:
+def _stop_session(sid: int, leader: int | None = None, grace: float = 15.0) -> list[int]:
     """Stop a service's session (see `session_members`); returns the pids that were in it.
 
     The leader gets SIGTERM first: ``ray start --block`` then shuts its helpers down in
     order (a group-wide SIGTERM leaves the GCS waiting for a raylet that is already gone).
     What is left then gets SIGTERM, and after a few seconds SIGKILL.
     """
-    members = session_members(pgid)
+    members = session_members(sid)
     if not members:
         return []
     if leader is not None and leader in members:
         os.kill(leader, signal.SIGTERM)
-        _wait_gone(pgid, leader, grace)
-        _wait_gone(pgid, None, 3.0)  # the helpers exit right after the leader
-    if session_members(pgid):
-        _signal_session(pgid, signal.SIGTERM)
-        _wait_gone(pgid, None, 5.0)
-    left = session_members(pgid)
+        _wait_gone(sid, leader, grace)
+        _wait_gone(sid, None, 3.0)  # the helpers exit right after the leader
+    if session_members(sid):
+        _signal_session(sid, signal.SIGTERM)
+        _wait_gone(sid, None, 5.0)
+    left = session_members(sid)
     if left:
-        log.warning("session %d: %s still running after SIGTERM; sending SIGKILL", pgid, left)
-        _signal_session(pgid, signal.SIGKILL)
-        _wait_gone(pgid, None, 5.0)
+        log.warning("session %d: %s still running after SIGTERM; sending SIGKILL", sid, left)
+        _signal_session(sid, signal.SIGKILL)
+        _wait_gone(sid, None, 5.0)
     return members
 
 

@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from deepindex.localplatform import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's bin: ray, mlflow
 RAY = str(BIN / "ray")
@@ -33,11 +34,6 @@ TINY_TRAIN = ["data.dataset=digits", "data.train_size=600", "data.val_size=200",
               "train.epochs=1", "model.channels=[8,16]", "ray.num_workers=2", "ray.cpus_per_worker=1",
               "ray.placement_strategy=STRICT_SPREAD"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children() -> dict[int, list[int]]:

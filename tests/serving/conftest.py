@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+
+from deepindex.localplatform import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 GALLERY = 2000
@@ -47,11 +48,6 @@ def png_bytes(unit: np.ndarray) -> bytes:
     Image.fromarray(np.clip(np.rint(a * 255), 0, 255).astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(fn, timeout: float = 60.0, every: float = 0.5):

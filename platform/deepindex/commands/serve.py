@@ -41,12 +41,6 @@ def _app_args(args) -> tuple[dict, dict, str]:
     if args.index_dir:
         app_args["index_dir"] = str(Path(args.index_dir).expanduser().resolve())
     app_args.update(parse_overrides(args.arg))
-    if str(app_args.get("model", "")).startswith("models:/") and not app_args.get("tracking_uri"):
-        # Decided here, on the driver: replicas run in Ray's worker folders, where neither this
-        # shell's MLFLOW_TRACKING_URI nor the local platform's state folder can be found.
-        from deepindex.tracking.uri import resolve_tracking_uri
-
-        app_args["tracking_uri"] = resolve_tracking_uri(warn=False)
     http = dict(cfg.get("http_options") or {})
     if args.host:
         http["host"] = args.host
