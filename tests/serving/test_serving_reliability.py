@@ -49,6 +49,31 @@ def _replicas(job) -> dict[str, list[int]]:
     return out
 
 
+def _exit_seen(pid: int, within: float = 30.0) -> float | None:
+    """When (monotonic) every thread of process ``pid`` was seen exited: its sockets are closed by then.
+
+    The main thread turns zombie first (~1 ms after SIGKILL here); the others can take tens of
+    ms more to unmap their memory, and the process's files (its listening socket) close with
+    the last of them.
+    """
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            live = 0
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                try:
+                    state = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                except (OSError, IndexError):
+                    continue
+                live += state not in ("Z", "X")
+        except OSError:
+            return time.monotonic()
+        if not live:
+            return time.monotonic()
+        time.sleep(0.001)
+    return None
+
+
 def _whole(served, job) -> bool:
     """Every deployment has its replica alive and the service answers ready."""
     reps = _replicas(job)
@@ -96,6 +121,7 @@ def test_replica_sigkilled_under_load_recovers_by_itself(served, deployment):
     time.sleep(3.0)  # steady state first
     killed_at = time.monotonic()
     os.kill(victim, signal.SIGKILL)
+    exited_at = _exit_seen(victim)
 
     def replaced() -> float | None:
         pids = _replicas(job).get(deployment, [])
@@ -127,19 +153,28 @@ def test_replica_sigkilled_under_load_recovers_by_itself(served, deployment):
     ok_needing = [r for r in after if r.start >= killed_at and r.op == NEEDS[deployment] and 200 <= r.status < 300]
     served_again_s = min(r.end for r in ok_needing) - killed_at if ok_needing else None
     worst_s = max((r.end - max(r.start, killed_at) for r in after), default=0.0)
-    print(f"{deployment} replica (pid {victim}) SIGKILLed under {KILL_CLIENTS} clients: "
-          f"{len(failed)} failed of {len(after)} requests after the kill ({[(r.op, r.status) for r in failed[:8]]}); "
+    print(f"{deployment} replica (pid {victim}) SIGKILLed under {KILL_CLIENTS} clients, process gone after "
+          f"{exited_at - killed_at if exited_at else None} s: {len(failed)} failed of {len(after)} requests after "
+          f"the kill ({[(r.op, r.status, round(r.start - killed_at, 3)) for r in failed[:20]]}); "
           f"replacement alive after {replaced_s} s, '{NEEDS[deployment]}' served again after "
           f"{served_again_s if served_again_s is None else round(served_again_s, 2)} s, "
           f"slowest request across the kill {worst_s:.2f} s")
     assert replaced_s is not None, f"no new {deployment} replica within 90 s"
     assert served_again_s is not None and ok_s
+    assert exited_at is not None, f"pid {victim} still running 30 s after SIGKILL"
     # The ingress re-sends a call whose model or index replica died (serving/ingress.py `_call`):
-    # nothing fails.  An ingress replica holds the HTTP requests themselves: at most those in
-    # flight at the kill fail (one per client), none after it.
-    allowed = KILL_CLIENTS if deployment == "Ingress" else 0
-    assert len(failed) <= allowed, [(r.op, r.status, r.error) for r in failed[:10]]
-    assert all(r.start <= killed_at + 1.0 for r in failed), [(r.op, r.start - killed_at, r.error) for r in failed]
+    # nothing fails.
+    if deployment != "Ingress":
+        assert not failed, [(r.op, r.status, r.error) for r in failed[:10]]
+    # An ingress replica holds the HTTP requests themselves.  Those in flight at the kill fail,
+    # and so do those HAProxy forwards while the kernel tears the process down (tens of ms
+    # under load): its listening socket still accepts them, then resets them, after the
+    # request was sent, which HAProxy does not replay (Ray keeps `retry-on conn-failure`, so
+    # a POST is never run twice).  Once the process is gone a connection is refused, which
+    # HAProxy retries and then sends to Serve's proxy: nothing that starts after that fails.
+    # (CI, 8 clients: 8 in flight + 2 during teardown; 2 busy cores: 8 + 6-8.)
+    late = [(r.op, round(r.start - exited_at, 3), r.error) for r in failed if r.start > exited_at + 0.1]
+    assert not late, late
     tail = [r for r in records if r.start >= killed_at + ok_s]
     assert tail and all(200 <= r.status < 300 for r in tail)
     # Leave the application whole for the modules that follow.
