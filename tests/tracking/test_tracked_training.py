@@ -103,3 +103,18 @@ def test_tracking_server_killed_during_a_run_training_completes(ray_local, tmp_p
     assert any(r["kind"] == "test" and "test_top1_error" in r["metrics"] for r in records)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("deepindex.tracking")]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+    # The server back (same store): replaying the journal completes the run's history, once.
+    from deepindex.tracking.tracker import replay_journal
+
+    back = start_mlflow_server(tmp_path / "mlflow")
+    try:
+        client = MlflowClient(back.uri)
+        live = _history(client, run_id, "val_top1_error")
+        journaled = sorted(r["step"] for r in records if r["kind"] == "epoch")
+        assert replay_journal(journal, back.uri, run_id) == len(journaled)
+        assert sorted(_history(client, run_id, "val_top1_error")) == sorted(live + journaled) == list(range(5))
+        assert not journal.exists() and len(list(journal.parent.glob("tracking_journal.replayed-*.jsonl"))) == 1
+        assert replay_journal(journal, back.uri, run_id) == 0  # set aside: never replayed twice
+    finally:
+        back.stop(signal.SIGKILL)

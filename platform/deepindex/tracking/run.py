@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from deepindex.config import Config
-from deepindex.tracking.tracker import RUN_ID_KEY, TAG_TRAIN_NAME, Tracker, numeric_metrics, quiet_http_retries
+from deepindex.tracking.tracker import (RUN_ID_KEY, TAG_TRAIN_NAME, Tracker, numeric_metrics, quiet_http_retries,
+                                       replay_journal)
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,8 @@ def finalize(tracker: Tracker | None, best_checkpoint: str, latest_checkpoint: s
         return scored.metrics, run_id
     tracker.run_id, tracker.disabled = run_id, False
     try:
+        if tracker.offline_path:  # epochs journaled while the server was down go back into the run
+            replay_journal(tracker.offline_path, tracker.tracking_uri, run_id)
         tracker.log_metrics({**numeric_metrics(scored.metrics), **(extra_metrics or {})})
         client = tracker.client
         client.log_text(run_id, ap_table(scored), "test_ap.csv")

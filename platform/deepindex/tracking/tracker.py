@@ -8,8 +8,10 @@ id in it; the worker saves ``extra`` in every checkpoint, so a run resumed after
 
 An unreachable tracking server never stops training: the first failure logs one warning,
 the tracker turns itself off, and every later call is appended to a JSON-lines journal
-(``offline_path``, next to the run's checkpoints) so the lost logs can be read or replayed
-(:func:`replay_journal`).  The checkpoints' ``metrics`` keep every epoch's numbers anyway.
+(``offline_path``, next to the run's checkpoints).  When the run ends with the server back,
+the driver replays the journaled epochs into the run (:func:`replay_journal`) and keeps the
+journal as ``*.replayed-<time>.jsonl``.  The checkpoints' ``metrics`` keep every epoch's numbers
+anyway.
 """
 from __future__ import annotations
 
@@ -169,18 +171,37 @@ class Tracker:
             log.debug("tracking journal %s not written: %s", self.offline_path, e)
 
 
-def replay_journal(path: str | Path, tracking_uri: str, run_id: str) -> int:
-    """Log a journal's epoch metrics to ``run_id`` (once the server is back); returns the count."""
+def replay_journal(path: str | Path, tracking_uri: str, run_id: str, *, set_aside: bool = True) -> int:
+    """Log a journal's epoch metrics to ``run_id`` (once the server is back); returns the count.
+
+    Each epoch keeps the step and the time it was journaled at.  Records of another run (a
+    journal left by an earlier run of the same name) are skipped.  With ``set_aside`` the
+    journal is then renamed ``<name>.replayed-<time>.jsonl``, so it is never replayed twice;
+    a journal that cannot be read whole is left where it is.
+    """
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    n = 0
-    for line in Path(path).read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") != "epoch":
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash mid-write: the rest still counts
+            log.warning("tracking journal %s: skipped a damaged line", path)
             continue
+        if rec.get("kind") == "epoch" and rec.get("run_id") in (None, run_id):
+            records.append(rec)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for rec in records:
         ts = int(rec["time"] * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, v, ts, rec["step"]) for k, v in rec["metrics"].items()])
-        n += 1
-    return n
+        metrics = [Metric(k, float(v), ts, int(rec["step"])) for k, v in rec["metrics"].items()]
+        for i in range(0, len(metrics), 500):
+            client.log_batch(run_id, metrics=metrics[i:i + 500])
+    if set_aside:
+        path.rename(path.with_name(f"{path.stem}.replayed-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}"))
+    if records:
+        log.info("MLflow run %s: replayed %d journaled epoch(s) from %s", run_id, len(records), path)
+    return len(records)
