@@ -3,6 +3,7 @@ the two renames of a swap) leaves the previous complete index loadable; a pickle
 index folder is refused, never unpickled."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -57,6 +58,25 @@ def _make_index(path: Path, n: int = N):
     return store
 
 
+@contextlib.contextmanager
+def _script(code: str, *args: str):
+    """``python -c code args...`` with its stdout piped; SIGKILLed on the way out if still running."""
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        proc.stdout.close()
+
+
+def _sigkill(proc) -> int:
+    os.kill(proc.pid, signal.SIGKILL)
+    return proc.wait(30)
+
+
 def _check_complete(store) -> None:
     n = len(store)
     assert store.vectors.ntotal == n == len(store.probs) == len(store.embeddings) == len(store.thumbs)
@@ -77,20 +97,12 @@ def test_writer_sigkilled_at_random_points_previous_index_stays_loadable(tmp_pat
     expected = N
     outcomes = []
     for round_ in range(8):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(round_), str(ADD), str(K), str(DIM)], stdout=subprocess.PIPE,
-                                text=True, start_new_session=True)
-        try:
+        with _script(WRITER, str(path), str(round_), str(ADD), str(K), str(DIM)) as proc:
             ready = proc.stdout.readline().split()
             assert ready == ["ready", str(expected)], ready  # it starts from the last complete save
             time.sleep(rng.uniform(0.0, 1.0))
-            os.kill(proc.pid, signal.SIGKILL)
-            assert proc.wait(30) == -signal.SIGKILL  # it was still writing, not dead of an error
+            assert _sigkill(proc) == -signal.SIGKILL  # it was still writing, not dead of an error
             saved = [int(line.split()[1]) for line in proc.stdout.read().splitlines() if line.startswith("saved")]
-        finally:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-            proc.stdout.close()
         store = IndexStore.load(path)
         _check_complete(store)
         last = saved[-1] if saved else expected
@@ -100,8 +112,45 @@ def test_writer_sigkilled_at_random_points_previous_index_stays_loadable(tmp_pat
         expected = len(store)
     leftovers = sorted(q.name for q in path.parent.iterdir() if q.name.startswith("."))
     print(f"8 writers SIGKILLed: (saves completed, in-flight save landed) per round {outcomes}; "
-          f"final {expected} items; temp folders left by the kills: {len(leftovers)}")
+          f"final {expected} items; temp folders left after the last load: {leftovers}")
     assert expected > N  # the writers did make progress between kills
+    # Each load removed what the killed writer before it left (a partial copy of the whole index).
+    assert not [q for q in leftovers if ".tmp-" in q or ".old-" in q], leftovers
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from deepindex.index.store import IndexStore, atomic_write_dir
+
+    def write(tmp):
+        print("writing", tmp, flush=True)
+        time.sleep(600)  # a slow writer, alive: the test kills it later
+
+    atomic_write_dir(sys.argv[1], write)
+""")
+
+
+@pytest.mark.timeout(120)
+def test_a_live_writers_temp_folder_is_kept_a_dead_ones_is_removed(tmp_path):
+    from deepindex.index.store import IndexStore
+
+    path = tmp_path / "coll" / "m-v1"
+    _make_index(path, n=200)
+    with _script(HOLDER, str(path)) as proc:
+        line = proc.stdout.readline().split()
+        assert line[0] == "writing", line
+        tmp = Path(line[1])
+        assert tmp.is_dir() and ".tmp-" in tmp.name
+        # Loads and writes by others while it writes: its folder stays.
+        IndexStore.load(path).save(path)
+        assert tmp.is_dir()
+        _sigkill(proc)
+    assert tmp.is_dir()  # nothing runs on a kill: the folder is left...
+    store = IndexStore.load(path)  # ...until the next load
+    assert not tmp.exists()
+    _check_complete(store)
+    assert len(store) == 200
+    assert sorted(q.name for q in path.parent.iterdir()) == ["m-v1"]
 
 
 MOVER = textwrap.dedent("""
@@ -133,17 +182,9 @@ def test_writer_killed_between_the_two_renames_the_previous_index_is_put_back(tm
     coll = tmp_path / "coll"
     path = coll / "m-v1"
     _make_index(path, n=200)
-    proc = subprocess.Popen([sys.executable, "-c", MOVER, str(path)], stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
+    with _script(MOVER, str(path)) as proc:
         assert proc.stdout.readline().strip() == "moved"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        proc.stdout.close()
+        _sigkill(proc)
     assert not path.exists()  # the window this test is about: the old version sits under .old-*/x
     # The service finds an index by version in the collection folder: that puts it back.
     assert find_index(coll, "m", "v1") == path

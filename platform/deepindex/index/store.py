@@ -87,25 +87,81 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, f"renameat2({a}, {b}): {os.strerror(err)}")
 
 
+def _hold(folder: Path) -> int | None:
+    """Lock a writer's temp folder for the writer's lifetime (``flock`` on the folder itself).
+
+    The kernel drops the lock when the process dies, however it dies: a folder whose lock can be
+    taken belongs to no live writer.  None where the filesystem has no ``flock`` (the folder is
+    then never swept).
+    """
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except OSError:
+        os.close(fd)
+        return None
+
+
+def _abandoned(folder: Path) -> bool:
+    """No live writer holds ``folder`` (see :func:`_hold`)."""
+    try:
+        fd = _hold(folder)
+    except OSError:  # gone meanwhile, or not ours to open
+        return False
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
 def recover_interrupted(target: str | Path) -> None:
-    """Put back an index that a writer moved aside and died before replacing (the two-rename swap)."""
+    """Put back an index that a writer moved aside and died before replacing (the two-rename swap),
+    then remove what killed writers left next to it (temp and moved-aside folders)."""
     target = Path(target)
-    if (target / MANIFEST).is_file() or not target.parent.is_dir():
+    if not target.parent.is_dir():
         return
-    for old in sorted(target.parent.glob(f".{target.name}.old-*/x"), key=lambda q: q.stat().st_mtime, reverse=True):
-        if (old / MANIFEST).is_file() and not target.exists():
-            os.rename(old, target)
-            log.warning("index %s: restored the previous version left by an interrupted write", target)
-            return
+    if not (target / MANIFEST).is_file():
+        olds = sorted(target.parent.glob(f".{target.name}.old-*/x"), key=lambda q: q.stat().st_mtime, reverse=True)
+        for old in olds:
+            if (old / MANIFEST).is_file() and not target.exists() and _abandoned(old.parent):
+                os.rename(old, target)
+                log.warning("index %s: restored the previous version left by an interrupted write", target)
+                break
+    if not (target / MANIFEST).is_file():
+        return  # nothing complete to keep: leave every copy for a person to look at
+    for left in [*target.parent.glob(f".{target.name}.tmp-*"), *target.parent.glob(f".{target.name}.old-*")]:
+        if left.is_dir() and _abandoned(left):
+            try:
+                shutil.rmtree(left)
+                log.info("index %s: removed %s, left by an interrupted write", target, left.name)
+            except OSError as e:  # read-only mount, or another process removing it too
+                log.debug("index %s: could not remove %s: %s", target, left, e)
 
 
 def atomic_write_dir(target: str | Path, write) -> Path:
     """Call ``write(tmp_dir)`` then swap ``tmp_dir`` in for ``target``: readers, and a writer killed at
-    any point, see the old complete directory or the new one, never none."""
+    any point, see the old complete directory or the new one, never none.  The temp folders are
+    locked while this writer lives; the next load or write removes those of a killed writer."""
     target = Path(target).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_interrupted(target)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    held: list[int] = []
+
+    def make(kind: str) -> Path:
+        # Locked under a name the sweep ignores, then renamed: a sweep never sees it unlocked.
+        # (A kill inside these two calls leaves an empty ``.new-`` folder, which stays.)
+        folder = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.new-"))
+        fd = _hold(folder)
+        if fd is not None:
+            held.append(fd)
+        named = folder.with_name(folder.name.replace(".new-", f".{kind}-", 1))
+        os.rename(folder, named)
+        return named
+
+    tmp = make("tmp")
     try:
         write(tmp)
         for f in tmp.iterdir():  # durable before the rename makes it visible
@@ -116,13 +172,15 @@ def atomic_write_dir(target: str | Path, write) -> Path:
         elif not _exchange(tmp, target):  # when swapped, tmp holds the old version: removed below
             # Two renames: a crash between them leaves the old version under .old-*/x, where
             # recover_interrupted (run by every load and write) finds it and puts it back.
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            old = make("old")
             os.rename(target, old / "x")
             os.rename(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        for fd in held:
+            os.close(fd)
     return target
 
 
