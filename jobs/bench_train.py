@@ -14,24 +14,14 @@ import sys
 import time
 
 import torch
-from torch.utils.data import DataLoader
 
 
 def plain_loop(cfg, epochs: int, threads: int) -> list[float]:
-    from deepindex.data import build_splits
-    from deepindex.models import build_model
-    from deepindex.train.engine import train_one_epoch
-    from deepindex.train.losses import Penalty, make_loss
-    from deepindex.train.optim import build_optimizer
+    from deepindex.train.engine import local_training
 
     torch.set_num_threads(threads)
-    torch.manual_seed(cfg.train.seed)
-    splits = build_splits(cfg.data)
-    model = build_model(cfg.model, len(splits.concepts), splits.channels)
-    opt = build_optimizer(model, cfg.optim)
-    loader = DataLoader(splits.train, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True)
-    loss_fn, penalty = make_loss(splits.multilabel), Penalty(cfg.regularization)
-    return [train_one_epoch(model, loader, opt, loss_fn, penalty, e)["images_per_s"] for e in range(epochs)]
+    run = local_training(cfg)
+    return [run.epoch(e)["images_per_s"] for e in range(epochs)]
 
 
 def ray_loop(cfg, epochs: int) -> tuple[list[float], float, float]:

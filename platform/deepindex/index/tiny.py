@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader
 
 from deepindex.checkpoint import save_checkpoint
@@ -24,24 +23,14 @@ SMALL = ["model.channels=[16,32]", "model.convs_per_block=2", "model.embed_dim=6
 
 def train_small(out_dir: str | Path, overrides: list[str] | None = None, seed: int = 0) -> tuple[Path, Config]:
     """Train ``SMALL`` (+ overrides) on digit-scenes and write ``out_dir/checkpoint.pt``."""
-    from deepindex.data import build_splits
-    from deepindex.models import build_model
-    from deepindex.train.engine import evaluate, train_one_epoch
-    from deepindex.train.losses import Penalty, make_loss
-    from deepindex.train.optim import build_optimizer
+    from deepindex.train.engine import evaluate, local_training
 
     cfg = load_config(None, SMALL + [f"train.seed={seed}"] + list(overrides or []))
-    torch.manual_seed(cfg.train.seed)
-    splits = build_splits(cfg.data)
-    model = build_model(cfg.model, len(splits.concepts), splits.channels)
-    optimizer = build_optimizer(model, cfg.optim)
-    loss_fn, penalty = make_loss(splits.multilabel), Penalty(cfg.regularization)
-    g = torch.Generator().manual_seed(cfg.train.seed)  # a fixed shuffle: same seed, same weights
-    loader = DataLoader(splits.train, batch_size=cfg.train.batch_size, shuffle=True, generator=g, drop_last=True)
-    metrics: dict = {}
+    run = local_training(cfg)
+    splits, model = run.splits, run.model
     for epoch in range(cfg.train.epochs):
-        train_one_epoch(model, loader, optimizer, loss_fn, penalty, epoch)
-    metrics = evaluate(model, DataLoader(splits.val, batch_size=256), splits.multilabel, loss_fn)
+        run.epoch(epoch)
+    metrics = evaluate(model, DataLoader(splits.val, batch_size=256), splits.multilabel, run.loss_fn)
     log.info("small model: %s", {k: v for k, v in metrics.items() if not isinstance(v, list)})
     path = save_checkpoint(out_dir, model=model, config=cfg, stats=splits.stats, concepts=splits.concepts,
                            multilabel=splits.multilabel, epoch=cfg.train.epochs - 1, metrics=metrics)

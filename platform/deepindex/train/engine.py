@@ -1,11 +1,14 @@
 """Plain-torch epoch functions (no Ray): ``train_one_epoch`` and ``evaluate``.
 
 Both return a metrics dict; the Ray Train worker loop, the benchmark's plain baseline and
-the tests all call these same functions.
+the tests all call these same functions.  :func:`local_training` sets up one in-process run
+(the benchmark's baseline, the small fixture model) from a config.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,3 +92,35 @@ def evaluate(model: nn.Module, loader: DataLoader, multilabel: bool, loss_fn: nn
 def primary_metric(multilabel: bool, prefix: str = "val_") -> tuple[str, str]:
     """(metric name, "max" | "min"): what best-k checkpoints, Tune and promotion rank by."""
     return (f"{prefix}map", "max") if multilabel else (f"{prefix}top1_error", "min")
+
+
+@dataclass
+class LocalTraining:
+    """One in-process training run (no Ray, no DDP): what the Ray worker builds, on one process."""
+
+    splits: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    loss_fn: nn.Module
+    penalty: Penalty
+
+    def epoch(self, epoch: int) -> dict:
+        return train_one_epoch(self.model, self.loader, self.optimizer, self.loss_fn, self.penalty, epoch)
+
+
+def local_training(cfg) -> LocalTraining:
+    """Data, model, optimizer, shuffled loader (seeded: same seed, same weights) and loss of ``cfg``."""
+    from deepindex.data import build_splits
+    from deepindex.models import build_model
+    from deepindex.train.losses import make_loss
+    from deepindex.train.optim import build_optimizer
+
+    torch.manual_seed(cfg.train.seed)
+    splits = build_splits(cfg.data)
+    model = build_model(cfg.model, len(splits.concepts), splits.channels)
+    optimizer = build_optimizer(model, cfg.optim)
+    loss_fn, penalty = make_loss(splits.multilabel), Penalty(cfg.regularization)
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    loader = DataLoader(splits.train, batch_size=cfg.train.batch_size, shuffle=True, generator=g, drop_last=True)
+    return LocalTraining(splits, model, optimizer, loader, loss_fn, penalty)
