@@ -1,4 +1,4 @@
-"""The wiring: ``serving.app:build_app(args)`` -> Ingress(model, index).
+"""The wiring: ``serving.app:build_app(args)`` -> Ingress(model, index, metrics hub).
 
 ``serve run serving/config.yaml``, ``serve deploy``, the RayService and ``deepindex serve``
 all build the application here; ``args`` are :class:`serving.schemas.ServeArgs`.
@@ -29,6 +29,7 @@ def _actor_options(num_cpus: float) -> dict[str, Any]:
 def build_app(args: dict[str, Any] | None = None) -> Application:
     from serving.index import IndexServer
     from serving.ingress import Ingress
+    from serving.metrics import MetricsHub
     from serving.model import ModelServer
 
     a = ServeArgs.model_validate(args or {}).resolved()
@@ -41,6 +42,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
            a.model_threads or max(1, int(a.model_num_cpus)))
     # One index replica: it is the writer for POST /v1/items, so every search sees every add.
     index = IndexServer.options(num_replicas=1, ray_actor_options=_actor_options(0)).bind(a.index_dir, a.persist_added)
+    # One hub: /metrics answers for every ingress replica, whichever one the scrape reaches.
+    hub = MetricsHub.options(ray_actor_options=_actor_options(0)).bind()
     return Ingress.options(**_scaling(a.ingress_replicas, a.ingress_autoscaling),
                            max_ongoing_requests=256,
-                           ray_actor_options=_actor_options(a.ingress_num_cpus)).bind(model, index, a.model_dump())
+                           ray_actor_options=_actor_options(a.ingress_num_cpus)).bind(model, index, a.model_dump(), hub)

@@ -151,17 +151,23 @@ def _hits(results: list[dict]) -> list[dict]:
     return [{**h, "image_url": _image_url(h["id"])} for h in results]
 
 
-@serve.deployment(name="Ingress")
+# Serve's health check also pushes this replica's metrics to the hub: how stale the other
+# replicas' numbers in a scrape may be.
+HEALTH_S = 5.0
+
+
+@serve.deployment(name="Ingress", health_check_period_s=HEALTH_S)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, model, index, args: dict[str, Any]):
+    def __init__(self, model, index, args: dict[str, Any], hub=None):
         from PIL import Image
 
         from serving.metrics import ServeMetrics
 
         self.args = ServeArgs.model_validate(args)
-        self.model, self.index = model, index
+        self.model, self.index, self.hub = model, index, hub
         self.metrics = ServeMetrics()
+        self._replica = serve.get_replica_context().replica_id.unique_id
         app.state.metrics = self.metrics
         # base64 inflates by 4/3; one spare megabyte for the rest of the body.
         app.state.max_body = int(self.args.max_images_per_request * self.args.max_image_bytes * 4 / 3) + (1 << 20)
@@ -282,15 +288,31 @@ class Ingress:
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(self):
+        """The whole application's metrics, whichever ingress replica answers (serving/metrics.py)."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         try:
             spec = await self._model_spec()
             info = await _call(self.index.info, spec["name"], spec["version"])
             self.metrics.index_items.set(info.get("count", 0))
-        except Exception as e:  # a scrape still answers with what this replica knows
+        except Exception as e:  # a scrape still answers with what the replicas know
             log.warning("metrics: model/index info unavailable: %s", e)
-        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        if self.hub is None:  # an application built without a hub: this replica's own numbers
+            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        try:
+            text = await asyncio.wait_for(self.hub.merged.remote(self._replica, self.metrics.snapshot()), 10.0)
+        except Exception as e:  # noqa: BLE001 - one replica's numbers would read as counter resets
+            log.warning("metrics: the metrics hub is unavailable: %s", e)
+            raise ApiError(503, "metrics_unavailable", "the metrics hub is restarting; scrape again")
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+    async def check_health(self):
+        """Serve's periodic health check (every HEALTH_S): also hands this replica's numbers to the hub."""
+        if self.hub is not None:
+            try:
+                await asyncio.wait_for(self.hub.push.remote(self._replica, self.metrics.snapshot()), 5.0)
+            except Exception as e:  # noqa: BLE001 - the hub's health is not this replica's
+                log.debug("metrics: push to the hub failed: %s", e)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self):

@@ -1,7 +1,25 @@
-"""Prometheus metrics of one ingress replica (prometheus-client, its own registry)."""
+"""Prometheus metrics of the application (prometheus-client).
+
+Each ingress replica counts what it serves in its own registry.  ``GET /metrics`` may reach
+any ingress replica (the Serve port balances them), so the answer is the whole application's:
+the answering replica hands its snapshot to the :class:`MetricsHub` deployment, which keeps the
+latest snapshot of every ingress replica (also of replicas gone since, so counters never go
+back) and returns the merge: counters and histograms summed over replicas, gauges the maximum
+over replicas heard from recently.  Replicas also push on every health check (5 s), so the
+others' numbers are at most that old.  A hub restart starts its sums again (Prometheus reads
+that as a counter reset).
+"""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from ray import serve
+
+# (family name, type, help, [(sample name, sorted label pairs, value)]) per family
+Snapshot = list[tuple[str, str, str, list[tuple[str, tuple[tuple[str, str], ...], float]]]]
+GAUGE_FRESH_S = 30.0  # a replica silent longer than this (gone or stuck) no longer sets gauges
 
 
 class ServeMetrics:
@@ -25,3 +43,57 @@ class ServeMetrics:
             self.model_info.clear()
             self.model_info.labels(name=name, version=version).set(1)
             self._version = (name, version)
+
+    def snapshot(self) -> Snapshot:
+        """This replica's numbers, plain data (``*_created`` timestamps left out: they do not add up)."""
+        return [(fam.name, fam.type, fam.documentation,
+                 [(s.name, tuple(sorted(s.labels.items())), float(s.value))
+                  for s in fam.samples if not s.name.endswith("_created")])
+                for fam in self.registry.collect()]
+
+
+def merge(snapshots: list[tuple[Snapshot, bool]]) -> bytes:
+    """Prometheus text of several replicas' snapshots, each with whether its gauges are current."""
+    families: dict[str, tuple[str, str, dict]] = {}
+    for snap, fresh in snapshots:
+        for name, typ, doc, samples in snap:
+            values = families.setdefault(name, (typ, doc, {}))[2]
+            for sample, labels, v in samples:
+                key = (sample, labels)
+                if typ != "gauge":
+                    values[key] = values.get(key, 0.0) + v
+                elif fresh:
+                    values[key] = max(values.get(key, v), v)
+
+    class Merged:
+        def collect(self):
+            for name, (typ, doc, values) in families.items():
+                m = Metric(name, doc, typ)
+                for (sample, labels), v in values.items():
+                    m.add_sample(sample, dict(labels), v)
+                yield m
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Merged())
+    return generate_latest(registry)
+
+
+@serve.deployment(name="MetricsHub", num_replicas=1, max_ongoing_requests=1000)
+class MetricsHub:
+    """The latest snapshot of every ingress replica (one hub replica: it is the only copy)."""
+
+    def __init__(self):
+        self._latest: dict[str, tuple[float, Snapshot]] = {}
+
+    def push(self, replica: str, snap: Snapshot) -> None:
+        self._latest[replica] = (time.monotonic(), snap)
+
+    def merged(self, replica: str, snap: Snapshot) -> bytes:
+        """Store ``replica``'s snapshot, then the merge of all: stored first, so that every
+        replica's numbers only grow from one scrape to the next, whichever replica answers."""
+        self.push(replica, snap)
+        now = time.monotonic()
+        return merge([(s, now - t <= GAUGE_FRESH_S) for t, s in self._latest.values()])
+
+    def replicas(self) -> int:
+        return len(self._latest)

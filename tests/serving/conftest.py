@@ -2,6 +2,8 @@
 Ray Serve over HTTP on a free loopback port.  Package-scoped: built once, torn down after."""
 from __future__ import annotations
 
+import functools
+import importlib.util
 import io
 import os
 import shutil
@@ -48,6 +50,16 @@ def png_bytes(unit: np.ndarray) -> bytes:
     Image.fromarray(np.clip(np.rint(a * 255), 0, 255).astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
 
+
+
+@functools.cache
+def load_job():
+    """``jobs/load_serve.py`` as a module (``jobs/`` is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("load_serve", Path(REPO) / "jobs" / "load_serve.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def wait_for(fn, timeout: float = 60.0, every: float = 0.5):

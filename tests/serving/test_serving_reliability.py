@@ -6,40 +6,27 @@ other serving modules share the same application.
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.serving.conftest import REPO, wait_for
+from tests.serving.conftest import load_job, wait_for
 
 log = logging.getLogger(__name__)
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve, pytest.mark.cluster]
 
-DEPLOYMENTS = {"Ingress", "ConceptModel", "IndexService"}
+DEPLOYMENTS = {"Ingress", "ConceptModel", "IndexService", "MetricsHub"}
 LOAD_CLIENTS, LOAD_SECONDS, LOAD_WARMUP = 16, 15.0, 4.0
 # A leak of even a few KB per request would show over ~thousands of requests; allocator noise
 # and lazily built caches (vocabulary, FAISS scratch) stay well under this.
 RSS_GROWTH_BOUND_KB = 64 * 1024
 KILL_CLIENTS = 8
-
-
-@functools.cache
-def load_job():
-    """``jobs/load_serve.py`` as a module (``jobs/`` is scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("load_serve", Path(REPO) / "jobs" / "load_serve.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _replicas(job) -> dict[str, list[int]]:
