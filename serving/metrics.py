@@ -3,9 +3,10 @@
 Each ingress replica counts what it serves in its own registry.  ``GET /metrics`` may reach
 any ingress replica (the Serve port balances them), so the answer is the whole application's:
 the answering replica hands its snapshot to the :class:`MetricsHub` deployment, which keeps the
-latest snapshot of every ingress replica (also of replicas gone since, so counters never go
-back) and returns the merge: counters and histograms summed over replicas, gauges the maximum
-over replicas heard from recently.  Replicas also push on every health check (5 s), so the
+latest snapshot of every ingress replica (replicas gone for 10 minutes are folded into one
+"retired" sum, so counters never go back and memory stays bounded) and returns the merge:
+counters and histograms summed over replicas, gauges the maximum over replicas heard from
+recently.  Replicas also push on every health check (5 s), so the
 others' numbers are at most that old.  A hub restart starts its sums again (Prometheus reads
 that as a counter reset).
 """
@@ -20,6 +21,7 @@ from ray import serve
 # (family name, type, help, [(sample name, sorted label pairs, value)]) per family
 Snapshot = list[tuple[str, str, str, list[tuple[str, tuple[tuple[str, str], ...], float]]]]
 GAUGE_FRESH_S = 30.0  # a replica silent longer than this (gone or stuck) no longer sets gauges
+RETIRE_AFTER_S = 600.0  # ... and after this its counts are folded into one "retired" snapshot
 
 
 class ServeMetrics:
@@ -52,8 +54,9 @@ class ServeMetrics:
                 for fam in self.registry.collect()]
 
 
-def merge(snapshots: list[tuple[Snapshot, bool]]) -> bytes:
-    """Prometheus text of several replicas' snapshots, each with whether its gauges are current."""
+def _fold(snapshots: list[tuple[Snapshot, bool]]) -> dict[str, tuple[str, str, dict]]:
+    """family -> (type, help, {(sample, labels): value}): counters and histograms summed, gauges
+    the maximum over the snapshots whose gauges are current."""
     families: dict[str, tuple[str, str, dict]] = {}
     for snap, fresh in snapshots:
         for name, typ, doc, samples in snap:
@@ -64,6 +67,17 @@ def merge(snapshots: list[tuple[Snapshot, bool]]) -> bytes:
                     values[key] = values.get(key, 0.0) + v
                 elif fresh:
                     values[key] = max(values.get(key, v), v)
+    return families
+
+
+def _unfold(families: dict[str, tuple[str, str, dict]]) -> Snapshot:
+    return [(name, typ, doc, [(sample, labels, v) for (sample, labels), v in values.items()])
+            for name, (typ, doc, values) in families.items()]
+
+
+def merge(snapshots: list[tuple[Snapshot, bool]]) -> bytes:
+    """Prometheus text of several replicas' snapshots, each with whether its gauges are current."""
+    families = _fold(snapshots)
 
     class Merged:
         def collect(self):
@@ -82,18 +96,25 @@ def merge(snapshots: list[tuple[Snapshot, bool]]) -> bytes:
 class MetricsHub:
     """The latest snapshot of every ingress replica (one hub replica: it is the only copy)."""
 
-    def __init__(self):
+    def __init__(self, retire_after_s: float = RETIRE_AFTER_S):
         self._latest: dict[str, tuple[float, Snapshot]] = {}
+        self._retired: Snapshot = []  # the counts of replicas long gone, folded into one
+        self._retire_after_s = retire_after_s
 
     def push(self, replica: str, snap: Snapshot) -> None:
-        self._latest[replica] = (time.monotonic(), snap)
+        now = time.monotonic()
+        self._latest[replica] = (now, snap)
+        gone = [r for r, (t, _) in self._latest.items() if now - t > self._retire_after_s]
+        if gone:  # bounded memory under replica churn; their counts stay in the sums
+            self._retired = _unfold(_fold([(self._retired, False)] + [(self._latest.pop(r)[1], False) for r in gone]))
 
     def merged(self, replica: str, snap: Snapshot) -> bytes:
         """Store ``replica``'s snapshot, then the merge of all: stored first, so that every
         replica's numbers only grow from one scrape to the next, whichever replica answers."""
         self.push(replica, snap)
         now = time.monotonic()
-        return merge([(s, now - t <= GAUGE_FRESH_S) for t, s in self._latest.values()])
+        return merge([(self._retired, False)] + [(s, now - t <= GAUGE_FRESH_S) for t, s in self._latest.values()])
 
     def replicas(self) -> int:
+        """Replicas whose own snapshot is kept (the others are folded into the retired sums)."""
         return len(self._latest)
