@@ -159,7 +159,7 @@ HEALTH_S = 5.0
 @serve.deployment(name="Ingress", health_check_period_s=HEALTH_S)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, model, index, args: dict[str, Any], hub=None):
+    def __init__(self, model, index, args: dict[str, Any], hub):
         from PIL import Image
 
         from serving.metrics import ServeMetrics
@@ -289,7 +289,7 @@ class Ingress:
     @app.get("/metrics", include_in_schema=False)
     async def metrics(self):
         """The whole application's metrics, whichever ingress replica answers (serving/metrics.py)."""
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST
 
         try:
             spec = await self._model_spec()
@@ -297,8 +297,6 @@ class Ingress:
             self.metrics.index_items.set(info.get("count", 0))
         except Exception as e:  # a scrape still answers with what the replicas know
             log.warning("metrics: model/index info unavailable: %s", e)
-        if self.hub is None:  # an application built without a hub: this replica's own numbers
-            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
         try:
             text = await asyncio.wait_for(self.hub.merged.remote(self._replica, self.metrics.snapshot()), 10.0)
         except Exception as e:  # noqa: BLE001 - one replica's numbers would read as counter resets
@@ -308,11 +306,10 @@ class Ingress:
 
     async def check_health(self):
         """Serve's periodic health check (every HEALTH_S): also hands this replica's numbers to the hub."""
-        if self.hub is not None:
-            try:
-                await asyncio.wait_for(self.hub.push.remote(self._replica, self.metrics.snapshot()), 5.0)
-            except Exception as e:  # noqa: BLE001 - the hub's health is not this replica's
-                log.debug("metrics: push to the hub failed: %s", e)
+        try:
+            await asyncio.wait_for(self.hub.push.remote(self._replica, self.metrics.snapshot()), 5.0)
+        except Exception as e:  # noqa: BLE001 - the hub's health is not this replica's
+            log.debug("metrics: push to the hub failed: %s", e)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self):

@@ -19,6 +19,8 @@ import requests
 from deepindex.localplatform import free_port
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # `serving/` is a top-level folder, not an installed package
+    sys.path.insert(0, str(REPO))
 GALLERY = 2000
 LIMITS = {"max_image_bytes": 200_000, "max_image_pixels": 1_000_000, "max_images_per_request": 8, "max_k": 100}
 
@@ -84,8 +86,6 @@ def served(tmp_path_factory):
     from deepindex.index.store import index_dir_name
     from deepindex.index.tiny import train_small
 
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     from serving.app import build_app
 
     root = tmp_path_factory.mktemp("serving")

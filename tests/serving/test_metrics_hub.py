@@ -1,15 +1,9 @@
 """The metrics hub's merge, in-process (the Serve path is tests/serving/test_serving_metrics.py)."""
 from __future__ import annotations
 
-import sys
 import time
 
 from prometheus_client.parser import text_string_to_metric_families
-
-from tests.serving.conftest import REPO
-
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def _read(text: bytes) -> dict[str, list]:

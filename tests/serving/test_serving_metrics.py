@@ -48,14 +48,8 @@ def _searches(text: str) -> float:
 
 @pytest.mark.timeout(240)
 def test_metrics_count_every_ingress_replica(served):
-    import sys
-
     from ray import serve
 
-    from tests.serving.conftest import REPO
-
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     from serving.app import build_app
 
     args = {"model": str(served.model_path), "index_dir": str(served.collection_dir), "ingress_replicas": 2,

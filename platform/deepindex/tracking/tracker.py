@@ -171,13 +171,13 @@ class Tracker:
             log.debug("tracking journal %s not written: %s", self.offline_path, e)
 
 
-def replay_journal(path: str | Path, tracking_uri: str, run_id: str, *, set_aside: bool = True) -> int:
+def replay_journal(path: str | Path, tracking_uri: str, run_id: str) -> int:
     """Log a journal's epoch metrics to ``run_id`` (once the server is back); returns the count.
 
     Each epoch keeps the step and the time it was journaled at.  Records of another run (a
-    journal left by an earlier run of the same name) are skipped.  With ``set_aside`` the
+    journal left by an earlier run of the same name) and damaged lines are skipped.  The
     journal is then renamed ``<name>.replayed-<time>.jsonl``, so it is never replayed twice;
-    a journal that cannot be read whole is left where it is.
+    if logging fails it stays where it is.
     """
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
@@ -200,8 +200,7 @@ def replay_journal(path: str | Path, tracking_uri: str, run_id: str, *, set_asid
         metrics = [Metric(k, float(v), ts, int(rec["step"])) for k, v in rec["metrics"].items()]
         for i in range(0, len(metrics), 500):
             client.log_batch(run_id, metrics=metrics[i:i + 500])
-    if set_aside:
-        path.rename(path.with_name(f"{path.stem}.replayed-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}"))
+    path.rename(path.with_name(f"{path.stem}.replayed-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}"))
     if records:
         log.info("MLflow run %s: replayed %d journaled epoch(s) from %s", run_id, len(records), path)
     return len(records)
