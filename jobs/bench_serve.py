@@ -1,8 +1,8 @@
-"""Benchmark: Serve end to end vs the bare model, and FAISS vs numpy brute force.  JSON on stdout.
+"""Benchmark: Serve end to end vs the bare model.  JSON on stdout.
 
 ``python jobs/bench_serve.py [--profiles small,resnet18-224] [--model CKPT_OR_URI] [--out bench.json]``
 
-1. ``POST /v1/tag`` (one image per request) at concurrency 1, 8 and 32 through Ray Serve over HTTP,
+``POST /v1/tag`` (one image per request) at concurrency 1, 8 and 32 through Ray Serve over HTTP,
    against the bare model forward at batch 1, 8 and 32 in this process with as many torch threads
    as the model replica has CPUs.  Quoted as ratios: throughput at 32 / bare batched throughput
    (target >= 0.7), and the p50 overhead over the bare forward (target <= 10 ms).  Two model
@@ -11,11 +11,8 @@
    image), and ``resnet18-224``, torchvision's ResNet-18 on 3x224x224 JPEGs (weights left at
    their random initialisation: the cost of a forward does not depend on them).  ``--model``
    benchmarks one given checkpoint or registry URI instead.
-2. Similar-item search: FAISS against numpy brute force on the same vectors: recall@10 and
-   per-query latency, at 10k (the model's embeddings of a digit-scenes gallery) and 1M
-   (clustered synthetic vectors).  Target at 1M: recall@10 >= 0.95 at >= 10x brute-force speed.
 
-Both sides of each comparison run in the same process on the same machine; absolute times from a
+(Similar-item search, FAISS vs brute force: ``jobs/bench_index.py``.)  Both sides of each comparison run in the same process on the same machine; absolute times from a
 shared CPU box are noise, the ratios are the result.  The HTTP load comes from a separate process
 (aiohttp, keep-alive connections), so the client's CPU is not charged to the service's GIL.
 """
@@ -34,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench_serve")
 PROFILES = ("small", "resnet18-224")
 
@@ -73,7 +69,7 @@ def make_requests(model_path: str, n: int = 64) -> tuple[list[bytes], str]:
 
     from deepindex.checkpoint import load_model
     from deepindex.index.collection import digit_gallery
-    from deepindex.index.source import resolve_model
+    from deepindex.tracking.registry import resolve_model
 
     d = load_model(resolve_model(model_path).checkpoint_path).config.data
     fmt = "PNG" if d.channels == 1 else "JPEG"
@@ -97,7 +93,7 @@ def bench_bare(model_path: str, batch_sizes: list[int], threads: int, seconds: f
     from deepindex.checkpoint import load_model
     from deepindex.data.transforms import uint8_to_unit
     from deepindex.index.embed import infer_unit
-    from deepindex.index.source import resolve_model
+    from deepindex.tracking.registry import resolve_model
 
     torch.set_num_threads(threads)
     lm = load_model(resolve_model(model_path).checkpoint_path)
@@ -186,7 +182,6 @@ def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threa
     from deepindex.cluster import connect
     from deepindex.localplatform import free_port
 
-    sys.path.insert(0, str(REPO))
     from serving.app import build_app
 
     connect()  # a fresh local cluster gets deepindex.cluster.serve_env (HAProxy + direct ingress)
@@ -233,51 +228,6 @@ def bench_tag(model: str, levels: list[int], per_level: int, threads: int) -> di
     }
 
 
-def bench_search(base: np.ndarray, queries: np.ndarray, cfg, label: str, single: int = 20) -> dict:
-    from deepindex.index.metrics import recall_at_k
-    from deepindex.index.vectors import VectorIndex, brute_force
-
-    t = time.perf_counter()
-    vi = VectorIndex.build(base, cfg)
-    build_s = time.perf_counter() - t
-    t = time.perf_counter()
-    _, truth = brute_force(base, queries, 10, cfg.metric, cfg.normalize)
-    brute_batch = (time.perf_counter() - t) / len(queries)
-    t = time.perf_counter()
-    _, found = vi.search(queries, 10)
-    faiss_batch = (time.perf_counter() - t) / len(queries)
-    # One query at a time: what a request sees.
-    bl, fl = [], []
-    for q in queries[:single]:
-        t = time.perf_counter()
-        brute_force(base, q[None], 10, cfg.metric, cfg.normalize)
-        bl.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        vi.search(q[None], 10)
-        fl.append(time.perf_counter() - t)
-    res = {"items": len(base), "queries": len(queries), "dim": int(base.shape[1]), "kind": vi.kind,
-           "metric": cfg.metric, "build_s": build_s, "recall_at_10": recall_at_k(found, truth, 10),
-           "faiss_ms_per_query_batched": 1e3 * faiss_batch, "brute_ms_per_query_batched": 1e3 * brute_batch,
-           "faiss_p50_ms_single": 1e3 * _pct(fl, 50), "brute_p50_ms_single": 1e3 * _pct(bl, 50),
-           "speedup_batched": brute_batch / faiss_batch, "speedup_single": _pct(bl, 50) / _pct(fl, 50)}
-    if vi.kind == "ivf":
-        res["ivf_nlist"], res["ivf_nprobe"] = int(vi.index.nlist), int(vi.index.nprobe)
-    if vi.kind == "hnsw":
-        res["hnsw_m"], res["hnsw_ef_search"] = cfg.hnsw_m, cfg.hnsw_ef_search
-    log.info("%s: %s", label, res)
-    return res
-
-
-def clustered(n: int, d: int, centers: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    c = rng.normal(size=(centers, d)).astype(np.float32)
-    x = np.empty((n, d), np.float32)
-    for s in range(0, n, 100_000):  # in chunks: the noise of 1M x d in float64 at once is large
-        m = min(100_000, n - s)
-        x[s : s + m] = c[rng.integers(centers, size=m)] + 0.5 * rng.normal(size=(m, d)).astype(np.float32)
-    return x
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="benchmark this checkpoint path or models:/ URI instead of the profiles")
@@ -285,50 +235,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--requests", type=int, default=200, help="requests per concurrency level (at least 4x it)")
     p.add_argument("--threads", type=int, default=1, help="CPUs/torch threads of the model replica and the bare model")
-    p.add_argument("--gallery", type=int, default=10_000, help="items of the real-embedding search benchmark")
-    p.add_argument("--large", type=int, default=1_000_000, help="items of the synthetic search benchmark (0: skip)")
-    p.add_argument("--large-queries", type=int, default=100)
-    p.add_argument("--skip-serve", action="store_true")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    from deepindex.index.vectors import VectorConfig
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     models = {"given": args.model} if args.model else {
         prof: str(make_model(prof, tmp / prof)) for prof in args.profiles.split(",") if prof}
     levels = [int(c) for c in args.concurrency.split(",")]
     report: dict = {"threads": args.threads, "tag": {}}
-    if not args.skip_serve:
-        for name, model in models.items():
-            report["tag"][name] = bench_tag(model, levels, args.requests, args.threads)
+    for name, model in models.items():
+        report["tag"][name] = bench_tag(model, levels, args.requests, args.threads)
 
-    # Similar-item search on a digit model's own embeddings of a digit-scenes gallery.
-    from deepindex.checkpoint import load_model
-    from deepindex.index.collection import digit_gallery
-    from deepindex.index.embed import embed_collection_local
-    from deepindex.index.source import resolve_model
-
-    model = models.get("small") or next(iter(models.values()))
-    lm = load_model(resolve_model(model).checkpoint_path)
-    d = lm.config.data
-    _, emb, _ = embed_collection_local(lm, digit_gallery(args.gallery, d.image_size, d.max_digits, seed=0))
-    _, q_emb, _ = embed_collection_local(lm, digit_gallery(200, d.image_size, d.max_digits, seed=1))
-    report["search"] = {
-        "10k_flat": bench_search(emb, q_emb, VectorConfig(kind="flat"), "10k flat"),
-        "10k_hnsw": bench_search(emb, q_emb, VectorConfig(kind="hnsw"), "10k hnsw"),
-    }
-    if args.large:
-        dim = emb.shape[1]
-        base = clustered(args.large, dim, 1000, seed=0)
-        queries = clustered(args.large_queries, dim, 1000, seed=0)[: args.large_queries]  # same centres
-        queries += 0.1 * np.random.default_rng(1).normal(size=queries.shape).astype(np.float32)
-        cfg = VectorConfig(kind="ivf", ivf_nlist=1024, ivf_nprobe=16)
-        r = bench_search(base, queries, cfg, "1M ivf", single=10)
-        r["target"] = "recall@10 >= 0.95 at >= 10x brute force"
-        r["meets_target"] = bool(r["recall_at_10"] >= 0.95 and r["speedup_single"] >= 10 and r["speedup_batched"] >= 10)
-        report["search"]["1M_ivf"] = r
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

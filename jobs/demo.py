@@ -39,7 +39,8 @@ def examples() -> None:
 def demo(overrides: list[str]) -> int:
     from deepindex.config import ConfigError
     from deepindex.paths import state_dir
-    from deepindex.tune.main import promote_main, tune_main
+    from deepindex.tune.main import tune_main
+    from deepindex.workflows import promote_main
 
     # 4 logical CPUs: on a 2-core laptop Train workers and Tune trial drivers must overlap.
     if main(["up", "--num-cpus", "4"]) != 0:

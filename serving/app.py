@@ -5,12 +5,11 @@ all build the application here; ``args`` are :class:`serving.schemas.ServeArgs`.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from ray.serve import Application
 
-from serving.schemas import HERE, ServeArgs
+from serving.schemas import ServeArgs
 
 
 def _scaling(replicas: int, autoscaling: dict[str, Any] | None) -> dict[str, Any]:
@@ -19,11 +18,7 @@ def _scaling(replicas: int, autoscaling: dict[str, Any] | None) -> dict[str, Any
 
 
 def _actor_options(num_cpus: float) -> dict[str, Any]:
-    # Replicas unpickle classes of `serving`, a top-level folder rather than an installed package:
-    # Ray puts only the driver's working directory on its workers' paths, so a `deepindex serve`
-    # typed outside the repo would leave them unable to import it.  (In the image, /app again.)
-    path = os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p)
-    return {"num_cpus": num_cpus, "runtime_env": {"env_vars": {"PYTHONPATH": path}}}
+    return {"num_cpus": num_cpus}
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

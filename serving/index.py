@@ -50,10 +50,9 @@ class IndexServer:
     # ---- version handshake ---------------------------------------------------------------
     def _sync(self, name: str, version: str) -> dict[str, Any] | None:
         """Make sure the loaded index matches (name, version); an error dict when it cannot."""
-        from deepindex.index.store import IndexMismatch, IndexStore, find_index, read_manifest
+        from deepindex.index.store import IndexStore, find_index, read_manifest
 
-        if self.store is not None and self.store.manifest["model"]["version"] == version \
-                and self.store.manifest["model"]["name"] == name:
+        if self.store is not None and (self.store.manifest.model.name, self.store.manifest.model.version) == (name, version):
             return None
         if not self.index_dir:
             return _err(503, "index_unavailable", self.problem)
@@ -62,10 +61,7 @@ class IndexServer:
             if path is None:
                 self.store, self.problem = None, f"no index for model {name} version {version} under {self.index_dir}"
             else:
-                m = read_manifest(path)["model"]
-                if (m["name"], m["version"]) != (name, version):
-                    raise IndexMismatch(f"index {path} was built with model {m['name']} version {m['version']}, "
-                                        f"the service runs {name} version {version}: refused")
+                read_manifest(path).check_model(name, version)  # an index of another version: refused
                 self.store, self.path, self.problem = IndexStore.load(path), path, None
                 log.info("index %s loaded (%d items, model version %s)", path, len(self.store), version)
         except Exception as e:  # a refused or broken index: serve without one, say why
@@ -81,7 +77,7 @@ class IndexServer:
         if s is None:
             return {"loaded": False, "problem": self.problem, "count": 0}
         return {"loaded": True, "path": str(self.path), "count": len(s), "kind": s.vectors.kind,
-                "metric": s.manifest["metric"], "model": s.manifest["model"], "collection": s.manifest["collection"]}
+                "metric": s.manifest.metric, "model": s.manifest.model.model_dump(), "collection": s.manifest.collection}
 
     # ---- queries -------------------------------------------------------------------------
     def _hits(self, pairs) -> list[dict[str, Any]]:
@@ -95,7 +91,7 @@ class IndexServer:
         if (e := self._sync(name, version)) is not None:
             return e
         s = self.store
-        index = {c: i for i, c in enumerate(s.manifest["concepts"])}
+        index = {c: i for i, c in enumerate(s.manifest.concepts)}
         rows, scores = rank(s.probs, [index[c] for c in concepts if c in index], k, mode)
         return {"results": self._hits(zip(rows.tolist(), scores.tolist())), "count": len(s)}
 
@@ -104,7 +100,7 @@ class IndexServer:
         if (e := self._sync(name, version)) is not None:
             return e
         hits = self.store.similar(embedding[None, :], k)[0]
-        return {"results": self._hits(hits), "metric": self.store.manifest["metric"], "count": len(self.store)}
+        return {"results": self._hits(hits), "metric": self.store.manifest.metric, "count": len(self.store)}
 
     def _row(self, item_id: str, name: str, version: str) -> tuple[int | None, dict[str, Any] | None]:
         """(row of ``item_id``, None) or (None, the error to answer): index in sync, item known."""
@@ -122,7 +118,7 @@ class IndexServer:
             return e
         s = self.store
         hits = s.similar(s.embeddings[row][None, :], k, exclude=[row])[0]
-        return {"results": self._hits(hits), "metric": s.manifest["metric"], "count": len(s)}
+        return {"results": self._hits(hits), "metric": s.manifest.metric, "count": len(s)}
 
     @_locked
     def get(self, item_id: str, name: str, version: str) -> dict[str, Any]:
@@ -130,7 +126,7 @@ class IndexServer:
         if e is not None:
             return e
         s = self.store
-        return {"id": item_id, "probs": s.probs[row], "concepts": s.manifest["concepts"],
+        return {"id": item_id, "probs": s.probs[row], "concepts": s.manifest.concepts,
                 "labels": s.meta[row].get("labels"), "meta": s.meta[row]}
 
     @_locked

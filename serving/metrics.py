@@ -12,6 +12,7 @@ that old.  A hub restart starts its sums again (Prometheus reads that as a count
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -95,13 +96,14 @@ def merge(snapshots: list[tuple[Snapshot, bool]]) -> bytes:
 class MetricsHub:
     """The latest snapshot of every ingress replica (one hub replica: it is the only copy)."""
 
-    def __init__(self, retire_after_s: float = RETIRE_AFTER_S):
+    def __init__(self, retire_after_s: float = RETIRE_AFTER_S, clock: Callable[[], float] = time.monotonic):
         self._latest: dict[str, tuple[float, Snapshot]] = {}
         self._retired: Snapshot = []  # the counts of replicas long gone, folded into one
         self._retire_after_s = retire_after_s
+        self._clock = clock  # injectable: a test moves time instead of sleeping through it
 
     def push(self, replica: str, snap: Snapshot) -> None:
-        now = time.monotonic()
+        now = self._clock()
         self._latest[replica] = (now, snap)
         gone = [r for r, (t, _) in self._latest.items() if now - t > self._retire_after_s]
         if gone:  # bounded memory under replica churn; their counts stay in the sums
@@ -111,7 +113,7 @@ class MetricsHub:
         """Store ``replica``'s snapshot, then the merge of all: stored first, so that every
         replica's numbers only grow from one scrape to the next, whichever replica answers."""
         self.push(replica, snap)
-        now = time.monotonic()
+        now = self._clock()
         return merge([(self._retired, False)] + [(s, now - t <= GAUGE_FRESH_S) for t, s in self._latest.values()])
 
     def replicas(self) -> int:

@@ -16,20 +16,23 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from deepindex.checkpoint import LoadedModel, load_model
+from deepindex.tracking.registry import ResolvedModel, resolve_model
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class _Served:
-    resolved: Any  # deepindex.index.source.ResolvedModel
-    lm: Any  # deepindex.checkpoint.LoadedModel
+    resolved: ResolvedModel
+    lm: LoadedModel
 
 
-def _load(uri: str, tracking_uri: str | None) -> _Served:
-    from deepindex.checkpoint import load_model
-    from deepindex.index.source import resolve_model
-
+def _load(uri: str, tracking_uri: str | None, current: _Served | None = None) -> _Served | None:
+    """The model ``uri`` names now; None when that is ``current``'s version (nothing to load)."""
     r = resolve_model(uri, tracking_uri)
+    if current is not None and (r.name, r.version) == (current.resolved.name, current.resolved.version):
+        return None
     return _Served(r, load_model(r.checkpoint_path))
 
 
@@ -42,7 +45,9 @@ class ModelServer:
         if threads:
             torch.set_num_threads(threads)
         self._uri, self._tracking_uri = model, tracking_uri
-        self._served = _load(model, tracking_uri)
+        served = _load(model, tracking_uri)
+        assert served is not None
+        self._served = served
         self.reloads, self.last_error, self.last_poll = 0, None, time.time()
         self.infer.set_max_batch_size(max_batch_size)
         self.infer.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -56,16 +61,13 @@ class ModelServer:
 
     # ---- reload ----------------------------------------------------------------------------
     def _poll(self) -> None:
-        from deepindex.checkpoint import load_model
-        from deepindex.index.source import resolve_model
-
         while not self._stop.wait(self._interval):
             try:
-                r = resolve_model(self._uri, self._tracking_uri)
-                cur = self._served.resolved
-                if (r.name, r.version) != (cur.name, cur.version):
-                    log.info("model %s: version %s -> %s, reloading", self._uri, cur.version, r.version)
-                    self._served = _Served(r, load_model(r.checkpoint_path))  # one reference swap
+                new = _load(self._uri, self._tracking_uri, self._served)
+                if new is not None:
+                    log.info("model %s: version %s -> %s, reloaded", self._uri, self._served.resolved.version,
+                             new.resolved.version)
+                    self._served = new  # one reference swap: a batch in flight keeps its model
                     self.reloads += 1
                 self.last_error = None
             except Exception as e:  # keep serving the loaded version; report the problem

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from deepindex.localplatform import free_port, session_members
+from deepindex.net import free_port
+from deepindex.sessions import session_members
 
 
 @dataclass

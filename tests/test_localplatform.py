@@ -8,7 +8,9 @@ import sys
 import pytest
 
 from deepindex.cli import main
-from deepindex.localplatform import free_port, session_members, read_state
+from deepindex.localplatform import read_state
+from deepindex.net import free_port
+from deepindex.sessions import session_members
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.mlflow]
 

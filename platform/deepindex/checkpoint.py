@@ -8,15 +8,15 @@ reads it without unpickling code.  Writes are atomic: a temp file then ``os.repl
 """
 from __future__ import annotations
 
-import os
+import hashlib
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from deepindex.atomic import write_file
 from deepindex.config import Config, from_dict
 from deepindex.data.transforms import NormStats
 
@@ -54,15 +54,8 @@ def save_checkpoint(directory: str | Path, *, model, config: Config, stats: Norm
         "metrics": _plain(metrics or {}),
         "extra": _plain(extra or {}),
     }
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, directory / FILENAME)  # atomic: a reader sees the old or the new file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return directory / FILENAME
+    # atomic: a reader sees the old or the new file
+    return write_file(directory / FILENAME, lambda tmp: torch.save(state, tmp))
 
 
 def _plain(d: dict) -> dict:
@@ -76,11 +69,25 @@ def _plain(d: dict) -> dict:
     return out
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """``checkpoint.pt`` of a checkpoint folder (Ray's folders may hold more files), or the file itself."""
+    p = Path(path).expanduser()
+    return p / FILENAME if p.is_dir() else p
+
+
+def checkpoint_version(path: str | Path) -> str:
+    """``file-`` + 12 hex digits of the checkpoint file's sha256: the version of a model given as a
+    path, which changes exactly when the weights change (what index refusal and live reload key on)."""
+    h = hashlib.sha256()
+    with open(checkpoint_file(path), "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):  # in chunks: checkpoints can be large
+            h.update(chunk)
+    return "file-" + h.hexdigest()[:12]
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """The raw checkpoint dict, from a directory or the file itself; never executes code."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / FILENAME
+    p = checkpoint_file(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint: no such file {p}")
     try:

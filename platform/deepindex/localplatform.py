@@ -1,16 +1,15 @@
 """The local platform: a Ray head and an MLflow tracking server under ``<state dir>/platform``.
 
 ``up`` starts both (or keeps the ones already running), ``down`` stops them, ``status``
-reports them.  Each service is started in a new session (``start_new_session=True``), so it
-and every process it or its helpers spawn (raylet, GCS, dashboard agent, Ray workers and
-their children such as Serve's HAProxy; uvicorn workers of MLflow) share one session:
-``down`` stops that session's processes by id and then checks ``/proc`` for anything left in
-it.  Nothing is ever stopped by name (``ray stop`` would stop every Ray on the machine).
+reports them; :data:`SERVICES` says how each one starts, comes up and stops.  Each service is
+started in a new session (``start_new_session=True``) and stopped by that session's id
+(:mod:`deepindex.sessions`).  Nothing is ever stopped by name (``ray stop`` would stop every Ray
+on the machine).
 
 Ray keeps token authentication on: ``up`` writes a token file (mode 0600) in the state
 folder and starts the head with ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``;
 :func:`ray_client_env` gives clients the same two variables (``deepindex.cluster.connect``
-uses it).  Session bookkeeping reads ``/proc``: Linux only.
+uses it).
 """
 from __future__ import annotations
 
@@ -18,24 +17,25 @@ import json
 import logging
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from hashlib import sha1
 from pathlib import Path
 from typing import Any
 
-from deepindex.cluster import serve_env
+from deepindex.atomic import write_file
+from deepindex.net import HOST, free_port, port_free, port_open
 from deepindex.paths import state_dir
+from deepindex.serve_env import serve_env
+from deepindex.sessions import session_members, stop_session
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RAY_PORT = 6390  # not Ray's 6379, so a developer's own `ray start` keeps its port
 DEFAULT_MLFLOW_PORT = 5050
-HOST = "127.0.0.1"  # loopback only: neither service is meant to be reachable from the network
 
 
 class PlatformError(RuntimeError):
@@ -82,104 +82,12 @@ def read_state() -> dict[str, Service]:
 
 
 def _write_state(services: dict[str, Service]) -> None:
-    f = _state_file()
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps({k: vars(v) for k, v in services.items()}, indent=2))
-    os.replace(tmp, f)
+    write_file(_state_file(), json.dumps({k: vars(v) for k, v in services.items()}, indent=2))
 
 
 # ---- processes --------------------------------------------------------------------------
-def session_members(sid: int) -> list[int]:
-    """Live pids in the session ``sid`` (zombies excluded), from ``/proc``.
-
-    A session, not a process group: `_spawn` starts each service as the leader of a new session
-    (its pid is the session's and the group's id), and Ray moves its workers into process groups
-    of their own; a worker's children (Serve's HAProxy) are re-parented to init when the worker
-    is killed, but stay in the session.
-    """
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # the command name is in parentheses and may hold spaces: split after the last ')'
-        fields = stat[stat.rfind(")") + 2:].split()  # state, ppid, pgrp, session, ...
-        if len(fields) > 3 and fields[0] != "Z" and int(fields[3]) == sid:
-            out.append(int(entry))
-    return sorted(out)
-
-
 def _alive(svc: Service) -> bool:
     return svc.pid in session_members(svc.pgid)
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _wait_gone(sid: int, pid: int | None, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        members = session_members(sid)
-        if not members or (pid is not None and pid not in members):
-            return
-        time.sleep(0.2)
-
-
-def _signal_session(sid: int, sig: int) -> None:
-    for pid in session_members(sid):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _stop_session(sid: int, leader: int | None = None, grace: float = 15.0) -> list[int]:
-    """Stop a service's session (see `session_members`); returns the pids that were in it.
-
-    The leader gets SIGTERM first: ``ray start --block`` then shuts its helpers down in
-    order (a group-wide SIGTERM leaves the GCS waiting for a raylet that is already gone).
-    What is left then gets SIGTERM, and after a few seconds SIGKILL.
-    """
-    members = session_members(sid)
-    if not members:
-        return []
-    if leader is not None and leader in members:
-        os.kill(leader, signal.SIGTERM)
-        _wait_gone(sid, leader, grace)
-        _wait_gone(sid, None, 3.0)  # the helpers exit right after the leader
-    if session_members(sid):
-        _signal_session(sid, signal.SIGTERM)
-        _wait_gone(sid, None, 5.0)
-    left = session_members(sid)
-    if left:
-        log.warning("session %d: %s still running after SIGTERM; sending SIGKILL", sid, left)
-        _signal_session(sid, signal.SIGKILL)
-        _wait_gone(sid, None, 5.0)
-    return members
 
 
 def _spawn(name: str, cmd: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
@@ -225,7 +133,7 @@ def _ensure_token() -> None:
         f.write(secrets.token_hex(32))  # 256 bits, as `ray get-auth-token --generate` makes
 
 
-def _start_ray(port: int, num_cpus: int | None) -> Service:
+def _start_ray(port: int, num_cpus: int | None = None) -> Service:
     _ensure_token()
     cmd = [_bin("ray"), "start", "--head", "--block", f"--port={port}", f"--node-ip-address={HOST}",
            # The dashboard serves the Jobs API (`deepindex submit`) and the State API, which Ray
@@ -245,7 +153,7 @@ def _start_ray(port: int, num_cpus: int | None) -> Service:
 
 
 def _ray_ready(svc: Service) -> bool:
-    if not _port_open(svc.port):
+    if not port_open(svc.port):
         return False
     # The GCS listens first; the head is usable once its raylet runs too.
     for pid in session_members(svc.pgid):
@@ -258,7 +166,7 @@ def _ray_ready(svc: Service) -> bool:
 
 
 # ---- MLflow ------------------------------------------------------------------------------
-def _start_mlflow(port: int) -> Service:
+def _start_mlflow(port: int, num_cpus: int | None = None) -> Service:
     d = platform_dir() / "mlflow"
     d.mkdir(exist_ok=True)
     cmd = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
@@ -280,10 +188,36 @@ def mlflow_healthy(uri: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def _mlflow_ready(svc: Service) -> bool:
+    return mlflow_healthy(svc.address, timeout=1.0)
+
+
+# ---- the services ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServiceKind:
+    """How one service of the platform starts, comes up and stops."""
+
+    default_port: int
+    flag: str  # the `deepindex up` option that sets its port
+    start: Callable[[int, int | None], Service]  # (port, num_cpus) -> the started service
+    ready: Callable[[Service], bool]
+    # SIGTERM the leader first and let it stop its helpers in order (Ray's); else the whole session at once.
+    stop_leader_first: bool
+    health: Callable[[Service], bool] | None = None  # reported by `status` beyond "alive"
+
+
+SERVICES: dict[str, ServiceKind] = {
+    "ray": ServiceKind(DEFAULT_RAY_PORT, "--ray-port", _start_ray, _ray_ready, stop_leader_first=True),
+    "mlflow": ServiceKind(DEFAULT_MLFLOW_PORT, "--mlflow-port", _start_mlflow, _mlflow_ready,
+                          stop_leader_first=False, health=lambda svc: mlflow_healthy(svc.address)),
+}
+
+
 # ---- the commands -------------------------------------------------------------------------
 def up(ray_port: int = DEFAULT_RAY_PORT, mlflow_port: int = DEFAULT_MLFLOW_PORT, num_cpus: int | None = None,
        timeout: float = 120.0, services: tuple[str, ...] = ("ray", "mlflow")) -> dict[str, Service]:
     """Start what is not running; keep what is.  Port 0 picks a free port."""
+    ports = {"ray": ray_port, "mlflow": mlflow_port}
     state = read_state()
     wanted: dict[str, int] = {}
     for name in services:
@@ -293,16 +227,15 @@ def up(ray_port: int = DEFAULT_RAY_PORT, mlflow_port: int = DEFAULT_MLFLOW_PORT,
             continue
         if old is not None:
             log.warning("%s (pid %d) recorded as running has died; see %s. Starting it again.", name, old.pid, old.log)
-            _stop_session(old.pgid, old.pid)  # its helpers may have outlived it
+            stop_session(old.pgid, old.pid)  # its helpers may have outlived it
             state.pop(name)
-        port = (ray_port if name == "ray" else mlflow_port) or free_port()
-        if not _port_free(port):
-            flag = "--ray-port" if name == "ray" else "--mlflow-port"
-            raise PlatformError(f"{name}: port {HOST}:{port} is in use by another process; choose another with {flag}")
+        port = ports[name] or free_port()
+        if not port_free(port):
+            raise PlatformError(f"{name}: port {HOST}:{port} is in use by another process; "
+                                f"choose another with {SERVICES[name].flag}")
         wanted[name] = port
     # Every port is checked before anything starts: a refused `up` leaves nothing running.
-    starting = {name: _start_ray(port, num_cpus) if name == "ray" else _start_mlflow(port)
-                for name, port in wanted.items()}
+    starting = {name: SERVICES[name].start(port, num_cpus) for name, port in wanted.items()}
     # Record before waiting: an interrupted `up` still leaves ids that `down` can stop.
     _write_state({**state, **starting})
 
@@ -310,13 +243,12 @@ def up(ray_port: int = DEFAULT_RAY_PORT, mlflow_port: int = DEFAULT_MLFLOW_PORT,
     pending = dict(starting)
     while pending:
         for name, svc in list(pending.items()):
-            ready = _ray_ready(svc) if name == "ray" else mlflow_healthy(svc.address, timeout=1.0)
-            if ready:
+            if SERVICES[name].ready(svc):
                 svc.helpers = [p for p in session_members(svc.pgid) if p != svc.pid]
                 log.info("%s up at %s (pid %d, %d helper processes)", name, svc.address, svc.pid, len(svc.helpers))
                 pending.pop(name)
             elif not _alive(svc):
-                _stop_session(svc.pgid, svc.pid)
+                stop_session(svc.pgid, svc.pid)
                 state.update({k: v for k, v in starting.items() if k != name})
                 _write_state(state)
                 raise PlatformError(f"{name}: exited while starting; last lines of {svc.log}:\n{_tail(Path(svc.log))}")
@@ -335,8 +267,8 @@ def down() -> dict[str, list[int]]:
     state = read_state()
     stopped: dict[str, list[int]] = {}
     for name, svc in state.items():
-        # Ray's leader shuts its helpers down in order; MLflow's leader only waits for uvicorn.
-        stopped[name] = _stop_session(svc.pgid, svc.pid if name == "ray" else None)
+        kind = SERVICES.get(name)
+        stopped[name] = stop_session(svc.pgid, svc.pid if kind is not None and kind.stop_leader_first else None)
         if stopped[name]:
             log.info("%s: stopped %d processes", name, len(stopped[name]))
         else:
@@ -355,14 +287,13 @@ def status() -> dict[str, dict[str, Any]]:
         alive = svc.pid in members
         info: dict[str, Any] = {"state": "running" if alive else "dead", "address": svc.address, "pid": svc.pid,
                                 "processes": members, "log": svc.log}
-        if name == "mlflow" and alive:
-            info["healthy"] = mlflow_healthy(svc.address)
+        kind = SERVICES.get(name)
+        if alive and kind is not None and kind.health is not None:
+            info["healthy"] = kind.health(svc)
         if not alive:
             info["hint"] = "the process died; `deepindex up` starts it again (see its log)"
         out[name] = info
     return out
-
-
 def running_service(name: str) -> Service | None:
     """The recorded service if its main process is alive, else None (cheap: no network)."""
     svc = read_state().get(name)

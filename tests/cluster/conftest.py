@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from deepindex.localplatform import free_port
+from deepindex.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's bin: ray, mlflow

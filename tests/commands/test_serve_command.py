@@ -39,7 +39,7 @@ def _champion(uri: str, work: Path) -> str:
     from mlflow.tracking import MlflowClient
 
     from deepindex.index.tiny import train_small
-    from deepindex.tracking.registry import promote
+    from deepindex.workflows import promote
 
     ckpt, _ = train_small(work / "ckpt", overrides=["train.epochs=3"])
     client = MlflowClient(uri)
@@ -53,7 +53,7 @@ def _champion(uri: str, work: Path) -> str:
 
 def test_serve_command_serves_the_champion_behind_haproxy(tmp_path, monkeypatch):
     from deepindex.index.build import build_index
-    from deepindex.localplatform import free_port
+    from deepindex.net import free_port
     from deepindex.tracking.uri import resolve_tracking_uri
 
     project = tmp_path / "project"

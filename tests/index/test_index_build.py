@@ -23,7 +23,7 @@ def test_ray_data_build_matches_local(quick_checkpoint, tmp_path):
     import ray
 
     from deepindex.index.build import build_index
-    from deepindex.index.source import resolve_model
+    from deepindex.tracking.registry import resolve_model
     from deepindex.index.store import IndexStore
 
     if ray.is_initialized():

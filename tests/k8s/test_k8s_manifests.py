@@ -247,7 +247,7 @@ def test_mlflow_uri_of_the_jobs_is_the_mlflow_service(overlay):
     assert [p["port"] for p in svc["spec"]["ports"]] == [5000]
     (env,) = [d for d in of_kind(docs, "ConfigMap") if d["metadata"]["name"].startswith("deepindex-env")]
     assert env["data"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    # Serve's fast data plane, as deepindex.cluster.serve_env sets it for local clusters.
+    # Serve's fast data plane, as deepindex.serve_env.serve_env sets it for local clusters.
     assert env["data"]["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and env["data"]["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     (dep,) = [d for d in of_kind(docs, "Deployment") if d["metadata"]["name"] == "mlflow"]
     c = dep["spec"]["template"]["spec"]["containers"][0]

@@ -47,7 +47,7 @@ def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    from deepindex.localplatform import session_members
+    from deepindex.sessions import session_members
 
     try:
         os.killpg(proc.pid, signal.SIGKILL)

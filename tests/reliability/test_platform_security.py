@@ -123,7 +123,9 @@ def _flag(pid: int, name: str) -> str | None:
 
 @pytest.mark.timeout(300)
 def test_up_listens_on_loopback(monkeypatch, tmp_path):
-    from deepindex.localplatform import down, free_port, session_members, up
+    from deepindex.localplatform import down, up
+    from deepindex.net import free_port
+    from deepindex.sessions import session_members
 
     monkeypatch.setenv("DEEPINDEX_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import requests
 
-from deepindex.localplatform import free_port
+from deepindex.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # `serving/` is a top-level folder, not an installed package
@@ -82,7 +82,7 @@ def served(tmp_path_factory):
 
     from deepindex.index.build import build_index
     from deepindex.index.collection import digit_gallery
-    from deepindex.index.source import resolve_model
+    from deepindex.tracking.registry import resolve_model
     from deepindex.index.store import index_dir_name
     from deepindex.index.tiny import train_small
 
@@ -95,7 +95,7 @@ def served(tmp_path_factory):
     shutil.copy(trained, live / "checkpoint.pt")
     version = resolve_model(str(live)).version
 
-    from deepindex.cluster import serve_env
+    from deepindex.serve_env import serve_env
 
     if ray.is_initialized():
         ray.shutdown()

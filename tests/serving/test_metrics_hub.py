@@ -1,8 +1,6 @@
 """The metrics hub's merge, in-process (the Serve path is tests/serving/test_serving_metrics.py)."""
 from __future__ import annotations
 
-import time
-
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -28,7 +26,8 @@ def _replica(searches: int, items: int, version: str):
 def test_hub_sums_counters_keeps_gone_replicas_and_folds_them_after_a_while():
     from serving.metrics import MetricsHub
 
-    hub = MetricsHub.func_or_class(retire_after_s=0.2)
+    now = [0.0]
+    hub = MetricsHub.func_or_class(retire_after_s=600.0, clock=lambda: now[0])
     a, b = _replica(7, 100, "1"), _replica(11, 120, "2")
     hub.push("a", a.snapshot())
     m = _read(hub.merged("b", b.snapshot()))
@@ -38,7 +37,7 @@ def test_hub_sums_counters_keeps_gone_replicas_and_folds_them_after_a_while():
     assert m["deepindex_index_items"][0].value == 120  # a gauge: the maximum over current replicas
     assert {s.labels["version"] for s in m["deepindex_model_info"]} == {"1", "2"}  # mid-reload: both served
 
-    time.sleep(0.3)  # a and b go quiet (gone); c arrives
+    now[0] += 601.0  # a and b go quiet (gone); c arrives
     c = _replica(5, 130, "2")
     m = _read(hub.merged("c", c.snapshot()))
     assert hub.replicas() == 1  # a and b folded into the retired sums...

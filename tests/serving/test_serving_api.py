@@ -29,7 +29,7 @@ def scrape(served) -> dict[str, list]:
 
 
 def test_serve_port_is_haproxy_in_front_of_direct_ingress(served):
-    """The data plane deepindex.cluster.serve_env asks for: HAProxy (ray[serve] ships it on Linux)
+    """The data plane deepindex.serve_env.serve_env asks for: HAProxy (ray[serve] ships it on Linux)
     answers the Serve port and forwards to the ingress replica's own HTTP server, not Ray's proxy."""
     import subprocess
 

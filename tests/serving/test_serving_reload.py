@@ -18,7 +18,7 @@ def test_new_version_reloads_and_old_index_is_refused(served):
 
     from deepindex.checkpoint import load_model, save_checkpoint
     from deepindex.index.build import build_index
-    from deepindex.index.source import resolve_model
+    from deepindex.tracking.registry import resolve_model
     from deepindex.index.store import index_dir_name
 
     lm = load_model(served.trained)

@@ -48,7 +48,8 @@ def _candidate(client, experiment_id, splits, tmp_path, epochs: int, seed: int) 
 def test_weaker_candidate_keeps_the_champion_better_one_replaces_it(mlflow_server, splits, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from deepindex.tracking.registry import promote, resolve_model
+    from deepindex.tracking.registry import resolve_model
+    from deepindex.workflows import promote
 
     client = MlflowClient(mlflow_server.uri)
     exp = client.create_experiment(f"registry-{tmp_path.name}")
@@ -89,3 +90,20 @@ def test_weaker_candidate_keeps_the_champion_better_one_replaces_it(mlflow_serve
     assert (local.name, local.version) == ("local", "file-" + digest)
     with pytest.raises(ValueError, match="not found in the registry"):
         resolve_model(f"models:/{name}@nobody", mlflow_server.uri)
+
+
+def test_a_checkpoint_path_resolves_to_its_content_hash(tmp_path, monkeypatch):
+    from deepindex.tracking.registry import resolve_model
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    f = tmp_path / "checkpoint.pt"
+    f.write_bytes(b"weights")
+    r = resolve_model(str(tmp_path))
+    assert r.name == "local" and r.version == "file-" + hashlib.sha256(b"weights").hexdigest()[:12]
+    assert r.checkpoint_path == str(f) and resolve_model(str(f)) == r
+    f.write_bytes(b"other weights")
+    assert resolve_model(str(tmp_path)).version != r.version  # the version follows the weights
+    with pytest.raises(ValueError, match="no MLflow server"):  # no registry to ask: a clear error
+        resolve_model("models:/x@champion")
+    with pytest.raises(FileNotFoundError):
+        resolve_model(str(tmp_path / "nope"))

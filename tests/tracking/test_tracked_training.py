@@ -24,7 +24,7 @@ def _history(client, run_id: str, key: str) -> list[int]:
 def test_run_holds_params_metrics_tags_artifacts_and_resume_continues_it(ray_local, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from deepindex.tracking.run import tracked_train
+    from deepindex.workflows import tracked_train
 
     exp_name = f"track-{tmp_path.name}"
     cfg = load_config(None, TINY + ["train.epochs=2", f"ray.storage_path={tmp_path / 'results'}",
@@ -60,7 +60,7 @@ def test_run_holds_params_metrics_tags_artifacts_and_resume_continues_it(ray_loc
 def test_tracking_server_killed_during_a_run_training_completes(ray_local, tmp_path, caplog):
     from mlflow.tracking import MlflowClient
 
-    from deepindex.tracking.run import tracked_train
+    from deepindex.workflows import tracked_train
 
     server = start_mlflow_server(tmp_path / "mlflow")
     exp_name = "doomed"

@@ -50,12 +50,7 @@ def _app_args(args) -> tuple[dict, dict, str]:
 
 
 def run_serve(args) -> int:
-    import sys
-
     app_args, http, name = _app_args(args)
-    repo = Path(__file__).resolve().parents[3]  # platform/deepindex/commands -> the repo root
-    if str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))  # `serving` is a top-level folder, not an installed package
     from ray import serve
 
     from deepindex.cluster import connect

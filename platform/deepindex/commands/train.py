@@ -22,14 +22,14 @@ def register(sub) -> None:
 
 
 def run_train(args) -> int:
-    from deepindex.jobs import train_main
+    from deepindex.workflows import train_main
 
     train_main(args.config, args.overrides, name=args.name)
     return 0
 
 
 def run_evaluate(args) -> int:
-    from deepindex.train.trainer import evaluate_checkpoint
+    from deepindex.train.evaluation import evaluate_checkpoint
 
     print(json.dumps(evaluate_checkpoint(args.checkpoint, args.split), indent=2))
     return 0

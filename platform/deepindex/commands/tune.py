@@ -33,7 +33,7 @@ def run_tune(args) -> int:
 
 
 def run_promote(args) -> int:
-    from deepindex.tune.main import promote_main
+    from deepindex.workflows import promote_main
 
     promote_main(sweep=args.sweep, run_id=args.run_id, model=args.model, experiment=args.experiment)
     return 0

@@ -1,13 +1,13 @@
 """Indexing a collection with a registered model: concept probabilities + embeddings on disk.
 
-- :mod:`.source`      which checkpoint a model URI names (registry or a plain path) and its version
 - :mod:`.collection`  the collections to index: the digit-scenes gallery, an image folder, a manifest
 - :mod:`.embed`       one model pass -> (probabilities, embeddings); the Ray Data actor that runs it
 - :mod:`.vectors`     the FAISS wrapper: exact, HNSW or IVF; L2 or inner product
 - :mod:`.store`       the index directory: manifest, arrays, atomic write, items added later
 - :mod:`.keywords`    vocabulary with synonyms -> concepts -> ranked items
 - :mod:`.metrics`     retrieval quality: precision@k and mAP@k
-- :mod:`.build`       the whole build: embed in parallel on the cluster, write the index
+- :mod:`.build`       the whole build: resolve the model (``deepindex.tracking.registry``), embed in
+                      parallel on the cluster, write the index
 
 Nothing here imports Ray or FAISS at import time; each module imports what it needs.
 """

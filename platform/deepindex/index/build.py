@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from deepindex.index.collection import Collection, load_collection
-from deepindex.index.source import ResolvedModel, resolve_model
 from deepindex.index.store import IndexStore, index_dir_name
 from deepindex.index.vectors import VectorConfig
+from deepindex.tracking.registry import ResolvedModel, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def build_index(model_uri: str, *, collection: str = "digit-scenes", out: str | 
         model={"uri": model_uri, "name": resolved.name, "version": resolved.version}, collection=coll.name,
         concepts=lm.concepts, ids=coll.ids, meta=[coll.item_meta(i) for i in range(len(coll))], probs=probs,
         embeddings=embs, thumbs=thumbs if thumbnails else None, cfg=cfg, image_size=d.image_size,
-        channels=d.channels, multilabel=lm.multilabel, extra={"source": coll.meta})
+        channels=d.channels, multilabel=lm.multilabel, source=coll.meta)
     path = Path(out) if out else default_index_root() / coll.name / index_dir_name(resolved.name, resolved.version)
     store.save(path)
     secs = time.perf_counter() - start

@@ -9,22 +9,22 @@
 <dir>/thumbs.npy       (N, C, S, S) uint8 model-size images: shown by the demo page (optional)
 <dir>/items.jsonl      one {"id", ...metadata} per row
 ```
-Writes are atomic: everything goes to a temp directory next to the target, then renames swap
-it in, so a reader sees the old index or the new one, never half of one.  Items are added to a
+Writes are atomic (:func:`deepindex.atomic.swap_dir`): a reader sees the old index or the new
+one, never half of one.  Items are added to a
 loaded index in memory (FAISS ``add``: no rebuild) and ``save`` writes the whole directory again.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
+from deepindex.atomic import recover_all, recover_dir, swap_dir
 from deepindex.index.vectors import VectorConfig, VectorIndex
 
 log = logging.getLogger(__name__)
@@ -46,148 +46,73 @@ def index_dir_name(model_name: str, version: str) -> str:
     return f"{model_name}-{version}".replace("/", "_")
 
 
-def read_manifest(path: str | Path) -> dict:
-    return json.loads((Path(path) / MANIFEST).read_text())
+class IndexedModel(BaseModel):
+    """The model version an index was built with."""
+
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+    uri: str
+    name: str
+    version: str
+
+
+class IndexManifest(BaseModel):
+    """``manifest.json``: what an index folder holds and which model version built it."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    format: int = FORMAT
+    model: IndexedModel
+    collection: str
+    metric: str
+    normalize: bool
+    kind: str
+    vector_config: VectorConfig
+    concepts: list[str]
+    multilabel: bool
+    dim: int
+    count: int
+    image_size: int
+    channels: int
+    created: str
+    source: dict[str, Any] = {}
+
+    def check_model(self, name: str, version: str) -> None:
+        """Refuse (:class:`IndexMismatch`) unless this index was built with ``name`` ``version``."""
+        m = self.model
+        if (m.name, m.version) != (name, version):
+            raise IndexMismatch(f"index built with model {m.name} version {m.version}, "
+                                f"serving {name} version {version}: refused")
+
+
+def read_manifest(path: str | Path) -> IndexManifest:
+    p = Path(path) / MANIFEST
+    raw = json.loads(p.read_text())
+    if raw.get("format") != FORMAT:
+        raise ValueError(f"index: {p.parent} has format {raw.get('format')}, expected {FORMAT}")
+    return IndexManifest.model_validate(raw)
 
 
 def find_index(path: str | Path, model_name: str | None = None, version: str | None = None) -> Path | None:
     """``path`` itself when it is an index; else its sub-folder built with ``version`` (a collection folder)."""
     p = Path(path)
-    recover_interrupted(p)
+    recover_dir(p, MANIFEST)
     if (p / MANIFEST).is_file():
         return p
     if version is None or not p.is_dir():
         return None
-    for old in p.glob(".*.old-*/x"):  # a version's index that a killed writer left moved aside
-        recover_interrupted(p / old.parent.name[1:].split(".old-")[0])
+    recover_all(p, MANIFEST)  # a version's index that a killed writer left moved aside
     for sub in sorted(p.iterdir()):
-        # Hidden folders are a writer's temp or moved-aside copies (atomic_write_dir), never an index.
+        # Hidden folders are a writer's temp or moved-aside copies (deepindex.atomic), never an index.
         if not sub.name.startswith(".") and (sub / MANIFEST).is_file():
-            m = read_manifest(sub)["model"]
-            if m["version"] == version and (model_name is None or m["name"] == model_name):
+            m = read_manifest(sub).model
+            if m.version == version and (model_name is None or m.name == model_name):
                 return sub
     return None
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    import ctypes
-    import errno
-
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel or a filesystem without it
-        return False
-    raise OSError(err, f"renameat2({a}, {b}): {os.strerror(err)}")
-
-
-def _hold(folder: Path) -> int | None:
-    """Lock a writer's temp folder for the writer's lifetime (``flock`` on the folder itself).
-
-    The kernel drops the lock when the process dies, however it dies: a folder whose lock can be
-    taken belongs to no live writer.  None where the filesystem has no ``flock`` (the folder is
-    then never swept).
-    """
-    import fcntl
-
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd
-    except OSError:
-        os.close(fd)
-        return None
-
-
-def _abandoned(folder: Path) -> bool:
-    """No live writer holds ``folder`` (see :func:`_hold`)."""
-    try:
-        fd = _hold(folder)
-    except OSError:  # gone meanwhile, or not ours to open
-        return False
-    if fd is None:
-        return False
-    os.close(fd)
-    return True
-
-
-def recover_interrupted(target: str | Path) -> None:
-    """Put back an index that a writer moved aside and died before replacing (the two-rename swap),
-    then remove what killed writers left next to it (temp and moved-aside folders)."""
-    target = Path(target)
-    if not target.parent.is_dir():
-        return
-    if not (target / MANIFEST).is_file():
-        olds = sorted(target.parent.glob(f".{target.name}.old-*/x"), key=lambda q: q.stat().st_mtime, reverse=True)
-        for old in olds:
-            if (old / MANIFEST).is_file() and not target.exists() and _abandoned(old.parent):
-                os.rename(old, target)
-                log.warning("index %s: restored the previous version left by an interrupted write", target)
-                break
-    if not (target / MANIFEST).is_file():
-        return  # nothing complete to keep: leave every copy for a person to look at
-    for left in [*target.parent.glob(f".{target.name}.tmp-*"), *target.parent.glob(f".{target.name}.old-*")]:
-        if left.is_dir() and _abandoned(left):
-            try:
-                shutil.rmtree(left)
-                log.info("index %s: removed %s, left by an interrupted write", target, left.name)
-            except OSError as e:  # read-only mount, or another process removing it too
-                log.debug("index %s: could not remove %s: %s", target, left, e)
-
-
-def atomic_write_dir(target: str | Path, write) -> Path:
-    """Call ``write(tmp_dir)`` then swap ``tmp_dir`` in for ``target``: readers, and a writer killed at
-    any point, see the old complete directory or the new one, never none.  The temp folders are
-    locked while this writer lives; the next load or write removes those of a killed writer."""
-    target = Path(target).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted(target)
-    held: list[int] = []
-
-    def make(kind: str) -> Path:
-        # Locked under a name the sweep ignores, then renamed: a sweep never sees it unlocked.
-        # (A kill inside these two calls leaves an empty ``.new-`` folder, which stays.)
-        folder = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.new-"))
-        fd = _hold(folder)
-        if fd is not None:
-            held.append(fd)
-        named = folder.with_name(folder.name.replace(".new-", f".{kind}-", 1))
-        os.rename(folder, named)
-        return named
-
-    tmp = make("tmp")
-    try:
-        write(tmp)
-        for f in tmp.iterdir():  # durable before the rename makes it visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if not target.exists():
-            os.rename(tmp, target)
-        elif not _exchange(tmp, target):  # when swapped, tmp holds the old version: removed below
-            # Two renames: a crash between them leaves the old version under .old-*/x, where
-            # recover_interrupted (run by every load and write) finds it and puts it back.
-            old = make("old")
-            os.rename(target, old / "x")
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        for fd in held:
-            os.close(fd)
-    return target
 
 
 class IndexStore:
     """A loaded index: vectors, probabilities, ids, thumbnails and the manifest."""
 
-    def __init__(self, manifest: dict, vectors: VectorIndex, ids: list[str], meta: list[dict],
+    def __init__(self, manifest: IndexManifest, vectors: VectorIndex, ids: list[str], meta: list[dict],
                  probs: np.ndarray, embeddings: np.ndarray, thumbs: np.ndarray | None):
         self.manifest, self.vectors, self.ids, self.meta = manifest, vectors, ids, meta
         self.probs, self.embeddings, self.thumbs = probs, embeddings, thumbs  # (N, K), (N, D), (N, C, S, S)
@@ -199,28 +124,24 @@ class IndexStore:
     @classmethod
     def create(cls, *, model: dict, collection: str, concepts: list[str], ids: list[str], meta: list[dict],
                probs: np.ndarray, embeddings: np.ndarray, thumbs: np.ndarray | None, cfg: VectorConfig,
-               image_size: int, channels: int, multilabel: bool, extra: dict | None = None) -> "IndexStore":
+               image_size: int, channels: int, multilabel: bool, source: dict[str, Any] | None = None) -> IndexStore:
         vectors = VectorIndex.build(embeddings, cfg)
-        manifest = {
-            "format": FORMAT, "model": dict(model), "collection": collection, "metric": cfg.metric,
-            "normalize": cfg.normalize, "kind": vectors.kind, "vector_config": cfg.model_dump(),
-            "concepts": list(concepts), "multilabel": multilabel, "dim": int(embeddings.shape[1]),
-            "count": len(ids), "image_size": image_size, "channels": channels,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {}),
-        }
+        manifest = IndexManifest(
+            model=IndexedModel.model_validate(model), collection=collection, metric=cfg.metric,
+            normalize=cfg.normalize, kind=vectors.kind, vector_config=cfg, concepts=list(concepts),
+            multilabel=multilabel, dim=int(embeddings.shape[1]), count=len(ids), image_size=image_size,
+            channels=channels, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), source=source or {})
         return cls(manifest, vectors, list(ids), list(meta), probs.astype(np.float32),
                    embeddings.astype(np.float32), thumbs)
 
     @classmethod
-    def load(cls, path: str | Path) -> "IndexStore":
+    def load(cls, path: str | Path) -> IndexStore:
         p = Path(path)
-        recover_interrupted(p)
+        recover_dir(p, MANIFEST)
         if not (p / MANIFEST).is_file():
             raise FileNotFoundError(f"index: no {MANIFEST} in {p}")
         manifest = read_manifest(p)
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"index: {p} has format {manifest.get('format')}, expected {FORMAT}")
-        cfg = VectorConfig(**manifest["vector_config"])
+        cfg = manifest.vector_config
         rows = [json.loads(line) for line in (p / "items.jsonl").read_text().splitlines() if line]
         ids = [r.pop("id") for r in rows]
         # allow_pickle=False: an index folder holds plain numeric arrays; an object array (a pickle)
@@ -234,7 +155,7 @@ class IndexStore:
         return store
 
     def save(self, path: str | Path) -> Path:
-        self.manifest["count"] = len(self.ids)
+        self.manifest.count = len(self.ids)
 
         def write(tmp: Path) -> None:
             self.vectors.save(str(tmp / "vectors.faiss"))
@@ -246,21 +167,11 @@ class IndexStore:
                 for item, m in zip(self.ids, self.meta):
                     fh.write(json.dumps({"id": item, **m}) + "\n")
             # The manifest last: its presence marks a complete index.
-            (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2))
+            (tmp / MANIFEST).write_text(self.manifest.model_dump_json(indent=2))
 
-        return atomic_write_dir(path, write)
+        return swap_dir(path, write, MANIFEST)
 
     # ---- queries -------------------------------------------------------------------------
-    @property
-    def model_version(self) -> str:
-        return self.manifest["model"]["version"]
-
-    def check_model(self, name: str, version: str) -> None:
-        m = self.manifest["model"]
-        if m["version"] != version or m["name"] != name:
-            raise IndexMismatch(f"index built with model {m['name']} version {m['version']}, "
-                                f"serving {name} version {version}")
-
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -294,5 +205,5 @@ class IndexStore:
         self.meta.extend(meta or [{} for _ in ids])
         for j, item in enumerate(ids):
             self.rows[item] = start + j
-        self.manifest["count"] = len(self.ids)
+        self.manifest.count = len(self.ids)
         return list(range(start, len(self.ids)))

@@ -1,17 +1,14 @@
-"""The MLflow Model Registry: resolving a model URI to a checkpoint, registering, promoting.
+"""The MLflow Model Registry: model URIs -> local checkpoints, registered versions, the champion alias.
 
-A registered version's artifacts are the run's ``checkpoint/`` folder, i.e.
-``checkpoint.pt`` under the DESIGN.md checkpoint contract; serving and indexing load
-``models:/<name>@champion`` (or ``models:/<name>/<version>``) through :func:`resolve_model`.
+A registered version's artifacts are the run's ``checkpoint/`` folder, i.e. ``checkpoint.pt``
+under the DESIGN.md checkpoint contract.  Serving and indexing load ``models:/<name>@champion``
+(or ``models:/<name>/<version>``, or a checkpoint path) through :func:`resolve_model`.
 
-Promotion registers the candidate (one version per run) and moves the alias ``champion``
-to it only when its test metric beats the current champion's, both scored here, now, on
-the candidate's test split; the decision and both figures go to the candidate's run, the
-model version's tags, and (for a sweep) the sweep's parent run.
+Promotion itself (score the candidate and the champion, decide) is ``deepindex.workflows.promote``;
+this module registers, moves the alias and logs the decision it is handed.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,20 +16,27 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from deepindex.checkpoint import FILENAME
+from deepindex.checkpoint import FILENAME, checkpoint_file, checkpoint_version
+from deepindex.tracking.tracker import mlflow_client
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 ARTIFACT_DIR = "checkpoint"
+LOCAL = "local"  # the model name of a checkpoint given as a path
 
 
-@dataclass
+@dataclass(frozen=True)
 class ResolvedModel:
-    checkpoint_path: str  # a local checkpoint directory (holding checkpoint.pt)
-    name: str
-    version: str
+    checkpoint_path: str  # the local checkpoint file (checkpoint.pt, or the file a path named)
+    name: str  # registered model name, or "local" for a path
+    version: str  # registry version, or ``file-<sha256 prefix>`` for a path
 
 
 @dataclass
@@ -49,44 +53,25 @@ class PromotionDecision:
     reason: str
 
 
-def _client(tracking_uri: str | None):
-    from mlflow.tracking import MlflowClient
-
-    from deepindex.tracking.tracker import quiet_http_retries
-    from deepindex.tracking.uri import resolve_tracking_uri
-
-    uri = tracking_uri or resolve_tracking_uri(warn=False)
-    if uri is None:
-        raise ValueError("tracking: no MLflow server (set MLFLOW_TRACKING_URI or run `deepindex up`)")
-    quiet_http_retries()
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _file_version(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "file-" + h.hexdigest()[:12]
-
-
 def resolve_model(model_uri: str, tracking_uri: str | None = None) -> ResolvedModel:
     """``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a local checkpoint path -> a local checkpoint.
 
-    Registry versions are downloaded once into ``<state dir>/models/NAME/VERSION`` (a
-    version's artifacts never change) and loaded from there afterwards.
+    Registry versions are downloaded once into ``<state dir>/models/NAME/VERSION`` (a version's
+    artifacts never change) and loaded from there afterwards.  A path resolves with name ``local``
+    and version ``file-`` + 12 hex digits of its sha256 (:func:`deepindex.checkpoint.checkpoint_version`).
     """
+    if not model_uri:
+        raise ValueError("model: empty model URI")
     if not model_uri.startswith("models:/"):
-        p = Path(model_uri).expanduser()
-        f = p / FILENAME if p.is_dir() else p
+        f = checkpoint_file(model_uri)
         if not f.is_file():
             raise FileNotFoundError(f"model: no checkpoint at {model_uri} (expected a models:/ URI or a checkpoint path)")
-        return ResolvedModel(str(f.parent.resolve()), "local", _file_version(f))
+        return ResolvedModel(str(f.resolve()), LOCAL, checkpoint_version(f))
 
     from mlflow.exceptions import MlflowException
 
     rest = model_uri[len("models:/"):]
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     try:
         if "@" in rest:
             name, alias = rest.split("@", 1)
@@ -98,10 +83,10 @@ def resolve_model(model_uri: str, tracking_uri: str | None = None) -> ResolvedMo
             raise ValueError(f"model: {model_uri!r} must look like models:/NAME@ALIAS or models:/NAME/VERSION")
     except MlflowException as e:
         raise ValueError(f"model: {model_uri} not found in the registry ({e.message.splitlines()[0]})") from None
-    return ResolvedModel(str(_download(client, mv)), mv.name, str(mv.version))
+    return ResolvedModel(str(_download(client, mv) / FILENAME), mv.name, str(mv.version))
 
 
-def _download(client, mv) -> Path:
+def _download(client: MlflowClient, mv: ModelVersion) -> Path:
     from deepindex.paths import state_dir
 
     dest = state_dir() / "models" / mv.name / str(mv.version)
@@ -121,11 +106,21 @@ def _download(client, mv) -> Path:
     return dest
 
 
+def download_run_checkpoint(run_id: str, dest: str | Path, tracking_uri: str | None = None) -> Path:
+    """A run's ``checkpoint/`` artifact, downloaded under ``dest``; a run without one is a ValueError."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(mlflow_client(tracking_uri).download_artifacts(run_id, ARTIFACT_DIR, str(dest)))
+    except MlflowException as e:
+        raise ValueError(f"run {run_id}: no {ARTIFACT_DIR}/ artifact ({e.message.splitlines()[0]})") from None
+
+
 def register_run(run_id: str, name: str, tracking_uri: str | None = None) -> str:
     """Register a run's checkpoint as a version of ``name`` (reusing the run's existing version)."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -142,58 +137,23 @@ def register_run(run_id: str, name: str, tracking_uri: str | None = None) -> str
     return str(mv.version)
 
 
-def promote(run_id: str, name: str, tracking_uri: str | None = None, *, parent_run_id: str | None = None,
-            alias: str = CHAMPION) -> PromotionDecision:
-    """Score the candidate run and the current champion on the candidate's test split; move
-    the alias to the candidate only when it is strictly better."""
+def alias_version(name: str, alias: str = CHAMPION, tracking_uri: str | None = None) -> str | None:
+    """The version ``models:/NAME@ALIAS`` names, or None when the alias (or the model) does not exist."""
     from mlflow.exceptions import MlflowException
 
-    from deepindex.checkpoint import read_checkpoint
-    from deepindex.config import from_dict
-    from deepindex.tracking.artifacts import score_checkpoint
-    from deepindex.train.engine import primary_metric
-
-    client = _client(tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="deepindex-candidate-") as tmp:
-        try:
-            cand_dir = Path(client.download_artifacts(run_id, ARTIFACT_DIR, tmp))
-        except MlflowException as e:
-            raise ValueError(f"run {run_id}: no {ARTIFACT_DIR}/ artifact to promote ({e.message.splitlines()[0]})") from None
-        cand_cfg = from_dict(read_checkpoint(cand_dir)["config"])
-        cand = score_checkpoint(cand_dir)
-    metric, mode = primary_metric(cand.multilabel, prefix="test_")
-    cand_value = float(cand.metrics[metric])
-    version = register_run(run_id, name, tracking_uri=client.tracking_uri)
-
-    champ_value, champ_version = None, None
     try:
-        champ = client.get_model_version_by_alias(name, alias)
-        champ_version = str(champ.version)
+        return str(mlflow_client(tracking_uri).get_model_version_by_alias(name, alias).version)
     except MlflowException:
-        champ = None
-    if champ is not None and champ_version == version:
-        champ_value = cand_value
-        promoted, reason = False, f"version {version} is already the {alias}"
-    elif champ is not None:
-        resolved = resolve_model(f"models:/{name}/{champ_version}", client.tracking_uri)
-        champ_value = float(score_checkpoint(resolved.checkpoint_path, data=cand_cfg.data).metrics[metric])
-        better = cand_value > champ_value if mode == "max" else cand_value < champ_value
-        promoted = better
-        reason = (f"{metric} {cand_value:.4f} {'beats' if better else 'does not beat'} the {alias} "
-                  f"(version {champ_version}) {champ_value:.4f}")
-    else:
-        promoted, reason = True, f"no {alias} yet; {metric} {cand_value:.4f}"
-    if promoted:
-        client.set_registered_model_alias(name, alias, version)
-    decision = PromotionDecision(promoted, name, version, metric, mode, cand_value, champ_value, champ_version,
-                                 run_id, reason)
-    log.info("promotion of run %s (version %s): %s -> %s", run_id, version, reason,
-             f"{alias} = version {version}" if promoted else f"{alias} unchanged")
-    _log_decision(client, decision, parent_run_id)
-    return decision
+        return None
 
 
-def _log_decision(client, d: PromotionDecision, parent_run_id: str | None) -> None:
+def set_alias(name: str, version: str, alias: str = CHAMPION, tracking_uri: str | None = None) -> None:
+    mlflow_client(tracking_uri).set_registered_model_alias(name, alias, version)
+
+
+def log_decision(d: PromotionDecision, parent_run_id: str | None = None, tracking_uri: str | None = None) -> None:
+    """The decision and both figures on the candidate's run, the sweep's parent run and the model version."""
+    client = mlflow_client(tracking_uri)
     tags = {"promotion.decision": "promoted" if d.promoted else "not promoted", "promotion.reason": d.reason,
             "promotion.version": d.version}
     for k, v in tags.items():

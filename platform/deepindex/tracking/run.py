@@ -1,22 +1,25 @@
-"""Driver side of a tracked training run: build the tracker, train, then test metrics + artifacts.
+"""One training run in MLflow, driver side: the tracker rank 0 logs through, and the final logging.
 
-``tracked_train`` is what ``deepindex train`` and every Tune trial call.  After Ray Train
-returns, the best checkpoint (by the validation metric) is scored on the test split here,
-and the run gets: ``test_*`` metrics, ``test_ap.csv`` (per-concept AP), ``test_pr_curve.png``
-(multi-label) or ``test_confusion_matrix.png`` (single-label), and ``checkpoint/checkpoint.pt``
-(the DESIGN.md checkpoint contract, which the registry registers).
+:func:`make_tracker` builds the :class:`~deepindex.tracking.tracker.Tracker` a run's rank 0 uses;
+:func:`log_final` logs what the finished run is handed (``deepindex.workflows`` scores the best
+checkpoint): ``test_*`` metrics, ``test_ap.csv``, the PR-curve or confusion-matrix figure, and
+``checkpoint/checkpoint.pt`` (the DESIGN.md checkpoint contract, which the registry registers).
 """
 from __future__ import annotations
 
 import logging
 import os
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from deepindex.config import Config
-from deepindex.tracking.tracker import (RUN_ID_KEY, TAG_TRAIN_NAME, Tracker, numeric_metrics, quiet_http_retries,
-                                       replay_journal)
+from deepindex.tracking.tracker import RUN_ID_KEY, TAG_TRAIN_NAME, Tracker, mlflow_client, replay_journal
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ def run_tags(cfg: Config, extra: dict[str, str] | None = None) -> dict[str, str]
     return tags
 
 
-def get_or_create_experiment(client, name: str) -> str:
+def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
@@ -72,22 +75,13 @@ def get_or_create_experiment(client, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def journal_path(cfg: Config, name: str) -> str | None:
-    from deepindex.train.trainer import storage_path
-
-    storage = storage_path(cfg)
-    return None if "://" in storage else str(Path(storage) / name / "tracking_journal.jsonl")
-
-
-def make_tracker(cfg: Config, name: str, *, tracking_uri: str | None = None, parent_run_id: str | None = None,
-                 tags: dict[str, str] | None = None) -> Tracker | None:
+def make_tracker(cfg: Config, name: str, *, journal: str | None = None, tracking_uri: str | None = None,
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> Tracker | None:
     """A tracker for one training run, or None when tracking is off (config or no server).
 
     An unreachable server gives one warning and a disabled tracker: the epochs then go to
-    the journal next to the checkpoints instead of MLflow.
+    ``journal`` (a JSON-lines file next to the checkpoints) instead of MLflow.
     """
-    from mlflow.tracking import MlflowClient
-
     from deepindex.tracking.uri import reachable, resolve_tracking_uri
 
     if not cfg.tracking.enabled:
@@ -95,18 +89,16 @@ def make_tracker(cfg: Config, name: str, *, tracking_uri: str | None = None, par
     uri = tracking_uri or resolve_tracking_uri()
     if uri is None:
         return None
-    offline = journal_path(cfg, name)
     run_name = cfg.tracking.run_name or name
     if not reachable(uri):
         if uri not in _warned_unreachable:
             _warned_unreachable.add(uri)
             log.warning("MLflow server %s is unreachable: training goes on untracked; epochs are journaled in %s",
-                        uri, offline)
-        return Tracker(uri, "", run_name, offline_path=offline, disabled=True)
-    quiet_http_retries()
-    exp_id = get_or_create_experiment(MlflowClient(uri), cfg.tracking.experiment)
+                        uri, journal)
+        return Tracker(uri, "", run_name, offline_path=journal, disabled=True)
+    exp_id = get_or_create_experiment(mlflow_client(uri), cfg.tracking.experiment)
     return Tracker(uri, exp_id, run_name, tags=run_tags(cfg, tags), parent_run_id=parent_run_id,
-                   offline_path=offline)
+                   offline_path=journal)
 
 
 def run_id_of(tracker: Tracker, checkpoint: str | None, name: str) -> str | None:
@@ -117,7 +109,7 @@ def run_id_of(tracker: Tracker, checkpoint: str | None, name: str) -> str | None
         try:
             rid = (read_checkpoint(checkpoint).get("extra") or {}).get(RUN_ID_KEY)
             if rid:
-                return rid
+                return str(rid)
         except (FileNotFoundError, ValueError):
             pass
     if tracker.disabled or not tracker.experiment_id:
@@ -126,57 +118,53 @@ def run_id_of(tracker: Tracker, checkpoint: str | None, name: str) -> str | None
         runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`{TAG_TRAIN_NAME}` = '{name}'",
                                           max_results=1)
         return runs[0].info.run_id if runs else None
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - no run found is the answer when the server cannot say
         return None
 
 
-def finalize(tracker: Tracker | None, best_checkpoint: str, latest_checkpoint: str | None, name: str,
-             extra_metrics: dict[str, float] | None = None, status: str = "FINISHED") -> tuple[dict[str, Any], str | None]:
-    """Score ``best_checkpoint`` on the test split; log metrics, artifacts, checkpoint; end the run
-    with ``status`` (a Tune trial that ASHA stopped ends KILLED)."""
-    from deepindex.tracking.artifacts import ap_table, curve_figure, score_checkpoint
+@dataclass
+class FinalReport:
+    """What a finished run hands to tracking: test metrics, text and figure artifacts, the checkpoint."""
 
-    scored = score_checkpoint(best_checkpoint)
-    if tracker is None:
-        return scored.metrics, None
-    run_id = run_id_of(tracker, latest_checkpoint or best_checkpoint, name)
+    metrics: dict[str, float]
+    checkpoint: str  # the checkpoint.pt file logged as the run's model (artifact path checkpoint/)
+    texts: dict[str, str] = field(default_factory=dict)  # artifact name -> content
+    figures: dict[str, Figure] = field(default_factory=dict)  # artifact name -> matplotlib figure
+
+
+def log_final(tracker: Tracker, report: FinalReport, latest_checkpoint: str | None, name: str,
+              status: str = "FINISHED") -> str | None:
+    """Log a finished run's report and end the run with ``status`` (a Tune trial that ASHA stopped
+    ends KILLED); returns the run id.  When the server cannot be reached the test metrics are
+    journaled instead, for ``deepindex tracking sync`` to replay later."""
+    run_id = run_id_of(tracker, latest_checkpoint or report.checkpoint, name)
     if run_id is None or tracker.disabled and not _server_back(tracker):
-        tracker.journal("test", metrics=numeric_metrics(scored.metrics), checkpoint=best_checkpoint)
-        return scored.metrics, run_id
+        tracker.journal("test", metrics=report.metrics, checkpoint=report.checkpoint)
+        return run_id
     tracker.run_id, tracker.disabled = run_id, False
     try:
         if tracker.offline_path:  # epochs journaled while the server was down go back into the run
             replay_journal(tracker.offline_path, tracker.tracking_uri, run_id)
-        tracker.log_metrics({**numeric_metrics(scored.metrics), **(extra_metrics or {})})
+        tracker.log_metrics(report.metrics)
         client = tracker.client
-        client.log_text(run_id, ap_table(scored), "test_ap.csv")
-        fig = curve_figure(scored)
-        client.log_figure(run_id, fig, "test_pr_curve.png" if scored.multilabel else "test_confusion_matrix.png")
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-        client.log_artifact(run_id, checkpoint_file(best_checkpoint), "checkpoint")
-        client.set_tag(run_id, "best_checkpoint", str(best_checkpoint))
+        for artifact, text in report.texts.items():
+            client.log_text(run_id, text, artifact)
+        for artifact, fig in report.figures.items():
+            client.log_figure(run_id, fig, artifact)
+        client.log_artifact(run_id, report.checkpoint, "checkpoint")
+        client.set_tag(run_id, "best_checkpoint", str(Path(report.checkpoint).parent))
         client.set_terminated(run_id, status)
     except Exception as e:  # noqa: BLE001 - the training result stands without its logs
         log.warning("MLflow: final logging of run %s failed (%s: %s); test metrics: %s", run_id, type(e).__name__, e,
-                    numeric_metrics(scored.metrics))
-        tracker.journal("test", metrics=numeric_metrics(scored.metrics), checkpoint=best_checkpoint)
-    return scored.metrics, run_id
+                    report.metrics)
+        tracker.journal("test", metrics=report.metrics, checkpoint=report.checkpoint)
+    return run_id
 
 
 def _server_back(tracker: Tracker) -> bool:
     from deepindex.tracking.uri import reachable
 
     return bool(tracker.experiment_id) and reachable(tracker.tracking_uri)
-
-
-def checkpoint_file(path: str) -> str:
-    """``checkpoint.pt`` of a checkpoint folder (Ray's folders may hold more files) or the file itself."""
-    from deepindex.checkpoint import FILENAME
-
-    p = Path(path)
-    return str(p / FILENAME if p.is_dir() else p)
 
 
 def mark_failed(tracker: Tracker | None, name: str, checkpoint: str | None = None) -> None:
@@ -186,22 +174,5 @@ def mark_failed(tracker: Tracker | None, name: str, checkpoint: str | None = Non
     if rid:
         try:
             tracker.client.set_terminated(rid, "FAILED")
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - the failure itself is what the caller reports
             pass
-
-
-def tracked_train(cfg: Config, *, name: str | None = None, callbacks: list | None = None,
-                  parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-                  tracking_uri: str | None = None):
-    """Train on the connected cluster with MLflow tracking; returns (TrainOutcome, MLflow run id)."""
-    from deepindex.train.trainer import run_name, train
-
-    name = name or run_name(cfg)
-    tracker = make_tracker(cfg, name, tracking_uri=tracking_uri, parent_run_id=parent_run_id, tags=tags)
-    try:
-        outcome = train(cfg, name=name, evaluate_test=False, tracker=tracker, callbacks=callbacks)
-    except BaseException:
-        mark_failed(tracker, name)
-        raise
-    outcome.test_metrics, run_id = finalize(tracker, outcome.checkpoint, outcome.latest_checkpoint, name)
-    return outcome, run_id

@@ -21,9 +21,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deepindex.config import Config
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,20 @@ def quiet_http_retries() -> None:
         os.environ.setdefault(k, v)
 
 
+def mlflow_client(tracking_uri: str | None = None) -> MlflowClient:
+    """A client of ``tracking_uri`` (default: :func:`~deepindex.tracking.uri.resolve_tracking_uri`),
+    which is also its model registry; no server at all is a one-line ``ValueError``."""
+    from mlflow.tracking import MlflowClient
+
+    from deepindex.tracking.uri import resolve_tracking_uri
+
+    uri = tracking_uri or resolve_tracking_uri(warn=False)
+    if uri is None:
+        raise ValueError("tracking: no MLflow server (set MLFLOW_TRACKING_URI or run `deepindex up`)")
+    quiet_http_retries()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 @dataclass
 class Tracker:
     """Picklable: it travels in ``train_loop_config`` to the worker that runs rank 0."""
@@ -70,12 +87,9 @@ class Tracker:
         return state
 
     @property
-    def client(self):
+    def client(self) -> MlflowClient:
         if getattr(self, "_client", None) is None:
-            from mlflow.tracking import MlflowClient
-
-            quiet_http_retries()
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client = mlflow_client(self.tracking_uri)
         return self._client
 
     # ---- worker side -----------------------------------------------------------------
@@ -180,7 +194,6 @@ def replay_journal(path: str | Path, tracking_uri: str, run_id: str) -> int:
     if logging fails it stays where it is.
     """
     from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
 
     path = Path(path)
     if not path.is_file():
@@ -194,7 +207,7 @@ def replay_journal(path: str | Path, tracking_uri: str, run_id: str) -> int:
             continue
         if rec.get("kind") == "epoch" and rec.get("run_id") in (None, run_id):
             records.append(rec)
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = mlflow_client(tracking_uri)
     for rec in records:
         ts = int(rec["time"] * 1000)
         metrics = [Metric(k, float(v), ts, int(rec["step"])) for k, v in rec["metrics"].items()]

@@ -13,6 +13,8 @@ from deepindex.train.engine import primary_metric
 
 log = logging.getLogger(__name__)
 
+JOURNAL = "tracking_journal.jsonl"
+
 
 def storage_path(cfg: Config) -> str:
     """Where Ray Train persists checkpoints: the config's, else ``<state dir>/ray_results``."""
@@ -24,6 +26,13 @@ def storage_path(cfg: Config) -> str:
 
 def run_name(cfg: Config) -> str:
     return cfg.ray.name or time.strftime("train-%Y%m%d-%H%M%S")
+
+
+def journal_path(cfg: Config, name: str) -> str | None:
+    """Where a run journals its tracking calls while MLflow is unreachable: next to its checkpoints
+    (None on remote storage, where the checkpoints' metrics are the record)."""
+    storage = storage_path(cfg)
+    return None if "://" in storage else str(Path(storage) / name / JOURNAL)
 
 
 def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list | None = None,
@@ -76,6 +85,7 @@ def train(cfg: Config, *, name: str | None = None, evaluate_test: bool = True, t
           callbacks: list | None = None) -> TrainOutcome:
     """Fit on the connected Ray cluster, then score the best checkpoint on the test split."""
     from deepindex.cluster import connect
+    from deepindex.train.evaluation import evaluate_checkpoint
 
     name = name or run_name(cfg)
     # Our connection rules, not ray's auto-init (which may attach to any cluster on the machine).
@@ -87,18 +97,3 @@ def train(cfg: Config, *, name: str | None = None, evaluate_test: bool = True, t
     best_path = best.path if best is not None else result.checkpoint.path
     test = evaluate_checkpoint(best_path) if evaluate_test else {}
     return TrainOutcome(name, dict(result.metrics or {}), best_path, result.checkpoint.path, test)
-
-
-def evaluate_checkpoint(path: str, split: str = "test", batch_size: int = 256) -> dict[str, Any]:
-    """A checkpoint's metrics on a split of its own dataset (plain torch, in this process)."""
-    from torch.utils.data import DataLoader
-
-    from deepindex.checkpoint import load_model
-    from deepindex.data import build_splits
-    from deepindex.train.engine import evaluate
-    from deepindex.train.losses import make_loss
-
-    lm = load_model(path)
-    splits = build_splits(lm.config.data)
-    loader = DataLoader(getattr(splits, split), batch_size=batch_size)
-    return evaluate(lm.model, loader, lm.multilabel, make_loss(lm.multilabel), prefix=f"{split}_")

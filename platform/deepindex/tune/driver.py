@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from deepindex.tracking.registry import PromotionDecision
 from deepindex.tune.space import SweepSpec
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class SweepOutcome:
     parent_run_id: str | None
     wall_s: float
     interrupted: bool
-    promotion: Any = None  # deepindex.tracking.registry.PromotionDecision
+    promotion: PromotionDecision | None = None
     best_test: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -88,13 +89,15 @@ def trial_driver(params: dict[str, Any], *, base: dict, sweep: str, train_storag
 
     from deepindex.config import from_dict
     from deepindex.tracking.run import make_tracker
-    from deepindex.train.trainer import train
+    from deepindex.tracking.sweep import SWEEP_TAG, TRIAL_TAG
+    from deepindex.train.trainer import journal_path, train
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = from_dict(base).override({**params, "ray.storage_path": train_storage})
-    tags = {"tune.sweep": sweep, "tune.trial_id": trial_id}
+    tags = {SWEEP_TAG: sweep, TRIAL_TAG: trial_id}
     # The trial id is stable across Tuner.restore: the same Train run (and MLflow run) resumes.
-    tracker = make_tracker(cfg, trial_id, tracking_uri=tracking_uri, parent_run_id=parent_run_id, tags=tags)
+    tracker = make_tracker(cfg, trial_id, journal=journal_path(cfg, trial_id), tracking_uri=tracking_uri,
+                           parent_run_id=parent_run_id, tags=tags)
     train(cfg, name=trial_id, evaluate_test=False, tracker=tracker, callbacks=[_report_callback()])
 
 
@@ -161,38 +164,25 @@ def _scheduler(spec: SweepSpec):
 
 
 def _parent_run(spec: SweepSpec, name: str, sweep_dir: Path, tracking_uri: str | None) -> str | None:
-    """The sweep's MLflow parent run: created once, found again on restore."""
-    from mlflow.tracking import MlflowClient
-
-    from deepindex.tracking.run import get_or_create_experiment, run_tags
-    from deepindex.tracking.tracker import param_value
+    """The sweep's MLflow parent run: created once, found again on restore (its id is kept in
+    ``deepindex_sweep.json`` in the sweep folder)."""
+    from deepindex.tracking.run import run_tags
+    from deepindex.tracking.sweep import open_parent_run
 
     f = sweep_dir / SWEEP_FILE
     recorded = json.loads(f.read_text()) if f.is_file() else {}
     if tracking_uri is None:
         return None
-    client = MlflowClient(tracking_uri)
-    if recorded.get("parent_run_id"):
-        try:
-            client.get_run(recorded["parent_run_id"])
-            client.update_run(recorded["parent_run_id"], status="RUNNING")
-            return recorded["parent_run_id"]
-        except Exception:  # noqa: BLE001 - another server: start a new parent
-            log.warning("sweep %s: parent run %s not on %s; creating a new one", name, recorded["parent_run_id"],
-                        tracking_uri)
-    exp_id = get_or_create_experiment(client, spec.base.tracking.experiment)
-    tags = run_tags(spec.base, {"tune.sweep": name, "tune.space": spec.path, "deepindex.kind": "sweep"})
-    run = client.create_run(exp_id, tags=tags, run_name=name)
-    rid = run.info.run_id
-    from mlflow.entities import Param
-
-    params = {f"sweep.{k}": v for k, v in vars(spec.settings).items()}
+    params: dict[str, Any] = {f"sweep.{k}": v for k, v in vars(spec.settings).items()}
     params.update({f"space.{k}": f"{d.kind} {d.args}" for k, d in spec.space.items()})
-    client.log_batch(rid, params=[Param(k, param_value(v)) for k, v in params.items()][:100])
-    client.log_text(rid, yaml.safe_dump(spec.raw, sort_keys=False), "space.yaml")
-    client.log_text(rid, yaml.safe_dump(spec.base.to_dict(), sort_keys=False), "base_config.yaml")
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps({**recorded, "parent_run_id": rid, "tracking_uri": tracking_uri}))
+    rid = open_parent_run(
+        tracking_uri, spec.base.tracking.experiment, name, recorded=recorded.get("parent_run_id"),
+        tags=run_tags(spec.base, {"tune.space": spec.path}), params=params,
+        texts={"space.yaml": yaml.safe_dump(spec.raw, sort_keys=False),
+               "base_config.yaml": yaml.safe_dump(spec.base.to_dict(), sort_keys=False)})
+    if rid != recorded.get("parent_run_id"):
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({**recorded, "parent_run_id": rid, "tracking_uri": tracking_uri}))
     return rid
 
 
@@ -242,7 +232,7 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | N
         return outcome
     do_promote = spec.settings.promote if promote is None else promote
     if outcome.best is not None and outcome.best.run_id and uri:
-        from deepindex.tracking.registry import promote as promote_run
+        from deepindex.workflows import promote as promote_run
 
         if do_promote:
             outcome.promotion = promote_run(outcome.best.run_id, spec.base.tracking.registered_model, uri,
@@ -291,55 +281,40 @@ def _record(outcome: SweepOutcome, uri: str | None) -> None:
     """Child run ids, early-stopped child runs closed as KILLED, the best trial on the parent run."""
     if uri is None or outcome.parent_run_id is None:
         return
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
-
-    from deepindex.tracking.tracker import param_value
-
-    from deepindex.tracking.run import finalize
+    from deepindex.tracking import sweep as tracked
     from deepindex.tracking.tracker import Tracker
+    from deepindex.workflows import finalize_run
 
-    client = MlflowClient(uri)
-    exp_id = _experiment_of(client, outcome.parent_run_id)
-    children = client.search_runs(exp_id, f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'", max_results=1000)
-    by_trial = {c.data.tags.get("tune.trial_id"): c for c in children}
+    by_trial = tracked.child_runs(outcome.parent_run_id, uri)
+    exp_id = tracked.experiment_of(outcome.parent_run_id, uri)
     train_storage = Path(outcome.path) / "train"
     for t in outcome.trials:
         child = by_trial.get(t.trial_id)
         if child is None:
             continue
-        t.run_id = child.info.run_id
-        client.set_tag(t.run_id, "tune.status", "stopped early (ASHA)" if t.stopped_early else t.status.lower())
-        if child.info.status != "RUNNING" or t.status not in ("TERMINATED", "ERROR"):
+        t.run_id = child.run_id
+        tracked.set_tag(t.run_id, "tune.status", "stopped early (ASHA)" if t.stopped_early else t.status.lower(), uri)
+        if child.status != "RUNNING" or t.status not in ("TERMINATED", "ERROR"):
             continue  # finalized already (a restored sweep), or still to be resumed
         best, latest = trial_checkpoints(train_storage, t.trial_id, outcome.metric, outcome.mode)
         if t.status == "ERROR" or best is None:
-            client.set_terminated(t.run_id, "FAILED")
+            tracked.end_run(t.run_id, "FAILED", uri)
             continue
         # ASHA ends a trial by killing its actor: the test split, artifacts and the checkpoint
         # of every trial are logged here, and a stopped trial's run ends KILLED.
-        tracker = Tracker(uri, exp_id[0], t.trial_id, run_id=t.run_id)
-        finalize(tracker, best, latest, t.trial_id, status="KILLED" if t.stopped_early else "FINISHED")
-    now = int(time.time() * 1000)
-    metrics = [Metric("trials", len(outcome.trials), now, 0), Metric("trials_stopped_early", outcome.stopped_early, now, 0),
-               Metric("sweep_wall_s", outcome.wall_s, now, 0)]
+        tracker = Tracker(uri, exp_id, t.trial_id, run_id=t.run_id)
+        finalize_run(tracker, best, latest, t.trial_id, status="KILLED" if t.stopped_early else "FINISHED")
+    metrics = {"trials": len(outcome.trials), "trials_stopped_early": outcome.stopped_early,
+               "sweep_wall_s": outcome.wall_s}
+    tags: dict[str, str] = {}
+    best_params = None
     if outcome.best is not None and outcome.best.metric is not None:
-        metrics.append(Metric(f"best_{outcome.metric}", outcome.best.metric, now, 0))
-        client.set_tag(outcome.parent_run_id, "best_trial_id", outcome.best.trial_id)
+        metrics[f"best_{outcome.metric}"] = outcome.best.metric
+        tags["best_trial_id"] = outcome.best.trial_id
         if outcome.best.run_id:
-            client.set_tag(outcome.parent_run_id, "best_run_id", outcome.best.run_id)
+            tags["best_run_id"] = outcome.best.run_id
         if not outcome.interrupted:
-            try:  # params are write-once: a sweep restored after it finished must not fail here
-                client.log_batch(outcome.parent_run_id, params=[Param(f"best.{k}", param_value(v))
-                                                                for k, v in list(outcome.best.params.items())[:90]])
-            except Exception as e:  # noqa: BLE001
-                log.warning("sweep %s: best params not logged on the parent run (%s)", outcome.name, e)
-    client.log_batch(outcome.parent_run_id, metrics=metrics)
-    client.log_text(outcome.parent_run_id, json.dumps([vars(t) for t in outcome.trials], indent=2, default=str),
-                    "trials.json")
-    if not outcome.interrupted:
-        client.set_terminated(outcome.parent_run_id, "FINISHED")
-
-
-def _experiment_of(client, run_id: str) -> list[str]:
-    return [client.get_run(run_id).info.experiment_id]
+            best_params = outcome.best.params
+    tracked.record_summary(outcome.parent_run_id, uri, metrics=metrics, tags=tags, best_params=best_params,
+                           trials_json=json.dumps([vars(t) for t in outcome.trials], indent=2, default=str),
+                           finished=not outcome.interrupted)

@@ -1,4 +1,4 @@
-"""What ``deepindex tune`` / ``deepindex promote`` and ``jobs/tune.py`` / ``jobs/promote.py`` share."""
+"""What ``deepindex tune`` and ``jobs/tune.py`` share (promotion: ``deepindex.workflows``)."""
 from __future__ import annotations
 
 import json
@@ -39,42 +39,3 @@ def sweep_summary(out) -> dict[str, Any]:
         "mlflow_parent_run_id": out.parent_run_id,
         "mlflow_ui": resolve_tracking_uri(warn=False),
     }
-
-
-def find_sweep_best(sweep: str, experiment: str = "deepindex", tracking_uri: str | None = None) -> tuple[str, str]:
-    """(best child run id, parent run id) of a finished sweep, from its MLflow parent run."""
-    from mlflow.tracking import MlflowClient
-
-    from deepindex.tracking.uri import resolve_tracking_uri
-
-    uri = tracking_uri or resolve_tracking_uri(warn=False)
-    if uri is None:
-        raise ValueError("tracking: no MLflow server (set MLFLOW_TRACKING_URI or run `deepindex up`)")
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise ValueError(f"tracking.experiment: no experiment {experiment!r} on {uri}")
-    runs = client.search_runs([exp.experiment_id], f"tags.`tune.sweep` = '{sweep}' and tags.`deepindex.kind` = 'sweep'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        raise ValueError(f"sweep: no sweep named {sweep!r} in experiment {experiment!r}")
-    best = runs[0].data.tags.get("best_run_id")
-    if not best:
-        raise ValueError(f"sweep: {sweep!r} has no best trial recorded (unfinished or untracked)")
-    return best, runs[0].info.run_id
-
-
-def promote_main(*, sweep: str | None = None, run_id: str | None = None, model: str = "deepindex",
-                 experiment: str = "deepindex", tracking_uri: str | None = None) -> dict[str, Any]:
-    """Promote a sweep's best trial (or a given run): register it, move ``champion`` if better."""
-    from deepindex.tracking.registry import promote
-
-    if (sweep is None) == (run_id is None):
-        raise ValueError("promote: give exactly one of --sweep NAME or --run RUN_ID")
-    parent = None
-    if sweep is not None:
-        run_id, parent = find_sweep_best(sweep, experiment, tracking_uri)
-    decision = promote(run_id, model, tracking_uri, parent_run_id=parent)
-    out = asdict(decision)
-    print(json.dumps(out, indent=2))
-    return out

@@ -1,13 +1,23 @@
-"""Test-split scoring of a checkpoint and the artifacts made from it (plain torch, no Ray)."""
+"""Scoring a checkpoint on a split, and the reports made from the scores (plain torch, no Ray).
+
+``deepindex evaluate``, the end of every training run (test metrics, ``test_ap.csv``, the PR-curve
+or confusion-matrix figure that tracking logs) and promotion all score through
+:func:`score_checkpoint`.
+"""
 from __future__ import annotations
 
 import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from deepindex.config import DataConfig
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -19,7 +29,8 @@ class Scored:
     multilabel: bool
 
 
-def score_checkpoint(path: str | Path, split: str = "test", data=None) -> Scored:
+def score_checkpoint(path: str | Path, split: str = "test", data: DataConfig | None = None,
+                     batch_size: int = 256) -> Scored:
     """A checkpoint's logits and metrics on a split of ``data`` (default: its own data config).
 
     Promotion scores the candidate and the champion on the candidate's data config, so both
@@ -37,9 +48,14 @@ def score_checkpoint(path: str | Path, split: str = "test", data=None) -> Scored
     if list(splits.concepts) != list(lm.concepts):
         raise ValueError(f"data.dataset: the checkpoint {path} knows {len(lm.concepts)} concepts, the split has "
                          f"{len(splits.concepts)}: not comparable")
-    logits, targets = predict(lm.model, DataLoader(getattr(splits, split), batch_size=256))
+    logits, targets = predict(lm.model, DataLoader(getattr(splits, split), batch_size=batch_size))
     metrics = scores_to_metrics(logits, targets, lm.multilabel, make_loss(lm.multilabel), prefix=f"{split}_")
     return Scored(metrics, logits, targets, list(lm.concepts), lm.multilabel)
+
+
+def evaluate_checkpoint(path: str | Path, split: str = "test") -> dict[str, Any]:
+    """A checkpoint's metrics on a split of its own dataset."""
+    return score_checkpoint(path, split).metrics
 
 
 def ap_table(scored: Scored) -> str:
@@ -60,7 +76,7 @@ def ap_table(scored: Scored) -> str:
     return out.getvalue()
 
 
-def curve_figure(scored: Scored):
+def curve_figure(scored: Scored) -> Figure:
     """Precision-recall curves (multi-label; micro average + up to 10 concepts) or a confusion matrix."""
     import matplotlib
 

@@ -1,0 +1,109 @@
+"""A sweep in MLflow: one parent run, one child run per trial (nested with ``mlflow.parentRunId``).
+
+The Tune driver (``deepindex.tune.driver``) decides what to record; this module only talks to
+MLflow: the parent run (created once, continued on restore), the trials' child runs, the summary
+on the parent, and finding a finished sweep's best trial for ``deepindex promote --sweep``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from deepindex.tracking.tracker import mlflow_client, param_value
+
+log = logging.getLogger(__name__)
+
+KIND_TAG = "deepindex.kind"
+SWEEP_TAG = "tune.sweep"
+TRIAL_TAG = "tune.trial_id"
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    run_id: str
+    status: str  # MLflow's: RUNNING, FINISHED, KILLED, FAILED
+
+
+def open_parent_run(tracking_uri: str, experiment: str, name: str, *, recorded: str | None, tags: dict[str, str],
+                    params: dict[str, Any], texts: dict[str, str]) -> str:
+    """The sweep's parent run: ``recorded`` (the id a restored sweep saved) if this server has it,
+    set RUNNING again; else a new run with ``tags``, ``params`` and text artifacts."""
+    from mlflow.entities import Param
+
+    from deepindex.tracking.run import get_or_create_experiment
+
+    client = mlflow_client(tracking_uri)
+    if recorded:
+        try:
+            client.get_run(recorded)
+            client.update_run(recorded, status="RUNNING")
+            return recorded
+        except Exception:  # noqa: BLE001 - another server: start a new parent
+            log.warning("sweep %s: parent run %s not on %s; creating a new one", name, recorded, tracking_uri)
+    exp_id = get_or_create_experiment(client, experiment)
+    run = client.create_run(exp_id, tags={**tags, SWEEP_TAG: name, KIND_TAG: "sweep"}, run_name=name)
+    rid = run.info.run_id
+    client.log_batch(rid, params=[Param(k, param_value(v)) for k, v in params.items()][:100])
+    for artifact, text in texts.items():
+        client.log_text(rid, text, artifact)
+    return rid
+
+
+def experiment_of(run_id: str, tracking_uri: str) -> str:
+    return str(mlflow_client(tracking_uri).get_run(run_id).info.experiment_id)
+
+
+def child_runs(parent_run_id: str, tracking_uri: str) -> dict[str, ChildRun]:
+    """trial id -> its child run under ``parent_run_id``."""
+    client = mlflow_client(tracking_uri)
+    children = client.search_runs([experiment_of(parent_run_id, tracking_uri)],
+                                  f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=1000)
+    return {c.data.tags[TRIAL_TAG]: ChildRun(c.info.run_id, c.info.status) for c in children
+            if TRIAL_TAG in c.data.tags}
+
+
+def set_tag(run_id: str, key: str, value: str, tracking_uri: str) -> None:
+    mlflow_client(tracking_uri).set_tag(run_id, key, value)
+
+
+def end_run(run_id: str, status: str, tracking_uri: str) -> None:
+    mlflow_client(tracking_uri).set_terminated(run_id, status)
+
+
+def record_summary(parent_run_id: str, tracking_uri: str, *, metrics: dict[str, float], tags: dict[str, str],
+                   best_params: dict[str, Any] | None, trials_json: str, finished: bool) -> None:
+    """The sweep's outcome on its parent run; ``finished`` ends the run FINISHED."""
+    from mlflow.entities import Metric, Param
+
+    client = mlflow_client(tracking_uri)
+    for k, v in tags.items():
+        client.set_tag(parent_run_id, k, v)
+    if best_params:
+        try:  # params are write-once: a sweep restored after it finished must not fail here
+            client.log_batch(parent_run_id, params=[Param(f"best.{k}", param_value(v))
+                                                    for k, v in list(best_params.items())[:90]])
+        except Exception as e:  # noqa: BLE001
+            log.warning("sweep run %s: best params not logged (%s)", parent_run_id, e)
+    now = int(time.time() * 1000)
+    client.log_batch(parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    client.log_text(parent_run_id, trials_json, "trials.json")
+    if finished:
+        client.set_terminated(parent_run_id, "FINISHED")
+
+
+def find_sweep_best(sweep: str, experiment: str = "deepindex", tracking_uri: str | None = None) -> tuple[str, str]:
+    """(best child run id, parent run id) of a finished sweep, from its MLflow parent run."""
+    client = mlflow_client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"tracking.experiment: no experiment {experiment!r} on {client.tracking_uri}")
+    runs = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{KIND_TAG}` = 'sweep'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise ValueError(f"sweep: no sweep named {sweep!r} in experiment {experiment!r}")
+    best = runs[0].data.tags.get("best_run_id")
+    if not best:
+        raise ValueError(f"sweep: {sweep!r} has no best trial recorded (unfinished or untracked)")
+    return best, runs[0].info.run_id
