@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo venv clean
+.PHONY: test lint demo venv clean
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -13,12 +13,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest
+# Lint and types first: a finding fails the build before the (long) suite runs.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check platform serving jobs tests
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest --durations=15
 
 demo: $(STAMP)
 	$(PY) jobs/demo.py
 
 clean:
 	-test -x $(PY) && $(PY) -m deepindex.cli down
-	rm -rf .deepindex .pytest_cache
+	rm -rf .deepindex .pytest_cache .mypy_cache .ruff_cache

@@ -1,39 +1,89 @@
-"""Shared fixtures: tiny configs, a local Ray cluster (token auth left on), temp state dirs."""
+"""Shared fixtures: one local Ray cluster, one MLflow server and one small trained model per test
+session (tests only read them), a temp state folder for every test, the tiny config.
+
+Tests that kill a cluster or a server start their own (in subprocesses or with
+``start_mlflow_server``); a test that replaces this process's Ray connection (the 2-node fixture)
+leaves it closed, and the next ``ray_local`` starts the shared cluster again.
+"""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-# Tests must never attach to a cluster someone started on this machine, nor write state into
-# the checkout: every fixture below uses address="local" and a temp DEEPINDEX_HOME.
-os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+from support import TINY, MlflowServer, start_mlflow_server
 
-TINY = [
-    "data.dataset=digits", "data.train_size=800", "data.val_size=200", "data.test_size=200",
-    "model.channels=[8,16]", "model.embed_dim=32", "train.epochs=2", "train.batch_size=64",
-]
+if TYPE_CHECKING:
+    from deepindex.config import Config
+
+# Tests must never attach to a cluster or server someone started on this machine, nor write state
+# into the checkout: the cluster below is address="local", and every test gets a temp DEEPINDEX_HOME.
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 @pytest.fixture(autouse=True)
-def _state_home(tmp_path, monkeypatch):
+def _state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("DEEPINDEX_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return tmp_path / "state"
 
 
 @pytest.fixture
-def tiny_cfg():
+def tiny_cfg() -> Config:
     from deepindex.config import load_config
 
     return load_config(None, TINY)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A fresh single-node Ray cluster for a test module: 4 logical CPUs on 2 cores."""
+_ray_started_here = False
+
+
+@pytest.fixture
+def ray_local() -> Iterator[None]:
+    """The session's local Ray cluster: 4 logical CPUs on 2 cores (Train + Tune need more logical
+    CPUs than cores), started with the Serve data plane's environment so the serving tests run
+    on it as `deepindex up` would.  Started on first use, or again after a test closed it."""
     import ray
 
-    if ray.is_initialized():
+    global _ray_started_here
+    if not ray.is_initialized():
+        from deepindex.serve_env import serve_env
+
+        saved = dict(os.environ)
+        os.environ.update(serve_env())  # the cluster's processes inherit it
+        try:
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)  # later tests start from a clean environment
+        _ray_started_here = True
+    yield
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _ray_started_here:
+        import ray
+
         ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """One MLflow server per session (tests use experiments or model names of their own)."""
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``checkpoint.pt`` of the small digit-scenes ConvNet (``deepindex.index.tiny``), trained once."""
+    from deepindex.index.tiny import train_small
+
+    path, _ = train_small(tmp_path_factory.mktemp("small-model"), seed=0)
+    return path

@@ -1,4 +1,5 @@
 import pytest
+from pydantic import ValidationError
 
 from deepindex.config import Config, ConfigError, load_config
 
@@ -41,7 +42,7 @@ def test_bad_yaml_key_is_named(tmp_path):
 
 def test_config_is_frozen_and_roundtrips():
     cfg = load_config(None, ["train.epochs=3"])
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.train.epochs = 4  # type: ignore[misc]
     assert Config.model_validate(cfg.to_dict()) == cfg
 

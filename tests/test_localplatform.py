@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,7 @@ from deepindex.cli import main
 from deepindex.localplatform import read_state
 from deepindex.net import free_port
 from deepindex.sessions import session_members
+from support import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.mlflow]
 
@@ -67,7 +69,7 @@ def test_up_down_twice_leaves_no_stray_process(home, capsys):
 
 def _state(pid: int) -> str:
     try:
-        stat = open(f"/proc/{pid}/stat").read()
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return "gone"
     return stat[stat.rfind(")") + 2]
@@ -95,11 +97,7 @@ def test_a_dead_service_is_reported_and_restarted(home, capsys):
 
     first = up(mlflow_port=0, services=("mlflow",))["mlflow"]
     os.killpg(first.pgid, signal.SIGKILL)
-    import time
-
-    deadline = time.monotonic() + 10
-    while session_members(first.pgid) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: not session_members(first.pgid), 10, what="the killed server's session gone")
     assert main(["status"]) == 1
     assert '"state": "dead"' in capsys.readouterr().out
     again = up(mlflow_port=0, services=("mlflow",))["mlflow"]

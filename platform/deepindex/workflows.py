@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from deepindex.config import Config, load_config
 from deepindex.tracking.registry import PromotionDecision
-from deepindex.tracking.tracker import Tracker
-from deepindex.train.trainer import TrainOutcome
+from deepindex.tracking.tracker import RUN_ID_KEY, Tracker
+from deepindex.train.trainer import TrainOutcome, storage_path
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def train_main(config_path: str | None, overrides: list[str], name: str | None =
 
     cfg = load_config(config_path, overrides)
     connect()
+    sync_pending(storage_path(cfg))
     # One MLflow run per training run (when a tracking server is configured or up).
     out, run_id = tracked_train(cfg, name=name)
     result = {"name": out.name, "checkpoint": out.checkpoint, "last_epoch": _summary(out.metrics),
@@ -136,6 +138,7 @@ def promote_main(*, sweep: str | None = None, run_id: str | None = None, model: 
 
     if (sweep is None) == (run_id is None):
         raise ValueError("promote: give exactly one of --sweep NAME or --run RUN_ID")
+    sync_pending(None, tracking_uri)  # a sweep that ended while MLflow was down has its best trial logged first
     parent = None
     if sweep is not None:
         run_id, parent = find_sweep_best(sweep, experiment, tracking_uri)
@@ -143,3 +146,71 @@ def promote_main(*, sweep: str | None = None, run_id: str | None = None, model: 
     out = asdict(promote(run_id, model, tracking_uri, parent_run_id=parent))
     print(json.dumps(out, indent=2))
     return out
+
+
+@dataclass
+class SyncedRun:
+    journal: str
+    run_id: str | None
+    epochs: int  # journaled epochs replayed into the run
+    status: str  # "synced" | "waiting" (the run has not ended: left for its own end or a resume)
+
+
+def sync_journals(storage: str | Path | None = None, tracking_uri: str | None = None) -> list[SyncedRun]:
+    """Replay every ended run's pending tracking journal under ``storage`` into MLflow.
+
+    A run that ended while its tracking server was down has its last epochs and its end (the
+    best checkpoint, the final status) in ``tracking_journal.jsonl`` and stays RUNNING in MLflow.
+    With the server back, this logs the journaled epochs at their steps, scores the best checkpoint
+    again for the test metrics and reports, logs the checkpoint, and ends the run with the status
+    it ended with; a run that never reached the server is created first.  A journal without an
+    end is left alone (the run still goes on, or resumes later and finishes it).  Idempotent:
+    each journal is set aside once replayed.
+    """
+    from deepindex.checkpoint import read_checkpoint
+    from deepindex.config import from_dict
+    from deepindex.tracking.run import get_or_create_experiment, run_tags
+    from deepindex.tracking.tracker import mlflow_client, pending_journals, read_journal
+    from deepindex.tracking.uri import reachable, resolve_tracking_uri
+
+    root = Path(storage) if storage else Path(storage_path(load_config(None, [])))
+    uri = tracking_uri or resolve_tracking_uri(warn=False)
+    out: list[SyncedRun] = []
+    journals = pending_journals(root)
+    if not journals or uri is None or not reachable(uri):
+        return [SyncedRun(str(j), None, 0, "waiting") for j in journals]
+    client = mlflow_client(uri)
+    for j in journals:
+        records = read_journal(j)
+        end = next((r for r in reversed(records) if r.get("kind") == "test"), None)
+        if end is None:
+            out.append(SyncedRun(str(j), None, 0, "waiting"))
+            continue
+        start = next((r for r in records if r.get("kind") == "start"), None)
+        run_id = end.get("run_id") or next((r["run_id"] for r in records if r.get("run_id")), None)
+        name = str(end.get("run_name") or j.parent.name)
+        cfg = from_dict(start["config"] if start else read_checkpoint(end["checkpoint"])["config"])
+        exp_id = get_or_create_experiment(client, cfg.tracking.experiment)
+        tracker = Tracker(uri, exp_id, name, tags=run_tags(cfg), offline_path=str(j))
+        if run_id is None:  # the server was down from the start: the run is created now
+            run_id = tracker.start(cfg, {}).get(RUN_ID_KEY)
+        tracker.run_id = run_id
+        epochs = sum(1 for r in records if r.get("kind") == "epoch")
+        finalize_run(tracker, end["checkpoint"], None, name, status=str(end.get("status") or "FINISHED"))
+        log.info("tracking: run %s (%s) synced from %s: %d journaled epochs", run_id, name, j, epochs)
+        out.append(SyncedRun(str(j), run_id, epochs, "synced"))
+    return out
+
+
+
+def sync_pending(storage: str | Path | None, tracking_uri: str | None = None) -> None:
+    """:func:`sync_journals` as every command that reaches the tracking server runs it first: a
+    problem here is a warning, never the command's failure."""
+    try:
+        synced = [r for r in sync_journals(storage, tracking_uri) if r.status == "synced"]
+    except Exception as e:  # noqa: BLE001 - housekeeping must not stop the command the user asked for
+        log.warning("tracking: pending journals not synced (%s: %s); `deepindex tracking sync` retries",
+                    type(e).__name__, e)
+        return
+    if synced:
+        log.info("tracking: synced %d run(s) that ended while MLflow was down", len(synced))

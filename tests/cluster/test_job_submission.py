@@ -3,15 +3,17 @@ plain ``ray job submit`` CLI (the README's command) and with ``deepindex submit`
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import ROOT, TINY_TRAIN, pid_alive
 from deepindex.submit import EXCLUDES
+from support import TINY, TWO_WORKERS, pid_alive, wait_until
+
+# Tiny training runs: 2 workers x 1 CPU, one per node (STRICT_SPREAD fails rather than packs).
+TINY_TRAIN = [*TINY, *TWO_WORKERS, "train.epochs=1", "ray.placement_strategy=STRICT_SPREAD"]
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -119,14 +121,14 @@ def test_ray_job_stop_stops_a_running_sweep_cleanly(stack):
                             "--name", "stop-sweep", "--no-promote", "train.epochs=1000",
                             f"ray.storage_path={cluster.storage}")
     assert out.returncode == 0 and out.stdout.strip() == sid, out.stderr
-    deadline = time.monotonic() + 150
-    while True:  # trials are training: their Train workers are alive
+
+    def training() -> dict | None:  # trials are training: their Train workers are alive
         info = cluster.job_info(sid)
         assert info["status"] in ("PENDING", "RUNNING"), info
-        if info.get("job_id") and any(w["state"] == "ALIVE" for w in cluster.train_workers(info["job_id"])):
-            break
-        assert time.monotonic() < deadline, "the sweep never started training"
-        time.sleep(2)
+        workers = cluster.train_workers(info["job_id"]) if info.get("job_id") else []
+        return info if any(w["state"] == "ALIVE" for w in workers) else None
+
+    info = wait_until(training, 150, every=2.0, what="the sweep's trials training")
     ray_job_id = info["job_id"]
     pids = [w["pid"] for w in cluster.train_workers(ray_job_id) if w["state"] == "ALIVE"]
 
@@ -135,12 +137,9 @@ def test_ray_job_stop_stops_a_running_sweep_cleanly(stack):
     assert cluster.wait_job(sid, 60)["status"] == "STOPPED"
     # Cleanly: every Train worker of every trial is gone, processes and actors, and the cluster's
     # CPUs are all free again for the next job.
-    deadline = time.monotonic() + 90
-    while any(pid_alive(p) for p in pids) or any(w["state"] != "DEAD" for w in cluster.train_workers(ray_job_id)):
-        assert time.monotonic() < deadline, "train workers outlived the stopped sweep"
-        time.sleep(2)
-    deadline = time.monotonic() + 60
-    while "0.0/4.0 CPU" not in (status := cluster.ray_cli("status", "--address", f"127.0.0.1:{cluster.gcs_port}",
-                                                         check=True, timeout=60).stdout):
-        assert time.monotonic() < deadline, status
-        time.sleep(2)
+    wait_until(lambda: not any(pid_alive(p) for p in pids)
+               and all(w["state"] == "DEAD" for w in cluster.train_workers(ray_job_id)),
+               90, every=2.0, what="every train worker of the stopped sweep gone")
+    wait_until(lambda: "0.0/4.0 CPU" in cluster.ray_cli("status", "--address", f"127.0.0.1:{cluster.gcs_port}",
+                                                       check=True, timeout=60).stdout,
+               60, every=2.0, what="all the cluster's CPUs free again")

@@ -60,7 +60,8 @@ def test_cli_errors_are_one_line_and_name_the_field(tmp_path):
                              (["train"], {}, "address:"),
                              (["--address", "http://127.0.0.1:9", "train"], {}, "address:"),
                              (["--project-dir", str(tmp_path), "train"], {}, "project-dir:"),
-                             (["--address", "http://127.0.0.1:9", "train"], {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "no")},
+                             (["--address", "http://127.0.0.1:9", "train"],
+                              {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "no")},
                               "RAY_AUTH_TOKEN_PATH:")]:
         out = run(*argv, **env)
         assert out.returncode == 2, (argv, out.stderr)

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from support import REPO, pid_alive
+
 pytestmark = [pytest.mark.slow, pytest.mark.serve, pytest.mark.cluster, pytest.mark.mlflow, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _cli(project: Path, env: dict, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -27,21 +28,12 @@ def _cli(project: Path, env: dict, *args: str, timeout: int = 300) -> subprocess
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _champion(uri: str, work: Path) -> str:
-    """A small trained model registered as `deepindex` version 1, alias champion."""
+def _champion(uri: str, ckpt: Path) -> str:
+    """The session's small trained model registered as `deepindex` version 1, alias champion."""
     from mlflow.tracking import MlflowClient
 
-    from deepindex.index.tiny import train_small
     from deepindex.workflows import promote
 
-    ckpt, _ = train_small(work / "ckpt", overrides=["train.epochs=3"])
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("serve-command"), run_name="candidate")
     client.log_artifact(run.info.run_id, str(ckpt), "checkpoint")
@@ -51,7 +43,7 @@ def _champion(uri: str, work: Path) -> str:
     return decision.version
 
 
-def test_serve_command_serves_the_champion_behind_haproxy(tmp_path, monkeypatch):
+def test_serve_command_serves_the_champion_behind_haproxy(tmp_path, monkeypatch, small_model):
     from deepindex.index.build import build_index
     from deepindex.net import free_port
     from deepindex.tracking.uri import resolve_tracking_uri
@@ -68,7 +60,7 @@ def test_serve_command_serves_the_champion_behind_haproxy(tmp_path, monkeypatch)
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
         uri = resolve_tracking_uri(warn=False)
         assert uri and uri.startswith("http://127.0.0.1:")
-        version = _champion(uri, tmp_path)
+        version = _champion(uri, small_model)
         build_index("models:/deepindex@champion", size=300, use_ray=False, tracking_uri=uri)
 
         port = free_port()
@@ -81,8 +73,8 @@ def test_serve_command_serves_the_champion_behind_haproxy(tmp_path, monkeypatch)
         body = ready.json()
         assert body["model"]["version"] == version and body["index"]["count"] == 300
 
-        from tests.serving.conftest import png_bytes
         from deepindex.index.collection import digit_gallery
+        from support import png_bytes
 
         tag = requests.post(f"{url}/v1/tag", files={"images": ("a.png", png_bytes(digit_gallery(1, seed=5).images[0]))},
                             timeout=60)
@@ -94,4 +86,4 @@ def test_serve_command_serves_the_champion_behind_haproxy(tmp_path, monkeypatch)
     finally:
         _cli(project, env, "down", timeout=120)
     # HAProxy is a child of a Ray worker, not a worker: `down` must stop it too (it holds the port).
-    assert not [p for p in haproxy if _alive(p)], f"haproxy {haproxy} outlived `deepindex down`"
+    assert not [p for p in haproxy if pid_alive(p)], f"haproxy {haproxy} outlived `deepindex down`"

@@ -1,9 +1,8 @@
-import numpy as np
 import torch
 
+from deepindex.config import load_config
 from deepindex.data import build_splits
 from deepindex.data.digits import CONCEPTS, glyph_split, make_scenes
-from deepindex.config import load_config
 
 
 def test_glyph_splits_are_disjoint_and_cover_all_glyphs():
@@ -35,18 +34,17 @@ def test_multilabel_scenes_hold_one_to_max_digits():
     assert s.concepts == CONCEPTS
     # Every digit occurs, and scenes with several digits exist.
     assert (s.targets.sum(0) > 0).all() and (counts >= 3).any()
-    assert 0.0 <= s.images.min() and s.images.max() <= 1.0
+    assert s.images.min() >= 0.0 and s.images.max() <= 1.0
 
 
 def test_scenes_use_only_their_split_glyphs():
     """A scene built from test glyphs has exactly the pixels of one test glyph, not a train one."""
     from sklearn.datasets import load_digits
-    import torch.nn.functional as F
 
     s = make_scenes("test", 5, multilabel=False, seed=0)
     d = load_digits()
     pool = glyph_split(0)["test"]
-    for img, y in zip(s.images, s.targets):
+    for img, y in zip(s.images, s.targets, strict=False):
         nz = img[0].nonzero()
         (y0, x0), (y1, x1) = nz.min(0).values, nz.max(0).values
         assert int(y) in set(d.target[pool].tolist())

@@ -51,7 +51,8 @@ def test_csv_and_jsonl_manifests(tmp_path, manifest_root):
     jl = tmp_path / "m.jsonl"
     jl.write_text("".join(json.dumps({"path": f"a{i}.png", "tags": ["sea"]}) + "\n" for i in range(12)))
     assert read_manifest(jl, root, ["sky", "sea", "boat"]).targets[:, 1].sum() == 12
-    cfg = load_config(None, ["data.dataset=manifest", f"data.manifest={csv}", f"data.root={root}", f"data.concepts={concepts}", "data.image_size=8"])
+    cfg = load_config(None, ["data.dataset=manifest", f"data.manifest={csv}", f"data.root={root}",
+                             f"data.concepts={concepts}", "data.image_size=8"])
     sp = build_splits(cfg.data)
     assert sp.multilabel and sp.concepts == ["sky", "sea", "boat"]
 

@@ -9,48 +9,31 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
-@pytest.fixture(scope="module")
-def quick_checkpoint(tmp_path_factory):
-    from deepindex.index.tiny import train_small
-
-    # Quality does not matter here: one short epoch gives real weights to embed with.
-    path, _ = train_small(tmp_path_factory.mktemp("ckpt"), ["train.epochs=1", "data.train_size=300"])
-    return path.parent
-
-
 @pytest.mark.timeout(300)
-def test_ray_data_build_matches_local(quick_checkpoint, tmp_path):
-    import ray
-
+def test_ray_data_build_matches_local(small_model, ray_local, tmp_path):
     from deepindex.index.build import build_index
-    from deepindex.tracking.registry import resolve_model
     from deepindex.index.store import IndexStore
+    from deepindex.tracking.registry import resolve_model
 
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        r = build_index(str(quick_checkpoint), size=700, out=tmp_path / "ray", workers=2, batch_size=64)
-    finally:
-        ray.shutdown()
-    local = build_index(str(quick_checkpoint), size=700, out=tmp_path / "local", use_ray=False)
+    r = build_index(str(small_model), size=700, out=tmp_path / "ray", workers=2, batch_size=64)
+    local = build_index(str(small_model), size=700, out=tmp_path / "local", use_ray=False)
     a, b = IndexStore.load(r.path), IndexStore.load(local.path)
     assert a.ids == b.ids == [f"scene-{i:06d}" for i in range(700)]  # row order survives the actor pool
     np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
     np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-4)
     assert a.thumbs.shape == (700, 1, 32, 32) and a.thumbs.dtype == np.uint8
     m = a.manifest
-    assert m["model"]["version"] == resolve_model(str(quick_checkpoint)).version
-    assert m["metric"] == "ip" and m["kind"] == "flat" and m["count"] == 700 and m["dim"] == 64
-    assert a.meta[0]["labels"] and set(a.meta[0]["labels"]) <= set(m["concepts"])
+    assert m.model.version == resolve_model(str(small_model)).version
+    assert m.metric == "ip" and m.kind == "flat" and m.count == 700 and m.dim == 64
+    assert a.meta[0]["labels"] and set(a.meta[0]["labels"]) <= set(m.concepts)
 
 
 @pytest.mark.timeout(300)
-def test_cli_build_and_info(quick_checkpoint, tmp_path, capsys, monkeypatch):
+def test_cli_build_and_info(small_model, tmp_path, capsys, monkeypatch):
     from deepindex.cli import main
 
     monkeypatch.setenv("DEEPINDEX_HOME", str(tmp_path / "state"))
-    assert main(["index", "build", "--model", str(quick_checkpoint), "--size", "300", "--local",
+    assert main(["index", "build", "--model", str(small_model), "--size", "300", "--local",
                  "--kind", "hnsw", "--metric", "l2"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["items"] == 300 and out["kind"] == "hnsw" and out["metric"] == "l2"

@@ -131,7 +131,8 @@ def test_index_server_refuses_other_version(tmp_path):
 # ---- keywords ---------------------------------------------------------------------------------
 def test_vocabulary_parse(tmp_path):
     f = tmp_path / "v.yaml"
-    f.write_text('concepts:\n  "3": [three, trois]\n  "7": [seven, "lucky number"]\n  "x": [unknown]\nstopwords: [and, with]\n')
+    f.write_text('concepts:\n  "3": [three, trois]\n  "7": [seven, "lucky number"]\n  "x": [unknown]\n'
+                 "stopwords: [and, with]\n")
     v = Vocabulary.from_file(f, [str(i) for i in range(10)])
     p = v.parse("Three AND lucky  number, 9 with banana three")
     assert p.concepts == ["3", "7", "9"]

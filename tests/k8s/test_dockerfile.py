@@ -67,7 +67,8 @@ def test_copied_files_exist_and_reach_the_build_context():
 
 def test_pins_agree_with_pyproject():
     a, deps = args(), project()["dependencies"]
-    pins = {m.group(1).lower(): m.group(3) for d in deps if (m := re.fullmatch(r"([\w-]+)(\[.*\])?==([\w.]+)", d.replace(" ", "")))}
+    pin = re.compile(r"([\w-]+)(\[.*\])?==([\w.]+)")
+    pins = {m.group(1).lower(): m.group(3) for d in deps if (m := pin.fullmatch(d.replace(" ", "")))}
     assert a["DEEPINDEX_VERSION"] == project()["version"]
     for pkg, arg in {"torch": "TORCH_VERSION", "torchvision": "TORCHVISION_VERSION", "ray": "RAY_VERSION",
                      "mlflow": "MLFLOW_VERSION"}.items():

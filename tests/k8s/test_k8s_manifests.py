@@ -12,7 +12,7 @@ import shlex
 import shutil
 import subprocess
 import tomllib
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import jsonschema
@@ -68,7 +68,7 @@ def _strict(schema):
     return schema
 
 
-@lru_cache(maxsize=None)
+@cache
 def crd_validator(kind: str) -> jsonschema.Draft7Validator:
     crd = yaml.safe_load((crd_dir() / f"ray.io_{kind.lower()}s.yaml").read_text())
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
@@ -86,9 +86,10 @@ def kubectl() -> str:
     return exe
 
 
-@lru_cache(maxsize=None)
+@cache
 def _render(overlay: str, exe: str) -> tuple:
-    out = subprocess.run([exe, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([exe, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)], capture_output=True, text=True,
+                         timeout=60)
     assert out.returncode == 0, out.stderr
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
 
@@ -270,7 +271,7 @@ def test_rayservice_serves_the_repos_serve_config():
         assert {k: v for k, v in cfg.items() if k != "applications"} == \
                {k: v for k, v in local.items() if k != "applications"}
         assert len(cfg["applications"]) == len(local["applications"])
-        for app, want in zip(cfg["applications"], local["applications"]):
+        for app, want in zip(cfg["applications"], local["applications"], strict=False):
             assert {k: v for k, v in app.items() if k != "args"} == {k: v for k, v in want.items() if k != "args"}
             moved = {k for k in want["args"] if app["args"][k] != want["args"][k]}
             assert set(app["args"]) == set(want["args"]) and moved <= {"index_dir", "vocabulary"}, moved
@@ -416,7 +417,8 @@ def test_grafana_dashboard_charts_the_served_metrics():
         assert any(word in t.lower() and metric in e for t, e in exprs.items()), f"no {word} panel with {metric}"
     # Every deepindex_* series charted is one serving/metrics.py defines (prometheus-client adds
     # _total to counters and _bucket/_sum/_count to histograms).
-    defined = set(re.findall(r'(?:Counter|Histogram|Gauge)\(\s*"(deepindex_\w+)"', (ROOT / "serving" / "metrics.py").read_text()))
+    source = (ROOT / "serving" / "metrics.py").read_text()
+    defined = set(re.findall(r'(?:Counter|Histogram|Gauge)\(\s*"(deepindex_\w+)"', source))
     assert defined
     for series in set(re.findall(r"(?<![\w])deepindex_\w+", " ".join(exprs.values()))):
         base = re.sub(r"_(total|bucket|sum|count)$", "", series)

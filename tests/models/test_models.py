@@ -64,5 +64,5 @@ def test_local_weights_transfer_skips_the_head(tmp_path):
 
 def test_weights_file_must_exist(tmp_path):
     cfg = load_config(None, ["model.name=resnet18", f"model.weights={tmp_path / 'none.pth'}"]).model
-    with pytest.raises(FileNotFoundError, match="model.weights"):
+    with pytest.raises(FileNotFoundError, match=r"model\.weights"):
         build_model(cfg, 3, 3)

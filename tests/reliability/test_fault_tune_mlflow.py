@@ -5,9 +5,12 @@
   finished trial as it was (not recomputed) and completes the rest; MLflow ends with one child
   run per trial and the sweep's parent run FINISHED.
   (``tests/tune/test_sweep.py`` covers Tune's own interrupt, SIGUSR1, and restore.)
-* The MLflow server SIGKILLed mid-run and restarted on the same port and store
-  (``jobs/train.py``): training completes and the run ends FINISHED, not stuck RUNNING.
-  (``tests/tracking`` covers a server that stays dead.)
+* The MLflow server SIGKILLed mid-run (while epoch 1 is logged) and restarted on the same port and
+  store (``jobs/train.py``): training completes, the epochs the dead server missed are replayed, and
+  the run ends FINISHED, not stuck RUNNING.  ``tests/support.MlflowOutage`` crashes the server at that
+  point and holds the run's final health probe until the restart, so the test takes the same path
+  however fast the training runs.  (``tests/tracking`` covers a server that stays dead past the end
+  of the run, and ``deepindex tracking sync`` afterwards.)
 """
 from __future__ import annotations
 
@@ -16,21 +19,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))  # the shared fixture modules, as tests/tune and tests/tracking do
-
-from fixtures_mlflow import start_mlflow_server  # noqa: E402
+from support import REPO, TINY, MlflowOutage, kill_session, start_mlflow_server, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.mlflow]
-
-SMALL = ["data.dataset=digits", "data.train_size=400", "data.val_size=100", "data.test_size=100",
-         "model.channels=[8,16]", "model.embed_dim=32", "train.batch_size=64"]
-
 
 def _env(tmp_path: Path, mlflow_uri: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
@@ -44,33 +39,6 @@ def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     # A new session: the job and the Ray processes it starts form one group, killed by its id.
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    from deepindex.sessions import session_members
-
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(30)
-    deadline = time.monotonic() + 30
-    while session_members(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not session_members(proc.pid), "processes of the killed group are still running"
-
-
-def _wait(predicate, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = predicate()
-        if got:
-            return got
-        if proc is not None and proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:] if log else ""
-            raise AssertionError(f"the job exited ({proc.returncode}) before the fault was injected:\n{tail}")
-        time.sleep(0.5)
-    return None
 
 
 # ---- Tune driver killed ------------------------------------------------------------------
@@ -91,7 +59,7 @@ def test_tune_driver_sigkilled_mid_sweep_restore_keeps_finished_trials(tmp_path)
     epochs = 2
     sweep_dir = tmp_path / "results" / "killed-sweep"
     cmd = [sys.executable, "jobs/tune.py", "--space", "tune_configs/smoke.yaml", "--name", "killed-sweep",
-           "--samples", "2", "--max-concurrent", "1", "--no-promote", *SMALL, f"train.epochs={epochs}",
+           "--samples", "2", "--max-concurrent", "1", "--no-promote", *TINY, f"train.epochs={epochs}",
            f"ray.storage_path={tmp_path / 'results'}", "tracking.experiment=killed-sweep"]
     env = _env(tmp_path, server.uri)
     log = tmp_path / "tune.log"
@@ -103,10 +71,10 @@ def test_tune_driver_sigkilled_mid_sweep_restore_keeps_finished_trials(tmp_path)
                         if rs and rs[-1].get("training_iteration", 0) >= epochs}
                 return done or None
 
-            done = _wait(one_trial_done, 420, first, log)
-            assert done, f"no trial finished in time:\n{log.read_text(errors='replace')[-3000:]}"
+            done = wait_until(one_trial_done, 420, every=0.5, alive=lambda: first.poll() is None,
+                              what="one trial finished")
         finally:
-            _kill_group(first)
+            kill_session(first)
         assert first.returncode == -signal.SIGKILL
         (done_trial, done_results), = list(done.items())[:1]
         before = {t: len(rs) for t, rs in _trial_results(sweep_dir).items()}
@@ -115,7 +83,7 @@ def test_tune_driver_sigkilled_mid_sweep_restore_keeps_finished_trials(tmp_path)
         try:
             rc = second.wait(420)
         finally:
-            _kill_group(second)
+            kill_session(second)
         text = log.read_text(errors="replace")
         assert rc == 0, text[-3000:]
         summary = json.loads(text[text.rindex('{\n  "sweep"'):].split("\n}\n")[0] + "\n}")
@@ -133,7 +101,8 @@ def test_tune_driver_sigkilled_mid_sweep_restore_keeps_finished_trials(tmp_path)
         runs = client.search_runs([exp.experiment_id])
         parents = [r for r in runs if r.data.tags.get("deepindex.kind") == "sweep"]
         children = [r for r in runs if "tune.trial_id" in r.data.tags]
-        assert len(parents) == 1 and parents[0].info.status == "FINISHED", [(r.info.run_id, r.info.status) for r in parents]
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED", [(r.info.run_id, r.info.status)
+                                                                             for r in parents]
         # One child run per trial (the restored driver continued them, no duplicates), none left RUNNING.
         assert sorted(c.data.tags["tune.trial_id"] for c in children) == sorted(
             {c.data.tags["tune.trial_id"] for c in children}) and len(children) == 2
@@ -144,61 +113,40 @@ def test_tune_driver_sigkilled_mid_sweep_restore_keeps_finished_trials(tmp_path)
 
 # ---- MLflow server killed and restarted --------------------------------------------------
 @pytest.mark.timeout(420)
-def test_mlflow_server_sigkilled_and_restarted_mid_run_run_ends_finished(tmp_path, monkeypatch):
-    import fixtures_mlflow
+def test_mlflow_server_sigkilled_and_restarted_mid_run_run_ends_finished(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    server = start_mlflow_server(tmp_path / "mlflow")
-    port = int(server.uri.rsplit(":", 1)[1])
+    outage = MlflowOutage(start_mlflow_server(tmp_path / "mlflow"), at_step=1, health_waits_for_restart=True)
     epochs = 4
-    cmd = [sys.executable, "jobs/train.py", "--name", "crashy", *SMALL, f"train.epochs={epochs}",
+    cmd = [sys.executable, "jobs/train.py", "--name", "crashy", *TINY, f"train.epochs={epochs}",
            f"ray.storage_path={tmp_path / 'results'}", "tracking.experiment=crashy"]
     log = tmp_path / "train.log"
-    client = MlflowClient(server.uri)
-    job = _start(cmd, _env(tmp_path, server.uri), log)
-    restarted = None
+    job = _start(cmd, _env(tmp_path, outage.uri), log)
     try:
-        def first_epoch_logged():
-            try:
-                exp = client.get_experiment_by_name("crashy")
-                runs = client.search_runs([exp.experiment_id]) if exp else []
-                return runs[0].info.run_id if runs and client.get_metric_history(runs[0].info.run_id,
-                                                                                 "val_top1_error") else None
-            except Exception:  # noqa: BLE001 - a busy server: ask again
-                return None
-
-        run_id = _wait(first_epoch_logged, 300, job, log)
-        assert run_id, log.read_text(errors="replace")[-3000:]
-        server.stop(signal.SIGKILL)  # a crash, not a clean shutdown
-        down_at = time.monotonic()
-        time.sleep(3.0)
-        monkeypatch.setattr(fixtures_mlflow, "free_port", lambda: port)  # the same address and store
-        restarted = start_mlflow_server(tmp_path / "mlflow")
-        back_s = time.monotonic() - down_at
+        wait_until(outage.killed.is_set, 300, every=0.2, alive=lambda: job.poll() is None,
+                   what="the server crashed while epoch 1 was logged")
+        restarted = outage.restart()  # the same address and store; the run's end waits for it
         rc = job.wait(300)
     finally:
-        _kill_group(job)
-        for s in (server, restarted):
-            if s is not None:
-                s.stop(signal.SIGKILL)
+        kill_session(job)
+        outage.close()
     text = log.read_text(errors="replace")
     assert rc == 0, text[-3000:]
     # Read the store the restarted server wrote, without a server: the sqlite file itself.
-    store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
-    run = store.get_run(run_id)
-    steps = sorted({m.step for m in store.get_metric_history(run_id, "val_top1_error")})
+    store = MlflowClient(f"sqlite:///{restarted.root / 'mlflow.db'}")
+    (run,) = store.search_runs([store.get_experiment_by_name("crashy").experiment_id])
+    run_id = run.info.run_id
+    history = store.get_metric_history(run_id, "val_top1_error")
     folder = tmp_path / "results" / "crashy"
     replayed = sorted(folder.glob("tracking_journal.replayed-*.jsonl"))
     journaled = sorted({json.loads(x)["step"] for j in replayed for x in j.read_text().splitlines()
                         if json.loads(x).get("kind") == "epoch"})
-    print(f"MLflow server SIGKILLed after epoch 0, back after {back_s:.1f}s: run {run.info.status}; "
-          f"epochs on the server {steps}, of which replayed from the journal {journaled}; test metrics on the "
-          f"server: {'test_top1_error' in run.data.metrics}")
+    print(f"MLflow server SIGKILLed while epoch 1 was logged, restarted: run {run.info.status}; epochs on the "
+          f"server {sorted(m.step for m in history)}, of which replayed from the journal {journaled}")
     assert run.info.status == "FINISHED"  # not stuck RUNNING
     assert "test_top1_error" in run.data.metrics  # the final scoring reached the restarted server
-    # No epoch lost: those the dead server missed were journaled, then replayed into the run at the end.
-    assert steps == list(range(epochs)), (steps, journaled)
-    # Replayed once: the journal is set aside, and each epoch is in the run's history once.
-    assert not (folder / "tracking_journal.jsonl").exists() and len(replayed) <= 1
-    history = store.get_metric_history(run_id, "val_top1_error")
-    assert sorted(m.step for m in history) == steps, [(m.step, m.value) for m in history]
+    # No epoch lost: those the dead server missed were journaled, then replayed into the run at the end...
+    assert journaled == list(range(1, epochs))
+    # ...once each: the journal is set aside, and each epoch is in the run's history once.
+    assert sorted(m.step for m in history) == list(range(epochs)), [(m.step, m.value) for m in history]
+    assert not (folder / "tracking_journal.jsonl").exists() and len(replayed) == 1

@@ -31,8 +31,11 @@ def test_commands_bind_loopback_and_keep_token_auth(monkeypatch, tmp_path):
     class _Proc:
         pid = 999_999_999
 
-    monkeypatch.setattr(lp, "_spawn", lambda name, cmd, env: (spawned.setdefault(name, (cmd, env)), _Proc)[1:] +
-                        (tmp_path / f"{name}.log",))
+    def spawn(name, cmd, env):
+        spawned.setdefault(name, (cmd, env))
+        return _Proc, tmp_path / f"{name}.log"
+
+    monkeypatch.setattr(lp, "_spawn", spawn)
     lp._start_ray(6390, 2)
     lp._start_mlflow(5050)
     ray_cmd, ray_env = spawned["ray"]

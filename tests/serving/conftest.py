@@ -1,26 +1,23 @@
-"""One real Serve application for the serving tests: a small trained model, a Ray-built index,
-Ray Serve over HTTP on a free loopback port.  Package-scoped: built once, torn down after."""
+"""One real Serve application for the serving tests: the session's small trained model, its index,
+Ray Serve over HTTP on a free loopback port, on the session's Ray cluster.  Package-scoped: built
+once, deleted after."""
 from __future__ import annotations
 
 import functools
 import importlib.util
-import io
-import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 import requests
 
 from deepindex.net import free_port
+from support import REPO, wait_until
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # `serving/` is a top-level folder, not an installed package
-    sys.path.insert(0, str(REPO))
 GALLERY = 2000
 LIMITS = {"max_image_bytes": 200_000, "max_image_pixels": 1_000_000, "max_images_per_request": 8, "max_k": 100}
 
@@ -43,19 +40,8 @@ class Served:
         return requests.post(self.url + path, timeout=60, **kw)
 
 
-def png_bytes(unit: np.ndarray) -> bytes:
-    """(1, S, S) or (S, S) in [0, 1] -> PNG bytes (grayscale)."""
-    from PIL import Image
-
-    a = np.asarray(unit).reshape(unit.shape[-2:])
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(np.rint(a * 255), 0, 255).astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-
 @functools.cache
-def load_job():
+def load_job() -> ModuleType:
     """``jobs/load_serve.py`` as a module (``jobs/`` is scripts, not a package)."""
     spec = importlib.util.spec_from_file_location("load_serve", Path(REPO) / "jobs" / "load_serve.py")
     mod = importlib.util.module_from_spec(spec)
@@ -64,47 +50,24 @@ def load_job():
     return mod
 
 
-def wait_for(fn, timeout: float = 60.0, every: float = 0.5):
-    end = time.time() + timeout
-    last = None
-    while time.time() < end:
-        last = fn()
-        if last:
-            return last
-        time.sleep(every)
-    return last
-
-
 @pytest.fixture(scope="package")
-def served(tmp_path_factory):
-    import ray
+def served(tmp_path_factory: pytest.TempPathFactory, small_model: Path, _session_ray: None):
     from ray import serve
 
     from deepindex.index.build import build_index
     from deepindex.index.collection import digit_gallery
-    from deepindex.tracking.registry import resolve_model
     from deepindex.index.store import index_dir_name
-    from deepindex.index.tiny import train_small
-
+    from deepindex.tracking.registry import resolve_model
     from serving.app import build_app
 
     root = tmp_path_factory.mktemp("serving")
-    trained, _ = train_small(root / "trained", seed=0)
+    trained = root / "trained"
+    trained.mkdir()
+    shutil.copy(small_model, trained / "checkpoint.pt")  # an untouched copy: tests overwrite the live one
     live = root / "live"
     live.mkdir()
-    shutil.copy(trained, live / "checkpoint.pt")
+    shutil.copy(small_model, live / "checkpoint.pt")
     version = resolve_model(str(live)).version
-
-    from deepindex.serve_env import serve_env
-
-    if ray.is_initialized():
-        ray.shutdown()
-    # The data plane `deepindex up` and k8s/ run (HAProxy + direct ingress where haproxy exists).
-    saved = dict(os.environ)
-    os.environ.update(serve_env())
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    os.environ.clear()
-    os.environ.update(saved)  # the cluster has it now; later tests start from a clean environment
     coll = root / "indexes" / "digit-scenes"
     # In-process embedding: tests/index covers the Ray Data path; here the service is under test.
     built = build_index(str(live), size=GALLERY, out=coll / index_dir_name("local", version), use_ray=False)
@@ -114,8 +77,13 @@ def served(tmp_path_factory):
             "batch_wait_timeout_s": 0.02, **LIMITS}
     serve.run(build_app(args), name="deepindex", route_prefix="/")
     g = digit_gallery(GALLERY)
-    s = Served(f"http://127.0.0.1:{port}", live, trained.parent, coll, built.path, g.labels, g.images, version)
-    assert wait_for(lambda: s.get("/readyz").status_code == 200, 60), s.get("/readyz").text
+    s = Served(f"http://127.0.0.1:{port}", live, trained, coll, built.path, g.labels, g.images, version)
+    wait_until(lambda: s.get("/readyz").status_code == 200, 60, every=0.5, what="the service ready")
     yield s
     serve.shutdown()
-    ray.shutdown()
+
+
+@pytest.fixture(scope="package")
+def _session_ray(request: pytest.FixtureRequest) -> None:
+    """The session's Ray cluster for the package-scoped service (``ray_local`` is per test)."""
+    request.getfixturevalue("ray_local")

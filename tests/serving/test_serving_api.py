@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serving.conftest import GALLERY, LIMITS, png_bytes
+from support import png_bytes
+from tests.serving.conftest import GALLERY, LIMITS
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve, pytest.mark.cluster, pytest.mark.timeout(600)]
 
@@ -59,14 +60,15 @@ def test_tags_match_offline_inference(served):
     lm = load_model(served.trained)
     rows = list(range(6))
     pngs = [png_bytes(served.images[i]) for i in rows]
-    multipart = served.post("/v1/tag?top_k=10", files=[("images", (f"{i}.png", b)) for i, b in zip(rows, pngs)])
+    multipart = served.post("/v1/tag?top_k=10",
+                            files=[("images", (f"{i}.png", b)) for i, b in zip(rows, pngs, strict=True)])
     as_json = served.post("/v1/tag?top_k=10", json={"images": [{"id": f"x{i}", "data": base64.b64encode(b).decode()}
-                                                               for i, b in zip(rows, pngs)]})
+                                                               for i, b in zip(rows, pngs, strict=False)]})
     assert multipart.status_code == 200 and as_json.status_code == 200, multipart.text
     exact = 0
     for body in (multipart.json(), as_json.json()):
         assert body["model"]["version"] == served.version
-        for i, res in zip(rows, body["results"]):
+        for i, res in zip(rows, body["results"], strict=False):
             x = image_to_tensor(Image.open(io.BytesIO(pngs[i])), 32, 1, lm.stats)[None]  # (1, 1, 32, 32)
             offline = lm.model(x).sigmoid()[0].detach().numpy()
             got = {c["concept"]: c["probability"] for c in res["concepts"]}
@@ -107,9 +109,9 @@ def test_query_by_example_precision_at_10(served, record_property):
     with ThreadPoolExecutor(8) as pool:
         bodies = list(pool.map(lambda i: served.get(f"/v1/items/scene-{i:06d}/similar?k=10").json(), queries))
     rel = np.array([[bool(multihot(h["labels"]) @ multihot(served.labels[q])) for h in b["results"]]
-                    for q, b in zip(queries, bodies)])
+                    for q, b in zip(queries, bodies, strict=False)])
     assert all(b["query_id"] == f"scene-{q:06d}" and all(h["id"] != b["query_id"] for h in b["results"])
-               for q, b in zip(queries, bodies))
+               for q, b in zip(queries, bodies, strict=False))
     p10, map10 = precision_at_k(rel, 10), map_at_k(rel, 10)
     # Chance level on the same gallery: 10 items drawn at random per query.
     rng = np.random.default_rng(0)
@@ -153,7 +155,8 @@ def test_added_items_are_found(served):
 def test_concurrent_requests_are_batched(served):
     png = png_bytes(served.images[3])
     with ThreadPoolExecutor(32) as pool:
-        codes = list(pool.map(lambda _: served.post("/v1/tag", files={"images": ("a.png", png)}).status_code, range(64)))
+        codes = list(pool.map(lambda _: served.post("/v1/tag", files={"images": ("a.png", png)}).status_code,
+                              range(64)))
     assert codes == [200] * 64
     samples = scrape(served)["deepindex_model_batch_size"]
     count = next(s.value for s in samples if s.name.endswith("_count"))
@@ -203,7 +206,7 @@ def _ppm() -> bytes:
 
 def _bad_requests(served):
     good = png_bytes(served.images[0])
-    one = lambda b: {"files": {"images": ("x.png", b)}}  # noqa: E731
+    one = lambda b: {"files": {"images": ("x.png", b)}}
     return {
         "not an image": ("post", "/v1/tag", one(b"this is not an image"), 400, "not_an_image"),
         "truncated image": ("post", "/v1/tag", one(good[: len(good) // 2]), 400, "truncated_image"),
@@ -212,7 +215,8 @@ def _bad_requests(served):
         "over the pixel limit": ("post", "/v1/tag", one(_bomb_png()), 413, "too_many_pixels"),
         "too many images": ("post", "/v1/tag", {"files": [("images", (f"{i}.png", good)) for i in range(9)]},
                             413, "too_many_images"),
-        "too many base64 images": ("post", "/v1/tag", {"json": {"images": [{"data": base64.b64encode(good).decode()}] * 9}},
+        "too many base64 images": ("post", "/v1/tag",
+                                   {"json": {"images": [{"data": base64.b64encode(good).decode()}] * 9}},
                                    413, "too_many_images"),
         "bad base64": ("post", "/v1/tag", {"json": {"images": [{"data": "%%%not base64"}]}}, 400, "bad_base64"),
         "no images": ("post", "/v1/tag", {"json": {"images": []}}, 400, "no_images"),

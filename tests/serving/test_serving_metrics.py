@@ -14,7 +14,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serving.conftest import LIMITS, load_job, wait_for
+from support import wait_until
+from tests.serving.conftest import LIMITS, load_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve, pytest.mark.cluster]
 
@@ -62,8 +63,9 @@ def test_metrics_count_every_ingress_replica(served):
         assert all(ports), (pids, ports)
         sent = {ports[0]: 7, ports[1]: 11}
         for port, n in sent.items():
-            for i in range(n):
-                r = requests.get(f"http://127.0.0.1:{port}{PREFIX}/v1/search", params={"q": "three", "k": 5}, timeout=30)
+            for _i in range(n):
+                r = requests.get(f"http://127.0.0.1:{port}{PREFIX}/v1/search", params={"q": "three", "k": 5},
+                                 timeout=30)
                 assert r.status_code == 200, r.text
         total = sum(sent.values())
         # Scrapes alternate between the two replicas and the Serve port.  Each answers at once with
@@ -76,10 +78,11 @@ def test_metrics_count_every_ingress_replica(served):
             readings.extend(_searches(requests.get(u, timeout=30).text) for u in urls)
             return readings[-3:] == [total] * 3
 
-        done = wait_for(scrape_all, 30, every=1.0)
-        print(f"searches sent per ingress replica {list(sent.values())}; /metrics through replica 1, replica 2, "
-              f"the Serve port, in turn: {readings}")
-        assert done, readings
+        try:
+            wait_until(scrape_all, 30, every=1.0, what="every replica's count in the merged total")
+        finally:
+            print(f"searches sent per ingress replica {list(sent.values())}; /metrics through replica 1, replica 2, "
+                  f"the Serve port, in turn: {readings}")
         assert readings == sorted(readings), readings  # a counter never goes back
         assert readings[0] >= min(sent.values())  # the answering replica's own count, at least
         # The gauges: one model version, the index's item count.
@@ -88,4 +91,4 @@ def test_metrics_count_every_ingress_replica(served):
         assert fams["deepindex_index_items"][0].value == served.get(f"{PREFIX}/readyz").json()["index"]["count"]
     finally:
         serve.delete(APP)
-    assert wait_for(lambda: not [r for r in load_job().replicas(APP)], 60)
+    wait_until(lambda: not list(load_job().replicas(APP)), 60, every=0.5, what="the second app's replicas gone")

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
+from support import png_bytes
 from tests.serving.cdp import Browser, chromium_binary
-from tests.serving.conftest import png_bytes
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve, pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -32,9 +32,11 @@ def test_page_upload_shows_tags_and_similar(served, tmp_path):
             await b.eval("document.getElementById('upload').click()")
             tags = await b.wait("[...document.querySelectorAll('#tags li')].map(li => li.dataset.concept)")
             similar = await b.wait("[...document.querySelectorAll('#similar .hit .id')].map(e => e.textContent)")
-            loaded = await b.wait("[...document.querySelectorAll('#similar img')].every(i => i.complete && i.naturalWidth > 0)")
+            loaded = await b.wait("[...document.querySelectorAll('#similar img')]"
+                                  ".every(i => i.complete && i.naturalWidth > 0)")
             # Keyword search through the form.
-            await b.eval("document.getElementById('q').value = 'three zebra'; document.getElementById('search').click()")
+            await b.eval("document.getElementById('q').value = 'three zebra'; "
+                         "document.getElementById('search').click()")
             status = await b.wait("document.getElementById('search-status').textContent")
             results = await b.wait("document.querySelectorAll('#results .hit').length")
             return {"tags": tags, "similar": similar, "loaded": loaded, "status": status, "results": results}

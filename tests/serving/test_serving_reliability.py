@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving.conftest import load_job, wait_for
+from support import wait_until
+from tests.serving.conftest import load_job
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ NEEDS = {"ConceptModel": "tag", "IndexService": "similar", "Ingress": "search"}
 @pytest.mark.parametrize("deployment", ["ConceptModel", "IndexService", "Ingress"])
 def test_replica_sigkilled_under_load_recovers_by_itself(served, deployment):
     job = load_job()
-    assert wait_for(lambda: _whole(served, job), 90), _replicas(job)
+    wait_until(lambda: _whole(served, job), 90, every=0.5, what="every deployment's replicas running")
     work = job.prepare(served.url)
     victim = _replicas(job)[deployment][0]
     stop = threading.Event()
@@ -127,8 +128,14 @@ def test_replica_sigkilled_under_load_recovers_by_itself(served, deployment):
         except Exception:  # noqa: BLE001 - refused while the ingress restarts
             return False
 
-    replaced_s = wait_for(replaced, 90, every=0.2)
-    ok_s = wait_for(lambda: probe() and time.monotonic() - killed_at, 90, every=0.2) if replaced_s else None
+    def within_90_s(predicate):  # None when not reached: reported with the load's outcome below
+        try:
+            return wait_until(predicate, 90, every=0.2)
+        except AssertionError:
+            return None
+
+    replaced_s = within_90_s(replaced)
+    ok_s = within_90_s(lambda: probe() and time.monotonic() - killed_at) if replaced_s else None
     if ok_s:
         time.sleep(3.0)  # keep the load on after recovery: the tail must be clean
     stop.set()
@@ -165,4 +172,4 @@ def test_replica_sigkilled_under_load_recovers_by_itself(served, deployment):
     tail = [r for r in records if r.start >= killed_at + ok_s]
     assert tail and all(200 <= r.status < 300 for r in tail)
     # Leave the application whole for the modules that follow.
-    assert wait_for(lambda: _whole(served, job), 90), _replicas(job)
+    wait_until(lambda: _whole(served, job), 90, every=0.5, what="every deployment's replicas running")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.serving.conftest import png_bytes, wait_for
+from support import png_bytes, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve, pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -18,8 +18,8 @@ def test_new_version_reloads_and_old_index_is_refused(served):
 
     from deepindex.checkpoint import load_model, save_checkpoint
     from deepindex.index.build import build_index
-    from deepindex.tracking.registry import resolve_model
     from deepindex.index.store import index_dir_name
+    from deepindex.tracking.registry import resolve_model
 
     lm = load_model(served.trained)
     with torch.no_grad():
@@ -33,7 +33,8 @@ def test_new_version_reloads_and_old_index_is_refused(served):
         r = served.get("/readyz")
         return r.status_code, r.json()  # a tuple: truthy whatever the status (a 503 Response is falsy)
 
-    status, body = wait_for(lambda: (s := readyz())[1].get("model", {}).get("version") == new and s, 60) or readyz()
+    status, body = wait_until(lambda: (s := readyz())[1].get("model", {}).get("version") == new and s, 60, every=0.5,
+                              what=f"the service reloaded version {new}")
     assert status == 503  # the model moved on; its index does not exist yet
     assert "no index for model local version " + new in body["reasons"][0]
     search = served.get("/v1/search", params={"q": "three"})
@@ -44,6 +45,6 @@ def test_new_version_reloads_and_old_index_is_refused(served):
     # Index the collection with the new version: the service finds it by version, no restart.
     build_index(str(served.model_path), size=300, out=served.collection_dir / index_dir_name("local", new),
                 use_ray=False)
-    status, body = wait_for(lambda: (s := readyz())[0] == 200 and s, 30) or readyz()
+    status, body = wait_until(lambda: (s := readyz())[0] == 200 and s, 30, every=0.5, what="ready with the new index")
     assert status == 200 and body["index"]["model"]["version"] == new and body["index"]["count"] == 300
     assert served.get("/v1/search", params={"q": "three"}).status_code == 200

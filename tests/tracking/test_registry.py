@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from deepindex.checkpoint import load_model, save_checkpoint
 from deepindex.config import load_config
-from fixtures_mlflow import TINY
+from support import TINY
 
 pytestmark = [pytest.mark.mlflow, pytest.mark.timeout(240)]
 
@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.mlflow, pytest.mark.timeout(240)]
 def splits():
     from deepindex.data import build_splits
 
-    cfg = load_config(None, TINY)
+    cfg = load_config(None, [*TINY, "data.train_size=1000"])  # enough steps in 3 epochs to learn
     return cfg, build_splits(cfg.data)
 
 

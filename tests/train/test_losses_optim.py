@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -52,11 +53,13 @@ def _lrs(overrides, epochs=8, val_losses=None):
 
 
 def test_step_policy_is_constant_then_divided():
-    assert _lrs(["schedule.policy=step", "schedule.step_size=3", "schedule.factor=10"]) == [1, 1, 1, 0.1, 0.1, 0.1, 0.01, 0.01]
+    assert _lrs(["schedule.policy=step", "schedule.step_size=3", "schedule.factor=10"]) == [
+        1, 1, 1, 0.1, 0.1, 0.1, 0.01, 0.01]
 
 
 def test_multistep_policy():
-    assert _lrs(["schedule.policy=multistep", "schedule.milestones=[2,5]", "schedule.factor=2"]) == [1, 1, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25]
+    assert _lrs(["schedule.policy=multistep", "schedule.milestones=[2,5]", "schedule.factor=2"]) == [
+        1, 1, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25]
 
 
 def test_exponential_policy():
@@ -66,7 +69,7 @@ def test_exponential_policy():
 
 def test_cosine_policy_reaches_min_lr():
     got = _lrs(["schedule.policy=cosine", "schedule.min_lr=0.0"], epochs=5)
-    assert got[0] == 1 and all(a > b for a, b in zip(got, got[1:])) and got[-1] < 0.2
+    assert got[0] == 1 and all(a > b for a, b in itertools.pairwise(got)) and got[-1] < 0.2
 
 
 def test_plateau_policy_divides_when_val_loss_stalls():

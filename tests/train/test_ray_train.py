@@ -7,21 +7,16 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from deepindex.checkpoint import load_model, read_checkpoint
 from deepindex.config import load_config
 from deepindex.train.trainer import build_trainer, train
+from support import REPO, TINY, TWO_WORKERS, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
-TINY = ["data.dataset=digits", "data.train_size=600", "data.val_size=200", "data.test_size=200",
-        "model.channels=[8,16]", "model.embed_dim=32", "train.batch_size=64", "ray.num_workers=2",
-        "ray.cpus_per_worker=1", "train.threads=1"]
 
 
 def _status(storage: Path, name: str) -> dict[int, dict]:
@@ -65,24 +60,24 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_local, tmp_path):
     # Three blocks (enough receptive field to learn digits in 4 epochs) and an early LR step, so
     # both runs settle and their comparison measures the resume, not noise; epochs of a few
     # seconds leave time to kill a worker inside one.
-    cfg = load_config(None, [*TINY, "model.channels=[8,16,32]", "data.train_size=16000", "data.val_size=500",
+    cfg = load_config(None, [*TINY, *TWO_WORKERS, "model.channels=[8,16,32]", "data.train_size=16000",
+                             "data.val_size=500",
                              "schedule.step_size=2", "train.epochs=4", "ray.max_failures=2",
                              f"ray.storage_path={tmp_path}"])
     trainer = build_trainer(cfg, name="fault")
     box: dict = {}
     t = threading.Thread(target=lambda: box.update(result=trainer.fit()), daemon=True)
     t.start()
-    killed, committed = None, -1
-    deadline = time.time() + 300
-    while time.time() < deadline and t.is_alive():
+
+    def in_epoch_2_after_checkpoint_1() -> dict | None:
         st = _status(tmp_path, "fault").get(1)
-        committed = _committed_epoch(tmp_path, "fault")
-        if st and st["epoch"] == 2 and committed == 1 and not st.get("done"):
-            os.kill(st["pid"], signal.SIGKILL)  # in epoch 2, after epoch 1's checkpoint
-            killed = st["pid"]
-            break
-        time.sleep(0.05)
-    assert killed, "worker never reached epoch 2 with epoch 1 checkpointed"
+        ok = st and st["epoch"] == 2 and _committed_epoch(tmp_path, "fault") == 1 and not st.get("done")
+        return st if ok else None
+
+    st = wait_until(in_epoch_2_after_checkpoint_1, 300, every=0.05, alive=t.is_alive,
+                    what="worker 1 in epoch 2 with epoch 1 checkpointed")
+    os.kill(st["pid"], signal.SIGKILL)  # in epoch 2, after epoch 1's checkpoint
+    killed = st["pid"]
     t.join(timeout=300)
     result = box["result"]
     assert result.error is None and result.metrics["epoch"] == 3
@@ -101,19 +96,14 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_local, tmp_path):
 def test_stopped_run_started_again_resumes(tmp_path):
     """Kill a whole `jobs/train.py` run (driver and its local cluster), start it again: it resumes."""
     env = {**os.environ, "DEEPINDEX_HOME": str(tmp_path / "home"), "DEEPINDEX_NUM_CPUS": "4"}
-    cmd = [sys.executable, str(REPO / "jobs" / "train.py"), "--name", "again", *TINY, "data.train_size=3000", "train.epochs=4",
+    cmd = [sys.executable, str(REPO / "jobs" / "train.py"), "--name", "again", *TINY, *TWO_WORKERS,
+           "data.train_size=3000", "train.epochs=4",
            f"ray.storage_path={tmp_path}"]
     p = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if _committed_epoch(tmp_path, "again") >= 1:
-                break
-            assert p.poll() is None, "the first run ended before it could be stopped"
-            time.sleep(0.2)
-        else:
-            pytest.fail("the first run never checkpointed epoch 1")
+        wait_until(lambda: _committed_epoch(tmp_path, "again") >= 1, 240, every=0.2, alive=lambda: p.poll() is None,
+                   what="the first run checkpointed epoch 1")
     finally:
         os.killpg(p.pid, signal.SIGKILL)  # the driver and the Ray processes it started
         p.wait(timeout=30)

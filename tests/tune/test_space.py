@@ -41,7 +41,8 @@ def test_bad_space_names_the_key(space, message):
 
 @pytest.mark.parametrize("raw, message", [
     ({"space": GOOD_SPACE, "tune": {"serach": "optuna"}}, "tune.serach: unknown key"),
-    ({"space": {"optim.lr": {"grid": [0.1, 0.2]}}, "tune": {"search": "optuna"}}, "space.optim.lr: grid is not supported"),
+    ({"space": {"optim.lr": {"grid": [0.1, 0.2]}}, "tune": {"search": "optuna"}},
+     "space.optim.lr: grid is not supported"),
     ({"space": GOOD_SPACE, "tune": {"grace_period": 50}}, "tune.grace_period:"),
     ({"space": GOOD_SPACE, "base": {"overrides": {"optim.lrr": 1}}}, "optim.lrr: unknown key"),
     ({"space": {}}, "space: needs at least one"),

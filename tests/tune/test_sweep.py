@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from fixtures_mlflow import TINY
+from support import ONE_WORKER, TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.mlflow]
 
@@ -14,7 +14,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.mlflow]
 def _spec(tmp_path, space: dict, tune: dict, epochs: int):
     from deepindex.tune.space import parse_space
 
-    overrides = {k: v for k, v in (item.split("=", 1) for item in TINY)}
+    # Enough steps per epoch for a good learning rate to pull ahead of the weak ones by the first rung.
+    base = [*TINY, *ONE_WORKER, "data.train_size=1000", "train.batch_size=32"]
+    overrides = {k: v for k, v in (item.split("=", 1) for item in base)}
     overrides.update({"train.epochs": str(epochs), "ray.storage_path": str(tmp_path / "results"),
                       "tracking.experiment": f"sweep-{tmp_path.name}",
                       "tracking.registered_model": f"model-{tmp_path.name}"})
@@ -68,7 +70,8 @@ def test_asha_sweep_interrupted_restored_tracked_and_promoted(ray_local, mlflow_
                   "max_concurrent_trials": 2, "promote": True}, epochs=4)
     client = MlflowClient(mlflow_server.uri)
 
-    first = run_sweep(spec, name="asha", tracking_uri=mlflow_server.uri, callbacks=[_InterruptAfter(3, tmp_path / "interrupted")])
+    first = run_sweep(spec, name="asha", tracking_uri=mlflow_server.uri,
+                      callbacks=[_InterruptAfter(3, tmp_path / "interrupted")])
     assert first.interrupted and first.promotion is None
     assert client.get_run(first.parent_run_id).info.status == "RUNNING"
 

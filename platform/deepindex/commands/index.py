@@ -55,5 +55,5 @@ def run_build(args) -> int:
 def run_info(args) -> int:
     from deepindex.index.store import read_manifest
 
-    print(json.dumps(read_manifest(args.path), indent=2))
+    print(read_manifest(args.path).model_dump_json(indent=2))
     return 0

@@ -28,7 +28,10 @@ def run_up(args) -> int:
     except PlatformError as e:
         print(f"deepindex up: error: {e}", file=sys.stderr)
         return 1
+    from deepindex.workflows import sync_pending
+
     ray, mlflow = services["ray"], services["mlflow"]
+    sync_pending(None, mlflow.address)  # runs that ended while this server was down
     print(f"Ray head:      {ray.address}  (pid {ray.pid}; jobs in this project connect to it)")
     print(f"MLflow server: {mlflow.address}  (pid {mlflow.pid}; open it in a browser for the UI)")
     print("stop with: deepindex down")
@@ -49,7 +52,14 @@ def run_down(args) -> int:
 def run_status(args) -> int:
     from deepindex.localplatform import status
 
+    from deepindex.tracking.tracker import pending_journals
+    from deepindex.train.trainer import storage_path
+    from deepindex.config import load_config
+
     st = status()
+    pending = [str(p) for p in pending_journals(storage_path(load_config(None, [])))]
+    if pending:
+        print(f"runs with tracking journals not yet in MLflow (`deepindex tracking sync` logs them): {pending}")
     if not st:
         print("the local platform is not running (start it with: deepindex up)")
         return 1

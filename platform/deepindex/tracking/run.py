@@ -137,9 +137,15 @@ def log_final(tracker: Tracker, report: FinalReport, latest_checkpoint: str | No
     """Log a finished run's report and end the run with ``status`` (a Tune trial that ASHA stopped
     ends KILLED); returns the run id.  When the server cannot be reached the test metrics are
     journaled instead, for ``deepindex tracking sync`` to replay later."""
-    run_id = run_id_of(tracker, latest_checkpoint or report.checkpoint, name)
-    if run_id is None or tracker.disabled and not _server_back(tracker):
-        tracker.journal("test", metrics=report.metrics, checkpoint=report.checkpoint)
+    run_id = tracker.run_id or run_id_of(tracker, latest_checkpoint or report.checkpoint, name)
+    # One probe first: a server that died mid-run (rank 0 journaled the rest) costs no retries here.
+    if run_id is None or not _server_back(tracker):
+        # The end of the run, for `deepindex tracking sync` (or the next command) to log later.
+        tracker.journal("test", run_id=run_id, metrics=report.metrics, checkpoint=report.checkpoint, status=status)
+        if tracker.offline_path:
+            log.warning("MLflow server %s is unreachable at the end of run %s: its results are journaled in %s; "
+                        "`deepindex tracking sync` (or the next deepindex command) logs them once it is back",
+                        tracker.tracking_uri, name, tracker.offline_path)
         return run_id
     tracker.run_id, tracker.disabled = run_id, False
     try:
@@ -157,7 +163,7 @@ def log_final(tracker: Tracker, report: FinalReport, latest_checkpoint: str | No
     except Exception as e:  # noqa: BLE001 - the training result stands without its logs
         log.warning("MLflow: final logging of run %s failed (%s: %s); test metrics: %s", run_id, type(e).__name__, e,
                     report.metrics)
-        tracker.journal("test", metrics=report.metrics, checkpoint=report.checkpoint)
+        tracker.journal("test", run_id=run_id, metrics=report.metrics, checkpoint=report.checkpoint, status=status)
     return run_id
 
 

@@ -185,6 +185,29 @@ class Tracker:
             log.debug("tracking journal %s not written: %s", self.offline_path, e)
 
 
+JOURNAL = "tracking_journal.jsonl"
+
+
+def read_journal(path: str | Path) -> list[dict[str, Any]]:
+    """A journal's records; a line cut short by a crash mid-write is skipped (the rest still counts)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("tracking journal %s: skipped a damaged line", path)
+    return records
+
+
+def pending_journals(storage: str | Path) -> list[Path]:
+    """The journals under a Ray storage path not yet replayed: a run's (``<run>/``) and a sweep
+    trial's (``<sweep>/train/<trial>/``)."""
+    root = Path(storage)
+    if not root.is_dir():
+        return []
+    return sorted([*root.glob(f"*/{JOURNAL}"), *root.glob(f"*/train/*/{JOURNAL}")])
+
+
 def replay_journal(path: str | Path, tracking_uri: str, run_id: str) -> int:
     """Log a journal's epoch metrics to ``run_id`` (once the server is back); returns the count.
 
@@ -198,15 +221,7 @@ def replay_journal(path: str | Path, tracking_uri: str, run_id: str) -> int:
     path = Path(path)
     if not path.is_file():
         return 0
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash mid-write: the rest still counts
-            log.warning("tracking journal %s: skipped a damaged line", path)
-            continue
-        if rec.get("kind") == "epoch" and rec.get("run_id") in (None, run_id):
-            records.append(rec)
+    records = [r for r in read_journal(path) if r.get("kind") == "epoch" and r.get("run_id") in (None, run_id)]
     client = mlflow_client(tracking_uri)
     for rec in records:
         ts = int(rec["time"] * 1000)

@@ -13,8 +13,6 @@ from deepindex.train.engine import primary_metric
 
 log = logging.getLogger(__name__)
 
-JOURNAL = "tracking_journal.jsonl"
-
 
 def storage_path(cfg: Config) -> str:
     """Where Ray Train persists checkpoints: the config's, else ``<state dir>/ray_results``."""
@@ -32,6 +30,8 @@ def journal_path(cfg: Config, name: str) -> str | None:
     """Where a run journals its tracking calls while MLflow is unreachable: next to its checkpoints
     (None on remote storage, where the checkpoints' metrics are the record)."""
     storage = storage_path(cfg)
+    from deepindex.tracking.tracker import JOURNAL
+
     return None if "://" in storage else str(Path(storage) / name / JOURNAL)
 
 

@@ -16,8 +16,12 @@ def tune_main(space: str, overrides: list[str] | None = None, *, name: str | Non
     from deepindex.tune.driver import run_sweep
     from deepindex.tune.space import load_space
 
+    from deepindex.train.trainer import storage_path
+    from deepindex.workflows import sync_pending
+
     spec = load_space(space, overrides, settings)
     connect()
+    sync_pending(storage_path(spec.base))
     out = run_sweep(spec, name=name, promote=promote)
     summary = sweep_summary(out)
     print(json.dumps(summary, indent=2, default=str))

@@ -1,0 +1,251 @@
+"""Helpers shared by the tests (``pythonpath = ["tests"]`` in pyproject.toml); the fixtures are in conftest.py.
+
+- ``TINY``: the one tiny training config (dotted overrides) the tests start from, plus the worker
+  layouts they add to it;
+- :func:`wait_until`: the one polling loop (no fixed sleeps: a test waits for the state it needs);
+- :func:`start_mlflow_server`: a real MLflow tracking server on a free loopback port, stopped by its
+  process group;
+- process helpers for tests that kill real processes.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from deepindex.net import free_port
+from deepindex.sessions import session_members
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # this venv's console scripts: ray, mlflow, deepindex
+
+# Small enough for a 2-core machine: 8x8 single-label digits, a 2-block ConvNet, 2 epochs.
+TINY = ["data.dataset=digits", "data.train_size=600", "data.val_size=200", "data.test_size=200",
+        "model.channels=[8,16]", "model.embed_dim=32", "train.batch_size=64", "train.epochs=2"]
+# Worker layouts: one half-CPU worker that fails fast (tracking, sweeps), or two DDP workers.
+ONE_WORKER = ["ray.num_workers=1", "ray.cpus_per_worker=0.5", "ray.max_failures=0"]
+TWO_WORKERS = ["ray.num_workers=2", "ray.cpus_per_worker=1", "train.threads=1"]
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, every: float = 0.1,
+               alive: Callable[[], bool] | None = None, what: str = "") -> T:
+    """Poll ``predicate`` until it returns something truthy and return that.
+
+    Fails the test after ``timeout`` seconds (naming ``what``), or as soon as ``alive()`` turns
+    False (the process the test waits on died first).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predicate()
+        if got:
+            return got
+        if alive is not None and not alive():
+            raise AssertionError(f"gave up waiting{' for ' + what if what else ''}: the process it needs exited")
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not reached within {timeout:.0f}s{': ' + what if what else ''}")
+        time.sleep(every)
+
+
+# ---- processes ------------------------------------------------------------------------------------
+def pid_alive(pid: int) -> bool:
+    """Running (a zombie has exited; it only waits for its parent to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def descendants(pid: int) -> list[int]:
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after ')'.
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_session(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 30) -> None:
+    """Signal a process started with ``start_new_session=True`` and everything in its session; wait
+    until the session is empty (a test's processes never outlive it)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    proc.wait(timeout)
+    wait_until(lambda: not session_members(proc.pid), timeout, what=f"session {proc.pid} to end")
+
+
+# ---- MLflow ---------------------------------------------------------------------------------------
+@dataclass
+class MlflowServer:
+    uri: str
+    pid: int
+    root: Path
+    proc: subprocess.Popen
+
+    @property
+    def port(self) -> int:
+        return int(self.uri.rsplit(":", 1)[1])
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """End the server's session (``SIGKILL`` to simulate a crash)."""
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 10
+        while session_members(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if session_members(self.pid):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+def start_mlflow_server(root: Path, port: int | None = None, timeout: float = 90.0) -> MlflowServer:
+    """A real MLflow server (SQLite + local artifacts under ``root``) in a session of its own, so it and
+    its uvicorn worker are stopped by one id.  ``port`` restarts a server at a known address."""
+    import requests
+
+    root.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(root / "server.log", "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=root)
+    server = MlflowServer(f"http://127.0.0.1:{port}", proc.pid, root, proc)
+
+    def healthy() -> bool:
+        try:
+            return requests.get(server.uri + "/health", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_until(healthy, timeout, every=0.3, alive=lambda: proc.poll() is None,
+                   what=f"mlflow server healthy (see {root / 'server.log'})")
+    except AssertionError:
+        server.stop(signal.SIGKILL)
+        raise
+    return server
+
+
+# ---- images ---------------------------------------------------------------------------------------
+def png_bytes(unit: np.ndarray) -> bytes:
+    """(1, S, S) or (S, S) in [0, 1] -> PNG bytes (grayscale)."""
+    from PIL import Image
+
+    a = np.asarray(unit).reshape(unit.shape[-2:])
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(a * 255), 0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---- a tracking server that fails at a known point -------------------------------------------------
+class MlflowOutage:
+    """An HTTP proxy in front of a real MLflow server that crashes it at a known point of a run.
+
+    Clients use ``proxy.uri``.  When a run logs the metrics of epoch ``at_step`` (the first
+    ``log-batch`` holding a metric with that step), the server is SIGKILLed before the request
+    reaches it, and from then on every request fails (connection refused behind the proxy: 502)
+    until :meth:`restart` brings the server back on the same port and store.  With
+    ``health_waits_for_restart`` the ``/health`` probe a client makes before its final logging
+    waits for the restart instead of failing, so "the server was back before the run ended" is
+    exercised deterministically whatever the speed of the training.  Not a fake: every request
+    that is answered, is answered by the real server; the proxy only decides when it dies.
+    """
+
+    def __init__(self, server: MlflowServer, at_step: int, health_waits_for_restart: bool = False) -> None:
+        import threading
+        from http.server import ThreadingHTTPServer
+
+        self.server: MlflowServer | None = server
+        self.root, self.port_behind = server.root, server.port
+        self.at_step, self.health_waits = at_step, health_waits_for_restart
+        self.killed = threading.Event()
+        self.back = threading.Event()
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd.daemon_threads = True
+        self.uri = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+
+    def _crash_if_due(self, path: str, body: bytes) -> None:
+        import json as _json
+
+        if self.killed.is_set() or not path.endswith("/runs/log-batch"):
+            return
+        try:
+            steps = {m.get("step") for m in _json.loads(body or b"{}").get("metrics", [])}
+        except ValueError:
+            return
+        if self.at_step in steps:
+            with self._lock:
+                if not self.killed.is_set() and self.server is not None:
+                    self.server.stop(signal.SIGKILL)  # a crash, not a clean shutdown
+                    self.killed.set()
+
+    def restart(self) -> MlflowServer:
+        self.server = start_mlflow_server(self.root, port=self.port_behind)
+        self.back.set()
+        return self.server
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self.server is not None:
+            self.server.stop(signal.SIGKILL)
+
+    def _handler(self) -> type:
+        from http.server import BaseHTTPRequestHandler
+
+        import requests
+
+        outage = self
+
+        class Forward(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:  # quiet: the test prints what matters
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outage._crash_if_due(self.path, body)
+                if outage.health_waits and outage.killed.is_set() and self.path.startswith("/health"):
+                    outage.back.wait(120)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                try:
+                    r = requests.request(self.command, f"http://127.0.0.1:{outage.port_behind}{self.path}",
+                                         data=body, headers=headers, timeout=60)
+                    status, content, ctype = r.status_code, r.content, r.headers.get("Content-Type", "")
+                except requests.RequestException:
+                    status, content, ctype = 502, b'{"error": "mlflow server down"}', "application/json"
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+        return Forward
