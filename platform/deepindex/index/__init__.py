@@ -7,6 +7,8 @@
 - :mod:`.store`       the index directory: manifest, arrays, atomic write, items added later
 - :mod:`.keywords`    vocabulary with synonyms -> concepts -> ranked items
 - :mod:`.metrics`     retrieval quality: precision@k and mAP@k
+- :mod:`.fusion`      keyword + example + concept filters fused (weighted or RRF); cursor paging
+- :mod:`.evaluate`    retrieval quality of a model: keyword AP, QBE per descriptor x metric, fusion
 - :mod:`.build`       the whole build: embed in parallel on the cluster, write the index
 
 Nothing here imports Ray or FAISS at import time; each module imports what it needs.
