@@ -70,6 +70,13 @@ def test_names_with_underscores_hyphens_and_many_words_reach_their_concept():
     assert p.corrected == {} and p.unmatched == ["tshirt"] and "t shirt" in p.suggestions["tshirt"]
 
 
+def test_words_with_two_lemmas_meet_whichever_came_first():
+    # "leaves" lemmatises to leave and leaf; "leaf" to leaf: both names stay reachable, both ways.
+    v = Vocabulary(["autumn_leaves", "leaf"])
+    assert v.parse("autumn leaf").concepts == ["autumn_leaves"] and v.parse("autumn leaves").concepts == ["autumn_leaves"]
+    assert v.parse("leaf").concepts == ["leaf"] and v.parse("leaves").concepts == ["leaf"]
+
+
 _word = st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=9)
 
 

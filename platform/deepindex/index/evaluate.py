@@ -67,9 +67,11 @@ def keyword_quality(probs: np.ndarray, labels: np.ndarray, concepts: Sequence[st
         rel = labels[order, j][None, :]  # (1, N)
         ap[c] = float(average_precision_at_k(rel, n, np.array([labels[:, j].sum()]))[0])
         p_at_k[c] = precision_at_k(rel, min(k, n))
+    # A random ranking's expected AP and precision@k are the concept's prevalence: the floor to beat.
+    chance = float(np.mean([labels[:, concepts.index(c)].mean() for c in ap])) if ap else 0.0
     return {"map": float(np.mean(list(ap.values()))) if ap else 0.0,
             f"precision_at_{k}": float(np.mean(list(p_at_k.values()))) if p_at_k else 0.0,
-            "ap": ap, "parsed_as": parsed_as}
+            "chance": chance, "ap": ap, "parsed_as": parsed_as}
 
 
 def n_relevant(labels: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
@@ -93,6 +95,12 @@ def qbe_quality(feature: np.ndarray, labels: np.ndarray, metric: str, k: int = 1
     rel = relevance(labels[queries], labels[np.maximum(rows, 0)]) & (rows >= 0)  # (Q, k)
     nrel = n_relevant(labels, queries)
     return {f"precision_at_{k}": precision_at_k(rel, k), f"map_at_{k}": map_at_k(rel, k, nrel)}
+
+
+def qbe_chance(labels: np.ndarray) -> float:
+    """A random ranking's expected precision@k: the mean share of the gallery relevant to a query."""
+    queries = np.flatnonzero(labels.any(axis=1))
+    return float((n_relevant(labels, queries) / max(len(labels) - 1, 1)).mean())
 
 
 def fusion_quality(probs: np.ndarray, feature: np.ndarray, labels: np.ndarray, concepts: Sequence[str], metric: str,
@@ -174,6 +182,7 @@ def evaluate_retrieval(lm, collection, *, descriptors: Sequence[str] = DESCRIPTO
         log.info("qbe %s: %s", d, report["qbe"][d])
     best = max(((d, m) for d in descriptors for m in metrics), key=lambda dm: report["qbe"][dm[0]][dm[1]][f"map_at_{k}"])
     report["qbe_best"] = {"descriptor": best[0], "metric": best[1], **report["qbe"][best[0]][best[1]]}
+    report["qbe_chance"] = qbe_chance(labels)
     report["fusion"] = {"descriptor": best[0], "metric": best[1], "min_prob": FILTER_MIN_PROB,
                         **fusion_quality(feats["probs"], feats[best[0]], labels, lm.concepts, best[1], k,
                                          queries_per_concept, seed, normalize)}
@@ -185,17 +194,19 @@ def format_table(report: dict[str, Any]) -> str:
     """The report as Markdown tables: QBE per descriptor x metric, keyword, fusion."""
     k = report["k"]
     metrics = list(next(iter(report["qbe"].values())))
-    lines = [f"QBE mAP@{k} / precision@{k} ({report['collection']['name']}, {report['collection']['size']} items)", "",
+    lines = [f"QBE mAP@{k} / precision@{k} ({report['collection']['name']}, {report['collection']['size']} items; "
+             f"a random ranking's precision@{k}: {report['qbe_chance']:.3f})", "",
              "| descriptor (dim) | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for d, row in report["qbe"].items():
-        cells = [f"{row[m][f'map_at_{k}']:.3f} / {row[m][f'precision_at_{k}']:.3f}" for m in metrics]
+        cells = [f"{row[m][f'map_at_{k}']:.4f} / {row[m][f'precision_at_{k}']:.4f}" for m in metrics]
         lines.append(f"| {d} ({report['dims'][d]}) | " + " | ".join(cells) + " |")
     kw = report["keyword"]
-    lines += ["", f"Keyword (query = concept name): mAP {kw['map']:.3f}, precision@{k} {kw[f'precision_at_{k}']:.3f}",
+    lines += ["", f"Keyword (query = concept name): mAP {kw['map']:.4f}, precision@{k} {kw[f'precision_at_{k}']:.4f} "
+              f"(random ranking: {kw['chance']:.3f})",
               "AP per concept: " + ", ".join(f"{c} {v:.3f}" for c, v in kw["ap"].items())]
     f = report["fusion"]
     lines += ["", f"Fusion, 'items with c like this one' ({f['queries']} queries; example = {f['descriptor']}/{f['metric']}):",
               "", f"| signal | mAP@{k} | precision@{k} |", "|---|---|---|"]
     for name in ("keyword", "example", "weighted", "rrf", "example+min_prob"):
-        lines.append(f"| {name} | {f[name][f'map_at_{k}']:.3f} | {f[name][f'precision_at_{k}']:.3f} |")
+        lines.append(f"| {name} | {f[name][f'map_at_{k}']:.4f} | {f[name][f'precision_at_{k}']:.4f} |")
     return "\n".join(lines)

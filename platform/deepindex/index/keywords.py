@@ -93,14 +93,14 @@ class Vocabulary:
             words = tokens(text)
             if not words:
                 continue
-            key = tuple(lemmas(w)[0] for w in words)
+            key = tuple(self._key(w) for w in words)  # through the aliases, as a query word goes
             if self.lookup.setdefault(key, concept) != concept:
                 log.debug("vocabulary: %r already means %r, not %r", text, self.lookup[key], concept)
             self.phrases.setdefault(" ".join(words), concept)
         self.max_len = max((len(k) for k in self.lookup), default=1)
         self.stopwords = {w for s in (stopwords or []) for w in (s.lower(), *lemmas(s.lower()))}
         # Typo targets: every word of every phrase as written, mapped to its key.
-        self._choices = {w: self._alias[lemmas(w)[0]] for text in self.phrases for w in text.split()}
+        self._choices = {w: self._key(w) for text in self.phrases for w in text.split()}
 
     @classmethod
     def from_file(cls, path: str | Path | None, concepts: list[str]) -> "Vocabulary":

@@ -17,14 +17,14 @@ def flat_metrics(report: dict[str, Any], prefix: str = "retrieval") -> dict[str,
     """The report's numbers as ``{dotted.name: value}``, names made safe for MLflow."""
     out: dict[str, float] = {}
 
-    def walk(node: Any, path: list[str]) -> None:
+    def walk(node: Any, path: list[str]) -> None:  # numbers at any depth; text (names, queries) skipped
         if isinstance(node, dict):
             for key, v in node.items():
                 walk(v, path + [_UNSAFE.sub("_", str(key))])
         elif isinstance(node, (int, float)) and not isinstance(node, bool):
             out[".".join(path)] = float(node)
 
-    for section in ("keyword", "qbe", "qbe_best", "fusion"):
+    for section in ("keyword", "qbe", "qbe_best", "qbe_chance", "fusion"):
         walk(report.get(section, {}), [prefix, section])
     return out
 
