@@ -74,6 +74,7 @@ def test_an_untrained_model_fails_the_floors(small_model):
     assert r["keyword"]["map"] < 0.6
 
 
+@pytest.mark.mlflow
 def test_command_prints_the_table_writes_json_and_logs_to_mlflow(small_model, mlflow_server, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
@@ -106,6 +107,7 @@ def test_command_prints_the_table_writes_json_and_logs_to_mlflow(small_model, ml
     assert logged["qbe"] == rep["qbe"]
 
 
+@pytest.mark.mlflow
 def test_command_errors_name_the_option(small_model, mlflow_server, capsys):
     from deepindex.cli import main
 
