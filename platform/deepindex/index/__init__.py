@@ -6,6 +6,8 @@
 - :mod:`.store`       the index directory: manifest, arrays, atomic write, items added later
 - :mod:`.keywords`    vocabulary with synonyms -> concepts -> ranked items
 - :mod:`.metrics`     retrieval quality: precision@k and mAP@k
+- :mod:`.fusion`      keyword + example + concept filters fused (weighted or RRF); cursor paging
+- :mod:`.evaluate`    retrieval quality of a model: keyword AP, QBE per descriptor x metric, fusion
 - :mod:`.build`       the whole build: resolve the model (``deepindex.tracking.registry``), embed in
                       parallel on the cluster, write the index
 

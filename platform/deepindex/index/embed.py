@@ -5,6 +5,8 @@ Probabilities are sigmoids for multi-label models and a softmax for single-label
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 
@@ -13,9 +15,17 @@ from deepindex.data.transforms import normalize
 
 
 @torch.inference_mode()
-def infer_unit(lm: LoadedModel, unit: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(B, C, S, S) in [0, 1] -> probabilities (B, K) and embeddings (B, D), float32 numpy."""
+def infer_unit(lm: LoadedModel, unit: torch.Tensor | np.ndarray, features: Sequence[str] | None = None
+               ) -> tuple[np.ndarray, np.ndarray] | dict[str, np.ndarray]:
+    """(B, C, S, S) in [0, 1] -> probabilities (B, K) and embeddings (B, D), float32 numpy.
+
+    With ``features`` (names from ``lm.model.feature_points()``): ``{name: (B, D_name)}``
+    instead, from the same single pass.
+    """
     x = torch.as_tensor(unit, dtype=torch.float32)
+    if features is not None:
+        out = lm.model.features(normalize(x, lm.stats), features, multilabel=lm.multilabel)
+        return {k: v.numpy().astype(np.float32) for k, v in out.items()}
     logits, emb = lm.model.forward_with_embedding(normalize(x, lm.stats))  # (B, K), (B, D)
     probs = torch.sigmoid(logits) if lm.multilabel else torch.softmax(logits, dim=1)
     return probs.numpy().astype(np.float32), emb.numpy().astype(np.float32)
@@ -32,6 +42,17 @@ def embed_collection_local(lm: LoadedModel, collection, batch_size: int = 256) -
         embs.append(e)
         thumbs.append(to_thumb(unit))
     return np.concatenate(probs), np.concatenate(embs), np.concatenate(thumbs)
+
+
+def embed_features_local(lm: LoadedModel, collection, features: Sequence[str], batch_size: int = 256
+                         ) -> dict[str, np.ndarray]:
+    """In-process (no Ray): ``{name: (N, D_name)}`` float32 for every item of ``collection``."""
+    parts: dict[str, list[np.ndarray]] = {f: [] for f in features}
+    for start in range(0, len(collection), batch_size):
+        unit = collection.unit_images(np.arange(start, min(start + batch_size, len(collection))))  # (B, C, S, S)
+        for name, v in infer_unit(lm, unit, features).items():
+            parts[name].append(v)
+    return {name: np.concatenate(v) for name, v in parts.items()}
 
 
 def to_thumb(unit: np.ndarray) -> np.ndarray:

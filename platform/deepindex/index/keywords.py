@@ -1,14 +1,31 @@
 """Keyword search: words -> concepts through a vocabulary with synonyms -> ranked items.
 
-Vocabulary file (YAML)::
+The vocabulary is derived from the concept names: ``aquarium_fish`` is the phrase "aquarium
+fish" (underscores and hyphens are spaces), a name of any length is a phrase of that length.
+A synonyms file (one per collection, or several merged) adds words and phrases::
 
     concepts:            # concept name -> words and phrases that mean it
       "3": [three, trois]
     stopwords: [and, with, a, the]
 
-Every concept also matches its own name.  Matching is case-insensitive; phrases of up to
-``MAX_PHRASE`` words are matched longest first.  Words that match nothing (and are not
-stopwords) are reported back, not silently dropped.
+Matching (``Vocabulary.parse``):
+
+1. tokens: letters and digits; underscores, hyphens and punctuation split; a trailing ``'s``
+   or ``'`` is a clitic, dropped (as the Penn Treebank tokeniser splits it off);
+2. case-insensitive, and inflection-insensitive: every word of the vocabulary and of the
+   query is reduced to its noun lemmas by ``lemminflect`` (a dictionary-backed lemmatiser), so
+   ``threes``, ``Three`` and ``3s`` all read as ``three`` / ``3``; a word with two lemmas
+   (``leaves``: leave, leaf) matches a vocabulary word through either.  A stemmer (Snowball)
+   was the other candidate; it keeps ``twos`` and ``3s`` as they are;
+3. typos: a word the vocabulary does not know is corrected to the vocabulary word at the
+   smallest edit distance (optimal string alignment, from ``rapidfuzz``) when that distance
+   is at most 1 for words of 4-7 letters and 2 from 8 letters, and that word is the only one
+   at that distance (``sevn`` -> ``seven``).  Shorter words and numbers are never corrected:
+   one edit changes them too much.  Corrections are reported in ``corrected``;
+4. phrases, longest first, over the (corrected) lemmas; stopwords that are not part of a
+   phrase are skipped; other words are reported in ``unmatched`` with up to three "did you
+   mean" phrases each (``suggestions``, by ``rapidfuzz``'s weighted ratio >= 75, so a word of
+   a longer name suggests it: ``fish`` -> ``aquarium fish``).
 
 Scoring (``rank``): with ``p_i(c)`` the presence probability of concept ``c`` in item ``i``,
 - ``all`` (default): ``score = prod_c p_i(c)``, the probability that every query concept is
@@ -18,76 +35,201 @@ Scoring (``rank``): with ``p_i(c)`` the presence probability of concept ``c`` in
 """
 from __future__ import annotations
 
+import functools
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import yaml
 
-MAX_PHRASE = 3
-_TOKEN = re.compile(r"[^\W_]+(?:[-'][^\W_]+)*", re.UNICODE)
+log = logging.getLogger(__name__)
+
+_TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)*", re.UNICODE)
+_CLITIC = re.compile(r"'s?$")
+SUGGEST_MIN_SCORE = 75.0  # rapidfuzz WRatio (0-100) for a "did you mean" phrase
+SUGGEST_MAX = 3
+
+
+def max_edits(word: str) -> int:
+    """Edits a typo may be away from a vocabulary word to be corrected (see the module doc)."""
+    if word.isdigit() or len(word) < 4:
+        return 0
+    return 1 if len(word) < 8 else 2
 
 
 @dataclass(frozen=True)
 class ParsedQuery:
     concepts: list[str]  # distinct, in query order
-    matched: dict[str, str]  # word/phrase -> concept
+    matched: dict[str, str]  # word/phrase as typed (lower case) -> concept
     unmatched: list[str]
+    corrected: dict[str, str] = field(default_factory=dict)  # typed word -> vocabulary word it was read as
+    suggestions: dict[str, list[str]] = field(default_factory=dict)  # unmatched word -> "did you mean" phrases
 
 
 class Vocabulary:
+    """Concept names (and synonyms) as lemmatised phrases; ``parse`` maps a query to concepts."""
+
     def __init__(self, concepts: list[str], synonyms: dict[str, list[str]] | None = None,
-                 stopwords: list[str] | None = None):
+                 stopwords: list[str] | None = None, autocorrect: bool = True):
         self.concepts = list(concepts)
-        self.lookup: dict[str, str] = {}
-        for c in concepts:
-            self.lookup[_norm(c)] = c
-        for c, words in (synonyms or {}).items():
-            if str(c) not in self.concepts:
-                continue  # a vocabulary may cover more concepts than a given model has
-            for w in words or []:
-                self.lookup.setdefault(_norm(str(w)), str(c))
-        self.stopwords = {_norm(w) for w in (stopwords or [])}
+        self.autocorrect = autocorrect
+        self.lookup: dict[tuple[str, ...], str] = {}  # lemma phrase -> concept
+        self.phrases: dict[str, str] = {}  # display phrase -> concept (for suggestions)
+        # Own names first: a synonym never takes a concept's own name from it.
+        entries = [(c, c) for c in self.concepts]
+        entries += [(str(c), str(w)) for c, words in (synonyms or {}).items() if str(c) in self.concepts
+                    for w in words or []]  # a vocabulary may cover more concepts than a given model has
+        # A word can have several lemmas ("leaves": leave, leaf): a vocabulary word is keyed by its
+        # first, and each of its lemmas is an alias of that key, so a query word reaches it by any.
+        self._alias: dict[str, str] = {}
+        for _, text in entries:
+            for w in tokens(text):
+                for alt in lemmas(w):
+                    self._alias.setdefault(alt, lemmas(w)[0])
+        for concept, text in entries:
+            words = tokens(text)
+            if not words:
+                continue
+            key = tuple(self._key(w) for w in words)  # through the aliases, as a query word goes
+            if self.lookup.setdefault(key, concept) != concept:
+                log.debug("vocabulary: %r already means %r, not %r", text, self.lookup[key], concept)
+            self.phrases.setdefault(" ".join(words), concept)
+        self.max_len = max((len(k) for k in self.lookup), default=1)
+        self.stopwords = {w for s in (stopwords or []) for w in (s.lower(), *lemmas(s.lower()))}
+        # Typo targets: every word of every phrase as written, mapped to its key.
+        self._choices = {w: self._key(w) for text in self.phrases for w in text.split()}
 
     @classmethod
     def from_file(cls, path: str | Path | None, concepts: list[str]) -> "Vocabulary":
-        if path is None:
-            return cls(concepts)
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"vocabulary: no such file {p}")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict) or not isinstance(data.get("concepts", {}), dict):
-            raise ValueError(f"vocabulary: {p} must hold 'concepts: {{concept: [synonyms]}}'")
-        syn = {str(k): [str(w) for w in (v or [])] for k, v in (data.get("concepts") or {}).items()}
-        return cls(concepts, syn, [str(w) for w in data.get("stopwords") or []])
+        """The concept names plus the synonyms file at ``path`` (none: the names alone)."""
+        return cls.from_files([path] if path is not None else [], concepts)
+
+    @classmethod
+    def from_files(cls, paths: Iterable[str | Path], concepts: list[str], autocorrect: bool = True) -> "Vocabulary":
+        """The concept names plus several synonyms files merged (e.g. the service's and a collection's)."""
+        syn: dict[str, list[str]] = {}
+        stop: list[str] = []
+        for path in paths:
+            s, sw = read_synonyms(path)
+            for c, words in s.items():
+                syn.setdefault(c, []).extend(words)
+            stop += sw
+        return cls(concepts, syn, stop, autocorrect)
 
     def parse(self, query: str) -> ParsedQuery:
-        tokens = [_norm(t) for t in _TOKEN.findall(query or "")]
+        typed = tokens(query or "")
+        keys = [self._key(t) for t in typed]
+        corrected: dict[str, str] = {}
+        if self.autocorrect:
+            for i, t in enumerate(typed):
+                if keys[i] is None and t not in self.stopwords and not self.stopwords.intersection(lemmas(t)):
+                    fix = self._correct(t)
+                    if fix is not None:
+                        corrected[t] = fix
+                        keys[i] = self._choices[fix]
         concepts: list[str] = []
         matched: dict[str, str] = {}
         unmatched: list[str] = []
+        used: set[str] = set()  # typed words inside a matched phrase
         i = 0
-        while i < len(tokens):
-            for n in range(min(MAX_PHRASE, len(tokens) - i), 0, -1):  # longest phrase first
-                phrase = " ".join(tokens[i : i + n])
-                if phrase in self.lookup:
-                    c = self.lookup[phrase]
-                    matched[phrase] = c
+        while i < len(typed):
+            for n in range(min(self.max_len, len(typed) - i), 0, -1):  # longest phrase first
+                c = None if None in keys[i : i + n] else self.lookup.get(tuple(keys[i : i + n]))
+                if c is not None:
+                    matched[" ".join(typed[i : i + n])] = c
+                    used.update(typed[i : i + n])
                     if c not in concepts:
                         concepts.append(c)
                     i += n
                     break
             else:
-                if tokens[i] not in self.stopwords:
-                    unmatched.append(tokens[i])
+                if (typed[i] not in self.stopwords and not self.stopwords.intersection(lemmas(typed[i]))
+                        and typed[i] not in unmatched):
+                    unmatched.append(typed[i])
                 i += 1
-        return ParsedQuery(concepts, matched, unmatched)
+        corrected = {w: fix for w, fix in corrected.items() if w in used}  # a fix that matched nothing is no fix
+        suggestions = {w: s for w in unmatched if (s := self.suggest(w))}
+        return ParsedQuery(concepts, matched, unmatched, corrected, suggestions)
+
+    def suggest(self, word: str) -> list[str]:
+        """Up to ``SUGGEST_MAX`` vocabulary phrases close to ``word``, best first."""
+        from rapidfuzz import fuzz, process
+
+        hits = process.extract(word, list(self.phrases), scorer=fuzz.WRatio, score_cutoff=SUGGEST_MIN_SCORE,
+                               limit=SUGGEST_MAX)
+        return [h[0] for h in hits]
+
+    def _key(self, word: str) -> str | None:
+        """The vocabulary key a typed word reaches through any of its lemmas, None if none."""
+        return next((self._alias[x] for x in lemmas(word) if x in self._alias), None)
+
+    def _correct(self, word: str) -> str | None:
+        """The one vocabulary word within ``max_edits`` of the typed word or its lemma, else None."""
+        from rapidfuzz import process
+        from rapidfuzz.distance import OSA
+
+        k = max_edits(word)
+        if k == 0:
+            return None
+        best: dict[str, tuple[int, str]] = {}  # target lemma -> (distance, typed form)
+        for probe in {word, lemmas(word)[0]}:
+            for choice, dist, _ in process.extract(probe, list(self._choices), scorer=OSA.distance, score_cutoff=k,
+                                                   limit=None):
+                target = self._choices[choice]
+                if target not in best or dist < best[target][0]:
+                    best[target] = (int(dist), choice)
+        if not best:
+            return None
+        d = min(v[0] for v in best.values())
+        closest = [v[1] for v in best.values() if v[0] == d]
+        return closest[0] if len(closest) == 1 else None  # a tie between two words: ask, do not guess
 
 
-def _norm(s: str) -> str:
-    return " ".join(s.lower().split())
+def tokens(text: str) -> list[str]:
+    """Lower-case words of ``text``: underscores, hyphens and punctuation split; clitic ``'s`` dropped."""
+    out = []
+    for t in _TOKEN.findall(text.lower()):
+        t = _CLITIC.sub("", t)
+        if t:
+            out.append(t)
+    return out
+
+
+@functools.lru_cache(maxsize=65536)
+def lemmas(word: str) -> tuple[str, ...]:
+    """The noun lemmas of a lower-case word (``threes`` -> three, ``3s`` -> 3, ``leaves`` -> leave, leaf)."""
+    from lemminflect import getLemma
+
+    found = tuple(getLemma(word, upos="NOUN"))
+    return found if found else (word,)
+
+
+def read_synonyms(path: str | Path) -> tuple[dict[str, list[str]], list[str]]:
+    """A synonyms file -> ({concept: [words and phrases]}, stopwords); errors name the file and field."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"vocabulary: no such file {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"vocabulary: {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("concepts", {}), dict):
+        raise ValueError(f"vocabulary: {p} must hold 'concepts: {{concept: [synonyms]}}'")
+    unknown = set(data) - {"concepts", "stopwords"}
+    if unknown:
+        raise ValueError(f"vocabulary: {p}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+    syn: dict[str, list[str]] = {}
+    for c, words in (data.get("concepts") or {}).items():
+        if words is not None and not isinstance(words, list):
+            raise ValueError(f"vocabulary: {p}: concepts.{c}: expected a list of words and phrases")
+        syn[str(c)] = [str(w) for w in words or []]
+    stop = data.get("stopwords") or []
+    if not isinstance(stop, list):
+        raise ValueError(f"vocabulary: {p}: stopwords: expected a list of words")
+    return syn, [str(w) for w in stop]
 
 
 def scores(probs: np.ndarray, concept_idx: list[int], mode: str = "all") -> np.ndarray:

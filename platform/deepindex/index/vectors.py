@@ -134,3 +134,78 @@ def brute_force(base: np.ndarray, queries: np.ndarray, k: int, metric: str = "ip
         all_s.append(sc)
         all_r.append(rows)
     return np.concatenate(all_s).astype(np.float32), np.concatenate(all_r)
+
+
+# ---- query metrics over named feature matrices ---------------------------------------------
+# A query chooses its metric: ``l2`` (minus the Euclidean distance), ``ip`` (the dot product) or
+# ``cosine`` (the dot product of L2-normalised vectors).  Which an index answers depends on its kind:
+# - flat (exact): any of the three, when the raw vectors are at hand (the index's feature matrix):
+#   an exact search costs the same whatever the metric;
+# - hnsw, ivf (approximate): only the geometry they were built in, since their graph or clusters
+#   are: built ``ip`` on raw vectors -> ``ip``; ``l2`` on raw vectors -> ``l2``; either on
+#   L2-normalised vectors -> ``cosine`` (l2 between unit vectors is sqrt(2 - 2 cos): same order).
+QUERY_METRICS = ("l2", "ip", "cosine")
+
+
+def allowed_metrics(kind: str, built_metric: str, normalized: bool, raw_available: bool = True) -> tuple[str, ...]:
+    """The query metrics an index of ``kind`` built with (``built_metric``, ``normalized``) answers."""
+    if kind == "flat" and raw_available:
+        return QUERY_METRICS
+    if normalized:
+        return ("cosine",)
+    return (built_metric,)
+
+
+def check_metric(metric: str, kind: str, built_metric: str, normalized: bool, raw_available: bool = True) -> None:
+    """ValueError naming ``metric`` when the index cannot answer it (the service's 422)."""
+    if metric not in QUERY_METRICS:
+        raise ValueError(f"metric: expected one of {', '.join(QUERY_METRICS)}, got {metric!r}")
+    ok = allowed_metrics(kind, built_metric, normalized, raw_available)
+    if metric not in ok:
+        norm = "L2-normalised" if normalized else "raw"
+        raise ValueError(f"metric={metric}: this {kind} index was built with {built_metric} on {norm} vectors "
+                         f"and answers {', '.join(ok)} only")
+
+
+def prepare_for(metric: str, x: np.ndarray, normalize: bool = False) -> np.ndarray:
+    """Vectors as ``metric`` compares them: L2-normalised for cosine (or when asked), float32 contiguous."""
+    if metric not in QUERY_METRICS:
+        raise ValueError(f"metric: expected one of {', '.join(QUERY_METRICS)}, got {metric!r}")
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"vectors: expected a 2-D (N, D) matrix, got shape {x.shape}")
+    if metric == "cosine" or normalize:
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def exact_knn(base: np.ndarray, queries: np.ndarray, k: int, metric: str = "cosine", normalize: bool = False,
+              exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over an in-memory (N, D) matrix with a FAISS flat index: scores (Q, k), rows (Q, k).
+
+    Scores are higher-is-better (minus the distance for l2).  ``exclude`` (Q,) drops one row
+    per query (its own row, for leave-one-out evaluation); -1 rows pad where fewer than k exist.
+    """
+    faiss = _faiss()
+    b, q = prepare_for(metric, base, normalize), prepare_for(metric, queries, normalize)
+    if b.shape[1] != q.shape[1]:
+        raise ValueError(f"queries: dimension {q.shape[1]} but the base has {b.shape[1]}")
+    if k < 1:
+        raise ValueError(f"k: must be >= 1, got {k}")
+    index = faiss.IndexFlatL2(b.shape[1]) if metric == "l2" else faiss.IndexFlatIP(b.shape[1])
+    index.add(b)
+    extra = 0 if exclude is None else 1
+    dist, rows = index.search(q, min(k + extra, len(b)))
+    if exclude is not None:
+        ex = np.asarray(exclude, dtype=np.int64).reshape(-1, 1)
+        drop = rows == ex
+        drop[~drop.any(axis=1), -1] = True  # the row was not among them: drop the last instead
+        keep = ~drop
+        dist = dist[keep].reshape(len(q), -1)
+        rows = rows[keep].reshape(len(q), -1)
+    if rows.shape[1] < k:  # fewer items than k
+        pad = k - rows.shape[1]
+        rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
+        dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.nan)
+    scores = -np.sqrt(np.maximum(dist, 0)) if metric == "l2" else dist
+    return scores.astype(np.float32), rows

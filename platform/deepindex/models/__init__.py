@@ -3,6 +3,9 @@
 Every model is a :class:`ConceptModel`: ``forward(x)`` gives concept logits (B, K) and
 ``embed(x)`` the penultimate activations (B, D) used for query by example.  ``head`` is the
 final linear layer, so optimisers can give it its own learning rate.
+``features(x, names, multilabel=)`` returns named feature points from one pass (``probs``,
+``logits``, ``penultimate``, ``last_but_two``, and ``stage<N>`` for torchvision backbones);
+``feature_points()`` lists a model's.
 """
 from __future__ import annotations
 

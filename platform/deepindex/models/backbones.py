@@ -14,7 +14,7 @@ from torchvision import models as tvm
 from torchvision.ops import StochasticDepth
 
 from deepindex.models import register
-from deepindex.models.base import ConceptModel
+from deepindex.models.base import ConceptModel, global_pool
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,22 @@ class _ResNetBody(nn.Module):
     def forward(self, x):
         return self.net(x)  # (B, 512 | 2048)
 
+    # stage<N>: layer<N>'s output, globally average-pooled as the net pools layer4.  The
+    # embedding is stage4, so last_but_two is stage3: the stage before it.
+    feature_points = ("last_but_two", "stage1", "stage2", "stage3", "stage4")
+
+    def forward_features(self, x: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
+        n, out = self.net, {}
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))  # the stem, as ResNet.forward runs it
+        for i, layer in enumerate((n.layer1, n.layer2, n.layer3, n.layer4), 1):
+            x = layer(x)  # (B, C_i, H_i, W_i)
+            if f"stage{i}" in wanted or (i == 3 and "last_but_two" in wanted):
+                out[f"stage{i}"] = global_pool(x)
+        out["penultimate"] = out["stage4"] = torch.flatten(n.avgpool(x), 1)  # what forward() returns
+        if "last_but_two" in wanted:
+            out["last_but_two"] = out["stage3"]
+        return out
+
 
 class _VGGBody(nn.Module):
     def __init__(self, net: tvm.VGG):
@@ -39,6 +55,25 @@ class _VGGBody(nn.Module):
     def forward(self, x):
         return self.net(x)  # (B, 4096)
 
+    # stage<N>: the conv features after the N-th max pool, globally average-pooled.  The
+    # embedding is the second fully connected layer, so last_but_two is the first one (4096).
+    feature_points = ("last_but_two", "stage1", "stage2", "stage3", "stage4", "stage5")
+
+    def forward_features(self, x: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
+        n, out, stage = self.net, {}, 0
+        for m in n.features:
+            x = m(x)
+            if isinstance(m, nn.MaxPool2d):
+                stage += 1
+                if f"stage{stage}" in wanted:
+                    out[f"stage{stage}"] = global_pool(x)
+        x = torch.flatten(n.avgpool(x), 1)  # (B, 512 * 7 * 7)
+        fc1, relu1, drop, fc2, relu2 = n.classifier
+        x = relu1(fc1(x))  # (B, 4096)
+        out["last_but_two"] = x
+        out["penultimate"] = relu2(fc2(drop(x)))  # (B, 4096), what forward() returns
+        return out
+
 
 class _DenseNetBody(nn.Module):
     def __init__(self, net: tvm.DenseNet):
@@ -48,6 +83,23 @@ class _DenseNetBody(nn.Module):
 
     def forward(self, x):
         return self.net(x)  # (B, 1024)
+
+    # stage<N>: dense block N's output, globally average-pooled; stage4 (after the final batch
+    # norm and ReLU, as DenseNet.forward does) is the embedding, so last_but_two is stage3.
+    feature_points = ("last_but_two", "stage1", "stage2", "stage3", "stage4")
+
+    def forward_features(self, x: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, m in self.net.features.named_children():
+            x = m(x)
+            if name.startswith("denseblock"):
+                i = int(name.removeprefix("denseblock"))
+                if i < 4 and (f"stage{i}" in wanted or (i == 3 and "last_but_two" in wanted)):
+                    out[f"stage{i}"] = global_pool(x)
+        out["penultimate"] = out["stage4"] = global_pool(nn.functional.relu(x))  # what forward() returns
+        if "last_but_two" in wanted:
+            out["last_but_two"] = out["stage3"]
+        return out
 
 
 def _with_in_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:

@@ -29,6 +29,9 @@ def convnet(cfg, num_concepts: int, in_channels: int) -> ConceptModel:
         *blocks,  # (B, C, H / 2^n, W / 2^n)
         nn.AdaptiveMaxPool2d(1) if cfg.global_pool == "max" else nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),  # (B, C)
+        # Feature point last_but_two is this layer's input: the last conv block, globally pooled
+        # (B, C).  ConceptModel taps the last linear layer's input, so the convnet needs no code
+        # for it, and the layer is the seed's "last but two" (output, hidden layer, this one).
         nn.Linear(c, cfg.embed_dim),
         ACTIVATIONS[cfg.activation](cfg.embed_dim),  # (B, D): the embedding
     )

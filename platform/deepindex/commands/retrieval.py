@@ -1,0 +1,67 @@
+"""``deepindex evaluate-retrieval``: keyword, query-by-example and fusion quality of a model."""
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("evaluate-retrieval",
+                       help="measure retrieval quality (keyword AP, query by example per descriptor x metric, fusion)")
+    p.add_argument("--model", default="models:/deepindex@champion",
+                   help="models:/NAME@champion, models:/NAME/VERSION or a checkpoint path")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local platform's)")
+    p.add_argument("--collection", default="digit-scenes", choices=["digit-scenes", "image-folder", "manifest"])
+    p.add_argument("--root", help="image folder root, or the folder manifest paths are relative to")
+    p.add_argument("--manifest", help="CSV or JSONL tag manifest")
+    p.add_argument("--size", type=int, default=5000, help="digit-scenes gallery size (test glyphs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=int, default=10, help="precision@k and mAP@k")
+    p.add_argument("--features", default="probs,penultimate,last_but_two", help="descriptors, comma-separated")
+    p.add_argument("--metrics", default="l2,ip,cosine", help="comma-separated: l2, ip, cosine")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise descriptors for l2 and ip too")
+    p.add_argument("--vocabulary", action="append", default=[],
+                   help="synonyms file(s) added to the concept names (repeatable)")
+    p.add_argument("--queries-per-concept", type=int, default=20, help="fusion: example queries per concept")
+    p.add_argument("--json", dest="json_out", help="also write the report to this file")
+    p.add_argument("--log-run", metavar="RUN_ID", help="log metrics + retrieval/report.json to this MLflow run")
+    p.set_defaults(func=run)
+
+
+def _list(value: str, name: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise ValueError(f"{name}: give at least one")
+    return items
+
+
+def run(args) -> int:
+    from deepindex.checkpoint import load_model
+    from deepindex.index.collection import load_collection
+    from deepindex.index.evaluate import evaluate_retrieval, format_table
+    from deepindex.index.keywords import Vocabulary
+    from deepindex.tracking.registry import resolve_model
+
+    if args.log_run:  # a wrong run id fails now, not after the evaluation
+        from deepindex.tracking.retrieval import check_run
+
+        check_run(args.log_run, args.tracking_uri)
+    resolved = resolve_model(args.model, args.tracking_uri)
+    lm = load_model(resolved.checkpoint_path)
+    coll = load_collection(args.collection, image_size=lm.config.data.image_size, channels=lm.config.data.channels,
+                           concepts=lm.concepts, size=args.size, root=args.root, manifest=args.manifest,
+                           seed=args.seed, max_digits=lm.config.data.max_digits)
+    report = evaluate_retrieval(lm, coll, descriptors=_list(args.features, "--features"),
+                                metrics=_list(args.metrics, "--metrics"), k=args.k,
+                                vocabulary=Vocabulary.from_files(args.vocabulary, lm.concepts),
+                                queries_per_concept=args.queries_per_concept, normalize=args.normalize, seed=args.seed)
+    report["model"] = {"uri": args.model, "name": resolved.name, "version": resolved.version}
+    print(format_table(report))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.log_run:
+        from deepindex.tracking.retrieval import log_retrieval_report
+
+        n = log_retrieval_report(report, args.log_run, args.tracking_uri)
+        print(f"logged {n} metrics and retrieval/report.json to run {args.log_run}")
+    return 0

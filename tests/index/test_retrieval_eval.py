@@ -1,0 +1,128 @@
+"""Retrieval quality floors on held-out handwriting, and ``deepindex evaluate-retrieval`` end to end."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the shared fixture modules
+
+from fixtures_mlflow import mlflow_server  # noqa: E402,F401
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+SHIPPED = Path(__file__).resolve().parents[2] / "serving" / "vocabulary.yaml"
+GALLERY = 2000  # test-glyph scenes: handwriting the model never saw
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """The default small model (``deepindex.index.tiny.SMALL``), seed 0: the floors' subject."""
+    import torch
+
+    from deepindex.index.tiny import train_small
+
+    torch.set_num_threads(1)  # a shared 2-core machine
+    path, _ = train_small(tmp_path_factory.mktemp("small"), seed=0)
+    return path.parent
+
+
+@pytest.fixture(scope="module")
+def report(small_model):
+    from deepindex.checkpoint import load_model
+    from deepindex.index.collection import digit_gallery
+    from deepindex.index.evaluate import evaluate_retrieval
+    from deepindex.index.keywords import Vocabulary
+
+    lm = load_model(small_model)
+    return evaluate_retrieval(lm, digit_gallery(GALLERY, seed=0), vocabulary=Vocabulary.from_file(SHIPPED, lm.concepts),
+                              k=10, seed=0)
+
+
+def test_quality_floors_on_the_small_model(report):
+    assert report["keyword"]["map"] >= 0.9
+    assert report["qbe_best"]["precision_at_10"] >= 0.95
+    assert set(report["keyword"]["ap"]) == {str(i) for i in range(10)}  # every concept queried by its name
+    assert all(v == [c] for c, v in report["keyword"]["parsed_as"].items())
+    for d in ("probs", "penultimate", "last_but_two"):
+        for m in ("l2", "ip", "cosine"):
+            cell = report["qbe"][d][m]
+            assert 0.5 < cell["map_at_10"] <= cell["precision_at_10"] + 1e-9 <= 1 + 1e-9, (d, m)
+    best = max(c["map_at_10"] for row in report["qbe"].values() for c in row.values())
+    assert report["qbe_best"]["map_at_10"] == best
+    # "Items with c like this one": the fused ranking beats the example alone.
+    f = report["fusion"]
+    assert f["queries"] == 200 and f["weighted"]["map_at_10"] > f["example"]["map_at_10"]
+    assert f["example+min_prob"]["map_at_10"] > f["example"]["map_at_10"]  # the filter removes items without c
+
+
+def test_an_untrained_model_fails_the_floors(small_model):
+    """The floors measure the model: the same pipeline on random weights stays far below them."""
+    import torch
+
+    from deepindex.checkpoint import load_model
+    from deepindex.index.collection import digit_gallery
+    from deepindex.index.evaluate import evaluate_retrieval
+    from deepindex.models import build_model
+
+    lm = load_model(small_model)
+    torch.manual_seed(0)
+    lm.model.load_state_dict(build_model(lm.config.model, len(lm.concepts), 1).state_dict())
+    r = evaluate_retrieval(lm, digit_gallery(600, seed=0), descriptors=["probs"], metrics=["cosine"], k=10)
+    assert r["keyword"]["map"] < 0.6
+
+
+@pytest.mark.mlflow
+def test_command_prints_the_table_writes_json_and_logs_to_mlflow(small_model, mlflow_server, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from deepindex.cli import main
+
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.create_experiment(f"retrieval-{tmp_path.name}")
+    run_id = client.create_run(exp).info.run_id
+    out = tmp_path / "report.json"
+    rc = main(["evaluate-retrieval", "--model", str(small_model), "--size", "500", "--features", "probs,penultimate",
+               "--metrics", "l2,ip", "--queries-per-concept", "5", "--json", str(out), "--log-run", run_id,
+               "--tracking-uri", mlflow_server.uri])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "| probs (10) |" in printed and "| penultimate (64) |" in printed and "Keyword" in printed
+    rep = json.loads(out.read_text())
+    assert rep["collection"]["size"] == 500 and rep["model"]["name"] == "local"
+    assert set(rep["qbe"]) == {"probs", "penultimate"} and set(rep["qbe"]["probs"]) == {"l2", "ip"}
+    run = client.get_run(run_id)
+    m = run.data.metrics
+    assert m["retrieval.keyword.map"] == pytest.approx(rep["keyword"]["map"])
+    assert m["retrieval.qbe.penultimate.l2.map_at_10"] == pytest.approx(rep["qbe"]["penultimate"]["l2"]["map_at_10"])
+    assert m["retrieval.keyword.ap.7"] == pytest.approx(rep["keyword"]["ap"]["7"])
+    assert "retrieval.fusion.rrf.map_at_10" in m
+    from mlflow.artifacts import download_artifacts
+
+    got = download_artifacts(run_id=run_id, artifact_path="retrieval/report.json", dst_path=str(tmp_path / "dl"),
+                             tracking_uri=mlflow_server.uri)
+    logged = json.loads(Path(got).read_text())
+    assert logged["qbe"] == rep["qbe"]
+
+
+@pytest.mark.mlflow
+def test_command_errors_name_the_option(small_model, mlflow_server, capsys):
+    from deepindex.cli import main
+
+    assert main(["evaluate-retrieval", "--model", str(small_model), "--size", "100", "--features", "probs,fc9"]) == 2
+    assert "fc9" in capsys.readouterr().err
+    assert main(["evaluate-retrieval", "--model", str(small_model), "--size", "100", "--metrics", "manhattan"]) == 2
+    assert "manhattan" in capsys.readouterr().err
+    rc = main(["evaluate-retrieval", "--model", str(small_model), "--size", "100", "--features", "probs",
+               "--metrics", "l2", "--queries-per-concept", "1", "--log-run", "f" * 32, "--tracking-uri", mlflow_server.uri])
+    assert rc == 2 and "log-run: no MLflow run" in capsys.readouterr().err
+
+
+def test_label_matrix_ignores_tags_the_model_lacks():
+    from deepindex.index.evaluate import label_matrix
+
+    m = label_matrix([["1", "x"], [], ["0", "1"]], ["0", "1"])
+    assert m.tolist() == [[False, True], [False, False], [True, True]]
+    assert np.asarray(m).dtype == bool
