@@ -2,31 +2,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the shared fixture modules
-
-from fixtures_mlflow import mlflow_server  # noqa: E402,F401
-
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 SHIPPED = Path(__file__).resolve().parents[2] / "serving" / "vocabulary.yaml"
 GALLERY = 2000  # test-glyph scenes: handwriting the model never saw
-
-
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory):
-    """The default small model (``deepindex.index.tiny.SMALL``), seed 0: the floors' subject."""
-    import torch
-
-    from deepindex.index.tiny import train_small
-
-    torch.set_num_threads(1)  # a shared 2-core machine
-    path, _ = train_small(tmp_path_factory.mktemp("small"), seed=0)
-    return path.parent
 
 
 @pytest.fixture(scope="module")
