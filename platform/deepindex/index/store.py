@@ -1,36 +1,54 @@
-"""The index directory: one per (model version, collection).
+"""The index of one collection for one model version: derived data, rebuilt from the collection at will.
 
 ```
-<dir>/manifest.json    format, model {uri, name, version}, metric, vector index kind, concepts,
-                       dim, count, collection, image size/channels, created
-<dir>/vectors.faiss    the FAISS index over the embeddings (rows = item order)
-<dir>/probs.npy        (N, K) float32 concept probabilities: keyword search
-<dir>/embeddings.npy   (N, D) float32 raw embeddings: query by indexed item, rebuilds
-<dir>/thumbs.npy       (N, C, S, S) uint8 model-size images: shown by the demo page (optional)
-<dir>/items.jsonl      one {"id", ...metadata} per row
+<dir>/manifest.json       format, model {uri, name, version}, collection, seq (the catalogue sequence
+                          number the base covers), features {name: dim, metric, normalize, kind},
+                          concepts, input size/channels, count, created
+<dir>/items.jsonl         one {"id", "labels"} per base row
+<dir>/probs.npy           (N, K) float32 concept probabilities: keyword search
+<dir>/<feature>.npy       (N, D) float32 raw descriptors per feature point: query by example, rebuilds
+<dir>/<feature>.faiss     the feature's approximate (HNSW/IVF) index, when it is one (exact ones are
+                          rebuilt from the matrix at load)
+<dir>/delta.jsonl         the changes applied after the base, append-only: {"seq", "op": "add", "id",
+                          "labels", "probs", "features"} (arrays as base64 float32) or {"seq", "op":
+                          "delete", "id"}
 ```
-Writes are atomic (:func:`deepindex.atomic.swap_dir`): a reader sees the old index or the new
-one, never half of one.  Items are added to a
-loaded index in memory (FAISS ``add``: no rebuild) and ``save`` writes the whole directory again.
+A load reads the base and replays the delta (a line cut short by a crash is the end of it: the
+catalogue still has that change, and the next catch-up applies it again).  An index answers for
+the collection as of ``seq``; :meth:`IndexStore.apply` moves it forward with the catalogue's later
+changes (appended to the delta and synced first, then applied in memory), so an add never rewrites
+the index.  When the delta grows past a fraction of the base, :meth:`compact` writes a new base
+with it folded in (atomically, :func:`deepindex.atomic.swap_dir`).  Deleted items stay in the
+vector indexes until then and are filtered out of every answer.  No images: an index holds
+vectors, probabilities and ids; the collection holds the originals.
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import os
+import threading
 import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from deepindex.atomic import recover_all, recover_dir, swap_dir
-from deepindex.index.vectors import VectorConfig, VectorIndex
+from deepindex.index.vectors import VectorConfig, VectorIndex, check_metric, exact_knn
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 MANIFEST = "manifest.json"
+DELTA = "delta.jsonl"
+ITEMS = "items.jsonl"
+# Fold the delta into a new base when it holds this many changes, or this fraction of the base.
+COMPACT_MIN, COMPACT_FRACTION = 2000, 0.25
 
 
 class IndexMismatch(ValueError):
@@ -39,11 +57,6 @@ class IndexMismatch(ValueError):
 
 class DuplicateItem(ValueError):
     pass
-
-
-def index_dir_name(model_name: str, version: str) -> str:
-    """The folder of one model version's index inside a collection folder."""
-    return f"{model_name}-{version}".replace("/", "_")
 
 
 class IndexedModel(BaseModel):
@@ -55,6 +68,28 @@ class IndexedModel(BaseModel):
     version: str
 
 
+class FeatureSpec(BaseModel):
+    """One indexed feature point: its dimension and the vector index built over it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    dim: int
+    vector_config: VectorConfig
+    kind: str  # the built index: flat | hnsw | ivf
+
+    @property
+    def metric(self) -> str:
+        return self.vector_config.metric
+
+    @property
+    def normalize(self) -> bool:
+        return self.vector_config.normalize
+
+    @property
+    def default_query_metric(self) -> str:
+        """What the built index compares by: cosine on L2-normalised vectors, else its metric."""
+        return "cosine" if self.normalize else self.metric
+
+
 class IndexManifest(BaseModel):
     """``manifest.json``: what an index folder holds and which model version built it."""
 
@@ -62,16 +97,14 @@ class IndexManifest(BaseModel):
     format: int = FORMAT
     model: IndexedModel
     collection: str
-    metric: str
-    normalize: bool
-    kind: str
-    vector_config: VectorConfig
+    seq: int  # the collection's changes up to this sequence number are in the base
+    features: dict[str, FeatureSpec]
+    default_feature: str
     concepts: list[str]
     multilabel: bool
-    dim: int
-    count: int
     image_size: int
     channels: int
+    count: int  # base rows
     created: str
     source: dict[str, Any] = {}
 
@@ -83,11 +116,53 @@ class IndexManifest(BaseModel):
                                 f"serving {name} version {version}: refused")
 
 
+@dataclass(frozen=True)
+class IndexChange:
+    """One catalogue change as the index applies it: an add with its model outputs, or a delete."""
+
+    seq: int
+    op: Literal["add", "delete"]
+    id: str
+    labels: list[str] = field(default_factory=list)
+    probs: np.ndarray | None = None  # (K,)
+    features: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (D,)
+
+    def to_json(self) -> str:
+        rec: dict[str, Any] = {"seq": self.seq, "op": self.op, "id": self.id}
+        if self.op == "add":
+            assert self.probs is not None
+            rec.update(labels=self.labels, probs=_b64(self.probs),
+                       features={k: _b64(v) for k, v in self.features.items()})
+        return json.dumps(rec)
+
+    @classmethod
+    def from_json(cls, line: str) -> IndexChange:
+        r = json.loads(line)
+        if r["op"] == "delete":
+            return cls(int(r["seq"]), "delete", str(r["id"]))
+        return cls(int(r["seq"]), "add", str(r["id"]), list(r.get("labels") or []), _unb64(r["probs"]),
+                   {k: _unb64(v) for k, v in r["features"].items()})
+
+
+def _b64(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode()
+
+
+def _unb64(s: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(s), dtype="<f4").astype(np.float32)
+
+
+def index_dir_name(model_name: str, version: str) -> str:
+    """The folder of one model version's index inside a collection folder."""
+    return f"{model_name}-{version}".replace("/", "_")
+
+
 def read_manifest(path: str | Path) -> IndexManifest:
     p = Path(path) / MANIFEST
     raw = json.loads(p.read_text())
     if raw.get("format") != FORMAT:
-        raise ValueError(f"index: {p.parent} has format {raw.get('format')}, expected {FORMAT}")
+        raise ValueError(f"index: {p.parent} has format {raw.get('format')}, expected {FORMAT} "
+                         "(rebuild it: deepindex index build)")
     return IndexManifest.model_validate(raw)
 
 
@@ -103,36 +178,72 @@ def find_index(path: str | Path, model_name: str | None = None, version: str | N
     for sub in sorted(p.iterdir()):
         # Hidden folders are a writer's temp or moved-aside copies (deepindex.atomic), never an index.
         if not sub.name.startswith(".") and (sub / MANIFEST).is_file():
-            m = read_manifest(sub).model
+            try:
+                m = read_manifest(sub).model
+            except (ValueError, OSError):
+                continue  # an index of an older format: not this version's
             if m.version == version and (model_name is None or m.name == model_name):
                 return sub
     return None
 
 
+def list_indexes(collection_dir: str | Path) -> list[tuple[Path, IndexManifest]]:
+    """The complete indexes in a collection folder, oldest first."""
+    p = Path(collection_dir)
+    if not p.is_dir():
+        return []
+    out = []
+    for sub in p.iterdir():
+        if not sub.name.startswith(".") and (sub / MANIFEST).is_file():
+            try:
+                out.append((sub, read_manifest(sub)))
+            except (ValueError, OSError):
+                continue
+    return sorted(out, key=lambda pm: (pm[0] / MANIFEST).stat().st_mtime)
+
+
 class IndexStore:
-    """A loaded index: vectors, probabilities, ids, thumbnails and the manifest."""
+    """A loaded index: vector indexes per feature, probabilities, ids and labels, and the delta."""
 
-    def __init__(self, manifest: IndexManifest, vectors: VectorIndex, ids: list[str], meta: list[dict],
-                 probs: np.ndarray, embeddings: np.ndarray, thumbs: np.ndarray | None):
-        self.manifest, self.vectors, self.ids, self.meta = manifest, vectors, ids, meta
-        self.probs, self.embeddings, self.thumbs = probs, embeddings, thumbs  # (N, K), (N, D), (N, C, S, S)
-        self.rows = {item: i for i, item in enumerate(ids)}
-        if len(self.rows) != len(ids):
-            raise ValueError("index: duplicate item ids")
+    def __init__(self, manifest: IndexManifest, ids: list[str], labels: list[list[str]], probs: np.ndarray,
+                 features: dict[str, np.ndarray], vectors: dict[str, VectorIndex], path: Path | None = None,
+                 seq: int | None = None):
+        self.manifest, self.path = manifest, path
+        self.ids, self.labels = ids, labels
+        self.probs = probs  # (N, K)
+        self.features = features  # name -> (N, D) raw descriptors
+        self.vectors = vectors  # name -> FAISS index over the same rows
+        self.alive = np.ones(len(ids), dtype=bool)  # False: deleted since the base (filtered out)
+        self.rows: dict[str, int] = {}
+        for i, item in enumerate(ids):
+            if item in self.rows:
+                raise ValueError(f"index: duplicate item id {item!r}")
+            self.rows[item] = i
+        self.seq = manifest.seq if seq is None else seq
+        self.delta_count = 0
+        self._lock = threading.Lock()  # one writer (apply/compact); readers see whole rows
 
-    # ---- build / load / save -----------------------------------------------------------
+    # ---- build / load / save ---------------------------------------------------------------
     @classmethod
-    def create(cls, *, model: dict, collection: str, concepts: list[str], ids: list[str], meta: list[dict],
-               probs: np.ndarray, embeddings: np.ndarray, thumbs: np.ndarray | None, cfg: VectorConfig,
-               image_size: int, channels: int, multilabel: bool, source: dict[str, Any] | None = None) -> IndexStore:
-        vectors = VectorIndex.build(embeddings, cfg)
+    def create(cls, *, model: dict[str, str], collection: str, seq: int, concepts: list[str], ids: list[str],
+               labels: list[list[str]], probs: np.ndarray, features: dict[str, np.ndarray],
+               vector_cfg: VectorConfig | dict[str, VectorConfig], default_feature: str, image_size: int,
+               channels: int, multilabel: bool, source: dict[str, Any] | None = None) -> IndexStore:
+        """A new index over ``ids`` (the collection as of ``seq``) with one vector index per feature."""
+        if default_feature not in features:
+            raise ValueError(f"features: the default feature {default_feature!r} is not among {sorted(features)}")
+        specs, vectors = {}, {}
+        for name, x in features.items():
+            cfg = vector_cfg[name] if isinstance(vector_cfg, dict) else vector_cfg
+            vectors[name] = VectorIndex.build(x, cfg) if len(x) else VectorIndex.empty(x.shape[1], cfg)
+            specs[name] = FeatureSpec(dim=int(x.shape[1]), vector_config=cfg, kind=vectors[name].kind)
         manifest = IndexManifest(
-            model=IndexedModel.model_validate(model), collection=collection, metric=cfg.metric,
-            normalize=cfg.normalize, kind=vectors.kind, vector_config=cfg, concepts=list(concepts),
-            multilabel=multilabel, dim=int(embeddings.shape[1]), count=len(ids), image_size=image_size,
-            channels=channels, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), source=source or {})
-        return cls(manifest, vectors, list(ids), list(meta), probs.astype(np.float32),
-                   embeddings.astype(np.float32), thumbs)
+            model=IndexedModel.model_validate(model), collection=collection, seq=seq, features=specs,
+            default_feature=default_feature, concepts=list(concepts), multilabel=multilabel, image_size=image_size,
+            channels=channels, count=len(ids), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            source=source or {})
+        return cls(manifest, list(ids), [list(x) for x in labels], probs.astype(np.float32),
+                   {k: v.astype(np.float32) for k, v in features.items()}, vectors)
 
     @classmethod
     def load(cls, path: str | Path) -> IndexStore:
@@ -140,70 +251,203 @@ class IndexStore:
         recover_dir(p, MANIFEST)
         if not (p / MANIFEST).is_file():
             raise FileNotFoundError(f"index: no {MANIFEST} in {p}")
-        manifest = read_manifest(p)
-        cfg = manifest.vector_config
-        rows = [json.loads(line) for line in (p / "items.jsonl").read_text().splitlines() if line]
-        ids = [r.pop("id") for r in rows]
+        m = read_manifest(p)
+        rows = [json.loads(line) for line in (p / ITEMS).read_text().splitlines() if line]
+        ids = [str(r["id"]) for r in rows]
+        labels = [list(r.get("labels") or []) for r in rows]
         # allow_pickle=False: an index folder holds plain numeric arrays; an object array (a pickle)
         # is refused with a ValueError, never unpickled.
-        thumbs = np.load(p / "thumbs.npy", allow_pickle=False) if (p / "thumbs.npy").is_file() else None
-        store = cls(manifest, VectorIndex.load(str(p / "vectors.faiss"), cfg), ids, rows,
-                    np.load(p / "probs.npy", allow_pickle=False), np.load(p / "embeddings.npy", allow_pickle=False),
-                    thumbs)
-        if not (store.vectors.ntotal == len(ids) == len(store.probs) == len(store.embeddings)):
-            raise ValueError(f"index: {p} is inconsistent (vectors, ids and arrays differ in length)")
+        probs = np.load(p / "probs.npy", allow_pickle=False)
+        features, vectors = {}, {}
+        for name, spec in m.features.items():
+            x = np.load(p / f"{name}.npy", allow_pickle=False)
+            features[name] = x
+            saved = p / f"{name}.faiss"
+            vectors[name] = (VectorIndex.load(str(saved), spec.vector_config) if saved.is_file()
+                             else VectorIndex.build(x, spec.vector_config.model_copy(update={"kind": "flat"}))
+                             if len(x) else VectorIndex.empty(spec.dim, spec.vector_config))
+            if vectors[name].ntotal != len(ids) or x.shape != (len(ids), spec.dim):
+                raise ValueError(f"index: {p} is inconsistent ({name}: vectors, ids and arrays differ in length)")
+        if probs.shape != (len(ids), len(m.concepts)):
+            raise ValueError(f"index: {p} is inconsistent (probabilities, ids and concepts differ in size)")
+        store = cls(m, ids, labels, probs, features, vectors, path=p)
+        store._replay(p / DELTA)
         return store
 
+    def _replay(self, delta: Path) -> None:
+        if not delta.is_file():
+            return
+        changes = []
+        with open(delta) as fh:
+            for n, line in enumerate(fh, start=1):
+                try:
+                    changes.append(IndexChange.from_json(line))
+                except (ValueError, KeyError, TypeError):
+                    # A line cut short by a crash ends the log: the catalogue still has that change
+                    # and anything after it, and catching up applies them again.
+                    log.warning("index %s: delta line %d is incomplete; replay stops there", self.path, n)
+                    break
+        self._apply_in_memory([c for c in changes if c.seq > self.seq])
+        self.delta_count = len(changes)
+
     def save(self, path: str | Path) -> Path:
-        self.manifest.count = len(self.ids)
+        """Write a base holding every live item (the delta folded in) atomically; the new folder has no delta."""
+        live = np.flatnonzero(self.alive)
+        specs = {}
+        vectors: dict[str, VectorIndex] = {}
+        for name, spec in self.manifest.features.items():
+            x = self.features[name][live]
+            cfg = spec.vector_config
+            vectors[name] = VectorIndex.build(x, cfg) if len(x) else VectorIndex.empty(spec.dim, cfg)
+            specs[name] = FeatureSpec(dim=spec.dim, vector_config=cfg, kind=vectors[name].kind)
+        manifest = self.manifest.model_copy(update={"seq": self.seq, "count": len(live), "features": specs})
+        ids = [self.ids[i] for i in live]
 
         def write(tmp: Path) -> None:
-            self.vectors.save(str(tmp / "vectors.faiss"))
-            np.save(tmp / "probs.npy", self.probs)
-            np.save(tmp / "embeddings.npy", self.embeddings)
-            if self.thumbs is not None:
-                np.save(tmp / "thumbs.npy", self.thumbs)
-            with open(tmp / "items.jsonl", "w") as fh:
-                for item, m in zip(self.ids, self.meta):
-                    fh.write(json.dumps({"id": item, **m}) + "\n")
+            np.save(tmp / "probs.npy", self.probs[live])
+            for name in specs:
+                np.save(tmp / f"{name}.npy", self.features[name][live])
+                if vectors[name].kind != "flat":
+                    vectors[name].save(str(tmp / f"{name}.faiss"))
+            with open(tmp / ITEMS, "w") as fh:
+                for i in live:
+                    fh.write(json.dumps({"id": self.ids[i], "labels": self.labels[i]}) + "\n")
             # The manifest last: its presence marks a complete index.
-            (tmp / MANIFEST).write_text(self.manifest.model_dump_json(indent=2))
+            (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
 
-        return swap_dir(path, write, MANIFEST)
+        target = swap_dir(path, write, MANIFEST)
+        # This object now mirrors the new base (compaction keeps serving from it).
+        self.manifest, self.path, self.delta_count = manifest, target, 0
+        self.ids, self.labels = ids, [self.labels[i] for i in live]
+        self.probs = self.probs[live]
+        self.features = {k: v[live] for k, v in self.features.items()}
+        self.vectors = vectors
+        self.alive = np.ones(len(ids), dtype=bool)
+        self.rows = {item: i for i, item in enumerate(ids)}
+        return target
 
-    # ---- queries -------------------------------------------------------------------------
+    # ---- changes ------------------------------------------------------------------------------
+    def apply(self, changes: Sequence[IndexChange]) -> int:
+        """Apply catalogue changes after ``seq`` (older ones are skipped: applying twice is harmless):
+        appended to the delta and synced when the index has a folder, then applied in memory.
+        Returns how many were applied."""
+        with self._lock:
+            new = [c for c in changes if c.seq > self.seq]
+            if not new:
+                return 0
+            for c in new:
+                if c.op == "add" and c.probs is not None and c.probs.shape != (len(self.manifest.concepts),):
+                    raise ValueError(f"index: item {c.id} has {c.probs.shape} probabilities, the index "
+                                     f"{len(self.manifest.concepts)}")
+            if self.path is not None:
+                with open(self.path / DELTA, "a") as fh:
+                    fh.write("".join(c.to_json() + "\n" for c in new))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                self.delta_count += len(new)
+            self._apply_in_memory(new)
+            return len(new)
+
+    def _apply_in_memory(self, changes: Iterable[IndexChange]) -> None:
+        adds: list[IndexChange] = []
+
+        def flush() -> None:  # consecutive adds go into the arrays in one step
+            if not adds:
+                return
+            start = len(self.ids)
+            self.probs = np.concatenate([self.probs, np.stack([a.probs for a in adds])])  # type: ignore[misc]
+            for name in self.manifest.features:
+                x = np.stack([a.features[name] for a in adds]).astype(np.float32)
+                self.features[name] = np.concatenate([self.features[name], x])
+                self.vectors[name].add(x)
+            self.alive = np.concatenate([self.alive, np.ones(len(adds), dtype=bool)])
+            for j, a in enumerate(adds):
+                self.ids.append(a.id)
+                self.labels.append(list(a.labels))
+                self.rows[a.id] = start + j
+            adds.clear()
+
+        for c in changes:
+            old = self.rows.get(c.id)
+            if c.op == "delete" or (old is not None and self.alive[old]):
+                flush()
+                if old is not None:
+                    self.alive[old] = False  # an id re-added after a delete gets a new row below
+                    del self.rows[c.id]
+            if c.op == "add":
+                missing = [f for f in self.manifest.features if f not in c.features]
+                if missing or c.probs is None:
+                    raise ValueError(f"index: the add of {c.id} lacks {missing or ['probs']}")
+                adds.append(c)
+            self.seq = max(self.seq, c.seq)
+        flush()
+
+    def needs_compaction(self) -> bool:
+        return self.delta_count >= max(COMPACT_MIN, COMPACT_FRACTION * self.manifest.count)
+
+    def compact(self) -> bool:
+        """Fold the delta into a new base when it has grown (see ``COMPACT_*``); True when it did."""
+        with self._lock:
+            if self.path is None or not self.needs_compaction():
+                return False
+            start = time.perf_counter()
+            n = self.delta_count
+            self.save(self.path)
+            log.info("index %s: compacted %d delta changes into the base (%d items) in %.2fs", self.path, n,
+                     len(self), time.perf_counter() - start)
+            return True
+
+    # ---- queries ------------------------------------------------------------------------------
+    @property
+    def model_version(self) -> str:
+        return self.manifest.model.version
+
     def __len__(self) -> int:
-        return len(self.ids)
+        return int(self.alive.sum())
 
-    def similar(self, queries: np.ndarray, k: int, exclude: list[int | None] | None = None) -> list[list[tuple[int, float]]]:
-        """k nearest rows per query (Q, D) as (row, score), best first; ``exclude[q]`` drops one row."""
-        extra = 1 if exclude else 0
-        scores, rows = self.vectors.search(queries, min(k + extra, len(self)) if len(self) else 1)
+    def feature(self, name: str | None) -> str:
+        name = name or self.manifest.default_feature
+        if name not in self.manifest.features:
+            raise ValueError(f"feature: {name!r} is not indexed; this index has {', '.join(self.manifest.features)}")
+        return name
+
+    def similar(self, queries: np.ndarray, k: int, exclude: Sequence[int | None] | None = None,
+                feature: str | None = None, metric: str | None = None,
+                mask: np.ndarray | None = None) -> list[list[tuple[int, float]]]:
+        """k nearest live rows per query (Q, D) as (row, score), best first, higher is closer.
+
+        ``feature`` and ``metric`` default to the index's; another metric than the built index's is
+        answered exactly over the raw matrix where the index kind allows it (else a ValueError naming
+        it).  ``exclude[q]`` drops one row; ``mask`` (N,) keeps only the rows where it is True.
+        """
+        name = self.feature(feature)
+        spec = self.manifest.features[name]
+        metric = metric or spec.default_query_metric
+        check_metric(metric, spec.kind, spec.metric, spec.normalize)
+        keep = self.alive if mask is None else self.alive & mask
+        n_keep = int(keep.sum())
+        if n_keep == 0:
+            return [[] for _ in range(len(queries))]
         out = []
-        for q in range(len(queries)):
-            skip = exclude[q] if exclude else None
-            hits = [(int(r), float(s)) for r, s in zip(rows[q], scores[q]) if r >= 0 and r != skip]
-            out.append(hits[:k])
-        return out
+        exact = metric != spec.default_query_metric
+        fetch = min(k + (1 if exclude else 0) + int((~keep).sum()), len(self.ids))
+        while True:
+            if exact:
+                scores, rows = exact_knn(self.features[name], queries, fetch, metric)
+            else:
+                scores, rows = self.vectors[name].search(queries, fetch)
+            out = []
+            short = False
+            for q in range(len(queries)):
+                skip = exclude[q] if exclude else None
+                hits = [(int(r), float(s)) for r, s in zip(rows[q], scores[q], strict=True)
+                        if r >= 0 and keep[r] and r != skip]
+                short |= len(hits) < min(k, n_keep - (1 if skip is not None and keep[skip] else 0))
+                out.append(hits[:k])
+            # Approximate indexes can return fewer live hits than asked: ask for more, up to all rows.
+            if not short or fetch >= len(self.ids):
+                return out
+            fetch = min(2 * fetch, len(self.ids))
 
-    def add(self, ids: list[str], probs: np.ndarray, embeddings: np.ndarray, thumbs: np.ndarray | None,
-            meta: list[dict] | None = None) -> list[int]:
-        """Append items (no rebuild); an id already present is a :class:`DuplicateItem`."""
-        dup = [i for i in ids if i in self.rows]
-        if dup or len(set(ids)) != len(ids):
-            raise DuplicateItem(f"item id already indexed: {(dup or ids)[0]}")
-        if probs.shape[1] != self.probs.shape[1] or embeddings.shape[1] != self.embeddings.shape[1]:
-            raise ValueError("index: added items have other shapes than the indexed ones")
-        start = len(self.ids)
-        self.vectors.add(embeddings)
-        self.probs = np.concatenate([self.probs, probs.astype(np.float32)])
-        self.embeddings = np.concatenate([self.embeddings, embeddings.astype(np.float32)])
-        if self.thumbs is not None:  # keep rows aligned: an item without a picture gets a blank one
-            t = thumbs if thumbs is not None else np.zeros((len(ids), *self.thumbs.shape[1:]), np.uint8)
-            self.thumbs = np.concatenate([self.thumbs, t.astype(np.uint8)])
-        self.ids.extend(ids)
-        self.meta.extend(meta or [{} for _ in ids])
-        for j, item in enumerate(ids):
-            self.rows[item] = start + j
-        self.manifest.count = len(self.ids)
-        return list(range(start, len(self.ids)))
+    def live_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.alive)

@@ -83,6 +83,20 @@ class VectorIndex:
         index.add(x)
         return out
 
+    @classmethod
+    def empty(cls, dim: int, cfg: VectorConfig) -> "VectorIndex":
+        """An index of no vectors yet (an empty collection): exact, or HNSW when asked for (an IVF
+        index needs vectors to train its clusters, so an empty one starts exact)."""
+        faiss = _faiss()
+        metric = faiss.METRIC_INNER_PRODUCT if cfg.metric == "ip" else faiss.METRIC_L2
+        if cfg.kind == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, metric)
+            index.hnsw.efConstruction = cfg.hnsw_ef_construction
+            index.hnsw.efSearch = cfg.hnsw_ef_search
+        else:
+            index = faiss.IndexFlat(dim, metric)
+        return cls(index, cfg)
+
     def add(self, vectors: np.ndarray) -> None:
         """Append vectors (rows ntotal..): no rebuild; an IVF index keeps its trained centroids."""
         self.index.add(self.prepare(vectors))
