@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from deepindex.net import free_port
-from support import REPO, kill_session, wait_until
+from support import kill_session, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -28,11 +28,6 @@ def _close_engines() -> Iterator[None]:
     from deepindex.collection.catalogue import dispose_engines
 
     dispose_engines()
-
-
-def child_env() -> dict[str, str]:
-    """Environment of a subprocess that imports this checkout's ``deepindex``."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "platform"), str(REPO)])}
 
 
 def _pg_bin(name: str) -> str | None:
