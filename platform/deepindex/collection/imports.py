@@ -1,0 +1,156 @@
+"""Importers: the embedded digit-scenes gallery, an image folder and a tag manifest into a collection.
+
+Each is one bulk :meth:`CollectionStore.add_bulk` over a lazy stream of items, so an import of any
+size holds one batch of bytes in memory, and each is idempotent: ids are stable (the scene number,
+the path under the root), so re-running an import finds its items already there and adds nothing.
+An item that cannot be imported (an id outside the allowed characters, an unreadable image, the id
+already live with other bytes) is skipped and counted, never half-added.
+
+The readers are :mod:`deepindex.data.files`' public functions; these importers only turn what they
+read into items, so what those readers learn (split columns, tag policies, EXIF) reaches imports.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepindex.collection.store import AddResult, CollectionStore
+
+log = logging.getLogger(__name__)
+
+Entry = tuple[str, bytes, Sequence[str], Mapping[str, Any]]
+
+
+def _progress(what: str, every: int = 10_000) -> Any:
+    state = {"next": every}
+
+    def report(res: AddResult) -> None:
+        done = res.added + res.existing + res.skipped
+        if done >= state["next"]:
+            log.info("%s: %d items (%d added, %d already there, %d skipped), %.1f s",
+                     what, done, res.added, res.existing, res.skipped, res.seconds)
+            state["next"] = done + every
+
+    return report
+
+
+def png_bytes(unit: np.ndarray) -> bytes:
+    """(S, S) or (1, S, S) in [0, 1] -> 8-bit grayscale PNG (deterministic: same scene, same bytes)."""
+    from PIL import Image
+
+    a = np.asarray(unit).reshape(unit.shape[-2:])
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(a * 255), 0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_meta(data: bytes) -> dict[str, Any]:
+    """Width, height and format from the image header (the pixels are not decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return {"width": int(im.width), "height": int(im.height), "format": im.format}
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"data: not a readable image ({e.__class__.__name__})") from None
+
+
+def _finish(store: CollectionStore, what: str, res: AddResult) -> AddResult:
+    log.debug("imported %d items into %s from %s (%d already there, %d skipped) in %.1f s",
+             res.added, store.name, what, res.existing, res.skipped, res.seconds)
+    for reason in res.skipped_reasons[:5]:
+        log.warning("skipped %s", reason)
+    return res
+
+
+def import_digit_scenes(store: CollectionStore, size: int = 5000, seed: int = 0,
+                        batch_size: int = 500) -> AddResult:
+    """The embedded digit-scenes gallery (``digit_gallery(size, seed=seed)``: 32x32 grayscale scenes
+    of the test glyphs) as PNG items ``scene-000000``...; tags are the digits present.
+
+    The gallery is a prefix-stable stream: importing 5,000 after 2,000 adds the 3,000 new scenes.
+    """
+    from deepindex.index.collection import digit_gallery
+
+    if size < 1:
+        raise ValueError("size: must be >= 1")
+    gallery = digit_gallery(size, seed=seed)
+    assert gallery.images is not None and gallery.labels is not None
+    images, labels = gallery.images, gallery.labels
+
+    def entries() -> Iterator[Entry]:
+        for i, item_id in enumerate(gallery.ids):
+            meta = {"split": "test", "width": gallery.image_size, "height": gallery.image_size,
+                    "format": "PNG", "seed": seed, "index": i}
+            yield item_id, png_bytes(images[i]), labels[i], meta
+
+    res = store.add_bulk(entries(), source="digit-scenes", batch_size=batch_size, keep_items=False,
+                         progress=_progress(f"digit-scenes -> {store.name}"))
+    return _finish(store, "digit-scenes", res)
+
+
+def _file_entries(paths: Sequence[Path], ids: Sequence[str], tags: Sequence[Sequence[str]],
+                  unreadable: list[str]) -> Iterator[Entry]:
+    """Items from files; a file that cannot be read as an image goes to ``unreadable`` instead."""
+    for path, item_id, t in zip(paths, ids, tags, strict=True):
+        try:
+            data = path.read_bytes()
+            meta: dict[str, Any] = {"filename": item_id, **image_meta(data)}
+        except (OSError, ValueError) as e:
+            unreadable.append(f"{item_id}: {e}")
+            continue
+        yield item_id, data, t, meta
+
+
+def _import_files(store: CollectionStore, what: str, source: str, paths: Sequence[Path], ids: Sequence[str],
+                  tags: Sequence[Sequence[str]], batch_size: int) -> AddResult:
+    unreadable: list[str] = []
+    res = store.add_bulk(_file_entries(paths, ids, tags, unreadable), source=source, batch_size=batch_size,
+                         keep_items=False, progress=_progress(f"{what} -> {store.name}"))
+    res.skipped += len(unreadable)
+    res.skipped_reasons = (unreadable + res.skipped_reasons)[:20]
+    return _finish(store, what, res)
+
+
+def import_folder(store: CollectionStore, root: str | Path, batch_size: int = 500) -> AddResult:
+    """``root/<class>/<image>``: ids are paths relative to the root, tags ``[class]``."""
+    from deepindex.data.files import read_image_folder
+
+    root = Path(root)
+    found = read_image_folder(root)
+    tags = [[found.concepts[int(t)]] for t in found.targets]
+    return _import_files(store, str(root), f"folder:{root.resolve()}", found.paths, found.ids, tags, batch_size)
+
+
+def manifest_concepts(manifest: str | Path) -> list[str]:
+    """The tags a manifest uses, sorted: its own concept list when none is given."""
+    from deepindex.data.files import _manifest_rows  # the row reader; no public form lists the tags
+
+    path = Path(manifest)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest: no such file {path}")
+    return sorted({t for _, _, tags in _manifest_rows(path) for t in tags})
+
+
+def import_manifest(store: CollectionStore, manifest: str | Path, root: str | Path,
+                    concepts: Sequence[str] | str | Path | None = None, batch_size: int = 500) -> AddResult:
+    """A CSV/JSONL tag manifest (paths relative to ``root``).  ``concepts``: a list, or a file with
+    one per line; None takes the manifest's own tags as the concepts."""
+    from deepindex.data.files import read_concepts, read_manifest
+
+    if concepts is None:
+        concept_list = manifest_concepts(manifest)
+    elif isinstance(concepts, (str, Path)):
+        concept_list = read_concepts(concepts)
+    else:
+        concept_list = list(concepts)
+    found = read_manifest(manifest, root, concept_list)
+    multi_hot = found.targets.numpy()
+    tags = [[found.concepts[j] for j in np.flatnonzero(row)] for row in multi_hot]
+    return _import_files(store, str(manifest), f"manifest:{Path(manifest).resolve()}", found.paths, found.ids, tags,
+                         batch_size)

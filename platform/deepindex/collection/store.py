@@ -1,0 +1,548 @@
+"""A collection: a named set of items, the durable source of truth an index is derived from.
+
+An item is a row in the catalogue (:mod:`deepindex.collection.catalogue`) plus its original bytes in
+the blob store (:mod:`deepindex.collection.blobs`).  The order of a write is what makes it safe to
+kill at any point: the bytes are written and synced first, then the row is committed.  So a row
+never names a missing blob, an item is visible only once complete, and what was acknowledged (the
+commit returned) survives a crash.  A writer killed between the two leaves a blob no row names
+(never read; :meth:`CollectionStore.sweep` removes it).
+
+Every change (an add or a delete) takes the collection's next sequence number; ``head()`` is the
+last one.  ``snapshot(upto)`` and ``changes(after, upto)`` are what an index is built and caught up
+from: a snapshot at ``n`` plus the changes after ``n`` is the collection at the later head.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sqlalchemy import Connection, Engine, RowMapping, and_, exc, func, insert, or_, select, update
+
+from deepindex.collection import catalogue as cat
+from deepindex.collection.blobs import BlobStore, public_blobs_url, sha256_hex
+from deepindex.paths import state_dir
+
+log = logging.getLogger(__name__)
+
+ITEM_ID = re.compile(r"[A-Za-z0-9._:@/+-]{1,200}")
+COLLECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+MAX_TAG = 200
+MAX_META_BYTES = 64 * 1024
+BATCH = 500  # items per transaction in bulk adds
+PAGE = 2000  # rows per query when streaming a snapshot
+
+Row = Mapping[Any, Any]  # a catalogue row (a RowMapping, or the dict it was inserted from)
+
+
+@dataclass(frozen=True)
+class Item:
+    collection: str
+    id: str  # stable, user-given; 1-200 chars [A-Za-z0-9._:@/+-]
+    content_hash: str  # sha256 hex of the original bytes
+    source: str | None  # "upload", "digit-scenes", "folder:<root>", "manifest:<file>", ...
+    tags: list[str]  # known labels (concepts), may be empty
+    meta: dict[str, Any]  # free-form JSON (split, width/height, original filename, ...)
+    added_at: float  # unix time
+    seq: int  # the change that added it
+    deleted_seq: int | None = None  # the change that deleted it (a tombstone)
+    size: int = 0  # bytes of the original image
+
+
+@dataclass(frozen=True)
+class Change:
+    seq: int
+    op: Literal["add", "delete"]
+    item: Item  # as of this change: an add's item has deleted_seq None, a delete's has it set
+
+
+class DuplicateItem(ValueError):
+    """The id is live with other bytes (the service answers 409)."""
+
+
+class UnknownItem(KeyError):
+    """No live item with that id (the service answers 404)."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; the message reads better without
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass
+class AddResult:
+    """What a bulk add did: counts, plus the items (added or already there) in input order."""
+
+    added: int = 0
+    existing: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    items: list[Item] = field(default_factory=list)
+    skipped_reasons: list[str] = field(default_factory=list)  # the first few, "id: why"
+
+
+# ---- validation ---------------------------------------------------------------------------------
+def check_item_id(item_id: str) -> str:
+    if not isinstance(item_id, str) or not ITEM_ID.fullmatch(item_id):
+        raise ValueError(f"id: {str(item_id)[:80]!r} must be 1-200 characters of A-Z a-z 0-9 . _ : @ / + -")
+    return item_id
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not COLLECTION_NAME.fullmatch(name):
+        raise ValueError(f"collection: {str(name)[:80]!r} must be 1-100 characters of A-Z a-z 0-9 . _ -, "
+                         "starting with a letter or digit")
+    return name
+
+
+def check_tags(tags: Sequence[str]) -> list[str]:
+    if isinstance(tags, str):
+        raise ValueError("tags: a list of strings, not one string")
+    out: list[str] = []
+    for t in tags:
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"tags: {t!r} is not a non-empty string")
+        t = t.strip()
+        if len(t) > MAX_TAG:
+            raise ValueError(f"tags: {t[:40]!r}... is longer than {MAX_TAG} characters")
+        if t not in out:
+            out.append(t)
+    return out
+
+
+def check_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    if meta is None:
+        return {}
+    if not isinstance(meta, Mapping) or not all(isinstance(k, str) for k in meta):
+        raise ValueError("meta: must be an object with string keys")
+    try:
+        text = json.dumps(dict(meta), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"meta: not JSON-serialisable ({e})") from None
+    if len(text) > MAX_META_BYTES:
+        raise ValueError(f"meta: {len(text)} bytes of JSON, more than {MAX_META_BYTES}")
+    out: dict[str, Any] = json.loads(text)  # a plain copy: what a reader will get back
+    return out
+
+
+def check_data(data: bytes) -> bytes:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"data: bytes expected, not {type(data).__name__}")
+    if not len(data):
+        raise ValueError("data: empty")
+    return bytes(data)
+
+
+def default_blobs_url() -> str:
+    import os
+
+    return os.environ.get("DEEPINDEX_BLOBS_URL") or str(state_dir() / "collections" / "blobs")
+
+
+# ---- the store ----------------------------------------------------------------------------------
+class CollectionStore:
+    """One collection of a catalogue.  Thread-safe (one engine, a connection per call); any number
+    of processes may open the same collection (writes are serialised by the catalogue)."""
+
+    def __init__(self, name: str, engine: Engine, collection_id: int, blobs: BlobStore, catalogue_url: str,
+                 created_at: float) -> None:
+        self.name = name
+        self._engine = engine
+        self._cid = collection_id
+        self.blobs = blobs
+        self.catalogue_url = catalogue_url
+        self.created_at = created_at
+
+    def __repr__(self) -> str:
+        return f"CollectionStore({self.name!r}, {cat.public_url(self.catalogue_url)!r}, {self.blobs!r})"
+
+    @classmethod
+    def open(cls, name: str, catalogue_url: str | None = None, blobs_url: str | None = None,
+             create: bool = True) -> CollectionStore:
+        """Default catalogue: ``DEEPINDEX_CATALOGUE_URL``, else ``sqlite:///<state>/collections/catalogue.db``;
+        default blobs: ``DEEPINDEX_BLOBS_URL``, else ``<state>/collections/blobs``.
+        ``create=False``: an unknown name is a ValueError."""
+        check_name(name)
+        url = catalogue_url or cat.default_catalogue_url()
+        burl = blobs_url or default_blobs_url()
+        eng = cat.engine_for(url)
+        row = _find(eng, name)
+        if row is None:
+            if not create:
+                known = ", ".join(c["name"] for c in list_collections(url)) or "none yet"
+                raise ValueError(f"collection: no collection named {name!r} in {cat.public_url(url)} (known: {known})")
+            try:
+                with eng.connect() as conn, conn.execution_options(deepindex_write=True).begin():
+                    conn.execute(insert(cat.collections).values(
+                        name=name, created_at=time.time(), head=0, blobs_url=public_blobs_url(burl),
+                        schema_version=cat.SCHEMA_VERSION))
+                log.info("collection %s created in %s (blobs: %s)", name, cat.public_url(url), public_blobs_url(burl))
+            except exc.IntegrityError:
+                pass  # another process created it first
+            row = _find(eng, name)
+            assert row is not None
+        elif row["blobs_url"] and row["blobs_url"] != public_blobs_url(burl):
+            log.warning("collection %s: its items were stored under %s, and it is opened with blobs at %s",
+                        name, row["blobs_url"], public_blobs_url(burl))
+        return cls(name, eng, int(row["id"]), BlobStore(burl), url, float(row["created_at"]))
+
+    # ---- rows -> items ---------------------------------------------------------------------------
+    def _item(self, r: Row, deleted_seq: int | Literal["row"] | None = "row") -> Item:
+        return Item(collection=self.name, id=r["item_id"], content_hash=r["content_hash"], source=r["source"],
+                    tags=list(r["tags"]), meta=dict(r["meta"]), added_at=float(r["added_at"]), seq=int(r["seq"]),
+                    deleted_seq=(r["deleted_seq"] if deleted_seq == "row" else deleted_seq), size=int(r["size"]))
+
+    def _live(self, conn: Connection, ids: Sequence[str]) -> dict[str, Row]:
+        t = cat.items
+        out: dict[str, Row] = {}
+        for i in range(0, len(ids), 500):  # bounded IN lists
+            q = select(t).where(t.c.collection_id == self._cid, t.c.item_id.in_(ids[i:i + 500]),
+                                t.c.deleted_seq.is_(None))
+            out.update({r["item_id"]: r for r in conn.execute(q).mappings()})
+        return out
+
+    # ---- writes -------------------------------------------------------------------------------------
+    def add(self, item_id: str, data: bytes, *, tags: Sequence[str] = (), source: str | None = None,
+            meta: Mapping[str, Any] | None = None) -> tuple[Item, bool]:
+        """Add one item, durably before it returns (bytes written and synced, then the row committed).
+
+        The same id with the same bytes: the existing item, ``created=False`` (an idempotent re-post).
+        The same id with other bytes: :class:`DuplicateItem`.  A deleted id may be added again (a new seq).
+        """
+        check_item_id(item_id)
+        data = check_data(data)
+        tags_l, meta_d = check_tags(tags), check_meta(meta)
+        h = sha256_hex(data)
+        with self._engine.connect() as conn:
+            live = self._live(conn, [item_id]).get(item_id)
+        if live is not None:
+            return self._same_or_conflict(live, h), False
+        self.blobs.put(data, h)  # durable before the row that names it
+        for _ in range(3):
+            try:
+                with cat.write_txn(self._engine, self._cid) as (conn, head):
+                    live = self._live(conn, [item_id]).get(item_id)
+                    if live is not None:  # another writer added it since the first look
+                        return self._same_or_conflict(live, h), False
+                    row = self._row(head + 1, item_id, h, len(data), source, tags_l, meta_d)
+                    self._insert(conn, [row], head + 1)
+                return self._item(row), True
+            except exc.IntegrityError:
+                # The live-id index refused a concurrent add that the lock should have ordered
+                # (only if a writer bypassed it): look again.
+                log.warning("collection %s: concurrent add of %s; retrying", self.name, item_id)
+        raise RuntimeError(f"collection {self.name}: could not add {item_id} after 3 tries")
+
+    def _same_or_conflict(self, live: Row, h: str) -> Item:
+        if live["content_hash"] != h:
+            raise DuplicateItem(f"id: {live['item_id']!r} already exists in {self.name} with other bytes "
+                                f"(sha256 {live['content_hash'][:12]}..., these are {h[:12]}...)")
+        return self._item(live)
+
+    def _row(self, seq: int, item_id: str, h: str, size: int, source: str | None, tags: list[str],
+             meta: dict[str, Any]) -> dict[str, Any]:
+        return {"collection_id": self._cid, "seq": seq, "item_id": item_id, "content_hash": h, "size": size,
+                "source": source, "tags": tags, "meta": meta, "added_at": time.time(), "deleted_seq": None}
+
+    def _insert(self, conn: Connection, rows: list[dict[str, Any]], new_head: int) -> None:
+        conn.execute(insert(cat.items), rows)
+        tag_rows = [{"collection_id": self._cid, "seq": r["seq"], "tag": t} for r in rows for t in r["tags"]]
+        if tag_rows:
+            conn.execute(insert(cat.item_tags), tag_rows)
+        conn.execute(update(cat.collections).where(cat.collections.c.id == self._cid).values(head=new_head))
+
+    def add_many(self, items: Iterable[tuple[str, bytes, Sequence[str], Mapping[str, Any]]], *,
+                 source: str | None, batch_size: int = BATCH,
+                 on_conflict: Literal["error", "skip"] = "error") -> list[Item]:
+        """Bulk add, one transaction per batch; the same idempotency rules as :meth:`add`.
+
+        Returns the items in input order (those already there included).  ``on_conflict="skip"``
+        skips an id that is live with other bytes, or an invalid one, instead of raising.
+        """
+        return self.add_bulk(items, source=source, batch_size=batch_size, on_conflict=on_conflict).items
+
+    def add_bulk(self, items: Iterable[tuple[str, bytes, Sequence[str], Mapping[str, Any]]], *,
+                 source: str | None, batch_size: int = BATCH, on_conflict: Literal["error", "skip"] = "skip",
+                 keep_items: bool = True, progress: Callable[[AddResult], None] | None = None) -> AddResult:
+        """:meth:`add_many` with counts (added / already there / skipped), for importers.
+
+        ``items`` is consumed lazily, ``batch_size`` at a time, so an import of any size holds one
+        batch of bytes in memory.  ``progress`` is called after each batch.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size: must be >= 1")
+        res = AddResult()
+        t0 = time.perf_counter()
+        batch: list[tuple[str, bytes, Sequence[str], Mapping[str, Any]]] = []
+        for it in items:
+            batch.append(it)
+            if len(batch) >= batch_size:
+                self._add_batch(batch, source, on_conflict, res, keep_items)
+                batch = []
+                res.seconds = time.perf_counter() - t0
+                if progress:
+                    progress(res)
+        if batch:
+            self._add_batch(batch, source, on_conflict, res, keep_items)
+        res.seconds = time.perf_counter() - t0
+        if progress:
+            progress(res)
+        return res
+
+    def _skip(self, res: AddResult, on_conflict: str, err: ValueError, item_id: object) -> None:
+        if on_conflict != "skip":
+            raise err
+        res.skipped += 1
+        if len(res.skipped_reasons) < 20:
+            res.skipped_reasons.append(f"{str(item_id)[:80]}: {err}")
+        log.debug("collection %s: skipped %s: %s", self.name, item_id, err)
+
+    def _add_batch(self, batch: list[tuple[str, bytes, Sequence[str], Mapping[str, Any]]], source: str | None,
+                   on_conflict: str, res: AddResult, keep_items: bool) -> None:
+        # 1. Validate; the first occurrence of an id in the batch is the one that counts.
+        valid: dict[str, tuple[str, bytes, list[str], dict[str, Any]]] = {}
+        order: list[tuple[str, str]] = []  # (id, hash) of each accepted input, in input order
+        for entry in batch:
+            item_id: Any = entry[0] if len(entry) else None
+            try:
+                if len(entry) != 4:
+                    raise ValueError("item: expected (id, bytes, tags, meta)")
+                item_id, data, tags, meta = entry
+                check_item_id(item_id)
+                data = check_data(data)
+                h = sha256_hex(data)
+                prior = valid.get(item_id)
+                if prior is not None and prior[0] != h:
+                    raise DuplicateItem(f"id: {item_id!r} appears twice in the batch with other bytes")
+                if prior is None:
+                    valid[item_id] = (h, data, check_tags(tags), check_meta(meta))
+                order.append((item_id, h))
+            except ValueError as e:
+                self._skip(res, on_conflict, e, item_id)
+        if not valid:
+            return
+        # 2. What is already there; conflicts are refused before anything of this batch is written.
+        ids = list(valid)
+        with self._engine.connect() as conn:
+            live = self._live(conn, ids)
+        for item_id, row in live.items():
+            if row["content_hash"] != valid[item_id][0]:
+                try:
+                    self._same_or_conflict(row, valid[item_id][0])
+                except DuplicateItem as e:
+                    self._skip(res, on_conflict, e, item_id)
+                    del valid[item_id]
+        new = [i for i in valid if i not in live]
+        added: dict[str, Item] = {}
+        if new:
+            # 3. The bytes, durably, then 4. the rows, in one transaction.
+            self.blobs.put_many({valid[i][0]: valid[i][1] for i in new})
+            with cat.write_txn(self._engine, self._cid) as (conn, head):
+                again = self._live(conn, new)  # added by another writer since step 2
+                rows: list[dict[str, Any]] = []
+                for i in new:
+                    if i in again:
+                        live[i] = again[i]
+                        continue
+                    h, data, tags, meta = valid[i]
+                    rows.append(self._row(head + 1 + len(rows), i, h, len(data), source, tags, meta))
+                if rows:
+                    self._insert(conn, rows, head + len(rows))
+            added = {r["item_id"]: self._item(r) for r in rows}
+            for i, row in again.items():  # lost a race: same rules as before
+                if row["content_hash"] != valid[i][0]:
+                    try:
+                        self._same_or_conflict(row, valid[i][0])
+                    except DuplicateItem as e:
+                        self._skip(res, on_conflict, e, i)
+                        del valid[i]
+        res.added += len(added)
+        counted: set[str] = set()
+        for item_id, h in order:
+            if item_id not in valid or valid[item_id][0] != h:
+                continue
+            if item_id in added and item_id not in counted:
+                counted.add(item_id)
+                if keep_items:
+                    res.items.append(added[item_id])
+                continue
+            res.existing += 1
+            if keep_items:
+                res.items.append(added[item_id] if item_id in added else self._item(live[item_id]))
+
+    def delete(self, item_id: str) -> Item:
+        """Tombstone the live item ``item_id`` (its own seq); :class:`UnknownItem` if none is live.
+        The bytes stay: the blob may be shared, and an older snapshot still names it."""
+        check_item_id(item_id)
+        t = cat.items
+        with cat.write_txn(self._engine, self._cid) as (conn, head):
+            row = self._live(conn, [item_id]).get(item_id)
+            if row is None:
+                raise UnknownItem(f"id: no item {item_id!r} in {self.name}")
+            seq = head + 1
+            conn.execute(update(t).where(t.c.collection_id == self._cid, t.c.seq == row["seq"]).values(deleted_seq=seq))
+            conn.execute(update(cat.collections).where(cat.collections.c.id == self._cid).values(head=seq))
+        return self._item(row, deleted_seq=seq)
+
+    # ---- reads --------------------------------------------------------------------------------------
+    def get(self, item_id: str, include_deleted: bool = False) -> Item | None:
+        """The live item ``item_id``; with ``include_deleted``, else its latest tombstone."""
+        check_item_id(item_id)
+        t = cat.items
+        q = select(t).where(t.c.collection_id == self._cid, t.c.item_id == item_id)
+        if not include_deleted:
+            q = q.where(t.c.deleted_seq.is_(None))
+        with self._engine.connect() as conn:
+            r = conn.execute(q.order_by(t.c.seq.desc()).limit(1)).mappings().first()
+        return self._item(r) if r is not None else None
+
+    def image(self, item_id: str) -> bytes:
+        """The original bytes of the live item ``item_id``; :class:`UnknownItem` if none is live."""
+        it = self.get(item_id)
+        if it is None:
+            raise UnknownItem(f"id: no item {item_id!r} in {self.name}")
+        return self.blobs.get(it.content_hash)
+
+    def image_by_hash(self, content_hash: str) -> bytes:
+        return self.blobs.get(content_hash)
+
+    def head(self) -> int:
+        """Seq of the last change in this collection (0 when none)."""
+        with self._engine.connect() as conn:
+            q = select(cat.collections.c.head).where(cat.collections.c.id == self._cid)
+            return int(conn.execute(q).scalar_one())
+
+    def count(self) -> int:
+        """Live items."""
+        t = cat.items
+        with self._engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(t).where(
+                t.c.collection_id == self._cid, t.c.deleted_seq.is_(None))).scalar_one())
+
+    def snapshot(self, upto: int | None = None) -> Iterator[Item]:
+        """Live items as of seq ``upto`` (default: the head now), in seq order, streamed a page at a
+        time (rows at or below ``upto`` never change but for a later tombstone, which the filter
+        ignores, so the pages form one consistent snapshot without holding a transaction open)."""
+        upto = self.head() if upto is None else int(upto)
+        t = cat.items
+        last = 0
+        while True:
+            q = (select(t).where(t.c.collection_id == self._cid, t.c.seq > last, t.c.seq <= upto,
+                                 or_(t.c.deleted_seq.is_(None), t.c.deleted_seq > upto))
+                 .order_by(t.c.seq).limit(PAGE))
+            with self._engine.connect() as conn:
+                rows = list(conn.execute(q).mappings())
+            for r in rows:
+                yield self._item(r, deleted_seq=None)  # as of `upto` it is live
+            if len(rows) < PAGE:
+                return
+            last = int(rows[-1]["seq"])
+
+    def changes(self, after: int, upto: int | None = None, limit: int | None = None) -> list[Change]:
+        """Adds and deletes with ``after < seq <= upto`` (default: the head now), in seq order; at most
+        ``limit`` of them (page on with ``after = result[-1].seq``)."""
+        t = cat.items
+        upto_v = self.head() if upto is None else int(upto)
+        if limit is not None and limit < 1:
+            raise ValueError("limit: must be >= 1")
+        adds = (select(t).where(t.c.collection_id == self._cid, t.c.seq > after, t.c.seq <= upto_v)
+                .order_by(t.c.seq))
+        dels = (select(t).where(t.c.collection_id == self._cid, t.c.deleted_seq > after, t.c.deleted_seq <= upto_v)
+                .order_by(t.c.deleted_seq))
+        if limit is not None:
+            adds, dels = adds.limit(limit), dels.limit(limit)
+        with self._engine.connect() as conn:
+            out = [Change(int(r["seq"]), "add", self._item(r, deleted_seq=None)) for r in conn.execute(adds).mappings()]
+            out += [Change(int(r["deleted_seq"]), "delete", self._item(r)) for r in conn.execute(dels).mappings()]
+        out.sort(key=lambda c: c.seq)
+        return out[:limit] if limit is not None else out
+
+    def tags(self) -> list[str]:
+        """Distinct tags of live items, sorted: the collection's concept vocabulary."""
+        t, g = cat.items, cat.item_tags
+        q = (select(g.c.tag).distinct()
+             .join(t, and_(t.c.collection_id == g.c.collection_id, t.c.seq == g.c.seq))
+             .where(g.c.collection_id == self._cid, t.c.deleted_seq.is_(None)).order_by(g.c.tag))
+        with self._engine.connect() as conn:
+            return [r[0] for r in conn.execute(q)]
+
+    def info(self) -> dict[str, Any]:
+        """Name, counts, head, creation time, where the rows and bytes live (no secrets), bytes stored."""
+        t = cat.items
+        with self._engine.connect() as conn:
+            live, deleted = _counts(conn, self._cid)
+            distinct = (select(t.c.content_hash, t.c.size).distinct()
+                        .where(t.c.collection_id == self._cid, t.c.deleted_seq.is_(None)).subquery())
+            stored = conn.execute(select(func.coalesce(func.sum(distinct.c.size), 0))).scalar_one()
+            head = conn.execute(select(cat.collections.c.head).where(cat.collections.c.id == self._cid)).scalar_one()
+        return {"name": self.name, "count": live, "deleted": deleted, "head": int(head),
+                "created": self.created_at, "catalogue": cat.public_url(self.catalogue_url),
+                "blobs": public_blobs_url(self.blobs.url), "bytes": int(stored), "tags": len(self.tags())}
+
+    # ---- checks and housekeeping --------------------------------------------------------------------
+    def verify(self, hashes: bool = True) -> dict[str, Any]:
+        """Every row's blob is there (and, with ``hashes``, hashes to its name); seqs are unique and
+        ``head`` is the largest.  Reads every blob: for tests and ``deepindex collection check``."""
+        t = cat.items
+        missing: list[str] = []
+        corrupt: list[str] = []
+        seqs: list[int] = []
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(t.c.item_id, t.c.seq, t.c.deleted_seq, t.c.content_hash, t.c.size)
+                                .where(t.c.collection_id == self._cid).order_by(t.c.seq)).mappings().all()
+        for r in rows:
+            seqs.append(int(r["seq"]))
+            if r["deleted_seq"] is not None:
+                seqs.append(int(r["deleted_seq"]))
+            if not self.blobs.has(r["content_hash"], int(r["size"])):
+                missing.append(r["item_id"])
+            elif hashes:
+                try:
+                    self.blobs.get(r["content_hash"])
+                except OSError:
+                    corrupt.append(r["item_id"])
+        head = self.head()
+        unique, last = len(seqs) == len(set(seqs)), head == (max(seqs) if seqs else 0)
+        return {"rows": len(rows), "missing_blobs": missing, "corrupt_blobs": corrupt, "seqs_unique": unique,
+                "head": head, "head_is_last": last, "ok": not missing and not corrupt and unique and last}
+
+    def sweep(self, older_than_s: float = 3600.0) -> dict[str, int]:
+        """Remove blobs no row of any collection in this catalogue names, and killed writers' temp
+        files, older than ``older_than_s``.  (Blob stores shared by several catalogues: don't.)"""
+        with self._engine.connect() as conn:
+            referenced = {r[0] for r in conn.execute(select(cat.items.c.content_hash).distinct())}
+        return self.blobs.sweep(referenced, older_than_s)
+
+
+def _find(eng: Engine, name: str) -> RowMapping | None:
+    with eng.connect() as conn:
+        return conn.execute(select(cat.collections).where(cat.collections.c.name == name)).mappings().first()
+
+
+def _counts(conn: Connection, cid: int) -> tuple[int, int]:
+    t = cat.items
+    live = conn.execute(select(func.count()).select_from(t).where(
+        t.c.collection_id == cid, t.c.deleted_seq.is_(None))).scalar_one()
+    deleted = conn.execute(select(func.count()).select_from(t).where(
+        t.c.collection_id == cid, t.c.deleted_seq.is_not(None))).scalar_one()
+    return int(live), int(deleted)
+
+
+def list_collections(catalogue_url: str | None = None) -> list[dict[str, Any]]:
+    """Every collection of the catalogue: name, count (live), deleted, head, created; by name."""
+    url = catalogue_url or cat.default_catalogue_url()
+    eng = cat.engine_for(url)
+    c, t = cat.collections, cat.items
+
+    def per_collection(conn: Connection, deleted: bool) -> dict[int, int]:
+        cond = t.c.deleted_seq.is_not(None) if deleted else t.c.deleted_seq.is_(None)
+        q = select(t.c.collection_id, func.count()).where(cond).group_by(t.c.collection_id)
+        return {int(cid): int(n) for cid, n in conn.execute(q)}
+
+    with eng.connect() as conn:
+        rows = conn.execute(select(c).order_by(c.c.name)).mappings().all()
+        live, deleted = per_collection(conn, False), per_collection(conn, True)
+    return [{"name": r["name"], "count": live.get(int(r["id"]), 0), "deleted": deleted.get(int(r["id"]), 0),
+             "head": int(r["head"]), "created": float(r["created_at"]), "blobs": r["blobs_url"]} for r in rows]

@@ -1,0 +1,183 @@
+"""``deepindex collection import|ls|info|add|rm|check``: the collections indexes are built from.
+
+One readable line per event for people; ``--json`` prints one JSON document for machines.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from deepindex.collection import CollectionStore
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--catalogue", metavar="URL",
+                        help="catalogue database URL (default: DEEPINDEX_CATALOGUE_URL, else SQLite under the "
+                             "state folder)")
+    common.add_argument("--blobs", metavar="URL",
+                        help="where image bytes live: a folder or fsspec URL (default: DEEPINDEX_BLOBS_URL, else "
+                             "under the state folder)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of lines for people")
+
+    p = sub.add_parser("collection", help="collections: the durable items and images indexes are built from")
+    csub = p.add_subparsers(dest="collection_command", required=True, metavar="ACTION")
+
+    i = csub.add_parser("import", parents=[common], help="import the digit-scenes gallery, an image folder or a "
+                                                          "tag manifest (idempotent: a re-run adds nothing new)")
+    i.add_argument("name", help="collection name (created if new)")
+    src = i.add_mutually_exclusive_group(required=True)
+    src.add_argument("--digit-scenes", action="store_true", help="the embedded digit-scenes gallery")
+    src.add_argument("--folder", metavar="DIR", help="an image folder: DIR/<class>/<image>")
+    src.add_argument("--manifest", metavar="FILE", help="a CSV or JSONL tag manifest (needs --root)")
+    i.add_argument("--size", type=int, default=5000, help="digit-scenes: how many scenes (default 5000)")
+    i.add_argument("--seed", type=int, default=0, help="digit-scenes: the gallery's seed")
+    i.add_argument("--root", metavar="DIR", help="manifest: the folder its paths are relative to")
+    i.add_argument("--concepts", metavar="FILE", help="manifest: the concept list (default: the manifest's own tags)")
+    i.add_argument("--batch-size", type=int, default=500, help="items per transaction")
+    i.set_defaults(func=run_import)
+
+    ls = csub.add_parser("ls", parents=[common], help="list the collections of the catalogue")
+    ls.set_defaults(func=run_ls)
+
+    info = csub.add_parser("info", parents=[common], help="one collection: counts, head, locations, bytes, tags")
+    info.add_argument("name")
+    info.set_defaults(func=run_info)
+
+    a = csub.add_parser("add", parents=[common], help="add one image (durable when this returns)")
+    a.add_argument("name")
+    a.add_argument("id", help="item id: 1-200 characters of A-Z a-z 0-9 . _ : @ / + -")
+    a.add_argument("file", help="the image file")
+    a.add_argument("--tag", action="append", default=[], help="a known label (repeat for several)")
+    a.set_defaults(func=run_add)
+
+    rm = csub.add_parser("rm", parents=[common], help="delete an item (a tombstone; gone from search)")
+    rm.add_argument("name")
+    rm.add_argument("id")
+    rm.set_defaults(func=run_rm)
+
+    ck = csub.add_parser("check", parents=[common], help="every item's bytes are there and hash to their name")
+    ck.add_argument("name")
+    ck.set_defaults(func=run_check)
+
+
+def _open(args: argparse.Namespace, create: bool = False) -> CollectionStore:
+    from deepindex.collection import CollectionStore
+
+    return CollectionStore.open(args.name, catalogue_url=args.catalogue, blobs_url=args.blobs, create=create)
+
+
+def _emit(args: argparse.Namespace, doc: Any, line: str) -> None:
+    print(json.dumps(doc, indent=2) if args.json else line)
+
+
+def _when(t: float) -> str:
+    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from deepindex.collection import imports
+
+    if args.manifest and not args.root:
+        raise ValueError("root: a manifest needs --root (the folder its paths are relative to)")
+    if args.size < 1:
+        raise ValueError("size: must be >= 1")
+    store = _open(args, create=True)
+    if args.digit_scenes:
+        what = f"the digit-scenes gallery (size {args.size}, seed {args.seed})"
+        res = imports.import_digit_scenes(store, size=args.size, seed=args.seed, batch_size=args.batch_size)
+    elif args.folder:
+        what = args.folder
+        res = imports.import_folder(store, args.folder, batch_size=args.batch_size)
+    else:
+        what = args.manifest
+        res = imports.import_manifest(store, args.manifest, args.root, concepts=args.concepts,
+                                      batch_size=args.batch_size)
+    skipped = f", {res.skipped} skipped" if res.skipped else ""
+    line = (f"imported {res.added} items into {store.name} from {what} ({res.existing} already there{skipped}) "
+            f"in {res.seconds:.1f} s; {store.name} now holds {store.count()} items")
+    _emit(args, {"collection": store.name, "added": res.added, "existing": res.existing, "skipped": res.skipped,
+                 "skipped_reasons": res.skipped_reasons, "seconds": round(res.seconds, 3), "head": store.head(),
+                 "count": store.count()}, line)
+    if res.skipped and not args.json:
+        for reason in res.skipped_reasons[:10]:
+            print(f"  skipped {reason}", file=sys.stderr)
+    return 0
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    from deepindex.collection import list_collections
+
+    rows = list_collections(args.catalogue)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no collections yet (create one with: deepindex collection import NAME --digit-scenes)")
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['count']:>8} items  {r['deleted']:>6} deleted  head {r['head']:<8} "
+              f"created {_when(r['created'])}")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    store = _open(args)
+    doc = store.info()
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"{doc['name']}: {doc['count']} items ({doc['deleted']} deleted), head {doc['head']}, "
+          f"{doc['tags']} tags, {doc['bytes'] / 1e6:.1f} MB of images, created {_when(doc['created'])}")
+    print(f"  catalogue: {doc['catalogue']}")
+    print(f"  blobs:     {doc['blobs']}")
+    return 0
+
+
+def run_add(args: argparse.Namespace) -> int:
+    from deepindex.collection.imports import image_meta
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise FileNotFoundError(f"file: no such file {path}")
+    data = path.read_bytes()
+    meta = {"filename": path.name, **image_meta(data)}
+    store = _open(args, create=True)
+    item, created = store.add(args.id, data, tags=args.tag, source="cli", meta=meta)
+    line = (f"added {item.id} to {store.name} (seq {item.seq}, sha256 {item.content_hash[:12]}, {item.size} bytes)"
+            if created else f"{item.id} was already in {store.name} with these bytes (seq {item.seq}): nothing to do")
+    _emit(args, {"collection": store.name, "id": item.id, "created": created, "seq": item.seq,
+                 "content_hash": item.content_hash, "tags": item.tags}, line)
+    return 0
+
+
+def run_rm(args: argparse.Namespace) -> int:
+    from deepindex.collection import UnknownItem
+
+    store = _open(args)
+    try:
+        item = store.delete(args.id)
+    except UnknownItem as e:
+        raise ValueError(str(e)) from None
+    _emit(args, {"collection": store.name, "id": item.id, "deleted_seq": item.deleted_seq},
+          f"deleted {item.id} from {store.name} (seq {item.deleted_seq})")
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    store = _open(args)
+    r = store.verify()
+    if r["ok"]:
+        line = f"{store.name}: {r['rows']} rows, every blob present and intact, head {r['head']}"
+    else:
+        line = (f"{store.name}: PROBLEMS: {len(r['missing_blobs'])} missing blobs {r['missing_blobs'][:5]}, "
+                f"{len(r['corrupt_blobs'])} corrupt {r['corrupt_blobs'][:5]}, seqs unique {r['seqs_unique']}, "
+                f"head is the last change {r['head_is_last']}")
+    _emit(args, r, line)
+    return 0 if r["ok"] else 1
