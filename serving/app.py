@@ -1,4 +1,5 @@
-"""The wiring: ``serving.app:build_app(args)`` -> Ingress(model, index, metrics hub).
+"""The wiring: ``serving.app:build_app(args)`` -> Ingress(model, index, metrics hub); the model replicas
+follow the index replica's choice of version (it moves model and index together).
 
 ``serve run serving/config.yaml``, ``serve deploy``, the RayService and ``deepindex serve``
 all build the application here; ``args`` are :class:`serving.schemas.ServeArgs`.
@@ -28,15 +29,16 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     from serving.model import ModelServer
 
     a = ServeArgs.model_validate(args or {}).resolved()
+    a.api_token()  # a missing token file is an error now, not in a replica later
+    # One index replica: the collection's writer and the owner of the served (model, index) pair.
+    index = IndexServer.options(ray_actor_options=_actor_options(0)).bind(a.model_dump())
     model = ModelServer.options(
         **_scaling(a.model_replicas, a.model_autoscaling),
         # Enough requests in flight per replica for full batches to form.
         max_ongoing_requests=max(2 * a.max_batch_size, 8),
         ray_actor_options=_actor_options(a.model_num_cpus),
-    ).bind(a.model, a.tracking_uri, a.reload_interval_s, a.max_batch_size, a.batch_wait_timeout_s,
+    ).bind(a.model, index, a.tracking_uri, a.max_batch_size, a.batch_wait_timeout_s,
            a.model_threads or max(1, int(a.model_num_cpus)))
-    # One index replica: it is the writer for POST /v1/items, so every search sees every add.
-    index = IndexServer.options(num_replicas=1, ray_actor_options=_actor_options(0)).bind(a.index_dir, a.persist_added)
     # One hub: /metrics answers for every ingress replica, whichever one the scrape reaches.
     hub = MetricsHub.options(ray_actor_options=_actor_options(0)).bind()
     return Ingress.options(**_scaling(a.ingress_replicas, a.ingress_autoscaling),

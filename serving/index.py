@@ -1,164 +1,225 @@
-"""The index deployment: the one replica that holds (and writes) the index.
+"""The index deployment: the collection's writer, its indexes, and the model rollover.
 
-Every call names the model version the caller's data came from; the index serves only when
-its manifest says it was built with that version.  When the model moves to a new version the
-replica looks for that version's index in the collection folder and loads it, else it holds
-no index and answers ``index_unavailable`` (refused, never silently used).  Calls return
-``{"error": {...}, "status": N}`` rather than raising, so the ingress maps them to HTTP as is.
+One replica.  It owns every write to the collection (``POST``/``DELETE /v1/items``: the catalogue
+row and the bytes are durable before it answers, then every loaded index applies the change) and
+the pair being served: a model version and that version's index of the collection.
+
+Rollover (``serving/rollover.py`` decides when): when the model URI the service follows
+(``models:/NAME@champion``) resolves to a new version, the new version's index is built from the
+collection by itself (Ray Data, on this cluster, sized to its free CPUs), loaded, and caught up with
+the changes made meanwhile, while the old pair keeps answering.  Then, under the write lock (no add
+can slip between), the serving pair becomes the new one; model replicas follow within a poll (they
+ask :meth:`serving` every half second) and the old index stays loaded until they have, so a
+response's model version and index version always match.  A rollback (the alias moved back) finds
+the old index on disk and only catches it up.  The serving version is kept in ``serving.json`` in
+the collection's index folder, so a restarted replica serves the same pair.
+
+Calls return ``{"error": {...}, "status": N}`` rather than raising, so the ingress maps them to HTTP
+as they are.
 """
 from __future__ import annotations
 
-import io
 import logging
 import threading
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from ray import serve
 
+from deepindex.checkpoint import LoadedModel
+from deepindex.collection import CollectionStore, DuplicateItem, UnknownItem
+from deepindex.index.store import IndexStore
+from serving.rollover import Rollover
+from serving.schemas import ServeArgs
+
 log = logging.getLogger(__name__)
 
-
-def _locked(fn):
-    """Serialise calls: Serve may run sync methods on a thread pool, and FAISS add is not safe under search."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(self, *args, **kwargs):
-        with self._lock:
-            return fn(self, *args, **kwargs)
-
-    return wrapper
+MODEL_POLL_S = 0.5  # how often model replicas confirm the version they serve
 
 
 def _err(status: int, code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}, "status": status}
 
 
-@serve.deployment(name="IndexService", num_replicas=1, health_check_period_s=10)
+@dataclass
+class Pair:
+    """A model version with its index of the collection (and the model itself, for embedding changes)."""
+
+    name: str
+    version: str
+    ref: str  # what loads exactly this version: models:/NAME/VERSION, or the checkpoint path
+    index: IndexStore
+    lm: LoadedModel
+
+    def embed(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        from deepindex.index.embed import embed_pixels
+
+        return embed_pixels(self.lm, pixels, list(self.index.manifest.features))
+
+    def ref_dict(self) -> dict[str, Any]:
+        m = self.index.manifest
+        return {"collection": m.collection, "model_version": self.version, "seq": self.index.seq,
+                "count": len(self.index)}
+
+
+@serve.deployment(name="IndexService", num_replicas=1, health_check_period_s=10, max_ongoing_requests=256)
 class IndexServer:
-    def __init__(self, index_dir: str | None, persist_added: bool = True):
-        self.index_dir, self.persist = index_dir, persist_added
-        self.store = None
-        self.path = None
-        self.problem = "no index directory configured" if not index_dir else "not loaded yet"
-        self._lock = threading.RLock()  # see _locked
+    def __init__(self, args: dict[str, Any]):
+        self.args = ServeArgs.model_validate(args)
+        a = self.args
+        self.store = CollectionStore.open(a.collection, a.catalogue_url, a.blobs_url)
+        self.pairs: dict[str, Pair] = {}  # loaded, by model version
+        self.serving: str | None = None
+        self.model_reports: dict[str, tuple[str, float]] = {}  # model replica -> (version, when)
+        self._write = threading.RLock()  # catalogue writes, index changes and the switch, one at a time
+        self.rollover = Rollover(self)
+        self.rollover.start()
 
     def check_health(self) -> None:
-        pass  # an index that is missing or refused is "not ready" (/readyz), not "unhealthy"
+        if not self.rollover.alive():
+            raise RuntimeError("the rollover thread died")
 
-    # ---- version handshake ---------------------------------------------------------------
-    def _sync(self, name: str, version: str) -> dict[str, Any] | None:
-        """Make sure the loaded index matches (name, version); an error dict when it cannot."""
-        from deepindex.index.store import IndexStore, find_index, read_manifest
+    # ---- the serving pair ----------------------------------------------------------------------
+    def serving_ref(self) -> dict[str, Any]:
+        """What the model replicas serve: ``{"version", "ref", "name"}`` (None while nothing is chosen)."""
+        return self.rollover.model_target()
 
-        if self.store is not None and (self.store.manifest.model.name, self.store.manifest.model.version) == (name, version):
-            return None
-        if not self.index_dir:
-            return _err(503, "index_unavailable", self.problem)
-        try:
-            path = find_index(self.index_dir, name, version)
-            if path is None:
-                self.store, self.problem = None, f"no index for model {name} version {version} under {self.index_dir}"
-            else:
-                read_manifest(path).check_model(name, version)  # an index of another version: refused
-                self.store, self.path, self.problem = IndexStore.load(path), path, None
-                log.info("index %s loaded (%d items, model version %s)", path, len(self.store), version)
-        except Exception as e:  # a refused or broken index: serve without one, say why
-            self.store, self.problem = None, str(e)
-            log.warning("index refused: %s", e)
-        return None if self.store is not None else _err(503, "index_unavailable", self.problem)
+    def report_model(self, replica: str, version: str) -> dict[str, Any]:
+        """A model replica says which version it serves (every poll); answers what it should serve."""
+        self.model_reports[replica] = (version, time.monotonic())
+        return self.rollover.model_target()
 
-    @_locked
-    def info(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
-        if name and version:
-            self._sync(name, version)
-        s = self.store
-        if s is None:
-            return {"loaded": False, "problem": self.problem, "count": 0}
-        return {"loaded": True, "path": str(self.path), "count": len(s), "kind": s.vectors.kind,
-                "metric": s.manifest.metric, "model": s.manifest.model.model_dump(), "collection": s.manifest.collection}
+    def models_on(self, version: str, within_s: float = 3 * MODEL_POLL_S + 2) -> bool:
+        """Every model replica heard from lately serves ``version``."""
+        now = time.monotonic()
+        recent = [v for v, t in self.model_reports.values() if now - t <= within_s]
+        return bool(recent) and all(v == version for v in recent)
 
-    # ---- queries -------------------------------------------------------------------------
-    def _hits(self, pairs) -> list[dict[str, Any]]:
-        s = self.store
-        return [{"id": s.ids[r], "score": float(sc), "labels": s.meta[r].get("labels")} for r, sc in pairs]
+    def _pair(self, version: str | None) -> tuple[Pair | None, dict[str, Any] | None]:
+        v = version or self.serving
+        pair = self.pairs.get(v) if v else None
+        if pair is None:
+            why = self.rollover.problem() or f"no index of {self.args.collection} for model version {v} is loaded"
+            return None, _err(503, "index_unavailable", why)
+        return pair, None
 
-    @_locked
+    # ---- reads ------------------------------------------------------------------------------------
+    def info(self, version: str | None = None) -> dict[str, Any]:
+        pair, _ = self._pair(version)
+        out: dict[str, Any] = {"collection": self.args.collection, "serving": self.serving,
+                               "rollover": self.rollover.status(), "loaded": pair is not None,
+                               "head": self.store.head(), "items": self.store.count()}
+        if pair is None:
+            out.update(problem=self.rollover.problem() or "no index loaded", count=0)
+            return out
+        m = pair.index.manifest
+        spec = m.features[m.default_feature]
+        out.update(path=str(pair.index.path), count=len(pair.index), seq=pair.index.seq,
+                   kind=spec.kind, metric=spec.default_query_metric, features=list(m.features),
+                   model={"name": pair.name, "version": pair.version}, index=pair.ref_dict(),
+                   memory_bytes=pair.index.memory_bytes())
+        return out
+
     def keywords(self, concepts: list[str], mode: str, k: int, name: str, version: str) -> dict[str, Any]:
-        from deepindex.index.keywords import rank
-
-        if (e := self._sync(name, version)) is not None:
-            return e
-        s = self.store
-        index = {c: i for i, c in enumerate(s.manifest.concepts)}
-        rows, scores = rank(s.probs, [index[c] for c in concepts if c in index], k, mode)
-        return {"results": self._hits(zip(rows.tolist(), scores.tolist())), "count": len(s)}
-
-    @_locked
-    def similar_vector(self, embedding: np.ndarray, k: int, name: str, version: str) -> dict[str, Any]:
-        if (e := self._sync(name, version)) is not None:
-            return e
-        hits = self.store.similar(embedding[None, :], k)[0]
-        return {"results": self._hits(hits), "metric": self.store.manifest.metric, "count": len(self.store)}
-
-    def _row(self, item_id: str, name: str, version: str) -> tuple[int | None, dict[str, Any] | None]:
-        """(row of ``item_id``, None) or (None, the error to answer): index in sync, item known."""
-        if (e := self._sync(name, version)) is not None:
-            return None, e
-        row = self.store.rows.get(item_id)
-        if row is None:
-            return None, _err(404, "unknown_item", f"no item {item_id!r} in the index")
-        return row, None
-
-    @_locked
-    def similar_item(self, item_id: str, k: int, name: str, version: str) -> dict[str, Any]:
-        row, e = self._row(item_id, name, version)
+        pair, e = self._pair(version)
         if e is not None:
             return e
-        s = self.store
-        hits = s.similar(s.embeddings[row][None, :], k, exclude=[row])[0]
-        return {"results": self._hits(hits), "metric": s.manifest.metric, "count": len(s)}
+        assert pair is not None
+        idx = {c: i for i, c in enumerate(pair.index.manifest.concepts)}
+        hits = pair.index.rank_keywords([idx[c] for c in concepts if c in idx], k, mode)
+        return {"results": [pair.index.hit(r, s) for r, s in hits], "index": pair.ref_dict()}
 
-    @_locked
-    def get(self, item_id: str, name: str, version: str) -> dict[str, Any]:
-        row, e = self._row(item_id, name, version)
+    def similar_vector(self, embedding: np.ndarray, k: int, name: str, version: str, feature: str | None = None,
+                       metric: str | None = None) -> dict[str, Any]:
+        pair, e = self._pair(version)
         if e is not None:
             return e
-        s = self.store
-        return {"id": item_id, "probs": s.probs[row], "concepts": s.manifest.concepts,
-                "labels": s.meta[row].get("labels"), "meta": s.meta[row]}
-
-    @_locked
-    def thumbnail(self, item_id: str) -> dict[str, Any]:
-        """PNG bytes of the item's model-size image (no version check: a picture does not depend on it)."""
-        from PIL import Image
-
-        s = self.store
-        if s is None:
-            return _err(503, "index_unavailable", self.problem)
-        row = s.rows.get(item_id)
-        if row is None:
-            return _err(404, "unknown_item", f"no item {item_id!r} in the index")
-        if s.thumbs is None:
-            return _err(404, "no_image", f"the index keeps no image of {item_id!r}")
-        t = s.thumbs[row]  # (C, S, S) uint8
-        im = Image.fromarray(t[0] if t.shape[0] == 1 else t.transpose(1, 2, 0))
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        return {"png": buf.getvalue()}
-
-    @_locked
-    def add(self, ids: list[str], probs: np.ndarray, embeddings: np.ndarray, thumbs: np.ndarray | None,
-            name: str, version: str) -> dict[str, Any]:
-        from deepindex.index.store import DuplicateItem
-
-        if (e := self._sync(name, version)) is not None:
-            return e
+        assert pair is not None
         try:
-            self.store.add(ids, probs, embeddings, thumbs, [{"added": True} for _ in ids])
+            hits = pair.index.similar(np.asarray(embedding, np.float32)[None, :], k, feature=feature, metric=metric)[0]
+        except ValueError as ex:
+            return _err(422, "bad_query", str(ex))
+        return {"results": [pair.index.hit(r, s) for r, s in hits], "metric": metric or self._metric(pair, feature),
+                "index": pair.ref_dict()}
+
+    def _metric(self, pair: Pair, feature: str | None) -> str:
+        m = pair.index.manifest
+        return m.features[feature or m.default_feature].default_query_metric
+
+    def similar_item(self, item_id: str, k: int, name: str, version: str, feature: str | None = None,
+                     metric: str | None = None) -> dict[str, Any]:
+        pair, e = self._pair(version)
+        if e is not None:
+            return e
+        assert pair is not None
+        try:
+            got = pair.index.item(item_id, feature)
+            if got is None:
+                return _err(404, "unknown_item", f"no item {item_id!r} in the collection")
+            row, _, vec = got
+            hits = pair.index.similar(vec[None, :], k, exclude=[row], feature=feature, metric=metric)[0]
+        except ValueError as ex:
+            return _err(422, "bad_query", str(ex))
+        return {"results": [pair.index.hit(r, s) for r, s in hits], "metric": metric or self._metric(pair, feature),
+                "index": pair.ref_dict()}
+
+    def get(self, item_id: str, name: str, version: str) -> dict[str, Any]:
+        pair, e = self._pair(version)
+        if e is not None:
+            return e
+        assert pair is not None
+        got = pair.index.item(item_id)
+        item = self.store.get(item_id)
+        if got is None or item is None:
+            return _err(404, "unknown_item", f"no item {item_id!r} in the collection")
+        row, probs, _ = got
+        return {"id": item_id, "probs": probs, "concepts": pair.index.manifest.concepts, "labels": item.tags,
+                "meta": {**item.meta, "source": item.source, "added_at": item.added_at, "seq": item.seq,
+                         "content_hash": item.content_hash, "bytes": item.size},
+                "index": pair.ref_dict()}
+
+    # ---- writes ----------------------------------------------------------------------------------------
+    def add(self, items: list[tuple[str, bytes, list[str]]], source: str = "upload") -> dict[str, Any]:
+        """Add items: durable in the collection first, then in every loaded index (the serving pair,
+        and a rollover's next one), so a search of either version sees them on return."""
+        added, existing = [], []
+        try:
+            with self._write:
+                for item_id, data, tags in items:
+                    it, created = self.store.add(item_id, data, tags=tags, source=source)
+                    (added if created else existing).append(it.id)
+                seq = self.store.head()
+                self._sync_all(seq)
         except DuplicateItem as ex:
             return _err(409, "duplicate_item", str(ex))
-        if self.persist:
-            self.store.save(self.path)  # atomic: a crash leaves the previous complete index
-        return {"added": ids, "count": len(self.store)}
+        except ValueError as ex:
+            return _err(400, "bad_item", str(ex))
+        return {"added": added, "existing": existing, "seq": seq, "count": self.store.count(),
+                "index": self._serving_dict()}
+
+    def delete(self, item_id: str) -> dict[str, Any]:
+        try:
+            with self._write:
+                it = self.store.delete(item_id)
+                self._sync_all(it.deleted_seq or self.store.head())
+        except UnknownItem:
+            return _err(404, "unknown_item", f"no item {item_id!r} in the collection")
+        return {"deleted": item_id, "seq": it.deleted_seq, "count": self.store.count(), "index": self._serving_dict()}
+
+    def _sync_all(self, upto: int) -> None:
+        from deepindex.index.catchup import catch_up
+
+        for pair in list(self.pairs.values()):
+            catch_up(pair.index, self.store, pair.embed, upto=upto)
+
+    def _serving_dict(self) -> dict[str, Any] | None:
+        pair = self.pairs.get(self.serving) if self.serving else None
+        return pair.ref_dict() if pair is not None else None
+
+    def image(self, item_id: str) -> dict[str, Any]:
+        try:
+            return {"bytes": self.store.image(item_id)}
+        except UnknownItem:
+            return _err(404, "unknown_item", f"no item {item_id!r} in the collection")

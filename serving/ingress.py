@@ -7,6 +7,8 @@ Every error a client can cause is a 4xx ``{"error": {"code", "message"}}``.
 """
 # No `from __future__ import annotations`: FastAPI must see real types (Request) on Serve's methods.
 import asyncio
+import hmac
+import io
 import logging
 import re
 import time
@@ -22,8 +24,9 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.errors import ApiError
-from serving.schemas import (HERE, AddItemsResponse, ErrorResponse, Health, ImagesJSON, ItemResponse,
-                             KeywordSearchResponse, ServeArgs, SimilarResponse, TagResponse)
+from serving.schemas import (HERE, AddItemsResponse, DeleteItemResponse, ErrorResponse, Health, ImagesJSON,
+                             ItemResponse, KeywordSearchResponse, ServeArgs, SimilarResponse, StatusResponse,
+                             TagResponse)
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +35,13 @@ ITEM_ID = re.compile(r"^[A-Za-z0-9._:@/+-]{1,200}$")
 SCORING = {"all": "product of the query concepts' presence probabilities (all present, independence assumed)",
            "any": "1 - product of (1 - presence probability): noisy-or, at least one present"}
 _ERRORS = {c: {"model": ErrorResponse} for c in (400, 404, 409, 413, 415, 422, 503)}
+_WRITE_ERRORS = {**_ERRORS, **{c: {"model": ErrorResponse} for c in (401, 403)}}
 _IMAGES_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "id": {"type": "array", "items": {"type": "string"}, "description": "item ids, in file order"}}}},
+        "id": {"type": "array", "items": {"type": "string"}, "description": "item ids, in file order"},
+        "tags": {"type": "array", "items": {"type": "string"},
+                 "description": "POST /v1/items: each image's known labels, comma-separated, in file order"}}}},
     "application/json": {"schema": ImagesJSON.model_json_schema()}}}}
 
 app = FastAPI(title="deepindex", version="1.0",
@@ -176,6 +182,7 @@ class Ingress:
         self._spec_at = 0.0
         self._vocab: dict[tuple, Any] = {}
         self._page = (HERE / "static" / "index.html").read_text()
+        self._token = self.args.api_token()
 
     # ---- helpers ---------------------------------------------------------------------------
     async def _model_spec(self, refresh: bool = False) -> dict[str, Any]:
@@ -193,16 +200,28 @@ class Ingress:
             self._vocab[key] = Vocabulary.from_file(self.args.vocabulary, concepts)
         return self._vocab[key]
 
+    def _authorize(self, request: Request, write: bool) -> None:
+        """Writes need the service's bearer token when it has one (reads too with ``auth_reads``)."""
+        if self._token is None or not (write or self.args.auth_reads):
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise ApiError(401, "unauthorized", "this endpoint needs `Authorization: Bearer <token>` "
+                                                "(the service's API token)")
+        if not hmac.compare_digest(given.strip().encode(), self._token.encode()):
+            raise ApiError(403, "forbidden", "the bearer token is not this service's API token")
+
     def _k(self, k: int, name: str = "k") -> int:
         if not 1 <= k <= self.args.max_k:
             raise ApiError(422, f"{name}_out_of_range", f"{name}={k}: must be between 1 and {self.args.max_k}")
         return k
 
-    async def _read_images(self, request: Request) -> list[tuple[str | None, bytes, str]]:
-        """(id or None, bytes, name for messages) per image, from multipart files or base64 JSON."""
+    async def _read_images(self, request: Request) -> list[tuple[str | None, bytes, str, list[str]]]:
+        """(id or None, bytes, name for messages, tags) per image, from multipart files or base64 JSON."""
         a = self.args
         ctype = request.headers.get("content-type", "")
-        out: list[tuple[str | None, bytes, str]] = []
+        out: list[tuple[str | None, bytes, str, list[str]]] = []
         if ctype.startswith("multipart/form-data"):
             try:
                 form = await request.form(max_files=a.max_images_per_request + 1, max_fields=1000)
@@ -212,13 +231,17 @@ class Ingress:
                 raise ApiError(400, "bad_multipart", f"multipart body: {e.detail}") from None
             files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
             ids = [str(v) for k, v in form.multi_items() if k == "id" and not isinstance(v, UploadFile)]
+            tags = [str(v) for k, v in form.multi_items() if k == "tags" and not isinstance(v, UploadFile)]
             if len(files) > a.max_images_per_request:
                 raise ApiError(413, "too_many_images", f"{len(files)} images; at most {a.max_images_per_request} per request")
             if ids and len(ids) != len(files):
                 raise ApiError(400, "bad_ids", f"{len(ids)} ids for {len(files)} images")
+            if tags and len(tags) != len(files):
+                raise ApiError(400, "bad_tags", f"{len(tags)} tags fields for {len(files)} images")
             for i, f in enumerate(files):
                 data = await f.read(a.max_image_bytes + 1)  # one byte over is enough to refuse
-                out.append((ids[i] if ids else None, data, f.filename or f"image {i}"))
+                item_tags = [t.strip() for t in tags[i].split(",") if t.strip()] if tags else []
+                out.append((ids[i] if ids else None, data, f.filename or f"image {i}", item_tags))
         elif ctype.startswith("application/json"):
             try:
                 body = ImagesJSON.model_validate(await request.json())
@@ -231,17 +254,18 @@ class Ingress:
 
             for i, im in enumerate(body.images):
                 what = f"images[{i}]"
-                out.append((im.id, b64_bytes(im.data, what), what))
+                out.append((im.id, b64_bytes(im.data, what), what, list(im.tags)))
         else:
             raise ApiError(415, "unsupported_media_type", "send multipart/form-data files or application/json base64 images")
         if not out:
             raise ApiError(400, "no_images", "the request holds no image")
         return out
 
-    def _decode(self, raw: list[tuple[str | None, bytes, str]]):
+    def _decode(self, raw: list[tuple[str | None, bytes, str, list[str]]]):
         from serving.decode import decode_image
 
-        return [decode_image(data, what, self.args.max_image_bytes, self.args.max_image_pixels) for _, data, what in raw]
+        return [decode_image(data, what, self.args.max_image_bytes, self.args.max_image_pixels)
+                for _, data, what, _ in raw]
 
     async def _infer(self, images, endpoint: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Images -> (model spec, per image {probs, embedding, version, batch_size}) via the batched model."""
@@ -278,10 +302,12 @@ class Ingress:
             spec = await self._model_spec(refresh=True)
         except Exception as e:
             return JSONResponse({"status": "not ready", "reasons": [f"model: {e}"]}, status_code=503)
-        index = await _call(self.index.info, spec["name"], spec["version"])
+        index = await _call(self.index.info, spec["version"])
         self.metrics.index_items.set(index.get("count", 0))
         if not index.get("loaded"):
             reasons.append(f"index: {index.get('problem')}")
+        elif index["model"]["version"] != spec["version"]:  # never: the index replica answers for that version
+            reasons.append(f"index: built for version {index['model']['version']}, the model is {spec['version']}")
         model = {k: spec[k] for k in ("name", "version", "uri", "reloads", "last_error")}
         body = {"status": "ready" if not reasons else "not ready", "model": model, "index": index, "reasons": reasons}
         return JSONResponse(body, status_code=200 if not reasons else 503)
@@ -293,7 +319,7 @@ class Ingress:
 
         try:
             spec = await self._model_spec()
-            info = await _call(self.index.info, spec["name"], spec["version"])
+            info = await _call(self.index.info, spec["version"])
             self.metrics.index_items.set(info.get("count", 0))
         except Exception as e:  # a scrape still answers with what the replicas know
             log.warning("metrics: model/index info unavailable: %s", e)
@@ -319,6 +345,7 @@ class Ingress:
     @app.post("/v1/tag", response_model=TagResponse, responses=_ERRORS, openapi_extra=_IMAGES_BODY)
     async def tag(self, request: Request, top_k: int = 10, threshold: float = 0.0) -> dict:
         """Concept probabilities per image, sorted, at most ``top_k``, at least ``threshold``."""
+        self._authorize(request, write=False)
         if not 0.0 <= threshold <= 1.0:
             raise ApiError(422, "threshold_out_of_range", f"threshold={threshold}: must be between 0 and 1")
         self._k(top_k, "top_k")
@@ -328,10 +355,11 @@ class Ingress:
                 "results": [{"index": i, "id": raw[i][0], "concepts": self._top(r["probs"], spec["concepts"], top_k, threshold)}
                             for i, r in enumerate(results)]}
 
-    # ---- search -----------------------------------------------------------------------------
+    # ---- search ----------------------------------------------------------------------------
     @app.get("/v1/search", response_model=KeywordSearchResponse, responses=_ERRORS)
-    async def search(self, q: str = "", k: int = 10, mode: str = "all") -> dict:
+    async def search(self, request: Request, q: str = "", k: int = 10, mode: str = "all") -> dict:
         """Keywords -> concepts (vocabulary with synonyms) -> items ranked by those concepts' probabilities."""
+        self._authorize(request, write=False)
         if not q.strip():
             raise ApiError(400, "empty_query", "q: give one or more keywords")
         if len(q) > self.args.max_query_chars:
@@ -341,71 +369,103 @@ class Ingress:
         self._k(k)
         spec = await self._model_spec()
         parsed = self._vocabulary(spec["concepts"]).parse(q)
-        results: list[dict] = []
-        if parsed.concepts:
-            res = _check(await _call(self.index.keywords, parsed.concepts, mode, k, spec["name"], spec["version"]))
-            results = _hits(res["results"])
+        res = _check(await _call(self.index.keywords, parsed.concepts, mode, k, spec["name"], spec["version"]))
         return {"query": q, "mode": mode, "concepts": parsed.concepts, "matched": parsed.matched,
-                "unmatched": parsed.unmatched, "scoring": SCORING[mode],
-                "model": {"name": spec["name"], "version": spec["version"]}, "results": results}
+                "unmatched": parsed.unmatched, "corrected": parsed.corrected, "suggestions": parsed.suggestions,
+                "scoring": SCORING[mode], "model": {"name": spec["name"], "version": spec["version"]},
+                "index": res["index"], "results": _hits(res["results"]) if parsed.concepts else []}
 
     @app.post("/v1/search/similar", response_model=SimilarResponse, responses=_ERRORS, openapi_extra=_IMAGES_BODY)
     async def similar_image(self, request: Request, k: int = 10) -> dict:
         """The k indexed items nearest to one uploaded image (query by example)."""
+        self._authorize(request, write=False)
         self._k(k)
         raw = await self._read_images(request)
         if len(raw) != 1:
             raise ApiError(400, "one_image", f"send exactly one image, got {len(raw)}")
         spec, results = await self._infer(self._decode(raw), "/v1/search/similar")
         r = results[0]
+        # The index of the very version that embedded the query: model and index always match.
         res = _check(await _call(self.index.similar_vector, r["embedding"], k, r["name"], r["version"]))
-        return {"metric": res["metric"], "model": {"name": r["name"], "version": r["version"]},
+        return {"metric": res["metric"], "model": {"name": r["name"], "version": r["version"]}, "index": res["index"],
                 "results": _hits(res["results"])}
 
     # ---- items (the suffixed routes first: ids may hold '/') -----------------------------------
     @app.get("/v1/items/{item_id:path}/similar", response_model=SimilarResponse, responses=_ERRORS)
-    async def similar_item(self, item_id: str, k: int = 10) -> dict:
+    async def similar_item(self, request: Request, item_id: str, k: int = 10) -> dict:
         """The k items nearest to an indexed item (itself excluded)."""
+        self._authorize(request, write=False)
         self._k(k)
         spec = await self._model_spec()
         res = _check(await _call(self.index.similar_item, item_id, k, spec["name"], spec["version"]))
         return {"metric": res["metric"], "model": {"name": spec["name"], "version": spec["version"]},
-                "query_id": item_id, "results": _hits(res["results"])}
+                "index": res["index"], "query_id": item_id, "results": _hits(res["results"])}
 
-    @app.get("/v1/items/{item_id:path}/image", responses={200: {"content": {"image/png": {}}}, **_ERRORS})
-    async def item_image(self, item_id: str):
-        """The item's image as the model saw it (model input size), PNG."""
-        res = _check(await _call(self.index.thumbnail, item_id))
-        return Response(res["png"], media_type="image/png")
+    @app.get("/v1/items/{item_id:path}/image",
+             responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "application/octet-stream": {}}},
+                        **_ERRORS})
+    async def item_image(self, request: Request, item_id: str, size: int | None = None):
+        """The item's original image, as it was added; ``size``: a thumbnail at most that many pixels a side (PNG)."""
+        self._authorize(request, write=False)
+        if size is not None and not 8 <= size <= 1024:
+            raise ApiError(422, "size_out_of_range", f"size={size}: must be between 8 and 1024")
+        res = _check(await _call(self.index.image, item_id))
+        data = res["bytes"]
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = (im.format or "").upper()
+                if size is None:
+                    return Response(data, media_type=Image.MIME.get(fmt, "application/octet-stream"))
+                im.thumbnail((size, size))
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")
+        except OSError:  # bytes PIL cannot read (stored as they came): sent as they are
+            return Response(data, media_type="application/octet-stream")
+        return Response(buf.getvalue(), media_type="image/png")
 
     @app.get("/v1/items/{item_id:path}", response_model=ItemResponse, responses=_ERRORS)
-    async def get_item(self, item_id: str, top_k: int = 10) -> dict:
+    async def get_item(self, request: Request, item_id: str, top_k: int = 10) -> dict:
+        self._authorize(request, write=False)
         self._k(top_k, "top_k")
         spec = await self._model_spec()
         res = _check(await _call(self.index.get, item_id, spec["name"], spec["version"]))
         return {"id": item_id, "concepts": self._top(res["probs"], res["concepts"], top_k, 0.0),
-                "labels": res["labels"], "meta": res["meta"], "image_url": _image_url(item_id)}
+                "labels": res["labels"], "meta": res["meta"], "image_url": _image_url(item_id),
+                "model": {"name": spec["name"], "version": spec["version"]}, "index": res["index"]}
 
-    @app.post("/v1/items", response_model=AddItemsResponse, status_code=201, responses=_ERRORS,
+    @app.post("/v1/items", response_model=AddItemsResponse, status_code=201, responses=_WRITE_ERRORS,
               openapi_extra=_IMAGES_BODY)
-    async def add_items(self, request: Request) -> dict:
-        """Embed images and add them, with their ids, to the live index (no rebuild)."""
-        from deepindex.data.transforms import pil_to_uint8
-
+    async def add_items(self, request: Request) -> JSONResponse:
+        """Add images with ids (and known tags) to the collection: durable before the answer, then in the
+        served index (and a rollover's next one), so searches see them at once.  Re-posting an id with
+        the same bytes changes nothing (200); with other bytes it is a 409."""
+        self._authorize(request, write=True)
         raw = await self._read_images(request)
-        ids = [i if i is not None else "" for i, _, _ in raw]
-        for item_id, _, what in raw:
+        for item_id, _, what, _ in raw:
             if not item_id or not ITEM_ID.match(item_id):
                 raise ApiError(400, "bad_id", f"{what}: an item id of 1-200 characters [A-Za-z0-9._:@/+-] is required")
+        ids = [r[0] for r in raw]
         if len(set(ids)) != len(ids):
             raise ApiError(400, "bad_id", "the same id twice in one request")
-        images = self._decode(raw)
-        spec, results = await self._infer(images, "/v1/items")
-        thumbs = np.stack([pil_to_uint8(im, spec["image_size"], spec["channels"]) for im in images])  # (B, C, S, S)
-        probs = np.stack([r["probs"] for r in results])  # (B, K)
-        embs = np.stack([r["embedding"] for r in results])  # (B, D)
-        # Not re-sent: a replica that died after applying the add would make the retry a 409.
-        res = _check(await _call(self.index.add, ids, probs, embs, thumbs, spec["name"], spec["version"],
-                                idempotent=False))
+        self._decode(raw)  # refuse what the service could never index (limits, formats, damage) before storing it
+        # Not re-sent when the index replica dies mid-call: it may have committed; re-posting is idempotent.
+        res = _check(await _call(self.index.add, [(i, data, tags) for i, data, _, tags in raw], idempotent=False))
         self.metrics.index_items.set(res["count"])
-        return {"added": res["added"], "count": res["count"], "model": {"name": spec["name"], "version": spec["version"]}}
+        return JSONResponse(res, status_code=201 if res["added"] else 200)
+
+    @app.delete("/v1/items/{item_id:path}", response_model=DeleteItemResponse, responses=_WRITE_ERRORS)
+    async def delete_item(self, request: Request, item_id: str) -> dict:
+        """Remove an item: tombstoned in the collection, gone from search at once."""
+        self._authorize(request, write=True)
+        return _check(await _call(self.index.delete, item_id, idempotent=False))
+
+    @app.get("/v1/status", response_model=StatusResponse, responses=_ERRORS)
+    async def status(self, request: Request) -> dict:
+        """The served pair and the rollover to a new model version, with its progress."""
+        self._authorize(request, write=False)
+        info = await _call(self.index.info, None)
+        model = info.get("model")
+        return {"collection": info["collection"], "model": model, "index": info.get("index"),
+                "rollover": info["rollover"], "items": info["items"], "head": info["head"]}

@@ -1,9 +1,11 @@
-"""The model deployment: the served model version, batched forward passes, live reload.
+"""The model deployment: the served model version and batched forward passes.
 
-Every forward goes through ``@serve.batch``: concurrent single-image calls from the ingress
-become one ``(B, C, S, S)`` tensor.  A daemon thread polls the model URI (the registry's
-``champion``, or a checkpoint path) every ``reload_interval_s`` and swaps in the new version
-when it changes; a batch in flight keeps the model it started with.
+Every forward goes through ``@serve.batch``: concurrent single-image calls from the ingress become
+one ``(B, C, S, S)`` tensor.  Which version to serve is the index replica's decision (it moves model
+and index together, ``serving/index.py``): a thread asks it every half second, loads a new version
+next to the served one, and swaps the reference; a batch in flight keeps the model it started with.
+Until the index replica answers (the first seconds of a start), the replica serves what the model
+URI resolves to.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from deepindex.tracking.registry import ResolvedModel, resolve_model
 
 log = logging.getLogger(__name__)
 
+POLL_S = 0.5
+
 
 @dataclass(frozen=True)
 class _Served:
@@ -28,61 +32,54 @@ class _Served:
     lm: LoadedModel
 
 
-def _load(uri: str, tracking_uri: str | None, current: _Served | None = None) -> _Served | None:
-    """The model ``uri`` names now; None when that is ``current``'s version (nothing to load)."""
-    r = resolve_model(uri, tracking_uri)
-    if current is not None and (r.name, r.version) == (current.resolved.name, current.resolved.version):
-        return None
+def _load(ref: str, tracking_uri: str | None) -> _Served:
+    r = resolve_model(ref, tracking_uri)
     return _Served(r, load_model(r.checkpoint_path))
 
 
 @serve.deployment(name="ConceptModel", health_check_period_s=10, health_check_timeout_s=30)
 class ModelServer:
-    def __init__(self, model: str, tracking_uri: str | None = None, reload_interval_s: float = 30.0,
-                 max_batch_size: int = 32, batch_wait_timeout_s: float = 0.0, threads: int = 0):
+    def __init__(self, model: str, index: Any = None, tracking_uri: str | None = None, max_batch_size: int = 32,
+                 batch_wait_timeout_s: float = 0.0, threads: int = 0):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
-        self._uri, self._tracking_uri = model, tracking_uri
-        served = _load(model, tracking_uri)
-        assert served is not None
-        self._served = served
-        self.reloads, self.last_error, self.last_poll = 0, None, time.time()
+        self._uri, self._tracking_uri, self._index = model, tracking_uri, index
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        self._served = _load(model, tracking_uri)
+        self.reloads, self.last_error = 0, None
         self.infer.set_max_batch_size(max_batch_size)
         self.infer.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._stop = threading.Event()
-        self._interval = reload_interval_s
-        self._poller = None
-        if reload_interval_s > 0:
-            self._poller = threading.Thread(target=self._poll, name="model-reload", daemon=True)
+        self._poller: threading.Thread | None = None
+        if index is not None:
+            self._poller = threading.Thread(target=self._follow, name="model-follow", daemon=True)
             self._poller.start()
         log.info("serving %s version %s", self._served.resolved.name, self._served.resolved.version)
 
-    # ---- reload ----------------------------------------------------------------------------
-    def _poll(self) -> None:
-        while not self._stop.wait(self._interval):
+    # ---- following the index replica's choice ------------------------------------------------
+    def _follow(self) -> None:
+        while not self._stop.wait(POLL_S):
             try:
-                new = _load(self._uri, self._tracking_uri, self._served)
-                if new is not None:
-                    log.info("model %s: version %s -> %s, reloaded", self._uri, self._served.resolved.version,
-                             new.resolved.version)
+                cur = self._served.resolved
+                want = self._index.report_model.remote(self._replica, cur.version).result(timeout_s=10)
+                if want and want.get("version") and want["version"] != cur.version:
+                    new = _load(want["ref"], self._tracking_uri)
+                    log.info("model: version %s -> %s", cur.version, new.resolved.version)
                     self._served = new  # one reference swap: a batch in flight keeps its model
                     self.reloads += 1
                 self.last_error = None
             except Exception as e:  # keep serving the loaded version; report the problem
                 self.last_error = f"{type(e).__name__}: {e}"
-                log.warning("model reload check failed: %s", self.last_error)
-            self.last_poll = time.time()
+                log.debug("model: could not ask the index replica which version to serve: %s", self.last_error)
 
-    def __del__(self):
+    def __del__(self) -> None:
         self._stop.set()
 
     def check_health(self) -> None:
-        if self._served is None:
-            raise RuntimeError("no model loaded")
         if self._poller is not None and not self._poller.is_alive():
-            raise RuntimeError("the model reload thread died")
+            raise RuntimeError("the model follow thread died")
 
     # ---- calls -------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -90,7 +87,8 @@ class ModelServer:
         d = s.lm.config.data
         return {"uri": self._uri, "name": s.resolved.name, "version": s.resolved.version,
                 "concepts": list(s.lm.concepts), "multilabel": s.lm.multilabel, "image_size": d.image_size,
-                "channels": d.channels, "reloads": self.reloads, "last_error": self.last_error}
+                "channels": d.channels, "reloads": self.reloads, "last_error": self.last_error,
+                "at": time.time()}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def infer(self, pixels: list[np.ndarray]) -> list[dict[str, Any]]:

@@ -13,12 +13,24 @@ class ServeArgs(BaseModel):
     """``build_app`` arguments (the ``args`` of ``serving/config.yaml``); unknown keys are an error."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    model: str = "models:/deepindex@champion"  # registry URI or a checkpoint path
+    model: str = "models:/deepindex@champion"  # registry URI or a checkpoint path: the version followed
     tracking_uri: str | None = None
-    index_dir: str | None = None  # an index folder, or a collection folder holding one per model version
+    # The collection served (its catalogue and image store: deepindex.collection; unset = the
+    # state folder's SQLite catalogue and blob folder, or DEEPINDEX_CATALOGUE_URL / DEEPINDEX_BLOBS_URL).
+    collection: str = "digit-scenes"
+    catalogue_url: str | None = None
+    blobs_url: str | None = None
+    index_dir: str | None = None  # the collection's index folder (one index per model version); unset: <state>/indexes/<collection>
+    features: list[str] | None = None  # descriptors a new index holds (default: penultimate)
+    build_workers: int | None = Field(None, ge=1)  # embedding actors of an index build (default: sized to free CPUs)
+    keep_indexes: int = Field(3, ge=1)  # index folders kept per collection (rollback is fast to these)
     vocabulary: str | None = str(HERE / "vocabulary.yaml")
-    reload_interval_s: float = Field(30.0, ge=0)  # poll the registry for a new champion; 0 = never
-    persist_added: bool = True  # write the index again (atomically) after POST /v1/items
+    reload_interval_s: float = Field(30.0, ge=0)  # poll the model URI for a new version; 0 = never
+    # Writes (POST/DELETE /v1/items) need `Authorization: Bearer <token>` when the service has one:
+    # the token in this file (mode 0600; `deepindex serve` makes one under the state folder), else
+    # the DEEPINDEX_API_TOKEN environment variable (k8s: from a Secret).  auth_reads: reads too.
+    api_token_file: str | None = None
+    auth_reads: bool = False
     # Limits on client input: beyond them a request gets a 4xx, never a 500.
     max_image_bytes: int = Field(8_000_000, ge=1)
     max_image_pixels: int = Field(16_000_000, ge=1)  # decompression bombs stop at the header
@@ -38,26 +50,44 @@ class ServeArgs(BaseModel):
     ingress_autoscaling: dict[str, Any] | None = None
     ingress_num_cpus: float = Field(0.5, ge=0)
 
+    def resolved(self) -> ServeArgs:
+        """Relative paths made absolute against the repository root (the folder holding ``serving/``), and
+        the state folder's defaults decided here: replicas run in Ray's worker directories, not where
+        ``serve run`` or ``deepindex serve`` was typed, and see neither that shell's environment nor its
+        state folder."""
+        from deepindex.collection.catalogue import default_catalogue_url
+        from deepindex.collection.store import default_blobs_url
+        from deepindex.index.build import collection_dir
 
-    def resolved(self) -> "ServeArgs":
-        """Relative paths made absolute against the repository root (the folder holding ``serving/``):
-        replicas run in Ray's worker directories, not where ``serve run`` was typed."""
         root = HERE.parent
 
         def fix(p: str | None) -> str | None:
-            return p if p is None or Path(p).is_absolute() else str(root / p)
+            return p if p is None or Path(p).is_absolute() or "://" in p else str(root / p)
 
         model = self.model if self.model.startswith("models:/") else fix(self.model)
+        assert model is not None
         tracking_uri = self.tracking_uri
         if tracking_uri is None and model.startswith("models:/"):
-            # Decided where the app is built (`deepindex serve`, `serve run`, the RayService's
-            # build): replicas run in Ray's worker folders, where neither that shell's
-            # MLFLOW_TRACKING_URI nor the local platform's state folder can be found.
             from deepindex.tracking.uri import resolve_tracking_uri
 
             tracking_uri = resolve_tracking_uri(warn=False)
-        return self.model_copy(update={"model": model, "tracking_uri": tracking_uri, "index_dir": fix(self.index_dir),
-                                       "vocabulary": fix(self.vocabulary)})
+        index_dir = fix(self.index_dir) or str(collection_dir(self.collection))
+        return self.model_copy(update={
+            "model": model, "tracking_uri": tracking_uri, "index_dir": index_dir,
+            "catalogue_url": self.catalogue_url or default_catalogue_url(),
+            "blobs_url": fix(self.blobs_url) or default_blobs_url(), "vocabulary": fix(self.vocabulary),
+            "api_token_file": fix(self.api_token_file)})
+
+    def api_token(self) -> str | None:
+        """The write token: the file's, else DEEPINDEX_API_TOKEN's, else None (writes open)."""
+        import os
+
+        if self.api_token_file:
+            p = Path(self.api_token_file)
+            if not p.is_file():
+                raise ValueError(f"api_token_file: no such file {p}")
+            return p.read_text().strip() or None
+        return os.environ.get("DEEPINDEX_API_TOKEN") or None
 
 
 class ErrorBody(BaseModel):
@@ -75,9 +105,19 @@ class ModelRef(BaseModel):
     version: str
 
 
+class IndexRef(BaseModel):
+    """The index an answer came from: the collection's index for ``model_version``, as of change ``seq``."""
+
+    collection: str
+    model_version: str
+    seq: int
+    count: int
+
+
 class Base64Image(BaseModel):
     id: str | None = Field(None, max_length=256)
     data: str = Field(..., description="the image file's bytes, base64")
+    tags: list[str] = Field(default_factory=list, description="known labels of the item (POST /v1/items)")
 
 
 class ImagesJSON(BaseModel):
@@ -113,14 +153,18 @@ class KeywordSearchResponse(BaseModel):
     concepts: list[str]
     matched: dict[str, str]
     unmatched: list[str]
+    corrected: dict[str, str] = {}
+    suggestions: dict[str, list[str]] = {}
     scoring: str
     model: ModelRef
+    index: IndexRef
     results: list[SearchHit]
 
 
 class SimilarResponse(BaseModel):
     metric: str
     model: ModelRef
+    index: IndexRef
     query_id: str | None = None
     results: list[SearchHit]
 
@@ -131,12 +175,44 @@ class ItemResponse(BaseModel):
     labels: list[str] | None = None
     meta: dict[str, Any] = {}
     image_url: str
+    model: ModelRef
+    index: IndexRef
 
 
 class AddItemsResponse(BaseModel):
-    added: list[str]
+    added: list[str]  # new items
+    existing: list[str] = []  # re-posted with the same bytes: already there, unchanged
+    seq: int  # the collection's last change
+    count: int  # live items in the collection
+    index: IndexRef | None = None
+
+
+class DeleteItemResponse(BaseModel):
+    deleted: str
+    seq: int
     count: int
-    model: ModelRef
+    index: IndexRef | None = None
+
+
+class RolloverStatus(BaseModel):
+    phase: str  # starting | idle | building | loading | catching_up | switching | retrying
+    serving: str | None = None  # the model version served with its index
+    target: str | None = None  # the version being prepared
+    progress: float | None = None
+    message: str = ""
+    since: float
+    attempt: int = 0
+    last_error: str | None = None
+    last_switch: dict[str, Any] | None = None
+
+
+class StatusResponse(BaseModel):
+    collection: str
+    model: ModelRef | None = None
+    index: IndexRef | None = None
+    rollover: RolloverStatus
+    items: int
+    head: int
 
 
 class Health(BaseModel):

@@ -1,4 +1,5 @@
-"""Building an index on a real local Ray cluster (Ray Data actors) and through the CLI."""
+"""Building an index from a collection on a real local Ray cluster (Ray Data actors), catching it up
+with the collection's later changes, and the CLI."""
 from __future__ import annotations
 
 import json
@@ -9,36 +10,102 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
+@pytest.fixture
+def gallery():
+    """A collection of 700 digit-scenes (test glyphs), as `deepindex collection import` makes it."""
+    from deepindex.collection import CollectionStore
+    from deepindex.collection.imports import import_digit_scenes
+
+    store = CollectionStore.open("digit-scenes")
+    import_digit_scenes(store, size=700, seed=0)
+    return store
+
+
 @pytest.mark.timeout(300)
-def test_ray_data_build_matches_local(small_model, ray_local, tmp_path):
-    from deepindex.index.build import build_index
+def test_ray_data_build_matches_local_and_sizes_itself_to_free_cpus(small_model, ray_local, gallery, tmp_path):
+    import ray
+
+    from deepindex.index.build import build_index, size_pool
     from deepindex.index.store import IndexStore
     from deepindex.tracking.registry import resolve_model
 
-    r = build_index(str(small_model), size=700, out=tmp_path / "ray", workers=2, batch_size=64)
-    local = build_index(str(small_model), size=700, out=tmp_path / "local", use_ray=False)
+    # A service holding most of the CPUs (here: an actor taking 3.5 of the 4): the build still runs.
+    @ray.remote(num_cpus=3.5)
+    class Holder:
+        def ping(self) -> int:
+            return 1
+
+    holder = Holder.remote()
+    ray.get(holder.ping.remote())
+    try:
+        pool = size_pool(None)
+        assert pool.actors * pool.cpus <= 0.5 + 1e-6
+        seen: list[tuple[int, int]] = []
+        r = build_index(str(small_model), out=tmp_path / "ray", batch_size=64,
+                        features=["penultimate", "last_but_two"], progress=lambda d, n: seen.append((d, n)))
+    finally:
+        ray.kill(holder)
+    local = build_index(str(small_model), out=tmp_path / "local", use_ray=False,
+                        features=["penultimate", "last_but_two"])
+    assert seen[-1] == (700, 700) and r.seq == gallery.head() == 700
     a, b = IndexStore.load(r.path), IndexStore.load(local.path)
     assert a.ids == b.ids == [f"scene-{i:06d}" for i in range(700)]  # row order survives the actor pool
     np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
-    np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-4)
-    assert a.thumbs.shape == (700, 1, 32, 32) and a.thumbs.dtype == np.uint8
+    for f in ("penultimate", "last_but_two"):
+        np.testing.assert_allclose(a.features[f], b.features[f], atol=1e-4)
     m = a.manifest
-    assert m.model.version == resolve_model(str(small_model)).version
-    assert m.metric == "ip" and m.kind == "flat" and m.count == 700 and m.dim == 64
-    assert a.meta[0]["labels"] and set(a.meta[0]["labels"]) <= set(m.concepts)
+    assert m.model.version == resolve_model(str(small_model)).version and m.seq == 700
+    assert m.features["penultimate"].kind == "flat" and m.features["penultimate"].dim == 64 and m.count == 700
+    assert a.labels[0] and set(a.labels[0]) <= set(m.concepts)
+    assert not (tmp_path / "ray" / "thumbs.npy").exists()  # no images in an index: the collection has them
 
 
 @pytest.mark.timeout(300)
-def test_cli_build_and_info(small_model, tmp_path, capsys, monkeypatch):
+def test_catch_up_applies_later_adds_and_deletes(small_model, gallery, tmp_path):
+    from deepindex.checkpoint import load_model
+    from deepindex.collection.imports import png_bytes
+    from deepindex.index.build import build_index
+    from deepindex.index.catchup import catch_up
+    from deepindex.index.collection import digit_gallery
+    from deepindex.index.embed import embed_pixels, image_bytes_to_unit
+    from deepindex.index.store import IndexStore
+
+    built = build_index(str(small_model), out=tmp_path / "i", use_ray=False)
+    index = IndexStore.load(built.path)
+    extra = digit_gallery(3, seed=11)
+    for j, unit in enumerate(extra.images):
+        gallery.add(f"new-{j}", png_bytes(unit), tags=extra.labels[j])
+    gallery.delete("scene-000001")
+    gallery.add("broken", b"\x89PNG\r\n\x1a\n not really")  # bytes that do not decode: skipped, not fatal
+    lm = load_model(small_model)
+
+    def embed(px):
+        return embed_pixels(lm, px, ["penultimate"])
+
+    assert catch_up(index, gallery, embed) == 5
+    assert index.seq == gallery.head() and len(index) == 700 + 3 - 1
+    assert "scene-000001" not in index.rows and "broken" not in index.rows
+    # An added item is found by its own image, first.
+    q = embed(image_bytes_to_unit(gallery.image("new-2"), 32, 1)[None])["penultimate"]
+    assert index.ids[index.similar(q, 1)[0][0][0]] == "new-2"
+    back = IndexStore.load(built.path)  # the delta holds the catch-up: nothing to redo after a restart
+    assert back.seq == index.seq and len(back) == len(index) and catch_up(back, gallery, embed) == 0
+
+
+@pytest.mark.timeout(300)
+def test_cli_build_and_info(small_model, gallery, capsys):
     from deepindex.cli import main
 
-    monkeypatch.setenv("DEEPINDEX_HOME", str(tmp_path / "state"))
-    assert main(["index", "build", "--model", str(small_model), "--size", "300", "--local",
-                 "--kind", "hnsw", "--metric", "l2"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["items"] == 300 and out["kind"] == "hnsw" and out["metric"] == "l2"
+    assert main(["index", "build", "--model", str(small_model), "--local", "--kind", "hnsw", "--metric", "l2"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["items"] == 700 and out["kind"] == "hnsw" and out["metric"] == "l2" and out["seq"] == 700
+    assert "embedding: 700/700 items (100%)" in captured.err  # progress for people, on stderr
     # The default location: one folder per (collection, model version).
     assert out["path"].endswith(f"indexes/digit-scenes/local-{out['version']}")
     assert main(["index", "info", out["path"]]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["version"] == out["version"]
-    assert main(["index", "build", "--model", str(tmp_path / "missing"), "--local"]) == 2  # a clean error
+    assert main(["index", "build", "--model", str(small_model), "--local", "--collection", "nope"]) == 2
+    assert "no collection named 'nope'" in capsys.readouterr().err  # a clean one-line error
+    assert main(["index", "build", "--model", str(small_model), "--local", "--features", "stage9"]) == 2
+    assert "features: 'stage9'" in capsys.readouterr().err

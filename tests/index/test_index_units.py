@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from deepindex.index.keywords import Vocabulary, rank, scores
 from deepindex.index.metrics import average_precision_at_k, map_at_k, precision_at_k, recall_at_k, relevance
-from deepindex.index.store import DuplicateItem, IndexMismatch, IndexStore, find_index, index_dir_name
+from deepindex.index.store import IndexChange, IndexMismatch, IndexStore, find_index, index_dir_name
 from deepindex.index.vectors import VectorConfig, VectorIndex, brute_force
 
 pytestmark = pytest.mark.timeout(120)
@@ -63,45 +63,89 @@ def test_auto_kind_and_add_save_load(tmp_path):
 
 
 # ---- store ------------------------------------------------------------------------------------
-def make_store(n=200, version="v1", name="m") -> IndexStore:
+def make_store(n=200, version="v1", name="m", seq=None) -> IndexStore:
     rng = np.random.default_rng(0)
     return IndexStore.create(model={"uri": "x", "name": name, "version": version}, collection="c",
-                             concepts=["a", "b", "c"], ids=[f"i{j}" for j in range(n)],
-                             meta=[{"labels": ["a"]} for _ in range(n)], probs=rng.random((n, 3), np.float32),
-                             embeddings=clustered(n, 8), thumbs=np.zeros((n, 1, 4, 4), np.uint8),
-                             cfg=VectorConfig(kind="flat"), image_size=4, channels=1, multilabel=True)
+                             seq=n if seq is None else seq, concepts=["a", "b", "c"], ids=[f"i{j}" for j in range(n)],
+                             labels=[["a"] for _ in range(n)], probs=rng.random((n, 3), np.float32),
+                             features={"penultimate": clustered(n, 8), "last_but_two": clustered(n, 4, seed=3)},
+                             vector_cfg=VectorConfig(kind="flat"), default_feature="penultimate", image_size=4,
+                             channels=1, multilabel=True)
+
+
+def add(seq: int, item: str, vec: np.ndarray, labels=("b",)) -> IndexChange:
+    return IndexChange(seq, "add", item, list(labels), np.full(3, 0.5, np.float32),
+                       {"penultimate": vec.astype(np.float32), "last_but_two": np.zeros(4, np.float32)})
 
 
 def test_store_roundtrip_and_manifest(tmp_path):
     s = make_store()
     path = s.save(tmp_path / "c" / index_dir_name("m", "v1"))
     m = json.loads((path / "manifest.json").read_text())
-    assert m["model"]["version"] == "v1" and m["metric"] == "ip" and m["count"] == 200 and m["kind"] == "flat"
+    assert m["model"]["version"] == "v1" and m["count"] == 200 and m["seq"] == 200 and m["format"] == 2
+    assert set(m["features"]) == {"penultimate", "last_but_two"} and m["default_feature"] == "penultimate"
+    assert m["features"]["penultimate"]["kind"] == "flat" and m["features"]["penultimate"]["dim"] == 8
     back = IndexStore.load(path)
-    assert back.ids == s.ids and np.array_equal(back.probs, s.probs) and back.meta[3] == {"labels": ["a"]}
-    assert back.similar(s.embeddings[:2], 3)[0][0][0] == 0
-    assert back.similar(s.embeddings[:2], 3, exclude=[0, 1])[0][0][0] != 0
+    assert back.ids == s.ids and np.array_equal(back.probs, s.probs) and back.labels[3] == ["a"]
+    q = back.features["penultimate"][:2]
+    assert back.similar(q, 3)[0][0][0] == 0
+    assert back.similar(q, 3, exclude=[0, 1])[0][0][0] != 0
+    assert back.similar(back.features["last_but_two"][:1], 1, feature="last_but_two")[0][0][0] == 0
+    with pytest.raises(ValueError, match="feature: 'nope'"):
+        back.similar(q, 3, feature="nope")
 
 
 def test_overwrite_leaves_no_temp_folders(tmp_path):
     target = tmp_path / "idx"
     make_store(50).save(target)
-    s = make_store(60)
-    s.save(target)  # overwrite
+    make_store(60).save(target)  # overwrite
     assert IndexStore.load(target).manifest.count == 60
     assert sorted(os.listdir(tmp_path)) == ["idx"]  # no temp or old folders left behind
 
 
-def test_add_items_without_rebuild(tmp_path):
-    s = make_store(100)
-    e = clustered(2, 8, seed=5) * 10
-    rows = s.add(["new-a", "new-b"], np.full((2, 3), 0.5, np.float32), e, None, [{"x": 1}, {"x": 2}])
-    assert rows == [100, 101] and len(s) == 102 and s.thumbs.shape[0] == 102
-    assert s.similar(e[:1], 1)[0][0][0] == 100
-    with pytest.raises(DuplicateItem):
-        s.add(["new-a"], np.zeros((1, 3), np.float32), e[:1], None)
-    back = IndexStore.load(s.save(tmp_path / "i"))
-    assert back.rows["new-b"] == 101 and back.meta[101] == {"x": 2}
+def test_changes_go_to_the_delta_and_survive_a_reload(tmp_path):
+    path = make_store(100).save(tmp_path / "i")
+    s = IndexStore.load(path)
+    far = clustered(2, 8, seed=5) * 10
+    assert s.apply([add(101, "new-a", far[0]), add(102, "new-b", far[1]), IndexChange(103, "delete", "i5")]) == 3
+    assert s.apply([add(101, "new-a", far[0])]) == 0  # already applied: skipped (a catch-up may repeat)
+    assert len(s) == 101 and s.seq == 103 and "i5" not in s.rows
+    assert s.similar(far[:1], 1)[0][0][0] == s.rows["new-a"]
+    assert all(s.ids[r] != "i5" for r, _ in s.similar(s.features["penultimate"][5][None, :], 100)[0])
+    assert (path / "delta.jsonl").is_file() and json.loads((path / "manifest.json").read_text())["seq"] == 100
+    back = IndexStore.load(path)  # the base plus the delta: the same answers
+    assert back.seq == 103 and len(back) == 101 and back.labels[back.rows["new-b"]] == ["b"]
+    assert back.similar(far[1:], 1)[0][0][0] == back.rows["new-b"]
+    # A re-added id after a delete is a new row; the old one stays filtered out.
+    back.apply([IndexChange(104, "delete", "new-a"), add(105, "new-a", far[0] * -1)])
+    assert len(back) == 101 and back.similar(far[:1] * -1, 1)[0][0][0] == back.rows["new-a"]
+
+
+def test_a_torn_last_delta_line_ends_the_replay(tmp_path):
+    path = make_store(20).save(tmp_path / "i")
+    s = IndexStore.load(path)
+    s.apply([add(21, "x", clustered(1, 8, seed=7)[0])])
+    with open(path / "delta.jsonl", "a") as fh:
+        fh.write(add(22, "y", clustered(1, 8, seed=8)[0]).to_json()[:40])  # a crash mid-write
+    back = IndexStore.load(path)
+    assert back.seq == 21 and "x" in back.rows and "y" not in back.rows  # catch-up applies 22 again
+
+
+def test_compaction_folds_the_delta_into_a_new_base(tmp_path, monkeypatch):
+    from deepindex.index import store as st
+
+    monkeypatch.setattr(st, "COMPACT_MIN", 5)
+    path = make_store(10).save(tmp_path / "i")
+    s = IndexStore.load(path)
+    s.apply([add(11 + j, f"n{j}", clustered(1, 8, seed=20 + j)[0]) for j in range(5)]
+            + [IndexChange(16, "delete", "i0")])
+    assert s.compact()
+    assert not (path / "delta.jsonl").exists()
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["seq"] == 16 and m["count"] == 14
+    back = IndexStore.load(path)
+    assert len(back) == 14 and "i0" not in back.rows and back.rows["n4"] == 13
+    assert sorted(os.listdir(tmp_path)) == ["i"]
 
 
 def test_version_lookup_and_refusal(tmp_path):
@@ -113,19 +157,6 @@ def test_version_lookup_and_refusal(tmp_path):
     direct = find_index(coll / "m-v1", "m", "v2")  # an index folder given directly is returned as is...
     with pytest.raises(IndexMismatch):
         IndexStore.load(direct).manifest.check_model("m", "v2")  # ...and refused for another version
-
-
-def test_index_server_refuses_other_version(tmp_path):
-    """The index deployment's class, without Ray: a mismatching index is not served."""
-    from serving.index import IndexServer
-
-    make_store(version="v1").save(tmp_path / "m-v1")
-    cls = IndexServer.func_or_class
-    srv = cls(str(tmp_path / "m-v1"), persist_added=False)
-    assert srv.info("m", "v1")["loaded"]
-    res = srv.keywords(["a"], "all", 5, "m", "v2")
-    assert res["status"] == 503 and res["error"]["code"] == "index_unavailable" and "v1" in res["error"]["message"]
-    assert not srv.info()["loaded"]
 
 
 # ---- keywords ---------------------------------------------------------------------------------

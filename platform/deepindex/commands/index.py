@@ -1,10 +1,13 @@
 """``deepindex index build`` and ``deepindex index info``."""
 from __future__ import annotations
 
+import argparse
 import json
+import sys
+import time
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="build and inspect retrieval indexes (FAISS + concept probabilities)")
     isub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
 
@@ -12,21 +15,19 @@ def register(sub) -> None:
     b.add_argument("--model", default="models:/deepindex@champion",
                    help="models:/NAME@champion, models:/NAME/VERSION or a checkpoint path")
     b.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local platform's)")
-    b.add_argument("--collection", default="digit-scenes", choices=["digit-scenes", "image-folder", "manifest"])
-    b.add_argument("--root", help="image folder root, or the folder manifest paths are relative to")
-    b.add_argument("--manifest", help="CSV or JSONL tag manifest")
-    b.add_argument("--size", type=int, default=5000, help="digit-scenes gallery size")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--collection", default="digit-scenes",
+                   help="the collection to index (deepindex collection import NAME ...)")
     b.add_argument("--out", help="index folder (default: <state>/indexes/<collection>/<model>-<version>)")
+    b.add_argument("--features", default="penultimate",
+                   help="descriptors to index, comma-separated (the first is the default for queries)")
     b.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf"],
                    help="auto: exact up to --exact-max items, IVF above")
     b.add_argument("--metric", default="ip", choices=["ip", "l2"])
     b.add_argument("--no-normalize", action="store_true", help="keep raw embeddings (default: L2-normalised)")
     b.add_argument("--exact-max", type=int, default=100_000)
-    b.add_argument("--workers", type=int, default=2, help="embedding actors (each holds the model)")
+    b.add_argument("--workers", type=int, help="embedding actors (default: sized to the cluster's free CPUs)")
     b.add_argument("--batch-size", type=int, default=256)
     b.add_argument("--local", action="store_true", help="embed in this process, without Ray")
-    b.add_argument("--no-thumbnails", action="store_true", help="do not keep model-size images of the items")
     b.set_defaults(func=run_build)
 
     i = isub.add_parser("info", help="print an index's manifest")
@@ -34,7 +35,26 @@ def register(sub) -> None:
     i.set_defaults(func=run_info)
 
 
-def run_build(args) -> int:
+class _Progress:
+    """One line per 10 % (or a live line on a terminal): items embedded, items/s."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.shown = -1
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        pct = int(100 * done / max(total, 1))
+        if pct // 10 == self.shown // 10 and done < total:
+            return
+        self.shown = pct
+        rate = done / max(time.monotonic() - self.start, 1e-6)
+        line = f"embedding: {done}/{total} items ({pct}%), {rate:.0f} items/s"
+        print(("\r" + line) if self.tty else line, end="" if self.tty and done < total else "\n",
+              file=sys.stderr, flush=True)
+
+
+def run_build(args: argparse.Namespace) -> int:
     from deepindex.index.build import build_index
     from deepindex.index.vectors import VectorConfig
 
@@ -43,16 +63,17 @@ def run_build(args) -> int:
         from deepindex.cluster import connect
 
         connect()
-    r = build_index(args.model, collection=args.collection, out=args.out, vector_cfg=cfg, size=args.size,
-                    root=args.root, manifest=args.manifest, seed=args.seed, use_ray=not args.local,
-                    workers=args.workers, batch_size=args.batch_size, thumbnails=not args.no_thumbnails,
-                    tracking_uri=args.tracking_uri)
+    features = [f.strip() for f in args.features.split(",") if f.strip()]
+    r = build_index(args.model, collection=args.collection, out=args.out, vector_cfg=cfg, features=features,
+                    use_ray=not args.local, workers=args.workers, batch_size=args.batch_size,
+                    tracking_uri=args.tracking_uri, progress=_Progress())
     print(json.dumps({"path": str(r.path), "model": r.model.name, "version": r.model.version, "items": r.count,
-                      "kind": r.kind, "metric": r.metric, "seconds": round(r.seconds, 2)}, indent=2))
+                      "seq": r.seq, "features": r.features, "kind": r.kind, "metric": r.metric,
+                      "skipped": r.skipped, "seconds": round(r.seconds, 2)}, indent=2))
     return 0
 
 
-def run_info(args) -> int:
+def run_info(args: argparse.Namespace) -> int:
     from deepindex.index.store import read_manifest
 
     print(read_manifest(args.path).model_dump_json(indent=2))

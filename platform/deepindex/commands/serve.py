@@ -2,17 +2,35 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
+def ensure_api_token() -> Path:
+    """The local service's API token file (``<state>/serving/api_token``, mode 0600), made on first use."""
+    import secrets
+
+    from deepindex.paths import state_dir
+
+    d = state_dir() / "serving"
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / "api_token"
+    if not (p.is_file() and p.read_text().strip()):
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return p
+
+
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve tagging, keyword and similar-image search over HTTP (Ray Serve)")
     p.add_argument("--config", default="serving/config.yaml", help="Serve config file (its first application)")
     p.add_argument("--model", help="override args.model (models:/NAME@champion, models:/NAME/VERSION, a checkpoint)")
-    p.add_argument("--index", dest="index_dir", help="override args.index_dir (an index or a collection folder)")
+    p.add_argument("--collection", help="override args.collection (the collection served)")
+    p.add_argument("--index", dest="index_dir", help="override args.index_dir (the collection's index folder)")
     p.add_argument("--host", help="override http_options.host")
     p.add_argument("--port", type=int, help="override http_options.port")
     p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE", help="override any build_app arg")
@@ -40,6 +58,8 @@ def _app_args(args) -> tuple[dict, dict, str]:
         app_args["model"] = m if m.startswith("models:/") else str(Path(m).expanduser().resolve())
     if args.index_dir:
         app_args["index_dir"] = str(Path(args.index_dir).expanduser().resolve())
+    if args.collection:
+        app_args["collection"] = args.collection
     app_args.update(parse_overrides(args.arg))
     http = dict(cfg.get("http_options") or {})
     if args.host:
@@ -51,6 +71,8 @@ def _app_args(args) -> tuple[dict, dict, str]:
 
 def run_serve(args) -> int:
     app_args, http, name = _app_args(args)
+    if not app_args.get("api_token_file") and not os.environ.get("DEEPINDEX_API_TOKEN"):
+        app_args["api_token_file"] = str(ensure_api_token())
     from ray import serve
 
     from deepindex.cluster import connect
@@ -62,6 +84,9 @@ def run_serve(args) -> int:
     serve.run(app, name=name, route_prefix="/")
     url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
     print(f"deepindex serving at {url}/ (API {url}/docs)", flush=True)
+    if app_args.get("api_token_file"):
+        print(f"writes (POST/DELETE /v1/items) need: Authorization: Bearer $(cat {app_args['api_token_file']})",
+              flush=True)
     if args.detach:
         return 0
     try:

@@ -1,25 +1,33 @@
-"""Build an index: resolve the model, embed a collection on the cluster, write the index directory.
+"""Build an index: a collection's snapshot embedded with one model version, written as an index folder.
 
-Embedding is Ray Data batch inference: ``ray.data.range(N)`` row numbers flow through
-``map_batches`` into a pool of :class:`EmbedActor` s, each holding the model once and the
-collection once (object store); results come back tagged with their row, so order does not
-depend on scheduling.  ``use_ray=False`` runs the same model pass in-process (tests, tiny sets).
+The collection (``deepindex.collection``) is the source of truth; the index is derived from a snapshot
+of it up to a sequence number, then caught up with later changes by whoever serves it
+(:mod:`deepindex.index.catchup`).  Embedding is Ray Data batch inference: the snapshot's (row, content
+hash) pairs flow through ``map_batches`` into a pool of :class:`~deepindex.index.embed.ItemEmbedActor`
+s, each holding the model once and reading its items' bytes from the blob store; results come back
+tagged with their row, so order does not depend on scheduling.  The pool is sized to the CPUs the
+cluster has free, so a build never waits forever behind a running service on a small head (and says
+so, with a clear error, when nothing is free).  ``use_ray=False`` runs the same pass in-process.
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from deepindex.index.collection import Collection, load_collection
+from deepindex.collection import CollectionStore, Item
 from deepindex.index.store import IndexStore, index_dir_name
 from deepindex.index.vectors import VectorConfig
 from deepindex.tracking.registry import ResolvedModel, resolve_model
 
 log = logging.getLogger(__name__)
+
+DEFAULT_FEATURES = ("penultimate",)
+Progress = Callable[[int, int], None]  # (items embedded so far, items in all)
 
 
 @dataclass
@@ -27,9 +35,12 @@ class BuildResult:
     path: Path
     model: ResolvedModel
     count: int
+    seq: int
+    features: list[str]
     kind: str
     metric: str
     seconds: float
+    skipped: int = 0
 
 
 def default_index_root() -> Path:
@@ -38,63 +49,166 @@ def default_index_root() -> Path:
     return state_dir() / "indexes"
 
 
-def embed_with_ray(checkpoint: str, collection: Collection, *, workers: int = 2, batch_size: int = 256,
-                   threads: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Probabilities (N, K), embeddings (N, D), thumbnails (N, C, S, S) in row order, on the cluster."""
+def collection_dir(collection: str, index_root: str | Path | None = None) -> Path:
+    """The folder holding one index per model version of ``collection``."""
+    return Path(index_root) if index_root else default_index_root() / collection
+
+
+@dataclass(frozen=True)
+class Pool:
+    """How many embedding actors, with how many CPUs each."""
+
+    actors: int
+    cpus: float
+
+
+def size_pool(workers: int | None, wait_s: float = 120.0) -> Pool:
+    """An actor pool that fits the CPUs the cluster has free now (a service on the same head holds some).
+
+    Waits up to ``wait_s`` for at least a quarter of a CPU, then fails with a clear message rather
+    than queueing forever.
+    """
     import ray
 
-    from deepindex.index.embed import EmbedActor
+    deadline = time.monotonic() + wait_s
+    warned = False
+    while True:
+        free = float(ray.available_resources().get("CPU", 0.0))
+        if free >= 0.25:
+            break
+        if time.monotonic() > deadline:
+            total = float(ray.cluster_resources().get("CPU", 0.0))
+            raise RuntimeError(f"index build: no free CPU on the cluster after {wait_s:.0f}s ({total:g} CPUs, all "
+                               "held by other work, e.g. a running service or training); free some or add a node")
+        if not warned:
+            log.warning("index build: waiting for a free CPU (the cluster's are all in use)")
+            warned = True
+        time.sleep(1.0)
+    actors = max(1, min(workers or 2, int(free // 0.5) or 1))
+    # Leave a little for Ray Data's own bookkeeping tasks; fractional CPUs are fine for actors.
+    return Pool(actors, round(max(0.25, min(1.0, (free - 0.1) / actors)), 2))
 
-    n = len(collection)
-    ref = ray.put(collection)
-    ds = ray.data.range(n, override_num_blocks=max(1, min(n // batch_size + 1, 4 * workers)))
-    out = ds.map_batches(EmbedActor, fn_constructor_kwargs={"checkpoint": checkpoint, "collection_ref": [ref],
-                                                            "threads": threads},
-                         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads,
-                         batch_format="numpy")
-    rows, probs, embs, thumbs = [], [], [], []
+
+def embed_snapshot_ray(checkpoint: str, blobs_url: str, items: Sequence[Item], features: Sequence[str], *,
+                       workers: int | None = None, batch_size: int = 256,
+                       progress: Progress | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``({"probs", feature...: (N, D)}, ok (N,))`` in item order, embedded on the cluster."""
+    import ray
+
+    from deepindex.index.embed import ItemEmbedActor
+
+    n = len(items)
+    pool = size_pool(workers)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own progress line instead (see the CLI)
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        cpu=pool.actors * pool.cpus + 0.1)
+    log.info("embedding %d items with %d actors x %.2f CPU", n, pool.actors, pool.cpus)
+    ds = ray.data.from_items([{"row": i, "hash": it.content_hash} for i, it in enumerate(items)],
+                             override_num_blocks=max(1, min(n // batch_size + 1, 4 * pool.actors)))
+    out = ds.map_batches(ItemEmbedActor, fn_constructor_kwargs={"checkpoint": checkpoint, "blobs_url": blobs_url,
+                                                                "features": list(features), "threads": 1},
+                         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=pool.actors),
+                         num_cpus=pool.cpus, batch_format="numpy")
+    parts: dict[str, list[np.ndarray]] = {}
+    done = 0
     for b in out.iter_batches(batch_size=None, batch_format="numpy"):
-        rows.append(b["row"])
-        probs.append(b["probs"])
-        embs.append(b["embedding"])
-        thumbs.append(b["thumb"])
-    order = np.argsort(np.concatenate(rows), kind="stable")
-    if len(order) != n:
-        raise RuntimeError(f"index: embedded {len(order)} of {n} items")
-    return np.concatenate(probs)[order], np.concatenate(embs)[order], np.concatenate(thumbs)[order]
+        for k, v in b.items():
+            parts.setdefault(k, []).append(v)
+        done += len(b["row"])
+        if progress is not None:
+            progress(done, n)
+    if done != n:
+        raise RuntimeError(f"index: embedded {done} of {n} items")
+    order = np.argsort(np.concatenate(parts.pop("row")), kind="stable")
+    ok = np.concatenate(parts.pop("ok"))[order]
+    return {k: np.concatenate(v)[order] for k, v in parts.items()}, ok
+
+
+def embed_snapshot_local(checkpoint: str, store: CollectionStore, items: Sequence[Item], features: Sequence[str],
+                         batch_size: int = 256, progress: Progress | None = None
+                         ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The same pass in this process (tests, small collections, machines without a cluster)."""
+    from deepindex.index.embed import ItemEmbedActor
+
+    actor = ItemEmbedActor(checkpoint, store.blobs.url, features)
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        b = actor({"row": np.arange(start, start + len(chunk)), "hash": np.array([i.content_hash for i in chunk])})
+        for k, v in b.items():
+            parts.setdefault(k, []).append(v)
+        if progress is not None:
+            progress(start + len(chunk), len(items))
+    if not items:
+        return {}, np.zeros(0, dtype=bool)
+    parts.pop("row")
+    ok = np.concatenate(parts.pop("ok"))
+    return {k: np.concatenate(v) for k, v in parts.items()}, ok
 
 
 def build_index(model_uri: str, *, collection: str = "digit-scenes", out: str | Path | None = None,
-                vector_cfg: VectorConfig | None = None, size: int = 5000, root: str | None = None,
-                manifest: str | None = None, seed: int = 0, use_ray: bool = True, workers: int = 2,
-                batch_size: int = 256, thumbnails: bool = True, tracking_uri: str | None = None) -> BuildResult:
-    """Embed ``collection`` with the model ``model_uri`` names and write the index atomically.
+                index_dir: str | Path | None = None, vector_cfg: VectorConfig | None = None,
+                features: Sequence[str] | None = None, use_ray: bool = True, workers: int | None = None,
+                batch_size: int = 256, tracking_uri: str | None = None, catalogue_url: str | None = None,
+                blobs_url: str | None = None, upto: int | None = None,
+                progress: Progress | None = None) -> BuildResult:
+    """Embed the collection's snapshot (up to ``upto``, default its head) with the model ``model_uri``
+    names and write the index atomically.
 
-    ``out`` defaults to ``<state>/indexes/<collection>/<model name>-<version>``: one folder per
-    (model version, collection), which is what the service looks up when the champion changes.
+    ``out`` defaults to ``<index root>/<collection>/<model name>-<version>``: one folder per (model
+    version, collection), which is what the service looks up when the champion changes.
     """
     from deepindex.checkpoint import load_model
-    from deepindex.index.embed import embed_collection_local
 
     start = time.perf_counter()
     cfg = vector_cfg or VectorConfig()
     resolved = resolve_model(model_uri, tracking_uri)
     lm = load_model(resolved.checkpoint_path)
-    d = lm.config.data
-    coll = load_collection(collection, image_size=d.image_size, channels=d.channels, concepts=lm.concepts, size=size,
-                           root=root, manifest=manifest, seed=seed, max_digits=d.max_digits)
-    log.info("embedding %d items of %s with %s %s", len(coll), coll.name, resolved.name, resolved.version)
-    if use_ray:
-        probs, embs, thumbs = embed_with_ray(resolved.checkpoint_path, coll, workers=workers, batch_size=batch_size)
+    names = list(features or DEFAULT_FEATURES)
+    known = lm.model.feature_points()
+    bad = [f for f in names if f not in known or f in ("probs", "logits")]
+    if bad:
+        raise ValueError(f"features: {bad[0]!r} is not a descriptor of this model; choose from "
+                         f"{', '.join(f for f in known if f not in ('probs', 'logits'))} (or probs via keywords)")
+    store = CollectionStore.open(collection, catalogue_url, blobs_url, create=False)
+    seq = store.head() if upto is None else upto
+    items = list(store.snapshot(seq))  # ids, hashes and tags only: cheap even at 100k items
+    log.info("indexing %d items of %s (up to change %d) with %s %s", len(items), collection, seq, resolved.name,
+             resolved.version)
+    if not items:
+        out_arrays: dict[str, np.ndarray] = {}
+        ok = np.zeros(0, dtype=bool)
+    elif use_ray:
+        out_arrays, ok = embed_snapshot_ray(resolved.checkpoint_path, store.blobs.url, items, names, workers=workers,
+                                            batch_size=batch_size, progress=progress)
     else:
-        probs, embs, thumbs = embed_collection_local(lm, coll, batch_size)
-    store = IndexStore.create(
-        model={"uri": model_uri, "name": resolved.name, "version": resolved.version}, collection=coll.name,
-        concepts=lm.concepts, ids=coll.ids, meta=[coll.item_meta(i) for i in range(len(coll))], probs=probs,
-        embeddings=embs, thumbs=thumbs if thumbnails else None, cfg=cfg, image_size=d.image_size,
-        channels=d.channels, multilabel=lm.multilabel, source=coll.meta)
-    path = Path(out) if out else default_index_root() / coll.name / index_dir_name(resolved.name, resolved.version)
-    store.save(path)
+        out_arrays, ok = embed_snapshot_local(resolved.checkpoint_path, store, items, names, batch_size, progress)
+    d = lm.config.data
+    dims = {f: int(lm.model.features(_probe(d), [f], multilabel=lm.multilabel)[f].shape[1]) for f in names} \
+        if not items else {f: out_arrays[f].shape[1] for f in names}
+    keep = np.flatnonzero(ok) if len(items) else np.zeros(0, dtype=np.int64)
+    index = IndexStore.create(
+        model={"uri": model_uri, "name": resolved.name, "version": resolved.version}, collection=collection, seq=seq,
+        concepts=lm.concepts, ids=[items[i].id for i in keep], labels=[items[i].tags for i in keep],
+        probs=out_arrays["probs"][keep] if len(items) else np.zeros((0, len(lm.concepts)), np.float32),
+        features={f: out_arrays[f][keep] if len(items) else np.zeros((0, dims[f]), np.float32) for f in names},
+        vector_cfg=cfg, default_feature=names[0], image_size=d.image_size, channels=d.channels,
+        multilabel=lm.multilabel, source={"collection": collection, "catalogue_seq": seq})
+    path = Path(out) if out else collection_dir(collection, index_dir) / index_dir_name(resolved.name,
+                                                                                          resolved.version)
+    index.save(path)
     secs = time.perf_counter() - start
-    log.info("index of %d items (%s, %s) written to %s in %.1fs", len(store), store.vectors.kind, cfg.metric, path, secs)
-    return BuildResult(path.resolve(), resolved, len(store), store.vectors.kind, cfg.metric, secs)
+    skipped = len(items) - len(keep)
+    if skipped:
+        log.warning("index %s: %d item(s) of %s could not be decoded and are not indexed", path, skipped, collection)
+    spec = index.manifest.features[names[0]]
+    log.info("index of %d items (%s, %s) written to %s in %.1fs", len(index), spec.kind, spec.metric, path, secs)
+    return BuildResult(path.resolve(), resolved, len(index), seq, names, spec.kind, spec.metric, secs, skipped)
+
+
+def _probe(d: object) -> object:
+    """A one-image batch of the model's input shape (the feature dims of an empty collection)."""
+    import torch
+
+    return torch.zeros(1, d.channels, d.image_size, d.image_size)  # type: ignore[attr-defined]

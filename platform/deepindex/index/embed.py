@@ -5,7 +5,8 @@ Probabilities are sigmoids for multi-label models and a softmax for single-label
 """
 from __future__ import annotations
 
-from typing import Sequence
+import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -60,22 +61,56 @@ def to_thumb(unit: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
 
 
-class EmbedActor:
-    """Ray Data ``map_batches`` actor: holds the model once, embeds row batches.
+def image_bytes_to_unit(data: bytes, image_size: int, channels: int) -> np.ndarray:
+    """Stored image bytes -> the model's input (C, S, S) uint8 through the eval preset (EXIF orientation
+    applied): what indexing a collection and catching an index up both feed the model."""
+    import io
 
-    Rows come in as ``{"id": (B,) int}`` (``ray.data.range``); the collection travels once per
-    actor through the object store, and files are read by the actor that embeds them.
+    from PIL import Image, ImageOps
+
+    from deepindex.data.transforms import pil_to_uint8
+
+    with Image.open(io.BytesIO(data)) as im:
+        return pil_to_uint8(ImageOps.exif_transpose(im), image_size, channels)
+
+
+def embed_pixels(lm: LoadedModel, pixels: np.ndarray, features: Sequence[str]) -> dict[str, np.ndarray]:
+    """uint8 model inputs (B, C, S, S) -> ``{"probs": (B, K), feature: (B, D)}`` from one pass."""
+    from deepindex.data.transforms import uint8_to_unit
+
+    wanted = ["probs", *[f for f in features if f != "probs"]]
+    out = infer_unit(lm, uint8_to_unit(pixels), wanted)
+    assert isinstance(out, dict)
+    return out
+
+
+class ItemEmbedActor:
+    """Ray Data ``map_batches`` actor: holds the model once; embeds a batch of collection items.
+
+    Rows come in as ``{"row": (B,) int, "hash": (B,) str}``; the actor reads each item's original
+    bytes from the collection's blob store itself (no image travels through the driver).  An item
+    whose bytes do not decode gets ``ok=False`` and zero vectors: the build reports and skips it.
     """
 
-    def __init__(self, checkpoint: str, collection_ref: list, threads: int = 1):
-        import ray
+    def __init__(self, checkpoint: str, blobs_url: str, features: Sequence[str], threads: int = 1):
+        from deepindex.collection.blobs import BlobStore
 
         torch.set_num_threads(max(1, threads))
         self.lm = load_model(checkpoint)
-        self.collection = ray.get(collection_ref[0])  # wrapped in a list so Ray does not resolve it early
+        self.blobs = BlobStore(blobs_url)
+        self.features = list(features)
+        d = self.lm.config.data
+        self.shape = (d.channels, d.image_size, d.image_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = np.asarray(batch["id"], dtype=np.int64)
-        unit = self.collection.unit_images(rows)  # (B, C, S, S)
-        probs, emb = infer_unit(self.lm, unit)
-        return {"row": rows, "probs": probs, "embedding": emb, "thumb": to_thumb(unit)}
+        hashes = [str(h) for h in batch["hash"]]
+        pixels = np.zeros((len(hashes), *self.shape), dtype=np.uint8)
+        ok = np.ones(len(hashes), dtype=bool)
+        for j, h in enumerate(hashes):
+            try:
+                pixels[j] = image_bytes_to_unit(self.blobs.get(h), self.shape[1], self.shape[0])
+            except (OSError, ValueError, SyntaxError) as e:  # a blob PIL cannot read: skipped, not fatal
+                ok[j] = False
+                logging.getLogger(__name__).warning("item with content %s does not decode (%s); skipped", h, e)
+        out = embed_pixels(self.lm, pixels, self.features)
+        return {"row": np.asarray(batch["row"], dtype=np.int64), "ok": ok, **out}

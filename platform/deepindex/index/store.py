@@ -30,7 +30,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -144,6 +145,43 @@ class IndexChange:
                    {k: _unb64(v) for k, v in r["features"].items()})
 
 
+class RWLock:
+    """Many readers or one writer: searches run side by side, an add waits for them and blocks them
+    only while it swaps its rows in (the embedding and the delta's fsync happen before)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
 def _b64(a: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode()
 
@@ -221,7 +259,8 @@ class IndexStore:
             self.rows[item] = i
         self.seq = manifest.seq if seq is None else seq
         self.delta_count = 0
-        self._lock = threading.Lock()  # one writer (apply/compact); readers see whole rows
+        self._lock = threading.Lock()  # one writer at a time (apply, compact)
+        self.rw = RWLock()  # readers (queries) vs the in-memory swap of a write
 
     # ---- build / load / save ---------------------------------------------------------------
     @classmethod
@@ -345,7 +384,8 @@ class IndexStore:
                     fh.flush()
                     os.fsync(fh.fileno())
                 self.delta_count += len(new)
-            self._apply_in_memory(new)
+            with self.rw.write():
+                self._apply_in_memory(new)
             return len(new)
 
     def _apply_in_memory(self, changes: Iterable[IndexChange]) -> None:
@@ -392,7 +432,8 @@ class IndexStore:
                 return False
             start = time.perf_counter()
             n = self.delta_count
-            self.save(self.path)
+            with self.rw.write():  # queries wait for the swap (the new base is built under it)
+                self.save(self.path)
             log.info("index %s: compacted %d delta changes into the base (%d items) in %.2fs", self.path, n,
                      len(self), time.perf_counter() - start)
             return True
@@ -424,6 +465,12 @@ class IndexStore:
         spec = self.manifest.features[name]
         metric = metric or spec.default_query_metric
         check_metric(metric, spec.kind, spec.metric, spec.normalize)
+        with self.rw.read():
+            return self._similar(queries, k, exclude, name, metric, mask)
+
+    def _similar(self, queries: np.ndarray, k: int, exclude: Sequence[int | None] | None, name: str, metric: str,
+                 mask: np.ndarray | None) -> list[list[tuple[int, float]]]:
+        spec = self.manifest.features[name]
         keep = self.alive if mask is None else self.alive & mask
         n_keep = int(keep.sum())
         if n_keep == 0:
@@ -451,3 +498,31 @@ class IndexStore:
 
     def live_rows(self) -> np.ndarray:
         return np.flatnonzero(self.alive)
+
+    def rank_keywords(self, concept_idx: list[int], k: int, mode: str = "all") -> list[tuple[int, float]]:
+        """The k live rows ranked by the query concepts' presence probabilities (``keywords.rank``)."""
+        from deepindex.index.keywords import rank
+
+        with self.rw.read():
+            live = self.live_rows()
+            rows, scores = rank(self.probs[live], concept_idx, k, mode)
+            return [(int(live[r]), float(s)) for r, s in zip(rows, scores, strict=True)]
+
+    def item(self, item_id: str, feature: str | None = None) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """(row, probabilities (K,), descriptor (D,)) of a live item, or None."""
+        name = self.feature(feature)
+        with self.rw.read():
+            row = self.rows.get(item_id)
+            if row is None:
+                return None
+            return row, self.probs[row].copy(), self.features[name][row].copy()
+
+    def hit(self, row: int, score: float) -> dict[str, Any]:
+        return {"id": self.ids[row], "score": score, "labels": self.labels[row]}
+
+    def memory_bytes(self) -> int:
+        """Bytes the loaded arrays and vector indexes hold (what the replica's memory per item is made of)."""
+        n = self.probs.nbytes + self.alive.nbytes + sum(x.nbytes for x in self.features.values())
+        n += sum(v.memory_bytes() for v in self.vectors.values())
+        n += sum(len(i) + 64 for i in self.ids)  # ids and the dict entry per row, roughly
+        return n

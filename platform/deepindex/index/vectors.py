@@ -46,6 +46,13 @@ class VectorIndex:
         name = type(self.index).__name__
         return "hnsw" if "HNSW" in name else "ivf" if "IVF" in name else "flat"
 
+    def memory_bytes(self) -> int:
+        """What the FAISS index holds: its vectors (and, for HNSW, its graph links, roughly)."""
+        n = self.ntotal * self.index.d * 4
+        if self.kind == "hnsw":
+            n += self.ntotal * 2 * self.cfg.hnsw_m * 4
+        return n
+
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)

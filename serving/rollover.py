@@ -1,0 +1,210 @@
+"""When and how the index replica moves to a new model version (see ``serving/index.py``).
+
+A thread polls the model URI every ``reload_interval_s``.  When it names a version other than the
+one served, it prepares that version's pair (build the index from the collection unless its folder
+exists, load it and the model, catch it up with the changes made meanwhile), switches to it under
+the write lock, waits for the model replicas to follow, unloads the old pair, and removes index
+folders beyond the last ``keep_indexes``.  A failure leaves the served pair as it was and is
+retried with a growing delay; its reason is in the status (``/v1/status``, ``/readyz``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from deepindex.atomic import write_file
+
+if TYPE_CHECKING:
+    from serving.index import IndexServer, Pair
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "serving.json"
+OLD_GRACE_S = 5.0  # the old index stays loaded this long after the model replicas moved (ingress caches)
+
+
+class Rollover:
+    def __init__(self, server: IndexServer):
+        from deepindex.index.build import collection_dir
+
+        self.server = server
+        a = server.args
+        self.dir = collection_dir(a.collection, a.index_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.phase = "starting"
+        self.target: dict[str, Any] | None = None  # the version being prepared
+        self.progress: float | None = None
+        self.message = ""
+        self.last_error: str | None = None
+        self.attempt = 0
+        self.since = time.time()
+        self.last_switch: dict[str, Any] | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._poke = threading.Event()
+
+    # ---- what others ask ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="rollover", daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def check_now(self) -> None:
+        self._poke.set()
+
+    def model_target(self) -> dict[str, Any]:
+        """The version model replicas serve: the served pair's, else (first start) the one being prepared."""
+        s = self.server
+        if s.serving and s.serving in s.pairs:
+            p = s.pairs[s.serving]
+            return {"name": p.name, "version": p.version, "ref": p.ref}
+        return dict(self.target) if self.target else {}
+
+    def status(self) -> dict[str, Any]:
+        s = self.server
+        return {"phase": self.phase, "serving": s.serving, "target": (self.target or {}).get("version"),
+                "progress": self.progress, "message": self.message, "since": self.since,
+                "attempt": self.attempt, "last_error": self.last_error, "last_switch": self.last_switch}
+
+    def problem(self) -> str | None:
+        if self.phase in ("idle", "starting") and not self.last_error:
+            return None
+        pct = f" {100 * self.progress:.0f}%" if self.progress is not None else ""
+        return f"rollover {self.phase}{pct}: {self.message}" + (f" (last error: {self.last_error})"
+                                                              if self.last_error else "")
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def _set(self, phase: str, message: str = "", progress: float | None = None) -> None:
+        if phase != self.phase:
+            self.since = time.time()
+        self.phase, self.message, self.progress = phase, message, progress
+        log.info("rollover: %s %s", phase, message)
+
+    def _run(self) -> None:
+        self._restore()
+        interval = max(0.5, self.server.args.reload_interval_s or 0.5)
+        while not self._stop.is_set():
+            try:
+                self._step()
+                self.last_error, self.attempt = None, 0
+                wait = interval if self.server.args.reload_interval_s else 3600.0
+            except Exception as e:  # keep serving the pair we have; say why; try again later
+                self.attempt += 1
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.warning("rollover to %s failed (attempt %d): %s", (self.target or {}).get("version"),
+                            self.attempt, self.last_error)
+                self._set("retrying", f"version {(self.target or {}).get('version')}")
+                wait = min(60.0, 2.0 ** self.attempt)
+            self._poke.wait(wait)
+            self._poke.clear()
+
+    def _restore(self) -> None:
+        """A restarted replica serves what it served (``serving.json``), if that index is still there."""
+        f = self.dir / STATE_FILE
+        try:
+            st = json.loads(f.read_text()) if f.is_file() else None
+        except (OSError, ValueError):
+            st = None
+        if not st:
+            return
+        try:
+            self._activate(self._prepare(st, build=False), reason="restored")
+        except Exception as e:  # noqa: BLE001 - no saved pair to serve: the loop picks a version
+            log.warning("rollover: the saved pair %s could not be restored (%s)", st, e)
+
+    def _step(self) -> None:
+        from deepindex.tracking.registry import LOCAL, resolve_model
+
+        a = self.server.args
+        r = resolve_model(a.model, a.tracking_uri)
+        ref = f"models:/{r.name}/{r.version}" if r.name != LOCAL else a.model
+        s = self.server
+        if s.serving == r.version and r.version in s.pairs:
+            self._set("idle", f"serving version {r.version}")
+            self.target = None
+            return
+        self.target = {"name": r.name, "version": r.version, "ref": ref}
+        start = time.monotonic()
+        pair = self._prepare(self.target, build=True)
+        old = s.serving
+        self._activate(pair, reason=f"from version {old}" if old else "first start")
+        self.last_switch = {"from": old, "to": r.version, "seconds": round(time.monotonic() - start, 2),
+                            "items": len(pair.index), "at": time.time()}
+        self.target = None
+        if old and old != r.version:
+            self._set("switching", f"model replicas moving to version {r.version}")
+            self._wait_models(r.version)
+            time.sleep(OLD_GRACE_S)
+            s.pairs.pop(old, None)
+        self._gc()
+        self._set("idle", f"serving version {r.version}")
+
+    def _prepare(self, target: dict[str, Any], build: bool) -> Pair:
+        from deepindex.checkpoint import load_model
+        from deepindex.index.build import build_index
+        from deepindex.index.catchup import catch_up
+        from deepindex.index.store import IndexStore, find_index
+        from deepindex.tracking.registry import resolve_model
+        from serving.index import Pair
+
+        s = self.server
+        a = s.args
+        version = target["version"]
+        path = find_index(self.dir, target["name"], version)
+        if path is None:
+            if not build:
+                raise FileNotFoundError(f"no index of version {version} in {self.dir}")
+            self._set("building", f"index of {a.collection} for version {version}", 0.0)
+            res = build_index(target["ref"], collection=a.collection, index_dir=self.dir, tracking_uri=a.tracking_uri,
+                              catalogue_url=a.catalogue_url, blobs_url=a.blobs_url, features=a.features,
+                              workers=a.build_workers,
+                              progress=lambda done, n: self._set("building", f"embedded {done} of {n} items",
+                                                                 done / max(n, 1)))
+            path = res.path
+        self._set("loading", f"index and model of version {version}")
+        index = IndexStore.load(path)
+        index.manifest.check_model(target["name"], version)
+        lm = load_model(resolve_model(target["ref"], a.tracking_uri).checkpoint_path)
+        pair = Pair(target["name"], version, target["ref"], index, lm)
+        behind = s.store.head() - index.seq
+        self._set("catching_up", f"{behind} changes since the index's snapshot", 0.0)
+        catch_up(index, s.store, pair.embed,
+                 progress=lambda done, n: self._set("catching_up", f"applied {done} of {n} changes", done / max(n, 1)))
+        return pair
+
+    def _activate(self, pair: Pair, reason: str) -> None:
+        """Make ``pair`` the served one: the last changes applied under the write lock, so none slips by."""
+        from deepindex.index.catchup import catch_up
+
+        s = self.server
+        with s._write:
+            catch_up(pair.index, s.store, pair.embed)
+            s.pairs[pair.version] = pair
+            s.serving = pair.version
+            write_file(self.dir / STATE_FILE, json.dumps({"name": pair.name, "version": pair.version,
+                                                          "ref": pair.ref}))
+        log.info("rollover: serving %s version %s (%s), index of %d items at change %d", pair.name, pair.version,
+                 reason, len(pair.index), pair.index.seq)
+
+    def _wait_models(self, version: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.server.models_on(version) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def _gc(self) -> None:
+        """Keep the newest ``keep_indexes`` index folders of the collection (never the served one)."""
+        from deepindex.index.store import list_indexes
+
+        keep = self.server.args.keep_indexes
+        indexes = list_indexes(self.dir)
+        serving = self.server.serving
+        old = [p for p, m in indexes if m.model.version != serving]
+        for path in old[: max(0, len(indexes) - keep)]:
+            log.info("rollover: removing the old index %s (keeping the last %d)", path, keep)
+            shutil.rmtree(path, ignore_errors=True)
