@@ -52,7 +52,8 @@ class IndexServer:
         """Make sure the loaded index matches (name, version); an error dict when it cannot."""
         from deepindex.index.store import IndexStore, find_index, read_manifest
 
-        if self.store is not None and (self.store.manifest.model.name, self.store.manifest.model.version) == (name, version):
+        s = self.store
+        if s is not None and (s.manifest.model.name, s.manifest.model.version) == (name, version):
             return None
         if not self.index_dir:
             return _err(503, "index_unavailable", self.problem)
@@ -64,7 +65,7 @@ class IndexServer:
                 read_manifest(path).check_model(name, version)  # an index of another version: refused
                 self.store, self.path, self.problem = IndexStore.load(path), path, None
                 log.info("index %s loaded (%d items, model version %s)", path, len(self.store), version)
-        except Exception as e:  # a refused or broken index: serve without one, say why
+        except Exception as e:  # noqa: BLE001 - a refused or broken index: serve without one, say why
             self.store, self.problem = None, str(e)
             log.warning("index refused: %s", e)
         return None if self.store is not None else _err(503, "index_unavailable", self.problem)
@@ -77,7 +78,8 @@ class IndexServer:
         if s is None:
             return {"loaded": False, "problem": self.problem, "count": 0}
         return {"loaded": True, "path": str(self.path), "count": len(s), "kind": s.vectors.kind,
-                "metric": s.manifest.metric, "model": s.manifest.model.model_dump(), "collection": s.manifest.collection}
+                "metric": s.manifest.metric, "model": s.manifest.model.model_dump(),
+                "collection": s.manifest.collection}
 
     # ---- queries -------------------------------------------------------------------------
     def _hits(self, pairs) -> list[dict[str, Any]]:
@@ -93,7 +95,7 @@ class IndexServer:
         s = self.store
         index = {c: i for i, c in enumerate(s.manifest.concepts)}
         rows, scores = rank(s.probs, [index[c] for c in concepts if c in index], k, mode)
-        return {"results": self._hits(zip(rows.tolist(), scores.tolist())), "count": len(s)}
+        return {"results": self._hits(zip(rows.tolist(), scores.tolist(), strict=True)), "count": len(s)}
 
     @_locked
     def similar_vector(self, embedding: np.ndarray, k: int, name: str, version: str) -> dict[str, Any]:

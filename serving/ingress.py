@@ -22,8 +22,18 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.errors import ApiError
-from serving.schemas import (HERE, AddItemsResponse, ErrorResponse, Health, ImagesJSON, ItemResponse,
-                             KeywordSearchResponse, ServeArgs, SimilarResponse, TagResponse)
+from serving.schemas import (
+    HERE,
+    AddItemsResponse,
+    ErrorResponse,
+    Health,
+    ImagesJSON,
+    ItemResponse,
+    KeywordSearchResponse,
+    ServeArgs,
+    SimilarResponse,
+    TagResponse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +115,8 @@ class ObserveMiddleware:
         m = getattr(state, "metrics", None)
         if m is not None:
             # The route template bounds label cardinality; a path no route matched is "unmatched".
-            endpoint = getattr(scope.get("route"), "path", None) or (scope.get("path", "") if status < 400 else "unmatched")
+            endpoint = (getattr(scope.get("route"), "path", None)
+                        or (scope.get("path", "") if status < 400 else "unmatched"))
             m.requests.labels(endpoint=endpoint, method=scope.get("method", ""), status=str(status)).inc()
             m.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)
 
@@ -208,12 +219,14 @@ class Ingress:
                 form = await request.form(max_files=a.max_images_per_request + 1, max_fields=1000)
             except StarletteHTTPException as e:
                 if "too many files" in str(e.detail).lower():
-                    raise ApiError(413, "too_many_images", f"at most {a.max_images_per_request} images per request") from None
+                    raise ApiError(413, "too_many_images",
+                                   f"at most {a.max_images_per_request} images per request") from None
                 raise ApiError(400, "bad_multipart", f"multipart body: {e.detail}") from None
             files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
             ids = [str(v) for k, v in form.multi_items() if k == "id" and not isinstance(v, UploadFile)]
             if len(files) > a.max_images_per_request:
-                raise ApiError(413, "too_many_images", f"{len(files)} images; at most {a.max_images_per_request} per request")
+                raise ApiError(413, "too_many_images",
+                               f"{len(files)} images; at most {a.max_images_per_request} per request")
             if ids and len(ids) != len(files):
                 raise ApiError(400, "bad_ids", f"{len(ids)} ids for {len(files)} images")
             for i, f in enumerate(files):
@@ -222,8 +235,9 @@ class Ingress:
         elif ctype.startswith("application/json"):
             try:
                 body = ImagesJSON.model_validate(await request.json())
-            except Exception as e:
-                raise ApiError(400, "bad_json", f"expected {{\"images\": [{{\"data\": <base64>}}]}}: {str(e).splitlines()[0]}") from None
+            except Exception as e:  # noqa: BLE001 - whatever makes the body unreadable, it is the client's: a 400
+                raise ApiError(400, "bad_json",
+                               f"expected {{\"images\": [{{\"data\": <base64>}}]}}: {str(e).splitlines()[0]}") from None
             if len(body.images) > a.max_images_per_request:
                 raise ApiError(413, "too_many_images",
                                f"{len(body.images)} images; at most {a.max_images_per_request} per request")
@@ -233,7 +247,8 @@ class Ingress:
                 what = f"images[{i}]"
                 out.append((im.id, b64_bytes(im.data, what), what))
         else:
-            raise ApiError(415, "unsupported_media_type", "send multipart/form-data files or application/json base64 images")
+            raise ApiError(415, "unsupported_media_type",
+                           "send multipart/form-data files or application/json base64 images")
         if not out:
             raise ApiError(400, "no_images", "the request holds no image")
         return out
@@ -241,7 +256,8 @@ class Ingress:
     def _decode(self, raw: list[tuple[str | None, bytes, str]]):
         from serving.decode import decode_image
 
-        return [decode_image(data, what, self.args.max_image_bytes, self.args.max_image_pixels) for _, data, what in raw]
+        return [decode_image(data, what, self.args.max_image_bytes, self.args.max_image_pixels)
+                for _, data, what in raw]
 
     async def _infer(self, images, endpoint: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Images -> (model spec, per image {probs, embedding, version, batch_size}) via the batched model."""
@@ -264,7 +280,8 @@ class Ingress:
     @staticmethod
     def _top(probs: np.ndarray, concepts: list[str], top_k: int, threshold: float) -> list[dict]:
         order = np.argsort(-probs, kind="stable")
-        return [{"concept": concepts[i], "probability": float(probs[i])} for i in order if probs[i] >= threshold][:top_k]
+        return [{"concept": concepts[i], "probability": float(probs[i])}
+                for i in order if probs[i] >= threshold][:top_k]
 
     # ---- health, metrics, page -------------------------------------------------------------
     @app.get("/healthz", response_model=Health)
@@ -276,7 +293,7 @@ class Ingress:
         reasons: list[str] = []
         try:
             spec = await self._model_spec(refresh=True)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a model that cannot answer, whatever the cause, is not ready
             return JSONResponse({"status": "not ready", "reasons": [f"model: {e}"]}, status_code=503)
         index = await _call(self.index.info, spec["name"], spec["version"])
         self.metrics.index_items.set(index.get("count", 0))
@@ -295,13 +312,13 @@ class Ingress:
             spec = await self._model_spec()
             info = await _call(self.index.info, spec["name"], spec["version"])
             self.metrics.index_items.set(info.get("count", 0))
-        except Exception as e:  # a scrape still answers with what the replicas know
+        except Exception as e:  # noqa: BLE001 - a scrape still answers with what the replicas know
             log.warning("metrics: model/index info unavailable: %s", e)
         try:
             text = await asyncio.wait_for(self.hub.merged.remote(self._replica, self.metrics.snapshot()), 10.0)
         except Exception as e:  # noqa: BLE001 - one replica's numbers would read as counter resets
             log.warning("metrics: the metrics hub is unavailable: %s", e)
-            raise ApiError(503, "metrics_unavailable", "the metrics hub is restarting; scrape again")
+            raise ApiError(503, "metrics_unavailable", "the metrics hub is restarting; scrape again") from None
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     async def check_health(self):
@@ -325,7 +342,8 @@ class Ingress:
         raw = await self._read_images(request)
         spec, results = await self._infer(self._decode(raw), "/v1/tag")
         return {"model": {"name": spec["name"], "version": spec["version"]},
-                "results": [{"index": i, "id": raw[i][0], "concepts": self._top(r["probs"], spec["concepts"], top_k, threshold)}
+                "results": [{"index": i, "id": raw[i][0],
+                             "concepts": self._top(r["probs"], spec["concepts"], top_k, threshold)}
                             for i, r in enumerate(results)]}
 
     # ---- search -----------------------------------------------------------------------------
@@ -356,7 +374,7 @@ class Ingress:
         raw = await self._read_images(request)
         if len(raw) != 1:
             raise ApiError(400, "one_image", f"send exactly one image, got {len(raw)}")
-        spec, results = await self._infer(self._decode(raw), "/v1/search/similar")
+        _, results = await self._infer(self._decode(raw), "/v1/search/similar")
         r = results[0]
         res = _check(await _call(self.index.similar_vector, r["embedding"], k, r["name"], r["version"]))
         return {"metric": res["metric"], "model": {"name": r["name"], "version": r["version"]},
@@ -408,4 +426,5 @@ class Ingress:
         res = _check(await _call(self.index.add, ids, probs, embs, thumbs, spec["name"], spec["version"],
                                 idempotent=False))
         self.metrics.index_items.set(res["count"])
-        return {"added": res["added"], "count": res["count"], "model": {"name": spec["name"], "version": spec["version"]}}
+        return {"added": res["added"], "count": res["count"],
+                "model": {"name": spec["name"], "version": spec["version"]}}

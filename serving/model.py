@@ -70,7 +70,7 @@ class ModelServer:
                     self._served = new  # one reference swap: a batch in flight keeps its model
                     self.reloads += 1
                 self.last_error = None
-            except Exception as e:  # keep serving the loaded version; report the problem
+            except Exception as e:  # noqa: BLE001 - keep serving the loaded version; report the problem
                 self.last_error = f"{type(e).__name__}: {e}"
                 log.warning("model reload check failed: %s", self.last_error)
             self.last_poll = time.time()

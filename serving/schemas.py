@@ -39,7 +39,7 @@ class ServeArgs(BaseModel):
     ingress_num_cpus: float = Field(0.5, ge=0)
 
 
-    def resolved(self) -> "ServeArgs":
+    def resolved(self) -> ServeArgs:
         """Relative paths made absolute against the repository root (the folder holding ``serving/``):
         replicas run in Ray's worker directories, not where ``serve run`` was typed."""
         root = HERE.parent

@@ -17,7 +17,7 @@ from deepindex.data.digits import make_scenes
 from deepindex.data.files import FileItems, read_cifar, read_concepts, read_image_folder, read_manifest
 from deepindex.data.transforms import NormStats, compute_stats, normalize, pil_to_unit_tensor
 
-__all__ = ["Splits", "build_splits", "ImageFileDataset", "NormStats", "normalize"]
+__all__ = ["ImageFileDataset", "NormStats", "Splits", "build_splits", "normalize"]
 
 # Normalisation stats of a file collection come from at most this many training images.
 _STATS_SAMPLE = 2000
@@ -38,7 +38,8 @@ class Splits:
 class ImageFileDataset(Dataset):
     """Images read lazily from disk through the eval preset; yields (x, target)."""
 
-    def __init__(self, paths: list[Path], targets: torch.Tensor, image_size: int, channels: int, stats: NormStats | None):
+    def __init__(self, paths: list[Path], targets: torch.Tensor, image_size: int, channels: int,
+                 stats: NormStats | None):
         self.paths, self.targets = paths, targets
         self.image_size, self.channels, self.stats = image_size, channels, stats
 
@@ -62,7 +63,7 @@ def _tensor_splits(parts: dict[str, tuple[torch.Tensor, torch.Tensor]], concepts
 
 def _split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
     order = np.random.default_rng(seed).permutation(n)
-    n_test, n_val = max(1, int(round(test_fraction * n))), max(1, int(round(val_fraction * n)))
+    n_test, n_val = max(1, round(test_fraction * n)), max(1, round(val_fraction * n))
     if n - n_test - n_val < 1:
         raise ValueError(f"data: {n} items are too few for the val/test fractions")
     return {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
@@ -88,7 +89,8 @@ def build_splits(d) -> Splits:
         sizes = {"train": d.train_size, "val": d.val_size, "test": d.test_size}
         parts = {}
         for split, n in sizes.items():
-            s = make_scenes(split, n, image_size=d.image_size, max_digits=d.max_digits, multilabel=multilabel, seed=d.seed)
+            s = make_scenes(split, n, image_size=d.image_size, max_digits=d.max_digits, multilabel=multilabel,
+                            seed=d.seed)
             parts[split] = (s.images, s.targets)
             concepts = s.concepts
         return _tensor_splits(parts, concepts, multilabel, d.image_size)

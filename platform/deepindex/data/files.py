@@ -163,6 +163,7 @@ def read_cifar(root: str | Path, which: str, train: bool):
     try:
         ds = cls(root=str(root), train=train, download=False)
     except RuntimeError as e:  # torchvision says "Dataset not found or corrupted"
-        raise FileNotFoundError(f"data.root: {which} files not found under {root} (nothing is downloaded): {e}") from None
+        raise FileNotFoundError(
+            f"data.root: {which} files not found under {root} (nothing is downloaded): {e}") from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float().div_(255.0)
     return images, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes)

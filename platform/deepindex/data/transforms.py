@@ -22,7 +22,7 @@ class NormStats:
         return {"mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "NormStats":
+    def from_dict(cls, d: dict) -> NormStats:
         return cls(tuple(float(x) for x in d["mean"]), tuple(float(x) for x in d["std"]))
 
 

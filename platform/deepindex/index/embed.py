@@ -21,7 +21,8 @@ def infer_unit(lm: LoadedModel, unit: torch.Tensor | np.ndarray) -> tuple[np.nda
     return probs.numpy().astype(np.float32), emb.numpy().astype(np.float32)
 
 
-def embed_collection_local(lm: LoadedModel, collection, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def embed_collection_local(lm: LoadedModel, collection, batch_size: int = 256
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """In-process embedding (no Ray): probabilities, embeddings and uint8 thumbnails."""
     probs, embs, thumbs = [], [], []
     for start in range(0, len(collection), batch_size):

@@ -164,7 +164,7 @@ class IndexStore:
             if self.thumbs is not None:
                 np.save(tmp / "thumbs.npy", self.thumbs)
             with open(tmp / "items.jsonl", "w") as fh:
-                for item, m in zip(self.ids, self.meta):
+                for item, m in zip(self.ids, self.meta, strict=True):
                     fh.write(json.dumps({"id": item, **m}) + "\n")
             # The manifest last: its presence marks a complete index.
             (tmp / MANIFEST).write_text(self.manifest.model_dump_json(indent=2))
@@ -175,14 +175,15 @@ class IndexStore:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def similar(self, queries: np.ndarray, k: int, exclude: list[int | None] | None = None) -> list[list[tuple[int, float]]]:
+    def similar(self, queries: np.ndarray, k: int, exclude: list[int | None] | None = None
+                ) -> list[list[tuple[int, float]]]:
         """k nearest rows per query (Q, D) as (row, score), best first; ``exclude[q]`` drops one row."""
         extra = 1 if exclude else 0
         scores, rows = self.vectors.search(queries, min(k + extra, len(self)) if len(self) else 1)
         out = []
         for q in range(len(queries)):
             skip = exclude[q] if exclude else None
-            hits = [(int(r), float(s)) for r, s in zip(rows[q], scores[q]) if r >= 0 and r != skip]
+            hits = [(int(r), float(s)) for r, s in zip(rows[q], scores[q], strict=True) if r >= 0 and r != skip]
             out.append(hits[:k])
         return out
 

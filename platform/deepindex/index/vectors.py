@@ -57,7 +57,7 @@ class VectorIndex:
         return np.ascontiguousarray(x, dtype=np.float32)
 
     @classmethod
-    def build(cls, vectors: np.ndarray, cfg: VectorConfig, seed: int = 0) -> "VectorIndex":
+    def build(cls, vectors: np.ndarray, cfg: VectorConfig, seed: int = 0) -> VectorIndex:
         """An index over (N, D) vectors; IVF trains its coarse quantiser on a sample first."""
         faiss = _faiss()
         n, d = vectors.shape
@@ -97,7 +97,7 @@ class VectorIndex:
         _faiss().write_index(self.index, path)
 
     @classmethod
-    def load(cls, path: str, cfg: VectorConfig) -> "VectorIndex":
+    def load(cls, path: str, cfg: VectorConfig) -> VectorIndex:
         index = _faiss().read_index(path)
         # Search-time knobs are not all serialised: set them from the config again.
         if hasattr(index, "hnsw"):

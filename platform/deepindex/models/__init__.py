@@ -6,11 +6,13 @@ final linear layer, so optimisers can give it its own learning rate.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
-_REGISTRY: dict[str, Callable[..., "nn.Module"]] = {}
+from deepindex.models.base import ConceptModel
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register(name: str):
@@ -26,7 +28,7 @@ def registered_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_model(model_cfg, num_concepts: int, in_channels: int) -> "ConceptModel":
+def build_model(model_cfg, num_concepts: int, in_channels: int) -> ConceptModel:
     """Build the registered model ``model_cfg.name`` (a :class:`deepindex.config.ModelConfig`)."""
     _load()
     if model_cfg.name not in _REGISTRY:
@@ -41,9 +43,7 @@ def build_model(model_cfg, num_concepts: int, in_channels: int) -> "ConceptModel
 
 def _load() -> None:
     # Import the modules that register models on first use, not at import of this package.
-    from deepindex.models import backbones, convnet  # noqa: F401
+    from deepindex.models import backbones, convnet  # noqa: F401 - imported for their @register side effect
 
-
-from deepindex.models.base import ConceptModel  # noqa: E402
 
 __all__ = ["ConceptModel", "build_model", "register", "registered_models"]

@@ -53,7 +53,8 @@ class _DenseNetBody(nn.Module):
 def _with_in_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     if conv.in_channels == in_channels:
         return conv
-    return nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+    return nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     bias=conv.bias is not None)
 
 
 def _add_stochastic_depth(net: tvm.ResNet, p: float) -> None:

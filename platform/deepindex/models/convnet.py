@@ -6,7 +6,8 @@ from torch import nn
 from deepindex.models import register
 from deepindex.models.base import ConceptModel
 
-ACTIVATIONS = {"relu": lambda c: nn.ReLU(inplace=True), "prelu": nn.PReLU, "tanh": lambda c: nn.Tanh(), "sigmoid": lambda c: nn.Sigmoid()}
+ACTIVATIONS = {"relu": lambda c: nn.ReLU(inplace=True), "prelu": nn.PReLU, "tanh": lambda c: nn.Tanh(),
+               "sigmoid": lambda c: nn.Sigmoid()}
 POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 
 

@@ -7,6 +7,7 @@ checkpoint): ``test_*`` metrics, ``test_ap.csv``, the PR-curve or confusion-matr
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -138,7 +139,7 @@ def log_final(tracker: Tracker, report: FinalReport, latest_checkpoint: str | No
     ends KILLED); returns the run id.  When the server cannot be reached the test metrics are
     journaled instead, for ``deepindex tracking sync`` to replay later."""
     run_id = run_id_of(tracker, latest_checkpoint or report.checkpoint, name)
-    if run_id is None or tracker.disabled and not _server_back(tracker):
+    if run_id is None or (tracker.disabled and not _server_back(tracker)):
         tracker.journal("test", metrics=report.metrics, checkpoint=report.checkpoint)
         return run_id
     tracker.run_id, tracker.disabled = run_id, False
@@ -172,7 +173,5 @@ def mark_failed(tracker: Tracker | None, name: str, checkpoint: str | None = Non
         return
     rid = run_id_of(tracker, checkpoint, name)
     if rid:
-        try:
+        with contextlib.suppress(Exception):  # the failure itself is what the caller reports
             tracker.client.set_terminated(rid, "FAILED")
-        except Exception:  # noqa: BLE001 - the failure itself is what the caller reports
-            pass

@@ -124,7 +124,7 @@ class Tracker:
             return
         try:
             self.log_metrics(values, step=epoch)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any tracking failure must leave training alone
             self._fail(f"{type(e).__name__}: {e}")
             self.journal("epoch", step=epoch, metrics=values)
 

@@ -31,9 +31,9 @@ def train_one_epoch(
     """One pass of minibatch SGD; returns mean data loss, penalty and images/s."""
     model.train()
     params = penalised_params(model)
-    total_loss, total_pen, seen, batches = 0.0, 0.0, 0, 0
+    total_loss, total_pen, seen = 0.0, 0.0, 0
     start = time.perf_counter()
-    for x, y in loader:
+    for batches, (x, y) in enumerate(loader, start=1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, C, H, W), (B,) | (B, K)
         logits = model(x)  # (B, K)
         loss = loss_fn(logits, y)
@@ -46,7 +46,6 @@ def train_one_epoch(
         total_loss += loss.item() * n
         total_pen += (pen.item() if pen is not None else 0.0) * n
         seen += n
-        batches += 1
         if max_batches is not None and batches >= max_batches:
             break
     elapsed = time.perf_counter() - start
@@ -59,7 +58,8 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu"
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """All logits and targets of a loader, on the CPU: (N, K), (N,) | (N, K)."""
     model.eval()
     outs, ys = [], []
@@ -69,7 +69,8 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device | str = "
     return torch.cat(outs), torch.cat(ys)
 
 
-def scores_to_metrics(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, loss_fn: nn.Module | None = None, prefix: str = "val_") -> dict:
+def scores_to_metrics(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, loss_fn: nn.Module | None = None,
+                      prefix: str = "val_") -> dict:
     """Metrics of a whole split from its logits: loss and top-1/top-5 error, or mAP and per-concept AP."""
     out: dict = {}
     if loss_fn is not None:
@@ -84,7 +85,8 @@ def scores_to_metrics(logits: torch.Tensor, targets: torch.Tensor, multilabel: b
     return out
 
 
-def evaluate(model: nn.Module, loader: DataLoader, multilabel: bool, loss_fn: nn.Module | None = None, device="cpu", prefix: str = "val_") -> dict:
+def evaluate(model: nn.Module, loader: DataLoader, multilabel: bool, loss_fn: nn.Module | None = None, device="cpu",
+             prefix: str = "val_") -> dict:
     logits, targets = predict(model, loader, device)
     return scores_to_metrics(logits, targets, multilabel, loss_fn, prefix)
 

@@ -26,7 +26,8 @@ def param_groups(model: nn.Module, optim_cfg) -> list[dict]:
 def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
     groups = param_groups(model, optim_cfg)
     if optim_cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov and optim_cfg.momentum > 0)
+        return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
+                               nesterov=optim_cfg.nesterov and optim_cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
 
 
@@ -47,7 +48,8 @@ class EpochScheduler:
         elif c.policy == "step":
             main = S.StepLR(optimizer, step_size=c.step_size, gamma=1.0 / c.factor)
         elif c.policy == "multistep":
-            main = S.MultiStepLR(optimizer, milestones=[m - c.warmup_epochs for m in c.milestones], gamma=1.0 / c.factor)
+            main = S.MultiStepLR(optimizer, milestones=[m - c.warmup_epochs for m in c.milestones],
+                                 gamma=1.0 / c.factor)
         elif c.policy == "exponential":
             main = S.ExponentialLR(optimizer, gamma=c.gamma)
         elif c.policy == "cosine":

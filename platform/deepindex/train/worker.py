@@ -48,7 +48,8 @@ def _write_status(status_dir: str | None, rank: int, **fields) -> None:
     d = Path(status_dir)
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".rank{rank}.json.tmp"
-    tmp.write_text(json.dumps({"rank": rank, "pid": os.getpid(), "node": os.uname().nodename, "time": time.time(), **fields}))
+    tmp.write_text(json.dumps({"rank": rank, "pid": os.getpid(), "node": os.uname().nodename, "time": time.time(),
+                               **fields}))
     os.replace(tmp, d / f"rank{rank}.json")
 
 
@@ -119,7 +120,8 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
             throughput.set(metrics["images_per_s"], tags=run_tag)
             if tracker is not None:
                 tracker.log_epoch(metrics, epoch)
-        scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}  # per-concept AP stays in the checkpoint
+        # Per-concept AP stays in the checkpoint.
+        scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:

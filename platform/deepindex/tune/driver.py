@@ -101,7 +101,8 @@ def trial_driver(params: dict[str, Any], *, base: dict, sweep: str, train_storag
     train(cfg, name=trial_id, evaluate_test=False, tracker=tracker, callbacks=[_report_callback()])
 
 
-def trial_checkpoints(train_storage: str | Path, trial_id: str, metric: str, mode: str) -> tuple[str | None, str | None]:
+def trial_checkpoints(train_storage: str | Path, trial_id: str, metric: str, mode: str
+                      ) -> tuple[str | None, str | None]:
     """(best by ``metric``, latest by epoch) checkpoint folders of a trial's Train run."""
     from deepindex.checkpoint import FILENAME, read_checkpoint
 
@@ -251,9 +252,9 @@ def _summarise(grid, spec: SweepSpec, name: str, path: str, metric: str, mode: s
         done = int(m.get(EPOCHS_DONE, 0))
         params = {k: v for k, v in (r.config or {}).items()}
         value = m.get(metric)
+        stopped_early = status == "TERMINATED" and r.error is None and done < spec.max_epochs
         summaries.append(TrialSummary(tid, params, float(value) if value is not None else None, done,
-                                      stopped_early=status == "TERMINATED" and r.error is None and done < spec.max_epochs,
-                                      status=status))
+                                      stopped_early=stopped_early, status=status))
     interrupted = any(s.status in ("PENDING", "RUNNING", "PAUSED") for s in summaries)
     scored = [s for s in summaries if s.metric is not None and s.status != "ERROR"]
     # The best by the last reported value: a trial ASHA stopped early is never better than

@@ -121,7 +121,7 @@ def parse_space(raw: dict[str, Any], path: str = "<space>", overrides: list[str]
     base_overrides = dict(base_raw.get("overrides") or {})
     cfg_path = base_raw.get("config")
     if cfg_path and not Path(cfg_path).is_absolute():
-        cfg_path = str((Path(path).parent / cfg_path)) if not Path(cfg_path).exists() else cfg_path
+        cfg_path = str(Path(path).parent / cfg_path) if not Path(cfg_path).exists() else cfg_path
     base = load_config(cfg_path, base_overrides)
     if overrides:
         base = base.override(overrides)
@@ -169,7 +169,8 @@ def _check_settings(s: SweepSettings, space: dict[str, Dist], base: Config) -> N
     epochs = space.get("train.epochs")
     max_t = int(max(epochs.samples())) if epochs else base.train.epochs
     if not isinstance(s.grace_period, int) or not 1 <= s.grace_period <= max_t:
-        raise ConfigError(f"tune.grace_period: must be an integer in [1, {max_t}] (train.epochs), got {s.grace_period!r}")
+        raise ConfigError(
+            f"tune.grace_period: must be an integer in [1, {max_t}] (train.epochs), got {s.grace_period!r}")
     if not isinstance(s.reduction_factor, int) or s.reduction_factor < 2:
         raise ConfigError(f"tune.reduction_factor: must be an integer >= 2, got {s.reduction_factor!r}")
     if s.max_concurrent_trials < 0:
@@ -178,7 +179,8 @@ def _check_settings(s: SweepSettings, space: dict[str, Dist], base: Config) -> N
         raise ConfigError("tune.trial_driver_cpus: must be > 0")
 
 
-def load_space(path: str | Path, overrides: list[str] | None = None, settings: dict[str, Any] | None = None) -> SweepSpec:
+def load_space(path: str | Path, overrides: list[str] | None = None,
+               settings: dict[str, Any] | None = None) -> SweepSpec:
     """Read and validate ``tune_configs/X.yaml``; ``overrides`` apply to the base config,
     ``settings`` to the ``tune`` section (e.g. ``{"num_samples": 4}``)."""
     p = Path(path)
