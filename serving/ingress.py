@@ -177,9 +177,9 @@ class Ingress:
 
         self.args = ServeArgs.model_validate(args)
         self.model, self.index, self.hub = model, index, hub
-        self.metrics = ServeMetrics()
+        self.serve_metrics = ServeMetrics()
         self._replica = serve.get_replica_context().replica_id.unique_id
-        app.state.metrics = self.metrics
+        app.state.metrics = self.serve_metrics
         # base64 inflates by 4/3; one spare megabyte for the rest of the body.
         app.state.max_body = int(self.args.max_images_per_request * self.args.max_image_bytes * 4 / 3) + (1 << 20)
         Image.MAX_IMAGE_PIXELS = self.args.max_image_pixels  # PIL's own bomb guard, as a backstop
@@ -193,7 +193,7 @@ class Ingress:
         if refresh or self._spec is None or time.monotonic() - self._spec_at > SPEC_TTL_S:
             self._spec = await _call(self.model.info)
             self._spec_at = time.monotonic()
-            self.metrics.set_model(self._spec["name"], self._spec["version"])
+            self.serve_metrics.set_model(self._spec["name"], self._spec["version"])
         return self._spec
 
     def _vocabulary(self, concepts: list[str]):
@@ -273,8 +273,8 @@ class Ingress:
         else:
             raise ApiError(503, "model_changing", "the model version changed during the request; retry")
         for r in results:
-            self.metrics.batch_size.observe(r["batch_size"])
-        self.metrics.images.labels(endpoint=endpoint).inc(len(results))
+            self.serve_metrics.batch_size.observe(r["batch_size"])
+        self.serve_metrics.images.labels(endpoint=endpoint).inc(len(results))
         return spec, results
 
     @staticmethod
@@ -296,7 +296,7 @@ class Ingress:
         except Exception as e:  # noqa: BLE001 - a model that cannot answer, whatever the cause, is not ready
             return JSONResponse({"status": "not ready", "reasons": [f"model: {e}"]}, status_code=503)
         index = await _call(self.index.info, spec["name"], spec["version"])
-        self.metrics.index_items.set(index.get("count", 0))
+        self.serve_metrics.index_items.set(index.get("count", 0))
         if not index.get("loaded"):
             reasons.append(f"index: {index.get('problem')}")
         model = {k: spec[k] for k in ("name", "version", "uri", "reloads", "last_error")}
@@ -311,11 +311,11 @@ class Ingress:
         try:
             spec = await self._model_spec()
             info = await _call(self.index.info, spec["name"], spec["version"])
-            self.metrics.index_items.set(info.get("count", 0))
+            self.serve_metrics.index_items.set(info.get("count", 0))
         except Exception as e:  # noqa: BLE001 - a scrape still answers with what the replicas know
             log.warning("metrics: model/index info unavailable: %s", e)
         try:
-            text = await asyncio.wait_for(self.hub.merged.remote(self._replica, self.metrics.snapshot()), 10.0)
+            text = await asyncio.wait_for(self.hub.merged.remote(self._replica, self.serve_metrics.snapshot()), 10.0)
         except Exception as e:  # noqa: BLE001 - one replica's numbers would read as counter resets
             log.warning("metrics: the metrics hub is unavailable: %s", e)
             raise ApiError(503, "metrics_unavailable", "the metrics hub is restarting; scrape again") from None
@@ -324,7 +324,7 @@ class Ingress:
     async def check_health(self):
         """Serve's periodic health check (every HEALTH_S): also hands this replica's numbers to the hub."""
         try:
-            await asyncio.wait_for(self.hub.push.remote(self._replica, self.metrics.snapshot()), 5.0)
+            await asyncio.wait_for(self.hub.push.remote(self._replica, self.serve_metrics.snapshot()), 5.0)
         except Exception as e:  # noqa: BLE001 - the hub's health is not this replica's
             log.debug("metrics: push to the hub failed: %s", e)
 
@@ -425,6 +425,6 @@ class Ingress:
         # Not re-sent: a replica that died after applying the add would make the retry a 409.
         res = _check(await _call(self.index.add, ids, probs, embs, thumbs, spec["name"], spec["version"],
                                 idempotent=False))
-        self.metrics.index_items.set(res["count"])
+        self.serve_metrics.index_items.set(res["count"])
         return {"added": res["added"], "count": res["count"],
                 "model": {"name": spec["name"], "version": spec["version"]}}

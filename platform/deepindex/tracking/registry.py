@@ -95,6 +95,8 @@ def _download(client: MlflowClient, mv: ModelVersion) -> Path:
     if (dest / FILENAME).is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if not mv.run_id:  # a version registered from a bare artifact location, not from a run
+        raise ValueError(f"model: version {mv.version} of {mv.name} has no run to download {ARTIFACT_DIR}/ from")
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{mv.version}-"))
     try:
         got = Path(client.download_artifacts(mv.run_id, ARTIFACT_DIR, str(tmp)))

@@ -73,7 +73,10 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     try:
         return client.create_experiment(name)
     except MlflowException:  # created meanwhile by a concurrent trial or job
-        return client.get_experiment_by_name(name).experiment_id
+        exp = client.get_experiment_by_name(name)
+        if exp is None:  # not a race: creating it failed for another reason, which is the error to report
+            raise
+        return exp.experiment_id
 
 
 def make_tracker(cfg: Config, name: str, *, journal: str | None = None, tracking_uri: str | None = None,

@@ -92,8 +92,11 @@ def train(cfg: Config, *, name: str | None = None, evaluate_test: bool = True, t
     connect()
     trainer = build_trainer(cfg, name=name, tracker=tracker, callbacks=callbacks)
     result = trainer.fit()
+    latest = result.checkpoint
+    if latest is None:  # rank 0 reports one every epoch: fit() raises before a run ends without one
+        raise RuntimeError(f"train: run {name} finished without a checkpoint")
     metric, mode = primary_metric(cfg.multilabel)
-    best = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else result.checkpoint
-    best_path = best.path if best is not None else result.checkpoint.path
+    best = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else latest
+    best_path = best.path if best is not None else latest.path
     test = evaluate_checkpoint(best_path) if evaluate_test else {}
-    return TrainOutcome(name, dict(result.metrics or {}), best_path, result.checkpoint.path, test)
+    return TrainOutcome(name, dict(result.metrics or {}), best_path, latest.path, test)
