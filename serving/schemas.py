@@ -47,9 +47,10 @@ class ServeArgs(BaseModel):
         def fix(p: str | None) -> str | None:
             return p if p is None or Path(p).is_absolute() else str(root / p)
 
-        model = self.model if self.model.startswith("models:/") else fix(self.model)
+        registry = self.model.startswith("models:/")
+        model = self.model if registry else fix(self.model)
         tracking_uri = self.tracking_uri
-        if tracking_uri is None and model.startswith("models:/"):
+        if tracking_uri is None and registry:
             # Decided where the app is built (`deepindex serve`, `serve run`, the RayService's
             # build): replicas run in Ray's worker folders, where neither that shell's
             # MLFLOW_TRACKING_URI nor the local platform's state folder can be found.

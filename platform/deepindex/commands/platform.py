@@ -1,11 +1,12 @@
 """``deepindex up`` / ``down`` / ``status``: the local Ray head and MLflow server."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from deepindex.localplatform import DEFAULT_MLFLOW_PORT, DEFAULT_RAY_PORT
 
     p = sub.add_parser("up", help="start a local Ray head and MLflow tracking server (idempotent)")
@@ -20,7 +21,7 @@ def register(sub) -> None:
     s.set_defaults(func=run_status)
 
 
-def run_up(args) -> int:
+def run_up(args: argparse.Namespace) -> int:
     from deepindex.localplatform import PlatformError, up
 
     try:
@@ -35,7 +36,7 @@ def run_up(args) -> int:
     return 0
 
 
-def run_down(args) -> int:
+def run_down(args: argparse.Namespace) -> int:
     from deepindex.localplatform import down
 
     stopped = down()
@@ -46,7 +47,7 @@ def run_down(args) -> int:
     return 0
 
 
-def run_status(args) -> int:
+def run_status(args: argparse.Namespace) -> int:
     from deepindex.localplatform import status
 
     st = status()

@@ -9,7 +9,7 @@ import sys
 log = logging.getLogger(__name__)
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from deepindex.submit import JOBS
 
     p = sub.add_parser(
@@ -35,7 +35,7 @@ def register(sub) -> None:
     p.set_defaults(func=run_submit)
 
 
-def run_submit(args) -> int:
+def run_submit(args: argparse.Namespace) -> int:
     from deepindex import submit as s
 
     root = s.find_project_root(args.project_dir)

@@ -112,8 +112,8 @@ def find_index(path: str | Path, model_name: str | None = None, version: str | N
 class IndexStore:
     """A loaded index: vectors, probabilities, ids, thumbnails and the manifest."""
 
-    def __init__(self, manifest: IndexManifest, vectors: VectorIndex, ids: list[str], meta: list[dict],
-                 probs: np.ndarray, embeddings: np.ndarray, thumbs: np.ndarray | None):
+    def __init__(self, manifest: IndexManifest, vectors: VectorIndex, ids: list[str], meta: list[dict[str, Any]],
+                 probs: np.ndarray, embeddings: np.ndarray, thumbs: np.ndarray | None) -> None:
         self.manifest, self.vectors, self.ids, self.meta = manifest, vectors, ids, meta
         self.probs, self.embeddings, self.thumbs = probs, embeddings, thumbs  # (N, K), (N, D), (N, C, S, S)
         self.rows = {item: i for i, item in enumerate(ids)}
@@ -122,9 +122,10 @@ class IndexStore:
 
     # ---- build / load / save -----------------------------------------------------------
     @classmethod
-    def create(cls, *, model: dict, collection: str, concepts: list[str], ids: list[str], meta: list[dict],
-               probs: np.ndarray, embeddings: np.ndarray, thumbs: np.ndarray | None, cfg: VectorConfig,
-               image_size: int, channels: int, multilabel: bool, source: dict[str, Any] | None = None) -> IndexStore:
+    def create(cls, *, model: dict[str, str], collection: str, concepts: list[str], ids: list[str],
+               meta: list[dict[str, Any]], probs: np.ndarray, embeddings: np.ndarray, thumbs: np.ndarray | None,
+               cfg: VectorConfig, image_size: int, channels: int, multilabel: bool,
+               source: dict[str, Any] | None = None) -> IndexStore:
         vectors = VectorIndex.build(embeddings, cfg)
         manifest = IndexManifest(
             model=IndexedModel.model_validate(model), collection=collection, metric=cfg.metric,
@@ -188,7 +189,7 @@ class IndexStore:
         return out
 
     def add(self, ids: list[str], probs: np.ndarray, embeddings: np.ndarray, thumbs: np.ndarray | None,
-            meta: list[dict] | None = None) -> list[int]:
+            meta: list[dict[str, Any]] | None = None) -> list[int]:
         """Append items (no rebuild); an id already present is a :class:`DuplicateItem`."""
         dup = [i for i in ids if i in self.rows]
         if dup or len(set(ids)) != len(ids):

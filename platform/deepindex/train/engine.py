@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -16,6 +16,10 @@ from torch.utils.data import DataLoader
 
 from deepindex.train.losses import Penalty, penalised_params
 from deepindex.train.metrics import mean_ap, per_concept_ap, topk_error
+
+if TYPE_CHECKING:
+    from deepindex.config import Config
+    from deepindex.data import Splits
 
 
 def train_one_epoch(
@@ -70,9 +74,9 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device | str = "
 
 
 def scores_to_metrics(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, loss_fn: nn.Module | None = None,
-                      prefix: str = "val_") -> dict:
+                      prefix: str = "val_") -> dict[str, Any]:
     """Metrics of a whole split from its logits: loss and top-1/top-5 error, or mAP and per-concept AP."""
-    out: dict = {}
+    out: dict[str, Any] = {}
     if loss_fn is not None:
         out[f"{prefix}loss"] = float(loss_fn(logits, targets))
     if multilabel:
@@ -85,8 +89,8 @@ def scores_to_metrics(logits: torch.Tensor, targets: torch.Tensor, multilabel: b
     return out
 
 
-def evaluate(model: nn.Module, loader: DataLoader, multilabel: bool, loss_fn: nn.Module | None = None, device="cpu",
-             prefix: str = "val_") -> dict:
+def evaluate(model: nn.Module, loader: DataLoader, multilabel: bool, loss_fn: nn.Module | None = None,
+             device: torch.device | str = "cpu", prefix: str = "val_") -> dict[str, Any]:
     logits, targets = predict(model, loader, device)
     return scores_to_metrics(logits, targets, multilabel, loss_fn, prefix)
 
@@ -100,18 +104,18 @@ def primary_metric(multilabel: bool, prefix: str = "val_") -> tuple[str, str]:
 class LocalTraining:
     """One in-process training run (no Ray, no DDP): what the Ray worker builds, on one process."""
 
-    splits: Any
+    splits: Splits
     model: nn.Module
     optimizer: torch.optim.Optimizer
     loader: DataLoader
     loss_fn: nn.Module
     penalty: Penalty
 
-    def epoch(self, epoch: int) -> dict:
+    def epoch(self, epoch: int) -> dict[str, float]:
         return train_one_epoch(self.model, self.loader, self.optimizer, self.loss_fn, self.penalty, epoch)
 
 
-def local_training(cfg) -> LocalTraining:
+def local_training(cfg: Config) -> LocalTraining:
     """Data, model, optimizer, shuffled loader (seeded: same seed, same weights) and loss of ``cfg``."""
     from deepindex.data import build_splits
     from deepindex.models import build_model

@@ -4,7 +4,10 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from deepindex.tune.driver import SweepOutcome
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +27,7 @@ def tune_main(space: str, overrides: list[str] | None = None, *, name: str | Non
     return summary
 
 
-def sweep_summary(out) -> dict[str, Any]:
+def sweep_summary(out: SweepOutcome) -> dict[str, Any]:
     from deepindex.tracking.uri import resolve_tracking_uri
 
     best = out.best

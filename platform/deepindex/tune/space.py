@@ -34,7 +34,8 @@ class Dist:
     kind: str
     args: Any  # list of values, [low, high], or a constant
 
-    def to_tune(self):
+    def to_tune(self) -> object:
+        """A Tune search-space domain, a ``grid_search`` spec, or the constant itself (``value``)."""
         from ray import tune
 
         if self.kind == "choice":
@@ -74,7 +75,7 @@ class SweepSpec:
     base: Config
     space: dict[str, Dist]
     settings: SweepSettings
-    raw: dict = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
 
     def param_space(self) -> dict[str, Any]:
         return {k: d.to_tune() for k, d in self.space.items()}
