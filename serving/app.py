@@ -5,9 +5,9 @@ all build the application here; ``args`` are :class:`serving.schemas.ServeArgs`.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from serving.schemas import ServeArgs
 
@@ -21,6 +21,11 @@ def _actor_options(num_cpus: float) -> dict[str, Any]:
     return {"num_cpus": num_cpus}
 
 
+def _deployment(cls: object) -> Deployment:
+    """``cls`` as what ``@serve.deployment`` made of it: mypy does not apply class decorators."""
+    return cast(Deployment, cls)
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     from serving.index import IndexServer
     from serving.ingress import Ingress
@@ -28,7 +33,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     from serving.model import ModelServer
 
     a = ServeArgs.model_validate(args or {}).resolved()
-    model = ModelServer.options(
+    model = _deployment(ModelServer).options(
         **_scaling(a.model_replicas, a.model_autoscaling),
         # Enough requests in flight per replica for full batches to form.
         max_ongoing_requests=max(2 * a.max_batch_size, 8),
@@ -36,9 +41,11 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     ).bind(a.model, a.tracking_uri, a.reload_interval_s, a.max_batch_size, a.batch_wait_timeout_s,
            a.model_threads or max(1, int(a.model_num_cpus)))
     # One index replica: it is the writer for POST /v1/items, so every search sees every add.
-    index = IndexServer.options(num_replicas=1, ray_actor_options=_actor_options(0)).bind(a.index_dir, a.persist_added)
+    index = _deployment(IndexServer).options(num_replicas=1, ray_actor_options=_actor_options(0)).bind(
+        a.index_dir, a.persist_added)
     # One hub: /metrics answers for every ingress replica, whichever one the scrape reaches.
-    hub = MetricsHub.options(ray_actor_options=_actor_options(0)).bind()
-    return Ingress.options(**_scaling(a.ingress_replicas, a.ingress_autoscaling),
-                           max_ongoing_requests=256,
-                           ray_actor_options=_actor_options(a.ingress_num_cpus)).bind(model, index, a.model_dump(), hub)
+    hub = _deployment(MetricsHub).options(ray_actor_options=_actor_options(0)).bind()
+    return _deployment(Ingress).options(**_scaling(a.ingress_replicas, a.ingress_autoscaling),
+                                        max_ongoing_requests=256,
+                                        ray_actor_options=_actor_options(a.ingress_num_cpus)
+                                        ).bind(model, index, a.model_dump(), hub)

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import numpy as np
@@ -18,12 +18,32 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.errors import ApiError
-from serving.schemas import (HERE, AddItemsResponse, ErrorResponse, Health, ImagesJSON, ItemResponse,
-                             KeywordSearchResponse, ServeArgs, SimilarResponse, TagResponse)
+from serving.schemas import (
+    HERE,
+    AddItemsResponse,
+    ErrorResponse,
+    Health,
+    ImagesJSON,
+    ItemResponse,
+    KeywordSearchResponse,
+    ServeArgs,
+    SimilarResponse,
+    TagResponse,
+)
+
+if TYPE_CHECKING:  # quoted where used: this module's annotations are evaluated (no __future__ import)
+    from PIL import Image
+
+    from deepindex.index.keywords import Vocabulary
+    from serving.index import IndexServer
+    from serving.metrics import MetricsHub
+    from serving.model import ModelServer
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +51,7 @@ SPEC_TTL_S = 1.0  # how stale the ingress's view of the served model version may
 ITEM_ID = re.compile(r"^[A-Za-z0-9._:@/+-]{1,200}$")
 SCORING = {"all": "product of the query concepts' presence probabilities (all present, independence assumed)",
            "any": "1 - product of (1 - presence probability): noisy-or, at least one present"}
-_ERRORS = {c: {"model": ErrorResponse} for c in (400, 404, 409, 413, 415, 422, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (400, 404, 409, 413, 415, 422, 503)}
 _IMAGES_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
@@ -44,19 +64,19 @@ app = FastAPI(title="deepindex", version="1.0",
 
 # ---- errors and metrics ----------------------------------------------------------------------
 @app.exception_handler(ApiError)
-async def _api_error(request: Request, e: ApiError):
+async def _api_error(request: Request, e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
 @app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, e: RequestValidationError):
+async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
     first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
     where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "body", "path"))
     return JSONResponse({"error": {"code": "invalid_request", "message": f"{where}: {first['msg']}"}}, status_code=422)
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, e: StarletteHTTPException):
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "request_too_large"}
     return JSONResponse({"error": {"code": codes.get(e.status_code, "http_error"), "message": str(e.detail)}},
                         status_code=e.status_code)
@@ -69,10 +89,10 @@ class ObserveMiddleware:
     response in a stream and a task group, which cost more CPU per request than the rest of a tag.
     """
 
-    def __init__(self, app):
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         # The state of the app serving this request: in a Serve replica that is not the object this
@@ -82,7 +102,7 @@ class ObserveMiddleware:
         status = 500
         started = False
 
-        async def send_observed(message):
+        async def send_observed(message: Message) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
@@ -105,7 +125,8 @@ class ObserveMiddleware:
         m = getattr(state, "metrics", None)
         if m is not None:
             # The route template bounds label cardinality; a path no route matched is "unmatched".
-            endpoint = getattr(scope.get("route"), "path", None) or (scope.get("path", "") if status < 400 else "unmatched")
+            endpoint = (getattr(scope.get("route"), "path", None)
+                        or (scope.get("path", "") if status < 400 else "unmatched"))
             m.requests.labels(endpoint=endpoint, method=scope.get("method", ""), status=str(status)).inc()
             m.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)
 
@@ -125,7 +146,7 @@ def _replica_lost() -> tuple[type[BaseException], ...]:
     return (RayActorError, ActorUnavailableError, ReplicaUnavailableError)
 
 
-async def _call(method, *args, idempotent: bool = True):
+async def _call(method: DeploymentHandle[Any], *args: Any, idempotent: bool = True) -> dict[str, Any]:
     """``await method.remote(*args)``; retried when the replica died (idempotent calls), else a 503."""
     lost = _replica_lost()
     for attempt in range(RETRIES + 1 if idempotent else 1):
@@ -147,7 +168,7 @@ def _image_url(item_id: str) -> str:
     return f"/v1/items/{quote(item_id, safe='/')}/image"
 
 
-def _hits(results: list[dict]) -> list[dict]:
+def _hits(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**h, "image_url": _image_url(h["id"])} for h in results]
 
 
@@ -159,22 +180,23 @@ HEALTH_S = 5.0
 @serve.deployment(name="Ingress", health_check_period_s=HEALTH_S)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, model, index, args: dict[str, Any], hub):
+    def __init__(self, model: "DeploymentHandle[ModelServer]", index: "DeploymentHandle[IndexServer]",
+                 args: dict[str, Any], hub: "DeploymentHandle[MetricsHub]") -> None:
         from PIL import Image
 
         from serving.metrics import ServeMetrics
 
         self.args = ServeArgs.model_validate(args)
         self.model, self.index, self.hub = model, index, hub
-        self.metrics = ServeMetrics()
+        self.serve_metrics = ServeMetrics()
         self._replica = serve.get_replica_context().replica_id.unique_id
-        app.state.metrics = self.metrics
+        app.state.metrics = self.serve_metrics
         # base64 inflates by 4/3; one spare megabyte for the rest of the body.
         app.state.max_body = int(self.args.max_images_per_request * self.args.max_image_bytes * 4 / 3) + (1 << 20)
         Image.MAX_IMAGE_PIXELS = self.args.max_image_pixels  # PIL's own bomb guard, as a backstop
         self._spec: dict[str, Any] | None = None
         self._spec_at = 0.0
-        self._vocab: dict[tuple, Any] = {}
+        self._vocab: dict[tuple[str, ...], Vocabulary] = {}
         self._page = (HERE / "static" / "index.html").read_text()
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -182,10 +204,10 @@ class Ingress:
         if refresh or self._spec is None or time.monotonic() - self._spec_at > SPEC_TTL_S:
             self._spec = await _call(self.model.info)
             self._spec_at = time.monotonic()
-            self.metrics.set_model(self._spec["name"], self._spec["version"])
+            self.serve_metrics.set_model(self._spec["name"], self._spec["version"])
         return self._spec
 
-    def _vocabulary(self, concepts: list[str]):
+    def _vocabulary(self, concepts: list[str]) -> "Vocabulary":
         from deepindex.index.keywords import Vocabulary
 
         key = tuple(concepts)
@@ -208,12 +230,14 @@ class Ingress:
                 form = await request.form(max_files=a.max_images_per_request + 1, max_fields=1000)
             except StarletteHTTPException as e:
                 if "too many files" in str(e.detail).lower():
-                    raise ApiError(413, "too_many_images", f"at most {a.max_images_per_request} images per request") from None
+                    raise ApiError(413, "too_many_images",
+                                   f"at most {a.max_images_per_request} images per request") from None
                 raise ApiError(400, "bad_multipart", f"multipart body: {e.detail}") from None
             files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
             ids = [str(v) for k, v in form.multi_items() if k == "id" and not isinstance(v, UploadFile)]
             if len(files) > a.max_images_per_request:
-                raise ApiError(413, "too_many_images", f"{len(files)} images; at most {a.max_images_per_request} per request")
+                raise ApiError(413, "too_many_images",
+                               f"{len(files)} images; at most {a.max_images_per_request} per request")
             if ids and len(ids) != len(files):
                 raise ApiError(400, "bad_ids", f"{len(ids)} ids for {len(files)} images")
             for i, f in enumerate(files):
@@ -222,8 +246,9 @@ class Ingress:
         elif ctype.startswith("application/json"):
             try:
                 body = ImagesJSON.model_validate(await request.json())
-            except Exception as e:
-                raise ApiError(400, "bad_json", f"expected {{\"images\": [{{\"data\": <base64>}}]}}: {str(e).splitlines()[0]}") from None
+            except Exception as e:  # noqa: BLE001 - whatever makes the body unreadable, it is the client's: a 400
+                raise ApiError(400, "bad_json",
+                               f"expected {{\"images\": [{{\"data\": <base64>}}]}}: {str(e).splitlines()[0]}") from None
             if len(body.images) > a.max_images_per_request:
                 raise ApiError(413, "too_many_images",
                                f"{len(body.images)} images; at most {a.max_images_per_request} per request")
@@ -233,17 +258,20 @@ class Ingress:
                 what = f"images[{i}]"
                 out.append((im.id, b64_bytes(im.data, what), what))
         else:
-            raise ApiError(415, "unsupported_media_type", "send multipart/form-data files or application/json base64 images")
+            raise ApiError(415, "unsupported_media_type",
+                           "send multipart/form-data files or application/json base64 images")
         if not out:
             raise ApiError(400, "no_images", "the request holds no image")
         return out
 
-    def _decode(self, raw: list[tuple[str | None, bytes, str]]):
+    def _decode(self, raw: list[tuple[str | None, bytes, str]]) -> "list[Image.Image]":
         from serving.decode import decode_image
 
-        return [decode_image(data, what, self.args.max_image_bytes, self.args.max_image_pixels) for _, data, what in raw]
+        return [decode_image(data, what, self.args.max_image_bytes, self.args.max_image_pixels)
+                for _, data, what in raw]
 
-    async def _infer(self, images, endpoint: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    async def _infer(self, images: "list[Image.Image]", endpoint: str
+                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Images -> (model spec, per image {probs, embedding, version, batch_size}) via the batched model."""
         from deepindex.data.transforms import pil_to_uint8
 
@@ -257,29 +285,30 @@ class Ingress:
         else:
             raise ApiError(503, "model_changing", "the model version changed during the request; retry")
         for r in results:
-            self.metrics.batch_size.observe(r["batch_size"])
-        self.metrics.images.labels(endpoint=endpoint).inc(len(results))
+            self.serve_metrics.batch_size.observe(r["batch_size"])
+        self.serve_metrics.images.labels(endpoint=endpoint).inc(len(results))
         return spec, results
 
     @staticmethod
-    def _top(probs: np.ndarray, concepts: list[str], top_k: int, threshold: float) -> list[dict]:
+    def _top(probs: np.ndarray, concepts: list[str], top_k: int, threshold: float) -> list[dict[str, Any]]:
         order = np.argsort(-probs, kind="stable")
-        return [{"concept": concepts[i], "probability": float(probs[i])} for i in order if probs[i] >= threshold][:top_k]
+        return [{"concept": concepts[i], "probability": float(probs[i])}
+                for i in order if probs[i] >= threshold][:top_k]
 
     # ---- health, metrics, page -------------------------------------------------------------
     @app.get("/healthz", response_model=Health)
-    async def healthz(self) -> dict:
+    async def healthz(self) -> dict[str, Any]:
         return {"status": "ok"}
 
     @app.get("/readyz", response_model=Health, responses={503: {"model": Health}})
-    async def readyz(self):
+    async def readyz(self) -> JSONResponse:
         reasons: list[str] = []
         try:
             spec = await self._model_spec(refresh=True)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a model that cannot answer, whatever the cause, is not ready
             return JSONResponse({"status": "not ready", "reasons": [f"model: {e}"]}, status_code=503)
         index = await _call(self.index.info, spec["name"], spec["version"])
-        self.metrics.index_items.set(index.get("count", 0))
+        self.serve_metrics.index_items.set(index.get("count", 0))
         if not index.get("loaded"):
             reasons.append(f"index: {index.get('problem')}")
         model = {k: spec[k] for k in ("name", "version", "uri", "reloads", "last_error")}
@@ -287,37 +316,37 @@ class Ingress:
         return JSONResponse(body, status_code=200 if not reasons else 503)
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics(self):
+    async def metrics(self) -> Response:
         """The whole application's metrics, whichever ingress replica answers (serving/metrics.py)."""
         from prometheus_client import CONTENT_TYPE_LATEST
 
         try:
             spec = await self._model_spec()
             info = await _call(self.index.info, spec["name"], spec["version"])
-            self.metrics.index_items.set(info.get("count", 0))
-        except Exception as e:  # a scrape still answers with what the replicas know
+            self.serve_metrics.index_items.set(info.get("count", 0))
+        except Exception as e:  # noqa: BLE001 - a scrape still answers with what the replicas know
             log.warning("metrics: model/index info unavailable: %s", e)
         try:
-            text = await asyncio.wait_for(self.hub.merged.remote(self._replica, self.metrics.snapshot()), 10.0)
+            text = await asyncio.wait_for(self.hub.merged.remote(self._replica, self.serve_metrics.snapshot()), 10.0)
         except Exception as e:  # noqa: BLE001 - one replica's numbers would read as counter resets
             log.warning("metrics: the metrics hub is unavailable: %s", e)
-            raise ApiError(503, "metrics_unavailable", "the metrics hub is restarting; scrape again")
+            raise ApiError(503, "metrics_unavailable", "the metrics hub is restarting; scrape again") from None
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
-    async def check_health(self):
+    async def check_health(self) -> None:
         """Serve's periodic health check (every HEALTH_S): also hands this replica's numbers to the hub."""
         try:
-            await asyncio.wait_for(self.hub.push.remote(self._replica, self.metrics.snapshot()), 5.0)
+            await asyncio.wait_for(self.hub.push.remote(self._replica, self.serve_metrics.snapshot()), 5.0)
         except Exception as e:  # noqa: BLE001 - the hub's health is not this replica's
             log.debug("metrics: push to the hub failed: %s", e)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page(self):
+    async def page(self) -> HTMLResponse:
         return HTMLResponse(self._page)
 
     # ---- tagging ----------------------------------------------------------------------------
     @app.post("/v1/tag", response_model=TagResponse, responses=_ERRORS, openapi_extra=_IMAGES_BODY)
-    async def tag(self, request: Request, top_k: int = 10, threshold: float = 0.0) -> dict:
+    async def tag(self, request: Request, top_k: int = 10, threshold: float = 0.0) -> dict[str, Any]:
         """Concept probabilities per image, sorted, at most ``top_k``, at least ``threshold``."""
         if not 0.0 <= threshold <= 1.0:
             raise ApiError(422, "threshold_out_of_range", f"threshold={threshold}: must be between 0 and 1")
@@ -325,12 +354,13 @@ class Ingress:
         raw = await self._read_images(request)
         spec, results = await self._infer(self._decode(raw), "/v1/tag")
         return {"model": {"name": spec["name"], "version": spec["version"]},
-                "results": [{"index": i, "id": raw[i][0], "concepts": self._top(r["probs"], spec["concepts"], top_k, threshold)}
+                "results": [{"index": i, "id": raw[i][0],
+                             "concepts": self._top(r["probs"], spec["concepts"], top_k, threshold)}
                             for i, r in enumerate(results)]}
 
     # ---- search -----------------------------------------------------------------------------
     @app.get("/v1/search", response_model=KeywordSearchResponse, responses=_ERRORS)
-    async def search(self, q: str = "", k: int = 10, mode: str = "all") -> dict:
+    async def search(self, q: str = "", k: int = 10, mode: str = "all") -> dict[str, Any]:
         """Keywords -> concepts (vocabulary with synonyms) -> items ranked by those concepts' probabilities."""
         if not q.strip():
             raise ApiError(400, "empty_query", "q: give one or more keywords")
@@ -341,7 +371,7 @@ class Ingress:
         self._k(k)
         spec = await self._model_spec()
         parsed = self._vocabulary(spec["concepts"]).parse(q)
-        results: list[dict] = []
+        results: list[dict[str, Any]] = []
         if parsed.concepts:
             res = _check(await _call(self.index.keywords, parsed.concepts, mode, k, spec["name"], spec["version"]))
             results = _hits(res["results"])
@@ -350,13 +380,13 @@ class Ingress:
                 "model": {"name": spec["name"], "version": spec["version"]}, "results": results}
 
     @app.post("/v1/search/similar", response_model=SimilarResponse, responses=_ERRORS, openapi_extra=_IMAGES_BODY)
-    async def similar_image(self, request: Request, k: int = 10) -> dict:
+    async def similar_image(self, request: Request, k: int = 10) -> dict[str, Any]:
         """The k indexed items nearest to one uploaded image (query by example)."""
         self._k(k)
         raw = await self._read_images(request)
         if len(raw) != 1:
             raise ApiError(400, "one_image", f"send exactly one image, got {len(raw)}")
-        spec, results = await self._infer(self._decode(raw), "/v1/search/similar")
+        _, results = await self._infer(self._decode(raw), "/v1/search/similar")
         r = results[0]
         res = _check(await _call(self.index.similar_vector, r["embedding"], k, r["name"], r["version"]))
         return {"metric": res["metric"], "model": {"name": r["name"], "version": r["version"]},
@@ -364,7 +394,7 @@ class Ingress:
 
     # ---- items (the suffixed routes first: ids may hold '/') -----------------------------------
     @app.get("/v1/items/{item_id:path}/similar", response_model=SimilarResponse, responses=_ERRORS)
-    async def similar_item(self, item_id: str, k: int = 10) -> dict:
+    async def similar_item(self, item_id: str, k: int = 10) -> dict[str, Any]:
         """The k items nearest to an indexed item (itself excluded)."""
         self._k(k)
         spec = await self._model_spec()
@@ -373,13 +403,13 @@ class Ingress:
                 "query_id": item_id, "results": _hits(res["results"])}
 
     @app.get("/v1/items/{item_id:path}/image", responses={200: {"content": {"image/png": {}}}, **_ERRORS})
-    async def item_image(self, item_id: str):
+    async def item_image(self, item_id: str) -> Response:
         """The item's image as the model saw it (model input size), PNG."""
         res = _check(await _call(self.index.thumbnail, item_id))
         return Response(res["png"], media_type="image/png")
 
     @app.get("/v1/items/{item_id:path}", response_model=ItemResponse, responses=_ERRORS)
-    async def get_item(self, item_id: str, top_k: int = 10) -> dict:
+    async def get_item(self, item_id: str, top_k: int = 10) -> dict[str, Any]:
         self._k(top_k, "top_k")
         spec = await self._model_spec()
         res = _check(await _call(self.index.get, item_id, spec["name"], spec["version"]))
@@ -388,7 +418,7 @@ class Ingress:
 
     @app.post("/v1/items", response_model=AddItemsResponse, status_code=201, responses=_ERRORS,
               openapi_extra=_IMAGES_BODY)
-    async def add_items(self, request: Request) -> dict:
+    async def add_items(self, request: Request) -> dict[str, Any]:
         """Embed images and add them, with their ids, to the live index (no rebuild)."""
         from deepindex.data.transforms import pil_to_uint8
 
@@ -407,5 +437,6 @@ class Ingress:
         # Not re-sent: a replica that died after applying the add would make the retry a 409.
         res = _check(await _call(self.index.add, ids, probs, embs, thumbs, spec["name"], spec["version"],
                                 idempotent=False))
-        self.metrics.index_items.set(res["count"])
-        return {"added": res["added"], "count": res["count"], "model": {"name": spec["name"], "version": spec["version"]}}
+        self.serve_metrics.index_items.set(res["count"])
+        return {"added": res["added"], "count": res["count"],
+                "model": {"name": spec["name"], "version": spec["version"]}}

@@ -39,7 +39,7 @@ def _load(uri: str, tracking_uri: str | None, current: _Served | None = None) ->
 @serve.deployment(name="ConceptModel", health_check_period_s=10, health_check_timeout_s=30)
 class ModelServer:
     def __init__(self, model: str, tracking_uri: str | None = None, reload_interval_s: float = 30.0,
-                 max_batch_size: int = 32, batch_wait_timeout_s: float = 0.0, threads: int = 0):
+                 max_batch_size: int = 32, batch_wait_timeout_s: float = 0.0, threads: int = 0) -> None:
         import torch
 
         if threads:
@@ -48,12 +48,14 @@ class ModelServer:
         served = _load(model, tracking_uri)
         assert served is not None
         self._served = served
-        self.reloads, self.last_error, self.last_poll = 0, None, time.time()
-        self.infer.set_max_batch_size(max_batch_size)
-        self.infer.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.reloads, self.last_poll = 0, time.time()
+        self.last_error: str | None = None
+        # serve.batch's wrapper has these setters; its annotation (a plain Callable) does not say so.
+        self.infer.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
+        self.infer.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
         self._stop = threading.Event()
         self._interval = reload_interval_s
-        self._poller = None
+        self._poller: threading.Thread | None = None
         if reload_interval_s > 0:
             self._poller = threading.Thread(target=self._poll, name="model-reload", daemon=True)
             self._poller.start()
@@ -70,12 +72,12 @@ class ModelServer:
                     self._served = new  # one reference swap: a batch in flight keeps its model
                     self.reloads += 1
                 self.last_error = None
-            except Exception as e:  # keep serving the loaded version; report the problem
+            except Exception as e:  # noqa: BLE001 - keep serving the loaded version; report the problem
                 self.last_error = f"{type(e).__name__}: {e}"
                 log.warning("model reload check failed: %s", self.last_error)
             self.last_poll = time.time()
 
-    def __del__(self):
+    def __del__(self) -> None:
         self._stop.set()
 
     def check_health(self) -> None:

@@ -39,7 +39,7 @@ class ServeArgs(BaseModel):
     ingress_num_cpus: float = Field(0.5, ge=0)
 
 
-    def resolved(self) -> "ServeArgs":
+    def resolved(self) -> ServeArgs:
         """Relative paths made absolute against the repository root (the folder holding ``serving/``):
         replicas run in Ray's worker directories, not where ``serve run`` was typed."""
         root = HERE.parent
@@ -47,9 +47,10 @@ class ServeArgs(BaseModel):
         def fix(p: str | None) -> str | None:
             return p if p is None or Path(p).is_absolute() else str(root / p)
 
-        model = self.model if self.model.startswith("models:/") else fix(self.model)
+        registry = self.model.startswith("models:/")
+        model = self.model if registry else fix(self.model)
         tracking_uri = self.tracking_uri
-        if tracking_uri is None and model.startswith("models:/"):
+        if tracking_uri is None and registry:
             # Decided where the app is built (`deepindex serve`, `serve run`, the RayService's
             # build): replicas run in Ray's worker folders, where neither that shell's
             # MLFLOW_TRACKING_URI nor the local platform's state folder can be found.

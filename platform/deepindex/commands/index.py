@@ -1,10 +1,11 @@
 """``deepindex index build`` and ``deepindex index info``."""
 from __future__ import annotations
 
+import argparse
 import json
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("index", help="build and inspect retrieval indexes (FAISS + concept probabilities)")
     isub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
 
@@ -34,7 +35,7 @@ def register(sub) -> None:
     i.set_defaults(func=run_info)
 
 
-def run_build(args) -> int:
+def run_build(args: argparse.Namespace) -> int:
     from deepindex.index.build import build_index
     from deepindex.index.vectors import VectorConfig
 
@@ -52,7 +53,7 @@ def run_build(args) -> int:
     return 0
 
 
-def run_info(args) -> int:
+def run_info(args: argparse.Namespace) -> int:
     from deepindex.index.store import read_manifest
 
     print(read_manifest(args.path).model_dump_json(indent=2))

@@ -1,14 +1,16 @@
 """``deepindex serve``: run ``serving/config.yaml``'s application on the connected Ray cluster."""
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="serve tagging, keyword and similar-image search over HTTP (Ray Serve)")
     p.add_argument("--config", default="serving/config.yaml", help="Serve config file (its first application)")
     p.add_argument("--model", help="override args.model (models:/NAME@champion, models:/NAME/VERSION, a checkpoint)")
@@ -20,7 +22,7 @@ def register(sub) -> None:
     p.set_defaults(func=run_serve)
 
 
-def _app_args(args) -> tuple[dict, dict, str]:
+def _app_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], str]:
     import yaml
 
     from deepindex.config import parse_overrides
@@ -49,7 +51,7 @@ def _app_args(args) -> tuple[dict, dict, str]:
     return app_args, http, app.get("name", "deepindex")
 
 
-def run_serve(args) -> int:
+def run_serve(args: argparse.Namespace) -> int:
     app_args, http, name = _app_args(args)
     from ray import serve
 

@@ -96,5 +96,6 @@ def build_index(model_uri: str, *, collection: str = "digit-scenes", out: str | 
     path = Path(out) if out else default_index_root() / coll.name / index_dir_name(resolved.name, resolved.version)
     store.save(path)
     secs = time.perf_counter() - start
-    log.info("index of %d items (%s, %s) written to %s in %.1fs", len(store), store.vectors.kind, cfg.metric, path, secs)
+    log.info("index of %d items (%s, %s) written to %s in %.1fs", len(store), store.vectors.kind, cfg.metric, path,
+             secs)
     return BuildResult(path.resolve(), resolved, len(store), store.vectors.kind, cfg.metric, secs)

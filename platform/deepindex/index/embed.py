@@ -5,11 +5,18 @@ Probabilities are sigmoids for multi-label models and a softmax for single-label
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from deepindex.checkpoint import LoadedModel, load_model
 from deepindex.data.transforms import normalize
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+
+    from deepindex.index.collection import Collection
 
 
 @torch.inference_mode()
@@ -21,7 +28,8 @@ def infer_unit(lm: LoadedModel, unit: torch.Tensor | np.ndarray) -> tuple[np.nda
     return probs.numpy().astype(np.float32), emb.numpy().astype(np.float32)
 
 
-def embed_collection_local(lm: LoadedModel, collection, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def embed_collection_local(lm: LoadedModel, collection: Collection, batch_size: int = 256
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """In-process embedding (no Ray): probabilities, embeddings and uint8 thumbnails."""
     probs, embs, thumbs = [], [], []
     for start in range(0, len(collection), batch_size):
@@ -46,12 +54,12 @@ class EmbedActor:
     actor through the object store, and files are read by the actor that embeds them.
     """
 
-    def __init__(self, checkpoint: str, collection_ref: list, threads: int = 1):
+    def __init__(self, checkpoint: str, collection_ref: list[ObjectRef[Collection]], threads: int = 1) -> None:
         import ray
 
         torch.set_num_threads(max(1, threads))
         self.lm = load_model(checkpoint)
-        self.collection = ray.get(collection_ref[0])  # wrapped in a list so Ray does not resolve it early
+        self.collection: Collection = ray.get(collection_ref[0])  # wrapped in a list so Ray does not resolve it early
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = np.asarray(batch["id"], dtype=np.int64)

@@ -51,7 +51,7 @@ class Vocabulary:
         self.stopwords = {_norm(w) for w in (stopwords or [])}
 
     @classmethod
-    def from_file(cls, path: str | Path | None, concepts: list[str]) -> "Vocabulary":
+    def from_file(cls, path: str | Path | None, concepts: list[str]) -> Vocabulary:
         if path is None:
             return cls(concepts)
         p = Path(path)

@@ -112,8 +112,8 @@ def find_index(path: str | Path, model_name: str | None = None, version: str | N
 class IndexStore:
     """A loaded index: vectors, probabilities, ids, thumbnails and the manifest."""
 
-    def __init__(self, manifest: IndexManifest, vectors: VectorIndex, ids: list[str], meta: list[dict],
-                 probs: np.ndarray, embeddings: np.ndarray, thumbs: np.ndarray | None):
+    def __init__(self, manifest: IndexManifest, vectors: VectorIndex, ids: list[str], meta: list[dict[str, Any]],
+                 probs: np.ndarray, embeddings: np.ndarray, thumbs: np.ndarray | None) -> None:
         self.manifest, self.vectors, self.ids, self.meta = manifest, vectors, ids, meta
         self.probs, self.embeddings, self.thumbs = probs, embeddings, thumbs  # (N, K), (N, D), (N, C, S, S)
         self.rows = {item: i for i, item in enumerate(ids)}
@@ -122,9 +122,10 @@ class IndexStore:
 
     # ---- build / load / save -----------------------------------------------------------
     @classmethod
-    def create(cls, *, model: dict, collection: str, concepts: list[str], ids: list[str], meta: list[dict],
-               probs: np.ndarray, embeddings: np.ndarray, thumbs: np.ndarray | None, cfg: VectorConfig,
-               image_size: int, channels: int, multilabel: bool, source: dict[str, Any] | None = None) -> IndexStore:
+    def create(cls, *, model: dict[str, str], collection: str, concepts: list[str], ids: list[str],
+               meta: list[dict[str, Any]], probs: np.ndarray, embeddings: np.ndarray, thumbs: np.ndarray | None,
+               cfg: VectorConfig, image_size: int, channels: int, multilabel: bool,
+               source: dict[str, Any] | None = None) -> IndexStore:
         vectors = VectorIndex.build(embeddings, cfg)
         manifest = IndexManifest(
             model=IndexedModel.model_validate(model), collection=collection, metric=cfg.metric,
@@ -164,7 +165,7 @@ class IndexStore:
             if self.thumbs is not None:
                 np.save(tmp / "thumbs.npy", self.thumbs)
             with open(tmp / "items.jsonl", "w") as fh:
-                for item, m in zip(self.ids, self.meta):
+                for item, m in zip(self.ids, self.meta, strict=True):
                     fh.write(json.dumps({"id": item, **m}) + "\n")
             # The manifest last: its presence marks a complete index.
             (tmp / MANIFEST).write_text(self.manifest.model_dump_json(indent=2))
@@ -175,19 +176,20 @@ class IndexStore:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def similar(self, queries: np.ndarray, k: int, exclude: list[int | None] | None = None) -> list[list[tuple[int, float]]]:
+    def similar(self, queries: np.ndarray, k: int, exclude: list[int | None] | None = None
+                ) -> list[list[tuple[int, float]]]:
         """k nearest rows per query (Q, D) as (row, score), best first; ``exclude[q]`` drops one row."""
         extra = 1 if exclude else 0
         scores, rows = self.vectors.search(queries, min(k + extra, len(self)) if len(self) else 1)
         out = []
         for q in range(len(queries)):
             skip = exclude[q] if exclude else None
-            hits = [(int(r), float(s)) for r, s in zip(rows[q], scores[q]) if r >= 0 and r != skip]
+            hits = [(int(r), float(s)) for r, s in zip(rows[q], scores[q], strict=True) if r >= 0 and r != skip]
             out.append(hits[:k])
         return out
 
     def add(self, ids: list[str], probs: np.ndarray, embeddings: np.ndarray, thumbs: np.ndarray | None,
-            meta: list[dict] | None = None) -> list[int]:
+            meta: list[dict[str, Any]] | None = None) -> list[int]:
         """Append items (no rebuild); an id already present is a :class:`DuplicateItem`."""
         dup = [i for i in ids if i in self.rows]
         if dup or len(set(ids)) != len(ids):
