@@ -12,8 +12,9 @@
    their random initialisation: the cost of a forward does not depend on them).  ``--model``
    benchmarks one given checkpoint or registry URI instead.
 
-(Similar-item search, FAISS vs brute force: ``jobs/bench_index.py``.)  Both sides of each comparison run in the same process on the same machine; absolute times from a
-shared CPU box are noise, the ratios are the result.  The HTTP load comes from a separate process
+(Similar-item search, FAISS vs brute force: ``jobs/bench_index.py``.)  Both sides of each comparison run in
+the same process on the same machine; absolute times from a shared CPU box are noise, the ratios are the
+result.  The HTTP load comes from a separate process
 (aiohttp, keep-alive connections), so the client's CPU is not charged to the service's GIL.
 """
 from __future__ import annotations
@@ -147,7 +148,7 @@ async def _load_async(url: str, bodies: list[bytes], ctype: str, concurrency: in
 def _load_process(url, bodies, ctype, concurrency, n, queue) -> None:
     try:
         queue.put(asyncio.run(_load_async(url, bodies, ctype, concurrency, n)))
-    except Exception as e:  # reported to the parent, which fails the benchmark
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the benchmark
         queue.put(e)
 
 
@@ -181,7 +182,6 @@ def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threa
 
     from deepindex.cluster import connect
     from deepindex.localplatform import free_port
-
     from serving.app import build_app
 
     connect()  # a fresh local cluster gets deepindex.cluster.serve_env (HAProxy + direct ingress)
@@ -222,7 +222,8 @@ def bench_tag(model: str, levels: list[int], per_level: int, threads: int) -> di
         "model": model, "serve": served, "bare_model": bare,
         "throughput_ratio_at_max_concurrency": served["levels"][top]["images_per_s"] / bare[top]["images_per_s"],
         # What an endpoint doing no work at all would score: the bound the data plane puts on the ratio.
-        "healthz_ratio_at_max_concurrency": served["healthz_at_max_concurrency"]["requests_per_s"] / bare[top]["images_per_s"],
+        "healthz_ratio_at_max_concurrency": (served["healthz_at_max_concurrency"]["requests_per_s"]
+                                             / bare[top]["images_per_s"]),
         "p50_overhead_ms": {c: v["p50_ms"] - bare[c]["p50_ms"] for c, v in served["levels"].items()},
         "targets": {"throughput_ratio_at_32": ">= 0.7", "p50_overhead_ms": "<= 10"},
     }

@@ -31,8 +31,10 @@ def examples() -> None:
     if first:
         img = requests.get(f"{URL}/v1/items/{first}/image", timeout=60).content
         _show(f"POST /v1/tag (the image of {first})",
-              requests.post(f"{URL}/v1/tag", params={"top_k": 3}, files={"images": ("q.png", img, "image/png")}, timeout=60))
-        _show(f"GET /v1/items/{first}/similar?k=3", requests.get(f"{URL}/v1/items/{first}/similar", params={"k": 3}, timeout=60))
+              requests.post(f"{URL}/v1/tag", params={"top_k": 3}, files={"images": ("q.png", img, "image/png")},
+                            timeout=60))
+        _show(f"GET /v1/items/{first}/similar?k=3",
+              requests.get(f"{URL}/v1/items/{first}/similar", params={"k": 3}, timeout=60))
     _show("GET /readyz", requests.get(f"{URL}/readyz", timeout=60))
 
 

@@ -20,9 +20,10 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -181,7 +182,8 @@ def summarize(records: list[Record], t0: float) -> dict[str, Any]:
                    "errors": sum(not 200 <= r.status < 300 for r in x),
                    "p50_ms": _pct([r.end - r.start for r in x], 50), "p99_ms": _pct([r.end - r.start for r in x], 99)}
               for op in OPS}
-    return {"requests": len(rs), "errors": len(errors), "error_samples": [(r.op, r.status, r.error) for r in errors[:5]],
+    return {"requests": len(rs), "errors": len(errors),
+            "error_samples": [(r.op, r.status, r.error) for r in errors[:5]],
             "throughput_rps": round(len(rs) / span, 1) if span else 0.0,
             "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99), "per_endpoint": per_op}
 

@@ -12,7 +12,7 @@ that old.  A hub restart starts its sums again (Prometheus reads that as a count
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -20,12 +20,14 @@ from ray import serve
 
 # (family name, type, help, [(sample name, sorted label pairs, value)]) per family
 Snapshot = list[tuple[str, str, str, list[tuple[str, tuple[tuple[str, str], ...], float]]]]
+# (sample name, sorted label pairs) -> value, per family
+_Values = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 GAUGE_FRESH_S = 30.0  # a replica silent longer than this (gone or stuck) no longer sets gauges
 RETIRE_AFTER_S = 600.0  # ... and after this its counts are folded into one "retired" snapshot
 
 
 class ServeMetrics:
-    def __init__(self):
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("deepindex_requests", "HTTP requests by endpoint, method and status",
@@ -54,10 +56,10 @@ class ServeMetrics:
                 for fam in self.registry.collect()]
 
 
-def _fold(snapshots: list[tuple[Snapshot, bool]]) -> dict[str, tuple[str, str, dict]]:
+def _fold(snapshots: list[tuple[Snapshot, bool]]) -> dict[str, tuple[str, str, _Values]]:
     """family -> (type, help, {(sample, labels): value}): counters and histograms summed, gauges
     the maximum over the snapshots whose gauges are current."""
-    families: dict[str, tuple[str, str, dict]] = {}
+    families: dict[str, tuple[str, str, _Values]] = {}
     for snap, fresh in snapshots:
         for name, typ, doc, samples in snap:
             values = families.setdefault(name, (typ, doc, {}))[2]
@@ -70,7 +72,7 @@ def _fold(snapshots: list[tuple[Snapshot, bool]]) -> dict[str, tuple[str, str, d
     return families
 
 
-def _unfold(families: dict[str, tuple[str, str, dict]]) -> Snapshot:
+def _unfold(families: dict[str, tuple[str, str, _Values]]) -> Snapshot:
     return [(name, typ, doc, [(sample, labels, v) for (sample, labels), v in values.items()])
             for name, (typ, doc, values) in families.items()]
 
@@ -80,7 +82,7 @@ def merge(snapshots: list[tuple[Snapshot, bool]]) -> bytes:
     families = _fold(snapshots)
 
     class Merged:
-        def collect(self):
+        def collect(self) -> Iterator[Metric]:
             for name, (typ, doc, values) in families.items():
                 m = Metric(name, doc, typ)
                 for (sample, labels), v in values.items():
@@ -96,7 +98,7 @@ def merge(snapshots: list[tuple[Snapshot, bool]]) -> bytes:
 class MetricsHub:
     """The latest snapshot of every ingress replica (one hub replica: it is the only copy)."""
 
-    def __init__(self, retire_after_s: float = RETIRE_AFTER_S, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, retire_after_s: float = RETIRE_AFTER_S, clock: Callable[[], float] = time.monotonic) -> None:
         self._latest: dict[str, tuple[float, Snapshot]] = {}
         self._retired: Snapshot = []  # the counts of replicas long gone, folded into one
         self._retire_after_s = retire_after_s

@@ -12,7 +12,7 @@ import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -20,13 +20,17 @@ from deepindex.atomic import write_file
 from deepindex.config import Config, from_dict
 from deepindex.data.transforms import NormStats
 
+if TYPE_CHECKING:
+    from deepindex.models import ConceptModel
+    from deepindex.train.optim import EpochScheduler
+
 FILENAME = "checkpoint.pt"
 FORMAT_VERSION = 1
 
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module  # eval mode, on CPU
+    model: ConceptModel  # eval mode, on CPU
     config: Config
     stats: NormStats
     concepts: list[str]
@@ -35,12 +39,13 @@ class LoadedModel:
     metrics: dict[str, Any]
 
 
-def save_checkpoint(directory: str | Path, *, model, config: Config, stats: NormStats, concepts: list[str],
-                    multilabel: bool, epoch: int, optimizer=None, scheduler=None, metrics: dict | None = None,
-                    extra: dict | None = None) -> Path:
+def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, config: Config, stats: NormStats,
+                    concepts: list[str], multilabel: bool, epoch: int, optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: EpochScheduler | None = None, metrics: dict[str, Any] | None = None,
+                    extra: dict[str, Any] | None = None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    module = model.module if hasattr(model, "module") else model  # unwrap DDP
+    module = cast(torch.nn.Module, model.module) if hasattr(model, "module") else model  # unwrap DDP
     state = {
         "format": FORMAT_VERSION,
         "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
@@ -58,7 +63,7 @@ def save_checkpoint(directory: str | Path, *, model, config: Config, stats: Norm
     return write_file(directory / FILENAME, lambda tmp: torch.save(state, tmp))
 
 
-def _plain(d: dict) -> dict:
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
     """Metrics as plain floats/lists/str so weights_only loading accepts them."""
     out = {}
     for k, v in d.items():
@@ -85,7 +90,7 @@ def checkpoint_version(path: str | Path) -> str:
     return "file-" + h.hexdigest()[:12]
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The raw checkpoint dict, from a directory or the file itself; never executes code."""
     p = checkpoint_file(path)
     if not p.is_file():

@@ -18,7 +18,8 @@ from deepindex.config import ConfigError
 def build_parser() -> argparse.ArgumentParser:
     import deepindex.commands as commands
 
-    parser = argparse.ArgumentParser(prog="deepindex", description="Train, tune, track, index and serve image concept detectors on Ray.")
+    parser = argparse.ArgumentParser(prog="deepindex",
+                                     description="Train, tune, track, index and serve image concept detectors on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):

@@ -49,7 +49,8 @@ def _reload_ray_auth() -> None:
     same way after changing them.
     """
     try:
-        from ray._raylet import AuthenticationTokenLoader, Config
+        # Not in ray/_raylet.pyi; another Ray version may lack them at run time too (handled below).
+        from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()

@@ -118,7 +118,7 @@ class Config(_Section):
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
-    def _check(self) -> "Config":
+    def _check(self) -> Config:
         from deepindex.models import registered_models  # late: models import torch
 
         if self.model.name not in registered_models():
@@ -141,7 +141,7 @@ class Config(_Section):
     def multilabel(self) -> bool:
         return self.data.dataset in ("digit-scenes", "manifest")
 
-    def override(self, overrides: dict[str, Any] | list[str]) -> "Config":
+    def override(self, overrides: dict[str, Any] | list[str]) -> Config:
         """A new config with dotted overrides applied (strings are parsed as YAML scalars)."""
         if isinstance(overrides, list):
             overrides = parse_overrides(overrides)

@@ -8,6 +8,7 @@ Session bookkeeping reads ``/proc``: Linux only.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -48,10 +49,8 @@ def wait_gone(sid: int, pid: int | None, timeout: float) -> bool:
 
 def signal_session(sid: int, sig: int) -> None:
     for pid in session_members(sid):
-        try:
+        with contextlib.suppress(ProcessLookupError):  # exited meanwhile
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def stop_session(sid: int, leader: int | None = None, grace: float = 15.0) -> list[int]:

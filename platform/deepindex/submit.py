@@ -17,7 +17,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobDetails, JobSubmissionClient
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +144,7 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def connect(address: str | None = None):
+def connect(address: str | None = None) -> JobSubmissionClient:
     """A ``JobSubmissionClient`` for the cluster; connection and auth failures are one-line errors."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
@@ -153,7 +156,8 @@ def connect(address: str | None = None):
         raise ValueError(f"address: cannot reach the Ray Jobs API at {addr}: {_first_line(e)}") from None
 
 
-def submit(client, sub: Submission, *, metadata: dict[str, str] | None = None, retry_s: float = 60.0) -> str:
+def submit(client: JobSubmissionClient, sub: Submission, *, metadata: dict[str, str] | None = None,
+           retry_s: float = 60.0) -> str:
     """Submit and return the job id; retries while a new head's job agent is not yet up."""
     from ray.exceptions import AuthenticationError
 
@@ -170,7 +174,7 @@ def submit(client, sub: Submission, *, metadata: dict[str, str] | None = None, r
             raise ValueError(f"submit: {_first_line(e)}") from None
 
 
-def follow(client, job_id: str, out: TextIO = sys.stdout) -> None:
+def follow(client: JobSubmissionClient, job_id: str, out: TextIO = sys.stdout) -> None:
     """Stream the job's logs to ``out`` until it ends."""
 
     async def tail() -> None:
@@ -181,7 +185,8 @@ def follow(client, job_id: str, out: TextIO = sys.stdout) -> None:
     asyncio.run(tail())
 
 
-def wait(client, job_id: str, poll_s: float = 1.0, timeout_s: float | None = None):
+def wait(client: JobSubmissionClient, job_id: str, poll_s: float = 1.0, timeout_s: float | None = None
+         ) -> JobDetails:
     """Poll until the job reaches a terminal status; returns its ``JobDetails``."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
@@ -193,7 +198,7 @@ def wait(client, job_id: str, poll_s: float = 1.0, timeout_s: float | None = Non
         time.sleep(poll_s)
 
 
-def exit_status(info) -> int:
+def exit_status(info: JobDetails) -> int:
     """0 for a job that succeeded; else the driver's exit code when known, else 1."""
     from ray.job_submission import JobStatus
 

@@ -13,12 +13,15 @@ import logging
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deepindex.config import Config, load_config
 from deepindex.tracking.registry import PromotionDecision
 from deepindex.tracking.tracker import RUN_ID_KEY, Tracker
 from deepindex.train.trainer import TrainOutcome, storage_path
+
+if TYPE_CHECKING:
+    from ray.train import UserCallback
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ def train_main(config_path: str | None, overrides: list[str], name: str | None =
     return result
 
 
-def tracked_train(cfg: Config, *, name: str | None = None, callbacks: list | None = None,
+def tracked_train(cfg: Config, *, name: str | None = None, callbacks: list[UserCallback] | None = None,
                   parent_run_id: str | None = None, tags: dict[str, str] | None = None,
                   tracking_uri: str | None = None) -> tuple[TrainOutcome, str | None]:
     """Train on the connected cluster with MLflow tracking; returns (outcome, MLflow run id).

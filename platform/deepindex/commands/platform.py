@@ -1,11 +1,12 @@
 """``deepindex up`` / ``down`` / ``status``: the local Ray head and MLflow server."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from deepindex.localplatform import DEFAULT_MLFLOW_PORT, DEFAULT_RAY_PORT
 
     p = sub.add_parser("up", help="start a local Ray head and MLflow tracking server (idempotent)")
@@ -20,7 +21,7 @@ def register(sub) -> None:
     s.set_defaults(func=run_status)
 
 
-def run_up(args) -> int:
+def run_up(args: argparse.Namespace) -> int:
     from deepindex.localplatform import PlatformError, up
 
     try:
@@ -38,7 +39,7 @@ def run_up(args) -> int:
     return 0
 
 
-def run_down(args) -> int:
+def run_down(args: argparse.Namespace) -> int:
     from deepindex.localplatform import down
 
     stopped = down()
@@ -49,12 +50,11 @@ def run_down(args) -> int:
     return 0
 
 
-def run_status(args) -> int:
+def run_status(args: argparse.Namespace) -> int:
+    from deepindex.config import load_config
     from deepindex.localplatform import status
-
     from deepindex.tracking.tracker import pending_journals
     from deepindex.train.trainer import storage_path
-    from deepindex.config import load_config
 
     st = status()
     pending = [str(p) for p in pending_journals(storage_path(load_config(None, [])))]

@@ -1,10 +1,12 @@
 """``deepindex serve``: run ``serving/config.yaml``'s application on the connected Ray cluster."""
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ def ensure_api_token() -> Path:
     return p
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="serve tagging, keyword and similar-image search over HTTP (Ray Serve)")
     p.add_argument("--config", default="serving/config.yaml", help="Serve config file (its first application)")
     p.add_argument("--model", help="override args.model (models:/NAME@champion, models:/NAME/VERSION, a checkpoint)")
@@ -38,7 +40,7 @@ def register(sub) -> None:
     p.set_defaults(func=run_serve)
 
 
-def _app_args(args) -> tuple[dict, dict, str]:
+def _app_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], str]:
     import yaml
 
     from deepindex.config import parse_overrides
@@ -69,7 +71,7 @@ def _app_args(args) -> tuple[dict, dict, str]:
     return app_args, http, app.get("name", "deepindex")
 
 
-def run_serve(args) -> int:
+def run_serve(args: argparse.Namespace) -> int:
     app_args, http, name = _app_args(args)
     if not app_args.get("api_token_file") and not os.environ.get("DEEPINDEX_API_TOKEN"):
         app_args["api_token_file"] = str(ensure_api_token())

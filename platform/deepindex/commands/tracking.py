@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = tsub.add_parser("sync", help="log the journaled epochs and final results of runs that ended while the "
                                      "tracking server was unreachable, and end those runs")
     s.add_argument("--storage", help="Ray storage path the runs wrote to (default: <state dir>/ray_results)")
-    s.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the local platform's)")
+    s.add_argument("--tracking-uri",
+                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the local platform's)")
     s.set_defaults(func=run_sync)
 
 

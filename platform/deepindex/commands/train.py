@@ -1,15 +1,16 @@
 """``deepindex train`` and ``deepindex evaluate``."""
 from __future__ import annotations
 
+import argparse
 import json
 
 
-def add_config_args(p) -> None:
+def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (defaults apply to what it leaves out)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.1")
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("train", help="train a model with Ray Train on the connected cluster")
     add_config_args(p)
     p.add_argument("--name", help="run name; the same name and storage path resume a run")
@@ -21,14 +22,14 @@ def register(sub) -> None:
     e.set_defaults(func=run_evaluate)
 
 
-def run_train(args) -> int:
+def run_train(args: argparse.Namespace) -> int:
     from deepindex.workflows import train_main
 
     train_main(args.config, args.overrides, name=args.name)
     return 0
 
 
-def run_evaluate(args) -> int:
+def run_evaluate(args: argparse.Namespace) -> int:
     from deepindex.train.evaluation import evaluate_checkpoint
 
     print(json.dumps(evaluate_checkpoint(args.checkpoint, args.split), indent=2))

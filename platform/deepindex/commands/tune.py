@@ -1,8 +1,10 @@
 """``deepindex tune`` (a Ray Tune sweep) and ``deepindex promote`` (registry + champion alias)."""
 from __future__ import annotations
 
+import argparse
 
-def register(sub) -> None:
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("tune", help="run (or resume) a hyperparameter sweep with Ray Tune, tracked in MLflow")
     p.add_argument("--space", required=True, help="search space YAML, e.g. tune_configs/smoke.yaml")
     p.add_argument("--name", help="sweep name; the same name resumes an interrupted sweep")
@@ -22,7 +24,7 @@ def register(sub) -> None:
     q.set_defaults(func=run_promote)
 
 
-def run_tune(args) -> int:
+def run_tune(args: argparse.Namespace) -> int:
     from deepindex.tune.main import tune_main
 
     settings = {k: v for k, v in {"num_samples": args.samples, "search": args.search,
@@ -32,7 +34,7 @@ def run_tune(args) -> int:
     return 3 if out["interrupted"] else 0
 
 
-def run_promote(args) -> int:
+def run_promote(args: argparse.Namespace) -> int:
     from deepindex.workflows import promote_main
 
     promote_main(sweep=args.sweep, run_id=args.run_id, model=args.model, experiment=args.experiment)

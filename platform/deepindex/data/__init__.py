@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,7 +18,10 @@ from deepindex.data.digits import make_scenes
 from deepindex.data.files import FileItems, read_cifar, read_concepts, read_image_folder, read_manifest
 from deepindex.data.transforms import NormStats, compute_stats, normalize, pil_to_unit_tensor
 
-__all__ = ["Splits", "build_splits", "ImageFileDataset", "NormStats", "normalize"]
+if TYPE_CHECKING:
+    from deepindex.config import DataConfig
+
+__all__ = ["ImageFileDataset", "NormStats", "Splits", "build_splits", "normalize"]
 
 # Normalisation stats of a file collection come from at most this many training images.
 _STATS_SAMPLE = 2000
@@ -25,9 +29,9 @@ _STATS_SAMPLE = 2000
 
 @dataclass
 class Splits:
-    train: Dataset
-    val: Dataset
-    test: Dataset
+    train: SplitData
+    val: SplitData
+    test: SplitData
     concepts: list[str]
     multilabel: bool
     stats: NormStats
@@ -35,17 +39,18 @@ class Splits:
     image_size: int
 
 
-class ImageFileDataset(Dataset):
+class ImageFileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Images read lazily from disk through the eval preset; yields (x, target)."""
 
-    def __init__(self, paths: list[Path], targets: torch.Tensor, image_size: int, channels: int, stats: NormStats | None):
+    def __init__(self, paths: list[Path], targets: torch.Tensor, image_size: int, channels: int,
+                 stats: NormStats | None):
         self.paths, self.targets = paths, targets
         self.image_size, self.channels, self.stats = image_size, channels, stats
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         with Image.open(self.paths[i]) as im:
             x = pil_to_unit_tensor(im, self.image_size, self.channels)
         if self.stats is not None:
@@ -53,7 +58,12 @@ class ImageFileDataset(Dataset):
         return x, self.targets[i]
 
 
-def _tensor_splits(parts: dict[str, tuple[torch.Tensor, torch.Tensor]], concepts, multilabel, image_size) -> Splits:
+# What a split holds: tensors in memory (digits, CIFAR) or image files read on demand.
+SplitData = TensorDataset | ImageFileDataset
+
+
+def _tensor_splits(parts: dict[str, tuple[torch.Tensor, torch.Tensor]], concepts: list[str], multilabel: bool,
+                   image_size: int) -> Splits:
     stats = compute_stats(parts["train"][0])
     ds = {k: TensorDataset(normalize(x, stats), y) for k, (x, y) in parts.items()}
     channels = parts["train"][0].shape[1]
@@ -62,13 +72,13 @@ def _tensor_splits(parts: dict[str, tuple[torch.Tensor, torch.Tensor]], concepts
 
 def _split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
     order = np.random.default_rng(seed).permutation(n)
-    n_test, n_val = max(1, int(round(test_fraction * n))), max(1, int(round(val_fraction * n)))
+    n_test, n_val = max(1, round(test_fraction * n)), max(1, round(val_fraction * n))
     if n - n_test - n_val < 1:
         raise ValueError(f"data: {n} items are too few for the val/test fractions")
     return {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
 
 
-def _file_splits(items: FileItems, d, multilabel: bool) -> Splits:
+def _file_splits(items: FileItems, d: DataConfig, multilabel: bool) -> Splits:
     idx = _split_indices(len(items.paths), d.val_fraction, d.test_fraction, d.seed)
     sub = {k: ([items.paths[i] for i in v], items.targets[torch.as_tensor(v)]) for k, v in idx.items()}
     # Stats from a fixed sample of training images: enough for a mean and std, cheap on big folders.
@@ -79,16 +89,17 @@ def _file_splits(items: FileItems, d, multilabel: bool) -> Splits:
     return Splits(ds["train"], ds["val"], ds["test"], items.concepts, multilabel, stats, d.channels, d.image_size)
 
 
-def build_splits(d) -> Splits:
+def build_splits(d: DataConfig) -> Splits:
     """Build the splits named by a :class:`deepindex.config.DataConfig`."""
     if d.dataset in ("digit-scenes", "digits"):
         multilabel = d.dataset == "digit-scenes"
         if d.channels != 1:
             raise ValueError("data.channels: digit datasets are grayscale (1 channel)")
         sizes = {"train": d.train_size, "val": d.val_size, "test": d.test_size}
-        parts = {}
+        parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for split, n in sizes.items():
-            s = make_scenes(split, n, image_size=d.image_size, max_digits=d.max_digits, multilabel=multilabel, seed=d.seed)
+            s = make_scenes(split, n, image_size=d.image_size, max_digits=d.max_digits, multilabel=multilabel,
+                            seed=d.seed)
             parts[split] = (s.images, s.targets)
             concepts = s.concepts
         return _tensor_splits(parts, concepts, multilabel, d.image_size)

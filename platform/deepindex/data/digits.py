@@ -74,10 +74,8 @@ def make_scenes(
     # Each split gets its own stream, so changing train_size does not change the test set.
     rng = np.random.default_rng([seed, SPLITS.index(split), int(multilabel)])
     canvas = np.zeros((n, image_size, image_size), dtype=np.float32)
-    if multilabel:
-        targets = np.zeros((n, len(CONCEPTS)), dtype=np.float32)
-    else:
-        targets = np.zeros(n, dtype=np.int64)
+    # (N, 10) multi-hot float32, or (N,) int64 class ids
+    targets: np.ndarray = np.zeros((n, len(CONCEPTS)), dtype=np.float32) if multilabel else np.zeros(n, dtype=np.int64)
 
     cell = image_size // 2
     # Glyph side in pixels: multi-label glyphs fill 60-100% of a cell; single ones 35-75% of the canvas.

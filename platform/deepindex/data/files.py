@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def _read_text(path: Path, what: str) -> str:
         raise ManifestError(f"{path}: {what} is not UTF-8 text (byte {e.start})") from None
 
 
-def _manifest_rows(path: Path):
+def _manifest_rows(path: Path) -> Iterator[tuple[int, str, list[str]]]:
     """Yield (line number, relative path, tags) from a CSV or JSONL manifest."""
     text = _read_text(path, "the manifest")
     if path.suffix.lower() in (".jsonl", ".json"):
@@ -155,7 +156,7 @@ def read_manifest(manifest: str | Path, root: str | Path, concepts: list[str], c
     return FileItems(paths, torch.stack(rows), list(concepts), ids)
 
 
-def read_cifar(root: str | Path, which: str, train: bool):
+def read_cifar(root: str | Path, which: str, train: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """CIFAR-10/100 from torchvision's files on disk; (images (N,3,32,32) in [0,1], labels, classes)."""
     from torchvision import datasets
 
@@ -163,6 +164,7 @@ def read_cifar(root: str | Path, which: str, train: bool):
     try:
         ds = cls(root=str(root), train=train, download=False)
     except RuntimeError as e:  # torchvision says "Dataset not found or corrupted"
-        raise FileNotFoundError(f"data.root: {which} files not found under {root} (nothing is downloaded): {e}") from None
+        raise FileNotFoundError(
+            f"data.root: {which} files not found under {root} (nothing is downloaded): {e}") from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float().div_(255.0)
     return images, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes)

@@ -22,7 +22,7 @@ class NormStats:
         return {"mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "NormStats":
+    def from_dict(cls, d: dict[str, list[float]]) -> NormStats:
         return cls(tuple(float(x) for x in d["mean"]), tuple(float(x) for x in d["std"]))
 
 
@@ -49,7 +49,7 @@ def pil_to_uint8(img: Image.Image, image_size: int, channels: int) -> np.ndarray
     """
     img = img.convert("L" if channels == 1 else "RGB")
     if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.BILINEAR)
+        img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
     arr = np.asarray(img)
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (1, S, S) or (3, S, S)
     return np.ascontiguousarray(arr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -31,7 +32,7 @@ class Collection:
     images: np.ndarray | None = None  # (N, C, S, S) float32 in [0, 1], in memory
     paths: list[str] | None = None  # or files read on demand
     labels: list[list[str]] | None = None  # known tags per item (metadata, and relevance for metrics)
-    meta: dict = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -40,14 +41,15 @@ class Collection:
         """(B, C, S, S) float32 in [0, 1] for the given rows: the eval preset before normalising."""
         if self.images is not None:
             return self.images[rows]
+        assert self.paths is not None, "a collection holds its images or their paths"
         out = np.empty((len(rows), self.channels, self.image_size, self.image_size), dtype=np.float32)
         for j, r in enumerate(rows):
             with Image.open(self.paths[int(r)]) as im:
                 out[j] = pil_to_unit_tensor(im, self.image_size, self.channels).numpy()
         return out
 
-    def item_meta(self, row: int) -> dict:
-        m: dict = {}
+    def item_meta(self, row: int) -> dict[str, Any]:
+        m: dict[str, Any] = {}
         if self.labels is not None:
             m["labels"] = self.labels[row]
         if self.paths is not None:

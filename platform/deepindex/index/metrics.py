@@ -36,5 +36,5 @@ def map_at_k(rel: np.ndarray, k: int, n_relevant: np.ndarray | None = None) -> f
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     """Mean fraction of the true k nearest neighbours (Q, k) that a search returned (Q, >=k)."""
-    hits = [len(set(f[:k].tolist()) & set(t[:k].tolist())) for f, t in zip(found, truth)]
+    hits = [len(set(f[:k].tolist()) & set(t[:k].tolist())) for f, t in zip(found, truth, strict=True)]
     return float(np.mean(hits) / k)

@@ -25,7 +25,7 @@ def train_small(out_dir: str | Path, overrides: list[str] | None = None, seed: i
     """Train ``SMALL`` (+ overrides) on digit-scenes and write ``out_dir/checkpoint.pt``."""
     from deepindex.train.engine import evaluate, local_training
 
-    cfg = load_config(None, SMALL + [f"train.seed={seed}"] + list(overrides or []))
+    cfg = load_config(None, [*SMALL, f"train.seed={seed}", *(overrides or [])])
     run = local_training(cfg)
     splits, model = run.splits, run.model
     for epoch in range(cfg.train.epochs):

@@ -7,10 +7,14 @@ Scores are "higher is more similar" whatever the metric: the inner product (the 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from types import ModuleType
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import faiss
 
 
 class VectorConfig(BaseModel):
@@ -29,7 +33,7 @@ class VectorConfig(BaseModel):
     train_sample: int = Field(100_000, ge=1000)  # IVF k-means trains on at most this many vectors
 
 
-def _faiss():
+def _faiss() -> ModuleType:
     import faiss
 
     return faiss
@@ -38,7 +42,7 @@ def _faiss():
 class VectorIndex:
     """A FAISS index plus the knowledge of how to prepare vectors and turn distances into scores."""
 
-    def __init__(self, index, cfg: VectorConfig):
+    def __init__(self, index: faiss.Index, cfg: VectorConfig) -> None:
         self.index, self.cfg = index, cfg
 
     @property
@@ -64,7 +68,7 @@ class VectorIndex:
         return np.ascontiguousarray(x, dtype=np.float32)
 
     @classmethod
-    def build(cls, vectors: np.ndarray, cfg: VectorConfig, seed: int = 0) -> "VectorIndex":
+    def build(cls, vectors: np.ndarray, cfg: VectorConfig, seed: int = 0) -> VectorIndex:
         """An index over (N, D) vectors; IVF trains its coarse quantiser on a sample first."""
         faiss = _faiss()
         n, d = vectors.shape
@@ -118,7 +122,7 @@ class VectorIndex:
         _faiss().write_index(self.index, path)
 
     @classmethod
-    def load(cls, path: str, cfg: VectorConfig) -> "VectorIndex":
+    def load(cls, path: str, cfg: VectorConfig) -> VectorIndex:
         index = _faiss().read_index(path)
         # Search-time knobs are not all serialised: set them from the config again.
         if hasattr(index, "hnsw"):
@@ -131,7 +135,7 @@ class VectorIndex:
 def brute_force(base: np.ndarray, queries: np.ndarray, k: int, metric: str = "ip", normalize: bool = True,
                 chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k with numpy only (the benchmark's reference): scores (Q, k), rows (Q, k)."""
-    def prep(x):
+    def prep(x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) if normalize else x
 
@@ -142,7 +146,7 @@ def brute_force(base: np.ndarray, queries: np.ndarray, k: int, metric: str = "ip
     for s in range(0, len(q), chunk):
         qq = q[s : s + chunk]
         sim = qq @ b.T  # (q, N)
-        if metric == "l2":
+        if bn is not None:  # l2
             sim = -(bn[None, :] - 2 * sim + (qq * qq).sum(axis=1, keepdims=True))  # -squared distance
         kk = min(k, sim.shape[1])
         part = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]

@@ -9,15 +9,22 @@ final linear layer, so optimisers can give it its own learning rate.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from torch import nn
+from deepindex.models.base import ConceptModel
 
-_REGISTRY: dict[str, Callable[..., "nn.Module"]] = {}
+if TYPE_CHECKING:
+    from deepindex.config import ModelConfig
+
+    # (model config, number of concepts, input channels) -> model
+    ModelFactory = Callable[[ModelConfig, int, int], ConceptModel]
+
+_REGISTRY: dict[str, ModelFactory] = {}
 
 
-def register(name: str):
-    def deco(fn):
+def register(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    def deco(fn: ModelFactory) -> ModelFactory:
         _REGISTRY[name] = fn
         return fn
 
@@ -29,7 +36,7 @@ def registered_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_model(model_cfg, num_concepts: int, in_channels: int) -> "ConceptModel":
+def build_model(model_cfg: ModelConfig, num_concepts: int, in_channels: int) -> ConceptModel:
     """Build the registered model ``model_cfg.name`` (a :class:`deepindex.config.ModelConfig`)."""
     _load()
     if model_cfg.name not in _REGISTRY:
@@ -44,9 +51,7 @@ def build_model(model_cfg, num_concepts: int, in_channels: int) -> "ConceptModel
 
 def _load() -> None:
     # Import the modules that register models on first use, not at import of this package.
-    from deepindex.models import backbones, convnet  # noqa: F401
+    from deepindex.models import backbones, convnet  # noqa: F401 - imported for their @register side effect
 
-
-from deepindex.models.base import ConceptModel  # noqa: E402
 
 __all__ = ["ConceptModel", "build_model", "register", "registered_models"]

@@ -6,7 +6,9 @@ state_dict file (``model.weights``), either torchvision's own or one of ours.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -16,16 +18,19 @@ from torchvision.ops import StochasticDepth
 from deepindex.models import register
 from deepindex.models.base import ConceptModel, global_pool
 
+if TYPE_CHECKING:
+    from deepindex.config import ModelConfig
+
 log = logging.getLogger(__name__)
 
 
 class _ResNetBody(nn.Module):
-    def __init__(self, net: tvm.ResNet):
+    def __init__(self, net: tvm.ResNet) -> None:
         super().__init__()
         net.fc = nn.Identity()
         self.net = net
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (B, 512 | 2048)
 
     # stage<N>: layer<N>'s output, globally average-pooled as the net pools layer4.  The
@@ -46,13 +51,13 @@ class _ResNetBody(nn.Module):
 
 
 class _VGGBody(nn.Module):
-    def __init__(self, net: tvm.VGG):
+    def __init__(self, net: tvm.VGG) -> None:
         super().__init__()
         # Keep Linear-ReLU-Dropout-Linear-ReLU; the last Dropout and Linear become ours.
         net.classifier = net.classifier[:-2]
         self.net = net
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (B, 4096)
 
     # stage<N>: the conv features after the N-th max pool, globally average-pooled.  The
@@ -76,12 +81,12 @@ class _VGGBody(nn.Module):
 
 
 class _DenseNetBody(nn.Module):
-    def __init__(self, net: tvm.DenseNet):
+    def __init__(self, net: tvm.DenseNet) -> None:
         super().__init__()
         net.classifier = nn.Identity()
         self.net = net
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (B, 1024)
 
     # stage<N>: dense block N's output, globally average-pooled; stage4 (after the final batch
@@ -105,7 +110,10 @@ class _DenseNetBody(nn.Module):
 def _with_in_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     if conv.in_channels == in_channels:
         return conv
-    return nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+    # A Conv2d holds 2-tuples (torch's _pair); _ConvNd annotates them for any number of dimensions.
+    return nn.Conv2d(in_channels, conv.out_channels, cast("tuple[int, int]", conv.kernel_size),
+                     cast("tuple[int, int]", conv.stride), cast("str | tuple[int, int]", conv.padding),
+                     bias=conv.bias is not None)
 
 
 def _add_stochastic_depth(net: tvm.ResNet, p: float) -> None:
@@ -118,7 +126,8 @@ def _add_stochastic_depth(net: tvm.ResNet, p: float) -> None:
         setattr(block, name, nn.Sequential(getattr(block, name), StochasticDepth(prob, mode="row")))
 
 
-def _resnet(factory, cfg, num_concepts: int, in_channels: int) -> ConceptModel:
+def _resnet(factory: Callable[..., tvm.ResNet], cfg: ModelConfig, num_concepts: int, in_channels: int
+            ) -> ConceptModel:
     net = factory(weights=None)
     net.conv1 = _with_in_channels(net.conv1, in_channels)
     if cfg.stochastic_depth > 0:
@@ -128,17 +137,17 @@ def _resnet(factory, cfg, num_concepts: int, in_channels: int) -> ConceptModel:
 
 
 @register("resnet18")
-def resnet18(cfg, num_concepts, in_channels):
+def resnet18(cfg: ModelConfig, num_concepts: int, in_channels: int) -> ConceptModel:
     return _resnet(tvm.resnet18, cfg, num_concepts, in_channels)
 
 
 @register("resnet50")
-def resnet50(cfg, num_concepts, in_channels):
+def resnet50(cfg: ModelConfig, num_concepts: int, in_channels: int) -> ConceptModel:
     return _resnet(tvm.resnet50, cfg, num_concepts, in_channels)
 
 
 @register("vgg11_bn")
-def vgg11_bn(cfg, num_concepts, in_channels):
+def vgg11_bn(cfg: ModelConfig, num_concepts: int, in_channels: int) -> ConceptModel:
     net = tvm.vgg11_bn(weights=None)
     net.features[0] = _with_in_channels(net.features[0], in_channels)
     dim = net.classifier[-1].in_features
@@ -146,7 +155,7 @@ def vgg11_bn(cfg, num_concepts, in_channels):
 
 
 @register("densenet121")
-def densenet121(cfg, num_concepts, in_channels):
+def densenet121(cfg: ModelConfig, num_concepts: int, in_channels: int) -> ConceptModel:
     net = tvm.densenet121(weights=None)
     net.features.conv0 = _with_in_channels(net.features.conv0, in_channels)
     dim = net.classifier.in_features

@@ -14,7 +14,7 @@ HEAD_POINTS = ("probs", "logits", "penultimate")
 class ConceptModel(nn.Module):
     """features (B, C, H, W) -> embedding (B, D) -> dropout -> head -> logits (B, K)."""
 
-    def __init__(self, body: nn.Module, embed_dim: int, num_concepts: int, dropout: float):
+    def __init__(self, body: nn.Module, embed_dim: int, num_concepts: int, dropout: float) -> None:
         super().__init__()
         self.body = body  # image -> (B, D) penultimate activations
         self.dropout = nn.Dropout(dropout)

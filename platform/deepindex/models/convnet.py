@@ -1,13 +1,22 @@
 """The configurable ConvNet: blocks of conv -> batch norm -> activation -> pooling."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from deepindex.models import register
 from deepindex.models.base import ConceptModel
 
-ACTIVATIONS = {"relu": lambda c: nn.ReLU(inplace=True), "prelu": nn.PReLU, "tanh": lambda c: nn.Tanh(), "sigmoid": lambda c: nn.Sigmoid()}
-POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
+if TYPE_CHECKING:
+    from deepindex.config import ModelConfig
+
+# activation name -> (channels -> module): PReLU learns one slope per channel
+ACTIVATIONS: dict[str, Callable[[int], nn.Module]] = {
+    "relu": lambda c: nn.ReLU(inplace=True), "prelu": nn.PReLU, "tanh": lambda c: nn.Tanh(),
+    "sigmoid": lambda c: nn.Sigmoid()}
+POOLS: dict[str, Callable[[int], nn.Module]] = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 
 
 def _block(c_in: int, c_out: int, convs: int, activation: str, pool: str) -> nn.Sequential:
@@ -20,7 +29,7 @@ def _block(c_in: int, c_out: int, convs: int, activation: str, pool: str) -> nn.
 
 
 @register("convnet")
-def convnet(cfg, num_concepts: int, in_channels: int) -> ConceptModel:
+def convnet(cfg: ModelConfig, num_concepts: int, in_channels: int) -> ConceptModel:
     blocks, c = [], in_channels
     for width in cfg.channels:
         blocks.append(_block(c, width, cfg.convs_per_block, cfg.activation, cfg.pool))

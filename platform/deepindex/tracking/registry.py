@@ -9,6 +9,7 @@ this module registers, moves the alias and logs the decision it is handed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -65,7 +66,8 @@ def resolve_model(model_uri: str, tracking_uri: str | None = None) -> ResolvedMo
     if not model_uri.startswith("models:/"):
         f = checkpoint_file(model_uri)
         if not f.is_file():
-            raise FileNotFoundError(f"model: no checkpoint at {model_uri} (expected a models:/ URI or a checkpoint path)")
+            raise FileNotFoundError(
+                f"model: no checkpoint at {model_uri} (expected a models:/ URI or a checkpoint path)")
         return ResolvedModel(str(f.resolve()), LOCAL, checkpoint_version(f))
 
     from mlflow.exceptions import MlflowException
@@ -93,6 +95,8 @@ def _download(client: MlflowClient, mv: ModelVersion) -> Path:
     if (dest / FILENAME).is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if not mv.run_id:  # a version registered from a bare artifact location, not from a run
+        raise ValueError(f"model: version {mv.version} of {mv.name} has no run to download {ARTIFACT_DIR}/ from")
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{mv.version}-"))
     try:
         got = Path(client.download_artifacts(mv.run_id, ARTIFACT_DIR, str(tmp)))
@@ -124,10 +128,8 @@ def register_run(run_id: str, name: str, tracking_uri: str | None = None) -> str
     try:
         client.get_registered_model(name)
     except MlflowException:
-        try:
+        with contextlib.suppress(MlflowException):  # created meanwhile
             client.create_registered_model(name, description="deepindex concept detector (checkpoint.pt contract)")
-        except MlflowException:
-            pass  # created meanwhile
     existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
     if existing:
         return str(existing[0].version)

@@ -7,6 +7,7 @@ checkpoint): ``test_*`` metrics, ``test_ap.csv``, the PR-curve or confusion-matr
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -72,7 +73,10 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     try:
         return client.create_experiment(name)
     except MlflowException:  # created meanwhile by a concurrent trial or job
-        return client.get_experiment_by_name(name).experiment_id
+        exp = client.get_experiment_by_name(name)
+        if exp is None:  # not a race: creating it failed for another reason, which is the error to report
+            raise
+        return exp.experiment_id
 
 
 def make_tracker(cfg: Config, name: str, *, journal: str | None = None, tracking_uri: str | None = None,
@@ -178,7 +182,5 @@ def mark_failed(tracker: Tracker | None, name: str, checkpoint: str | None = Non
         return
     rid = run_id_of(tracker, checkpoint, name)
     if rid:
-        try:
+        with contextlib.suppress(Exception):  # the failure itself is what the caller reports
             tracker.client.set_terminated(rid, "FAILED")
-        except Exception:  # noqa: BLE001 - the failure itself is what the caller reports
-            pass

@@ -84,7 +84,7 @@ def record_summary(parent_run_id: str, tracking_uri: str, *, metrics: dict[str, 
         try:  # params are write-once: a sweep restored after it finished must not fail here
             client.log_batch(parent_run_id, params=[Param(f"best.{k}", param_value(v))
                                                     for k, v in list(best_params.items())[:90]])
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - the summary matters more than the params
             log.warning("sweep run %s: best params not logged (%s)", parent_run_id, e)
     now = int(time.time() * 1000)
     client.log_batch(parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])

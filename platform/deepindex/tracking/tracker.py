@@ -81,7 +81,7 @@ class Tracker:
     run_id: str | None = None
     disabled: bool = False
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_client", None)  # a client holds HTTP sessions: rebuilt where it is used
         return state
@@ -124,7 +124,7 @@ class Tracker:
             return
         try:
             self.log_metrics(values, step=epoch)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any tracking failure must leave training alone
             self._fail(f"{type(e).__name__}: {e}")
             self.journal("epoch", step=epoch, metrics=values)
 
@@ -132,6 +132,7 @@ class Tracker:
     def log_metrics(self, values: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
+        assert self.run_id is not None, "log_metrics: no MLflow run (start() or log_final sets one)"
         now = int(time.time() * 1000)
         batch = [Metric(k, v, now, step or 0) for k, v in values.items()]
         for i in range(0, len(batch), 500):  # the REST API takes at most 1000 per call
@@ -172,7 +173,7 @@ class Tracker:
                         "path%s", why, where)
         self.disabled = True
 
-    def journal(self, kind: str, **fields) -> None:
+    def journal(self, kind: str, **fields: Any) -> None:
         if not self.offline_path:
             return
         try:

@@ -32,7 +32,7 @@ def resolve_tracking_uri(warn: bool = True) -> str | None:
 
 
 def is_http(uri: str | None) -> bool:
-    return bool(uri) and uri.split("://", 1)[0] in ("http", "https")
+    return bool(uri and uri.split("://", 1)[0] in ("http", "https"))
 
 
 def reachable(uri: str, timeout: float = 3.0) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -16,6 +16,10 @@ from torch.utils.data import DataLoader
 
 from deepindex.train.losses import Penalty, penalised_params
 from deepindex.train.metrics import mean_ap, per_concept_ap, topk_error
+
+if TYPE_CHECKING:
+    from deepindex.config import Config
+    from deepindex.data import Splits
 
 
 def train_one_epoch(
@@ -31,9 +35,9 @@ def train_one_epoch(
     """One pass of minibatch SGD; returns mean data loss, penalty and images/s."""
     model.train()
     params = penalised_params(model)
-    total_loss, total_pen, seen, batches = 0.0, 0.0, 0, 0
+    total_loss, total_pen, seen = 0.0, 0.0, 0
     start = time.perf_counter()
-    for x, y in loader:
+    for batches, (x, y) in enumerate(loader, start=1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, C, H, W), (B,) | (B, K)
         logits = model(x)  # (B, K)
         loss = loss_fn(logits, y)
@@ -46,7 +50,6 @@ def train_one_epoch(
         total_loss += loss.item() * n
         total_pen += (pen.item() if pen is not None else 0.0) * n
         seen += n
-        batches += 1
         if max_batches is not None and batches >= max_batches:
             break
     elapsed = time.perf_counter() - start
@@ -59,7 +62,8 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu"
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """All logits and targets of a loader, on the CPU: (N, K), (N,) | (N, K)."""
     model.eval()
     outs, ys = [], []
@@ -69,9 +73,10 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device | str = "
     return torch.cat(outs), torch.cat(ys)
 
 
-def scores_to_metrics(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, loss_fn: nn.Module | None = None, prefix: str = "val_") -> dict:
+def scores_to_metrics(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, loss_fn: nn.Module | None = None,
+                      prefix: str = "val_") -> dict[str, Any]:
     """Metrics of a whole split from its logits: loss and top-1/top-5 error, or mAP and per-concept AP."""
-    out: dict = {}
+    out: dict[str, Any] = {}
     if loss_fn is not None:
         out[f"{prefix}loss"] = float(loss_fn(logits, targets))
     if multilabel:
@@ -84,7 +89,8 @@ def scores_to_metrics(logits: torch.Tensor, targets: torch.Tensor, multilabel: b
     return out
 
 
-def evaluate(model: nn.Module, loader: DataLoader, multilabel: bool, loss_fn: nn.Module | None = None, device="cpu", prefix: str = "val_") -> dict:
+def evaluate(model: nn.Module, loader: DataLoader, multilabel: bool, loss_fn: nn.Module | None = None,
+             device: torch.device | str = "cpu", prefix: str = "val_") -> dict[str, Any]:
     logits, targets = predict(model, loader, device)
     return scores_to_metrics(logits, targets, multilabel, loss_fn, prefix)
 
@@ -98,18 +104,18 @@ def primary_metric(multilabel: bool, prefix: str = "val_") -> tuple[str, str]:
 class LocalTraining:
     """One in-process training run (no Ray, no DDP): what the Ray worker builds, on one process."""
 
-    splits: Any
+    splits: Splits
     model: nn.Module
     optimizer: torch.optim.Optimizer
     loader: DataLoader
     loss_fn: nn.Module
     penalty: Penalty
 
-    def epoch(self, epoch: int) -> dict:
+    def epoch(self, epoch: int) -> dict[str, float]:
         return train_one_epoch(self.model, self.loader, self.optimizer, self.loss_fn, self.penalty, epoch)
 
 
-def local_training(cfg) -> LocalTraining:
+def local_training(cfg: Config) -> LocalTraining:
     """Data, model, optimizer, shuffled loader (seeded: same seed, same weights) and loss of ``cfg``."""
     from deepindex.data import build_splits
     from deepindex.models import build_model

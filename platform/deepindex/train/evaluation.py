@@ -71,7 +71,7 @@ def ap_table(scored: Scored) -> str:
     out = io.StringIO()
     w = csv.writer(out)
     w.writerow(["concept", "ap", "positives"])
-    for name, a, n in zip(scored.concepts, ap.tolist(), onehot.sum(0).tolist()):
+    for name, a, n in zip(scored.concepts, ap.tolist(), onehot.sum(0).tolist(), strict=True):
         w.writerow([name, "" if a != a else f"{a:.4f}", int(n)])
     return out.getvalue()
 

@@ -7,8 +7,13 @@ switched on at its own start epoch.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from deepindex.config import RegularizationConfig
 
 
 def make_loss(multilabel: bool) -> nn.Module:
@@ -23,7 +28,7 @@ def penalised_params(model: nn.Module) -> list[torch.Tensor]:
 class Penalty:
     """``l1 * sum|w| + l2/2 * sum w^2`` over the penalised weights, active from given epochs."""
 
-    def __init__(self, reg_cfg):
+    def __init__(self, reg_cfg: RegularizationConfig) -> None:
         self.cfg = reg_cfg
 
     def strengths(self, epoch: int) -> tuple[float, float]:

@@ -5,11 +5,17 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deepindex.config import Config
 from deepindex.paths import state_dir
 from deepindex.train.engine import primary_metric
+
+if TYPE_CHECKING:
+    from ray.train import UserCallback
+    from ray.train.torch import TorchTrainer
+
+    from deepindex.tracking.tracker import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +41,8 @@ def journal_path(cfg: Config, name: str) -> str | None:
     return None if "://" in storage else str(Path(storage) / name / JOURNAL)
 
 
-def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list | None = None,
-                  extra: dict[str, Any] | None = None, tracker=None):
+def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list[UserCallback] | None = None,
+                  extra: dict[str, Any] | None = None, tracker: Tracker | None = None) -> TorchTrainer:
     """A ``TorchTrainer`` for ``cfg``; same ``name`` + storage path = resume from its checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -47,12 +53,14 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list | Non
     storage = storage_path(cfg)
     multilabel = cfg.multilabel
     metric, mode = primary_metric(multilabel)
-    resources = {"CPU": cfg.ray.cpus_per_worker}
+    resources: dict[str, float] = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
     status_dir = None if "://" in storage else str(Path(storage) / name / "workers")
     return TorchTrainer(
-        train_loop_per_worker,
+        # mypy reads ray.train.torch's Train V1 TorchTrainer, which wants a loop returning None; Train V2 (what
+        # runs) takes any loop and hands its value back as Result.return_value (jobs/bench_train.py reads it).
+        train_loop_per_worker,  # type: ignore[arg-type]
         train_loop_config={"config": cfg.to_dict(), "extra": extra or {}, "status_dir": status_dir,
                            "tracker": tracker},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
@@ -67,7 +75,8 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list | Non
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints,
                                                checkpoint_score_attribute=metric,
                                                checkpoint_score_order=mode),
-            callbacks=callbacks,
+            # V1's RunConfig again (see above): V2's takes ray.train.UserCallback, V1's took Tune callbacks.
+            callbacks=callbacks,  # type: ignore[arg-type]
         ),
     )
 
@@ -81,8 +90,8 @@ class TrainOutcome:
     test_metrics: dict[str, Any]
 
 
-def train(cfg: Config, *, name: str | None = None, evaluate_test: bool = True, tracker=None,
-          callbacks: list | None = None) -> TrainOutcome:
+def train(cfg: Config, *, name: str | None = None, evaluate_test: bool = True, tracker: Tracker | None = None,
+          callbacks: list[UserCallback] | None = None) -> TrainOutcome:
     """Fit on the connected Ray cluster, then score the best checkpoint on the test split."""
     from deepindex.cluster import connect
     from deepindex.train.evaluation import evaluate_checkpoint
@@ -92,8 +101,11 @@ def train(cfg: Config, *, name: str | None = None, evaluate_test: bool = True, t
     connect()
     trainer = build_trainer(cfg, name=name, tracker=tracker, callbacks=callbacks)
     result = trainer.fit()
+    latest = result.checkpoint
+    if latest is None:  # rank 0 reports one every epoch: fit() raises before a run ends without one
+        raise RuntimeError(f"train: run {name} finished without a checkpoint")
     metric, mode = primary_metric(cfg.multilabel)
-    best = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else result.checkpoint
-    best_path = best.path if best is not None else result.checkpoint.path
+    best = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else latest
+    best_path = best.path if best is not None else latest.path
     test = evaluate_checkpoint(best_path) if evaluate_test else {}
-    return TrainOutcome(name, dict(result.metrics or {}), best_path, result.checkpoint.path, test)
+    return TrainOutcome(name, dict(result.metrics or {}), best_path, latest.path, test)

@@ -15,10 +15,11 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from deepindex.checkpoint import read_checkpoint, save_checkpoint
@@ -28,6 +29,9 @@ from deepindex.models import build_model
 from deepindex.train.engine import predict, scores_to_metrics, train_one_epoch
 from deepindex.train.losses import Penalty, make_loss
 from deepindex.train.optim import EpochScheduler, build_optimizer, current_lr
+
+if TYPE_CHECKING:
+    from deepindex.tracking.tracker import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +45,19 @@ def _gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _write_status(status_dir: str | None, rank: int, **fields) -> None:
+def _write_status(status_dir: str | None, rank: int, **fields: Any) -> None:
     """Where each worker is (pid, epoch): for operators, and for fault-injection tests."""
     if not status_dir:
         return
     d = Path(status_dir)
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".rank{rank}.json.tmp"
-    tmp.write_text(json.dumps({"rank": rank, "pid": os.getpid(), "node": os.uname().nodename, "time": time.time(), **fields}))
+    tmp.write_text(json.dumps({"rank": rank, "pid": os.getpid(), "node": os.uname().nodename, "time": time.time(),
+                               **fields}))
     os.replace(tmp, d / f"rank{rank}.json")
 
 
-def train_loop_per_worker(loop_config: dict) -> list[dict]:
+def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     """Train ``loop_config["config"]``; returns this rank's per-epoch scalar metrics."""
     import ray.train
     import ray.train.torch
@@ -67,7 +72,7 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
     device = ray.train.torch.get_device()
 
     splits = build_splits(cfg.data)
-    model = build_model(cfg.model, len(splits.concepts), splits.channels)
+    model: nn.Module = build_model(cfg.model, len(splits.concepts), splits.channels)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = EpochScheduler(optimizer, cfg.schedule, cfg.train.epochs)
     start_epoch, extra = 0, dict(loop_config.get("extra") or {})
@@ -86,14 +91,15 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
 
     model = ray.train.torch.prepare_model(model)
     per_worker_batch = max(1, cfg.train.batch_size // world)  # the global batch is split
-    sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
+    sampler: DistributedSampler[int] = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True,
+                                                          seed=cfg.train.seed)
     train_loader = DataLoader(splits.train, batch_size=per_worker_batch, sampler=sampler,
                               num_workers=cfg.data.num_workers, drop_last=True)
     # Each rank scores a strided shard of the validation split; all_gather puts it back together.
     val_loader = DataLoader(Subset(splits.val, range(rank, len(splits.val), world)), batch_size=256)
     loss_fn = make_loss(splits.multilabel)
     penalty = Penalty(cfg.regularization)
-    tracker = loop_config.get("tracker")
+    tracker: Tracker | None = loop_config.get("tracker")
     if tracker is not None and rank == 0:
         extra = tracker.start(cfg, extra)
 
@@ -101,14 +107,16 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
     throughput = Gauge("deepindex_train_images_per_s", "images/s of the training worker group", tag_keys=("run",))
     run_tag = {"run": ctx.get_experiment_name()}
     status = {"node_id": ray.get_runtime_context().get_node_id(), "start_epoch": start_epoch}
-    history: list[dict] = []
+    history: list[dict[str, Any]] = []
     for epoch in range(start_epoch, cfg.train.epochs):
         epoch_start = time.time()
         _write_status(loop_config.get("status_dir"), rank, epoch=epoch, **status)
         sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
         lr = current_lr(optimizer)
         train_metrics = train_one_epoch(model, train_loader, optimizer, loss_fn, penalty, epoch, device)
-        logits, targets = predict(model.module if hasattr(model, "module") else model, val_loader, device)
+        # DDP's wrapped model, as a Module: nn.Module's __getattr__ is typed Tensor | Module.
+        bare = cast(nn.Module, model.module) if hasattr(model, "module") else model
+        logits, targets = predict(bare, val_loader, device)
         logits, targets = _gather(logits), _gather(targets)
         val_metrics = scores_to_metrics(logits, targets, splits.multilabel, loss_fn)
         scheduler.step(val_metrics["val_loss"])
@@ -119,7 +127,8 @@ def train_loop_per_worker(loop_config: dict) -> list[dict]:
             throughput.set(metrics["images_per_s"], tags=run_tag)
             if tracker is not None:
                 tracker.log_epoch(metrics, epoch)
-        scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}  # per-concept AP stays in the checkpoint
+        # Per-concept AP stays in the checkpoint.
+        scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:

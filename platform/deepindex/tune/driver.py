@@ -23,12 +23,20 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from deepindex.tracking.registry import PromotionDecision
 from deepindex.tune.space import SweepSpec
+
+if TYPE_CHECKING:
+    from ray.train import Checkpoint
+    from ray.train.v2._internal.execution.context import TrainRunContext
+    from ray.tune import Callback, ResultGrid
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.search import SearchAlgorithm, Searcher
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +74,20 @@ class SweepOutcome:
         return sum(t.stopped_early for t in self.trials)
 
 
-def _report_callback():
+def _report_callback() -> TuneReportCallback:
     """``TuneReportCallback`` plus ``epochs_done`` (1-based), the ASHA time attribute."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class EpochReportCallback(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
+        def after_report(self, run_context: TrainRunContext, metrics: list[dict[str, Any]],
+                         checkpoint: Checkpoint | None) -> None:
             metrics = [dict(m, **{EPOCHS_DONE: int(m.get("epoch", 0)) + 1}) for m in metrics]
             super().after_report(run_context, metrics, checkpoint)
 
     return EpochReportCallback()
 
 
-def trial_driver(params: dict[str, Any], *, base: dict, sweep: str, train_storage: str,
+def trial_driver(params: dict[str, Any], *, base: dict[str, Any], sweep: str, train_storage: str,
                  tracking_uri: str | None, parent_run_id: str | None) -> None:
     """One Tune trial: the base config + this trial's params, trained as a tracked Ray Train run.
 
@@ -101,11 +110,12 @@ def trial_driver(params: dict[str, Any], *, base: dict, sweep: str, train_storag
     train(cfg, name=trial_id, evaluate_test=False, tracker=tracker, callbacks=[_report_callback()])
 
 
-def trial_checkpoints(train_storage: str | Path, trial_id: str, metric: str, mode: str) -> tuple[str | None, str | None]:
+def trial_checkpoints(train_storage: str | Path, trial_id: str, metric: str, mode: str
+                      ) -> tuple[str | None, str | None]:
     """(best by ``metric``, latest by epoch) checkpoint folders of a trial's Train run."""
     from deepindex.checkpoint import FILENAME, read_checkpoint
 
-    found = []
+    found: list[tuple[int, float | None, str]] = []  # (epoch, metric, folder)
     for f in sorted(Path(train_storage, trial_id).glob(f"checkpoint_*/{FILENAME}")):
         try:
             state = read_checkpoint(f)
@@ -115,7 +125,7 @@ def trial_checkpoints(train_storage: str | Path, trial_id: str, metric: str, mod
     if not found:
         return None, None
     latest = max(found)[2]
-    scored = [c for c in found if c[1] is not None]
+    scored = [(epoch, value, folder) for epoch, value, folder in found if value is not None]
     if not scored:
         return latest, latest
     best = (max if mode == "max" else min)(scored, key=lambda c: c[1])[2]
@@ -138,7 +148,8 @@ def trial_concurrency(spec: SweepSpec) -> int:
     return n
 
 
-def _searcher(spec: SweepSpec, metric: str, mode: str, concurrency: int):
+def _searcher(spec: SweepSpec, metric: str, mode: str, concurrency: int
+              ) -> tuple[Searcher | SearchAlgorithm, int | None]:
     """(search algorithm, TuneConfig.max_concurrent_trials): Tune applies the latter only to a
     ``Searcher``; the random/grid generator takes its limit itself."""
     s = spec.settings
@@ -153,7 +164,7 @@ def _searcher(spec: SweepSpec, metric: str, mode: str, concurrency: int):
     return BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrency), None
 
 
-def _scheduler(spec: SweepSpec):
+def _scheduler(spec: SweepSpec) -> TrialScheduler:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     s = spec.settings
@@ -187,7 +198,7 @@ def _parent_run(spec: SweepSpec, name: str, sweep_dir: Path, tracking_uri: str |
 
 
 def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | None = None,
-              callbacks: list | None = None, promote: bool | None = None) -> SweepOutcome:
+              callbacks: list[Callback] | None = None, promote: bool | None = None) -> SweepOutcome:
     """Run (or restore) the sweep on the connected cluster; record the best trial; maybe promote it."""
     from ray import tune
 
@@ -240,27 +251,27 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | N
     return outcome
 
 
-def _summarise(grid, spec: SweepSpec, name: str, path: str, metric: str, mode: str, parent: str | None,
+def _summarise(grid: ResultGrid, spec: SweepSpec, name: str, path: str, metric: str, mode: str, parent: str | None,
                wall_s: float) -> SweepOutcome:
     trials_state = _saved_statuses(path)
     summaries = []
-    for r in grid:
+    for r in grid:  # type: ignore[attr-defined]  # ResultGrid iterates through __getitem__, which mypy does not model
         m = r.metrics or {}
         tid = m.get("trial_id") or (Path(r.path).name if r.path else "?")
         status = trials_state.get(tid, "ERROR" if r.error else "TERMINATED")
         done = int(m.get(EPOCHS_DONE, 0))
         params = {k: v for k, v in (r.config or {}).items()}
         value = m.get(metric)
+        stopped_early = status == "TERMINATED" and r.error is None and done < spec.max_epochs
         summaries.append(TrialSummary(tid, params, float(value) if value is not None else None, done,
-                                      stopped_early=status == "TERMINATED" and r.error is None and done < spec.max_epochs,
-                                      status=status))
+                                      stopped_early=stopped_early, status=status))
     interrupted = any(s.status in ("PENDING", "RUNNING", "PAUSED") for s in summaries)
-    scored = [s for s in summaries if s.metric is not None and s.status != "ERROR"]
+    scored = [(s.metric, s) for s in summaries if s.metric is not None and s.status != "ERROR"]
     # The best by the last reported value: a trial ASHA stopped early is never better than
     # the rung's survivors, and a finished trial's last epoch is what its checkpoint saw.
     best = None
     if scored:
-        best = max(scored, key=lambda s: s.metric) if mode == "max" else min(scored, key=lambda s: s.metric)
+        best = (max if mode == "max" else min)(scored, key=lambda m: m[0])[1]
     return SweepOutcome(name, path, metric, mode, summaries, best, parent, wall_s, interrupted)
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from deepindex.tune.driver import SweepOutcome
 
 log = logging.getLogger(__name__)
 
@@ -13,10 +16,9 @@ def tune_main(space: str, overrides: list[str] | None = None, *, name: str | Non
               settings: dict[str, Any] | None = None, promote: bool | None = None) -> dict[str, Any]:
     """Validate the space first (a bad key fails before Ray starts), sweep, print a JSON summary."""
     from deepindex.cluster import connect
+    from deepindex.train.trainer import storage_path
     from deepindex.tune.driver import run_sweep
     from deepindex.tune.space import load_space
-
-    from deepindex.train.trainer import storage_path
     from deepindex.workflows import sync_pending
 
     spec = load_space(space, overrides, settings)
@@ -28,7 +30,7 @@ def tune_main(space: str, overrides: list[str] | None = None, *, name: str | Non
     return summary
 
 
-def sweep_summary(out) -> dict[str, Any]:
+def sweep_summary(out: SweepOutcome) -> dict[str, Any]:
     from deepindex.tracking.uri import resolve_tracking_uri
 
     best = out.best

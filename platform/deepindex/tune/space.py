@@ -34,7 +34,8 @@ class Dist:
     kind: str
     args: Any  # list of values, [low, high], or a constant
 
-    def to_tune(self):
+    def to_tune(self) -> object:
+        """A Tune search-space domain, a ``grid_search`` spec, or the constant itself (``value``)."""
         from ray import tune
 
         if self.kind == "choice":
@@ -74,7 +75,7 @@ class SweepSpec:
     base: Config
     space: dict[str, Dist]
     settings: SweepSettings
-    raw: dict = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
 
     def param_space(self) -> dict[str, Any]:
         return {k: d.to_tune() for k, d in self.space.items()}
@@ -121,7 +122,7 @@ def parse_space(raw: dict[str, Any], path: str = "<space>", overrides: list[str]
     base_overrides = dict(base_raw.get("overrides") or {})
     cfg_path = base_raw.get("config")
     if cfg_path and not Path(cfg_path).is_absolute():
-        cfg_path = str((Path(path).parent / cfg_path)) if not Path(cfg_path).exists() else cfg_path
+        cfg_path = str(Path(path).parent / cfg_path) if not Path(cfg_path).exists() else cfg_path
     base = load_config(cfg_path, base_overrides)
     if overrides:
         base = base.override(overrides)
@@ -169,7 +170,8 @@ def _check_settings(s: SweepSettings, space: dict[str, Dist], base: Config) -> N
     epochs = space.get("train.epochs")
     max_t = int(max(epochs.samples())) if epochs else base.train.epochs
     if not isinstance(s.grace_period, int) or not 1 <= s.grace_period <= max_t:
-        raise ConfigError(f"tune.grace_period: must be an integer in [1, {max_t}] (train.epochs), got {s.grace_period!r}")
+        raise ConfigError(
+            f"tune.grace_period: must be an integer in [1, {max_t}] (train.epochs), got {s.grace_period!r}")
     if not isinstance(s.reduction_factor, int) or s.reduction_factor < 2:
         raise ConfigError(f"tune.reduction_factor: must be an integer >= 2, got {s.reduction_factor!r}")
     if s.max_concurrent_trials < 0:
@@ -178,7 +180,8 @@ def _check_settings(s: SweepSettings, space: dict[str, Dist], base: Config) -> N
         raise ConfigError("tune.trial_driver_cpus: must be > 0")
 
 
-def load_space(path: str | Path, overrides: list[str] | None = None, settings: dict[str, Any] | None = None) -> SweepSpec:
+def load_space(path: str | Path, overrides: list[str] | None = None,
+               settings: dict[str, Any] | None = None) -> SweepSpec:
     """Read and validate ``tune_configs/X.yaml``; ``overrides`` apply to the base config,
     ``settings`` to the ``tune`` section (e.g. ``{"num_samples": 4}``)."""
     p = Path(path)
