@@ -67,6 +67,9 @@ class Pair:
 @serve.deployment(name="IndexService", num_replicas=1, health_check_period_s=10, max_ongoing_requests=256)
 class IndexServer:
     def __init__(self, args: dict[str, Any]):
+        from serving.logs import adopt_serve_logging
+
+        adopt_serve_logging()
         self.args = ServeArgs.model_validate(args)
         a = self.args
         self.store = CollectionStore.open(a.collection, a.catalogue_url, a.blobs_url)
@@ -75,6 +78,9 @@ class IndexServer:
         self.model_reports: dict[str, tuple[str, float]] = {}  # model replica -> (version, when)
         self._write = threading.RLock()  # catalogue writes, index changes and the switch, one at a time
         self.rollover = Rollover(self)
+        # The saved pair is loaded before this replica takes requests (a restart answers at once with
+        # what it served), then the rollover loop runs in the background.
+        self.rollover.restore()
         self.rollover.start()
 
     def check_health(self) -> None:

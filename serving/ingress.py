@@ -24,9 +24,20 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.errors import ApiError
-from serving.schemas import (HERE, AddItemsResponse, DeleteItemResponse, ErrorResponse, Health, ImagesJSON,
-                             ItemResponse, KeywordSearchResponse, ServeArgs, SimilarResponse, StatusResponse,
-                             TagResponse)
+from serving.schemas import (
+    HERE,
+    AddItemsResponse,
+    DeleteItemResponse,
+    ErrorResponse,
+    Health,
+    ImagesJSON,
+    ItemResponse,
+    KeywordSearchResponse,
+    ServeArgs,
+    SimilarResponse,
+    StatusResponse,
+    TagResponse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +179,10 @@ class Ingress:
     def __init__(self, model, index, args: dict[str, Any], hub):
         from PIL import Image
 
+        from serving.logs import adopt_serve_logging
         from serving.metrics import ServeMetrics
 
+        adopt_serve_logging()
         self.args = ServeArgs.model_validate(args)
         self.model, self.index, self.hub = model, index, hub
         self.metrics = ServeMetrics()

@@ -2,15 +2,16 @@
 
 Every forward goes through ``@serve.batch``: concurrent single-image calls from the ingress become
 one ``(B, C, S, S)`` tensor.  Which version to serve is the index replica's decision (it moves model
-and index together, ``serving/index.py``): a thread asks it every half second, loads a new version
-next to the served one, and swaps the reference; a batch in flight keeps the model it started with.
+and index together, ``serving/index.py``): a task on the replica's event loop asks it every half
+second, loads a new version next to the served one (in a thread), and swaps the reference; a batch
+in flight keeps the model it started with.
 Until the index replica answers (the first seconds of a start), the replica serves what the model
 URI resolves to.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,9 @@ class ModelServer:
                  batch_wait_timeout_s: float = 0.0, threads: int = 0):
         import torch
 
+        from serving.logs import adopt_serve_logging
+
+        adopt_serve_logging()
         if threads:
             torch.set_num_threads(threads)
         self._uri, self._tracking_uri, self._index = model, tracking_uri, index
@@ -51,38 +55,44 @@ class ModelServer:
         self.reloads, self.last_error = 0, None
         self.infer.set_max_batch_size(max_batch_size)
         self.infer.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self._stop = threading.Event()
-        self._poller: threading.Thread | None = None
-        if index is not None:
-            self._poller = threading.Thread(target=self._follow, name="model-follow", daemon=True)
-            self._poller.start()
+        self._follower: asyncio.Task[None] | None = None
+        self._ensure_following()
         log.info("serving %s version %s", self._served.resolved.name, self._served.resolved.version)
 
     # ---- following the index replica's choice ------------------------------------------------
-    def _follow(self) -> None:
-        while not self._stop.wait(POLL_S):
+    def _ensure_following(self) -> None:
+        """Run :meth:`_follow` on the replica's event loop (handles are called from it, not from threads).
+        Started from the constructor when it runs on the loop, else from the first call or health check."""
+        if self._index is None or (self._follower is not None and not self._follower.done()):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._follower = loop.create_task(self._follow())
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_S)
             try:
                 cur = self._served.resolved
-                want = self._index.report_model.remote(self._replica, cur.version).result(timeout_s=10)
+                want = await self._index.report_model.remote(self._replica, cur.version)
                 if want and want.get("version") and want["version"] != cur.version:
-                    new = _load(want["ref"], self._tracking_uri)
+                    new = await asyncio.to_thread(_load, want["ref"], self._tracking_uri)
                     log.info("model: version %s -> %s", cur.version, new.resolved.version)
                     self._served = new  # one reference swap: a batch in flight keeps its model
                     self.reloads += 1
                 self.last_error = None
-            except Exception as e:  # keep serving the loaded version; report the problem
+            except Exception as e:  # noqa: BLE001 - keep serving the loaded version; report the problem
                 self.last_error = f"{type(e).__name__}: {e}"
                 log.debug("model: could not ask the index replica which version to serve: %s", self.last_error)
 
-    def __del__(self) -> None:
-        self._stop.set()
-
-    def check_health(self) -> None:
-        if self._poller is not None and not self._poller.is_alive():
-            raise RuntimeError("the model follow thread died")
+    async def check_health(self) -> None:
+        self._ensure_following()
 
     # ---- calls -------------------------------------------------------------------------------
-    def info(self) -> dict[str, Any]:
+    async def info(self) -> dict[str, Any]:
+        self._ensure_following()
         s = self._served
         d = s.lm.config.data
         return {"uri": self._uri, "name": s.resolved.name, "version": s.resolved.version,

@@ -87,7 +87,6 @@ class Rollover:
         log.info("rollover: %s %s", phase, message)
 
     def _run(self) -> None:
-        self._restore()
         interval = max(0.5, self.server.args.reload_interval_s or 0.5)
         while not self._stop.is_set():
             try:
@@ -104,7 +103,7 @@ class Rollover:
             self._poke.wait(wait)
             self._poke.clear()
 
-    def _restore(self) -> None:
+    def restore(self) -> None:
         """A restarted replica serves what it served (``serving.json``), if that index is still there."""
         f = self.dir / STATE_FILE
         try:

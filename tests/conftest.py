@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from support import TINY, MlflowServer, start_mlflow_server
+from support import TINY, MlflowServer, ensure_ray, start_mlflow_server
 
 if TYPE_CHECKING:
     from deepindex.config import Config
@@ -40,33 +40,18 @@ def tiny_cfg() -> Config:
     return load_config(None, TINY)
 
 
-_ray_started_here = False
-
-
 @pytest.fixture
 def ray_local() -> Iterator[None]:
-    """The session's local Ray cluster: 4 logical CPUs on 2 cores (Train + Tune need more logical
-    CPUs than cores), started with the Serve data plane's environment so the serving tests run
-    on it as `deepindex up` would.  Started on first use, or again after a test closed it."""
-    import ray
-
-    global _ray_started_here
-    if not ray.is_initialized():
-        from deepindex.serve_env import serve_env
-
-        saved = dict(os.environ)
-        os.environ.update(serve_env())  # the cluster's processes inherit it
-        try:
-            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)  # later tests start from a clean environment
-        _ray_started_here = True
+    """The session's local Ray cluster (``support.ensure_ray``): started on first use, or again after
+    a test closed it."""
+    ensure_ray()
     yield
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if _ray_started_here:
+    import support
+
+    if support.ray_started_here:
         import ray
 
         ray.shutdown()

@@ -58,6 +58,31 @@ def wait_until(predicate: Callable[[], T], timeout: float, every: float = 0.1,
         time.sleep(every)
 
 
+# ---- the session's Ray cluster -------------------------------------------------------------------
+ray_started_here = False
+
+
+def ensure_ray() -> None:
+    """The session's local Ray cluster: 4 logical CPUs on 2 cores (Train + Tune need more logical CPUs
+    than cores), started with the Serve data plane's environment so the serving tests run on it as
+    `deepindex up` would.  Started on first use, or again after a test closed it."""
+    import ray
+
+    global ray_started_here
+    if ray.is_initialized():
+        return
+    from deepindex.serve_env import serve_env
+
+    saved = dict(os.environ)
+    os.environ.update(serve_env())  # the cluster's processes inherit it
+    try:
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)  # later tests start from a clean environment
+    ray_started_here = True
+
+
 # ---- processes ------------------------------------------------------------------------------------
 def pid_alive(pid: int) -> bool:
     """Running (a zombie has exited; it only waits for its parent to reap it)."""

@@ -4,8 +4,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deepindex.index.fusion import (Scored, competition_ranks, concept_mask, decode_cursor, encode_cursor, fuse, keep,
-                                    normalise, page, query_key)
+from deepindex.index.fusion import (
+    Scored,
+    competition_ranks,
+    concept_mask,
+    decode_cursor,
+    encode_cursor,
+    fuse,
+    keep,
+    normalise,
+    page,
+    query_key,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import secrets
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 import requests
 
 from deepindex.net import free_port
-from support import REPO, wait_until
+from support import REPO, ensure_ray, wait_until
+
+if TYPE_CHECKING:
+    from deepindex.collection import CollectionStore
 
 GALLERY = 2000
 LIMITS = {"max_image_bytes": 200_000, "max_image_pixels": 1_000_000, "max_images_per_request": 8, "max_k": 100}
@@ -25,19 +31,34 @@ LIMITS = {"max_image_bytes": 200_000, "max_image_pixels": 1_000_000, "max_images
 @dataclass
 class Served:
     url: str
-    model_path: Path  # the live checkpoint the service polls (a plain path: version = file hash)
+    model_path: Path  # the live checkpoint the service follows (a plain path: version = file hash)
     trained: Path  # an untouched copy of the trained checkpoint
-    collection_dir: Path  # the collection folder: one index per model version
+    collection_dir: Path  # the collection's index folder: one index per model version
     index_path: Path
     labels: list[list[str]]  # gallery ground truth, by row
     images: np.ndarray  # (N, 1, S, S) float32 in [0, 1]
     version: str
+    catalogue_url: str
+    blobs_url: str
+    token: str  # the API token writes need
 
-    def get(self, path: str, **kw) -> requests.Response:
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def get(self, path: str, **kw: Any) -> requests.Response:
         return requests.get(self.url + path, timeout=60, **kw)
 
-    def post(self, path: str, **kw) -> requests.Response:
+    def post(self, path: str, **kw: Any) -> requests.Response:
         return requests.post(self.url + path, timeout=60, **kw)
+
+    def delete(self, path: str, **kw: Any) -> requests.Response:
+        return requests.delete(self.url + path, timeout=60, **kw)
+
+    def store(self) -> CollectionStore:
+        from deepindex.collection import CollectionStore
+
+        return CollectionStore.open("digit-scenes", self.catalogue_url, self.blobs_url, create=False)
 
 
 @functools.cache
@@ -51,15 +72,19 @@ def load_job() -> ModuleType:
 
 
 @pytest.fixture(scope="package")
-def served(tmp_path_factory: pytest.TempPathFactory, small_model: Path, _session_ray: None):
+def served(tmp_path_factory: pytest.TempPathFactory, small_model: Path) -> Iterator[Served]:
+    """The gallery imported into a collection, its index built, and the app serving it (the index replica
+    finds the index by the model's version; the rollover tests make it build others itself)."""
     from ray import serve
 
+    from deepindex.collection import CollectionStore
+    from deepindex.collection.imports import import_digit_scenes
     from deepindex.index.build import build_index
     from deepindex.index.collection import digit_gallery
-    from deepindex.index.store import index_dir_name
     from deepindex.tracking.registry import resolve_model
     from serving.app import build_app
 
+    ensure_ray()
     root = tmp_path_factory.mktemp("serving")
     trained = root / "trained"
     trained.mkdir()
@@ -68,22 +93,21 @@ def served(tmp_path_factory: pytest.TempPathFactory, small_model: Path, _session
     live.mkdir()
     shutil.copy(small_model, live / "checkpoint.pt")
     version = resolve_model(str(live)).version
-    coll = root / "indexes" / "digit-scenes"
+    catalogue, blobs, coll = f"sqlite:///{root / 'catalogue.db'}", str(root / "blobs"), root / "indexes"
+    import_digit_scenes(CollectionStore.open("digit-scenes", catalogue, blobs), size=GALLERY, seed=0)
     # In-process embedding: tests/index covers the Ray Data path; here the service is under test.
-    built = build_index(str(live), size=GALLERY, out=coll / index_dir_name("local", version), use_ray=False)
+    built = build_index(str(live), index_dir=coll, use_ray=False, catalogue_url=catalogue, blobs_url=blobs)
+    token = secrets.token_hex(16)
+    (root / "api_token").write_text(token)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"model": str(live), "index_dir": str(coll), "reload_interval_s": 1.0, "max_batch_size": 16,
+    args = {"model": str(live), "index_dir": str(coll), "catalogue_url": catalogue, "blobs_url": blobs,
+            "api_token_file": str(root / "api_token"), "reload_interval_s": 1.0, "max_batch_size": 16,
             "batch_wait_timeout_s": 0.02, **LIMITS}
     serve.run(build_app(args), name="deepindex", route_prefix="/")
     g = digit_gallery(GALLERY)
-    s = Served(f"http://127.0.0.1:{port}", live, trained, coll, built.path, g.labels, g.images, version)
+    s = Served(f"http://127.0.0.1:{port}", live, trained, coll, built.path, g.labels, g.images, version, catalogue,
+               blobs, token)
     wait_until(lambda: s.get("/readyz").status_code == 200, 60, every=0.5, what="the service ready")
     yield s
     serve.shutdown()
-
-
-@pytest.fixture(scope="package")
-def _session_ray(request: pytest.FixtureRequest) -> None:
-    """The session's Ray cluster for the package-scoped service (``ray_local`` is per test)."""
-    request.getfixturevalue("ray_local")

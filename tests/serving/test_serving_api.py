@@ -127,29 +127,58 @@ def test_similar_by_uploaded_image_finds_itself(served):
     i = 17
     body = served.post("/v1/search/similar?k=5", files={"image": ("q.png", png_bytes(served.images[i]))}).json()
     assert body["results"][0]["id"] == f"scene-{i:06d}" and body["results"][0]["score"] > 0.99
-    assert body["metric"] == "ip" and len(body["results"]) == 5
+    assert body["metric"] == "cosine" and len(body["results"]) == 5  # ip on L2-normalised descriptors
+    assert body["index"]["model_version"] == body["model"]["version"] == served.version
 
 
-def test_added_items_are_found(served):
+def test_items_added_deleted_and_served_from_the_collection(served):
+    import hashlib
+
     from deepindex.index.collection import digit_gallery
-    from deepindex.index.store import IndexStore
 
-    new = digit_gallery(3, seed=7)  # other glyph draws: images not in the index
+    new = digit_gallery(3, seed=7)  # other glyph draws: images not in the collection
+    pngs = [png_bytes(new.images[j]) for j in range(3)]
     before = served.get("/readyz").json()["index"]["count"]
-    files = [("images", (f"n{j}.png", png_bytes(new.images[j]))) for j in range(3)]
-    r = served.post("/v1/items", files=files, data={"id": ["added/a", "added/b", "added/c"]})
+    files = [("images", (f"n{j}.png", pngs[j])) for j in range(3)]
+    data = {"id": ["added/a", "added/b", "added/c"], "tags": ["3", "", "7,1"]}
+    assert served.post("/v1/items", files=files, data=data).status_code == 401  # writes need the token
+    wrong = served.post("/v1/items", files=files, data=data, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 403 and wrong.json()["error"]["code"] == "forbidden"
+    r = served.post("/v1/items", files=files, data=data, headers=served.auth)
     assert r.status_code == 201, r.text
-    assert r.json()["added"] == ["added/a", "added/b", "added/c"] and r.json()["count"] == before + 3
+    body = r.json()
+    assert body["added"] == ["added/a", "added/b", "added/c"] and body["index"]["count"] == before + 3
+    # Durable in the collection before the answer: the original bytes, byte for byte, and the tags.
+    store = served.store()
+    assert store.image("added/c") == pngs[2] and store.get("added/c").tags == ["7", "1"]
     item = served.get("/v1/items/added/b").json()
     assert item["id"] == "added/b" and item["concepts"][0]["probability"] > 0.5
-    assert served.get("/v1/items/added/b/image").headers["content-type"] == "image/png"
-    hit = served.post("/v1/search/similar?k=3", files={"image": ("q.png", png_bytes(new.images[2]))}).json()
+    assert item["meta"]["content_hash"] == hashlib.sha256(pngs[1]).hexdigest()
+    img = served.get("/v1/items/added/b/image")  # the original, as it was added
+    assert img.headers["content-type"] == "image/png" and img.content == pngs[1]
+    thumb = served.get("/v1/items/scene-000005/image?size=16")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"
+    hit = served.post("/v1/search/similar?k=3", files={"image": ("q.png", pngs[2])}).json()
     assert hit["results"][0]["id"] == "added/c"
     assert served.get("/v1/items/added/a/similar?k=3").status_code == 200
-    b64 = base64.b64encode(png_bytes(new.images[0])).decode()
-    dup = served.post("/v1/items", json={"images": [{"id": "added/a", "data": b64}]})
+    # The same id and bytes again: nothing changes (200); other bytes: 409.
+    b64 = base64.b64encode(pngs[0]).decode()
+    again = served.post("/v1/items", json={"images": [{"id": "added/a", "data": b64}]}, headers=served.auth)
+    assert again.status_code == 200 and again.json()["existing"] == ["added/a"] and not again.json()["added"]
+    other = base64.b64encode(pngs[1]).decode()
+    dup = served.post("/v1/items", json={"images": [{"id": "added/a", "data": other}]}, headers=served.auth)
     assert dup.status_code == 409 and dup.json()["error"]["code"] == "duplicate_item"
-    assert "added/c" in IndexStore.load(served.index_path).rows  # persisted atomically
+    # Delete: gone from search at once, a tombstone in the collection.
+    assert served.delete("/v1/items/added/c").status_code == 401
+    gone = served.delete("/v1/items/added/c", headers=served.auth)
+    assert gone.status_code == 200 and gone.json()["deleted"] == "added/c"
+    hit = served.post("/v1/search/similar?k=3", files={"image": ("q.png", pngs[2])}).json()
+    assert "added/c" not in [h["id"] for h in hit["results"]]
+    assert served.get("/v1/items/added/c").status_code == 404
+    assert served.delete("/v1/items/added/c", headers=served.auth).status_code == 404
+    assert store.get("added/c") is None and store.get("added/c", include_deleted=True).deleted_seq is not None
+    for item_id in ("added/a", "added/b"):  # leave the shared collection as it was
+        assert served.delete(f"/v1/items/{item_id}", headers=served.auth).status_code == 200
 
 
 def test_concurrent_requests_are_batched(served):
@@ -233,7 +262,12 @@ def _bad_requests(served):
         "blank query": ("get", "/v1/search?q=%20%20", {}, 400, "empty_query"),
         "similar with two images": ("post", "/v1/search/similar", {"files": [("images", ("a.png", good))] * 2},
                                     400, "one_image"),
-        "add without id": ("post", "/v1/items", one(good), 400, "bad_id"),
+        "add without id": ("post", "/v1/items", {**one(good), "headers": served.auth}, 400, "bad_id"),
+        "add not an image": ("post", "/v1/items", {"files": {"images": ("x.png", b"nope")}, "data": {"id": "x"},
+                                                   "headers": served.auth}, 400, "not_an_image"),
+        "add without token": ("post", "/v1/items", one(good), 401, "unauthorized"),
+        "delete unknown item": ("delete", "/v1/items/no-such-item", {"headers": served.auth}, 404, "unknown_item"),
+        "thumbnail size zero": ("get", "/v1/items/scene-000001/image?size=0", {}, 422, "size_out_of_range"),
         "unknown route": ("get", "/v2/nothing", {}, 404, "not_found"),
     }
 

@@ -33,8 +33,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -51,13 +52,13 @@ class Scored:
     scores: np.ndarray  # (n,) float64
 
     @classmethod
-    def dense(cls, scores: np.ndarray) -> "Scored":
+    def dense(cls, scores: np.ndarray) -> Scored:
         """A score for every item: row i has ``scores[i]`` (keyword scores, exact similarity)."""
         s = np.asarray(scores, dtype=np.float64)
         return cls(np.arange(len(s), dtype=np.int64), s)
 
     @classmethod
-    def of(cls, rows, scores, name: str = "scores") -> "Scored":
+    def of(cls, rows, scores, name: str = "scores") -> Scored:
         """Validated: 1-D, same length, finite scores, distinct non-negative rows; errors name ``name``."""
         r = np.asarray(rows, dtype=np.int64).reshape(-1)
         s = np.asarray(scores, dtype=np.float64).reshape(-1)

@@ -38,9 +38,9 @@ from __future__ import annotations
 import functools
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import yaml
@@ -103,12 +103,12 @@ class Vocabulary:
         self._choices = {w: self._key(w) for text in self.phrases for w in text.split()}
 
     @classmethod
-    def from_file(cls, path: str | Path | None, concepts: list[str]) -> "Vocabulary":
+    def from_file(cls, path: str | Path | None, concepts: list[str]) -> Vocabulary:
         """The concept names plus the synonyms file at ``path`` (none: the names alone)."""
         return cls.from_files([path] if path is not None else [], concepts)
 
     @classmethod
-    def from_files(cls, paths: Iterable[str | Path], concepts: list[str], autocorrect: bool = True) -> "Vocabulary":
+    def from_files(cls, paths: Iterable[str | Path], concepts: list[str], autocorrect: bool = True) -> Vocabulary:
         """The concept names plus several synonyms files merged (e.g. the service's and a collection's)."""
         syn: dict[str, list[str]] = {}
         stop: list[str] = []

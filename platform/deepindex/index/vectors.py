@@ -95,7 +95,7 @@ class VectorIndex:
         return out
 
     @classmethod
-    def empty(cls, dim: int, cfg: VectorConfig) -> "VectorIndex":
+    def empty(cls, dim: int, cfg: VectorConfig) -> VectorIndex:
         """An index of no vectors yet (an empty collection): exact, or HNSW when asked for (an IVF
         index needs vectors to train its clusters, so an empty one starts exact)."""
         faiss = _faiss()

@@ -1,0 +1,310 @@
+"""A living collection on a real local platform (`deepindex up`: Ray head + MLflow server), over HTTP.
+
+One service for the module, as a user runs it: a collection imported with the CLI, the registry's
+`champion` served by `deepindex serve`, items added and deleted with the service's token.  In order:
+
+1. add items -> promote a better model -> zero non-2xx answers on tag, search and similar during the
+   whole rollover (a client polling every ~100 ms) -> the new version serves every item, the added
+   ones included -> delete one -> roll the alias back by hand -> still every item;
+2. the same rollover with the index replica (the build's driver) SIGKILLed while it builds: the old
+   pair keeps answering, the restarted replica builds again and switches;
+3. the index replica (the collection's writer) SIGKILLed during a burst of adds: every acknowledged
+   add survives, and nothing is half there (catalogue rows, bytes and the index agree).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import requests
+
+from support import REPO, pid_alive, png_bytes, wait_until
+
+if TYPE_CHECKING:
+    from deepindex.collection import CollectionStore
+
+pytestmark = [pytest.mark.slow, pytest.mark.serve, pytest.mark.cluster, pytest.mark.mlflow]
+
+GALLERY = 2000
+MODEL = "deepindex"
+
+
+def _cli(env: dict[str, str], *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run([sys.executable, "-m", "deepindex.cli", *args], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, f"deepindex {' '.join(args)}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    return out
+
+
+def _replica_pids(deployment: str) -> list[int]:
+    """Live Serve replica processes of the app, by their process title (``ray::ServeReplica:app:Deployment``)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            if cmd.startswith(f"ray::ServeReplica:{MODEL}:{deployment}") and pid_alive(int(d.name)):
+                pids.append(int(d.name))
+    return pids
+
+
+@dataclass
+class Platform:
+    env: dict[str, str]
+    home: Path
+    url: str
+    tracking_uri: str
+    token: str
+    v1: str  # registered versions: v1 weaker, v2 better
+    v2: str
+    run2: str  # v2's run, promoted by the first test
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return requests.get(self.url + path, timeout=60, **kw)
+
+    def post(self, path: str, **kw) -> requests.Response:
+        return requests.post(self.url + path, timeout=60, **kw)
+
+    def status(self) -> dict:
+        return self.get("/v1/status").json()
+
+    def store(self) -> CollectionStore:
+        from deepindex.collection import CollectionStore
+
+        c = self.home / "collections"
+        return CollectionStore.open("digit-scenes", f"sqlite:///{c / 'catalogue.db'}", str(c / "blobs"), create=False)
+
+    def set_champion(self, version: str) -> None:
+        from deepindex.tracking.registry import set_alias
+
+        set_alias(MODEL, version, tracking_uri=self.tracking_uri)
+
+    def index_dir(self, version: str) -> Path:
+        from deepindex.index.store import find_index
+
+        found = find_index(self.home / "indexes" / "digit-scenes", MODEL, version)
+        assert found is not None
+        return found
+
+    def wait_serving(self, version: str, timeout: float = 240) -> float:
+        start = time.monotonic()
+        wait_until(lambda: (st := self.status()["rollover"])["serving"] == version and st["phase"] == "idle",
+                   timeout, every=0.2, what=f"serving version {version}")
+        wait_until(lambda: self.get("/readyz").json()["model"]["version"] == version, 60, every=0.2,
+                   what=f"model replicas on version {version}")
+        return time.monotonic() - start
+
+
+def _register(uri: str, ckpt: Path, name: str) -> tuple[str, str]:
+    """A run holding ``checkpoint/checkpoint.pt``, registered as a version of MODEL (not promoted)."""
+    from deepindex.tracking.registry import register_run
+    from deepindex.tracking.tracker import mlflow_client
+
+    client = mlflow_client(uri)
+    exp = client.get_experiment_by_name("lifecycle") or None
+    exp_id = exp.experiment_id if exp else client.create_experiment("lifecycle")
+    run = client.create_run(exp_id, run_name=name)
+    client.log_artifact(run.info.run_id, str(ckpt), "checkpoint")
+    client.set_terminated(run.info.run_id)
+    return register_run(run.info.run_id, MODEL, uri), run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory, small_model: Path) -> Iterator[Platform]:
+    import ray
+
+    from deepindex.index.tiny import train_small
+    from deepindex.net import free_port
+
+    if ray.is_initialized():  # this module talks to the platform's own head, not the session cluster
+        ray.shutdown()
+    root = tmp_path_factory.mktemp("lifecycle")
+    home = root / "home"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI" and not k.startswith("RAY_")}
+    env.update(DEEPINDEX_HOME=str(home), PYTHONUNBUFFERED="1")
+    _cli(env, "up", "--num-cpus", "4", "--ray-port", str(free_port()), "--mlflow-port", str(free_port()))
+    try:
+        uri = json.loads((home / "platform" / "state.json").read_text())["mlflow"]["address"]
+        _cli(env, "collection", "import", "digit-scenes", "--digit-scenes", "--size", str(GALLERY))
+        weak, _ = train_small(root / "weak", ["train.epochs=1", "data.train_size=300"], seed=1)
+        v1, run1 = _register(uri, weak, "weak")
+        _cli(env, "promote", "--run", run1)  # no champion yet: v1 becomes it
+        v2, run2 = _register(uri, small_model, "better")
+        port = free_port()
+        _cli(env, "serve", "--detach", "--host", "127.0.0.1", "--port", str(port), "--arg", "reload_interval_s=1")
+        token = (home / "serving" / "api_token").read_text().strip()
+        p = Platform(env, home, f"http://127.0.0.1:{port}", uri, token, v1, v2, run2)
+        p.wait_serving(v1)  # first start: the service built v1's index from the collection itself
+        yield p
+    finally:
+        _cli(env, "down", timeout=180)
+
+
+class Poller:
+    """A client calling tag, keyword search and similar-item every ~100 ms, every answer recorded."""
+
+    def __init__(self, p: Platform) -> None:
+        from deepindex.index.collection import digit_gallery
+
+        self.p, self.png = p, png_bytes(digit_gallery(1, seed=99).images[0])
+        self.stop = threading.Event()
+        self.answers: list[tuple[str, int, dict]] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _one(self, what: str) -> tuple[str, int, dict]:
+        try:
+            if what == "tag":
+                r = self.p.post("/v1/tag", files={"images": ("q.png", self.png)})
+            elif what == "search":
+                r = self.p.get("/v1/search", params={"q": "seven", "k": 5})
+            else:
+                r = self.p.get("/v1/items/scene-000003/similar", params={"k": 5})
+            return what, r.status_code, r.json()
+        except (requests.RequestException, ValueError) as e:
+            return what, 0, {"error": repr(e)}
+
+    def _run(self) -> None:
+        with ThreadPoolExecutor(3) as pool:
+            while not self.stop.is_set():
+                self.answers += pool.map(self._one, ["tag", "search", "similar"])
+                time.sleep(0.1)
+
+    def __enter__(self) -> Poller:
+        self.thread.start()
+        wait_until(lambda: len(self.answers) >= 6, 60, what="the poller's first answers")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+    def versions(self) -> list[str]:
+        """Every answer 2xx, model and index of the same version in each; the versions, in order."""
+        bad = [(w, c, b) for w, c, b in self.answers if not 200 <= c < 300]
+        assert not bad, f"{len(bad)} of {len(self.answers)} answers failed: {bad[:5]}"
+        for what, _, body in self.answers:
+            if what != "tag":
+                assert body["index"]["model_version"] == body["model"]["version"], body
+        return [b["model"]["version"] for _, _, b in self.answers]
+
+
+def _count(p: Platform) -> int:
+    return int(p.status()["index"]["count"])
+
+
+@pytest.mark.timeout(600)
+def test_add_promote_delete_roll_back_with_no_failed_request(platform: Platform) -> None:
+    from deepindex.index.collection import digit_gallery
+
+    p = platform
+    new = digit_gallery(3, seed=7)
+    pngs = [png_bytes(new.images[j]) for j in range(3)]
+    r = p.post("/v1/items", headers=p.auth, files=[("images", (f"n{j}.png", pngs[j])) for j in range(3)],
+               data={"id": ["mine/a", "mine/b", "mine/c"]})
+    assert r.status_code == 201, r.text
+    assert _count(p) == GALLERY + 3
+
+    with Poller(p) as poll:
+        start = time.monotonic()
+        _cli(p.env, "promote", "--run", p.run2)  # better on the test split: the alias moves to v2
+        switch_s = p.wait_serving(p.v2)
+        # Keep polling a moment on the new pair.
+        wait_until(lambda: poll.versions()[-3:] == [p.v2] * 3, 30, what="answers from the new pair")
+    versions = poll.versions()
+    rollover = p.status()["rollover"]["last_switch"]
+    print(f"promotion -> new pair served after {time.monotonic() - start:.1f}s (switch {switch_s:.1f}s; "
+          f"{rollover}); {len(versions)} answers during it, all 2xx")
+    assert set(versions) == {p.v1, p.v2} and versions.index(p.v2) > 0
+    # The new version serves every item, the added ones included (embedded by the new model).
+    assert _count(p) == GALLERY + 3 and p.status()["index"]["model_version"] == p.v2
+    hit = p.post("/v1/search/similar?k=1", files={"image": ("q.png", pngs[1])}).json()
+    assert hit["results"][0]["id"] == "mine/b" and hit["model"]["version"] == p.v2
+
+    assert requests.delete(f"{p.url}/v1/items/mine/a", headers=p.auth, timeout=60).status_code == 200
+    with Poller(p) as poll:
+        p.set_champion(p.v1)  # a rollback, as a user does it in the MLflow UI
+        back_s = p.wait_serving(p.v1)
+    poll.versions()
+    print(f"rollback to version {p.v1} (its index kept, caught up): {back_s:.1f}s")
+    assert _count(p) == GALLERY + 2
+    assert p.get("/v1/items/mine/a").status_code == 404 and p.get("/v1/items/mine/c").status_code == 200
+
+
+@pytest.mark.timeout(600)
+def test_index_replica_killed_while_building_keeps_the_old_pair_and_retries(platform: Platform) -> None:
+    p = platform
+    shutil.rmtree(p.index_dir(p.v2))  # so the rollover to v2 must build its index again
+    with Poller(p) as poll:
+        p.set_champion(p.v2)
+        wait_until(lambda: p.status()["rollover"]["phase"] == "building", 120, every=0.05,
+                   what="the rollover building")
+        (victim,) = _replica_pids("IndexService")
+        os.kill(victim, signal.SIGKILL)  # the build's driver: the build dies with it
+        wait_until(lambda: _replica_pids("IndexService") and victim not in _replica_pids("IndexService"), 120,
+                   what="a new index replica")
+        switch_s = p.wait_serving(p.v2, timeout=300)
+    versions = poll.versions()
+    print(f"index replica SIGKILLed while building: new pair served {switch_s:.1f}s later; "
+          f"{len(versions)} answers, all 2xx")
+    assert p.v1 in versions and versions[-1] == p.v2
+    assert _count(p) == GALLERY + 2
+
+
+@pytest.mark.timeout(600)
+def test_writer_killed_during_a_burst_of_adds_loses_no_acknowledged_item(platform: Platform) -> None:
+    from deepindex.index.collection import digit_gallery
+
+    p = platform
+    g = digit_gallery(60, seed=31)
+    bodies = {f"burst/{j}": base64.b64encode(png_bytes(g.images[j])).decode() for j in range(60)}
+    acked: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def add(item_id: str) -> None:
+        for _ in range(30):  # a client retries what was not acknowledged (re-posting is idempotent)
+            try:
+                r = p.post("/v1/items", headers=p.auth, json={"images": [{"id": item_id, "data": bodies[item_id]}]})
+            except requests.RequestException:
+                r = None
+            if r is not None and r.status_code in (200, 201):
+                with lock:
+                    acked[item_id] = r.status_code
+                return
+            time.sleep(0.2)
+
+    victim = _replica_pids("IndexService")[0]
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(add, i) for i in bodies]
+        wait_until(lambda: len(acked) >= 10, 120, what="the first acknowledged adds")
+        os.kill(victim, signal.SIGKILL)  # the collection's writer, mid-burst
+        for f in futures:
+            f.result(timeout=300)
+    assert set(acked) == set(bodies), sorted(set(bodies) - set(acked))
+    store = p.store()
+    report = store.verify()
+    assert report["ok"], report
+    print(f"writer SIGKILLed after {10}+ acknowledged adds of 60; all 60 acknowledged in the end; {report}")
+    for item_id, b64 in bodies.items():  # every acknowledged add is there, byte for byte
+        assert store.image(item_id) == base64.b64decode(b64)
+    wait_until(lambda: p.status()["index"]["count"] == store.count(), 120, what="the index caught up")
+    hit = p.post("/v1/search/similar?k=1", files={"image": ("q.png", png_bytes(g.images[5]))}).json()
+    assert hit["results"][0]["id"] == "burst/5"
