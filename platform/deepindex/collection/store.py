@@ -400,6 +400,12 @@ class CollectionStore:
             r = conn.execute(q.order_by(t.c.seq.desc()).limit(1)).mappings().first()
         return self._item(r) if r is not None else None
 
+    def get_many(self, item_ids: Sequence[str]) -> dict[str, Item]:
+        """The live items among ``item_ids`` (one query per 500 ids; absent ids are left out)."""
+        ids = [check_item_id(i) for i in dict.fromkeys(item_ids)]
+        with self._engine.connect() as conn:
+            return {i: self._item(r) for i, r in self._live(conn, ids).items()}
+
     def image(self, item_id: str) -> bytes:
         """The original bytes of the live item ``item_id``; :class:`UnknownItem` if none is live."""
         it = self.get(item_id)
@@ -422,15 +428,20 @@ class CollectionStore:
             q = select(cat.collections.c.live_count).where(cat.collections.c.id == self._cid)
             return int(conn.execute(q).scalar_one())
 
-    def snapshot(self, upto: int | None = None) -> Iterator[Item]:
+    def snapshot(self, upto: int | None = None, *, seq_range: tuple[int, int] | None = None) -> Iterator[Item]:
         """Live items as of seq ``upto`` (default: the head now), in seq order, streamed a page at a
         time (rows at or below ``upto`` never change but for a later tombstone, which the filter
-        ignores, so the pages form one consistent snapshot without holding a transaction open)."""
+        ignores, so the pages form one consistent snapshot without holding a transaction open).
+
+        ``seq_range=(lo, hi)``: only the items added with ``lo < seq <= hi``, so parallel readers can
+        split one snapshot (the same ``upto``) into ranges."""
         upto = self.head() if upto is None else int(upto)
+        lo, hi = seq_range if seq_range is not None else (0, upto)
+        hi = min(int(hi), upto)
         t = cat.items
-        last = 0
+        last = int(lo)
         while True:
-            q = (select(t).where(t.c.collection_id == self._cid, t.c.seq > last, t.c.seq <= upto,
+            q = (select(t).where(t.c.collection_id == self._cid, t.c.seq > last, t.c.seq <= hi,
                                  or_(t.c.deleted_seq.is_(None), t.c.deleted_seq > upto))
                  .order_by(t.c.seq).limit(PAGE))
             with self._engine.connect() as conn:
