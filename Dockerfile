@@ -38,9 +38,10 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.
         "psycopg2-binary==${PSYCOPG2_VERSION}" "boto3==${BOTO3_VERSION}"
 
 # The library, installed (not shipped per job): jobs submitted by KubeRay find it in the image.
+# [s3]: s3fs, for the collections' images on S3/MinIO (DEEPINDEX_BLOBS_URL=s3://...).
 COPY pyproject.toml README.md /tmp/src/
 COPY platform /tmp/src/platform
-RUN pip install /tmp/src && rm -rf /tmp/src
+RUN pip install "/tmp/src[s3]" && rm -rf /tmp/src
 
 COPY jobs /app/jobs
 COPY serving /app/serving

@@ -126,6 +126,13 @@ def test_snapshot_is_streamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     s.add("late", b"late")  # after the snapshot's head: not in it
     rest = list(it)
     assert first.id == "x000" and [x.id for x in rest] == [f"x{i:03d}" for i in range(1, 35)]
+    # Parallel readers split one snapshot by seq range.
+    s.delete("x020")
+    head = s.head()
+    parts = [list(s.snapshot(head, seq_range=r)) for r in ((0, 12), (12, 30), (30, head + 5))]
+    assert [x.id for p in parts for x in p] == [f"x{i:03d}" for i in range(35) if i != 20] + ["late"]
+    assert "x020" in {x.id for x in s.snapshot(35, seq_range=(12, 30))}  # live as of seq 35
+    assert set(s.get_many(["x001", "x020", "late", "nope", "x001"])) == {"x001", "late"}
 
 
 def test_add_many_counts_idempotency_and_conflicts(catalogue_url: str, tmp_path: Path) -> None:

@@ -60,6 +60,7 @@ collections = Table(
     Column("name", String(100), nullable=False, unique=True),
     Column("created_at", Double, nullable=False),
     Column("head", BigInteger, nullable=False, default=0),  # seq of the last change
+    Column("live_count", BigInteger, nullable=False, default=0),  # live items (count() without a scan)
     Column("blobs_url", String(1000), nullable=True),  # where the bytes went at creation (no secrets)
     Column("schema_version", Integer, nullable=False, default=SCHEMA_VERSION),
 )

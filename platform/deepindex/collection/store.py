@@ -176,7 +176,7 @@ class CollectionStore:
             try:
                 with eng.connect() as conn, conn.execution_options(deepindex_write=True).begin():
                     conn.execute(insert(cat.collections).values(
-                        name=name, created_at=time.time(), head=0, blobs_url=public_blobs_url(burl),
+                        name=name, created_at=time.time(), head=0, live_count=0, blobs_url=public_blobs_url(burl),
                         schema_version=cat.SCHEMA_VERSION))
                 log.info("collection %s created in %s (blobs: %s)", name, cat.public_url(url), public_blobs_url(burl))
             except exc.IntegrityError:
@@ -251,7 +251,8 @@ class CollectionStore:
         tag_rows = [{"collection_id": self._cid, "seq": r["seq"], "tag": t} for r in rows for t in r["tags"]]
         if tag_rows:
             conn.execute(insert(cat.item_tags), tag_rows)
-        conn.execute(update(cat.collections).where(cat.collections.c.id == self._cid).values(head=new_head))
+        c = cat.collections
+        conn.execute(update(c).where(c.c.id == self._cid).values(head=new_head, live_count=c.c.live_count + len(rows)))
 
     def add_many(self, items: Iterable[tuple[str, bytes, Sequence[str], Mapping[str, Any]]], *,
                  source: str | None, batch_size: int = BATCH,
@@ -383,7 +384,8 @@ class CollectionStore:
                 raise UnknownItem(f"id: no item {item_id!r} in {self.name}")
             seq = head + 1
             conn.execute(update(t).where(t.c.collection_id == self._cid, t.c.seq == row["seq"]).values(deleted_seq=seq))
-            conn.execute(update(cat.collections).where(cat.collections.c.id == self._cid).values(head=seq))
+            c = cat.collections
+            conn.execute(update(c).where(c.c.id == self._cid).values(head=seq, live_count=c.c.live_count - 1))
         return self._item(row, deleted_seq=seq)
 
     # ---- reads --------------------------------------------------------------------------------------
@@ -397,6 +399,12 @@ class CollectionStore:
         with self._engine.connect() as conn:
             r = conn.execute(q.order_by(t.c.seq.desc()).limit(1)).mappings().first()
         return self._item(r) if r is not None else None
+
+    def get_many(self, item_ids: Sequence[str]) -> dict[str, Item]:
+        """The live items among ``item_ids`` (one query per 500 ids; absent ids are left out)."""
+        ids = [check_item_id(i) for i in dict.fromkeys(item_ids)]
+        with self._engine.connect() as conn:
+            return {i: self._item(r) for i, r in self._live(conn, ids).items()}
 
     def image(self, item_id: str) -> bytes:
         """The original bytes of the live item ``item_id``; :class:`UnknownItem` if none is live."""
@@ -415,21 +423,25 @@ class CollectionStore:
             return int(conn.execute(q).scalar_one())
 
     def count(self) -> int:
-        """Live items."""
-        t = cat.items
+        """Live items (a counter kept with head, in the same transactions)."""
         with self._engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(t).where(
-                t.c.collection_id == self._cid, t.c.deleted_seq.is_(None))).scalar_one())
+            q = select(cat.collections.c.live_count).where(cat.collections.c.id == self._cid)
+            return int(conn.execute(q).scalar_one())
 
-    def snapshot(self, upto: int | None = None) -> Iterator[Item]:
+    def snapshot(self, upto: int | None = None, *, seq_range: tuple[int, int] | None = None) -> Iterator[Item]:
         """Live items as of seq ``upto`` (default: the head now), in seq order, streamed a page at a
         time (rows at or below ``upto`` never change but for a later tombstone, which the filter
-        ignores, so the pages form one consistent snapshot without holding a transaction open)."""
+        ignores, so the pages form one consistent snapshot without holding a transaction open).
+
+        ``seq_range=(lo, hi)``: only the items added with ``lo < seq <= hi``, so parallel readers can
+        split one snapshot (the same ``upto``) into ranges."""
         upto = self.head() if upto is None else int(upto)
+        lo, hi = seq_range if seq_range is not None else (0, upto)
+        hi = min(int(hi), upto)
         t = cat.items
-        last = 0
+        last = int(lo)
         while True:
-            q = (select(t).where(t.c.collection_id == self._cid, t.c.seq > last, t.c.seq <= upto,
+            q = (select(t).where(t.c.collection_id == self._cid, t.c.seq > last, t.c.seq <= hi,
                                  or_(t.c.deleted_seq.is_(None), t.c.deleted_seq > upto))
                  .order_by(t.c.seq).limit(PAGE))
             with self._engine.connect() as conn:
@@ -462,20 +474,27 @@ class CollectionStore:
     def tags(self) -> list[str]:
         """Distinct tags of live items, sorted: the collection's concept vocabulary."""
         t, g = cat.items, cat.item_tags
-        q = (select(g.c.tag).distinct()
-             .join(t, and_(t.c.collection_id == g.c.collection_id, t.c.seq == g.c.seq))
-             .where(g.c.collection_id == self._cid, t.c.deleted_seq.is_(None)).order_by(g.c.tag))
+        # The candidate tags come from the tag index alone; then one indexed probe per tag for a live
+        # item holding it (a join over every tag row took 0.5 s at 100k items).
         with self._engine.connect() as conn:
-            return [r[0] for r in conn.execute(q)]
+            candidates = [r[0] for r in conn.execute(
+                select(g.c.tag).where(g.c.collection_id == self._cid).distinct().order_by(g.c.tag))]
+            live = []
+            for tag in candidates:
+                probe = (select(g.c.seq).join(t, and_(t.c.collection_id == g.c.collection_id, t.c.seq == g.c.seq))
+                         .where(g.c.collection_id == self._cid, g.c.tag == tag, t.c.deleted_seq.is_(None)).limit(1))
+                if conn.execute(probe).first() is not None:
+                    live.append(tag)
+        return live
 
     def info(self) -> dict[str, Any]:
-        """Name, counts, head, creation time, where the rows and bytes live (no secrets), bytes stored."""
+        """Name, counts, head, creation time, where the rows and bytes live (no secrets), and the bytes
+        of the live items' images (items sharing bytes share one blob: the disk may hold less)."""
         t = cat.items
         with self._engine.connect() as conn:
-            live, deleted = _counts(conn, self._cid)
-            distinct = (select(t.c.content_hash, t.c.size).distinct()
-                        .where(t.c.collection_id == self._cid, t.c.deleted_seq.is_(None)).subquery())
-            stored = conn.execute(select(func.coalesce(func.sum(distinct.c.size), 0))).scalar_one()
+            live, deleted = _counts(conn, self._cid)  # a scan, not the counter: info is also a check
+            stored = conn.execute(select(func.coalesce(func.sum(t.c.size), 0)).where(
+                t.c.collection_id == self._cid, t.c.deleted_seq.is_(None))).scalar_one()
             head = conn.execute(select(cat.collections.c.head).where(cat.collections.c.id == self._cid)).scalar_one()
         return {"name": self.name, "count": live, "deleted": deleted, "head": int(head),
                 "created": self.created_at, "catalogue": cat.public_url(self.catalogue_url),
@@ -503,10 +522,12 @@ class CollectionStore:
                     self.blobs.get(r["content_hash"])
                 except OSError:
                     corrupt.append(r["item_id"])
-        head = self.head()
+        head, count = self.head(), self.count()
         unique, last = len(seqs) == len(set(seqs)), head == (max(seqs) if seqs else 0)
+        counted = count == sum(1 for r in rows if r["deleted_seq"] is None)
         return {"rows": len(rows), "missing_blobs": missing, "corrupt_blobs": corrupt, "seqs_unique": unique,
-                "head": head, "head_is_last": last, "ok": not missing and not corrupt and unique and last}
+                "head": head, "head_is_last": last, "count_matches": counted,
+                "ok": not missing and not corrupt and unique and last and counted}
 
     def sweep(self, older_than_s: float = 3600.0) -> dict[str, int]:
         """Remove blobs no row of any collection in this catalogue names, and killed writers' temp
