@@ -177,7 +177,10 @@ class IndexServer:
             return e
         assert pair is not None
         got = pair.index.item(item_id)
-        item = self.store.get(item_id)
+        try:
+            item = self.store.get(item_id)
+        except ValueError:  # an id that cannot exist (the collection's id rules): not found
+            item = None
         if got is None or item is None:
             return _err(404, "unknown_item", f"no item {item_id!r} in the collection")
         row, probs, _ = got
@@ -210,7 +213,7 @@ class IndexServer:
             with self._write:
                 it = self.store.delete(item_id)
                 self._sync_all(it.deleted_seq or self.store.head())
-        except UnknownItem:
+        except (UnknownItem, ValueError):  # ValueError: an id that cannot exist
             return _err(404, "unknown_item", f"no item {item_id!r} in the collection")
         return {"deleted": item_id, "seq": it.deleted_seq, "count": self.store.count(), "index": self._serving_dict()}
 
@@ -227,5 +230,5 @@ class IndexServer:
     def image(self, item_id: str) -> dict[str, Any]:
         try:
             return {"bytes": self.store.image(item_id)}
-        except UnknownItem:
+        except (UnknownItem, ValueError):  # ValueError: an id that cannot exist
             return _err(404, "unknown_item", f"no item {item_id!r} in the collection")

@@ -53,8 +53,10 @@ def test_metrics_count_every_ingress_replica(served):
 
     from serving.app import build_app
 
-    args = {"model": str(served.model_path), "index_dir": str(served.collection_dir), "ingress_replicas": 2,
-            "ingress_num_cpus": 0.25, "model_num_cpus": 0.5, "persist_added": False, **LIMITS}
+    # A second app on the same collection and index folder (read only: it never polls for a new model).
+    args = {"model": str(served.model_path), "index_dir": str(served.collection_dir),
+            "catalogue_url": served.catalogue_url, "blobs_url": served.blobs_url, "reload_interval_s": 0,
+            "ingress_replicas": 2, "ingress_num_cpus": 0.25, "model_num_cpus": 0.5, **LIMITS}
     serve.run(build_app(args), name=APP, route_prefix=PREFIX)
     try:
         pids = [r["pid"] for r in load_job().replicas(APP) if r["deployment"] == "Ingress"]
