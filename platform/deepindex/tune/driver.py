@@ -153,15 +153,18 @@ def _searcher(spec: SweepSpec, metric: str, mode: str, concurrency: int
     """(search algorithm, TuneConfig.max_concurrent_trials): Tune applies the latter only to a
     ``Searcher``; the random/grid generator takes its limit itself."""
     s = spec.settings
+    # The defaults first (they count as one of num_samples), then what the search proposes.
+    points = [spec.default_point()] if s.seed_defaults else None
     if s.search == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=s.seed)), concurrency
+        return OptunaSearch(metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=s.seed),
+                            points_to_evaluate=points), concurrency
     from ray.tune.search import BasicVariantGenerator
 
     # random and grid: `grid` entries expand, the other distributions are sampled
-    return BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrency), None
+    return BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrency, points_to_evaluate=points), None
 
 
 def _scheduler(spec: SweepSpec) -> TrialScheduler:
