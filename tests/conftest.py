@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from support import TINY, MlflowServer, start_mlflow_server
+from support import TINY, MlflowServer, require_tool, start_mlflow_server
 
 if TYPE_CHECKING:
     from deepindex.config import Config
@@ -26,11 +26,21 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 @pytest.fixture(autouse=True)
-def _state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def _state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("DEEPINDEX_HOME", str(tmp_path / "state"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    return tmp_path / "state"
+    yield tmp_path / "state"
+    from deepindex import console
+
+    console.teardown()  # a command run in this process set up its console; the next test starts clean
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Headless Chromium for the browser tests (driven over the DevTools protocol, tests/serving/cdp.py)."""
+    return require_tool("chromium", ("chromium", "chromium-browser"),
+                        "apt-get install chromium (Debian) or chromium-browser (Ubuntu)")
 
 
 @pytest.fixture
@@ -46,16 +56,17 @@ _ray_started_here = False
 @pytest.fixture
 def ray_local() -> Iterator[None]:
     """The session's local Ray cluster: 4 logical CPUs on 2 cores (Train + Tune need more logical
-    CPUs than cores), started with the Serve data plane's environment so the serving tests run
-    on it as `deepindex up` would.  Started on first use, or again after a test closed it."""
+    CPUs than cores), started with the environment `deepindex up` gives its head (the Serve data
+    plane, no Train preemption watcher) so the tests run on it as on the local platform.  Started
+    on first use, or again after a test closed it."""
     import ray
 
     global _ray_started_here
     if not ray.is_initialized():
-        from deepindex.serve_env import serve_env
+        from deepindex.cluster import local_cluster_env
 
         saved = dict(os.environ)
-        os.environ.update(serve_env())  # the cluster's processes inherit it
+        os.environ.update(local_cluster_env())  # the cluster's processes inherit it
         try:
             ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         finally:
@@ -63,6 +74,18 @@ def ray_local() -> Iterator[None]:
             os.environ.update(saved)  # later tests start from a clean environment
         _ray_started_here = True
     yield
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
+                            config: pytest.Config) -> None:
+    """No silent skips: every test that could not run here, and why, at the very end."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    terminalreporter.write_sep("=", f"{len(skipped)} test(s) could not run here")
+    for rep in skipped:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        terminalreporter.write_line(f"{rep.nodeid}: {reason.removeprefix('Skipped: ')}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
