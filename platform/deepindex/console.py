@@ -260,7 +260,11 @@ def _log_worker_lines(data: dict[str, Any]) -> None:
     prefix = f"({who + ' ' if who else ''}pid={data.get('pid')}) "
     level = logging.WARNING if data.get("is_err") else logging.INFO
     printed_by_ray = verbose()  # then an event line is on the console already, as Ray prints it
-    for line in data.get("lines", []):
+    lines = data.get("lines", [])
+    if data.get("pid") == "autoscaler":  # its whole status every few seconds: keep its events, as Ray does
+        events = getattr(sys.modules.get("ray._private.worker"), "filter_autoscaler_events", None)
+        lines = list(events(lines)) if events is not None else []
+    for line in lines:
         if line.startswith(MARK) and not printed_by_ray:
             event("%s", line[len(MARK):])
         elif "__ray_tqdm_magic_token__" not in line:  # Ray's distributed progress bars: not for a file
