@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from support import TINY, MlflowServer, ensure_ray, start_mlflow_server
+from support import TINY, MlflowServer, ensure_ray, require_tool, start_mlflow_server
 
 if TYPE_CHECKING:
     from deepindex.config import Config
@@ -26,11 +26,21 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 @pytest.fixture(autouse=True)
-def _state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def _state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("DEEPINDEX_HOME", str(tmp_path / "state"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    return tmp_path / "state"
+    yield tmp_path / "state"
+    from deepindex import console
+
+    console.teardown()  # a command run in this process set up its console; the next test starts clean
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Headless Chromium for the browser tests (driven over the DevTools protocol, tests/serving/cdp.py)."""
+    return require_tool("chromium", ("chromium", "chromium-browser"),
+                        "apt-get install chromium (Debian) or chromium-browser (Ubuntu)")
 
 
 @pytest.fixture
@@ -46,6 +56,18 @@ def ray_local() -> Iterator[None]:
     a test closed it."""
     ensure_ray()
     yield
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
+                            config: pytest.Config) -> None:
+    """No silent skips: every test that could not run here, and why, at the very end."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    terminalreporter.write_sep("=", f"{len(skipped)} test(s) could not run here")
+    for rep in skipped:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        terminalreporter.write_line(f"{rep.nodeid}: {reason.removeprefix('Skipped: ')}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

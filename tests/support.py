@@ -5,13 +5,15 @@
 - :func:`wait_until`: the one polling loop (no fixed sleeps: a test waits for the state it needs);
 - :func:`start_mlflow_server`: a real MLflow tracking server on a free loopback port, stopped by its
   process group;
-- process helpers for tests that kill real processes.
+- process helpers for tests that kill real processes;
+- :func:`require_tool`: a system tool a test drives (Chromium, kubectl), or a clear failure.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +39,26 @@ ONE_WORKER = ["ray.num_workers=1", "ray.cpus_per_worker=0.5", "ray.max_failures=
 TWO_WORKERS = ["ray.num_workers=2", "ray.cpus_per_worker=1", "train.threads=1"]
 
 T = TypeVar("T")
+
+# Tools `make test` could not install on this machine (.ci/tools), comma-separated.
+MISSING_TOOLS_ENV = "DEEPINDEX_MISSING_TOOLS"
+TOOL_SKIP = "not installed on this machine"  # in the reason of every skip for a missing tool
+
+
+def require_tool(name: str, binaries: tuple[str, ...], how: str) -> str:
+    """The path of a system tool a test drives.  Missing, the test fails saying how to get it,
+    unless `make test` found that the tool cannot be had here: then it is skipped, and the end of
+    the run lists it with that reason (tests/conftest.py)."""
+    import pytest
+
+    for b in binaries:
+        path = shutil.which(b)
+        if path:
+            return path
+    declared = {t.strip() for t in os.environ.get(MISSING_TOOLS_ENV, "").split(",") if t.strip()}
+    if name in declared:
+        pytest.skip(f"{name} {TOOL_SKIP} (`make test` could not install it): {how}")
+    pytest.fail(f"{name} is not installed: {how}. `make test` installs it where it can (.ci/tools)", pytrace=False)
 
 
 def wait_until(predicate: Callable[[], T], timeout: float, every: float = 0.1,
@@ -71,10 +93,10 @@ def ensure_ray() -> None:
     global ray_started_here
     if ray.is_initialized():
         return
-    from deepindex.serve_env import serve_env
+    from deepindex.cluster import local_cluster_env
 
     saved = dict(os.environ)
-    os.environ.update(serve_env())  # the cluster's processes inherit it
+    os.environ.update(local_cluster_env())  # the cluster's processes inherit it
     try:
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     finally:

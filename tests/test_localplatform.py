@@ -1,4 +1,4 @@
-"""`deepindex up` / `down` / `status`: a real Ray head and MLflow server, stopped by process group."""
+"""`deepindex up` / `down` / `status` / `env`: a real Ray head and MLflow server, stopped by process group."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ from deepindex.cli import main
 from deepindex.localplatform import read_state
 from deepindex.net import free_port
 from deepindex.sessions import session_members
-from support import wait_until
+from support import BIN, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.mlflow]
 
@@ -35,16 +35,25 @@ def test_up_down_twice_leaves_no_stray_process(home, capsys):
     seen: list[int] = []
     groups: list[int] = []
     for _ in range(2):
-        ports = ["--ray-port", str(free_port()), "--mlflow-port", str(free_port()), "--num-cpus", "2"]
+        dashboard = free_port()
+        ports = ["--ray-port", str(free_port()), "--mlflow-port", str(free_port()), "--num-cpus", "2",
+                 "--dashboard-port", str(dashboard)]
         assert main(["up", *ports]) == 0
         first = read_state()
         assert set(first) == {"ray", "mlflow"}
         assert any(len(session_members(s.pgid)) > 1 for s in first.values())  # helpers are in the groups
         assert main(["up", *ports]) == 0  # idempotent: the same processes, nothing new started
         assert {k: v.pid for k, v in read_state().items()} == {k: v.pid for k, v in first.items()}
+        capsys.readouterr()
         assert main(["status"]) == 0
+        status = capsys.readouterr().out
+        for url in (first["ray"].address, f"http://127.0.0.1:{dashboard}", "ray://127.0.0.1:", first["mlflow"].address,
+                    "workflowType=machine_learning"):
+            assert url in status, status
         groups += [s.pgid for s in first.values()]
         seen += _platform_pids()
+        if len(groups) == 2:  # first round only: another shell reaches the platform with `deepindex env` alone
+            _ray_cli_through_deepindex_env(home, dashboard)
 
         # A client of this head: token auth is on, so it needs the token `up` wrote.
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -67,6 +76,21 @@ def test_up_down_twice_leaves_no_stray_process(home, capsys):
     assert "was not running" in capsys.readouterr().out
 
 
+def _ray_cli_through_deepindex_env(home: Path, dashboard: int) -> None:
+    """`ray status` and `ray job list` as a user runs them: nothing but `eval $(deepindex env)`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    script = 'eval "$(deepindex env)" && env | grep -E "^(RAY|MLFLOW)_" | sort && ray status && ray job list'
+    out = subprocess.run(["bash", "-c", script], env={**env, "PATH": f"{BIN}:{env['PATH']}"}, cwd=home.parent,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    exported = dict(line.split("=", 1) for line in out.stdout.splitlines() if line.startswith(("RAY_", "MLFLOW_")))
+    assert exported["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{dashboard}"
+    assert exported["RAY_AUTH_MODE"] == "token" and Path(exported["RAY_AUTH_TOKEN_PATH"]).is_file()
+    assert {"RAY_ADDRESS", "MLFLOW_TRACKING_URI"} <= set(exported)
+    assert "Active:" in out.stdout and "CPU" in out.stdout  # ray status reached the head
+    assert f"http://127.0.0.1:{dashboard}" in out.stdout + out.stderr  # ray job list used the Jobs API
+
+
 def _state(pid: int) -> str:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -83,9 +107,14 @@ def test_a_port_in_use_is_reported_and_nothing_starts(home, capsys):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        assert main(["up", "--mlflow-port", str(port), "--ray-port", str(free_port())]) == 1
-    err = capsys.readouterr().err
-    assert f"mlflow: port 127.0.0.1:{port} is in use" in err
+        assert main(["up", "--mlflow-port", str(port), "--ray-port", str(free_port()),
+                     "--dashboard-port", str(free_port())]) == 1
+        assert f"mlflow: port 127.0.0.1:{port} is in use" in capsys.readouterr().err
+        # The dashboard's fixed port too, named with the option that moves it.
+        assert main(["up", "--dashboard-port", str(port), "--ray-port", str(free_port()),
+                     "--mlflow-port", str(free_port())]) == 1
+        assert f"ray: port 127.0.0.1:{port} is in use by another process; choose another with --dashboard-port" \
+            in capsys.readouterr().err
     assert read_state() == {}  # every port is checked before anything starts
 
 
@@ -98,7 +127,9 @@ def test_a_dead_service_is_reported_and_restarted(home, capsys):
     first = up(mlflow_port=0, services=("mlflow",))["mlflow"]
     os.killpg(first.pgid, signal.SIGKILL)
     wait_until(lambda: not session_members(first.pgid), 10, what="the killed server's session gone")
-    assert main(["status"]) == 1
+    assert main(["status", "--json"]) == 1
     assert '"state": "dead"' in capsys.readouterr().out
+    assert main(["status"]) == 1
+    assert "mlflow: dead" in capsys.readouterr().out
     again = up(mlflow_port=0, services=("mlflow",))["mlflow"]
     assert again.pid != first.pid and session_members(again.pgid)

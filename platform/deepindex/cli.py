@@ -2,7 +2,8 @@
 
 Every module there defines ``register(subparsers)`` that adds its subcommand and sets
 ``func``.  Errors a user can fix (bad config key, missing file, bad manifest line) end as
-one line on stderr and exit status 2, never a traceback.
+one line on stderr and exit status 2, never a traceback.  The commands that run Ray work print
+one line per event and keep the rest in a log file (:mod:`deepindex.console`; ``-v`` prints it all).
 """
 from __future__ import annotations
 
@@ -20,18 +21,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="deepindex",
                                      description="Train, tune, track, index and serve image concept detectors on Ray.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print everything (Ray's, Tune's and MLflow's output, debug logs), not only events")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         importlib.import_module(f"deepindex.commands.{mod.name}").register(sub)
     return parser
 
 
+# Commands whose console is quiet (deepindex.console): one line per event, the rest in a log file.
+QUIET = ("train", "tune", "promote", "index", "serve", "up")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command in QUIET:
+        from deepindex import console
+
+        console.setup("-".join(filter(None, [args.command, getattr(args, "index_command", None)])), args.verbose)
+    else:
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError) as e:

@@ -9,6 +9,18 @@ from deepindex.serve_env import serve_env
 
 log = logging.getLogger(__name__)
 
+# Ray Train's preemption watcher (an actor per training run, polling for spot-instance notices)
+# has nothing to watch on one machine, and each one is a Python process to start: on 2 cores a
+# sweep's trials wait for those starts.  Remote clusters keep Ray's default.
+_LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def local_cluster_env() -> dict[str, str]:
+    """Environment for the processes of a Ray cluster on this machine (the platform's head, a
+    fresh local cluster): the Serve data plane's, and Ray Train's without the preemption watcher.
+    A value already set in the environment wins."""
+    return {**serve_env(), **{k: os.environ.get(k, v) for k, v in _LOCAL_TRAIN_ENV.items()}}
+
 
 def connect(num_cpus: int | None = None, **kwargs: Any) -> None:
     """``ray.init`` once: ``RAY_ADDRESS`` if set, else the local platform's head if
@@ -19,8 +31,18 @@ def connect(num_cpus: int | None = None, **kwargs: Any) -> None:
     """
     import ray
 
+    from deepindex.console import route_worker_output
+
     if ray.is_initialized():
         return
+    _init(num_cpus, **kwargs)
+    # What Ray forwards from its workers goes to the log file, not the console (unless -v).
+    route_worker_output()
+
+
+def _init(num_cpus: int | None, **kwargs: Any) -> None:
+    import ray
+
     address = os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to the Ray cluster at %s", address)
@@ -32,12 +54,13 @@ def connect(num_cpus: int | None = None, **kwargs: Any) -> None:
     if head is not None:
         # `deepindex up` runs a head with token auth: present its token, never turn auth off.
         log.info("connecting to the local platform's Ray head at %s", head.address)
-        os.environ.update(ray_client_env())
+        # Ray Train reads its settings in the driver and hands them to its controller and workers.
+        os.environ.update({**ray_client_env(), **{k: os.environ.get(k, v) for k, v in _LOCAL_TRAIN_ENV.items()}})
         _reload_ray_auth()
         ray.init(address=head.address, **kwargs)
         return
     n = num_cpus or int(os.environ.get("DEEPINDEX_NUM_CPUS", "0")) or max(4, os.cpu_count() or 1)
-    os.environ.update(serve_env())  # the new cluster's processes inherit it
+    os.environ.update(local_cluster_env())  # the new cluster's processes inherit it
     ray.init(address="local", num_cpus=n, include_dashboard=False, **kwargs)
 
 

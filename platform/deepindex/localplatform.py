@@ -1,7 +1,10 @@
 """The local platform: a Ray head and an MLflow tracking server under ``<state dir>/platform``.
 
 ``up`` starts both (or keeps the ones already running), ``down`` stops them, ``status``
-reports them; :data:`SERVICES` says how each one starts, comes up and stops.  Each service is
+reports them and every address a user needs (:func:`platform_urls`: the Ray head for
+``RAY_ADDRESS``, the dashboard and Jobs API on a fixed loopback port, Ray Client, MLflow, and the
+Serve URL ``deepindex serve`` recorded), ``env`` turns them into ``export`` lines
+(:func:`client_env`); :data:`SERVICES` says how each one starts, comes up and stops.  Each service is
 started in a new session (``start_new_session=True``) and stopped by that session's id
 (:mod:`deepindex.sessions`).  Nothing is ever stopped by name (``ray stop`` would stop every Ray
 on the machine).
@@ -21,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from hashlib import sha1
 from pathlib import Path
 from typing import Any
@@ -29,12 +32,12 @@ from typing import Any
 from deepindex.atomic import write_file
 from deepindex.net import HOST, free_port, port_free, port_open
 from deepindex.paths import state_dir
-from deepindex.serve_env import serve_env
 from deepindex.sessions import session_members, stop_session
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RAY_PORT = 6390  # not Ray's 6379, so a developer's own `ray start` keeps its port
+DEFAULT_DASHBOARD_PORT = 8275  # not Ray's 8265, for the same reason; the Jobs API is served there
 DEFAULT_MLFLOW_PORT = 5050
 
 
@@ -51,6 +54,15 @@ class Service:
     address: str  # "127.0.0.1:6390" for Ray, "http://127.0.0.1:5050" for MLflow
     log: str
     helpers: list[int]
+    urls: dict[str, str] = field(default_factory=dict)  # every address it serves, by name (status, env)
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    """What `deepindex up` passes to each service's start besides its port."""
+
+    num_cpus: int | None = None
+    dashboard_port: int = DEFAULT_DASHBOARD_PORT  # 0: any free port
 
 
 # ---- files ------------------------------------------------------------------------------
@@ -75,10 +87,10 @@ def read_state() -> dict[str, Service]:
         return {}
     try:
         raw = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError):
+        return {k: Service(**v) for k, v in raw.items()}
+    except (OSError, json.JSONDecodeError, TypeError):
         log.warning("ignoring an unreadable platform state file %s", f)
         return {}
-    return {k: Service(**v) for k, v in raw.items()}
 
 
 def _write_state(services: dict[str, Service]) -> None:
@@ -133,23 +145,27 @@ def _ensure_token() -> None:
         f.write(secrets.token_hex(32))  # 256 bits, as `ray get-auth-token --generate` makes
 
 
-def _start_ray(port: int, num_cpus: int | None = None) -> Service:
+def _start_ray(port: int, opts: UpOptions) -> Service:
+    from deepindex.cluster import local_cluster_env
+
     _ensure_token()
+    dashboard, client = opts.dashboard_port or free_port(), free_port()
     cmd = [_bin("ray"), "start", "--head", "--block", f"--port={port}", f"--node-ip-address={HOST}",
-           # The dashboard serves the Jobs API (`deepindex submit`) and the State API, which Ray
-           # Train's placement-group cleaner needs: without it, a trial killed by ASHA leaks its
-           # workers' CPUs and later jobs wait forever.  Loopback only.
-           "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={free_port()}",
+           # The dashboard serves the Jobs API (`deepindex submit`, `ray job submit`) and the State
+           # API, which Ray Train's placement-group cleaner needs: without it, a trial killed by
+           # ASHA leaks its workers' CPUs and later jobs wait forever.  Loopback only.
+           "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={dashboard}",
            "--disable-usage-stats", f"--temp-dir={ray_temp_dir()}",
            # Ray Client's fixed default port (10001) would clash with a second head on the machine.
-           f"--ray-client-server-port={free_port()}"]
-    if num_cpus:
-        cmd.append(f"--num-cpus={num_cpus}")
+           f"--ray-client-server-port={client}"]
+    if opts.num_cpus:
+        cmd.append(f"--num-cpus={opts.num_cpus}")
     # In-cluster State API calls (that cleaner's) otherwise guess the cluster and give up when
     # another Ray runs on the machine ("Found multiple active Ray instances").
-    env = {**os.environ, **ray_client_env(), **serve_env(), "RAY_ADDRESS": f"{HOST}:{port}"}
+    env = {**os.environ, **ray_client_env(), **local_cluster_env(), "RAY_ADDRESS": f"{HOST}:{port}"}
     proc, logf = _spawn("ray", cmd, env)
-    return Service("ray", proc.pid, proc.pid, port, f"{HOST}:{port}", str(logf), [])
+    urls = {"ray": f"{HOST}:{port}", "dashboard": f"http://{HOST}:{dashboard}", "client": f"ray://{HOST}:{client}"}
+    return Service("ray", proc.pid, proc.pid, port, f"{HOST}:{port}", str(logf), [], urls)
 
 
 def _ray_ready(svc: Service) -> bool:
@@ -166,7 +182,7 @@ def _ray_ready(svc: Service) -> bool:
 
 
 # ---- MLflow ------------------------------------------------------------------------------
-def _start_mlflow(port: int, num_cpus: int | None = None) -> Service:
+def _start_mlflow(port: int, opts: UpOptions) -> Service:
     d = platform_dir() / "mlflow"
     d.mkdir(exist_ok=True)
     cmd = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
@@ -176,7 +192,8 @@ def _start_mlflow(port: int, num_cpus: int | None = None) -> Service:
     # and it doubles the start time.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc, logf = _spawn("mlflow", cmd, env)
-    return Service("mlflow", proc.pid, proc.pid, port, f"http://{HOST}:{port}", str(logf), [])
+    address = f"http://{HOST}:{port}"
+    return Service("mlflow", proc.pid, proc.pid, port, address, str(logf), [], {"mlflow": address})
 
 
 def mlflow_healthy(uri: str, timeout: float = 2.0) -> bool:
@@ -199,15 +216,18 @@ class ServiceKind:
 
     default_port: int
     flag: str  # the `deepindex up` option that sets its port
-    start: Callable[[int, int | None], Service]  # (port, num_cpus) -> the started service
+    start: Callable[[int, UpOptions], Service]  # (port, options) -> the started service
     ready: Callable[[Service], bool]
     # SIGTERM the leader first and let it stop its helpers in order (Ray's); else the whole session at once.
     stop_leader_first: bool
     health: Callable[[Service], bool] | None = None  # reported by `status` beyond "alive"
+    # Fixed ports it binds besides its own, with their `deepindex up` options: checked before anything starts.
+    other_ports: Callable[[UpOptions], dict[str, int]] = lambda opts: {}
 
 
 SERVICES: dict[str, ServiceKind] = {
-    "ray": ServiceKind(DEFAULT_RAY_PORT, "--ray-port", _start_ray, _ray_ready, stop_leader_first=True),
+    "ray": ServiceKind(DEFAULT_RAY_PORT, "--ray-port", _start_ray, _ray_ready, stop_leader_first=True,
+                       other_ports=lambda opts: {"--dashboard-port": opts.dashboard_port}),
     "mlflow": ServiceKind(DEFAULT_MLFLOW_PORT, "--mlflow-port", _start_mlflow, _mlflow_ready,
                           stop_leader_first=False, health=lambda svc: mlflow_healthy(svc.address)),
 }
@@ -215,9 +235,11 @@ SERVICES: dict[str, ServiceKind] = {
 
 # ---- the commands -------------------------------------------------------------------------
 def up(ray_port: int = DEFAULT_RAY_PORT, mlflow_port: int = DEFAULT_MLFLOW_PORT, num_cpus: int | None = None,
-       timeout: float = 120.0, services: tuple[str, ...] = ("ray", "mlflow")) -> dict[str, Service]:
+       timeout: float = 120.0, services: tuple[str, ...] = ("ray", "mlflow"),
+       dashboard_port: int = DEFAULT_DASHBOARD_PORT) -> dict[str, Service]:
     """Start what is not running; keep what is.  Port 0 picks a free port."""
     ports = {"ray": ray_port, "mlflow": mlflow_port}
+    opts = UpOptions(num_cpus=num_cpus, dashboard_port=dashboard_port)
     state = read_state()
     wanted: dict[str, int] = {}
     for name in services:
@@ -230,12 +252,12 @@ def up(ray_port: int = DEFAULT_RAY_PORT, mlflow_port: int = DEFAULT_MLFLOW_PORT,
             stop_session(old.pgid, old.pid)  # its helpers may have outlived it
             state.pop(name)
         port = ports[name] or free_port()
-        if not port_free(port):
-            raise PlatformError(f"{name}: port {HOST}:{port} is in use by another process; "
-                                f"choose another with {SERVICES[name].flag}")
+        for flag, p in {SERVICES[name].flag: port, **SERVICES[name].other_ports(opts)}.items():
+            if p and not port_free(p):
+                raise PlatformError(f"{name}: port {HOST}:{p} is in use by another process; choose another with {flag}")
         wanted[name] = port
     # Every port is checked before anything starts: a refused `up` leaves nothing running.
-    starting = {name: SERVICES[name].start(port, num_cpus) for name, port in wanted.items()}
+    starting = {name: SERVICES[name].start(port, opts) for name, port in wanted.items()}
     # Record before waiting: an interrupted `up` still leaves ids that `down` can stop.
     _write_state({**state, **starting})
 
@@ -273,19 +295,21 @@ def down() -> dict[str, list[int]]:
             log.info("%s: stopped %d processes", name, len(stopped[name]))
         else:
             log.info("%s: was not running", name)
-    f = state_dir() / "platform" / "state.json"
-    if f.exists():
-        f.unlink()
+    for f in (state_dir() / "platform" / "state.json", _serve_file()):
+        if f.exists():
+            f.unlink()
     return stopped
 
 
 def status() -> dict[str, dict[str, Any]]:
-    """Each recorded service: running or dead, address, pids."""
+    """Each recorded service: running or dead, address, every URL it serves, pids; and the Serve
+    application ``deepindex serve`` recorded on this platform, with whether it answers."""
     out: dict[str, dict[str, Any]] = {}
     for name, svc in read_state().items():
         members = session_members(svc.pgid)
         alive = svc.pid in members
-        info: dict[str, Any] = {"state": "running" if alive else "dead", "address": svc.address, "pid": svc.pid,
+        info: dict[str, Any] = {"state": "running" if alive else "dead", "address": svc.address,
+                                "urls": svc.urls or {name: svc.address}, "pid": svc.pid,
                                 "processes": members, "log": svc.log}
         kind = SERVICES.get(name)
         if alive and kind is not None and kind.health is not None:
@@ -293,7 +317,79 @@ def status() -> dict[str, dict[str, Any]]:
         if not alive:
             info["hint"] = "the process died; `deepindex up` starts it again (see its log)"
         out[name] = info
+    served = read_serve()
+    if served is not None:
+        out["serve"] = {"state": "answering" if serve_answers(served) else "not answering", "address": served["url"],
+                        "urls": {"serve": served["url"], "docs": served["url"] + "/docs"}, "app": served["app"],
+                        "since": served["since"]}
     return out
+
+
+def platform_urls() -> dict[str, str]:
+    """Every address of the running platform by name: ray, dashboard, client, mlflow (and serve)."""
+    urls: dict[str, str] = {}
+    for name in SERVICES:
+        svc = running_service(name)
+        if svc is not None:
+            urls.update(svc.urls or {name: svc.address})
+    served = read_serve()
+    if served is not None:
+        urls["serve"] = served["url"]
+    return urls
+
+
+def client_env() -> dict[str, str]:
+    """What `ray status`, `ray job submit`, `mlflow` and deepindex's own commands need to use the
+    running platform from another shell (``deepindex env`` prints it as ``export`` lines)."""
+    urls = platform_urls()
+    env: dict[str, str] = {}
+    if "ray" in urls:
+        env.update({"RAY_ADDRESS": urls["ray"], **ray_client_env()})
+        if "dashboard" in urls:
+            env["RAY_API_SERVER_ADDRESS"] = urls["dashboard"]
+    if "mlflow" in urls:
+        env["MLFLOW_TRACKING_URI"] = urls["mlflow"]
+    return env
+
+
+# ---- the Serve application on the platform ------------------------------------------------------
+def _serve_file() -> Path:
+    return state_dir() / "platform" / "serve.json"
+
+
+def record_serve(url: str, app: str, health_path: str = "/healthz") -> None:
+    """``deepindex serve`` on this platform's head records where its application answers."""
+    head = running_service("ray")
+    write_file(_serve_file(), json.dumps({"url": url.rstrip("/"), "app": app, "health": health_path,
+                                          "ray_pid": head.pid if head else None, "since": time.time()}))
+
+
+def forget_serve() -> None:
+    _serve_file().unlink(missing_ok=True)
+
+
+def read_serve() -> dict[str, Any] | None:
+    """The recorded Serve application while the head it was started on still runs; else None."""
+    f = _serve_file()
+    head = running_service("ray")
+    if not f.is_file() or head is None:
+        return None
+    try:
+        served: dict[str, Any] = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return served if served.get("ray_pid") == head.pid else None
+
+
+def serve_answers(served: dict[str, Any], timeout: float = 2.0) -> bool:
+    import requests
+
+    try:
+        return requests.get(served["url"] + served.get("health", "/healthz"), timeout=timeout).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 def running_service(name: str) -> Service | None:
     """The recorded service if its main process is alive, else None (cheap: no network)."""
     svc = read_state().get(name)

@@ -117,10 +117,19 @@ def build_submission(job: str, args: list[str], root: Path, *, tracking_uri: str
 
 
 def resolve_address(address: str | None) -> str:
-    """``--address``, else ``RAY_API_SERVER_ADDRESS``, else ``RAY_ADDRESS`` (as ``ray job`` does)."""
+    """``--address``, else ``RAY_API_SERVER_ADDRESS``, else ``RAY_ADDRESS`` (as ``ray job`` does), else the
+    local platform's Jobs API when ``deepindex up`` runs one (its token is used too)."""
     addr = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not addr:
+        from deepindex.localplatform import client_env
+
+        local = client_env()
+        if "RAY_API_SERVER_ADDRESS" in local:
+            os.environ.setdefault("RAY_AUTH_TOKEN_PATH", local["RAY_AUTH_TOKEN_PATH"])
+            return local["RAY_API_SERVER_ADDRESS"]
     if not addr or addr in ("auto", "local"):
-        raise ValueError("address: no Ray cluster; pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS")
+        raise ValueError("address: no Ray cluster; pass --address http://HEAD:8265, set RAY_API_SERVER_ADDRESS "
+                         "or start the local platform (deepindex up)")
     return addr
 
 

@@ -33,12 +33,18 @@ def _summary(d: dict[str, Any]) -> dict[str, Any]:
 def train_main(config_path: str | None, overrides: list[str], name: str | None = None) -> dict[str, Any]:
     """Validate the config first (a bad key fails before Ray starts), train, print the results."""
     from deepindex.cluster import connect
+    from deepindex.console import event
+    from deepindex.train.trainer import epoch_lines
 
     cfg = load_config(config_path, overrides)
     connect()
     sync_pending(storage_path(cfg))
+    event("training %s on %d worker(s), %d epochs (%s)", cfg.model.name, cfg.ray.num_workers, cfg.train.epochs,
+          cfg.data.dataset)
     # One MLflow run per training run (when a tracking server is configured or up).
-    out, run_id = tracked_train(cfg, name=name)
+    out, run_id = tracked_train(cfg, name=name, callbacks=[epoch_lines(cfg.train.epochs)])
+    test = ", ".join(f"{k} {v:.4f}" for k, v in _summary(out.test_metrics).items() if isinstance(v, float))
+    event("trained %s: best checkpoint %s; test: %s", out.name, out.checkpoint, test)
     result = {"name": out.name, "checkpoint": out.checkpoint, "last_epoch": _summary(out.metrics),
               "test": _summary(out.test_metrics), "mlflow_run_id": run_id}
     print(json.dumps(result, indent=2))
@@ -128,15 +134,18 @@ def promote(run_id: str, name: str, tracking_uri: str | None = None, *, parent_r
         registry.set_alias(name, version, alias, tracking_uri)
     decision = PromotionDecision(promoted, name, version, metric, mode, cand_value, champ_value, champ_version,
                                  run_id, reason)
-    log.info("promotion of run %s (version %s): %s -> %s", run_id, version, reason,
-             f"{alias} = version {version}" if promoted else f"{alias} unchanged")
+    from deepindex.console import event
+
+    event("promotion: %s -> %s (run %s)", reason, f"{alias} = version {version}" if promoted else f"{alias} unchanged",
+          run_id)
     registry.log_decision(decision, parent_run_id, tracking_uri)
     return decision
 
 
 def promote_main(*, sweep: str | None = None, run_id: str | None = None, model: str = "deepindex",
-                 experiment: str = "deepindex", tracking_uri: str | None = None) -> dict[str, Any]:
-    """Promote a sweep's best trial (or a given run): register it, move ``champion`` if better."""
+                 experiment: str = "deepindex", tracking_uri: str | None = None, show: bool = True) -> dict[str, Any]:
+    """Promote a sweep's best trial (or a given run): register it, move ``champion`` if better;
+    ``show`` prints the decision as JSON on stdout."""
     from deepindex.tracking.sweep import find_sweep_best
 
     if (sweep is None) == (run_id is None):
@@ -147,7 +156,8 @@ def promote_main(*, sweep: str | None = None, run_id: str | None = None, model: 
         run_id, parent = find_sweep_best(sweep, experiment, tracking_uri)
     assert run_id is not None
     out = asdict(promote(run_id, model, tracking_uri, parent_run_id=parent))
-    print(json.dumps(out, indent=2))
+    if show:
+        print(json.dumps(out, indent=2))
     return out
 
 

@@ -28,6 +28,10 @@ def _cli(project: Path, env: dict, *args: str, timeout: int = 300) -> subprocess
     return out
 
 
+def _console(out: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+
+
 def _champion(uri: str, ckpt: Path) -> str:
     """The session's small trained model registered as `deepindex` version 1, alias champion."""
     from mlflow.tracking import MlflowClient
@@ -53,7 +57,9 @@ def test_serve_command_serves_the_champion_behind_haproxy(tmp_path, monkeypatch,
     haproxy: list[int] = []
     env = {k: v for k, v in os.environ.items()
            if k not in ("DEEPINDEX_HOME", "MLFLOW_TRACKING_URI") and not k.startswith("RAY_")}
-    _cli(project, env, "up", "--num-cpus", "4", "--ray-port", str(free_port()), "--mlflow-port", str(free_port()))
+    up = _cli(project, env, "up", "--num-cpus", "4", "--ray-port", str(free_port()), "--mlflow-port", str(free_port()),
+              "--dashboard-port", str(free_port()))
+    assert _console(up)[0].startswith("platform up: Ray head 127.0.0.1:"), up.stderr
     try:
         # This test process finds the same platform through the project's state folder.
         monkeypatch.setenv("DEEPINDEX_HOME", str(project / ".deepindex"))
@@ -64,10 +70,16 @@ def test_serve_command_serves_the_champion_behind_haproxy(tmp_path, monkeypatch,
         build_index("models:/deepindex@champion", size=300, use_ray=False, tracking_uri=uri)
 
         port = free_port()
-        _cli(project, env, "serve", "--detach", "--config", str(REPO / "serving" / "config.yaml"),
-             "--model", "models:/deepindex@champion", "--index", ".deepindex/indexes/digit-scenes",
-             "--host", "127.0.0.1", "--port", str(port))
+        served = _cli(project, env, "serve", "--detach", "--config", str(REPO / "serving" / "config.yaml"),
+                      "--model", "models:/deepindex@champion", "--index", ".deepindex/indexes/digit-scenes",
+                      "--host", "127.0.0.1", "--port", str(port))
         url = f"http://127.0.0.1:{port}"
+        # A quiet console: the service's URL; Serve's and its replicas' output is in the log file.
+        assert [line.split(" (")[0] for line in _console(served)] == [f"service ready: {url}/"], _console(served)
+        (log,) = (project / ".deepindex" / "logs").glob("serve-*.log")
+        assert "ServeController" in log.read_text()
+        status = _cli(project, env, "status").stdout
+        assert "serve: answering" in status and f"serve      {url}" in status, status
         ready = requests.get(f"{url}/readyz", timeout=60)
         assert ready.status_code == 200, ready.text
         body = ready.json()

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import tomllib
 from functools import cache
@@ -21,6 +20,7 @@ import pytest
 import yaml
 
 from deepindex.submit import JOBS
+from support import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ["cpu-dev", "gpu-prod"]
@@ -79,11 +79,8 @@ def crd_validator(kind: str) -> jsonschema.Draft7Validator:
 
 
 def kubectl() -> str:
-    exe = shutil.which("kubectl")
-    if exe is None:
-        pytest.skip("kubectl is not installed: `kubectl kustomize` cannot render the overlays "
-                    "(install kubectl >= 1.27 to run the k8s checks)")
-    return exe
+    return require_tool("kubectl", ("kubectl",), "`kubectl kustomize` renders the overlays; install kubectl >= 1.27 "
+                        "(https://kubernetes.io/docs/tasks/tools/)")
 
 
 @cache

@@ -7,13 +7,12 @@ import asyncio
 import pytest
 
 from support import png_bytes
-from tests.serving.cdp import Browser, chromium_binary
+from tests.serving.cdp import Browser
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve, pytest.mark.cluster, pytest.mark.timeout(300)]
 
 
-@pytest.mark.skipif(chromium_binary() is None, reason="chromium not installed (apt-get install -y chromium)")
-def test_page_upload_shows_tags_and_similar(served, tmp_path):
+def test_page_upload_shows_tags_and_similar(served, chromium, tmp_path):
     i = 5
     image = tmp_path / "query.png"
     image.write_bytes(png_bytes(served.images[i]))

@@ -10,10 +10,13 @@ ROOT = Path(__file__).resolve().parents[2]
 GOOD_SPACE = {"optim.lr": {"loguniform": [0.001, 0.1]}}
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml"])
-def test_shipped_spaces_load(name):
+@pytest.mark.parametrize("name, keys", [
+    ("default.yaml", {"optim.lr", "model.dropout", "regularization.l1", "regularization.l2", "schedule.policy"}),
+    ("smoke.yaml", {"optim.lr", "model.dropout", "regularization.l2", "schedule.policy"}),
+])
+def test_shipped_spaces_load(name, keys):
     spec = load_space(ROOT / "tune_configs" / name)
-    assert {"optim.lr", "model.dropout", "regularization.l1", "regularization.l2", "schedule.policy"} <= set(spec.space)
+    assert keys <= set(spec.space)
     assert spec.space["regularization.l2"].kind == "loguniform"
     from ray.tune.search.sample import Domain
 
@@ -52,6 +55,22 @@ def test_bad_sweep_settings_are_refused(raw, message):
     with pytest.raises(ConfigError) as e:
         parse_space(raw)
     assert str(e.value).startswith(message), str(e.value)
+
+
+def test_seed_defaults_runs_the_base_values_first():
+    """`make demo`'s sweep starts from the defaults: they are the first point Tune evaluates."""
+    from deepindex.tune.driver import _searcher
+
+    spec = load_space(ROOT / "tune_configs" / "smoke.yaml")
+    assert spec.settings.seed_defaults
+    point = spec.default_point()
+    assert point == {"optim.lr": 0.05, "schedule.policy": "step", "model.dropout": 0.3, "regularization.l2": 5e-4}
+    search, _ = _searcher(spec, "val_map", "max", 4)
+    assert search._points_to_evaluate == [point]
+    # A base value outside the space cannot be the first trial.
+    with pytest.raises(ConfigError) as e:
+        parse_space({"space": {"optim.lr": {"loguniform": [0.1, 0.5]}}, "tune": {"seed_defaults": True}})
+    assert str(e.value).startswith("space.optim.lr: the base value 0.05 is outside loguniform [0.1, 0.5]")
 
 
 def test_base_overrides_and_randint_bounds_inclusive():

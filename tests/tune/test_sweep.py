@@ -54,7 +54,7 @@ class _InterruptAfter:
 
 
 @pytest.mark.timeout(540)
-def test_asha_sweep_interrupted_restored_tracked_and_promoted(ray_local, mlflow_server, tmp_path):
+def test_asha_sweep_interrupted_restored_tracked_and_promoted(ray_local, mlflow_server, tmp_path, caplog):
     """4 trials, 2 at a time; Tune is interrupted after 3 results and the sweep restored.
 
     One learning rate that learns and three that barely move: at an ASHA rung a weak trial
@@ -69,6 +69,7 @@ def test_asha_sweep_interrupted_restored_tracked_and_promoted(ray_local, mlflow_
                  {"search": "grid", "num_samples": 1, "grace_period": 1, "reduction_factor": 2,
                   "max_concurrent_trials": 2, "promote": True}, epochs=4)
     client = MlflowClient(mlflow_server.uri)
+    caplog.set_level("INFO", logger="deepindex.events")
 
     first = run_sweep(spec, name="asha", tracking_uri=mlflow_server.uri,
                       callbacks=[_InterruptAfter(3, tmp_path / "interrupted")])
@@ -97,6 +98,17 @@ def test_asha_sweep_interrupted_restored_tracked_and_promoted(ray_local, mlflow_
         assert sorted(set(steps)) == list(range(len(set(steps)))) and len(set(steps)) >= t.epochs_done
         assert "test_top1_error" in child.data.metrics
         assert child.info.status == ("KILLED" if t.stopped_early else "FINISHED")
+
+    # The console: one line per ended trial (epochs, metric, stopped early or not), and the summary.
+    events = [r.getMessage() for r in caplog.records if r.name == "deepindex.events"]
+    for t in out.trials:
+        line = [e for e in events if e.startswith(f"trial {t.trial_id}: ")][-1]  # the restored sweep's
+        assert line.endswith(", stopped early") == t.stopped_early, line
+    assert any(e.startswith("sweep asha: 4 trials in ") for e in events), events
+    # MLflow: a model-training experiment; the parent's description links every trial and their comparison.
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    description = parent.data.tags["mlflow.note.content"]
+    assert all(f"runs/{t.run_id}" in description for t in out.trials) and "#/compare-runs?runs=" in description
 
     # The best trial is registered and holds the alias (there was no champion before).
     assert out.promotion is not None and out.promotion.promoted

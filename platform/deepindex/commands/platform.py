@@ -1,31 +1,52 @@
-"""``deepindex up`` / ``down`` / ``status``: the local Ray head and MLflow server."""
+"""``deepindex up`` / ``down`` / ``status`` / ``env``: the local Ray head and MLflow server."""
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
+from typing import Any
+
+# What each address is for, in the order `status` and `up` print them.
+_ADDRESSES = {
+    "ray": "Ray head (RAY_ADDRESS; deepindex jobs, ray.init, `ray status`)",
+    "dashboard": "Ray dashboard + Jobs API (RAY_API_SERVER_ADDRESS; `ray job submit`, `deepindex submit`)",
+    "client": "Ray Client (ray.init(\"ray://...\") from another machine's Python)",
+    "mlflow": "MLflow tracking server (MLFLOW_TRACKING_URI)",
+    "ui": "MLflow UI, on the runs table (model training, not the GenAI overview)",
+    "serve": "Serve application (`deepindex serve`)",
+    "docs": "Serve API docs",
+}
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from deepindex.localplatform import DEFAULT_MLFLOW_PORT, DEFAULT_RAY_PORT
+    from deepindex.localplatform import DEFAULT_DASHBOARD_PORT, DEFAULT_MLFLOW_PORT, DEFAULT_RAY_PORT
 
     p = sub.add_parser("up", help="start a local Ray head and MLflow tracking server (idempotent)")
     p.add_argument("--ray-port", type=int, default=DEFAULT_RAY_PORT, help="Ray GCS port (0: any free port)")
+    p.add_argument("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT,
+                   help="Ray dashboard and Jobs API port, on loopback (0: any free port)")
     p.add_argument("--mlflow-port", type=int, default=DEFAULT_MLFLOW_PORT, help="MLflow port (0: any free port)")
     p.add_argument("--num-cpus", type=int, default=None,
                    help="logical CPUs of the head (default: the cores; more lets Train+Tune overlap on few cores)")
     p.set_defaults(func=run_up)
     d = sub.add_parser("down", help="stop the local platform's processes (by their recorded ids)")
     d.set_defaults(func=run_down)
-    s = sub.add_parser("status", help="the local platform's services, addresses and processes")
+    s = sub.add_parser("status", help="the local platform's services, every address to use them, and processes")
+    s.add_argument("--json", action="store_true", help="the full status as JSON (pids, logs, health)")
     s.set_defaults(func=run_status)
+    e = sub.add_parser("env", help="`export` lines that point ray, mlflow and deepindex at the local platform: "
+                                   "eval $(deepindex env)")
+    e.set_defaults(func=run_env)
 
 
 def run_up(args: argparse.Namespace) -> int:
+    from deepindex.console import event
     from deepindex.localplatform import PlatformError, up
 
     try:
-        services = up(ray_port=args.ray_port, mlflow_port=args.mlflow_port, num_cpus=args.num_cpus)
+        services = up(ray_port=args.ray_port, mlflow_port=args.mlflow_port, num_cpus=args.num_cpus,
+                      dashboard_port=args.dashboard_port)
     except PlatformError as e:
         print(f"deepindex up: error: {e}", file=sys.stderr)
         return 1
@@ -33,9 +54,11 @@ def run_up(args: argparse.Namespace) -> int:
 
     ray, mlflow = services["ray"], services["mlflow"]
     sync_pending(None, mlflow.address)  # runs that ended while this server was down
-    print(f"Ray head:      {ray.address}  (pid {ray.pid}; jobs in this project connect to it)")
-    print(f"MLflow server: {mlflow.address}  (pid {mlflow.pid}; open it in a browser for the UI)")
-    print("stop with: deepindex down")
+    event("platform up: Ray head %s (pid %d), MLflow %s (pid %d)", ray.address, ray.pid, mlflow.address, mlflow.pid)
+    urls = {**(ray.urls or {"ray": ray.address}), **_with_ui(mlflow.urls or {"mlflow": mlflow.address})}
+    for name, url in urls.items():
+        event("  %-10s %-28s %s", name, url, _ADDRESSES.get(name, ""))
+    event("  other shells: eval $(deepindex env); stop with: deepindex down")
     return 0
 
 
@@ -63,5 +86,40 @@ def run_status(args: argparse.Namespace) -> int:
     if not st:
         print("the local platform is not running (start it with: deepindex up)")
         return 1
-    print(json.dumps(st, indent=2))
-    return 0 if all(v["state"] == "running" for v in st.values()) else 1
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        _print_status(st)
+    # A Serve application that stopped answering is reported, not a platform failure.
+    return 0 if all(v["state"] == "running" for k, v in st.items() if k != "serve") else 1
+
+
+def _with_ui(urls: dict[str, str]) -> dict[str, str]:
+    from deepindex.tracking.uri import experiment_ui_url
+
+    return {**urls, "ui": experiment_ui_url(urls["mlflow"])} if "mlflow" in urls else urls
+
+
+def _print_status(st: dict[str, dict[str, Any]]) -> None:
+    for name, info in st.items():
+        extra = f"pid {info['pid']}, {len(info['processes'])} processes" if "pid" in info else f"app {info['app']}"
+        health = "" if info.get("healthy", True) else ", not healthy"
+        print(f"{name}: {info['state']} ({extra}{health})")
+        urls = info.get("urls") or {}
+        for what, url in (_with_ui(urls) if info["state"] == "running" else urls).items():
+            print(f"  {what:<10} {url:<28} {_ADDRESSES.get(what, '')}")
+        if "hint" in info:
+            print(f"  {info['hint']}; log: {info['log']}")
+    print("other shells: eval $(deepindex env)")
+
+
+def run_env(args: argparse.Namespace) -> int:
+    from deepindex.localplatform import client_env
+
+    env = client_env()
+    if "RAY_ADDRESS" not in env:
+        print("deepindex env: the local platform is not running (start it with: deepindex up)", file=sys.stderr)
+        return 1
+    for k, v in env.items():
+        print(f"export {k}={shlex.quote(v)}")
+    return 0

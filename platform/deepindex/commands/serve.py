@@ -78,17 +78,24 @@ def run_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from deepindex.cluster import connect
+    from deepindex.console import adopt_library_loggers, event
     from serving.app import build_app
 
+    adopt_library_loggers()  # importing ray.serve gave its logger a console handler of its own
     app = build_app(app_args)  # validates the args before anything starts
     connect()
-    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": int(http.get("port", 8000))})
+    host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
+    serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=name, route_prefix="/")
-    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
-    print(f"deepindex serving at {url}/ (API {url}/docs)", flush=True)
+    # 0.0.0.0 listens everywhere; this machine reaches it on loopback.
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    if not _answers(url):
+        raise RuntimeError(f"serve: the application is deployed but {url}/healthz does not answer")
+    on_platform = _record_on_platform(url, name)
+    event("service ready: %s/ (API docs %s/docs)%s", url, url,
+          "; `deepindex status` lists it" if on_platform else "")
     if app_args.get("api_token_file"):
-        print(f"writes (POST/DELETE /v1/items) need: Authorization: Bearer $(cat {app_args['api_token_file']})",
-              flush=True)
+        event("writes (POST/DELETE /v1/items) need: Authorization: Bearer $(cat %s)", app_args["api_token_file"])
     if args.detach:
         return 0
     try:
@@ -96,4 +103,37 @@ def run_serve(args: argparse.Namespace) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.delete(name)
+        if on_platform:
+            from deepindex.localplatform import forget_serve
+
+            forget_serve()
     return 0
+
+
+def _answers(url: str, timeout: float = 60.0) -> bool:
+    """Serve reports the application RUNNING before the HTTP path in front of it (HAProxy) has it."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+
+
+def _record_on_platform(url: str, name: str) -> bool:
+    """On the local platform's head, record the URL for `deepindex status` and `deepindex env`."""
+    import os
+
+    from deepindex.localplatform import record_serve, running_service
+
+    head = running_service("ray")
+    if head is None or os.environ.get("RAY_ADDRESS", head.address) != head.address:
+        return False
+    record_serve(url, name)
+    return True

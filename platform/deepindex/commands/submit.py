@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "everything after it is passed to the job, e.g. "
                     "`deepindex submit --address http://head:8265 train --config c.yaml optim.lr=0.1`.")
     p.add_argument("--address", help="Jobs API address, e.g. http://head:8265 "
-                                     "(default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)")
+                                     "(default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS, then the local "
+                                     "platform's, `deepindex up`)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI the job logs to (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--env", action="append", metavar="KEY=VALUE",
                    help="extra environment variable for the job (repeatable)")

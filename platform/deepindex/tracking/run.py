@@ -64,19 +64,27 @@ def run_tags(cfg: Config, extra: dict[str, str] | None = None) -> dict[str, str]
     return tags
 
 
+# MLflow 3's UI opens an experiment on what its kind says: the GenAI overview (traces, token
+# usage) unless the experiment is tagged as model training, where it opens on the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    """The experiment's id; one deepindex creates (or finds without a kind) is tagged as model training."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # created meanwhile by a concurrent trial or job
-        exp = client.get_experiment_by_name(name)
-        if exp is None:  # not a race: creating it failed for another reason, which is the error to report
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:  # created meanwhile by a concurrent trial or job
+            exp = client.get_experiment_by_name(name)
+            if exp is None:  # not a race: creating it failed for another reason, which is the error to report
+                raise
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # made before deepindex tagged its experiments; a user's choice stays
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def make_tracker(cfg: Config, name: str, *, journal: str | None = None, tracking_uri: str | None = None,

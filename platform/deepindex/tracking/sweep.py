@@ -6,18 +6,33 @@ on the parent, and finding a finished sweep's best trial for ``deepindex promote
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from deepindex.tracking.tracker import mlflow_client, param_value
+from deepindex.tracking.uri import ML_VIEW
 
 log = logging.getLogger(__name__)
 
 KIND_TAG = "deepindex.kind"
 SWEEP_TAG = "tune.sweep"
 TRIAL_TAG = "tune.trial_id"
+DESCRIPTION_TAG = "mlflow.note.content"  # what the UI shows (and edits) as a run's description
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One trial in the sweep parent's description."""
+
+    trial_id: str
+    run_id: str | None
+    metric: float | None
+    epochs: int
+    status: str  # "finished", "stopped early (ASHA)", "error", ...
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,34 @@ def record_summary(parent_run_id: str, tracking_uri: str, *, metrics: dict[str, 
     client.log_text(parent_run_id, trials_json, "trials.json")
     if finished:
         client.set_terminated(parent_run_id, "FINISHED")
+
+
+def describe_sweep(parent_run_id: str, tracking_uri: str, *, name: str, metric: str, mode: str, max_epochs: int,
+                   rows: list[TrialRow], best_trial: str | None) -> str:
+    """Set the parent run's description (Markdown, shown on its page): one link per child run, best
+    first, and a link that opens all of them in MLflow's compare view (parallel coordinates)."""
+    exp = experiment_of(parent_run_id, tracking_uri)
+    # The UI routes on the URL fragment: links relative to the page work wherever the UI is served.
+    run_link = lambda rid: f"#/experiments/{exp}/runs/{rid}?{ML_VIEW}"
+    ranked = sorted(rows, key=lambda r: (r.metric is None, -(r.metric or 0.0) if mode == "max" else (r.metric or 0.0)))
+    linked = [r.run_id for r in ranked if r.run_id]
+    compare = (f"#/compare-runs?runs={quote(json.dumps(linked))}&experiments={quote(json.dumps([exp]))}"
+               f"&{ML_VIEW}")
+    lines = [f"Sweep **{name}**: {len(rows)} trials, ranked by `{metric}` ({mode}), up to {max_epochs} epochs each.",
+             "",
+             f"**[Compare the {len(linked)} trials]({compare})** (parallel coordinates, params, metrics), or select "
+             "them in the runs table and click *Compare*.",
+             "",
+             f"| trial | {metric} | epochs | status |",
+             "|---|---|---|---|"]
+    for r in ranked:
+        trial = f"[{r.trial_id}]({run_link(r.run_id)})" if r.run_id else r.trial_id
+        value = f"{r.metric:.4f}" if r.metric is not None else "-"
+        best = " **best**" if r.trial_id == best_trial else ""
+        lines.append(f"| {trial}{best} | {value} | {r.epochs}/{max_epochs} | {r.status} |")
+    text = "\n".join(lines) + "\n"
+    mlflow_client(tracking_uri).set_tag(parent_run_id, DESCRIPTION_TAG, text)
+    return text
 
 
 def find_sweep_best(sweep: str, experiment: str = "deepindex", tracking_uri: str | None = None) -> tuple[str, str]:

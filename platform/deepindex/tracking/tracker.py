@@ -32,9 +32,12 @@ log = logging.getLogger(__name__)
 
 RUN_ID_KEY = "mlflow_run_id"
 TAG_TRAIN_NAME = "deepindex.train_name"
-# MLflow's HTTP client retries for minutes by default; a dead server must cost seconds.
-_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-             "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# MLflow's HTTP client retries for minutes by default; a dead server must cost seconds.  And it
+# prints "View run ... / View experiment ..." on stdout for every run it ends and a progress bar
+# for every download: our commands say where the runs are once, not per trial.
+_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 def param_value(v: Any) -> str:
@@ -50,7 +53,7 @@ def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def quiet_http_retries() -> None:
-    for k, v in _HTTP_ENV.items():
+    for k, v in _CLIENT_ENV.items():
         os.environ.setdefault(k, v)
 
 

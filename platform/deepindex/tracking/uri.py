@@ -45,3 +45,34 @@ def reachable(uri: str, timeout: float = 3.0) -> bool:
         return requests.get(uri.rstrip("/") + "/health", timeout=timeout).status_code < 500
     except requests.RequestException:
         return False
+
+
+# MLflow 3's UI follows a per-browser switch, "GenAI" (the default) or "Model training", and opens an
+# experiment on its GenAI overview (traces, token usage) unless the link asks for model training.
+# Every MLflow link deepindex prints asks for it; in a browser, clicking "Model training" once does too.
+ML_VIEW = "workflowType=machine_learning"
+
+
+def ui_url(uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """A link into the MLflow UI at ``uri`` that opens on the runs table (or a run's page)."""
+    base = uri.rstrip("/")
+    if experiment_id is None:
+        return f"{base}/#/experiments?{ML_VIEW}"
+    if run_id is None:
+        return f"{base}/#/experiments/{experiment_id}/runs?{ML_VIEW}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{ML_VIEW}"
+
+
+def experiment_ui_url(uri: str, name: str = "deepindex", timeout: float = 2.0) -> str:
+    """The runs table of experiment ``name`` if the server has it, else the experiments list."""
+    if not is_http(uri):
+        return uri
+    import requests
+
+    try:
+        r = requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name",
+                         params={"experiment_name": name}, timeout=timeout)
+        exp_id = r.json()["experiment"]["experiment_id"] if r.status_code == 200 else None
+    except (requests.RequestException, ValueError, KeyError):
+        exp_id = None
+    return ui_url(uri, exp_id)

@@ -81,6 +81,25 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list[UserC
     )
 
 
+def epoch_lines(epochs: int) -> UserCallback:
+    """A Train callback that puts one console line per epoch.  It runs in the Train controller
+    (an actor): its output reaches the driver through Ray, and the driver's console turns lines
+    marked with ``deepindex.console.MARK`` into events."""
+    from ray.train import UserCallback
+
+    from deepindex.console import MARK
+
+    class EpochLines(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            m = metrics[0] if metrics else {}
+            name = next((k for k in (primary_metric(True)[0], primary_metric(False)[0]) if k in m), None)
+            shown = f", {name} {m[name]:.4f}" if name else ""
+            print(f"{MARK}epoch {int(m.get('epoch', 0)) + 1}/{epochs}: train_loss {m.get('train_loss', 0.0):.4f}"
+                  f"{shown}, {m.get('images_per_s', 0.0):.0f} images/s", flush=True)
+
+    return EpochLines()
+
+
 @dataclass
 class TrainOutcome:
     name: str

@@ -68,6 +68,7 @@ class SweepOutcome:
     interrupted: bool
     promotion: PromotionDecision | None = None
     best_test: dict[str, Any] = field(default_factory=dict)
+    experiment_id: str | None = None  # the MLflow experiment of the parent run
 
     @property
     def stopped_early(self) -> int:
@@ -85,6 +86,29 @@ def _report_callback() -> TuneReportCallback:
             super().after_report(run_context, metrics, checkpoint)
 
     return EpochReportCallback()
+
+
+def _trial_lines(max_epochs: int, metric: str) -> Callback:
+    """A Tune callback (it runs in this driver) that puts one console line per ended trial."""
+    from ray import tune
+
+    from deepindex.console import event
+
+    class TrialLines(tune.Callback):
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            r = trial.last_result or {}
+            done = int(r.get(EPOCHS_DONE, 0))
+            value = r.get(metric)
+            shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+            event("trial %s: %d/%d epochs, %s %s%s", trial.trial_id, done, max_epochs, metric, shown,
+                  ", stopped early" if done < max_epochs else "")
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            done = int((trial.last_result or {}).get(EPOCHS_DONE, 0))
+            log.error("trial %s failed after %d/%d epochs (the log file has its error)", trial.trial_id, done,
+                      max_epochs)
+
+    return TrialLines()
 
 
 def trial_driver(params: dict[str, Any], *, base: dict[str, Any], sweep: str, train_storage: str,
@@ -153,15 +177,18 @@ def _searcher(spec: SweepSpec, metric: str, mode: str, concurrency: int
     """(search algorithm, TuneConfig.max_concurrent_trials): Tune applies the latter only to a
     ``Searcher``; the random/grid generator takes its limit itself."""
     s = spec.settings
+    # The defaults first (they count as one of num_samples), then what the search proposes.
+    points = [spec.default_point()] if s.seed_defaults else None
     if s.search == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=s.seed)), concurrency
+        return OptunaSearch(metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=s.seed),
+                            points_to_evaluate=points), concurrency
     from ray.tune.search import BasicVariantGenerator
 
     # random and grid: `grid` entries expand, the other distributions are sampled
-    return BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrency), None
+    return BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrency, points_to_evaluate=points), None
 
 
 def _scheduler(spec: SweepSpec) -> TrialScheduler:
@@ -202,6 +229,7 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | N
     """Run (or restore) the sweep on the connected cluster; record the best trial; maybe promote it."""
     from ray import tune
 
+    from deepindex.console import event, tune_verbosity
     from deepindex.tracking.uri import resolve_tracking_uri
     from deepindex.train.engine import primary_metric
     from deepindex.train.trainer import storage_path
@@ -223,8 +251,10 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | N
         tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         concurrency = trial_concurrency(spec)
-        log.info("sweep %s: %d samples, %s search, %s scheduler, %d trials at a time", name,
-                 spec.settings.num_samples, spec.settings.search, spec.settings.scheduler, concurrency)
+        s = spec.settings
+        event("sweep %s: %d trials (%s search%s, %s scheduler), %d at a time, up to %d epochs each", name,
+              s.num_samples, s.search, ", the defaults first" if s.seed_defaults else "", s.scheduler, concurrency,
+              spec.max_epochs)
         search_alg, max_concurrent = _searcher(spec, metric, mode, concurrency)
         tuner = tune.Tuner(
             trainable,
@@ -232,12 +262,19 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | N
             tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=search_alg,
                                         scheduler=_scheduler(spec), num_samples=spec.settings.num_samples,
                                         max_concurrent_trials=max_concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
-                                      failure_config=tune.FailureConfig(max_failures=1)),
+            run_config=tune.RunConfig(name=name, storage_path=storage,
+                                      callbacks=[*(callbacks or []), _trial_lines(spec.max_epochs, metric)],
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      # Tune's status tables and per-trial boxes: in the log file (-v prints them)
+                                      verbose=tune_verbosity()),
         )
     grid = tuner.fit()
     outcome = _summarise(grid, spec, name, str(sweep_dir), metric, mode, parent, time.monotonic() - start)
-    _record(outcome, uri)
+    _record(outcome, uri, spec.max_epochs)
+    best = outcome.best
+    event("sweep %s: %d trials in %.0fs, %d stopped early; best %s", name, len(outcome.trials), outcome.wall_s,
+          outcome.stopped_early, "none" if best is None or best.metric is None
+          else f"{best.trial_id}: {metric} {best.metric:.4f} after {best.epochs_done} epochs")
     if outcome.interrupted:
         log.warning("sweep %s was interrupted; run it again with the same name to resume it", name)
         return outcome
@@ -288,7 +325,13 @@ def _saved_statuses(path: str) -> dict[str, str]:
         return {}
 
 
-def _record(outcome: SweepOutcome, uri: str | None) -> None:
+def _trial_status(t: TrialSummary) -> str:
+    if t.stopped_early:
+        return "stopped early (ASHA)"
+    return "finished" if t.status == "TERMINATED" else t.status.lower()
+
+
+def _record(outcome: SweepOutcome, uri: str | None, max_epochs: int) -> None:
     """Child run ids, early-stopped child runs closed as KILLED, the best trial on the parent run."""
     if uri is None or outcome.parent_run_id is None:
         return
@@ -297,14 +340,14 @@ def _record(outcome: SweepOutcome, uri: str | None) -> None:
     from deepindex.workflows import finalize_run
 
     by_trial = tracked.child_runs(outcome.parent_run_id, uri)
-    exp_id = tracked.experiment_of(outcome.parent_run_id, uri)
+    exp_id = outcome.experiment_id = tracked.experiment_of(outcome.parent_run_id, uri)
     train_storage = Path(outcome.path) / "train"
     for t in outcome.trials:
         child = by_trial.get(t.trial_id)
         if child is None:
             continue
         t.run_id = child.run_id
-        tracked.set_tag(t.run_id, "tune.status", "stopped early (ASHA)" if t.stopped_early else t.status.lower(), uri)
+        tracked.set_tag(t.run_id, "tune.status", _trial_status(t), uri)
         if child.status != "RUNNING" or t.status not in ("TERMINATED", "ERROR"):
             continue  # finalized already (a restored sweep), or still to be resumed
         best, latest = trial_checkpoints(train_storage, t.trial_id, outcome.metric, outcome.mode)
@@ -326,6 +369,10 @@ def _record(outcome: SweepOutcome, uri: str | None) -> None:
             tags["best_run_id"] = outcome.best.run_id
         if not outcome.interrupted:
             best_params = outcome.best.params
+    rows = [tracked.TrialRow(t.trial_id, t.run_id, t.metric, t.epochs_done, _trial_status(t)) for t in outcome.trials]
+    tracked.describe_sweep(outcome.parent_run_id, uri, name=outcome.name, metric=outcome.metric, mode=outcome.mode,
+                           max_epochs=max_epochs, rows=rows,
+                           best_trial=outcome.best.trial_id if outcome.best is not None else None)
     tracked.record_summary(outcome.parent_run_id, uri, metrics=metrics, tags=tags, best_params=best_params,
                            trials_json=json.dumps([vars(t) for t in outcome.trials], indent=2, default=str),
                            finished=not outcome.interrupted)

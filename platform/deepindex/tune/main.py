@@ -13,8 +13,10 @@ log = logging.getLogger(__name__)
 
 
 def tune_main(space: str, overrides: list[str] | None = None, *, name: str | None = None,
-              settings: dict[str, Any] | None = None, promote: bool | None = None) -> dict[str, Any]:
-    """Validate the space first (a bad key fails before Ray starts), sweep, print a JSON summary."""
+              settings: dict[str, Any] | None = None, promote: bool | None = None, show: bool = True
+              ) -> dict[str, Any]:
+    """Validate the space first (a bad key fails before Ray starts), sweep, return its summary
+    (``show``: also printed as JSON on stdout)."""
     from deepindex.cluster import connect
     from deepindex.train.trainer import storage_path
     from deepindex.tune.driver import run_sweep
@@ -26,14 +28,16 @@ def tune_main(space: str, overrides: list[str] | None = None, *, name: str | Non
     sync_pending(storage_path(spec.base))
     out = run_sweep(spec, name=name, promote=promote)
     summary = sweep_summary(out)
-    print(json.dumps(summary, indent=2, default=str))
+    if show:
+        print(json.dumps(summary, indent=2, default=str))
     return summary
 
 
 def sweep_summary(out: SweepOutcome) -> dict[str, Any]:
-    from deepindex.tracking.uri import resolve_tracking_uri
+    from deepindex.tracking.uri import resolve_tracking_uri, ui_url
 
     best = out.best
+    uri = resolve_tracking_uri(warn=False)
     return {
         "sweep": out.name, "path": out.path, "metric": out.metric, "mode": out.mode,
         "wall_s": round(out.wall_s, 1), "trials": len(out.trials), "stopped_early": out.stopped_early,
@@ -43,5 +47,6 @@ def sweep_summary(out: SweepOutcome) -> dict[str, Any]:
                                            "params": best.params},
         "promotion": asdict(out.promotion) if out.promotion is not None else None,
         "mlflow_parent_run_id": out.parent_run_id,
-        "mlflow_ui": resolve_tracking_uri(warn=False),
+        # the sweep's parent run: its description links every trial and the compare view
+        "mlflow_ui": ui_url(uri, out.experiment_id, out.parent_run_id) if uri and out.experiment_id else uri,
     }

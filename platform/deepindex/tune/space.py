@@ -67,6 +67,9 @@ class SweepSettings:
     seed: int | None = 0
     promote: bool = True  # promote the best trial at the end of the sweep
     name: str | None = None
+    # The first trial runs the base config's own values of the searched keys (Tune's
+    # points_to_evaluate): a sweep then never ends worse than the defaults it started from.
+    seed_defaults: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,11 @@ class SweepSpec:
 
     def param_space(self) -> dict[str, Any]:
         return {k: d.to_tune() for k, d in self.space.items()}
+
+    def default_point(self) -> dict[str, Any]:
+        """The base config's values of the searched keys: the first trial when ``tune.seed_defaults``."""
+        flat = self.base.flat()
+        return {k: list(flat[k]) if isinstance(flat[k], (list, tuple)) else flat[k] for k in self.space}
 
     @property
     def max_epochs(self) -> int:
@@ -152,7 +160,23 @@ def parse_space(raw: dict[str, Any], path: str = "<space>", overrides: list[str]
             raise ConfigError(f"tune.{k}: unknown key")
     settings = SweepSettings(**tune_raw)
     _check_settings(settings, space, base)
+    if settings.seed_defaults:
+        for key, dist in space.items():
+            _check_in_space(key, dist, flat[key])
     return SweepSpec(path, base, space, settings, raw)
+
+
+def _check_in_space(key: str, dist: Dist, value: Any) -> None:
+    """``tune.seed_defaults`` runs the base value of every searched key: it must lie in the space."""
+    if dist.kind in ("choice", "grid"):
+        ok = value in dist.args or (isinstance(value, (list, tuple)) and list(value) in dist.args)
+    elif dist.kind in ("uniform", "loguniform", "randint"):
+        ok = isinstance(value, (int, float)) and dist.args[0] <= value <= dist.args[1]
+    else:
+        ok = value == dist.args
+    if not ok:
+        raise ConfigError(f"space.{key}: the base value {value!r} is outside {dist.kind} {dist.args} "
+                          "(tune.seed_defaults runs it as the first trial)")
 
 
 def _check_settings(s: SweepSettings, space: dict[str, Dist], base: Config) -> None:
