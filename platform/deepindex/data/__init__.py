@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ class Splits:
     stats: NormStats
     channels: int
     image_size: int
+    view: Any = None  # deepindex.data.label_view.LabelView: clean labels, noise, filter, CV fold
 
 
 class ImageFileDataset(Dataset):
@@ -80,7 +82,14 @@ def _file_splits(items: FileItems, d, multilabel: bool) -> Splits:
 
 
 def build_splits(d) -> Splits:
-    """Build the splits named by a :class:`deepindex.config.DataConfig`."""
+    """Build the splits named by a :class:`deepindex.config.DataConfig`, with its label noise,
+    label filter and CV fold applied (:mod:`deepindex.data.label_view`)."""
+    from deepindex.data.label_view import apply_label_view
+
+    return apply_label_view(_dataset_splits(d), d)
+
+
+def _dataset_splits(d) -> Splits:
     if d.dataset in ("digit-scenes", "digits"):
         multilabel = d.dataset == "digit-scenes"
         if d.channels != 1:
