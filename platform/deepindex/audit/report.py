@@ -160,6 +160,7 @@ def suspects_grid(dataset, stats, det: Detection, given: np.ndarray, probs: np.n
         pred_t = " ".join(names[k] for k in np.flatnonzero(probs[i] > 0.5)) or "-"
         ax.set_title(f"{ids[i]}\ngiven: {given_t}\npred:  {pred_t}", fontsize=7, loc="left", family="monospace")
         flags = np.flatnonzero(det.flagged[i])
+        flags = flags[np.argsort(det.quality[i, flags], kind="stable")]  # most suspect first
         for j, k in enumerate(flags[:4]):
             label = f"{'-' if g[i, k] else '+'}{names[k]} ({probs[i, k]:.2f})"
             color = "black" if truth is None else ("green" if truth[i, k] else "red")

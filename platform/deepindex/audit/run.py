@@ -237,10 +237,15 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
             run_config=tune.RunConfig(name=name, storage_path=storage,
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        _end_parent(uri, parent, "FAILED")  # never leave the parent RUNNING for a dead audit
+        raise
     failed = [r for r in grid if r.error is not None]
     missing = [k for k in range(folds) if not oof_path(audit_dir, k).is_file()]
     if missing:
+        _end_parent(uri, parent, "FAILED")
         why = f" ({type(failed[0].error).__name__}: {str(failed[0].error).splitlines()[0][:200]})" if failed else ""
         raise RuntimeError(f"audit {name}: folds {missing} did not finish{why}; run it again with the same "
                            f"name to resume")
@@ -306,6 +311,16 @@ def _log_parent(uri: str, run_id: str, report: Path, det, scores: dict | None, m
         client.log_batch(run_id, metrics=metrics[i:i + 500])
     client.log_artifacts(run_id, str(report), "audit")
     client.set_terminated(run_id, "FINISHED")
+
+
+def _end_parent(uri: str | None, run_id: str | None, status: str) -> None:
+    if uri and run_id:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(uri).set_terminated(run_id, status)
+        except Exception as e:  # noqa: BLE001 - the audit's own error is the one to report
+            log.warning("MLflow: could not end the audit's run %s (%s)", run_id, e)
 
 
 def _metric_key(k: str) -> str:

@@ -178,7 +178,8 @@ def check_label_filter(d) -> Path | None:
     try:
         meta = json.loads((folder / AUDIT_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"data.label_filter: {folder / AUDIT_FILE} is not readable JSON ({type(e).__name__})") from None
+        raise ValueError(f"data.label_filter: {folder / AUDIT_FILE} is not readable JSON "
+                         f"({type(e).__name__})") from None
     made_for, here = (meta.get("data") if isinstance(meta, dict) else None) or {}, fingerprint(d)
     for key in sorted(here):
         if made_for.get(key) != here[key]:
