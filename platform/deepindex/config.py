@@ -134,9 +134,9 @@ class AuditConfig(_Section):
     filter_by: Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
                        "predicted_neq_given"] = "prune_by_noise_rate"
     max_concurrent: int = Field(0, ge=0)  # folds trained at once; 0 = all of them
-    # The Tune trial that waits on a fold's Train run: a sliver, so the folds' workers get the
-    # CPUs (Tune refuses a trial of zero resources).
-    fold_driver_cpus: float = Field(0.01, gt=0)
+    # The Tune trial that waits on a fold's Train run (then predicts its fold): no CPU by
+    # default, so the folds' Train workers get them all (it reserves memory instead).
+    fold_driver_cpus: float = Field(0.0, ge=0)
     grid_items: int = Field(24, ge=1, le=256)  # most suspect items drawn in suspects.png
 
 

@@ -36,20 +36,36 @@ def train_and_score(cfg, threads: int = 1) -> float:
     from torch.utils.data import DataLoader
 
     from deepindex.train.engine import evaluate, local_training
+    from deepindex.train.optim import EpochScheduler
 
     torch.set_num_threads(threads)
     run = local_training(cfg)
+    # The learning-rate policy the Train workers follow (local_training leaves it out).
+    scheduler = EpochScheduler(run.optimizer, cfg.schedule, cfg.train.epochs)
+    val = DataLoader(run.splits.val, batch_size=500)
     for epoch in range(cfg.train.epochs):
         run.epoch(epoch)
+        plateau = cfg.schedule.policy == "plateau"
+        scheduler.step(evaluate(run.model, val, True, run.loss_fn)["val_loss"] if plateau else None)
     return float(evaluate(run.model, DataLoader(run.splits.test, batch_size=500), True, prefix="test_")["test_map"])
 
 
 def compare_label_views(cfg, report: str, seeds: tuple[int, ...] = (0,), threads: int = 1) -> dict[str, list[float]]:
-    """Test mAP per label view and seed (the test split is clean in every view)."""
+    """Test mAP per label view and seed (the test split is clean in every view).
+
+    On a connected Ray cluster each training is a one-CPU task, so the views train side by
+    side; otherwise one after the other in this process."""
+    import ray
+
+    jobs = [(name, seed, cfg.override({**over, "train.seed": seed}))
+            for name, over in label_views(report).items() for seed in seeds]
+    if ray.is_initialized():
+        task = ray.remote(num_cpus=threads)(train_and_score)
+        scores = ray.get([task.remote(c, threads) for _, _, c in jobs])
+    else:
+        scores = [train_and_score(c, threads) for _, _, c in jobs]
     out: dict[str, list[float]] = {}
-    for name, over in label_views(report).items():
-        for seed in seeds:
-            m = train_and_score(cfg.override({**over, "train.seed": seed}), threads)
-            out.setdefault(name, []).append(m)
-            log.info("%s labels, seed %d: test mAP %.4f", name, seed, m)
+    for (name, seed, _), m in zip(jobs, scores):
+        out.setdefault(name, []).append(m)
+        log.info("%s labels, seed %d: test mAP %.4f", name, seed, m)
     return out

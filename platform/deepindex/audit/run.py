@@ -30,6 +30,7 @@ from deepindex.config import Config, ConfigError, from_dict
 log = logging.getLogger(__name__)
 
 AUDIT_STATE = "deepindex_audit.json"
+FOLD_DRIVER_MEMORY = 512 * 2**20  # bytes reserved by a fold's Tune trial
 
 
 @dataclass
@@ -223,7 +224,9 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
     trainable = tune.with_resources(
         functools.partial(fold_driver, base=cfg.to_dict(), audit=name, audit_dir=str(audit_dir), folds=folds,
                           tracking_uri=uri, parent_run_id=parent, threads=threads),
-        {"CPU": cfg.audit.fold_driver_cpus})
+        # Tune refuses a trial of no resources: the driver holds memory (it builds the splits
+        # and predicts a fold), not CPU, which would keep a fold's Train worker waiting.
+        {"CPU": cfg.audit.fold_driver_cpus, "memory": FOLD_DRIVER_MEMORY})
     if tune.Tuner.can_restore(str(audit_dir)):
         log.info("audit %s exists at %s: restoring it (finished folds kept)", name, audit_dir)
         tuner = tune.Tuner.restore(str(audit_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
