@@ -38,6 +38,18 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.1, gt=0, lt=1)
     seed: int = 0
     num_workers: int = Field(0, ge=0)  # DataLoader worker processes
+    # Noisy web labels (deepindex.data.noise): the fraction of train and val items whose tag set
+    # is corrupted (a tag dropped, added or swapped); the test split stays clean.
+    label_noise: float = Field(0.0, ge=0, le=1)
+    label_noise_seed: int = 0
+    # An audit (`deepindex data audit`): its folder, suspects.csv or runs:/<MLflow run id>; its
+    # suspect train labels are flipped (`flip`: the cleaned view) or their items left out (`drop`).
+    label_filter: str | None = None
+    label_filter_mode: Literal["flip", "drop"] = "flip"
+    # K-fold cross-validation of the train split (the audit sets these): train on every fold but
+    # cv_fold; 0 = off.  Folds are a permutation of the train items seeded by data.seed.
+    cv_folds: int = Field(0, ge=0, le=100)
+    cv_fold: int = Field(0, ge=0)
 
 
 class ModelConfig(_Section):
@@ -87,6 +99,12 @@ class TrainConfig(_Section):
     batch_size: int = Field(128, ge=1)  # global: split across workers
     seed: int = 0
     threads: int = Field(0, ge=0)  # torch threads per worker; 0 = cpus_per_worker
+    # Noise-robust losses (sweepable): label smoothing (BCE: targets pulled towards 1/2; CE:
+    # torch's), and for multi-label bootstrapping (Reed et al. 2015): targets mixed with the
+    # model's own detached predictions, so a confident model is not pulled towards a wrong tag.
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    bootstrap: Literal["none", "soft", "hard"] = "none"
+    bootstrap_beta: float = Field(0.8, gt=0, le=1)  # weight of the given label in the bootstrap target
 
 
 class RayConfig(_Section):
@@ -107,6 +125,21 @@ class TrackingConfig(_Section):
     run_name: str | None = None
 
 
+class AuditConfig(_Section):
+    """``deepindex data audit``: K-fold out-of-fold predictions, then cleanlab's label-issue filter."""
+
+    folds: int = Field(5, ge=2, le=20)
+    # cleanlab's filter_by (Confident Learning); prune_by_noise_rate flags, per concept, as many
+    # labels as the estimated noise rate says are wrong, lowest-margin first.
+    filter_by: Literal["prune_by_noise_rate", "prune_by_class", "both", "confident_learning",
+                       "predicted_neq_given"] = "prune_by_noise_rate"
+    max_concurrent: int = Field(0, ge=0)  # folds trained at once; 0 = all of them
+    # The Tune trial that waits on a fold's Train run (then predicts its fold): no CPU by
+    # default, so the folds' Train workers get them all (it reserves memory instead).
+    fold_driver_cpus: float = Field(0.0, ge=0)
+    grid_items: int = Field(24, ge=1, le=256)  # most suspect items drawn in suspects.png
+
+
 class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -116,6 +149,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
+    audit: AuditConfig = AuditConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -127,6 +161,16 @@ class Config(_Section):
             )
         if self.train.batch_size < self.ray.num_workers:
             raise ValueError("train.batch_size: smaller than ray.num_workers")
+        multilabel = self.data.dataset in ("digit-scenes", "manifest")
+        for key, on in (("label_noise", self.data.label_noise > 0), ("label_filter", self.data.label_filter)):
+            if on and not multilabel:
+                raise ValueError(f"data.{key}: needs a multi-label dataset (digit-scenes or manifest), "
+                                 f"not {self.data.dataset}")
+        if self.train.bootstrap != "none" and not multilabel:
+            raise ValueError("train.bootstrap: the bootstrapping loss is for multi-label datasets")
+        if self.data.cv_folds == 1 or (self.data.cv_folds and self.data.cv_fold >= self.data.cv_folds):
+            raise ValueError(f"data.cv_fold: fold {self.data.cv_fold} of {self.data.cv_folds} folds "
+                             "(cv_folds is 0 or >= 2; cv_fold < cv_folds)")
         return self
 
     # ---- conversions -------------------------------------------------------------------

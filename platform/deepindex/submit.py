@@ -30,6 +30,7 @@ JOBS: dict[str, str] = {
     "tune": "jobs/tune.py",
     "index": "jobs/build_index.py",
     "promote": "jobs/promote.py",
+    "audit": "jobs/audit.py",
 }
 
 # Never uploaded: local state, caches and weights (jobs read data and write results on shared

@@ -37,6 +37,9 @@ def train_main(config_path: str | None, overrides: list[str], name: str | None =
     from deepindex.train.trainer import epoch_lines
 
     cfg = load_config(config_path, overrides)
+    from deepindex.data.label_view import check_label_filter
+
+    check_label_filter(cfg.data)  # a missing or mismatched audit report fails here, not in every worker
     connect()
     sync_pending(storage_path(cfg))
     event("training %s on %d worker(s), %d epochs (%s)", cfg.model.name, cfg.ray.num_workers, cfg.train.epochs,
@@ -227,3 +230,20 @@ def sync_pending(storage: str | Path | None, tracking_uri: str | None = None) ->
         return
     if synced:
         log.info("tracking: synced %d run(s) that ended while MLflow was down", len(synced))
+
+
+def audit_main(config_path: str | None, overrides: list[str], name: str | None = None,
+               tracking_uri: str | None = None) -> dict[str, Any]:
+    """Validate, audit the train labels on the cluster, print the summary table and the results."""
+    from deepindex.audit.run import check_config, run_audit
+
+    cfg = load_config(config_path, overrides)
+    check_config(cfg)  # before Ray starts: a bad audit config costs nothing
+    out = run_audit(cfg, name=name, tracking_uri=tracking_uri)
+    print(out.summary)
+    result = {"name": out.name, "report": str(out.report), "flagged_labels": out.flagged,
+              "oof_map_given": round(out.oof_map, 4), "detection": out.scores, "mlflow_parent_run_id": out.parent_run_id,
+              "fold_runs": [f.run_id for f in out.folds], "wall_s": round(out.wall_s, 1),
+              "train_on_cleaned_labels": f"data.label_filter={out.report}"}
+    print(json.dumps(result, indent=2))
+    return result

@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from deepindex.submit import JOBS
 
     p = sub.add_parser(
-        "submit", help="submit train|tune|index|promote to a Ray cluster (Jobs API) and follow it",
+        "submit", help="submit train|tune|index|promote|audit to a Ray cluster (Jobs API) and follow it",
         description="Submit a job to a running Ray cluster. Options go before the job name; "
                     "everything after it is passed to the job, e.g. "
                     "`deepindex submit --address http://head:8265 train --config c.yaml optim.lr=0.1`.")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ class Splits:
     stats: NormStats
     channels: int
     image_size: int
+    view: Any = None  # deepindex.data.label_view.LabelView: clean labels, noise, filter, CV fold
 
 
 class ImageFileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -90,7 +91,14 @@ def _file_splits(items: FileItems, d: DataConfig, multilabel: bool) -> Splits:
 
 
 def build_splits(d: DataConfig) -> Splits:
-    """Build the splits named by a :class:`deepindex.config.DataConfig`."""
+    """Build the splits named by a :class:`deepindex.config.DataConfig`, with its label noise,
+    label filter and CV fold applied (:mod:`deepindex.data.label_view`)."""
+    from deepindex.data.label_view import apply_label_view
+
+    return apply_label_view(_dataset_splits(d), d)
+
+
+def _dataset_splits(d: DataConfig) -> Splits:
     if d.dataset in ("digit-scenes", "digits"):
         multilabel = d.dataset == "digit-scenes"
         if d.channels != 1:

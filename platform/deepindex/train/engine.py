@@ -126,7 +126,7 @@ def local_training(cfg: Config) -> LocalTraining:
     splits = build_splits(cfg.data)
     model = build_model(cfg.model, len(splits.concepts), splits.channels)
     optimizer = build_optimizer(model, cfg.optim)
-    loss_fn, penalty = make_loss(splits.multilabel), Penalty(cfg.regularization)
+    loss_fn, penalty = make_loss(splits.multilabel, cfg.train), Penalty(cfg.regularization)
     g = torch.Generator().manual_seed(cfg.train.seed)
     loader = DataLoader(splits.train, batch_size=cfg.train.batch_size, shuffle=True, generator=g, drop_last=True)
     return LocalTraining(splits, model, optimizer, loader, loss_fn, penalty)

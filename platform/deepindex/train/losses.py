@@ -4,6 +4,11 @@ Exclusive concepts: softmax + cross-entropy.  Multi-label concepts: one sigmoid 
 + binary cross-entropy (``BCEWithLogitsLoss``, numerically stable).  L1/L2 penalties act on
 weights (conv and linear kernels), not on biases or batch-norm parameters, and each is
 switched on at its own start epoch.
+
+For noisy labels (``train.label_smoothing``, ``train.bootstrap``), :class:`RobustBCE` softens
+the multi-label targets: smoothing pulls every target towards 1/2, so a wrong tag costs a
+bounded loss; bootstrapping mixes the given label with the model's own prediction, so a
+confident model is not dragged back towards a missing or wrong tag.
 """
 from __future__ import annotations
 
@@ -16,8 +21,39 @@ if TYPE_CHECKING:
     from deepindex.config import RegularizationConfig
 
 
-def make_loss(multilabel: bool) -> nn.Module:
-    return nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
+def make_loss(multilabel: bool, train_cfg=None) -> nn.Module:
+    """The training loss; ``train_cfg`` (a TrainConfig) switches on the noise-robust options.
+    Without it (evaluation, test scores) the plain loss, comparable across runs."""
+    smoothing = getattr(train_cfg, "label_smoothing", 0.0) or 0.0
+    bootstrap = getattr(train_cfg, "bootstrap", "none") or "none"
+    if not multilabel:
+        return nn.CrossEntropyLoss(label_smoothing=smoothing)
+    if smoothing or bootstrap != "none":
+        return RobustBCE(smoothing, bootstrap, getattr(train_cfg, "bootstrap_beta", 0.8))
+    return nn.BCEWithLogitsLoss()
+
+
+class RobustBCE(nn.Module):
+    """BCE-with-logits against softened targets: bootstrapped, then smoothed."""
+
+    def __init__(self, smoothing: float = 0.0, bootstrap: str = "none", beta: float = 0.8):
+        super().__init__()
+        if bootstrap not in ("none", "soft", "hard"):
+            raise ValueError(f"train.bootstrap: unknown mode {bootstrap!r} (none, soft, hard)")
+        self.smoothing, self.bootstrap, self.beta = float(smoothing), bootstrap, float(beta)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # (B, K), (B, K)
+        t = target.to(logits.dtype)
+        if self.bootstrap != "none":
+            # Detached: the prediction is a pseudo-label, not something the loss may move to
+            # agree with itself (Reed et al.'s "soft" form would add an entropy bonus here).
+            q = torch.sigmoid(logits.detach())
+            if self.bootstrap == "hard":
+                q = (q > 0.5).to(logits.dtype)
+            t = self.beta * t + (1.0 - self.beta) * q
+        if self.smoothing:
+            t = t * (1.0 - self.smoothing) + 0.5 * self.smoothing
+        return nn.functional.binary_cross_entropy_with_logits(logits, t)
 
 
 def penalised_params(model: nn.Module) -> list[torch.Tensor]:

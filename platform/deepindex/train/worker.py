@@ -97,7 +97,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
                               num_workers=cfg.data.num_workers, drop_last=True)
     # Each rank scores a strided shard of the validation split; all_gather puts it back together.
     val_loader = DataLoader(Subset(splits.val, range(rank, len(splits.val), world)), batch_size=256)
-    loss_fn = make_loss(splits.multilabel)
+    loss_fn = make_loss(splits.multilabel, cfg.train)
     penalty = Penalty(cfg.regularization)
     tracker: Tracker | None = loop_config.get("tracker")
     if tracker is not None and rank == 0:

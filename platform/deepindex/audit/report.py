@@ -1,0 +1,172 @@
+"""An audit's report: files a person reads and a filter reads back (no Ray, no MLflow).
+
+A report folder holds:
+
+- ``suspects.csv``: one row per suspect (item, concept) label, most suspect first:
+  ``rank, index, item, concept, issue (wrong_tag | missing_tag), given, pred_prob, quality``
+  (+ ``corrupted`` when the noise is synthetic and the truth is known);
+- ``concepts.csv``: per concept, cleanlab's estimated wrong/missing tag counts and rates
+  and what was flagged (+ the detection's precision and recall when the truth is known);
+- ``cleaned_labels.jsonl``: every train item's given and cleaned tags (``data.label_filter``
+  with ``label_filter_mode=flip`` trains on exactly these); for a manifest dataset also
+  ``cleaned_manifest.jsonl`` (``{"path", "tags"}``), a manifest ``data.manifest`` accepts;
+- ``oof_probs.npy``: the (N, K) out-of-fold probabilities; ``audit.json``: settings, data
+  fingerprint, summary; ``suspects.png``: the most suspect items as an image grid.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepindex.audit.detect import Detection
+from deepindex.data.label_view import AUDIT_FILE, SUSPECT_COLUMNS, SUSPECTS_FILE
+
+CONCEPTS_FILE = "concepts.csv"
+CLEANED_FILE = "cleaned_labels.jsonl"
+CLEANED_MANIFEST = "cleaned_manifest.jsonl"
+PROBS_FILE = "oof_probs.npy"
+GRID_FILE = "suspects.png"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a reader (or a filter) never sees half a report file
+
+
+def suspect_rows(det: Detection, given: np.ndarray, probs: np.ndarray, ids: list[str],
+                 truth: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """One row per flagged pair, lowest label quality first."""
+    items, concepts = np.nonzero(det.flagged)
+    order = np.lexsort((concepts, items, det.quality[items, concepts]))
+    rows = []
+    for rank, j in enumerate(order, start=1):
+        i, k = int(items[j]), int(concepts[j])
+        g = int(given[i, k] > 0.5)
+        row = {"rank": rank, "index": i, "item": ids[i], "concept": det.concepts[k],
+               "issue": "wrong_tag" if g else "missing_tag", "given": g,
+               "pred_prob": round(float(probs[i, k]), 5), "quality": round(float(det.quality[i, k]), 5)}
+        if truth is not None:
+            row["corrupted"] = int(bool(truth[i, k]))
+        rows.append(row)
+    return rows
+
+
+def cleaned(given: np.ndarray, flagged: np.ndarray) -> np.ndarray:
+    """The flip view: every suspect label replaced by its opposite."""
+    g = np.asarray(given) > 0.5
+    return g ^ np.asarray(flagged, bool)
+
+
+def summary_table(det: Detection, scores: dict[str, float] | None = None,
+                  per_concept: list[dict] | None = None) -> str:
+    """A fixed-width table: per concept, estimated and flagged wrong/missing tags."""
+    head = f"{'concept':>10} {'tagged':>7} {'est.wrong':>9} {'est.missing':>11} {'flag.wrong':>10} {'flag.missing':>12}"
+    if per_concept:
+        head += f" {'corrupted':>9} {'precision':>9} {'recall':>7}"
+    lines = [head, "-" * len(head)]
+    for k, c in enumerate(det.concept_noise):
+        line = (f"{c['concept']:>10} {c['given']:>7} {c['wrong_tags_est']:>9} {c['missing_tags_est']:>11} "
+                f"{c['flagged_wrong']:>10} {c['flagged_missing']:>12}")
+        if per_concept:
+            p = per_concept[k]
+            line += f" {p['corrupted']:>9} {p['precision']:>9.3f} {p['recall']:>7.3f}"
+        lines.append(line)
+    n_items = int(det.flagged.any(1).sum())
+    lines.append(f"{int(det.flagged.sum())} suspect labels on {n_items} of {len(det.flagged)} items")
+    if scores:
+        lines.append(f"against the known corruptions: precision {scores['precision']:.3f}, "
+                     f"recall {scores['recall']:.3f} ({scores['true_positives']} of {scores['flagged']} flagged "
+                     f"pairs corrupted; {scores['corrupted']} corrupted pairs)")
+    return "\n".join(lines)
+
+
+def write_report(out: str | Path, *, det: Detection, given: np.ndarray, probs: np.ndarray, ids: list[str],
+                 meta: dict[str, Any], truth: np.ndarray | None = None, per_concept: list[dict] | None = None,
+                 manifest: bool = False) -> Path:
+    """Write every report file but the image grid into ``out``; returns the folder."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = suspect_rows(det, given, probs, ids, truth)
+    cols = SUSPECT_COLUMNS + (["corrupted"] if truth is not None else [])
+    with (out / f".{SUSPECTS_FILE}.tmp").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(out / f".{SUSPECTS_FILE}.tmp", out / SUSPECTS_FILE)
+
+    table = [dict(c, **(per_concept[k] if per_concept else {})) for k, c in enumerate(det.concept_noise)]
+    with (out / f".{CONCEPTS_FILE}.tmp").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(table)
+    os.replace(out / f".{CONCEPTS_FILE}.tmp", out / CONCEPTS_FILE)
+
+    clean = cleaned(given, det.flagged)
+    g = np.asarray(given) > 0.5
+    lines, manifest_lines = [], []
+    for i, item in enumerate(ids):
+        tags = [det.concepts[k] for k in np.flatnonzero(clean[i])]
+        lines.append(json.dumps({"item": item, "index": i, "tags": tags,
+                                 "given": [det.concepts[k] for k in np.flatnonzero(g[i])]}))
+        if manifest:
+            manifest_lines.append(json.dumps({"path": item, "tags": tags}))
+    _atomic_write(out / CLEANED_FILE, "\n".join(lines) + "\n")
+    if manifest:
+        _atomic_write(out / CLEANED_MANIFEST, "\n".join(manifest_lines) + "\n")
+    tmp = out / f".{PROBS_FILE}.tmp.npy"
+    np.save(tmp, np.asarray(probs, dtype=np.float32), allow_pickle=False)
+    os.replace(tmp, out / PROBS_FILE)
+    # Written last: a folder with audit.json is a complete report (the label filter needs both).
+    _atomic_write(out / AUDIT_FILE, json.dumps(meta, indent=2, default=str))
+    return out
+
+
+def _unnormalize(x: torch.Tensor, stats) -> torch.Tensor:
+    mean = torch.tensor(stats.mean, dtype=x.dtype).view(-1, 1, 1)
+    std = torch.tensor(stats.std, dtype=x.dtype).view(-1, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
+def suspects_grid(dataset, stats, det: Detection, given: np.ndarray, probs: np.ndarray, ids: list[str],
+                  n: int = 24, truth: np.ndarray | None = None):
+    """A matplotlib figure: the ``n`` most suspect items, each with its given tags, the tags the
+    model predicts (p > 0.5), and the suspect labels: ``-c`` a wrong tag, ``+c`` a missing one
+    (red when the noise is known and the flag is a false alarm, green when it is right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    items = det.items[:n]
+    cols = min(6, max(1, len(items)))
+    rows = max(1, -(-len(items) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.6 * rows), squeeze=False)
+    g = np.asarray(given) > 0.5
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), items):
+        x = _unnormalize(dataset[int(i)][0].float(), stats)  # (C, H, W)
+        img = x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
+        ax.imshow(img, cmap="gray" if x.shape[0] == 1 else None, vmin=0, vmax=1)
+        names = det.concepts
+        given_t = " ".join(names[k] for k in np.flatnonzero(g[i])) or "-"
+        pred_t = " ".join(names[k] for k in np.flatnonzero(probs[i] > 0.5)) or "-"
+        ax.set_title(f"{ids[i]}\ngiven: {given_t}\npred:  {pred_t}", fontsize=7, loc="left", family="monospace")
+        flags = np.flatnonzero(det.flagged[i])
+        flags = flags[np.argsort(det.quality[i, flags], kind="stable")]  # most suspect first
+        for j, k in enumerate(flags[:4]):
+            label = f"{'-' if g[i, k] else '+'}{names[k]} ({probs[i, k]:.2f})"
+            color = "black" if truth is None else ("green" if truth[i, k] else "red")
+            ax.text(0.02, 0.02 + 0.13 * j, label, transform=ax.transAxes, fontsize=7, color=color,
+                    family="monospace", bbox={"facecolor": "white", "alpha": 0.8, "pad": 1, "linewidth": 0})
+    fig.suptitle(f"most suspect of {int(det.flagged.any(1).sum())} flagged items: -c wrong tag, +c missing tag "
+                 "(model probability)", fontsize=8)
+    fig.tight_layout()
+    return fig

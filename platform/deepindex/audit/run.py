@@ -1,0 +1,331 @@
+"""``run_audit``: K trainings of the configured model in parallel (Ray Tune, one trial per fold),
+each predicting the fold it did not see, then cleanlab over the out-of-fold probabilities.
+
+Each fold is a Tune trial (``fold`` is the grid-searched key) that runs the shared
+``TorchTrainer`` (``deepindex.train.trainer.train``) on ``data.cv_folds=K, data.cv_fold=k``
+with a rank-0 MLflow tracker whose run is a child of the audit's parent run, scores and
+logs the fold model (``finalize``), predicts its held-out fold and writes
+``<audit>/oof/fold<k>.npz``.  A killed Train worker restarts that fold's worker group from
+its last checkpoint (Ray Train's FailureConfig); the other folds never notice.  Running an
+audit again with the same name and storage path restores it: finished folds are kept.
+
+Layout under ``<ray.storage_path>/<name>/``: Tune's experiment state, ``train/fold<k>/``
+(the folds' Train runs), ``oof/`` and ``report/`` (see :mod:`deepindex.audit.report`).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepindex.config import Config, ConfigError, from_dict
+
+log = logging.getLogger(__name__)
+
+AUDIT_STATE = "deepindex_audit.json"
+FOLD_DRIVER_MEMORY = 512 * 2**20  # bytes reserved by a fold's Tune trial
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    items: int
+    run_id: str | None
+    test_map: float | None
+    node_id: str | None
+    checkpoint: str | None
+
+
+@dataclass
+class AuditOutcome:
+    name: str
+    path: Path  # <storage>/<name>
+    report: Path  # <path>/report
+    parent_run_id: str | None
+    folds: list[FoldResult]
+    summary: str
+    scores: dict[str, Any] | None  # precision/recall vs the known corruptions (synthetic noise only)
+    oof_map: float  # out-of-fold mAP against the given labels
+    wall_s: float
+    flagged: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse, naming the key, what an audit cannot do."""
+    if not cfg.multilabel:
+        raise ConfigError(f"data.dataset: the audit needs a multi-label dataset (digit-scenes or manifest), "
+                          f"not {cfg.data.dataset}")
+    if cfg.data.label_filter:
+        raise ConfigError("data.label_filter: an audit audits the given labels; drop the filter")
+    if cfg.data.cv_folds:
+        raise ConfigError("data.cv_folds: the audit sets the folds itself (use audit.folds)")
+
+
+def fold_config(base: Config | dict, folds: int, fold: int, train_storage: str) -> Config:
+    cfg = base if isinstance(base, Config) else from_dict(base)
+    return cfg.override({"data.cv_folds": folds, "data.cv_fold": fold, "ray.storage_path": train_storage})
+
+
+def oof_path(audit_dir: str | Path, fold: int) -> Path:
+    return Path(audit_dir) / "oof" / f"fold{fold}.npz"
+
+
+def predict_holdout(checkpoint: str, cfg: Config, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out train indices, (n, K) probabilities) of a fold's checkpoint."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from deepindex.checkpoint import load_model
+    from deepindex.data import build_splits
+    from deepindex.train.engine import predict
+
+    torch.set_num_threads(max(1, threads))
+    lm = load_model(checkpoint)
+    view = build_splits(cfg.data).view
+    held = view.holdout_index
+    logits, _ = predict(lm.model, DataLoader(Subset(view.full_train, held.tolist()), batch_size=512))
+    return held, torch.sigmoid(logits).numpy()
+
+
+def _worker_node(train_storage: str, name: str) -> str | None:
+    try:
+        return json.loads((Path(train_storage) / name / "workers" / "rank0.json").read_text()).get("node_id")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def fold_driver(params: dict[str, Any], *, base: dict, audit: str, audit_dir: str, folds: int,
+                tracking_uri: str | None, parent_run_id: str | None, threads: int) -> None:
+    """One Tune trial: train on every fold but ``params["fold"]``, then predict that fold."""
+    import ray.tune
+
+    from deepindex.tracking.run import finalize, make_tracker
+    from deepindex.train.trainer import train
+
+    k = int(params["fold"])
+    train_storage = str(Path(audit_dir) / "train")
+    cfg = fold_config(base, folds, k, train_storage)
+    out = oof_path(audit_dir, k)
+    if not out.is_file():  # a restored audit keeps the folds it finished
+        name = f"fold{k}"
+        tags = {"deepindex.kind": "audit-fold", "audit.name": audit, "audit.fold": str(k)}
+        tracker = make_tracker(cfg, name, tracking_uri=tracking_uri, parent_run_id=parent_run_id, tags=tags)
+        outcome = train(cfg, name=name, evaluate_test=False, tracker=tracker)
+        test, run_id = finalize(tracker, outcome.checkpoint, outcome.latest_checkpoint, name)
+        held, probs = predict_holdout(outcome.checkpoint, cfg, threads)
+        node = _worker_node(train_storage, name)
+        if run_id and tracker is not None and not tracker.disabled and node:
+            try:
+                tracker.client.set_tag(run_id, "audit.worker_node_id", node)
+            except Exception:  # noqa: BLE001 - a tag is not worth failing a fold
+                pass
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.stem}.tmp.npz")
+        np.savez(tmp, index=held, probs=probs.astype(np.float32), run_id=np.array(run_id or ""),
+                 test_map=np.array(float(test.get("test_map", np.nan))), node_id=np.array(node or ""),
+                 checkpoint=np.array(str(outcome.checkpoint)))
+        os.replace(tmp, out)  # a fold is done exactly when its file exists
+    ray.tune.report({"fold": k, "done": 1})
+
+
+def _read_fold(path: Path, fold: int) -> tuple[FoldResult, np.ndarray, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        held, probs = z["index"], z["probs"]
+        res = FoldResult(fold, len(held), str(z["run_id"]) or None, float(z["test_map"]),
+                         str(z["node_id"]) or None, str(z["checkpoint"]) or None)
+    return res, held, probs
+
+
+def _parent_run(cfg: Config, name: str, audit_dir: Path, uri: str | None) -> str | None:
+    """The audit's MLflow parent run: created once, found again when the audit is restored."""
+    if uri is None:
+        return None
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    from deepindex.tracking.run import get_or_create_experiment, run_tags
+    from deepindex.tracking.tracker import param_value
+    from deepindex.tracking.uri import reachable
+
+    if not reachable(uri):
+        log.warning("MLflow server %s is unreachable: the audit runs untracked (its report is in %s)", uri, audit_dir)
+        return None
+    state = audit_dir / AUDIT_STATE
+    recorded = json.loads(state.read_text()) if state.is_file() else {}
+    client = MlflowClient(uri)
+    if recorded.get("parent_run_id"):
+        try:
+            client.get_run(recorded["parent_run_id"])
+            client.update_run(recorded["parent_run_id"], status="RUNNING")
+            return recorded["parent_run_id"]
+        except Exception:  # noqa: BLE001 - another server: a new parent
+            log.warning("audit %s: parent run %s not on %s; creating a new one", name, recorded["parent_run_id"], uri)
+    exp_id = get_or_create_experiment(client, cfg.tracking.experiment)
+    run = client.create_run(exp_id, tags=run_tags(cfg, {"deepindex.kind": "audit", "audit.name": name}),
+                            run_name=name)
+    rid = run.info.run_id
+    flat = {k: v for k, v in cfg.flat().items() if k.startswith(("audit.", "data.", "model.", "train."))}
+    params = [Param(k, param_value(v)) for k, v in sorted(flat.items())]
+    for i in range(0, len(params), 100):
+        client.log_batch(rid, params=params[i:i + 100])
+    audit_dir.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({**recorded, "parent_run_id": rid, "tracking_uri": uri}))
+    return rid
+
+
+def _per_concept(flagged: np.ndarray, truth: np.ndarray) -> list[dict[str, Any]]:
+    from deepindex.audit.detect import detection_scores
+
+    out = []
+    for k in range(truth.shape[1]):
+        s = detection_scores(flagged[:, k], truth[:, k])
+        out.append({"corrupted": s["corrupted"], "precision": s["precision"], "recall": s["recall"]})
+    return out
+
+
+def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None = None) -> AuditOutcome:
+    """Audit the train labels of ``cfg`` on the connected cluster; write the report, log MLflow."""
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    from deepindex.audit.detect import detect, detection_scores
+    from deepindex.audit.report import GRID_FILE, summary_table, suspects_grid, write_report
+    from deepindex.cluster import connect
+    from deepindex.data import build_splits
+    from deepindex.data.label_view import fingerprint
+    from deepindex.tracking.uri import resolve_tracking_uri
+    from deepindex.train.metrics import mean_ap
+    from deepindex.train.trainer import storage_path
+
+    check_config(cfg)
+    start = time.monotonic()
+    name = name or cfg.ray.name or time.strftime("audit-%Y%m%d-%H%M%S")
+    storage = storage_path(cfg)
+    audit_dir = Path(storage) / name
+    splits = build_splits(cfg.data)  # the given labels, ids and images; fails early on bad data
+    view, concepts = splits.view, splits.concepts
+    given = view.given.numpy() > 0.5
+    folds = cfg.audit.folds
+    if len(given) < folds:
+        raise ConfigError(f"audit.folds: {folds} folds need at least {folds} train items, there are {len(given)}")
+    connect()
+    uri = (tracking_uri or resolve_tracking_uri()) if cfg.tracking.enabled else None
+    parent = _parent_run(cfg, name, audit_dir, uri)
+
+    threads = max(1, int(cfg.audit.fold_driver_cpus))
+    trainable = tune.with_resources(
+        functools.partial(fold_driver, base=cfg.to_dict(), audit=name, audit_dir=str(audit_dir), folds=folds,
+                          tracking_uri=uri, parent_run_id=parent, threads=threads),
+        # Tune refuses a trial of no resources: the driver holds memory (it builds the splits
+        # and predicts a fold), not CPU, which would keep a fold's Train worker waiting.
+        {"CPU": cfg.audit.fold_driver_cpus, "memory": FOLD_DRIVER_MEMORY})
+    if tune.Tuner.can_restore(str(audit_dir)):
+        log.info("audit %s exists at %s: restoring it (finished folds kept)", name, audit_dir)
+        tuner = tune.Tuner.restore(str(audit_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        concurrent = cfg.audit.max_concurrent or folds
+        log.info("audit %s: %d folds of %d train items, %d at a time", name, folds, len(given), concurrent)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"fold": tune.grid_search(list(range(folds)))},
+            tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=concurrent)),
+            run_config=tune.RunConfig(name=name, storage_path=storage,
+                                      failure_config=tune.FailureConfig(max_failures=1)),
+        )
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        _end_parent(uri, parent, "FAILED")  # never leave the parent RUNNING for a dead audit
+        raise
+    failed = [r for r in grid if r.error is not None]
+    missing = [k for k in range(folds) if not oof_path(audit_dir, k).is_file()]
+    if missing:
+        _end_parent(uri, parent, "FAILED")
+        why = f" ({type(failed[0].error).__name__}: {str(failed[0].error).splitlines()[0][:200]})" if failed else ""
+        raise RuntimeError(f"audit {name}: folds {missing} did not finish{why}; run it again with the same "
+                           f"name to resume")
+
+    probs = np.full(given.shape, np.nan, dtype=np.float32)
+    results = []
+    for k in range(folds):
+        res, held, p = _read_fold(oof_path(audit_dir, k), k)
+        probs[held] = p
+        results.append(res)
+    if np.isnan(probs).any():
+        raise RuntimeError(f"audit {name}: the folds do not cover every train item")
+    det = detect(given, probs, concepts, cfg.audit.filter_by)
+    truth = view.flipped["train"].numpy() if "train" in view.flipped else None
+    scores = detection_scores(det.flagged, truth) if truth is not None else None
+    per_concept = _per_concept(det.flagged, truth) if truth is not None else None
+    import torch
+
+    oof_map = mean_ap(torch.from_numpy(probs), torch.from_numpy(given.astype(np.float32)))
+    wall = time.monotonic() - start
+    meta = {"name": name, "folds": folds, "filter_by": cfg.audit.filter_by, "items": len(given),
+            "concepts": concepts, "flagged_labels": int(det.flagged.sum()),
+            "flagged_items": int(det.flagged.any(1).sum()), "oof_map_given": oof_map,
+            "detection": scores, "wall_s": wall, "parent_run_id": parent, "tracking_uri": uri,
+            "fold_runs": [vars(r) for r in results], "data": fingerprint(cfg.data), "config": cfg.to_dict()}
+    if truth is not None:
+        meta["oof_map_clean"] = mean_ap(torch.from_numpy(probs), view.clean["train"])
+    report = write_report(audit_dir / "report", det=det, given=given, probs=probs, ids=view.ids, meta=meta,
+                          truth=truth, per_concept=per_concept, manifest=cfg.data.dataset == "manifest")
+    fig = suspects_grid(view.full_train, splits.stats, det, given, probs, view.ids, n=cfg.audit.grid_items,
+                        truth=truth)
+    fig.savefig(report / GRID_FILE, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    summary = summary_table(det, scores, per_concept)
+    if parent:
+        _log_parent(uri, parent, report, det, scores, meta)
+    return AuditOutcome(name, audit_dir, report, parent, results, summary, scores, oof_map, wall,
+                        int(det.flagged.sum()), meta)
+
+
+def _log_parent(uri: str, run_id: str, report: Path, det, scores: dict | None, meta: dict) -> None:
+    """The audit's numbers and report on its MLflow parent run, which then ends FINISHED."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    now = int(time.time() * 1000)
+    values = {"flagged_labels": meta["flagged_labels"], "flagged_items": meta["flagged_items"],
+              "oof_map_given": meta["oof_map_given"], "audit_wall_s": meta["wall_s"]}
+    if "oof_map_clean" in meta:
+        values["oof_map_clean"] = meta["oof_map_clean"]
+    if scores:
+        values.update({"detection_precision": scores["precision"], "detection_recall": scores["recall"]})
+    for c in det.concept_noise:  # the per-concept noise estimates, one metric each
+        n = c["concept"]
+        values.update({f"wrong_tag_rate_est.{n}": c["wrong_tag_rate_est"],
+                       f"missing_tag_rate_est.{n}": c["missing_tag_rate_est"],
+                       f"flagged_wrong.{n}": c["flagged_wrong"], f"flagged_missing.{n}": c["flagged_missing"]})
+    metrics = [Metric(_metric_key(k), float(v), now, 0) for k, v in values.items()]
+    for i in range(0, len(metrics), 500):
+        client.log_batch(run_id, metrics=metrics[i:i + 500])
+    client.log_artifacts(run_id, str(report), "audit")
+    client.set_terminated(run_id, "FINISHED")
+
+
+def _end_parent(uri: str | None, run_id: str | None, status: str) -> None:
+    if uri and run_id:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(uri).set_terminated(run_id, status)
+        except Exception as e:  # noqa: BLE001 - the audit's own error is the one to report
+            log.warning("MLflow: could not end the audit's run %s (%s)", run_id, e)
+
+
+def _metric_key(k: str) -> str:
+    # MLflow keys allow alphanumerics, _ - . / and spaces: a concept name may hold anything.
+    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in k)

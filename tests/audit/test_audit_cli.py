@@ -1,0 +1,67 @@
+"""``deepindex data audit`` / ``deepindex submit audit`` / ``data.label_filter``: one-line errors
+naming the field, before any Ray cluster starts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deepindex.cli import main
+
+
+def _ray_started() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args, message", [
+    (["data.dataset=digits"], "data.dataset: the audit needs a multi-label dataset (digit-scenes or manifest), not digits"),
+    (["audit.folds=1"], "audit.folds: Input should be greater than or equal to 2"),
+    (["audit.fold=3"], "audit.fold: unknown key"),
+    (["audit.filter_by=vibes"], "audit.filter_by: Input should be"),
+    (["data.label_noise=-0.1"], "data.label_noise: Input should be greater than or equal to 0"),
+    (["data.label_filter=/nowhere"], "data.label_filter: an audit audits the given labels; drop the filter"),
+    (["data.cv_folds=3"], "data.cv_folds: the audit sets the folds itself (use audit.folds)"),
+    (["audit.folds"], "audit.folds: an override must look like key=value"),
+])
+def test_audit_refuses_bad_input_with_one_line_naming_the_field(args, message, capsys):
+    assert main(["data", "audit", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"deepindex data: error: {message}"), err
+    assert not _ray_started()
+
+
+@pytest.mark.timeout(60)
+def test_training_refuses_a_missing_or_foreign_audit_report_before_ray_starts(tmp_path, capsys):
+    assert main(["train", f"data.label_filter={tmp_path / 'nowhere'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"deepindex train: error: data.label_filter: no audit report at {tmp_path / 'nowhere'} "
+                   "(a folder with suspects.csv)"]
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "suspects.csv").write_text("rank,index,item,concept\n")
+    (tmp_path / "r" / "audit.json").write_text(json.dumps({"data": {"train_size": 7}}))
+    assert main(["train", f"data.label_filter={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.label_filter: the audit" in err[0] and "was made for data." in err[0], err
+    assert not _ray_started()
+
+
+@pytest.mark.timeout(60)
+def test_submit_audit_runs_the_audit_job(capsys):
+    assert main(["submit", "--dry-run", "audit", "--name", "a1", "audit.folds=3", "data.label_noise=0.3"]) == 0
+    sub = json.loads(capsys.readouterr().out)
+    assert sub["entrypoint"] == "python jobs/audit.py --name a1 audit.folds=3 data.label_noise=0.3"
+    assert sub["runtime_env"]["py_modules"][0].endswith("platform/deepindex")
+
+
+@pytest.mark.timeout(60)
+def test_noise_robust_loss_sweep_loads_over_the_loss_keys():
+    from pathlib import Path
+
+    from deepindex.tune.space import load_space
+
+    spec = load_space(Path(__file__).resolve().parents[2] / "tune_configs" / "noisy_labels.yaml")
+    assert spec.space["train.bootstrap"].args == ["none", "soft", "hard"]
+    assert spec.base.data.label_noise == 0.3 and spec.settings.search == "grid"

@@ -1,0 +1,79 @@
+"""cleanlab's suspects, the report files and the filter reading them back: no Ray, no training.
+
+The out-of-fold probabilities here are those of a good model with a few honest mistakes,
+so what is asserted is the plumbing (cleanlab's flags -> suspects.csv -> data.label_filter),
+not the audit's quality (tests/audit/test_audit_cluster.py measures that on a real run).
+"""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from deepindex.audit.detect import detect, detection_scores
+from deepindex.audit.report import cleaned, summary_table, suspects_grid, write_report
+from deepindex.config import load_config
+from deepindex.data import build_splits
+from deepindex.data.label_view import fingerprint
+
+CFG = ["data.train_size=600", "data.val_size=100", "data.test_size=100", "data.label_noise=0.3"]
+
+
+@pytest.fixture(scope="module")
+def audit_inputs():
+    cfg = load_config(None, CFG)
+    splits = build_splits(cfg.data)
+    v = splits.view
+    clean = v.clean["train"].numpy()
+    rng = np.random.default_rng(0)
+    # A good model: confident on the truth, plus 2 % of its probabilities plainly wrong.
+    probs = np.clip(np.where(clean > 0.5, 0.95, 0.04) + rng.normal(0, 0.03, clean.shape), 0.001, 0.999)
+    wrong = rng.random(clean.shape) < 0.02
+    probs[wrong] = 1 - probs[wrong]
+    return cfg, splits, v.given.numpy(), probs, v.flipped["train"].numpy()
+
+
+@pytest.mark.timeout(60)
+def test_cleanlab_flags_the_corrupted_labels_and_estimates_per_concept_noise(audit_inputs):
+    cfg, splits, given, probs, truth = audit_inputs
+    det = detect(given, probs, splits.concepts)
+    s = detection_scores(det.flagged, truth)
+    assert s["precision"] > 0.6 and s["recall"] > 0.8, s
+    assert [c["concept"] for c in det.concept_noise] == splits.concepts
+    est = sum(c["wrong_tags_est"] + c["missing_tags_est"] for c in det.concept_noise)
+    assert 0.5 * truth.sum() < est < 2 * truth.sum()
+    worst = det.items[0]
+    assert det.flagged[worst].any() and det.quality[worst][det.flagged[worst]].min() == pytest.approx(
+        det.quality[det.flagged].min())
+    with pytest.raises(ValueError, match="^audit: labels"):
+        detect(given[:, :9], probs, splits.concepts)
+
+
+@pytest.mark.timeout(60)
+def test_report_round_trips_through_the_label_filter(audit_inputs, tmp_path):
+    cfg, splits, given, probs, truth = audit_inputs
+    det = detect(given, probs, splits.concepts)
+    out = write_report(tmp_path / "report", det=det, given=given, probs=probs, ids=splits.view.ids,
+                       meta={"data": fingerprint(cfg.data)}, truth=truth)
+    rows = list(csv.DictReader((out / "suspects.csv").open()))
+    assert len(rows) == det.flagged.sum() and rows[0]["rank"] == "1"
+    assert {r["issue"] for r in rows} == {"wrong_tag", "missing_tag"}
+    assert sum(int(r["corrupted"]) for r in rows) == int((det.flagged & truth).sum())
+    lines = [json.loads(line) for line in (out / "cleaned_labels.jsonl").read_text().splitlines()]
+    assert len(lines) == len(given) and lines[7]["item"] == "train/7"
+    filtered = build_splits(cfg.override({"data.label_filter": str(out)}).data)
+    y = filtered.train.tensors[1].numpy() > 0.5
+    assert np.array_equal(y, cleaned(given, det.flagged))
+    for i in (0, 7, 99):
+        assert lines[i]["tags"] == [splits.concepts[k] for k in np.flatnonzero(y[i])]
+    table = summary_table(det, detection_scores(det.flagged, truth))
+    assert table.splitlines()[2].split()[0] == "0" and "precision" in table.splitlines()[-1]
+    fig = suspects_grid(splits.view.full_train, splits.stats, det, given, probs, splits.view.ids, n=8, truth=truth)
+    assert sum(ax.has_data() for ax in fig.axes) == min(8, len(det.items))
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    assert torch.equal(filtered.view.given, torch.from_numpy(given.astype(np.float32)))

@@ -1,0 +1,153 @@
+"""Synthetic label noise, CV folds and the label filter: properties, no training."""
+from __future__ import annotations
+
+import csv
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from deepindex.config import ConfigError, load_config
+from deepindex.data import build_splits
+from deepindex.data.folds import fold_ids, fold_split
+from deepindex.data.label_view import AUDIT_FILE, SUSPECTS_FILE, fingerprint
+from deepindex.data.noise import corrupt
+
+SMALL = ["data.train_size=600", "data.val_size=200", "data.test_size=200"]
+
+
+@functools.lru_cache(maxsize=None)
+def _splits(*over: str):
+    """Splits of a small config, built once per module (tests only read them)."""
+    return build_splits(load_config(None, [*SMALL, *over]).data)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.3, 1.0])
+def test_rate_is_the_fraction_of_items_with_a_wrong_tag_set(rate):
+    clean = _splits().train.tensors[1]
+    n = corrupt(clean, rate, seed=0)
+    assert n.item_rate == pytest.approx(round(rate * len(clean)) / len(clean))
+    assert torch.equal(n.flipped, (n.noisy != n.clean))  # the mask is exactly the corrupted pairs
+    assert torch.equal(n.clean, clean)
+    per_item = n.flipped.sum(1)
+    assert set(per_item.unique().tolist()) <= {0, 1, 2}  # drop/add flip one pair, swap two
+    for i, kind in enumerate(n.kinds):
+        drop = int((n.clean[i] > n.noisy[i]).sum()); add = int((n.noisy[i] > n.clean[i]).sum())
+        assert (drop, add) == {None: (0, 0), "drop": (1, 0), "add": (0, 1), "swap": (1, 1)}[kind]
+    if rate == 0.3:  # the three kinds are drawn uniformly: ~60 each of 180
+        counts = {k: n.kinds.count(k) for k in ("drop", "add", "swap")}
+        assert all(40 <= c <= 80 for c in counts.values()), counts
+
+
+@pytest.mark.timeout(60)
+def test_noise_is_deterministic_in_its_seed_and_split():
+    clean = _splits().train.tensors[1]
+    a, b = corrupt(clean, 0.3, seed=0), corrupt(clean, 0.3, seed=0)
+    assert torch.equal(a.noisy, b.noisy)
+    assert not torch.equal(a.noisy, corrupt(clean, 0.3, seed=1).noisy)
+    assert not torch.equal(a.noisy, corrupt(clean, 0.3, seed=0, split="val").noisy)
+
+
+@pytest.mark.timeout(60)
+def test_build_splits_corrupts_train_and_val_keeps_test_and_the_truth():
+    clean = _splits()
+    noisy = _splits("data.label_noise=0.3", "data.label_noise_seed=4")
+    v = noisy.view
+    for split in ("train", "val"):
+        y_clean, y_noisy = getattr(clean, split).tensors[1], getattr(noisy, split).tensors[1]
+        assert torch.equal(v.clean[split], y_clean)
+        assert torch.equal(v.flipped[split], y_clean != y_noisy)
+        assert v.flipped[split].any(1).float().mean().item() == pytest.approx(0.3)
+        assert torch.equal(getattr(clean, split).tensors[0], getattr(noisy, split).tensors[0])  # same images
+    assert torch.equal(clean.test.tensors[1], noisy.test.tensors[1])  # the test split stays clean
+    assert clean.stats == noisy.stats
+    again = _splits("data.label_noise=0.3", "data.label_noise_seed=4")
+    assert torch.equal(again.train.tensors[1], noisy.train.tensors[1])
+
+
+@pytest.mark.timeout(30)
+def test_folds_partition_the_items_deterministically():
+    ids = fold_ids(103, 5, seed=0)
+    assert np.array_equal(ids, fold_ids(103, 5, seed=0)) and not np.array_equal(ids, fold_ids(103, 5, seed=1))
+    assert sorted(np.bincount(ids).tolist()) == [20, 20, 21, 21, 21]
+    held = [fold_split(103, 5, k)[1] for k in range(5)]
+    assert np.array_equal(np.sort(np.concatenate(held)), np.arange(103))
+    trained, h = fold_split(103, 5, 2)
+    assert not set(trained) & set(h) and len(trained) + len(h) == 103
+    with pytest.raises(ValueError, match="^audit.folds"):
+        fold_ids(3, 5)
+
+
+@pytest.mark.timeout(60)
+def test_cv_fold_trains_on_the_other_folds_with_the_full_splits_stats():
+    full = _splits("data.label_noise=0.3")
+    fold = _splits("data.label_noise=0.3", "data.cv_folds=3", "data.cv_fold=1")
+    trained, held = fold_split(600, 3, 1, seed=0)
+    assert len(fold.train) == len(trained) and np.array_equal(fold.view.holdout_index, held)
+    x, y = fold.train[5]
+    assert torch.equal(x, full.train.tensors[0][trained[5]]) and torch.equal(y, full.train.tensors[1][trained[5]])
+    assert fold.stats == full.stats  # the held-out fold is normalised as the model's inputs were
+
+
+def _write_report(folder, d, rows, **meta_over):
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / SUSPECTS_FILE).open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["rank", "index", "item", "concept", "issue", "given", "pred_prob", "quality"])
+        for r, (i, c) in enumerate(rows, 1):
+            w.writerow([r, i, f"train/{i}", c, "x", 0, 0.5, 0.1])
+    (folder / AUDIT_FILE).write_text(json.dumps({"data": {**fingerprint(d), **meta_over}}))
+    return folder
+
+
+@pytest.mark.timeout(60)
+def test_label_filter_flips_or_drops_the_suspect_labels(tmp_path):
+    cfg = load_config(None, [*SMALL, "data.label_noise=0.3"])
+    base = _splits("data.label_noise=0.3")
+    y = base.train.tensors[1]
+    report = _write_report(tmp_path / "r", cfg.data, [(3, "7"), (3, "2"), (10, "0")])
+    flipped = build_splits(cfg.override({"data.label_filter": str(report)}).data)
+    yf = flipped.train.tensors[1]
+    changed = (yf != y).nonzero().tolist()
+    assert changed == [[3, 2], [3, 7], [10, 0]]
+    assert yf[3, 7] == 1 - y[3, 7] and yf[10, 0] == 1 - y[10, 0]
+    assert torch.equal(flipped.view.given, y)  # the audited labels stay available
+    dropped = build_splits(cfg.override({"data.label_filter": str(report / SUSPECTS_FILE),
+                                         "data.label_filter_mode": "drop"}).data)
+    assert len(dropped.train) == 598 and 3 not in dropped.view.train_index and 10 not in dropped.view.train_index
+    assert len(dropped.val) == len(base.val)  # only the audited train split is filtered
+
+
+@pytest.mark.timeout(60)
+def test_label_filter_refuses_a_report_of_other_data_or_other_items(tmp_path):
+    cfg = load_config(None, [*SMALL, "data.label_noise=0.3"])
+    other = _write_report(tmp_path / "other", cfg.data, [(1, "1")], train_size=5000)
+    with pytest.raises(ValueError, match=r"^data\.label_filter: .*data\.train_size=5000.*data\.train_size=600"):
+        build_splits(cfg.override({"data.label_filter": str(other)}).data)
+    bad = _write_report(tmp_path / "bad", cfg.data, [(1, "eleven")])
+    with pytest.raises(ValueError, match=r"^data\.label_filter: .*suspects\.csv:2: unknown concept 'eleven'"):
+        build_splits(cfg.override({"data.label_filter": str(bad)}).data)
+    with pytest.raises(FileNotFoundError, match=r"^data\.label_filter: no audit report at"):
+        build_splits(cfg.override({"data.label_filter": str(tmp_path / "nowhere")}).data)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("override, key", [
+    (["data.label_noise=1.5"], "data.label_noise"),
+    (["data.label_noise=0.3", "data.dataset=digits"], "data.label_noise"),
+    (["data.label_filter=x", "data.dataset=digits"], "data.label_filter"),
+    (["data.label_filter_mode=mask"], "data.label_filter_mode"),
+    (["data.cv_folds=3", "data.cv_fold=3"], "data.cv_fold"),
+    (["audit.folds=1"], "audit.folds"),
+    (["audit.filter_by=vibes"], "audit.filter_by"),
+    (["train.bootstrap=maybe"], "train.bootstrap"),
+    (["train.bootstrap=soft", "data.dataset=digits"], "train.bootstrap"),
+    (["train.label_smoothing=0.7"], "train.label_smoothing"),
+])
+def test_bad_noise_and_audit_keys_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, override)
+    assert str(e.value).startswith(f"{key}:"), str(e.value)
