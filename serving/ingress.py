@@ -249,7 +249,7 @@ class Ingress:
 
         for attempt in range(2):
             spec = await self._model_spec(refresh=attempt > 0)
-            pixels = [pil_to_uint8(im, spec["image_size"], spec["channels"]) for im in images]  # (C, S, S) uint8
+            pixels = [pil_to_uint8(im, spec["image_size"], spec["channels"], spec.get("preset")) for im in images]  # (C, S, S) uint8
             results = await asyncio.gather(*[_call(self.model.infer, u) for u in pixels])
             # A reload between the spec and the call: refresh the spec once and redo the request.
             if all("error" not in r and r["version"] == spec["version"] for r in results):
@@ -401,7 +401,7 @@ class Ingress:
             raise ApiError(400, "bad_id", "the same id twice in one request")
         images = self._decode(raw)
         spec, results = await self._infer(images, "/v1/items")
-        thumbs = np.stack([pil_to_uint8(im, spec["image_size"], spec["channels"]) for im in images])  # (B, C, S, S)
+        thumbs = np.stack([pil_to_uint8(im, spec["image_size"], spec["channels"], spec.get("preset")) for im in images])  # (B, C, S, S)
         probs = np.stack([r["probs"] for r in results])  # (B, K)
         embs = np.stack([r["embedding"] for r in results])  # (B, D)
         # Not re-sent: a replica that died after applying the add would make the retry a 409.

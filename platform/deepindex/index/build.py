@@ -82,7 +82,7 @@ def build_index(model_uri: str, *, collection: str = "digit-scenes", out: str | 
     lm = load_model(resolved.checkpoint_path)
     d = lm.config.data
     coll = load_collection(collection, image_size=d.image_size, channels=d.channels, concepts=lm.concepts, size=size,
-                           root=root, manifest=manifest, seed=seed, max_digits=d.max_digits)
+                           root=root, manifest=manifest, seed=seed, max_digits=d.max_digits, preset=d.preset)
     log.info("embedding %d items of %s with %s %s", len(coll), coll.name, resolved.name, resolved.version)
     if use_ray:
         probs, embs, thumbs = embed_with_ray(resolved.checkpoint_path, coll, workers=workers, batch_size=batch_size)

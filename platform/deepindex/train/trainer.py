@@ -32,8 +32,17 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list | Non
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from deepindex.data.inspect import resolve_config
     from deepindex.train.worker import train_loop_per_worker
 
+    # On the driver, once: what the data config leaves unset is inferred and logged here, so
+    # every worker, checkpoint and MLflow run holds the same values; and missing ImageNet
+    # weights fail here, in one line, before any worker starts.
+    cfg = resolve_config(cfg)
+    if cfg.model.pretrained != "none":
+        from deepindex.models.transfer import ensure_pretrained
+
+        ensure_pretrained(cfg.model.name)
     name = name or run_name(cfg)
     storage = storage_path(cfg)
     multilabel = cfg.multilabel
@@ -99,6 +108,6 @@ def evaluate_checkpoint(path: str, split: str = "test", batch_size: int = 256) -
     from deepindex.train.losses import make_loss
 
     lm = load_model(path)
-    splits = build_splits(lm.config.data)
+    splits = build_splits(lm.config.data, train_augment=False)
     loader = DataLoader(getattr(splits, split), batch_size=batch_size)
     return evaluate(lm.model, loader, lm.multilabel, make_loss(lm.multilabel), prefix=f"{split}_")
