@@ -49,6 +49,8 @@ def test_gray_folder_is_one_channel_and_explicit_keys_win(tmp_path):
     root = _folder(tmp_path / "imgs", "L", (40, 40))
     d, _ = resolve_data(load_config(None, ["data.dataset=image-folder", f"data.root={root}"]).data)
     assert (d.channels, d.image_size) == (1, 40)
+    d, _ = resolve_data(load_config(None, ["data.dataset=image-folder", f"data.root={root}", "data.preset=fit"]).data)
+    assert (d.channels, d.image_size, d.preset) == (1, 40, "fit")  # fit names a transform, not a format
     d, notes = resolve_data(load_config(None, ["data.dataset=image-folder", f"data.root={root}", "data.channels=3",
                                                "data.image_size=24"]).data)
     assert (d.channels, d.image_size) == (3, 24) and not any("channels" in n for n in notes)

@@ -94,10 +94,10 @@ def resolve_data(d, *, pretrained: bool = False):
             # These images are made in memory at their size; another preset would only change serving.
             raise ValueError(f"data.preset: {d.dataset} uses the {preset} preset, not {d.preset}")
         updates = {"preset": preset, "channels": d.channels or channels, "image_size": d.image_size or size}
-    elif d.preset is not None:
+    elif d.preset in ("digit", "photo"):  # a preset with a size and channel count of its own
         p = PRESETS[d.preset]
         updates = {"preset": d.preset, "channels": d.channels or p.channels, "image_size": d.image_size or p.image_size}
-    else:
+    else:  # fit, or nothing said: what the files hold
         updates = {"preset": "fit", "channels": d.channels, "image_size": d.image_size}
         if d.channels is None or d.image_size is None:
             fmt = inspect_images(_file_paths(d))
@@ -109,8 +109,9 @@ def resolve_data(d, *, pretrained: bool = False):
                 updates["image_size"] = _size_from(fmt.short_side)
                 notes.append(f"data.image_size={updates['image_size']} (median shorter side {fmt.short_side} px "
                              f"of {seen}, kept within {MIN_SIZE}-{MAX_SIZE})")
-        notes.append(f"data.preset=fit (shorter side to {updates['image_size']} px, centre crop; "
-                     f"data.preset=photo for ImageNet-style 224 px)")
+        if d.preset is None:
+            notes.append(f"data.preset=fit (shorter side to {updates['image_size']} px, centre crop; "
+                         f"data.preset=photo for ImageNet-style 224 px)")
     updates["normalize"] = d.normalize or ("imagenet" if pretrained else "dataset")
     if d.normalize is None and updates["normalize"] == "imagenet":
         notes.append("data.normalize=imagenet (the pretrained weights expect ImageNet's mean and std)")

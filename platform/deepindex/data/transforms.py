@@ -33,8 +33,8 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 @dataclass(frozen=True)
 class Preset:
     name: str
-    channels: int  # default when data.channels is unset (file datasets infer it instead)
-    image_size: int  # default when data.image_size is unset (file datasets infer it instead)
+    channels: int  # default when data.channels is unset (fit: inferred from the files instead)
+    image_size: int  # default when data.image_size is unset (fit: inferred from the files instead)
     resize: str  # "squash" | "crop"
     crop_ratio: float = 1.0  # crop: the shorter side is resized to S / crop_ratio first
 
