@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint tools demo venv clean
+.PHONY: test lint tools demo demo-photos venv clean
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -28,6 +28,11 @@ test: lint tools
 
 demo: $(STAMP)
 	$(PY) jobs/demo.py
+
+# The example colour photo collection (deepindex example photos), then Ray Train on it with its recipe.
+demo-photos: $(STAMP)
+	$(PY) -m deepindex.cli example photos .deepindex/example-photos --force
+	$(PY) -m deepindex.cli train --config .deepindex/example-photos/train.yaml --name example-photos
 
 clean:
 	-test -x $(PY) && $(PY) -m deepindex.cli down

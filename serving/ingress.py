@@ -286,7 +286,7 @@ class Ingress:
 
         for attempt in range(2):
             spec = await self._model_spec(refresh=attempt > 0)
-            pixels = [pil_to_uint8(im, spec["image_size"], spec["channels"]) for im in images]  # (C, S, S) uint8
+            pixels = [pil_to_uint8(im, spec["image_size"], spec["channels"], spec.get("preset")) for im in images]  # (C, S, S) uint8
             results = await asyncio.gather(*[_call(self.model.infer, u) for u in pixels])
             # A reload between the spec and the call: refresh the spec once and redo the request.
             if all("error" not in r and r["version"] == spec["version"] for r in results):

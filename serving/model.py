@@ -97,7 +97,7 @@ class ModelServer:
         d = s.lm.config.data
         return {"uri": self._uri, "name": s.resolved.name, "version": s.resolved.version,
                 "concepts": list(s.lm.concepts), "multilabel": s.lm.multilabel, "image_size": d.image_size,
-                "channels": d.channels, "reloads": self.reloads, "last_error": self.last_error,
+                "channels": d.channels, "preset": d.preset, "reloads": self.reloads, "last_error": self.last_error,
                 "at": time.time()}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)

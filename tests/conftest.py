@@ -94,3 +94,13 @@ def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     path, _ = train_small(tmp_path_factory.mktemp("small-model"), seed=0)
     return path
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for a test that trains: on a shared 2-core machine two OpenMP threads
+    wait on each other whenever another process holds a core (several times slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

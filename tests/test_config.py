@@ -23,7 +23,7 @@ def test_yaml_then_overrides(tmp_path):
     (["optim.lr=abc"], "optim.lr"),
     (["optim.lr=-1"], "optim.lr"),
     (["schedule.policy=linear"], "schedule.policy"),
-    (["model.name=alexnet"], "model.name"),
+    (["model.name=nosuchnet"], "model.name"),
     (["optim=3"], "optim"),
     (["noequals"], "noequals"),
 ])

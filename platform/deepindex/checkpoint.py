@@ -43,8 +43,13 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, config: Co
                     concepts: list[str], multilabel: bool, epoch: int, optimizer: torch.optim.Optimizer | None = None,
                     scheduler: EpochScheduler | None = None, metrics: dict[str, Any] | None = None,
                     extra: dict[str, Any] | None = None) -> Path:
+    from deepindex.data.inspect import resolve_config
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # Serving rebuilds the input transform from the saved config: its channels, size and preset
+    # must be values, not "infer from the data" (a no-op for configs resolved before training).
+    config = resolve_config(config)
     module = cast(torch.nn.Module, model.module) if hasattr(model, "module") else model  # unwrap DDP
     state = {
         "format": FORMAT_VERSION,
@@ -114,7 +119,8 @@ def load_model(path: str | Path) -> LoadedModel:
     cfg = from_dict(state["config"])
     # Local transfer weights were consumed at training time; the checkpoint holds them all.
     cfg = cfg.override({"model.weights": None})
-    model = build_model(cfg.model, len(state["concepts"]), cfg.data.channels)
+    # ImageNet weights too (load_weights=False): serving needs no torch cache, and no download.
+    model = build_model(cfg.model, len(state["concepts"]), cfg.data.channels, load_weights=False)
     model.load_state_dict(state["model"])
     model.eval()
     return LoadedModel(model, cfg, NormStats.from_dict(state["stats"]), state["concepts"], state["multilabel"],

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -28,8 +28,20 @@ class DataConfig(_Section):
     root: str | None = None  # image folder root, manifest root or CIFAR folder
     manifest: str | None = None  # CSV or JSONL of path + tags (multi-label)
     concepts: str | None = None  # concept list file for a manifest (one per line)
-    image_size: int = Field(32, ge=8, le=1024)
-    channels: Literal[1, 3] = 1
+    # Unset (None) = from the preset, else inferred from the data (deepindex.data.inspect), so a
+    # folder of colour photos is not silently read as 32 px grayscale.  The resolved values
+    # travel in the checkpoint, so serving applies the same preset.
+    image_size: int | None = Field(None, ge=8, le=1024)
+    channels: Literal[1, 3] | None = None
+    # Eval/serving transform (deepindex.data.transforms.PRESETS): digit = squash to S x S;
+    # photo = RGB, 224, resize to S/0.875 + centre crop; fit = shorter side to S + centre crop.
+    preset: Literal["digit", "photo", "fit"] | None = None
+    normalize: Literal["dataset", "imagenet"] | None = None  # None: imagenet with pretrained weights
+    unknown_tags: Literal["error", "ignore", "add"] = "error"  # manifest tags not in the concept list
+    # Train-time augmentation (deepindex.data.augment), names joined by commas: crop, flip, vflip,
+    # jitter, hue, trivial, randaugment; "none" or empty = off.  Never applied at eval or serving.
+    augment: tuple[Literal["crop", "flip", "vflip", "jitter", "hue", "trivial", "randaugment"], ...] = ()
+    augment_strength: float = Field(0.5, ge=0, le=1)
     train_size: int = Field(20000, ge=1)
     val_size: int = Field(2000, ge=1)
     test_size: int = Field(2000, ge=1)
@@ -51,6 +63,14 @@ class DataConfig(_Section):
     cv_folds: int = Field(0, ge=0, le=100)
     cv_fold: int = Field(0, ge=0)
 
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_names(cls, v: Any) -> Any:
+        # "crop,flip" on the command line and in Tune choices; "none" or "" for no augmentation.
+        if isinstance(v, str):
+            return tuple(n.strip() for n in v.split(",") if n.strip() and n.strip() != "none")
+        return v
+
 
 class ModelConfig(_Section):
     name: str = "convnet"
@@ -65,6 +85,13 @@ class ModelConfig(_Section):
     dropout: float = Field(0.3, ge=0, lt=1)
     stochastic_depth: float = Field(0.0, ge=0, lt=1)  # resnets: drop probability of the last block
     weights: str | None = None  # local state_dict file for transfer learning; never downloaded
+    # torchvision backbones: ImageNet weights from torch's cache ($TORCH_HOME/hub/checkpoints).
+    pretrained: Literal["none", "imagenet"] = "none"
+    # none | backbone (everything but the head: a linear probe) | a module name such as layer2:
+    # that module and every layer before it are frozen (deepindex.models.transfer).
+    freeze: str = "none"
+    mlp_input_size: int = Field(32, ge=1, le=256)  # mlp: pixels are average-pooled to this square
+    mlp_hidden: tuple[int, ...] = (512, 256)  # mlp: hidden layer widths
 
 
 class OptimConfig(_Section):
@@ -105,6 +132,10 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     bootstrap: Literal["none", "soft", "hard"] = "none"
     bootstrap_beta: float = Field(0.8, gt=0, le=1)  # weight of the given label in the bootstrap target
+    unfreeze_epoch: int | None = Field(None, ge=1)  # with model.freeze: train every layer from this epoch
+    # GPU path: autocast dtype (fp16 adds a GradScaler), NHWC tensors.  Both also run on CPU.
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
 
 
 class RayConfig(_Section):
@@ -171,6 +202,17 @@ class Config(_Section):
         if self.data.cv_folds == 1 or (self.data.cv_folds and self.data.cv_fold >= self.data.cv_folds):
             raise ValueError(f"data.cv_fold: fold {self.data.cv_fold} of {self.data.cv_folds} folds "
                              "(cv_folds is 0 or >= 2; cv_fold < cv_folds)")
+        if self.model.pretrained != "none":
+            from deepindex.models.transfer import pretrained_weights
+
+            if pretrained_weights(self.model.name) is None:
+                raise ValueError(f"model.pretrained: {self.model.name} has no torchvision ImageNet weights")
+        if self.train.unfreeze_epoch is not None:
+            if self.model.freeze == "none":
+                raise ValueError("train.unfreeze_epoch: needs model.freeze (nothing is frozen)")
+            if self.train.unfreeze_epoch >= self.train.epochs:
+                raise ValueError(f"train.unfreeze_epoch: {self.train.unfreeze_epoch} is not below "
+                                 f"train.epochs ({self.train.epochs})")
         return self
 
     # ---- conversions -------------------------------------------------------------------

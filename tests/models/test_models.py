@@ -2,12 +2,13 @@ import pytest
 import torch
 
 from deepindex.config import load_config
-from deepindex.models import build_model, registered_models
+from deepindex.models import build_model, min_input_size, registered_models
 from deepindex.models.backbones import load_local_weights
 
 
 def test_registry_holds_the_promised_models():
     assert {"convnet", "resnet18", "resnet50", "vgg11_bn", "densenet121"} <= set(registered_models())
+    assert {"alexnet", "googlenet", "vgg16", "mlp"} <= set(registered_models())  # the seed's classics
 
 
 @pytest.mark.parametrize("name", registered_models())
@@ -16,7 +17,8 @@ def test_every_model_gives_logits_and_embeddings(name, channels):
     cfg = load_config(None, [f"model.name={name}", f"data.channels={channels}"]).model
     torch.manual_seed(0)
     m = build_model(cfg, num_concepts=7, in_channels=channels).eval()
-    x = torch.randn(2, channels, 32, 32)  # (B, C, H, W)
+    size = max(32, min_input_size(name))  # AlexNet's pools need 63 px; the rest run at 32
+    x = torch.randn(2, channels, size, size)  # (B, C, H, W)
     with torch.no_grad():
         logits, emb = m.forward_with_embedding(x)
         assert logits.shape == (2, 7) and emb.shape == (2, m.embed_dim)

@@ -46,7 +46,11 @@ def test_checkpoint_roundtrip_rebuilds_the_model(tmp_path, tiny_cfg):
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.allclose(lm.model(x), m(x))
-    assert lm.epoch == 3 and lm.config == tiny_cfg and lm.metrics["val_loss"] == 0.5
+    # The checkpoint holds the config with its data keys resolved (channels, size, preset): serving needs values.
+    from deepindex.data.inspect import resolve_config
+
+    assert lm.epoch == 3 and lm.config == resolve_config(tiny_cfg) and lm.metrics["val_loss"] == 0.5
+    assert (lm.config.data.channels, lm.config.data.image_size, lm.config.data.preset) == (1, 32, "digit")
 
 
 @pytest.mark.slow

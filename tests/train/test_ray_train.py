@@ -13,6 +13,7 @@ import pytest
 
 from deepindex.checkpoint import load_model, read_checkpoint
 from deepindex.config import load_config
+from deepindex.data.inspect import resolve_config
 from deepindex.train.trainer import build_trainer, train
 from support import REPO, TINY, TWO_WORKERS, wait_until
 
@@ -39,7 +40,7 @@ def test_two_workers_reach_the_single_label_floor(ray_local, tmp_path, record_pr
     # The checkpoint rebuilds the model alone, loaded without unpickling code.
     lm = load_model(out.checkpoint)
     assert lm.concepts == [str(d) for d in range(10)] and not lm.multilabel
-    assert lm.config == cfg and lm.stats.mean[0] > 0
+    assert lm.config == resolve_config(cfg) and lm.stats.mean[0] > 0  # data keys resolved on the driver
     status = _status(tmp_path, "floor-digits")
     assert set(status) == {0, 1} and status[0]["pid"] != status[1]["pid"]
 

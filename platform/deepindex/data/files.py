@@ -1,31 +1,83 @@
 """Image collections users already have: an image folder, a tag manifest, CIFAR on disk.
 
 - image folder: ``root/<class>/*.png|jpg|...`` (single-label, classes sorted by name);
-- tag manifest: CSV (``path,tags`` with tags separated by ``;`` or ``|``) or JSONL
-  (``{"path": ..., "tags": [...]}``), paths relative to ``root``, plus a concept list file
-  (multi-label);
+- tag manifest: CSV (``path,tags[,split]`` with tags separated by ``;`` or ``|``) or JSONL
+  (``{"path": ..., "tags": [...], "split": ...}``), paths relative to ``root``, plus a concept
+  list file (multi-label).  A flat folder with a sidecar tags file (``root/tags.csv`` or
+  ``tags.jsonl``) needs neither ``data.manifest`` nor ``data.concepts``
+  (:func:`find_sidecar`); without a concept list the concepts are the tags found, sorted;
 - CIFAR-10/100: torchvision's files when they are on disk (never downloaded).
 
-A bad manifest line (missing file, unknown tag, path escaping the root, unreadable image)
-is a :class:`ManifestError` naming the file and the line number.
+What real collections hold, handled here: an optional ``split`` column (train/val/test; rows
+left empty go to train), tags missing from the concept list (``data.unknown_tags``:
+error | ignore | add, counted), the same image twice under two names (found by content hash,
+kept once with the union of its tags; counted).  EXIF rotation, CMYK, palette and alpha
+images are decoded by :func:`deepindex.data.transforms.to_model_mode`.
+
+A bad manifest line (missing file, unknown tag, path escaping the root, unreadable image,
+bad split) is a :class:`ManifestError` naming the file and the line number.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
+log = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SIDECAR_NAMES = ("tags.csv", "tags.jsonl", "manifest.csv", "manifest.jsonl")
+CONCEPTS_NAME = "concepts.txt"
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "dev": "val", "test": "test", "testing": "test"}
+UNKNOWN_TAG_POLICIES = ("error", "ignore", "add")
 
 
 class ManifestError(ValueError):
     """A manifest problem; the message names the manifest file and line."""
+
+
+@dataclass
+class ImportReport:
+    """What an import found and did about it; ``summary()`` is the line a user sees."""
+
+    source: str
+    items: int = 0
+    unknown_tags: int = 0  # tag occurrences not in the concept list
+    unknown_lines: int = 0
+    unknown_names: list[str] = field(default_factory=list)  # distinct unknown tags, sorted
+    policy: str = "error"
+    duplicates: int = 0  # rows dropped because an earlier row holds the same bytes
+    duplicate_examples: list[tuple[str, str]] = field(default_factory=list)  # (kept, dropped)
+    unlisted_images: int = 0  # images in a flat folder that the tags file does not list
+    concepts_from_tags: bool = False
+    split_counts: dict[str, int] = field(default_factory=dict)  # rows pinned by the split column
+
+    def summary(self) -> str:
+        parts = [f"{self.source}: {self.items} items"]
+        if self.split_counts:
+            parts.append("split column " + ", ".join(f"{k} {v}" for k, v in sorted(self.split_counts.items())))
+        if self.unknown_tags:
+            what = {"ignore": "ignored", "add": "added as concepts"}.get(self.policy, self.policy)
+            names = ", ".join(self.unknown_names[:5]) + (", ..." if len(self.unknown_names) > 5 else "")
+            parts.append(f"{self.unknown_tags} unknown tags on {self.unknown_lines} lines {what} "
+                         f"({len(self.unknown_names)} distinct: {names})")
+        if self.duplicates:
+            ex = "; ".join(f"{b} = {a}" for a, b in self.duplicate_examples[:3])
+            parts.append(f"{self.duplicates} duplicate images kept once ({ex})")
+        if self.unlisted_images:
+            parts.append(f"{self.unlisted_images} images in the folder are not in the tags file (not used)")
+        if self.concepts_from_tags:
+            parts.append("concepts = the tags found (no concept list given)")
+        return "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -34,6 +86,8 @@ class FileItems:
     targets: torch.Tensor  # (N,) int64 or (N, K) float32 multi-hot
     concepts: list[str]
     ids: list[str]  # stable item ids: the path relative to the root
+    splits: list[str | None] | None = None  # per item train/val/test from a split column; None: no column
+    report: ImportReport | None = None
 
 
 def resolve_inside(root: Path, rel: str) -> Path:
@@ -86,8 +140,16 @@ def _read_text(path: Path, what: str) -> str:
         raise ManifestError(f"{path}: {what} is not UTF-8 text (byte {e.start})") from None
 
 
-def _manifest_rows(path: Path) -> Iterator[tuple[int, str, list[str]]]:
-    """Yield (line number, relative path, tags) from a CSV or JSONL manifest."""
+def _split_value(raw: object, path: Path, n: int) -> str | None:
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None
+    if not isinstance(raw, str) or raw.strip().lower() not in SPLIT_NAMES:
+        raise ManifestError(f"{path}:{n}: split {raw!r} must be train, val or test (or empty)")
+    return SPLIT_NAMES[raw.strip().lower()]
+
+
+def _manifest_rows(path: Path) -> Iterator[tuple[int, str, list[str], str | None]]:
+    """Yield (line number, relative path, tags, split or None) from a CSV or JSONL manifest."""
     text = _read_text(path, "the manifest")
     if path.suffix.lower() in (".jsonl", ".json"):
         for n, line in enumerate(text.splitlines(), start=1):
@@ -106,7 +168,7 @@ def _manifest_rows(path: Path) -> Iterator[tuple[int, str, list[str]]]:
                 raise ManifestError(f"{path}:{n}: 'tags' must be a list of strings")
             if not isinstance(row["path"], str):
                 raise ManifestError(f"{path}:{n}: 'path' must be a string")
-            yield n, row["path"], [t.strip() for t in tags if t.strip()]
+            yield n, row["path"], [t.strip() for t in tags if t.strip()], _split_value(row.get("split"), path, n)
     else:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         try:
@@ -118,42 +180,134 @@ def _manifest_rows(path: Path) -> Iterator[tuple[int, str, list[str]]]:
                 if not isinstance(rel, str) or not isinstance(tags, (str, type(None))):
                     raise ManifestError(f"{path}:{n}: expected the columns path,tags")
                 tags_list = (tags or "").replace("|", ";").split(";")
-                yield n, rel, [t.strip() for t in tags_list if t.strip()]
+                yield n, rel, [t.strip() for t in tags_list if t.strip()], _split_value(row.get("split"), path, n)
         except csv.Error as e:
             raise ManifestError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
 
 
-def read_manifest(manifest: str | Path, root: str | Path, concepts: list[str], check_images: bool = True) -> FileItems:
+def find_sidecar(root: str | Path) -> Path:
+    """The tags file of a flat folder: ``root/tags.csv`` (or tags.jsonl, manifest.csv/.jsonl)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root: no such folder {root}")
+    found = [root / n for n in SIDECAR_NAMES if (root / n).is_file()]
+    if not found:
+        raise FileNotFoundError(f"data.manifest: not given, and {root} holds none of {', '.join(SIDECAR_NAMES)}")
+    if len(found) > 1:
+        raise ValueError(f"data.manifest: {root} holds {' and '.join(p.name for p in found)}; name one with data.manifest")
+    return found[0]
+
+
+def _unlisted_images(root: Path, listed: set[Path]) -> int:
+    """Images directly in ``root`` that no manifest row names (a flat folder's stragglers)."""
+    return sum(1 for f in root.iterdir()
+               if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and f.resolve() not in listed)
+
+
+def read_manifest(manifest: str | Path, root: str | Path, concepts: list[str] | None, check_images: bool = True,
+                  unknown_tags: str = "error", dedupe: bool = True) -> FileItems:
+    """Read a tag manifest against a concept list (``None``: the tags found, sorted).
+
+    ``unknown_tags``: ``error`` (the line is named), ``ignore`` (dropped, counted) or ``add``
+    (appended to the concepts, sorted, counted).  ``dedupe``: rows whose file bytes equal an
+    earlier row's are dropped and their tags merged into it (so one image never sits in two
+    splits).  The counts are in ``FileItems.report``.
+    """
     manifest, root = Path(manifest), Path(root)
     if not manifest.is_file():
         raise FileNotFoundError(f"data.manifest: no such file {manifest}")
-    index = {c: i for i, c in enumerate(concepts)}
-    paths, rows, ids = [], [], []
-    for n, rel, tags in _manifest_rows(manifest):
+    if unknown_tags not in UNKNOWN_TAG_POLICIES:
+        raise ValueError(f"data.unknown_tags: {unknown_tags!r} is not one of {', '.join(UNKNOWN_TAG_POLICIES)}")
+    report = ImportReport(str(manifest), policy=unknown_tags, concepts_from_tags=concepts is None)
+    known = set(concepts) if concepts is not None else None
+    unknown_seen: set[str] = set()
+    rows: list[tuple[Path, str, list[str], str | None]] = []
+    first_by_hash: dict[str, int] = {}
+    for n, rel, tags, split in _manifest_rows(manifest):
         try:
             p = resolve_inside(root, rel)
         except ValueError as e:
             raise ManifestError(f"{manifest}:{n}: {e}") from None
         if not p.is_file():
             raise ManifestError(f"{manifest}:{n}: missing file {rel}")
-        unknown = [t for t in tags if t not in index]
-        if unknown:
-            raise ManifestError(f"{manifest}:{n}: unknown tag {unknown[0]!r} (not in the concept list)")
+        if known is not None:
+            unknown = [t for t in tags if t not in known]
+            if unknown:
+                if unknown_tags == "error":
+                    raise ManifestError(f"{manifest}:{n}: unknown tag {unknown[0]!r} (not in the concept list; "
+                                        f"data.unknown_tags=ignore|add to go on)")
+                report.unknown_tags += len(unknown)
+                report.unknown_lines += 1
+                unknown_seen.update(unknown)
+                if unknown_tags == "ignore":
+                    tags = [t for t in tags if t in known]
+        data = None
+        if check_images or dedupe:
+            try:
+                data = p.read_bytes()
+            except OSError as e:
+                raise ManifestError(f"{manifest}:{n}: unreadable image {rel} ({e.__class__.__name__})") from None
         if check_images:
             try:
-                with Image.open(p) as im:
+                with Image.open(io.BytesIO(data)) as im:
                     im.verify()
-            except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
                 raise ManifestError(f"{manifest}:{n}: unreadable image {rel} ({e.__class__.__name__})") from None
-        y = torch.zeros(len(concepts))
-        for t in tags:
-            y[index[t]] = 1.0
-        paths.append(p)
-        rows.append(y)
-        ids.append(rel)
-    if not paths:
+        if dedupe:
+            digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+            if digest in first_by_hash:
+                kept = rows[first_by_hash[digest]]
+                kept[2].extend(t for t in tags if t not in kept[2])  # the same picture: both taggings hold
+                report.duplicates += 1
+                report.duplicate_examples.append((kept[1], rel))
+                continue
+            first_by_hash[digest] = len(rows)
+        rows.append((p, rel, list(tags), split))
+    if not rows:
         raise ManifestError(f"{manifest}: no items")
-    return FileItems(paths, torch.stack(rows), list(concepts), ids)
+    report.unknown_names = sorted(unknown_seen)
+    if concepts is None:
+        concepts = sorted({t for _, _, tags, _ in rows for t in tags})
+        if not concepts:
+            raise ManifestError(f"{manifest}: no tags at all, and no concept list")
+    elif unknown_tags == "add":
+        concepts = list(concepts) + report.unknown_names
+    index = {c: i for i, c in enumerate(concepts)}
+    targets = torch.zeros(len(rows), len(concepts))
+    for i, (_, _, tags, _) in enumerate(rows):
+        for t in tags:
+            targets[i, index[t]] = 1.0
+    splits = [r[3] for r in rows]
+    report.items = len(rows)
+    if any(s is not None for s in splits):
+        for s_ in splits:
+            key = s_ or "unassigned"
+            report.split_counts[key] = report.split_counts.get(key, 0) + 1
+    else:
+        splits = None
+    return FileItems([r[0] for r in rows], targets, list(concepts), [r[1] for r in rows], splits, report)
+
+
+def read_collection(root: str | Path, manifest: str | Path | None = None, concepts: str | Path | None = None,
+                    unknown_tags: str = "error", check_images: bool = True, dedupe: bool = True) -> FileItems:
+    """A manifest collection as a user has it: the manifest and the concept list are optional.
+
+    Without ``manifest`` the root's sidecar tags file is used (:func:`find_sidecar`); without
+    ``concepts`` a ``concepts.txt`` beside it, else the tags found.
+    """
+    root = Path(root)
+    flat = manifest is None
+    manifest = find_sidecar(root) if flat else Path(manifest)
+    if concepts is None and (root / CONCEPTS_NAME).is_file():
+        concepts = root / CONCEPTS_NAME
+    concept_list = read_concepts(concepts) if concepts is not None else None
+    items = read_manifest(manifest, root, concept_list, check_images=check_images, unknown_tags=unknown_tags,
+                          dedupe=dedupe)
+    if flat and items.report is not None:
+        listed = {p.resolve() for p in items.paths}
+        listed |= {resolve_inside(root, dropped) for _, dropped in items.report.duplicate_examples}
+        items.report.unlisted_images = _unlisted_images(root, listed)
+    return items
 
 
 def read_cifar(root: str | Path, which: str, train: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -1,16 +1,49 @@
 """Transform presets shared by training, evaluation, indexing and serving.
 
-A model only ever sees ``normalize(to_tensor(resize(image)))`` with the *training split's*
-per-channel mean and std, which travel in the checkpoint.  Serving calls
-:func:`image_to_tensor` with the checkpoint's stats: the same preset, no second copy.
+A model only ever sees ``normalize(to_tensor(preset(image)))`` with the per-channel mean and
+std of the training split (or ImageNet's, for pretrained weights), which travel in the
+checkpoint together with the preset's name.  Serving calls :func:`pil_to_uint8` /
+:func:`image_to_tensor` with the checkpoint's preset and stats: the same transform, no
+second copy.  :func:`decode_file` is the one place a file becomes model pixels (path ->
+uint8 (C, S, S)); training, indexing and a future Ray Data pipeline all go through it.
+
+Presets (the eval transform; train-time augmentation comes after it, in ``data.augment``):
+
+- ``digit``: squash the whole image to S x S (the digit datasets; also what a checkpoint
+  without a preset gets, so older checkpoints serve as before);
+- ``photo``: RGB, S = 224, shorter side to S / 0.875 then centre crop S (ImageNet eval);
+- ``fit``: shorter side to S then centre crop S: no distortion, and a square image loses
+  nothing (what a file collection gets when no preset is given).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
+
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    channels: int  # default when data.channels is unset (fit: inferred from the files instead)
+    image_size: int  # default when data.image_size is unset (fit: inferred from the files instead)
+    resize: str  # "squash" | "crop"
+    crop_ratio: float = 1.0  # crop: the shorter side is resized to S / crop_ratio first
+
+
+PRESETS = {
+    "digit": Preset("digit", 1, 32, "squash"),
+    "photo": Preset("photo", 3, 224, "crop", 0.875),
+    "fit": Preset("fit", 3, 224, "crop", 1.0),
+}
 
 
 @dataclass(frozen=True)
@@ -42,15 +75,59 @@ def normalize(x: torch.Tensor, stats: NormStats) -> torch.Tensor:
     return (x - mean) / std
 
 
-def pil_to_uint8(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
-    """A PIL image -> (C, S, S) uint8, resized to the model's input size.
+def imagenet_stats(channels: int) -> NormStats:
+    """ImageNet's mean/std (what torchvision's pretrained weights expect); gray = their average."""
+    mean, std = IMAGENET_STATS
+    if channels == 1:
+        return NormStats((sum(mean) / 3,), (sum(std) / 3,))
+    return NormStats(mean, std)
+
+
+def to_model_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Upright RGB or L, whatever the file holds (EXIF rotation, CMYK, palette, alpha, 16 bit).
+
+    Transparent pixels are composited on white: their stored colour is arbitrary (often black),
+    and a white page is what a viewer shows.
+    """
+    img = ImageOps.exif_transpose(img)  # phone photos store "rotate 90" in EXIF, not in pixels
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("PA", "LA", "La", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit/float grayscale: convert("L") clips rather than scales, so scale to 0..255 first.
+        arr = np.asarray(img, dtype=np.float32)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / hi), 0, 255).astype(np.uint8), mode="L")
+    if channels == 1:
+        return img.convert("L") if img.mode in ("L", "RGB") else img.convert("RGB").convert("L")
+    return img.convert("RGB")
+
+
+def preset_resize(img: Image.Image, image_size: int, preset: str | None = None) -> Image.Image:
+    """The preset's geometric eval transform (torchvision.transforms.v2 on the PIL image)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    p = PRESETS[preset or "digit"]
+    if p.resize == "squash":
+        # PIL's own bilinear resize, as before presets existed: old checkpoints serve unchanged.
+        return img if img.size == (image_size, image_size) else F.resize(
+            img, [image_size, image_size], interpolation=InterpolationMode.BILINEAR)
+    short = int(round(image_size / p.crop_ratio))
+    if min(img.size) != short:
+        img = F.resize(img, short, interpolation=InterpolationMode.BILINEAR)  # shorter side -> short
+    return F.center_crop(img, [image_size, image_size])
+
+
+def pil_to_uint8(img: Image.Image, image_size: int, channels: int, preset: str | None = None) -> np.ndarray:
+    """A PIL image -> (C, S, S) uint8 through the eval preset at the model's input size.
 
     What serving ships from the ingress to the model replica: a quarter of the float32 bytes.
     """
-    img = img.convert("L" if channels == 1 else "RGB")
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    arr = np.asarray(img)
+    img = preset_resize(to_model_mode(img, channels), image_size, preset)
+    arr = np.array(img)  # a writable copy: torch.from_numpy of a read-only array warns
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (1, S, S) or (3, S, S)
     return np.ascontiguousarray(arr)
 
@@ -60,11 +137,20 @@ def uint8_to_unit(arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.float32) / np.float32(255.0)
 
 
-def pil_to_unit_tensor(img: Image.Image, image_size: int, channels: int) -> torch.Tensor:
-    """A PIL image -> (C, S, S) float32 in [0, 1], resized to the model's input size."""
-    return torch.from_numpy(uint8_to_unit(pil_to_uint8(img, image_size, channels)))
+def decode_file(path: str | Path, image_size: int, channels: int, preset: str | None = None) -> np.ndarray:
+    """An image file -> (C, S, S) uint8 at the preset: the one decode step for files."""
+    # No JPEG draft mode (a reduced-scale decode): serving decodes uploads at full scale, and
+    # training must see the pixels serving will see.
+    with Image.open(path) as im:
+        return pil_to_uint8(im, image_size, channels, preset)
 
 
-def image_to_tensor(img: Image.Image, image_size: int, channels: int, stats: NormStats) -> torch.Tensor:
+def pil_to_unit_tensor(img: Image.Image, image_size: int, channels: int, preset: str | None = None) -> torch.Tensor:
+    """A PIL image -> (C, S, S) float32 in [0, 1] through the eval preset."""
+    return torch.from_numpy(uint8_to_unit(pil_to_uint8(img, image_size, channels, preset)))
+
+
+def image_to_tensor(img: Image.Image, image_size: int, channels: int, stats: NormStats,
+                    preset: str | None = None) -> torch.Tensor:
     """The eval preset: PIL image -> normalised (C, S, S) model input."""
-    return normalize(pil_to_unit_tensor(img, image_size, channels), stats)
+    return normalize(pil_to_unit_tensor(img, image_size, channels, preset), stats)

@@ -33,6 +33,7 @@ class Collection:
     paths: list[str] | None = None  # or files read on demand
     labels: list[list[str]] | None = None  # known tags per item (metadata, and relevance for metrics)
     meta: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None  # the model's eval preset (deepindex.data.transforms.PRESETS)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -45,7 +46,7 @@ class Collection:
         out = np.empty((len(rows), self.channels, self.image_size, self.image_size), dtype=np.float32)
         for j, r in enumerate(rows):
             with Image.open(self.paths[int(r)]) as im:
-                out[j] = pil_to_unit_tensor(im, self.image_size, self.channels).numpy()
+                out[j] = pil_to_unit_tensor(im, self.image_size, self.channels, self.preset).numpy()
         return out
 
     def item_meta(self, row: int) -> dict[str, Any]:
@@ -69,7 +70,7 @@ def digit_gallery(n: int, image_size: int = 32, max_digits: int = 4, seed: int =
 
 def load_collection(kind: str, *, image_size: int, channels: int, concepts: list[str], size: int = 5000,
                     root: str | None = None, manifest: str | None = None, seed: int = 0,
-                    max_digits: int = 4) -> Collection:
+                    max_digits: int = 4, preset: str | None = None) -> Collection:
     """The collection named by ``kind`` at the model's input size and channels."""
     if kind == "digit-scenes":
         if channels != 1:
@@ -83,7 +84,7 @@ def load_collection(kind: str, *, image_size: int, channels: int, concepts: list
         items = read_image_folder(root)
         labels = [[items.concepts[int(t)]] for t in items.targets]
         return Collection(Path(root).name, items.ids, image_size, channels, paths=[str(p) for p in items.paths],
-                          labels=labels, meta={"root": str(root)})
+                          labels=labels, meta={"root": str(root)}, preset=preset)
     if kind == "manifest":
         from deepindex.data.files import read_manifest
 
@@ -92,5 +93,5 @@ def load_collection(kind: str, *, image_size: int, channels: int, concepts: list
         items = read_manifest(manifest, root, concepts)
         labels = [[concepts[j] for j in np.flatnonzero(row)] for row in items.targets.numpy()]
         return Collection(Path(manifest).stem, items.ids, image_size, channels, paths=[str(p) for p in items.paths],
-                          labels=labels, meta={"root": str(root), "manifest": str(manifest)})
+                          labels=labels, meta={"root": str(root), "manifest": str(manifest)}, preset=preset)
     raise ValueError(f"collection: unknown kind {kind!r}; one of {', '.join(KINDS)}")

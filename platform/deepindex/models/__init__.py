@@ -21,14 +21,21 @@ if TYPE_CHECKING:
     ModelFactory = Callable[[ModelConfig, int, int], ConceptModel]
 
 _REGISTRY: dict[str, ModelFactory] = {}
+_MIN_INPUT: dict[str, int] = {}  # the smallest input side a model accepts (its pools must not reach 0)
 
 
-def register(name: str) -> Callable[[ModelFactory], ModelFactory]:
+def register(name: str, *, min_input_size: int = 32) -> Callable[[ModelFactory], ModelFactory]:
     def deco(fn: ModelFactory) -> ModelFactory:
         _REGISTRY[name] = fn
+        _MIN_INPUT[name] = min_input_size
         return fn
 
     return deco
+
+
+def min_input_size(name: str) -> int:
+    _load()
+    return _MIN_INPUT[name]
 
 
 def registered_models() -> list[str]:
@@ -36,22 +43,36 @@ def registered_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_model(model_cfg: ModelConfig, num_concepts: int, in_channels: int) -> ConceptModel:
-    """Build the registered model ``model_cfg.name`` (a :class:`deepindex.config.ModelConfig`)."""
+def build_model(model_cfg: ModelConfig, num_concepts: int, in_channels: int,
+                load_weights: bool = True) -> ConceptModel:
+    """Build the registered model ``model_cfg.name`` (a :class:`deepindex.config.ModelConfig`).
+
+    Then, in order: ImageNet weights (``model.pretrained``), a local state_dict
+    (``model.weights``), and the frozen layers (``model.freeze``).  ``load_weights=False``
+    skips both weight files: a checkpoint being rebuilt holds every weight already.
+    """
     _load()
     if model_cfg.name not in _REGISTRY:
         raise ValueError(f"model.name: unknown model {model_cfg.name!r}; registered: {', '.join(sorted(_REGISTRY))}")
     model = _REGISTRY[model_cfg.name](model_cfg, num_concepts, in_channels)
-    if model_cfg.weights:
+    if load_weights and getattr(model_cfg, "pretrained", "none") != "none":
+        from deepindex.models.transfer import load_pretrained
+
+        load_pretrained(model, model_cfg.name)
+    if load_weights and model_cfg.weights:
         from deepindex.models.backbones import load_local_weights
 
         load_local_weights(model, model_cfg.weights)
+    if getattr(model_cfg, "freeze", "none") != "none":
+        from deepindex.models.transfer import apply_freeze
+
+        apply_freeze(model, model_cfg.freeze)
     return model
 
 
 def _load() -> None:
     # Import the modules that register models on first use, not at import of this package.
-    from deepindex.models import backbones, convnet  # noqa: F401 - imported for their @register side effect
+    from deepindex.models import backbones, classic, convnet  # noqa: F401 - imported for their @register side effect
 
 
-__all__ = ["ConceptModel", "build_model", "register", "registered_models"]
+__all__ = ["ConceptModel", "build_model", "min_input_size", "register", "registered_models"]

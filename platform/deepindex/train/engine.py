@@ -6,6 +6,8 @@ the tests all call these same functions.  :func:`local_training` sets up one in-
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -14,8 +16,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from deepindex.models.transfer import keep_frozen_in_eval
 from deepindex.train.losses import Penalty, penalised_params
 from deepindex.train.metrics import mean_ap, per_concept_ap, topk_error
+from deepindex.train.precision import Precision
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from deepindex.config import Config
@@ -31,21 +37,31 @@ def train_one_epoch(
     epoch: int,
     device: torch.device | str = "cpu",
     max_batches: int | None = None,
+    precision: Precision | None = None,
 ) -> dict[str, float]:
-    """One pass of minibatch SGD; returns mean data loss, penalty and images/s."""
+    """One pass of minibatch SGD; returns mean data loss, penalty and images/s.
+
+    ``precision`` (the GPU path): autocast, grad scaling, channels-last inputs; None = fp32.
+    """
     model.train()
+    keep_frozen_in_eval(model)  # model.freeze: frozen layers keep their batch-norm statistics
     params = penalised_params(model)
     total_loss, total_pen, seen = 0.0, 0.0, 0
     start = time.perf_counter()
     for batches, (x, y) in enumerate(loader, start=1):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, C, H, W), (B,) | (B, K)
-        logits = model(x)  # (B, K)
-        loss = loss_fn(logits, y)
+        x = precision.to_device(x) if precision is not None else x.to(device, non_blocking=True)  # (B, C, H, W)
+        y = y.to(x.device, non_blocking=True)  # (B,) | (B, K)
+        with precision.autocast() if precision is not None else contextlib.nullcontext():
+            logits = model(x)  # (B, K)
+        loss = loss_fn(logits.float(), y)
         pen = penalty(params, epoch)
         objective = loss if pen is None else loss + pen
         optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        optimizer.step()
+        if precision is not None:
+            precision.backward_step(objective, optimizer)
+        else:
+            objective.backward()
+            optimizer.step()
         n = x.shape[0]
         total_loss += loss.item() * n
         total_pen += (pen.item() if pen is not None else 0.0) * n
@@ -62,13 +78,15 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu"
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
+            precision: Precision | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All logits and targets of a loader, on the CPU: (N, K), (N,) | (N, K)."""
     model.eval()
     outs, ys = [], []
     for x, y in loader:
-        outs.append(model(x.to(device)).float().cpu())
+        x = precision.to_device(x) if precision is not None else x.to(device)
+        with precision.autocast() if precision is not None else contextlib.nullcontext():
+            outs.append(model(x).float().cpu())
         ys.append(y)
     return torch.cat(outs), torch.cat(ys)
 
@@ -110,23 +128,39 @@ class LocalTraining:
     loader: DataLoader
     loss_fn: nn.Module
     penalty: Penalty
+    config: Any = None  # the config with its data keys resolved (what a checkpoint should hold)
+    precision: Precision | None = None
 
     def epoch(self, epoch: int) -> dict[str, float]:
-        return train_one_epoch(self.model, self.loader, self.optimizer, self.loss_fn, self.penalty, epoch)
+        from deepindex.models.transfer import unfreeze_due
+
+        if self.config is not None and unfreeze_due(self.model, self.config, epoch):
+            from deepindex.models.transfer import unfreeze
+
+            unfreeze(self.model)
+        return train_one_epoch(self.model, self.loader, self.optimizer, self.loss_fn, self.penalty, epoch,
+                               precision=self.precision)
 
 
 def local_training(cfg: Config) -> LocalTraining:
     """Data, model, optimizer, shuffled loader (seeded: same seed, same weights) and loss of ``cfg``."""
     from deepindex.data import build_splits
+    from deepindex.data.inspect import resolve_config
     from deepindex.models import build_model
     from deepindex.train.losses import make_loss
     from deepindex.train.optim import build_optimizer
 
+    cfg = resolve_config(cfg)
     torch.manual_seed(cfg.train.seed)
     splits = build_splits(cfg.data)
+    if splits.report is not None:
+        log.info("data: %s", splits.report.summary())
     model = build_model(cfg.model, len(splits.concepts), splits.channels)
+    precision = Precision.from_config(cfg.train, "cpu")
+    model = precision.prepare_model(model)
     optimizer = build_optimizer(model, cfg.optim)
     loss_fn, penalty = make_loss(splits.multilabel, cfg.train), Penalty(cfg.regularization)
     g = torch.Generator().manual_seed(cfg.train.seed)
-    loader = DataLoader(splits.train, batch_size=cfg.train.batch_size, shuffle=True, generator=g, drop_last=True)
-    return LocalTraining(splits, model, optimizer, loader, loss_fn, penalty)
+    loader = DataLoader(splits.train, batch_size=cfg.train.batch_size, shuffle=True, generator=g, drop_last=True,
+                        num_workers=cfg.data.num_workers)
+    return LocalTraining(splits, model, optimizer, loader, loss_fn, penalty, cfg, precision)

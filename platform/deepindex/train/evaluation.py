@@ -44,7 +44,7 @@ def score_checkpoint(path: str | Path, split: str = "test", data: DataConfig | N
     from deepindex.train.losses import make_loss
 
     lm = load_model(path)
-    splits = build_splits(data if data is not None else lm.config.data)
+    splits = build_splits(data if data is not None else lm.config.data, train_augment=False)
     if list(splits.concepts) != list(lm.concepts):
         raise ValueError(f"data.dataset: the checkpoint {path} knows {len(lm.concepts)} concepts, the split has "
                          f"{len(splits.concepts)}: not comparable")

@@ -47,8 +47,17 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list[UserC
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from deepindex.data.inspect import resolve_config
     from deepindex.train.worker import train_loop_per_worker
 
+    # On the driver, once: what the data config leaves unset is inferred and logged here, so
+    # every worker, checkpoint and MLflow run holds the same values; and missing ImageNet
+    # weights fail here, in one line, before any worker starts.
+    cfg = resolve_config(cfg)
+    if cfg.model.pretrained != "none":
+        from deepindex.models.transfer import ensure_pretrained
+
+        ensure_pretrained(cfg.model.name)
     name = name or run_name(cfg)
     storage = storage_path(cfg)
     multilabel = cfg.multilabel

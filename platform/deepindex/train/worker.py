@@ -26,9 +26,11 @@ from deepindex.checkpoint import read_checkpoint, save_checkpoint
 from deepindex.config import from_dict
 from deepindex.data import build_splits
 from deepindex.models import build_model
+from deepindex.models.transfer import unfreeze, unfreeze_due
 from deepindex.train.engine import predict, scores_to_metrics, train_one_epoch
 from deepindex.train.losses import Penalty, make_loss
 from deepindex.train.optim import EpochScheduler, build_optimizer, current_lr
+from deepindex.train.precision import Precision
 
 if TYPE_CHECKING:
     from deepindex.tracking.tracker import Tracker
@@ -89,14 +91,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         if rank == 0:
             log.info("resuming from the checkpoint of epoch %d", state["epoch"])
 
-    model = ray.train.torch.prepare_model(model)
+    precision = Precision.from_config(cfg.train, device)  # train.amp, train.channels_last
+    core = precision.prepare_model(model)  # the unwrapped module (DDP wraps it below)
+    if unfreeze_due(core, cfg, start_epoch):  # resumed after train.unfreeze_epoch
+        unfreeze(core)
+    model = ray.train.torch.prepare_model(core)
+    if rank == 0 and splits.report is not None:
+        log.info("data: %s", splits.report.summary())  # unknown tags, duplicates: once, from rank 0
     per_worker_batch = max(1, cfg.train.batch_size // world)  # the global batch is split
     sampler: DistributedSampler[int] = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True,
                                                           seed=cfg.train.seed)
     train_loader = DataLoader(splits.train, batch_size=per_worker_batch, sampler=sampler,
-                              num_workers=cfg.data.num_workers, drop_last=True)
+                              num_workers=cfg.data.num_workers, drop_last=True, pin_memory=precision.pin_memory)
     # Each rank scores a strided shard of the validation split; all_gather puts it back together.
-    val_loader = DataLoader(Subset(splits.val, range(rank, len(splits.val), world)), batch_size=256)
+    val_loader = DataLoader(Subset(splits.val, range(rank, len(splits.val), world)), batch_size=256,
+                            pin_memory=precision.pin_memory)
     loss_fn = make_loss(splits.multilabel, cfg.train)
     penalty = Penalty(cfg.regularization)
     tracker: Tracker | None = loop_config.get("tracker")
@@ -112,11 +121,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         epoch_start = time.time()
         _write_status(loop_config.get("status_dir"), rank, epoch=epoch, **status)
         sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
+        if unfreeze_due(core, cfg, epoch):
+            unfreeze(core)
+            # DDP only all-reduces what required grad when it was built: wrap the module again.
+            model = ray.train.torch.prepare_model(core)
+            if rank == 0:
+                log.info("epoch %d: train.unfreeze_epoch reached, every layer trains from now on", epoch)
         lr = current_lr(optimizer)
-        train_metrics = train_one_epoch(model, train_loader, optimizer, loss_fn, penalty, epoch, device)
+        train_metrics = train_one_epoch(model, train_loader, optimizer, loss_fn, penalty, epoch, device,
+                                        precision=precision)
         # DDP's wrapped model, as a Module: nn.Module's __getattr__ is typed Tensor | Module.
         bare = cast(nn.Module, model.module) if hasattr(model, "module") else model
-        logits, targets = predict(bare, val_loader, device)
+        logits, targets = predict(bare, val_loader, device, precision=precision)
         logits, targets = _gather(logits), _gather(targets)
         val_metrics = scores_to_metrics(logits, targets, splits.multilabel, loss_fn)
         scheduler.step(val_metrics["val_loss"])

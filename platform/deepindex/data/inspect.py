@@ -1,0 +1,130 @@
+"""Fill in what a data config leaves unset, from its preset or from the images themselves.
+
+``data.channels``, ``data.image_size``, ``data.preset`` and ``data.normalize`` may be left
+unset.  The digit datasets and CIFAR have fixed answers; a file collection (image folder or
+manifest) is inspected: a sample of image headers says whether it holds colour (RGB stays
+RGB) and what size its images are.  :func:`resolve_config` runs once on the driver (before
+Ray Train starts its workers), logs what it chose in one line, and the workers, the
+checkpoint and serving all see the resolved values.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from deepindex.data.transforms import PRESETS
+
+log = logging.getLogger(__name__)
+
+SAMPLE = 256  # headers read to infer channels and size: enough for a median, cheap on any folder
+MIN_SIZE, MAX_SIZE = 32, 224  # an inferred size stays in what the registered models train well on
+_COLOUR_MODES = {"RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV"}
+_FIXED = {  # dataset -> (preset, channels, image_size): no data to inspect
+    "digit-scenes": ("digit", 1, 32),
+    "digits": ("digit", 1, 32),
+    "cifar10": ("digit", 3, 32),
+    "cifar100": ("digit", 3, 32),
+}
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    sampled: int
+    total: int
+    colour: int  # sampled images with colour
+    short_side: int  # median shorter side, px
+
+
+def _is_colour(im: Image.Image) -> bool:
+    if im.mode in _COLOUR_MODES:
+        return True
+    if im.mode in ("P", "PA"):
+        pal = im.getpalette() or []
+        return any(not (pal[i] == pal[i + 1] == pal[i + 2]) for i in range(0, len(pal) - 2, 3))
+    return False  # 1, L, LA, I, I;16, F
+
+
+def inspect_images(paths: list[Path], sample: int = SAMPLE) -> ImageFormat:
+    """Colour and size of an evenly spaced sample of ``paths`` (headers only, no decoding)."""
+    if not paths:
+        raise ValueError("data.root: no images to inspect")
+    step = max(1, len(paths) // sample)
+    picked = paths[::step][:sample]
+    colour, shorts = 0, []
+    for p in picked:
+        try:
+            with Image.open(p) as im:
+                colour += _is_colour(im)
+                shorts.append(min(im.size))
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"data.root: unreadable image {p} ({e.__class__.__name__})") from None
+    return ImageFormat(len(picked), len(paths), colour, int(statistics.median(shorts)))
+
+
+def _file_paths(d) -> list[Path]:
+    from deepindex.data.files import read_collection, read_image_folder
+
+    if d.dataset == "image-folder":
+        if not d.root:
+            raise ValueError("data.root: required for an image folder")
+        return read_image_folder(d.root).paths
+    if not d.root:
+        raise ValueError("data.root: required for a manifest (paths in it are relative to the root)")
+    # Parse only: every row's file exists, no decoding or hashing (the workers do that).
+    items = read_collection(d.root, d.manifest, d.concepts, unknown_tags=d.unknown_tags, check_images=False,
+                            dedupe=False)
+    return items.paths
+
+
+def _size_from(short_side: int) -> int:
+    return max(MIN_SIZE, min(MAX_SIZE, short_side)) // 8 * 8
+
+
+def resolve_data(d, *, pretrained: bool = False):
+    """(a DataConfig with channels, image_size, preset and normalize set, notes on what was inferred)."""
+    notes: list[str] = []
+    updates: dict = {}
+    if d.dataset in _FIXED:
+        preset, channels, size = _FIXED[d.dataset]
+        if d.preset not in (None, preset):
+            # These images are made in memory at their size; another preset would only change serving.
+            raise ValueError(f"data.preset: {d.dataset} uses the {preset} preset, not {d.preset}")
+        updates = {"preset": preset, "channels": d.channels or channels, "image_size": d.image_size or size}
+    elif d.preset in ("digit", "photo"):  # a preset with a size and channel count of its own
+        p = PRESETS[d.preset]
+        updates = {"preset": d.preset, "channels": d.channels or p.channels, "image_size": d.image_size or p.image_size}
+    else:  # fit, or nothing said: what the files hold
+        updates = {"preset": "fit", "channels": d.channels, "image_size": d.image_size}
+        if d.channels is None or d.image_size is None:
+            fmt = inspect_images(_file_paths(d))
+            seen = f"{fmt.sampled} images sampled from {fmt.total}"
+            if d.channels is None:
+                updates["channels"] = 3 if fmt.colour else 1
+                notes.append(f"data.channels={updates['channels']} ({fmt.colour} colour of {seen})")
+            if d.image_size is None:
+                updates["image_size"] = _size_from(fmt.short_side)
+                notes.append(f"data.image_size={updates['image_size']} (median shorter side {fmt.short_side} px "
+                             f"of {seen}, kept within {MIN_SIZE}-{MAX_SIZE})")
+        if d.preset is None:
+            notes.append(f"data.preset=fit (shorter side to {updates['image_size']} px, centre crop; "
+                         f"data.preset=photo for ImageNet-style 224 px)")
+    updates["normalize"] = d.normalize or ("imagenet" if pretrained else "dataset")
+    if d.normalize is None and updates["normalize"] == "imagenet":
+        notes.append("data.normalize=imagenet (the pretrained weights expect ImageNet's mean and std)")
+    if all(getattr(d, k) == v for k, v in updates.items()):
+        return d, []
+    return d.model_copy(update=updates), notes
+
+
+def resolve_config(cfg):
+    """``cfg`` with its data section resolved; logs what was inferred, once, on the caller's side."""
+    d, notes = resolve_data(cfg.data, pretrained=cfg.model.pretrained != "none")
+    if d is cfg.data:
+        return cfg
+    if notes:
+        log.info("data: inferred %s; set these keys to choose otherwise", "; ".join(notes))
+    return cfg.override({f"data.{k}": getattr(d, k) for k in ("preset", "channels", "image_size", "normalize")})

@@ -1,0 +1,104 @@
+"""Channels, size and preset come from the data when the config leaves them unset; printed once."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deepindex.config import ConfigError, load_config
+from deepindex.data import build_splits
+from deepindex.data.inspect import resolve_config, resolve_data
+from deepindex.data.transforms import image_to_tensor, pil_to_uint8, preset_resize
+
+
+def _folder(root, mode, size, n=10):
+    for i in range(n):
+        d = root / ("a" if i % 2 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        colour = (10 * i, 100, 200 - 10 * i) if mode == "RGB" else 10 * i
+        Image.new(mode, size, colour).save(d / f"{i}.png")
+    return root
+
+
+def test_builtin_datasets_resolve_without_looking_at_files():
+    d, notes = resolve_data(load_config().data)
+    assert (d.preset, d.channels, d.image_size, d.normalize) == ("digit", 1, 32, "dataset") and notes == []
+    d, _ = resolve_data(load_config(None, ["data.dataset=cifar10"]).data)
+    assert (d.channels, d.image_size) == (3, 32)
+    with pytest.raises(ValueError, match="^data.preset: digit-scenes uses the digit preset"):
+        resolve_data(load_config(None, ["data.preset=photo"]).data)
+
+
+@pytest.mark.timeout(120)
+def test_colour_folder_stays_rgb_and_the_size_comes_from_the_images(tmp_path, caplog):
+    root = _folder(tmp_path / "imgs", "RGB", (150, 100))
+    cfg = load_config(None, ["data.dataset=image-folder", f"data.root={root}"])
+    assert cfg.data.channels is None and cfg.data.image_size is None  # unset, not 1 and 32
+    with caplog.at_level(logging.INFO, logger="deepindex.data.inspect"):
+        resolved = resolve_config(cfg)
+        again = resolve_config(resolved)
+    d = resolved.data
+    assert (d.channels, d.image_size, d.preset) == (3, 96, "fit")  # median shorter side 100 -> 96
+    assert again is resolved  # resolved once: nothing to infer, nothing printed the second time
+    lines = [r.getMessage() for r in caplog.records if r.name == "deepindex.data.inspect"]
+    assert len(lines) == 1 and "data.channels=3" in lines[0] and "data.image_size=96" in lines[0]
+
+
+def test_gray_folder_is_one_channel_and_explicit_keys_win(tmp_path):
+    root = _folder(tmp_path / "imgs", "L", (40, 40))
+    d, _ = resolve_data(load_config(None, ["data.dataset=image-folder", f"data.root={root}"]).data)
+    assert (d.channels, d.image_size) == (1, 40)
+    d, _ = resolve_data(load_config(None, ["data.dataset=image-folder", f"data.root={root}", "data.preset=fit"]).data)
+    assert (d.channels, d.image_size, d.preset) == (1, 40, "fit")  # fit names a transform, not a format
+    d, notes = resolve_data(load_config(None, ["data.dataset=image-folder", f"data.root={root}", "data.channels=3",
+                                               "data.image_size=24"]).data)
+    assert (d.channels, d.image_size) == (3, 24) and not any("channels" in n for n in notes)
+
+
+def test_photo_preset_is_rgb_224_with_imagenet_centre_crop(tmp_path):
+    root = _folder(tmp_path / "imgs", "L", (40, 40))
+    d, _ = resolve_data(load_config(None, ["data.dataset=image-folder", f"data.root={root}", "data.preset=photo"]).data)
+    assert (d.channels, d.image_size, d.preset) == (3, 224, "photo")
+    # A 256x320 image whose border differs from its middle: resize 256, crop 224 drops the border.
+    arr = np.zeros((320, 256, 3), np.uint8)
+    arr[16:-16, 16:-16] = 200
+    out = np.asarray(preset_resize(Image.fromarray(arr), 224, "photo"))
+    assert out.shape == (224, 224, 3) and out.min() == 200
+    # fit keeps the whole of a square image; digit squashes a non-square one.
+    sq = Image.fromarray(np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3) % 251)
+    assert np.array_equal(np.asarray(preset_resize(sq, 64, "fit")), np.asarray(sq))
+    assert np.asarray(preset_resize(Image.fromarray(arr), 32, "digit")).shape == (32, 32, 3)
+
+
+@pytest.mark.timeout(120)
+def test_eval_preset_is_what_serving_computes(tmp_path):
+    root = _folder(tmp_path / "imgs", "RGB", (50, 70))
+    cfg = load_config(None, ["data.dataset=image-folder", f"data.root={root}", "data.augment=crop,flip,jitter"])
+    sp = build_splits(cfg.data)
+    x, _ = sp.test[0]
+    with Image.open(sp.test.paths[0]) as im:  # the serving transform, with the checkpoint's stats
+        served = image_to_tensor(im, sp.image_size, sp.channels, sp.stats, sp.preset)
+    assert torch.allclose(x, served)
+    with Image.open(sp.test.paths[0]) as im:
+        assert pil_to_uint8(im, sp.image_size, sp.channels, sp.preset).shape == (3, 48, 48)
+
+
+@pytest.mark.timeout(120)
+def test_checkpoints_hold_resolved_data_keys(tmp_path):
+    from deepindex.checkpoint import load_model, save_checkpoint
+    from deepindex.models import build_model
+
+    root = _folder(tmp_path / "imgs", "RGB", (40, 40))
+    cfg = load_config(None, ["data.dataset=image-folder", f"data.root={root}", "model.channels=[4]",
+                             "model.embed_dim=8"])
+    sp = build_splits(cfg.data)
+    m = build_model(cfg.model, len(sp.concepts), sp.channels)
+    save_checkpoint(tmp_path / "ck", model=m, config=cfg, stats=sp.stats, concepts=sp.concepts, multilabel=False, epoch=0)
+    d = load_model(tmp_path / "ck").config.data
+    assert (d.channels, d.image_size, d.preset, d.normalize) == (3, 40, "fit", "dataset")
+
+
+def test_bad_preset_is_a_config_error():
+    with pytest.raises(ConfigError, match="^data.preset"):
+        load_config(None, ["data.preset=imagenet"])

@@ -1,0 +1,139 @@
+"""ImageNet weights from torch's cache (a locally built file: nothing is downloaded), freezing,
+the linear probe, unfreezing."""
+import pytest
+import torch
+from torchvision import models as tvm
+
+from deepindex.config import ConfigError, load_config
+from deepindex.models import build_model
+from deepindex.models.transfer import apply_freeze, keep_frozen_in_eval, unfreeze, weights_path
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path / "torch"
+
+
+def _fake_imagenet_file(name: str, factory) -> dict:
+    """What torchvision would download, built locally from a seeded random init."""
+    torch.manual_seed(123)
+    sd = factory(weights=None).state_dict()
+    path = weights_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, path)
+    return sd
+
+
+@pytest.mark.timeout(120)
+def test_pretrained_weights_come_from_torch_home(torch_home):
+    sd = _fake_imagenet_file("resnet18", tvm.resnet18)
+    assert weights_path("resnet18") == torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cfg = load_config(None, ["model.name=resnet18", "model.pretrained=imagenet"]).model
+    m = build_model(cfg, 4, 3)
+    assert torch.equal(m.body.net.layer3[1].conv2.weight, sd["layer3.1.conv2.weight"])
+    assert torch.equal(m.body.net.bn1.running_var, sd["bn1.running_var"])
+    assert m.head.out_features == 4  # the ImageNet classifier is never loaded
+    gray = build_model(cfg, 4, 1)  # one channel: the RGB kernels summed
+    assert torch.allclose(gray.body.net.conv1.weight, sd["conv1.weight"].sum(dim=1, keepdim=True))
+
+
+@pytest.mark.timeout(60)
+def test_missing_weights_offline_fail_in_one_line_naming_file_and_folder(torch_home, monkeypatch):
+    # Offline, made certain: every HTTP(S) request goes to a proxy port nobody listens on.
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    cfg = load_config(None, ["model.name=resnet18", "model.pretrained=imagenet"]).model
+    with pytest.raises(FileNotFoundError) as e:
+        build_model(cfg, 4, 3)
+    msg = str(e.value)
+    folder = torch_home / "hub" / "checkpoints"
+    assert "\n" not in msg and msg.startswith("model.pretrained: resnet18-f37072fd.pth is not in")
+    assert str(folder) in msg and "https://download.pytorch.org/models/resnet18-f37072fd.pth" in msg
+    assert not folder.exists() or not any(folder.iterdir())  # nothing half-written
+
+
+def test_pretrained_is_for_torchvision_backbones_only():
+    with pytest.raises(ConfigError, match="^model.pretrained: convnet has no torchvision ImageNet weights"):
+        load_config(None, ["model.pretrained=imagenet"])
+    with pytest.raises(ConfigError, match="^train.unfreeze_epoch: needs model.freeze"):
+        load_config(None, ["train.unfreeze_epoch=2"])
+
+
+@pytest.mark.timeout(120)
+def test_googlenet_keeps_its_input_transform_when_rebuilt_from_a_checkpoint(torch_home, tmp_path, one_thread):
+    from deepindex.checkpoint import load_model, save_checkpoint
+    from deepindex.data.transforms import imagenet_stats
+
+    _fake_imagenet_file("googlenet", lambda weights: tvm.googlenet(weights=weights, aux_logits=False,
+                                                                   init_weights=True))
+    cfg = load_config(None, ["model.name=googlenet", "model.pretrained=imagenet", "data.channels=3",
+                             "data.image_size=64"])
+    m = build_model(cfg.model, 3, 3).eval()
+    assert m.body.net.transform_input
+    save_checkpoint(tmp_path / "ck", model=m, config=cfg, stats=imagenet_stats(3), concepts=["a", "b", "c"],
+                    multilabel=True, epoch=0)
+    weights_path("googlenet").unlink()  # serving needs no ImageNet file: the checkpoint holds every weight
+    lm = load_model(tmp_path / "ck")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(lm.model(x), m(x), atol=1e-5)
+
+
+def _step(m, x, y):
+    opt = torch.optim.SGD([p for p in m.parameters()], lr=0.1)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(m(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def test_linear_probe_trains_the_head_only_and_keeps_batch_norm_statistics():
+    cfg = load_config(None, ["model.freeze=backbone", "model.channels=[8,16]", "model.embed_dim=16"]).model
+    torch.manual_seed(0)
+    m = build_model(cfg, 3, 3)
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
+    body = {k: v.clone() for k, v in m.body.state_dict().items()}
+    head = m.head.weight.detach().clone()
+    m.train()
+    keep_frozen_in_eval(m)  # what train_one_epoch does after model.train()
+    assert not m.body.training and m.training
+    _step(m, torch.randn(8, 3, 16, 16), torch.randint(0, 2, (8, 3)).float())
+    assert all(torch.equal(body[k], v) for k, v in m.body.state_dict().items())  # weights and BN running stats
+    assert not torch.equal(head, m.head.weight)
+
+
+@pytest.mark.timeout(120)
+def test_freezing_up_to_a_stage_and_unfreezing():
+    cfg = load_config(None, ["model.name=resnet18", "model.freeze=layer2"]).model
+    m = build_model(cfg, 3, 3)
+    frozen = {n.split(".")[2] for n, p in m.named_parameters() if not p.requires_grad}
+    trainable = {n.split(".")[2] for n, p in m.named_parameters() if p.requires_grad and n.startswith("body.")}
+    assert frozen == {"conv1", "bn1", "layer1", "layer2"} and trainable == {"layer3", "layer4"}
+    m.train()
+    keep_frozen_in_eval(m)
+    assert not m.body.net.layer2.training and m.body.net.layer3.training
+    unfreeze(m)
+    assert all(p.requires_grad for p in m.parameters())
+    with pytest.raises(ValueError, match=r"^model.freeze: no module 'layer9'; stages: none, backbone, conv1, bn1"):
+        apply_freeze(build_model(load_config(None, ["model.name=resnet18"]).model, 3, 3), "layer9")
+    conv = build_model(load_config(None, ["model.freeze=body.1"]).model, 3, 1)  # the ConvNet's first two blocks
+    assert not conv.body[1][0].weight.requires_grad and conv.body[2][0].weight.requires_grad
+
+
+@pytest.mark.timeout(120)
+def test_unfreeze_epoch_in_local_training(one_thread):
+    from deepindex.train.engine import local_training
+
+    cfg = load_config(None, ["data.dataset=digits", "data.train_size=64", "data.val_size=8", "data.test_size=8",
+                             "model.channels=[4]", "model.embed_dim=8", "model.freeze=backbone",
+                             "train.unfreeze_epoch=1", "train.epochs=2", "train.batch_size=32"])
+    run = local_training(cfg)
+    before = run.model.body[0][0].weight.detach().clone()
+    run.epoch(0)
+    assert torch.equal(before, run.model.body[0][0].weight)  # frozen in epoch 0
+    run.epoch(1)
+    assert all(p.requires_grad for p in run.model.parameters())
+    assert not torch.equal(before, run.model.body[0][0].weight)  # trained from epoch 1
