@@ -127,24 +127,15 @@ def import_folder(store: CollectionStore, root: str | Path, batch_size: int = 50
     return _import_files(store, str(root), f"folder:{root.resolve()}", found.paths, found.ids, tags, batch_size)
 
 
-def manifest_concepts(manifest: str | Path) -> list[str]:
-    """The tags a manifest uses, sorted: its own concept list when none is given."""
-    from deepindex.data.files import _manifest_rows  # the row reader; no public form lists the tags
-
-    path = Path(manifest)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest: no such file {path}")
-    return sorted({t for _, _, tags in _manifest_rows(path) for t in tags})
-
-
 def import_manifest(store: CollectionStore, manifest: str | Path, root: str | Path,
                     concepts: Sequence[str] | str | Path | None = None, batch_size: int = 500) -> AddResult:
     """A CSV/JSONL tag manifest (paths relative to ``root``).  ``concepts``: a list, or a file with
     one per line; None takes the manifest's own tags as the concepts."""
     from deepindex.data.files import read_concepts, read_manifest
 
+    concept_list: list[str] | None
     if concepts is None:
-        concept_list = manifest_concepts(manifest)
+        concept_list = None  # the manifest's own tags, sorted
     elif isinstance(concepts, (str, Path)):
         concept_list = read_concepts(concepts)
     else:

@@ -39,7 +39,8 @@ AUDIT_FILE = "audit.json"
 # suspects.csv columns; the filter reads index, item, concept (and checks item against index).
 SUSPECT_COLUMNS = ["rank", "index", "item", "concept", "issue", "given", "pred_prob", "quality"]
 # Data config keys that do not change which items and noisy labels the train split holds.
-_NOT_FINGERPRINT = {"label_filter", "label_filter_mode", "cv_folds", "cv_fold", "num_workers"}
+_NOT_FINGERPRINT = {"label_filter", "label_filter_mode", "cv_folds", "cv_fold", "num_workers", "augment",
+                    "augment_strength"}
 
 
 @dataclass
@@ -57,11 +58,19 @@ class LabelView:
 
 
 def fingerprint(d) -> dict[str, Any]:
-    """The data config keys that decide which train items and given labels an audit saw."""
+    """The data config keys that decide which train items and given labels an audit saw (with the
+    keys inferred from the data resolved: an unset ``data.channels`` and its inferred value agree)."""
+    from deepindex.data.inspect import resolve_data
+
+    d, _ = resolve_data(d)
     return {k: v for k, v in d.model_dump(mode="json").items() if k not in _NOT_FINGERPRINT}
 
 
 def targets_of(ds: Dataset) -> torch.Tensor:
+    from deepindex.data.augment import AugmentedTensorDataset
+
+    if isinstance(ds, AugmentedTensorDataset):
+        return targets_of(ds.base)
     if isinstance(ds, TensorDataset):
         return ds.tensors[1]
     if hasattr(ds, "targets"):
@@ -70,6 +79,12 @@ def targets_of(ds: Dataset) -> torch.Tensor:
 
 
 def with_targets(ds: Dataset, y: torch.Tensor) -> Dataset:
+    from deepindex.data.augment import AugmentedTensorDataset
+
+    if isinstance(ds, AugmentedTensorDataset):  # relabel what it augments
+        aug = copy.copy(ds)
+        aug.base = with_targets(ds.base, y)
+        return aug
     if isinstance(ds, TensorDataset):
         return TensorDataset(ds.tensors[0], y)
     new = copy.copy(ds)  # file datasets read images lazily: a shallow copy shares the paths
