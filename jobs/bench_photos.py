@@ -26,7 +26,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from deepindex.config import load_config
-from deepindex.data.photos import COLOURS, RECIPE as PHOTO_RECIPE, SHAPES, make_photo_collection
+from deepindex.data.photos import COLOURS, SHAPES, make_photo_collection
+from deepindex.data.photos import RECIPE as PHOTO_RECIPE
 
 RECIPE = list(PHOTO_RECIPE)  # what the floor test runs (tests/train/test_photo_floor.py)
 
@@ -48,7 +49,8 @@ def run_local(overrides: list[str], log_every: bool = False) -> dict:
     return {"test_map": round(test["test_map"], 4), "train_s": round(train_s, 1), "train_cpu_s": round(cpu_s, 1),
             "epochs": cfg.train.epochs,
             "train_images": len(run.splits.train), "test_images": len(run.splits.test),
-            "test_ap": dict(zip(run.splits.concepts, [None if a is None else round(a, 3) for a in test["test_ap"]])),
+            "test_ap": dict(zip(run.splits.concepts, [None if a is None else round(a, 3) for a in test["test_ap"]],
+                                strict=True)),
             "model": run.model, "config": run.config, "splits": run.splits}
 
 
@@ -76,19 +78,19 @@ def transfer(work: Path, n_target_train: int = 48, epochs: int = 15) -> dict:
     from deepindex.checkpoint import save_checkpoint
 
     source = make_photo_collection(work / "source", n=600, seed=0, concepts=list(COLOURS) + list(SHAPES))
-    src = run_local(RECIPE + [f"data.root={source.root}"])
+    src = run_local([*RECIPE, f"data.root={source.root}"])
     ckpt = save_checkpoint(work / "source_ckpt", model=src["model"], config=src["config"], stats=src["splits"].stats,
                            concepts=src["splits"].concepts, multilabel=True, epoch=src["epochs"] - 1)
     bindings = [f"{c}_{s}" for c in COLOURS for s in SHAPES]
     target = make_photo_collection(work / "target", n=600, seed=1, concepts=bindings)
     _keep_train_rows(target.manifest, n_target_train)
-    base = RECIPE + [f"data.root={target.root}", f"train.epochs={epochs}"]
+    base = [*RECIPE, f"data.root={target.root}", f"train.epochs={epochs}"]
     out = {"source": _public(src), "target_train_images": n_target_train}
     out["scratch"] = _public(run_local(base))
-    out["fine_tune"] = _public(run_local(base + [f"model.weights={ckpt}"]))
-    out["linear_probe"] = _public(run_local(base + [f"model.weights={ckpt}", "model.freeze=backbone"]))
-    out["probe_then_fine_tune"] = _public(run_local(base + [f"model.weights={ckpt}", "model.freeze=backbone",
-                                                            f"train.unfreeze_epoch={epochs // 3}"]))
+    out["fine_tune"] = _public(run_local([*base, f"model.weights={ckpt}"]))
+    out["linear_probe"] = _public(run_local([*base, f"model.weights={ckpt}", "model.freeze=backbone"]))
+    out["probe_then_fine_tune"] = _public(run_local([*base, f"model.weights={ckpt}", "model.freeze=backbone",
+                                                     f"train.unfreeze_epoch={epochs // 3}"]))
     return out
 
 
@@ -108,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         if what & {"floor", "gray"}:
             coll = make_photo_collection(work / "photos", n=600, seed=0)
-            base = RECIPE + [f"data.root={coll.root}"] + args.overrides
+            base = [*RECIPE, f"data.root={coll.root}", *args.overrides]
             if "floor" in what:
                 results["colour"] = _public(run_local(base, args.verbose))
             if "gray" in what:
-                results["gray"] = _public(run_local(base + ["data.channels=1"], args.verbose))
+                results["gray"] = _public(run_local([*base, "data.channels=1"], args.verbose))
         if "transfer" in what:
             results["transfer"] = transfer(work)
     text = json.dumps(results, indent=2)

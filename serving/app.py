@@ -6,9 +6,9 @@ all build the application here; ``args`` are :class:`serving.schemas.ServeArgs`.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from serving.schemas import ServeArgs
 
@@ -22,6 +22,11 @@ def _actor_options(num_cpus: float) -> dict[str, Any]:
     return {"num_cpus": num_cpus}
 
 
+def _deployment(cls: object) -> Deployment:
+    """``cls`` as what ``@serve.deployment`` made of it: mypy does not apply class decorators."""
+    return cast(Deployment, cls)
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     from serving.index import IndexServer
     from serving.ingress import Ingress
@@ -31,8 +36,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     a = ServeArgs.model_validate(args or {}).resolved()
     a.api_token()  # a missing token file is an error now, not in a replica later
     # One index replica: the collection's writer and the owner of the served (model, index) pair.
-    index = IndexServer.options(ray_actor_options=_actor_options(0)).bind(a.model_dump())
-    model = ModelServer.options(
+    index = _deployment(IndexServer).options(ray_actor_options=_actor_options(0)).bind(a.model_dump())
+    model = _deployment(ModelServer).options(
         **_scaling(a.model_replicas, a.model_autoscaling),
         # Enough requests in flight per replica for full batches to form.
         max_ongoing_requests=max(2 * a.max_batch_size, 8),
@@ -40,7 +45,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     ).bind(a.model, index, a.tracking_uri, a.max_batch_size, a.batch_wait_timeout_s,
            a.model_threads or max(1, int(a.model_num_cpus)))
     # One hub: /metrics answers for every ingress replica, whichever one the scrape reaches.
-    hub = MetricsHub.options(ray_actor_options=_actor_options(0)).bind()
-    return Ingress.options(**_scaling(a.ingress_replicas, a.ingress_autoscaling),
+    hub = _deployment(MetricsHub).options(ray_actor_options=_actor_options(0)).bind()
+    return _deployment(Ingress).options(**_scaling(a.ingress_replicas, a.ingress_autoscaling),
                            max_ongoing_requests=256,
                            ray_actor_options=_actor_options(a.ingress_num_cpus)).bind(model, index, a.model_dump(), hub)

@@ -183,7 +183,7 @@ class IndexServer:
             item = None
         if got is None or item is None:
             return _err(404, "unknown_item", f"no item {item_id!r} in the collection")
-        row, probs, _ = got
+        _, probs, _ = got
         return {"id": item_id, "probs": probs, "concepts": pair.index.manifest.concepts, "labels": item.tags,
                 "meta": {**item.meta, "source": item.source, "added_at": item.added_at, "seq": item.seq,
                          "content_hash": item.content_hash, "bytes": item.size},
@@ -193,7 +193,8 @@ class IndexServer:
     def add(self, items: list[tuple[str, bytes, list[str]]], source: str = "upload") -> dict[str, Any]:
         """Add items: durable in the collection first, then in every loaded index (the serving pair,
         and a rollover's next one), so a search of either version sees them on return."""
-        added, existing = [], []
+        added: list[str] = []
+        existing: list[str] = []
         try:
             with self._write:
                 for item_id, data, tags in items:

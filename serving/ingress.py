@@ -12,7 +12,7 @@ import io
 import logging
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import numpy as np
@@ -20,8 +20,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.errors import ApiError
 from serving.schemas import (
@@ -39,14 +41,22 @@ from serving.schemas import (
     TagResponse,
 )
 
+if TYPE_CHECKING:  # quoted where used: this module's annotations are evaluated (no __future__ import)
+    from PIL import Image
+
+    from deepindex.index.keywords import Vocabulary
+    from serving.index import IndexServer
+    from serving.metrics import MetricsHub
+    from serving.model import ModelServer
+
 log = logging.getLogger(__name__)
 
 SPEC_TTL_S = 1.0  # how stale the ingress's view of the served model version may get
 ITEM_ID = re.compile(r"^[A-Za-z0-9._:@/+-]{1,200}$")
 SCORING = {"all": "product of the query concepts' presence probabilities (all present, independence assumed)",
            "any": "1 - product of (1 - presence probability): noisy-or, at least one present"}
-_ERRORS = {c: {"model": ErrorResponse} for c in (400, 404, 409, 413, 415, 422, 503)}
-_WRITE_ERRORS = {**_ERRORS, **{c: {"model": ErrorResponse} for c in (401, 403)}}
+_ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (400, 404, 409, 413, 415, 422, 503)}
+_WRITE_ERRORS: dict[int | str, dict[str, Any]] = {**_ERRORS, **{c: {"model": ErrorResponse} for c in (401, 403)}}
 _IMAGES_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
@@ -61,19 +71,19 @@ app = FastAPI(title="deepindex", version="1.0",
 
 # ---- errors and metrics ----------------------------------------------------------------------
 @app.exception_handler(ApiError)
-async def _api_error(request: Request, e: ApiError):
+async def _api_error(request: Request, e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
 @app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, e: RequestValidationError):
+async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
     first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
     where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "body", "path"))
     return JSONResponse({"error": {"code": "invalid_request", "message": f"{where}: {first['msg']}"}}, status_code=422)
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, e: StarletteHTTPException):
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "request_too_large"}
     return JSONResponse({"error": {"code": codes.get(e.status_code, "http_error"), "message": str(e.detail)}},
                         status_code=e.status_code)
@@ -86,10 +96,10 @@ class ObserveMiddleware:
     response in a stream and a task group, which cost more CPU per request than the rest of a tag.
     """
 
-    def __init__(self, app):
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         # The state of the app serving this request: in a Serve replica that is not the object this
@@ -99,7 +109,7 @@ class ObserveMiddleware:
         status = 500
         started = False
 
-        async def send_observed(message):
+        async def send_observed(message: Message) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
@@ -122,7 +132,8 @@ class ObserveMiddleware:
         m = getattr(state, "metrics", None)
         if m is not None:
             # The route template bounds label cardinality; a path no route matched is "unmatched".
-            endpoint = getattr(scope.get("route"), "path", None) or (scope.get("path", "") if status < 400 else "unmatched")
+            endpoint = (getattr(scope.get("route"), "path", None)
+                        or (scope.get("path", "") if status < 400 else "unmatched"))
             m.requests.labels(endpoint=endpoint, method=scope.get("method", ""), status=str(status)).inc()
             m.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)
 
@@ -142,7 +153,7 @@ def _replica_lost() -> tuple[type[BaseException], ...]:
     return (RayActorError, ActorUnavailableError, ReplicaUnavailableError)
 
 
-async def _call(method, *args, idempotent: bool = True):
+async def _call(method: DeploymentHandle[Any], *args: Any, idempotent: bool = True) -> dict[str, Any]:
     """``await method.remote(*args)``; retried when the replica died (idempotent calls), else a 503."""
     lost = _replica_lost()
     for attempt in range(RETRIES + 1 if idempotent else 1):
@@ -164,7 +175,7 @@ def _image_url(item_id: str) -> str:
     return f"/v1/items/{quote(item_id, safe='/')}/image"
 
 
-def _hits(results: list[dict]) -> list[dict]:
+def _hits(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**h, "image_url": _image_url(h["id"])} for h in results]
 
 
@@ -176,7 +187,8 @@ HEALTH_S = 5.0
 @serve.deployment(name="Ingress", health_check_period_s=HEALTH_S)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, model, index, args: dict[str, Any], hub):
+    def __init__(self, model: "DeploymentHandle[ModelServer]", index: "DeploymentHandle[IndexServer]",
+                 args: dict[str, Any], hub: "DeploymentHandle[MetricsHub]") -> None:
         from PIL import Image
 
         from serving.logs import adopt_serve_logging
@@ -185,15 +197,15 @@ class Ingress:
         adopt_serve_logging()
         self.args = ServeArgs.model_validate(args)
         self.model, self.index, self.hub = model, index, hub
-        self.metrics = ServeMetrics()
+        self.serve_metrics = ServeMetrics()
         self._replica = serve.get_replica_context().replica_id.unique_id
-        app.state.metrics = self.metrics
+        app.state.metrics = self.serve_metrics
         # base64 inflates by 4/3; one spare megabyte for the rest of the body.
         app.state.max_body = int(self.args.max_images_per_request * self.args.max_image_bytes * 4 / 3) + (1 << 20)
         Image.MAX_IMAGE_PIXELS = self.args.max_image_pixels  # PIL's own bomb guard, as a backstop
         self._spec: dict[str, Any] | None = None
         self._spec_at = 0.0
-        self._vocab: dict[tuple, Any] = {}
+        self._vocab: dict[tuple[str, ...], Vocabulary] = {}
         self._page = (HERE / "static" / "index.html").read_text()
         self._token = self.args.api_token()
 
@@ -202,10 +214,10 @@ class Ingress:
         if refresh or self._spec is None or time.monotonic() - self._spec_at > SPEC_TTL_S:
             self._spec = await _call(self.model.info)
             self._spec_at = time.monotonic()
-            self.metrics.set_model(self._spec["name"], self._spec["version"])
+            self.serve_metrics.set_model(self._spec["name"], self._spec["version"])
         return self._spec
 
-    def _vocabulary(self, concepts: list[str]):
+    def _vocabulary(self, concepts: list[str]) -> "Vocabulary":
         from deepindex.index.keywords import Vocabulary
 
         key = tuple(concepts)
@@ -240,13 +252,15 @@ class Ingress:
                 form = await request.form(max_files=a.max_images_per_request + 1, max_fields=1000)
             except StarletteHTTPException as e:
                 if "too many files" in str(e.detail).lower():
-                    raise ApiError(413, "too_many_images", f"at most {a.max_images_per_request} images per request") from None
+                    raise ApiError(413, "too_many_images",
+                                   f"at most {a.max_images_per_request} images per request") from None
                 raise ApiError(400, "bad_multipart", f"multipart body: {e.detail}") from None
             files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
             ids = [str(v) for k, v in form.multi_items() if k == "id" and not isinstance(v, UploadFile)]
             tags = [str(v) for k, v in form.multi_items() if k == "tags" and not isinstance(v, UploadFile)]
             if len(files) > a.max_images_per_request:
-                raise ApiError(413, "too_many_images", f"{len(files)} images; at most {a.max_images_per_request} per request")
+                raise ApiError(413, "too_many_images",
+                               f"{len(files)} images; at most {a.max_images_per_request} per request")
             if ids and len(ids) != len(files):
                 raise ApiError(400, "bad_ids", f"{len(ids)} ids for {len(files)} images")
             if tags and len(tags) != len(files):
@@ -258,8 +272,9 @@ class Ingress:
         elif ctype.startswith("application/json"):
             try:
                 body = ImagesJSON.model_validate(await request.json())
-            except Exception as e:
-                raise ApiError(400, "bad_json", f"expected {{\"images\": [{{\"data\": <base64>}}]}}: {str(e).splitlines()[0]}") from None
+            except Exception as e:  # noqa: BLE001 - whatever makes the body unreadable, it is the client's: a 400
+                raise ApiError(400, "bad_json", f"expected {{\"images\": [{{\"data\": <base64>}}]}}: "
+                                                f"{str(e).splitlines()[0]}") from None
             if len(body.images) > a.max_images_per_request:
                 raise ApiError(413, "too_many_images",
                                f"{len(body.images)} images; at most {a.max_images_per_request} per request")
@@ -269,24 +284,26 @@ class Ingress:
                 what = f"images[{i}]"
                 out.append((im.id, b64_bytes(im.data, what), what, list(im.tags)))
         else:
-            raise ApiError(415, "unsupported_media_type", "send multipart/form-data files or application/json base64 images")
+            raise ApiError(415, "unsupported_media_type",
+                           "send multipart/form-data files or application/json base64 images")
         if not out:
             raise ApiError(400, "no_images", "the request holds no image")
         return out
 
-    def _decode(self, raw: list[tuple[str | None, bytes, str, list[str]]]):
+    def _decode(self, raw: list[tuple[str | None, bytes, str, list[str]]]) -> "list[Image.Image]":
         from serving.decode import decode_image
 
         return [decode_image(data, what, self.args.max_image_bytes, self.args.max_image_pixels)
                 for _, data, what, _ in raw]
 
-    async def _infer(self, images, endpoint: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    async def _infer(self, images: "list[Image.Image]", endpoint: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Images -> (model spec, per image {probs, embedding, version, batch_size}) via the batched model."""
         from deepindex.data.transforms import pil_to_uint8
 
         for attempt in range(2):
             spec = await self._model_spec(refresh=attempt > 0)
-            pixels = [pil_to_uint8(im, spec["image_size"], spec["channels"], spec.get("preset")) for im in images]  # (C, S, S) uint8
+            # (C, S, S) uint8 each
+            pixels = [pil_to_uint8(im, spec["image_size"], spec["channels"], spec.get("preset")) for im in images]
             results = await asyncio.gather(*[_call(self.model.infer, u) for u in pixels])
             # A reload between the spec and the call: refresh the spec once and redo the request.
             if all("error" not in r and r["version"] == spec["version"] for r in results):
@@ -294,29 +311,30 @@ class Ingress:
         else:
             raise ApiError(503, "model_changing", "the model version changed during the request; retry")
         for r in results:
-            self.metrics.batch_size.observe(r["batch_size"])
-        self.metrics.images.labels(endpoint=endpoint).inc(len(results))
+            self.serve_metrics.batch_size.observe(r["batch_size"])
+        self.serve_metrics.images.labels(endpoint=endpoint).inc(len(results))
         return spec, results
 
     @staticmethod
-    def _top(probs: np.ndarray, concepts: list[str], top_k: int, threshold: float) -> list[dict]:
+    def _top(probs: np.ndarray, concepts: list[str], top_k: int, threshold: float) -> list[dict[str, Any]]:
         order = np.argsort(-probs, kind="stable")
-        return [{"concept": concepts[i], "probability": float(probs[i])} for i in order if probs[i] >= threshold][:top_k]
+        kept = [{"concept": concepts[i], "probability": float(probs[i])} for i in order if probs[i] >= threshold]
+        return kept[:top_k]
 
     # ---- health, metrics, page -------------------------------------------------------------
     @app.get("/healthz", response_model=Health)
-    async def healthz(self) -> dict:
+    async def healthz(self) -> dict[str, Any]:
         return {"status": "ok"}
 
     @app.get("/readyz", response_model=Health, responses={503: {"model": Health}})
-    async def readyz(self):
+    async def readyz(self) -> JSONResponse:
         reasons: list[str] = []
         try:
             spec = await self._model_spec(refresh=True)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a model that cannot answer, whatever the cause, is not ready
             return JSONResponse({"status": "not ready", "reasons": [f"model: {e}"]}, status_code=503)
         index = await _call(self.index.info, spec["version"])
-        self.metrics.index_items.set(index.get("count", 0))
+        self.serve_metrics.index_items.set(index.get("count", 0))
         if not index.get("loaded"):
             reasons.append(f"index: {index.get('problem')}")
         elif index["model"]["version"] != spec["version"]:  # never: the index replica answers for that version
@@ -326,37 +344,37 @@ class Ingress:
         return JSONResponse(body, status_code=200 if not reasons else 503)
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics(self):
+    async def metrics(self) -> Response:
         """The whole application's metrics, whichever ingress replica answers (serving/metrics.py)."""
         from prometheus_client import CONTENT_TYPE_LATEST
 
         try:
             spec = await self._model_spec()
             info = await _call(self.index.info, spec["version"])
-            self.metrics.index_items.set(info.get("count", 0))
-        except Exception as e:  # a scrape still answers with what the replicas know
+            self.serve_metrics.index_items.set(info.get("count", 0))
+        except Exception as e:  # noqa: BLE001 - a scrape still answers with what the replicas know
             log.warning("metrics: model/index info unavailable: %s", e)
         try:
-            text = await asyncio.wait_for(self.hub.merged.remote(self._replica, self.metrics.snapshot()), 10.0)
+            text = await asyncio.wait_for(self.hub.merged.remote(self._replica, self.serve_metrics.snapshot()), 10.0)
         except Exception as e:  # noqa: BLE001 - one replica's numbers would read as counter resets
             log.warning("metrics: the metrics hub is unavailable: %s", e)
-            raise ApiError(503, "metrics_unavailable", "the metrics hub is restarting; scrape again")
+            raise ApiError(503, "metrics_unavailable", "the metrics hub is restarting; scrape again") from None
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
-    async def check_health(self):
+    async def check_health(self) -> None:
         """Serve's periodic health check (every HEALTH_S): also hands this replica's numbers to the hub."""
         try:
-            await asyncio.wait_for(self.hub.push.remote(self._replica, self.metrics.snapshot()), 5.0)
+            await asyncio.wait_for(self.hub.push.remote(self._replica, self.serve_metrics.snapshot()), 5.0)
         except Exception as e:  # noqa: BLE001 - the hub's health is not this replica's
             log.debug("metrics: push to the hub failed: %s", e)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page(self):
+    async def page(self) -> HTMLResponse:
         return HTMLResponse(self._page)
 
     # ---- tagging ----------------------------------------------------------------------------
     @app.post("/v1/tag", response_model=TagResponse, responses=_ERRORS, openapi_extra=_IMAGES_BODY)
-    async def tag(self, request: Request, top_k: int = 10, threshold: float = 0.0) -> dict:
+    async def tag(self, request: Request, top_k: int = 10, threshold: float = 0.0) -> dict[str, Any]:
         """Concept probabilities per image, sorted, at most ``top_k``, at least ``threshold``."""
         self._authorize(request, write=False)
         if not 0.0 <= threshold <= 1.0:
@@ -365,12 +383,13 @@ class Ingress:
         raw = await self._read_images(request)
         spec, results = await self._infer(self._decode(raw), "/v1/tag")
         return {"model": {"name": spec["name"], "version": spec["version"]},
-                "results": [{"index": i, "id": raw[i][0], "concepts": self._top(r["probs"], spec["concepts"], top_k, threshold)}
+                "results": [{"index": i, "id": raw[i][0],
+                             "concepts": self._top(r["probs"], spec["concepts"], top_k, threshold)}
                             for i, r in enumerate(results)]}
 
     # ---- search ----------------------------------------------------------------------------
     @app.get("/v1/search", response_model=KeywordSearchResponse, responses=_ERRORS)
-    async def search(self, request: Request, q: str = "", k: int = 10, mode: str = "all") -> dict:
+    async def search(self, request: Request, q: str = "", k: int = 10, mode: str = "all") -> dict[str, Any]:
         """Keywords -> concepts (vocabulary with synonyms) -> items ranked by those concepts' probabilities."""
         self._authorize(request, write=False)
         if not q.strip():
@@ -389,14 +408,14 @@ class Ingress:
                 "index": res["index"], "results": _hits(res["results"]) if parsed.concepts else []}
 
     @app.post("/v1/search/similar", response_model=SimilarResponse, responses=_ERRORS, openapi_extra=_IMAGES_BODY)
-    async def similar_image(self, request: Request, k: int = 10) -> dict:
+    async def similar_image(self, request: Request, k: int = 10) -> dict[str, Any]:
         """The k indexed items nearest to one uploaded image (query by example)."""
         self._authorize(request, write=False)
         self._k(k)
         raw = await self._read_images(request)
         if len(raw) != 1:
             raise ApiError(400, "one_image", f"send exactly one image, got {len(raw)}")
-        spec, results = await self._infer(self._decode(raw), "/v1/search/similar")
+        _, results = await self._infer(self._decode(raw), "/v1/search/similar")
         r = results[0]
         # The index of the very version that embedded the query: model and index always match.
         res = _check(await _call(self.index.similar_vector, r["embedding"], k, r["name"], r["version"]))
@@ -405,7 +424,7 @@ class Ingress:
 
     # ---- items (the suffixed routes first: ids may hold '/') -----------------------------------
     @app.get("/v1/items/{item_id:path}/similar", response_model=SimilarResponse, responses=_ERRORS)
-    async def similar_item(self, request: Request, item_id: str, k: int = 10) -> dict:
+    async def similar_item(self, request: Request, item_id: str, k: int = 10) -> dict[str, Any]:
         """The k items nearest to an indexed item (itself excluded)."""
         self._authorize(request, write=False)
         self._k(k)
@@ -417,7 +436,7 @@ class Ingress:
     @app.get("/v1/items/{item_id:path}/image",
              responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "application/octet-stream": {}}},
                         **_ERRORS})
-    async def item_image(self, request: Request, item_id: str, size: int | None = None):
+    async def item_image(self, request: Request, item_id: str, size: int | None = None) -> Response:
         """The item's original image, as it was added; ``size``: a thumbnail at most that many pixels a side (PNG)."""
         self._authorize(request, write=False)
         if size is not None and not 8 <= size <= 1024:
@@ -439,7 +458,7 @@ class Ingress:
         return Response(buf.getvalue(), media_type="image/png")
 
     @app.get("/v1/items/{item_id:path}", response_model=ItemResponse, responses=_ERRORS)
-    async def get_item(self, request: Request, item_id: str, top_k: int = 10) -> dict:
+    async def get_item(self, request: Request, item_id: str, top_k: int = 10) -> dict[str, Any]:
         self._authorize(request, write=False)
         self._k(top_k, "top_k")
         spec = await self._model_spec()
@@ -465,17 +484,17 @@ class Ingress:
         self._decode(raw)  # refuse what the service could never index (limits, formats, damage) before storing it
         # Not re-sent when the index replica dies mid-call: it may have committed; re-posting is idempotent.
         res = _check(await _call(self.index.add, [(i, data, tags) for i, data, _, tags in raw], idempotent=False))
-        self.metrics.index_items.set(res["count"])
+        self.serve_metrics.index_items.set(res["count"])
         return JSONResponse(res, status_code=201 if res["added"] else 200)
 
     @app.delete("/v1/items/{item_id:path}", response_model=DeleteItemResponse, responses=_WRITE_ERRORS)
-    async def delete_item(self, request: Request, item_id: str) -> dict:
+    async def delete_item(self, request: Request, item_id: str) -> dict[str, Any]:
         """Remove an item: tombstoned in the collection, gone from search at once."""
         self._authorize(request, write=True)
         return _check(await _call(self.index.delete, item_id, idempotent=False))
 
     @app.get("/v1/status", response_model=StatusResponse, responses=_ERRORS)
-    async def status(self, request: Request) -> dict:
+    async def status(self, request: Request) -> dict[str, Any]:
         """The served pair and the rollover to a new model version, with its progress."""
         self._authorize(request, write=False)
         info = await _call(self.index.info, None)

@@ -41,7 +41,7 @@ def _load(ref: str, tracking_uri: str | None) -> _Served:
 @serve.deployment(name="ConceptModel", health_check_period_s=10, health_check_timeout_s=30)
 class ModelServer:
     def __init__(self, model: str, index: Any = None, tracking_uri: str | None = None, max_batch_size: int = 32,
-                 batch_wait_timeout_s: float = 0.0, threads: int = 0):
+                 batch_wait_timeout_s: float = 0.0, threads: int = 0) -> None:
         import torch
 
         from serving.logs import adopt_serve_logging
@@ -52,9 +52,11 @@ class ModelServer:
         self._uri, self._tracking_uri, self._index = model, tracking_uri, index
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._served = _load(model, tracking_uri)
-        self.reloads, self.last_error = 0, None
-        self.infer.set_max_batch_size(max_batch_size)
-        self.infer.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.reloads = 0
+        self.last_error: str | None = None
+        # serve.batch's wrapper has these setters; its annotation (a plain Callable) does not say so.
+        self.infer.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
+        self.infer.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
         self._follower: asyncio.Task[None] | None = None
         self._ensure_following()
         log.info("serving %s version %s", self._served.resolved.name, self._served.resolved.version)

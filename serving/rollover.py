@@ -93,7 +93,7 @@ class Rollover:
                 self._step()
                 self.last_error, self.attempt = None, 0
                 wait = interval if self.server.args.reload_interval_s else 3600.0
-            except Exception as e:  # keep serving the pair we have; say why; try again later
+            except Exception as e:  # noqa: BLE001 - keep serving the pair we have; say why; try again later
                 self.attempt += 1
                 self.last_error = f"{type(e).__name__}: {e}"
                 log.warning("rollover to %s failed (attempt %d): %s", (self.target or {}).get("version"),

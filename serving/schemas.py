@@ -20,7 +20,8 @@ class ServeArgs(BaseModel):
     collection: str = "digit-scenes"
     catalogue_url: str | None = None
     blobs_url: str | None = None
-    index_dir: str | None = None  # the collection's index folder (one index per model version); unset: <state>/indexes/<collection>
+    # The collection's index folder (one index per model version); unset: <state>/indexes/<collection>.
+    index_dir: str | None = None
     features: list[str] | None = None  # descriptors a new index holds (default: penultimate)
     build_workers: int | None = Field(None, ge=1)  # embedding actors of an index build (default: sized to free CPUs)
     keep_indexes: int = Field(3, ge=1)  # index folders kept per collection (rollback is fast to these)

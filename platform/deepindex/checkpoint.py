@@ -38,6 +38,25 @@ class LoadedModel:
     epoch: int
     metrics: dict[str, Any]
 
+    # The model's input: a checkpoint's config holds resolved data keys (save_checkpoint resolves them).
+    @property
+    def channels(self) -> int:
+        return _resolved(self.config.data.channels, "data.channels")
+
+    @property
+    def image_size(self) -> int:
+        return _resolved(self.config.data.image_size, "data.image_size")
+
+    @property
+    def preset(self) -> str | None:
+        return self.config.data.preset
+
+
+def _resolved(value: int | None, key: str) -> int:
+    if value is None:
+        raise ValueError(f"checkpoint: {key} is unset (a checkpoint's config holds the resolved input shape)")
+    return value
+
 
 def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, config: Config, stats: NormStats,
                     concepts: list[str], multilabel: bool, epoch: int, optimizer: torch.optim.Optimizer | None = None,
@@ -120,7 +139,8 @@ def load_model(path: str | Path) -> LoadedModel:
     # Local transfer weights were consumed at training time; the checkpoint holds them all.
     cfg = cfg.override({"model.weights": None})
     # ImageNet weights too (load_weights=False): serving needs no torch cache, and no download.
-    model = build_model(cfg.model, len(state["concepts"]), cfg.data.channels, load_weights=False)
+    model = build_model(cfg.model, len(state["concepts"]), _resolved(cfg.data.channels, "data.channels"),
+                        load_weights=False)
     model.load_state_dict(state["model"])
     model.eval()
     return LoadedModel(model, cfg, NormStats.from_dict(state["stats"]), state["concepts"], state["multilabel"],

@@ -242,7 +242,8 @@ def audit_main(config_path: str | None, overrides: list[str], name: str | None =
     out = run_audit(cfg, name=name, tracking_uri=tracking_uri)
     print(out.summary)
     result = {"name": out.name, "report": str(out.report), "flagged_labels": out.flagged,
-              "oof_map_given": round(out.oof_map, 4), "detection": out.scores, "mlflow_parent_run_id": out.parent_run_id,
+              "oof_map_given": round(out.oof_map, 4), "detection": out.scores,
+              "mlflow_parent_run_id": out.parent_run_id,
               "fold_runs": [f.run_id for f in out.folds], "wall_s": round(out.wall_s, 1),
               "train_on_cleaned_labels": f"data.label_filter={out.report}"}
     print(json.dumps(result, indent=2))

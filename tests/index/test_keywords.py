@@ -73,7 +73,8 @@ def test_names_with_underscores_hyphens_and_many_words_reach_their_concept():
 def test_words_with_two_lemmas_meet_whichever_came_first():
     # "leaves" lemmatises to leave and leaf; "leaf" to leaf: both names stay reachable, both ways.
     v = Vocabulary(["autumn_leaves", "leaf"])
-    assert v.parse("autumn leaf").concepts == ["autumn_leaves"] and v.parse("autumn leaves").concepts == ["autumn_leaves"]
+    assert v.parse("autumn leaf").concepts == ["autumn_leaves"]
+    assert v.parse("autumn leaves").concepts == ["autumn_leaves"]
     assert v.parse("leaf").concepts == ["leaf"] and v.parse("leaves").concepts == ["leaf"]
 
 
@@ -101,7 +102,8 @@ def test_synonyms_files_merge_and_own_names_win(tmp_path):
     assert Vocabulary.from_file(None, DIGITS).parse("seven").concepts == []  # names alone
 
 
-@pytest.mark.parametrize("text, field", [("concepts: [1, 2]\n", "must hold"), ('concepts:\n  "3": three\n', "concepts.3"),
+@pytest.mark.parametrize("text, field", [("concepts: [1, 2]\n", "must hold"),
+                                         ('concepts:\n  "3": three\n', "concepts.3"),
                                          ("stopwords: a\n", "stopwords"), ("concept: {}\n", "unknown key"),
                                          ("concepts: {a: [b}\n", "not valid YAML")])
 def test_bad_synonyms_files_name_the_field(tmp_path, text, field):

@@ -34,9 +34,9 @@ def test_leave_one_out_excludes_the_query_itself():
     rng = np.random.default_rng(1)
     base = rng.normal(size=(50, 4)).astype(np.float32)
     rows_q = np.arange(50)
-    s, r = exact_knn(base, base, 5, "l2", exclude=rows_q)
+    _, r = exact_knn(base, base, 5, "l2", exclude=rows_q)
     assert r.shape == (50, 5) and not (r == rows_q[:, None]).any()
-    s, r = exact_knn(base[:3], base[:3], 5, "cosine", exclude=np.arange(3))  # fewer items than k: -1 padding
+    _s, r = exact_knn(base[:3], base[:3], 5, "cosine", exclude=np.arange(3))  # fewer items than k: -1 padding
     assert (r[:, 2:] == -1).all() and (r[:, :2] >= 0).all()
 
 

@@ -99,7 +99,8 @@ def test_command_errors_name_the_option(small_model, mlflow_server, capsys):
     assert main(["evaluate-retrieval", "--model", str(small_model), "--size", "100", "--metrics", "manhattan"]) == 2
     assert "manhattan" in capsys.readouterr().err
     rc = main(["evaluate-retrieval", "--model", str(small_model), "--size", "100", "--features", "probs",
-               "--metrics", "l2", "--queries-per-concept", "1", "--log-run", "f" * 32, "--tracking-uri", mlflow_server.uri])
+               "--metrics", "l2", "--queries-per-concept", "1", "--log-run", "f" * 32,
+               "--tracking-uri", mlflow_server.uri])
     assert rc == 2 and "log-run: no MLflow run" in capsys.readouterr().err
 
 

@@ -1,12 +1,12 @@
 """``deepindex data audit``: find suspect labels with K-fold out-of-fold predictions + cleanlab."""
 from __future__ import annotations
 
-import json
+import argparse
 
 from deepindex.commands.train import add_config_args
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("data", help="inspect training data: audit noisy labels")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     a = dsub.add_parser(
@@ -18,11 +18,12 @@ def register(sub) -> None:
                     "run per fold. Train on the cleaned labels with data.label_filter=<report folder>.")
     add_config_args(a)
     a.add_argument("--name", help="audit name; the same name and storage path resume an interrupted audit")
-    a.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, then the local platform's)")
+    a.add_argument("--tracking-uri",
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, then the local platform's)")
     a.set_defaults(func=run_audit_command)
 
 
-def run_audit_command(args) -> int:
+def run_audit_command(args: argparse.Namespace) -> int:
     from deepindex.workflows import audit_main
 
     audit_main(args.config, args.overrides, name=args.name, tracking_uri=args.tracking_uri)

@@ -1,10 +1,11 @@
 """``deepindex evaluate-retrieval``: keyword, query-by-example and fusion quality of a model."""
 from __future__ import annotations
 
+import argparse
 import json
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("evaluate-retrieval",
                        help="measure retrieval quality (keyword AP, query by example per descriptor x metric, fusion)")
     p.add_argument("--model", default="models:/deepindex@champion",
@@ -34,7 +35,7 @@ def _list(value: str, name: str) -> list[str]:
     return items
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from deepindex.checkpoint import load_model
     from deepindex.index.collection import load_collection
     from deepindex.index.evaluate import evaluate_retrieval, format_table
@@ -47,9 +48,9 @@ def run(args) -> int:
         check_run(args.log_run, args.tracking_uri)
     resolved = resolve_model(args.model, args.tracking_uri)
     lm = load_model(resolved.checkpoint_path)
-    coll = load_collection(args.collection, image_size=lm.config.data.image_size, channels=lm.config.data.channels,
+    coll = load_collection(args.collection, image_size=lm.image_size, channels=lm.channels,
                            concepts=lm.concepts, size=args.size, root=args.root, manifest=args.manifest,
-                           seed=args.seed, max_digits=lm.config.data.max_digits)
+                           seed=args.seed, max_digits=lm.config.data.max_digits, preset=lm.preset)
     report = evaluate_retrieval(lm, coll, descriptors=_list(args.features, "--features"),
                                 metrics=_list(args.metrics, "--metrics"), k=args.k,
                                 vocabulary=Vocabulary.from_files(args.vocabulary, lm.concepts),

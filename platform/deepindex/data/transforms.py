@@ -18,6 +18,7 @@ Presets (the eval transform; train-time augmentation comes after it, in ``data.a
 from __future__ import annotations
 
 import logging
+from typing import IO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,8 +138,10 @@ def uint8_to_unit(arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.float32) / np.float32(255.0)
 
 
-def decode_file(path: str | Path, image_size: int, channels: int, preset: str | None = None) -> np.ndarray:
-    """An image file -> (C, S, S) uint8 at the preset: the one decode step for files."""
+def decode_file(path: str | Path | IO[bytes], image_size: int, channels: int, preset: str | None = None
+                ) -> np.ndarray:
+    """An image file (or its bytes, as a binary stream) -> (C, S, S) uint8 at the preset: the one decode
+    step for files and stored items."""
     # No JPEG draft mode (a reduced-scale decode): serving decodes uploads at full scale, and
     # training must see the pixels serving will see.
     with Image.open(path) as im:

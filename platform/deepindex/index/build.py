@@ -184,17 +184,21 @@ def build_index(model_uri: str, *, collection: str = "digit-scenes", out: str | 
                                             batch_size=batch_size, progress=progress)
     else:
         out_arrays, ok = embed_snapshot_local(resolved.checkpoint_path, store, items, names, batch_size, progress)
-    d = lm.config.data
-    dims = {f: int(lm.model.features(_probe(d), [f], multilabel=lm.multilabel)[f].shape[1]) for f in names} \
-        if not items else {f: out_arrays[f].shape[1] for f in names}
+    if items:
+        dims = {f: out_arrays[f].shape[1] for f in names}
+    else:  # an empty collection: the widths from one blank image of the model's input shape
+        import torch
+
+        probe = torch.zeros(1, lm.channels, lm.image_size, lm.image_size)
+        dims = {f: int(v.shape[1]) for f, v in lm.model.features(probe, names, multilabel=lm.multilabel).items()}
     keep = np.flatnonzero(ok) if len(items) else np.zeros(0, dtype=np.int64)
     index = IndexStore.create(
         model={"uri": model_uri, "name": resolved.name, "version": resolved.version}, collection=collection, seq=seq,
         concepts=lm.concepts, ids=[items[i].id for i in keep], labels=[items[i].tags for i in keep],
         probs=out_arrays["probs"][keep] if len(items) else np.zeros((0, len(lm.concepts)), np.float32),
         features={f: out_arrays[f][keep] if len(items) else np.zeros((0, dims[f]), np.float32) for f in names},
-        vector_cfg=cfg, default_feature=names[0], image_size=d.image_size, channels=d.channels,
-        multilabel=lm.multilabel, source={"collection": collection, "catalogue_seq": seq})
+        vector_cfg=cfg, default_feature=names[0], image_size=lm.image_size, channels=lm.channels,
+        multilabel=lm.multilabel, source={"collection": collection, "catalogue_seq": seq}, preset=lm.preset)
     path = Path(out) if out else collection_dir(collection, index_dir) / index_dir_name(resolved.name,
                                                                                           resolved.version)
     index.save(path)
@@ -206,9 +210,3 @@ def build_index(model_uri: str, *, collection: str = "digit-scenes", out: str | 
     log.info("index of %d items (%s, %s) written to %s in %.1fs", len(index), spec.kind, spec.metric, path, secs)
     return BuildResult(path.resolve(), resolved, len(index), seq, names, spec.kind, spec.metric, secs, skipped)
 
-
-def _probe(d: object) -> object:
-    """A one-image batch of the model's input shape (the feature dims of an empty collection)."""
-    import torch
-
-    return torch.zeros(1, d.channels, d.image_size, d.image_size)  # type: ignore[attr-defined]

@@ -37,7 +37,8 @@ def to_index_changes(changes: Sequence[Change], store: CollectionStore, index: I
     ok = np.ones(len(adds), dtype=bool)
     for j, c in enumerate(adds):
         try:
-            pixels[j] = image_bytes_to_unit(store.image_by_hash(c.item.content_hash), m.image_size, m.channels)
+            pixels[j] = image_bytes_to_unit(store.image_by_hash(c.item.content_hash), m.image_size, m.channels,
+                                            m.preset)
         except (OSError, ValueError, SyntaxError) as e:  # what PIL raises on bytes it cannot read
             ok[j] = False
             log.warning("index %s: item %s does not decode (%s); not indexed", index.path, c.item.id, e)
@@ -45,13 +46,12 @@ def to_index_changes(changes: Sequence[Change], store: CollectionStore, index: I
     row = {c.seq: j for j, c in enumerate(adds)}
     result = []
     for c in changes:
-        j = row.get(c.seq)
-        if c.op == "delete" or (j is not None and not ok[j]):
+        r = row.get(c.seq)
+        if r is None or not ok[r]:  # a delete, or an add whose bytes do not decode
             result.append(IndexChange(c.seq, "delete", c.item.id))
         else:
-            assert j is not None
-            result.append(IndexChange(c.seq, "add", c.item.id, list(c.item.tags), out["probs"][j],
-                                      {f: out[f][j] for f in m.features}))
+            result.append(IndexChange(c.seq, "add", c.item.id, list(c.item.tags), out["probs"][r],
+                                      {f: out[f][r] for f in m.features}))
     return result
 
 

@@ -7,12 +7,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, overload
 
 import numpy as np
 import torch
 
 from deepindex.checkpoint import LoadedModel, load_model
 from deepindex.data.transforms import normalize
+
+if TYPE_CHECKING:
+    from deepindex.index.collection import Collection
+
+
+@overload
+def infer_unit(lm: LoadedModel, unit: torch.Tensor | np.ndarray, features: None = None
+               ) -> tuple[np.ndarray, np.ndarray]: ...
+@overload
+def infer_unit(lm: LoadedModel, unit: torch.Tensor | np.ndarray, features: Sequence[str]) -> dict[str, np.ndarray]: ...
 
 
 @torch.inference_mode()
@@ -32,7 +43,8 @@ def infer_unit(lm: LoadedModel, unit: torch.Tensor | np.ndarray, features: Seque
     return probs.numpy().astype(np.float32), emb.numpy().astype(np.float32)
 
 
-def embed_collection_local(lm: LoadedModel, collection, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def embed_collection_local(lm: LoadedModel, collection: Collection, batch_size: int = 256
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """In-process embedding (no Ray): probabilities, embeddings and uint8 thumbnails."""
     probs, embs, thumbs = [], [], []
     for start in range(0, len(collection), batch_size):
@@ -45,7 +57,7 @@ def embed_collection_local(lm: LoadedModel, collection, batch_size: int = 256) -
     return np.concatenate(probs), np.concatenate(embs), np.concatenate(thumbs)
 
 
-def embed_features_local(lm: LoadedModel, collection, features: Sequence[str], batch_size: int = 256
+def embed_features_local(lm: LoadedModel, collection: Collection, features: Sequence[str], batch_size: int = 256
                          ) -> dict[str, np.ndarray]:
     """In-process (no Ray): ``{name: (N, D_name)}`` float32 for every item of ``collection``."""
     parts: dict[str, list[np.ndarray]] = {f: [] for f in features}
@@ -61,17 +73,14 @@ def to_thumb(unit: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
 
 
-def image_bytes_to_unit(data: bytes, image_size: int, channels: int) -> np.ndarray:
+def image_bytes_to_unit(data: bytes, image_size: int, channels: int, preset: str | None = None) -> np.ndarray:
     """Stored image bytes -> the model's input (C, S, S) uint8 through the eval preset (EXIF orientation
     applied): what indexing a collection and catching an index up both feed the model."""
     import io
 
-    from PIL import Image, ImageOps
+    from deepindex.data.transforms import decode_file
 
-    from deepindex.data.transforms import pil_to_uint8
-
-    with Image.open(io.BytesIO(data)) as im:
-        return pil_to_uint8(ImageOps.exif_transpose(im), image_size, channels)
+    return decode_file(io.BytesIO(data), image_size, channels, preset)
 
 
 def embed_pixels(lm: LoadedModel, pixels: np.ndarray, features: Sequence[str]) -> dict[str, np.ndarray]:
@@ -79,9 +88,7 @@ def embed_pixels(lm: LoadedModel, pixels: np.ndarray, features: Sequence[str]) -
     from deepindex.data.transforms import uint8_to_unit
 
     wanted = ["probs", *[f for f in features if f != "probs"]]
-    out = infer_unit(lm, uint8_to_unit(pixels), wanted)
-    assert isinstance(out, dict)
-    return out
+    return infer_unit(lm, uint8_to_unit(pixels), wanted)
 
 
 class ItemEmbedActor:
@@ -99,8 +106,7 @@ class ItemEmbedActor:
         self.lm = load_model(checkpoint)
         self.blobs = BlobStore(blobs_url)
         self.features = list(features)
-        d = self.lm.config.data
-        self.shape = (d.channels, d.image_size, d.image_size)
+        self.shape = (self.lm.channels, self.lm.image_size, self.lm.image_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         hashes = [str(h) for h in batch["hash"]]
@@ -108,7 +114,7 @@ class ItemEmbedActor:
         ok = np.ones(len(hashes), dtype=bool)
         for j, h in enumerate(hashes):
             try:
-                pixels[j] = image_bytes_to_unit(self.blobs.get(h), self.shape[1], self.shape[0])
+                pixels[j] = image_bytes_to_unit(self.blobs.get(h), self.shape[1], self.shape[0], self.lm.preset)
             except (OSError, ValueError, SyntaxError) as e:  # a blob PIL cannot read: skipped, not fatal
                 ok[j] = False
                 logging.getLogger(__name__).warning("item with content %s does not decode (%s); skipped", h, e)

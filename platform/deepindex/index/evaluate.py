@@ -24,11 +24,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from deepindex.index.metrics import average_precision_at_k, map_at_k, precision_at_k, relevance
+
+if TYPE_CHECKING:
+    from deepindex.checkpoint import LoadedModel
+    from deepindex.index.collection import Collection
+    from deepindex.index.keywords import Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +53,8 @@ def label_matrix(labels: Sequence[Sequence[str]], concepts: Sequence[str]) -> np
     return out
 
 
-def keyword_quality(probs: np.ndarray, labels: np.ndarray, concepts: Sequence[str], vocabulary, k: int = 10
-                    ) -> dict[str, Any]:
+def keyword_quality(probs: np.ndarray, labels: np.ndarray, concepts: Sequence[str], vocabulary: Vocabulary,
+                    k: int = 10) -> dict[str, Any]:
     """Per-concept AP (query = the concept's name) and mAP over the whole ranking; precision@k."""
     from deepindex.index.keywords import scores
 
@@ -124,7 +129,7 @@ def fusion_quality(probs: np.ndarray, feature: np.ndarray, labels: np.ndarray, c
         kw = scores(probs, [j], "all")
         sim_s, sim_r = exact_knn(feature, feature[examples], n - 1, metric, normalize=normalize, exclude=examples)
         mask = concept_mask(probs, concepts, {c: FILTER_MIN_PROB})
-        for e, ss, rr in zip(examples, sim_s, sim_r):
+        for e, ss, rr in zip(examples, sim_s, sim_r, strict=False):
             others = np.ones(n, dtype=bool)
             others[e] = False
             keyword = keep(Scored.dense(kw), others)
@@ -142,13 +147,14 @@ def fusion_quality(probs: np.ndarray, feature: np.ndarray, labels: np.ndarray, c
     nr = np.array(nrel)
     out: dict[str, Any] = {"queries": len(nrel)}
     for name, rels in runs.items():
-        rel = np.array(rels).reshape(len(nrel), k)
-        out[name] = {f"precision_at_{k}": precision_at_k(rel, k), f"map_at_{k}": map_at_k(rel, k, nr)}
+        table = np.array(rels).reshape(len(nrel), k)
+        out[name] = {f"precision_at_{k}": precision_at_k(table, k), f"map_at_{k}": map_at_k(table, k, nr)}
     return out
 
 
-def evaluate_retrieval(lm, collection, *, descriptors: Sequence[str] = DESCRIPTORS, metrics: Sequence[str] = METRICS,
-                       k: int = 10, vocabulary=None, queries_per_concept: int = 20, normalize: bool = False,
+def evaluate_retrieval(lm: LoadedModel, collection: Collection, *, descriptors: Sequence[str] = DESCRIPTORS,
+                       metrics: Sequence[str] = METRICS, k: int = 10, vocabulary: Vocabulary | None = None,
+                       queries_per_concept: int = 20, normalize: bool = False,
                        seed: int = 0, batch_size: int = 256) -> dict[str, Any]:
     """The whole report for a loaded model (:class:`deepindex.checkpoint.LoadedModel`) on a labelled collection."""
     from deepindex.index.embed import embed_features_local
@@ -181,7 +187,8 @@ def evaluate_retrieval(lm, collection, *, descriptors: Sequence[str] = DESCRIPTO
     for d in descriptors:
         report["qbe"][d] = {m: qbe_quality(feats[d], labels, m, k, normalize) for m in metrics}
         log.info("qbe %s: %s", d, report["qbe"][d])
-    best = max(((d, m) for d in descriptors for m in metrics), key=lambda dm: report["qbe"][dm[0]][dm[1]][f"map_at_{k}"])
+    best = max(((d, m) for d in descriptors for m in metrics),
+               key=lambda dm: report["qbe"][dm[0]][dm[1]][f"map_at_{k}"])
     report["qbe_best"] = {"descriptor": best[0], "metric": best[1], **report["qbe"][best[0]][best[1]]}
     report["qbe_chance"] = qbe_chance(labels)
     report["fusion"] = {"descriptor": best[0], "metric": best[1], "min_prob": FILTER_MIN_PROB,
@@ -206,7 +213,8 @@ def format_table(report: dict[str, Any]) -> str:
               f"(random ranking: {kw['chance']:.3f})",
               "AP per concept: " + ", ".join(f"{c} {v:.3f}" for c, v in kw["ap"].items())]
     f = report["fusion"]
-    lines += ["", f"Fusion, 'items with c like this one' ({f['queries']} queries; example = {f['descriptor']}/{f['metric']}):",
+    lines += ["", f"Fusion, 'items with c like this one' ({f['queries']} queries; "
+                  f"example = {f['descriptor']}/{f['metric']}):",
               "", f"| signal | mAP@{k} | precision@{k} |", "|---|---|---|"]
     for name in ("keyword", "example", "weighted", "rrf", "example+min_prob"):
         lines.append(f"| {name} | {f[name][f'map_at_{k}']:.4f} | {f[name][f'precision_at_{k}']:.4f} |")

@@ -35,9 +35,10 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 RRF_K = 60
 Rule = Literal["weighted", "rrf"]
@@ -58,7 +59,7 @@ class Scored:
         return cls(np.arange(len(s), dtype=np.int64), s)
 
     @classmethod
-    def of(cls, rows, scores, name: str = "scores") -> Scored:
+    def of(cls, rows: ArrayLike, scores: ArrayLike, name: str = "scores") -> Scored:
         """Validated: 1-D, same length, finite scores, distinct non-negative rows; errors name ``name``."""
         r = np.asarray(rows, dtype=np.int64).reshape(-1)
         s = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -112,7 +113,8 @@ def fuse(parts: Mapping[str, Scored], rule: Rule = "weighted", weights: Mapping[
     for name, p in parts.items():
         if len(p) == 0 or w[name] == 0:
             continue
-        contrib = w[name] * normalise(p.scores) if rule == "weighted" else w[name] / (rrf_k + competition_ranks(p.scores))
+        contrib = (w[name] * normalise(p.scores) if rule == "weighted"
+                   else w[name] / (rrf_k + competition_ranks(p.scores)))
         total[np.searchsorted(rows, p.rows)] += contrib
     if rule == "weighted":
         total /= sum(w.values())
@@ -125,7 +127,8 @@ def concept_mask(probs: np.ndarray, concepts: Sequence[str], min_prob: Mapping[s
     mask = np.ones(probs.shape[0], dtype=bool)
     for c, t in min_prob.items():
         if c not in index:
-            raise ValueError(f"min_prob.{c}: unknown concept; the model has {len(concepts)}: {', '.join(concepts[:10])}...")
+            raise ValueError(f"min_prob.{c}: unknown concept; the model has {len(concepts)}: "
+                             f"{', '.join(concepts[:10])}...")
         if not 0.0 <= float(t) <= 1.0:
             raise ValueError(f"min_prob.{c}: must be within [0, 1], got {t!r}")
         mask &= probs[:, index[c]] >= float(t)
@@ -146,7 +149,7 @@ class Page:
     next_cursor: str | None  # None: this was the last page
 
 
-def query_key(**params) -> str:
+def query_key(**params: Any) -> str:
     """A canonical digest of a query's parameters, for :func:`page`: a cursor is bound to it."""
     blob = json.dumps(params, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -93,14 +93,19 @@ class Vocabulary:
             words = tokens(text)
             if not words:
                 continue
-            key = tuple(self._key(w) for w in words)  # through the aliases, as a query word goes
+            keyed = [self._key(w) for w in words]  # through the aliases, as a query word goes
+            key = tuple(k for k in keyed if k is not None)
+            if len(key) != len(keyed):
+                continue  # not reached: every word of an entry was aliased above
             if self.lookup.setdefault(key, concept) != concept:
                 log.debug("vocabulary: %r already means %r, not %r", text, self.lookup[key], concept)
             self.phrases.setdefault(" ".join(words), concept)
         self.max_len = max((len(k) for k in self.lookup), default=1)
         self.stopwords = {w for s in (stopwords or []) for w in (s.lower(), *lemmas(s.lower()))}
         # Typo targets: every word of every phrase as written, mapped to its key.
-        self._choices = {w: self._key(w) for text in self.phrases for w in text.split()}
+        # Every vocabulary word -> its key (each was aliased above): what a typo is corrected to.
+        self._choices: dict[str, str] = {w: k for text in self.phrases for w in text.split()
+                                         if (k := self._key(w)) is not None}
 
     @classmethod
     def from_file(cls, path: str | Path | None, concepts: list[str]) -> Vocabulary:
@@ -137,7 +142,8 @@ class Vocabulary:
         i = 0
         while i < len(typed):
             for n in range(min(self.max_len, len(typed) - i), 0, -1):  # longest phrase first
-                c = None if None in keys[i : i + n] else self.lookup.get(tuple(keys[i : i + n]))
+                key = tuple(k for k in keys[i : i + n] if k is not None)
+                c = self.lookup.get(key) if len(key) == n else None
                 if c is not None:
                     matched[" ".join(typed[i : i + n])] = c
                     used.update(typed[i : i + n])

@@ -105,6 +105,7 @@ class IndexManifest(BaseModel):
     multilabel: bool
     image_size: int
     channels: int
+    preset: str | None = None  # the model's eval preset (deepindex.data.transforms.PRESETS)
     count: int  # base rows
     created: str
     source: dict[str, Any] = {}
@@ -267,7 +268,8 @@ class IndexStore:
     def create(cls, *, model: dict[str, str], collection: str, seq: int, concepts: list[str], ids: list[str],
                labels: list[list[str]], probs: np.ndarray, features: dict[str, np.ndarray],
                vector_cfg: VectorConfig | dict[str, VectorConfig], default_feature: str, image_size: int,
-               channels: int, multilabel: bool, source: dict[str, Any] | None = None) -> IndexStore:
+               channels: int, multilabel: bool, source: dict[str, Any] | None = None,
+               preset: str | None = None) -> IndexStore:
         """A new index over ``ids`` (the collection as of ``seq``) with one vector index per feature."""
         if default_feature not in features:
             raise ValueError(f"features: the default feature {default_feature!r} is not among {sorted(features)}")
@@ -279,8 +281,8 @@ class IndexStore:
         manifest = IndexManifest(
             model=IndexedModel.model_validate(model), collection=collection, seq=seq, features=specs,
             default_feature=default_feature, concepts=list(concepts), multilabel=multilabel, image_size=image_size,
-            channels=channels, count=len(ids), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            source=source or {})
+            channels=channels, preset=preset, count=len(ids),
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), source=source or {})
         return cls(manifest, list(ids), [list(x) for x in labels], probs.astype(np.float32),
                    {k: v.astype(np.float32) for k, v in features.items()}, vectors)
 
@@ -475,7 +477,6 @@ class IndexStore:
         n_keep = int(keep.sum())
         if n_keep == 0:
             return [[] for _ in range(len(queries))]
-        out = []
         exact = metric != spec.default_query_metric
         fetch = min(k + (1 if exclude else 0) + int((~keep).sum()), len(self.ids))
         while True:
@@ -483,7 +484,7 @@ class IndexStore:
                 scores, rows = exact_knn(self.features[name], queries, fetch, metric)
             else:
                 scores, rows = self.vectors[name].search(queries, fetch)
-            out = []
+            out: list[list[tuple[int, float]]] = []
             short = False
             for q in range(len(queries)):
                 skip = exclude[q] if exclude else None

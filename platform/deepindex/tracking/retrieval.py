@@ -25,7 +25,7 @@ def flat_metrics(report: dict[str, Any], prefix: str = "retrieval") -> dict[str,
     def walk(node: Any, path: list[str]) -> None:  # numbers at any depth; text (names, queries) skipped
         if isinstance(node, dict):
             for key, v in node.items():
-                walk(v, path + [_UNSAFE.sub("_", str(key))])
+                walk(v, [*path, _UNSAFE.sub("_", str(key))])
         elif isinstance(node, (int, float)) and not isinstance(node, bool):
             out[".".join(path)] = float(node)
 
