@@ -19,7 +19,6 @@ from support import REPO, pid_alive
 pytestmark = [pytest.mark.slow, pytest.mark.serve, pytest.mark.cluster, pytest.mark.mlflow, pytest.mark.timeout(600)]
 
 
-
 def _cli(project: Path, env: dict, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "deepindex"  # the console script of this venv
     out = subprocess.run([str(exe), *args], cwd=project, env=env,
@@ -48,7 +47,6 @@ def _champion(uri: str, ckpt: Path) -> str:
 
 
 def test_serve_command_serves_the_champion_behind_haproxy(tmp_path, monkeypatch, small_model):
-    from deepindex.index.build import build_index
     from deepindex.net import free_port
     from deepindex.tracking.uri import resolve_tracking_uri
 
@@ -67,21 +65,28 @@ def test_serve_command_serves_the_champion_behind_haproxy(tmp_path, monkeypatch,
         uri = resolve_tracking_uri(warn=False)
         assert uri and uri.startswith("http://127.0.0.1:")
         version = _champion(uri, small_model)
-        build_index("models:/deepindex@champion", size=300, use_ray=False, tracking_uri=uri)
+        imported = _cli(project, env, "collection", "import", "digit-scenes", "--digit-scenes", "--size", "300")
+        assert "imported 300 items into digit-scenes" in imported.stdout + imported.stderr
 
         port = free_port()
+        # No index exists yet: the service builds the champion's from the collection before it is ready.
         served = _cli(project, env, "serve", "--detach", "--config", str(REPO / "serving" / "config.yaml"),
-                      "--model", "models:/deepindex@champion", "--index", ".deepindex/indexes/digit-scenes",
+                      "--model", "models:/deepindex@champion", "--collection", "digit-scenes",
                       "--host", "127.0.0.1", "--port", str(port))
         url = f"http://127.0.0.1:{port}"
-        # A quiet console: the service's URL; Serve's and its replicas' output is in the log file.
-        assert [line.split(" (")[0] for line in _console(served)] == [f"service ready: {url}/"], _console(served)
+        # A quiet console: the service's URL and how to write; Serve's and its replicas' output is in the log file.
+        lines = _console(served)
+        assert len(lines) == 2 and lines[0].split(" (")[0] == f"service ready: {url}/", lines
+        assert lines[1].startswith("writes (POST/DELETE /v1/items) need: Authorization: Bearer"), lines
         (log,) = (project / ".deepindex" / "logs").glob("serve-*.log")
         assert "ServeController" in log.read_text()
         status = _cli(project, env, "status").stdout
         assert "serve: answering" in status and f"serve      {url}" in status, status
+        from support import wait_until
+
+        wait_until(lambda: requests.get(f"{url}/readyz", timeout=30).status_code == 200, 240,
+                   what="the service to build its first index and be ready")
         ready = requests.get(f"{url}/readyz", timeout=60)
-        assert ready.status_code == 200, ready.text
         body = ready.json()
         assert body["model"]["version"] == version and body["index"]["count"] == 300
 
