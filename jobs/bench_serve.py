@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import multiprocessing
+import shutil
 import sys
 import tempfile
 import time
@@ -187,8 +188,11 @@ def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threa
     connect()  # a fresh local cluster gets deepindex.cluster.serve_env (HAProxy + direct ingress)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": model_path, "index_dir": None, "reload_interval_s": 0,
-                         "model_num_cpus": threads, "model_threads": threads}),
+    # An empty collection of the benchmark's own (tagging needs no index), gone with the run.
+    scratch = tempfile.mkdtemp(prefix="deepindex-bench-serve-")
+    serve.run(build_app({"model": model_path, "collection": "bench", "index_dir": f"{scratch}/indexes",
+                         "catalogue_url": f"sqlite:///{scratch}/catalogue.db", "blobs_url": f"{scratch}/blobs",
+                         "reload_interval_s": 0, "model_num_cpus": threads, "model_threads": threads}),
               name="bench", route_prefix="/")
     bodies, ctype = make_requests(model_path)
     out: dict = {"request_bytes": int(np.mean([len(b) for b in bodies])), "levels": {}}
@@ -211,6 +215,7 @@ def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threa
     finally:
         serve.delete("bench")
         serve.shutdown()
+        shutil.rmtree(scratch, ignore_errors=True)
     return out
 
 

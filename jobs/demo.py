@@ -11,7 +11,6 @@ overrides of the sweep's base config (e.g. `train.epochs=6`).
 """
 import contextlib
 import io
-import json
 import sys
 import time
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from deepindex.cli import main
 
 MODEL = "models:/deepindex@champion"
+COLLECTION = "digit-scenes"
 URL = "http://127.0.0.1:8000"
 QUERY = "three and seven"
 # What the demo promises (README): a champion worth serving, and a keyword query that shows it.
@@ -67,11 +67,70 @@ def _quietly(argv: list[str]) -> tuple[int, str]:
     return code, out.getvalue()
 
 
+def _token() -> dict[str, str]:
+    from deepindex.paths import state_dir
+
+    return {"Authorization": f"Bearer {(state_dir() / 'serving' / 'api_token').read_text().strip()}"}
+
+
+def _status() -> dict[str, Any]:
+    import requests
+
+    r = requests.get(f"{URL}/v1/status", timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def wait_serving(version: str, timeout: float = 300.0) -> tuple[float, int]:
+    """Poll the service until it serves ``version`` with its index, printing the rollover's progress
+    every few seconds, while a search runs every 0.1 s; returns (seconds, non-2xx search answers)."""
+    import requests
+
+    from deepindex.console import event
+
+    start = last = time.monotonic()
+    failed = 0
+    while time.monotonic() - start < timeout:
+        try:
+            st = _status()
+            if (st.get("model") or {}).get("version") == version and st.get("index"):
+                return time.monotonic() - start, failed
+            ro = st["rollover"]
+            if time.monotonic() - last >= 5:
+                pct = f" {100 * ro['progress']:.0f}%" if ro.get("progress") is not None else ""
+                event("service: %s%s %s", ro["phase"], pct, ro.get("message", ""))
+                last = time.monotonic()
+        except requests.RequestException:
+            pass  # the service is still starting
+        try:
+            ok = requests.get(f"{URL}/v1/search", params={"q": QUERY, "k": 5}, timeout=30).ok
+        except requests.RequestException:
+            ok = False
+        failed += 0 if ok else 1
+        time.sleep(0.1)
+    raise TimeoutError(f"the service did not serve version {version} within {timeout:.0f}s")
+
+
+def add_items(n: int = 3) -> list[str]:
+    """POST n new scenes (never-seen glyphs) to the collection, with their known tags."""
+    import requests
+
+    from deepindex.collection.imports import png_bytes
+    from deepindex.index.collection import digit_gallery
+
+    g = digit_gallery(n, seed=4242)
+    ids = [f"demo-added-{i + 1}" for i in range(n)]
+    files = [("images", (f"{i}.png", png_bytes(g.images[j]), "image/png")) for j, i in enumerate(ids)]
+    data = [("id", i) for i in ids] + [("tags", ",".join(g.labels[j])) for j in range(n)]
+    r = requests.post(f"{URL}/v1/items", files=files, data=data, headers=_token(), timeout=60)
+    r.raise_for_status()
+    return ids
+
+
 def demo(args: list[str]) -> int:
     from deepindex import console
     from deepindex.config import ConfigError
     from deepindex.localplatform import platform_urls
-    from deepindex.paths import state_dir
     from deepindex.tune.main import tune_main
     from deepindex.workflows import promote_main
 
@@ -83,33 +142,52 @@ def demo(args: list[str]) -> int:
     # 4 logical CPUs: on a 2-core laptop Train workers and Tune trial drivers must overlap.
     if main(["up", "--num-cpus", "4"]) != 0:
         return 1
+    # The collection: the embedded gallery's 2,000 scenes (again: nothing new; ids are stable).
+    code, _ = _quietly(["collection", "import", COLLECTION, "--digit-scenes", "--size", "2000"])
+    if code != 0:
+        return 1
     name = time.strftime("demo-%Y%m%d-%H%M%S")
     try:
         summary = tune_main("tune_configs/smoke.yaml", overrides, name=name, promote=False, show=False)
         if summary["best"] is None:
             print("demo: the sweep produced no result", file=sys.stderr)
             return 1
-        decision = promote_main(sweep=name, show=False)
+        # A normal day in two promotions: the sweep's weakest finished trial goes live first, then
+        # the best one arrives and the service rolls over to it (model and index together).
+        ranked = [t for t in summary["trials_ranked"] if t["mlflow_run_id"] and t[summary["metric"]] is not None]
+        first = promote_main(run_id=ranked[-1]["mlflow_run_id"], show=False)
     except (ConfigError, ValueError) as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2
-    # The champion's test mAP: the candidate's if it was promoted, else the standing champion's,
-    # scored on the same test split.
-    champion_map = decision["candidate"] if decision["promoted"] else decision["champion"]
-    champion_version = decision["version"] if decision["promoted"] else decision["champion_version"]
-
-    code, built = _quietly(["index", "build", "--model", MODEL, "--size", "2000"])
-    if code != 0:
-        return 1
-    index = json.loads(built)
-    console.event("index: %d items with %s version %s (%s, %s) in %.0fs", index["items"], index["model"],
-                  index["version"], index["kind"], index["metric"], index["seconds"])
-    gallery = str(state_dir() / "indexes" / "digit-scenes")  # one index per model version inside
-    code, _ = _quietly(["serve", "--detach", "--model", MODEL, "--index", gallery, "--host", "127.0.0.1",
+    v1 = first["version"] if first["promoted"] else first["champion_version"]
+    code, _ = _quietly(["serve", "--detach", "--model", MODEL, "--collection", COLLECTION, "--host", "127.0.0.1",
                         "--port", "8000"])
     if code != 0:
         return 1
+    secs, _ = wait_serving(v1)
     ready_s = time.monotonic() - start
+    st = _status()
+    console.event("serving version %s with its index of %d items (built by the service in %.0fs)", v1,
+                  st["index"]["count"], secs)
+
+    # The lifecycle: items added over HTTP, then the better model promoted while searches run.
+    added = add_items()
+    console.event("added %d items over HTTP (POST /v1/items): %s", len(added), ", ".join(added))
+    decision = promote_main(run_id=ranked[0]["mlflow_run_id"], show=False)
+    champion_version = decision["version"] if decision["promoted"] else decision["champion_version"]
+    champion_map = decision["candidate"] if decision["promoted"] else decision["champion"]
+    rollover = ""
+    if decision["promoted"] and champion_version != v1:
+        secs, failed = wait_serving(champion_version)
+        st = _status()
+        missing = [i for i in added if not requests_ok(f"{URL}/v1/items/{i}")]
+        rollover = (f"rollover: version {v1} -> {champion_version} in {secs:.0f}s after the promotion, "
+                    f"{st['index']['count']} items carried over ({len(added) - len(missing)} of {len(added)} "
+                    f"added over HTTP), {failed} non-2xx search answers meanwhile")
+        console.event(rollover)
+    else:
+        console.event("promotion: version %s stays champion (%s); no rollover", champion_version,
+                      decision.get("reason", "not better"))
     print()
     precision = examples()
     urls = platform_urls()
@@ -117,6 +195,8 @@ def demo(args: list[str]) -> int:
     print(f"champion: deepindex version {champion_version}, test mAP {champion_map:.4f} "
           f"(digit-scenes test split, unseen handwriting)")
     print(f"keyword query {QUERY!r}: precision@10 {precision:.2f}")
+    if rollover:
+        print(rollover)
     print(f"MLflow: {summary['mlflow_ui']}  (the sweep's run: its description links each trial, and "
           "'Compare the N trials' opens the parallel coordinates)")
     print(f"Ray dashboard: {urls.get('dashboard', '-')}   service: {URL}/  (API docs {URL}/docs)")
@@ -127,6 +207,12 @@ def demo(args: list[str]) -> int:
               "tune_configs/smoke.yaml needs more budget on this machine", file=sys.stderr)
         return 1
     return 0
+
+
+def requests_ok(url: str) -> bool:
+    import requests
+
+    return requests.get(url, timeout=30).ok
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
 import signal
@@ -23,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
-
+from deepindex.collection.imports import png_bytes  # noqa: F401 - re-exported: the tests encode images with it
 from deepindex.net import free_port
 from deepindex.sessions import session_members
 
@@ -199,14 +197,6 @@ def start_mlflow_server(root: Path, port: int | None = None, timeout: float = 90
 
 
 # ---- images ---------------------------------------------------------------------------------------
-def png_bytes(unit: np.ndarray) -> bytes:
-    """(1, S, S) or (S, S) in [0, 1] -> PNG bytes (grayscale)."""
-    from PIL import Image
-
-    a = np.asarray(unit).reshape(unit.shape[-2:])
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(np.rint(a * 255), 0, 255).astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # ---- a tracking server that fails at a known point -------------------------------------------------

@@ -45,6 +45,12 @@ def sweep_summary(out: SweepOutcome) -> dict[str, Any]:
         "best": None if best is None else {"trial_id": best.trial_id, out.metric: best.metric,
                                            "epochs": best.epochs_done, "mlflow_run_id": best.run_id,
                                            "params": best.params},
+        # every trial, best first (those without a result last): what a second look at the sweep needs
+        "trials_ranked": [{"trial_id": t.trial_id, out.metric: t.metric, "epochs": t.epochs_done,
+                           "stopped_early": t.stopped_early, "mlflow_run_id": t.run_id}
+                          for t in sorted(out.trials, key=lambda t: (t.metric is None,
+                                                                     -(t.metric or 0) if out.mode == "max"
+                                                                     else (t.metric or 0)))],
         "promotion": asdict(out.promotion) if out.promotion is not None else None,
         "mlflow_parent_run_id": out.parent_run_id,
         # the sweep's parent run: its description links every trial and the compare view
