@@ -26,7 +26,7 @@ def test_builtin_datasets_resolve_without_looking_at_files():
     assert (d.preset, d.channels, d.image_size, d.normalize) == ("digit", 1, 32, "dataset") and notes == []
     d, _ = resolve_data(load_config(None, ["data.dataset=cifar10"]).data)
     assert (d.channels, d.image_size) == (3, 32)
-    with pytest.raises(ValueError, match="^data.preset: digit-scenes uses the digit preset"):
+    with pytest.raises(ValueError, match=r"^data\.preset: digit-scenes uses the digit preset"):
         resolve_data(load_config(None, ["data.preset=photo"]).data)
 
 
@@ -94,11 +94,12 @@ def test_checkpoints_hold_resolved_data_keys(tmp_path):
                              "model.embed_dim=8"])
     sp = build_splits(cfg.data)
     m = build_model(cfg.model, len(sp.concepts), sp.channels)
-    save_checkpoint(tmp_path / "ck", model=m, config=cfg, stats=sp.stats, concepts=sp.concepts, multilabel=False, epoch=0)
+    save_checkpoint(tmp_path / "ck", model=m, config=cfg, stats=sp.stats, concepts=sp.concepts, multilabel=False,
+                    epoch=0)
     d = load_model(tmp_path / "ck").config.data
     assert (d.channels, d.image_size, d.preset, d.normalize) == (3, 40, "fit", "dataset")
 
 
 def test_bad_preset_is_a_config_error():
-    with pytest.raises(ConfigError, match="^data.preset"):
+    with pytest.raises(ConfigError, match=r"^data\.preset"):
         load_config(None, ["data.preset=imagenet"])

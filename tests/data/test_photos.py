@@ -43,9 +43,9 @@ def test_colours_have_equal_luma_so_gray_cannot_tell_them_apart():
 
 
 def test_bad_arguments_are_named(tmp_path):
-    with pytest.raises(ValueError, match="^concepts: 'purple'"):
+    with pytest.raises(ValueError, match=r"^concepts: 'purple'"):
         make_photo_collection(tmp_path, n=40, concepts=["red", "purple"])
-    with pytest.raises(ValueError, match="^size:"):
+    with pytest.raises(ValueError, match=r"^size:"):
         make_photo_collection(tmp_path, n=40, size=64)
 
 

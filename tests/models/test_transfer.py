@@ -56,9 +56,9 @@ def test_missing_weights_offline_fail_in_one_line_naming_file_and_folder(torch_h
 
 
 def test_pretrained_is_for_torchvision_backbones_only():
-    with pytest.raises(ConfigError, match="^model.pretrained: convnet has no torchvision ImageNet weights"):
+    with pytest.raises(ConfigError, match=r"^model\.pretrained: convnet has no torchvision ImageNet weights"):
         load_config(None, ["model.pretrained=imagenet"])
-    with pytest.raises(ConfigError, match="^train.unfreeze_epoch: needs model.freeze"):
+    with pytest.raises(ConfigError, match=r"^train\.unfreeze_epoch: needs model\.freeze"):
         load_config(None, ["train.unfreeze_epoch=2"])
 
 

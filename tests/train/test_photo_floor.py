@@ -30,7 +30,7 @@ def test_convnet_reaches_the_colour_photo_floor(tmp_path, one_thread):
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     test = evaluate(run.model, DataLoader(run.splits.test, batch_size=256), True, prefix="test_")
     print(f"colour photos: test mAP {test['test_map']:.4f}, training {cpu:.0f} s CPU / {wall:.0f} s wall, "
-          f"AP {dict(zip(run.splits.concepts, [round(a, 3) for a in test['test_ap']]))}")
+          f"AP {dict(zip(run.splits.concepts, [round(a, 3) for a in test['test_ap']], strict=True))}")
     assert len(run.splits.test) == 90 and len(run.splits.train) == 420  # the split column, not a random draw
     assert test["test_map"] >= 0.93
     assert cpu <= 180

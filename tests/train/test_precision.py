@@ -41,5 +41,5 @@ def test_mixed_precision_epochs_learn_on_cpu(amp, channels_last, one_thread):
 
 
 def test_amp_is_a_checked_key():
-    with pytest.raises(ConfigError, match="^train.amp"):
+    with pytest.raises(ConfigError, match=r"^train\.amp"):
         load_config(None, ["train.amp=fp8"])

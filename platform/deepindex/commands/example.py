@@ -1,14 +1,16 @@
 """``deepindex example photos DIR``: write the example colour photo collection."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("example", help="write an example collection to try the platform on")
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
-    ph = kinds.add_parser("photos", help="colour photos with coloured shapes: JPEGs + tags.csv (split column) + concepts.txt")
+    ph = kinds.add_parser("photos", help="colour photos with coloured shapes: JPEGs + tags.csv (split column) "
+                                         "+ concepts.txt")
     ph.add_argument("dir", help="folder to write (created; must be empty unless --force)")
     ph.add_argument("--n", type=int, default=600, help="number of images (default 600)")
     ph.add_argument("--size", type=int, default=160, help="image side in px, 128-224 (default 160)")
@@ -19,7 +21,7 @@ def register(sub) -> None:
     ph.set_defaults(func=run_photos)
 
 
-def run_photos(args) -> int:
+def run_photos(args: argparse.Namespace) -> int:
     from deepindex.data.photos import DEFAULT_CONCEPTS, make_photo_collection
 
     out = Path(args.dir)

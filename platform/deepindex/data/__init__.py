@@ -8,9 +8,10 @@ config leaves unset (channels, size, preset, normalisation) are resolved first
 from __future__ import annotations
 
 import logging
+from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import torch
@@ -24,11 +25,23 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from deepindex.config import DataConfig
+    from deepindex.data.augment import Transform
 
-__all__ = ["ImageFileDataset", "NormStats", "Splits", "build_splits", "normalize"]
+__all__ = ["ImageFileDataset", "NormStats", "SplitData", "Splits", "build_splits", "normalize", "split_len"]
 
 # Normalisation stats of a file collection come from at most this many training images.
 _STATS_SAMPLE = 2000
+
+# A split: a map-style dataset of (x (C, S, S) normalised, target).  Every one built here is
+# also Sized (TensorDataset, ImageFileDataset, AugmentedTensorDataset, and label views' Subset).
+SplitData: TypeAlias = Dataset[tuple[torch.Tensor, ...]]
+
+
+def split_len(ds: SplitData) -> int:
+    """The number of items in a split (torch's ``Dataset`` type does not promise a length)."""
+    if not isinstance(ds, Sized):
+        raise TypeError(f"data: a {type(ds).__name__} split has no length")
+    return len(ds)
 
 
 @dataclass
@@ -51,7 +64,7 @@ class ImageFileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     augmentation, on uint8); yields (x, target)."""
 
     def __init__(self, paths: list[Path], targets: torch.Tensor, image_size: int, channels: int,
-                 stats: NormStats | None, preset: str | None = None, transform: Any = None):
+                 stats: NormStats | None, preset: str | None = None, transform: Transform | None = None) -> None:
         self.paths, self.targets = paths, targets
         self.image_size, self.channels, self.stats = image_size, channels, stats
         self.preset, self.transform = preset, transform
@@ -60,7 +73,8 @@ class ImageFileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        u8 = torch.from_numpy(decode_file(self.paths[i], self.image_size, self.channels, self.preset))  # (C, S, S)
+        # (C, S, S) uint8, through the eval preset
+        u8 = torch.from_numpy(decode_file(self.paths[i], self.image_size, self.channels, self.preset))
         if self.transform is not None:
             u8 = self.transform(u8)
         x = torch.from_numpy(uint8_to_unit(u8.numpy()))
@@ -69,18 +83,37 @@ class ImageFileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return x, self.targets[i]
 
 
-def _train_transform(d: DataConfig) -> Any:
+@dataclass(frozen=True)
+class _Shape:
+    """What :func:`deepindex.data.inspect.resolve_data` fills in when a config leaves it unset."""
+
+    channels: int
+    image_size: int
+    preset: str
+
+
+def _shape(d: DataConfig) -> _Shape:
+    if d.channels is None or d.image_size is None or d.preset is None:
+        raise ValueError("data: channels, image_size and preset are unresolved "
+                         "(deepindex.data.inspect.resolve_data fills them in)")
+    return _Shape(d.channels, d.image_size, d.preset)
+
+
+def _train_transform(d: DataConfig, image_size: int) -> Transform | None:
     from deepindex.data.augment import build_augment
 
-    return build_augment(d.augment, d.augment_strength, d.image_size)
+    return build_augment(d.augment, d.augment_strength, image_size)
 
 
 def _tensor_splits(parts: dict[str, tuple[torch.Tensor, torch.Tensor]], concepts: list[str], multilabel: bool,
                    image_size: int, d: DataConfig | None = None, train_augment: bool = True) -> Splits:
     channels = parts["train"][0].shape[1]
-    stats = imagenet_stats(channels) if d is not None and d.normalize == "imagenet" else compute_stats(parts["train"][0])
-    ds: dict[str, Dataset] = {k: TensorDataset(normalize(x, stats), y) for k, (x, y) in parts.items()}
-    transform = _train_transform(d) if d is not None and train_augment else None
+    if d is not None and d.normalize == "imagenet":
+        stats = imagenet_stats(channels)
+    else:
+        stats = compute_stats(parts["train"][0])
+    ds: dict[str, SplitData] = {k: TensorDataset(normalize(x, stats), y) for k, (x, y) in parts.items()}
+    transform = _train_transform(d, image_size) if d is not None and train_augment else None
     if transform is not None:
         from deepindex.data.augment import AugmentedTensorDataset
 
@@ -109,7 +142,7 @@ def _column_split_indices(splits: list[str | None], val_fraction: float, test_fr
     for name, frac in (("test", test_fraction), ("val", val_fraction)):
         if len(out[name]) == 0:
             order = rng.permutation(out["train"])
-            n = max(1, int(round(frac * len(order))))
+            n = max(1, round(frac * len(order)))
             out[name], out["train"] = np.sort(order[:n]), np.sort(order[n:])
             log.debug("data: no %s rows in the split column; %d carved from train", name, n)
     if len(out["train"]) == 0:
@@ -118,23 +151,27 @@ def _column_split_indices(splits: list[str | None], val_fraction: float, test_fr
 
 
 def _file_splits(items: FileItems, d: DataConfig, multilabel: bool, train_augment: bool = True) -> Splits:
+    shape = _shape(d)
     if items.splits is not None:
         idx = _column_split_indices(items.splits, d.val_fraction, d.test_fraction, d.seed)
     else:
         idx = _split_indices(len(items.paths), d.val_fraction, d.test_fraction, d.seed)
-    sub = {k: ([items.paths[i] for i in v], items.targets[torch.as_tensor(v, dtype=torch.int64)]) for k, v in idx.items()}
+    sub = {k: ([items.paths[i] for i in v], items.targets[torch.as_tensor(v, dtype=torch.int64)])
+           for k, v in idx.items()}
     if d.normalize == "imagenet":
-        stats = imagenet_stats(d.channels)
+        stats = imagenet_stats(shape.channels)
     else:
         # Stats from a fixed sample of training images: enough for a mean and std, cheap on big folders.
         sample = sub["train"][0][:_STATS_SAMPLE]
-        raw = ImageFileDataset(sample, sub["train"][1][: len(sample)], d.image_size, d.channels, None, d.preset)
+        raw = ImageFileDataset(sample, sub["train"][1][: len(sample)], shape.image_size, shape.channels, None,
+                               shape.preset)
         stats = compute_stats(torch.stack([raw[i][0] for i in range(len(raw))]))
-    transform = _train_transform(d) if train_augment else None
-    ds = {k: ImageFileDataset(p, y, d.image_size, d.channels, stats, d.preset, transform if k == "train" else None)
+    transform = _train_transform(d, shape.image_size) if train_augment else None
+    ds = {k: ImageFileDataset(p, y, shape.image_size, shape.channels, stats, shape.preset,
+                              transform if k == "train" else None)
           for k, (p, y) in sub.items()}
-    return Splits(ds["train"], ds["val"], ds["test"], items.concepts, multilabel, stats, d.channels, d.image_size,
-                  d.preset, items.report)
+    return Splits(ds["train"], ds["val"], ds["test"], items.concepts, multilabel, stats, shape.channels,
+                  shape.image_size, shape.preset, items.report)
 
 
 def build_splits(d: DataConfig, train_augment: bool = True) -> Splits:
@@ -157,14 +194,15 @@ def _dataset_splits(d: DataConfig, train_augment: bool) -> Splits:
         multilabel = d.dataset == "digit-scenes"
         if d.channels != 1:
             raise ValueError("data.channels: digit datasets are grayscale (1 channel)")
+        image_size = _shape(d).image_size
         sizes = {"train": d.train_size, "val": d.val_size, "test": d.test_size}
         parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for split, n in sizes.items():
-            s = make_scenes(split, n, image_size=d.image_size, max_digits=d.max_digits, multilabel=multilabel,
+            s = make_scenes(split, n, image_size=image_size, max_digits=d.max_digits, multilabel=multilabel,
                             seed=d.seed)
             parts[split] = (s.images, s.targets)
             concepts = s.concepts
-        return _tensor_splits(parts, concepts, multilabel, d.image_size, d, train_augment)
+        return _tensor_splits(parts, concepts, multilabel, image_size, d, train_augment)
     if d.dataset == "image-folder":
         if not d.root:
             raise ValueError("data.root: required for an image folder")

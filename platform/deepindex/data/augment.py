@@ -21,15 +21,20 @@ suit shape and texture concepts more than colour ones.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sized
+
 import torch
 from torch.utils.data import Dataset
 
 from deepindex.data.transforms import NormStats, normalize
 
+# uint8 (C, S, S) -> uint8 (C, S, S); a v2.Compose is one.
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
 AUGMENTS = ("crop", "flip", "vflip", "jitter", "hue", "trivial", "randaugment")  # also the order applied
 
 
-def build_augment(names: tuple[str, ...] | list[str], strength: float, image_size: int):
+def build_augment(names: tuple[str, ...] | list[str], strength: float, image_size: int) -> Transform | None:
     """A ``v2.Compose`` over uint8 (C, S, S) tensors, or None when ``names`` is empty."""
     from torchvision.transforms import v2
 
@@ -47,34 +52,38 @@ def build_augment(names: tuple[str, ...] | list[str], strength: float, image_siz
         "jitter": lambda: v2.ColorJitter(brightness=0.4 * s, contrast=0.4 * s, saturation=0.4 * s),
         "hue": lambda: v2.ColorJitter(hue=0.25 * s),
         "trivial": lambda: v2.TrivialAugmentWide(),
-        "randaugment": lambda: v2.RandAugment(num_ops=2, magnitude=int(round(30 * s)), num_magnitude_bins=31),
+        "randaugment": lambda: v2.RandAugment(num_ops=2, magnitude=round(30 * s), num_magnitude_bins=31),
     }
     ops = [factories[n]() for n in AUGMENTS if n in set(names)]
     return v2.Compose(ops) if ops else None
 
 
-def augment_unit(x: torch.Tensor, transform) -> torch.Tensor:
+def augment_unit(x: torch.Tensor, transform: Transform) -> torch.Tensor:
     """(C, S, S) float in [0, 1] -> augmented, same shape and range (through uint8, as files are)."""
     u8 = (x.clamp(0, 1) * 255.0).round().to(torch.uint8)
     return transform(u8).float().div_(255.0)
 
 
-class AugmentedTensorDataset(Dataset):
+class AugmentedTensorDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """A dataset of normalised in-memory images (the digit datasets), augmented on access.
 
     Undo the normalisation, augment the uint8 image, normalise again: the same ops and the
     same order as for files, whose uint8 pixels are augmented before normalising.
     """
 
-    def __init__(self, base: Dataset, transform, stats: NormStats):
-        self.base, self.transform, self.stats = base, transform, stats
+    def __init__(self, base: Dataset[tuple[torch.Tensor, ...]], transform: Transform, stats: NormStats) -> None:
+        self.base: Dataset[tuple[torch.Tensor, ...]] = base  # a label view may swap in a relabelled one
+        self.transform, self.stats = transform, stats
         self._mean = torch.tensor(stats.mean).view(-1, 1, 1)
         self._std = torch.tensor(stats.std).view(-1, 1, 1)
 
     def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
+        base = self.base
+        if not isinstance(base, Sized):
+            raise TypeError(f"AugmentedTensorDataset: its base, a {type(base).__name__}, has no length")
+        return len(base)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.base[i]
         unit = x * self._std + self._mean  # (C, S, S) in [0, 1]
         return normalize(augment_unit(unit, self.transform), self.stats), y

@@ -194,7 +194,8 @@ def find_sidecar(root: str | Path) -> Path:
     if not found:
         raise FileNotFoundError(f"data.manifest: not given, and {root} holds none of {', '.join(SIDECAR_NAMES)}")
     if len(found) > 1:
-        raise ValueError(f"data.manifest: {root} holds {' and '.join(p.name for p in found)}; name one with data.manifest")
+        names = " and ".join(p.name for p in found)
+        raise ValueError(f"data.manifest: {root} holds {names}; name one with data.manifest")
     return found[0]
 
 
@@ -241,7 +242,7 @@ def read_manifest(manifest: str | Path, root: str | Path, concepts: list[str] | 
                 unknown_seen.update(unknown)
                 if unknown_tags == "ignore":
                     tags = [t for t in tags if t in known]
-        data = None
+        data = b""  # the file's bytes, read only to check or hash them
         if check_images or dedupe:
             try:
                 data = p.read_bytes()
@@ -279,13 +280,13 @@ def read_manifest(manifest: str | Path, root: str | Path, concepts: list[str] | 
             targets[i, index[t]] = 1.0
     splits = [r[3] for r in rows]
     report.items = len(rows)
-    if any(s is not None for s in splits):
+    has_column = any(s is not None for s in splits)
+    if has_column:
         for s_ in splits:
             key = s_ or "unassigned"
             report.split_counts[key] = report.split_counts.get(key, 0) + 1
-    else:
-        splits = None
-    return FileItems([r[0] for r in rows], targets, list(concepts), [r[1] for r in rows], splits, report)
+    return FileItems([r[0] for r in rows], targets, list(concepts), [r[1] for r in rows],
+                     splits if has_column else None, report)
 
 
 def read_collection(root: str | Path, manifest: str | Path | None = None, concepts: str | Path | None = None,
@@ -297,7 +298,7 @@ def read_collection(root: str | Path, manifest: str | Path | None = None, concep
     """
     root = Path(root)
     flat = manifest is None
-    manifest = find_sidecar(root) if flat else Path(manifest)
+    manifest = find_sidecar(root) if manifest is None else Path(manifest)
     if concepts is None and (root / CONCEPTS_NAME).is_file():
         concepts = root / CONCEPTS_NAME
     concept_list = read_concepts(concepts) if concepts is not None else None

@@ -13,10 +13,14 @@ import logging
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, UnidentifiedImageError
 
 from deepindex.data.transforms import PRESETS
+
+if TYPE_CHECKING:
+    from deepindex.config import Config, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +69,7 @@ def inspect_images(paths: list[Path], sample: int = SAMPLE) -> ImageFormat:
     return ImageFormat(len(picked), len(paths), colour, int(statistics.median(shorts)))
 
 
-def _file_paths(d) -> list[Path]:
+def _file_paths(d: DataConfig) -> list[Path]:
     from deepindex.data.files import read_collection, read_image_folder
 
     if d.dataset == "image-folder":
@@ -84,10 +88,10 @@ def _size_from(short_side: int) -> int:
     return max(MIN_SIZE, min(MAX_SIZE, short_side)) // 8 * 8
 
 
-def resolve_data(d, *, pretrained: bool = False):
+def resolve_data(d: DataConfig, *, pretrained: bool = False) -> tuple[DataConfig, list[str]]:
     """(a DataConfig with channels, image_size, preset and normalize set, notes on what was inferred)."""
     notes: list[str] = []
-    updates: dict = {}
+    updates: dict[str, Any] = {}
     if d.dataset in _FIXED:
         preset, channels, size = _FIXED[d.dataset]
         if d.preset not in (None, preset):
@@ -96,7 +100,8 @@ def resolve_data(d, *, pretrained: bool = False):
         updates = {"preset": preset, "channels": d.channels or channels, "image_size": d.image_size or size}
     elif d.preset in ("digit", "photo"):  # a preset with a size and channel count of its own
         p = PRESETS[d.preset]
-        updates = {"preset": d.preset, "channels": d.channels or p.channels, "image_size": d.image_size or p.image_size}
+        updates = {"preset": d.preset, "channels": d.channels or p.channels,
+                   "image_size": d.image_size or p.image_size}
     else:  # fit, or nothing said: what the files hold
         updates = {"preset": "fit", "channels": d.channels, "image_size": d.image_size}
         if d.channels is None or d.image_size is None:
@@ -120,7 +125,7 @@ def resolve_data(d, *, pretrained: bool = False):
     return d.model_copy(update=updates), notes
 
 
-def resolve_config(cfg):
+def resolve_config(cfg: Config) -> Config:
     """``cfg`` with its data section resolved; logs what was inferred, once, on the caller's side."""
     d, notes = resolve_data(cfg.data, pretrained=cfg.model.pretrained != "none")
     if d is cfg.data:

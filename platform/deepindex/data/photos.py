@@ -74,7 +74,7 @@ def _package_dir(package: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         pip = {"sklearn": "scikit-learn", "skimage": "scikit-image==0.26.0"}[package]
         raise ModuleNotFoundError(f"example photos: {package} is not installed (pip install {pip})")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _photo(source: str, name: str) -> Image.Image:
@@ -82,11 +82,11 @@ def _photo(source: str, name: str) -> Image.Image:
     path = _package_dir(source).joinpath(*sub, name)
     if not path.is_file():
         raise FileNotFoundError(f"example photos: {path} does not ship with {source} (nothing is downloaded)")
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    with Image.open(path) as file:
+        im = file.convert("RGB")
     if min(im.size) > _PHOTO_SHORT_SIDE:
         f = _PHOTO_SHORT_SIDE / min(im.size)
-        im = im.resize((round(im.width * f), round(im.height * f)), Image.LANCZOS)
+        im = im.resize((round(im.width * f), round(im.height * f)), Image.Resampling.LANCZOS)
     return im
 
 
@@ -115,7 +115,8 @@ def check_concepts(concepts: list[str] | tuple[str, ...]) -> list[str]:
 def _shape_polygon(kind: str, cx: float, cy: float, d: float, angle: float) -> list[tuple[float, float]]:
     if kind == "square":
         r = 0.8 * d / math.sqrt(2)  # side 0.8 d: about the area of the circle of diameter d
-        return [(cx + r * math.cos(angle + k * math.pi / 2), cy + r * math.sin(angle + k * math.pi / 2)) for k in range(4)]
+        return [(cx + r * math.cos(angle + k * math.pi / 2), cy + r * math.sin(angle + k * math.pi / 2))
+                for k in range(4)]
     r = 0.6 * d  # triangle: circumradius 0.6 d
     return [(cx + r * math.cos(angle + k * 2 * math.pi / 3), cy + r * math.sin(angle + k * 2 * math.pi / 3))
             for k in range(3)]
@@ -142,9 +143,9 @@ def render(photo: Image.Image, region: tuple[float, float, float, float], rng: n
     x0, y0, x1, y1 = region[0] * W, region[1] * H, region[2] * W, region[3] * H
     side = min(rng.uniform(0.3, 0.45) * min(W, H), x1 - x0, y1 - y0)
     left, top = rng.uniform(x0, x1 - side), rng.uniform(y0, y1 - side)
-    img = photo.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
+    img = photo.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
     if rng.random() < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     big = size * _SUPERSAMPLE
     overlay = Image.new("RGBA", (big, big), (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
@@ -154,8 +155,8 @@ def render(photo: Image.Image, region: tuple[float, float, float, float], rng: n
         kind = SHAPES[int(rng.integers(len(SHAPES)))]
         # One brightness factor for any colour, so luma says nothing about which colour it is.
         f = rng.uniform(0.75, 1.25)
-        fill = tuple(int(np.clip(c * f + rng.integers(-8, 9), 0, 255)) for c in COLOURS[colour]) + (255,)
-        edge = tuple(int(c * 0.6) for c in fill[:3]) + (255,)
+        fill = (*(int(np.clip(c * f + rng.integers(-8, 9), 0, 255)) for c in COLOURS[colour]), 255)
+        edge = (*(int(c * 0.6) for c in fill[:3]), 255)
         width = max(1, int(0.015 * big))
         cx, cy, d = cx * _SUPERSAMPLE, cy * _SUPERSAMPLE, d * _SUPERSAMPLE
         if kind == "circle":
@@ -175,7 +176,7 @@ def tags_of(drawn: list[tuple[str, str]], concepts: list[str]) -> list[str]:
 
 
 def _split_plan(n: int, seed: int) -> list[str]:
-    counts = [int(round(f * n)) for _, f in SPLIT_FRACTIONS[1:]]
+    counts = [round(f * n) for _, f in SPLIT_FRACTIONS[1:]]
     plan = ["val"] * counts[0] + ["test"] * counts[1]
     plan = ["train"] * (n - len(plan)) + plan
     order = np.random.default_rng([seed, 7]).permutation(n)
@@ -183,7 +184,8 @@ def _split_plan(n: int, seed: int) -> list[str]:
 
 
 def make_photo_collection(out: str | Path, n: int = 600, size: int = 160, seed: int = 0,
-                          concepts: list[str] | tuple[str, ...] = DEFAULT_CONCEPTS, quality: int = 90) -> PhotoCollection:
+                          concepts: list[str] | tuple[str, ...] = DEFAULT_CONCEPTS,
+                          quality: int = 90) -> PhotoCollection:
     """Write ``n`` JPEGs, ``tags.csv`` (path, tags, split) and ``concepts.txt`` under ``out``.
 
     Deterministic: the same arguments write the same bytes.

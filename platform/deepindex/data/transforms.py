@@ -91,7 +91,7 @@ def to_model_mode(img: Image.Image, channels: int) -> Image.Image:
     and a white page is what a viewer shows.
     """
     img = ImageOps.exif_transpose(img)  # phone photos store "rotate 90" in EXIF, not in pixels
-    if img.mode == "P" and "transparency" in img.info or img.mode in ("PA", "LA", "La", "RGBa"):
+    if (img.mode == "P" and "transparency" in img.info) or img.mode in ("PA", "LA", "La", "RGBa"):
         img = img.convert("RGBA")
     if img.mode == "RGBA":
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -116,7 +116,7 @@ def preset_resize(img: Image.Image, image_size: int, preset: str | None = None) 
         # PIL's own bilinear resize, as before presets existed: old checkpoints serve unchanged.
         return img if img.size == (image_size, image_size) else F.resize(
             img, [image_size, image_size], interpolation=InterpolationMode.BILINEAR)
-    short = int(round(image_size / p.crop_ratio))
+    short = round(image_size / p.crop_ratio)
     if min(img.size) != short:
         img = F.resize(img, short, interpolation=InterpolationMode.BILINEAR)  # shorter side -> short
     return F.center_crop(img, [image_size, image_size])

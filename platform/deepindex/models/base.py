@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -9,6 +10,17 @@ from torch import nn
 # probabilities: sigmoid for multi-label models, softmax for single-label ones) and the
 # penultimate layer (the embedding).  Bodies add their own (``last_but_two``, ``stage<N>``).
 HEAD_POINTS = ("probs", "logits", "penultimate")
+
+
+@runtime_checkable
+class FeatureBody(Protocol):
+    """A body that taps its own feature points during its forward pass."""
+
+    feature_points: tuple[str, ...]  # its own points (``last_but_two``, ``stage<N>``, ...)
+
+    def forward_features(self, x: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
+        """(B, C, H, W) -> {name: (B, D_name)}: every name in ``wanted`` and always ``penultimate``."""
+        ...
 
 
 class ConceptModel(nn.Module):
@@ -34,12 +46,12 @@ class ConceptModel(nn.Module):
 
     def feature_points(self) -> tuple[str, ...]:
         """Names :meth:`features` accepts for this model (see the module's ``HEAD_POINTS``)."""
-        own = getattr(self.body, "feature_points", None)
-        if own is None:
-            own = ("last_but_two",) if _last_linear(self.body) is not None else ()
-        return HEAD_POINTS + tuple(own)
+        if isinstance(self.body, FeatureBody):
+            return HEAD_POINTS + tuple(self.body.feature_points)
+        return HEAD_POINTS + (("last_but_two",) if _last_linear(self.body) is not None else ())
 
-    def features(self, x: torch.Tensor, names: Sequence[str], *, multilabel: bool | None = None) -> dict[str, torch.Tensor]:
+    def features(self, x: torch.Tensor, names: Sequence[str], *, multilabel: bool | None = None
+                 ) -> dict[str, torch.Tensor]:
         """(B, C, H, W) -> {name: (B, D_name)} for the requested feature points, from one pass.
 
         ``probs`` needs ``multilabel`` (sigmoid or softmax): the model itself does not know how
@@ -53,7 +65,7 @@ class ConceptModel(nn.Module):
         if "probs" in names and multilabel is None:
             raise ValueError("features: 'probs' needs multilabel=True (sigmoid) or False (softmax)")
         wanted = {n for n in names if n not in HEAD_POINTS}
-        if hasattr(self.body, "forward_features"):
+        if isinstance(self.body, FeatureBody):
             feats = self.body.forward_features(x, wanted)  # always holds "penultimate"
         else:
             feats = _features_by_hook(self.body, x, wanted)
@@ -84,9 +96,12 @@ def _features_by_hook(body: nn.Module, x: torch.Tensor, wanted: set[str]) -> dic
     """
     seen: dict[str, torch.Tensor] = {}
     handle = None
-    if "last_but_two" in wanted:
-        lin = _last_linear(body)
-        handle = lin.register_forward_pre_hook(lambda _m, args: seen.__setitem__("last_but_two", torch.flatten(args[0], 1)))
+    lin = _last_linear(body) if "last_but_two" in wanted else None
+    if lin is not None:  # feature_points() offers last_but_two only to a body with a linear layer
+        def tap(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            seen["last_but_two"] = torch.flatten(args[0], 1)
+
+        handle = lin.register_forward_pre_hook(tap)
     try:
         seen["penultimate"] = body(x)  # (B, D)
     finally:

@@ -21,19 +21,27 @@ import re
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
+
+    from deepindex.config import Config
+
 log = logging.getLogger(__name__)
 
 # Registered model name -> torchvision model name, for the models with ImageNet weights.
-TORCHVISION = {n: n for n in ("resnet18", "resnet50", "vgg11_bn", "vgg16", "densenet121", "alexnet", "googlenet")}
+TORCHVISION = {n: n for n in ("resnet18", "resnet50", "vgg11_bn", "vgg16", "densenet121", "alexnet",
+                               "googlenet")}
 # Old DenseNet checkpoints name "norm.1" what the module calls "norm1" (torchvision remaps the same way).
-_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
-def pretrained_weights(name: str):
+def pretrained_weights(name: str) -> WeightsEnum | None:
     """torchvision's default ImageNet weights entry for a registered model, or None."""
     if name not in TORCHVISION:
         return None
@@ -42,12 +50,16 @@ def pretrained_weights(name: str):
     return get_model_weights(TORCHVISION[name]).DEFAULT
 
 
-def weights_path(name: str) -> Path:
-    """Where torch keeps the weights file of ``name``: ``<torch hub dir>/checkpoints/<file>``."""
+def _weights_url(name: str) -> str:
     w = pretrained_weights(name)
     if w is None:
         raise ValueError(f"model.pretrained: {name} has no torchvision ImageNet weights")
-    return Path(torch.hub.get_dir()) / "checkpoints" / w.url.rsplit("/", 1)[-1]
+    return str(w.url)
+
+
+def weights_path(name: str) -> Path:
+    """Where torch keeps the weights file of ``name``: ``<torch hub dir>/checkpoints/<file>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / _weights_url(name).rsplit("/", 1)[-1]
 
 
 def ensure_pretrained(name: str, timeout_s: float = 10.0) -> Path:
@@ -55,7 +67,7 @@ def ensure_pretrained(name: str, timeout_s: float = 10.0) -> Path:
     path = weights_path(name)
     if path.is_file():
         return path
-    url = pretrained_weights(name).url
+    url = _weights_url(name)
     try:
         # A short HEAD first: torch's downloader has no timeout and would hang on a silent network.
         urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s).close()
@@ -118,7 +130,8 @@ def _prefix_of(model: nn.Module, stage: str) -> str:
     names = [n for n, _ in model.named_modules() if n]
     hits = [n for n in names if n == stage or n.endswith("." + stage)]
     if not hits:
-        raise ValueError(f"model.freeze: no module {stage!r}; stages: none, backbone, {', '.join(freeze_stages(model))}")
+        stages = ", ".join(freeze_stages(model))
+        raise ValueError(f"model.freeze: no module {stage!r}; stages: none, backbone, {stages}")
     hits.sort(key=len)
     if len(hits) > 1 and len(hits[0]) == len(hits[1]):
         raise ValueError(f"model.freeze: {stage!r} is ambiguous ({hits[0]}, {hits[1]}); give the longer name")
@@ -159,7 +172,7 @@ def has_frozen(model: nn.Module) -> bool:
     return any(not p.requires_grad for p in model.parameters())
 
 
-def unfreeze_due(model: nn.Module, cfg, epoch: int) -> bool:
+def unfreeze_due(model: nn.Module, cfg: Config, epoch: int) -> bool:
     """Whether ``train.unfreeze_epoch`` lifts the freeze at (or, resuming, before) ``epoch``."""
     at = cfg.train.unfreeze_epoch
     return at is not None and epoch >= at and has_frozen(model)

@@ -18,18 +18,18 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from deepindex.config import RegularizationConfig
+    from deepindex.config import RegularizationConfig, TrainConfig
 
 
-def make_loss(multilabel: bool, train_cfg=None) -> nn.Module:
-    """The training loss; ``train_cfg`` (a TrainConfig) switches on the noise-robust options.
+def make_loss(multilabel: bool, train_cfg: TrainConfig | None = None) -> nn.Module:
+    """The training loss; ``train_cfg`` switches on the noise-robust options.
     Without it (evaluation, test scores) the plain loss, comparable across runs."""
-    smoothing = getattr(train_cfg, "label_smoothing", 0.0) or 0.0
-    bootstrap = getattr(train_cfg, "bootstrap", "none") or "none"
+    if train_cfg is None:
+        return nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
     if not multilabel:
-        return nn.CrossEntropyLoss(label_smoothing=smoothing)
-    if smoothing or bootstrap != "none":
-        return RobustBCE(smoothing, bootstrap, getattr(train_cfg, "bootstrap_beta", 0.8))
+        return nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
+    if train_cfg.label_smoothing or train_cfg.bootstrap != "none":
+        return RobustBCE(train_cfg.label_smoothing, train_cfg.bootstrap, train_cfg.bootstrap_beta)
     return nn.BCEWithLogitsLoss()
 
 

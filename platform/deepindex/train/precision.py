@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from deepindex.config import TrainConfig
+
+_ModuleT = TypeVar("_ModuleT", bound=nn.Module)  # prepare_model keeps the model's own type
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -26,25 +31,25 @@ class Precision:
     scaler: torch.amp.GradScaler | None = field(default=None, repr=False)
 
     @classmethod
-    def from_config(cls, train_cfg, device: torch.device | str) -> "Precision":
+    def from_config(cls, train_cfg: TrainConfig, device: torch.device | str) -> Precision:
         device = torch.device(device)
-        amp = getattr(train_cfg, "amp", "none")
+        amp = train_cfg.amp
         if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError("train.amp: this GPU has no bfloat16; use train.amp=fp16")
         scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-        return cls(device, amp, bool(getattr(train_cfg, "channels_last", False)), scaler)
+        return cls(device, amp, train_cfg.channels_last, scaler)
 
     @property
     def pin_memory(self) -> bool:
         """Pinned host buffers only help (and only work) when batches go to a GPU."""
         return self.device.type == "cuda"
 
-    def autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
         if self.amp == "none":
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.amp])
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
+    def prepare_model(self, model: _ModuleT) -> _ModuleT:
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from deepindex.checkpoint import read_checkpoint, save_checkpoint
 from deepindex.config import from_dict
-from deepindex.data import build_splits
+from deepindex.data import build_splits, split_len
 from deepindex.models import build_model
 from deepindex.models.transfer import unfreeze, unfreeze_due
 from deepindex.train.engine import predict, scores_to_metrics, train_one_epoch
@@ -104,7 +104,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     train_loader = DataLoader(splits.train, batch_size=per_worker_batch, sampler=sampler,
                               num_workers=cfg.data.num_workers, drop_last=True, pin_memory=precision.pin_memory)
     # Each rank scores a strided shard of the validation split; all_gather puts it back together.
-    val_loader = DataLoader(Subset(splits.val, range(rank, len(splits.val), world)), batch_size=256,
+    val_loader = DataLoader(Subset(splits.val, range(rank, split_len(splits.val), world)), batch_size=256,
                             pin_memory=precision.pin_memory)
     loss_fn = make_loss(splits.multilabel, cfg.train)
     penalty = Penalty(cfg.regularization)
