@@ -18,9 +18,9 @@ Presets (the eval transform; train-time augmentation comes after it, in ``data.a
 from __future__ import annotations
 
 import logging
-from typing import IO
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
