@@ -146,6 +146,7 @@ def demo(args: list[str]) -> int:
     code, _ = _quietly(["collection", "import", COLLECTION, "--digit-scenes", "--size", "2000"])
     if code != 0:
         return 1
+    console.event("collection %s: the digit-scenes gallery's 2000 scenes (ids scene-000000...)", COLLECTION)
     name = time.strftime("demo-%Y%m%d-%H%M%S")
     try:
         summary = tune_main("tune_configs/smoke.yaml", overrides, name=name, promote=False, show=False)

@@ -495,9 +495,13 @@ class Ingress:
 
     @app.get("/v1/status", response_model=StatusResponse, responses=_ERRORS)
     async def status(self, request: Request) -> dict[str, Any]:
-        """The served pair and the rollover to a new model version, with its progress."""
+        """The pair a request gets now (the model replicas' version and its index) and the rollover to a new
+        model version, with its progress.  During a switch the index replica has chosen the new version
+        (``rollover.serving``) a moment before the model replicas load it: requests, and this answer,
+        keep the old pair until they have."""
         self._authorize(request, write=False)
-        info = await _call(self.index.info, None)
-        model = info.get("model")
+        spec = await self._model_spec(refresh=True)
+        info = await _call(self.index.info, spec["version"])
+        model = {"name": spec["name"], "version": spec["version"]}
         return {"collection": info["collection"], "model": model, "index": info.get("index"),
                 "rollover": info["rollover"], "items": info["items"], "head": info["head"]}
