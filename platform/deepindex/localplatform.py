@@ -292,7 +292,7 @@ def down() -> dict[str, list[int]]:
         kind = SERVICES.get(name)
         stopped[name] = stop_session(svc.pgid, svc.pid if kind is not None and kind.stop_leader_first else None)
         if stopped[name]:
-            log.info("%s: stopped %d processes", name, len(stopped[name]))
+            log.debug("%s: stopped %d processes", name, len(stopped[name]))
         else:
             log.info("%s: was not running", name)
     for f in (state_dir() / "platform" / "state.json", _serve_file()):
