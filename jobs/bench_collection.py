@@ -12,7 +12,6 @@ this machine's disk as much as the code: compare sizes within one run, not acros
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -134,10 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
     doc = {"benchmark": "collection", "cpus": os.cpu_count(), "results": results}
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    from deepindex.console import report as emit
+
+    emit(doc, args.out)
     return 0
 
 

@@ -10,7 +10,6 @@ the same process on the same vectors; the ratios are the result.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -108,10 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         r["target"] = "recall@10 >= 0.95 at >= 10x brute force"
         r["meets_target"] = bool(r["recall_at_10"] >= 0.95 and r["speedup_single"] >= 10 and r["speedup_batched"] >= 10)
         report["search"]["1M_ivf"] = r
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    from deepindex.console import report as emit
+
+    emit(report, args.out)
     return 0
 
 

@@ -16,7 +16,6 @@ file (the index replica builds the first index itself), then
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -171,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         results = [bench_one(n, args.adds, (a, b), scratch) for n in args.items]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    print(json.dumps(results, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    from deepindex.console import report
+
+    report(results, args.out)
     return 0
 
 

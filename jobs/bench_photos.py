@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import sys
 import tempfile
@@ -117,10 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                 results["gray"] = _public(run_local([*base, "data.channels=1"], args.verbose))
         if "transfer" in what:
             results["transfer"] = transfer(work)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    from deepindex.console import report as emit
+
+    emit(results, args.out)
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import logging
 import multiprocessing
 import shutil
@@ -253,10 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, model in models.items():
         report["tag"][name] = bench_tag(model, levels, args.requests, args.threads)
 
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    from deepindex.console import report as emit
+
+    emit(report, args.out)
     return 0
 
 

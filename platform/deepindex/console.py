@@ -59,6 +59,16 @@ def event(msg: str, *args: Any) -> None:
     logging.getLogger(EVENTS).info(msg, *args)
 
 
+def report(result: Any, out: str | None = None) -> None:
+    """A job's result as JSON on stdout (what a benchmark or a Ray job leaves), and in ``out`` if given."""
+    import json
+
+    text = json.dumps(result, indent=2, default=str)
+    print(text, flush=True)
+    if out:
+        Path(out).write_text(text + "\n")
+
+
 def verbose() -> bool:
     return _active is not None and _active.verbose
 
