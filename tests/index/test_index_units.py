@@ -121,6 +121,20 @@ def test_changes_go_to_the_delta_and_survive_a_reload(tmp_path):
     assert len(back) == 101 and back.similar(far[:1] * -1, 1)[0][0][0] == back.rows["new-a"]
 
 
+def test_an_add_and_its_delete_in_one_batch_stay_deleted_after_a_reload(tmp_path):
+    path = make_store(100).save(tmp_path / "i")
+    s = IndexStore.load(path)
+    far = clustered(2, 8, seed=6) * 10
+    # Applied one at a time (as the service does), then replayed from the delta in one batch on load.
+    for c in (add(101, "tmp-a", far[0]), add(102, "keep-b", far[1]), IndexChange(103, "delete", "tmp-a")):
+        s.apply([c])
+    s.apply([add(104, "tmp-c", far[0]), IndexChange(105, "delete", "tmp-c")])  # one batch
+    for idx in (s, IndexStore.load(path)):
+        assert len(idx) == 101 and "tmp-a" not in idx.rows and "tmp-c" not in idx.rows, idx.rows.keys() - s.rows.keys()
+        assert all(idx.ids[r] not in ("tmp-a", "tmp-c") for r, _ in idx.similar(far[:1], 101)[0])
+        assert idx.similar(far[1:], 1)[0][0][0] == idx.rows["keep-b"]
+
+
 def test_a_torn_last_delta_line_ends_the_replay(tmp_path):
     path = make_store(20).save(tmp_path / "i")
     s = IndexStore.load(path)

@@ -392,6 +392,7 @@ class IndexStore:
 
     def _apply_in_memory(self, changes: Iterable[IndexChange]) -> None:
         adds: list[IndexChange] = []
+        pending: set[str] = set()  # the ids in ``adds``
 
         def flush() -> None:  # consecutive adds go into the arrays in one step
             if not adds:
@@ -408,8 +409,11 @@ class IndexStore:
                 self.labels.append(list(a.labels))
                 self.rows[a.id] = start + j
             adds.clear()
+            pending.clear()
 
         for c in changes:
+            if c.op == "delete" or c.id in pending:
+                flush()  # the pending adds get their rows first: this change may be about one of them
             old = self.rows.get(c.id)
             if c.op == "delete" or (old is not None and self.alive[old]):
                 flush()
@@ -421,6 +425,7 @@ class IndexStore:
                 if missing or c.probs is None:
                     raise ValueError(f"index: the add of {c.id} lacks {missing or ['probs']}")
                 adds.append(c)
+                pending.add(c.id)
             self.seq = max(self.seq, c.seq)
         flush()
 
