@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -30,8 +34,11 @@ class Browser:
     async def start(self, timeout: float = 60.0) -> None:
         import websockets
 
+        # Its own process group: Chromium forks zygote, GPU and renderer processes, and close() ends
+        # them all by the group, so none outlives the test (the wrapper script's, too).
         self.proc = subprocess.Popen([chromium_binary(), *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}",
-                                      "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                      "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
         loop = asyncio.get_running_loop()
         url = await asyncio.wait_for(loop.run_in_executor(None, self._devtools_url), timeout)
         self.ws = await websockets.connect(url, max_size=None)
@@ -42,8 +49,14 @@ class Browser:
         for line in self.proc.stderr:  # Chromium prints "DevTools listening on ws://..." on start
             m = re.search(r"(ws://\S+)", line)
             if m:
+                # Keep reading what it logs after that: a full pipe would stall the browser.
+                threading.Thread(target=self._drain, daemon=True).start()
                 return m.group(1)
         raise RuntimeError("chromium exited before its DevTools endpoint came up")
+
+    def _drain(self) -> None:
+        for _ in self.proc.stderr:
+            pass
 
     async def send(self, method: str, params: dict | None = None, session: bool = False) -> dict:
         self._id += 1
@@ -81,9 +94,12 @@ class Browser:
         if self.ws is not None:
             await self.ws.close()
         if self.proc is not None:
-            self.proc.terminate()
-            try:
+            group = self.proc.pid  # start_new_session: the group id is the browser's pid
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):  # whatever of the group is left
+                os.killpg(group, signal.SIGKILL)
+            self.proc.wait(10)
         shutil.rmtree(self.profile, ignore_errors=True)
