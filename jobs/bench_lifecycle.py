@@ -104,8 +104,7 @@ def bench_one(n: int, adds: int, models: tuple[Path, Path], scratch: Path) -> di
     log.info("n=%d: add p50 %.1f ms, p99 %.1f ms", n, out["add_ms"]["p50"], out["add_ms"]["p99"])
 
     # Memory of the index replica.
-    h = serve.get_deployment_handle("IndexService", "bench")
-    info = h.info.remote(None).result()
+    info = requests.get(f"{url}/readyz", timeout=60).json()["index"]  # the index replica's info
     pids = [a["pid"] for a in _replica_pids("IndexService")]
     out["index_memory"] = {"arrays_bytes_per_item": round(info["memory_bytes"] / max(info["count"], 1), 1),
                            "arrays_mb": round(info["memory_bytes"] / 2**20, 1),
