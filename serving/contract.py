@@ -35,9 +35,10 @@ NEW_ITEM_ID_PATTERN = r"^(?!.*/(image|similar)$)[A-Za-z0-9._:@/+-]{1,200}$"
 MAX_TAG = 200
 # A tags form field: comma-separated tags, each at most MAX_TAG characters (blank ones are dropped).
 TAGS_FIELD_PATTERN = rf"^[^,]{{0,{MAX_TAG}}}(,[^,]{{0,{MAX_TAG}}})*$"
-# Whitespace as JSON Schema's (ECMAScript) \s reads it: the service tests "blank" with this very
-# class, so a query the schema calls non-blank is one the handler calls non-blank.
-WHITESPACE = "\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+# Whitespace as Python's str.isspace() (and so str.strip(), which the collection's tag rules use) reads
+# it, spelled out rather than \s (ECMAScript's \s, JSON Schema's, is another set): the schema and the
+# handlers call the same text blank.
+WHITESPACE = "\t\n\v\f\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 NON_BLANK_PATTERN = f"[^{WHITESPACE}]"
 # A cursor as issued: URL-safe base64 without padding (deepindex.index.fusion.encode_cursor).
 CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,2048}$"

@@ -83,7 +83,11 @@ def test_the_handlers_read_blank_as_the_schema_does():
 
     from serving.contract import NON_BLANK_PATTERN, non_blank
 
-    for text in (" ", "\t\n", "\u3000", "\ufeff", "\u2028"):
-        assert not non_blank(text) and not re.search(NON_BLANK_PATTERN, text)
-    for text in ("a", " 3 ", "\x1c"):  # \x1c: blank to str.strip(), not to JSON Schema's \s
-        assert non_blank(text)
+    for text in (" ", "\t\n", "\u3000", "\x1e", "\u2028"):  # \x1e: blank to str.strip(), not to ECMAScript's \s
+        assert not non_blank(text) and not re.search(NON_BLANK_PATTERN, text) and not text.strip()
+    for text in ("a", " 3 ", "\ufeff"):  # \ufeff: blank to ECMAScript's \s, not to str.strip()
+        assert non_blank(text) and text.strip()
+    import sys
+
+    blank = [chr(c) for c in range(sys.maxunicode + 1) if not non_blank(chr(c))]
+    assert blank == [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()]
