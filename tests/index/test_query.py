@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deepindex.index.fusion import Scored, fuse, query_key
+from deepindex.index.fusion import Scored, encode_cursor, fuse, query_key
 from deepindex.index.keywords import scores
 from deepindex.index.query import Query, UnknownExample, run
 from deepindex.index.store import IndexChange, IndexStore
@@ -62,6 +62,8 @@ def test_keyword_pages_cover_every_item_once_in_score_then_id_order():
         run(index, Query(k=7, key=query_key(q="dog"), concepts=["dog"], cursor=first.next_cursor))
     with pytest.raises(ValueError, match="cursor: not a cursor"):
         run(index, Query(k=7, key=q.key, concepts=["cat"], cursor="bm90IGEgY3Vyc29y"))
+    with pytest.raises(ValueError, match="cursor: not a cursor"):  # well formed, but an integer id: never issued
+        run(index, Query(k=7, key=q.key, concepts=["cat"], cursor=encode_cursor(0.5, 3, q.key)))
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])

@@ -82,21 +82,53 @@ def run(index: IndexStore, q: Query) -> Result:
         vector, exclude = _example(index, q, feature)
         if exclude is not None:
             keep_rows[exclude] = False
-        ids = np.asarray(index.ids)
         signals = [s for s, on in zip(SIGNALS, (q.concepts is not None, has_example), strict=True) if on]
         if vector is None:
-            scored = _keywords(index, q, keep_rows)
-            pg = page(scored, ids, q.k, q.cursor, q.key)
+            hits, nxt = _page(index, _keywords(index, q, keep_rows), q)
         elif q.concepts is None:
-            return _example_page(index, q, vector, exclude, feature, metric, keep_rows, ids, signals)
+            hits, nxt = _example_page(index, q, vector, feature, metric, keep_rows)
         else:
             rows = np.flatnonzero(keep_rows)
             sim = index.similarity(vector, feature, metric)
             parts = {"keywords": _keywords(index, q, keep_rows), "example": Scored(rows, sim[rows])}
             weights = {s: float(w) for s, w in q.weights.items() if s in parts}
-            pg = page(fuse(parts, q.fusion, weights), ids, q.k, q.cursor, q.key)
-    return Result([(int(r), float(s)) for r, s in zip(pg.rows, pg.scores, strict=True)], pg.next_cursor, feature,
-                  metric, signals)
+            hits, nxt = _page(index, fuse(parts, q.fusion, weights), q)
+    return Result(hits, nxt, feature, metric, signals)
+
+
+def _cursor(q: Query) -> tuple[float, str] | None:
+    if q.cursor is None:
+        return None
+    score, item_id = decode_cursor(q.cursor, q.key)
+    if not isinstance(item_id, str):  # item ids are strings: an integer id was never issued here
+        raise ValueError("cursor: not a cursor this service issued")
+    return score, item_id
+
+
+def _after(index: IndexStore, rows: np.ndarray, scores: np.ndarray, after: tuple[float, str] | None) -> np.ndarray:
+    """(n,) bool: the items ranked after the cursor's (score, id) in (score desc, id asc) order; ids are
+    looked up for the cursor's score's ties only (not an array of every id per query)."""
+    if after is None:
+        return np.ones(len(scores), dtype=bool)
+    s0, id0 = after
+    out = scores < s0
+    for j in np.flatnonzero(scores == s0):
+        out[j] = index.ids[int(rows[j])] > id0
+    return out
+
+
+def _page(index: IndexStore, scored: Scored, q: Query) -> tuple[list[tuple[int, float]], str | None]:
+    """:func:`deepindex.index.fusion.page` over the few items that can be on this page: those after the
+    cursor scoring at least the (k+1)-th best of them (ties kept), so only their ids are looked up."""
+    s = scored.scores
+    cand = np.flatnonzero(_after(index, scored.rows, s, _cursor(q)))
+    if len(cand) > q.k + 1:
+        cut = np.partition(s[cand], len(cand) - (q.k + 1))[len(cand) - (q.k + 1)]
+        cand = cand[s[cand] >= cut]
+    rows = scored.rows[cand]
+    ids = np.array([index.ids[int(r)] for r in rows], dtype=str)
+    pg = page(Scored(np.arange(len(rows)), s[cand]), ids, q.k, q.cursor, q.key)
+    return [(int(rows[j]), float(v)) for j, v in zip(pg.rows, pg.scores, strict=True)], pg.next_cursor
 
 
 def _example(index: IndexStore, q: Query, feature: str) -> tuple[np.ndarray | None, int | None]:
@@ -120,15 +152,15 @@ def _keywords(index: IndexStore, q: Query, keep_rows: np.ndarray) -> Scored:
     return Scored(rows, scores(index.probs[rows], idx, q.mode))
 
 
-def _example_page(index: IndexStore, q: Query, vector: np.ndarray, exclude: int | None, feature: str, metric: str,
-                  keep_rows: np.ndarray, ids: np.ndarray, signals: list[str]) -> Result:
+def _example_page(index: IndexStore, q: Query, vector: np.ndarray, feature: str, metric: str,
+                  keep_rows: np.ndarray) -> tuple[list[tuple[int, float]], str | None]:
     """Example only: the vector index's nearest items, fetched deeper until the page is certain.
 
     The fetched set is the top ``depth``; its lowest score may be shared with items it left out, so
     only items scoring strictly above it are certain.  ``k + 1`` of those after the cursor settle the
     page and whether a next one exists; else the depth doubles, up to every item.
     """
-    after = decode_cursor(q.cursor, q.key) if q.cursor is not None else None
+    after = _cursor(q)
     n_keep = int(keep_rows.sum())
     depth = 2 * (q.k + 1) if after is not None else q.k + 1
     while True:
@@ -139,21 +171,10 @@ def _example_page(index: IndexStore, q: Query, vector: np.ndarray, exclude: int 
             # An approximate index (HNSW, IVF) that finds no more: the rest scored exactly, over the raw
             # descriptors (its distances are exact too, so the pages stay in one order).
             rows = np.flatnonzero(keep_rows)
-            scores = index.similarity(vector, feature, metric)[rows]
-            complete = True
-        else:
-            complete = depth >= n_keep
-        if not complete:
-            certain = scores > scores.min()
-            if after is not None:
-                s0, id0 = after
-                certain &= (scores < s0) | ((scores == s0) & (ids[rows] > np.asarray(id0)))
-            if certain.sum() >= q.k + 1:
-                sure = scores > scores.min()
-                rows, scores = rows[sure], scores[sure]
-                complete = True
-        if complete:
-            pg = page(Scored(rows, scores), ids, q.k, q.cursor, q.key)
-            return Result([(int(r), float(s)) for r, s in zip(pg.rows, pg.scores, strict=True)], pg.next_cursor,
-                          feature, metric, signals)
+            return _page(index, Scored(rows, index.similarity(vector, feature, metric)[rows]), q)
+        if depth >= n_keep:
+            return _page(index, Scored(rows, scores), q)
+        sure = scores > scores.min()
+        if (sure & _after(index, rows, scores, after)).sum() >= q.k + 1:
+            return _page(index, Scored(rows[sure], scores[sure]), q)
         depth = min(2 * depth, n_keep)
