@@ -20,6 +20,7 @@ as they are.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -41,6 +42,12 @@ MODEL_POLL_S = 0.5  # how often model replicas confirm the version they serve
 
 def _err(status: int, code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}, "status": status}
+
+
+def _code(message: str) -> str:
+    """``bad_<parameter>`` from a message that starts with the parameter (``feature: ...``, ``metric=l2: ...``)."""
+    m = re.match(r"([a-z_]+)", message)
+    return f"bad_{m.group(1)}" if m else "bad_query"
 
 
 @dataclass
@@ -128,48 +135,34 @@ class IndexServer:
                    memory_bytes=pair.index.memory_bytes())
         return out
 
-    def keywords(self, concepts: list[str], mode: str, k: int, name: str, version: str) -> dict[str, Any]:
+    def query_info(self, version: str | None = None) -> dict[str, Any]:
+        """What a query of the served index may name: its features (each with the metrics it answers,
+        the default first), the default feature and the concepts (``min_prob.<concept>``)."""
         pair, e = self._pair(version)
         if e is not None:
             return e
         assert pair is not None
-        idx = {c: i for i, c in enumerate(pair.index.manifest.concepts)}
-        hits = pair.index.rank_keywords([idx[c] for c in concepts if c in idx], k, mode)
-        return {"results": [pair.index.hit(r, s) for r, s in hits], "index": pair.ref_dict()}
-
-    def similar_vector(self, embedding: np.ndarray, k: int, name: str, version: str, feature: str | None = None,
-                       metric: str | None = None) -> dict[str, Any]:
-        pair, e = self._pair(version)
-        if e is not None:
-            return e
-        assert pair is not None
-        try:
-            hits = pair.index.similar(np.asarray(embedding, np.float32)[None, :], k, feature=feature, metric=metric)[0]
-        except ValueError as ex:
-            return _err(422, "bad_query", str(ex))
-        return {"results": [pair.index.hit(r, s) for r, s in hits], "metric": metric or self._metric(pair, feature),
-                "index": pair.ref_dict()}
-
-    def _metric(self, pair: Pair, feature: str | None) -> str:
         m = pair.index.manifest
-        return m.features[feature or m.default_feature].default_query_metric
+        return {"version": pair.version, "features": {k: list(v) for k, v in pair.index.query_features().items()},
+                "default_feature": m.default_feature, "concepts": list(m.concepts)}
 
-    def similar_item(self, item_id: str, k: int, name: str, version: str, feature: str | None = None,
-                     metric: str | None = None) -> dict[str, Any]:
+    def query(self, version: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """One search (:class:`deepindex.index.query.Query` fields in ``spec``) on ``version``'s index:
+        a page of hits, the next cursor, and the descriptor and metric used."""
+        from deepindex.index.query import Query, UnknownExample, run
+
         pair, e = self._pair(version)
         if e is not None:
             return e
         assert pair is not None
         try:
-            got = pair.index.item(item_id, feature)
-            if got is None:
-                return _err(404, "unknown_item", f"no item {item_id!r} in the collection")
-            row, _, vec = got
-            hits = pair.index.similar(vec[None, :], k, exclude=[row], feature=feature, metric=metric)[0]
+            res = run(pair.index, Query(**spec))
+        except UnknownExample as ex:
+            return _err(404, "unknown_item", f"no item {ex.args[0]!r} in the collection")
         except ValueError as ex:
-            return _err(422, "bad_query", str(ex))
-        return {"results": [pair.index.hit(r, s) for r, s in hits], "metric": metric or self._metric(pair, feature),
-                "index": pair.ref_dict()}
+            return _err(422, _code(str(ex)), str(ex))
+        return {"results": [pair.index.hit(r, s) for r, s in res.hits], "next_cursor": res.next_cursor,
+                "feature": res.feature, "metric": res.metric, "signals": res.signals, "index": pair.ref_dict()}
 
     def get(self, item_id: str, name: str, version: str) -> dict[str, Any]:
         pair, e = self._pair(version)

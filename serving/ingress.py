@@ -7,24 +7,30 @@ Every error a client can cause is a 4xx ``{"error": {"code", "message"}}``.
 """
 # No `from __future__ import annotations`: FastAPI must see real types (Request) on Serve's methods.
 import asyncio
+import hashlib
 import hmac
 import io
 import logging
+import math
 import re
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving import contract
 from serving.errors import ApiError
 from serving.schemas import (
     HERE,
@@ -52,27 +58,31 @@ if TYPE_CHECKING:  # quoted where used: this module's annotations are evaluated 
 log = logging.getLogger(__name__)
 
 SPEC_TTL_S = 1.0  # how stale the ingress's view of the served model version may get
-ITEM_ID = re.compile(r"^[A-Za-z0-9._:@/+-]{1,200}$")
+ITEM_ID = re.compile(contract.ITEM_ID_PATTERN)
+NEW_ITEM_ID = re.compile(contract.NEW_ITEM_ID_PATTERN)
+SUBRESOURCE = re.compile(contract.SUBRESOURCE)
+CURSOR = re.compile(contract.CURSOR_PATTERN)
+NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")  # a JSON number, as the schema reads one
 SCORING = {"all": "product of the query concepts' presence probabilities (all present, independence assumed)",
            "any": "1 - product of (1 - presence probability): noisy-or, at least one present"}
-_ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (400, 404, 409, 413, 415, 422, 503)}
-_WRITE_ERRORS: dict[int | str, dict[str, Any]] = {**_ERRORS, **{c: {"model": ErrorResponse} for c in (401, 403)}}
-_IMAGES_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "id": {"type": "array", "items": {"type": "string"}, "description": "item ids, in file order"},
-        "tags": {"type": "array", "items": {"type": "string"},
-                 "description": "POST /v1/items: each image's known labels, comma-separated, in file order"}}}},
-    "application/json": {"schema": ImagesJSON.model_json_schema()}}}}
+FUSION = {"weighted": "sum over signals of weight x min-max normalised score, divided by the sum of the weights",
+          "rrf": "reciprocal rank fusion: sum over signals of weight / (60 + rank)"}
+METRICS = ("l2", "ip", "cosine")
+MIN_PROB = "min_prob."
+# Error bodies: the exact list per operation is serving/contract.py's; FastAPI only needs the model.
+_ERRORS: dict[int | str, dict[str, Any]] = {422: {"model": ErrorResponse}}
 
-app = FastAPI(title="deepindex", version="1.0",
-              description="Image concept tagging, keyword search and query by example.", docs_url="/docs")
+DESCRIPTION = "Image concept tagging, keyword search, query by example, and both fused."
+# The document and its page are the Ingress's own routes: /openapi.json is the exact contract of the
+# running service (its limits, its index's descriptors, its model's concepts: serving/contract.py).
+app = FastAPI(title="deepindex", version="1.0", description=DESCRIPTION, openapi_url=None, docs_url=None,
+              redoc_url=None)
 
 
 # ---- errors and metrics ----------------------------------------------------------------------
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -85,8 +95,28 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "request_too_large"}
-    return JSONResponse({"error": {"code": codes.get(e.status_code, "http_error"), "message": str(e.detail)}},
-                        status_code=e.status_code)
+    headers = dict(e.headers or {})
+    message = str(e.detail)
+    if e.status_code == 405:
+        # RFC 9110: a 405 lists the methods the resource has.  Starlette names those of the first
+        # route that matched the path; a path served by several routes (GET and DELETE of an item) has all.
+        allow = allowed_methods(request.scope)
+        headers["Allow"] = ", ".join(allow)
+        message = f"{request.method} is not allowed here; allowed: {headers['Allow']}"
+    return JSONResponse({"error": {"code": codes.get(e.status_code, "http_error"), "message": message}},
+                        status_code=e.status_code, headers=headers)
+
+
+def allowed_methods(scope: Scope) -> list[str]:
+    """The methods of the resource ``scope``'s path names: every route of the first path template that
+    matches it, in route order (FastAPI's routes, as it flattens them).  Item ids may hold '/', so
+    ``/v1/items/a/image`` matches ``/v1/items/{item_id}`` too; it names the image (the suffixed routes come
+    first), whose only method is GET."""
+    from fastapi.routing import iter_route_contexts
+
+    routes = [r for r in iter_route_contexts(scope["app"].routes) if r.path is not None]
+    first = next((r.path for r in routes if r.matches(scope)[0] != Match.NONE), None)
+    return sorted({m for r in routes if r.path == first for m in (r.methods or ())})
 
 
 class ObserveMiddleware:
@@ -205,6 +235,8 @@ class Ingress:
         Image.MAX_IMAGE_PIXELS = self.args.max_image_pixels  # PIL's own bomb guard, as a backstop
         self._spec: dict[str, Any] | None = None
         self._spec_at = 0.0
+        self._qinfo: dict[str, dict[str, Any]] = {}  # model version -> the index's query info
+        self._contracts: dict[str, dict[str, Any]] = {}  # what a contract was built from -> the document
         self._vocab: dict[tuple[str, ...], Vocabulary] = {}
         self._page = (HERE / "static" / "index.html").read_text()
         self._token = self.args.api_token()
@@ -216,6 +248,13 @@ class Ingress:
             self._spec_at = time.monotonic()
             self.serve_metrics.set_model(self._spec["name"], self._spec["version"])
         return self._spec
+
+    async def _query_info(self, version: str) -> dict[str, Any]:
+        """The served index's features (with their metrics), default feature and concepts: fixed per
+        model version (an index is never used with another), so asked once per version."""
+        if version not in self._qinfo:
+            self._qinfo = {version: _check(await _call(self.index.query_info, version))}
+        return self._qinfo[version]
 
     def _vocabulary(self, concepts: list[str]) -> "Vocabulary":
         from deepindex.index.keywords import Vocabulary
@@ -242,6 +281,77 @@ class Ingress:
             raise ApiError(422, f"{name}_out_of_range", f"{name}={k}: must be between 1 and {self.args.max_k}")
         return k
 
+    def _q(self, q: str) -> str:
+        if not contract.non_blank(q):
+            raise ApiError(400, "empty_query", "q: give one or more keywords")
+        if len(q) > self.args.max_query_chars:
+            raise ApiError(422, "query_too_long", f"q: {len(q)} characters, the limit is {self.args.max_query_chars}")
+        return q
+
+    async def _options(self, request: Request, version: str, *, mode: str = "all", cursor: str | None = None,
+                       feature: str | None = None, metric: str | None = None, fusion: str = "weighted",
+                       weights: dict[str, float | None] | None = None) -> dict[str, Any]:
+        """The search options every search endpoint shares, checked here (a bad one never reaches the model
+        or the index): ``mode``, ``cursor``, ``feature``/``metric`` against the served index, ``fusion``,
+        the weights, and the ``min_prob.<concept>`` filters."""
+        if mode not in SCORING:
+            raise ApiError(422, "bad_mode", f"mode={mode!r}: 'all' or 'any'")
+        if cursor is not None and not CURSOR.match(cursor):
+            raise ApiError(422, "bad_cursor", "cursor: not a cursor (pass next_cursor as it came)")
+        info = await self._query_info(version)
+        if feature is not None and feature not in info["features"]:
+            raise ApiError(422, "bad_feature", f"feature={feature!r}: this index answers "
+                                               f"{', '.join(sorted(info['features']))}")
+        if metric is not None:
+            if metric not in METRICS:
+                raise ApiError(422, "bad_metric", f"metric={metric!r}: one of {', '.join(METRICS)}")
+            ok = info["features"][feature or info["default_feature"]]
+            if metric not in ok:
+                raise ApiError(422, "bad_metric", f"metric={metric}: feature {feature or info['default_feature']} "
+                                                  f"of this index answers {', '.join(ok)} only")
+        if fusion not in FUSION:
+            raise ApiError(422, "bad_fusion", f"fusion={fusion!r}: 'weighted' or 'rrf'")
+        w: dict[str, float] = {}
+        for name, v in (weights or {}).items():
+            if v is None:
+                continue
+            if not (math.isfinite(v) and 0 < v <= contract.MAX_WEIGHT):
+                raise ApiError(422, "bad_weight", f"weight_{name}={v}: must be > 0 and <= {contract.MAX_WEIGHT:g}")
+            w[name] = float(v)
+        min_prob: dict[str, float] = {}
+        for key, value in request.query_params.multi_items():
+            if not key.startswith(MIN_PROB):
+                continue
+            concept = key[len(MIN_PROB):]
+            if concept not in info["concepts"]:
+                raise ApiError(422, "bad_min_prob", f"{key}: unknown concept; the model has "
+                                                    f"{', '.join(info['concepts'][:20])}")
+            t = float(value) if NUMBER.fullmatch(value) else math.nan
+            if not 0.0 <= t <= 1.0:
+                raise ApiError(422, "bad_min_prob", f"{key}={value!r}: a number within [0, 1]")
+            min_prob[concept] = max(t, min_prob.get(concept, 0.0))  # a repeated filter: both must hold
+        return {"mode": mode, "cursor": cursor, "feature": feature, "metric": metric, "fusion": fusion,
+                "weights": w, "min_prob": min_prob}
+
+    async def _query(self, version: str, endpoint: str, opts: dict[str, Any], k: int, *,
+                     concepts: list[str] | None = None, q: str | None = None, vector: np.ndarray | None = None,
+                     example: dict[str, str] | None = None) -> dict[str, Any]:
+        """Run one search on the index of ``version``: the cursor is bound to every parameter of the query
+        (and to the model version: scores of another version are not comparable)."""
+        from deepindex.index.fusion import query_key
+
+        key = query_key(endpoint=endpoint, version=version, q=q, example=example, **{
+            n: opts[n] for n in ("mode", "feature", "metric", "fusion", "weights", "min_prob")})
+        spec = {"k": k, "key": key, "cursor": opts["cursor"], "concepts": concepts, "mode": opts["mode"],
+                "vector": vector, "item": (example or {}).get("id"), "feature": opts["feature"],
+                "metric": opts["metric"], "min_prob": opts["min_prob"], "fusion": opts["fusion"],
+                "weights": opts["weights"]}
+        res = await _call(self.index.query, version, spec)
+        if res.get("error", {}).get("code") == "bad_cursor":
+            # Well formed, but not a page of this query (another query's, or a version ago): no such page.
+            raise ApiError(404, "unknown_cursor", res["error"]["message"])
+        return _check(res)
+
     async def _read_images(self, request: Request) -> list[tuple[str | None, bytes, str, list[str]]]:
         """(id or None, bytes, name for messages, tags) per image, from multipart files or base64 JSON."""
         a = self.args
@@ -267,7 +377,11 @@ class Ingress:
                 raise ApiError(400, "bad_tags", f"{len(tags)} tags fields for {len(files)} images")
             for i, f in enumerate(files):
                 data = await f.read(a.max_image_bytes + 1)  # one byte over is enough to refuse
-                item_tags = [t.strip() for t in tags[i].split(",") if t.strip()] if tags else []
+                parts = tags[i].split(",") if tags else []
+                if any(len(t) > contract.MAX_TAG for t in parts):
+                    raise ApiError(400, "bad_tags",
+                                   f"tags of image {i}: each tag at most {contract.MAX_TAG} characters")
+                item_tags = [t.strip() for t in parts if t.strip()]
                 out.append((ids[i] if ids else None, data, f.filename or f"image {i}", item_tags))
         elif ctype.startswith("application/json"):
             try:
@@ -282,6 +396,10 @@ class Ingress:
 
             for i, im in enumerate(body.images):
                 what = f"images[{i}]"
+                for t in im.tags:
+                    if not (1 <= len(t) <= contract.MAX_TAG and contract.non_blank(t)):
+                        raise ApiError(400, "bad_tags", f"{what}.tags: {t[:40]!r} is not a tag of 1-"
+                                                        f"{contract.MAX_TAG} characters, not blank")
                 out.append((im.id, b64_bytes(im.data, what), what, list(im.tags)))
         else:
             raise ApiError(415, "unsupported_media_type",
@@ -296,15 +414,20 @@ class Ingress:
         return [decode_image(data, what, self.args.max_image_bytes, self.args.max_image_pixels)
                 for _, data, what, _ in raw]
 
-    async def _infer(self, images: "list[Image.Image]", endpoint: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Images -> (model spec, per image {probs, embedding, version, batch_size}) via the batched model."""
+    async def _infer(self, images: "list[Image.Image]", endpoint: str, features: tuple[str, ...] = ()
+                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Images -> (model spec, per image {probs, features, version, batch_size}) via the batched model;
+        ``features``: the feature points each image's answer needs besides ``probs``."""
         from deepindex.data.transforms import pil_to_uint8
 
         for attempt in range(2):
             spec = await self._model_spec(refresh=attempt > 0)
             # (C, S, S) uint8 each
             pixels = [pil_to_uint8(im, spec["image_size"], spec["channels"], spec.get("preset")) for im in images]
-            results = await asyncio.gather(*[_call(self.model.infer, u) for u in pixels])
+            results = await asyncio.gather(*[_call(self.model.infer, (u, features)) for u in pixels])
+            bad = next((r for r in results if r.get("error") == "unknown_feature"), None)
+            if bad is not None:
+                raise ApiError(422, "bad_feature", bad["message"])
             # A reload between the spec and the call: refresh the spec once and redo the request.
             if all("error" not in r and r["version"] == spec["version"] for r in results):
                 break
@@ -315,6 +438,19 @@ class Ingress:
         self.serve_metrics.images.labels(endpoint=endpoint).inc(len(results))
         return spec, results
 
+    async def _example_vector(self, request: Request, endpoint: str, feature: str | None
+                              ) -> tuple[dict[str, Any], np.ndarray, str]:
+        """One uploaded image -> (its model result, its descriptor for ``feature``, sha256 of its bytes)."""
+        raw = await self._read_images(request)
+        if len(raw) != 1:
+            raise ApiError(400, "one_image", f"send exactly one image, got {len(raw)}")
+        spec = await self._model_spec()
+        name = feature or (await self._query_info(spec["version"]))["default_feature"]
+        _, results = await self._infer(self._decode(raw), endpoint, () if name == "probs" else (name,))
+        r = results[0]
+        vector = r["probs"] if name == "probs" else r["features"][name]
+        return r, vector, hashlib.sha256(raw[0][1]).hexdigest()[:16]
+
     @staticmethod
     def _top(probs: np.ndarray, concepts: list[str], top_k: int, threshold: float) -> list[dict[str, Any]]:
         order = np.argsort(-probs, kind="stable")
@@ -322,11 +458,11 @@ class Ingress:
         return kept[:top_k]
 
     # ---- health, metrics, page -------------------------------------------------------------
-    @app.get("/healthz", response_model=Health)
+    @app.get("/healthz", response_model=Health, operation_id="healthz")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok"}
 
-    @app.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+    @app.get("/readyz", response_model=Health, responses={503: {"model": Health}}, operation_id="readyz")
     async def readyz(self) -> JSONResponse:
         reasons: list[str] = []
         try:
@@ -372,8 +508,34 @@ class Ingress:
     async def page(self) -> HTMLResponse:
         return HTMLResponse(self._page)
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        """The exact contract of this service as it runs (serving/contract.py)."""
+        a = self.args
+        try:
+            spec = await self._model_spec()
+            info = await self._query_info(spec["version"])
+            features, concepts = info["features"], info["concepts"]
+        except ApiError:  # no index yet (a first build): what the configuration promises
+            spec = await self._model_spec()
+            features = {f: list(METRICS) for f in (a.features or ["penultimate"])}
+            features["probs"] = list(METRICS)
+            concepts = list(spec["concepts"])
+        key = repr((sorted(features.items()), concepts))
+        if key not in self._contracts:
+            base = get_openapi(title=app.title, version=app.version, description=DESCRIPTION,
+                               routes=request.app.routes)
+            self._contracts = {key: contract.contract(
+                base, max_k=a.max_k, max_query_chars=a.max_query_chars, max_images=a.max_images_per_request,
+                features=features, concepts=concepts, auth_reads=a.auth_reads, write_token=self._token is not None)}
+        return JSONResponse(self._contracts[key])
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="deepindex API")
+
     # ---- tagging ----------------------------------------------------------------------------
-    @app.post("/v1/tag", response_model=TagResponse, responses=_ERRORS, openapi_extra=_IMAGES_BODY)
+    @app.post("/v1/tag", response_model=TagResponse, responses=_ERRORS, operation_id="tag")
     async def tag(self, request: Request, top_k: int = 10, threshold: float = 0.0) -> dict[str, Any]:
         """Concept probabilities per image, sorted, at most ``top_k``, at least ``threshold``."""
         self._authorize(request, write=False)
@@ -388,59 +550,108 @@ class Ingress:
                             for i, r in enumerate(results)]}
 
     # ---- search ----------------------------------------------------------------------------
-    @app.get("/v1/search", response_model=KeywordSearchResponse, responses=_ERRORS)
-    async def search(self, request: Request, q: str = "", k: int = 10, mode: str = "all") -> dict[str, Any]:
-        """Keywords -> concepts (vocabulary with synonyms) -> items ranked by those concepts' probabilities."""
+    def _search_answer(self, q: str | None, parsed: Any, opts: dict[str, Any], res: dict[str, Any],
+                       model: dict[str, str], example: dict[str, str] | None) -> dict[str, Any]:
+        fused = len(res["signals"]) > 1
+        return {"query": q, "mode": opts["mode"], "concepts": parsed.concepts if parsed else [],
+                "matched": parsed.matched if parsed else {}, "unmatched": parsed.unmatched if parsed else [],
+                "corrected": parsed.corrected if parsed else {}, "suggestions": parsed.suggestions if parsed else {},
+                "scoring": SCORING[opts["mode"]], "example": example,
+                "feature": res["feature"] if example else None, "metric": res["metric"] if example else None,
+                "min_prob": opts["min_prob"],
+                "fusion": f"{opts['fusion']}: {FUSION[opts['fusion']]}" if fused else None,
+                "weights": {s: opts["weights"].get(s, 1.0) for s in res["signals"]} if fused else {},
+                "model": model, "index": res["index"], "results": _hits(res["results"]),
+                "next_cursor": res["next_cursor"]}
+
+    @app.get("/v1/search", response_model=KeywordSearchResponse, responses=_ERRORS, operation_id="search")
+    async def search(self, request: Request, q: str = Query(), k: int = 10, mode: str = "all",
+                     cursor: str | None = None, example_id: str | None = None, feature: str | None = None,
+                     metric: str | None = None, fusion: str = "weighted", weight_keywords: float | None = None,
+                     weight_example: float | None = None) -> dict[str, Any]:
+        """Keywords -> concepts (vocabulary, plurals, typos) -> items ranked by those concepts' probabilities;
+        with ``example_id``, fused with the similarity to that item; ``min_prob.<concept>=t`` filters; paged
+        by ``cursor``."""
         self._authorize(request, write=False)
-        if not q.strip():
-            raise ApiError(400, "empty_query", "q: give one or more keywords")
-        if len(q) > self.args.max_query_chars:
-            raise ApiError(422, "query_too_long", f"q: {len(q)} characters, the limit is {self.args.max_query_chars}")
-        if mode not in SCORING:
-            raise ApiError(422, "bad_mode", f"mode={mode!r}: 'all' or 'any'")
+        self._q(q)
         self._k(k)
         spec = await self._model_spec()
+        opts = await self._options(request, spec["version"], mode=mode, cursor=cursor, feature=feature, metric=metric,
+                                   fusion=fusion, weights={"keywords": weight_keywords, "example": weight_example})
+        if example_id is not None and not ITEM_ID.match(example_id):
+            raise ApiError(404, "unknown_item", f"no item {example_id!r} in the collection")
         parsed = self._vocabulary(spec["concepts"]).parse(q)
-        res = _check(await _call(self.index.keywords, parsed.concepts, mode, k, spec["name"], spec["version"]))
-        return {"query": q, "mode": mode, "concepts": parsed.concepts, "matched": parsed.matched,
-                "unmatched": parsed.unmatched, "corrected": parsed.corrected, "suggestions": parsed.suggestions,
-                "scoring": SCORING[mode], "model": {"name": spec["name"], "version": spec["version"]},
-                "index": res["index"], "results": _hits(res["results"]) if parsed.concepts else []}
+        example = {"id": example_id} if example_id is not None else None
+        res = await self._query(spec["version"], "/v1/search", opts, k, concepts=parsed.concepts, q=q,
+                                example=example)
+        return self._search_answer(q, parsed, opts, res, {"name": spec["name"], "version": spec["version"]}, example)
 
-    @app.post("/v1/search/similar", response_model=SimilarResponse, responses=_ERRORS, openapi_extra=_IMAGES_BODY)
-    async def similar_image(self, request: Request, k: int = 10) -> dict[str, Any]:
-        """The k indexed items nearest to one uploaded image (query by example)."""
+    @app.post("/v1/search", response_model=KeywordSearchResponse, responses=_ERRORS, operation_id="search_by_upload")
+    async def search_by_upload(self, request: Request, q: str | None = None, k: int = 10, mode: str = "all",
+                               cursor: str | None = None, feature: str | None = None, metric: str | None = None,
+                               fusion: str = "weighted", weight_keywords: float | None = None,
+                               weight_example: float | None = None) -> dict[str, Any]:
+        """An uploaded image as the example, fused with keywords ``q`` when given; filters and paging as
+        ``GET /v1/search``."""
+        self._authorize(request, write=False)
+        if q is not None:
+            self._q(q)
+        self._k(k)
+        spec = await self._model_spec()
+        opts = await self._options(request, spec["version"], mode=mode, cursor=cursor, feature=feature, metric=metric,
+                                   fusion=fusion, weights={"keywords": weight_keywords, "example": weight_example})
+        r, vector, digest = await self._example_vector(request, "/v1/search", feature)
+        version = r["version"]
+        parsed = self._vocabulary(spec["concepts"]).parse(q) if q is not None else None
+        example = {"upload": digest}
+        res = await self._query(version, "/v1/search", opts, k, concepts=parsed.concepts if parsed else None, q=q,
+                                vector=vector, example=example)
+        return self._search_answer(q, parsed, opts, res, {"name": r["name"], "version": version}, example)
+
+    @app.post("/v1/search/similar", response_model=SimilarResponse, responses=_ERRORS, operation_id="similar_image")
+    async def similar_image(self, request: Request, k: int = 10, cursor: str | None = None,
+                            feature: str | None = None, metric: str | None = None) -> dict[str, Any]:
+        """The items nearest to one uploaded image (query by example), ``k`` a page."""
         self._authorize(request, write=False)
         self._k(k)
-        raw = await self._read_images(request)
-        if len(raw) != 1:
-            raise ApiError(400, "one_image", f"send exactly one image, got {len(raw)}")
-        _, results = await self._infer(self._decode(raw), "/v1/search/similar")
-        r = results[0]
+        spec = await self._model_spec()
+        opts = await self._options(request, spec["version"], cursor=cursor, feature=feature, metric=metric)
+        r, vector, digest = await self._example_vector(request, "/v1/search/similar", feature)
         # The index of the very version that embedded the query: model and index always match.
-        res = _check(await _call(self.index.similar_vector, r["embedding"], k, r["name"], r["version"]))
-        return {"metric": res["metric"], "model": {"name": r["name"], "version": r["version"]}, "index": res["index"],
-                "results": _hits(res["results"])}
+        res = await self._query(r["version"], "/v1/search/similar", opts, k, vector=vector,
+                                example={"upload": digest})
+        return {"feature": res["feature"], "metric": res["metric"],
+                "model": {"name": r["name"], "version": r["version"]}, "index": res["index"],
+                "min_prob": opts["min_prob"], "results": _hits(res["results"]), "next_cursor": res["next_cursor"]}
 
     # ---- items (the suffixed routes first: ids may hold '/') -----------------------------------
-    @app.get("/v1/items/{item_id:path}/similar", response_model=SimilarResponse, responses=_ERRORS)
-    async def similar_item(self, request: Request, item_id: str, k: int = 10) -> dict[str, Any]:
-        """The k items nearest to an indexed item (itself excluded)."""
+    @app.get("/v1/items/{item_id:path}/similar", response_model=SimilarResponse, responses=_ERRORS,
+             operation_id="similar_item")
+    async def similar_item(self, request: Request, item_id: str, k: int = 10, cursor: str | None = None,
+                           feature: str | None = None, metric: str | None = None) -> dict[str, Any]:
+        """The items nearest to an indexed item (itself excluded), ``k`` a page."""
         self._authorize(request, write=False)
         self._k(k)
         spec = await self._model_spec()
-        res = _check(await _call(self.index.similar_item, item_id, k, spec["name"], spec["version"]))
-        return {"metric": res["metric"], "model": {"name": spec["name"], "version": spec["version"]},
-                "index": res["index"], "query_id": item_id, "results": _hits(res["results"])}
+        opts = await self._options(request, spec["version"], cursor=cursor, feature=feature, metric=metric)
+        res = await self._query(spec["version"], "/v1/items/similar", opts, k, example={"id": item_id})
+        return {"feature": res["feature"], "metric": res["metric"],
+                "model": {"name": spec["name"], "version": spec["version"]}, "index": res["index"],
+                "query_id": item_id, "min_prob": opts["min_prob"], "results": _hits(res["results"]),
+                "next_cursor": res["next_cursor"]}
 
     @app.get("/v1/items/{item_id:path}/image",
-             responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "application/octet-stream": {}}},
-                        **_ERRORS})
+             responses={200: {"content": {**{t: {"schema": {"type": "string", "format": "binary"}}
+                                              for t in contract.IMAGE_TYPES},
+                                           "application/octet-stream": {"schema": {"type": "string",
+                                                                                   "format": "binary"}}}},
+                        **_ERRORS}, operation_id="item_image")
     async def item_image(self, request: Request, item_id: str, size: int | None = None) -> Response:
         """The item's original image, as it was added; ``size``: a thumbnail at most that many pixels a side (PNG)."""
         self._authorize(request, write=False)
-        if size is not None and not 8 <= size <= 1024:
-            raise ApiError(422, "size_out_of_range", f"size={size}: must be between 8 and 1024")
+        if size is not None and not contract.SIZE_MIN <= size <= contract.SIZE_MAX:
+            raise ApiError(422, "size_out_of_range",
+                           f"size={size}: must be between {contract.SIZE_MIN} and {contract.SIZE_MAX}")
         res = _check(await _call(self.index.image, item_id))
         data = res["bytes"]
         from PIL import Image
@@ -457,7 +668,7 @@ class Ingress:
             return Response(data, media_type="application/octet-stream")
         return Response(buf.getvalue(), media_type="image/png")
 
-    @app.get("/v1/items/{item_id:path}", response_model=ItemResponse, responses=_ERRORS)
+    @app.get("/v1/items/{item_id:path}", response_model=ItemResponse, responses=_ERRORS, operation_id="get_item")
     async def get_item(self, request: Request, item_id: str, top_k: int = 10) -> dict[str, Any]:
         self._authorize(request, write=False)
         self._k(top_k, "top_k")
@@ -467,33 +678,42 @@ class Ingress:
                 "labels": res["labels"], "meta": res["meta"], "image_url": _image_url(item_id),
                 "model": {"name": spec["name"], "version": spec["version"]}, "index": res["index"]}
 
-    @app.post("/v1/items", response_model=AddItemsResponse, status_code=201, responses=_WRITE_ERRORS,
-              openapi_extra=_IMAGES_BODY)
+    @app.post("/v1/items", response_model=AddItemsResponse, status_code=201, responses=_ERRORS,
+              operation_id="add_items")
     async def add_items(self, request: Request) -> JSONResponse:
         """Add images with ids (and known tags) to the collection: durable before the answer, then in the
         served index (and a rollover's next one), so searches see them at once.  Re-posting an id with
-        the same bytes changes nothing (200); with other bytes it is a 409."""
+        the same bytes changes nothing (200); with other bytes it is a 409 (in one request too)."""
         self._authorize(request, write=True)
         raw = await self._read_images(request)
         for item_id, _, what, _ in raw:
-            if not item_id or not ITEM_ID.match(item_id):
-                raise ApiError(400, "bad_id", f"{what}: an item id of 1-200 characters [A-Za-z0-9._:@/+-] is required")
-        ids = [r[0] for r in raw]
-        if len(set(ids)) != len(ids):
-            raise ApiError(400, "bad_id", "the same id twice in one request")
+            if not item_id or not NEW_ITEM_ID.match(item_id):
+                raise ApiError(400, "bad_id", f"{what}: an item id of 1-200 characters [A-Za-z0-9._:@/+-] is required, "
+                                              "not ending in /image or /similar (those URLs name an item's image "
+                                              "and neighbours)")
+        first: dict[str, bytes] = {}
+        for item_id, data, _, _ in raw:
+            if first.setdefault(str(item_id), data) != data:
+                raise ApiError(409, "duplicate_item", f"{item_id}: twice in one request with different images")
+        # The same id twice with the same bytes is one item (the first's tags), as re-posting it would be.
+        raw = [r for i, r in enumerate(raw) if r[0] not in {x[0] for x in raw[:i]}]
         self._decode(raw)  # refuse what the service could never index (limits, formats, damage) before storing it
         # Not re-sent when the index replica dies mid-call: it may have committed; re-posting is idempotent.
         res = _check(await _call(self.index.add, [(i, data, tags) for i, data, _, tags in raw], idempotent=False))
         self.serve_metrics.index_items.set(res["count"])
         return JSONResponse(res, status_code=201 if res["added"] else 200)
 
-    @app.delete("/v1/items/{item_id:path}", response_model=DeleteItemResponse, responses=_WRITE_ERRORS)
+    @app.delete("/v1/items/{item_id:path}", response_model=DeleteItemResponse, responses=_ERRORS,
+                operation_id="delete_item")
     async def delete_item(self, request: Request, item_id: str) -> dict[str, Any]:
         """Remove an item: tombstoned in the collection, gone from search at once."""
+        if SUBRESOURCE.search(item_id):  # /v1/items/{id}/image and /similar are read-only sub-resources
+            raise ApiError(405, "method_not_allowed", "DELETE is not allowed here; allowed: GET",
+                           headers={"Allow": "GET"})
         self._authorize(request, write=True)
         return _check(await _call(self.index.delete, item_id, idempotent=False))
 
-    @app.get("/v1/status", response_model=StatusResponse, responses=_ERRORS)
+    @app.get("/v1/status", response_model=StatusResponse, responses=_ERRORS, operation_id="status")
     async def status(self, request: Request) -> dict[str, Any]:
         """The pair a request gets now (the model replicas' version and its index) and the rollover to a new
         model version, with its progress.  During a switch the index replica has chosen the new version

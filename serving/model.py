@@ -103,21 +103,36 @@ class ModelServer:
                 "at": time.time()}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
-    async def infer(self, pixels: list[np.ndarray]) -> list[dict[str, Any]]:
-        """uint8 images (C, S, S) -> per image probabilities (K,), embedding (D,), version, batch size."""
+    async def infer(self, items: list[tuple[np.ndarray, tuple[str, ...]]]) -> list[dict[str, Any]]:
+        """(uint8 image (C, S, S), the feature points it needs besides ``probs``) each -> per image
+        probabilities (K,), ``features`` {name: (D,)}, version, batch size.  One pass for the batch
+        computes the union of the feature points asked for."""
         from deepindex.data.transforms import uint8_to_unit
         from deepindex.index.embed import infer_unit
 
+        pixels = [u for u, _ in items]
+        features = [fs for _, fs in items]
         s = self._served
         d = s.lm.config.data
         shape = (d.channels, d.image_size, d.image_size)
+        have = set(s.lm.model.feature_points())
         # After a reload to a model with another input size, callers holding the old spec get
-        # an error entry (they refresh the spec and retry) instead of a failed batch for all.
-        ok = [i for i, u in enumerate(pixels) if u.shape == shape]
+        # an error entry (they refresh the spec and retry) instead of a failed batch for all; so does
+        # a feature point this version lacks.
         out: list[dict[str, Any]] = [{"error": "input_shape", "version": s.resolved.version} for _ in pixels]
+        ok = []
+        for i, (u, fs) in enumerate(zip(pixels, features, strict=True)):
+            if u.shape != shape:
+                continue
+            if not set(fs) <= have:
+                out[i] = {"error": "unknown_feature", "version": s.resolved.version,
+                          "message": f"feature: {sorted(set(fs) - have)} not in {sorted(have)}"}
+                continue
+            ok.append(i)
         if ok:
-            probs, emb = infer_unit(s.lm, uint8_to_unit(np.stack([pixels[i] for i in ok])))  # (B, K), (B, D)
+            names = ["probs", *sorted({f for i in ok for f in features[i] if f != "probs"})]
+            got = infer_unit(s.lm, uint8_to_unit(np.stack([pixels[i] for i in ok])), names)  # {name: (B, D)}
             for j, i in enumerate(ok):
-                out[i] = {"probs": probs[j], "embedding": emb[j], "name": s.resolved.name,
-                          "version": s.resolved.version, "batch_size": len(ok)}
+                out[i] = {"probs": got["probs"][j], "features": {f: got[f][j] for f in features[i]},
+                          "name": s.resolved.name, "version": s.resolved.version, "batch_size": len(ok)}
         return out

@@ -22,7 +22,9 @@ class ServeArgs(BaseModel):
     blobs_url: str | None = None
     # The collection's index folder (one index per model version); unset: <state>/indexes/<collection>.
     index_dir: str | None = None
-    features: list[str] | None = None  # descriptors a new index holds (default: penultimate)
+    # Descriptors a new index holds, beside the concept probabilities every index keeps (queryable as
+    # feature=probs with no second copy); default: penultimate.  Each one costs 4 x dim bytes per item.
+    features: list[str] | None = None
     build_workers: int | None = Field(None, ge=1)  # embedding actors of an index build (default: sized to free CPUs)
     keep_indexes: int = Field(3, ge=1)  # index folders kept per collection (rollback is fast to these)
     vocabulary: str | None = str(HERE / "vocabulary.yaml")
@@ -149,25 +151,37 @@ class SearchHit(BaseModel):
 
 
 class KeywordSearchResponse(BaseModel):
-    query: str
+    """``/v1/search``: keywords, and optionally an example and concept filters, fused; one page."""
+
+    query: str | None = None  # the keywords (None: an example only)
     mode: Literal["all", "any"]
     concepts: list[str]
     matched: dict[str, str]
     unmatched: list[str]
-    corrected: dict[str, str] = {}
-    suggestions: dict[str, list[str]] = {}
+    corrected: dict[str, str] = {}  # typed word -> the vocabulary word it was read as
+    suggestions: dict[str, list[str]] = {}  # unmatched word -> "did you mean" phrases
     scoring: str
+    example: dict[str, str] | None = None  # {"id": item} or {"upload": sha256 prefix of the image}
+    feature: str | None = None  # the example's descriptor and metric
+    metric: str | None = None
+    min_prob: dict[str, float] = {}
+    fusion: str | None = None  # the rule, when two signals were fused
+    weights: dict[str, float] = {}
     model: ModelRef
     index: IndexRef
     results: list[SearchHit]
+    next_cursor: str | None = None  # pass as cursor= with the same parameters for the next page
 
 
 class SimilarResponse(BaseModel):
+    feature: str
     metric: str
     model: ModelRef
     index: IndexRef
     query_id: str | None = None
+    min_prob: dict[str, float] = {}
     results: list[SearchHit]
+    next_cursor: str | None = None
 
 
 class ItemResponse(BaseModel):

@@ -154,6 +154,11 @@ class TrackingConfig(_Section):
     experiment: str = "deepindex"
     registered_model: str = "deepindex"
     run_name: str | None = None
+    # `promote`: besides beating the champion on the test split, the candidate's query-by-example
+    # mAP@10 (its best descriptor x metric, on a held-out gallery of promote_qbe_gallery items:
+    # digit-scenes from the test glyphs, else its own test split) must reach this.  None: no floor.
+    promote_min_qbe_map: float | None = Field(None, ge=0, le=1)
+    promote_qbe_gallery: int = Field(2000, ge=50)
 
 
 class AuditConfig(_Section):

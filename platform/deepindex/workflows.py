@@ -23,6 +23,9 @@ from deepindex.train.trainer import TrainOutcome, storage_path
 if TYPE_CHECKING:
     from ray.train import UserCallback
 
+    from deepindex.checkpoint import LoadedModel
+    from deepindex.index.collection import Collection
+
 log = logging.getLogger(__name__)
 
 
@@ -103,9 +106,11 @@ def finalize_run(tracker: Tracker | None, best_checkpoint: str, latest_checkpoin
 
 
 def promote(run_id: str, name: str, tracking_uri: str | None = None, *, parent_run_id: str | None = None,
-            alias: str = "champion") -> PromotionDecision:
+            alias: str = "champion", min_qbe_map: float | None = None) -> PromotionDecision:
     """Score the candidate run and the current champion on the candidate's test split; move the
-    alias to the candidate only when it is strictly better.  The candidate is registered either way."""
+    alias to the candidate only when it is strictly better, and, when a retrieval floor is set
+    (``min_qbe_map``, else the candidate's ``tracking.promote_min_qbe_map``), when its query-by-example
+    mAP@10 reaches it (:func:`retrieval_floor`).  The candidate is registered either way."""
     from deepindex.checkpoint import read_checkpoint
     from deepindex.config import from_dict
     from deepindex.tracking import registry
@@ -116,6 +121,8 @@ def promote(run_id: str, name: str, tracking_uri: str | None = None, *, parent_r
         cand_dir = registry.download_run_checkpoint(run_id, tmp, tracking_uri)
         cand_cfg = from_dict(read_checkpoint(cand_dir)["config"])
         cand = score_checkpoint(cand_dir)
+        floor = cand_cfg.tracking.promote_min_qbe_map if min_qbe_map is None else min_qbe_map
+        qbe = retrieval_floor(cand_dir, cand_cfg, run_id, tracking_uri) if floor is not None else None
     metric, mode = primary_metric(cand.multilabel, prefix="test_")
     cand_value = float(cand.metrics[metric])
     version = registry.register_run(run_id, name, tracking_uri)
@@ -133,10 +140,18 @@ def promote(run_id: str, name: str, tracking_uri: str | None = None, *, parent_r
                   f"(version {champ_version}) {champ_value:.4f}")
     else:
         promoted, reason = True, f"no {alias} yet; {metric} {cand_value:.4f}"
+    if qbe is not None and floor is not None:
+        below = qbe["map"] < floor
+        reason += (f"; query-by-example mAP@10 {qbe['map']:.4f} ({qbe['descriptor']}/{qbe['metric']}, "
+                   f"{qbe['gallery']}) is {'below' if below else 'at or above'} the floor "
+                   f"tracking.promote_min_qbe_map={floor:g}")
+        if below and promoted:
+            promoted = False
+            reason = "refused: " + reason
     if promoted:
         registry.set_alias(name, version, alias, tracking_uri)
     decision = PromotionDecision(promoted, name, version, metric, mode, cand_value, champ_value, champ_version,
-                                 run_id, reason)
+                                 run_id, reason, qbe_floor=floor, qbe_map=None if qbe is None else qbe["map"])
     from deepindex.console import event
 
     event("promotion: %s -> %s (run %s)", reason, f"{alias} = version {version}" if promoted else f"{alias} unchanged",
@@ -145,20 +160,69 @@ def promote(run_id: str, name: str, tracking_uri: str | None = None, *, parent_r
     return decision
 
 
+def retrieval_floor(checkpoint: str | Path, cfg: Config, run_id: str | None = None,
+                    tracking_uri: str | None = None, k: int = 10) -> dict[str, Any]:
+    """The candidate's query-by-example mAP@k for the promotion floor: ``deepindex.index.evaluate`` on a
+    held-out gallery (digit-scenes: ``tracking.promote_qbe_gallery`` scenes from the test glyphs; any
+    other dataset: its own test split), every descriptor x metric, the best one counting.  With
+    ``run_id`` the whole report is logged to that MLflow run (``retrieval.*``)."""
+    from deepindex.checkpoint import load_model
+    from deepindex.index.evaluate import evaluate_retrieval
+
+    lm = load_model(checkpoint)
+    coll = _held_out_gallery(lm, cfg)
+    descriptors = [d for d in ("probs", "penultimate", "last_but_two") if d in lm.model.feature_points()]
+    report = evaluate_retrieval(lm, coll, descriptors=descriptors, k=min(k, len(coll) - 1), seed=cfg.data.seed)
+    best = report["qbe_best"]
+    if run_id is not None:
+        from deepindex.tracking.retrieval import log_retrieval_report
+
+        log_retrieval_report(report, run_id, tracking_uri)
+    return {"map": float(best[f"map_at_{report['k']}"]), "descriptor": best["descriptor"], "metric": best["metric"],
+            "gallery": f"{len(coll)} held-out {coll.name} items", "report": report}
+
+
+def _held_out_gallery(lm: LoadedModel, cfg: Config) -> Collection:
+    import numpy as np
+
+    from deepindex.data import build_splits, split_len
+    from deepindex.index.collection import Collection, digit_gallery
+
+    if cfg.data.dataset == "digit-scenes":
+        return digit_gallery(cfg.tracking.promote_qbe_gallery, lm.image_size, cfg.data.max_digits, cfg.data.seed)
+    # The candidate's own test split, back from normalised tensors to the [0, 1] images a collection holds.
+    splits = build_splits(cfg.data, train_augment=False)
+    n = min(split_len(splits.test), cfg.tracking.promote_qbe_gallery)
+    xs, labels = [], []
+    for i in range(n):
+        x, t = splits.test[i][:2]
+        xs.append(x.numpy())
+        hot = np.flatnonzero(t.numpy()) if lm.multilabel else [int(t)]
+        labels.append([splits.concepts[j] for j in hot])
+    mean = np.asarray(splits.stats.mean, np.float32)[:, None, None]
+    std = np.asarray(splits.stats.std, np.float32)[:, None, None]
+    images = np.clip(np.stack(xs) * std + mean, 0, 1).astype(np.float32)  # (N, C, S, S)
+    return Collection(f"{cfg.data.dataset}-test", [f"test-{i:06d}" for i in range(n)], splits.image_size,
+                      splits.channels, images=images, labels=labels, meta={"split": "test"}, preset=splits.preset)
+
+
 def promote_main(*, sweep: str | None = None, run_id: str | None = None, model: str = "deepindex",
-                 experiment: str = "deepindex", tracking_uri: str | None = None, show: bool = True) -> dict[str, Any]:
-    """Promote a sweep's best trial (or a given run): register it, move ``champion`` if better;
-    ``show`` prints the decision as JSON on stdout."""
+                 experiment: str = "deepindex", tracking_uri: str | None = None, show: bool = True,
+                 min_qbe_map: float | None = None) -> dict[str, Any]:
+    """Promote a sweep's best trial (or a given run): register it, move ``champion`` if better (and at or
+    above the retrieval floor, when one is set); ``show`` prints the decision as JSON on stdout."""
     from deepindex.tracking.sweep import find_sweep_best
 
     if (sweep is None) == (run_id is None):
         raise ValueError("promote: give exactly one of --sweep NAME or --run RUN_ID")
+    if min_qbe_map is not None and not 0.0 <= min_qbe_map <= 1.0:
+        raise ValueError(f"--min-qbe-map: a mAP within [0, 1], got {min_qbe_map}")
     sync_pending(None, tracking_uri)  # a sweep that ended while MLflow was down has its best trial logged first
     parent = None
     if sweep is not None:
         run_id, parent = find_sweep_best(sweep, experiment, tracking_uri)
     assert run_id is not None
-    out = asdict(promote(run_id, model, tracking_uri, parent_run_id=parent))
+    out = asdict(promote(run_id, model, tracking_uri, parent_run_id=parent, min_qbe_map=min_qbe_map))
     if show:
         print(json.dumps(out, indent=2))
     return out

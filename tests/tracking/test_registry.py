@@ -22,21 +22,25 @@ def splits():
     return cfg, build_splits(cfg.data)
 
 
-def _candidate(client, experiment_id, splits, tmp_path, epochs: int, seed: int) -> str:
-    """A run holding checkpoint/checkpoint.pt of a ConvNet trained ``epochs`` epochs (plain torch)."""
+def _candidate(client, experiment_id, splits, tmp_path, epochs: int, seed: int, overrides: tuple[str, ...] = ()
+               ) -> str:
+    """A run holding checkpoint/checkpoint.pt of a ConvNet trained ``epochs`` epochs (plain torch); its
+    config gets ``overrides`` (what a training run with them would have saved)."""
     from deepindex.models import build_model
     from deepindex.train.engine import train_one_epoch
     from deepindex.train.losses import Penalty, make_loss
     from deepindex.train.optim import build_optimizer
 
     cfg, sp = splits
+    if overrides:
+        cfg = load_config(None, [*TINY, "data.train_size=1000", *overrides])
     torch.manual_seed(seed)
     model = build_model(cfg.model, len(sp.concepts), sp.channels)
     opt = build_optimizer(model, cfg.optim)
     for e in range(epochs):
         train_one_epoch(model, DataLoader(sp.train, batch_size=32, shuffle=True), opt, make_loss(sp.multilabel),
                         Penalty(cfg.regularization), e)
-    d = tmp_path / f"ckpt-{epochs}-{seed}"
+    d = tmp_path / (f"ckpt-{epochs}-{seed}" + (f"-o{len(overrides)}" if overrides else ""))
     save_checkpoint(d, model=model, config=cfg, stats=sp.stats, concepts=sp.concepts, multilabel=sp.multilabel,
                     epoch=epochs)
     run = client.create_run(experiment_id, run_name=f"candidate-{epochs}-{seed}")
@@ -90,6 +94,39 @@ def test_weaker_candidate_keeps_the_champion_better_one_replaces_it(mlflow_serve
     assert (local.name, local.version) == ("local", "file-" + digest)
     with pytest.raises(ValueError, match="not found in the registry"):
         resolve_model(f"models:/{name}@nobody", mlflow_server.uri)
+
+
+def test_a_retrieval_floor_refuses_a_better_candidate_below_it(mlflow_server, splits, tmp_path):
+    """tracking.promote_min_qbe_map: beating the champion on the test split is not enough when the
+    candidate's query-by-example mAP@10 (held-out gallery: here its digits test split) is below the floor."""
+    from mlflow.tracking import MlflowClient
+
+    from deepindex.workflows import promote
+
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.create_experiment(f"floor-{tmp_path.name}")
+    name = f"floor-{tmp_path.name}"
+    first = promote(_candidate(client, exp, splits, tmp_path, epochs=0, seed=1), name, mlflow_server.uri)
+    assert first.promoted and first.qbe_floor is None and first.qbe_map is None  # no floor: not measured
+    # The floor from the candidate's own config (as a sweep's trials carry it).
+    trained = _candidate(client, exp, splits, tmp_path, epochs=3, seed=2,
+                         overrides=("tracking.promote_min_qbe_map=0.9999",))
+    refused = promote(trained, name, mlflow_server.uri)
+    assert refused.candidate < refused.champion  # better on the test split (top-1 error) ...
+    assert not refused.promoted  # ... but below the retrieval floor
+    assert refused.qbe_floor == 0.9999 and 0.1 < refused.qbe_map < 0.9999
+    assert refused.reason.startswith("refused: ") and "below the floor tracking.promote_min_qbe_map=0.9999" in \
+        refused.reason, refused.reason
+    assert client.get_model_version_by_alias(name, "champion").version == first.version
+    run = client.get_run(trained)
+    assert run.data.metrics["promotion_candidate_qbe_map_at_10"] == pytest.approx(refused.qbe_map)
+    assert run.data.metrics["retrieval.qbe_best.map_at_10"] == pytest.approx(refused.qbe_map)  # the whole report
+    assert run.data.tags["promotion.decision"] == "not promoted" and run.data.tags["promotion.qbe_floor"] == "0.9999"
+    # An explicit floor (deepindex promote --min-qbe-map) wins over the config's: at or above it, promoted.
+    ok = promote(trained, name, mlflow_server.uri, min_qbe_map=round(refused.qbe_map - 0.05, 4))
+    assert ok.promoted and "at or above the floor" in ok.reason, ok.reason
+    assert ok.qbe_map == pytest.approx(refused.qbe_map)  # the same model, the same held-out gallery
+    assert client.get_model_version_by_alias(name, "champion").version == ok.version == refused.version
 
 
 def test_a_checkpoint_path_resolves_to_its_content_hash(tmp_path, monkeypatch):

@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g.add_argument("--run", dest="run_id", help="an MLflow run id with a checkpoint/ artifact")
     q.add_argument("--model", default="deepindex", help="registered model name")
     q.add_argument("--experiment", default="deepindex", help="MLflow experiment of the sweep")
+    q.add_argument("--min-qbe-map", type=float, metavar="MAP",
+                   help="retrieval floor: refuse unless the candidate's query-by-example mAP@10 on a held-out "
+                        "gallery reaches it (default: the candidate's tracking.promote_min_qbe_map)")
     q.set_defaults(func=run_promote)
 
 
@@ -37,5 +40,6 @@ def run_tune(args: argparse.Namespace) -> int:
 def run_promote(args: argparse.Namespace) -> int:
     from deepindex.workflows import promote_main
 
-    promote_main(sweep=args.sweep, run_id=args.run_id, model=args.model, experiment=args.experiment)
+    promote_main(sweep=args.sweep, run_id=args.run_id, model=args.model, experiment=args.experiment,
+                 min_qbe_map=args.min_qbe_map)
     return 0

@@ -40,7 +40,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from deepindex.atomic import recover_all, recover_dir, swap_dir
-from deepindex.index.vectors import VectorConfig, VectorIndex, check_metric, exact_knn
+from deepindex.index.vectors import (
+    QUERY_METRICS,
+    VectorConfig,
+    VectorIndex,
+    allowed_metrics,
+    check_metric,
+    exact_knn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,9 @@ DELTA = "delta.jsonl"
 ITEMS = "items.jsonl"
 # Fold the delta into a new base when it holds this many changes, or this fraction of the base.
 COMPACT_MIN, COMPACT_FRACTION = 2000, 0.25
+# The concept probabilities, queryable as a descriptor from the matrix keyword search uses; compared
+# by cosine unless a query says otherwise (the best of the three on digit-scenes, README).
+PROBS, PROBS_METRIC = "probs", "cosine"
 
 
 class IndexMismatch(ValueError):
@@ -454,10 +464,43 @@ class IndexStore:
         return int(self.alive.sum())
 
     def feature(self, name: str | None) -> str:
+        """The feature point a query names (the index's default when None), or a ValueError naming ``feature``.
+
+        ``probs`` is always queryable: every index holds the concept probabilities for keyword search,
+        so they serve as a descriptor too (exact search over that (N, K) matrix), with no second copy.
+        """
         name = name or self.manifest.default_feature
-        if name not in self.manifest.features:
-            raise ValueError(f"feature: {name!r} is not indexed; this index has {', '.join(self.manifest.features)}")
+        if name not in self.manifest.features and name != PROBS:
+            raise ValueError(f"feature: {name!r} is not indexed; this index answers "
+                             f"{', '.join(self.query_features())}")
         return name
+
+    def query_features(self) -> dict[str, tuple[str, ...]]:
+        """Every feature a query may name -> the metrics it answers (the first is its default)."""
+        out: dict[str, tuple[str, ...]] = {}
+        for name, spec in self.manifest.features.items():
+            ok = allowed_metrics(spec.kind, spec.metric, spec.normalize)
+            out[name] = (spec.default_query_metric, *[m for m in ok if m != spec.default_query_metric])
+        if PROBS not in out:
+            out[PROBS] = (PROBS_METRIC, *[m for m in QUERY_METRICS if m != PROBS_METRIC])
+        return out
+
+    def default_metric(self, feature: str | None) -> str:
+        return self.query_features()[self.feature(feature)][0]
+
+    def check_query(self, feature: str | None, metric: str | None) -> tuple[str, str]:
+        """(feature, metric) of a query, defaults filled in; a ValueError naming the parameter otherwise."""
+        name = self.feature(feature)
+        metric = metric or self.default_metric(name)
+        if name in self.manifest.features:
+            spec = self.manifest.features[name]
+            check_metric(metric, spec.kind, spec.metric, spec.normalize)
+        else:  # probs: an exact search over the probability matrix answers any metric
+            check_metric(metric, "flat", PROBS_METRIC, False)
+        return name, metric
+
+    def _matrix(self, name: str) -> np.ndarray:
+        return self.features.get(name, self.probs)  # probs: the keyword matrix
 
     def similar(self, queries: np.ndarray, k: int, exclude: Sequence[int | None] | None = None,
                 feature: str | None = None, metric: str | None = None,
@@ -468,25 +511,22 @@ class IndexStore:
         answered exactly over the raw matrix where the index kind allows it (else a ValueError naming
         it).  ``exclude[q]`` drops one row; ``mask`` (N,) keeps only the rows where it is True.
         """
-        name = self.feature(feature)
-        spec = self.manifest.features[name]
-        metric = metric or spec.default_query_metric
-        check_metric(metric, spec.kind, spec.metric, spec.normalize)
+        name, metric = self.check_query(feature, metric)
         with self.rw.read():
             return self._similar(queries, k, exclude, name, metric, mask)
 
     def _similar(self, queries: np.ndarray, k: int, exclude: Sequence[int | None] | None, name: str, metric: str,
                  mask: np.ndarray | None) -> list[list[tuple[int, float]]]:
-        spec = self.manifest.features[name]
         keep = self.alive if mask is None else self.alive & mask
         n_keep = int(keep.sum())
         if n_keep == 0:
             return [[] for _ in range(len(queries))]
-        exact = metric != spec.default_query_metric
+        spec = self.manifest.features.get(name)
+        exact = spec is None or metric != spec.default_query_metric  # probs: never a vector index of its own
         fetch = min(k + (1 if exclude else 0) + int((~keep).sum()), len(self.ids))
         while True:
             if exact:
-                scores, rows = exact_knn(self.features[name], queries, fetch, metric)
+                scores, rows = exact_knn(self._matrix(name), queries, fetch, metric)
             else:
                 scores, rows = self.vectors[name].search(queries, fetch)
             out: list[list[tuple[int, float]]] = []
@@ -501,6 +541,23 @@ class IndexStore:
             if not short or fetch >= len(self.ids):
                 return out
             fetch = min(2 * fetch, len(self.ids))
+
+    def similarity(self, query: np.ndarray, feature: str | None = None, metric: str | None = None) -> np.ndarray:
+        """(N,) exact scores of every row (deleted ones too: the caller masks) against one (D,) query,
+        higher is closer: what fusion needs (a score for every item, not only the k nearest).  The same
+        FAISS arithmetic as the vector indexes (which store their vectors whole), so an item scores the
+        same here as in :meth:`similar`."""
+        name, metric = self.check_query(feature, metric)
+        with self.rw.read():
+            x = self._matrix(name)
+            q = np.asarray(query, dtype=np.float32).reshape(1, -1)
+            if q.shape[1] != x.shape[1]:
+                raise ValueError(f"example: a {q.shape[1]}-dimensional descriptor, {name} has {x.shape[1]}")
+            out = np.full(len(x), -np.inf)
+            if len(x):
+                s, r = exact_knn(x, q, len(x), metric)
+                out[r[0]] = s[0]
+            return out
 
     def live_rows(self) -> np.ndarray:
         return np.flatnonzero(self.alive)
@@ -521,7 +578,7 @@ class IndexStore:
             row = self.rows.get(item_id)
             if row is None:
                 return None
-            return row, self.probs[row].copy(), self.features[name][row].copy()
+            return row, self.probs[row].copy(), self._matrix(name)[row].copy()
 
     def hit(self, row: int, score: float) -> dict[str, Any]:
         return {"id": self.ids[row], "score": score, "labels": self.labels[row]}

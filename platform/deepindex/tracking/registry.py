@@ -52,6 +52,10 @@ class PromotionDecision:
     champion_version: str | None
     run_id: str
     reason: str
+    # The retrieval floor (tracking.promote_min_qbe_map), when one was required: the floor and the
+    # candidate's query-by-example mAP@10 (measured by the caller: tracking imports no model code).
+    qbe_floor: float | None = None
+    qbe_map: float | None = None
 
 
 def resolve_model(model_uri: str, tracking_uri: str | None = None) -> ResolvedModel:
@@ -165,6 +169,10 @@ def log_decision(d: PromotionDecision, parent_run_id: str | None = None, trackin
     client.log_metric(d.run_id, f"promotion_candidate_{d.metric}", d.candidate)
     if d.champion is not None:
         client.log_metric(d.run_id, f"promotion_champion_{d.metric}", d.champion)
+    if d.qbe_map is not None:
+        client.log_metric(d.run_id, "promotion_candidate_qbe_map_at_10", d.qbe_map)
+    if d.qbe_floor is not None:
+        client.set_tag(d.run_id, "promotion.qbe_floor", f"{d.qbe_floor:g}")
     client.log_text(d.run_id, json.dumps(asdict(d), indent=2), "promotion.json")
     if parent_run_id:
         client.log_text(parent_run_id, json.dumps(asdict(d), indent=2), "promotion.json")

@@ -1,0 +1,180 @@
+"""One search over a loaded index: keywords, an example, concept filters, fused and paged.
+
+What the service's search endpoints run (``serving/index.py`` hands a :class:`Query` to
+:func:`run`); the pieces are :mod:`deepindex.index.keywords` (keyword scores),
+:class:`deepindex.index.store.IndexStore` (similarity) and :mod:`deepindex.index.fusion`
+(fusion rules, ``min_prob`` masks, cursor pages), so the rules are written once.
+
+- **keywords only**: every live item scored by the query concepts' presence probabilities;
+- **example only** (an uploaded image's descriptor, or an indexed item, itself excluded): the
+  nearest items through the index's vector search, fetched deeper (doubling) until the page and
+  whether anything follows it are certain; an approximate index that finds no more hands over to an
+  exact scan of the raw descriptors, so paging reaches every item;
+- **both**: every live item gets an exact similarity score (the raw descriptor matrix), and the
+  two signals are fused by ``fusion`` (``weighted`` or ``rrf``, :func:`deepindex.index.fusion.fuse`)
+  with ``weights`` per signal (``keywords``, ``example``; 1 each by default; a weight for a signal
+  the query does not carry is ignored);
+- ``min_prob`` (concept -> t) keeps only items with ``p(c) >= t`` for every concept, before ranking.
+
+Pages are ``(score desc, id asc)``; ``cursor`` is the last (score, id) of the previous page, bound
+to the query by ``key`` (:func:`deepindex.index.fusion.query_key`): a cursor of another query is a
+ValueError naming ``cursor``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from deepindex.index.fusion import RULES, Rule, Scored, concept_mask, decode_cursor, fuse, page
+from deepindex.index.store import IndexStore
+
+SIGNALS = ("keywords", "example")
+
+
+class UnknownExample(LookupError):
+    """The example item of a query is not in the index (the service's 404)."""
+
+
+@dataclass(frozen=True)
+class Query:
+    k: int  # page size
+    key: str = ""  # the query's digest (fusion.query_key): what a cursor is bound to
+    cursor: str | None = None
+    concepts: Sequence[str] | None = None  # None: no keyword signal; []: keywords that matched no concept
+    mode: str = "all"
+    vector: np.ndarray | None = None  # an uploaded example's descriptor (D,) for ``feature``
+    item: str | None = None  # or an indexed item as the example
+    feature: str | None = None  # the example's descriptor (the index's default when None)
+    metric: str | None = None
+    min_prob: Mapping[str, float] = field(default_factory=dict)
+    fusion: Rule = "weighted"
+    weights: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Result:
+    hits: list[tuple[int, float]]  # (row, score), best first
+    next_cursor: str | None
+    feature: str  # the descriptor and metric the example was compared by (the defaults when no example)
+    metric: str
+    signals: list[str]  # which signals the ranking used
+
+
+def run(index: IndexStore, q: Query) -> Result:
+    """The page of ``q`` over ``index`` (see the module doc); ValueError names the bad parameter."""
+    if q.k < 1:
+        raise ValueError(f"k: must be >= 1, got {q.k}")
+    if q.fusion not in RULES:
+        raise ValueError(f"fusion: expected one of {', '.join(RULES)}, got {q.fusion!r}")
+    # Feature and metric are checked whether or not an example uses them: a bad one is always a 422.
+    feature, metric = index.check_query(q.feature, q.metric)
+    has_example = q.vector is not None or q.item is not None
+    if q.concepts is None and not has_example:
+        raise ValueError("query: give keywords, an example, or both")
+    if q.vector is not None and q.item is not None:
+        raise ValueError("example: an uploaded image or an item id, not both")
+    with index.rw.read():  # one consistent view of the rows while scoring (adds wait, queries do not)
+        keep_rows = index.alive.copy()
+        if q.min_prob:
+            keep_rows &= concept_mask(index.probs, index.manifest.concepts, q.min_prob)
+        vector, exclude = _example(index, q, feature)
+        if exclude is not None:
+            keep_rows[exclude] = False
+        signals = [s for s, on in zip(SIGNALS, (q.concepts is not None, has_example), strict=True) if on]
+        if vector is None:
+            hits, nxt = _page(index, _keywords(index, q, keep_rows), q)
+        elif q.concepts is None:
+            hits, nxt = _example_page(index, q, vector, feature, metric, keep_rows)
+        else:
+            rows = np.flatnonzero(keep_rows)
+            sim = index.similarity(vector, feature, metric)
+            parts = {"keywords": _keywords(index, q, keep_rows), "example": Scored(rows, sim[rows])}
+            weights = {s: float(w) for s, w in q.weights.items() if s in parts}
+            hits, nxt = _page(index, fuse(parts, q.fusion, weights), q)
+    return Result(hits, nxt, feature, metric, signals)
+
+
+def _cursor(q: Query) -> tuple[float, str] | None:
+    if q.cursor is None:
+        return None
+    score, item_id = decode_cursor(q.cursor, q.key)
+    if not isinstance(item_id, str):  # item ids are strings: an integer id was never issued here
+        raise ValueError("cursor: not a cursor this service issued")
+    return score, item_id
+
+
+def _after(index: IndexStore, rows: np.ndarray, scores: np.ndarray, after: tuple[float, str] | None) -> np.ndarray:
+    """(n,) bool: the items ranked after the cursor's (score, id) in (score desc, id asc) order; ids are
+    looked up for the cursor's score's ties only (not an array of every id per query)."""
+    if after is None:
+        return np.ones(len(scores), dtype=bool)
+    s0, id0 = after
+    out = scores < s0
+    for j in np.flatnonzero(scores == s0):
+        out[j] = index.ids[int(rows[j])] > id0
+    return out
+
+
+def _page(index: IndexStore, scored: Scored, q: Query) -> tuple[list[tuple[int, float]], str | None]:
+    """:func:`deepindex.index.fusion.page` over the few items that can be on this page: those after the
+    cursor scoring at least the (k+1)-th best of them (ties kept), so only their ids are looked up."""
+    s = scored.scores
+    cand = np.flatnonzero(_after(index, scored.rows, s, _cursor(q)))
+    if len(cand) > q.k + 1:
+        cut = np.partition(s[cand], len(cand) - (q.k + 1))[len(cand) - (q.k + 1)]
+        cand = cand[s[cand] >= cut]
+    rows = scored.rows[cand]
+    ids = np.array([index.ids[int(r)] for r in rows], dtype=str)
+    pg = page(Scored(np.arange(len(rows)), s[cand]), ids, q.k, q.cursor, q.key)
+    return [(int(rows[j]), float(v)) for j, v in zip(pg.rows, pg.scores, strict=True)], pg.next_cursor
+
+
+def _example(index: IndexStore, q: Query, feature: str) -> tuple[np.ndarray | None, int | None]:
+    """The example's descriptor and the row to leave out (the example item itself)."""
+    if q.item is not None:
+        got = index.item(q.item, feature)
+        if got is None:
+            raise UnknownExample(q.item)
+        return got[2], got[0]
+    return (None if q.vector is None else np.asarray(q.vector, dtype=np.float32).reshape(-1)), None
+
+
+def _keywords(index: IndexStore, q: Query, keep_rows: np.ndarray) -> Scored:
+    from deepindex.index.keywords import scores
+
+    rows = np.flatnonzero(keep_rows)
+    names = {c: j for j, c in enumerate(index.manifest.concepts)}
+    idx = [names[c] for c in (q.concepts or []) if c in names]
+    if not idx:  # no concept matched: nothing scores (the response reports the unmatched words)
+        return Scored(rows[:0], np.zeros(0))
+    return Scored(rows, scores(index.probs[rows], idx, q.mode))
+
+
+def _example_page(index: IndexStore, q: Query, vector: np.ndarray, feature: str, metric: str,
+                  keep_rows: np.ndarray) -> tuple[list[tuple[int, float]], str | None]:
+    """Example only: the vector index's nearest items, fetched deeper until the page is certain.
+
+    The fetched set is the top ``depth``; its lowest score may be shared with items it left out, so
+    only items scoring strictly above it are certain.  ``k + 1`` of those after the cursor settle the
+    page and whether a next one exists; else the depth doubles, up to every item.
+    """
+    after = _cursor(q)
+    n_keep = int(keep_rows.sum())
+    depth = 2 * (q.k + 1) if after is not None else q.k + 1
+    while True:
+        hits = index.similar(vector[None, :], depth, feature=feature, metric=metric, mask=keep_rows)[0]
+        rows = np.array([r for r, _ in hits], dtype=np.int64)
+        scores = np.array([s for _, s in hits], dtype=np.float64)
+        if len(hits) < min(depth, n_keep):
+            # An approximate index (HNSW, IVF) that finds no more: the rest scored exactly, over the raw
+            # descriptors (its distances are exact too, so the pages stay in one order).
+            rows = np.flatnonzero(keep_rows)
+            return _page(index, Scored(rows, index.similarity(vector, feature, metric)[rows]), q)
+        if depth >= n_keep:
+            return _page(index, Scored(rows, scores), q)
+        sure = scores > scores.min()
+        if (sure & _after(index, rows, scores, after)).sum() >= q.k + 1:
+            return _page(index, Scored(rows[sure], scores[sure]), q)
+        depth = min(2 * depth, n_keep)

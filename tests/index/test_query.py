@@ -1,0 +1,137 @@
+"""One search over an index (deepindex.index.query): keywords, examples, filters, fusion, and cursor pages
+that cover every item exactly once, over exact and approximate vector indexes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deepindex.index.fusion import Scored, encode_cursor, fuse, query_key
+from deepindex.index.keywords import scores
+from deepindex.index.query import Query, UnknownExample, run
+from deepindex.index.store import IndexChange, IndexStore
+from deepindex.index.vectors import VectorConfig
+
+pytestmark = pytest.mark.timeout(60)
+
+CONCEPTS = ["cat", "dog", "aquarium_fish"]
+
+
+def store(n: int = 300, kind: str = "flat", seed: int = 0) -> IndexStore:
+    rng = np.random.default_rng(seed)
+    # Coarse probabilities (two decimals): many equal keyword scores, so ties cross page boundaries.
+    probs = np.round(rng.random((n, 3)), 2).astype(np.float32)
+    centres = rng.normal(size=(6, 8)).astype(np.float32) * 4
+    feats = (centres[rng.integers(0, 6, n)] + rng.normal(size=(n, 8))).astype(np.float32)
+    return IndexStore.create(model={"uri": "x", "name": "m", "version": "1"}, collection="c", seq=n,
+                             concepts=CONCEPTS, ids=[f"i{j:04d}" for j in range(n)], labels=[[] for _ in range(n)],
+                             probs=probs, features={"penultimate": feats},
+                             vector_cfg=VectorConfig(kind=kind, metric="l2", normalize=False, hnsw_ef_search=16),
+                             default_feature="penultimate", image_size=4, channels=1, multilabel=True)
+
+
+def all_pages(index: IndexStore, q: Query) -> list[tuple[str, float]]:
+    """Every page of ``q`` in order, following next_cursor."""
+    out: list[tuple[str, float]] = []
+    cursor = None
+    for _ in range(1000):
+        res = run(index, Query(**{**q.__dict__, "cursor": cursor}))
+        out += [(index.ids[r], s) for r, s in res.hits]
+        assert len(res.hits) <= q.k
+        cursor = res.next_cursor
+        if cursor is None:
+            return out
+        assert len(res.hits) == q.k  # only the last page is short
+    raise AssertionError("no last page")
+
+
+def expected_order(index: IndexStore, rows: np.ndarray, s: np.ndarray) -> list[str]:
+    ids = np.asarray(index.ids)[rows]
+    return ids[np.lexsort((ids, -s))].tolist()
+
+
+def test_keyword_pages_cover_every_item_once_in_score_then_id_order():
+    index = store()
+    q = Query(k=7, key=query_key(q="cat"), concepts=["cat"])
+    got = all_pages(index, q)
+    s = scores(index.probs, [0], "all")
+    assert [i for i, _ in got] == expected_order(index, np.arange(300), s)
+    assert len({i for i, _ in got}) == 300
+    # A cursor belongs to its query: the same cursor with other parameters is refused, naming it.
+    first = run(index, q)
+    with pytest.raises(ValueError, match="cursor: it belongs to another query"):
+        run(index, Query(k=7, key=query_key(q="dog"), concepts=["dog"], cursor=first.next_cursor))
+    with pytest.raises(ValueError, match="cursor: not a cursor"):
+        run(index, Query(k=7, key=q.key, concepts=["cat"], cursor="bm90IGEgY3Vyc29y"))
+    with pytest.raises(ValueError, match="cursor: not a cursor"):  # well formed, but an integer id: never issued
+        run(index, Query(k=7, key=q.key, concepts=["cat"], cursor=encode_cursor(0.5, 3, q.key)))
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_example_pages_go_past_the_first_fetch_and_cover_every_item_once(kind):
+    index = store(kind=kind)
+    vec = index.features["penultimate"][5]
+    got = all_pages(index, Query(k=9, key="e", vector=vec))
+    assert len({i for i, _ in got}) == len(got)  # never twice
+    sc = [s for _, s in got]
+    assert sc == sorted(sc, reverse=True)  # best first across the pages
+    # Exact: every item.  Approximate: the search may miss an item near the query on an early page
+    # (what approximate means); the pages after its last find go on exactly, to the end.
+    assert len(got) == 300 if kind == "flat" else len(got) >= 290
+    if kind == "flat":  # exact: the order of a full exact scan
+        full = index.similarity(vec, "penultimate", "l2")
+        assert [i for i, _ in got] == expected_order(index, np.arange(300), full)
+    # An indexed item as the example: itself left out, the rest all there.
+    got = all_pages(index, Query(k=50, key="i", item="i0005"))
+    assert "i0005" not in {i for i, _ in got} and len(got) == (299 if kind == "flat" else len({i for i, _ in got}))
+
+
+def test_probs_are_a_descriptor_with_every_metric_and_bad_parameters_are_named():
+    index = store(kind="hnsw")
+    assert set(index.query_features()) == {"penultimate", "probs"}
+    assert index.query_features()["penultimate"] == ("l2",)  # an approximate index answers its geometry
+    assert index.query_features()["probs"] == ("cosine", "l2", "ip")
+    vec = index.probs[3]
+    for metric in ("l2", "ip", "cosine"):
+        res = run(index, Query(k=5, vector=vec, feature="probs", metric=metric))
+        assert res.feature == "probs" and res.metric == metric and len(res.hits) == 5
+    assert run(index, Query(k=1, vector=vec, feature="probs", metric="l2")).hits[0][0] == 3  # itself, distance 0
+    with pytest.raises(ValueError, match=r"^feature: 'stage9' is not indexed; this index answers penultimate, probs"):
+        run(index, Query(k=5, vector=vec, feature="stage9"))
+    with pytest.raises(ValueError, match=r"^metric=cosine: this hnsw index"):
+        run(index, Query(k=5, vector=index.features["penultimate"][0], metric="cosine"))
+    with pytest.raises(ValueError, match=r"^min_prob\.bird: unknown concept"):
+        run(index, Query(k=5, concepts=["cat"], min_prob={"bird": 0.5}))
+    with pytest.raises(ValueError, match=r"^fusion: expected one of weighted, rrf"):
+        run(index, Query(k=5, concepts=["cat"], fusion="max"))  # type: ignore[arg-type]
+    with pytest.raises(UnknownExample):
+        run(index, Query(k=5, item="nobody"))
+
+
+def test_min_prob_filters_before_ranking_and_deleted_items_never_show():
+    index = store()
+    index.apply([IndexChange(seq=301, op="delete", id="i0000")])
+    q = Query(k=20, key="f", concepts=["cat"], min_prob={"dog": 0.5, "aquarium_fish": 0.25})
+    got = all_pages(index, q)
+    ok = (index.probs[:, 1] >= 0.5) & (index.probs[:, 2] >= 0.25) & index.alive
+    assert {i for i, _ in got} == {index.ids[r] for r in np.flatnonzero(ok)}
+    ex = all_pages(index, Query(k=20, key="g", vector=index.features["penultimate"][1], min_prob={"dog": 0.5}))
+    assert {i for i, _ in ex} == {index.ids[r] for r in np.flatnonzero((index.probs[:, 1] >= 0.5) & index.alive)}
+
+
+@pytest.mark.parametrize("rule", ["weighted", "rrf"])
+def test_keywords_and_example_fused_by_the_documented_rule(rule):
+    index = store()
+    vec = index.features["penultimate"][7]
+    weights = {"keywords": 2.0, "example": 0.5, "unused": 3.0}  # a weight for a signal not in the query is ignored
+    got = all_pages(index, Query(k=25, key="h", concepts=["dog"], vector=vec, fusion=rule, weights=weights))
+    rows = np.arange(300)
+    parts = {"keywords": Scored(rows, scores(index.probs, [1], "all")),
+             "example": Scored(rows, index.similarity(vec, "penultimate", "l2"))}
+    fused = fuse(parts, rule, {"keywords": 2.0, "example": 0.5})
+    assert [i for i, _ in got] == expected_order(index, fused.rows, fused.scores)
+    np.testing.assert_allclose(sorted((s for _, s in got), reverse=True), -np.sort(-fused.scores))
+    res = run(index, Query(k=3, concepts=["dog"], vector=vec))
+    assert res.signals == ["keywords", "example"]
+    # Keywords that matched no concept: the example alone ranks.
+    alone = run(index, Query(k=5, concepts=[], vector=vec))
+    assert [r for r, _ in alone.hits] == [r for r, _ in run(index, Query(k=5, vector=vec)).hits]

@@ -1,0 +1,146 @@
+"""Search over real HTTP: descriptors and metrics chosen per query, keywords fused with an example,
+concept filters, cursor pages past max_k, "did you mean", 405 with Allow, and the contract itself."""
+from __future__ import annotations
+
+import pytest
+import requests
+
+from support import png_bytes
+from tests.serving.conftest import GALLERY, LIMITS
+
+pytestmark = [pytest.mark.slow, pytest.mark.serve, pytest.mark.cluster, pytest.mark.timeout(300)]
+
+
+def pages(served, path: str, params: dict, method: str = "get", **kw) -> list[dict]:
+    """Every page of one query, following next_cursor; each page's hits, in order."""
+    out: list[dict] = []
+    cursor = None
+    for _ in range(500):
+        p = {**params, **({"cursor": cursor} if cursor else {})}
+        r = (served.get(path, params=p, **kw) if method == "get" else served.post(path, params=p, **kw))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        out += body["results"]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return out
+        assert len(body["results"]) == params["k"]
+    raise AssertionError("no last page")
+
+
+def test_feature_and_metric_per_query_and_clear_422s(served):
+    base = served.get("/v1/items/scene-000010/similar", params={"k": 10}).json()
+    assert (base["feature"], base["metric"]) == ("penultimate", "cosine")  # the index's default
+    for metric in ("l2", "ip", "cosine"):  # an exact index answers every metric, on every descriptor
+        for feature in ("penultimate", "probs"):
+            body = served.get("/v1/items/scene-000010/similar",
+                              params={"k": 10, "feature": feature, "metric": metric}).json()
+            assert (body["feature"], body["metric"]) == (feature, metric) and len(body["results"]) == 10
+            labels = set(served.labels[10])
+            assert sum(bool(labels & set(h["labels"])) for h in body["results"]) >= 8, (feature, metric)
+    up = served.post("/v1/search/similar", params={"k": 3, "feature": "probs", "metric": "l2"},
+                     files={"images": ("q.png", png_bytes(served.images[17]))}).json()
+    assert up["feature"] == "probs" and up["results"][0]["id"] == "scene-000017"
+    for params, code, name in (({"feature": "stage9"}, "bad_feature", "feature"),
+                               ({"metric": "manhattan"}, "bad_metric", "metric"),
+                               ({"min_prob.zebra": "0.5"}, "bad_min_prob", "min_prob.zebra"),
+                               ({"min_prob.3": "1.5"}, "bad_min_prob", "min_prob.3"),
+                               ({"cursor": "not a cursor!"}, "bad_cursor", "cursor")):
+        r = served.get("/v1/items/scene-000010/similar", params={"k": 5, **params})
+        assert r.status_code == 422 and r.json()["error"]["code"] == code, r.text
+        assert name in r.json()["error"]["message"]
+
+
+def test_keywords_fused_with_an_example_and_filtered(served):
+    q = {"q": "seven", "k": 10, "example_id": "scene-000003", "min_prob.7": "0.5"}
+    for rule in ("weighted", "rrf"):
+        body = served.get("/v1/search", params={**q, "fusion": rule, "weight_example": "2"}).json()
+        assert body["fusion"].startswith(rule) and body["weights"] == {"keywords": 1.0, "example": 2.0}
+        assert body["example"] == {"id": "scene-000003"} and body["min_prob"] == {"7": 0.5}
+        assert len(body["results"]) == 10 and all("7" in h["labels"] for h in body["results"])
+        assert "scene-000003" not in [h["id"] for h in body["results"]]  # the example itself left out
+    # An uploaded example, with the same keywords and the example weighing most: the image's own item first.
+    assert "7" in served.labels[3]
+    up = served.post("/v1/search", params={"q": "seven", "k": 5, "weight_example": "5"},
+                     files={"images": ("q.png", png_bytes(served.images[3]))}).json()
+    assert up["example"]["upload"] and up["concepts"] == ["7"] and up["weights"] == {"keywords": 1.0, "example": 5.0}
+    assert up["results"][0]["id"] == "scene-000003"
+    # A filter keeps exactly the items at or above the threshold (checked against the item's own probabilities).
+    only = served.get("/v1/search", params={"q": "three", "k": 20, "min_prob.3": "0.9", "min_prob.5": "0.9"}).json()
+    for h in only["results"]:
+        probs = {c["concept"]: c["probability"] for c in served.get(f"/v1/items/{h['id']}?top_k=10").json()["concepts"]}
+        assert probs["3"] >= 0.9 and probs["5"] >= 0.9
+
+
+def test_cursor_pages_go_past_max_k_and_cover_every_item_once(served):
+    k = LIMITS["max_k"]
+    count = served.get("/readyz").json()["index"]["count"]
+    assert count >= GALLERY
+    hits = pages(served, "/v1/search", {"q": "three", "k": k, "mode": "any"})
+    ids = [h["id"] for h in hits]
+    assert len(ids) == len(set(ids)) == count  # every item, once, across 20 pages of 100
+    scores = [h["score"] for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    near = pages(served, "/v1/items/scene-000042/similar", {"k": 70, "min_prob.4": "0.5"})
+    nids = [h["id"] for h in near]
+    assert len(nids) == len(set(nids)) > 70 and "scene-000042" not in nids
+    for h in near[::25]:  # the filter holds deep into the pages
+        item = served.get(f"/v1/items/{h['id']}", params={"top_k": 10}).json()
+        assert {c["concept"]: c["probability"] for c in item["concepts"]}["4"] >= 0.5
+    # A cursor is bound to its query: another query's, or an edited one, names no page of this query.
+    first = served.get("/v1/search", params={"q": "three", "k": 5}).json()
+    other = served.get("/v1/search", params={"q": "seven", "k": 5, "cursor": first["next_cursor"]})
+    assert other.status_code == 404 and other.json()["error"]["code"] == "unknown_cursor"
+    second = served.get("/v1/search", params={"q": "three", "k": 5, "cursor": first["next_cursor"]}).json()
+    assert not {h["id"] for h in first["results"]} & {h["id"] for h in second["results"]}
+
+
+def test_did_you_mean_and_inflections(served):
+    for q, concepts in (("threes", ["3"]), ("Three", ["3"]), ("3s", ["3"]), ("sevn", ["7"])):
+        body = served.get("/v1/search", params={"q": q, "k": 3}).json()
+        assert body["concepts"] == concepts, (q, body)
+    assert served.get("/v1/search", params={"q": "sevn"}).json()["corrected"] == {"sevn": "seven"}
+    odd = served.get("/v1/search", params={"q": "seventeen"}).json()
+    assert odd["unmatched"] == ["seventeen"] and "seven" in odd["suggestions"]["seventeen"]
+
+
+def test_405_names_the_allowed_methods(served):
+    for method, path, allow in (("PUT", "/v1/items/scene-000001", "DELETE, GET"),
+                                ("PATCH", "/v1/search", "GET, POST"),
+                                ("DELETE", "/v1/items/scene-000001/image", "GET"),
+                                ("POST", "/v1/items/scene-000001/similar", "GET"),
+                                ("GET", "/v1/tag", "POST")):
+        r = requests.request(method, served.url + path, timeout=30, headers=served.auth)
+        assert r.status_code == 405 and r.headers["Allow"] == allow, (method, path, r.headers, r.text)
+        assert r.json()["error"]["code"] == "method_not_allowed"
+    assert served.store().get("scene-000001") is not None  # the DELETE above deleted nothing
+
+
+def test_openapi_states_what_the_service_accepts(served):
+    from serving.contract import unresolved_refs
+
+    doc = served.get("/openapi.json").json()
+    assert unresolved_refs(doc) == [] and "#/$defs/" not in str(doc)
+    search = {p["name"]: p for p in doc["paths"]["/v1/search"]["get"]["parameters"]}
+    assert search["q"]["required"] and search["q"]["schema"]["minLength"] == 1
+    assert (search["k"]["schema"]["minimum"], search["k"]["schema"]["maximum"]) == (1, LIMITS["max_k"])
+    assert search["mode"]["schema"]["enum"] == ["all", "any"]
+    assert search["fusion"]["schema"]["enum"] == ["weighted", "rrf"]
+    assert search["metric"]["schema"]["enum"] == ["l2", "ip", "cosine"]
+    assert search["feature"]["schema"]["enum"] == ["penultimate", "probs"]
+    assert {f"min_prob.{d}" for d in "0123456789"} <= set(search)
+    tag = {p["name"]: p["schema"] for p in doc["paths"]["/v1/tag"]["post"]["parameters"]}
+    assert (tag["threshold"]["minimum"], tag["threshold"]["maximum"]) == (0, 1)
+    add = doc["paths"]["/v1/items"]["post"]
+    form = add["requestBody"]["content"]["multipart/form-data"]
+    assert form["schema"]["required"] == ["images", "id"] and "image/png" in form["encoding"]["images"]["contentType"]
+    assert add["security"] == [{"bearer": []}] and {"401", "403", "409", "413"} <= set(add["responses"])
+    assert add["responses"]["201"]["links"]["GetItem"]["operationId"] == "get_item"
+    size = {p["name"]: p["schema"] for p in doc["paths"]["/v1/items/{item_id}/image"]["get"]["parameters"]}["size"]
+    assert (size["minimum"], size["maximum"]) == (8, 1024)
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            for code, resp in op["responses"].items():
+                if code.startswith("4"):  # every error body is the one JSON shape
+                    assert resp["content"]["application/json"]["schema"] == {
+                        "$ref": "#/components/schemas/ErrorResponse"}, (method, path, code)
