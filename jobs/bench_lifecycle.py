@@ -143,10 +143,14 @@ def bench_one(n: int, adds: int, models: tuple[Path, Path], scratch: Path) -> di
 
 
 def _replica_pids(deployment: str) -> list[dict[str, Any]]:
+    import ray
     from ray.util.state import list_actors
 
-    # Serve names a replica's actor class ServeReplica:<app>:<deployment>.
-    return [{"pid": a.pid} for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    # Serve names a replica's actor class ServeReplica:<app>:<deployment>.  This cluster's, by address:
+    # other local clusters may run on the machine.
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                         limit=1000)
+    return [{"pid": a.pid} for a in actors
             if (a.class_name or "").endswith(f":{deployment}") and a.pid]
 
 
