@@ -18,6 +18,10 @@ class ConfigError(ValueError):
     """A configuration problem; the message starts with the dotted key at fault."""
 
 
+# Datasets read from image files (the ones data.pipeline=ray decodes once and caches).
+FILE_DATASETS = ("image-folder", "manifest")
+
+
 class _Section(BaseModel):
     # frozen: a resolved config is a value; extra=forbid: typos are errors, not silence.
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -49,7 +53,12 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.1, gt=0, lt=1)  # image-folder/manifest/CIFAR: held out from train
     test_fraction: float = Field(0.1, gt=0, lt=1)
     seed: int = 0
-    num_workers: int = Field(0, ge=0)  # DataLoader worker processes
+    num_workers: int = Field(0, ge=0)  # DataLoader worker processes (data.pipeline=local)
+    # How training reads a file collection (image-folder, manifest): ray = Ray Data, decoded once into a
+    # cache under ray.storage_path and sharded across the Train workers (deepindex.data.ingest);
+    # local = every worker decodes its items itself (a DataLoader).  auto = ray for file collections;
+    # the digit datasets and CIFAR are tensors in memory and always local.
+    pipeline: Literal["auto", "ray", "local"] = "auto"
     # Noisy web labels (deepindex.data.noise): the fraction of train and val items whose tag set
     # is corrupted (a tag dropped, added or swapped); the test split stays clean.
     label_noise: float = Field(0.0, ge=0, le=1)
@@ -202,6 +211,9 @@ class Config(_Section):
             if on and not multilabel:
                 raise ValueError(f"data.{key}: needs a multi-label dataset (digit-scenes or manifest), "
                                  f"not {self.data.dataset}")
+        if self.data.pipeline == "ray" and self.data.dataset not in FILE_DATASETS:
+            raise ValueError(f"data.pipeline: ray reads image files ({', '.join(FILE_DATASETS)}); "
+                             f"{self.data.dataset} is built in memory (data.pipeline=auto or local)")
         if self.train.bootstrap != "none" and not multilabel:
             raise ValueError("train.bootstrap: the bootstrapping loss is for multi-label datasets")
         if self.data.cv_folds == 1 or (self.data.cv_folds and self.data.cv_fold >= self.data.cv_folds):

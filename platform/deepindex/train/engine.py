@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 def train_one_epoch(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],  # a DataLoader, or a Ray Data feed's batches
     optimizer: torch.optim.Optimizer,
     loss_fn: nn.Module,
     penalty: Penalty,
@@ -78,7 +79,7 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
+def predict(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device | str = "cpu",
             precision: Precision | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All logits and targets of a loader, on the CPU: (N, K), (N,) | (N, K)."""
     model.eval()

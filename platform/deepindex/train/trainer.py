@@ -47,6 +47,7 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list[UserC
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from deepindex.data.ingest import pipeline_for, prepare_ingest
     from deepindex.data.inspect import resolve_config
     from deepindex.train.worker import train_loop_per_worker
 
@@ -66,12 +67,19 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list[UserC
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
     status_dir = None if "://" in storage else str(Path(storage) / name / "workers")
+    loop_config: dict[str, Any] = {"config": cfg.to_dict(), "extra": extra or {}, "status_dir": status_dir,
+                                   "tracker": tracker}
+    data: dict[str, Any] = {}
+    if pipeline_for(cfg, storage) == "ray":
+        # A file collection: decoded once into the cache (or found there) and sharded by Ray Data.
+        ingest = prepare_ingest(cfg, storage)
+        loop_config["ray_data"] = ingest.plan
+        data = {"datasets": ingest.datasets, "dataset_config": ingest.data_config}
     return TorchTrainer(
         # mypy reads ray.train.torch's Train V1 TorchTrainer, which wants a loop returning None; Train V2 (what
         # runs) takes any loop and hands its value back as Result.return_value (jobs/bench_train.py reads it).
         train_loop_per_worker,  # type: ignore[arg-type]
-        train_loop_config={"config": cfg.to_dict(), "extra": extra or {}, "status_dir": status_dir,
-                           "tracker": tracker},
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=resources,
@@ -87,6 +95,7 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list[UserC
             # V1's RunConfig again (see above): V2's takes ray.train.UserCallback, V1's took Tune callbacks.
             callbacks=callbacks,  # type: ignore[arg-type]
         ),
+        **data,
     )
 
 

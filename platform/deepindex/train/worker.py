@@ -1,10 +1,11 @@
 """The per-worker training function: the only training code that touches Ray.
 
-Each Ray Train worker builds the same splits (deterministic in the config), wraps the
-model in DDP through ``prepare_model``, reads a shard of every epoch through a
-``DistributedSampler`` reshuffled per epoch, evaluates its shard of the validation split
-(gathered so every rank sees the same metrics), and reports once per epoch; rank 0 attaches
-the checkpoint.  A restarted worker group (after a failure, or a run started again under
+Each Ray Train worker gets its data from a feed (:mod:`deepindex.train.feeds`): its shard of
+the decoded cache through Ray Data (``data.pipeline=ray``, a file collection), or the splits
+built in the worker and a ``DistributedSampler`` reshuffled per epoch (local).  It wraps the
+model in DDP through ``prepare_model``, evaluates its shard of the validation split (gathered
+so every rank sees the same metrics), and reports once per epoch; rank 0 attaches the
+checkpoint.  A restarted worker group (after a failure, or a run started again under
 the same name) resumes from ``ray.train.get_checkpoint()``.
 """
 from __future__ import annotations
@@ -17,22 +18,24 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from deepindex.checkpoint import read_checkpoint, save_checkpoint
 from deepindex.config import from_dict
-from deepindex.data import build_splits, split_len
 from deepindex.models import build_model
 from deepindex.models.transfer import unfreeze, unfreeze_due
 from deepindex.train.engine import predict, scores_to_metrics, train_one_epoch
+from deepindex.train.feeds import Feed, LocalFeed, RayDataFeed
 from deepindex.train.losses import Penalty, make_loss
 from deepindex.train.optim import EpochScheduler, build_optimizer, current_lr
 from deepindex.train.precision import Precision
 
 if TYPE_CHECKING:
+    from ray.data import DataIterator
+
     from deepindex.tracking.tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,28 @@ def _write_status(status_dir: str | None, rank: int, **fields: Any) -> None:
     os.replace(tmp, d / f"rank{rank}.json")
 
 
+def _write_shard(status_dir: str | None, rank: int, rows: np.ndarray | None) -> None:
+    """The train items this rank read in an epoch (Ray Data): ranks never share one."""
+    if not status_dir or rows is None:
+        return
+    from deepindex.atomic import write_file
+
+    def save(path: Path) -> None:
+        with path.open("wb") as f:
+            np.save(f, np.sort(rows))
+
+    write_file(Path(status_dir) / f"rank{rank}.shard.npy", save)
+
+
+def _shard(name: str) -> DataIterator:
+    import ray.train
+
+    it = ray.train.get_dataset_shard(name)
+    if it is None:  # build_trainer passes both datasets whenever it passes the plan
+        raise RuntimeError(f"data: the trainer holds no {name!r} dataset")
+    return it
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     """Train ``loop_config["config"]``; returns this rank's per-epoch scalar metrics."""
     import ray.train
@@ -73,8 +98,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     torch.set_num_threads(threads)
     device = ray.train.torch.get_device()
 
-    splits = build_splits(cfg.data)
-    model: nn.Module = build_model(cfg.model, len(splits.concepts), splits.channels)
+    precision = Precision.from_config(cfg.train, device)  # train.amp, train.channels_last
+    plan = loop_config.get("ray_data")
+    feed: Feed
+    if plan is not None:  # every rank asks for its shard (a barrier): the driver built the datasets
+        feed = RayDataFeed(plan, cfg, rank, world, precision, _shard("train"), _shard("val"))
+    else:
+        feed = LocalFeed(cfg, rank, world, precision)
+    model: nn.Module = build_model(cfg.model, len(feed.concepts), feed.channels)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = EpochScheduler(optimizer, cfg.schedule, cfg.train.epochs)
     start_epoch, extra = 0, dict(loop_config.get("extra") or {})
@@ -91,22 +122,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         if rank == 0:
             log.info("resuming from the checkpoint of epoch %d", state["epoch"])
 
-    precision = Precision.from_config(cfg.train, device)  # train.amp, train.channels_last
     core = precision.prepare_model(model)  # the unwrapped module (DDP wraps it below)
     if unfreeze_due(core, cfg, start_epoch):  # resumed after train.unfreeze_epoch
         unfreeze(core)
     model = ray.train.torch.prepare_model(core)
-    if rank == 0 and splits.report is not None:
-        log.info("data: %s", splits.report.summary())  # unknown tags, duplicates: once, from rank 0
-    per_worker_batch = max(1, cfg.train.batch_size // world)  # the global batch is split
-    sampler: DistributedSampler[int] = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True,
-                                                          seed=cfg.train.seed)
-    train_loader = DataLoader(splits.train, batch_size=per_worker_batch, sampler=sampler,
-                              num_workers=cfg.data.num_workers, drop_last=True, pin_memory=precision.pin_memory)
-    # Each rank scores a strided shard of the validation split; all_gather puts it back together.
-    val_loader = DataLoader(Subset(splits.val, range(rank, split_len(splits.val), world)), batch_size=256,
-                            pin_memory=precision.pin_memory)
-    loss_fn = make_loss(splits.multilabel, cfg.train)
+    if rank == 0 and feed.report:
+        log.info("data: %s", feed.report)  # unknown tags, duplicates: once, from rank 0
+    loss_fn = make_loss(feed.multilabel, cfg.train)
     penalty = Penalty(cfg.regularization)
     tracker: Tracker | None = loop_config.get("tracker")
     if tracker is not None and rank == 0:
@@ -115,12 +137,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     # Exported through Ray's metrics agent (Prometheus): the Grafana "training throughput" panel.
     throughput = Gauge("deepindex_train_images_per_s", "images/s of the training worker group", tag_keys=("run",))
     run_tag = {"run": ctx.get_experiment_name()}
-    status = {"node_id": ray.get_runtime_context().get_node_id(), "start_epoch": start_epoch}
+    status: dict[str, Any] = {"node_id": ray.get_runtime_context().get_node_id(), "start_epoch": start_epoch,
+                              "pipeline": "ray" if plan is not None else "local"}
     history: list[dict[str, Any]] = []
     for epoch in range(start_epoch, cfg.train.epochs):
         epoch_start = time.time()
         _write_status(loop_config.get("status_dir"), rank, epoch=epoch, **status)
-        sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
         if unfreeze_due(core, cfg, epoch):
             unfreeze(core)
             # DDP only all-reduces what required grad when it was built: wrap the module again.
@@ -128,13 +150,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
             if rank == 0:
                 log.info("epoch %d: train.unfreeze_epoch reached, every layer trains from now on", epoch)
         lr = current_lr(optimizer)
-        train_metrics = train_one_epoch(model, train_loader, optimizer, loss_fn, penalty, epoch, device,
+        train_metrics = train_one_epoch(model, feed.train_batches(epoch), optimizer, loss_fn, penalty, epoch, device,
                                         precision=precision)
+        if epoch == start_epoch:
+            _write_shard(loop_config.get("status_dir"), rank, feed.rows_read)
+        status["train_rows"] = int(train_metrics["train_images"])  # this rank's, last epoch
         # DDP's wrapped model, as a Module: nn.Module's __getattr__ is typed Tensor | Module.
         bare = cast(nn.Module, model.module) if hasattr(model, "module") else model
-        logits, targets = predict(bare, val_loader, device, precision=precision)
+        logits, targets = predict(bare, feed.val_batches(), device, precision=precision)
         logits, targets = _gather(logits), _gather(targets)
-        val_metrics = scores_to_metrics(logits, targets, splits.multilabel, loss_fn)
+        val_metrics = scores_to_metrics(logits, targets, feed.multilabel, loss_fn)
         scheduler.step(val_metrics["val_loss"])
         # images/s of the whole group: every rank trained as many images in about the same time.
         metrics = {**train_metrics, **val_metrics, "epoch": epoch, "lr": lr,
@@ -148,8 +173,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                save_checkpoint(tmp, model=model, config=cfg, stats=splits.stats, concepts=splits.concepts,
-                                multilabel=splits.multilabel, epoch=epoch, optimizer=optimizer,
+                save_checkpoint(tmp, model=model, config=cfg, stats=feed.stats, concepts=feed.concepts,
+                                multilabel=feed.multilabel, epoch=epoch, optimizer=optimizer,
                                 scheduler=scheduler, metrics=metrics, extra=extra)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
                 log.info("epoch %d: %s", epoch, scalars)

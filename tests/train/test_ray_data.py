@@ -1,0 +1,174 @@
+"""data.pipeline=ray on a real local cluster: a manifest decoded once into the cache, sharded across two
+Train workers, read again from the cache by the next run, with the local path's pixels, stats and labels."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deepindex.config import ConfigError, load_config
+from deepindex.data import build_splits
+from deepindex.data import ingest as ingest_module
+from deepindex.data.cache import COMPLETE, cache_key, prepare_cache, read_images
+from deepindex.data.ingest import labelled_splits, pipeline_for, prepare_ingest
+from deepindex.data.inspect import resolve_config
+from deepindex.data.label_view import AUDIT_FILE, SUSPECTS_FILE, fingerprint
+from deepindex.data.photos import make_photo_collection
+from deepindex.data.transforms import decode_file
+from deepindex.train.trainer import build_trainer
+from support import TWO_WORKERS, ensure_ray
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+# 60 example photos (42 train, 9 val, 9 test by their split column) read at 32 px; a 2-block ConvNet.
+SMALL = ["data.dataset=manifest", "data.image_size=32", "data.augment=flip,crop", "model.channels=[8,16]",
+         "model.embed_dim=32", "train.batch_size=8", "train.epochs=1", *TWO_WORKERS]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One 2-worker training run through Ray Data (it decodes the collection into the cache)."""
+    ensure_ray()
+    root = make_photo_collection(tmp_path_factory.mktemp("photos"), n=60, size=128, seed=0).root
+    storage = tmp_path_factory.mktemp("storage")
+    cfg = load_config(None, [*SMALL, f"data.root={root}", f"ray.storage_path={storage}"])
+    events: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: events.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("deepindex.events")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        result = build_trainer(cfg, name="first").fit()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return {"cfg": cfg, "storage": storage, "result": result, "events": events}
+
+
+def _caches(storage: Path) -> list[Path]:
+    return sorted(p for p in (storage / "data_cache").iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+@pytest.mark.timeout(600)
+def test_two_workers_train_on_disjoint_shards_of_the_decoded_cache(first_run):
+    result, storage = first_run["result"], first_run["storage"]
+    assert result.error is None and result.metrics["epoch"] == 0
+    assert any(e.startswith("data: decoded 60 images in ") for e in first_run["events"]), first_run["events"]
+    [cache] = _caches(storage)
+    meta = json.loads((cache / COMPLETE).read_text())
+    assert meta["counts"] == {"train": 42, "val": 9, "test": 9} and meta["channels"] == 3
+    workers = storage / "first" / "workers"
+    status = {r: json.loads((workers / f"rank{r}.json").read_text()) for r in (0, 1)}
+    assert all(s["pipeline"] == "ray" and s["done"] for s in status.values())
+    shards = [set(np.load(workers / f"rank{r}.shard.npy").tolist()) for r in (0, 1)]
+    # 21 train items per worker (equal split), 5 batches of 4 each (drop_last): 20 trained on.
+    assert [len(s) for s in shards] == [20, 20] and [status[r]["train_rows"] for r in (0, 1)] == [20, 20]
+    assert not shards[0] & shards[1]  # no image read by both workers
+    assert shards[0] | shards[1] <= set(range(42))
+
+
+@pytest.mark.timeout(600)
+def test_the_next_run_reads_the_cache_and_another_size_decodes_again(first_run, caplog):
+    cfg, storage = first_run["cfg"], first_run["storage"]
+    [cache] = _caches(storage)
+    before = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
+    caplog.set_level(logging.INFO, logger="deepindex.events")
+    build_trainer(cfg, name="second")  # a second trial, or the same run resumed: same data keys
+    assert f"data: cache hit {cache} (60 items)" in caplog.messages
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*")} == before  # nothing decoded or rewritten
+    # What does not change the pixels or the items shares the cache; the image size does not.
+    d = resolve_config(cfg).data
+    assert cache_key(d.model_copy(update={"augment": (), "label_noise": 0.2, "pipeline": "ray"})) == cache.name
+    bigger = d.model_copy(update={"image_size": 40})
+    found = prepare_cache(bigger, storage)
+    assert not found.hit and found.path != cache and found.path.name == cache_key(bigger)
+    assert read_images(found.split_dir("val"))[1].shape == (9, 3, 40, 40)
+    assert len(_caches(storage)) == 2
+
+
+@pytest.mark.timeout(300)
+def test_the_cache_holds_the_local_paths_pixels_stats_and_labels(first_run):
+    """Quality unchanged: the model gets the same inputs either way (the floor is in test_photo_floor.py)."""
+    d = resolve_config(first_run["cfg"]).data
+    cache = prepare_cache(d, first_run["storage"])
+    local = build_splits(d, train_augment=False)
+    index, images = read_images(cache.split_dir("test"))
+    assert index.tolist() == list(range(9))
+    for i, path in enumerate(local.test.paths):  # type: ignore[attr-defined]
+        assert np.array_equal(images[i], decode_file(path, 32, 3, "fit"))
+    assert np.allclose(cache.stats.mean, local.stats.mean, atol=1e-9)
+    assert np.allclose(cache.stats.std, local.stats.std, atol=1e-9)
+    labels = cache.labels()
+    for split in ("train", "val", "test"):
+        assert np.array_equal(labels[split], getattr(local, split).targets.numpy())
+        assert cache.paths()[split] == getattr(local, split).paths
+
+
+def _write_report(folder: Path, d, rows: list[tuple[int, str]], ids: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / SUSPECTS_FILE).open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["rank", "index", "item", "concept", "issue", "given", "pred_prob", "quality"])
+        for r, (i, c) in enumerate(rows, 1):
+            w.writerow([r, i, ids[i], c, "x", 0, 0.5, 0.1])
+    (folder / AUDIT_FILE).write_text(json.dumps({"data": fingerprint(d)}))
+    return folder
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("view", ["noise+fold", "noise+filter-flip", "noise+filter-drop"])
+def test_label_views_give_the_ray_path_the_local_paths_labels(first_run, tmp_path, monkeypatch, view):
+    """label_noise, label_filter (flip, drop) and CV folds, applied to the cached labels: the train items
+    and labels (and the noisy val labels) are the ones build_splits' local path gives.  For the drop
+    filter and the fold, the rows the Ray dataset hands the workers are checked too (items left out,
+    labels attached), held in the object store and streamed from the cache respectively."""
+    cfg = resolve_config(first_run["cfg"]).override({"data.label_noise": 0.3})
+    if view == "noise+fold":
+        cfg = cfg.override({"data.cv_folds": 3, "data.cv_fold": 1})
+    else:
+        ids = [os.path.relpath(p, cfg.data.root) for p in build_splits(cfg.data).train.paths]  # type: ignore[attr-defined]
+        report = _write_report(tmp_path / "audit", cfg.data, [(3, "red"), (3, "circle"), (10, "blue")], ids)
+        cfg = cfg.override({"data.label_filter": str(report), "data.label_filter_mode": view.split("-")[-1]})
+    local = build_splits(cfg.data)
+    cache = prepare_cache(cfg.data, first_run["storage"])
+    assert cache.hit
+    paths = cache.paths()["train"]
+    keep, labels = labelled_splits(cfg, cache)
+    assert {str(labels["train"][i].tolist()) + str(paths[i]) for i in keep} == _labelled(local.train)
+    assert len(keep) == len(local.train) and (len(keep) < 42) == (view != "noise+filter-flip")
+    assert torch.equal(labels["val"], local.val.targets)  # type: ignore[attr-defined]
+    assert not torch.equal(labels["val"], torch.from_numpy(cache.labels()["val"]))  # the noise reached val
+    if view != "noise+filter-flip":  # the rows themselves: held in the object store, or streamed from the cache
+        if view == "noise+fold":
+            monkeypatch.setattr(ingest_module, "HOLD_FRACTION", 0.0)
+        ingest = prepare_ingest(cfg, str(first_run["storage"]))
+        assert ingest.plan["held_in_object_store"] == (view == "noise+filter-drop")
+        rows = ingest.datasets["train"].take_all()
+        assert {str(r["label"].tolist()) + str(paths[r["index"]]) for r in rows} == _labelled(local.train)
+        assert len(rows) == len(local.train) == ingest.plan["train_rows"]
+
+
+def _labelled(ds) -> set[str]:
+    """{labels + image path} of each item of a local train split (through a label view's Subset)."""
+    from torch.utils.data import Subset
+
+    base, rows = (ds.dataset, ds.indices) if isinstance(ds, Subset) else (ds, range(len(ds)))
+    return {str(base.targets[j].tolist()) + str(base.paths[j]) for j in rows}
+
+
+def test_pipeline_switch():
+    photos = ["data.dataset=manifest", "data.root=/nowhere"]
+    assert pipeline_for(load_config(None, photos), "/tmp/x") == "ray"  # auto: ray for a file collection
+    assert pipeline_for(load_config(None, [*photos, "data.pipeline=local"]), "/tmp/x") == "local"
+    assert pipeline_for(load_config(None, photos), "s3://bucket/runs") == "local"  # the cache needs a filesystem
+    assert pipeline_for(load_config(None, []), "/tmp/x") == "local"  # digit-scenes: tensors in memory
+    with pytest.raises(ConfigError, match=r"^data\.pipeline: ray reads image files"):
+        load_config(None, ["data.pipeline=ray"])
