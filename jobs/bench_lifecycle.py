@@ -105,10 +105,9 @@ def bench_one(n: int, adds: int, models: tuple[Path, Path], scratch: Path) -> di
 
     # Memory of the index replica.
     info = requests.get(f"{url}/readyz", timeout=60).json()["index"]  # the index replica's info
-    pids = [a["pid"] for a in _replica_pids("IndexService")]
     out["index_memory"] = {"arrays_bytes_per_item": round(info["memory_bytes"] / max(info["count"], 1), 1),
                            "arrays_mb": round(info["memory_bytes"] / 2**20, 1),
-                           "replica_rss_mb": round(_rss_mb(pids[0]), 1) if pids else None}
+                           "replica_rss_mb": round(_rss_mb(info["pid"]), 1)}
 
     # The rollover: the followed model replaced, searches every 0.1 s meanwhile.
     stop = threading.Event()
@@ -140,18 +139,6 @@ def bench_one(n: int, adds: int, models: tuple[Path, Path], scratch: Path) -> di
     serve.delete("bench")
     serve.shutdown()
     return out
-
-
-def _replica_pids(deployment: str) -> list[dict[str, Any]]:
-    import ray
-    from ray.util.state import list_actors
-
-    # Serve names a replica's actor class ServeReplica:<app>:<deployment>.  This cluster's, by address:
-    # other local clusters may run on the machine.
-    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
-                         limit=1000)
-    return [{"pid": a.pid} for a in actors
-            if (a.class_name or "").endswith(f":{deployment}") and a.pid]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ as they are.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -123,7 +124,7 @@ class IndexServer:
         pair, _ = self._pair(version)
         out: dict[str, Any] = {"collection": self.args.collection, "serving": self.serving,
                                "rollover": self.rollover.status(), "loaded": pair is not None,
-                               "head": self.store.head(), "items": self.store.count()}
+                               "head": self.store.head(), "items": self.store.count(), "pid": os.getpid()}
         if pair is None:
             out.update(problem=self.rollover.problem() or "no index loaded", count=0)
             return out
