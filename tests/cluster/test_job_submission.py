@@ -54,7 +54,7 @@ def tiny_train_args(cluster, name: str) -> list[str]:
     return ["--name", name, *TINY_TRAIN, f"ray.storage_path={cluster.storage}"]
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(240)  # the first test also pays for the module's 2-node cluster and MLflow server
 def test_token_auth_is_on(stack):
     cluster, _ = stack
     assert requests.get(f"{cluster.address}/api/version", timeout=5).status_code == 401
