@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, Subset
 
 from deepindex.config import FILE_DATASETS
 from deepindex.data.cache import BLOCK_BYTES, SPLITS, DecodedCache, prepare_cache
-from deepindex.data.transforms import imagenet_stats
+from deepindex.data.transforms import NormStats, imagenet_stats, normalize
 
 if TYPE_CHECKING:
     import ray.data
@@ -57,6 +57,38 @@ def pipeline_for(cfg: Config, storage: str) -> str:
                     "ray.storage_path, not %s", d.pipeline, storage)
         return "local"
     return "ray"
+
+
+class CachedSplit(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """A cached split held as uint8 and normalised item by item: (x (C, S, S), target)."""
+
+    def __init__(self, images: np.ndarray, targets: torch.Tensor, stats: NormStats) -> None:
+        self.images, self.targets, self.stats = images, targets, stats  # (N, C, S, S) uint8, (N, ...)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return normalize(torch.from_numpy(self.images[i]).float().div_(255.0), self.stats), self.targets[i]
+
+
+def cached_split(cfg: Config, storage: str, split: str, stats: NormStats) -> tuple[CachedSplit, list[str]] | None:
+    """``split`` of ``cfg``'s data (label view applied) from the decode cache that training wrote, normalised
+    with ``stats`` (a checkpoint's); None where training read locally or the cache is gone.  Scoring a
+    checkpoint this way decodes no image and reads none of the collection's files."""
+    from deepindex.data.cache import find_cache, read_images
+
+    if cfg.data.pipeline == "local" or cfg.data.dataset not in FILE_DATASETS or "://" in storage:
+        return None
+    cache = find_cache(cfg.data, storage)
+    if cache is None:
+        return None
+    keep, labels = labelled_splits(cfg, cache)
+    index, images = read_images(cache.split_dir(split))
+    if not np.array_equal(index, np.arange(cache.counts[split])):
+        raise RuntimeError(f"data: the decode cache {cache.path} is missing {split} items")
+    rows = keep if split == "train" else index
+    return CachedSplit(images[rows], labels[split][torch.tensor(rows, dtype=torch.int64)], stats), cache.concepts
 
 
 class LabelsOnly(Dataset[tuple[torch.Tensor, torch.Tensor]]):
