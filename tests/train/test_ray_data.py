@@ -112,6 +112,23 @@ def test_the_cache_holds_the_local_paths_pixels_stats_and_labels(first_run):
         assert cache.paths()[split] == getattr(local, split).paths
 
 
+@pytest.mark.timeout(300)
+def test_scoring_the_checkpoint_reads_the_cache_not_the_images(first_run, monkeypatch):
+    """The test split of the run's own data comes from the decode cache (build_splits never runs), with
+    the checkpoint's stats: the same logits as the local path, which decodes the images again."""
+    from deepindex.train import evaluation
+
+    path = first_run["result"].checkpoint.path
+    local_data = resolve_config(first_run["cfg"]).data.model_copy(update={"pipeline": "local"})
+    local = evaluation.score_checkpoint(path, data=local_data)
+    with monkeypatch.context() as m:
+        m.setattr("deepindex.data.build_splits", lambda *a, **k: pytest.fail("decoded the images again"))
+        cached = evaluation.score_checkpoint(path)
+    assert torch.equal(cached.targets, local.targets) and len(cached.targets) == 9
+    assert torch.allclose(cached.logits, local.logits, atol=1e-4)
+    assert cached.metrics["test_map"] == pytest.approx(local.metrics["test_map"], abs=1e-6)
+
+
 def _write_report(folder: Path, d, rows: list[tuple[int, str]], ids: list[str]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / SUSPECTS_FILE).open("w", newline="") as f:

@@ -152,6 +152,11 @@ def _load(path: Path, seconds: float) -> DecodedCache | None:
                         str(meta["preset"]), meta.get("report"), hit=True, seconds=seconds)
 
 
+def find_cache(d: DataConfig, storage: str | Path) -> DecodedCache | None:
+    """The complete cache of ``d`` under ``storage`` if there is one (nothing is decoded)."""
+    return _load(cache_path(d, storage), 0.0)
+
+
 @contextlib.contextmanager
 def _exclusive(lock: Path) -> Iterator[None]:
     """Hold ``lock`` (flock: released by the kernel however the holder dies)."""

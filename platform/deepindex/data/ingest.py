@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, Subset
 
 from deepindex.config import FILE_DATASETS
 from deepindex.data.cache import BLOCK_BYTES, SPLITS, DecodedCache, prepare_cache
-from deepindex.data.transforms import imagenet_stats
+from deepindex.data.transforms import NormStats, imagenet_stats, normalize
 
 if TYPE_CHECKING:
     import ray.data
@@ -57,6 +57,38 @@ def pipeline_for(cfg: Config, storage: str) -> str:
                     "ray.storage_path, not %s", d.pipeline, storage)
         return "local"
     return "ray"
+
+
+class CachedSplit(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """A cached split held as uint8 and normalised item by item: (x (C, S, S), target)."""
+
+    def __init__(self, images: np.ndarray, targets: torch.Tensor, stats: NormStats) -> None:
+        self.images, self.targets, self.stats = images, targets, stats  # (N, C, S, S) uint8, (N, ...)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return normalize(torch.from_numpy(self.images[i]).float().div_(255.0), self.stats), self.targets[i]
+
+
+def cached_split(cfg: Config, storage: str, split: str, stats: NormStats) -> tuple[CachedSplit, list[str]] | None:
+    """``split`` of ``cfg``'s data (label view applied) from the decode cache that training wrote, normalised
+    with ``stats`` (a checkpoint's); None where training read locally or the cache is gone.  Scoring a
+    checkpoint this way decodes no image and reads none of the collection's files."""
+    from deepindex.data.cache import find_cache, read_images
+
+    if cfg.data.pipeline == "local" or cfg.data.dataset not in FILE_DATASETS or "://" in storage:
+        return None
+    cache = find_cache(cfg.data, storage)
+    if cache is None:
+        return None
+    keep, labels = labelled_splits(cfg, cache)
+    index, images = read_images(cache.split_dir(split))
+    if not np.array_equal(index, np.arange(cache.counts[split])):
+        raise RuntimeError(f"data: the decode cache {cache.path} is missing {split} items")
+    rows = keep if split == "train" else index
+    return CachedSplit(images[rows], labels[split][torch.tensor(rows, dtype=torch.int64)], stats), cache.concepts
 
 
 class LabelsOnly(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -135,19 +167,33 @@ def labelled_splits(cfg: Config, cache: DecodedCache) -> tuple[np.ndarray, dict[
     return keep, {"train": train_y, "val": val_y, "test": test_y}
 
 
+def _announce(in_trials_too: bool, msg: str, *args: Any) -> None:
+    """A console event on a driver.  In a Ray actor (a sweep's trial) only ``in_trials_too`` lines are
+    (printed with the console's mark, the sweep's driver shows them); a trial's cache hit goes to the log."""
+    import ray
+
+    from deepindex.console import MARK, event
+
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+        if in_trials_too:
+            print(MARK + msg % args, flush=True)
+        else:
+            log.info(msg, *args)
+        return
+    event(msg, *args)
+
+
 def prepare_ingest(cfg: Config, storage: str) -> RayIngest:
     """Decode once (or find the cache), apply the label view, build the Ray datasets (on the driver)."""
     import ray.data
     import ray.train
 
-    from deepindex.console import event
-
     cache = prepare_cache(cfg.data, storage)
     n = sum(cache.counts.values())
     if cache.hit:
-        event("data: cache hit %s (%d items)", cache.path, n)
+        _announce(False, "data: cache hit %s (%d items)", cache.path, n)
     else:
-        event("data: decoded %d images in %.1f s into %s", n, cache.seconds, cache.path)
+        _announce(True, "data: decoded %d images in %.1f s into %s", n, cache.seconds, cache.path)
     if cache.report:
         log.info("data: %s", cache.report)
     keep, labels = labelled_splits(cfg, cache)

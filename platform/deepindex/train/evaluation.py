@@ -34,7 +34,9 @@ def score_checkpoint(path: str | Path, split: str = "test", data: DataConfig | N
     """A checkpoint's logits and metrics on a split of ``data`` (default: its own data config).
 
     Promotion scores the candidate and the champion on the candidate's data config, so both
-    figures come from the same images.
+    figures come from the same images.  A file collection that training read through Ray Data is
+    scored from its decode cache (no image decoded again; the checkpoint's normalisation stats, which
+    equal the ones the local path recomputes), unless ``data`` is given.
     """
     from torch.utils.data import DataLoader
 
@@ -44,11 +46,21 @@ def score_checkpoint(path: str | Path, split: str = "test", data: DataConfig | N
     from deepindex.train.losses import make_loss
 
     lm = load_model(path)
-    splits = build_splits(data if data is not None else lm.config.data, train_augment=False)
-    if list(splits.concepts) != list(lm.concepts):
+    found = None
+    if data is None:  # its own data: from the decode cache its training read, where there is one
+        from deepindex.data.ingest import cached_split
+        from deepindex.train.trainer import storage_path
+
+        found = cached_split(lm.config, storage_path(lm.config), split, lm.stats)
+    if found is not None:
+        dataset, concepts = found
+    else:
+        splits = build_splits(data if data is not None else lm.config.data, train_augment=False)
+        dataset, concepts = getattr(splits, split), splits.concepts
+    if list(concepts) != list(lm.concepts):
         raise ValueError(f"data.dataset: the checkpoint {path} knows {len(lm.concepts)} concepts, the split has "
-                         f"{len(splits.concepts)}: not comparable")
-    logits, targets = predict(lm.model, DataLoader(getattr(splits, split), batch_size=batch_size))
+                         f"{len(concepts)}: not comparable")
+    logits, targets = predict(lm.model, DataLoader(dataset, batch_size=batch_size))
     metrics = scores_to_metrics(logits, targets, lm.multilabel, make_loss(lm.multilabel), prefix=f"{split}_")
     return Scored(metrics, logits, targets, list(lm.concepts), lm.multilabel)
 
