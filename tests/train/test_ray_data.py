@@ -24,8 +24,6 @@ from deepindex.data.transforms import decode_file
 from deepindex.train.trainer import build_trainer
 from support import TWO_WORKERS, ensure_ray
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-
 # 60 example photos (42 train, 9 val, 9 test by their split column) read at 32 px; a 2-block ConvNet.
 SMALL = ["data.dataset=manifest", "data.image_size=32", "data.augment=flip,crop", "model.channels=[8,16]",
          "model.embed_dim=32", "train.batch_size=8", "train.epochs=1", *TWO_WORKERS]
@@ -57,6 +55,8 @@ def _caches(storage: Path) -> list[Path]:
     return sorted(p for p in (storage / "data_cache").iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_workers_train_on_disjoint_shards_of_the_decoded_cache(first_run):
     result, storage = first_run["result"], first_run["storage"]
@@ -75,6 +75,8 @@ def test_two_workers_train_on_disjoint_shards_of_the_decoded_cache(first_run):
     assert shards[0] | shards[1] <= set(range(42))
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_the_next_run_reads_the_cache_and_another_size_decodes_again(first_run, caplog):
     cfg, storage = first_run["cfg"], first_run["storage"]
@@ -94,6 +96,8 @@ def test_the_next_run_reads_the_cache_and_another_size_decodes_again(first_run, 
     assert len(_caches(storage)) == 2
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_cache_holds_the_local_paths_pixels_stats_and_labels(first_run):
     """Quality unchanged: the model gets the same inputs either way (the floor is in test_photo_floor.py)."""
@@ -112,6 +116,8 @@ def test_the_cache_holds_the_local_paths_pixels_stats_and_labels(first_run):
         assert cache.paths()[split] == getattr(local, split).paths
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_scoring_the_checkpoint_reads_the_cache_not_the_images(first_run, monkeypatch):
     """The test split of the run's own data comes from the decode cache (build_splits never runs), with
@@ -140,6 +146,8 @@ def _write_report(folder: Path, d, rows: list[tuple[int, str]], ids: list[str]) 
     return folder
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("view", ["noise+fold", "noise+filter-flip", "noise+filter-drop"])
 def test_label_views_give_the_ray_path_the_local_paths_labels(first_run, tmp_path, monkeypatch, view):
