@@ -63,7 +63,6 @@ def index_step(checkpoint: str, root: Path, work: Path, device: torch.device, ba
     from deepindex.checkpoint import load_model
     from deepindex.data.transforms import normalize
     from deepindex.index.collection import load_collection
-    from deepindex.index.embed import to_thumb
     from deepindex.index.store import IndexStore
     from deepindex.index.vectors import VectorConfig
     from deepindex.train.precision import Precision
@@ -74,7 +73,7 @@ def index_step(checkpoint: str, root: Path, work: Path, device: torch.device, ba
     model = precision.prepare_model(lm.model.to(device)).eval()
     coll = load_collection("manifest", image_size=d.image_size, channels=d.channels, concepts=lm.concepts,
                            root=str(root), manifest=str(root / "tags.csv"), preset=d.preset)
-    probs, embs, thumbs = [], [], []
+    probs, embs = [], []
     forward_s = 0.0
     start = time.perf_counter()
     with torch.inference_mode():
@@ -91,12 +90,12 @@ def index_step(checkpoint: str, root: Path, work: Path, device: torch.device, ba
             probs.append(p.cpu().numpy())
             embs.append(emb.float().cpu().numpy())
             forward_s += time.perf_counter() - t
-            thumbs.append(to_thumb(unit))
+    labels = coll.labels or [[] for _ in coll.ids]
     store = IndexStore.create(
-        model={"uri": checkpoint, "name": "gpu-check", "version": "0"}, collection=coll.name, concepts=lm.concepts,
-        ids=coll.ids, meta=[coll.item_meta(i) for i in range(len(coll))], probs=np.concatenate(probs),
-        embeddings=np.concatenate(embs), thumbs=np.concatenate(thumbs), cfg=VectorConfig(), image_size=d.image_size,
-        channels=d.channels, multilabel=lm.multilabel)
+        model={"uri": checkpoint, "name": "gpu-check", "version": "0"}, collection=coll.name, seq=0,
+        concepts=lm.concepts, ids=coll.ids, labels=labels, probs=np.concatenate(probs),
+        features={"penultimate": np.concatenate(embs)}, vector_cfg=VectorConfig(), default_feature="penultimate",
+        image_size=lm.image_size, channels=lm.channels, multilabel=lm.multilabel, preset=lm.preset)
     store.save(work / "index")
     total_s = time.perf_counter() - start
     # The bare forward on one resident batch: the model's own rate, without decoding or copies.
