@@ -14,9 +14,10 @@ import json
 import logging
 import sys
 import time
+from typing import Any
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     from deepindex.audit.bench import NOISY_DIGITS, label_views, train_and_score
     from deepindex.audit.run import check_config, run_audit
     from deepindex.config import load_config
@@ -30,27 +31,32 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     base = load_config(None, [*NOISY_DIGITS, *args.overrides])
-    audits, reports = {}, {}
+    audits: dict[str, dict[str, Any]] = {}
+    reports: dict[int, str] = {}
+    threads = base.train.threads or 1  # one process trains the views one after the other
     for k in args.folds:
         cfg = base.override({"audit.folds": k})
         check_config(cfg)
         out = run_audit(cfg, name=f"{args.name}-k{k}", tracking_uri=args.tracking_uri)
         print(out.summary, flush=True)
+        s = out.scores  # None only where the overrides turned the synthetic noise off
         audits[f"k{k}"] = {"wall_s": round(out.wall_s, 1), "flagged_labels": out.flagged,
-                           "precision": round(out.scores["precision"], 4), "recall": round(out.scores["recall"], 4),
+                           "precision": round(s["precision"], 4) if s else None,
+                           "recall": round(s["recall"], 4) if s else None,
                            "oof_map_given": round(out.oof_map, 4),
                            "oof_map_clean": round(out.meta.get("oof_map_clean", float("nan")), 4),
-                           "fold_test_map": [round(f.test_map, 4) for f in out.folds],
+                           "fold_test_map": [None if f.test_map is None else round(f.test_map, 4) for f in out.folds],
                            "report": str(out.report), "mlflow_parent_run_id": out.parent_run_id}
         reports[k] = str(out.report)
     views = label_views("")
     test_map: dict[str, list[float]] = {}
     for seed in args.seeds:
         for name in ("noisy", "clean"):
-            test_map.setdefault(name, []).append(train_and_score(base.override({**views[name], "train.seed": seed})))
+            test_map.setdefault(name, []).append(
+                train_and_score(base.override({**views[name], "train.seed": seed}), threads))
         for k, report in reports.items():
             cfg = base.override({**label_views(report)["filtered"], "train.seed": seed})
-            test_map.setdefault(f"filtered_k{k}", []).append(train_and_score(cfg))
+            test_map.setdefault(f"filtered_k{k}", []).append(train_and_score(cfg, threads))
     mean = {name: round(sum(v) / len(v), 4) for name, v in test_map.items()}
     result = {"setting": NOISY_DIGITS + list(args.overrides), "seeds": args.seeds, "audits": audits,
               "test_map_mean": mean, "test_map": {k: [round(x, 4) for x in v] for k, v in test_map.items()}}

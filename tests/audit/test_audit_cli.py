@@ -3,6 +3,8 @@ naming the field, before any Ray cluster starts."""
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +19,8 @@ def _ray_started() -> bool:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("args, message", [
-    (["data.dataset=digits"], "data.dataset: the audit needs a multi-label dataset (digit-scenes or manifest), not digits"),
+    (["data.dataset=digits"],
+     "data.dataset: the audit needs a multi-label dataset (digit-scenes or manifest), not digits"),
     (["audit.folds=1"], "audit.folds: Input should be greater than or equal to 2"),
     (["audit.fold=3"], "audit.fold: unknown key"),
     (["audit.filter_by=vibes"], "audit.filter_by: Input should be"),
@@ -26,7 +29,8 @@ def _ray_started() -> bool:
     (["data.cv_folds=3"], "data.cv_folds: the audit sets the folds itself (use audit.folds)"),
     (["audit.folds"], "audit.folds: an override must look like key=value"),
 ])
-def test_audit_refuses_bad_input_with_one_line_naming_the_field(args, message, capsys):
+def test_audit_refuses_bad_input_with_one_line_naming_the_field(args: list[str], message: str,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "audit", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"deepindex data: error: {message}"), err
@@ -34,7 +38,8 @@ def test_audit_refuses_bad_input_with_one_line_naming_the_field(args, message, c
 
 
 @pytest.mark.timeout(60)
-def test_training_refuses_a_missing_or_foreign_audit_report_before_ray_starts(tmp_path, capsys):
+def test_training_refuses_a_missing_or_foreign_audit_report_before_ray_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", f"data.label_filter={tmp_path / 'nowhere'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"deepindex train: error: data.label_filter: no audit report at {tmp_path / 'nowhere'} "
@@ -49,7 +54,7 @@ def test_training_refuses_a_missing_or_foreign_audit_report_before_ray_starts(tm
 
 
 @pytest.mark.timeout(60)
-def test_submit_audit_runs_the_audit_job(capsys):
+def test_submit_audit_runs_the_audit_job(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["submit", "--dry-run", "audit", "--name", "a1", "audit.folds=3", "data.label_noise=0.3"]) == 0
     sub = json.loads(capsys.readouterr().out)
     assert sub["entrypoint"] == "python jobs/audit.py --name a1 audit.folds=3 data.label_noise=0.3"
@@ -57,11 +62,34 @@ def test_submit_audit_runs_the_audit_job(capsys):
 
 
 @pytest.mark.timeout(60)
-def test_noise_robust_loss_sweep_loads_over_the_loss_keys():
-    from pathlib import Path
-
+def test_noise_robust_loss_sweep_loads_over_the_loss_keys() -> None:
     from deepindex.tune.space import load_space
 
     spec = load_space(Path(__file__).resolve().parents[2] / "tune_configs" / "noisy_labels.yaml")
     assert spec.space["train.bootstrap"].args == ["none", "soft", "hard"]
     assert spec.base.data.label_noise == 0.3 and spec.settings.search == "grid"
+
+
+@pytest.mark.timeout(60)
+def test_a_filter_naming_an_audit_run_needs_a_tracking_server(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "data.label_filter=runs:/0123abcd"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["deepindex train: error: data.label_filter: tracking: no MLflow server "
+                   "(set MLFLOW_TRACKING_URI or run `deepindex up`)"], err
+    assert not _ray_started()
+
+
+@pytest.mark.timeout(60)
+def test_an_audit_with_its_tracking_server_down_runs_untracked_after_one_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from deepindex.config import load_config
+    from deepindex.net import free_port
+    from deepindex.tracking.audit import open_audit_run
+
+    cfg = load_config(None, ["audit.folds=3"])
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with caplog.at_level(logging.WARNING, logger="deepindex.tracking"):
+        assert open_audit_run(cfg, "a1", uri, recorded=None) is None
+        assert open_audit_run(cfg, "a1", uri, recorded="0123abcd") is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"MLflow server {uri} is unreachable: the audit a1 runs untracked; its report stays on the Ray storage path"]

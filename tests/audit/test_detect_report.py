@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,15 +16,17 @@ import torch
 
 from deepindex.audit.detect import detect, detection_scores
 from deepindex.audit.report import cleaned, summary_table, suspects_grid, write_report
-from deepindex.config import load_config
-from deepindex.data import build_splits
+from deepindex.config import Config, load_config
+from deepindex.data import Splits, build_splits
 from deepindex.data.label_view import fingerprint
 
+# (config, splits, given labels, out-of-fold probabilities, the corrupted pairs)
+AuditInputs = tuple[Config, Splits, np.ndarray, np.ndarray, np.ndarray]
 CFG = ["data.train_size=600", "data.val_size=100", "data.test_size=100", "data.label_noise=0.3"]
 
 
 @pytest.fixture(scope="module")
-def audit_inputs():
+def audit_inputs() -> AuditInputs:
     cfg = load_config(None, CFG)
     splits = build_splits(cfg.data)
     v = splits.view
@@ -37,8 +40,8 @@ def audit_inputs():
 
 
 @pytest.mark.timeout(60)
-def test_cleanlab_flags_the_corrupted_labels_and_estimates_per_concept_noise(audit_inputs):
-    cfg, splits, given, probs, truth = audit_inputs
+def test_cleanlab_flags_the_corrupted_labels_and_estimates_per_concept_noise(audit_inputs: AuditInputs) -> None:
+    _, splits, given, probs, truth = audit_inputs
     det = detect(given, probs, splits.concepts)
     s = detection_scores(det.flagged, truth)
     assert s["precision"] > 0.6 and s["recall"] > 0.8, s
@@ -48,12 +51,12 @@ def test_cleanlab_flags_the_corrupted_labels_and_estimates_per_concept_noise(aud
     worst = det.items[0]
     assert det.flagged[worst].any() and det.quality[worst][det.flagged[worst]].min() == pytest.approx(
         det.quality[det.flagged].min())
-    with pytest.raises(ValueError, match="^audit: labels"):
+    with pytest.raises(ValueError, match=r"^audit: labels"):
         detect(given[:, :9], probs, splits.concepts)
 
 
 @pytest.mark.timeout(60)
-def test_report_round_trips_through_the_label_filter(audit_inputs, tmp_path):
+def test_report_round_trips_through_the_label_filter(audit_inputs: AuditInputs, tmp_path: Path) -> None:
     cfg, splits, given, probs, truth = audit_inputs
     det = detect(given, probs, splits.concepts)
     out = write_report(tmp_path / "report", det=det, given=given, probs=probs, ids=splits.view.ids,

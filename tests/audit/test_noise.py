@@ -4,13 +4,15 @@ from __future__ import annotations
 import csv
 import functools
 import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from deepindex.config import ConfigError, load_config
-from deepindex.data import build_splits
+from deepindex.config import ConfigError, DataConfig, load_config
+from deepindex.data import Splits, build_splits
 from deepindex.data.folds import fold_ids, fold_split
 from deepindex.data.label_view import AUDIT_FILE, SUSPECTS_FILE, fingerprint
 from deepindex.data.noise import corrupt
@@ -18,15 +20,15 @@ from deepindex.data.noise import corrupt
 SMALL = ["data.train_size=600", "data.val_size=200", "data.test_size=200"]
 
 
-@functools.lru_cache(maxsize=None)
-def _splits(*over: str):
+@functools.cache
+def _splits(*over: str) -> Splits:
     """Splits of a small config, built once per module (tests only read them)."""
     return build_splits(load_config(None, [*SMALL, *over]).data)
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("rate", [0.0, 0.1, 0.3, 1.0])
-def test_rate_is_the_fraction_of_items_with_a_wrong_tag_set(rate):
+def test_rate_is_the_fraction_of_items_with_a_wrong_tag_set(rate: float) -> None:
     clean = _splits().train.tensors[1]
     n = corrupt(clean, rate, seed=0)
     assert n.item_rate == pytest.approx(round(rate * len(clean)) / len(clean))
@@ -35,7 +37,8 @@ def test_rate_is_the_fraction_of_items_with_a_wrong_tag_set(rate):
     per_item = n.flipped.sum(1)
     assert set(per_item.unique().tolist()) <= {0, 1, 2}  # drop/add flip one pair, swap two
     for i, kind in enumerate(n.kinds):
-        drop = int((n.clean[i] > n.noisy[i]).sum()); add = int((n.noisy[i] > n.clean[i]).sum())
+        drop = int((n.clean[i] > n.noisy[i]).sum())
+        add = int((n.noisy[i] > n.clean[i]).sum())
         assert (drop, add) == {None: (0, 0), "drop": (1, 0), "add": (0, 1), "swap": (1, 1)}[kind]
     if rate == 0.3:  # the three kinds are drawn uniformly: ~60 each of 180
         counts = {k: n.kinds.count(k) for k in ("drop", "add", "swap")}
@@ -43,7 +46,7 @@ def test_rate_is_the_fraction_of_items_with_a_wrong_tag_set(rate):
 
 
 @pytest.mark.timeout(60)
-def test_noise_is_deterministic_in_its_seed_and_split():
+def test_noise_is_deterministic_in_its_seed_and_split() -> None:
     clean = _splits().train.tensors[1]
     a, b = corrupt(clean, 0.3, seed=0), corrupt(clean, 0.3, seed=0)
     assert torch.equal(a.noisy, b.noisy)
@@ -52,7 +55,7 @@ def test_noise_is_deterministic_in_its_seed_and_split():
 
 
 @pytest.mark.timeout(60)
-def test_build_splits_corrupts_train_and_val_keeps_test_and_the_truth():
+def test_build_splits_corrupts_train_and_val_keeps_test_and_the_truth() -> None:
     clean = _splits()
     noisy = _splits("data.label_noise=0.3", "data.label_noise_seed=4")
     v = noisy.view
@@ -69,7 +72,7 @@ def test_build_splits_corrupts_train_and_val_keeps_test_and_the_truth():
 
 
 @pytest.mark.timeout(30)
-def test_folds_partition_the_items_deterministically():
+def test_folds_partition_the_items_deterministically() -> None:
     ids = fold_ids(103, 5, seed=0)
     assert np.array_equal(ids, fold_ids(103, 5, seed=0)) and not np.array_equal(ids, fold_ids(103, 5, seed=1))
     assert sorted(np.bincount(ids).tolist()) == [20, 20, 21, 21, 21]
@@ -77,12 +80,12 @@ def test_folds_partition_the_items_deterministically():
     assert np.array_equal(np.sort(np.concatenate(held)), np.arange(103))
     trained, h = fold_split(103, 5, 2)
     assert not set(trained) & set(h) and len(trained) + len(h) == 103
-    with pytest.raises(ValueError, match="^audit.folds"):
+    with pytest.raises(ValueError, match=r"^audit\.folds"):
         fold_ids(3, 5)
 
 
 @pytest.mark.timeout(60)
-def test_cv_fold_trains_on_the_other_folds_with_the_full_splits_stats():
+def test_cv_fold_trains_on_the_other_folds_with_the_full_splits_stats() -> None:
     full = _splits("data.label_noise=0.3")
     fold = _splits("data.label_noise=0.3", "data.cv_folds=3", "data.cv_fold=1")
     trained, held = fold_split(600, 3, 1, seed=0)
@@ -92,7 +95,7 @@ def test_cv_fold_trains_on_the_other_folds_with_the_full_splits_stats():
     assert fold.stats == full.stats  # the held-out fold is normalised as the model's inputs were
 
 
-def _write_report(folder, d, rows, **meta_over):
+def _write_report(folder: Path, d: DataConfig, rows: list[tuple[int, str]], **meta_over: Any) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / SUSPECTS_FILE).open("w", newline="") as f:
         w = csv.writer(f)
@@ -104,7 +107,7 @@ def _write_report(folder, d, rows, **meta_over):
 
 
 @pytest.mark.timeout(60)
-def test_label_filter_flips_or_drops_the_suspect_labels(tmp_path):
+def test_label_filter_flips_or_drops_the_suspect_labels(tmp_path: Path) -> None:
     cfg = load_config(None, [*SMALL, "data.label_noise=0.3"])
     base = _splits("data.label_noise=0.3")
     y = base.train.tensors[1]
@@ -122,7 +125,7 @@ def test_label_filter_flips_or_drops_the_suspect_labels(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_label_filter_refuses_a_report_of_other_data_or_other_items(tmp_path):
+def test_label_filter_refuses_a_report_of_other_data_or_other_items(tmp_path: Path) -> None:
     cfg = load_config(None, [*SMALL, "data.label_noise=0.3"])
     other = _write_report(tmp_path / "other", cfg.data, [(1, "1")], train_size=5000)
     with pytest.raises(ValueError, match=r"^data\.label_filter: .*data\.train_size=5000.*data\.train_size=600"):
@@ -147,7 +150,7 @@ def test_label_filter_refuses_a_report_of_other_data_or_other_items(tmp_path):
     (["train.bootstrap=soft", "data.dataset=digits"], "train.bootstrap"),
     (["train.label_smoothing=0.7"], "train.label_smoothing"),
 ])
-def test_bad_noise_and_audit_keys_name_the_key(override, key):
+def test_bad_noise_and_audit_keys_name_the_key(override: list[str], key: str) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(None, override)
     assert str(e.value).startswith(f"{key}:"), str(e.value)

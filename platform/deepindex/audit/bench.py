@@ -14,7 +14,10 @@ labels, not the platform) and scores each on the clean test split.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from deepindex.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +33,7 @@ def label_views(report: str) -> dict[str, dict[str, Any]]:
     return {"noisy": {}, "filtered": {"data.label_filter": str(report)}, "clean": {"data.label_noise": 0.0}}
 
 
-def train_and_score(cfg, threads: int = 1) -> float:
+def train_and_score(cfg: Config, threads: int) -> float:
     """Train ``cfg`` in this process (seeded) and return its clean test-split mAP."""
     import torch
     from torch.utils.data import DataLoader
@@ -50,7 +53,8 @@ def train_and_score(cfg, threads: int = 1) -> float:
     return float(evaluate(run.model, DataLoader(run.splits.test, batch_size=500), True, prefix="test_")["test_map"])
 
 
-def compare_label_views(cfg, report: str, seeds: tuple[int, ...] = (0,), threads: int = 1) -> dict[str, list[float]]:
+def compare_label_views(cfg: Config, report: str, seeds: tuple[int, ...] = (0,),
+                        threads: int = 1) -> dict[str, list[float]]:
     """Test mAP per label view and seed (the test split is clean in every view).
 
     On a connected Ray cluster each training is a one-CPU task, so the views train side by
@@ -65,7 +69,7 @@ def compare_label_views(cfg, report: str, seeds: tuple[int, ...] = (0,), threads
     else:
         scores = [train_and_score(c, threads) for _, _, c in jobs]
     out: dict[str, list[float]] = {}
-    for (name, seed, _), m in zip(jobs, scores):
+    for (name, seed, _), m in zip(jobs, scores, strict=True):
         out.setdefault(name, []).append(m)
         log.info("%s labels, seed %d: test mAP %.4f", name, seed, m)
     return out

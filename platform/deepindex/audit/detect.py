@@ -10,6 +10,7 @@ Nothing here trains or touches Ray.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,7 @@ class Detection:
     flagged: np.ndarray  # (N, K) bool: suspect labels
     quality: np.ndarray  # (N, K) float: probability the given label is right (self-confidence)
     concepts: list[str]
-    concept_noise: list[dict]  # per concept: cleanlab's estimated counts and rates of wrong/missing tags
+    concept_noise: list[dict[str, Any]]  # per concept: cleanlab's estimated counts and rates of wrong/missing tags
 
     @property
     def items(self) -> np.ndarray:

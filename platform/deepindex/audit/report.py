@@ -19,13 +19,19 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from deepindex.audit.detect import Detection
 from deepindex.data.label_view import AUDIT_FILE, SUSPECT_COLUMNS, SUSPECTS_FILE
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from deepindex.data.transforms import NormStats
 
 CONCEPTS_FILE = "concepts.csv"
 CLEANED_FILE = "cleaned_labels.jsonl"
@@ -65,7 +71,7 @@ def cleaned(given: np.ndarray, flagged: np.ndarray) -> np.ndarray:
 
 
 def summary_table(det: Detection, scores: dict[str, float] | None = None,
-                  per_concept: list[dict] | None = None) -> str:
+                  per_concept: list[dict[str, Any]] | None = None) -> str:
     """A fixed-width table: per concept, estimated and flagged wrong/missing tags."""
     head = f"{'concept':>10} {'tagged':>7} {'est.wrong':>9} {'est.missing':>11} {'flag.wrong':>10} {'flag.missing':>12}"
     if per_concept:
@@ -88,7 +94,7 @@ def summary_table(det: Detection, scores: dict[str, float] | None = None,
 
 
 def write_report(out: str | Path, *, det: Detection, given: np.ndarray, probs: np.ndarray, ids: list[str],
-                 meta: dict[str, Any], truth: np.ndarray | None = None, per_concept: list[dict] | None = None,
+                 meta: dict[str, Any], truth: np.ndarray | None = None, per_concept: list[dict[str, Any]] | None = None,
                  manifest: bool = False) -> Path:
     """Write every report file but the image grid into ``out``; returns the folder."""
     out = Path(out)
@@ -128,14 +134,15 @@ def write_report(out: str | Path, *, det: Detection, given: np.ndarray, probs: n
     return out
 
 
-def _unnormalize(x: torch.Tensor, stats) -> torch.Tensor:
+def _unnormalize(x: torch.Tensor, stats: NormStats) -> torch.Tensor:
     mean = torch.tensor(stats.mean, dtype=x.dtype).view(-1, 1, 1)
     std = torch.tensor(stats.std, dtype=x.dtype).view(-1, 1, 1)
     return (x * std + mean).clamp(0, 1)
 
 
-def suspects_grid(dataset, stats, det: Detection, given: np.ndarray, probs: np.ndarray, ids: list[str],
-                  n: int = 24, truth: np.ndarray | None = None):
+def suspects_grid(dataset: Dataset[tuple[torch.Tensor, torch.Tensor]], stats: NormStats, det: Detection,
+                  given: np.ndarray, probs: np.ndarray, ids: list[str], n: int = 24,
+                  truth: np.ndarray | None = None) -> Figure:
     """A matplotlib figure: the ``n`` most suspect items, each with its given tags, the tags the
     model predicts (p > 0.5), and the suspect labels: ``-c`` a wrong tag, ``+c`` a missing one
     (red when the noise is known and the flag is a false alarm, green when it is right)."""
@@ -151,7 +158,7 @@ def suspects_grid(dataset, stats, det: Detection, given: np.ndarray, probs: np.n
     g = np.asarray(given) > 0.5
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, i in zip(axes.ravel(), items):
+    for ax, i in zip(axes.ravel(), items, strict=False):
         x = _unnormalize(dataset[int(i)][0].float(), stats)  # (C, H, W)
         img = x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
         ax.imshow(img, cmap="gray" if x.shape[0] == 1 else None, vmin=0, vmax=1)

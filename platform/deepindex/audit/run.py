@@ -1,13 +1,15 @@
 """``run_audit``: K trainings of the configured model in parallel (Ray Tune, one trial per fold),
 each predicting the fold it did not see, then cleanlab over the out-of-fold probabilities.
 
-Each fold is a Tune trial (``fold`` is the grid-searched key) that runs the shared
-``TorchTrainer`` (``deepindex.train.trainer.train``) on ``data.cv_folds=K, data.cv_fold=k``
-with a rank-0 MLflow tracker whose run is a child of the audit's parent run, scores and
-logs the fold model (``finalize``), predicts its held-out fold and writes
-``<audit>/oof/fold<k>.npz``.  A killed Train worker restarts that fold's worker group from
-its last checkpoint (Ray Train's FailureConfig); the other folds never notice.  Running an
-audit again with the same name and storage path restores it: finished folds are kept.
+Each fold is a Tune trial (``fold`` is the grid-searched key) that trains on
+``data.cv_folds=K, data.cv_fold=k`` the way ``deepindex train`` does
+(``deepindex.workflows.tracked_train``: the shared ``TorchTrainer``, a rank-0 MLflow tracker
+whose run is a child of the audit's parent run, then the best checkpoint scored and logged),
+predicts its held-out fold and writes ``<audit>/oof/fold<k>.npz``.  What goes to MLflow, and
+how, is :mod:`deepindex.tracking.audit`'s business.  A killed Train worker restarts that
+fold's worker group from its last checkpoint (Ray Train's FailureConfig); the other folds
+never notice.  Running an audit again with the same name and storage path restores it:
+finished folds are kept.
 
 Layout under ``<ray.storage_path>/<name>/``: Tune's experiment state, ``train/fold<k>/``
 (the folds' Train runs), ``oof/`` and ``report/`` (see :mod:`deepindex.audit.report`).
@@ -21,11 +23,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from deepindex.config import Config, ConfigError, from_dict
+
+if TYPE_CHECKING:
+    from deepindex.audit.detect import Detection
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +74,7 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("data.cv_folds: the audit sets the folds itself (use audit.folds)")
 
 
-def fold_config(base: Config | dict, folds: int, fold: int, train_storage: str) -> Config:
+def fold_config(base: Config | dict[str, Any], folds: int, fold: int, train_storage: str) -> Config:
     cfg = base if isinstance(base, Config) else from_dict(base)
     return cfg.override({"data.cv_folds": folds, "data.cv_fold": fold, "ray.storage_path": train_storage})
 
@@ -91,6 +96,8 @@ def predict_holdout(checkpoint: str, cfg: Config, threads: int = 1) -> tuple[np.
     lm = load_model(checkpoint)
     view = build_splits(cfg.data).view
     held = view.holdout_index
+    if held is None:
+        raise ValueError(f"audit: fold {cfg.data.cv_fold} of {cfg.data.cv_folds} holds no item out")
     logits, _ = predict(lm.model, DataLoader(Subset(view.full_train, held.tolist()), batch_size=512))
     return held, torch.sigmoid(logits).numpy()
 
@@ -102,13 +109,13 @@ def _worker_node(train_storage: str, name: str) -> str | None:
         return None
 
 
-def fold_driver(params: dict[str, Any], *, base: dict, audit: str, audit_dir: str, folds: int,
+def fold_driver(params: dict[str, Any], *, base: dict[str, Any], audit: str, audit_dir: str, folds: int,
                 tracking_uri: str | None, parent_run_id: str | None, threads: int) -> None:
     """One Tune trial: train on every fold but ``params["fold"]``, then predict that fold."""
     import ray.tune
 
-    from deepindex.tracking.run import finalize, make_tracker
-    from deepindex.train.trainer import train
+    from deepindex.tracking.audit import fold_tags, tag_fold_node
+    from deepindex.workflows import tracked_train
 
     k = int(params["fold"])
     train_storage = str(Path(audit_dir) / "train")
@@ -116,22 +123,18 @@ def fold_driver(params: dict[str, Any], *, base: dict, audit: str, audit_dir: st
     out = oof_path(audit_dir, k)
     if not out.is_file():  # a restored audit keeps the folds it finished
         name = f"fold{k}"
-        tags = {"deepindex.kind": "audit-fold", "audit.name": audit, "audit.fold": str(k)}
-        tracker = make_tracker(cfg, name, tracking_uri=tracking_uri, parent_run_id=parent_run_id, tags=tags)
-        outcome = train(cfg, name=name, evaluate_test=False, tracker=tracker)
-        test, run_id = finalize(tracker, outcome.checkpoint, outcome.latest_checkpoint, name)
+        # Trained and tracked as `deepindex train` is: one MLflow run, here a child of the audit's.
+        outcome, run_id = tracked_train(cfg, name=name, parent_run_id=parent_run_id, tags=fold_tags(audit, k),
+                                        tracking_uri=tracking_uri)
         held, probs = predict_holdout(outcome.checkpoint, cfg, threads)
         node = _worker_node(train_storage, name)
-        if run_id and tracker is not None and not tracker.disabled and node:
-            try:
-                tracker.client.set_tag(run_id, "audit.worker_node_id", node)
-            except Exception:  # noqa: BLE001 - a tag is not worth failing a fold
-                pass
+        if run_id and node and tracking_uri:
+            tag_fold_node(run_id, node, tracking_uri)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.stem}.tmp.npz")
         np.savez(tmp, index=held, probs=probs.astype(np.float32), run_id=np.array(run_id or ""),
-                 test_map=np.array(float(test.get("test_map", np.nan))), node_id=np.array(node or ""),
-                 checkpoint=np.array(str(outcome.checkpoint)))
+                 test_map=np.array(float(outcome.test_metrics.get("test_map", np.nan))),
+                 node_id=np.array(node or ""), checkpoint=np.array(str(outcome.checkpoint)))
         os.replace(tmp, out)  # a fold is done exactly when its file exists
     ray.tune.report({"fold": k, "done": 1})
 
@@ -145,39 +148,16 @@ def _read_fold(path: Path, fold: int) -> tuple[FoldResult, np.ndarray, np.ndarra
 
 
 def _parent_run(cfg: Config, name: str, audit_dir: Path, uri: str | None) -> str | None:
-    """The audit's MLflow parent run: created once, found again when the audit is restored."""
-    if uri is None:
-        return None
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
+    """The audit's MLflow parent run: created once, found again when the audit is restored (its
+    id is kept in ``deepindex_audit.json`` in the audit folder)."""
+    from deepindex.tracking.audit import open_audit_run
 
-    from deepindex.tracking.run import get_or_create_experiment, run_tags
-    from deepindex.tracking.tracker import param_value
-    from deepindex.tracking.uri import reachable
-
-    if not reachable(uri):
-        log.warning("MLflow server %s is unreachable: the audit runs untracked (its report is in %s)", uri, audit_dir)
-        return None
     state = audit_dir / AUDIT_STATE
     recorded = json.loads(state.read_text()) if state.is_file() else {}
-    client = MlflowClient(uri)
-    if recorded.get("parent_run_id"):
-        try:
-            client.get_run(recorded["parent_run_id"])
-            client.update_run(recorded["parent_run_id"], status="RUNNING")
-            return recorded["parent_run_id"]
-        except Exception:  # noqa: BLE001 - another server: a new parent
-            log.warning("audit %s: parent run %s not on %s; creating a new one", name, recorded["parent_run_id"], uri)
-    exp_id = get_or_create_experiment(client, cfg.tracking.experiment)
-    run = client.create_run(exp_id, tags=run_tags(cfg, {"deepindex.kind": "audit", "audit.name": name}),
-                            run_name=name)
-    rid = run.info.run_id
-    flat = {k: v for k, v in cfg.flat().items() if k.startswith(("audit.", "data.", "model.", "train."))}
-    params = [Param(k, param_value(v)) for k, v in sorted(flat.items())]
-    for i in range(0, len(params), 100):
-        client.log_batch(rid, params=params[i:i + 100])
-    audit_dir.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps({**recorded, "parent_run_id": rid, "tracking_uri": uri}))
+    rid = open_audit_run(cfg, name, uri, recorded=recorded.get("parent_run_id"))
+    if rid is not None and rid != recorded.get("parent_run_id"):
+        audit_dir.mkdir(parents=True, exist_ok=True)
+        state.write_text(json.dumps({**recorded, "parent_run_id": rid, "tracking_uri": uri}))
     return rid
 
 
@@ -245,16 +225,16 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
     except BaseException:
         _end_parent(uri, parent, "FAILED")  # never leave the parent RUNNING for a dead audit
         raise
-    failed = [r for r in grid if r.error is not None]
+    errors = grid.errors
     missing = [k for k in range(folds) if not oof_path(audit_dir, k).is_file()]
     if missing:
         _end_parent(uri, parent, "FAILED")
-        why = f" ({type(failed[0].error).__name__}: {str(failed[0].error).splitlines()[0][:200]})" if failed else ""
+        why = f" ({type(errors[0]).__name__}: {str(errors[0]).splitlines()[0][:200]})" if errors else ""
         raise RuntimeError(f"audit {name}: folds {missing} did not finish{why}; run it again with the same "
                            f"name to resume")
 
     probs = np.full(given.shape, np.nan, dtype=np.float32)
-    results = []
+    results: list[FoldResult] = []
     for k in range(folds):
         res, held, p = _read_fold(oof_path(audit_dir, k), k)
         probs[held] = p
@@ -269,11 +249,11 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
 
     oof_map = mean_ap(torch.from_numpy(probs), torch.from_numpy(given.astype(np.float32)))
     wall = time.monotonic() - start
-    meta = {"name": name, "folds": folds, "filter_by": cfg.audit.filter_by, "items": len(given),
-            "concepts": concepts, "flagged_labels": int(det.flagged.sum()),
-            "flagged_items": int(det.flagged.any(1).sum()), "oof_map_given": oof_map,
-            "detection": scores, "wall_s": wall, "parent_run_id": parent, "tracking_uri": uri,
-            "fold_runs": [vars(r) for r in results], "data": fingerprint(cfg.data), "config": cfg.to_dict()}
+    meta: dict[str, Any] = {
+        "name": name, "folds": folds, "filter_by": cfg.audit.filter_by, "items": len(given), "concepts": concepts,
+        "flagged_labels": int(det.flagged.sum()), "flagged_items": int(det.flagged.any(1).sum()),
+        "oof_map_given": oof_map, "detection": scores, "wall_s": wall, "parent_run_id": parent, "tracking_uri": uri,
+        "fold_runs": [vars(r) for r in results], "data": fingerprint(cfg.data), "config": cfg.to_dict()}
     if truth is not None:
         meta["oof_map_clean"] = mean_ap(torch.from_numpy(probs), view.clean["train"])
     report = write_report(audit_dir / "report", det=det, given=given, probs=probs, ids=view.ids, meta=meta,
@@ -285,19 +265,17 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
 
     plt.close(fig)
     summary = summary_table(det, scores, per_concept)
-    if parent:
+    if parent and uri:
         _log_parent(uri, parent, report, det, scores, meta)
     return AuditOutcome(name, audit_dir, report, parent, results, summary, scores, oof_map, wall,
                         int(det.flagged.sum()), meta)
 
 
-def _log_parent(uri: str, run_id: str, report: Path, det, scores: dict | None, meta: dict) -> None:
+def _log_parent(uri: str, run_id: str, report: Path, det: Detection, scores: dict[str, Any] | None,
+                meta: dict[str, Any]) -> None:
     """The audit's numbers and report on its MLflow parent run, which then ends FINISHED."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
+    from deepindex.tracking.audit import log_audit
 
-    client = MlflowClient(uri)
-    now = int(time.time() * 1000)
     values = {"flagged_labels": meta["flagged_labels"], "flagged_items": meta["flagged_items"],
               "oof_map_given": meta["oof_map_given"], "audit_wall_s": meta["wall_s"]}
     if "oof_map_clean" in meta:
@@ -309,23 +287,11 @@ def _log_parent(uri: str, run_id: str, report: Path, det, scores: dict | None, m
         values.update({f"wrong_tag_rate_est.{n}": c["wrong_tag_rate_est"],
                        f"missing_tag_rate_est.{n}": c["missing_tag_rate_est"],
                        f"flagged_wrong.{n}": c["flagged_wrong"], f"flagged_missing.{n}": c["flagged_missing"]})
-    metrics = [Metric(_metric_key(k), float(v), now, 0) for k, v in values.items()]
-    for i in range(0, len(metrics), 500):
-        client.log_batch(run_id, metrics=metrics[i:i + 500])
-    client.log_artifacts(run_id, str(report), "audit")
-    client.set_terminated(run_id, "FINISHED")
+    log_audit(run_id, uri, metrics=values, report=report)
 
 
 def _end_parent(uri: str | None, run_id: str | None, status: str) -> None:
     if uri and run_id:
-        try:
-            from mlflow.tracking import MlflowClient
+        from deepindex.tracking.audit import end_audit_run
 
-            MlflowClient(uri).set_terminated(run_id, status)
-        except Exception as e:  # noqa: BLE001 - the audit's own error is the one to report
-            log.warning("MLflow: could not end the audit's run %s (%s)", run_id, e)
-
-
-def _metric_key(k: str) -> str:
-    # MLflow keys allow alphanumerics, _ - . / and spaces: a concept name may hold anything.
-    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in k)
+        end_audit_run(run_id, status, uri)

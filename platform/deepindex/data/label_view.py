@@ -23,14 +23,17 @@ import csv
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
+
+if TYPE_CHECKING:
+    from deepindex.config import DataConfig
+    from deepindex.data import Splits
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ class LabelView:
     ids: list[str] = field(default_factory=list)  # full-train item ids
 
 
-def fingerprint(d) -> dict[str, Any]:
+def fingerprint(d: DataConfig) -> dict[str, Any]:
     """The data config keys that decide which train items and given labels an audit saw (with the
     keys inferred from the data resolved: an unset ``data.channels`` and its inferred value agree)."""
     from deepindex.data.inspect import resolve_data
@@ -88,6 +91,8 @@ def with_targets(ds: Dataset, y: torch.Tensor) -> Dataset:
     if isinstance(ds, TensorDataset):
         return TensorDataset(ds.tensors[0], y)
     new = copy.copy(ds)  # file datasets read images lazily: a shallow copy shares the paths
+    if not hasattr(new, "targets"):
+        raise TypeError(f"data: cannot relabel a {type(ds).__name__}")
     new.targets = y
     return new
 
@@ -97,10 +102,10 @@ def item_ids(ds: Dataset, split: str, root: str | None = None) -> list[str]:
     paths = getattr(ds, "paths", None)
     if paths is not None:
         return [os.path.relpath(p, root) if root else str(p) for p in paths]
-    return [f"{split}/{i}" for i in range(len(ds))]
+    return [f"{split}/{i}" for i in range(len(targets_of(ds)))]
 
 
-def apply_label_view(splits, d):
+def apply_label_view(splits: Splits, d: DataConfig) -> Splits:
     """Apply noise, filter and fold of the DataConfig ``d`` to ``splits`` (in place); returns it."""
     train_y = targets_of(splits.train)
     view = LabelView(full_train=splits.train, given=train_y)
@@ -116,7 +121,7 @@ def apply_label_view(splits, d):
                  int(view.flipped["train"].any(1).sum()), int(view.flipped["val"].any(1).sum()))
     view.given = targets_of(splits.train)
     view.ids = item_ids(splits.train, "train", d.root if d.dataset == "manifest" else None)
-    keep = np.arange(len(splits.train))
+    keep = np.arange(len(view.given))
     if d.label_filter:
         pairs = read_filter(d, view.ids, splits.concepts)
         mask = torch.zeros_like(view.given, dtype=torch.bool)
@@ -133,9 +138,9 @@ def apply_label_view(splits, d):
     if d.cv_folds:
         from deepindex.data.folds import fold_split
 
-        trained, held = fold_split(len(view.full_train), d.cv_folds, d.cv_fold, d.seed)
+        trained, held = fold_split(len(view.given), d.cv_folds, d.cv_fold, d.seed)
         keep, view.holdout_index = np.intersect1d(keep, trained), held
-    if len(keep) < len(view.full_train):
+    if len(keep) < len(view.given):
         if not len(keep):
             raise ValueError("data.label_filter: no train item is left")
         view.train_index = keep
@@ -167,24 +172,18 @@ def resolve_report(spec: str) -> Path:
 
 
 def _download_run_report(spec: str) -> Path:
-    from mlflow.tracking import MlflowClient
-
-    from deepindex.tracking.uri import resolve_tracking_uri
+    from deepindex.tracking.audit import download_report
 
     run_id = spec[len("runs:/"):].strip("/").split("/")[0]
-    uri = resolve_tracking_uri()
-    if not run_id or uri is None:
-        raise ValueError(f"data.label_filter: {spec} needs a run id and a tracking server (MLFLOW_TRACKING_URI)")
-    dest = Path(tempfile.mkdtemp(prefix="deepindex-audit-"))
+    if not run_id:
+        raise ValueError(f"data.label_filter: {spec} names no run (runs:/<audit run id>)")
     try:
-        local = MlflowClient(uri).download_artifacts(run_id, "audit", str(dest))
-    except Exception as e:  # noqa: BLE001 - any MLflow failure is the same user error here
-        raise ValueError(f"data.label_filter: cannot fetch the audit report of run {run_id} from {uri} "
-                         f"({type(e).__name__})") from None
-    return Path(local)
+        return download_report(run_id)
+    except ValueError as e:  # no server, no such run, no report: the user's filter is what is wrong
+        raise ValueError(f"data.label_filter: {e}") from None
 
 
-def check_label_filter(d) -> Path | None:
+def check_label_filter(d: DataConfig) -> Path | None:
     """The report folder of ``d.label_filter`` once it is known to fit ``d`` (a cheap check a
     driver runs before starting Ray; workers check again with the items); None without a filter."""
     if not d.label_filter:
@@ -203,9 +202,11 @@ def check_label_filter(d) -> Path | None:
     return folder
 
 
-def read_filter(d, ids: list[str], concepts: list[str]) -> np.ndarray:
+def read_filter(d: DataConfig, ids: list[str], concepts: list[str]) -> np.ndarray:
     """(M, 2) int array of (train index, concept index) suspect pairs, checked against the data."""
     folder = check_label_filter(d)
+    if folder is None:  # no filter: no suspects
+        return np.zeros((0, 2), dtype=np.int64)
     index = {c: i for i, c in enumerate(concepts)}
     pairs = []
     path = folder / SUSPECTS_FILE

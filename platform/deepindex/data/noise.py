@@ -50,11 +50,11 @@ def corrupt(clean: torch.Tensor, rate: float, seed: int, split: str = "train") -
     if clean.ndim != 2:
         raise ValueError("data.label_noise: needs multi-label targets (N, K)")
     y = clean.detach().to(torch.float32).cpu().numpy() > 0.5  # (N, K) bool
-    n, k = y.shape
+    n = y.shape[0]
     flipped = np.zeros_like(y)
     kinds: list[str | None] = [None] * n
     rng = np.random.default_rng([seed, _SPLIT_STREAM.get(split, 3), _NOISE_STREAM])
-    chosen = rng.choice(n, size=int(round(rate * n)), replace=False) if n else np.array([], dtype=int)
+    chosen = rng.choice(n, size=round(rate * n), replace=False) if n else np.array([], dtype=int)
     for i in np.sort(chosen):
         present, absent = np.flatnonzero(y[i]), np.flatnonzero(~y[i])
         possible = [kd for kd in KINDS

@@ -4,6 +4,7 @@
 :func:`log_final` logs what the finished run is handed (``deepindex.workflows`` scores the best
 checkpoint): ``test_*`` metrics, ``test_ap.csv``, the PR-curve or confusion-matrix figure, and
 ``checkpoint/checkpoint.pt`` (the DESIGN.md checkpoint contract, which the registry registers).
+:func:`open_parent_run` makes the parent run a sweep or an audit nests its training runs under.
 """
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from deepindex.config import Config
-from deepindex.tracking.tracker import RUN_ID_KEY, TAG_TRAIN_NAME, Tracker, mlflow_client, replay_journal
+from deepindex.tracking.tracker import RUN_ID_KEY, TAG_TRAIN_NAME, Tracker, mlflow_client, param_value, replay_journal
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -24,7 +25,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+KIND_TAG = "deepindex.kind"  # what a run is: a sweep, an audit, one of an audit's folds
+
 _warned_unreachable: set[str] = set()
+
+
+def server_reachable(uri: str, untracked: str) -> bool:
+    """Whether the tracking server ``uri`` answers; when it does not, one warning per server and
+    process saying what goes on without it (``untracked``)."""
+    from deepindex.tracking.uri import reachable
+
+    if reachable(uri):
+        return True
+    if uri not in _warned_unreachable:
+        _warned_unreachable.add(uri)
+        log.warning("MLflow server %s is unreachable: %s", uri, untracked)
+    return False
 
 
 def git_commit() -> str | None:
@@ -94,7 +110,7 @@ def make_tracker(cfg: Config, name: str, *, journal: str | None = None, tracking
     An unreachable server gives one warning and a disabled tracker: the epochs then go to
     ``journal`` (a JSON-lines file next to the checkpoints) instead of MLflow.
     """
-    from deepindex.tracking.uri import reachable, resolve_tracking_uri
+    from deepindex.tracking.uri import resolve_tracking_uri
 
     if not cfg.tracking.enabled:
         return None
@@ -102,15 +118,37 @@ def make_tracker(cfg: Config, name: str, *, journal: str | None = None, tracking
     if uri is None:
         return None
     run_name = cfg.tracking.run_name or name
-    if not reachable(uri):
-        if uri not in _warned_unreachable:
-            _warned_unreachable.add(uri)
-            log.warning("MLflow server %s is unreachable: training goes on untracked; epochs are journaled in %s",
-                        uri, journal)
+    if not server_reachable(uri, f"training goes on untracked; epochs are journaled in {journal}"):
         return Tracker(uri, "", run_name, offline_path=journal, disabled=True)
     exp_id = get_or_create_experiment(mlflow_client(uri), cfg.tracking.experiment)
     return Tracker(uri, exp_id, run_name, tags=run_tags(cfg, tags), parent_run_id=parent_run_id,
                    offline_path=journal)
+
+
+def open_parent_run(tracking_uri: str, experiment: str, name: str, *, recorded: str | None, tags: dict[str, str],
+                    params: dict[str, Any], texts: dict[str, str]) -> str:
+    """A parent run (a sweep's, an audit's): ``recorded`` (the id a restored one saved) if this
+    server has it, set RUNNING again; else a new run named ``name`` with ``tags``, ``params`` and
+    text artifacts.  Its children are training runs whose tracker carries its id
+    (:func:`make_tracker` ``parent_run_id``)."""
+    from mlflow.entities import Param
+
+    client = mlflow_client(tracking_uri)
+    if recorded:
+        try:
+            client.get_run(recorded)
+            client.update_run(recorded, status="RUNNING")
+            return recorded
+        except Exception:  # noqa: BLE001 - another server: start a new parent
+            log.warning("%s: its parent run %s is not on %s; creating a new one", name, recorded, tracking_uri)
+    exp_id = get_or_create_experiment(client, experiment)
+    rid = client.create_run(exp_id, tags=tags, run_name=name).info.run_id
+    batch = [Param(k, param_value(v)) for k, v in params.items()]
+    for i in range(0, len(batch), 100):  # at most 100 params per call
+        client.log_batch(rid, params=batch[i:i + 100])
+    for artifact, text in texts.items():
+        client.log_text(rid, text, artifact)
+    return rid
 
 
 def run_id_of(tracker: Tracker, checkpoint: str | None, name: str) -> str | None:

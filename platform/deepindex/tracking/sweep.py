@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from deepindex.tracking.run import KIND_TAG
+from deepindex.tracking.run import open_parent_run as open_parent
 from deepindex.tracking.tracker import mlflow_client, param_value
 from deepindex.tracking.uri import ML_VIEW
 
 log = logging.getLogger(__name__)
 
-KIND_TAG = "deepindex.kind"
 SWEEP_TAG = "tune.sweep"
 TRIAL_TAG = "tune.trial_id"
 DESCRIPTION_TAG = "mlflow.note.content"  # what the UI shows (and edits) as a run's description
@@ -43,27 +44,10 @@ class ChildRun:
 
 def open_parent_run(tracking_uri: str, experiment: str, name: str, *, recorded: str | None, tags: dict[str, str],
                     params: dict[str, Any], texts: dict[str, str]) -> str:
-    """The sweep's parent run: ``recorded`` (the id a restored sweep saved) if this server has it,
-    set RUNNING again; else a new run with ``tags``, ``params`` and text artifacts."""
-    from mlflow.entities import Param
-
-    from deepindex.tracking.run import get_or_create_experiment
-
-    client = mlflow_client(tracking_uri)
-    if recorded:
-        try:
-            client.get_run(recorded)
-            client.update_run(recorded, status="RUNNING")
-            return recorded
-        except Exception:  # noqa: BLE001 - another server: start a new parent
-            log.warning("sweep %s: parent run %s not on %s; creating a new one", name, recorded, tracking_uri)
-    exp_id = get_or_create_experiment(client, experiment)
-    run = client.create_run(exp_id, tags={**tags, SWEEP_TAG: name, KIND_TAG: "sweep"}, run_name=name)
-    rid = run.info.run_id
-    client.log_batch(rid, params=[Param(k, param_value(v)) for k, v in params.items()][:100])
-    for artifact, text in texts.items():
-        client.log_text(rid, text, artifact)
-    return rid
+    """The sweep's parent run (:func:`deepindex.tracking.run.open_parent_run`), tagged as a sweep
+    named ``name``: the tags :func:`find_sweep_best` looks it up by."""
+    return open_parent(tracking_uri, experiment, name, recorded=recorded,
+                       tags={**tags, SWEEP_TAG: name, KIND_TAG: "sweep"}, params=params, texts=texts)
 
 
 def experiment_of(run_id: str, tracking_uri: str) -> str:

@@ -1,0 +1,97 @@
+"""A label audit in MLflow: one parent run (``deepindex.kind=audit``), one child run per fold.
+
+The folds' child runs are ordinary training runs (``deepindex.workflows.tracked_train`` with
+the parent's id and :func:`fold_tags`).  This module holds the rest, the way
+:mod:`~deepindex.tracking.sweep` does for a sweep: the parent run (created once, continued when
+the audit is restored), the node a fold trained on, the audit's numbers and report on the
+parent, and reading a report back (``data.label_filter=runs:/<parent run id>``).  The audit
+(``deepindex.audit.run``) decides what to record; nothing here knows about folds' training.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from deepindex.config import Config
+from deepindex.tracking.run import KIND_TAG, open_parent_run, run_tags, server_reachable
+from deepindex.tracking.tracker import Tracker, mlflow_client
+
+log = logging.getLogger(__name__)
+
+AUDIT_KIND = "audit"
+FOLD_KIND = "audit-fold"
+NAME_TAG = "audit.name"
+FOLD_TAG = "audit.fold"
+NODE_TAG = "audit.worker_node_id"
+REPORT_ARTIFACTS = "audit"  # the report folder's artifact path on the parent run
+# The config sections an audit's outcome depends on: the parent's params (its folds log all).
+PARAM_SECTIONS = ("audit.", "data.", "model.", "train.")
+_UNSAFE = re.compile(r"[^\w\-./ ]")  # MLflow names: alphanumerics, _ - . / and spaces
+
+
+def fold_tags(audit: str, fold: int) -> dict[str, str]:
+    """The tags of fold ``fold``'s training run (its tracker makes it a child of the parent)."""
+    return {KIND_TAG: FOLD_KIND, NAME_TAG: audit, FOLD_TAG: str(fold)}
+
+
+def open_audit_run(cfg: Config, name: str, tracking_uri: str | None, *, recorded: str | None) -> str | None:
+    """The audit's parent run: ``recorded`` (a restored audit's) if the server has it, else a new
+    one holding the audit's settings.  None when tracking is off or the server does not answer
+    (one warning: the audit then runs untracked, its report stays on the storage path)."""
+    if tracking_uri is None or not server_reachable(
+            tracking_uri, f"the audit {name} runs untracked; its report stays on the Ray storage path"):
+        return None
+    import yaml
+
+    params = {k: v for k, v in sorted(cfg.flat().items()) if k.startswith(PARAM_SECTIONS)}
+    return open_parent_run(tracking_uri, cfg.tracking.experiment, name, recorded=recorded,
+                           tags=run_tags(cfg, {KIND_TAG: AUDIT_KIND, NAME_TAG: name}), params=params,
+                           texts={"config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False)})
+
+
+def tag_fold_node(run_id: str, node_id: str, tracking_uri: str) -> None:
+    """The Ray node a fold's Train worker ran on, on the fold's run (best effort: a tag is not
+    worth failing a fold)."""
+    try:
+        mlflow_client(tracking_uri).set_tag(run_id, NODE_TAG, node_id)
+    except Exception as e:  # noqa: BLE001 - any tracking failure leaves the fold's result alone
+        log.warning("MLflow: run %s not tagged with its node (%s: %s)", run_id, type(e).__name__, e)
+
+
+def metric_name(key: str) -> str:
+    """``key`` as MLflow accepts it (a concept name may hold anything)."""
+    return _UNSAFE.sub("_", key)
+
+
+def log_audit(run_id: str, tracking_uri: str, *, metrics: dict[str, float], report: str | Path) -> None:
+    """The audit's numbers and its report folder (artifacts ``audit/``) on the parent run, which
+    then ends FINISHED."""
+    parent = Tracker(tracking_uri, "", AUDIT_KIND, run_id=run_id)  # its client and batched metric logging
+    parent.log_metrics({metric_name(k): float(v) for k, v in metrics.items()})
+    parent.client.log_artifacts(run_id, str(report), REPORT_ARTIFACTS)
+    parent.client.set_terminated(run_id, "FINISHED")
+
+
+def end_audit_run(run_id: str, status: str, tracking_uri: str) -> None:
+    """End the parent run with ``status`` (a failed audit's): a failure here is only a warning,
+    the audit's own error is the one to report."""
+    try:
+        mlflow_client(tracking_uri).set_terminated(run_id, status)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        log.warning("MLflow: could not end the audit's run %s (%s: %s)", run_id, type(e).__name__, e)
+
+
+def download_report(run_id: str, tracking_uri: str | None = None) -> Path:
+    """The report folder an audit logged on its parent run ``run_id``, downloaded into a new
+    temporary folder.  No server, no such run or no report: a one-line ``ValueError``."""
+    client = mlflow_client(tracking_uri)
+    dest = Path(tempfile.mkdtemp(prefix="deepindex-audit-"))
+    try:
+        return Path(client.download_artifacts(run_id, REPORT_ARTIFACTS, str(dest)))
+    except Exception as e:  # noqa: BLE001 - a missing run, a missing folder, a dead server: one answer
+        shutil.rmtree(dest, ignore_errors=True)
+        raise ValueError(f"cannot fetch the audit report of run {run_id} from {client.tracking_uri} "
+                         f"({type(e).__name__})") from None
