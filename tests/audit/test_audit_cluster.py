@@ -1,10 +1,11 @@
 """One real audit on a 2-node Ray cluster with an MLflow server, shared by every test here.
 
 digit-scenes with 30 % label noise; K folds trained at once as Ray Tune trials, one Train
-worker each; one fold's worker is SIGKILLed mid-run.  The tests then read what the audit
-left: which nodes ran the folds and when, the MLflow parent and child runs, which fold
-restarted from a checkpoint, the detection's precision and recall against the known
-corruptions, the report, and what training on the cleaned labels buys on the clean test split.
+worker each; one fold's worker is SIGKILLed once it has committed a checkpoint.  The tests
+then read what the audit left: which nodes ran the folds and when, the MLflow parent and
+child runs, which fold restarted from a checkpoint, the detection's precision and recall
+against the known corruptions, the report, and what training on the cleaned labels buys on
+the clean test split.
 """
 from __future__ import annotations
 
@@ -14,31 +15,45 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 
 from deepindex.audit.bench import NOISY_DIGITS, compare_label_views
-from deepindex.config import load_config
+from deepindex.config import Config, load_config
+from support import MlflowServer, wait_until
+
+if TYPE_CHECKING:
+    from ray.cluster_utils import Cluster
+
+    from deepindex.audit.run import AuditOutcome
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.mlflow]
 
 FOLDS = 3
-KILLED = 1  # the fold whose Train worker is killed
+KILLED = 1  # the fold whose Train worker is killed ...
+KILL_AFTER = 1  # ... in the epoch after this one, once this epoch's checkpoint is committed
 # The README's noisy benchmark (deepindex.audit.bench.NOISY_DIGITS) with K=3 and a smaller
 # test split: 3 one-CPU folds on 2 nodes of 2 logical CPUs run at once, so on both nodes.
 AUDIT = [*NOISY_DIGITS, "data.test_size=1000", "ray.max_failures=2", f"audit.folds={FOLDS}"]
 
 
-def _status(train_storage: Path, fold: int) -> dict | None:
+def _status(train_storage: Path, fold: int) -> dict[str, Any] | None:
+    """What fold ``fold``'s Train worker last wrote about itself (pid, epoch, node, start_epoch)."""
     try:
-        return json.loads((train_storage / f"fold{fold}" / "workers" / "rank0.json").read_text())
+        status: dict[str, Any] = json.loads((train_storage / f"fold{fold}" / "workers" / "rank0.json").read_text())
+        return status
     except (OSError, json.JSONDecodeError):
         return None
 
 
 def _committed_epoch(train_storage: Path, fold: int) -> int:
+    """The epoch of fold ``fold``'s latest checkpoint that Ray Train has committed (-1: none yet):
+    the one a restarted worker group resumes from."""
     try:
         snap = json.loads((train_storage / f"fold{fold}" / "checkpoint_manager_snapshot.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -46,8 +61,19 @@ def _committed_epoch(train_storage: Path, fold: int) -> int:
     return int(((snap.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", -1))
 
 
+@dataclass
+class Audited:
+    out: AuditOutcome
+    cfg: Config
+    train_storage: Path
+    first_pids: dict[int, int]  # fold -> its worker's pid when the kill happened
+    killed: int  # the pid killed
+    uri: str
+    wall_s: float
+
+
 @pytest.fixture(scope="module")
-def two_nodes():
+def two_nodes() -> Iterator[Cluster]:
     """Head + one worker node on this machine, 2 logical CPUs each: the 3 one-CPU folds (their
     Tune trials hold no CPU) fit at once, and no node holds more than two of them."""
     import ray
@@ -65,54 +91,66 @@ def two_nodes():
 
 
 @pytest.fixture(scope="module")
-def audited(two_nodes, mlflow_server, tmp_path_factory):
-    """Run the audit in a thread; SIGKILL fold KILLED's worker once it has checkpointed an epoch."""
+def audited(two_nodes: Cluster, mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[Audited]:
+    """Run the audit in a thread; SIGKILL fold KILLED's worker once the checkpoint of epoch
+    KILL_AFTER is committed and the worker trains on: the fold resumes from exactly that checkpoint."""
     from deepindex.audit.run import run_audit
 
     storage = tmp_path_factory.mktemp("audit")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DEEPINDEX_HOME", str(storage / "home"))  # never a developer's state dir
-    cfg = load_config(None, [*AUDIT, f"ray.storage_path={storage}", "tracking.experiment=audit-test"])
-    train_storage = storage / "a16" / "train"
-    box: dict = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEEPINDEX_HOME", str(storage / "home"))  # never a developer's state dir
+        cfg = load_config(None, [*AUDIT, f"ray.storage_path={storage}", "tracking.experiment=audit-test"])
+        train_storage = storage / "a16" / "train"
+        box: dict[str, Any] = {}
 
-    def go():
+        def go() -> None:
+            try:
+                box["out"] = run_audit(cfg, name="a16", tracking_uri=mlflow_server.uri)
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                box["error"] = e
+
+        def due() -> dict[str, Any] | None:
+            """The killed fold's worker, once it trains past the committed checkpoint of epoch
+            KILL_AFTER (and every fold's worker has started: their pids are the ones to keep)."""
+            st = _status(train_storage, KILLED)
+            if (st and st["epoch"] > KILL_AFTER and _committed_epoch(train_storage, KILLED) == KILL_AFTER
+                    and all(_status(train_storage, k) for k in range(FOLDS))):
+                return st
+            return None
+
+        t = threading.Thread(target=go, daemon=True)
+        start = time.monotonic()
+        t.start()
         try:
-            box["out"] = run_audit(cfg, name="a16", tracking_uri=mlflow_server.uri)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the fixture
-            box["error"] = e
-
-    t = threading.Thread(target=go, daemon=True)
-    start = time.monotonic()
-    t.start()
-    pids: dict[int, set[int]] = {k: set() for k in range(FOLDS)}
-    killed = None
-    while t.is_alive():
-        for k in range(FOLDS):
-            st = _status(train_storage, k)
-            if st and not st.get("done"):
-                pids[k].add(st["pid"])
-                if (k == KILLED and killed is None and st["epoch"] >= 2 and _committed_epoch(train_storage, k) >= 1):
-                    os.kill(st["pid"], signal.SIGKILL)  # mid-epoch, after an epoch's checkpoint
-                    killed = st["pid"]
-        time.sleep(0.05)
-    t.join()
-    mp.undo()
-    if "error" in box:
-        raise box["error"]
-    return {"out": box["out"], "cfg": cfg, "train_storage": train_storage, "pids": pids, "killed": killed,
-            "uri": mlflow_server.uri, "wall_s": time.monotonic() - start}
+            victim = wait_until(due, timeout=600, every=0.05, alive=t.is_alive,
+                                what=f"fold {KILLED} to commit its epoch-{KILL_AFTER} checkpoint")
+        except AssertionError:
+            t.join()
+            if "error" in box:  # the audit failed before the kill: its error is the one to see
+                raise box["error"] from None
+            raise
+        assert victim is not None  # wait_until returns what the predicate found
+        first_pids = {k: st["pid"] for k in range(FOLDS) if (st := _status(train_storage, k))}
+        os.kill(victim["pid"], signal.SIGKILL)
+        t.join()
+        if "error" in box:
+            raise box["error"]
+        yield Audited(box["out"], cfg, train_storage, first_pids, victim["pid"], mlflow_server.uri,
+                      time.monotonic() - start)
 
 
 @pytest.mark.timeout(900)
-def test_folds_run_concurrently_on_both_nodes_as_child_runs_of_the_audit(audited, record_property):
+def test_folds_run_concurrently_on_both_nodes_as_child_runs_of_the_audit(
+        audited: Audited, record_property: Callable[[str, object], None]) -> None:
     from mlflow.tracking import MlflowClient
 
-    out = audited["out"]
-    record_property("audit_wall_s", round(audited["wall_s"], 1))
+    out = audited.out
+    record_property("audit_wall_s", round(audited.wall_s, 1))
     nodes = {f.fold: f.node_id for f in out.folds}
     assert all(nodes.values()) and len(set(nodes.values())) == 2, nodes  # both nodes trained folds
-    client = MlflowClient(audited["uri"])
+    assert out.parent_run_id is not None
+    client = MlflowClient(audited.uri)
     parent = client.get_run(out.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["deepindex.kind"] == "audit"
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{out.parent_run_id}'")
@@ -120,43 +158,47 @@ def test_folds_run_concurrently_on_both_nodes_as_child_runs_of_the_audit(audited
     assert {c.info.run_id for c in children} == {f.run_id for f in out.folds}
     for c in children:
         assert c.info.status == "FINISHED" and c.data.metrics["test_map"] > 0.9, c.data.metrics
+        assert c.data.tags["deepindex.kind"] == "audit-fold"
         assert c.data.tags["audit.worker_node_id"] == nodes[int(c.data.tags["audit.fold"])]
         assert c.data.params["data.cv_fold"] == c.data.tags["audit.fold"]
     # Every fold's run was open while every other one was: the K trainings overlapped in time.
     assert max(c.info.start_time for c in children) < min(c.info.end_time for c in children)
     metrics = parent.data.metrics
+    assert out.scores is not None
     assert metrics["detection_precision"] == pytest.approx(out.scores["precision"])
     assert {f"wrong_tag_rate_est.{d}" for d in range(10)} <= set(metrics)
+    assert parent.data.params["audit.folds"] == str(FOLDS)
     arts = {a.path for a in client.list_artifacts(out.parent_run_id, "audit")}
     assert {"audit/suspects.csv", "audit/suspects.png", "audit/concepts.csv", "audit/audit.json"} <= arts
 
 
 @pytest.mark.timeout(900)
-def test_killing_a_folds_worker_resumes_that_fold_only(audited):
-    ts, pids = audited["train_storage"], audited["pids"]
-    assert audited["killed"], "the fold's worker never reached epoch 2 with epoch 1 checkpointed"
+def test_killing_a_folds_worker_resumes_that_fold_only(audited: Audited) -> None:
+    ts = audited.train_storage
     killed = _status(ts, KILLED)
-    assert killed["done"] and killed["pid"] != audited["killed"]
-    assert killed["start_epoch"] >= 2  # resumed after its epoch-1 checkpoint, not started over
-    assert len(pids[KILLED]) >= 2
+    assert killed is not None and killed["done"] and killed["pid"] != audited.killed
+    assert killed["start_epoch"] == KILL_AFTER + 1  # resumed from the committed checkpoint, not started over
     for k in set(range(FOLDS)) - {KILLED}:
         st = _status(ts, k)
-        assert st["done"] and st["start_epoch"] == 0 and pids[k] == {st["pid"]}  # never restarted
+        assert st is not None and st["done"] and st["start_epoch"] == 0, st  # never restarted
+        assert st["pid"] == audited.first_pids[k]
 
 
 @pytest.mark.timeout(900)
-def test_audit_finds_the_corrupted_labels(audited, record_property):
-    s = audited["out"].scores
+def test_audit_finds_the_corrupted_labels(audited: Audited, record_property: Callable[[str, object], None]) -> None:
+    s = audited.out.scores
+    assert s is not None
     record_property("precision", round(s["precision"], 4))
     record_property("recall", round(s["recall"], 4))
     assert s["precision"] >= 0.8 and s["recall"] >= 0.8, s
 
 
 @pytest.mark.timeout(900)
-def test_report_lists_suspects_cleaned_labels_and_the_grid(audited):
+def test_report_lists_suspects_cleaned_labels_and_the_grid(audited: Audited) -> None:
     from PIL import Image
 
-    out = audited["out"]
+    out = audited.out
+    n = audited.cfg.data.train_size
     rep = out.report
     rows = list(csv.DictReader((rep / "suspects.csv").open()))
     assert len(rows) == out.flagged > 0
@@ -167,34 +209,35 @@ def test_report_lists_suspects_cleaned_labels_and_the_grid(audited):
         assert r["issue"] == ("wrong_tag" if r["given"] == "1" else "missing_tag")
         assert (float(r["pred_prob"]) < 0.5) == (r["given"] == "1")  # the model disagrees with the label
     lines = [json.loads(line) for line in (rep / "cleaned_labels.jsonl").read_text().splitlines()]
-    assert len(lines) == 4000
+    assert len(lines) == n
     changed = sum(set(line["tags"]) != set(line["given"]) for line in lines)
     assert changed == len({r["index"] for r in rows})
     assert len(list(csv.DictReader((rep / "concepts.csv").open()))) == 10
     assert "precision" in out.summary and len(out.summary.splitlines()) == 14
     with Image.open(rep / "suspects.png") as im:
         assert im.width > 600 and im.height > 400
-    assert np.load(rep / "oof_probs.npy").shape == (4000, 10)
+    assert np.load(rep / "oof_probs.npy").shape == (n, 10)
 
 
 @pytest.mark.timeout(900)
-def test_label_filter_reads_the_report_from_the_audit_run(audited, monkeypatch):
+def test_label_filter_reads_the_report_from_the_audit_run(audited: Audited, monkeypatch: pytest.MonkeyPatch) -> None:
     """data.label_filter=runs:/<parent run id> downloads the report the folder holds: same labels."""
     from deepindex.data import build_splits
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", audited["uri"])
-    cfg = audited["cfg"]
-    by_run = build_splits(cfg.override({"data.label_filter": f"runs:/{audited['out'].parent_run_id}"}).data)
-    by_dir = build_splits(cfg.override({"data.label_filter": str(audited["out"].report)}).data)
-    assert int(by_run.view.filtered.sum()) == audited["out"].flagged
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", audited.uri)
+    cfg, out = audited.cfg, audited.out
+    by_run = build_splits(cfg.override({"data.label_filter": f"runs:/{out.parent_run_id}"}).data)
+    by_dir = build_splits(cfg.override({"data.label_filter": str(out.report)}).data)
+    assert int(by_run.view.filtered.sum()) == out.flagged
     assert (by_run.train.tensors[1] == by_dir.train.tensors[1]).all()
-    assert (by_run.train.tensors[1] != by_run.view.given).sum() == audited["out"].flagged
+    assert (by_run.train.tensors[1] != by_run.view.given).sum() == out.flagged
 
 
 @pytest.mark.timeout(900)
-def test_training_on_the_filtered_labels_beats_the_noisy_labels_and_nears_the_clean(audited, record_property):
+def test_training_on_the_filtered_labels_beats_the_noisy_labels_and_nears_the_clean(
+        audited: Audited, record_property: Callable[[str, object], None]) -> None:
     """Same model, seed and schedule, three label views; scored on the clean test split."""
-    maps = {k: v[0] for k, v in compare_label_views(audited["cfg"], str(audited["out"].report)).items()}
+    maps = {k: v[0] for k, v in compare_label_views(audited.cfg, str(audited.out.report)).items()}
     for name, m in maps.items():
         record_property(f"test_map_{name}", round(m, 4))
     assert maps["filtered"] > maps["noisy"], maps
