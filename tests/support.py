@@ -17,10 +17,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from deepindex.collection.imports import png_bytes  # noqa: F401 - re-exported: the tests encode images with it
 from deepindex.net import free_port
@@ -101,6 +101,26 @@ def ensure_ray() -> None:
         os.environ.clear()
         os.environ.update(saved)  # later tests start from a clean environment
     ray_started_here = True
+
+
+@contextlib.contextmanager
+def two_node_cluster(cpus_per_node: int = 2) -> Iterator[Any]:
+    """A head and one worker node on this machine (``ray.cluster_utils.Cluster``), this process
+    connected to it; any Ray this process had is shut down first, and both nodes after."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus_per_node, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=cpus_per_node)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 # ---- processes ------------------------------------------------------------------------------------

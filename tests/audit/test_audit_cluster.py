@@ -25,7 +25,7 @@ import pytest
 
 from deepindex.audit.bench import NOISY_DIGITS, compare_label_views
 from deepindex.config import Config, load_config
-from support import MlflowServer, wait_until
+from support import MlflowServer, two_node_cluster, wait_until
 
 if TYPE_CHECKING:
     from ray.cluster_utils import Cluster
@@ -76,18 +76,8 @@ class Audited:
 def two_nodes() -> Iterator[Cluster]:
     """Head + one worker node on this machine, 2 logical CPUs each: the 3 one-CPU folds (their
     Tune trials hold no CPU) fit at once, and no node holds more than two of them."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    cluster.add_node(num_cpus=2)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with two_node_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")

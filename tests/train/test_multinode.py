@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import support
 from deepindex.config import load_config
 from deepindex.train.trainer import train
 
@@ -24,18 +25,8 @@ def _status(storage: Path, name: str) -> dict[int, dict]:
 @pytest.fixture
 def two_node_cluster():
     """Two Ray nodes in this machine (head + worker), 2 CPUs each."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    cluster.add_node(num_cpus=2)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with support.two_node_cluster() as cluster:
+        yield cluster
 
 
 @pytest.mark.timeout(720)
