@@ -42,7 +42,7 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _wait(url: str, version: str, timeout: float, stop: threading.Event | None = None) -> float:
+def _wait(url: str, version: str, timeout: float) -> float:
     import requests
 
     start = time.monotonic()
