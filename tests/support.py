@@ -110,8 +110,16 @@ def two_node_cluster(cpus_per_node: int = 2) -> Iterator[Any]:
     import ray
     from ray.cluster_utils import Cluster
 
+    from deepindex.cluster import reload_ray_auth
+
     if ray.is_initialized():
         ray.shutdown()
+    # Token auth on for both nodes and this driver, explicitly: a driver that started a local
+    # cluster before (ensure_ray) keeps token mode cached, and nodes started without it would have
+    # their calls to it refused (a Train controller then dies before it starts).
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    reload_ray_auth()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus_per_node, "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=cpus_per_node)
@@ -121,6 +129,10 @@ def two_node_cluster(cpus_per_node: int = 2) -> Iterator[Any]:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
 
 
 # ---- processes ------------------------------------------------------------------------------------

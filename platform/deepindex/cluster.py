@@ -56,7 +56,7 @@ def _init(num_cpus: int | None, **kwargs: Any) -> None:
         log.info("connecting to the local platform's Ray head at %s", head.address)
         # Ray Train reads its settings in the driver and hands them to its controller and workers.
         os.environ.update({**ray_client_env(), **{k: os.environ.get(k, v) for k, v in _LOCAL_TRAIN_ENV.items()}})
-        _reload_ray_auth()
+        reload_ray_auth()
         ray.init(address=head.address, **kwargs)
         return
     n = num_cpus or int(os.environ.get("DEEPINDEX_NUM_CPUS", "0")) or max(4, os.cpu_count() or 1)
@@ -64,7 +64,7 @@ def _init(num_cpus: int | None, **kwargs: Any) -> None:
     ray.init(address="local", num_cpus=n, include_dashboard=False, **kwargs)
 
 
-def _reload_ray_auth() -> None:
+def reload_ray_auth() -> None:
     """Make an already-imported Ray see the auth variables just set.
 
     Ray caches the auth mode (RayConfig) and the token (read once, e.g. from

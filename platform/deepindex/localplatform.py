@@ -171,14 +171,23 @@ def _start_ray(port: int, opts: UpOptions) -> Service:
 def _ray_ready(svc: Service) -> bool:
     if not port_open(svc.port):
         return False
-    # The GCS listens first; the head is usable once its raylet runs too.
+    # The GCS listens first; the head is usable once its raylet runs too ...
     for pid in session_members(svc.pgid):
         try:
             if "raylet" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace").split("\0")[0]:
-                return True
+                break
         except OSError:
             pass
-    return False
+    else:
+        return False
+    # ... and `ray status` answers once the autoscaler monitor has published the cluster's first
+    # status (every 5 s): until then it prints "No cluster status" to a user who just ran `up`.
+    env = {**os.environ, **ray_client_env(), "RAY_ADDRESS": svc.address}
+    try:
+        out = subprocess.run([_bin("ray"), "status"], env=env, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return False
+    return out.returncode == 0 and "Active:" in out.stdout
 
 
 # ---- MLflow ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ def train_main(config_path: str | None, overrides: list[str], name: str | None =
     from deepindex.console import event
     from deepindex.train.trainer import epoch_lines
 
+    started = time.monotonic()
     cfg = load_config(config_path, overrides)
     from deepindex.data.label_view import check_label_filter
 
@@ -50,7 +52,8 @@ def train_main(config_path: str | None, overrides: list[str], name: str | None =
     # One MLflow run per training run (when a tracking server is configured or up).
     out, run_id = tracked_train(cfg, name=name, callbacks=[epoch_lines(cfg.train.epochs)])
     test = ", ".join(f"{k} {v:.4f}" for k, v in _summary(out.test_metrics).items() if isinstance(v, float))
-    event("trained %s: best checkpoint %s; test: %s", out.name, out.checkpoint, test)
+    event("trained %s in %.0f s: best checkpoint %s; test: %s", out.name, time.monotonic() - started, out.checkpoint,
+          test)
     result = {"name": out.name, "checkpoint": out.checkpoint, "last_epoch": _summary(out.metrics),
               "test": _summary(out.test_metrics), "mlflow_run_id": run_id}
     print(json.dumps(result, indent=2))

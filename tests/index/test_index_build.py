@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from support import wait_until
+
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
@@ -37,6 +39,10 @@ def test_ray_data_build_matches_local_and_sizes_itself_to_free_cpus(small_model,
 
     holder = Holder.remote()
     ray.get(holder.ping.remote())
+    # The driver's view of free resources follows the raylets' reports: the build sizes itself
+    # from the view, so wait for the view to show the held CPUs (not for a fixed time).
+    wait_until(lambda: ray.available_resources().get("CPU", 0.0) <= 0.5 + 1e-6, timeout=60,
+               what="the cluster's resource view to show the held CPUs")
     try:
         pool = size_pool(None)
         assert pool.actors * pool.cpus <= 0.5 + 1e-6

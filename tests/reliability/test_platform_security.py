@@ -36,8 +36,9 @@ def test_commands_bind_loopback_and_keep_token_auth(monkeypatch, tmp_path):
         return _Proc, tmp_path / f"{name}.log"
 
     monkeypatch.setattr(lp, "_spawn", spawn)
-    lp._start_ray(6390, 2)
-    lp._start_mlflow(5050)
+    opts = lp.UpOptions(num_cpus=2, dashboard_port=8265)
+    lp._start_ray(6390, opts)
+    lp._start_mlflow(5050, opts)
     ray_cmd, ray_env = spawned["ray"]
     ml_cmd, _ = spawned["mlflow"]
     flags = dict(a.split("=", 1) for a in ray_cmd if a.startswith("--") and "=" in a)

@@ -86,10 +86,14 @@ def _shard(name: str) -> DataIterator:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     """Train ``loop_config["config"]``; returns this rank's per-epoch scalar metrics."""
+    import psutil
     import ray.train
     import ray.train.torch
     from ray.util.metrics import Gauge
 
+    # Where a run's start-up goes (jobs/bench_train.py prints it): wall-clock times of this worker's
+    # process start, entry into this function, its data ready, its model wrapped in DDP.
+    startup = {"process_start_time": psutil.Process().create_time(), "loop_entry_time": time.time()}
     cfg = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -105,6 +109,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         feed = RayDataFeed(plan, cfg, rank, world, precision, _shard("train"), _shard("val"))
     else:
         feed = LocalFeed(cfg, rank, world, precision)
+    startup["data_ready_time"] = time.time()
     model: nn.Module = build_model(cfg.model, len(feed.concepts), feed.channels)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = EpochScheduler(optimizer, cfg.schedule, cfg.train.epochs)
@@ -126,6 +131,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     if unfreeze_due(core, cfg, start_epoch):  # resumed after train.unfreeze_epoch
         unfreeze(core)
     model = ray.train.torch.prepare_model(core)
+    startup["model_ready_time"] = time.time()
     if rank == 0 and feed.report:
         log.info("data: %s", feed.report)  # unknown tags, duplicates: once, from rank 0
     loss_fn = make_loss(feed.multilabel, cfg.train)
@@ -179,6 +185,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
                 log.info("epoch %d: %s", epoch, scalars)
             ray.train.report(scalars, checkpoint=ckpt)
-        history.append({**scalars, "epoch_start_time": epoch_start})
+        history.append({**scalars, "epoch_start_time": epoch_start, **(startup if not history else {})})
     _write_status(loop_config.get("status_dir"), rank, epoch=cfg.train.epochs, done=True, **status)
     return history
