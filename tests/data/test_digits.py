@@ -1,3 +1,4 @@
+import numpy as np
 import torch
 
 from deepindex.config import load_config
@@ -62,3 +63,15 @@ def test_splits_are_normalised_with_train_stats():
     x = sp.train.tensors[0]
     assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
     assert sp.multilabel and sp.channels == 1 and len(sp.concepts) == 10
+
+
+def test_glyphs_are_scikit_learns_digits():
+    """The glyphs read from scikit-learn's data file (without importing sklearn.datasets) are load_digits()'s."""
+    from sklearn.datasets import load_digits
+
+    from deepindex.data.digits import _load_glyphs
+
+    images, targets = _load_glyphs()
+    d = load_digits()
+    np.testing.assert_allclose(images, d.images / 16.0, atol=1e-7)
+    assert (targets == d.target).all() and images.shape == (1797, 8, 8) and images.dtype == np.float32

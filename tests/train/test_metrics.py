@@ -25,6 +25,18 @@ def test_ap_matches_sklearn(seed):
     assert mean_ap(torch.from_numpy(s), torch.from_numpy(y)) == pytest.approx(ref.mean(), abs=1e-5)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ap_matches_sklearn_with_tied_scores(seed):
+    """Scores on a coarse grid (many ties, as a saturated sigmoid gives): ties are one threshold."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((500, 8)) < 0.2).astype(int)
+    s = np.round(np.clip(y * 0.4 + rng.random((500, 8)), 0, 1) * 5) / 5
+    y[:, 0] = 1  # a concept every item has
+    ours = per_concept_ap(torch.from_numpy(s).float(), torch.from_numpy(y)).numpy()
+    ref = np.array([average_precision_score(y[:, k], s[:, k]) for k in range(8)])
+    assert np.allclose(ours, ref, atol=1e-6), (ours, ref)
+
+
 def test_concept_without_positives_is_left_out_of_the_mean():
     y = torch.tensor([[1, 0], [0, 0], [1, 0]])
     s = torch.tensor([[0.9, 0.1], [0.2, 0.5], [0.8, 0.3]])

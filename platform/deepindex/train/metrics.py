@@ -1,8 +1,13 @@
-"""Quality metrics: top-k error (single-label) and (mean) average precision (multi-label)."""
+"""Quality metrics: top-k error (single-label) and (mean) average precision (multi-label).
+
+Average precision is computed here in torch (a sort and a cumulative sum per concept) rather than
+with torchmetrics: every Train worker scores its validation shard each epoch, and importing
+torchmetrics pulls in torchvision and ``torch._dynamo`` (about 1.7 s of CPU per worker process,
+paid at every run's start).  tests/train/test_metrics.py holds it to scikit-learn's definition.
+"""
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.classification import multilabel_average_precision
 
 
 def topk_error(logits: torch.Tensor, targets: torch.Tensor, k: int = 1) -> float:
@@ -13,16 +18,30 @@ def topk_error(logits: torch.Tensor, targets: torch.Tensor, k: int = 1) -> float
     return 1.0 - hit.float().mean().item()
 
 
-def per_concept_ap(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """AP per concept, (K,); NaN for a concept with no positive in ``targets``.
+def _average_precision(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """AP of one concept: (N,) scores, (N,) 0/1, at least one positive.
 
-    Same definition as ``sklearn.metrics.average_precision_score`` (step-wise area under
-    the precision-recall curve, no interpolation).
+    ``sklearn.metrics.average_precision_score``: the sum over distinct score thresholds (highest
+    first) of precision at the threshold times the recall it adds; tied scores form one threshold.
     """
+    s, order = torch.sort(scores.double(), descending=True, stable=True)
+    tp = positive.double()[order].cumsum(0)  # true positives among the top i+1
+    end = torch.ones_like(s, dtype=torch.bool)  # the last row of each group of tied scores
+    end[:-1] = s[:-1] != s[1:]
+    ranks = torch.arange(1, len(s) + 1, dtype=torch.float64)
+    tp_at = tp[end]
+    precision = tp_at / ranks[end]
+    recall_added = torch.diff(tp_at, prepend=tp_at.new_zeros(1)) / tp[-1]
+    return float((precision * recall_added).sum())
+
+
+def per_concept_ap(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """AP per concept, (K,); NaN for a concept with no positive in ``targets``.  (N, K), (N, K) 0/1."""
     t = targets.int()
-    ap = multilabel_average_precision(scores.float(), t, num_labels=t.shape[1], average=None)
-    ap = ap.clone().float()
-    ap[t.sum(dim=0) == 0] = float("nan")  # undefined without positives: left out of the mean
+    ap = torch.full((t.shape[1],), float("nan"))  # undefined without positives: left out of the mean
+    for k in range(t.shape[1]):
+        if t[:, k].any():
+            ap[k] = _average_precision(scores[:, k], t[:, k])
     return ap
 
 
