@@ -31,11 +31,14 @@ def two_node_cluster():
 
 @pytest.mark.timeout(720)
 def test_two_nodes_train_digit_scenes_to_the_map_floor(two_node_cluster, tmp_path, record_property):
-    """Default multi-label config; one worker per node (2 CPUs each on 2-CPU nodes): test mAP >= 0.95."""
+    """The default multi-label config on 10k scenes for 4 epochs (the plain loop reaches test mAP 0.993
+    there, a fifth of the default's images); one worker per node (2 CPUs each on 2-CPU nodes): test
+    mAP >= 0.95."""
     import ray
 
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-    cfg = load_config(None, ["ray.num_workers=2", "ray.cpus_per_worker=2", "train.threads=1",
+    cfg = load_config(None, ["data.train_size=10000", "train.epochs=4",
+                             "ray.num_workers=2", "ray.cpus_per_worker=2", "train.threads=1",
                              "ray.placement_strategy=STRICT_SPREAD", f"ray.storage_path={tmp_path}"])
     out = train(cfg, name="floor-scenes")
     record_property("test_map", out.test_metrics["test_map"])
