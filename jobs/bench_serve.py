@@ -12,6 +12,11 @@
    their random initialisation: the cost of a forward does not depend on them).  ``--model``
    benchmarks one given checkpoint or registry URI instead.
 
+The same model, request bodies (multipart and base64 JSON) and CPU budget are served by the stacks a
+user would pick instead (``--peers``, ``jobs/serve_peers.py``: a bare FastAPI + uvicorn app, and
+LitServe from the ``bench`` extra), each in its own process group, killed after its levels; the
+report gives deepindex's throughput and p50 against each and whether the targets hold.
+
 (Similar-item search, FAISS vs brute force: ``jobs/bench_index.py``.)  Both sides of each comparison run in
 the same process on the same machine; absolute times from a shared CPU box are noise, the ratios are the
 result.  The HTTP load comes from a separate process
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import logging
 import multiprocessing
@@ -115,8 +121,13 @@ def bench_bare(model_path: str, batch_sizes: list[int], threads: int, seconds: f
     return out
 
 
-async def _load_async(url: str, bodies: list[bytes], ctype: str, concurrency: int, n: int) -> tuple[list[float], float]:
+async def _load_async(url: str, bodies: list[bytes], ctype: str, concurrency: int, n: int,
+                      body: str = "multipart") -> tuple[list[float], float]:
+    import base64
+
     import aiohttp
+
+    encoded = [base64.b64encode(b).decode() for b in bodies] if body == "json" else []
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
                                      timeout=aiohttp.ClientTimeout(total=120)) as session:
@@ -124,6 +135,8 @@ async def _load_async(url: str, bodies: list[bytes], ctype: str, concurrency: in
             t = time.perf_counter()
             if not bodies:  # a GET: the service's floor, no body and no work
                 request = session.get(url)
+            elif body == "json":  # {"images": [{"data": <base64>}]}
+                request = session.post(url, json={"images": [{"data": encoded[i % len(encoded)]}]})
             else:
                 form = aiohttp.FormData()
                 form.add_field("images", bodies[i % len(bodies)], filename="image", content_type=ctype)
@@ -145,18 +158,20 @@ async def _load_async(url: str, bodies: list[bytes], ctype: str, concurrency: in
         return lat, time.perf_counter() - start
 
 
-def _load_process(url, bodies, ctype, concurrency, n, queue) -> None:
+def _load_process(url, bodies, ctype, concurrency, n, body, queue) -> None:
     try:
-        queue.put(asyncio.run(_load_async(url, bodies, ctype, concurrency, n)))
+        queue.put(asyncio.run(_load_async(url, bodies, ctype, concurrency, n, body)))
     except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the benchmark
         queue.put(e)
 
 
-def http_load(url: str, bodies: list[bytes], ctype: str, concurrency: int, n: int) -> tuple[list[float], float]:
-    """``concurrency`` clients sending ``n`` requests in all, from a separate process."""
+def http_load(url: str, bodies: list[bytes], ctype: str, concurrency: int, n: int, body: str = "multipart"
+              ) -> tuple[list[float], float]:
+    """``concurrency`` clients sending ``n`` requests in all (``body``: multipart files or base64 JSON),
+    from a separate process."""
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_load_process, args=(url, bodies, ctype, concurrency, n, q))
+    p = ctx.Process(target=_load_process, args=(url, bodies, ctype, concurrency, n, body, q))
     p.start()
     res = q.get(timeout=600)
     p.join(30)
@@ -207,6 +222,7 @@ def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threa
                                      # images per model batch over the level (warm-up included), from /metrics
                                      "mean_batch_size": (after[0] - before[0]) / max(after[1] - before[1], 1)}
             log.info("serve concurrency %d: %s", c, out["levels"][str(c)])
+        out["json_levels"] = _levels(f"{url}/v1/tag", bodies, ctype, concurrencies, per_level, "json")
         # The ceiling of the data plane itself: GET /healthz (no body, no model) at the top level.
         c = max(concurrencies)
         lat, wall = http_load(f"{url}/healthz", [], "", c, max(per_level, 4 * c) // c * c)
@@ -218,12 +234,77 @@ def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threa
     return out
 
 
-def bench_tag(model: str, levels: list[int], per_level: int, threads: int) -> dict:
+def _levels(url: str, bodies: list[bytes], ctype: str, concurrencies: list[int], per_level: int, body: str
+            ) -> dict[str, dict[str, float]]:
+    out = {}
+    for c in concurrencies:
+        n = max(per_level, 4 * c) // c * c
+        lat, wall = http_load(url, bodies, ctype, c, n, body)
+        out[str(c)] = {"requests": n, "images_per_s": n / wall, "p50_ms": 1e3 * _pct(lat, 50),
+                       "p99_ms": 1e3 * _pct(lat, 99)}
+    return out
+
+
+def bench_peer(stack: str, model_path: str, concurrencies: list[int], per_level: int, threads: int) -> dict:
+    """``jobs/serve_peers.py STACK`` in its own process group (killed with it), both request bodies."""
+    import os
+    import signal
+    import subprocess
+
+    import requests
+
+    from deepindex.net import free_port
+
+    port = free_port()
+    cmd = [sys.executable, str(Path(__file__).with_name("serve_peers.py")), stack, "--model", model_path,
+           "--port", str(port), "--threads", str(threads)]
+    log_path = Path(tempfile.mkdtemp(prefix=f"bench-{stack}-")) / "server.log"
+    with log_path.open("wb") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{stack} did not come up; see {log_path}")
+            time.sleep(0.5)
+        bodies, ctype = make_requests(model_path)
+        return {body: _levels(f"{url}/v1/tag", bodies, ctype, concurrencies, per_level, body)
+                for body in ("multipart", "json")}
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the whole group: uvicorn's or LitServe's workers too
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def bench_tag(model: str, levels: list[int], per_level: int, threads: int, peers: list[str]) -> dict:
     bare = bench_bare(model, levels, threads)
     served = bench_serve(model, levels, per_level, threads)
-    top = str(max(levels))
+    top, one = str(max(levels)), str(min(levels))
+    peer = {stack: bench_peer(stack, model, levels, per_level, threads) for stack in peers}
+    ours = {"multipart": served["levels"], "json": served["json_levels"]}
+    vs: dict = {}
+    targets: dict = {}
+    for stack, got in peer.items():
+        for body in ("multipart", "json"):
+            vs[f"{stack}.{body}"] = {
+                "throughput_ratio_at_max_concurrency": ours[body][top]["images_per_s"] / got[body][top]["images_per_s"],
+                "p50_ms_difference_at_concurrency_1": ours[body][one]["p50_ms"] - got[body][one]["p50_ms"]}
+    if "litserve" in peer:
+        lit = vs["litserve.multipart"]
+        targets[f"/v1/tag at {top} >= 1.0x LitServe"] = lit["throughput_ratio_at_max_concurrency"] >= 1.0
+        targets[f"p50 at {one} <= LitServe's + 3 ms"] = lit["p50_ms_difference_at_concurrency_1"] <= 3.0
+    targets[f"/v1/tag at {top} >= 0.9x the bare batched model"] = (
+        served["levels"][top]["images_per_s"] >= 0.9 * bare[top]["images_per_s"])
     return {
-        "model": model, "serve": served, "bare_model": bare,
+        "model": model, "serve": served, "bare_model": bare, "peers": peer, "deepindex_over_peers": vs,
+        "targets_held": targets,
         "throughput_ratio_at_max_concurrency": served["levels"][top]["images_per_s"] / bare[top]["images_per_s"],
         # What an endpoint doing no work at all would score: the bound the data plane puts on the ratio.
         "healthz_ratio_at_max_concurrency": (served["healthz_at_max_concurrency"]["requests_per_s"]
@@ -240,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--requests", type=int, default=200, help="requests per concurrency level (at least 4x it)")
     p.add_argument("--threads", type=int, default=1, help="CPUs/torch threads of the model replica and the bare model")
+    p.add_argument("--peers", default="fastapi,litserve",
+                   help="stacks to serve the same model beside deepindex (jobs/serve_peers.py); '' for none")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -250,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     report: dict = {"threads": args.threads, "tag": {}}
     for name, model in models.items():
-        report["tag"][name] = bench_tag(model, levels, args.requests, args.threads)
+        report["tag"][name] = bench_tag(model, levels, args.requests, args.threads,
+                                        [x for x in args.peers.split(",") if x])
 
     from deepindex.console import report as emit
 
