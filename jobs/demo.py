@@ -189,6 +189,7 @@ def demo(args: list[str]) -> int:
     else:
         console.event("promotion: version %s stays champion (%s); no rollover", champion_version,
                       decision.get("reason", "not better"))
+    about = attach_retrieval()
     print()
     precision = examples()
     urls = platform_urls()
@@ -198,6 +199,8 @@ def demo(args: list[str]) -> int:
     print(f"keyword query {QUERY!r}: precision@10 {precision:.2f}")
     if rollover:
         print(rollover)
+    if about:
+        print(about)
     print(f"MLflow: {summary['mlflow_ui']}  (the sweep's run: its description links each trial, and "
           "'Compare the N trials' opens the parallel coordinates)")
     print(f"Ray dashboard: {urls.get('dashboard', '-')}   service: {URL}/  (API docs {URL}/docs)")
@@ -208,6 +211,26 @@ def demo(args: list[str]) -> int:
               "tune_configs/smoke.yaml needs more budget on this machine", file=sys.stderr)
         return 1
     return 0
+
+
+def attach_retrieval(size: int = 1000) -> str:
+    """Measure the champion's retrieval on held-out scenes and keep the report with its version (the
+    page's "About this model" panel, GET /v1/about); returns the line that sums it up."""
+    from deepindex.console import event
+    from deepindex.tracking.registry import resolve_model
+    from deepindex.tracking.retrieval import report_for
+
+    code, _ = _quietly(["evaluate-retrieval", "--model", MODEL, "--size", str(size), "--attach"])
+    report = report_for(resolve_model(MODEL)) if code == 0 else None
+    if report is None:
+        event("retrieval figures: not measured (see the log file)")
+        return ""
+    k, best = report["k"], report["qbe_best"]
+    line = (f"retrieval (version {report['model']['version']}, {size} held-out scenes): keyword mAP "
+            f"{report['keyword']['map']:.3f}; more like this, best {best['descriptor']}/{best['metric']} "
+            f"mAP@{k} {best[f'map_at_{k}']:.3f}; on the page under 'About this model'")
+    event(line)
+    return line
 
 
 def requests_ok(url: str) -> bool:

@@ -34,6 +34,7 @@ from serving import contract
 from serving.errors import ApiError
 from serving.schemas import (
     HERE,
+    AboutResponse,
     AddItemsResponse,
     DeleteItemResponse,
     ErrorResponse,
@@ -181,6 +182,27 @@ def _replica_lost() -> tuple[type[BaseException], ...]:
     from ray.serve.exceptions import ReplicaUnavailableError
 
     return (RayActorError, ActorUnavailableError, ReplicaUnavailableError)
+
+
+def retrieval_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """``deepindex.index.evaluate.evaluate_retrieval``'s report -> :class:`serving.schemas.RetrievalSummary`."""
+    k = int(report["k"])
+
+    def figure(row: dict[str, Any]) -> dict[str, float]:
+        return {"map_at_k": float(row[f"map_at_{k}"]), "precision_at_k": float(row[f"precision_at_{k}"])}
+
+    best = report["qbe_best"]
+    fusion = report.get("fusion") or {}
+    return {
+        "collection": report["collection"]["name"], "size": int(report["collection"]["size"]), "k": k,
+        "keyword_map": float(report["keyword"]["map"]),
+        "keyword_precision_at_k": float(report["keyword"][f"precision_at_{k}"]),
+        "qbe": [{"descriptor": d, "metric": m, **figure(row)} for d, rows in report["qbe"].items()
+                for m, row in rows.items()],
+        "best": {"descriptor": best["descriptor"], "metric": best["metric"], **figure(best)},
+        "chance_precision_at_k": float(report["qbe_chance"]),
+        "fusion": [{"signal": name, **figure(row)} for name, row in fusion.items() if isinstance(row, dict)],
+    }
 
 
 async def _call(method: DeploymentHandle[Any], *args: Any, idempotent: bool = True) -> dict[str, Any]:
@@ -712,6 +734,16 @@ class Ingress:
                            headers={"Allow": "GET"})
         self._authorize(request, write=True)
         return _check(await _call(self.index.delete, item_id, idempotent=False))
+
+    @app.get("/v1/about", response_model=AboutResponse, responses=_ERRORS, operation_id="about")
+    async def about(self, request: Request) -> dict[str, Any]:
+        """The served model version and its retrieval figures (keyword mAP, query by example per
+        descriptor and metric, fusion), as ``deepindex evaluate-retrieval --attach`` measured them."""
+        self._authorize(request, write=False)
+        got = await _call(self.model.retrieval)
+        report = got["report"]
+        return {"model": {"name": got["name"], "version": got["version"]},
+                "retrieval": retrieval_summary(report) if report else None}
 
     @app.get("/v1/status", response_model=StatusResponse, responses=_ERRORS, operation_id="status")
     async def status(self, request: Request) -> dict[str, Any]:

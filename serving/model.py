@@ -25,6 +25,7 @@ from deepindex.tracking.registry import ResolvedModel, resolve_model
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
+REPORT_RETRY_S = 30.0  # a version without a retrieval report: ask again after this long
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class ModelServer:
         self._served = _load(model, tracking_uri)
         self.reloads = 0
         self.last_error: str | None = None
+        self._report: tuple[str, dict[str, Any] | None] | None = None  # (version, its retrieval report)
+        self._report_at = 0.0
         # serve.batch's wrapper has these setters; its annotation (a plain Callable) does not say so.
         self.infer.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self.infer.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
@@ -93,6 +96,24 @@ class ModelServer:
         self._ensure_following()
 
     # ---- calls -------------------------------------------------------------------------------
+    async def retrieval(self) -> dict[str, Any]:
+        """The served version's retrieval report (``deepindex evaluate-retrieval --attach``) or None:
+        read once per version; a version without one is asked again after ``REPORT_RETRY_S``."""
+        from deepindex.tracking.retrieval import report_for
+
+        r = self._served.resolved
+        cached = self._report
+        if cached is None or cached[0] != r.version or (
+                cached[1] is None and time.monotonic() - self._report_at >= REPORT_RETRY_S):
+            report: dict[str, Any] | None = None
+            try:
+                report = await asyncio.to_thread(report_for, r, self._tracking_uri)
+            except Exception as e:  # noqa: BLE001 - the figures are optional: serve without them
+                log.warning("model: no retrieval report for version %s: %s: %s", r.version, type(e).__name__, e)
+            cached = self._report = (r.version, report)
+            self._report_at = time.monotonic()
+        return {"name": r.name, "version": r.version, "report": cached[1]}
+
     async def info(self) -> dict[str, Any]:
         self._ensure_following()
         s = self._served

@@ -230,6 +230,43 @@ class StatusResponse(BaseModel):
     head: int
 
 
+class QbeFigure(BaseModel):
+    """Query by example with one descriptor and metric, over the report's gallery."""
+
+    descriptor: str
+    metric: str
+    map_at_k: float
+    precision_at_k: float
+
+
+class FusionFigure(BaseModel):
+    """'Items with concept c like this one': one signal, or a fusion of keywords and an example."""
+
+    signal: str
+    map_at_k: float
+    precision_at_k: float
+
+
+class RetrievalSummary(BaseModel):
+    """The served version's retrieval report (``deepindex evaluate-retrieval --attach``), in figures."""
+
+    collection: str
+    size: int  # items in the labelled gallery it was measured on
+    k: int
+    keyword_map: float
+    keyword_precision_at_k: float
+    qbe: list[QbeFigure]
+    best: QbeFigure
+    chance_precision_at_k: float  # what a random ranking scores
+    fusion: list[FusionFigure]
+
+
+class AboutResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+    model: ModelRef
+    retrieval: RetrievalSummary | None = None  # None: this version has no report attached
+
+
 class Health(BaseModel):
     status: str
     model: dict[str, Any] | None = None

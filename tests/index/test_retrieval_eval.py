@@ -57,6 +57,27 @@ def test_an_untrained_model_fails_the_floors(small_model):
     assert r["keyword"]["map"] < 0.6
 
 
+def test_attach_keeps_the_report_beside_a_checkpoint_for_its_version_only(small_model, tmp_path, capsys):
+    import shutil
+
+    from deepindex.cli import main
+    from deepindex.tracking.registry import resolve_model
+    from deepindex.tracking.retrieval import report_for
+
+    ckpt = tmp_path / "model" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    shutil.copy(small_model, ckpt)  # never write beside the session's shared model
+    assert report_for(resolve_model(str(ckpt))) is None
+    rc = main(["evaluate-retrieval", "--model", str(ckpt), "--size", "300", "--features", "probs",
+               "--metrics", "ip", "--queries-per-concept", "2", "--attach"])
+    assert rc == 0 and f"attached the report to {ckpt.parent / 'retrieval' / 'report.json'}" in capsys.readouterr().out
+    got = report_for(resolve_model(str(ckpt)))
+    assert got is not None and got["model"]["version"] == resolve_model(str(ckpt)).version
+    assert set(got["qbe"]) == {"probs"} and got["collection"]["size"] == 300
+    ckpt.write_bytes(ckpt.read_bytes() + b"\0")  # another checkpoint in the same place: another version
+    assert report_for(resolve_model(str(ckpt))) is None  # the report measured the old one
+
+
 @pytest.mark.mlflow
 def test_command_prints_the_table_writes_json_and_logs_to_mlflow(small_model, mlflow_server, tmp_path, capsys):
     from mlflow.tracking import MlflowClient

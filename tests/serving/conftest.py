@@ -93,6 +93,14 @@ def served(tmp_path_factory: pytest.TempPathFactory, small_model: Path) -> Itera
     live.mkdir()
     shutil.copy(small_model, live / "checkpoint.pt")
     version = resolve_model(str(live)).version
+    # The version's retrieval report, kept beside the checkpoint as `evaluate-retrieval --attach` keeps
+    # it (the page's "about" panel shows it); measured on held-out scenes the gallery does not hold.
+    from deepindex.checkpoint import load_model
+    from deepindex.index.evaluate import evaluate_retrieval
+    from deepindex.tracking.retrieval import attach_report
+
+    report = evaluate_retrieval(load_model(str(live / "checkpoint.pt")), digit_gallery(300, seed=7), k=10)
+    attach_report(resolve_model(str(live)), report)
     catalogue, blobs, coll = f"sqlite:///{root / 'catalogue.db'}", str(root / "blobs"), root / "indexes"
     import_digit_scenes(CollectionStore.open("digit-scenes", catalogue, blobs), size=GALLERY, seed=0)
     # In-process embedding: tests/index covers the Ray Data path; here the service is under test.

@@ -51,6 +51,25 @@ def test_health_ready_docs(served):
         assert p in paths, p
 
 
+def test_about_gives_the_served_versions_retrieval_figures(served):
+    """/v1/about: the report kept with the served version (evaluate-retrieval --attach), in figures."""
+    import json
+
+    report = json.loads((served.model_path / "retrieval" / "report.json").read_text())
+    body = served.get("/v1/about").json()
+    assert body["model"]["version"] == served.version == report["model"]["version"]
+    r = body["retrieval"]
+    assert r["k"] == report["k"] == 10 and r["size"] == report["collection"]["size"] == 300
+    assert r["keyword_map"] == pytest.approx(report["keyword"]["map"])
+    assert {(q["descriptor"], q["metric"]) for q in r["qbe"]} == {
+        (d, m) for d, rows in report["qbe"].items() for m in rows}
+    assert len(r["qbe"]) == 9  # probs, penultimate, last_but_two x l2, ip, cosine
+    best = max(r["qbe"], key=lambda q: q["map_at_k"])
+    assert (r["best"]["descriptor"], r["best"]["metric"]) == (best["descriptor"], best["metric"])
+    assert {f["signal"] for f in r["fusion"]} == {"keyword", "example", "weighted", "rrf", "example+min_prob"}
+    assert 0 < r["chance_precision_at_k"] < r["best"]["precision_at_k"]
+
+
 def test_tags_match_offline_inference(served):
     from PIL import Image
 

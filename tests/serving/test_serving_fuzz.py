@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.serve, pytest.mark.cluster]
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 HERE = Path(__file__).resolve().parent
 # Per operation and phase: enough to hit every bound, enum and body shape, small enough that the whole
-# run (4 phases, 12 operations, ~1,600 requests, stateful add -> get -> similar -> delete) stays near a minute.
+# run (4 phases, 13 operations, ~1,600 requests, stateful add -> get -> similar -> delete) stays near a minute.
 EXAMPLES = 10
 PHASES = ("examples", "coverage", "fuzzing", "stateful")
 
@@ -44,7 +44,7 @@ def test_schemathesis_all_checks_all_phases_finds_nothing(served, tmp_path):
     doc = served.get("/openapi.json").json()
     assert unresolved_refs(doc) == []
     ops = [f"{m.upper()} {p}" for p, item in doc["paths"].items() for m in item]
-    assert len(ops) == 12, ops
+    assert len(ops) == 13 and "GET /v1/about" in ops, ops
     before = _collection_ids(served)
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.serving.schemathesis_hooks",  # how to make images
            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "platform"), os.environ.get("PYTHONPATH", "")])}
@@ -68,7 +68,7 @@ def test_schemathesis_all_checks_all_phases_finds_nothing(served, tmp_path):
     print(f"schemathesis --checks all, phases {','.join(PHASES)}: {wall:.0f}s\n{summary}")
     assert r.returncode == 0, f"schemathesis exited {r.returncode}:\n{out[-12000:]}\n{r.stderr[-3000:]}"
     assert "No issues found" in summary, summary
-    assert "Tested: 12" in summary, summary  # every operation
+    assert "Tested: 13" in summary, summary  # every operation
     for phase in PHASES:  # every phase ran and passed (none skipped for want of data)
         assert f"✅ {phase.capitalize()}" in summary, summary
     links = re.search(r"API Links:\s+(\d+) covered", out)

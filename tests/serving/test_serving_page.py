@@ -132,6 +132,15 @@ def test_page_tags_searches_and_finds_more_like_this(served, chromium, tmp_path)
             seen["version"] = await p.need(f"{STATUS}.dataset.version", "the served model version")
             seen["count"] = await p.eval(f"{STATUS}.dataset.count")
             seen["status"] = await p.eval(f"{STATUS}.textContent")
+            # About: the served version's retrieval figures, from /v1/about.
+            await p.click("#about summary")
+            seen["about"] = await p.need("document.querySelectorAll('#about table').length === 2 && "
+                                         "document.getElementById('about-body').innerText", "the retrieval figures")
+            seen["about_rows"] = await p.eval("[...document.querySelectorAll('#about table')].map(t => "
+                                              "[...t.querySelectorAll('tr')].map(r => [...r.children]"
+                                              ".map(c => c.textContent)))")
+            seen["about_best"] = await p.eval("[...document.querySelectorAll('#about tr.best td')]"
+                                              ".map(c => c.textContent)")
             # Upload: concept probabilities as bars, the threshold marked on each.
             await p.choose_file(image)
             await p.click("#upload")
@@ -176,6 +185,15 @@ def test_page_tags_searches_and_finds_more_like_this(served, chromium, tmp_path)
     # Status panel: the served model version and its index.
     assert out["version"] == served.version and served.version in out["status"]
     assert out["count"] == str(status["index"]["count"]) and f"{status['index']['count']} items" in out["status"]
+    # About: the keyword figures and one row per descriptor x metric and per fusion signal, as /v1/about
+    # gives them, the best query-by-example row marked.
+    about = served.get("/v1/about").json()["retrieval"]
+    assert f"mAP {about['keyword_map']:.3f}" in out["about"] and f"{about['size']} held-out items" in out["about"]
+    qbe, fusion = out["about_rows"]
+    assert qbe[1:] == [[q["descriptor"], q["metric"], f"{q['map_at_k']:.3f}", f"{q['precision_at_k']:.3f}"]
+                       for q in about["qbe"]]
+    assert [r[0] for r in fusion[1:]] == [f["signal"] for f in about["fusion"]]
+    assert out["about_best"][:2] == [about["best"]["descriptor"], about["best"]["metric"]]
     # One bar per concept of the model, in the service's order, at its probabilities.
     bars = out["bars"]
     assert [b["concept"] for b in bars] == [c["concept"] for c in every] and 1 < len(bars) < 20

@@ -129,6 +129,19 @@ def test_a_retrieval_floor_refuses_a_better_candidate_below_it(mlflow_server, sp
     assert run.data.metrics["promotion_candidate_qbe_map_at_10"] == pytest.approx(refused.qbe_map)
     assert run.data.metrics["retrieval.qbe_best.map_at_10"] == pytest.approx(refused.qbe_map)  # the whole report
     assert run.data.tags["promotion.decision"] == "not promoted" and run.data.tags["promotion.qbe_floor"] == "0.9999"
+    # The served version's report (the service's /v1/about): the measured one's, none for the other,
+    # until `evaluate-retrieval --attach` gives it one.
+    from deepindex.tracking.registry import resolve_model
+    from deepindex.tracking.retrieval import attach_report, report_for
+
+    v1 = resolve_model(f"models:/{name}/{first.version}", mlflow_server.uri)
+    v2 = resolve_model(f"models:/{name}/{refused.version}", mlflow_server.uri)
+    assert report_for(v1, mlflow_server.uri) is None
+    measured = report_for(v2, mlflow_server.uri)
+    assert measured is not None and measured["qbe_best"]["map_at_10"] == pytest.approx(refused.qbe_map)
+    attach_report(v1, measured, mlflow_server.uri)
+    again = report_for(v1, mlflow_server.uri)
+    assert again is not None and again["model"]["version"] == first.version and again["qbe"] == measured["qbe"]
     # An explicit floor (deepindex promote --min-qbe-map) wins over the config's: at or above it, promoted.
     ok = promote(trained, name, mlflow_server.uri, min_qbe_map=round(refused.qbe_map - 0.05, 4))
     assert ok.promoted and "at or above the floor" in ok.reason, ok.reason

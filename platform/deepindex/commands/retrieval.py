@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--queries-per-concept", type=int, default=20, help="fusion: example queries per concept")
     p.add_argument("--json", dest="json_out", help="also write the report to this file")
     p.add_argument("--log-run", metavar="RUN_ID", help="log metrics + retrieval/report.json to this MLflow run")
+    p.add_argument("--attach", action="store_true",
+                   help="keep the report with the model (its registered version's run, or beside the checkpoint "
+                        "file), where the service's page shows it")
     p.set_defaults(func=run)
 
 
@@ -65,4 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
         n = log_retrieval_report(report, args.log_run, args.tracking_uri)
         print(f"logged {n} metrics and retrieval/report.json to run {args.log_run}")
+    if args.attach:
+        from deepindex.tracking.retrieval import attach_report
+
+        print(f"attached the report to {attach_report(resolved, report, args.tracking_uri)}")
     return 0

@@ -6,14 +6,23 @@ Metrics are flat names under ``retrieval.``: ``keyword.map``, ``keyword.ap.<conc
 """
 from __future__ import annotations
 
+import json
+import logging
 import re
+import tempfile
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deepindex.tracking.tracker import mlflow_client
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
+
+    from deepindex.tracking.registry import ResolvedModel
+
+log = logging.getLogger(__name__)
+REPORT = "retrieval/report.json"  # the run artifact; beside a checkpoint file, the same relative path
 
 _UNSAFE = re.compile(r"[^\w\-./ ]")  # what MLflow accepts in a metric name
 
@@ -55,5 +64,48 @@ def log_retrieval_report(report: dict[str, Any], run_id: str, tracking_uri: str 
     metrics = [Metric(name, value, now, 0) for name, value in sorted(flat_metrics(report).items())]
     for i in range(0, len(metrics), 1000):  # MLflow's batch limit
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
-    client.log_dict(run_id, report, "retrieval/report.json")
+    client.log_dict(run_id, report, REPORT)
     return len(metrics)
+
+
+def report_for(model: ResolvedModel, tracking_uri: str | None = None) -> dict[str, Any] | None:
+    """The retrieval report of a model version, None where it has none: a registered version's run
+    artifact ``retrieval/report.json`` (``deepindex evaluate-retrieval --log-run``, or a promotion
+    with a retrieval floor), or for a checkpoint path the file ``retrieval/report.json`` beside it
+    (``evaluate-retrieval --json``)."""
+    if model.name == "local":
+        path = Path(model.checkpoint_path).parent / REPORT
+        if not path.is_file():
+            return None
+        local: dict[str, Any] = json.loads(path.read_text())
+        # The file stays when the checkpoint beside it is replaced: only the version it measured counts.
+        return local if (local.get("model") or {}).get("version") == model.version else None
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client(tracking_uri)
+    run_id = client.get_model_version(model.name, model.version).run_id
+    if not run_id:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            got = client.download_artifacts(run_id, REPORT, d)
+        except (MlflowException, OSError) as e:  # none logged (yet)
+            log.debug("no %s on run %s: %s", REPORT, run_id, e)
+            return None
+        report: dict[str, Any] = json.loads(Path(got).read_text())
+        return report
+
+
+def attach_report(model: ResolvedModel, report: dict[str, Any], tracking_uri: str | None = None) -> str:
+    """Keep ``report`` where :func:`report_for` finds it (the version's run, or beside the checkpoint
+    file); returns where, for the user."""
+    report = {**report, "model": {**(report.get("model") or {}), "name": model.name, "version": model.version}}
+    if model.name == "local":
+        from deepindex.atomic import write_file
+
+        return str(write_file(Path(model.checkpoint_path).parent / REPORT, json.dumps(report, indent=2)))
+    run_id = mlflow_client(tracking_uri).get_model_version(model.name, model.version).run_id
+    if not run_id:
+        raise ValueError(f"attach: {model.name} version {model.version} has no MLflow run to hold the report")
+    n = log_retrieval_report(report, run_id, tracking_uri)
+    return f"run {run_id} of {model.name} version {model.version} ({n} metrics and {REPORT})"
