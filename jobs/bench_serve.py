@@ -275,6 +275,9 @@ def bench_peer(stack: str, model_path: str, concurrencies: list[int], per_level:
                 raise RuntimeError(f"{stack} did not come up; see {log_path}")
             time.sleep(0.5)
         bodies, ctype = make_requests(model_path)
+        probe = requests.post(f"{url}/v1/tag", files={"images": ("image", bodies[0], ctype)}, timeout=60)
+        if probe.status_code != 200 or proc.poll() is not None:
+            raise RuntimeError(f"{stack} on {url}: HTTP {probe.status_code} {probe.text[:300]}; see {log_path}")
         return {body: _levels(f"{url}/v1/tag", bodies, ctype, concurrencies, per_level, body)
                 for body in ("multipart", "json")}
     finally:
