@@ -1,0 +1,150 @@
+"""Where the CPU of a ``POST /v1/tag`` goes: per process, and inside the ingress and model replicas.
+
+Serves the small digit-scenes model as ``jobs/bench_serve.py`` does, drives ``--concurrency``
+clients from a separate process for ``--seconds``, and reports
+
+- CPU milliseconds per request of every process on the machine that used CPU meanwhile (HAProxy,
+  the Serve proxy, the ingress and model replicas, Ray's own processes, the load generator), from
+  ``/proc/<pid>/stat`` before and after: on 2 cores, throughput is bounded by their sum;
+- with ``py-spy`` installed (``pip install py-spy``), the ingress and model replicas' hottest
+  functions over the same window (own time, by function), sampled at 100 Hz.
+
+    python jobs/profile_serve.py [--concurrency 32] [--seconds 15] [--out profile.json]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ticks() -> dict[int, tuple[str, int]]:
+    """pid -> (name, user + system ticks) of every process."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        out[int(d.name)] = (cmd[:120] or comm, int(fields[11]) + int(fields[12]))
+    return out
+
+
+def _role(name: str) -> str:
+    for key, role in (("ServeReplica:bench:Ingress", "ingress replica"), ("ConceptModel", "model replica"),
+                      ("IndexService", "index replica"), ("MetricsHub", "metrics hub"), ("haproxy", "HAProxy"),
+                      ("ProxyActor", "Serve proxy"), ("ServeController", "Serve controller"), ("raylet", "raylet"),
+                      ("gcs_server", "GCS"), ("dashboard", "Ray dashboard/agents"), ("_load_process", "load generator"),
+                      ("multiprocessing.spawn", "load generator"), ("log_monitor", "Ray log monitor"),
+                      ("monitor.py", "Ray autoscaler monitor"), ("runtime_env", "Ray runtime env agent"),
+                      ("profile_serve", "this script")):
+        if key in name:
+            return role
+    return "other: " + name.split(" ")[0].rsplit("/", 1)[-1]
+
+
+def _pids(marker: str) -> list[int]:
+    return [pid for pid, (name, _) in _cpu_ticks().items() if marker in name]
+
+
+def _spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        return None
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100",
+                             "--format", "raw", "--output", str(out), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _top_functions(raw: Path, n: int = 15) -> list[dict[str, Any]]:
+    """py-spy's raw (collapsed) stacks -> the functions with the most own samples."""
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        frames = stack.split(";")
+        own[frames[-1]] += int(count)
+        total += int(count)
+    return [{"function": f, "share": round(c / total, 3)} for f, c in own.most_common(n)] if total else []
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_serve import http_load, make_model, make_requests
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args(argv)
+
+    from ray import serve
+
+    from deepindex.cluster import connect
+    from deepindex.net import free_port
+    from serving.app import build_app
+
+    tmp = Path(tempfile.mkdtemp(prefix="profile-serve-"))
+    model = str(make_model("small", tmp / "model"))
+    connect()
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model": model, "collection": "bench", "index_dir": f"{tmp}/indexes",
+                         "catalogue_url": f"sqlite:///{tmp}/catalogue.db", "blobs_url": f"{tmp}/blobs",
+                         "reload_interval_s": 0, "model_num_cpus": 1, "model_threads": 1}),
+              name="bench", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v1/tag"
+    bodies, ctype = make_requests(model)
+    try:
+        http_load(url, bodies, ctype, args.concurrency, 4 * args.concurrency)  # warm-up
+        n = int(args.seconds * 250) // args.concurrency * args.concurrency  # ~the seconds at ~250 req/s
+        spies = {}
+        for role, marker in (("ingress replica", "ServeReplica:bench:Ingress"), ("model replica", "ConceptModel")):
+            for pid in _pids(marker)[:1]:
+                spies[role] = (_spy(pid, args.seconds, tmp / f"{pid}.txt"), tmp / f"{pid}.txt")
+        before, t0 = _cpu_ticks(), time.monotonic()
+        lat, wall = http_load(url, bodies, ctype, args.concurrency, n)
+        after, elapsed = _cpu_ticks(), time.monotonic() - t0
+        per_role: collections.Counter[str] = collections.Counter()
+        for pid, (name, ticks) in after.items():
+            used = ticks - before.get(pid, (name, 0))[1]  # a process born meanwhile: all its ticks
+            if used > 0:
+                per_role[_role(name)] += used
+        report: dict[str, Any] = {
+            "concurrency": args.concurrency, "requests": len(lat), "images_per_s": round(len(lat) / wall, 1),
+            "cpu_ms_per_request": {r: round(1000 * t / TICK / len(lat), 2) for r, t in per_role.most_common()},
+            "cpu_seconds_total": round(sum(per_role.values()) / TICK, 1), "wall_seconds": round(elapsed, 1),
+        }
+        for role, (proc, raw) in spies.items():
+            if proc is not None:
+                proc.wait(timeout=120)
+                if raw.exists():
+                    report[f"{role} hottest functions (own samples)"] = _top_functions(raw)
+    finally:
+        serve.shutdown()
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
