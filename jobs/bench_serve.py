@@ -213,15 +213,13 @@ def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threa
     url = f"http://127.0.0.1:{port}"
     try:
         for c in concurrencies:
-            n = max(per_level, 4 * c) // c * c
             before = _batch_totals(url)
-            lat, wall = http_load(f"{url}/v1/tag", bodies, ctype, c, n)
+            row = _level(f"{url}/v1/tag", bodies, ctype, c, per_level, "multipart")
             after = _batch_totals(url)
-            out["levels"][str(c)] = {"requests": n, "images_per_s": n / wall, "p50_ms": 1e3 * _pct(lat, 50),
-                                     "p99_ms": 1e3 * _pct(lat, 99),
-                                     # images per model batch over the level (warm-up included), from /metrics
-                                     "mean_batch_size": (after[0] - before[0]) / max(after[1] - before[1], 1)}
-            log.info("serve concurrency %d: %s", c, out["levels"][str(c)])
+            # images per model batch over the level (warm-up included), from /metrics
+            row["mean_batch_size"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
+            out["levels"][str(c)] = row
+            log.info("serve concurrency %d: %s", c, row)
         out["json_levels"] = _levels(f"{url}/v1/tag", bodies, ctype, concurrencies, per_level, "json")
         # The ceiling of the data plane itself: GET /healthz (no body, no model) at the top level.
         c = max(concurrencies)
@@ -234,15 +232,16 @@ def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threa
     return out
 
 
+def _level(url: str, bodies: list[bytes], ctype: str, c: int, per_level: int, body: str) -> dict[str, float]:
+    """One concurrency level: ``c`` clients, at least ``per_level`` requests (4 per client)."""
+    n = max(per_level, 4 * c) // c * c
+    lat, wall = http_load(url, bodies, ctype, c, n, body)
+    return {"requests": n, "images_per_s": n / wall, "p50_ms": 1e3 * _pct(lat, 50), "p99_ms": 1e3 * _pct(lat, 99)}
+
+
 def _levels(url: str, bodies: list[bytes], ctype: str, concurrencies: list[int], per_level: int, body: str
             ) -> dict[str, dict[str, float]]:
-    out = {}
-    for c in concurrencies:
-        n = max(per_level, 4 * c) // c * c
-        lat, wall = http_load(url, bodies, ctype, c, n, body)
-        out[str(c)] = {"requests": n, "images_per_s": n / wall, "p50_ms": 1e3 * _pct(lat, 50),
-                       "p99_ms": 1e3 * _pct(lat, 99)}
-    return out
+    return {str(c): _level(url, bodies, ctype, c, per_level, body) for c in concurrencies}
 
 
 def bench_peer(stack: str, model_path: str, concurrencies: list[int], per_level: int, threads: int) -> dict:

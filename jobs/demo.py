@@ -216,12 +216,17 @@ def demo(args: list[str]) -> int:
 def attach_retrieval(size: int = 1000) -> str:
     """Measure the champion's retrieval on held-out scenes and keep the report with its version (the
     page's "About this model" panel, GET /v1/about); returns the line that sums it up."""
-    from deepindex.console import event
-    from deepindex.tracking.registry import resolve_model
-    from deepindex.tracking.retrieval import report_for
+    import json
+    import tempfile
+    from pathlib import Path
 
-    code, _ = _quietly(["evaluate-retrieval", "--model", MODEL, "--size", str(size), "--attach"])
-    report = report_for(resolve_model(MODEL)) if code == 0 else None
+    from deepindex.console import event
+
+    with tempfile.TemporaryDirectory() as d:  # the report as measured, not read back from MLflow
+        out = Path(d) / "report.json"
+        code, _ = _quietly(["evaluate-retrieval", "--model", MODEL, "--size", str(size), "--attach",
+                            "--json", str(out)])
+        report = json.loads(out.read_text()) if code == 0 and out.exists() else None
     if report is None:
         event("retrieval figures: not measured (see the log file)")
         return ""

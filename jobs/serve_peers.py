@@ -2,7 +2,7 @@
 
 Each serves ``POST /v1/tag`` with the same request bodies as deepindex (multipart ``images`` files,
 or JSON ``{"images": [{"data": <base64>}]}``) and the same work per image as deepindex's model
-replica: :func:`tag_one` (decode with deepindex's limits, resize to the model's input, the batched
+replica: :class:`Tagger` (decode with deepindex's limits, resize to the model's input, the batched
 forward of :func:`deepindex.index.embed.infer_unit`, top concepts).  One process, ``--threads``
 torch threads, as deepindex's model replica:
 

@@ -68,13 +68,24 @@ def log_retrieval_report(report: dict[str, Any], run_id: str, tracking_uri: str 
     return len(metrics)
 
 
+def _beside(model: ResolvedModel) -> Path:
+    """Where a checkpoint file's report is kept: ``retrieval/report.json`` in its folder."""
+    return Path(model.checkpoint_path).parent / REPORT
+
+
+def _run_of(model: ResolvedModel, tracking_uri: str | None) -> str | None:
+    """The MLflow run that logged a registered version (None for a version registered without one)."""
+    run_id: str | None = mlflow_client(tracking_uri).get_model_version(model.name, model.version).run_id
+    return run_id or None
+
+
 def report_for(model: ResolvedModel, tracking_uri: str | None = None) -> dict[str, Any] | None:
     """The retrieval report of a model version, None where it has none: a registered version's run
-    artifact ``retrieval/report.json`` (``deepindex evaluate-retrieval --log-run``, or a promotion
-    with a retrieval floor), or for a checkpoint path the file ``retrieval/report.json`` beside it
-    (``evaluate-retrieval --json``)."""
+    artifact ``retrieval/report.json`` (``deepindex evaluate-retrieval --attach`` or ``--log-run``,
+    or a promotion with a retrieval floor), or for a checkpoint path the file ``retrieval/report.json``
+    beside it (``--attach``), if it measured that file's version."""
     if model.name == "local":
-        path = Path(model.checkpoint_path).parent / REPORT
+        path = _beside(model)
         if not path.is_file():
             return None
         local: dict[str, Any] = json.loads(path.read_text())
@@ -82,13 +93,12 @@ def report_for(model: ResolvedModel, tracking_uri: str | None = None) -> dict[st
         return local if (local.get("model") or {}).get("version") == model.version else None
     from mlflow.exceptions import MlflowException
 
-    client = mlflow_client(tracking_uri)
-    run_id = client.get_model_version(model.name, model.version).run_id
-    if not run_id:
+    run_id = _run_of(model, tracking_uri)
+    if run_id is None:
         return None
     with tempfile.TemporaryDirectory() as d:
         try:
-            got = client.download_artifacts(run_id, REPORT, d)
+            got = mlflow_client(tracking_uri).download_artifacts(run_id, REPORT, d)
         except (MlflowException, OSError) as e:  # none logged (yet)
             log.debug("no %s on run %s: %s", REPORT, run_id, e)
             return None
@@ -103,9 +113,9 @@ def attach_report(model: ResolvedModel, report: dict[str, Any], tracking_uri: st
     if model.name == "local":
         from deepindex.atomic import write_file
 
-        return str(write_file(Path(model.checkpoint_path).parent / REPORT, json.dumps(report, indent=2)))
-    run_id = mlflow_client(tracking_uri).get_model_version(model.name, model.version).run_id
-    if not run_id:
+        return str(write_file(_beside(model), json.dumps(report, indent=2)))
+    run_id = _run_of(model, tracking_uri)
+    if run_id is None:
         raise ValueError(f"attach: {model.name} version {model.version} has no MLflow run to hold the report")
     n = log_retrieval_report(report, run_id, tracking_uri)
     return f"run {run_id} of {model.name} version {model.version} ({n} metrics and {REPORT})"
