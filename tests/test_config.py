@@ -33,6 +33,20 @@ def test_bad_override_names_the_key(override, key):
     assert str(e.value).startswith(key), str(e.value)
 
 
+def test_a_dataset_recipe_sits_under_the_file_and_the_overrides(tmp_path):
+    default = load_config(None, [])
+    digits = load_config(None, ["data.dataset=digits"])
+    assert (digits.model.channels, digits.model.embed_dim, digits.optim.lr, digits.train.epochs) == ((16, 32, 64), 64,
+                                                                                                      0.02, 6)
+    assert digits.model.dropout == default.model.dropout  # what the recipe does not name stays the default
+    assert load_config(None, ["data.dataset=digits", "train.epochs=3"]).train.epochs == 3
+    f = tmp_path / "c.yaml"
+    f.write_text("data: {dataset: digits}\noptim: {lr: 0.1}\n")
+    from_file = load_config(f)
+    assert from_file.optim.lr == 0.1 and from_file.train.epochs == 6
+    assert load_config(None, ["data.dataset=digit-scenes"]).model.channels == default.model.channels
+
+
 def test_bad_yaml_key_is_named(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  epochz: 3\n")
