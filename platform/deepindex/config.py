@@ -198,9 +198,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
-        from deepindex.models import registered_models  # late: models import torch
+        from deepindex.models import is_registered, registered_models  # late: models import torch
 
-        if self.model.name not in registered_models():
+        if not is_registered(self.model.name):
             raise ValueError(
                 f"model.name: unknown model {self.model.name!r}; registered: {', '.join(registered_models())}"
             )

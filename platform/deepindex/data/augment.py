@@ -35,12 +35,15 @@ AUGMENTS = ("crop", "flip", "vflip", "jitter", "hue", "trivial", "randaugment") 
 
 
 def build_augment(names: tuple[str, ...] | list[str], strength: float, image_size: int) -> Transform | None:
-    """A ``v2.Compose`` over uint8 (C, S, S) tensors, or None when ``names`` is empty."""
-    from torchvision.transforms import v2
-
+    """A ``v2.Compose`` over uint8 (C, S, S) tensors, or None when ``names`` is empty (torchvision is
+    not imported then: a second of a Train worker's start-up)."""
     unknown = [n for n in names if n not in AUGMENTS]
     if unknown:
         raise ValueError(f"data.augment: unknown augmentation {unknown[0]!r}; one of {', '.join(AUGMENTS)}")
+    if not names:
+        return None
+    from torchvision.transforms import v2
+
     s = float(strength)
     factories = {
         # The aspect ratio range grows with s up to torchvision's 3/4..4/3: a stretched circle is an

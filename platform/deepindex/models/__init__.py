@@ -34,8 +34,13 @@ def register(name: str, *, min_input_size: int = 32) -> Callable[[ModelFactory],
 
 
 def min_input_size(name: str) -> int:
-    _load()
+    _load(name)
     return _MIN_INPUT[name]
+
+
+def is_registered(name: str) -> bool:
+    _load(name)
+    return name in _REGISTRY
 
 
 def registered_models() -> list[str]:
@@ -51,7 +56,7 @@ def build_model(model_cfg: ModelConfig, num_concepts: int, in_channels: int,
     (``model.weights``), and the frozen layers (``model.freeze``).  ``load_weights=False``
     skips both weight files: a checkpoint being rebuilt holds every weight already.
     """
-    _load()
+    _load(model_cfg.name)
     if model_cfg.name not in _REGISTRY:
         raise ValueError(f"model.name: unknown model {model_cfg.name!r}; registered: {', '.join(sorted(_REGISTRY))}")
     model = _REGISTRY[model_cfg.name](model_cfg, num_concepts, in_channels)
@@ -70,9 +75,14 @@ def build_model(model_cfg: ModelConfig, num_concepts: int, in_channels: int,
     return model
 
 
-def _load() -> None:
-    # Import the modules that register models on first use, not at import of this package.
-    from deepindex.models import backbones, classic, convnet  # noqa: F401 - imported for their @register side effect
+def _load(name: str | None = None) -> None:
+    """Import the modules that register models on first use, not at import of this package; the
+    ConvNet's alone when ``name`` is one of its (the others import torchvision: ~1 s of every Train
+    worker's start-up)."""
+    from deepindex.models import convnet  # noqa: F401 - imported for its @register side effect
+
+    if name is None or name not in _REGISTRY:
+        from deepindex.models import backbones, classic  # noqa: F401 - the same
 
 
-__all__ = ["ConceptModel", "build_model", "min_input_size", "register", "registered_models"]
+__all__ = ["ConceptModel", "build_model", "is_registered", "min_input_size", "register", "registered_models"]
