@@ -31,7 +31,8 @@ def test_run_holds_params_metrics_tags_artifacts_and_resume_continues_it(ray_loc
     run = client.get_run(run_id)
 
     assert run.info.status == "FINISHED"
-    assert run.data.params["optim.lr"] == "0.05" and run.data.params["model.channels"] == "[8, 16]"
+    # 0.02: the digits recipe's (TINY sets no lr); [8, 16]: TINY's channels over the recipe's
+    assert run.data.params["optim.lr"] == "0.02" and run.data.params["model.channels"] == "[8, 16]"
     assert run.data.params["data.dataset"] == "digits"
     assert _history(client, run_id, "val_top1_error") == [0, 1]
     assert run.data.metrics["test_top1_error"] == pytest.approx(out.test_metrics["test_top1_error"])
