@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--runs", type=int, default=3, help="runs of each loop; medians are reported")
     ap.add_argument("--time-to-quality", action="store_true", help="also time `deepindex train data.dataset=digits`")
     ap.add_argument("--torchrun-worker", metavar="OUT", help=argparse.SUPPRESS)
+    ap.add_argument("-v", "--verbose", action="store_true", help="Ray's own output on the console too")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args(argv)
     # No validation-heavy defaults: the benchmark is about the training loop.
@@ -183,8 +184,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import ray
 
+    from deepindex import console
     from deepindex.cluster import connect
 
+    log_file = console.setup("bench-train", args.verbose)  # Ray's internals go to the log file, not the console
+    print(f"log: {log_file}", file=sys.stderr, flush=True)
     total_threads = cfg.ray.num_workers * (cfg.train.threads or max(1, int(cfg.ray.cpus_per_worker)))
     t0 = time.time()
     connect()
