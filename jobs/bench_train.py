@@ -10,7 +10,10 @@ starts training (``trainer.fit()``; torchrun's launch) to the first batch, with 
 where it goes (worker processes, entry into the training function, data, DDP).  Then the targets of
 issue 15 and whether each holds:
 
-    python jobs/bench_train.py [--epochs 3] [--runs 3] [--time-to-quality] [key=value ...]
+    python jobs/bench_train.py [--epochs 3] [--runs 3] [--time-to-quality] [-v] [key=value ...]
+
+Progress goes to stderr, the JSON report to stdout, Ray's own output to the log file it names (``-v``: the
+console too).
 
 ``--time-to-quality`` also runs ``deepindex train data.dataset=digits`` end to end (command start to
 checkpoint, its own test split scored) and reports the seconds and the top-1 error.
