@@ -114,3 +114,7 @@ def test_stopped_run_started_again_resumes(tmp_path):
     assert result["last_epoch"]["epoch"] == 3
     st = _status(tmp_path, "again")[0]
     assert st["done"] and st["start_epoch"] >= 2  # resumed after epoch 1's checkpoint, not started over
+    # The resumed epoch is reported again (its first report may have died with the run): the
+    # console shows it, and a Tune trial restored after its last epoch ends on that epoch.
+    console = done.stdout + done.stderr
+    assert f"epoch {st['start_epoch']}/4: " in console, console[-2000:]

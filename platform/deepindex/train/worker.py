@@ -84,6 +84,11 @@ def _shard(name: str) -> DataIterator:
     return it
 
 
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What an epoch reports: its scalar metrics (per-concept AP stays in the checkpoint)."""
+    return {k: v for k, v in metrics.items() if not isinstance(v, list)}
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     """Train ``loop_config["config"]``; returns this rank's per-epoch scalar metrics."""
     import psutil
@@ -114,6 +119,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = EpochScheduler(optimizer, cfg.schedule, cfg.train.epochs)
     start_epoch, extra = 0, dict(loop_config.get("extra") or {})
+    resumed: dict[str, Any] | None = None  # the checkpointed epoch's metrics, when resuming
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -123,6 +129,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"] + 1
+        resumed = _scalars({**(state.get("metrics") or {}), "epoch": state["epoch"]})
         extra.update(state.get("extra") or {})  # e.g. the MLflow run id: continue, not duplicate
         if rank == 0:
             log.info("resuming from the checkpoint of epoch %d", state["epoch"])
@@ -146,6 +153,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     status: dict[str, Any] = {"node_id": ray.get_runtime_context().get_node_id(), "start_epoch": start_epoch,
                               "pipeline": "ray" if plan is not None else "local"}
     history: list[dict[str, Any]] = []
+    if resumed is not None:
+        # The resumed epoch's result again, without a new checkpoint: its first report may never have
+        # reached the callbacks (a run stopped between writing the checkpoint and reporting it), and
+        # a Tune trial restored after its last epoch would otherwise end on the one before it.
+        ray.train.report(resumed)
     for epoch in range(start_epoch, cfg.train.epochs):
         epoch_start = time.time()
         _write_status(loop_config.get("status_dir"), rank, epoch=epoch, **status)
@@ -174,8 +186,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
             throughput.set(metrics["images_per_s"], tags=run_tag)
             if tracker is not None:
                 tracker.log_epoch(metrics, epoch)
-        # Per-concept AP stays in the checkpoint.
-        scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+        scalars = _scalars(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
