@@ -232,6 +232,9 @@ def start_mlflow_server(root: Path, port: int | None = None, timeout: float = 90
 
 
 # ---- a tracking server that fails at a known point -------------------------------------------------
+HEALTH_HOLD_S = 120  # the longest MlflowOutage holds a /health probe for the server's restart
+
+
 class MlflowOutage:
     """An HTTP proxy in front of a real MLflow server that crashes it at a known point of a run.
 
@@ -241,7 +244,9 @@ class MlflowOutage:
     until :meth:`restart` brings the server back on the same port and store.  With
     ``health_waits_for_restart`` the ``/health`` probe a client makes before its final logging
     waits for the restart instead of failing, so "the server was back before the run ended" is
-    exercised deterministically whatever the speed of the training.  Not a fake: every request
+    exercised deterministically whatever the speed of the training and of the restart: the client
+    must wait that long too (its probe waits ``MLFLOW_HTTP_REQUEST_TIMEOUT``; set it above
+    :data:`HEALTH_HOLD_S`).  Not a fake: every request
     that is answered, is answered by the real server; the proxy only decides when it dies.
     """
 
@@ -301,7 +306,7 @@ class MlflowOutage:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 outage._crash_if_due(self.path, body)
                 if outage.health_waits and outage.killed.is_set() and self.path.startswith("/health"):
-                    outage.back.wait(120)
+                    outage.back.wait(HEALTH_HOLD_S)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
                 try:
                     r = requests.request(self.command, f"http://127.0.0.1:{outage.port_behind}{self.path}",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from support import REPO, TINY, MlflowOutage, kill_session, start_mlflow_server, wait_until
+from support import HEALTH_HOLD_S, REPO, TINY, MlflowOutage, kill_session, start_mlflow_server, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.mlflow]
 
@@ -121,7 +121,9 @@ def test_mlflow_server_sigkilled_and_restarted_mid_run_run_ends_finished(tmp_pat
     cmd = [sys.executable, "jobs/train.py", "--name", "crashy", *TINY, f"train.epochs={epochs}",
            f"ray.storage_path={tmp_path / 'results'}", "tracking.experiment=crashy"]
     log = tmp_path / "train.log"
-    job = _start(cmd, _env(tmp_path, outage.uri), log)
+    # The run's final probe waits as long as the proxy holds it, however long the restart takes.
+    env = {**_env(tmp_path, outage.uri), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(HEALTH_HOLD_S + 30)}
+    job = _start(cmd, env, log)
     try:
         wait_until(outage.killed.is_set, 300, every=0.2, alive=lambda: job.poll() is None,
                    what="the server crashed while epoch 1 was logged")

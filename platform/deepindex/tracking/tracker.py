@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deepindex.config import Config
+from deepindex.tracking.uri import HTTP_TIMEOUT_DEFAULT, HTTP_TIMEOUT_ENV
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -36,7 +37,7 @@ TAG_TRAIN_NAME = "deepindex.train_name"
 # prints "View run ... / View experiment ..." on stdout for every run it ends and a progress bar
 # for every download: our commands say where the runs are once, not per trial.
 _CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+               HTTP_TIMEOUT_ENV: HTTP_TIMEOUT_DEFAULT, "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 

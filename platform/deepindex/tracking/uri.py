@@ -35,12 +35,23 @@ def is_http(uri: str | None) -> bool:
     return bool(uri and uri.split("://", 1)[0] in ("http", "https"))
 
 
-def reachable(uri: str, timeout: float = 3.0) -> bool:
-    """A cheap probe before any logging call, so a dead server costs one warning, not retries."""
+# How long one MLflow HTTP request may take: MLflow's own setting, which deepindex defaults to 10 s
+# (MLflow's default, 120 s with retries, would hold a run for minutes on a dead server).
+HTTP_TIMEOUT_ENV, HTTP_TIMEOUT_DEFAULT = "MLFLOW_HTTP_REQUEST_TIMEOUT", "10"
+
+
+def reachable(uri: str, timeout: float | None = None) -> bool:
+    """A cheap probe before any logging call, so a dead server costs one warning, not retries.
+
+    A refused connection answers at once; a server that accepts but does not answer gets as long
+    as any MLflow request would (``MLFLOW_HTTP_REQUEST_TIMEOUT``, 10 s unless set).
+    """
     if not is_http(uri):
         return True  # file/sqlite/databricks stores: no probe, the first call tells
     import requests
 
+    if timeout is None:
+        timeout = float(os.environ.get(HTTP_TIMEOUT_ENV) or HTTP_TIMEOUT_DEFAULT)
     try:
         return requests.get(uri.rstrip("/") + "/health", timeout=timeout).status_code < 500
     except requests.RequestException:
