@@ -179,8 +179,11 @@ def test_writer_sigkilled_mid_burst_loses_no_acknowledged_change(tmp_path: Path)
 def test_two_writers_at_once_both_succeed(catalogue_url: str, tmp_path: Path) -> None:
     """Two processes adding to one catalogue (WAL + busy timeout on SQLite, the row lock on
     PostgreSQL), 30 ids in common: every id once, seqs 1..head, both runs complete."""
-    blobs, go = tmp_path / "blobs", tmp_path / "go"
-    runs = [start(catalogue_url, blobs, 0, 50, "--go", str(go)), start(catalogue_url, blobs, 20, 50, "--go", str(go))]
+    blobs, go, met = tmp_path / "blobs", tmp_path / "go", tmp_path / "met"
+    met.mkdir()
+    # Each waits after its first add for the other's: their writes overlap whatever the scheduling.
+    both = ("--go", str(go), "--meet", f"{met}:2")
+    runs = [start(catalogue_url, blobs, 0, 50, *both), start(catalogue_url, blobs, 20, 50, *both)]
     for run in runs:
         wait_until(lambda run=run: run.lines, 120, alive=lambda run=run: run.proc.poll() is None, what="writer ready")
     go.touch()

@@ -9,8 +9,9 @@ the call that made it durable returned:
     add <id> <sha256> <seq> <created 0|1>
     del <id> <seq>            (with --delete: deletes PREFIX<j> for j < K, one after each add)
 
-With ``--go FILE`` it prints ``ready`` and waits for FILE to exist before the first change (two
-writers started together then really write at the same time).
+With ``--go FILE`` it prints ``ready`` and waits for FILE to exist before the first change; with
+``--meet DIR:N`` it also waits, after its first change, until N writers have made theirs (a file
+each in DIR): two writers then really write at the same time, however the OS schedules them.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def main() -> int:
     ap.add_argument("--bulk", type=int, default=0, help="add_many in batches of N instead of add")
     ap.add_argument("--delete", default="", help="PREFIX:K: delete PREFIX0..PREFIX<K-1>, one after each add")
     ap.add_argument("--go", help="wait for this file to exist before writing")
+    ap.add_argument("--meet", default="", help="DIR:N: after the first change, wait until N writers made theirs")
     args = ap.parse_args()
 
     from deepindex.collection import CollectionStore, UnknownItem
@@ -61,9 +63,14 @@ def main() -> int:
             for it in items:
                 print(f"add {it.id} {it.content_hash} {it.seq} {int(it.seq > head)}", flush=True)
         return 0
+    meet, _, n = args.meet.rpartition(":")
     for i in ids:
         item, created = store.add(f"w-{i:05d}", payload(i), tags=tags_of(i), source="writer", meta={"i": i})
         print(f"add {item.id} {item.content_hash} {item.seq} {int(created)}", flush=True)
+        if meet and i == ids[0]:
+            (Path(meet) / str(args.start)).touch()
+            while len(list(Path(meet).iterdir())) < int(n):
+                time.sleep(0.005)
         if to_delete:
             victim = to_delete.pop(0)
             try:
