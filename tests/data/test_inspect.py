@@ -71,6 +71,53 @@ def test_photo_preset_is_rgb_224_with_imagenet_centre_crop(tmp_path):
     assert np.asarray(preset_resize(Image.fromarray(arr), 32, "digit")).shape == (32, 32, 3)
 
 
+def _torchvision_preset(img, size, preset):
+    """The eval presets as torchvision.transforms.v2 computes them on a PIL image."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    from deepindex.data.transforms import PRESETS
+
+    p = PRESETS[preset]
+    if p.resize == "squash":
+        return F.resize(img, [size, size], interpolation=InterpolationMode.BILINEAR)
+    short = round(size / p.crop_ratio)
+    if min(img.size) != short:
+        img = F.resize(img, short, interpolation=InterpolationMode.BILINEAR)
+    return F.center_crop(img, [size, size])
+
+
+@pytest.mark.parametrize("preset", ["digit", "photo", "fit"])
+def test_presets_are_torchvisions_resize_and_centre_crop_pixel_for_pixel(preset):
+    """preset_resize is written with PIL alone (the ingress never imports torch); it must be what
+    torchvision's v2 resize + centre crop give, on odd and even, tall, wide, small and large images."""
+    rng = np.random.default_rng(0)
+    for (w, h) in [(40, 40), (255, 320), (320, 255), (17, 301), (513, 97), (224, 224), (256, 256), (31, 32)]:
+        for mode in ("L", "RGB"):
+            shape = (h, w) if mode == "L" else (h, w, 3)
+            img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode)
+            for size in (32, 224, 48):
+                ours = np.asarray(preset_resize(img, size, preset))
+                theirs = np.asarray(_torchvision_preset(img, size, preset))
+                assert ours.shape == theirs.shape == ((size, size) if mode == "L" else (size, size, 3))
+                assert np.array_equal(ours, theirs), (w, h, mode, size, preset)
+
+
+def test_decoding_for_the_model_imports_no_torch():
+    """The serving ingress decodes and resizes uploads (pil_to_uint8) without torch in its process."""
+    import subprocess
+    import sys
+
+    code = ("import sys, io, numpy as np; from PIL import Image; import serving.ingress, serving.decode; "
+            "from deepindex.data.transforms import pil_to_uint8; "
+            "im = Image.fromarray(np.zeros((50, 70, 3), np.uint8)); "
+            "assert pil_to_uint8(im, 224, 3, 'photo').shape == (3, 224, 224); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
+
 @pytest.mark.timeout(120)
 def test_eval_preset_is_what_serving_computes(tmp_path):
     root = _folder(tmp_path / "imgs", "RGB", (50, 70))

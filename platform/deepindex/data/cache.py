@@ -197,7 +197,7 @@ def _read_items(d: DataConfig) -> FileItems:
 
 def split_indices(items: FileItems, d: DataConfig) -> dict[str, np.ndarray]:
     """Item indices of each split: the same draw as the local path's."""
-    from deepindex.data import _column_split_indices, _split_indices
+    from deepindex.data.splits import _column_split_indices, _split_indices
 
     if items.splits is not None:
         return _column_split_indices(items.splits, d.val_fraction, d.test_fraction, d.seed)

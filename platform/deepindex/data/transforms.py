@@ -20,11 +20,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: decoding alone (the serving ingress) needs none
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ def compute_stats(images: torch.Tensor) -> NormStats:
 
 def normalize(x: torch.Tensor, stats: NormStats) -> torch.Tensor:
     """(B, C, H, W) or (C, H, W) in [0, 1] -> zero mean, unit variance per channel."""
+    import torch
+
     shape = (-1, 1, 1)
     mean = torch.tensor(stats.mean, dtype=x.dtype, device=x.device).view(shape)
     std = torch.tensor(stats.std, dtype=x.dtype, device=x.device).view(shape)
@@ -107,19 +111,26 @@ def to_model_mode(img: Image.Image, channels: int) -> Image.Image:
 
 
 def preset_resize(img: Image.Image, image_size: int, preset: str | None = None) -> Image.Image:
-    """The preset's geometric eval transform (torchvision.transforms.v2 on the PIL image)."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
+    """The preset's geometric eval transform on the PIL image.
 
+    Exactly what torchvision.transforms.v2's ``resize`` (bilinear) and ``center_crop`` do to a PIL
+    image (the same output sizes, anchors and PIL filter; ``tests/data/test_transforms.py`` holds
+    them to it), written with PIL alone so that a process that only decodes (the serving ingress)
+    never imports torch.
+    """
     p = PRESETS[preset or "digit"]
+    s = image_size
     if p.resize == "squash":
         # PIL's own bilinear resize, as before presets existed: old checkpoints serve unchanged.
-        return img if img.size == (image_size, image_size) else F.resize(
-            img, [image_size, image_size], interpolation=InterpolationMode.BILINEAR)
-    short = round(image_size / p.crop_ratio)
-    if min(img.size) != short:
-        img = F.resize(img, short, interpolation=InterpolationMode.BILINEAR)  # shorter side -> short
-    return F.center_crop(img, [image_size, image_size])
+        return img if img.size == (s, s) else img.resize((s, s), Image.Resampling.BILINEAR)
+    short = round(s / p.crop_ratio)
+    w, h = img.size
+    if min(w, h) != short:  # shorter side -> short, the longer one in proportion (rounded down)
+        long = int(short * max(w, h) / min(w, h))
+        img = img.resize((short, long) if w <= h else (long, short), Image.Resampling.BILINEAR)
+        w, h = img.size
+    top, left = round((h - s) / 2.0), round((w - s) / 2.0)  # banker's rounding, as torchvision
+    return img.crop((left, top, left + s, top + s))
 
 
 def pil_to_uint8(img: Image.Image, image_size: int, channels: int, preset: str | None = None) -> np.ndarray:
@@ -150,6 +161,8 @@ def decode_file(path: str | Path | IO[bytes], image_size: int, channels: int, pr
 
 def pil_to_unit_tensor(img: Image.Image, image_size: int, channels: int, preset: str | None = None) -> torch.Tensor:
     """A PIL image -> (C, S, S) float32 in [0, 1] through the eval preset."""
+    import torch
+
     return torch.from_numpy(uint8_to_unit(pil_to_uint8(img, image_size, channels, preset)))
 
 
