@@ -2,7 +2,8 @@
 
 ``python jobs/bench_serve.py [--profiles small,resnet18-224] [--model CKPT_OR_URI] [--out bench.json]``
 
-``POST /v1/tag`` (one image per request) at concurrency 1, 8 and 32 through Ray Serve over HTTP,
+``POST /v1/tag`` (one image per request) at concurrency 1, 8 and 32 through Ray Serve over HTTP, in
+   both layouts (``--layouts``: model replicas of their own, and ``model_in_ingress``),
    against the bare model forward at batch 1, 8 and 32 in this process with as many torch threads
    as the model replica has CPUs.  Quoted as ratios: throughput at 32 / bare batched throughput
    (target >= 0.7), and the p50 overhead over the bare forward (target <= 10 ms).  Two model
@@ -192,7 +193,11 @@ def _batch_totals(url: str) -> tuple[float, float]:
     return totals.get("deepindex_model_batch_size_sum", 0.0), totals.get("deepindex_model_batch_size_count", 0.0)
 
 
-def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threads: int) -> dict:
+LAYOUTS = ("replicas", "in-ingress")  # model replicas of their own (the default) / the model in the ingress
+
+
+def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threads: int,
+                layout: str = "replicas", extra: dict | None = None) -> dict:
     from ray import serve
 
     from deepindex.cluster import connect
@@ -206,7 +211,8 @@ def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threa
     scratch = tempfile.mkdtemp(prefix="deepindex-bench-serve-")
     serve.run(build_app({"model": model_path, "collection": "bench", "index_dir": f"{scratch}/indexes",
                          "catalogue_url": f"sqlite:///{scratch}/catalogue.db", "blobs_url": f"{scratch}/blobs",
-                         "reload_interval_s": 0, "model_num_cpus": threads, "model_threads": threads}),
+                         "reload_interval_s": 0, "model_num_cpus": threads, "model_threads": threads,
+                         "model_in_ingress": layout == "in-ingress", **(extra or {})}),
               name="bench", route_prefix="/")
     bodies, ctype = make_requests(model_path)
     out: dict = {"request_bytes": int(np.mean([len(b) for b in bodies])), "levels": {}}
@@ -219,16 +225,32 @@ def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threa
             # images per model batch over the level (warm-up included), from /metrics
             row["mean_batch_size"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
             out["levels"][str(c)] = row
-            log.info("serve concurrency %d: %s", c, row)
+            log.info("serve (%s) concurrency %d: %s", layout, c, row)
         out["json_levels"] = _levels(f"{url}/v1/tag", bodies, ctype, concurrencies, per_level, "json")
         # The ceiling of the data plane itself: GET /healthz (no body, no model) at the top level.
         c = max(concurrencies)
         lat, wall = http_load(f"{url}/healthz", [], "", c, max(per_level, 4 * c) // c * c)
         out["healthz_at_max_concurrency"] = {"requests_per_s": len(lat) / wall, "p50_ms": 1e3 * _pct(lat, 50)}
+        out["replica_rss_gb"] = _replica_rss_gb()
+        log.info("serve (%s): resident memory per replica, GB: %s", layout, out["replica_rss_gb"])
     finally:
         serve.delete("bench")
         serve.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
+def _replica_rss_gb() -> dict[str, float]:
+    """Resident memory of the benchmark application's replicas, by deployment (GB; the largest replica)."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for proc in psutil.process_iter(["cmdline", "memory_info"]):
+        title = " ".join(proc.info.get("cmdline") or [])
+        for deployment in ("Ingress", "ConceptModel", "IndexService", "MetricsHub"):
+            if f"ServeReplica:bench:{deployment}" in title and proc.info.get("memory_info") is not None:
+                rss = proc.info["memory_info"].rss / 1e9
+                out[deployment] = round(max(out.get(deployment, 0.0), rss), 3)
     return out
 
 
@@ -285,33 +307,39 @@ def bench_peer(stack: str, model_path: str, concurrencies: list[int], per_level:
         proc.wait(timeout=30)
 
 
-def bench_tag(model: str, levels: list[int], per_level: int, threads: int, peers: list[str]) -> dict:
+def bench_tag(model: str, levels: list[int], per_level: int, threads: int, peers: list[str],
+              layouts: list[str], extra: dict | None = None) -> dict:
     bare = bench_bare(model, levels, threads)
-    served = bench_serve(model, levels, per_level, threads)
+    served = {layout: bench_serve(model, levels, per_level, threads, layout, extra) for layout in layouts}
     top, one = str(max(levels)), str(min(levels))
     peer = {stack: bench_peer(stack, model, levels, per_level, threads) for stack in peers}
-    ours = {"multipart": served["levels"], "json": served["json_levels"]}
     vs: dict = {}
     targets: dict = {}
-    for stack, got in peer.items():
-        for body in ("multipart", "json"):
-            vs[f"{stack}.{body}"] = {
-                "throughput_ratio_at_max_concurrency": ours[body][top]["images_per_s"] / got[body][top]["images_per_s"],
-                "p50_ms_difference_at_concurrency_1": ours[body][one]["p50_ms"] - got[body][one]["p50_ms"]}
-    if "litserve" in peer:
-        lit = vs["litserve.multipart"]
-        targets[f"/v1/tag at {top} >= 1.0x LitServe"] = lit["throughput_ratio_at_max_concurrency"] >= 1.0
-        targets[f"p50 at {one} <= LitServe's + 3 ms"] = lit["p50_ms_difference_at_concurrency_1"] <= 3.0
-    targets[f"/v1/tag at {top} >= 0.9x the bare batched model"] = (
-        served["levels"][top]["images_per_s"] >= 0.9 * bare[top]["images_per_s"])
+    for layout, ours in served.items():
+        bodies = {"multipart": ours["levels"], "json": ours["json_levels"]}
+        for stack, got in peer.items():
+            for body in ("multipart", "json"):
+                vs[f"{layout}.{stack}.{body}"] = {
+                    "throughput_ratio_at_max_concurrency": (bodies[body][top]["images_per_s"]
+                                                            / got[body][top]["images_per_s"]),
+                    "p50_ms_difference_at_concurrency_1": bodies[body][one]["p50_ms"] - got[body][one]["p50_ms"]}
+        if "litserve" in peer:
+            lit = vs[f"{layout}.litserve.multipart"]
+            targets[f"{layout}: /v1/tag at {top} >= 1.0x LitServe"] = lit["throughput_ratio_at_max_concurrency"] >= 1.0
+            targets[f"{layout}: p50 at {one} <= LitServe's + 3 ms"] = lit["p50_ms_difference_at_concurrency_1"] <= 3.0
+        targets[f"{layout}: /v1/tag at {top} >= 0.9x the bare batched model"] = (
+            ours["levels"][top]["images_per_s"] >= 0.9 * bare[top]["images_per_s"])
     return {
         "model": model, "serve": served, "bare_model": bare, "peers": peer, "deepindex_over_peers": vs,
         "targets_held": targets,
-        "throughput_ratio_at_max_concurrency": served["levels"][top]["images_per_s"] / bare[top]["images_per_s"],
+        "throughput_ratio_at_max_concurrency": {layout: ours["levels"][top]["images_per_s"] / bare[top]["images_per_s"]
+                                                for layout, ours in served.items()},
         # What an endpoint doing no work at all would score: the bound the data plane puts on the ratio.
-        "healthz_ratio_at_max_concurrency": (served["healthz_at_max_concurrency"]["requests_per_s"]
-                                             / bare[top]["images_per_s"]),
-        "p50_overhead_ms": {c: v["p50_ms"] - bare[c]["p50_ms"] for c, v in served["levels"].items()},
+        "healthz_ratio_at_max_concurrency": {
+            layout: ours["healthz_at_max_concurrency"]["requests_per_s"] / bare[top]["images_per_s"]
+            for layout, ours in served.items()},
+        "p50_overhead_ms": {layout: {c: v["p50_ms"] - bare[c]["p50_ms"] for c, v in ours["levels"].items()}
+                            for layout, ours in served.items()},
         "targets": {"throughput_ratio_at_32": ">= 0.7", "p50_overhead_ms": "<= 10"},
     }
 
@@ -325,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="CPUs/torch threads of the model replica and the bare model")
     p.add_argument("--peers", default="fastapi,litserve",
                    help="stacks to serve the same model beside deepindex (jobs/serve_peers.py); '' for none")
+    p.add_argument("--layouts", default=",".join(LAYOUTS),
+                   help="deepindex layouts: replicas (model replicas of their own), in-ingress (model_in_ingress)")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="another argument of the Serve application (serving/schemas.py ServeArgs), e.g. "
+                        "ingress_replicas=2; repeatable")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -333,10 +366,14 @@ def main(argv: list[str] | None = None) -> int:
     models = {"given": args.model} if args.model else {
         prof: str(make_model(prof, tmp / prof)) for prof in args.profiles.split(",") if prof}
     levels = [int(c) for c in args.concurrency.split(",")]
-    report: dict = {"threads": args.threads, "tag": {}}
+    import yaml
+
+    extra = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.serve_arg)}
+    report: dict = {"threads": args.threads, "serve_args": extra, "tag": {}}
     for name, model in models.items():
         report["tag"][name] = bench_tag(model, levels, args.requests, args.threads,
-                                        [x for x in args.peers.split(",") if x])
+                                        [x for x in args.peers.split(",") if x],
+                                        [x for x in args.layouts.split(",") if x], extra)
 
     from deepindex.console import report as emit
 

@@ -1,5 +1,6 @@
 """The wiring: ``serving.app:build_app(args)`` -> Ingress(model, index, metrics hub); the model replicas
-follow the index replica's choice of version (it moves model and index together).
+follow the index replica's choice of version (it moves model and index together).  With
+``model_in_ingress`` there are no model replicas: each ingress replica holds the model.
 
 ``serve run serving/config.yaml``, ``serve deploy``, the RayService and ``deepindex serve``
 all build the application here; ``args`` are :class:`serving.schemas.ServeArgs`.
@@ -37,15 +38,19 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     a.api_token()  # a missing token file is an error now, not in a replica later
     # One index replica: the collection's writer and the owner of the served (model, index) pair.
     index = _deployment(IndexServer).options(ray_actor_options=_actor_options(0)).bind(a.model_dump())
-    model = _deployment(ModelServer).options(
-        **_scaling(a.model_replicas, a.model_autoscaling),
-        # Enough requests in flight per replica for full batches to form.
-        max_ongoing_requests=max(2 * a.max_batch_size, 8),
-        ray_actor_options=_actor_options(a.model_num_cpus),
-    ).bind(a.model, index, a.tracking_uri, a.max_batch_size, a.batch_wait_timeout_s,
-           a.model_threads or max(1, int(a.model_num_cpus)))
     # One hub: /metrics answers for every ingress replica, whichever one the scrape reaches.
     hub = _deployment(MetricsHub).options(ray_actor_options=_actor_options(0)).bind()
+    ingress_cpus = a.ingress_num_cpus
+    model: Any = None
+    if a.model_in_ingress:  # every ingress replica loads the model (serving/ingress.py)
+        ingress_cpus += a.model_num_cpus
+    else:
+        model = _deployment(ModelServer).options(
+            **_scaling(a.model_replicas, a.model_autoscaling),
+            # Enough requests in flight per replica for full batches to form.
+            max_ongoing_requests=max(2 * a.max_batch_size, 8),
+            ray_actor_options=_actor_options(a.model_num_cpus),
+        ).bind(a.model, index, a.tracking_uri, a.max_batch_size, a.batch_wait_timeout_s, a.model_threads_or_cpus())
     return _deployment(Ingress).options(**_scaling(a.ingress_replicas, a.ingress_autoscaling),
                            max_ongoing_requests=256,
-                           ray_actor_options=_actor_options(a.ingress_num_cpus)).bind(model, index, a.model_dump(), hub)
+                           ray_actor_options=_actor_options(ingress_cpus)).bind(model, index, a.model_dump(), hub)

@@ -2,7 +2,9 @@
 
 Client input is decoded and checked here (limits, formats) so a bad request never reaches
 the model; each image then goes to the model deployment as one call, and ``@serve.batch``
-there gathers concurrent calls into batches.  Index work goes to the single index replica.
+there gathers concurrent calls into batches (with ``model_in_ingress`` the model is in this
+replica and the same batching happens here, the forward in a thread).  Index work goes to the
+single index replica.
 Every error a client can cause is a 4xx ``{"error": {"code", "message"}}``.
 """
 # No `from __future__ import annotations`: FastAPI must see real types (Request) on Serve's methods.
@@ -54,7 +56,7 @@ if TYPE_CHECKING:  # quoted where used: this module's annotations are evaluated 
     from deepindex.index.keywords import Vocabulary
     from serving.index import IndexServer
     from serving.metrics import MetricsHub
-    from serving.model import ModelServer
+    from serving.model import ModelServer, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +207,29 @@ def retrieval_summary(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _served_model(args: ServeArgs, index: Any) -> "ServedModel":
+    from serving.model import ServedModel
+
+    return ServedModel(args.model, index, args.tracking_uri, args.max_batch_size, args.batch_wait_timeout_s,
+                       args.model_threads_or_cpus(), offload=True)
+
+
+class _InProcess:
+    """A :class:`serving.model.ServedModel` in this replica, called like a deployment handle
+    (``await obj.method.remote(*args)``), so every call site reads the same either way."""
+
+    def __init__(self, obj: Any) -> None:
+        self._obj = obj
+
+    def __getattr__(self, name: str) -> Any:
+        return _Remote(getattr(self._obj, name))
+
+
+class _Remote:
+    def __init__(self, fn: Any) -> None:
+        self.remote = fn  # an async method: .remote(*args) is the coroutine to await
+
+
 async def _call(method: DeploymentHandle[Any], *args: Any, idempotent: bool = True) -> dict[str, Any]:
     """``await method.remote(*args)``; retried when the replica died (idempotent calls), else a 503."""
     lost = _replica_lost()
@@ -239,7 +264,7 @@ HEALTH_S = 5.0
 @serve.deployment(name="Ingress", health_check_period_s=HEALTH_S)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, model: "DeploymentHandle[ModelServer]", index: "DeploymentHandle[IndexServer]",
+    def __init__(self, model: "DeploymentHandle[ModelServer] | None", index: "DeploymentHandle[IndexServer]",
                  args: dict[str, Any], hub: "DeploymentHandle[MetricsHub]") -> None:
         from PIL import Image
 
@@ -248,7 +273,13 @@ class Ingress:
 
         adopt_serve_logging()
         self.args = ServeArgs.model_validate(args)
-        self.model, self.index, self.hub = model, index, hub
+        self.index, self.hub = index, hub
+        self._local: ServedModel | None = None
+        if model is None:  # model_in_ingress: this replica holds the model (serving/model.py)
+            self._local = _served_model(self.args, index)
+            self.model: Any = _InProcess(self._local)
+        else:
+            self.model = model
         self.serve_metrics = ServeMetrics()
         self._replica = serve.get_replica_context().replica_id.unique_id
         app.state.metrics = self.serve_metrics
@@ -521,6 +552,8 @@ class Ingress:
 
     async def check_health(self) -> None:
         """Serve's periodic health check (every HEALTH_S): also hands this replica's numbers to the hub."""
+        if self._local is not None:
+            self._local.ensure_following()
         try:
             await asyncio.wait_for(self.hub.push.remote(self._replica, self.serve_metrics.snapshot()), 5.0)
         except Exception as e:  # noqa: BLE001 - the hub's health is not this replica's

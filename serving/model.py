@@ -1,12 +1,15 @@
-"""The model deployment: the served model version and batched forward passes.
+"""The served model: its version and batched forward passes, in a model deployment or in the ingress.
 
-Every forward goes through ``@serve.batch``: concurrent single-image calls from the ingress become
-one ``(B, C, S, S)`` tensor.  Which version to serve is the index replica's decision (it moves model
-and index together, ``serving/index.py``): a task on the replica's event loop asks it every half
-second, loads a new version next to the served one (in a thread), and swaps the reference; a batch
-in flight keeps the model it started with.
-Until the index replica answers (the first seconds of a start), the replica serves what the model
-URI resolves to.
+:class:`ServedModel` holds it.  Every forward goes through ``@serve.batch``: concurrent
+single-image calls become one ``(B, C, S, S)`` tensor.  :class:`ModelServer` is the deployment
+that wraps one (model replicas of their own: the default); with ``model_in_ingress`` each ingress
+replica holds one itself and answers without a hop to another process (``serving/ingress.py``).
+
+Which version to serve is the index replica's decision (it moves model and index together,
+``serving/index.py``): a task on the replica's event loop asks it every half second, loads a new
+version next to the served one (in a thread), and swaps the reference; a batch in flight keeps
+the model it started with.  Until the index replica answers (the first seconds of a start), the
+replica serves what the model URI resolves to.
 """
 from __future__ import annotations
 
@@ -39,18 +42,20 @@ def _load(ref: str, tracking_uri: str | None) -> _Served:
     return _Served(r, load_model(r.checkpoint_path))
 
 
-@serve.deployment(name="ConceptModel", health_check_period_s=10, health_check_timeout_s=30)
-class ModelServer:
+class ServedModel:
+    """The model a replica serves, following the index replica's choice of version.
+
+    ``offload``: run each batch's forward in a worker thread, so the replica's event loop (an
+    ingress's HTTP requests) goes on meanwhile; a model replica does nothing else, and runs it inline.
+    """
+
     def __init__(self, model: str, index: Any = None, tracking_uri: str | None = None, max_batch_size: int = 32,
-                 batch_wait_timeout_s: float = 0.0, threads: int = 0) -> None:
+                 batch_wait_timeout_s: float = 0.0, threads: int = 0, offload: bool = False) -> None:
         import torch
 
-        from serving.logs import adopt_serve_logging
-
-        adopt_serve_logging()
         if threads:
             torch.set_num_threads(threads)
-        self._uri, self._tracking_uri, self._index = model, tracking_uri, index
+        self._uri, self._tracking_uri, self._index, self._offload = model, tracking_uri, index, offload
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._served = _load(model, tracking_uri)
         self.reloads = 0
@@ -61,11 +66,11 @@ class ModelServer:
         self.infer.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
         self.infer.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
         self._follower: asyncio.Task[None] | None = None
-        self._ensure_following()
+        self.ensure_following()
         log.info("serving %s version %s", self._served.resolved.name, self._served.resolved.version)
 
     # ---- following the index replica's choice ------------------------------------------------
-    def _ensure_following(self) -> None:
+    def ensure_following(self) -> None:
         """Run :meth:`_follow` on the replica's event loop (handles are called from it, not from threads).
         Started from the constructor when it runs on the loop, else from the first call or health check."""
         if self._index is None or (self._follower is not None and not self._follower.done()):
@@ -92,9 +97,6 @@ class ModelServer:
                 self.last_error = f"{type(e).__name__}: {e}"
                 log.debug("model: could not ask the index replica which version to serve: %s", self.last_error)
 
-    async def check_health(self) -> None:
-        self._ensure_following()
-
     # ---- calls -------------------------------------------------------------------------------
     async def retrieval(self) -> dict[str, Any]:
         """The served version's retrieval report (``deepindex evaluate-retrieval --attach``) or None:
@@ -115,7 +117,7 @@ class ModelServer:
         return {"name": r.name, "version": r.version, "report": cached[1]}
 
     async def info(self) -> dict[str, Any]:
-        self._ensure_following()
+        self.ensure_following()
         s = self._served
         d = s.lm.config.data
         return {"uri": self._uri, "name": s.resolved.name, "version": s.resolved.version,
@@ -152,8 +154,37 @@ class ModelServer:
             ok.append(i)
         if ok:
             names = ["probs", *sorted({f for i in ok for f in features[i] if f != "probs"})]
-            got = infer_unit(s.lm, uint8_to_unit(np.stack([pixels[i] for i in ok])), names)  # {name: (B, D)}
+            batch = uint8_to_unit(np.stack([pixels[i] for i in ok]))
+            if self._offload:
+                got = await asyncio.to_thread(infer_unit, s.lm, batch, names)  # {name: (B, D)}
+            else:
+                got = infer_unit(s.lm, batch, names)
             for j, i in enumerate(ok):
                 out[i] = {"probs": got["probs"][j], "features": {f: got[f][j] for f in features[i]},
                           "name": s.resolved.name, "version": s.resolved.version, "batch_size": len(ok)}
         return out
+
+
+@serve.deployment(name="ConceptModel", health_check_period_s=10, health_check_timeout_s=30)
+class ModelServer:
+    """Model replicas of their own: the ingress reaches them through a handle."""
+
+    def __init__(self, model: str, index: Any = None, tracking_uri: str | None = None, max_batch_size: int = 32,
+                 batch_wait_timeout_s: float = 0.0, threads: int = 0) -> None:
+        from serving.logs import adopt_serve_logging
+
+        adopt_serve_logging()
+        self.served = ServedModel(model, index, tracking_uri, max_batch_size, batch_wait_timeout_s, threads)
+
+    async def check_health(self) -> None:
+        self.served.ensure_following()
+
+    async def retrieval(self) -> dict[str, Any]:
+        return await self.served.retrieval()
+
+    async def info(self) -> dict[str, Any]:
+        return await self.served.info()
+
+    async def infer(self, item: tuple[np.ndarray, tuple[str, ...]]) -> dict[str, Any]:
+        """One image; concurrent calls are batched by :meth:`ServedModel.infer`."""
+        return await self.served.infer(item)

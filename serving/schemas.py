@@ -52,6 +52,14 @@ class ServeArgs(BaseModel):
     ingress_replicas: int = Field(1, ge=1)
     ingress_autoscaling: dict[str, Any] | None = None
     ingress_num_cpus: float = Field(0.5, ge=0)
+    # Each ingress replica holds the model itself (it then asks for ingress_num_cpus + model_num_cpus, and
+    # model_replicas/model_autoscaling do not apply): no hop to a model replica per image, at the cost of
+    # the model's memory in every ingress replica.  Off: model replicas of their own scale apart.
+    model_in_ingress: bool = False
+
+    def model_threads_or_cpus(self) -> int:
+        """Torch threads for the model: ``model_threads``, else the model's CPUs (at least 1)."""
+        return self.model_threads or max(1, int(self.model_num_cpus))
 
     def resolved(self) -> ServeArgs:
         """Relative paths made absolute against the repository root (the folder holding ``serving/``), and
