@@ -9,7 +9,7 @@ clients from a separate process for ``--seconds``, and reports
 - with ``py-spy`` installed (``pip install py-spy``), the ingress and model replicas' hottest
   functions over the same window (own time, by function), sampled at 100 Hz.
 
-    python jobs/profile_serve.py [--concurrency 32] [--seconds 15] [--out profile.json]
+    python jobs/profile_serve.py [--concurrency 32] [--seconds 15] [--model-in-ingress] [--out profile.json]
 """
 from __future__ import annotations
 
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--model-in-ingress", action="store_true", help="profile the model_in_ingress layout")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
 
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model": model, "collection": "bench", "index_dir": f"{tmp}/indexes",
                          "catalogue_url": f"sqlite:///{tmp}/catalogue.db", "blobs_url": f"{tmp}/blobs",
-                         "reload_interval_s": 0, "model_num_cpus": 1, "model_threads": 1}),
+                         "reload_interval_s": 0, "model_num_cpus": 1, "model_threads": 1,
+                         "model_in_ingress": args.model_in_ingress}),
               name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/tag"
     bodies, ctype = make_requests(model)
