@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from deepindex.collection.imports import png_bytes  # noqa: F401 - re-exported: the tests encode images with it
 from deepindex.net import free_port
-from deepindex.sessions import session_members
+from deepindex.sessions import session_members, signal_session
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # this venv's console scripts: ray, mlflow, deepindex
@@ -164,12 +164,20 @@ def descendants(pid: int) -> list[int]:
 
 
 def kill_session(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 30) -> None:
-    """Signal a process started with ``start_new_session=True`` and everything in its session; wait
-    until the session is empty (a test's processes never outlive it)."""
+    """Signal a process started with ``start_new_session=True`` (its process group) and wait until its
+    session is empty (a test's processes never outlive it).  With ``SIGKILL``, a crash, every member
+    of the session is killed too: Ray's workers sit in process groups of their own and would
+    otherwise live on until they notice that their raylet is gone (tens of seconds on a busy box)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
     proc.wait(timeout)
-    wait_until(lambda: not session_members(proc.pid), timeout, what=f"session {proc.pid} to end")
+
+    def gone() -> bool:
+        if sig == signal.SIGKILL:
+            signal_session(proc.pid, signal.SIGKILL)
+        return not session_members(proc.pid)
+
+    wait_until(gone, timeout, what=f"session {proc.pid} to end")
 
 
 # ---- MLflow ---------------------------------------------------------------------------------------
