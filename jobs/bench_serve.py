@@ -196,6 +196,26 @@ def _batch_totals(url: str) -> tuple[float, float]:
 LAYOUTS = ("replicas", "in-ingress")  # model replicas of their own (the default) / the model in the ingress
 
 
+def add_layout_args(p: argparse.ArgumentParser) -> None:
+    """``--layouts`` and ``--serve-arg`` (this job's and ``jobs/bench_search.py``'s)."""
+    p.add_argument("--layouts", default=",".join(LAYOUTS),
+                   help="deepindex layouts: replicas (model replicas of their own), in-ingress (model_in_ingress)")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="another argument of the Serve application (serving/schemas.py ServeArgs), e.g. "
+                        "ingress_replicas=2; repeatable")
+
+
+def layout_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], dict]:
+    """(layouts, extra Serve arguments) from :func:`add_layout_args`'s flags; a bad one is a usage error."""
+    import yaml
+
+    layouts = [x for x in args.layouts.split(",") if x]
+    bad = [x for x in layouts if x not in LAYOUTS] + [x for x in args.serve_arg if "=" not in x]
+    if bad or not layouts:
+        p.error(f"--layouts/--serve-arg: {', '.join(bad) or 'no layout'} (layouts: {', '.join(LAYOUTS)}; KEY=VALUE)")
+    return layouts, {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in args.serve_arg)}
+
+
 def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threads: int,
                 layout: str = "replicas", extra: dict | None = None) -> dict:
     from ray import serve
@@ -353,27 +373,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="CPUs/torch threads of the model replica and the bare model")
     p.add_argument("--peers", default="fastapi,litserve",
                    help="stacks to serve the same model beside deepindex (jobs/serve_peers.py); '' for none")
-    p.add_argument("--layouts", default=",".join(LAYOUTS),
-                   help="deepindex layouts: replicas (model replicas of their own), in-ingress (model_in_ingress)")
-    p.add_argument("--serve-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="another argument of the Serve application (serving/schemas.py ServeArgs), e.g. "
-                        "ingress_replicas=2; repeatable")
+    add_layout_args(p)
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
+    layouts, extra = layout_args(p, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     models = {"given": args.model} if args.model else {
         prof: str(make_model(prof, tmp / prof)) for prof in args.profiles.split(",") if prof}
     levels = [int(c) for c in args.concurrency.split(",")]
-    import yaml
-
-    extra = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.serve_arg)}
     report: dict = {"threads": args.threads, "serve_args": extra, "tag": {}}
     for name, model in models.items():
         report["tag"][name] = bench_tag(model, levels, args.requests, args.threads,
                                         [x for x in args.peers.split(",") if x],
-                                        [x for x in args.layouts.split(",") if x], extra)
+                                        layouts, extra)
 
     from deepindex.console import report as emit
 

@@ -1,14 +1,21 @@
 """Load run: N concurrent clients for T seconds against a running service.  JSON on stdout.
 
-``python jobs/load_serve.py --url http://127.0.0.1:8000 [--clients 32] [--seconds 60] [--warmup 5]``
+``python jobs/load_serve.py --url http://127.0.0.1:8000 [--clients 32] [--seconds 60] [--warmup 5]
+[--ops tag,search,similar] [--client aiohttp|threads]``
 
 Each client loops over a mix of ``POST /v1/tag`` (one PNG), ``GET /v1/search`` (keywords) and
-``GET /v1/items/{id}/similar`` (ids found by a first search).  Reported: requests, errors (any
-non-2xx or transport failure), p50/p99 latency overall and per endpoint, throughput, and the
-resident memory (VmRSS) of every replica of the application at the end of the warm-up and at
-the end of the run (found through Ray's actor table when this process can join the cluster:
-``--ray-address``, ``RAY_ADDRESS`` or the test's own ``ray.init``).  ``tests/serving`` runs the
-same code for a few seconds; this job is the full-size run.
+``GET /v1/items/{id}/similar`` (ids found by a first search), one request at a time (a closed
+loop: by Little's law, latency = clients / throughput).  ``--ops`` narrows the mix.  Reported:
+requests, errors (any non-2xx or transport failure), p50/p99 latency overall and per endpoint,
+throughput, and the resident memory (VmRSS) of every replica of the application at the end of
+the warm-up and at the end of the run (found through Ray's actor table when this process can
+join the cluster: ``--ray-address``, ``RAY_ADDRESS`` or the test's own ``ray.init``).
+
+The clients are asyncio tasks on aiohttp keep-alive connections by default (about a tenth of
+the CPU a request of a thread on ``requests`` takes, so the client's share of a small machine
+stays small); ``--client threads`` is one thread and ``requests`` session each.
+``tests/serving`` runs the same code for a few seconds; this job is the full-size run, and
+``jobs/bench_search.py`` runs it against each serving layout.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ log = logging.getLogger("load_serve")
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 OPS = ("tag", "search", "similar")
+CLIENTS = ("aiohttp", "threads")
 
 
 @dataclass
@@ -41,6 +49,26 @@ class Record:
     end: float
     status: int  # 0: no HTTP answer (connection refused, reset, timeout)
     error: str = ""
+
+
+class _Mix:
+    """One client's sequence of requests: the operations in turn (each client starts on a
+    different one, so the mix is even from the first second), random words, ids and images."""
+
+    def __init__(self, c: int, work: Workload, ops: tuple[str, ...]) -> None:
+        self.rng, self.i, self.work, self.ops = random.Random(c), c, work, ops
+
+    def next(self) -> tuple[str, str, dict[str, Any] | None, bytes | None]:
+        """(operation, path, query parameters, PNG to upload)."""
+        op = self.ops[self.i % len(self.ops)]
+        self.i += 1
+        rng, work = self.rng, self.work
+        if op == "tag":
+            return op, "/v1/tag", None, rng.choice(work.pngs)
+        if op == "search":
+            q = " ".join(rng.sample(work.words, rng.choice((1, 2))))
+            return op, "/v1/search", {"q": q, "k": 10, "mode": rng.choice(("all", "any"))}, None
+        return op, f"/v1/items/{rng.choice(work.ids)}/similar", {"k": 10}, None
 
 
 @dataclass
@@ -76,7 +104,7 @@ def prepare(url: str, n_images: int = 16, timeout: float = 60.0) -> Workload:
 
 
 def drive(url: str, work: Workload, clients: int, seconds: float, timeout: float = 30.0,
-          stop: threading.Event | None = None) -> list[Record]:
+          stop: threading.Event | None = None, ops: tuple[str, ...] = OPS) -> list[Record]:
     """``clients`` threads, each one request at a time, for ``seconds``; every request recorded."""
     import requests
 
@@ -85,23 +113,16 @@ def drive(url: str, work: Workload, clients: int, seconds: float, timeout: float
     stop = stop or threading.Event()
 
     def client(c: int) -> None:
-        rng = random.Random(c)
-        out = records[c]
+        mix, out = _Mix(c, work, ops), records[c]
         with requests.Session() as s:
-            i = c  # clients start on different operations: the mix is even from the first second
             while time.monotonic() < deadline and not stop.is_set():
-                op = OPS[i % len(OPS)]
-                i += 1
+                op, path, params, png = mix.next()
                 t0 = time.monotonic()
                 try:
-                    if op == "tag":
-                        r = s.post(f"{url}/v1/tag", files={"images": ("q.png", rng.choice(work.pngs))}, timeout=timeout)
-                    elif op == "search":
-                        q = " ".join(rng.sample(work.words, rng.choice((1, 2))))
-                        r = s.get(f"{url}/v1/search", params={"q": q, "k": 10, "mode": rng.choice(("all", "any"))},
-                                  timeout=timeout)
+                    if png is not None:
+                        r = s.post(url + path, files={"images": ("q.png", png)}, timeout=timeout)
                     else:
-                        r = s.get(f"{url}/v1/items/{rng.choice(work.ids)}/similar", params={"k": 10}, timeout=timeout)
+                        r = s.get(url + path, params=params, timeout=timeout)
                     status, err = r.status_code, "" if r.status_code < 400 else r.text[:200]
                 except requests.RequestException as e:
                     status, err = 0, f"{type(e).__name__}: {e}"[:200]
@@ -113,6 +134,48 @@ def drive(url: str, work: Workload, clients: int, seconds: float, timeout: float
     for t in threads:
         t.join(seconds + timeout + 30)
     return sorted((r for rs in records for r in rs), key=lambda r: r.start)
+
+
+async def _drive_async(url: str, work: Workload, clients: int, seconds: float, timeout: float,
+                       ops: tuple[str, ...]) -> list[Record]:
+    import asyncio
+
+    import aiohttp
+
+    records: list[Record] = []
+    deadline = time.monotonic() + seconds
+
+    async def client(session: aiohttp.ClientSession, c: int) -> None:
+        mix = _Mix(c, work, ops)
+        while time.monotonic() < deadline:
+            op, path, params, png = mix.next()
+            t0 = time.monotonic()
+            try:
+                if png is not None:
+                    form = aiohttp.FormData()
+                    form.add_field("images", png, filename="q.png", content_type="image/png")
+                    request = session.post(url + path, data=form)
+                else:
+                    request = session.get(url + path, params=params)
+                async with request as r:
+                    body = await r.read()
+                    status, err = r.status, "" if r.status < 400 else body[:200].decode(errors="replace")
+            except (TimeoutError, aiohttp.ClientError) as e:
+                status, err = 0, f"{type(e).__name__}: {e}"[:200]
+            records.append(Record(op, t0, time.monotonic(), status, err))
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients),
+                                     timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        await asyncio.gather(*(client(session, c) for c in range(clients)))
+    return sorted(records, key=lambda r: r.start)
+
+
+def drive_async(url: str, work: Workload, clients: int, seconds: float, timeout: float = 30.0,
+                ops: tuple[str, ...] = OPS) -> list[Record]:
+    """As :func:`drive`, with ``clients`` asyncio tasks on aiohttp keep-alive connections."""
+    import asyncio
+
+    return asyncio.run(_drive_async(url, work, clients, seconds, timeout, ops))
 
 
 # ---- replica memory ------------------------------------------------------------------------
@@ -181,7 +244,7 @@ def summarize(records: list[Record], t0: float) -> dict[str, Any]:
     per_op = {op: {"requests": len(x := [r for r in rs if r.op == op]),
                    "errors": sum(not 200 <= r.status < 300 for r in x),
                    "p50_ms": _pct([r.end - r.start for r in x], 50), "p99_ms": _pct([r.end - r.start for r in x], 99)}
-              for op in OPS}
+              for op in OPS if any(r.op == op for r in rs)}
     return {"requests": len(rs), "errors": len(errors),
             "error_samples": [(r.op, r.status, r.error) for r in errors[:5]],
             "throughput_rps": round(len(rs) / span, 1) if span else 0.0,
@@ -189,11 +252,19 @@ def summarize(records: list[Record], t0: float) -> dict[str, Any]:
 
 
 def run_load(url: str, clients: int = 32, seconds: float = 60.0, warmup: float = 5.0,
-             timeout: float = 30.0, on_warm: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Warm up, then measure: latency, errors, and replica RSS at the end of warm-up and at the end."""
+             timeout: float = 30.0, on_warm: Callable[[], None] | None = None, ops: tuple[str, ...] = OPS,
+             client: str = "threads") -> dict[str, Any]:
+    """Warm up, then measure: latency, errors, and replica RSS at the end of warm-up and at the end.
+    ``client``: ``threads`` (:func:`drive`) or ``aiohttp`` (:func:`drive_async`)."""
+    if client not in CLIENTS:
+        raise ValueError(f"client: {client!r} is not one of {', '.join(CLIENTS)}")
+    unknown = [op for op in ops if op not in OPS]
+    if unknown or not ops:
+        raise ValueError(f"ops: {', '.join(unknown) or 'none given'}; choose from {', '.join(OPS)}")
     url = url.rstrip("/")
     work = prepare(url)
-    result: dict[str, Any] = {"url": url, "clients": clients, "seconds": seconds, "warmup_s": warmup}
+    result: dict[str, Any] = {"url": url, "clients": clients, "client": client, "ops": list(ops),
+                              "seconds": seconds, "warmup_s": warmup}
     start = time.monotonic()
     rss: dict[str, dict[str, int | None]] = {}
     reps: list[dict[str, Any]] = []
@@ -207,7 +278,8 @@ def run_load(url: str, clients: int = 32, seconds: float = 60.0, warmup: float =
 
     sampler = threading.Thread(target=sample_after_warmup, daemon=True)
     sampler.start()
-    records = drive(url, work, clients, warmup + seconds, timeout)
+    records = (drive_async(url, work, clients, warmup + seconds, timeout, ops) if client == "aiohttp"
+               else drive(url, work, clients, warmup + seconds, timeout, ops=ops))
     sampler.join(60)
     rss["end"] = replica_rss_kb(reps)
     result.update(summarize(records, start + warmup))
@@ -226,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--warmup", type=float, default=5.0)
+    ap.add_argument("--ops", default=",".join(OPS), help="the mix, in turn: " + ", ".join(OPS))
+    ap.add_argument("--client", default="aiohttp", choices=CLIENTS,
+                    help="asyncio tasks on aiohttp (default), or a thread and requests session each")
     ap.add_argument("--ray-address", default=None, help="join this cluster to read the replicas' memory")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     a = ap.parse_args(argv)
@@ -246,7 +321,12 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("not connected to Ray (%s): replica memory is not measured", e)
     else:
         log.warning("no Ray address (--ray-address, RAY_ADDRESS or `deepindex up`): replica memory is not measured")
-    out = run_load(a.url, a.clients, a.seconds, a.warmup)
+    ops = tuple(x for x in a.ops.split(",") if x)
+    try:
+        out = run_load(a.url, a.clients, a.seconds, a.warmup, ops=ops, client=a.client)
+    except ValueError as e:
+        print(f"load_serve: {e}", file=sys.stderr)
+        return 2
     text = json.dumps(out, indent=2)
     print(text)
     if a.out:

@@ -89,6 +89,21 @@ def test_bounded_load_zero_errors_and_flat_replica_memory(served):
     assert out["rss_growth_kb_max"] < RSS_GROWTH_BOUND_KB, out["rss_kb"]
 
 
+@pytest.mark.timeout(120)
+def test_load_job_asyncio_clients_narrowed_to_the_searches(served):
+    """The load job's default client (asyncio tasks on aiohttp), narrowed to the two searches as
+    ``jobs/bench_search.py`` runs it; a mix naming no operation it knows is refused by name."""
+    job = load_job()
+    out = job.run_load(served.url, clients=8, seconds=3.0, warmup=1.0, ops=("search", "similar"), client="aiohttp")
+    assert out["errors"] == 0, out["error_samples"]
+    assert out["client"] == "aiohttp" and set(out["per_endpoint"]) == {"search", "similar"}, out["per_endpoint"]
+    assert all(v["requests"] > 0 and v["p99_ms"] >= v["p50_ms"] for v in out["per_endpoint"].values())
+    with pytest.raises(ValueError, match=r"^ops: tagg; choose from tag, search, similar"):
+        job.run_load(served.url, ops=("tagg",))
+    with pytest.raises(ValueError, match=r"^client: 'curl' is not one of aiohttp, threads"):
+        job.run_load(served.url, client="curl")
+
+
 # ---- faults: keep these last in the module ---------------------------------------------------
 # Which request shows that a deployment serves again: one that needs it.
 NEEDS = {"ConceptModel": "tag", "IndexService": "similar", "Ingress": "search"}
