@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -67,12 +68,6 @@ def _served(url: str, items: int, timeout: float = 900) -> dict[str, Any]:
     raise TimeoutError(f"{url}: no index of {items} items served within {timeout:.0f} s")
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process and its reaped children (``/proc/PID/stat``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
 def load(url: str, ops: str, clients: int, seconds: float, warmup: float, scratch: Path) -> dict[str, Any]:
     """``jobs/load_serve.py`` against ``url`` in its own process group; its report, plus its CPU use."""
     out = scratch / f"load-{ops.replace(',', '-')}.json"
@@ -81,18 +76,17 @@ def load(url: str, ops: str, clients: int, seconds: float, warmup: float, scratc
            "--out", str(out)]
     # No Ray address: the load process stays off the cluster (replica memory is bench_serve's figure).
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)  # the load process's CPU, once it is reaped
     with (scratch / "load.log").open("ab") as logf:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logf, start_new_session=True, env=env)
-    cpu = 0.0
     try:
-        while proc.poll() is None:  # sample the load process's CPU until it exits
-            with contextlib.suppress(OSError):
-                cpu = _cpu_s(proc.pid)
-            time.sleep(0.2)
+        proc.wait(timeout=seconds + warmup + 600)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     if not out.exists():
         raise RuntimeError(f"load_serve exited {proc.returncode} without a report; see {scratch / 'load.log'}")
     res: dict[str, Any] = json.loads(out.read_text())
