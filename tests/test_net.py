@@ -10,15 +10,16 @@ from deepindex.net import HOST, ephemeral_ports, free_port, port_free
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_free_ports_are_bindable_distinct_and_outside_the_ephemeral_and_ray_worker_ranges():
+def test_free_ports_are_bindable_distinct_and_outside_the_ephemeral_ray_and_serve_ranges():
     """A port from the ephemeral range can be taken by any outgoing connection between the pick and
-    the server's bind (CI lost HAProxy's stats port that way); Ray's workers take 10002-19999."""
+    the server's bind (CI lost HAProxy's stats port that way); Ray's workers take 10002-19999, Serve's
+    direct-ingress replicas 30000-31000."""
     ephemeral = ephemeral_ports()
     ports = [free_port() for _ in range(200)]
     assert len(set(ports)) == len(ports)
     for port in ports:
         assert port not in ephemeral
-        assert not 10002 <= port <= 19999
+        assert not 10002 <= port <= 19999 and not 30000 <= port <= 31000
     assert all(port_free(p) for p in ports[:20])
 
 

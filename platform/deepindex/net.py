@@ -7,8 +7,9 @@ import socket
 HOST = "127.0.0.1"  # loopback only: local services are not meant to be reachable from the network
 
 
-# Ray's workers take ports 10002-19999 by default (``--min/max-worker-port``).
-_RAY_WORKER_PORTS = range(10002, 20000)
+# Ray's workers take ports 10002-19999 by default (``--min/max-worker-port``); Serve's direct-ingress
+# replicas 30000-31000 (HTTP) and 40000-41000 (gRPC).  Ours come from between the two.
+_OURS = range(20000, 30000)
 _FALLBACK_EPHEMERAL = (32768, 60999)
 _handed_out: set[int] = set()
 
@@ -42,10 +43,10 @@ def free_port(host: str = HOST) -> int:
     connection on the machine (Ray's processes open hundreds) takes its local port, so a port
     picked before a cluster starts can be taken by the time its server binds it (CI saw HAProxy
     die on "Address already in use" this way).  Instead a random free port between Ray's
-    worker ports and the ephemeral range, never the same one twice in a process.
+    worker ports and Serve's direct-ingress ports, below the ephemeral range, never the same
+    one twice in a process.
     """
-    ephemeral = ephemeral_ports()
-    low, high = _RAY_WORKER_PORTS.stop, ephemeral.start - 1
+    low, high = _OURS.start, min(_OURS.stop, ephemeral_ports().start) - 1
     if high - low < 1000:  # an unusual port layout: leave it to the OS
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((host, 0))
