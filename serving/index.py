@@ -19,36 +19,30 @@ as they are.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
-import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from ray import serve
 
+from deepindex.atomic import write_file
 from deepindex.checkpoint import LoadedModel
 from deepindex.collection import CollectionStore, DuplicateItem, UnknownItem
 from deepindex.index.store import IndexStore
+from serving.reads import WRITER_FILE, index_ref, search
+from serving.reads import error as _err
 from serving.rollover import Rollover
 from serving.schemas import ServeArgs
 
 log = logging.getLogger(__name__)
 
 MODEL_POLL_S = 0.5  # how often model replicas confirm the version they serve
-
-
-def _err(status: int, code: str, message: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message}, "status": status}
-
-
-def _code(message: str) -> str:
-    """``bad_<parameter>`` from a message that starts with the parameter (``feature: ...``, ``metric=l2: ...``)."""
-    m = re.match(r"([a-z_]+)", message)
-    return f"bad_{m.group(1)}" if m else "bad_query"
 
 
 @dataclass
@@ -67,9 +61,7 @@ class Pair:
         return embed_pixels(self.lm, pixels, list(self.index.manifest.features))
 
     def ref_dict(self) -> dict[str, Any]:
-        m = self.index.manifest
-        return {"collection": m.collection, "model_version": self.version, "seq": self.index.seq,
-                "count": len(self.index)}
+        return index_ref(self.index)
 
 
 @serve.deployment(name="IndexService", num_replicas=1, health_check_period_s=10, max_ongoing_requests=256)
@@ -86,6 +78,10 @@ class IndexServer:
         self.model_reports: dict[str, tuple[str, float]] = {}  # model replica -> (version, when)
         self._write = threading.RLock()  # catalogue writes, index changes and the switch, one at a time
         self.rollover = Rollover(self)
+        # Ingress replicas answer searches from copies of the served index in this folder (serving/reads.py)
+        # when they find this nonce in it, so only where they share this replica's disk.
+        self.nonce = uuid.uuid4().hex
+        self._claim()
         # The saved pair is loaded before this replica takes requests (a restart answers at once with
         # what it served), then the rollover loop runs in the background.
         self.rollover.restore()
@@ -150,20 +146,28 @@ class IndexServer:
     def query(self, version: str, spec: dict[str, Any]) -> dict[str, Any]:
         """One search (:class:`deepindex.index.query.Query` fields in ``spec``) on ``version``'s index:
         a page of hits, the next cursor, and the descriptor and metric used."""
-        from deepindex.index.query import Query, UnknownExample, run
-
         pair, e = self._pair(version)
         if e is not None:
             return e
         assert pair is not None
+        return search(pair.index, spec)
+
+    def reader(self) -> dict[str, Any]:
+        """What an ingress replica checks before it answers searches from its own copy of the served
+        index: the nonce this replica wrote into ``dir`` (``serving/reads.py``)."""
+        self._claim()
+        return {"nonce": self.nonce, "dir": str(self.rollover.dir)}
+
+    def _claim(self) -> None:
+        """This replica's nonce in the index folder, written again if another writer (a second app on
+        the same folder) replaced it: its ingress replicas then answer from the index replica."""
+        path = self.rollover.dir / WRITER_FILE
         try:
-            res = run(pair.index, Query(**spec))
-        except UnknownExample as ex:
-            return _err(404, "unknown_item", f"no item {ex.args[0]!r} in the collection")
-        except ValueError as ex:
-            return _err(422, _code(str(ex)), str(ex))
-        return {"results": [pair.index.hit(r, s) for r, s in res.hits], "next_cursor": res.next_cursor,
-                "feature": res.feature, "metric": res.metric, "signals": res.signals, "index": pair.ref_dict()}
+            if json.loads(path.read_text()).get("nonce") == self.nonce:
+                return
+        except (OSError, ValueError, AttributeError):
+            pass
+        write_file(path, json.dumps({"nonce": self.nonce, "pid": os.getpid()}))
 
     def get(self, item_id: str, name: str, version: str) -> dict[str, Any]:
         pair, e = self._pair(version)

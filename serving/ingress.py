@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving import contract
 from serving.errors import ApiError
+from serving.reads import LocalReads
 from serving.schemas import (
     HERE,
     AboutResponse,
@@ -292,6 +293,7 @@ class Ingress:
         self._contracts: dict[str, dict[str, Any]] = {}  # what a contract was built from -> the document
         self._vocab: dict[tuple[str, ...], Vocabulary] = {}
         self._page = (HERE / "static" / "index.html").read_text()
+        self._reads = LocalReads(ttl_s=SPEC_TTL_S) if self.args.local_reads else None
         self._token = self.args.api_token()
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -399,11 +401,27 @@ class Ingress:
                 "vector": vector, "item": (example or {}).get("id"), "feature": opts["feature"],
                 "metric": opts["metric"], "min_prob": opts["min_prob"], "fusion": opts["fusion"],
                 "weights": opts["weights"]}
-        res = await _call(self.index.query, version, spec)
+        res = await self._local_search(version, spec)
+        self.serve_metrics.searches.labels("index" if res is None else "local").inc()
+        if res is None:
+            res = await _call(self.index.query, version, spec)
         if res.get("error", {}).get("code") == "bad_cursor":
             # Well formed, but not a page of this query (another query's, or a version ago): no such page.
             raise ApiError(404, "unknown_cursor", res["error"]["message"])
         return _check(res)
+
+    async def _local_search(self, version: str, spec: dict[str, Any]) -> dict[str, Any] | None:
+        """The search answered from this replica's copy of the served index (serving/reads.py), or None."""
+        reads = self._reads
+        if reads is None:
+            return None
+        if reads.due():
+            answer = None
+            try:
+                answer = await _call(self.index.reader)
+            finally:
+                reads.confirm(answer)
+        return reads.search(version, spec)
 
     async def _read_images(self, request: Request) -> list[tuple[str | None, bytes, str, list[str]]]:
         """(id or None, bytes, name for messages, tags) per image, from multipart files or base64 JSON."""

@@ -38,6 +38,9 @@ class ServeMetrics:
         self.batch_size = Histogram("deepindex_model_batch_size", "size of the model batch each image went through",
                                     registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.images = Counter("deepindex_images", "images sent to the model, by endpoint", ["endpoint"], registry=r)
+        self.searches = Counter("deepindex_searches", "searches, by where they were answered: the ingress's own "
+                                "copy of the served index (local) or the index replica (index)", ["answered_by"],
+                                registry=r)
         self.index_items = Gauge("deepindex_index_items", "items in the served index", registry=r)
         self.model_info = Gauge("deepindex_model_info", "the served model (value 1)", ["name", "version"], registry=r)
         self._version: tuple[str, str] | None = None

@@ -27,6 +27,9 @@ class ServeArgs(BaseModel):
     features: list[str] | None = None
     build_workers: int | None = Field(None, ge=1)  # embedding actors of an index build (default: sized to free CPUs)
     keep_indexes: int = Field(3, ge=1)  # index folders kept per collection (rollback is fast to these)
+    # Ingress replicas answer searches from their own copy of the served index where they share the
+    # index replica's disk (serving/reads.py); false: every search goes to the index replica.
+    local_reads: bool = True
     vocabulary: str | None = str(HERE / "vocabulary.yaml")
     reload_interval_s: float = Field(30.0, ge=0)  # poll the model URI for a new version; 0 = never
     # Writes (POST/DELETE /v1/items) need `Authorization: Bearer <token>` when the service has one:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
-from support import png_bytes
+from support import png_bytes, wait_until
 from tests.serving.conftest import GALLERY, LIMITS
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve, pytest.mark.cluster, pytest.mark.timeout(300)]
@@ -144,3 +145,37 @@ def test_openapi_states_what_the_service_accepts(served):
                 if code.startswith("4"):  # every error body is the one JSON shape
                     assert resp["content"]["application/json"]["schema"] == {
                         "$ref": "#/components/schemas/ErrorResponse"}, (method, path, code)
+
+
+def _searches(served) -> dict[str, float]:
+    """deepindex_searches_total by where the searches were answered (the ingress's copy, or the index replica)."""
+    fams = text_string_to_metric_families(served.get("/metrics").text)
+    return {s.labels["answered_by"]: s.value for f in fams if f.name == "deepindex_searches"
+            for s in f.samples if s.name.endswith("_total")}
+
+
+def test_the_ingress_answers_searches_from_its_copy_and_sees_each_write_at_once(served):
+    """Searches are answered by the ingress from its own copy of the served index, which follows the
+    index replica's writes (serving/reads.py): every acknowledged add and delete is in the very next
+    search, and none of these searches goes to the index replica (the app has one ingress replica)."""
+    from deepindex.index.collection import digit_gallery
+
+    wait_until(lambda: served.get("/v1/search", params={"q": "three"}).ok and _searches(served).get("local", 0) > 0,
+               30, every=0.2, what="the ingress's copy of the served index")
+    before = _searches(served)
+    new = digit_gallery(3, seed=11)  # glyph draws not in the collection
+    for j in range(3):
+        png, item = png_bytes(new.images[j]), f"fresh/{j}"
+        r = served.post("/v1/items", files=[("images", ("a.png", png))], data={"id": [item]}, headers=served.auth)
+        assert r.status_code == 201, r.text
+        top = served.post("/v1/search/similar?k=1", files={"image": ("q.png", png)}).json()["results"]
+        assert top[0]["id"] == item, top
+        assert served.get(f"/v1/items/{item}/similar", params={"k": 3}).status_code == 200
+        assert served.delete(f"/v1/items/{item}", headers=served.auth).status_code == 200
+        gone = served.get(f"/v1/items/{item}/similar", params={"k": 3})
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "unknown_item"
+        hits = served.post("/v1/search/similar?k=5", files={"image": ("q.png", png)}).json()["results"]
+        assert item not in [h["id"] for h in hits]
+    after = _searches(served)
+    assert after["local"] - before["local"] == 4 * 3
+    assert after.get("index", 0) == before.get("index", 0)

@@ -66,6 +66,10 @@ class IndexMismatch(ValueError):
     """An index built with another model version than the one serving: refused, never used."""
 
 
+class DeltaUnreadable(ValueError):
+    """A reader cannot follow this index's delta past a line a crash cut short (it reloads later)."""
+
+
 class DuplicateItem(ValueError):
     pass
 
@@ -215,15 +219,19 @@ def read_manifest(path: str | Path) -> IndexManifest:
     return IndexManifest.model_validate(raw)
 
 
-def find_index(path: str | Path, model_name: str | None = None, version: str | None = None) -> Path | None:
-    """``path`` itself when it is an index; else its sub-folder built with ``version`` (a collection folder)."""
+def find_index(path: str | Path, model_name: str | None = None, version: str | None = None, *,
+               recover: bool = True) -> Path | None:
+    """``path`` itself when it is an index; else its sub-folder built with ``version`` (a collection
+    folder).  ``recover=False``: a reader's look, which leaves a killed writer's folders as they are."""
     p = Path(path)
-    recover_dir(p, MANIFEST)
+    if recover:
+        recover_dir(p, MANIFEST)
     if (p / MANIFEST).is_file():
         return p
     if version is None or not p.is_dir():
         return None
-    recover_all(p, MANIFEST)  # a version's index that a killed writer left moved aside
+    if recover:
+        recover_all(p, MANIFEST)  # a version's index that a killed writer left moved aside
     for sub in sorted(p.iterdir()):
         # Hidden folders are a writer's temp or moved-aside copies (deepindex.atomic), never an index.
         if not sub.name.startswith(".") and (sub / MANIFEST).is_file():
@@ -270,6 +278,7 @@ class IndexStore:
             self.rows[item] = i
         self.seq = manifest.seq if seq is None else seq
         self.delta_count = 0
+        self._delta_at = 0  # bytes of the delta this copy has read (a reader's follow() goes on from there)
         self._lock = threading.Lock()  # one writer at a time (apply, compact)
         self.rw = RWLock()  # readers (queries) vs the in-memory swap of a write
 
@@ -297,9 +306,12 @@ class IndexStore:
                    {k: v.astype(np.float32) for k, v in features.items()}, vectors)
 
     @classmethod
-    def load(cls, path: str | Path) -> IndexStore:
+    def load(cls, path: str | Path, *, recover: bool = True) -> IndexStore:
+        """The index in ``path``, its delta replayed.  ``recover=False``: a reader beside the index's
+        writer (it never touches the folder, and follows the delta with :meth:`follow`)."""
         p = Path(path)
-        recover_dir(p, MANIFEST)
+        if recover:
+            recover_dir(p, MANIFEST)
         if not (p / MANIFEST).is_file():
             raise FileNotFoundError(f"index: no {MANIFEST} in {p}")
         m = read_manifest(p)
@@ -326,20 +338,57 @@ class IndexStore:
         return store
 
     def _replay(self, delta: Path) -> None:
-        if not delta.is_file():
-            return
-        changes = []
-        with open(delta) as fh:
-            for n, line in enumerate(fh, start=1):
-                try:
-                    changes.append(IndexChange.from_json(line))
-                except (ValueError, KeyError, TypeError):
-                    # A line cut short by a crash ends the log: the catalogue still has that change
-                    # and anything after it, and catching up applies them again.
-                    log.warning("index %s: delta line %d is incomplete; replay stops there", self.path, n)
-                    break
+        changes, self._delta_at, bad = self._read_delta(0)
+        if bad or (delta.is_file() and delta.stat().st_size > self._delta_at):
+            # A line cut short by a crash ends the log: the catalogue still has that change and
+            # anything after it, and catching up applies them again.
+            log.warning("index %s: delta line %d is incomplete; replay stops there", self.path, len(changes) + 1)
         self._apply_in_memory([c for c in changes if c.seq > self.seq])
         self.delta_count = len(changes)
+
+    def _read_delta(self, start: int) -> tuple[list[IndexChange], int, bool]:
+        """The changes on the delta's complete lines from byte ``start``: (changes, the byte after the
+        last one read, whether an unreadable complete line stopped the read).  A last line without its
+        newline is being written (or was cut short by a crash) and is not read."""
+        assert self.path is not None
+        try:
+            with open(self.path / DELTA, "rb") as fh:
+                fh.seek(start)
+                data = fh.read()
+        except FileNotFoundError:
+            return [], start, False
+        changes, at = [], start
+        for line in data.split(b"\n")[:-1]:  # the last piece: the unfinished line, or nothing
+            try:
+                changes.append(IndexChange.from_json(line.decode()))
+            except (ValueError, KeyError, TypeError):
+                return changes, at, True
+            at += len(line) + 1
+        return changes, at, False
+
+    def follow(self) -> int:
+        """Apply the changes the index's writer (another process) appended to the delta since this
+        copy last read it, so a reader keeps up without reloading; returns how many.  Raises
+        :class:`DeltaUnreadable` at a line a crash cut short: its change was written again after it,
+        glued to that line, and only the writer's catch-up from the catalogue restores it."""
+        if self.path is None:
+            return 0
+        try:
+            if os.stat(self.path / DELTA).st_size <= self._delta_at:
+                return 0  # nothing new: one stat, no read
+        except FileNotFoundError:
+            return 0
+        with self._lock:
+            changes, at, bad = self._read_delta(self._delta_at)
+            if bad:
+                raise DeltaUnreadable(f"index {self.path}: a line of its delta after byte {at} is unreadable")
+            self._delta_at = at
+            self.delta_count += len(changes)
+            new = [c for c in changes if c.seq > self.seq]
+            if new:
+                with self.rw.write():
+                    self._apply_in_memory(new)
+            return len(new)
 
     def save(self, path: str | Path) -> Path:
         """Write a base holding every live item (the delta folded in) atomically; the new folder has no delta."""
@@ -368,7 +417,7 @@ class IndexStore:
 
         target = swap_dir(path, write, MANIFEST)
         # This object now mirrors the new base (compaction keeps serving from it).
-        self.manifest, self.path, self.delta_count = manifest, target, 0
+        self.manifest, self.path, self.delta_count, self._delta_at = manifest, target, 0, 0
         self.ids, self.labels = ids, [self.labels[i] for i in live]
         self.probs = self.probs[live]
         self.features = {k: v[live] for k, v in self.features.items()}
