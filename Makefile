@@ -23,11 +23,8 @@ lint: $(STAMP)
 tools: $(STAMP)
 	bash .ci/tools > $(VENV)/.missing-tools
 
-# Two workers (pytest-xdist): the suite waits on process start-ups and servers a third of the time,
-# and the other worker fills it.  A module's tests, and the serving package's, stay on one worker.
-TEST_WORKERS ?= 2
 test: lint tools
-	DEEPINDEX_MISSING_TOOLS="$$(cat $(VENV)/.missing-tools)" $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15
+	DEEPINDEX_MISSING_TOOLS="$$(cat $(VENV)/.missing-tools)" $(PY) -m pytest --durations=15
 
 demo: $(STAMP)
 	$(PY) jobs/demo.py

@@ -58,42 +58,6 @@ def ray_local() -> Iterator[None]:
     yield
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    """Before pytest-xdist starts its workers (``make test``): the token that Ray's new local clusters
-    share (``~/.ray/auth_token``, made by the first ``ray.init`` that finds none) exists, so that two
-    workers starting their clusters at once do not both write it and one of them hold the other's."""
-    if hasattr(config, "workerinput") or os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        return
-    from deepindex.localplatform import ensure_token
-
-    ensure_token(Path.home() / ".ray" / "auth_token")
-
-
-# Packages whose fixtures are package-scoped: under pytest-xdist their modules share one worker.
-_PACKAGE_SCOPED = {"serving"}
-_HEAVY = ("slow", "cluster", "serve", "mlflow")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups for pytest-xdist (``make test`` runs two workers with ``--dist loadgroup``): a module's
-    tests stay together on one worker, so its module fixtures (a cluster, a trained model) start
-    once, and so do the serving package's (one served app).  The groups that start clusters, servers
-    or training run first, so that the two workers finish at about the same time.  The order within
-    a group is pytest's; without xdist only the order of the groups changes."""
-    root = Path(__file__).parent
-    groups: dict[str, list[pytest.Item]] = {}
-    for item in items:
-        rel = Path(str(item.path)).relative_to(root)
-        group = rel.parts[0] if rel.parts[0] in _PACKAGE_SCOPED else rel.as_posix()
-        item.add_marker(pytest.mark.xdist_group(group))
-        groups.setdefault(group, []).append(item)
-
-    def weight(members: list[pytest.Item]) -> int:
-        return sum(any(m.get_closest_marker(k) for k in _HEAVY) for m in members)
-
-    items[:] = [item for members in sorted(groups.values(), key=weight, reverse=True) for item in members]
-
-
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
                             config: pytest.Config) -> None:
     """No silent skips: every test that could not run here, and why, at the very end."""

@@ -136,11 +136,10 @@ def ray_client_env() -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path())}
 
 
-def ensure_token(p: Path) -> None:
-    """A Ray auth token in ``p`` (mode 0600), unless one is there already."""
+def _ensure_token() -> None:
+    p = token_path()
     if p.is_file() and p.read_text().strip():
         return
-    p.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))  # 256 bits, as `ray get-auth-token --generate` makes
@@ -149,7 +148,7 @@ def ensure_token(p: Path) -> None:
 def _start_ray(port: int, opts: UpOptions) -> Service:
     from deepindex.cluster import local_cluster_env
 
-    ensure_token(token_path())
+    _ensure_token()
     dashboard, client = opts.dashboard_port or free_port(), free_port()
     cmd = [_bin("ray"), "start", "--head", "--block", f"--port={port}", f"--node-ip-address={HOST}",
            # The dashboard serves the Jobs API (`deepindex submit`, `ray job submit`) and the State
