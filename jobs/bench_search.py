@@ -14,6 +14,9 @@ its group):
 - **mixed**: ``POST /v1/tag`` (one PNG), keyword and similar-item search in turn: throughput
   (target: >= 3x the 87 req/s issue 15 measured before, 261 req/s) and p50/p99 per endpoint.
 
+Each run also reports where its searches were answered: by the ingress from its own copy of the
+served index (``serving/reads.py``), or by the index replica (``deepindex_searches_total``).
+
 The clients are closed loops: by Little's law the mean latency is clients / throughput, so a p99
 target at a given client count is a throughput target too; the report gives both, and the load
 process's own CPU (it runs on the same cores as the service).
@@ -41,6 +44,9 @@ from deepindex import console
 BEFORE_RPS = 87.0  # mixed-load throughput issue 15 measured (jobs/load_serve.py, 32 clients, make demo's service)
 P99_TARGET_MS = 50.0
 MIXED_TARGET_X = 3.0
+
+
+HUB_LAG_S = 6.0  # the metrics hub hears from each ingress replica at least every health check (5 s)
 
 
 def _collection(n: int, root: Path) -> dict[str, str]:
@@ -96,6 +102,17 @@ def load(url: str, ops: str, clients: int, seconds: float, warmup: float, scratc
     return res
 
 
+def answered_by(url: str) -> dict[str, float]:
+    """deepindex_searches_total so far, by where the searches were answered (the ingress's copy of the
+    index, or the index replica; with several ingress replicas the others' counts lag by a few seconds)."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fams = text_string_to_metric_families(requests.get(f"{url}/metrics", timeout=30).text)
+    return {s.labels["answered_by"]: s.value for f in fams if f.name == "deepindex_searches"
+            for s in f.samples if s.name.endswith("_total")}
+
+
 def bench_layout(layout: str, model: str, coll: dict[str, str], items: int, clients: int, seconds: float,
                  warmup: float, extra: dict[str, Any], scratch: Path) -> dict[str, Any]:
     from ray import serve
@@ -115,13 +132,18 @@ def bench_layout(layout: str, model: str, coll: dict[str, str], items: int, clie
         console.event("%s: %d items indexed and served in %.1f s", layout, items, time.monotonic() - t)
         out: dict[str, Any] = {}
         for name, ops in (("search", "search,similar"), ("mixed", "tag,search,similar")):
+            before = answered_by(url)
             res = load(url, ops, clients, seconds, warmup, scratch)
+            time.sleep(HUB_LAG_S)  # every ingress replica's count in the merged /metrics
+            after = answered_by(url)
+            res["searches_answered_by"] = {k: int(after.get(k, 0) - before.get(k, 0)) for k in ("local", "index")}
             if res["errors"]:
                 raise RuntimeError(f"{layout} {name}: {res['errors']} errors, e.g. {res['error_samples']}")
             out[name] = res
             per = ", ".join(f"{op} p50 {v['p50_ms']} / p99 {v['p99_ms']} ms" for op, v in res["per_endpoint"].items())
-            console.event("%s %s: %.0f req/s, %s (the load process used %.2f cores)", layout, name,
-                     res["throughput_rps"], per, res["client_cpu_share"])
+            console.event("%s %s: %.0f req/s, %s (searches answered by the ingress / the index replica: %s; "
+                          "the load process used %.2f cores)", layout, name, res["throughput_rps"], per,
+                          "{local} / {index}".format(**res["searches_answered_by"]), res["client_cpu_share"])
         return out
     finally:
         serve.delete("bench")
