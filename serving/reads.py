@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deepindex.index.store import MANIFEST, DeltaUnreadable, IndexStore, find_index
+from deepindex.index.store import MANIFEST, DeltaUnreadable, IndexRewritten, IndexStore, find_index
 from serving.rollover import STATE_FILE as SERVING_FILE
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,8 @@ class LocalReads:
                 try:
                     copy.follow()
                     return copy
+                except IndexRewritten:
+                    pass  # compacted: a copy of the new base loads below
                 except (OSError, DeltaUnreadable) as e:
                     log.warning("local reads of version %s stop until its index is rewritten: %s", version, e)
                     self._refused[version] = ident

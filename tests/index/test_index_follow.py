@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from deepindex.index.store import DELTA, DeltaUnreadable, IndexChange, IndexStore, index_dir_name
+from deepindex.index.store import DELTA, DeltaUnreadable, IndexChange, IndexRewritten, IndexStore, index_dir_name
 from index.test_index_units import add, clustered, make_store
 from serving.reads import SERVING_FILE, WRITER_FILE, LocalReads, search
 
@@ -58,6 +58,29 @@ def test_a_line_cut_short_by_a_crash_stops_the_reader_not_the_writer(tmp_path):
     with pytest.raises(DeltaUnreadable):
         reader.follow()
     assert "lost" not in reader.rows  # nothing past the torn line was applied halfway
+
+
+@pytest.mark.parametrize("delta_before", [True, False])
+def test_a_reader_knows_when_a_compaction_rewrote_the_folder(tmp_path, delta_before):
+    """Whether the reader's copy was read with a delta or without one, and whether the new base has a
+    delta yet or not: its next follow() says the folder holds another base (it loads that one)."""
+    path = make_store(50).save(tmp_path / "i")
+    writer = IndexStore.load(path)
+    far = clustered(4, 8, seed=8) * 10
+    if delta_before:
+        writer.apply([add(51, "a", far[0])])
+    reader = IndexStore.load(path, recover=False)
+    reader.follow()
+    writer.apply([add(52, "b", far[1])])
+    writer.save(path)  # what compact() does
+    with pytest.raises(IndexRewritten):
+        reader.follow()
+    writer.apply([add(53, "c", far[2])])  # the new base's own delta
+    with pytest.raises(IndexRewritten):
+        reader.follow()
+    fresh = IndexStore.load(path, recover=False)
+    assert fresh.follow() == 0
+    _same(fresh, writer)
 
 
 def _collection(tmp_path, nonce="n1", version="v1"):

@@ -67,7 +67,11 @@ class IndexMismatch(ValueError):
 
 
 class DeltaUnreadable(ValueError):
-    """A reader cannot follow this index's delta past a line a crash cut short (it reloads later)."""
+    """A reader cannot follow this index's delta past a line a crash cut short."""
+
+
+class IndexRewritten(ValueError):
+    """The folder a reader follows holds another base now (a compaction): load it again."""
 
 
 class DuplicateItem(ValueError):
@@ -259,6 +263,42 @@ def list_indexes(collection_dir: str | Path) -> list[tuple[Path, IndexManifest]]
     return sorted(out, key=lambda pm: (pm[0] / MANIFEST).stat().st_mtime)
 
 
+def _file_ino(path: Path) -> int | None:
+    """The inode of a file, from an open file (fresh on NFS, unlike a stat of the path); None: no file."""
+    try:
+        with open(path, "rb") as fh:
+            return os.fstat(fh.fileno()).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _read_tail(path: Path, start: int) -> tuple[int, int, bytes] | None:
+    """(inode, size, the bytes from ``start``) of a file, read through one open file; None: no file."""
+    try:
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if st.st_size <= start:
+                return st.st_ino, st.st_size, b""
+            fh.seek(start)
+            return st.st_ino, st.st_size, fh.read()
+    except FileNotFoundError:
+        return None
+
+
+def _parse_delta(data: bytes, start: int) -> tuple[list[IndexChange], int, bool]:
+    """The changes on the complete lines of ``data`` (the delta from byte ``start``): (changes, the byte
+    after the last one read, whether an unreadable complete line stopped the read).  A last line
+    without its newline is being written (or was cut short by a crash) and is not read."""
+    changes, at = [], start
+    for line in data.split(b"\n")[:-1]:  # the last piece: the unfinished line, or nothing
+        try:
+            changes.append(IndexChange.from_json(line.decode()))
+        except (ValueError, KeyError, TypeError):
+            return changes, at, True
+        at += len(line) + 1
+    return changes, at, False
+
+
 class IndexStore:
     """A loaded index: vector indexes per feature, probabilities, ids and labels, and the delta."""
 
@@ -279,6 +319,8 @@ class IndexStore:
         self.seq = manifest.seq if seq is None else seq
         self.delta_count = 0
         self._delta_at = 0  # bytes of the delta this copy has read (a reader's follow() goes on from there)
+        self._delta_ino: int | None = None  # which delta file that was
+        self._base_ino: int | None = None  # the manifest's inode when loaded from a folder
         self._lock = threading.Lock()  # one writer at a time (apply, compact)
         self.rw = RWLock()  # readers (queries) vs the in-memory swap of a write
 
@@ -314,6 +356,7 @@ class IndexStore:
             recover_dir(p, MANIFEST)
         if not (p / MANIFEST).is_file():
             raise FileNotFoundError(f"index: no {MANIFEST} in {p}")
+        base_ino = os.stat(p / MANIFEST).st_ino  # which base this is (a reader's follow() checks it)
         m = read_manifest(p)
         rows = [json.loads(line) for line in (p / ITEMS).read_text().splitlines() if line]
         ids = [str(r["id"]) for r in rows]
@@ -334,52 +377,51 @@ class IndexStore:
         if probs.shape != (len(ids), len(m.concepts)):
             raise ValueError(f"index: {p} is inconsistent (probabilities, ids and concepts differ in size)")
         store = cls(m, ids, labels, probs, features, vectors, path=p)
+        store._base_ino = base_ino
         store._replay(p / DELTA)
         return store
 
     def _replay(self, delta: Path) -> None:
-        changes, self._delta_at, bad = self._read_delta(0)
-        if bad or (delta.is_file() and delta.stat().st_size > self._delta_at):
+        got = _read_tail(delta, 0)
+        if got is None:
+            return
+        self._delta_ino, _, data = got
+        changes, self._delta_at, bad = _parse_delta(data, 0)
+        if bad or len(data) > self._delta_at:
             # A line cut short by a crash ends the log: the catalogue still has that change and
             # anything after it, and catching up applies them again.
             log.warning("index %s: delta line %d is incomplete; replay stops there", self.path, len(changes) + 1)
         self._apply_in_memory([c for c in changes if c.seq > self.seq])
         self.delta_count = len(changes)
 
-    def _read_delta(self, start: int) -> tuple[list[IndexChange], int, bool]:
-        """The changes on the delta's complete lines from byte ``start``: (changes, the byte after the
-        last one read, whether an unreadable complete line stopped the read).  A last line without its
-        newline is being written (or was cut short by a crash) and is not read."""
-        assert self.path is not None
-        try:
-            with open(self.path / DELTA, "rb") as fh:
-                fh.seek(start)
-                data = fh.read()
-        except FileNotFoundError:
-            return [], start, False
-        changes, at = [], start
-        for line in data.split(b"\n")[:-1]:  # the last piece: the unfinished line, or nothing
-            try:
-                changes.append(IndexChange.from_json(line.decode()))
-            except (ValueError, KeyError, TypeError):
-                return changes, at, True
-            at += len(line) + 1
-        return changes, at, False
-
     def follow(self) -> int:
         """Apply the changes the index's writer (another process) appended to the delta since this
-        copy last read it, so a reader keeps up without reloading; returns how many.  Raises
-        :class:`DeltaUnreadable` at a line a crash cut short: its change was written again after it,
-        glued to that line, and only the writer's catch-up from the catalogue restores it."""
+        copy last read it, so a reader keeps up without reloading; returns how many.
+
+        Raises :class:`IndexRewritten` when the folder holds another base now (a compaction swapped
+        it: load it again), and :class:`DeltaUnreadable` at a line a crash cut short (its change was
+        written again after it, glued to it, and only the writer's catch-up from the catalogue
+        restores it).  The delta is opened each time and its size read from the open file, so a
+        shared filesystem that caches attributes (NFS: close-to-open) shows what was written."""
         if self.path is None:
             return 0
-        try:
-            if os.stat(self.path / DELTA).st_size <= self._delta_at:
-                return 0  # nothing new: one stat, no read
-        except FileNotFoundError:
-            return 0
         with self._lock:
-            changes, at, bad = self._read_delta(self._delta_at)
+            # No delta yet when this copy was read: is its base still the folder's?
+            if self._delta_ino is None and _file_ino(self.path / MANIFEST) != self._base_ino:
+                raise IndexRewritten(f"index {self.path}: another base (compacted)")
+            got = _read_tail(self.path / DELTA, self._delta_at)
+            if got is None:
+                if self._delta_ino is not None:
+                    raise IndexRewritten(f"index {self.path}: its delta is gone (compacted)")
+                return 0
+            ino, size, data = got
+            if self._delta_ino is None:
+                self._delta_ino = ino  # the first change since this copy's base
+            elif ino != self._delta_ino or size < self._delta_at:
+                raise IndexRewritten(f"index {self.path}: another delta (compacted)")
+            if not data:
+                return 0  # nothing new
+            changes, at, bad = _parse_delta(data, self._delta_at)
             if bad:
                 raise DeltaUnreadable(f"index {self.path}: a line of its delta after byte {at} is unreadable")
             self._delta_at = at
@@ -417,7 +459,8 @@ class IndexStore:
 
         target = swap_dir(path, write, MANIFEST)
         # This object now mirrors the new base (compaction keeps serving from it).
-        self.manifest, self.path, self.delta_count, self._delta_at = manifest, target, 0, 0
+        self.manifest, self.path, self.delta_count, self._delta_at, self._delta_ino = manifest, target, 0, 0, None
+        self._base_ino = os.stat(target / MANIFEST).st_ino
         self.ids, self.labels = ids, [self.labels[i] for i in live]
         self.probs = self.probs[live]
         self.features = {k: v[live] for k, v in self.features.items()}
