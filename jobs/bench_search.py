@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_serve import add_layout_args, layout_args  # jobs/ beside this script
+from bench_serve import add_layout_args, layout_args, replica_rss_gb  # jobs/ beside this script
 
 from deepindex import console
 
@@ -144,6 +144,9 @@ def bench_layout(layout: str, model: str, coll: dict[str, str], items: int, clie
             console.event("%s %s: %.0f req/s, %s (searches answered by the ingress / the index replica: %s; "
                           "the load process used %.2f cores)", layout, name, res["throughput_rps"], per,
                           "{local} / {index}".format(**res["searches_answered_by"]), res["client_cpu_share"])
+        # The ingress now holds a copy of the served index: its memory after the runs, per deployment.
+        out["replica_rss_gb"] = replica_rss_gb()
+        console.event("%s: resident memory per replica, GB: %s", layout, out["replica_rss_gb"])
         return out
     finally:
         serve.delete("bench")

@@ -251,7 +251,7 @@ def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threa
         c = max(concurrencies)
         lat, wall = http_load(f"{url}/healthz", [], "", c, max(per_level, 4 * c) // c * c)
         out["healthz_at_max_concurrency"] = {"requests_per_s": len(lat) / wall, "p50_ms": 1e3 * _pct(lat, 50)}
-        out["replica_rss_gb"] = _replica_rss_gb()
+        out["replica_rss_gb"] = replica_rss_gb()
         log.info("serve (%s): resident memory per replica, GB: %s", layout, out["replica_rss_gb"])
     finally:
         serve.delete("bench")
@@ -260,7 +260,7 @@ def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threa
     return out
 
 
-def _replica_rss_gb() -> dict[str, float]:
+def replica_rss_gb() -> dict[str, float]:
     """Resident memory of the benchmark application's replicas, by deployment (GB; the largest replica)."""
     import psutil
 
