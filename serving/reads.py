@@ -4,7 +4,8 @@ The index replica (``serving/index.py``) owns every write: an add or a delete is
 served index's delta and synced before the replica answers.  A search needs no model and no lock:
 the ingress replica that receives it answers it from its own copy of that index, loaded from the
 same folder, after reading whatever the writer appended to the delta since the last search
-(:meth:`deepindex.index.store.IndexStore.follow`: a ``stat`` and a read when something changed).
+(:meth:`deepindex.index.store.IndexStore.follow`: the delta opened and its size read, and a read
+when it grew).
 So a write acknowledged to anyone is in every later search, with no hop to the index replica and
 no queueing behind it: a search costs the ingress's HTTP handling and the query itself.
 
@@ -27,10 +28,12 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deepindex.index.store import MANIFEST, DeltaUnreadable, IndexRewritten, IndexStore, find_index
+from deepindex.index.query import Query, UnknownExample, run
+from deepindex.index.store import DeltaUnreadable, IndexRewritten, IndexStore, base_id, find_index
 from serving.rollover import STATE_FILE as SERVING_FILE
 
 log = logging.getLogger(__name__)
@@ -53,8 +56,6 @@ def _code(message: str) -> str:
 def search(index: IndexStore, spec: dict[str, Any]) -> dict[str, Any]:
     """One search (:class:`deepindex.index.query.Query` fields in ``spec``) on ``index``: a page of hits,
     the next cursor, the descriptor and metric used, and which index answered; or an error."""
-    from deepindex.index.query import Query, UnknownExample, run
-
     try:
         res = run(index, Query(**spec))
     except UnknownExample as ex:
@@ -100,15 +101,16 @@ class _Cached:
 class LocalReads:
     """The ingress's copies of the served index (see the module's docstring for when they answer)."""
 
-    def __init__(self, ttl_s: float) -> None:
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s = ttl_s
+        self._clock = clock
         self.dir: Path | None = None  # the folder the writer named
         self._nonce: str | None = None  # what the writer last answered
         self._confirmed_at = -math.inf
         self._checking = False
-        self._copies: dict[str, tuple[_Ident, IndexStore]] = {}  # version -> (its manifest's ident, the copy)
+        self._copies: dict[str, IndexStore] = {}  # version -> the copy
         self._loading: set[str] = set()
-        self._refused: dict[str, _Ident | None] = {}  # version -> the base whose delta cannot be followed
+        self._refused: dict[str, int | None] = {}  # version -> the base (base_id) whose delta cannot be followed
 
     def _open(self, folder: Path) -> None:
         self.dir = folder
@@ -120,7 +122,7 @@ class LocalReads:
     def due(self) -> bool:
         """Time to ask the writer again: half-way through the confirmation's life, so that under load
         it never lapses (one caller at a time)."""
-        if self._checking or time.monotonic() - self._confirmed_at < self.ttl_s / 2:
+        if self._checking or self._clock() - self._confirmed_at < self.ttl_s / 2:
             return False
         self._checking = True
         return True
@@ -134,10 +136,10 @@ class LocalReads:
             return
         if self.dir != Path(folder):
             self._open(Path(folder))
-        self._nonce, self._confirmed_at = nonce, time.monotonic()
+        self._nonce, self._confirmed_at = nonce, self._clock()
 
     def _writer_here(self) -> bool:
-        if self._nonce is None or self.dir is None or time.monotonic() - self._confirmed_at >= self.ttl_s:
+        if self._nonce is None or self.dir is None or self._clock() - self._confirmed_at >= self.ttl_s:
             return False
         mine = self._writer.get()
         return mine is not None and mine.get("nonce") == self._nonce
@@ -156,19 +158,17 @@ class LocalReads:
         return search(copy, spec)
 
     def _copy(self, version: str) -> IndexStore | None:
-        held = self._copies.get(version)
-        if held is not None:
-            ident, copy = held
-            if copy.path is not None and _ident(copy.path / MANIFEST) == ident:
-                try:
-                    copy.follow()
-                    return copy
-                except IndexRewritten:
-                    pass  # compacted: a copy of the new base loads below
-                except (OSError, DeltaUnreadable) as e:
-                    log.warning("local reads of version %s stop until its index is rewritten: %s", version, e)
-                    self._refused[version] = ident
-            self._copies.pop(version, None)  # a new base (compaction), or a delta it cannot follow
+        copy = self._copies.get(version)
+        if copy is not None:
+            try:
+                copy.follow()
+                return copy
+            except IndexRewritten:
+                pass  # compacted: a copy of the new base loads below
+            except (OSError, DeltaUnreadable) as e:
+                log.warning("local reads of version %s stop until its index is rewritten: %s", version, e)
+                self._refused[version] = copy.base
+            self._copies.pop(version, None)
         self._load_soon(version)
         return None
 
@@ -186,14 +186,15 @@ class LocalReads:
             if path is None:
                 return
             for _ in range(3):  # a compaction may swap the folder while the copy is read: read again
-                ident = _ident(path / MANIFEST)
-                if ident is None or ident == self._refused.get(version):
-                    return  # no index there, or one whose delta cannot be followed: the writer's alone
-                copy = IndexStore.load(path, recover=False)
-                if _ident(path / MANIFEST) == ident:
-                    self._copies = {version: (ident, copy)}  # one version's copy at a time: the served one
-                    log.info("local reads: version %s, %d items at change %d", version, len(copy), copy.seq)
-                    return
+                if version in self._refused and base_id(path) == self._refused[version]:
+                    return  # the base whose delta cannot be followed: the writer's alone
+                try:
+                    copy = IndexStore.load(path, recover=False)
+                except IndexRewritten:
+                    continue
+                self._copies = {version: copy}  # one version's copy at a time: the served one
+                log.info("local reads: version %s, %d items at change %d", version, len(copy), copy.seq)
+                return
         except (OSError, ValueError) as e:
             log.warning("local reads: no copy of version %s's index (%s); the index replica answers", version, e)
         finally:

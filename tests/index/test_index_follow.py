@@ -3,7 +3,6 @@ ingress's local reads (serving/reads.py) answer only while that copy is the writ
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from deepindex.index.store import DELTA, DeltaUnreadable, IndexChange, IndexRewritten, IndexStore, index_dir_name
 from index.test_index_units import add, clustered, make_store
 from serving.reads import SERVING_FILE, WRITER_FILE, LocalReads, search
+from support import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -99,11 +99,8 @@ def _spec(item: str) -> dict:
 
 
 def _answered(reads: LocalReads, version: str, spec: dict) -> dict:
-    deadline = time.monotonic() + 20
-    while (res := reads.search(version, spec)) is None:  # the first call loads the copy in the background
-        assert time.monotonic() < deadline, "the local copy never loaded"
-        time.sleep(0.02)
-    return res
+    """The local answer, once the copy the first call starts loading in the background is loaded."""
+    return wait_until(lambda: reads.search(version, spec), 20, every=0.02, what="the local copy of the index")
 
 
 def test_local_reads_see_every_acknowledged_write_at_once(tmp_path):
@@ -151,12 +148,13 @@ def test_local_reads_step_aside_for_another_writer_version_or_base(tmp_path):
 
 def test_confirmation_lapses_without_the_writer(tmp_path):
     folder, _ = _collection(tmp_path)
-    reads = LocalReads(ttl_s=0.2)
+    now = [0.0]
+    reads = LocalReads(ttl_s=0.2, clock=lambda: now[0])  # time moves only when the test says
     assert reads.due()
     reads.confirm({"nonce": "n1", "dir": str(folder)})
     _answered(reads, "v1", _spec("i1"))
     assert not reads.due()  # confirmed just now
-    time.sleep(0.25)
+    now[0] += 0.25
     assert reads.search("v1", _spec("i1")) is None  # not confirmed within ttl_s: the index replica answers
     assert reads.due() and not reads.due()  # one caller asks the writer, the others do not wait for it
     reads.confirm({"nonce": "n1", "dir": str(folder)})

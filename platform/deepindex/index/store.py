@@ -263,10 +263,11 @@ def list_indexes(collection_dir: str | Path) -> list[tuple[Path, IndexManifest]]
     return sorted(out, key=lambda pm: (pm[0] / MANIFEST).stat().st_mtime)
 
 
-def _file_ino(path: Path) -> int | None:
-    """The inode of a file, from an open file (fresh on NFS, unlike a stat of the path); None: no file."""
+def base_id(path: str | Path) -> int | None:
+    """Which base the index folder ``path`` holds: its manifest's inode (a compaction writes a new
+    one), read from an open file, so fresh on a filesystem that caches attributes (NFS); None: none."""
     try:
-        with open(path, "rb") as fh:
+        with open(Path(path) / MANIFEST, "rb") as fh:
             return os.fstat(fh.fileno()).st_ino
     except FileNotFoundError:
         return None
@@ -350,13 +351,14 @@ class IndexStore:
     @classmethod
     def load(cls, path: str | Path, *, recover: bool = True) -> IndexStore:
         """The index in ``path``, its delta replayed.  ``recover=False``: a reader beside the index's
-        writer (it never touches the folder, and follows the delta with :meth:`follow`)."""
+        writer (it never touches the folder, follows the delta with :meth:`follow`, and gets
+        :class:`IndexRewritten` if a compaction swapped the folder while it read it)."""
         p = Path(path)
         if recover:
             recover_dir(p, MANIFEST)
         if not (p / MANIFEST).is_file():
             raise FileNotFoundError(f"index: no {MANIFEST} in {p}")
-        base_ino = os.stat(p / MANIFEST).st_ino  # which base this is (a reader's follow() checks it)
+        base = base_id(p)  # which base this is (a reader's follow() checks it)
         m = read_manifest(p)
         rows = [json.loads(line) for line in (p / ITEMS).read_text().splitlines() if line]
         ids = [str(r["id"]) for r in rows]
@@ -377,8 +379,10 @@ class IndexStore:
         if probs.shape != (len(ids), len(m.concepts)):
             raise ValueError(f"index: {p} is inconsistent (probabilities, ids and concepts differ in size)")
         store = cls(m, ids, labels, probs, features, vectors, path=p)
-        store._base_ino = base_ino
+        store._base_ino = base
         store._replay(p / DELTA)
+        if not recover and base_id(p) != base:  # a compaction swapped the folder while this copy read it
+            raise IndexRewritten(f"index {p}: rewritten while it was read")
         return store
 
     def _replay(self, delta: Path) -> None:
@@ -394,6 +398,11 @@ class IndexStore:
         self._apply_in_memory([c for c in changes if c.seq > self.seq])
         self.delta_count = len(changes)
 
+    @property
+    def base(self) -> int | None:
+        """The :func:`base_id` of the folder this copy was read from (None: not from a folder)."""
+        return self._base_ino
+
     def follow(self) -> int:
         """Apply the changes the index's writer (another process) appended to the delta since this
         copy last read it, so a reader keeps up without reloading; returns how many.
@@ -407,7 +416,7 @@ class IndexStore:
             return 0
         with self._lock:
             # No delta yet when this copy was read: is its base still the folder's?
-            if self._delta_ino is None and _file_ino(self.path / MANIFEST) != self._base_ino:
+            if self._delta_ino is None and base_id(self.path) != self._base_ino:
                 raise IndexRewritten(f"index {self.path}: another base (compacted)")
             got = _read_tail(self.path / DELTA, self._delta_at)
             if got is None:
@@ -460,7 +469,7 @@ class IndexStore:
         target = swap_dir(path, write, MANIFEST)
         # This object now mirrors the new base (compaction keeps serving from it).
         self.manifest, self.path, self.delta_count, self._delta_at, self._delta_ino = manifest, target, 0, 0, None
-        self._base_ino = os.stat(target / MANIFEST).st_ino
+        self._base_ino = base_id(target)
         self.ids, self.labels = ids, [self.labels[i] for i in live]
         self.probs = self.probs[live]
         self.features = {k: v[live] for k, v in self.features.items()}
