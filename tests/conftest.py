@@ -8,6 +8,7 @@ leaves it closed, and the next ``ray_local`` starts the shared cluster again.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,9 +59,45 @@ def ray_local() -> Iterator[None]:
     yield
 
 
+# ---- where the suite's time goes: the machine's CPU per test --------------------------------------
+# On 2 cores the suite's length is bounded by its CPU work (wall >= CPU / cores), whatever runs in
+# parallel: `make test` prints the tests that use the most, beside pytest's slowest durations.
+_cpu_per_test: dict[str, tuple[float, float]] = {}  # nodeid -> (machine CPU seconds, wall seconds)
+
+
+def _machine_cpu_s() -> float:
+    """Busy CPU time of the whole machine so far (all cores; /proc/stat), in seconds; 0 elsewhere."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    cpu, wall = _machine_cpu_s(), time.monotonic()
+    yield
+    _cpu_per_test[item.nodeid] = (_machine_cpu_s() - cpu, time.monotonic() - wall)
+
+
+def _cpu_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _cpu_per_test:
+        return
+    cpu = sum(c for c, _ in _cpu_per_test.values())
+    wall = sum(w for _, w in _cpu_per_test.values())
+    terminalreporter.write_sep("=", f"15 tests using the most CPU (the machine's, setup to teardown; "
+                                    f"all {len(_cpu_per_test)}: {cpu:.0f} CPU-s in {wall:.0f} s, "
+                                    f"{cpu / max(wall, 1e-9):.2f} cores busy)")
+    for nodeid, (c, w) in sorted(_cpu_per_test.items(), key=lambda kv: -kv[1][0])[:15]:
+        terminalreporter.write_line(f"{c:7.1f} CPU-s {w:7.1f} s  {nodeid}")
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
                             config: pytest.Config) -> None:
     """No silent skips: every test that could not run here, and why, at the very end."""
+    _cpu_summary(terminalreporter)
     skipped = terminalreporter.stats.get("skipped", [])
     if not skipped:
         return
