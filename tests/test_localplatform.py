@@ -1,6 +1,11 @@
-"""`deepindex up` / `down` / `status` / `env`: a real Ray head and MLflow server, stopped by process group."""
+"""`deepindex up` / `down` / `status` / `env`: a real Ray head and MLflow server, stopped by process group.
+
+The platform a test starts is also checked for what it listens on (deepindex's own ports on
+loopback; ``tests/reliability/test_platform_security.py`` checks the commands it builds).
+"""
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 import sys
@@ -52,8 +57,9 @@ def test_up_down_twice_leaves_no_stray_process(home, capsys):
             assert url in status, status
         groups += [s.pgid for s in first.values()]
         seen += _platform_pids()
-        if len(groups) == 2:  # first round only: another shell reaches the platform with `deepindex env` alone
+        if len(groups) == 2:  # first round only: another shell reaches the platform with `deepindex env` alone,
             _ray_cli_through_deepindex_env(home, dashboard)
+            _check_listeners(first)  # and it listens on loopback (Ray's own guarded servers aside)
 
         # A client of this head: token auth is on, so it needs the token `up` wrote.
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -74,6 +80,107 @@ def test_up_down_twice_leaves_no_stray_process(home, capsys):
     alive = [p for p in seen if os.path.exists(f"/proc/{p}") and _state(p) != "Z"]
     assert alive == [], alive
     assert "was not running" in capsys.readouterr().out
+
+
+# ---- what a real `up` listens on -----------------------------------------------------------
+def _listening() -> dict[int, tuple[str, int]]:
+    """socket inode -> (address, port) of every listening TCP socket on the machine."""
+    out = {}
+    for f, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        try:
+            lines = Path(f).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if parts[3] != "0A":  # LISTEN
+                continue
+            hexaddr, hexport = parts[1].split(":")
+            raw = bytes.fromhex(hexaddr)
+            # /proc prints each 32-bit word in host (little-endian) order.
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            addr = ipaddress.IPv6Address(raw) if v6 else ipaddress.IPv4Address(raw)
+            if v6 and addr.ipv4_mapped:
+                addr = addr.ipv4_mapped
+            out[int(parts[9])] = (str(addr), int(hexport, 16))
+    return out
+
+
+def _sockets_of(pid: int, listening: dict[int, tuple[str, int]]) -> list[tuple[str, int]]:
+    found = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inode = int(link[8:-1])
+            if inode in listening:
+                found.append(listening[inode])
+    return found
+
+
+def _name(pid: int) -> str:
+    """The program: its executable, or for a Python process the script or module it runs."""
+    try:
+        argv = [a for a in Path(f"/proc/{pid}/cmdline").read_text(errors="replace").split("\0") if a]
+    except OSError:
+        return "?"
+    if argv and "python" in argv[0].rsplit("/", 1)[-1]:
+        rest = argv[1:]
+        if "-m" in rest and rest.index("-m") + 1 < len(rest):
+            return rest[rest.index("-m") + 1]
+        scripts = [a for a in rest if a.endswith(".py")]
+        return scripts[0].rsplit("/", 1)[-1] if scripts else "python"
+    return argv[0].rsplit("/", 1)[-1][:40] if argv else "?"
+
+
+def _flag(pid: int, name: str) -> str | None:
+    """The value of ``--name=value`` or ``--name value`` on a process's command line."""
+    try:
+        argv = [a for a in Path(f"/proc/{pid}/cmdline").read_text(errors="replace").split("\0") if a]
+    except OSError:
+        return None
+    for i, a in enumerate(argv):
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _check_listeners(state: dict) -> None:
+    """Every TCP socket the platform's process groups listen on: deepindex's own on loopback, and
+    off loopback only Ray's token-guarded servers."""
+    listening = _listening()
+    sockets = {name: {(_name(p), p): _sockets_of(p, listening) for p in session_members(svc.pgid)}
+               for name, svc in state.items()}
+    dashboard_ports = [_flag(p, "--port") for p in session_members(state["ray"].pgid) if _name(p) == "dashboard.py"]
+    flat = {name: sorted({(proc, a, port) for (proc, _), ss in procs.items() for a, port in ss})
+            for name, procs in sockets.items()}
+    print(f"listening sockets of `deepindex up`: {flat}")
+    for name, svc in state.items():
+        assert any(port == svc.port for _, _, port in flat[name]), f"{name}: nothing on port {svc.port}: {flat[name]}"
+    # MLflow (uvicorn) is entirely deepindex's choice: loopback on every socket.
+    assert all(ipaddress.ip_address(a).is_loopback for _, a, _ in flat["mlflow"]), flat["mlflow"]
+    # The dashboard's HTTP server (Jobs API: it runs code) is on the host deepindex gives it: loopback.
+    assert dashboard_ports and dashboard_ports[0], "no dashboard process found"
+    http = [(a, port) for _, a, port in flat["ray"] if port == int(dashboard_ports[0])]
+    assert http and all(ipaddress.ip_address(a).is_loopback for a, _ in http), http
+    # Ray 2.60 binds its other servers (GCS and raylet gRPC, the agents, the Ray Client server, the
+    # dashboard's gRPC and metrics ports) to all interfaces or the host address whatever
+    # --node-ip-address says, and has no flag against it: the 256-bit token (checked on every gRPC
+    # call; tests/test_localplatform.py shows a wrong token refused) is the guard, and the README
+    # advises a host firewall.  A process outside this known set on a non-loopback address fails.
+    ray_internal = {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent", "dashboard.py",
+                    "monitor.py", "ray.util.client.server"}
+    exposed = [s for s in flat["ray"] if not ipaddress.ip_address(s[1]).is_loopback]
+    print(f"Ray listeners off loopback (Ray's own, token-guarded): {exposed}")
+    assert {proc for proc, _, _ in exposed} <= ray_internal, exposed
 
 
 def _ray_cli_through_deepindex_env(home: Path, dashboard: int) -> None:

@@ -1,8 +1,13 @@
 """A living collection on a real local platform (`deepindex up`: Ray head + MLflow server), over HTTP.
 
-One service for the module, as a user runs it: a collection imported with the CLI, the registry's
-`champion` served by `deepindex serve`, items added and deleted with the service's token.  In order:
+One service for the module, started as a user starts `make demo`'s: from a project folder with no
+DEEPINDEX_HOME and no MLFLOW_TRACKING_URI (the state lives in the project's ``.deepindex``), the
+`deepindex` console script, a collection imported with the CLI, the registry's `champion` served by
+`deepindex serve` behind HAProxy, items added and deleted with the service's token.  In order:
 
+0. the serve command itself: a quiet console (the URL and how to write), Serve's output in the log
+   file, `deepindex status`, the first index built from the collection before it is ready, tagging
+   through HAProxy; and at the end `deepindex down` stops HAProxy too;
 1. add items -> promote a better model -> zero non-2xx answers on tag, search and similar during the
    whole rollover (a client polling every ~100 ms) -> the new version serves every item, the added
    ones included -> delete one -> roll the alias back by hand -> still every item;
@@ -16,6 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -42,11 +48,17 @@ GALLERY = 2000
 MODEL = "deepindex"
 
 
-def _cli(env: dict[str, str], *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run([sys.executable, "-m", "deepindex.cli", *args], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=timeout)
+def _cli(p: Platform | tuple[Path, dict[str, str]], *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """``deepindex ARGS`` (this venv's console script) in the project folder, as a user runs it."""
+    project, env = (p.project, p.env) if isinstance(p, Platform) else p
+    exe = Path(sys.executable).parent / "deepindex"
+    out = subprocess.run([str(exe), *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"deepindex {' '.join(args)}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
     return out
+
+
+def _console(out: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
 
 
 def _replica_pids(home: Path, deployment: str) -> list[int]:
@@ -68,14 +80,16 @@ def _replica_pids(home: Path, deployment: str) -> list[int]:
 
 @dataclass
 class Platform:
+    project: Path  # the folder the commands run in
     env: dict[str, str]
-    home: Path
+    home: Path  # the project's .deepindex
     url: str
     tracking_uri: str
     token: str
     v1: str  # registered versions: v1 weaker, v2 better
     v2: str
     run2: str  # v2's run, promoted by the first test
+    served: subprocess.CompletedProcess[str]  # what `deepindex serve --detach` printed
 
     @property
     def auth(self) -> dict[str, str]:
@@ -139,25 +153,40 @@ def platform(tmp_path_factory: pytest.TempPathFactory, small_model: Path) -> Ite
     if ray.is_initialized():  # this module talks to the platform's own head, not the session cluster
         ray.shutdown()
     root = tmp_path_factory.mktemp("lifecycle")
-    home = root / "home"
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI" and not k.startswith("RAY_")}
-    env.update(DEEPINDEX_HOME=str(home), PYTHONUNBUFFERED="1")
-    _cli(env, "up", "--num-cpus", "4", "--ray-port", str(free_port()), "--mlflow-port", str(free_port()))
+    project = root / "project"
+    project.mkdir()
+    home = project / ".deepindex"  # where the commands keep their state when DEEPINDEX_HOME is not set
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DEEPINDEX_HOME", "MLFLOW_TRACKING_URI") and not k.startswith("RAY_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    at = (project, env)
+    up = _cli(at, "up", "--num-cpus", "4", "--ray-port", str(free_port()), "--mlflow-port", str(free_port()),
+              "--dashboard-port", str(free_port()))
+    assert _console(up)[0].startswith("platform up: Ray head 127.0.0.1:"), up.stderr
+    haproxy: list[int] = []
     try:
         uri = json.loads((home / "platform" / "state.json").read_text())["mlflow"]["address"]
-        _cli(env, "collection", "import", "digit-scenes", "--digit-scenes", "--size", str(GALLERY))
+        _cli(at, "collection", "import", "digit-scenes", "--digit-scenes", "--size", str(GALLERY))
         weak, _ = train_small(root / "weak", ["train.epochs=1", "data.train_size=300"], seed=1)
         v1, run1 = _register(uri, weak, "weak")
-        _cli(env, "promote", "--run", run1)  # no champion yet: v1 becomes it
+        _cli(at, "promote", "--run", run1)  # no champion yet: v1 becomes it
         v2, run2 = _register(uri, small_model, "better")
         port = free_port()
-        _cli(env, "serve", "--detach", "--host", "127.0.0.1", "--port", str(port), "--arg", "reload_interval_s=1")
+        # No index exists yet: the service builds the champion's from the collection before it is ready.
+        served = _cli(at, "serve", "--detach", "--config", str(REPO / "serving" / "config.yaml"),
+                      "--model", f"models:/{MODEL}@champion", "--collection", "digit-scenes",
+                      "--host", "127.0.0.1", "--port", str(port), "--arg", "reload_interval_s=1")
         token = (home / "serving" / "api_token").read_text().strip()
-        p = Platform(env, home, f"http://127.0.0.1:{port}", uri, token, v1, v2, run2)
+        p = Platform(project, env, home, f"http://127.0.0.1:{port}", uri, token, v1, v2, run2, served)
         p.wait_serving(v1)  # first start: the service built v1's index from the collection itself
+        listeners = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        assert '"haproxy"' in listeners, listeners
+        haproxy = [int(x) for x in re.findall(r'"haproxy",pid=(\d+)', listeners)]
         yield p
     finally:
-        _cli(env, "down", timeout=180)
+        _cli(at, "down", timeout=180)
+    # HAProxy is a child of a Ray worker, not a worker: `down` must stop it too (it holds the port).
+    assert not [x for x in haproxy if pid_alive(x)], f"haproxy {haproxy} outlived `deepindex down`"
 
 
 class Poller:
@@ -213,6 +242,28 @@ def _count(p: Platform) -> int:
 
 
 @pytest.mark.timeout(600)
+def test_serve_command_serves_the_champion_behind_haproxy(platform: Platform) -> None:
+    """`deepindex serve` as `make demo` runs it (the fixture): what it printed, where Serve's output
+    went, `deepindex status`, the first index built from the collection, a tag through HAProxy."""
+    from deepindex.index.collection import digit_gallery
+
+    p = platform
+    # A quiet console: the service's URL and how to write; Serve's and its replicas' output is in the log file.
+    lines = _console(p.served)
+    assert len(lines) == 2 and lines[0].split(" (")[0] == f"service ready: {p.url}/", lines
+    assert lines[1].startswith("writes (POST/DELETE /v1/items) need: Authorization: Bearer"), lines
+    (log,) = (p.home / "logs").glob("serve-*.log")
+    assert "ServeController" in log.read_text()
+    status = _cli(p, "status").stdout
+    assert "serve: answering" in status and f"serve      {p.url}" in status, status
+    body = p.get("/readyz").json()
+    assert body["model"]["version"] == p.v1 and body["index"]["count"] == GALLERY, body
+    tag = p.post("/v1/tag", files={"images": ("a.png", png_bytes(digit_gallery(1, seed=5).images[0]))})
+    assert tag.status_code == 200 and tag.json()["model"]["version"] == p.v1
+    assert len(tag.json()["results"][0]["concepts"]) == 10
+
+
+@pytest.mark.timeout(600)
 def test_add_promote_delete_roll_back_with_no_failed_request(platform: Platform) -> None:
     from deepindex.index.collection import digit_gallery
 
@@ -226,7 +277,7 @@ def test_add_promote_delete_roll_back_with_no_failed_request(platform: Platform)
 
     with Poller(p) as poll:
         start = time.monotonic()
-        _cli(p.env, "promote", "--run", p.run2)  # better on the test split: the alias moves to v2
+        _cli(p, "promote", "--run", p.run2)  # better on the test split: the alias moves to v2
         switch_s = p.wait_serving(p.v2)
         # Keep polling a moment on the new pair.
         wait_until(lambda: poll.versions()[-3:] == [p.v2] * 3, 30, what="answers from the new pair")
