@@ -67,11 +67,14 @@ def test_up_down_twice_leaves_no_stray_process(home, capsys):
                 "print(int(ray.cluster_resources()['CPU']))")
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert out.stdout.strip().splitlines()[-1] == "2", out.stderr[-2000:]
-        if len(groups) == 2:  # first round only: a refused client waits for its connect timeout
+        if len(groups) == 2:  # first round only
+            # A wrong token is refused by the GCS.  The client retries once a second (20 s by default)
+            # before it gives up: two tries are enough to see why it was refused.
             bad = subprocess.run([sys.executable, "-c", "import ray, os; ray.init(address=os.environ['A'])"],
                                  env={**env, "A": first["ray"].address, "RAY_AUTH_MODE": "token",
-                                      "RAY_AUTH_TOKEN": "0" * 64}, capture_output=True, text=True, timeout=120)
-            assert bad.returncode != 0  # a wrong token is refused
+                                      "RAY_AUTH_TOKEN": "0" * 64, "RAY_gcs_server_port_wait_time_s": "2"},
+                                 capture_output=True, text=True, timeout=120)
+            assert bad.returncode != 0 and "InvalidAuthToken" in bad.stderr, bad.stderr[-2000:]
 
         assert main(["down"]) == 0
         assert main(["down"]) == 0  # idempotent
