@@ -28,6 +28,9 @@ from deepindex.tracking.registry import ResolvedModel, resolve_model
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
+# Serve notices a replica process that died (SIGKILL, OOM) only at its next health check: every
+# 2 s, not Serve's default 10, so a dead replica is replaced sooner (the check itself is a no-op call).
+HEALTH_S = 2.0
 REPORT_RETRY_S = 30.0  # a version without a retrieval report: ask again after this long
 
 
@@ -165,7 +168,7 @@ class ServedModel:
         return out
 
 
-@serve.deployment(name="ConceptModel", health_check_period_s=10, health_check_timeout_s=30)
+@serve.deployment(name="ConceptModel", health_check_period_s=HEALTH_S, health_check_timeout_s=30)
 class ModelServer:
     """Model replicas of their own: the ingress reaches them through a handle."""
 

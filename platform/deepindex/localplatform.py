@@ -163,6 +163,10 @@ def _start_ray(port: int, opts: UpOptions) -> Service:
     # In-cluster State API calls (that cleaner's) otherwise guess the cluster and give up when
     # another Ray runs on the machine ("Found multiple active Ray instances").
     env = {**os.environ, **ray_client_env(), **local_cluster_env(), "RAY_ADDRESS": f"{HOST}:{port}"}
+    # On SIGTERM (`deepindex down`) `ray start --block` first drains its node for up to 30 s, so that
+    # Serve can move its replicas to other nodes; a one-node platform has none, so it would wait the
+    # whole time and be killed: stop at once (what `ray stop` does).  A value you set wins.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     proc, logf = _spawn("ray", cmd, env)
     urls = {"ray": f"{HOST}:{port}", "dashboard": f"http://{HOST}:{dashboard}", "client": f"ray://{HOST}:{client}"}
     return Service("ray", proc.pid, proc.pid, port, f"{HOST}:{port}", str(logf), [], urls)

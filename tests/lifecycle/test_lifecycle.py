@@ -184,9 +184,11 @@ def platform(tmp_path_factory: pytest.TempPathFactory, small_model: Path) -> Ite
         haproxy = [int(x) for x in re.findall(r'"haproxy",pid=(\d+)', listeners)]
         yield p
     finally:
-        _cli(at, "down", timeout=180)
+        down = _cli(at, "down", timeout=180)
     # HAProxy is a child of a Ray worker, not a worker: `down` must stop it too (it holds the port).
     assert not [x for x in haproxy if pid_alive(x)], f"haproxy {haproxy} outlived `deepindex down`"
+    # With a Serve application on it, the head still stops on SIGTERM (no drain on one node): no SIGKILL.
+    assert "SIGKILL" not in down.stdout + down.stderr, down.stdout + down.stderr
 
 
 class Poller:
