@@ -6,7 +6,7 @@ the answering replica hands its snapshot to the :class:`MetricsHub` deployment, 
 latest snapshot of every ingress replica (replicas gone for 10 minutes are folded into one
 "retired" sum, so counters never go back and memory stays bounded) and returns the merge:
 counters and histograms summed over replicas, gauges the maximum over replicas heard from
-recently.  Replicas also push on every health check (5 s), so the others' numbers are at most
+recently.  Replicas also push on every health check (2 s), so the others' numbers are at most
 that old.  A hub restart starts its sums again (Prometheus reads that as a counter reset).
 """
 from __future__ import annotations

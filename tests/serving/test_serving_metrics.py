@@ -72,7 +72,7 @@ def test_metrics_count_every_ingress_replica(served):
         total = sum(sent.values())
         # Scrapes alternate between the two replicas and the Serve port.  Each answers at once with
         # what the hub has (the other replica's numbers as of its last scrape or health check, at
-        # most a health-check period, 5 s, old): the counts never go down, and reach the total within that time.
+        # most a health-check period, 2 s, old): the counts never go down, and reach the total within that time.
         urls = [f"http://127.0.0.1:{p}{PREFIX}/metrics" for p in ports] + [served.url + PREFIX + "/metrics"]
         readings: list[float] = []
 
