@@ -38,14 +38,11 @@ from deepindex.index.store import IndexStore
 from serving.reads import WRITER_FILE, index_ref, search
 from serving.reads import error as _err
 from serving.rollover import Rollover
-from serving.schemas import ServeArgs
+from serving.schemas import HEALTH_S, ServeArgs
 
 log = logging.getLogger(__name__)
 
 MODEL_POLL_S = 0.5  # how often model replicas confirm the version they serve
-# Serve notices a replica process that died (SIGKILL, OOM) only at its next health check: every
-# 2 s, not Serve's default 10, so a dead replica is replaced sooner (the check itself is a no-op call).
-HEALTH_S = 2.0
 
 
 @dataclass

@@ -36,6 +36,7 @@ from serving import contract
 from serving.errors import ApiError
 from serving.reads import LocalReads
 from serving.schemas import (
+    HEALTH_S,
     HERE,
     AboutResponse,
     AddItemsResponse,
@@ -255,12 +256,6 @@ def _image_url(item_id: str) -> str:
 
 def _hits(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**h, "image_url": _image_url(h["id"])} for h in results]
-
-
-# Serve notices a dead replica only at its next health check (2 s, as for the model and index
-# replicas; Serve's default is 10).  The check also pushes this replica's metrics to the hub: how
-# stale the other replicas' numbers in a scrape may be.
-HEALTH_S = 2.0
 
 
 @serve.deployment(name="Ingress", health_check_period_s=HEALTH_S)

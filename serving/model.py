@@ -24,13 +24,11 @@ from ray import serve
 
 from deepindex.checkpoint import LoadedModel, load_model
 from deepindex.tracking.registry import ResolvedModel, resolve_model
+from serving.schemas import HEALTH_S
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
-# Serve notices a replica process that died (SIGKILL, OOM) only at its next health check: every
-# 2 s, not Serve's default 10, so a dead replica is replaced sooner (the check itself is a no-op call).
-HEALTH_S = 2.0
 REPORT_RETRY_S = 30.0  # a version without a retrieval report: ask again after this long
 
 

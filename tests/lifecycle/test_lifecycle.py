@@ -48,9 +48,8 @@ GALLERY = 2000
 MODEL = "deepindex"
 
 
-def _cli(p: Platform | tuple[Path, dict[str, str]], *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+def _cli(project: Path, env: dict[str, str], *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
     """``deepindex ARGS`` (this venv's console script) in the project folder, as a user runs it."""
-    project, env = (p.project, p.env) if isinstance(p, Platform) else p
     exe = Path(sys.executable).parent / "deepindex"
     out = subprocess.run([str(exe), *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"deepindex {' '.join(args)}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
@@ -159,21 +158,20 @@ def platform(tmp_path_factory: pytest.TempPathFactory, small_model: Path) -> Ite
     env = {k: v for k, v in os.environ.items()
            if k not in ("DEEPINDEX_HOME", "MLFLOW_TRACKING_URI") and not k.startswith("RAY_")}
     env["PYTHONUNBUFFERED"] = "1"
-    at = (project, env)
-    up = _cli(at, "up", "--num-cpus", "4", "--ray-port", str(free_port()), "--mlflow-port", str(free_port()),
+    up = _cli(project, env, "up", "--num-cpus", "4", "--ray-port", str(free_port()), "--mlflow-port", str(free_port()),
               "--dashboard-port", str(free_port()))
     assert _console(up)[0].startswith("platform up: Ray head 127.0.0.1:"), up.stderr
     haproxy: list[int] = []
     try:
         uri = json.loads((home / "platform" / "state.json").read_text())["mlflow"]["address"]
-        _cli(at, "collection", "import", "digit-scenes", "--digit-scenes", "--size", str(GALLERY))
+        _cli(project, env, "collection", "import", "digit-scenes", "--digit-scenes", "--size", str(GALLERY))
         weak, _ = train_small(root / "weak", ["train.epochs=1", "data.train_size=300"], seed=1)
         v1, run1 = _register(uri, weak, "weak")
-        _cli(at, "promote", "--run", run1)  # no champion yet: v1 becomes it
+        _cli(project, env, "promote", "--run", run1)  # no champion yet: v1 becomes it
         v2, run2 = _register(uri, small_model, "better")
         port = free_port()
         # No index exists yet: the service builds the champion's from the collection before it is ready.
-        served = _cli(at, "serve", "--detach", "--config", str(REPO / "serving" / "config.yaml"),
+        served = _cli(project, env, "serve", "--detach", "--config", str(REPO / "serving" / "config.yaml"),
                       "--model", f"models:/{MODEL}@champion", "--collection", "digit-scenes",
                       "--host", "127.0.0.1", "--port", str(port), "--arg", "reload_interval_s=1")
         token = (home / "serving" / "api_token").read_text().strip()
@@ -184,7 +182,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory, small_model: Path) -> Ite
         haproxy = [int(x) for x in re.findall(r'"haproxy",pid=(\d+)', listeners)]
         yield p
     finally:
-        down = _cli(at, "down", timeout=180)
+        down = _cli(project, env, "down", timeout=180)
     # HAProxy is a child of a Ray worker, not a worker: `down` must stop it too (it holds the port).
     assert not [x for x in haproxy if pid_alive(x)], f"haproxy {haproxy} outlived `deepindex down`"
     # With a Serve application on it, the head still stops on SIGTERM (no drain on one node): no SIGKILL.
@@ -256,7 +254,7 @@ def test_serve_command_serves_the_champion_behind_haproxy(platform: Platform) ->
     assert lines[1].startswith("writes (POST/DELETE /v1/items) need: Authorization: Bearer"), lines
     (log,) = (p.home / "logs").glob("serve-*.log")
     assert "ServeController" in log.read_text()
-    status = _cli(p, "status").stdout
+    status = _cli(p.project, p.env, "status").stdout
     assert "serve: answering" in status and f"serve      {p.url}" in status, status
     body = p.get("/readyz").json()
     assert body["model"]["version"] == p.v1 and body["index"]["count"] == GALLERY, body
@@ -279,7 +277,7 @@ def test_add_promote_delete_roll_back_with_no_failed_request(platform: Platform)
 
     with Poller(p) as poll:
         start = time.monotonic()
-        _cli(p, "promote", "--run", p.run2)  # better on the test split: the alias moves to v2
+        _cli(p.project, p.env, "promote", "--run", p.run2)  # better on the test split: the alias moves to v2
         switch_s = p.wait_serving(p.v2)
         # Keep polling a moment on the new pair.
         wait_until(lambda: poll.versions()[-3:] == [p.v2] * 3, 30, what="answers from the new pair")

@@ -61,7 +61,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_local, tmp_path):
     # Three blocks (enough receptive field to learn digits in 4 epochs) and an early LR step, so
     # both runs settle and their comparison measures the resume, not noise (8k images: the two runs
     # ended 0.002 apart in validation error and 0.009 in loss, three runs alike, against the 0.05 and
-    # 0.15 allowed); epochs of ~2 s leave time to kill a worker inside one (polled every 50 ms).
+    # 0.15 allowed); epochs of a few seconds leave time to kill a worker inside one (polled every 50 ms).
     cfg = load_config(None, [*TINY, *TWO_WORKERS, "model.channels=[8,16,32]", "data.train_size=8000",
                              "data.val_size=500",
                              "schedule.step_size=2", "train.epochs=4", "ray.max_failures=2",
