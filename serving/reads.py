@@ -127,6 +127,10 @@ class LocalReads:
         self._checking = True
         return True
 
+    def confirmed(self) -> bool:
+        """The writer's last confirmation is still valid (a search can be answered here meanwhile)."""
+        return self._nonce is not None and self._clock() - self._confirmed_at < self.ttl_s
+
     def confirm(self, answer: dict[str, Any] | None) -> None:
         """The writer's answer to ``reader()`` (None: it could not be asked)."""
         self._checking = False

@@ -150,12 +150,18 @@ def test_confirmation_lapses_without_the_writer(tmp_path):
     folder, _ = _collection(tmp_path)
     now = [0.0]
     reads = LocalReads(ttl_s=0.2, clock=lambda: now[0])  # time moves only when the test says
-    assert reads.due()
+    assert reads.due() and not reads.confirmed()  # the first search waits for the writer's word
     reads.confirm({"nonce": "n1", "dir": str(folder)})
     _answered(reads, "v1", _spec("i1"))
-    assert not reads.due()  # confirmed just now
-    now[0] += 0.25
+    assert not reads.due() and reads.confirmed()  # confirmed just now
+    now[0] += 0.15
+    assert reads.due() and reads.confirmed()  # asked again half-way (in the background): searches go on here
+    _answered(reads, "v1", _spec("i1"))
+    now[0] += 0.1
     assert reads.search("v1", _spec("i1")) is None  # not confirmed within ttl_s: the index replica answers
+    assert not reads.confirmed()
+    reads.confirm({"nonce": "n1", "dir": str(folder)})
+    now[0] += 0.25
     assert reads.due() and not reads.due()  # one caller asks the writer, the others do not wait for it
     reads.confirm({"nonce": "n1", "dir": str(folder)})
     assert reads.search("v1", _spec("i1")) is not None

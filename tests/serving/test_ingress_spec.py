@@ -1,0 +1,78 @@
+"""The ingress's view of the served model (name, version, concepts), in-process: asked of the model
+replica once per SPEC_TTL_S by one request, in the background, so no request waits for it.  The model
+replica here is a stand-in that counts calls: the test is about the ingress's side (the Serve path is
+tests/serving/test_serving_rollover.py)."""
+from __future__ import annotations
+
+import asyncio
+
+
+class _Model:
+    """A model replica's ``info`` as the ingress's handle calls it (``await handle.info.remote()``)."""
+
+    def __init__(self) -> None:
+        self.calls, self.version, self.fail = 0, "1", False
+        self.gate = asyncio.Event()  # a call returns once the test opens it
+        self.info = self
+
+    async def remote(self) -> dict:
+        self.calls += 1
+        await self.gate.wait()
+        if self.fail:
+            raise RuntimeError("model replica unreachable")
+        return {"name": "m", "version": self.version, "concepts": ["a"]}
+
+
+def _ingress(model: _Model):
+    from serving.ingress import Ingress
+    from serving.metrics import ServeMetrics
+
+    class Bare(Ingress.func_or_class):  # type: ignore[name-defined]
+        def __del__(self) -> None:  # Serve's wrapper shuts its ASGI app down here: none was started
+            pass
+
+    ing = object.__new__(Bare)  # no replica: only the fields _model_spec uses
+    ing.model, ing.serve_metrics = model, ServeMetrics()
+    ing._spec, ing._spec_at, ing._spec_refresh, ing._tasks = None, 0.0, None, set()
+    return ing
+
+
+def test_an_expired_spec_is_refreshed_once_in_the_background_while_requests_go_on():
+    async def scenario() -> None:
+        model = _Model()
+        ing = _ingress(model)
+        first = asyncio.ensure_future(ing._model_spec())
+        await asyncio.sleep(0)
+        assert not first.done() and model.calls == 1  # no spec yet: the first request waits for one
+        model.gate.set()
+        assert (await first)["version"] == "1"
+        assert (await ing._model_spec())["version"] == "1" and model.calls == 1  # fresh: nobody asks
+
+        model.gate.clear()
+        model.version = "2"
+        ing._spec_at -= 10  # expired
+        # 32 requests at once; none may wait for the model (its answer is held back meanwhile).
+        got = await asyncio.wait_for(asyncio.gather(*(ing._model_spec() for _ in range(32))), 5.0)
+        assert [s["version"] for s in got] == ["1"] * 32  # none waited: the spec they had
+        await asyncio.sleep(0)
+        assert model.calls == 2  # one question to the model, not 32
+        model.gate.set()
+        await asyncio.sleep(0.01)
+        assert (await ing._model_spec())["version"] == "2" and model.calls == 2
+
+        # A caller that found the spec out of date waits for a fresh one.
+        model.version = "3"
+        assert (await ing._model_spec(refresh=True))["version"] == "3" and model.calls == 3
+
+        # A failed refresh in the background: the spec stays, the next request after it asks again.
+        model.fail, model.version = True, "4"
+        ing._spec_at -= 10
+        assert (await ing._model_spec())["version"] == "3"
+        await asyncio.sleep(0.01)
+        assert model.calls == 4 and ing._spec_refresh is None and not ing._tasks
+        model.fail = False
+        assert (await ing._model_spec())["version"] == "3"
+        await asyncio.sleep(0.01)
+        assert model.calls == 5 and (await ing._model_spec())["version"] == "4"
+
+    asyncio.run(scenario())
