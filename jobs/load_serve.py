@@ -1,13 +1,14 @@
 """Load run: N concurrent clients for T seconds against a running service.  JSON on stdout.
 
 ``python jobs/load_serve.py --url http://127.0.0.1:8000 [--clients 32] [--seconds 60] [--warmup 5]
-[--ops tag,search,similar] [--client aiohttp|threads]``
+[--ops tag,search,similar] [--client aiohttp|threads] [--records requests.jsonl]``
 
 Each client loops over a mix of ``POST /v1/tag`` (one PNG), ``GET /v1/search`` (keywords) and
 ``GET /v1/items/{id}/similar`` (ids found by a first search), one request at a time (a closed
 loop: by Little's law, latency = clients / throughput).  ``--ops`` narrows the mix.  Reported:
 requests, errors (any non-2xx or transport failure), p50/p99 latency overall and per endpoint,
-throughput, and the resident memory (VmRSS) of every replica of the application at the end of
+throughput (``--records``: also every request's start, end and status, to see when the slow ones
+happened), and the resident memory (VmRSS) of every replica of the application at the end of
 the warm-up and at the end of the run (found through Ray's actor table when this process can
 join the cluster: ``--ray-address``, ``RAY_ADDRESS`` or the test's own ``ray.init``).
 
@@ -21,6 +22,8 @@ each.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import io
 import json
 import logging
@@ -28,7 +31,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,11 +255,36 @@ def summarize(records: list[Record], t0: float) -> dict[str, Any]:
             "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99), "per_endpoint": per_op}
 
 
+@contextlib.contextmanager
+def _frozen_gc(every_s: float = 1.0) -> Iterator[None]:
+    """This process's garbage collector kept from pausing the clients: what exists is frozen every
+    ``every_s`` (out of every later collection), so a collection looks at the last second's objects
+    only.  Without it, full collections over the growing list of records stopped every client for up
+    to 130 ms mid-run, and the pause counted as the service's latency."""
+    stop = threading.Event()
+
+    def freeze() -> None:
+        while not stop.wait(every_s):
+            gc.freeze()
+
+    t = threading.Thread(target=freeze, name="gc-freeze", daemon=True)
+    gc.freeze()
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+        gc.unfreeze()
+
+
 def run_load(url: str, clients: int = 32, seconds: float = 60.0, warmup: float = 5.0,
              timeout: float = 30.0, on_warm: Callable[[], None] | None = None, ops: tuple[str, ...] = OPS,
-             client: str = "threads") -> dict[str, Any]:
+             client: str = "threads", records_out: Path | None = None) -> dict[str, Any]:
     """Warm up, then measure: latency, errors, and replica RSS at the end of warm-up and at the end.
-    ``client``: ``threads`` (:func:`drive`) or ``aiohttp`` (:func:`drive_async`)."""
+    ``client``: ``threads`` (:func:`drive`) or ``aiohttp`` (:func:`drive_async`).  ``records_out``: also
+    write every measured request there, one JSON line each (op, start and end in seconds from the end of
+    the warm-up, HTTP status), to see when the slow ones happened."""
     if client not in CLIENTS:
         raise ValueError(f"client: {client!r} is not one of {', '.join(CLIENTS)}")
     unknown = [op for op in ops if op not in OPS]
@@ -279,11 +307,20 @@ def run_load(url: str, clients: int = 32, seconds: float = 60.0, warmup: float =
 
     sampler = threading.Thread(target=sample_after_warmup, daemon=True)
     sampler.start()
-    records = (drive_async(url, work, clients, warmup + seconds, timeout, ops) if client == "aiohttp"
-               else drive(url, work, clients, warmup + seconds, timeout, ops=ops))
+    with _frozen_gc():
+        records = (drive_async(url, work, clients, warmup + seconds, timeout, ops) if client == "aiohttp"
+                   else drive(url, work, clients, warmup + seconds, timeout, ops=ops))
     sampler.join(60)
     rss["end"] = replica_rss_kb(reps)
     result.update(summarize(records, start + warmup))
+    if records_out is not None:
+        t0 = start + warmup
+        result["records_t0_unix"] = round(time.time() - (time.monotonic() - t0), 6)  # the records' time 0
+        with records_out.open("w") as f:
+            for r in records:
+                if r.start >= t0:
+                    f.write(json.dumps({"op": r.op, "start": round(r.start - t0, 6), "end": round(r.end - t0, 6),
+                                        "status": r.status}) + "\n")
     growth = {k: (rss["end"].get(k) or 0) - v for k, v in rss.get("warm", {}).items() if v is not None}
     result["rss_kb"] = {k: {"warm": v, "end": rss["end"].get(k), "growth": growth.get(k)}
                         for k, v in rss.get("warm", {}).items()}
@@ -304,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="asyncio tasks on aiohttp (default), or a thread and requests session each")
     ap.add_argument("--ray-address", default=None, help="join this cluster to read the replicas' memory")
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--records", default=None, help="also write every measured request here (JSON lines)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import os
@@ -324,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("no Ray address (--ray-address, RAY_ADDRESS or `deepindex up`): replica memory is not measured")
     ops = tuple(x for x in a.ops.split(",") if x)
     try:
-        out = run_load(a.url, a.clients, a.seconds, a.warmup, ops=ops, client=a.client)
+        out = run_load(a.url, a.clients, a.seconds, a.warmup, ops=ops, client=a.client,
+                       records_out=Path(a.records) if a.records else None)
     except ValueError as e:
         print(f"load_serve: {e}", file=sys.stderr)
         return 2

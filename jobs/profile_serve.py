@@ -1,4 +1,4 @@
-"""Where the CPU of a ``POST /v1/tag`` goes: per process, and inside the ingress and model replicas.
+"""Where the CPU of a ``POST /v1/tag`` (or of a search) goes: per process, and inside the replicas.
 
 Serves the small digit-scenes model as ``jobs/bench_serve.py`` does, drives ``--concurrency``
 clients from a separate process for ``--seconds``, and reports
@@ -9,7 +9,13 @@ clients from a separate process for ``--seconds``, and reports
 - with ``py-spy`` installed (``pip install py-spy``), the ingress and model replicas' hottest
   functions over the same window (own time, by function), sampled at 100 Hz.
 
-    python jobs/profile_serve.py [--concurrency 32] [--seconds 15] [--model-in-ingress] [--out profile.json]
+With ``--searches``, the requests are keyword and similar-item searches in turn (``jobs/load_serve.py``,
+as ``jobs/bench_search.py`` drives them) on a 2,000-item collection, answered in the ingress from its
+copy of the index; the ingress's samples are also split by what they were doing (HTTP stack, the query
+itself, the rest of our handler, ...).
+
+    python jobs/profile_serve.py [--concurrency 32] [--seconds 15] [--model-in-ingress] [--searches]
+                                 [--out profile.json]
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import argparse
 import collections
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -85,14 +92,55 @@ def _top_functions(raw: Path, n: int = 15) -> list[dict[str, Any]]:
     return [{"function": f, "share": round(c / total, 3)} for f, c in own.most_common(n)] if total else []
 
 
+# What an ingress sample was doing for a search: the first group any frame of its stack matches,
+# in this order (innermost first: the query inside our handler inside the HTTP stack).
+SEARCH_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("the query itself (deepindex.index.query.run)", ("run (deepindex/index/query.py",)),
+    ("following the index's writer (delta, manifest, writer and serving files)",
+     ("IndexStore.follow", "LocalReads._writer_here", "_Cached.get")),
+    ("the rest of our handler (checks, options, vocabulary, hits)", ("Ingress.", "reads.py")),
+    ("metrics (ours and Serve's)", ("prometheus_client", "metrics.py", "_record_errors_and_metrics")),
+    ("response validation and JSON (FastAPI, pydantic)", ("serialize_response", "TypeAdapter", "jsonable_encoder")),
+    ("HTTP: uvicorn, Starlette, FastAPI routing and middleware, Serve's ASGI wrapper",
+     ("uvicorn", "starlette", "fastapi", "http_util.py", "replica.py", "ObserveMiddleware", "asyncio")),
+)
+
+
+def split_samples(raw: Path, groups: tuple[tuple[str, tuple[str, ...]], ...] = SEARCH_GROUPS) -> dict[str, float]:
+    """py-spy's raw stacks -> share of the samples per group (the rest by their innermost function)."""
+    per: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        frames = stack.split(";")
+        name = next((g for g, keys in groups if any(k in f for f in frames for k in keys)),
+                    "other: " + frames[-1].split(" (")[0])
+        per[name] += int(count)
+    total = sum(per.values())
+    return {g: round(c / total, 3) for g, c in per.most_common(12)} if total else {}
+
+
+def _search_load(url: str, concurrency: int, seconds: float, tmp: Path) -> tuple[int, float]:
+    """Keyword and similar-item searches in turn from jobs/load_serve.py (its own process group):
+    (requests answered, requests a second)."""
+    from bench_search import load
+
+    res = load(url, "search,similar", concurrency, seconds, 0.5, tmp)
+    if res["errors"]:
+        raise RuntimeError(f"{res['errors']} searches failed, e.g. {res['error_samples']}")
+    return res["requests"], res["throughput_rps"]
+
+
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(Path(__file__).parent))
     from bench_serve import http_load, make_model, make_requests
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--model-in-ingress", action="store_true", help="profile the model_in_ingress layout")
+    p.add_argument("--searches", action="store_true",
+                   help="profile keyword and similar-item searches on a 2,000-item collection instead of tagging")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
 
@@ -104,34 +152,53 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="profile-serve-"))
     model = str(make_model("small", tmp / "model"))
+    if args.searches:
+        from bench_search import _collection, _served
+
+        coll = _collection(2000, tmp)
+    else:
+        coll = {"collection": "bench", "index_dir": f"{tmp}/indexes", "catalogue_url": f"sqlite:///{tmp}/catalogue.db",
+                "blobs_url": f"{tmp}/blobs"}
     connect()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": model, "collection": "bench", "index_dir": f"{tmp}/indexes",
-                         "catalogue_url": f"sqlite:///{tmp}/catalogue.db", "blobs_url": f"{tmp}/blobs",
-                         "reload_interval_s": 0, "model_num_cpus": 1, "model_threads": 1,
+    serve.run(build_app({"model": model, **coll, "reload_interval_s": 0, "model_num_cpus": 1, "model_threads": 1,
                          "model_in_ingress": args.model_in_ingress}),
               name="bench", route_prefix="/")
-    url = f"http://127.0.0.1:{port}/v1/tag"
-    bodies, ctype = make_requests(model)
+    base = f"http://127.0.0.1:{port}"
     try:
-        http_load(url, bodies, ctype, args.concurrency, 4 * args.concurrency)  # warm-up
-        n = int(args.seconds * 250) // args.concurrency * args.concurrency  # ~the seconds at ~250 req/s
+        if args.searches:
+            _served(base, 2000)
+            _search_load(base, args.concurrency, 3.0, tmp)  # warm-up
+        else:
+            bodies, ctype = make_requests(model)
+            http_load(base + "/v1/tag", bodies, ctype, args.concurrency, 4 * args.concurrency)  # warm-up
         spies = {}
         for role, marker in (("ingress replica", "ServeReplica:bench:Ingress"), ("model replica", "ConceptModel")):
             for pid in _pids(marker)[:1]:
                 spies[role] = (_spy(pid, args.seconds, tmp / f"{pid}.txt"), tmp / f"{pid}.txt")
         before, t0 = _cpu_ticks(), time.monotonic()
-        lat, wall = http_load(url, bodies, ctype, args.concurrency, n)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if args.searches:
+            n, rate = _search_load(base, args.concurrency, args.seconds, tmp)
+        else:
+            n = int(args.seconds * 250) // args.concurrency * args.concurrency  # ~the seconds at ~250 req/s
+            lat, wall = http_load(base + "/v1/tag", bodies, ctype, args.concurrency, n)
+            n, rate = len(lat), len(lat) / wall
         after, elapsed = _cpu_ticks(), time.monotonic() - t0
         per_role: collections.Counter[str] = collections.Counter()
         for pid, (name, ticks) in after.items():
             used = ticks - before.get(pid, (name, 0))[1]  # a process born meanwhile: all its ticks
             if used > 0:
                 per_role[_role(name)] += used
+        if args.searches:  # the load process has exited by now: its CPU, from this process's reaped children
+            done = resource.getrusage(resource.RUSAGE_CHILDREN)
+            per_role["load generator"] += round(TICK * (done.ru_utime + done.ru_stime
+                                                        - children.ru_utime - children.ru_stime))
         report: dict[str, Any] = {
-            "concurrency": args.concurrency, "requests": len(lat), "images_per_s": round(len(lat) / wall, 1),
-            "cpu_ms_per_request": {r: round(1000 * t / TICK / len(lat), 2) for r, t in per_role.most_common()},
+            "requests": "keyword and similar-item searches" if args.searches else "POST /v1/tag, one image",
+            "concurrency": args.concurrency, "count": n, "per_s": round(rate, 1),
+            "cpu_ms_per_request": {r: round(1000 * t / TICK / n, 2) for r, t in per_role.most_common()},
             "cpu_seconds_total": round(sum(per_role.values()) / TICK, 1), "wall_seconds": round(elapsed, 1),
         }
         for role, (proc, raw) in spies.items():
@@ -139,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(timeout=120)
                 if raw.exists():
                     report[f"{role} hottest functions (own samples)"] = _top_functions(raw)
+                    if args.searches and role == "ingress replica":
+                        report["ingress replica samples by activity"] = split_samples(raw)
     finally:
         serve.shutdown()
     text = json.dumps(report, indent=2)

@@ -8,6 +8,7 @@ offline model's.  No timing is asserted here: jobs/bench_serve.py measures.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import os
 import signal
 import subprocess
@@ -23,12 +24,11 @@ pytestmark = [pytest.mark.slow]
 
 
 def _offline(model: str, images: list[bytes]) -> list[list[tuple[str, float]]]:
-    sys.path.insert(0, str(REPO / "jobs"))
-    try:
-        from serve_peers import Tagger
-    finally:
-        sys.path.remove(str(REPO / "jobs"))
-    t = Tagger(model, threads=1)
+    spec = importlib.util.spec_from_file_location("serve_peers", REPO / "jobs" / "serve_peers.py")
+    assert spec is not None and spec.loader is not None
+    peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peers)  # a script of jobs/, not a package module
+    t = peers.Tagger(model, threads=1)
     probs = t.probs([t.pixels(b) for b in images])
     return [[(c["concept"], c["probability"]) for c in t.answer(p)["concepts"]] for p in probs]
 

@@ -6,6 +6,7 @@ other serving modules share the same application.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -90,14 +91,21 @@ def test_bounded_load_zero_errors_and_flat_replica_memory(served):
 
 
 @pytest.mark.timeout(120)
-def test_load_job_asyncio_clients_narrowed_to_the_searches(served):
+def test_load_job_asyncio_clients_narrowed_to_the_searches(served, tmp_path):
     """The load job's default client (asyncio tasks on aiohttp), narrowed to the two searches as
-    ``jobs/bench_search.py`` runs it; a mix naming no operation it knows is refused by name."""
+    ``jobs/bench_search.py`` runs it, every measured request also written out; a mix naming no
+    operation it knows is refused by name."""
     job = load_job()
-    out = job.run_load(served.url, clients=8, seconds=3.0, warmup=1.0, ops=("search", "similar"), client="aiohttp")
+    out = job.run_load(served.url, clients=8, seconds=3.0, warmup=1.0, ops=("search", "similar"), client="aiohttp",
+                       records_out=tmp_path / "records.jsonl")
     assert out["errors"] == 0, out["error_samples"]
     assert out["client"] == "aiohttp" and set(out["per_endpoint"]) == {"search", "similar"}, out["per_endpoint"]
     assert all(v["requests"] > 0 and v["p99_ms"] >= v["p50_ms"] for v in out["per_endpoint"].values())
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert len(records) == out["requests"]  # the measured requests, not the warm-up's
+    assert {r["op"] for r in records} == {"search", "similar"} and {r["status"] for r in records} == {200}
+    assert all(0 <= r["start"] <= r["end"] for r in records)
+    assert 0 < out["records_t0_unix"] <= time.time()
     with pytest.raises(ValueError, match=r"^ops: tagg; choose from tag, search, similar"):
         job.run_load(served.url, ops=("tagg",))
     with pytest.raises(ValueError, match=r"^client: 'curl' is not one of aiohttp, threads"):
