@@ -16,7 +16,8 @@
 The same model, request bodies (multipart and base64 JSON) and CPU budget are served by the stacks a
 user would pick instead (``--peers``, ``jobs/serve_peers.py``: a bare FastAPI + uvicorn app, and
 LitServe from the ``bench`` extra), each in its own process group, killed after its levels; the
-report gives deepindex's throughput and p50 against each and whether the targets hold.
+report gives deepindex's throughput and p50 against each and whether the targets hold.  LitServe
+batches up to deepindex's ``max_batch_size`` (32; ``--serve-arg max_batch_size=8`` sets both).
 
 (Similar-item search, FAISS vs brute force: ``jobs/bench_index.py``.)  Both sides of each comparison run in
 the same process on the same machine; absolute times from a shared CPU box are noise, the ratios are the
@@ -286,7 +287,8 @@ def _levels(url: str, bodies: list[bytes], ctype: str, concurrencies: list[int],
     return {str(c): _level(url, bodies, ctype, c, per_level, body) for c in concurrencies}
 
 
-def bench_peer(stack: str, model_path: str, concurrencies: list[int], per_level: int, threads: int) -> dict:
+def bench_peer(stack: str, model_path: str, concurrencies: list[int], per_level: int, threads: int,
+               max_batch_size: int = 32) -> dict:
     """``jobs/serve_peers.py STACK`` in its own process group (killed with it), both request bodies."""
     import os
     import signal
@@ -298,7 +300,7 @@ def bench_peer(stack: str, model_path: str, concurrencies: list[int], per_level:
 
     port = free_port()
     cmd = [sys.executable, str(Path(__file__).with_name("serve_peers.py")), stack, "--model", model_path,
-           "--port", str(port), "--threads", str(threads)]
+           "--port", str(port), "--threads", str(threads), "--max-batch-size", str(max_batch_size)]
     log_path = Path(tempfile.mkdtemp(prefix=f"bench-{stack}-")) / "server.log"
     with log_path.open("wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
@@ -332,7 +334,8 @@ def bench_tag(model: str, levels: list[int], per_level: int, threads: int, peers
     bare = bench_bare(model, levels, threads)
     served = {layout: bench_serve(model, levels, per_level, threads, layout, extra) for layout in layouts}
     top, one = str(max(levels)), str(min(levels))
-    peer = {stack: bench_peer(stack, model, levels, per_level, threads) for stack in peers}
+    max_batch = int((extra or {}).get("max_batch_size", 32))  # the peers batch as deepindex does
+    peer = {stack: bench_peer(stack, model, levels, per_level, threads, max_batch) for stack in peers}
     vs: dict = {}
     targets: dict = {}
     for layout, ours in served.items():

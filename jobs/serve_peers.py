@@ -7,10 +7,10 @@ forward of :func:`deepindex.index.embed.infer_unit`, top concepts).  One process
 torch threads, as deepindex's model replica:
 
 - ``fastapi``: a bare FastAPI app under uvicorn (one worker), one forward per request;
-- ``litserve``: LitServe (``pip install -e '.[bench]'``), ``max_batch_size=32``, ``batch_timeout=0``,
-  one worker: requests that arrive together are batched, as Ray Serve's ``@serve.batch`` does.
+- ``litserve``: LitServe (``pip install -e '.[bench]'``), ``max_batch_size=32`` (``--max-batch-size``),
+  ``batch_timeout=0``, one worker: requests that arrive together are batched, as Ray Serve's ``@serve.batch`` does.
 
-    python jobs/serve_peers.py {fastapi,litserve} --model CKPT --port PORT [--threads 1]
+    python jobs/serve_peers.py {fastapi,litserve} --model CKPT --port PORT [--threads 1] [--max-batch-size 32]
 
 The benchmark starts each in its own process group and kills the group when done.
 """
@@ -130,10 +130,10 @@ class TagAPI(_LitAPI):  # type: ignore[misc,valid-type]
         return {"results": [self.tagger.answer(output)]}
 
 
-def run_litserve(model: str, threads: int, port: int) -> None:
+def run_litserve(model: str, threads: int, port: int, max_batch_size: int = 32) -> None:
     if ls is None:
         raise SystemExit("litserve is not installed: pip install -e '.[bench]'")
-    api = TagAPI(max_batch_size=32, batch_timeout=0.0, api_path="/v1/tag")
+    api = TagAPI(max_batch_size=max_batch_size, batch_timeout=0.0, api_path="/v1/tag")
     api.model_path, api.threads = model, threads
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, healthcheck_path="/healthz", timeout=120)
     server.run(host="127.0.0.1", port=port, num_api_servers=1, generate_client_file=False)
@@ -145,11 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="checkpoint path or models:/ URI")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-batch-size", type=int, default=32, help="litserve: the largest batch")
     args = p.parse_args(argv)
     if args.stack == "fastapi":
         run_fastapi(Tagger(args.model, args.threads), args.port)
     else:
-        run_litserve(args.model, args.threads, args.port)
+        run_litserve(args.model, args.threads, args.port, args.max_batch_size)
     return 0
 
 
