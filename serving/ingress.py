@@ -305,14 +305,15 @@ class Ingress:
         if refresh or self._spec is None:
             return await self._fetch_spec()
         if time.monotonic() - self._spec_at > SPEC_TTL_S and self._spec_refresh is None:
-            self._spec_refresh = self._background(self._fetch_spec(), "model spec")
+            self._spec_refresh = task = self._background(self._fetch_spec(), "model spec")
+            task.add_done_callback(self._spec_refreshed)
         return self._spec
 
+    def _spec_refreshed(self, _: "asyncio.Task[Any]") -> None:
+        self._spec_refresh = None
+
     async def _fetch_spec(self) -> dict[str, Any]:
-        try:
-            spec = await _call(self.model.info)
-        finally:
-            self._spec_refresh = None
+        spec = await _call(self.model.info)
         self._spec, self._spec_at = spec, time.monotonic()
         self.serve_metrics.set_model(spec["name"], spec["version"])
         return spec
