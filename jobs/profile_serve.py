@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,17 +79,20 @@ def _spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _top_functions(raw: Path, n: int = 15) -> list[dict[str, Any]]:
-    """py-spy's raw (collapsed) stacks -> the functions with the most own samples."""
-    own: collections.Counter[str] = collections.Counter()
-    total = 0
+def _stacks(raw: Path) -> Iterator[tuple[list[str], int]]:
+    """py-spy's raw (collapsed) output -> (frames, outermost first; samples) per stack."""
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
-        frames = stack.split(";")
-        own[frames[-1]] += int(count)
-        total += int(count)
+        if stack:
+            yield stack.split(";"), int(count)
+
+
+def _top_functions(raw: Path, n: int = 15) -> list[dict[str, Any]]:
+    """py-spy's raw stacks -> the functions with the most own samples."""
+    own: collections.Counter[str] = collections.Counter()
+    for frames, count in _stacks(raw):
+        own[frames[-1]] += count
+    total = sum(own.values())
     return [{"function": f, "share": round(c / total, 3)} for f, c in own.most_common(n)] if total else []
 
 
@@ -109,14 +113,10 @@ SEARCH_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 def split_samples(raw: Path, groups: tuple[tuple[str, tuple[str, ...]], ...] = SEARCH_GROUPS) -> dict[str, float]:
     """py-spy's raw stacks -> share of the samples per group (the rest by their innermost function)."""
     per: collections.Counter[str] = collections.Counter()
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
-        frames = stack.split(";")
+    for frames, count in _stacks(raw):
         name = next((g for g, keys in groups if any(k in f for f in frames for k in keys)),
                     "other: " + frames[-1].split(" (")[0])
-        per[name] += int(count)
+        per[name] += count
     total = sum(per.values())
     return {g: round(c / total, 3) for g, c in per.most_common(12)} if total else {}
 
