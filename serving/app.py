@@ -50,7 +50,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             # Enough requests in flight per replica for full batches to form.
             max_ongoing_requests=max(2 * a.max_batch_size, 8),
             ray_actor_options=_actor_options(a.model_num_cpus),
-        ).bind(a.model, index, a.tracking_uri, a.max_batch_size, a.batch_wait_timeout_s, a.model_threads_or_cpus())
+        ).bind(a.model, index, a.tracking_uri, a.max_batch_size, a.batch_wait_timeout_s, a.model_threads_or_cpus(),
+              a.forward_batch_size)
     return _deployment(Ingress).options(**_scaling(a.ingress_replicas, a.ingress_autoscaling),
                            max_ongoing_requests=256,
                            ray_actor_options=_actor_options(ingress_cpus)).bind(model, index, a.model_dump(), hub)

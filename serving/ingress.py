@@ -214,7 +214,7 @@ def _served_model(args: ServeArgs, index: Any) -> "ServedModel":
     from serving.model import ServedModel
 
     return ServedModel(args.model, index, args.tracking_uri, args.max_batch_size, args.batch_wait_timeout_s,
-                       args.model_threads_or_cpus(), offload=True)
+                       args.model_threads_or_cpus(), offload=True, batch_size=args.forward_batch_size)
 
 
 class _InProcess:
@@ -580,7 +580,7 @@ class Ingress:
             reasons.append(f"index: {index.get('problem')}")
         elif index["model"]["version"] != spec["version"]:  # never: the index replica answers for that version
             reasons.append(f"index: built for version {index['model']['version']}, the model is {spec['version']}")
-        model = {k: spec[k] for k in ("name", "version", "uri", "reloads", "last_error")}
+        model = {k: spec[k] for k in ("name", "version", "uri", "batch_size", "reloads", "last_error")}
         body = {"status": "ready" if not reasons else "not ready", "model": model, "index": index, "reasons": reasons}
         return JSONResponse(body, status_code=200 if not reasons else 503)
 

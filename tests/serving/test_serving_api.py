@@ -210,6 +210,12 @@ def test_concurrent_requests_are_batched(served):
     count = next(s.value for s in samples if s.name.endswith("_count"))
     single = next(s.value for s in samples if s.name.endswith("_bucket") and s.labels["le"] == "1.0")
     assert count >= 64 and single < count  # some images went through a batch of more than one
+    # The replica's batch size, timed on this model when it loaded (at most max_batch_size, 16 here):
+    # no batch was larger.
+    size = served.get("/readyz").json()["model"]["batch_size"]
+    assert size in (4, 8, 16)
+    upto = next(s.value for s in samples if s.name.endswith("_bucket") and s.labels["le"] == f"{size:.1f}")
+    assert upto == count
 
 
 def test_metrics_scrape(served):
