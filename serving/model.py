@@ -40,10 +40,15 @@ class _Served:
     batch: int  # the replica's batch size for this model (``forward_batch_size``, or measured)
 
 
+BATCH_OVERHEAD_S = 0.001  # a batch's serving work besides its forward (@serve.batch, a thread hop, results)
+
+
 def fastest_batch(forward: Callable[[int], object], cap: int, clock: Callable[[], float] = time.perf_counter,
-                  rounds: int = 2, budget_s: float = 0.5) -> tuple[int, dict[int, float]]:
+                  rounds: int = 2, budget_s: float = 0.5, overhead_s: float = BATCH_OVERHEAD_S
+                  ) -> tuple[int, dict[int, float]]:
     """The batch size to serve with: of the powers of two up to ``cap`` (and ``cap``), the one whose
-    ``forward(n)`` takes the least time per image, and the seconds per image of each.
+    ``forward(n)`` plus ``overhead_s`` takes the least time per image, and the seconds per image of
+    each (the overhead included: for a sub-millisecond forward it is what bigger batches save).
 
     Every size is timed once a round, in turn, for ``rounds`` rounds and then until ``budget_s``
     has passed (a millisecond forward is timed many times, a slow one twice); each size keeps its
@@ -59,7 +64,7 @@ def fastest_batch(forward: Callable[[int], object], cap: int, clock: Callable[[]
         for n in sizes:
             t = clock()
             forward(n)
-            per[n] = min(per[n], (clock() - t) / n)
+            per[n] = min(per[n], (clock() - t + overhead_s) / n)
         done += 1
     best = min(per.values())
     return max(n for n, v in per.items() if v <= 1.03 * best), per
