@@ -26,7 +26,7 @@ def _timed(cost: Callable[[int, int], float]) -> tuple[list[int], Callable[[int]
 
 def test_the_fastest_per_image_wins_not_the_largest():
     # ResNet-18 at 224 px on this machine's CPU: per image, a batch of 8 beats one of 32.
-    per_image = {1: 0.041, 2: 0.040, 4: 0.040, 8: 0.035, 16: 0.037, 32: 0.040}
+    per_image = {1: 0.041, 2: 0.040, 4: 0.040, 8: 0.035, 16: 0.040, 32: 0.045}
     calls, forward, clock = _timed(lambda n, k: n * per_image[n] + (5.0 if k == 0 and n == 1 else 0.0))
     size, per = fastest_batch(forward, 32, clock, overhead_s=0)
     assert size == 8
@@ -41,11 +41,11 @@ def test_a_model_faster_per_image_in_bigger_batches_gets_the_cap():
     assert calls.count(16) > 2  # a fast forward: rounds go on until 0.5 s of them
 
 
-def test_within_three_percent_of_the_fastest_the_largest_wins():
-    per_image = {1: 0.0130, 2: 0.0110, 4: 0.0100, 8: 0.0098, 12: 0.0100}  # 12, the cap, is tried too
+def test_within_ten_percent_of_the_fastest_the_largest_wins():
+    per_image = {1: 0.0130, 2: 0.0120, 4: 0.0110, 8: 0.0098, 12: 0.0105}  # 12, the cap, is tried too
     _, forward, clock = _timed(lambda n, k: n * per_image[n])
     assert fastest_batch(forward, 12, clock, overhead_s=0)[0] == 12
-    per_image[12] = 0.0102  # 4 % slower than 8: no longer counted as fast
+    per_image[12] = 0.0110  # 12 % slower than 8: no longer counted as fast
     _, forward, clock = _timed(lambda n, k: n * per_image[n])
     assert fastest_batch(forward, 12, clock, overhead_s=0)[0] == 8
 
@@ -72,12 +72,12 @@ def test_the_serving_work_per_batch_counts_for_a_fast_forward():
     # The small ConvNet: its forward costs about the same per image at every size, within the timing
     # noise (8 even a little faster); a batch's serving work besides the forward (1 ms) is what
     # bigger batches save, so it gets the cap, while a slow forward is decided by the forward alone.
-    forward_per_image = {1: 0.00030, 2: 0.00024, 4: 0.00022, 8: 0.00020, 16: 0.00021, 32: 0.00021}
+    forward_per_image = {1: 0.00030, 2: 0.00024, 4: 0.00020, 8: 0.00015, 16: 0.00020, 32: 0.00021}
     _, forward, clock = _timed(lambda n, k: n * forward_per_image[n])
     size, per = fastest_batch(forward, 32, clock)
-    assert size == 32 and per[32] == pytest.approx(0.00021 + 0.001 / 32)
+    assert size == 32 and per[32] == pytest.approx(0.00021 + 0.001 / 32)  # 8: 0.00015 + 0.000125
     _, forward, clock = _timed(lambda n, k: n * forward_per_image[n])
     assert fastest_batch(forward, 32, clock, overhead_s=0)[0] == 8
-    slow = {n: 100 * v for n, v in forward_per_image.items()}  # 20-30 ms an image: the 1 ms hardly counts
+    slow = {n: 100 * v for n, v in forward_per_image.items()}  # 15-30 ms an image: the 1 ms hardly counts
     _, forward, clock = _timed(lambda n, k: n * slow[n])
     assert fastest_batch(forward, 32, clock)[0] == 8
