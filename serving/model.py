@@ -71,7 +71,7 @@ def fastest_batch(forward: Callable[[int], object], cap: int, clock: Callable[[]
     return max(n for n, v in per.items() if v <= 1.10 * best), per
 
 
-def _load(ref: str, tracking_uri: str | None, max_batch_size: int = 1, batch_size: int = 0) -> _Served:
+def _load(ref: str, tracking_uri: str | None, max_batch_size: int, batch_size: int) -> _Served:
     """Load version ``ref``; with ``batch_size`` 0, time its forward to choose the batch size
     (:func:`fastest_batch`, at most ``max_batch_size``)."""
     from deepindex.index.embed import infer_unit

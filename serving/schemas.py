@@ -56,7 +56,7 @@ class ServeArgs(BaseModel):
     batch_wait_timeout_s: float = Field(0.0, ge=0)
     # The batches a model replica forms, at most max_batch_size.  0: measured when a version loads,
     # the size with the least time per image (serving/model.py fastest_batch): on a CPU, ResNet-18
-    # at 224 px is fastest per image in batches of 8, the small ConvNet in the largest.
+    # at 224 px is faster per image in small batches than in batches of 32.
     forward_batch_size: int = Field(0, ge=0)
     model_replicas: int = Field(1, ge=1)
     model_autoscaling: dict[str, Any] | None = None  # Serve autoscaling_config; replaces model_replicas
