@@ -168,7 +168,12 @@ def test_writer_sigkilled_mid_burst_loses_no_acknowledged_change(tmp_path: Path)
                 assert (created, h, int(seq)) == ("0", *acked[item_id])
             acked[item_id] = (h, int(seq))
         head = check(store, acked, deleted, head)
-    assert store.count() == 30 - len([d for d in deleted if d.startswith("pre")]) + 300
+    # A kill can land between a delete's commit and its acknowledgement: that pre item is gone though
+    # no line said so (allowed: nothing acknowledged was lost), at most one per killed deleting run.
+    pre_gone = {f"pre{j}" for j in range(30) if store.get(f"pre{j}") is None}
+    acked_gone = {d for d in deleted if d.startswith("pre")}
+    assert acked_gone <= pre_gone and len(pre_gone - acked_gone) <= 3, (pre_gone, acked_gone)
+    assert store.count() == 30 - len(pre_gone) + 300
     # And once more (here, in this process): nothing new.
     for i in [*range(0, 100), *range(200, 400)]:
         item, created = store.add(f"w-{i:05d}", W.payload(i), tags=W.tags_of(i), source="writer", meta={"i": i})
