@@ -142,7 +142,8 @@ def test_writer_sigkilled_mid_burst_loses_no_acknowledged_change(tmp_path: Path)
             deleted[item_id] = int(seq) or deleted.get(item_id, 0)
 
     # One add (and one delete) at a time; each run re-adds the second half of the one before.
-    for r in range(3):
+    deleting_runs = 3
+    for r in range(deleting_runs):
         run = start(catalogue, blobs, 25 * r, 50, "--delete", "pre:30")
         kill_after(run, rng.randint(2, 24), rng)
         record(run)
@@ -172,7 +173,7 @@ def test_writer_sigkilled_mid_burst_loses_no_acknowledged_change(tmp_path: Path)
     # no line said so (allowed: nothing acknowledged was lost), at most one per killed deleting run.
     pre_gone = {f"pre{j}" for j in range(30) if store.get(f"pre{j}") is None}
     acked_gone = {d for d in deleted if d.startswith("pre")}
-    assert acked_gone <= pre_gone and len(pre_gone - acked_gone) <= 3, (pre_gone, acked_gone)
+    assert acked_gone <= pre_gone and len(pre_gone - acked_gone) <= deleting_runs, (pre_gone, acked_gone)
     assert store.count() == 30 - len(pre_gone) + 300
     # And once more (here, in this process): nothing new.
     for i in [*range(0, 100), *range(200, 400)]:
