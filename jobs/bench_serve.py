@@ -18,6 +18,10 @@ user would pick instead (``--peers``, ``jobs/serve_peers.py``: a bare FastAPI + 
 LitServe from the ``bench`` extra), each in its own process group, killed after its levels; the
 report gives deepindex's throughput and p50 against each and whether the targets hold.  LitServe
 batches up to deepindex's ``max_batch_size`` (32; ``--serve-arg max_batch_size=8`` sets both).
+deepindex serves the model's optimized graph (``deepindex.index.embed.optimized_forward``); the peers
+and the bare model call the same one by default, so the stacks are compared and not the model code
+(``--peer-forward eager``: the peers call the plain model, as their users would write it; the bare
+model is timed both ways).
 
 (Similar-item search, FAISS vs brute force: ``jobs/bench_index.py``.)  Both sides of each comparison run in
 the same process on the same machine; absolute times from a shared CPU box are noise, the ratios are the
@@ -96,27 +100,30 @@ def make_requests(model_path: str, n: int = 64) -> tuple[list[bytes], str]:
 
 
 # ---- the two sides -----------------------------------------------------------------------------
-def bench_bare(model_path: str, batch_sizes: list[int], threads: int, seconds: float = 2.0) -> dict:
+def bench_bare(model_path: str, batch_sizes: list[int], threads: int, seconds: float = 2.0,
+               forward: str = "served") -> dict:
+    """The model alone in this process: the forward deepindex serves (``served``) or the eager one."""
     import torch
 
     from deepindex.checkpoint import load_model
     from deepindex.data.transforms import uint8_to_unit
-    from deepindex.index.embed import infer_unit
+    from deepindex.index.embed import infer_unit, optimized_forward
     from deepindex.tracking.registry import resolve_model
 
     torch.set_num_threads(threads)
     lm = load_model(resolve_model(model_path).checkpoint_path)
+    call = optimized_forward(lm, ("probs",))[0] if forward == "served" else (lambda u: infer_unit(lm, u, ["probs"]))
     d = lm.config.data
     out = {}
     for b in batch_sizes:
         x = np.random.default_rng(0).integers(0, 256, (b, d.channels, d.image_size, d.image_size), dtype=np.uint8)
         for _ in range(3):
-            infer_unit(lm, uint8_to_unit(x))
+            call(uint8_to_unit(x))
         times = []
         end = time.perf_counter() + seconds
         while time.perf_counter() < end or len(times) < 5:
             t = time.perf_counter()
-            infer_unit(lm, uint8_to_unit(x))  # the replica's call: to [0, 1], normalise, forward, probabilities
+            call(uint8_to_unit(x))  # the replica's call: to [0, 1], normalise, forward, probabilities
             times.append(time.perf_counter() - t)
         out[str(b)] = {"p50_ms": 1e3 * _pct(times, 50), "p99_ms": 1e3 * _pct(times, 99),
                        "images_per_s": b / float(np.mean(times))}
@@ -288,7 +295,7 @@ def _levels(url: str, bodies: list[bytes], ctype: str, concurrencies: list[int],
 
 
 def bench_peer(stack: str, model_path: str, concurrencies: list[int], per_level: int, threads: int,
-               max_batch_size: int = 32) -> dict:
+               max_batch_size: int = 32, forward: str = "served") -> dict:
     """``jobs/serve_peers.py STACK`` in its own process group (killed with it), both request bodies."""
     import os
     import signal
@@ -300,7 +307,8 @@ def bench_peer(stack: str, model_path: str, concurrencies: list[int], per_level:
 
     port = free_port()
     cmd = [sys.executable, str(Path(__file__).with_name("serve_peers.py")), stack, "--model", model_path,
-           "--port", str(port), "--threads", str(threads), "--max-batch-size", str(max_batch_size)]
+           "--port", str(port), "--threads", str(threads), "--max-batch-size", str(max_batch_size),
+           "--forward", forward]
     log_path = Path(tempfile.mkdtemp(prefix=f"bench-{stack}-")) / "server.log"
     with log_path.open("wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
@@ -330,12 +338,13 @@ def bench_peer(stack: str, model_path: str, concurrencies: list[int], per_level:
 
 
 def bench_tag(model: str, levels: list[int], per_level: int, threads: int, peers: list[str],
-              layouts: list[str], extra: dict | None = None) -> dict:
+              layouts: list[str], extra: dict | None = None, peer_forward: str = "served") -> dict:
     bare = bench_bare(model, levels, threads)
+    bare_eager = bench_bare(model, levels, threads, forward="eager")
     served = {layout: bench_serve(model, levels, per_level, threads, layout, extra) for layout in layouts}
     top, one = str(max(levels)), str(min(levels))
     max_batch = int((extra or {}).get("max_batch_size", 32))  # the peers batch as deepindex does
-    peer = {stack: bench_peer(stack, model, levels, per_level, threads, max_batch) for stack in peers}
+    peer = {stack: bench_peer(stack, model, levels, per_level, threads, max_batch, peer_forward) for stack in peers}
     vs: dict = {}
     targets: dict = {}
     for layout, ours in served.items():
@@ -353,7 +362,8 @@ def bench_tag(model: str, levels: list[int], per_level: int, threads: int, peers
         targets[f"{layout}: /v1/tag at {top} >= 0.9x the bare batched model"] = (
             ours["levels"][top]["images_per_s"] >= 0.9 * bare[top]["images_per_s"])
     return {
-        "model": model, "serve": served, "bare_model": bare, "peers": peer, "deepindex_over_peers": vs,
+        "model": model, "serve": served, "bare_model": bare, "bare_model_eager": bare_eager,
+        "peers_forward": peer_forward, "peers": peer, "deepindex_over_peers": vs,
         "targets_held": targets,
         "throughput_ratio_at_max_concurrency": {layout: ours["levels"][top]["images_per_s"] / bare[top]["images_per_s"]
                                                 for layout, ours in served.items()},
@@ -376,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="CPUs/torch threads of the model replica and the bare model")
     p.add_argument("--peers", default="fastapi,litserve",
                    help="stacks to serve the same model beside deepindex (jobs/serve_peers.py); '' for none")
+    p.add_argument("--peer-forward", choices=["served", "eager"], default="served",
+                   help="the peers' model call: the optimized graph deepindex serves, or the plain model")
     add_layout_args(p)
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
@@ -390,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, model in models.items():
         report["tag"][name] = bench_tag(model, levels, args.requests, args.threads,
                                         [x for x in args.peers.split(",") if x],
-                                        layouts, extra)
+                                        layouts, extra, args.peer_forward)
 
     from deepindex.console import report as emit
 

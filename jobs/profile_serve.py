@@ -110,6 +110,20 @@ SEARCH_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+# The same for a POST /v1/tag with the model in the ingress.
+TAG_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("the model's forward (torch)", ("torch/nn/", "torch/_", "infer_unit", "embed.py")),
+    ("decoding and preprocessing (PIL, pil_to_uint8, normalize)", ("PIL/", "decode.py", "transforms.py")),
+    ("reading the multipart body", ("_read_images", "multipart", "formparsers", "tempfile.py")),
+    ("batching (@serve.batch, the forward's thread)", ("batching.py", "ServedModel.", "concurrent/futures")),
+    ("metrics (ours and Serve's)", ("prometheus_client", "metrics.py", "_record_errors_and_metrics")),
+    ("response validation and JSON (FastAPI, pydantic)", ("serialize_response", "TypeAdapter", "jsonable_encoder")),
+    ("the rest of our handler", ("Ingress.",)),
+    ("HTTP: uvicorn, Starlette, FastAPI routing and middleware, Serve's ASGI wrapper",
+     ("uvicorn", "starlette", "fastapi", "http_util.py", "replica.py", "ObserveMiddleware", "asyncio")),
+)
+
+
 def split_samples(raw: Path, groups: tuple[tuple[str, tuple[str, ...]], ...] = SEARCH_GROUPS) -> dict[str, float]:
     """py-spy's raw stacks -> share of the samples per group (the rest by their innermost function)."""
     per: collections.Counter[str] = collections.Counter()
@@ -206,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(timeout=120)
                 if raw.exists():
                     report[f"{role} hottest functions (own samples)"] = _top_functions(raw)
-                    if args.searches and role == "ingress replica":
-                        report["ingress replica samples by activity"] = split_samples(raw)
+                    if role == "ingress replica" and (args.searches or args.model_in_ingress):
+                        groups = SEARCH_GROUPS if args.searches else TAG_GROUPS
+                        report["ingress replica samples by activity"] = split_samples(raw, groups)
     finally:
         serve.shutdown()
     text = json.dumps(report, indent=2)

@@ -3,14 +3,17 @@
 Each serves ``POST /v1/tag`` with the same request bodies as deepindex (multipart ``images`` files,
 or JSON ``{"images": [{"data": <base64>}]}``) and the same work per image as deepindex's model
 replica: :class:`Tagger` (decode with deepindex's limits, resize to the model's input, the batched
-forward of :func:`deepindex.index.embed.infer_unit`, top concepts).  One process, ``--threads``
-torch threads, as deepindex's model replica:
+forward, top concepts).  The forward is the one deepindex serves (``--forward served``: the traced
+graph of :func:`deepindex.index.embed.optimized_forward`), or the eager model call a user of these
+stacks would write (``--forward eager``: :func:`deepindex.index.embed.infer_unit`).  One process,
+``--threads`` torch threads, as deepindex's model replica:
 
 - ``fastapi``: a bare FastAPI app under uvicorn (one worker), one forward per request;
 - ``litserve``: LitServe (``pip install -e '.[bench]'``), ``max_batch_size=32`` (``--max-batch-size``),
   ``batch_timeout=0``, one worker: requests that arrive together are batched, as Ray Serve's ``@serve.batch`` does.
 
     python jobs/serve_peers.py {fastapi,litserve} --model CKPT --port PORT [--threads 1] [--max-batch-size 32]
+                               [--forward served|eager]
 
 The benchmark starts each in its own process group and kills the group when done.
 """
@@ -31,16 +34,19 @@ TOP_K = 10
 class Tagger:
     """A checkpoint and the per-image work of ``/v1/tag``."""
 
-    def __init__(self, model: str, threads: int) -> None:
+    def __init__(self, model: str, threads: int, forward: str = "served") -> None:
         import torch
 
         from deepindex.checkpoint import load_model
+        from deepindex.index.embed import infer_unit, optimized_forward
         from deepindex.tracking.registry import resolve_model
 
         torch.set_num_threads(threads)
-        self.lm = load_model(resolve_model(model).checkpoint_path)
+        lm = self.lm = load_model(resolve_model(model).checkpoint_path)
         d = self.lm.config.data
         self.size, self.channels, self.preset = d.image_size, d.channels, d.preset
+        self.forward = (optimized_forward(lm, ("probs",))[0] if forward == "served"
+                        else lambda unit: infer_unit(lm, unit, ["probs"]))
 
     def pixels(self, data: bytes) -> np.ndarray:
         """Encoded image -> (C, S, S) uint8, as deepindex's ingress prepares it."""
@@ -53,9 +59,8 @@ class Tagger:
     def probs(self, batch: list[np.ndarray]) -> np.ndarray:
         """(B, K) probabilities: deepindex's model replica's call."""
         from deepindex.data.transforms import uint8_to_unit
-        from deepindex.index.embed import infer_unit
 
-        return np.asarray(infer_unit(self.lm, uint8_to_unit(np.stack(batch)), ["probs"])["probs"])
+        return np.asarray(self.forward(uint8_to_unit(np.stack(batch)))["probs"])
 
     def answer(self, probs: np.ndarray) -> dict[str, Any]:
         order = np.argsort(-probs, kind="stable")[:TOP_K]
@@ -108,9 +113,10 @@ class TagAPI(_LitAPI):  # type: ignore[misc,valid-type]
 
     model_path = ""
     threads = 1
+    forward = "served"
 
     def setup(self, device: str) -> None:
-        self.tagger = Tagger(self.model_path, self.threads)
+        self.tagger = Tagger(self.model_path, self.threads, self.forward)
 
     # LitServe types its endpoint's parameter with this annotation: Request makes it hand over the
     # parsed form (multipart) or JSON body; any other type would be read as a query parameter.
@@ -130,11 +136,11 @@ class TagAPI(_LitAPI):  # type: ignore[misc,valid-type]
         return {"results": [self.tagger.answer(output)]}
 
 
-def run_litserve(model: str, threads: int, port: int, max_batch_size: int = 32) -> None:
+def run_litserve(model: str, threads: int, port: int, max_batch_size: int = 32, forward: str = "served") -> None:
     if ls is None:
         raise SystemExit("litserve is not installed: pip install -e '.[bench]'")
     api = TagAPI(max_batch_size=max_batch_size, batch_timeout=0.0, api_path="/v1/tag")
-    api.model_path, api.threads = model, threads
+    api.model_path, api.threads, api.forward = model, threads, forward
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, healthcheck_path="/healthz", timeout=120)
     server.run(host="127.0.0.1", port=port, num_api_servers=1, generate_client_file=False)
 
@@ -146,11 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-batch-size", type=int, default=32, help="litserve: the largest batch")
+    p.add_argument("--forward", choices=["served", "eager"], default="served",
+                   help="the model call: deepindex's optimized graph (served) or the plain model (eager)")
     args = p.parse_args(argv)
     if args.stack == "fastapi":
-        run_fastapi(Tagger(args.model, args.threads), args.port)
+        run_fastapi(Tagger(args.model, args.threads, args.forward), args.port)
     else:
-        run_litserve(args.model, args.threads, args.port, args.max_batch_size)
+        run_litserve(args.model, args.threads, args.port, args.max_batch_size, args.forward)
     return 0
 
 

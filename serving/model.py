@@ -17,13 +17,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from ray import serve
 
 from deepindex.checkpoint import LoadedModel, load_model
+from deepindex.index.embed import Forward, optimized_forward
 from deepindex.tracking.registry import ResolvedModel, resolve_model
 from serving.schemas import HEALTH_S
 
@@ -38,6 +39,15 @@ class _Served:
     resolved: ResolvedModel
     lm: LoadedModel
     batch: int  # the replica's batch size for this model (``forward_batch_size``, or measured)
+    forwards: dict[tuple[str, ...], Forward] = field(default_factory=dict)
+
+    def forward(self, names: tuple[str, ...]) -> Forward:
+        """The optimized forward for these feature points (:func:`optimized_forward`): built on first
+        use, kept while this version is served."""
+        f = self.forwards.get(names)
+        if f is None:
+            f = self.forwards[names] = optimized_forward(self.lm, names)[0]
+        return f
 
 
 BATCH_OVERHEAD_S = 0.001  # a batch's serving work besides its forward (@serve.batch, a thread hop, results)
@@ -73,22 +83,19 @@ def fastest_batch(forward: Callable[[int], object], cap: int, clock: Callable[[]
 
 
 def _load(ref: str, tracking_uri: str | None, max_batch_size: int, batch_size: int) -> _Served:
-    """Load version ``ref``; with ``batch_size`` 0, time its forward to choose the batch size
-    (:func:`fastest_batch`, at most ``max_batch_size``)."""
-    from deepindex.index.embed import infer_unit
-
+    """Load version ``ref`` and build its optimized forward; with ``batch_size`` 0, time that forward to
+    choose the batch size (:func:`fastest_batch`, at most ``max_batch_size``)."""
     r = resolve_model(ref, tracking_uri)
     lm = load_model(r.checkpoint_path)
-    batch = min(batch_size, max_batch_size)
-    if not batch:
-        d = lm.config.data
-        assert d.channels and d.image_size  # a saved model's data keys were resolved before training
-        shape = (d.channels, d.image_size, d.image_size)
-        batch, per = fastest_batch(lambda n: infer_unit(lm, np.zeros((n, *shape), np.float32), ["probs"]),
-                                   max_batch_size)
-        log.info("model %s version %s: batches of %d (ms per image by batch size: %s)", r.name, r.version, batch,
-                 ", ".join(f"{n}: {1e3 * v:.2f}" for n, v in per.items()))
-    return _Served(r, lm, batch)
+    served = _Served(r, lm, min(batch_size, max_batch_size))
+    probs = served.forward(("probs",))
+    if served.batch:
+        return served
+    shape = (lm.channels, lm.image_size, lm.image_size)
+    batch, per = fastest_batch(lambda n: probs(np.zeros((n, *shape), np.float32)), max_batch_size)
+    log.info("model %s version %s: batches of %d (ms per image by batch size: %s)", r.name, r.version, batch,
+             ", ".join(f"{n}: {1e3 * v:.2f}" for n, v in per.items()))
+    return _Served(r, lm, batch, served.forwards)
 
 
 class ServedModel:
@@ -186,7 +193,6 @@ class ServedModel:
         probabilities (K,), ``features`` {name: (D,)}, version, batch size.  One pass for the batch
         computes the union of the feature points asked for."""
         from deepindex.data.transforms import uint8_to_unit
-        from deepindex.index.embed import infer_unit
 
         pixels = [u for u, _ in items]
         features = [fs for _, fs in items]
@@ -208,12 +214,12 @@ class ServedModel:
                 continue
             ok.append(i)
         if ok:
-            names = ["probs", *sorted({f for i in ok for f in features[i] if f != "probs"})]
+            names = ("probs", *sorted({f for i in ok for f in features[i] if f != "probs"}))
             batch = uint8_to_unit(np.stack([pixels[i] for i in ok]))
             if self._offload:
-                got = await asyncio.to_thread(infer_unit, s.lm, batch, names)  # {name: (B, D)}
+                got = await asyncio.to_thread(lambda: s.forward(names)(batch))  # {name: (B, D)}
             else:
-                got = infer_unit(s.lm, batch, names)
+                got = s.forward(names)(batch)
             for j, i in enumerate(ok):
                 out[i] = {"probs": got["probs"][j], "features": {f: got[f][j] for f in features[i]},
                           "name": s.resolved.name, "version": s.resolved.version, "batch_size": len(ok)}
