@@ -70,7 +70,7 @@ def optimized_forward(lm: LoadedModel, names: Sequence[str], atol: float = 1e-4)
     serving replica's HTTP requests) it waits up to a switch interval (5 ms) per layer; the graph
     runs without the GIL from input to output.  On this machine's 2 cores, 1 torch thread, the
     small ConvNet's batch of 16 went from 0.25 to 0.11 ms per image alone, and beside a busy Python
-    thread from 7.9 to 1.0 ms per image of wall time; ResNet-18 at 224 px from 33 to 23 ms per image.
+    thread from 7.6 to 0.7 ms per image of wall time; ResNet-18 at 224 px from 33 to 23 ms per image.
     The graph is checked against the eager forward on two batch sizes it was not traced with; a
     model that does not trace, or answers otherwise, keeps the eager forward (logged)."""
     names = tuple(dict.fromkeys(names))
