@@ -25,8 +25,8 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ray import serve
@@ -38,6 +38,9 @@ from deepindex.index.store import IndexStore
 from serving.reads import WRITER_FILE, index_ref, search
 from serving.reads import error as _err
 from serving.rollover import Rollover
+
+if TYPE_CHECKING:
+    from deepindex.index.embed import PixelEmbedder
 from serving.schemas import HEALTH_S, ServeArgs
 
 log = logging.getLogger(__name__)
@@ -55,10 +58,16 @@ class Pair:
     index: IndexStore
     lm: LoadedModel
 
-    def embed(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        from deepindex.index.embed import embed_pixels
+    _embedder: PixelEmbedder | None = field(default=None, init=False, repr=False)
 
-        return embed_pixels(self.lm, pixels, list(self.index.manifest.features))
+    def embed(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """The index's feature points of ``pixels`` (uint8 model inputs), from the graph the model
+        replicas serve (built on first use, kept with the pair)."""
+        if self._embedder is None:
+            from deepindex.index.embed import PixelEmbedder
+
+            self._embedder = PixelEmbedder(self.lm, list(self.index.manifest.features))
+        return self._embedder(pixels)
 
     def ref_dict(self) -> dict[str, Any]:
         return index_ref(self.index)

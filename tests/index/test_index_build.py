@@ -73,7 +73,7 @@ def test_catch_up_applies_later_adds_and_deletes(small_model, gallery, tmp_path)
     from deepindex.index.build import build_index
     from deepindex.index.catchup import catch_up
     from deepindex.index.collection import digit_gallery
-    from deepindex.index.embed import embed_pixels, image_bytes_to_unit
+    from deepindex.index.embed import PixelEmbedder, image_bytes_to_unit
     from deepindex.index.store import IndexStore
 
     built = build_index(str(small_model), out=tmp_path / "i", use_ray=False)
@@ -83,10 +83,7 @@ def test_catch_up_applies_later_adds_and_deletes(small_model, gallery, tmp_path)
         gallery.add(f"new-{j}", png_bytes(unit), tags=extra.labels[j])
     gallery.delete("scene-000001")
     gallery.add("broken", b"\x89PNG\r\n\x1a\n not really")  # bytes that do not decode: skipped, not fatal
-    lm = load_model(small_model)
-
-    def embed(px):
-        return embed_pixels(lm, px, ["penultimate"])
+    embed = PixelEmbedder(load_model(small_model), ["penultimate"])
 
     assert catch_up(index, gallery, embed) == 5
     assert index.seq == gallery.head() and len(index) == 700 + 3 - 1

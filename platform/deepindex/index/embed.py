@@ -144,12 +144,18 @@ def image_bytes_to_unit(data: bytes, image_size: int, channels: int, preset: str
     return decode_file(io.BytesIO(data), image_size, channels, preset)
 
 
-def embed_pixels(lm: LoadedModel, pixels: np.ndarray, features: Sequence[str]) -> dict[str, np.ndarray]:
-    """uint8 model inputs (B, C, S, S) -> ``{"probs": (B, K), feature: (B, D)}`` from one pass."""
-    from deepindex.data.transforms import uint8_to_unit
+class PixelEmbedder:
+    """uint8 model inputs (B, C, S, S) -> ``{"probs": (B, K), feature: (B, D)}`` from one pass of the
+    model's optimized graph (:func:`optimized_forward`: the forward the serving replicas run, so an
+    indexed item and the same image sent as a query get the same vectors)."""
 
-    wanted = ["probs", *[f for f in features if f != "probs"]]
-    return infer_unit(lm, uint8_to_unit(pixels), wanted)
+    def __init__(self, lm: LoadedModel, features: Sequence[str]) -> None:
+        self.forward, self.optimized = optimized_forward(lm, ["probs", *features])
+
+    def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        from deepindex.data.transforms import uint8_to_unit
+
+        return self.forward(uint8_to_unit(pixels))
 
 
 class ItemEmbedActor:
@@ -166,7 +172,7 @@ class ItemEmbedActor:
         torch.set_num_threads(max(1, threads))
         self.lm = load_model(checkpoint)
         self.blobs = BlobStore(blobs_url)
-        self.features = list(features)
+        self.embed = PixelEmbedder(self.lm, features)
         self.shape = (self.lm.channels, self.lm.image_size, self.lm.image_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -179,5 +185,5 @@ class ItemEmbedActor:
             except (OSError, ValueError, SyntaxError) as e:  # a blob PIL cannot read: skipped, not fatal
                 ok[j] = False
                 log.warning("item with content %s does not decode (%s); skipped", h, e)
-        out = embed_pixels(self.lm, pixels, self.features)
+        out = self.embed(pixels)
         return {"row": np.asarray(batch["row"], dtype=np.int64), "ok": ok, **out}
