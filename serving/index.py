@@ -38,10 +38,10 @@ from deepindex.index.store import IndexStore
 from serving.reads import WRITER_FILE, index_ref, search
 from serving.reads import error as _err
 from serving.rollover import Rollover
+from serving.schemas import HEALTH_S, ServeArgs
 
 if TYPE_CHECKING:
     from deepindex.index.embed import PixelEmbedder
-from serving.schemas import HEALTH_S, ServeArgs
 
 log = logging.getLogger(__name__)
 
