@@ -107,12 +107,12 @@ def bench_bare(model_path: str, batch_sizes: list[int], threads: int, seconds: f
 
     from deepindex.checkpoint import load_model
     from deepindex.data.transforms import uint8_to_unit
-    from deepindex.index.embed import infer_unit, optimized_forward
+    from deepindex.index.embed import optimized_forward
     from deepindex.tracking.registry import resolve_model
 
     torch.set_num_threads(threads)
     lm = load_model(resolve_model(model_path).checkpoint_path)
-    call = optimized_forward(lm, ("probs",))[0] if forward == "served" else (lambda u: infer_unit(lm, u, ["probs"]))
+    call = optimized_forward(lm, ("probs",), optimize=forward == "served")[0]
     d = lm.config.data
     out = {}
     for b in batch_sizes:

@@ -38,15 +38,14 @@ class Tagger:
         import torch
 
         from deepindex.checkpoint import load_model
-        from deepindex.index.embed import infer_unit, optimized_forward
+        from deepindex.index.embed import optimized_forward
         from deepindex.tracking.registry import resolve_model
 
         torch.set_num_threads(threads)
-        lm = self.lm = load_model(resolve_model(model).checkpoint_path)
+        self.lm = load_model(resolve_model(model).checkpoint_path)
         d = self.lm.config.data
         self.size, self.channels, self.preset = d.image_size, d.channels, d.preset
-        self.forward = (optimized_forward(lm, ("probs",))[0] if forward == "served"
-                        else lambda unit: infer_unit(lm, unit, ["probs"]))
+        self.forward = optimized_forward(self.lm, ("probs",), optimize=forward == "served")[0]
 
     def pixels(self, data: bytes) -> np.ndarray:
         """Encoded image -> (C, S, S) uint8, as deepindex's ingress prepares it."""

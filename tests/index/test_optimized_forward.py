@@ -73,3 +73,14 @@ def test_a_model_the_tracer_cannot_take_serves_eagerly(small_model: Path, caplog
     assert list(got) == ["probs", "penultimate"]
     for n in got:
         np.testing.assert_array_equal(got[n], want[n])
+
+
+def test_optimize_false_is_the_eager_forward(small_model: Path) -> None:
+    """What the benchmarks time as the plain model call: infer_unit itself, not a graph."""
+    lm = load_model(small_model)
+    forward, optimized = optimized_forward(lm, ("probs", "penultimate"), optimize=False)
+    assert not optimized
+    unit = _units(lm, 3)
+    got, want = forward(unit), infer_unit(lm, unit, ["probs", "penultimate"])
+    for n in ("probs", "penultimate"):
+        np.testing.assert_array_equal(got[n], want[n])

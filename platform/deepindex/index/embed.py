@@ -61,10 +61,12 @@ class _Features(torch.nn.Module):
 Forward = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
-def optimized_forward(lm: LoadedModel, names: Sequence[str], atol: float = 1e-4) -> tuple[Forward, bool]:
+def optimized_forward(lm: LoadedModel, names: Sequence[str], atol: float = 1e-4, optimize: bool = True
+                      ) -> tuple[Forward, bool]:
     """:func:`infer_unit` for fixed feature ``names`` as one TorchScript graph: traced, frozen and
     optimized for inference (batch norm folded into the convolutions, oneDNN kernels); returns
-    (the forward, whether it is the optimized one).
+    (the forward, whether it is the optimized one).  ``optimize=False``: the eager forward with the
+    same signature (what the benchmarks compare the graph with).
 
     Why: an eager forward takes and drops the GIL at every layer, so beside a busy event loop (a
     serving replica's HTTP requests) it waits up to a switch interval (5 ms) per layer; the graph
@@ -78,6 +80,8 @@ def optimized_forward(lm: LoadedModel, names: Sequence[str], atol: float = 1e-4)
     def eager(unit: np.ndarray) -> dict[str, np.ndarray]:
         return infer_unit(lm, unit, names)
 
+    if not optimize:
+        return eager, False
     shape = (lm.channels, lm.image_size, lm.image_size)
     gen = torch.Generator().manual_seed(0)
     try:
@@ -150,7 +154,7 @@ class PixelEmbedder:
     indexed item and the same image sent as a query get the same vectors)."""
 
     def __init__(self, lm: LoadedModel, features: Sequence[str]) -> None:
-        self.forward, self.optimized = optimized_forward(lm, ["probs", *features])
+        self.forward = optimized_forward(lm, ["probs", *features])[0]
 
     def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         from deepindex.data.transforms import uint8_to_unit
