@@ -99,3 +99,34 @@ def test_tracking_server_dies_mid_run_training_completes_and_sync_logs_the_rest(
         assert sync_journals(storage, server.uri) == []  # set aside: never replayed twice
     finally:
         outage.close()
+
+
+@pytest.mark.timeout(120)
+def test_trial_started_again_before_its_first_checkpoint_continues_its_child_run(mlflow_server, tmp_path):
+    """A sweep driver killed after a trial's MLflow run was created but before the trial's first
+    checkpoint (which carries the run id): the restored trial starts from scratch, and must continue
+    that child run instead of adding a second one for the same trial."""
+    from mlflow.tracking import MlflowClient
+
+    from deepindex.tracking.run import make_tracker, open_parent_run
+    from deepindex.tracking.tracker import RUN_ID_KEY
+
+    exp_name = f"restart-{tmp_path.name}"
+    cfg = load_config(None, [*TINY, f"tracking.experiment={exp_name}"])
+    uri = mlflow_server.uri
+    parent = open_parent_run(uri, exp_name, "sweep", recorded=None, tags={}, params={}, texts={})
+    other_parent = open_parent_run(uri, exp_name, "sweep2", recorded=None, tags={}, params={}, texts={})
+
+    def start(name: str, parent_id: str) -> str:
+        tracker = make_tracker(cfg, name, tracking_uri=uri, parent_run_id=parent_id)
+        assert tracker is not None
+        return tracker.start(cfg, {})[RUN_ID_KEY]
+
+    first = start("t_00001", parent)
+    assert start("t_00001", parent) == first  # no run id in hand (no checkpoint): found by parent + name
+    assert start("t_00002", parent) != first  # another trial: its own run
+    assert start("t_00001", other_parent) != first  # the same trial id in another sweep: its own run
+    client = MlflowClient(uri)
+    children = client.search_runs([client.get_experiment_by_name(exp_name).experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(c.info.run_name for c in children) == ["t_00001", "t_00002"]

@@ -109,7 +109,7 @@ class Tracker:
             self.journal("start", config=cfg.to_dict(), run_id=extra.get(RUN_ID_KEY))
             return extra
         try:
-            run_id = extra.get(RUN_ID_KEY) or self.run_id
+            run_id = extra.get(RUN_ID_KEY) or self.run_id or self._earlier_child()
             if run_id and self._exists(run_id):
                 self.run_id = run_id
                 self.client.update_run(run_id, status="RUNNING")
@@ -151,6 +151,21 @@ class Tracker:
         except MlflowException:
             log.warning("MLflow run %s from the checkpoint is not on %s; starting a new run", run_id, self.tracking_uri)
             return False
+
+    def _earlier_child(self) -> str | None:
+        """The run an earlier start of this child (same parent, same name) created, if any.
+
+        A sweep driver killed after a trial's run was created but before its first checkpoint
+        (which carries the run id) restores that trial from scratch: it must continue the trial's
+        run, not add a second child with the same trial.  Names are unique under one parent.
+        """
+        if not self.parent_run_id:
+            return None
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.`{TAG_TRAIN_NAME}` = '{self.run_name}'",
+            max_results=1)
+        return runs[0].info.run_id if runs else None
 
     def _create(self, cfg: Config) -> str:
         import yaml
