@@ -130,3 +130,11 @@ def test_trial_started_again_before_its_first_checkpoint_continues_its_child_run
     children = client.search_runs([client.get_experiment_by_name(exp_name).experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent}'")
     assert sorted(c.info.run_name for c in children) == ["t_00001", "t_00002"]
+
+    # A sweep whose base config names its runs (tracking.run_name: the same name shown for every
+    # trial): the trials are still told apart by their training names.
+    cfg = cfg.override({"tracking.run_name": "lr-sweep"})
+    named = open_parent_run(uri, exp_name, "sweep3", recorded=None, tags={}, params={}, texts={})
+    a, b = start("t_00001", named), start("t_00002", named)
+    assert a != b and start("t_00002", named) == b
+    assert {client.get_run(r).info.run_name for r in (a, b)} == {"lr-sweep"}

@@ -122,7 +122,7 @@ def make_tracker(cfg: Config, name: str, *, journal: str | None = None, tracking
         return Tracker(uri, "", run_name, offline_path=journal, disabled=True)
     exp_id = get_or_create_experiment(mlflow_client(uri), cfg.tracking.experiment)
     return Tracker(uri, exp_id, run_name, tags=run_tags(cfg, tags), parent_run_id=parent_run_id,
-                   offline_path=journal)
+                   offline_path=journal, train_name=name)
 
 
 def open_parent_run(tracking_uri: str, experiment: str, name: str, *, recorded: str | None, tags: dict[str, str],

@@ -84,6 +84,9 @@ class Tracker:
     offline_path: str | None = None
     run_id: str | None = None
     disabled: bool = False
+    # The training run's name (a trial id, a fold's name): unique under one parent run, whatever
+    # ``tracking.run_name`` shows in the UI; tagged as TAG_TRAIN_NAME.
+    train_name: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -157,13 +160,14 @@ class Tracker:
 
         A sweep driver killed after a trial's run was created but before its first checkpoint
         (which carries the run id) restores that trial from scratch: it must continue the trial's
-        run, not add a second child with the same trial.  Names are unique under one parent.
+        run, not add a second child with the same trial.  Training names are unique under one parent.
         """
         if not self.parent_run_id:
             return None
+        name = self.train_name or self.run_name
         runs = self.client.search_runs(
             [self.experiment_id],
-            f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.`{TAG_TRAIN_NAME}` = '{self.run_name}'",
+            f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.`{TAG_TRAIN_NAME}` = '{name}'",
             max_results=1)
         return runs[0].info.run_id if runs else None
 
@@ -171,7 +175,7 @@ class Tracker:
         import yaml
         from mlflow.entities import Param, RunTag
 
-        tags = {**self.tags, TAG_TRAIN_NAME: self.run_name}
+        tags = {**self.tags, TAG_TRAIN_NAME: self.train_name or self.run_name}
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id  # how the UI nests trials under a sweep
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.run_name)
