@@ -41,13 +41,21 @@ def test_a_model_faster_per_image_in_bigger_batches_gets_the_cap():
     assert calls.count(16) > 2  # a fast forward: rounds go on until 0.5 s of them
 
 
-def test_within_ten_percent_of_the_fastest_the_largest_wins():
-    per_image = {1: 0.0130, 2: 0.0120, 4: 0.0110, 8: 0.0098, 12: 0.0105}  # 12, the cap, is tried too
+def test_within_three_percent_of_the_fastest_the_largest_wins():
+    per_image = {1: 0.0130, 2: 0.0120, 4: 0.0110, 8: 0.0098, 12: 0.0100}  # 12, the cap, is tried too
     _, forward, clock = _timed(lambda n, k: n * per_image[n])
-    assert fastest_batch(forward, 12, clock, overhead_s=0)[0] == 12
-    per_image[12] = 0.0110  # 12 % slower than 8: no longer counted as fast
+    assert fastest_batch(forward, 12, clock, overhead_s=0)[0] == 12  # 2 % slower than 8: fast enough
+    per_image[12] = 0.0102  # 4 % slower than 8: no longer counted as fast
     _, forward, clock = _timed(lambda n, k: n * per_image[n])
     assert fastest_batch(forward, 12, clock, overhead_s=0)[0] == 8
+
+
+def test_resnet18_as_timed_by_its_replica_gets_batches_of_8():
+    # A ResNet-18 replica's own timings (ms an image, the 1 ms per batch included; 2026-12-04): 32 is
+    # 4 % slower than 8, and 32 clients were served faster in batches of 8 (49.7 vs 47.4 img/s).
+    per_image = {1: 25.36, 2: 21.80, 4: 19.56, 8: 18.82, 16: 20.56, 32: 19.57}
+    _, forward, clock = _timed(lambda n, k: n * per_image[n] / 1e3)
+    assert fastest_batch(forward, 32, clock, overhead_s=0)[0] == 8
 
 
 @pytest.mark.parametrize(("cap", "sizes"), [(1, [1]), (2, [1, 2]), (3, [1, 2, 3]), (6, [1, 2, 4, 6])])
