@@ -51,8 +51,6 @@ class _Served:
 
 
 BATCH_OVERHEAD_S = 0.001  # a batch's serving work besides its forward (@serve.batch, a thread hop, results)
-
-
 FAST_ENOUGH = 1.03  # a batch size this close to the fastest per image counts as fast (the largest wins)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deepindex.config import Config
-from deepindex.tracking.tracker import RUN_ID_KEY, TAG_TRAIN_NAME, Tracker, mlflow_client, param_value, replay_journal
+from deepindex.tracking.tracker import RUN_ID_KEY, Tracker, mlflow_client, param_value, replay_journal
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -165,9 +165,7 @@ def run_id_of(tracker: Tracker, checkpoint: str | None, name: str) -> str | None
     if tracker.disabled or not tracker.experiment_id:
         return None
     try:
-        runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`{TAG_TRAIN_NAME}` = '{name}'",
-                                          max_results=1)
-        return runs[0].info.run_id if runs else None
+        return tracker.named_run(name)
     except Exception:  # noqa: BLE001 - no run found is the answer when the server cannot say
         return None
 

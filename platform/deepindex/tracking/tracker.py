@@ -112,7 +112,7 @@ class Tracker:
             self.journal("start", config=cfg.to_dict(), run_id=extra.get(RUN_ID_KEY))
             return extra
         try:
-            run_id = extra.get(RUN_ID_KEY) or self.run_id or self._earlier_child()
+            run_id = extra.get(RUN_ID_KEY) or self.run_id or (self.named_run() if self.parent_run_id else None)
             if run_id and self._exists(run_id):
                 self.run_id = run_id
                 self.client.update_run(run_id, status="RUNNING")
@@ -155,27 +155,30 @@ class Tracker:
             log.warning("MLflow run %s from the checkpoint is not on %s; starting a new run", run_id, self.tracking_uri)
             return False
 
-    def _earlier_child(self) -> str | None:
-        """The run an earlier start of this child (same parent, same name) created, if any.
+    @property
+    def name(self) -> str:
+        """The training run's name, tagged as TAG_TRAIN_NAME (the display name when none was given)."""
+        return self.train_name or self.run_name
+
+    def named_run(self, name: str | None = None) -> str | None:
+        """The latest run of this experiment tagged with training name ``name`` (default: this
+        tracker's), among this tracker's parent's children when it has a parent.
 
         A sweep driver killed after a trial's run was created but before its first checkpoint
-        (which carries the run id) restores that trial from scratch: it must continue the trial's
-        run, not add a second child with the same trial.  Training names are unique under one parent.
+        (which carries the run id) restores that trial from scratch: :meth:`start` continues the
+        trial's run through this, not adding a second child.  Training names are unique under one parent.
         """
-        if not self.parent_run_id:
-            return None
-        name = self.train_name or self.run_name
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.`{TAG_TRAIN_NAME}` = '{name}'",
-            max_results=1)
+        where = f"tags.`{TAG_TRAIN_NAME}` = '{name or self.name}'"
+        if self.parent_run_id:
+            where = f"tags.mlflow.parentRunId = '{self.parent_run_id}' and {where}"
+        runs = self.client.search_runs([self.experiment_id], where, max_results=1)
         return runs[0].info.run_id if runs else None
 
     def _create(self, cfg: Config) -> str:
         import yaml
         from mlflow.entities import Param, RunTag
 
-        tags = {**self.tags, TAG_TRAIN_NAME: self.train_name or self.run_name}
+        tags = {**self.tags, TAG_TRAIN_NAME: self.name}
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id  # how the UI nests trials under a sweep
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.run_name)
