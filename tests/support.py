@@ -108,6 +108,7 @@ def two_node_cluster(cpus_per_node: int = 2) -> Iterator[Any]:
     """A head and one worker node on this machine (``ray.cluster_utils.Cluster``), this process
     connected to it; any Ray this process had is shut down first, and both nodes after."""
     import ray
+    from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
     from ray.cluster_utils import Cluster
 
     from deepindex.cluster import reload_ray_auth
@@ -120,6 +121,9 @@ def two_node_cluster(cpus_per_node: int = 2) -> Iterator[Any]:
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "token"
     reload_ray_auth()
+    # ... and a token: ray.init of a new local cluster makes ~/.ray/auth_token when it is missing,
+    # Cluster() does not, and on a machine where no Ray ran yet its GCS would abort at start.
+    ensure_token_if_auth_enabled()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus_per_node, "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=cpus_per_node)
