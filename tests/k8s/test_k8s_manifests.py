@@ -68,9 +68,14 @@ def _strict(schema):
     return schema
 
 
+# PyYAML's C loader where it is built in (the same documents, ~8x faster: the three KubeRay CRDs are
+# 3.3 MB of YAML, 12.5 s in the pure-Python loader on this machine), else the pure-Python safe one.
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 @cache
 def crd_validator(kind: str) -> jsonschema.Draft7Validator:
-    crd = yaml.safe_load((crd_dir() / f"ray.io_{kind.lower()}s.yaml").read_text())
+    crd = yaml.load((crd_dir() / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=_SAFE_LOADER)
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = _strict(copy.deepcopy(v1["schema"]["openAPIV3Schema"]))
     # metadata is validated by the API server's ObjectMeta, not the CRD; keep it open here.
@@ -88,7 +93,7 @@ def _render(overlay: str, exe: str) -> tuple:
     out = subprocess.run([exe, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
+    return tuple(d for d in yaml.load_all(out.stdout, Loader=_SAFE_LOADER) if d)
 
 
 def render(overlay: str) -> list[dict]:
