@@ -59,8 +59,8 @@ def train_step(root: Path, work: Path, device: torch.device, workers: int, epoch
             "test_map": round(float(out.test_metrics.get("test_map", float("nan"))), 4), "checkpoint": out.checkpoint}
 
 
-def index_step(checkpoint: str, root: Path, work: Path, device: torch.device, batch_size: int = 256,
-               bare_reps: int = 10) -> dict:
+def index_step(checkpoint: str, root: Path, work: Path, device: torch.device, bare_reps: int,
+               batch_size: int = 256) -> dict:
     from deepindex.checkpoint import load_model
     from deepindex.data.transforms import normalize
     from deepindex.index.collection import load_collection
