@@ -80,3 +80,42 @@ def test_report_round_trips_through_the_label_filter(audit_inputs: AuditInputs, 
 
     plt.close(fig)
     assert torch.equal(filtered.view.given, torch.from_numpy(given.astype(np.float32)))
+
+
+@pytest.mark.mlflow
+@pytest.mark.timeout(120)
+def test_a_report_named_by_its_run_is_downloaded_once_and_leaves_no_folder_per_process(
+        audit_inputs: AuditInputs, tmp_path: Path, mlflow_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.label_filter=runs:/<id>: one shared copy per machine (driver and workers alike), not a
+    temp folder per process that nobody removes; a failed fetch leaves nothing."""
+    import tempfile
+
+    from deepindex.data.label_view import resolve_report
+    from deepindex.tracking.audit import REPORT_ARTIFACTS
+    from deepindex.tracking.tracker import mlflow_client
+
+    cfg, splits, given, probs, truth = audit_inputs
+    det = detect(given, probs, splits.concepts)
+    folder = write_report(tmp_path / "report", det=det, given=given, probs=probs, ids=splits.view.ids,
+                          meta={"data": fingerprint(cfg.data)}, truth=truth)
+    client = mlflow_client(mlflow_server.uri)
+    run_id = client.create_run(client.create_experiment(f"audit-{tmp_path.name}")).info.run_id
+    client.log_artifacts(run_id, str(folder), REPORT_ARTIFACTS)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # this test's own temp root
+    (tmp_path / "tmp").mkdir()
+
+    first = resolve_report(f"runs:/{run_id}")
+    assert sorted(p.name for p in first.iterdir()) == sorted(p.name for p in folder.iterdir())
+    by_run = build_splits(cfg.override({"data.label_filter": f"runs:/{run_id}"}).data)
+    assert np.array_equal(by_run.train.tensors[1].numpy() > 0.5, cleaned(given, det.flagged))
+    # Fetched once: a later resolution (another process on the node, another worker) reads the copy.
+    (tmp_path / "late.txt").write_text("logged after the first download")
+    client.log_artifact(run_id, str(tmp_path / "late.txt"), REPORT_ARTIFACTS)
+    assert resolve_report(f"runs:/{run_id}") == first and not (first / "late.txt").exists()
+    roots = list((tmp_path / "tmp").iterdir())
+    assert len(roots) == 1 and [p.name for p in roots[0].iterdir() if not p.name.startswith(".")] == [first.parent.name]
+
+    with pytest.raises(ValueError, match=f"data.label_filter: cannot fetch the audit report of run {'0' * 32}"):
+        resolve_report(f"runs:/{'0' * 32}")
+    assert [p.name for p in roots[0].iterdir()] == [first.parent.name]  # the failed fetch left nothing

@@ -150,16 +150,11 @@ def apply_label_view(splits: Splits, d: DataConfig) -> Splits:
 
 
 # ---- reading an audit's suspects ----------------------------------------------------------
-_downloaded: dict[str, Path] = {}
-
-
 def resolve_report(spec: str) -> Path:
     """The audit folder named by ``data.label_filter``: a folder, its suspects.csv, or
-    ``runs:/<MLflow run id>`` (the run's ``audit/`` artifacts, downloaded once per process)."""
+    ``runs:/<MLflow run id>`` (the run's ``audit/`` artifacts, downloaded once per machine)."""
     if spec.startswith("runs:/"):
-        if spec not in _downloaded:
-            _downloaded[spec] = _download_run_report(spec)
-        return _downloaded[spec]
+        return _download_run_report(spec)
     p = Path(spec).expanduser()
     if p.is_file() and p.name == SUSPECTS_FILE:
         p = p.parent

@@ -9,9 +9,10 @@ parent, and reading a report back (``data.label_filter=runs:/<parent run id>``).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -27,6 +28,7 @@ NAME_TAG = "audit.name"
 FOLD_TAG = "audit.fold"
 NODE_TAG = "audit.worker_node_id"
 REPORT_ARTIFACTS = "audit"  # the report folder's artifact path on the parent run
+_DOWNLOADED = ".downloaded"  # written last into a downloaded report's folder
 # The config sections an audit's outcome depends on: the parent's params (its folds log all).
 PARAM_SECTIONS = ("audit.", "data.", "model.", "train.")
 _UNSAFE = re.compile(r"[^\w\-./ ]")  # MLflow names: alphanumerics, _ - . / and spaces
@@ -85,13 +87,25 @@ def end_audit_run(run_id: str, status: str, tracking_uri: str) -> None:
 
 
 def download_report(run_id: str, tracking_uri: str | None = None) -> Path:
-    """The report folder an audit logged on its parent run ``run_id``, downloaded into a new
-    temporary folder.  No server, no such run or no report: a one-line ``ValueError``."""
+    """The report folder an audit logged on its parent run ``run_id``, downloaded once per machine
+    and user: into ``<temp>/deepindex-audit-<uid>/<key of server and run>``, swapped in whole
+    (:func:`deepindex.atomic.swap_dir`), so the training driver and its workers on one node share one
+    copy and no process leaves a folder of its own behind.  A logged report does not change (the
+    audit logs it once, then ends its run).  No server, no such run or no report: a one-line
+    ``ValueError``, and nothing left on disk."""
+    from deepindex.atomic import swap_dir
+
     client = mlflow_client(tracking_uri)
-    dest = Path(tempfile.mkdtemp(prefix="deepindex-audit-"))
-    try:
-        return Path(client.download_artifacts(run_id, REPORT_ARTIFACTS, str(dest)))
-    except Exception as e:  # noqa: BLE001 - a missing run, a missing folder, a dead server: one answer
-        shutil.rmtree(dest, ignore_errors=True)
-        raise ValueError(f"cannot fetch the audit report of run {run_id} from {client.tracking_uri} "
-                         f"({type(e).__name__})") from None
+    key = hashlib.sha1(f"{client.tracking_uri}\n{run_id}".encode()).hexdigest()[:16]
+    target = Path(tempfile.gettempdir()) / f"deepindex-audit-{os.getuid()}" / key
+    if not (target / _DOWNLOADED).is_file():
+        def write(tmp: Path) -> None:
+            client.download_artifacts(run_id, REPORT_ARTIFACTS, str(tmp))
+            (tmp / _DOWNLOADED).write_text(f"{client.tracking_uri} {run_id}\n")  # last: marks it whole
+
+        try:
+            swap_dir(target, write, _DOWNLOADED)
+        except Exception as e:  # noqa: BLE001 - a missing run, a missing folder, a dead server: one answer
+            raise ValueError(f"cannot fetch the audit report of run {run_id} from {client.tracking_uri} "
+                             f"({type(e).__name__})") from None
+    return target / REPORT_ARTIFACTS
