@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from deepindex.cli import main
-from deepindex.localplatform import read_state
+from deepindex.localplatform import ray_temp_dir, read_state
 from deepindex.net import free_port
 from deepindex.sessions import session_members
 from support import BIN, wait_until
@@ -29,6 +30,7 @@ def home(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     yield tmp_path / "home"
     main(["down"])  # whatever a failing test left running
+    shutil.rmtree(ray_temp_dir(), ignore_errors=True)  # the head's sockets and logs, kept by `down` for a user
 
 
 def _platform_pids() -> list[int]:

@@ -125,10 +125,11 @@ def _bin(name: str) -> str:
 
 
 # ---- Ray ---------------------------------------------------------------------------------
-def ray_temp_dir() -> str:
-    # Ray's unix socket paths must stay under ~107 bytes, so not under a deep state folder;
-    # one folder per state dir keeps this head apart from any other Ray on the machine.
-    return f"/tmp/deepindex-ray-{os.getuid()}-{sha1(str(state_dir()).encode()).hexdigest()[:10]}"
+def ray_temp_dir(home: Path | None = None) -> str:
+    """The head's Ray temp folder (sockets, session logs) for the state dir ``home`` (default: this
+    process's).  Ray's unix socket paths must stay under ~107 bytes, so not under a deep state
+    folder; one folder per state dir keeps this head apart from any other Ray on the machine."""
+    return f"/tmp/deepindex-ray-{os.getuid()}-{sha1(str(home or state_dir()).encode()).hexdigest()[:10]}"
 
 
 def ray_client_env() -> dict[str, str]:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import pytest
 import requests
 
+from deepindex.localplatform import ray_temp_dir
 from support import REPO, pid_alive, png_bytes, wait_until
 
 if TYPE_CHECKING:
@@ -183,6 +184,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory, small_model: Path) -> Ite
         yield p
     finally:
         down = _cli(project, env, "down", timeout=180)
+        shutil.rmtree(ray_temp_dir(home.resolve()), ignore_errors=True)  # its head's sockets and logs
     # HAProxy is a child of a Ray worker, not a worker: `down` must stop it too (it holds the port).
     assert not [x for x in haproxy if pid_alive(x)], f"haproxy {haproxy} outlived `deepindex down`"
     # With a Serve application on it, the head still stops on SIGTERM (no drain on one node): no SIGKILL.
