@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +120,12 @@ def test_a_report_named_by_its_run_is_downloaded_once_and_leaves_no_folder_per_p
     with pytest.raises(ValueError, match=f"data.label_filter: cannot fetch the audit report of run {'0' * 32}"):
         resolve_report(f"runs:/{'0' * 32}")
     assert [p.name for p in roots[0].iterdir()] == [first.parent.name]  # the failed fetch left nothing
+
+    # A folder of that name that others can write (made first by another user, say) is refused, not used.
+    shared = tmp_path / "shared" / f"deepindex-audit-{os.getuid()}"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    monkeypatch.setattr(tempfile, "tempdir", str(shared.parent))
+    with pytest.raises(ValueError, match="only this user owns and can write"):
+        resolve_report(f"runs:/{run_id}")
+    assert list(shared.iterdir()) == []

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def download_report(run_id: str, tracking_uri: str | None = None) -> Path:
 
     client = mlflow_client(tracking_uri)
     key = hashlib.sha1(f"{client.tracking_uri}\n{run_id}".encode()).hexdigest()[:16]
-    target = Path(tempfile.gettempdir()) / f"deepindex-audit-{os.getuid()}" / key
+    target = _private_dir(Path(tempfile.gettempdir()) / f"deepindex-audit-{os.getuid()}") / key
     if not (target / _DOWNLOADED).is_file():
         def write(tmp: Path) -> None:
             client.download_artifacts(run_id, REPORT_ARTIFACTS, str(tmp))
@@ -109,3 +110,14 @@ def download_report(run_id: str, tracking_uri: str | None = None) -> Path:
             raise ValueError(f"cannot fetch the audit report of run {run_id} from {client.tracking_uri} "
                              f"({type(e).__name__})") from None
     return target / REPORT_ARTIFACTS
+
+
+def _private_dir(d: Path) -> Path:
+    """``d``, made if missing, only if this user alone owns and can write it: in a shared temp
+    folder another user could have made it first, to hand this user a report of their choosing."""
+    d.mkdir(mode=0o700, exist_ok=True)
+    st = d.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise ValueError(f"{d} is not a folder that only this user owns and can write: remove it, or "
+                         "point TMPDIR elsewhere")
+    return d
