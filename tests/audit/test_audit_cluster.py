@@ -210,11 +210,15 @@ def test_report_lists_suspects_cleaned_labels_and_the_grid(audited: Audited) -> 
 
 
 @pytest.mark.timeout(900)
-def test_label_filter_reads_the_report_from_the_audit_run(audited: Audited, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_label_filter_reads_the_report_from_the_audit_run(audited: Audited, monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
     """data.label_filter=runs:/<parent run id> downloads the report the folder holds: same labels."""
+    import tempfile
+
     from deepindex.data import build_splits
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", audited.uri)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where it is downloaded: this test's, not /tmp
     cfg, out = audited.cfg, audited.out
     by_run = build_splits(cfg.override({"data.label_filter": f"runs:/{out.parent_run_id}"}).data)
     by_dir = build_splits(cfg.override({"data.label_filter": str(out.report)}).data)
