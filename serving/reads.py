@@ -17,7 +17,8 @@ The copy is used only while all of this holds, else the search goes to the index
   rollover's switch is answered by the index replica, which keeps it loaded;
 - the copy is loaded and its base is the folder's current one (a compaction swaps the folder: the
   copy is reloaded in the background, and searches go to the index replica meanwhile);
-- the delta can be followed (a line cut short by a crash: only the writer's catch-up mends that).
+- the delta can be followed (an unreadable whole line: only the writer's load mends that; a batch
+  being written, or one a crash cut short, is simply not read yet).
 """
 from __future__ import annotations
 

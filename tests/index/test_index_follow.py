@@ -46,18 +46,34 @@ def test_a_reader_follows_adds_deletes_and_a_line_being_written(tmp_path):
     _same(reader, IndexStore.load(path))
 
 
-def test_a_line_cut_short_by_a_crash_stops_the_reader_not_the_writer(tmp_path):
+def test_a_batch_is_read_whole_and_a_torn_one_gives_way_to_the_writers_next(tmp_path):
     path = make_store(20).save(tmp_path / "i")
     writer = IndexStore.load(path)
     reader = IndexStore.load(path, recover=False)
+    far = clustered(3, 8, seed=7) * 10
+    # A writer killed part way through a batch: two of its three lines are whole, the last is torn.
+    batch = [add(21, "lost-a", far[0]), add(22, "lost-b", far[1]), IndexChange(23, "delete", "i4")]
+    lines = [c.to_json(more=i < 2) + "\n" for i, c in enumerate(batch)]
+    with open(path / DELTA, "a") as fh:
+        fh.write(lines[0] + lines[1] + lines[2][:20])
+    assert reader.follow() == 0 and "lost-a" not in reader.rows  # nothing of a batch until it is whole
+    writer = IndexStore.load(path)  # its successor: the torn batch is cut from the file
+    assert writer.seq == 20 and "lost-a" not in writer.rows
+    writer.apply(batch)  # the catalogue's catch-up
+    assert reader.follow() == 3 and reader.seq == 23 and "i4" not in reader.rows
+    _same(reader, writer)
+    _same(reader, IndexStore.load(path, recover=False))
+
+
+def test_an_unreadable_whole_line_stops_the_reader(tmp_path):
+    path = make_store(20).save(tmp_path / "i")
+    reader = IndexStore.load(path, recover=False)
     far = clustered(2, 8, seed=7) * 10
-    with open(path / DELTA, "a") as fh:  # a writer killed mid-line; its successor appends after it
-        fh.write(add(21, "lost", far[0]).to_json()[:30])
-    writer = IndexStore.load(path)  # replay stops at the torn line: the catalogue catch-up re-applies 21
-    writer.apply([add(21, "lost", far[0]), add(22, "next", far[1])])
+    with open(path / DELTA, "a") as fh:
+        fh.write('{"seq": 21, "op"\n' + add(22, "next", far[1]).to_json() + "\n")
     with pytest.raises(DeltaUnreadable):
         reader.follow()
-    assert "lost" not in reader.rows  # nothing past the torn line was applied halfway
+    assert "next" not in reader.rows  # nothing past the bad line was applied halfway
 
 
 @pytest.mark.parametrize("delta_before", [True, False])

@@ -135,14 +135,62 @@ def test_an_add_and_its_delete_in_one_batch_stay_deleted_after_a_reload(tmp_path
         assert idx.similar(far[1:], 1)[0][0][0] == idx.rows["keep-b"]
 
 
-def test_a_torn_last_delta_line_ends_the_replay(tmp_path):
+def test_a_batch_cut_short_anywhere_is_replayed_whole_or_not_at_all_and_cut_from_the_file(tmp_path):
+    """A crash can stop a batch's write at any byte (a SIGKILL ends a write() part way): every cut
+    inside the second batch loads the first batch alone; the writer's load cuts the torn bytes off, so
+    its next batch is read back (appended after them, every later load would stop at them)."""
     path = make_store(20).save(tmp_path / "i")
+    far = clustered(4, 8, seed=7) * 10
     s = IndexStore.load(path)
-    s.apply([add(21, "x", clustered(1, 8, seed=7)[0])])
-    with open(path / "delta.jsonl", "a") as fh:
-        fh.write(add(22, "y", clustered(1, 8, seed=8)[0]).to_json()[:40])  # a crash mid-write
+    s.apply([add(21, "x", far[0])])
+    whole = (path / "delta.jsonl").read_bytes()
+    s.apply([add(22, "y", far[1]), IndexChange(23, "delete", "i3"), add(24, "z", far[2])])
+    full = (path / "delta.jsonl").read_bytes()
+    assert full.count(b"\n") == 4 and full.count(b'"more": true') == 2
+    cuts = sorted({*range(len(whole), len(full), 23), *(i + 1 for i, b in enumerate(full) if b == ord("\n")),
+                   len(full) - 1})
+    for cut in cuts:
+        (path / "delta.jsonl").write_bytes(full[:cut])
+        reader = IndexStore.load(path, recover=False)  # a reader leaves the file as it is
+        assert (path / "delta.jsonl").stat().st_size == cut
+        back = IndexStore.load(path)
+        got = (back.seq, len(back), sorted(r for r in back.rows if not r.startswith("i")), "i3" in back.rows)
+        assert got == ((24, 22, ["x", "y", "z"], False) if cut == len(full) else (21, 21, ["x"], True)), (cut, got)
+        assert reader.seq == back.seq
+        assert (path / "delta.jsonl").read_bytes() == (full if cut == len(full) else whole), cut
+        back.apply([add(22, "y2", far[3])])  # the catalogue's catch-up, after the last whole batch
+        again = IndexStore.load(path)
+        assert again.seq == (24 if cut == len(full) else 22) and ("y2" in again.rows) == (cut < len(full)), cut
+
+
+def test_a_batch_whose_write_fails_is_cut_from_the_delta_and_not_applied(tmp_path, monkeypatch):
+    """A full disk part way through a batch: the error reaches the caller, the file is as before, and
+    the next batch is read back.  (os.write is replaced to fail half way: the test is about its caller.)"""
+    import errno
+
+    from deepindex.index import store as st
+
+    path = make_store(20).save(tmp_path / "i")
+    far = clustered(3, 8, seed=9) * 10
+    s = IndexStore.load(path)
+    s.apply([add(21, "x", far[0])])
+    before = (path / "delta.jsonl").read_bytes()
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        if len(data) > 1:
+            return real_write(fd, data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(st.os, "write", half_then_full)
+    with pytest.raises(OSError, match="No space"):
+        s.apply([add(22, "y", far[1]), add(23, "z", far[2])])
+    monkeypatch.undo()
+    assert (path / "delta.jsonl").read_bytes() == before
+    assert s.seq == 21 and "y" not in s.rows  # nothing of it applied in memory either
+    s.apply([add(22, "y", far[1]), add(23, "z", far[2])])
     back = IndexStore.load(path)
-    assert back.seq == 21 and "x" in back.rows and "y" not in back.rows  # catch-up applies 22 again
+    assert back.seq == 23 and {"x", "y", "z"} <= set(back.rows)
 
 
 def test_compaction_folds_the_delta_into_a_new_base(tmp_path, monkeypatch):

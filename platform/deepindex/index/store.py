@@ -11,10 +11,12 @@
                           rebuilt from the matrix at load)
 <dir>/delta.jsonl         the changes applied after the base, append-only: {"seq", "op": "add", "id",
                           "labels", "probs", "features"} (arrays as base64 float32) or {"seq", "op":
-                          "delete", "id"}
+                          "delete", "id"}; every line of a batch but its last has "more": true
 ```
-A load reads the base and replays the delta (a line cut short by a crash is the end of it: the
-catalogue still has that change, and the next catch-up applies it again).  An index answers for
+A load reads the base and replays the delta one whole batch at a time (one :meth:`IndexStore.apply`):
+a batch a crash cut short is not applied, and the writer's load removes it from the file, so its
+next batch follows the last whole one (the catalogue still has those changes, and the next catch-up
+applies them again).  A reader following the delta sees a batch whole or not at all.  An index answers for
 the collection as of ``seq``; :meth:`IndexStore.apply` moves it forward with the catalogue's later
 changes (appended to the delta and synced first, then applied in memory), so an add never rewrites
 the index.  When the delta grows past a fraction of the base, :meth:`compact` writes a new base
@@ -67,7 +69,8 @@ class IndexMismatch(ValueError):
 
 
 class DeltaUnreadable(ValueError):
-    """A reader cannot follow this index's delta past a line a crash cut short."""
+    """A reader cannot follow this index's delta past an unreadable line (a whole line, not one being
+    written): only the writer's load mends that."""
 
 
 class IndexRewritten(ValueError):
@@ -147,17 +150,23 @@ class IndexChange:
     probs: np.ndarray | None = None  # (K,)
     features: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (D,)
 
-    def to_json(self) -> str:
+    def to_json(self, more: bool = False) -> str:
+        """One line of the delta; ``more``: not the last change of its batch."""
         rec: dict[str, Any] = {"seq": self.seq, "op": self.op, "id": self.id}
         if self.op == "add":
             assert self.probs is not None
             rec.update(labels=self.labels, probs=_b64(self.probs),
                        features={k: _b64(v) for k, v in self.features.items()})
+        if more:
+            rec["more"] = True
         return json.dumps(rec)
 
     @classmethod
     def from_json(cls, line: str) -> IndexChange:
-        r = json.loads(line)
+        return cls.from_record(json.loads(line))
+
+    @classmethod
+    def from_record(cls, r: dict[str, Any]) -> IndexChange:
         if r["op"] == "delete":
             return cls(int(r["seq"]), "delete", str(r["id"]))
         return cls(int(r["seq"]), "add", str(r["id"]), list(r.get("labels") or []), _unb64(r["probs"]),
@@ -286,17 +295,49 @@ def _read_tail(path: Path, start: int) -> tuple[int, int, bytes] | None:
         return None
 
 
+def _batch_bytes(changes: Sequence[IndexChange]) -> bytes:
+    """The delta lines of one batch: each but the last says more follow."""
+    last = len(changes) - 1
+    return "".join(c.to_json(more=i < last) + "\n" for i, c in enumerate(changes)).encode()
+
+
+def _append_synced(path: Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` and sync it; on any failure the file is cut back to its old end."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        end = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException:
+            os.ftruncate(fd, end)
+            raise
+    finally:
+        os.close(fd)
+
+
 def _parse_delta(data: bytes, start: int) -> tuple[list[IndexChange], int, bool]:
-    """The changes on the complete lines of ``data`` (the delta from byte ``start``): (changes, the byte
-    after the last one read, whether an unreadable complete line stopped the read).  A last line
-    without its newline is being written (or was cut short by a crash) and is not read."""
-    changes, at = [], start
+    """The changes of the whole batches in ``data`` (the delta from byte ``start``): (changes, the byte
+    after the last whole batch, whether an unreadable complete line stopped the read).  A batch whose
+    last line is not there yet (or a line without its newline) is being written, or was cut short by a
+    crash, and is not read.  A line without "more" ends its batch (a delta written before batches
+    were marked: every line its own)."""
+    changes: list[IndexChange] = []
+    batch: list[IndexChange] = []
+    at = pos = start
     for line in data.split(b"\n")[:-1]:  # the last piece: the unfinished line, or nothing
         try:
-            changes.append(IndexChange.from_json(line.decode()))
-        except (ValueError, KeyError, TypeError):
+            r = json.loads(line)
+            batch.append(IndexChange.from_record(r))
+            more = r.get("more") is True
+        except (ValueError, KeyError, TypeError, AttributeError):
             return changes, at, True
-        at += len(line) + 1
+        pos += len(line) + 1
+        if not more:
+            changes += batch
+            batch, at = [], pos
     return changes, at, False
 
 
@@ -380,21 +421,29 @@ class IndexStore:
             raise ValueError(f"index: {p} is inconsistent (probabilities, ids and concepts differ in size)")
         store = cls(m, ids, labels, probs, features, vectors, path=p)
         store._base_ino = base
-        store._replay(p / DELTA)
+        store._replay(p / DELTA, repair=recover)
         if not recover and base_id(p) != base:  # a compaction swapped the folder while this copy read it
             raise IndexRewritten(f"index {p}: rewritten while it was read")
         return store
 
-    def _replay(self, delta: Path) -> None:
+    def _replay(self, delta: Path, repair: bool) -> None:
+        """Apply the delta's whole batches; ``repair`` (the writer's load): cut the file after them, so
+        the next batch is not appended to a torn one (which every later read would stop at)."""
         got = _read_tail(delta, 0)
         if got is None:
             return
         self._delta_ino, _, data = got
         changes, self._delta_at, bad = _parse_delta(data, 0)
         if bad or len(data) > self._delta_at:
-            # A line cut short by a crash ends the log: the catalogue still has that change and
-            # anything after it, and catching up applies them again.
-            log.warning("index %s: delta line %d is incomplete; replay stops there", self.path, len(changes) + 1)
+            # A batch cut short by a crash (or an unreadable line) ends the log: the catalogue still has
+            # those changes and anything after them, and catching up applies them again.
+            what = "an unreadable line" if bad else "a batch a crash cut short"
+            if repair:
+                with open(delta, "r+b") as fh:
+                    fh.truncate(self._delta_at)
+                    os.fsync(fh.fileno())
+            log.warning("index %s: the delta ends in %s after %d changes; replay stops there%s", self.path, what,
+                        len(changes), " (removed from the file)" if repair else "")
         self._apply_in_memory([c for c in changes if c.seq > self.seq])
         self.delta_count = len(changes)
 
@@ -405,12 +454,13 @@ class IndexStore:
 
     def follow(self) -> int:
         """Apply the changes the index's writer (another process) appended to the delta since this
-        copy last read it, so a reader keeps up without reloading; returns how many.
+        copy last read it, so a reader keeps up without reloading; returns how many.  A batch is read
+        once it is whole (one being written, or one a crash cut short, is not read; the writer's next
+        load removes a torn one, and its next batch takes its place).
 
         Raises :class:`IndexRewritten` when the folder holds another base now (a compaction swapped
-        it: load it again), and :class:`DeltaUnreadable` at a line a crash cut short (its change was
-        written again after it, glued to it, and only the writer's catch-up from the catalogue
-        restores it).  The delta is opened each time and its size read from the open file, so a
+        it: load it again), and :class:`DeltaUnreadable` at an unreadable whole line (only the writer's
+        load mends that).  The delta is opened each time and its size read from the open file, so a
         shared filesystem that caches attributes (NFS: close-to-open) shows what was written."""
         if self.path is None:
             return 0
@@ -481,8 +531,9 @@ class IndexStore:
     # ---- changes ------------------------------------------------------------------------------
     def apply(self, changes: Sequence[IndexChange]) -> int:
         """Apply catalogue changes after ``seq`` (older ones are skipped: applying twice is harmless):
-        appended to the delta and synced when the index has a folder, then applied in memory.
-        Returns how many were applied."""
+        appended to the delta as one batch and synced when the index has a folder, then applied in
+        memory.  A write that fails (a full disk) is cut from the file again and raises: nothing of
+        the batch is applied.  Returns how many were applied."""
         with self._lock:
             new = [c for c in changes if c.seq > self.seq]
             if not new:
@@ -492,10 +543,7 @@ class IndexStore:
                     raise ValueError(f"index: item {c.id} has {c.probs.shape} probabilities, the index "
                                      f"{len(self.manifest.concepts)}")
             if self.path is not None:
-                with open(self.path / DELTA, "a") as fh:
-                    fh.write("".join(c.to_json() + "\n" for c in new))
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                _append_synced(self.path / DELTA, _batch_bytes(new))
                 self.delta_count += len(new)
             with self.rw.write():
                 self._apply_in_memory(new)
