@@ -33,7 +33,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -312,7 +312,8 @@ def _append_synced(path: Path, data: bytes) -> None:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
         except BaseException:
-            os.ftruncate(fd, end)
+            with suppress(OSError):  # the write's own error is the one to report
+                os.ftruncate(fd, end)
             raise
     finally:
         os.close(fd)
