@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import contextlib
 import io
-import logging
 import multiprocessing
 import shutil
 import sys
@@ -44,7 +43,13 @@ from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger("bench_serve")
+
+def _say(what: str, row: dict[str, float]) -> None:
+    """One console line per measured level: what a reader of the run waits for."""
+    from deepindex import console
+
+    console.event("%s: %.1f img/s, p50 %.1f ms, p99 %.1f ms%s", what, row["images_per_s"], row["p50_ms"],
+                  row["p99_ms"], f", mean batch {row['mean_batch_size']:.1f}" if "mean_batch_size" in row else "")
 PROFILES = ("small", "resnet18-224")
 
 
@@ -228,10 +233,12 @@ def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threa
                 layout: str = "replicas", extra: dict | None = None) -> dict:
     from ray import serve
 
+    from deepindex import console
     from deepindex.cluster import connect
     from deepindex.localplatform import free_port
     from serving.app import build_app
 
+    console.adopt_library_loggers()  # Serve's logger installs its console handler on import: to the log file
     connect()  # a fresh local cluster gets deepindex.cluster.serve_env (HAProxy + direct ingress)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -253,14 +260,15 @@ def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threa
             # images per model batch over the level (warm-up included), from /metrics
             row["mean_batch_size"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
             out["levels"][str(c)] = row
-            log.info("serve (%s) concurrency %d: %s", layout, c, row)
+            _say(f"deepindex ({layout}), {c} client{'s' * (c != 1)}, multipart", row)
         out["json_levels"] = _levels(f"{url}/v1/tag", bodies, ctype, concurrencies, per_level, "json")
+        _say(f"deepindex ({layout}), {max(concurrencies)} clients, JSON", out["json_levels"][str(max(concurrencies))])
         # The ceiling of the data plane itself: GET /healthz (no body, no model) at the top level.
         c = max(concurrencies)
         lat, wall = http_load(f"{url}/healthz", [], "", c, max(per_level, 4 * c) // c * c)
         out["healthz_at_max_concurrency"] = {"requests_per_s": len(lat) / wall, "p50_ms": 1e3 * _pct(lat, 50)}
         out["replica_rss_gb"] = replica_rss_gb()
-        log.info("serve (%s): resident memory per replica, GB: %s", layout, out["replica_rss_gb"])
+        console.event("deepindex (%s): resident memory per replica, GB: %s", layout, out["replica_rss_gb"])
     finally:
         serve.delete("bench")
         serve.shutdown()
@@ -329,8 +337,12 @@ def bench_peer(stack: str, model_path: str, concurrencies: list[int], per_level:
         probe = requests.post(f"{url}/v1/tag", files={"images": ("image", bodies[0], ctype)}, timeout=60)
         if probe.status_code != 200 or proc.poll() is not None:
             raise RuntimeError(f"{stack} on {url}: HTTP {probe.status_code} {probe.text[:300]}; see {log_path}")
-        return {body: _levels(f"{url}/v1/tag", bodies, ctype, concurrencies, per_level, body)
-                for body in ("multipart", "json")}
+        out = {body: _levels(f"{url}/v1/tag", bodies, ctype, concurrencies, per_level, body)
+               for body in ("multipart", "json")}
+        top = str(max(concurrencies))
+        for body in out:
+            _say(f"{stack}, {top} clients, {body}", out[body][top])
+        return out
     finally:
         with contextlib.suppress(ProcessLookupError):  # the whole group: uvicorn's or LitServe's workers too
             os.killpg(proc.pid, signal.SIGKILL)
@@ -339,8 +351,12 @@ def bench_peer(stack: str, model_path: str, concurrencies: list[int], per_level:
 
 def bench_tag(model: str, levels: list[int], per_level: int, threads: int, peers: list[str],
               layouts: list[str], extra: dict | None = None, peer_forward: str = "served") -> dict:
+    from deepindex import console
+
     bare = bench_bare(model, levels, threads)
     bare_eager = bench_bare(model, levels, threads, forward="eager")
+    console.event("%s: the bare model, batches of %d: %.1f img/s (eager %.1f)", model, max(levels),
+                  bare[str(max(levels))]["images_per_s"], bare_eager[str(max(levels))]["images_per_s"])
     served = {layout: bench_serve(model, levels, per_level, threads, layout, extra) for layout in layouts}
     top, one = str(max(levels)), str(min(levels))
     max_batch = int((extra or {}).get("max_batch_size", 32))  # the peers batch as deepindex does
@@ -390,9 +406,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="the peers' model call: the optimized graph deepindex serves, or the plain model")
     add_layout_args(p)
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("-v", "--verbose", action="store_true", help="Ray's own output on the console too")
     args = p.parse_args(argv)
     layouts, extra = layout_args(p, args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from deepindex import console
+
+    log_file = console.setup("bench-serve", args.verbose)  # Ray's internals go to the log file
+    console.event("Ray's own output: %s", log_file)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     models = {"given": args.model} if args.model else {
@@ -404,9 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                                         [x for x in args.peers.split(",") if x],
                                         layouts, extra, args.peer_forward)
 
-    from deepindex.console import report as emit
-
-    emit(report, args.out)
+    console.report(report, args.out)
     return 0
 
 
