@@ -43,14 +43,16 @@ from pathlib import Path
 
 import numpy as np
 
+PROFILES = ("small", "resnet18-224")
 
-def _say(what: str, row: dict[str, float]) -> None:
+
+def _say(who: str, clients: int, body: str, row: dict[str, float]) -> None:
     """One console line per measured level: what a reader of the run waits for."""
     from deepindex import console
 
-    console.event("%s: %.1f img/s, p50 %.1f ms, p99 %.1f ms%s", what, row["images_per_s"], row["p50_ms"],
-                  row["p99_ms"], f", mean batch {row['mean_batch_size']:.1f}" if "mean_batch_size" in row else "")
-PROFILES = ("small", "resnet18-224")
+    console.event("%s, %d client%s, %s: %.1f img/s, p50 %.1f ms, p99 %.1f ms%s", who, clients, "s" * (clients != 1),
+                  body, row["images_per_s"], row["p50_ms"], row["p99_ms"],
+                  f", mean batch {row['mean_batch_size']:.1f}" if "mean_batch_size" in row else "")
 
 
 def _pct(xs, q) -> float:
@@ -260,12 +262,11 @@ def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threa
             # images per model batch over the level (warm-up included), from /metrics
             row["mean_batch_size"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
             out["levels"][str(c)] = row
-            _say(f"deepindex ({layout}), {c} client{'s' * (c != 1)}, multipart", row)
+            _say(f"deepindex ({layout})", c, "multipart", row)
         out["json_levels"] = _levels(f"{url}/v1/tag", bodies, ctype, concurrencies, per_level, "json")
-        top = max(concurrencies)
-        _say(f"deepindex ({layout}), {top} client{'s' * (top != 1)}, JSON", out["json_levels"][str(top)])
-        # The ceiling of the data plane itself: GET /healthz (no body, no model) at the top level.
         c = max(concurrencies)
+        _say(f"deepindex ({layout})", c, "JSON", out["json_levels"][str(c)])
+        # The ceiling of the data plane itself: GET /healthz (no body, no model) at the top level.
         lat, wall = http_load(f"{url}/healthz", [], "", c, max(per_level, 4 * c) // c * c)
         out["healthz_at_max_concurrency"] = {"requests_per_s": len(lat) / wall, "p50_ms": 1e3 * _pct(lat, 50)}
         out["replica_rss_gb"] = replica_rss_gb()
@@ -340,9 +341,9 @@ def bench_peer(stack: str, model_path: str, concurrencies: list[int], per_level:
             raise RuntimeError(f"{stack} on {url}: HTTP {probe.status_code} {probe.text[:300]}; see {log_path}")
         out = {body: _levels(f"{url}/v1/tag", bodies, ctype, concurrencies, per_level, body)
                for body in ("multipart", "json")}
-        top = str(max(concurrencies))
+        top = max(concurrencies)
         for body in out:
-            _say(f"{stack}, {top} clients, {body}", out[body][top])
+            _say(stack, top, body, out[body][str(top)])
         return out
     finally:
         with contextlib.suppress(ProcessLookupError):  # the whole group: uvicorn's or LitServe's workers too

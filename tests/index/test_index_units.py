@@ -175,10 +175,11 @@ def test_a_batch_whose_write_fails_is_cut_from_the_delta_and_not_applied(tmp_pat
     s = IndexStore.load(path)
     s.apply([add(21, "x", far[0])])
     before = (path / "delta.jsonl").read_bytes()
-    real_write = os.write
+    real_write, calls = os.write, []
 
-    def half_then_full(fd, data):
-        if len(data) > 1:
+    def half_then_full(fd, data):  # the first write takes half the batch, the second finds the disk full
+        calls.append(len(data))
+        if len(calls) == 1:
             return real_write(fd, data[:len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 

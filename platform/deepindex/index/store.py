@@ -162,10 +162,6 @@ class IndexChange:
         return json.dumps(rec)
 
     @classmethod
-    def from_json(cls, line: str) -> IndexChange:
-        return cls.from_record(json.loads(line))
-
-    @classmethod
     def from_record(cls, r: dict[str, Any]) -> IndexChange:
         if r["op"] == "delete":
             return cls(int(r["seq"]), "delete", str(r["id"]))
@@ -333,7 +329,7 @@ def _parse_delta(data: bytes, start: int) -> tuple[list[IndexChange], int, bool]
             r = json.loads(line)
             batch.append(IndexChange.from_record(r))
             more = r.get("more") is True
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError):
             return changes, at, True
         pos += len(line) + 1
         if not more:
