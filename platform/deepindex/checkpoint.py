@@ -114,6 +114,16 @@ def checkpoint_version(path: str | Path) -> str:
     return "file-" + h.hexdigest()[:12]
 
 
+def _load_failure(e: BaseException) -> str:
+    """The cause in torch.load's error.  With ``weights_only`` its first line is advice about torch
+    2.6's default and its last a link; the cause lies between (``Trying to load unsupported GLOBAL
+    posix.system ...``, or ``Unsupported operand 103`` after "WeightsUnpickler error:")."""
+    lines = [ln.strip() for ln in str(e).replace("WeightsUnpickler error:", "\n").splitlines() if ln.strip()]
+    cause = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Please file an issue",
+                                                      "Check the documentation"))]
+    return (cause or lines or [e.__class__.__name__])[0][:160]
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The raw checkpoint dict, from a directory or the file itself; never executes code."""
     p = checkpoint_file(path)
@@ -123,8 +133,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         # weights_only: tensors and plain containers only; a pickled object is refused, never run.
         state = torch.load(p, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        reason = str(e).splitlines()[0][:120] if str(e) else e.__class__.__name__
-        raise ValueError(f"checkpoint: {p} is not a loadable deepindex checkpoint ({reason})") from None
+        raise ValueError(f"checkpoint: {p} is not a loadable deepindex checkpoint ({_load_failure(e)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise ValueError(f"checkpoint: {p} is not a deepindex checkpoint (format {FORMAT_VERSION})")
     return state
