@@ -163,8 +163,9 @@ class Rollover:
             res = build_index(target["ref"], collection=a.collection, index_dir=self.dir, tracking_uri=a.tracking_uri,
                               catalogue_url=a.catalogue_url, blobs_url=a.blobs_url, features=a.features,
                               workers=a.build_workers,
-                              progress=lambda done, n: self._set("building", f"embedded {done} of {n} items",
-                                                                 done / max(n, 1)))
+                              progress=lambda done, n: self._set(
+                                  "building", f"embedded {done} of {n} items" if done
+                                  else f"{n} items to embed; starting the embedding workers", done / max(n, 1)))
             path = res.path
         self._set("loading", f"index and model of version {version}")
         index = IndexStore.load(path)

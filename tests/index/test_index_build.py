@@ -3,6 +3,7 @@ with the collection's later changes, and the CLI."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,7 +54,7 @@ def test_ray_data_build_matches_local_and_sizes_itself_to_free_cpus(small_model,
         ray.kill(holder)
     local = build_index(str(small_model), out=tmp_path / "local", use_ray=False,
                         features=["penultimate", "last_but_two"])
-    assert seen[-1] == (700, 700) and r.seq == gallery.head() == 700
+    assert seen[0] == (0, 700) and seen[-1] == (700, 700) and r.seq == gallery.head() == 700
     a, b = IndexStore.load(r.path), IndexStore.load(local.path)
     assert a.ids == b.ids == [f"scene-{i:06d}" for i in range(700)]  # row order survives the actor pool
     np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
@@ -103,11 +104,16 @@ def test_cli_build_and_info(small_model, gallery, capsys):
     captured = capsys.readouterr()
     out = json.loads(captured.out)
     assert out["items"] == 700 and out["kind"] == "hnsw" and out["metric"] == "l2" and out["seq"] == 700
-    assert "embedding: 700/700 items (100%)" in captured.err  # progress for people, on stderr
+    # Progress for people, on stderr: the total before the workers start, then the share embedded.
+    assert captured.err.splitlines()[0] == "embedding: 700 items; starting the embedding workers"
+    assert "embedding: 700/700 items (100%)" in captured.err
     # The default location: one folder per (collection, model version).
     assert out["path"].endswith(f"indexes/digit-scenes/local-{out['version']}")
     assert main(["index", "info", out["path"]]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["version"] == out["version"]
+    assert main(["index", "info", str(Path(out["path"]).parent)]) == 2  # a folder that is not an index
+    assert capsys.readouterr().err.strip() == (f"deepindex index: error: index: no index at "
+                                               f"{Path(out['path']).parent} (no manifest.json in it)")
     assert main(["index", "build", "--model", str(small_model), "--local", "--collection", "nope"]) == 2
     assert "no collection named 'nope'" in capsys.readouterr().err  # a clean one-line error
     assert main(["index", "build", "--model", str(small_model), "--local", "--features", "stage9"]) == 2

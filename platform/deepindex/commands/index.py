@@ -44,6 +44,9 @@ class _Progress:
         self.tty = sys.stderr.isatty()
 
     def __call__(self, done: int, total: int) -> None:
+        if done == 0:
+            print(f"embedding: {total} items; starting the embedding workers", file=sys.stderr, flush=True)
+            return
         pct = int(100 * done / max(total, 1))
         if pct // 10 == self.shown // 10 and done < total:
             return

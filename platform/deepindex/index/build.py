@@ -27,7 +27,7 @@ from deepindex.tracking.registry import ResolvedModel, resolve_model
 log = logging.getLogger(__name__)
 
 DEFAULT_FEATURES = ("penultimate",)
-Progress = Callable[[int, int], None]  # (items embedded so far, items in all)
+Progress = Callable[[int, int], None]  # (items embedded so far, items in all); (0, n) first
 
 
 @dataclass
@@ -176,6 +176,8 @@ def build_index(model_uri: str, *, collection: str = "digit-scenes", out: str | 
     items = list(store.snapshot(seq))  # ids, hashes and tags only: cheap even at 100k items
     log.info("indexing %d items of %s (up to change %d) with %s %s", len(items), collection, seq, resolved.name,
              resolved.version)
+    if items and progress is not None:
+        progress(0, len(items))  # the total, before the (on a cluster, slow to start) embedding workers run
     if not items:
         out_arrays: dict[str, np.ndarray] = {}
         ok = np.zeros(0, dtype=bool)

@@ -221,7 +221,10 @@ def index_dir_name(model_name: str, version: str) -> str:
 
 def read_manifest(path: str | Path) -> IndexManifest:
     p = Path(path) / MANIFEST
-    raw = json.loads(p.read_text())
+    try:
+        raw = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"index: no index at {p.parent} (no {MANIFEST} in it)") from None
     if raw.get("format") != FORMAT:
         raise ValueError(f"index: {p.parent} has format {raw.get('format')}, expected {FORMAT} "
                          "(rebuild it: deepindex index build)")
