@@ -29,6 +29,7 @@ def _deployment(cls: object) -> Deployment:
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
+    from deepindex.tracking.registry import require_model
     from serving.index import IndexServer
     from serving.ingress import Ingress
     from serving.metrics import MetricsHub
@@ -36,6 +37,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
     a = ServeArgs.model_validate(args or {}).resolved()
     a.api_token()  # a missing token file is an error now, not in a replica later
+    require_model(a.model, a.tracking_uri)  # so is a model that is not there (a replica would fail to start)
     # One index replica: the collection's writer and the owner of the served (model, index) pair.
     index = _deployment(IndexServer).options(ray_actor_options=_actor_options(0)).bind(a.model_dump())
     # One hub: /metrics answers for every ingress replica, whichever one the scrape reaches.

@@ -7,7 +7,8 @@ DEEPINDEX_HOME and no MLFLOW_TRACKING_URI (the state lives in the project's ``.d
 
 0. the serve command itself: a quiet console (the URL and how to write), Serve's output in the log
    file, `deepindex status`, the first index built from the collection before it is ready, tagging
-   through HAProxy; and at the end `deepindex down` stops HAProxy too;
+   through HAProxy; and at the end `deepindex down` stops HAProxy too; a model that is not there is
+   refused in one line before anything deploys;
 1. add items -> promote a better model -> zero non-2xx answers on tag, search and similar during the
    whole rollover (a client polling every ~100 ms) -> the new version serves every item, the added
    ones included -> delete one -> roll the alias back by hand -> still every item;
@@ -263,6 +264,22 @@ def test_serve_command_serves_the_champion_behind_haproxy(platform: Platform) ->
     tag = p.post("/v1/tag", files={"images": ("a.png", png_bytes(digit_gallery(1, seed=5).images[0]))})
     assert tag.status_code == 200 and tag.json()["model"]["version"] == p.v1
     assert len(tag.json()["results"][0]["concepts"]) == 10
+
+
+@pytest.mark.timeout(300)
+def test_serve_command_refuses_a_model_that_is_not_there_before_it_deploys(platform: Platform) -> None:
+    """A version the registry does not hold: one line naming the model, exit status 2, and the running
+    service (the same application name) untouched."""
+    p = platform
+    before = p.get("/readyz").json()["model"]["version"]
+    out = subprocess.run([str(Path(sys.executable).parent / "deepindex"), "serve", "--detach", "--config",
+                          str(REPO / "serving" / "config.yaml"), "--model", f"models:/{MODEL}/99",
+                          "--port", p.url.rsplit(":", 1)[1]],
+                         cwd=p.project, env=p.env, capture_output=True, text=True, timeout=240)
+    lines = _console(out)
+    assert out.returncode == 2 and len(lines) == 1, (out.returncode, lines)
+    assert lines[0].startswith(f"deepindex serve: error: model: models:/{MODEL}/99 not found in the registry ("), lines
+    assert p.get("/readyz").json()["model"]["version"] == before
 
 
 @pytest.mark.timeout(600)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -82,11 +83,15 @@ def run_serve(args: argparse.Namespace) -> int:
     from serving.app import build_app
 
     adopt_library_loggers()  # importing ray.serve gave its logger a console handler of its own
-    app = build_app(app_args)  # validates the args before anything starts
+    app = build_app(app_args)  # validates the args, and that the model is there, before anything starts
     connect()
     host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
     serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name=name, route_prefix="/")
+    try:
+        serve.run(app, name=name, route_prefix="/")
+    except RuntimeError as e:  # Serve's "Deploying application ... failed", which does not say why
+        print(f"deepindex serve: error: {why_not_running(name) or e}", file=sys.stderr)
+        return 1
     # 0.0.0.0 listens everywhere; this machine reaches it on loopback.
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     if not _answers(url):
@@ -108,6 +113,20 @@ def run_serve(args: argparse.Namespace) -> int:
 
             forget_serve()
     return 0
+
+
+def why_not_running(name: str) -> str:
+    """Why the application's deployments did not start, one clause each: the last line of what
+    Serve recorded (a replica's exception), or "" if Serve recorded nothing."""
+    from ray import serve
+
+    app = serve.status().applications.get(name)
+    if app is None:
+        return ""
+    why = [f"{d}: {lines[-1]}" for d, st in app.deployments.items()
+           if (lines := [ln.strip() for ln in (st.message or "").splitlines() if ln.strip()])
+           and st.status != "HEALTHY"]
+    return f"{name} did not start; " + "; ".join(why) if why else ""
 
 
 def _answers(url: str, timeout: float = 60.0) -> bool:

@@ -65,15 +65,34 @@ def resolve_model(model_uri: str, tracking_uri: str | None = None) -> ResolvedMo
     artifacts never change) and loaded from there afterwards.  A path resolves with name ``local``
     and version ``file-`` + 12 hex digits of its sha256 (:func:`deepindex.checkpoint.checkpoint_version`).
     """
-    if not model_uri:
-        raise ValueError("model: empty model URI")
     if not model_uri.startswith("models:/"):
-        f = checkpoint_file(model_uri)
-        if not f.is_file():
-            raise FileNotFoundError(
-                f"model: no checkpoint at {model_uri} (expected a models:/ URI or a checkpoint path)")
+        f = _checkpoint_at(model_uri)
         return ResolvedModel(str(f.resolve()), LOCAL, checkpoint_version(f))
+    client, mv = _lookup(model_uri, tracking_uri)
+    return ResolvedModel(str(_download(client, mv) / FILENAME), mv.name, str(mv.version))
 
+
+def require_model(model_uri: str, tracking_uri: str | None = None) -> None:
+    """That ``model_uri`` names a checkpoint file or a registered version, checked without
+    downloading it; if not, the one-line error :func:`resolve_model` would give.  A command checks
+    this before it deploys anything that would load the model."""
+    if model_uri.startswith("models:/"):
+        _lookup(model_uri, tracking_uri)
+    else:
+        _checkpoint_at(model_uri)
+
+
+def _checkpoint_at(path: str) -> Path:
+    if not path:
+        raise ValueError("model: empty model URI")
+    f = checkpoint_file(path)
+    if not f.is_file():
+        raise FileNotFoundError(f"model: no checkpoint at {path} (expected a models:/ URI or a checkpoint path)")
+    return f
+
+
+def _lookup(model_uri: str, tracking_uri: str | None) -> tuple[MlflowClient, ModelVersion]:
+    """The registry's version that ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names."""
     from mlflow.exceptions import MlflowException
 
     rest = model_uri[len("models:/"):]
@@ -81,15 +100,13 @@ def resolve_model(model_uri: str, tracking_uri: str | None = None) -> ResolvedMo
     try:
         if "@" in rest:
             name, alias = rest.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        elif rest.count("/") == 1:
+            return client, client.get_model_version_by_alias(name, alias)
+        if rest.count("/") == 1:
             name, version = rest.split("/")
-            mv = client.get_model_version(name, version)
-        else:
-            raise ValueError(f"model: {model_uri!r} must look like models:/NAME@ALIAS or models:/NAME/VERSION")
+            return client, client.get_model_version(name, version)
+        raise ValueError(f"model: {model_uri!r} must look like models:/NAME@ALIAS or models:/NAME/VERSION")
     except MlflowException as e:
         raise ValueError(f"model: {model_uri} not found in the registry ({e.message.splitlines()[0]})") from None
-    return ResolvedModel(str(_download(client, mv) / FILENAME), mv.name, str(mv.version))
 
 
 def _download(client: MlflowClient, mv: ModelVersion) -> Path:

@@ -1,0 +1,39 @@
+"""A model that is not there is refused before anything deploys; an application that cannot start
+says why in one line (what `deepindex serve` prints), on a real Serve beside the package's
+application, which keeps serving."""
+from __future__ import annotations
+
+import pytest
+
+
+def test_a_checkpoint_path_that_is_not_there_is_refused_before_anything_deploys(tmp_path):
+    from serving.app import build_app
+
+    with pytest.raises(FileNotFoundError, match=f"model: no checkpoint at {tmp_path}/nope.pt"):
+        build_app({"model": str(tmp_path / "nope.pt"), "api_token_file": None})
+
+
+@pytest.mark.timeout(300)
+def test_an_app_whose_model_cannot_load_says_why_in_one_line(served, tmp_path):
+    from ray import serve
+
+    from deepindex.commands.serve import why_not_running
+    from serving.app import build_app
+
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint")  # there (the command's check passes), but no replica can load it
+    # A collection and index folder of its own: the served app's writer stays the only one of its collection.
+    args = {"model": str(bad), "index_dir": str(tmp_path / "indexes"), "catalogue_url": f"sqlite:///{tmp_path}/c.db",
+            "blobs_url": str(tmp_path / "blobs"), "api_token_file": None, "reload_interval_s": 0}
+    try:
+        with pytest.raises(RuntimeError, match="Deploying application broken failed"):
+            serve.run(build_app(args), name="broken", route_prefix="/broken")
+        why = why_not_running("broken")
+    finally:
+        serve.delete("broken")
+    assert why.startswith("broken did not start; "), why
+    assert "\n" not in why and "Traceback" not in why, why
+    assert (f"ConceptModel: ValueError: checkpoint: {bad} is not a loadable deepindex checkpoint "
+            "(Unsupported operand") in why, why
+    assert served.get("/healthz").status_code == 200  # the package's application is untouched
+    assert why_not_running("no-such-app") == ""
