@@ -128,3 +128,8 @@ def test_cli_session(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert rc == 2 and err.startswith("deepindex collection: error: root:")
     rc, _, err = run("import", "x", "--folder", str(tmp_path / "none"))
     assert rc == 2 and "no such folder" in err
+    (tmp_path / "m.csv").write_text("path,tags\nnot/there.png,a\n")
+    rc, _, err = run("import", "y", "--manifest", str(tmp_path / "m.csv"), "--root", str(tmp_path))
+    assert rc == 2 and "m.csv:2: missing file" in err
+    rc, out, _ = run("ls")  # a folder or manifest that cannot be read creates no collection
+    assert rc == 0 and [line.split()[0] for line in out.splitlines()] == ["scenes"]

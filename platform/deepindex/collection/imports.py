@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,28 +108,30 @@ def _file_entries(paths: Sequence[Path], ids: Sequence[str], tags: Sequence[Sequ
         yield item_id, data, t, meta
 
 
-def _import_files(store: CollectionStore, what: str, source: str, paths: Sequence[Path], ids: Sequence[str],
-                  tags: Sequence[Sequence[str]], batch_size: int) -> AddResult:
-    unreadable: list[str] = []
-    res = store.add_bulk(_file_entries(paths, ids, tags, unreadable), source=source, batch_size=batch_size,
-                         keep_items=False, progress=_progress(f"{what} -> {store.name}"))
-    res.skipped += len(unreadable)
-    res.skipped_reasons = (unreadable + res.skipped_reasons)[:20]
-    return _finish(store, what, res)
+@dataclass(frozen=True)
+class FileSource:
+    """Files to import, listed and checked (a missing folder, a bad manifest line) before any
+    collection is created or touched."""
+
+    what: str  # for people: the folder or manifest
+    source: str  # recorded with every change it makes
+    paths: Sequence[Path]
+    ids: Sequence[str]
+    tags: Sequence[Sequence[str]]
 
 
-def import_folder(store: CollectionStore, root: str | Path, batch_size: int = 500) -> AddResult:
+def folder_source(root: str | Path) -> FileSource:
     """``root/<class>/<image>``: ids are paths relative to the root, tags ``[class]``."""
     from deepindex.data.files import read_image_folder
 
     root = Path(root)
     found = read_image_folder(root)
     tags = [[found.concepts[int(t)]] for t in found.targets]
-    return _import_files(store, str(root), f"folder:{root.resolve()}", found.paths, found.ids, tags, batch_size)
+    return FileSource(str(root), f"folder:{root.resolve()}", found.paths, found.ids, tags)
 
 
-def import_manifest(store: CollectionStore, manifest: str | Path, root: str | Path,
-                    concepts: Sequence[str] | str | Path | None = None, batch_size: int = 500) -> AddResult:
+def manifest_source(manifest: str | Path, root: str | Path,
+                    concepts: Sequence[str] | str | Path | None = None) -> FileSource:
     """A CSV/JSONL tag manifest (paths relative to ``root``).  ``concepts``: a list, or a file with
     one per line; None takes the manifest's own tags as the concepts."""
     from deepindex.data.files import read_concepts, read_manifest
@@ -143,5 +146,22 @@ def import_manifest(store: CollectionStore, manifest: str | Path, root: str | Pa
     found = read_manifest(manifest, root, concept_list)
     multi_hot = found.targets.numpy()
     tags = [[found.concepts[j] for j in np.flatnonzero(row)] for row in multi_hot]
-    return _import_files(store, str(manifest), f"manifest:{Path(manifest).resolve()}", found.paths, found.ids, tags,
-                         batch_size)
+    return FileSource(str(manifest), f"manifest:{Path(manifest).resolve()}", found.paths, found.ids, tags)
+
+
+def import_files(store: CollectionStore, src: FileSource, batch_size: int = 500) -> AddResult:
+    unreadable: list[str] = []
+    res = store.add_bulk(_file_entries(src.paths, src.ids, src.tags, unreadable), source=src.source,
+                         batch_size=batch_size, keep_items=False, progress=_progress(f"{src.what} -> {store.name}"))
+    res.skipped += len(unreadable)
+    res.skipped_reasons = (unreadable + res.skipped_reasons)[:20]
+    return _finish(store, src.what, res)
+
+
+def import_folder(store: CollectionStore, root: str | Path, batch_size: int = 500) -> AddResult:
+    return import_files(store, folder_source(root), batch_size)
+
+
+def import_manifest(store: CollectionStore, manifest: str | Path, root: str | Path,
+                    concepts: Sequence[str] | str | Path | None = None, batch_size: int = 500) -> AddResult:
+    return import_files(store, manifest_source(manifest, root, concepts), batch_size)

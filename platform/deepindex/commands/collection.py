@@ -87,17 +87,18 @@ def run_import(args: argparse.Namespace) -> int:
         raise ValueError("root: a manifest needs --root (the folder its paths are relative to)")
     if args.size < 1:
         raise ValueError("size: must be >= 1")
+    src = None  # a folder or manifest is read first: a bad one creates no collection
+    if args.folder:
+        src = imports.folder_source(args.folder)
+    elif args.manifest:
+        src = imports.manifest_source(args.manifest, args.root, concepts=args.concepts)
     store = _open(args, create=True)
-    if args.digit_scenes:
+    if src is None:
         what = f"the digit-scenes gallery (size {args.size}, seed {args.seed})"
         res = imports.import_digit_scenes(store, size=args.size, seed=args.seed, batch_size=args.batch_size)
-    elif args.folder:
-        what = args.folder
-        res = imports.import_folder(store, args.folder, batch_size=args.batch_size)
     else:
-        what = args.manifest
-        res = imports.import_manifest(store, args.manifest, args.root, concepts=args.concepts,
-                                      batch_size=args.batch_size)
+        what = src.what
+        res = imports.import_files(store, src, batch_size=args.batch_size)
     skipped = f", {res.skipped} skipped" if res.skipped else ""
     line = (f"imported {res.added} items into {store.name} from {what} ({res.existing} already there{skipped}) "
             f"in {res.seconds:.1f} s; {store.name} now holds {store.count()} items")
