@@ -29,13 +29,14 @@ def _deployment(cls: object) -> Deployment:
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
+    from deepindex.config import validate_as
     from deepindex.tracking.registry import require_model
     from serving.index import IndexServer
     from serving.ingress import Ingress
     from serving.metrics import MetricsHub
     from serving.model import ModelServer
 
-    a = ServeArgs.model_validate(args or {}).resolved()
+    a = validate_as(ServeArgs, args or {}, prefix="args.").resolved()  # one line naming the arg at fault
     a.api_token()  # a missing token file is an error now, not in a replica later
     require_model(a.model, a.tracking_uri)  # so is a model that is not there (a replica would fail to start)
     # One index replica: the collection's writer and the owner of the served (model, index) pair.

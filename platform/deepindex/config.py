@@ -8,7 +8,7 @@ search spaces, which address the same dotted keys.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -300,8 +300,17 @@ def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
 
 def from_dict(d: dict[str, Any] | None) -> Config:
     """Validate a nested dict; the error names the first dotted key at fault."""
+    return validate_as(Config, d or {})
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_as(cls: type[M], d: Any, prefix: str = "") -> M:
+    """``cls.model_validate(d)``; a ValidationError becomes one line, a ConfigError naming the first
+    dotted key at fault (after ``prefix``, e.g. ``args.`` for a Serve application's args)."""
     try:
-        return Config.model_validate(d or {})
+        return cls.model_validate(d)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
@@ -312,7 +321,7 @@ def from_dict(d: dict[str, Any] | None) -> Config:
             msg = msg[len("Value error, "):]
             if ": " in msg and not loc:  # our own validators already start with the key
                 raise ConfigError(msg) from None
-        raise ConfigError(f"{loc or 'config'}: {msg}") from None
+        raise ConfigError(f"{prefix}{loc}: {msg}" if loc else f"{prefix.rstrip('.') or 'config'}: {msg}") from None
 
 
 def read_yaml(path: str | Path, label: str) -> Any:

@@ -6,6 +6,20 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.mark.parametrize(("argv", "error"), [
+    (["--arg", "max_k=abc"], "args.max_k: Input should be a valid integer"),
+    (["--arg", "bogus=1"], "args.bogus: unknown key"),
+    (["--arg", "ingress_replicas=0"], "args.ingress_replicas: Input should be greater than or equal to 1"),
+    (["--port", "99999"], "port: 99999 is not a TCP port (1-65535)"),
+])
+def test_serve_command_refuses_bad_args_in_one_line_naming_them(argv, error, capsys):
+    from deepindex.cli import main
+
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"deepindex serve: error: {error}" or err.startswith(f"deepindex serve: error: {error},"), err
+
+
 def test_a_checkpoint_path_that_is_not_there_is_refused_before_anything_deploys(tmp_path):
     from serving.app import build_app
 

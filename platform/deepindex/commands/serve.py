@@ -67,8 +67,10 @@ def _app_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any],
     http = dict(cfg.get("http_options") or {})
     if args.host:
         http["host"] = args.host
-    if args.port:
+    if args.port is not None:
         http["port"] = args.port
+    if not (isinstance(http.get("port", 8000), int) and 1 <= http.get("port", 8000) <= 65535):
+        raise ValueError(f"port: {http['port']!r} is not a TCP port (1-65535)")
     return app_args, http, app.get("name", "deepindex")
 
 
