@@ -43,6 +43,8 @@ def test_two_workers_reach_the_single_label_floor(ray_local, tmp_path, record_pr
     assert lm.config == resolve_config(cfg) and lm.stats.mean[0] > 0  # data keys resolved on the driver
     status = _status(tmp_path, "floor-digits")
     assert set(status) == {0, 1} and status[0]["pid"] != status[1]["pid"]
+    # The reported epoch is the group's: the images both ranks trained on (each rank's own count is in its status).
+    assert out.metrics["train_images"] == status[0]["train_rows"] + status[1]["train_rows"], out.metrics
 
 
 def _committed_epoch(storage: Path, name: str) -> int:

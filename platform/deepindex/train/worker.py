@@ -179,9 +179,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         logits, targets = _gather(logits), _gather(targets)
         val_metrics = scores_to_metrics(logits, targets, feed.multilabel, loss_fn)
         scheduler.step(val_metrics["val_loss"])
-        # images/s of the whole group: every rank trained as many images in about the same time.
+        # Images and images/s of the whole group: every rank trained as many images (equal shards,
+        # drop_last) in about the same time.
         metrics = {**train_metrics, **val_metrics, "epoch": epoch, "lr": lr,
-                   "images_per_s": train_metrics["images_per_s"] * world}
+                   "images_per_s": train_metrics["images_per_s"] * world,
+                   "train_images": train_metrics["train_images"] * world}
         if rank == 0:
             throughput.set(metrics["images_per_s"], tags=run_tag)
             if tracker is not None:
