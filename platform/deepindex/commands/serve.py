@@ -69,8 +69,9 @@ def _app_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any],
         http["host"] = args.host
     if args.port is not None:
         http["port"] = args.port
-    if not (isinstance(http.get("port", 8000), int) and 1 <= http.get("port", 8000) <= 65535):
-        raise ValueError(f"port: {http['port']!r} is not a TCP port (1-65535)")
+    port = http.get("port", 8000)
+    if not (isinstance(port, int) and 1 <= port <= 65535):
+        raise ValueError(f"port: {port!r} is not a TCP port (1-65535)")
     return app_args, http, app.get("name", "deepindex")
 
 
@@ -125,10 +126,12 @@ def why_not_running(name: str) -> str:
     app = serve.status().applications.get(name)
     if app is None:
         return ""
-    why = [f"{d}: {lines[-1]}" for d, st in app.deployments.items()
-           if (lines := [ln.strip() for ln in (st.message or "").splitlines() if ln.strip()])
-           and st.status != "HEALTHY"]
-    return f"{name} did not start; " + "; ".join(why) if why else ""
+    why = []
+    for deployment, st in app.deployments.items():
+        lines = [ln.strip() for ln in (st.message or "").splitlines() if ln.strip()]
+        if st.status != "HEALTHY" and lines:
+            why.append(f"{deployment}: {lines[-1]}")
+    return f"{name} did not start; {'; '.join(why)}" if why else ""
 
 
 def _answers(url: str, timeout: float = 60.0) -> bool:
