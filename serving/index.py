@@ -110,11 +110,10 @@ class IndexServer:
         self.model_reports[replica] = (version, time.monotonic())
         return self.rollover.model_target()
 
-    def models_on(self, version: str, within_s: float = 3 * MODEL_POLL_S + 2) -> bool:
-        """Every model replica heard from lately serves ``version``."""
+    def model_versions(self, within_s: float = 3 * MODEL_POLL_S + 2) -> dict[str, str]:
+        """The version each model replica heard from lately serves (a stopped one drops out)."""
         now = time.monotonic()
-        recent = [v for v, t in self.model_reports.values() if now - t <= within_s]
-        return bool(recent) and all(v == version for v in recent)
+        return {r: v for r, (v, t) in list(self.model_reports.items()) if now - t <= within_s}
 
     def _pair(self, version: str | None) -> tuple[Pair | None, dict[str, Any] | None]:
         v = version or self.serving

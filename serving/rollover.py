@@ -3,9 +3,12 @@
 A thread polls the model URI every ``reload_interval_s``.  When it names a version other than the
 one served, it prepares that version's pair (build the index from the collection unless its folder
 exists, load it and the model, catch it up with the changes made meanwhile), switches to it under
-the write lock, waits for the model replicas to follow, unloads the old pair, and removes index
-folders beyond the last ``keep_indexes``.  A failure leaves the served pair as it was and is
-retried with a growing delay; its reason is in the status (``/v1/status``, ``/readyz``).
+the write lock, and keeps the old pair loaded for as long as a model replica still answers with the
+old version (loading a large model from a remote registry can take minutes; a request it answers
+meanwhile is searched in that version's index).  Once none has for ``OLD_GRACE_S``, the old pair is
+unloaded and index folders beyond the last ``keep_indexes`` are removed.  A failure leaves the served
+pair as it was and is retried with a growing delay; its reason is in the status (``/v1/status``,
+``/readyz``).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from deepindex.atomic import write_file
@@ -24,11 +28,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATE_FILE = "serving.json"
-OLD_GRACE_S = 5.0  # the old index stays loaded this long after the model replicas moved (ingress caches)
+OLD_GRACE_S = 5.0  # an old pair stays loaded this long after the last model replica answered with it
+SETTLE_POLL_S = 0.2  # how often a switch checks whether the model replicas have moved
 
 
 class Rollover:
-    def __init__(self, server: IndexServer):
+    def __init__(self, server: IndexServer, clock: Callable[[], float] = time.monotonic):
         from deepindex.index.build import collection_dir
 
         self.server = server
@@ -43,6 +48,9 @@ class Rollover:
         self.attempt = 0
         self.since = time.time()
         self.last_switch: dict[str, Any] | None = None
+        self._clock = clock
+        self._last_used: dict[str, float] = {}  # an old pair's version -> when a model replica last used it
+        self._settling = False  # old pairs still loaded after a switch
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._poke = threading.Event()
@@ -83,8 +91,9 @@ class Rollover:
     def _set(self, phase: str, message: str = "", progress: float | None = None) -> None:
         if phase != self.phase:
             self.since = time.time()
+        if (phase, message) != (self.phase, self.message):
+            log.info("rollover: %s %s", phase, message)
         self.phase, self.message, self.progress = phase, message, progress
-        log.info("rollover: %s %s", phase, message)
 
     def _run(self) -> None:
         interval = max(0.5, self.server.args.reload_interval_s or 0.5)
@@ -100,7 +109,12 @@ class Rollover:
                             self.attempt, self.last_error)
                 self._set("retrying", f"version {(self.target or {}).get('version')}")
                 wait = min(60.0, 2.0 ** self.attempt)
-            self._poke.wait(wait)
+            deadline = time.monotonic() + wait
+            # Until the next look at the model URI, check often whether the model replicas have moved.
+            while self._settling and time.monotonic() < deadline and not self._poke.wait(SETTLE_POLL_S):
+                if not self._settle() and self.phase == "switching":
+                    self._set("idle", f"serving version {self.server.serving}")
+            self._poke.wait(max(0.0, deadline - time.monotonic()))
             self._poke.clear()
 
     def restore(self) -> None:
@@ -125,8 +139,9 @@ class Rollover:
         ref = f"models:/{r.name}/{r.version}" if r.name != LOCAL else a.model
         s = self.server
         if s.serving == r.version and r.version in s.pairs:
-            self._set("idle", f"serving version {r.version}")
             self.target = None
+            if not self._settle():
+                self._set("idle", f"serving version {r.version}")
             return
         self.target = {"name": r.name, "version": r.version, "ref": ref}
         start = time.monotonic()
@@ -137,12 +152,38 @@ class Rollover:
                             "items": len(pair.index), "at": time.time()}
         self.target = None
         if old and old != r.version:
-            self._set("switching", f"model replicas moving to version {r.version}")
-            self._wait_models(r.version)
-            time.sleep(OLD_GRACE_S)
-            s.pairs.pop(old, None)
-        self._gc()
-        self._set("idle", f"serving version {r.version}")
+            self._last_used[old] = self._clock()
+        if not self._settle():
+            self._gc()
+            self._set("idle", f"serving version {r.version}")
+
+    def _settle(self) -> bool:
+        """Unload each pair the service no longer serves once no model replica has answered with its
+        version for ``OLD_GRACE_S``, however long that takes (a model replica still loading the new
+        version answers with the old one, and its similar-by-upload requests need the old index);
+        then remove the index folders beyond ``keep_indexes``.  True while some old pair stays."""
+        s = self.server
+        old = [v for v in s.pairs if v != s.serving]
+        if not old:
+            self._settling = False
+            return False
+        now = self._clock()
+        using = s.model_versions()
+        for v in old:
+            if v in using.values():
+                self._last_used[v] = now
+            elif now - self._last_used.setdefault(v, now) >= OLD_GRACE_S:
+                s.pairs.pop(v, None)
+                self._last_used.pop(v, None)
+                log.info("rollover: unloaded version %s (no model replica answers with it)", v)
+        self._settling = any(v != s.serving for v in s.pairs)
+        if not self._settling:
+            self._gc()
+            return False
+        behind = sum(v != s.serving for v in using.values())
+        self._set("switching", f"model replicas moving to version {s.serving}"
+                  + (f"; {behind} of {len(using)} still on an older one" if behind else ""))
+        return True
 
     def _prepare(self, target: dict[str, Any], build: bool) -> Pair:
         from deepindex.checkpoint import load_model
@@ -191,11 +232,6 @@ class Rollover:
                                                           "ref": pair.ref}))
         log.info("rollover: serving %s version %s (%s), index of %d items at change %d", pair.name, pair.version,
                  reason, len(pair.index), pair.index.seq)
-
-    def _wait_models(self, version: str, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self.server.models_on(version) and time.monotonic() < deadline:
-            time.sleep(0.2)
 
     def _gc(self) -> None:
         """Keep the newest ``keep_indexes`` index folders of the collection (never the served one)."""

@@ -8,6 +8,7 @@ the same way through ``resolve_model`` (tests/serving/test_lifecycle.py follows 
 """
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import time
@@ -73,6 +74,7 @@ class Poller:
 
 def test_new_version_rolls_over_with_no_failed_request_and_back(served):
     import torch
+    from ray import serve
 
     from deepindex.checkpoint import load_model, save_checkpoint
     from deepindex.index.store import find_index
@@ -115,15 +117,37 @@ def test_new_version_rolls_over_with_no_failed_request_and_back(served):
     assert find_index(served.collection_dir, "local", new) is not None
     assert st["index"]["model_version"] == new and st["items"] == st["index"]["count"]
 
-    # Back to the first version: its index is kept, so only a catch-up stands between.
-    with Poller(served, png_bytes(served.images[0])) as poll:
-        shutil.copy(served.trained / "checkpoint.pt", served.model_path)
-        start = time.monotonic()
-        wait_until(lambda: status()["rollover"]["serving"] == served.version, 120, every=0.2,
-                   what="back on the first version")
-        back_s = time.monotonic() - start
-        wait_until(lambda: served.get("/readyz").json()["model"]["version"] == served.version, 30,
-                   what="model replicas back")
-    poll.check()
-    print(f"rollback to {served.version}: {back_s:.1f}s")
+    # Back to the first version: its index is kept, so only a catch-up stands between.  Meanwhile a
+    # model replica lags: it goes on answering with the version being left (as one still loading the
+    # next version from a remote registry does, for minutes), so that version's index must stay loaded.
+    index = serve.get_deployment_handle("IndexService", "deepindex")
+    lag_stop = threading.Event()
+
+    def lagging_replica() -> None:
+        while not lag_stop.is_set():
+            index.report_model.remote("lagging-replica", new).result(timeout_s=30)
+            lag_stop.wait(0.2)
+
+    lag = threading.Thread(target=lagging_replica, daemon=True)
+    lag.start()
+    try:
+        with Poller(served, png_bytes(served.images[0])) as poll:
+            shutil.copy(served.trained / "checkpoint.pt", served.model_path)
+            start = time.monotonic()
+            wait_until(lambda: status()["rollover"]["serving"] == served.version, 120, every=0.2,
+                       what="back on the first version")
+            back_s = time.monotonic() - start
+            wait_until(lambda: served.get("/readyz").json()["model"]["version"] == served.version, 30,
+                       what="model replicas back")
+        poll.check()
+        print(f"rollback to {served.version}: {back_s:.1f}s")
+        # The real replica reports its move at its next poll; the lagging one holds the switch open.
+        wait_until(lambda: re.search(r"; 1 of \d+ still on an older one$", status()["rollover"]["message"]), 30,
+                   what="only the lagging replica left on the old version")
+        assert status()["rollover"]["phase"] == "switching"
+        assert index.info.remote(new).result(timeout_s=30)["loaded"]  # the lagging replica's index answers
+    finally:
+        lag_stop.set()
+        lag.join(30)
     wait_until(lambda: status()["rollover"]["phase"] == "idle", 60, what="the rollover settled")
+    assert not index.info.remote(new).result(timeout_s=30)["loaded"]  # unloaded once nobody used it

@@ -1,0 +1,69 @@
+"""After a switch, the rollover keeps the old pair loaded for as long as a model replica answers with
+its version, however long that is, and unloads it ``OLD_GRACE_S`` after the last one moved.
+
+The index replica here is a stand-in holding only what the rollover reads of it (its pairs, the
+served version, the model replicas' reports): the test is about the rollover's rule, on a clock it
+controls.  ``test_serving_rollover.py`` checks the same rule in the real service, with a model
+replica that lags.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serving.rollover import OLD_GRACE_S, Rollover
+from serving.schemas import ServeArgs
+
+
+class _IndexServerStandIn:
+    """What :class:`serving.rollover.Rollover` reads of ``serving.index.IndexServer``."""
+
+    def __init__(self, index_dir: Path):
+        self.args = ServeArgs(model="unused", index_dir=str(index_dir))
+        self.pairs: dict[str, object] = {"1": object(), "2": object()}  # version 2 just switched to
+        self.serving = "2"
+        self.reports: dict[str, str] = {}  # model replica -> the version it answers with
+
+    def model_versions(self) -> dict[str, str]:
+        return dict(self.reports)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.timeout(30)
+def test_the_old_pair_stays_while_a_model_replica_is_on_it_and_goes_after_the_grace(tmp_path: Path) -> None:
+    server, clock = _IndexServerStandIn(tmp_path), _Clock()
+    roll = Rollover(server, clock=clock)  # type: ignore[arg-type]  # the stand-in
+    server.reports = {"a": "2", "b": "1"}  # replica b still loads version 2 and answers with 1
+
+    assert roll._settle() is True
+    assert set(server.pairs) == {"1", "2"} and roll.phase == "switching"
+    assert roll.message == "model replicas moving to version 2; 1 of 2 still on an older one"
+    clock.now += 3600  # an hour later, b is still on version 1: its requests still find their index
+    assert roll._settle() is True and set(server.pairs) == {"1", "2"}
+
+    server.reports = {"a": "2", "b": "2"}  # b moved
+    clock.now += OLD_GRACE_S - 0.1
+    assert roll._settle() is True and "1" in server.pairs  # within the grace (ingress caches)
+    assert roll.message == "model replicas moving to version 2"
+    clock.now += 0.1
+    assert roll._settle() is False and set(server.pairs) == {"2"}
+
+
+@pytest.mark.timeout(30)
+def test_a_model_replica_that_stopped_reporting_holds_nothing(tmp_path: Path) -> None:
+    """Reports drop out of ``model_versions`` when a replica stops (dies, scales down): no replica
+    answering with the old version means the old pair goes after the grace."""
+    server, clock = _IndexServerStandIn(tmp_path), _Clock()
+    roll = Rollover(server, clock=clock)  # type: ignore[arg-type]  # the stand-in
+    assert roll._settle() is True and "1" in server.pairs  # the grace starts when first seen unused
+    clock.now += OLD_GRACE_S
+    assert roll._settle() is False and set(server.pairs) == {"2"}
+    assert roll._settle() is False  # nothing left to settle
