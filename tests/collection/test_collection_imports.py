@@ -88,6 +88,23 @@ def test_manifest_import_with_and_without_a_concept_list(tmp_path: Path) -> None
     assert import_manifest(_store("strict"), jsonl, tmp_path / "pets", concepts=concepts).added == 1
 
 
+def test_manifest_inside_its_folder_needs_no_root_and_takes_its_concepts_txt(tmp_path: Path) -> None:
+    """As training reads a collection (``data.root``): paths relative to the manifest's folder, and
+    the ``concepts.txt`` there, when there is one, is the concept list (its order, unknown tags refused)."""
+    _folder(tmp_path / "pets")
+    manifest = tmp_path / "pets" / "tags.csv"
+    manifest.write_text("path,tags\ncat/cat0.png,cat\ndog/dog1.png,dog;outdoor\n")
+    s = _store("inside")
+    assert import_manifest(s, manifest).added == 2
+    assert s.get("dog/dog1.png").tags == ["dog", "outdoor"]  # type: ignore[union-attr]
+    (tmp_path / "pets" / "concepts.txt").write_text("dog\ncat\n")
+    with pytest.raises(ValueError, match="unknown tag 'outdoor'"):
+        import_manifest(_store("inside-strict"), manifest)
+    (tmp_path / "pets" / "concepts.txt").write_text("dog\ncat\noutdoor\n")
+    strict = _store("inside-listed")
+    assert import_manifest(strict, manifest).added == 2 and strict.tags() == ["cat", "dog", "outdoor"]
+
+
 def test_cli_session(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The example session of the report, as a person types it."""
     def run(*argv: str) -> tuple[int, str, str]:
@@ -125,11 +142,14 @@ def test_cli_session(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     rc, _, err = run("info", "nope")
     assert rc == 2 and "no collection named 'nope'" in err
     rc, _, err = run("import", "x", "--manifest", str(tmp_path / "m.csv"))
-    assert rc == 2 and err.startswith("deepindex collection: error: root:")
+    assert rc == 2 and err == f"deepindex collection: error: manifest: no such file {tmp_path / 'm.csv'}\n", err
     rc, _, err = run("import", "x", "--folder", str(tmp_path / "none"))
     assert rc == 2 and "no such folder" in err
     (tmp_path / "m.csv").write_text("path,tags\nnot/there.png,a\n")
-    rc, _, err = run("import", "y", "--manifest", str(tmp_path / "m.csv"), "--root", str(tmp_path))
-    assert rc == 2 and "m.csv:2: missing file" in err
+    for flag, value in (("--root", "nodir"), ("--concepts", "nofile.txt")):
+        rc, _, err = run("import", "y", "--manifest", str(tmp_path / "m.csv"), flag, str(tmp_path / value))
+        assert rc == 2 and err.startswith(f"deepindex collection: error: {flag[2:]}: no such"), err
+    rc, _, err = run("import", "y", "--manifest", str(tmp_path / "m.csv"))  # the root: the manifest's folder
+    assert rc == 2 and "m.csv:2: missing file" in err and str(tmp_path / "not" / "there.png") in err, err
     rc, out, _ = run("ls")  # a folder or manifest that cannot be read creates no collection
     assert rc == 0 and [line.split()[0] for line in out.splitlines()] == ["scenes"]

@@ -130,12 +130,22 @@ def folder_source(root: str | Path) -> FileSource:
     return FileSource(str(root), f"folder:{root.resolve()}", found.paths, found.ids, tags)
 
 
-def manifest_source(manifest: str | Path, root: str | Path,
+def manifest_source(manifest: str | Path, root: str | Path | None = None,
                     concepts: Sequence[str] | str | Path | None = None) -> FileSource:
-    """A CSV/JSONL tag manifest (paths relative to ``root``).  ``concepts``: a list, or a file with
-    one per line; None takes the manifest's own tags as the concepts."""
-    from deepindex.data.files import read_concepts, read_manifest
+    """A CSV/JSONL tag manifest, its paths relative to ``root`` (default: the manifest's folder).
+    ``concepts``: a list, or a file with one per line; by default, as training reads a collection,
+    ``concepts.txt`` in ``root`` if there is one, else the manifest's own tags."""
+    from deepindex.data.files import CONCEPTS_NAME, read_concepts, read_manifest
 
+    if not Path(manifest).is_file():
+        raise FileNotFoundError(f"manifest: no such file {manifest}")
+    root = Path(manifest).parent if root is None else Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"root: no such folder {root}")
+    if isinstance(concepts, (str, Path)) and not Path(concepts).is_file():
+        raise FileNotFoundError(f"concepts: no such file {concepts}")
+    if concepts is None and (root / CONCEPTS_NAME).is_file():
+        concepts = root / CONCEPTS_NAME
     concept_list: list[str] | None
     if concepts is None:
         concept_list = None  # the manifest's own tags, sorted
@@ -162,6 +172,6 @@ def import_folder(store: CollectionStore, root: str | Path, batch_size: int = 50
     return import_files(store, folder_source(root), batch_size)
 
 
-def import_manifest(store: CollectionStore, manifest: str | Path, root: str | Path,
+def import_manifest(store: CollectionStore, manifest: str | Path, root: str | Path | None = None,
                     concepts: Sequence[str] | str | Path | None = None, batch_size: int = 500) -> AddResult:
     return import_files(store, manifest_source(manifest, root, concepts), batch_size)

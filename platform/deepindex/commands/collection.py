@@ -34,11 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = i.add_mutually_exclusive_group(required=True)
     src.add_argument("--digit-scenes", action="store_true", help="the embedded digit-scenes gallery")
     src.add_argument("--folder", metavar="DIR", help="an image folder: DIR/<class>/<image>")
-    src.add_argument("--manifest", metavar="FILE", help="a CSV or JSONL tag manifest (needs --root)")
+    src.add_argument("--manifest", metavar="FILE", help="a CSV or JSONL tag manifest")
     i.add_argument("--size", type=int, default=5000, help="digit-scenes: how many scenes (default 5000)")
     i.add_argument("--seed", type=int, default=0, help="digit-scenes: the gallery's seed")
-    i.add_argument("--root", metavar="DIR", help="manifest: the folder its paths are relative to")
-    i.add_argument("--concepts", metavar="FILE", help="manifest: the concept list (default: the manifest's own tags)")
+    i.add_argument("--root", metavar="DIR", help="manifest: the folder its paths are relative to (default: the "
+                                                 "manifest's folder)")
+    i.add_argument("--concepts", metavar="FILE", help="manifest: the concept list, one per line (default: concepts.txt "
+                                                      "in the root if there is one, else the manifest's own tags)")
     i.add_argument("--batch-size", type=int, default=500, help="items per transaction")
     i.set_defaults(func=run_import)
 
@@ -83,8 +85,6 @@ def _when(t: float) -> str:
 def run_import(args: argparse.Namespace) -> int:
     from deepindex.collection import imports
 
-    if args.manifest and not args.root:
-        raise ValueError("root: a manifest needs --root (the folder its paths are relative to)")
     if args.size < 1:
         raise ValueError("size: must be >= 1")
     src = None  # a folder or manifest is read first: a bad one creates no collection

@@ -230,7 +230,7 @@ def read_manifest(manifest: str | Path, root: str | Path, concepts: list[str] | 
         except ValueError as e:
             raise ManifestError(f"{manifest}:{n}: {e}") from None
         if not p.is_file():
-            raise ManifestError(f"{manifest}:{n}: missing file {rel}")
+            raise ManifestError(f"{manifest}:{n}: missing file {rel} (no {p})")
         if known is not None:
             unknown = [t for t in tags if t not in known]
             if unknown:
