@@ -93,3 +93,19 @@ def test_cli_commands_write_their_log_file(capsys):
     assert main(["tune", "--space", "no-such-space.yaml"]) == 2
     assert capsys.readouterr().err.strip() == "deepindex tune: error: space: no such file no-such-space.yaml"
     assert [p.name.split("-")[0] for p in (state_dir() / "logs").glob("*.log")] == ["tune"]
+
+
+def test_short_commands_print_our_lines_as_they_are_and_leave_the_libraries_info_out(capsys):
+    """``deepindex collection|example|tracking|submit ...``: no log file; the console is ours."""
+    undo = console.plain()
+    try:
+        logging.getLogger("deepindex.collection.store").info("collection x created")
+        logging.getLogger("somelib").info("a library's chatter")
+        logging.getLogger("deepindex.data").debug("a debug line")
+        logging.getLogger("deepindex.tracking").warning("a warning of ours")
+        logging.getLogger("somelib").warning("a library's warning")
+    finally:
+        undo()
+    logging.getLogger("deepindex.collection.store").info("after the command: not on its console")
+    assert _lines(capsys.readouterr().err) == ["collection x created", "WARNING deepindex.tracking: a warning of ours",
+                                               "WARNING somelib: a library's warning"]

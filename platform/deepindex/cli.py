@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import pkgutil
 import sys
 
@@ -36,13 +35,13 @@ QUIET = ("train", "tune", "promote", "index", "serve", "up")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in QUIET:
-        from deepindex import console
+    from deepindex import console
 
+    undo = None
+    if args.command in QUIET:
         console.setup("-".join(filter(None, [args.command, getattr(args, "index_command", None)])), args.verbose)
     else:
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        undo = console.plain(args.verbose)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError) as e:
@@ -53,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"deepindex {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if undo is not None:
+            undo()
 
 
 if __name__ == "__main__":

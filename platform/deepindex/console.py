@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,46 @@ class _ConsoleFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return record.getMessage() if record.name == EVENTS else super().format(record)
+
+
+class _PlainFilter(logging.Filter):
+    """The short commands' console: deepindex's own lines, and anyone's warnings and errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name == "deepindex" or record.name.startswith("deepindex.")
+
+
+class _PlainFormatter(logging.Formatter):
+    """deepindex's INFO lines as they are; anything else with its level and origin."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage() if record.levelno == logging.INFO else super().format(record)
+
+
+def plain(verbose: bool = False) -> Callable[[], None]:
+    """The console of the short commands (``collection``, ``example``, ``tracking``, ``submit``, ...),
+    which keep no log file: deepindex's own lines as they are, warnings and errors with their level
+    and origin, the libraries' INFO chatter left out; ``verbose``: everything, with times.  Returns
+    what removes it again (the CLI does when the command ends: tests run commands in one process)."""
+    handler = _ConsoleHandler()
+    if verbose:
+        handler.setFormatter(logging.Formatter(_FILE_FORMAT))
+    else:
+        handler.setFormatter(_PlainFormatter())
+        handler.addFilter(_PlainFilter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+    def undo() -> None:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+    return undo
 
 
 def setup(command: str, verbose: bool = False) -> Path:

@@ -1,5 +1,6 @@
 """The example photo collection: deterministic, on disk like a user's, colour concepts that need colour."""
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -55,7 +56,12 @@ def test_cli_writes_the_collection_and_refuses_a_full_folder(tmp_path, capsys):
     assert main(["example", "photos", str(out), "--n", "24", "--size", "128", "--concepts", "red,circle"]) == 0
     assert (out / "tags.csv").is_file() and (out / "concepts.txt").read_text().split() == ["red", "circle"]
     assert len(list(out.glob("*.jpg"))) == 24
-    capsys.readouterr()
+    # The console: the result on stdout, our one progress line on stderr as a person reads it.
+    written = capsys.readouterr()
+    result = json.loads(written.out)
+    assert result["root"] == str(out) and sum(result["splits"].values()) == 24
+    line = f"example photos: 24 images ({result['splits']}) of 128 px in {out}"
+    assert written.err.splitlines() == [line], written.err
     assert main(["example", "photos", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dir:" in err[0] and "--force" in err[0]
