@@ -106,13 +106,14 @@ class _QuietFilter(logging.Filter):
 
 
 class _ConsoleFormatter(logging.Formatter):
-    """Events as plain lines; anything else with its level and origin."""
+    """The records ``plain`` picks (events, by default) as plain lines; anything else with its level and origin."""
 
-    def __init__(self) -> None:
+    def __init__(self, plain: Callable[[logging.LogRecord], bool] = lambda r: r.name == EVENTS) -> None:
         super().__init__("%(levelname)s %(name)s: %(message)s")
+        self.plain = plain
 
     def format(self, record: logging.LogRecord) -> str:
-        return record.getMessage() if record.name == EVENTS else super().format(record)
+        return record.getMessage() if self.plain(record) else super().format(record)
 
 
 class _PlainFilter(logging.Filter):
@@ -120,16 +121,6 @@ class _PlainFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING or record.name == "deepindex" or record.name.startswith("deepindex.")
-
-
-class _PlainFormatter(logging.Formatter):
-    """deepindex's INFO lines as they are; anything else with its level and origin."""
-
-    def __init__(self) -> None:
-        super().__init__("%(levelname)s %(name)s: %(message)s")
-
-    def format(self, record: logging.LogRecord) -> str:
-        return record.getMessage() if record.levelno == logging.INFO else super().format(record)
 
 
 def plain(verbose: bool = False) -> Callable[[], None]:
@@ -141,7 +132,7 @@ def plain(verbose: bool = False) -> Callable[[], None]:
     if verbose:
         handler.setFormatter(logging.Formatter(_FILE_FORMAT))
     else:
-        handler.setFormatter(_PlainFormatter())
+        handler.setFormatter(_ConsoleFormatter(plain=lambda r: r.levelno == logging.INFO))
         handler.addFilter(_PlainFilter())
     root = logging.getLogger()
     level = root.level
