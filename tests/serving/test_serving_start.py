@@ -20,6 +20,23 @@ def test_serve_command_refuses_bad_args_in_one_line_naming_them(argv, error, cap
     assert err == f"deepindex serve: error: {error}" or err.startswith(f"deepindex serve: error: {error},"), err
 
 
+def test_serve_reads_the_packaged_config_wherever_it_runs(tmp_path, monkeypatch, capsys):
+    """A user's own folder has no serving/config.yaml: the default is the installed package's."""
+    import yaml
+
+    from deepindex.cli import build_parser, main
+    from deepindex.commands.serve import _app_args
+    from serving.schemas import HERE
+
+    monkeypatch.chdir(tmp_path)
+    app_args, http, name = _app_args(build_parser().parse_args(["serve", "--collection", "photos"]))
+    packaged = yaml.safe_load((HERE / "config.yaml").read_text())
+    assert name == "deepindex" and http == packaged["http_options"]
+    assert app_args == {**packaged["applications"][0]["args"], "collection": "photos"}
+    assert main(["serve", "--config", "mine.yaml"]) == 2
+    assert capsys.readouterr().err == "deepindex serve: error: config: no such file mine.yaml\n"
+
+
 def test_a_checkpoint_path_that_is_not_there_is_refused_before_anything_deploys(tmp_path):
     from serving.app import build_app
 

@@ -30,7 +30,8 @@ def ensure_api_token() -> Path:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="serve tagging, keyword and similar-image search over HTTP (Ray Serve)")
-    p.add_argument("--config", default="serving/config.yaml", help="Serve config file (its first application)")
+    p.add_argument("--config", help="Serve config file (its first application; default: the serving package's "
+                                    "config.yaml, wherever this command runs)")
     p.add_argument("--model", help="override args.model (models:/NAME@champion, models:/NAME/VERSION, a checkpoint)")
     p.add_argument("--collection", help="override args.collection (the collection served)")
     p.add_argument("--index", dest="index_dir", help="override args.index_dir (the collection's index folder)")
@@ -45,10 +46,11 @@ def _app_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any],
     import yaml
 
     from deepindex.config import parse_overrides
+    from serving.schemas import HERE
 
-    cfg_path = Path(args.config)
+    cfg_path = Path(args.config) if args.config else HERE / "config.yaml"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"serve: no such config {cfg_path}")
+        raise FileNotFoundError(f"config: no such file {cfg_path}")
     cfg = yaml.safe_load(cfg_path.read_text()) or {}
     apps = cfg.get("applications") or []
     if not apps:
