@@ -57,6 +57,33 @@ def test_cleanlab_flags_the_corrupted_labels_and_estimates_per_concept_noise(aud
 
 
 @pytest.mark.timeout(60)
+def test_the_noise_estimates_are_cleanlabs_counted_in_this_process(audit_inputs: AuditInputs,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-concept estimates are rank_classes_by_multilabel_quality's (which truncates each count
+    through a float rate: ours or one more), under any filter, and no process pool is forked (the
+    audit runs this in a Ray driver, whose forked children each printed a stack dump at exit)."""
+    import multiprocessing.pool
+
+    from cleanlab.multilabel_classification.dataset import rank_classes_by_multilabel_quality
+
+    _, splits, given, probs, _ = audit_inputs
+    labels = [np.flatnonzero(row).tolist() for row in given > 0.5]
+    table = {int(r["Class Index"]): r for r in rank_classes_by_multilabel_quality(labels, probs).to_dict("records")}
+
+    def no_pool(*args: object, **kwargs: object) -> None:
+        raise AssertionError("detect forked a process pool")
+
+    monkeypatch.setattr(multiprocessing.pool.Pool, "__init__", no_pool)
+    for filter_by in ("prune_by_noise_rate", "both"):
+        det = detect(given, probs, splits.concepts, filter_by)
+        for k, c in enumerate(det.concept_noise):
+            assert c["wrong_tags_est"] - table[k]["Label Issues"] in (0, 1), (k, c, table[k])
+            assert c["missing_tags_est"] - table[k]["Inverse Label Issues"] in (0, 1), (k, c, table[k])
+            assert c["wrong_tag_rate_est"] == pytest.approx(table[k]["Label Noise"])
+    assert sum(c["wrong_tags_est"] + c["missing_tags_est"] for c in det.concept_noise) > 0
+
+
+@pytest.mark.timeout(60)
 def test_report_round_trips_through_the_label_filter(audit_inputs: AuditInputs, tmp_path: Path) -> None:
     cfg, splits, given, probs, truth = audit_inputs
     det = detect(given, probs, splits.concepts)

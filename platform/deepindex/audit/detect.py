@@ -4,7 +4,9 @@ cleanlab's multi-label Confident Learning treats every concept as a one-vs-rest 
 task: per concept it estimates how many given 1s should be 0 ("wrong tag") and how many
 given 0s should be 1 ("missing tag") from the out-of-fold probabilities, and flags that many
 labels, least confident first (``audit.filter_by``, default ``prune_by_noise_rate``).  Its
-per-concept noise estimates (``rank_classes_by_multilabel_quality``) summarise the labels.
+per-concept noise estimates summarise the labels: what ``rank_classes_by_multilabel_quality``
+reports, counted here from the same default filter (that function forks a process pool per
+concept with no way to say otherwise, and truncates its counts through a float rate).
 Nothing here trains or touches Ray.
 """
 from __future__ import annotations
@@ -30,6 +32,10 @@ class Detection:
         return idx[np.argsort(worst, kind="stable")]
 
 
+# The filter behind cleanlab's per-concept noise estimates (rank_classes_by_multilabel_quality).
+NOISE_ESTIMATE_FILTER = "prune_by_noise_rate"
+
+
 def _label_lists(given: np.ndarray) -> list[list[int]]:
     return [np.flatnonzero(row).tolist() for row in given]
 
@@ -37,7 +43,6 @@ def _label_lists(given: np.ndarray) -> list[list[int]]:
 def detect(given: np.ndarray, probs: np.ndarray, concepts: list[str],
            filter_by: str = "prune_by_noise_rate") -> Detection:
     """Flag suspect labels of ``given`` (N, K 0/1) from out-of-fold ``probs`` (N, K)."""
-    from cleanlab.multilabel_classification.dataset import rank_classes_by_multilabel_quality
     from cleanlab.multilabel_classification.filter import find_multilabel_issues_per_class
     from cleanlab.multilabel_classification.rank import get_label_quality_scores_per_class
 
@@ -47,20 +52,23 @@ def detect(given: np.ndarray, probs: np.ndarray, concepts: list[str],
         raise ValueError(f"audit: labels {given.shape} and probabilities {probs.shape} do not match "
                          f"{len(concepts)} concepts")
     labels = _label_lists(given)
-    flagged = np.asarray(find_multilabel_issues_per_class(labels, probs, filter_by=filter_by), dtype=bool)
+    def issues(how: str) -> np.ndarray:
+        # n_jobs=1: cleanlab's default forks a process pool, here from a Ray driver (whose signal
+        # handlers the children inherit: each printed a stack dump when the pool ended); same results.
+        return np.asarray(find_multilabel_issues_per_class(labels, probs, filter_by=how, n_jobs=1), dtype=bool)
+
+    flagged = issues(filter_by)
+    estimated = flagged if filter_by == NOISE_ESTIMATE_FILTER else issues(NOISE_ESTIMATE_FILTER)
     quality = np.asarray(get_label_quality_scores_per_class(labels, probs, method="self_confidence"))
     if quality.shape != given.shape:  # documented as K arrays of (N,); 2.9 returns (N, K)
         quality = np.stack(list(quality), axis=1)
-    table = rank_classes_by_multilabel_quality(labels, probs, class_names=list(concepts))
-    rows = {int(r["Class Index"]): r for r in table.to_dict("records")}
+    n = max(len(given), 1)
     noise = []
     for k, name in enumerate(concepts):
-        r = rows.get(k, {})
+        wrong, missing = int((estimated[:, k] & given[:, k]).sum()), int((estimated[:, k] & ~given[:, k]).sum())
         noise.append({"concept": name, "given": int(given[:, k].sum()),
-                      "wrong_tags_est": int(r.get("Label Issues", 0) or 0),
-                      "missing_tags_est": int(r.get("Inverse Label Issues", 0) or 0),
-                      "wrong_tag_rate_est": float(r.get("Label Noise", 0.0) or 0.0),
-                      "missing_tag_rate_est": float(r.get("Inverse Label Noise", 0.0) or 0.0),
+                      "wrong_tags_est": wrong, "missing_tags_est": missing,
+                      "wrong_tag_rate_est": wrong / n, "missing_tag_rate_est": missing / n,
                       "flagged_wrong": int((flagged[:, k] & given[:, k]).sum()),
                       "flagged_missing": int((flagged[:, k] & ~given[:, k]).sum())})
     return Detection(flagged, quality, list(concepts), noise)
