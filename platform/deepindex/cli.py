@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands whose console is quiet (deepindex.console): one line per event, the rest in a log file.
-QUIET = ("train", "tune", "promote", "index", "serve", "up")
+QUIET = ("train", "tune", "promote", "index", "serve", "up", "data")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
     undo = None
     if args.command in QUIET:
-        console.setup("-".join(filter(None, [args.command, getattr(args, "index_command", None)])), args.verbose)
+        action = next((v for k, v in vars(args).items() if k.endswith("_command") and isinstance(v, str)), None)
+        console.setup("-".join(filter(None, [args.command, action])), args.verbose)
     else:
         undo = console.plain(args.verbose)
     try:

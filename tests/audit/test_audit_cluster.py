@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -70,6 +72,29 @@ class Audited:
     killed: int  # the pid killed
     uri: str
     wall_s: float
+    events: list[str]  # the console's lines (deepindex.events) while the audit ran
+
+
+class _Events(logging.Handler):
+    """The console's lines (``deepindex.events``) while in the ``with`` block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+        self.logger = logging.getLogger("deepindex.events")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> _Events:
+        self.level = self.logger.level
+        self.logger.addHandler(self)
+        self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
 
 
 @pytest.fixture(scope="module")
@@ -109,25 +134,26 @@ def audited(two_nodes: Cluster, mlflow_server: MlflowServer, tmp_path_factory: p
                 return st
             return None
 
-        t = threading.Thread(target=go, daemon=True)
-        start = time.monotonic()
-        t.start()
-        try:
-            victim = wait_until(due, timeout=600, every=0.05, alive=t.is_alive,
-                                what=f"fold {KILLED} to commit its epoch-{KILL_AFTER} checkpoint")
-        except AssertionError:
+        with _Events() as events:
+            t = threading.Thread(target=go, daemon=True)
+            start = time.monotonic()
+            t.start()
+            try:
+                victim = wait_until(due, timeout=600, every=0.05, alive=t.is_alive,
+                                    what=f"fold {KILLED} to commit its epoch-{KILL_AFTER} checkpoint")
+            except AssertionError:
+                t.join()
+                if "error" in box:  # the audit failed before the kill: its error is the one to see
+                    raise box["error"] from None
+                raise
+            assert victim is not None  # wait_until returns what the predicate found
+            first_pids = {k: st["pid"] for k in range(FOLDS) if (st := _status(train_storage, k))}
+            os.kill(victim["pid"], signal.SIGKILL)
             t.join()
-            if "error" in box:  # the audit failed before the kill: its error is the one to see
-                raise box["error"] from None
-            raise
-        assert victim is not None  # wait_until returns what the predicate found
-        first_pids = {k: st["pid"] for k in range(FOLDS) if (st := _status(train_storage, k))}
-        os.kill(victim["pid"], signal.SIGKILL)
-        t.join()
         if "error" in box:
             raise box["error"]
         yield Audited(box["out"], cfg, train_storage, first_pids, victim["pid"], mlflow_server.uri,
-                      time.monotonic() - start)
+                      time.monotonic() - start, events.lines)
 
 
 @pytest.mark.timeout(900)
@@ -172,6 +198,19 @@ def test_killing_a_folds_worker_resumes_that_fold_only(audited: Audited) -> None
         st = _status(ts, k)
         assert st is not None and st["done"] and st["start_epoch"] == 0, st  # never restarted
         assert st["pid"] == audited.first_pids[k]
+
+
+@pytest.mark.timeout(900)
+def test_the_console_says_what_the_audit_does_one_line_each(audited: Audited) -> None:
+    n = audited.cfg.data.train_size
+    assert audited.events[0] == f"audit a16: {FOLDS} folds of {n} train items, {FOLDS} at a time", audited.events
+    folds = sorted(e for e in audited.events if e.startswith("fold "))
+    assert [f[:len("fold 1 of 3:")] for f in folds] == [f"fold {k + 1} of {FOLDS}:" for k in range(FOLDS)], folds
+    for k, line in enumerate(folds):
+        assert re.fullmatch(rf"fold {k + 1} of {FOLDS}: its model \(test mAP 0\.\d{{4}}\) predicted the \d+ items "
+                            r"it did not see", line), line
+    held = sum(int(re.search(r"predicted the (\d+)", f).group(1)) for f in folds)  # type: ignore[union-attr]
+    assert held == n
 
 
 @pytest.mark.timeout(900)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,11 +27,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deepindex.config import Config, ConfigError, from_dict
+from deepindex.console import event, tune_verbosity
 
 if TYPE_CHECKING:
+    from ray.tune import Callback
+
     from deepindex.audit.detect import Detection
 
-log = logging.getLogger(__name__)
 
 AUDIT_STATE = "deepindex_audit.json"
 FOLD_DRIVER_MEMORY = 512 * 2**20  # bytes reserved by a fold's Tune trial
@@ -136,7 +137,8 @@ def fold_driver(params: dict[str, Any], *, base: dict[str, Any], audit: str, aud
                  test_map=np.array(float(outcome.test_metrics.get("test_map", np.nan))),
                  node_id=np.array(node or ""), checkpoint=np.array(str(outcome.checkpoint)))
         os.replace(tmp, out)  # a fold is done exactly when its file exists
-    ray.tune.report({"fold": k, "done": 1})
+    res, held, _ = _read_fold(out, k)
+    ray.tune.report({"fold": k, "done": 1, "held_out": len(held), "fold_test_map": res.test_map})
 
 
 def _read_fold(path: Path, fold: int) -> tuple[FoldResult, np.ndarray, np.ndarray]:
@@ -169,6 +171,20 @@ def _per_concept(flagged: np.ndarray, truth: np.ndarray) -> list[dict[str, Any]]
         s = detection_scores(flagged[:, k], truth[:, k])
         out.append({"corrupted": s["corrupted"], "precision": s["precision"], "recall": s["recall"]})
     return out
+
+
+def _fold_lines(folds: int) -> Callback:
+    """A Tune callback (it runs in this driver) that puts one console line per finished fold."""
+    from ray import tune
+
+    class FoldLines(tune.Callback):
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            r = trial.last_result or {}
+            if "held_out" in r:
+                event("fold %d of %d: its model (test mAP %.4f) predicted the %d items it did not see",
+                      int(r["fold"]) + 1, folds, float(r["fold_test_map"]), int(r["held_out"]))
+
+    return FoldLines()
 
 
 def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None = None) -> AuditOutcome:
@@ -208,17 +224,17 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
         # and predicts a fold), not CPU, which would keep a fold's Train worker waiting.
         {"CPU": cfg.audit.fold_driver_cpus, "memory": FOLD_DRIVER_MEMORY})
     if tune.Tuner.can_restore(str(audit_dir)):
-        log.info("audit %s exists at %s: restoring it (finished folds kept)", name, audit_dir)
+        event("audit %s exists at %s: restoring it (finished folds kept)", name, audit_dir)
         tuner = tune.Tuner.restore(str(audit_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         concurrent = cfg.audit.max_concurrent or folds
-        log.info("audit %s: %d folds of %d train items, %d at a time", name, folds, len(given), concurrent)
+        event("audit %s: %d folds of %d train items, %d at a time", name, folds, len(given), concurrent)
         tuner = tune.Tuner(
             trainable,
             param_space={"fold": tune.grid_search(list(range(folds)))},
             tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=concurrent)),
-            run_config=tune.RunConfig(name=name, storage_path=storage,
-                                      failure_config=tune.FailureConfig(max_failures=1)),
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[_fold_lines(folds)],
+                                      failure_config=tune.FailureConfig(max_failures=1), verbose=tune_verbosity()),
         )
     try:
         grid = tuner.fit()
