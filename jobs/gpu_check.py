@@ -73,7 +73,7 @@ def index_step(checkpoint: str, root: Path, work: Path, device: torch.device, ba
     precision = Precision(device, _amp(device), channels_last=True)
     model = precision.prepare_model(lm.model.to(device)).eval()
     coll = load_collection("manifest", image_size=d.image_size, channels=d.channels, concepts=lm.concepts,
-                           root=str(root), manifest=str(root / "tags.csv"), preset=d.preset)
+                           root=str(root), manifest=str(root / "tags.csv"), preset=d.preset, split="all")
     probs, embs = [], []
     forward_s = 0.0
     start = time.perf_counter()

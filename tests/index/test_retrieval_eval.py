@@ -131,3 +131,35 @@ def test_label_matrix_ignores_tags_the_model_lacks():
     m = label_matrix([["1", "x"], [], ["0", "1"]], ["0", "1"])
     assert m.tolist() == [[False, True], [False, False], [True, True]]
     assert np.asarray(m).dtype == bool
+
+
+def test_a_manifest_is_evaluated_on_its_test_split_from_its_own_folder(tmp_path, capsys):
+    """A user's manifest with a split column (what `deepindex example photos` writes): no --root needed,
+    and the queries are the test rows, images no model trained on, unless --split says otherwise.
+    The model is untrained: what is asserted is which items are evaluated, not their figures."""
+    from deepindex.checkpoint import save_checkpoint
+    from deepindex.cli import main
+    from deepindex.config import load_config
+    from deepindex.data.photos import make_photo_collection
+    from deepindex.data.transforms import NormStats
+    from deepindex.models import build_model
+
+    photos = make_photo_collection(tmp_path / "photos", n=40, size=128, seed=0, concepts=["red", "circle"])
+    cfg = load_config(str(photos.train_config), ["data.image_size=32"])
+    save_checkpoint(tmp_path / "model", model=build_model(cfg.model, 2, 3), config=cfg,
+                    stats=NormStats((0.5,) * 3, (0.25,) * 3), concepts=["red", "circle"], multilabel=True, epoch=0)
+    base = ["evaluate-retrieval", "--model", str(tmp_path / "model"), "--collection", "manifest",
+            "--manifest", str(photos.manifest), "--features", "probs", "--metrics", "cosine", "--k", "5"]
+    sizes = {}
+    for split in ("auto", "all", "val"):
+        assert main([*base, "--split", split, "--json", str(tmp_path / f"{split}.json")]) == 0, capsys.readouterr().err
+        coll = json.loads((tmp_path / f"{split}.json").read_text())["collection"]
+        assert coll["root"] == str(photos.root) and coll["split"] == ("test" if split == "auto" else split)
+        sizes[split] = coll["size"]
+    assert (sizes["auto"], sizes["val"], sizes["all"]) == (photos.counts["test"], photos.counts["val"], 40)
+    plain = tmp_path / "plain.csv"  # no split column: "auto" takes every row, a named split is refused
+    plain.write_text("".join(line.rsplit(",", 1)[0] + "\n" for line in photos.manifest.read_text().splitlines()))
+    capsys.readouterr()
+    assert main([*base[:6], str(plain), "--root", str(photos.root), "--split", "test"]) == 2
+    assert capsys.readouterr().err == f"deepindex evaluate-retrieval: error: split: {plain} has no 'test' rows " \
+                                      "(no split column)\n"

@@ -70,8 +70,12 @@ def digit_gallery(n: int, image_size: int = 32, max_digits: int = 4, seed: int =
 
 def load_collection(kind: str, *, image_size: int, channels: int, concepts: list[str], size: int = 5000,
                     root: str | None = None, manifest: str | None = None, seed: int = 0,
-                    max_digits: int = 4, preset: str | None = None) -> Collection:
-    """The collection named by ``kind`` at the model's input size and channels."""
+                    max_digits: int = 4, preset: str | None = None, split: str = "auto") -> Collection:
+    """The collection named by ``kind`` at the model's input size and channels.
+
+    A manifest's paths are relative to ``root`` (default: the manifest's folder).  ``split``: the
+    rows of a manifest's split column to keep (``train``, ``val``, ``test``), ``all``, or ``auto``:
+    the test rows when the column has some (the images no model trained on), else all."""
     if kind == "digit-scenes":
         if channels != 1:
             raise ValueError("collection: digit-scenes is grayscale; the model expects 3 channels")
@@ -88,10 +92,20 @@ def load_collection(kind: str, *, image_size: int, channels: int, concepts: list
     if kind == "manifest":
         from deepindex.data.files import read_manifest
 
-        if not (manifest and root):
-            raise ValueError("collection: a manifest needs --manifest and --root")
+        if not manifest:
+            raise ValueError("manifest: a manifest collection needs --manifest")
+        root = root or str(Path(manifest).parent)
         items = read_manifest(manifest, root, concepts)
-        labels = [[concepts[j] for j in np.flatnonzero(row)] for row in items.targets.numpy()]
-        return Collection(Path(manifest).stem, items.ids, image_size, channels, paths=[str(p) for p in items.paths],
-                          labels=labels, meta={"root": str(root), "manifest": str(manifest)}, preset=preset)
+        found = items.splits or []
+        if split == "auto":
+            split = "test" if "test" in found else "all"
+        if split != "all" and split not in found:
+            raise ValueError(f"split: {manifest} has no {split!r} rows"
+                             + ("" if items.splits else " (no split column)"))
+        keep = [i for i in range(len(items.ids)) if split == "all" or found[i] == split]
+        targets = items.targets.numpy()
+        labels = [[concepts[j] for j in np.flatnonzero(targets[i])] for i in keep]
+        return Collection(Path(manifest).stem, [items.ids[i] for i in keep], image_size, channels,
+                          paths=[str(items.paths[i]) for i in keep], labels=labels,
+                          meta={"root": str(root), "manifest": str(manifest), "split": split}, preset=preset)
     raise ValueError(f"collection: unknown kind {kind!r}; one of {', '.join(KINDS)}")

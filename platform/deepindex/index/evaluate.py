@@ -186,7 +186,7 @@ def evaluate_retrieval(lm: LoadedModel, collection: Collection, *, descriptors: 
     }
     for d in descriptors:
         report["qbe"][d] = {m: qbe_quality(feats[d], labels, m, k, normalize) for m in metrics}
-        log.info("qbe %s: %s", d, report["qbe"][d])
+        log.debug("qbe %s: %s", d, report["qbe"][d])  # the command prints the table
     best = max(((d, m) for d in descriptors for m in metrics),
                key=lambda dm: report["qbe"][dm[0]][dm[1]][f"map_at_{k}"])
     report["qbe_best"] = {"descriptor": best[0], "metric": best[1], **report["qbe"][best[0]][best[1]]}
