@@ -54,6 +54,8 @@ def train_main(config_path: str | None, overrides: list[str], name: str | None =
     test = ", ".join(f"{k} {v:.4f}" for k, v in _summary(out.test_metrics).items() if isinstance(v, float))
     event("trained %s in %.0f s: best checkpoint %s; test: %s", out.name, time.monotonic() - started, out.checkpoint,
           test)
+    if run_id:
+        event("MLflow run %s; to serve this model: deepindex promote --run %s", run_id, run_id)
     result = {"name": out.name, "checkpoint": out.checkpoint, "last_epoch": _summary(out.metrics),
               "test": _summary(out.test_metrics), "mlflow_run_id": run_id}
     print(json.dumps(result, indent=2))

@@ -146,6 +146,7 @@ def test_mlflow_server_sigkilled_and_restarted_mid_run_run_ends_finished(tmp_pat
     print(f"MLflow server SIGKILLed while epoch 1 was logged, restarted: run {run.info.status}; epochs on the "
           f"server {sorted(m.step for m in history)}, of which replayed from the journal {journaled}")
     assert run.info.status == "FINISHED"  # not stuck RUNNING
+    assert f"MLflow run {run_id}; to serve this model: deepindex promote --run {run_id}" in text  # the next step
     assert "test_top1_error" in run.data.metrics  # the final scoring reached the restarted server
     # No epoch lost: those the dead server missed were journaled, then replayed into the run at the end...
     assert journaled == list(range(1, epochs))
