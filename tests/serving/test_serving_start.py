@@ -37,6 +37,22 @@ def test_serve_reads_the_packaged_config_wherever_it_runs(tmp_path, monkeypatch,
     assert capsys.readouterr().err == "deepindex serve: error: config: no such file mine.yaml\n"
 
 
+def test_serving_a_collection_that_does_not_exist_says_so_before_it_is_created_empty():
+    """`deepindex serve --collection photo` when the catalogue holds `photos`: a warning names both."""
+    from deepindex.collection import CollectionStore
+    from deepindex.commands.serve import collection_note
+
+    assert collection_note({"collection": "photos"}) == ("collection photos does not exist yet: the service creates "
+                                                         "it empty and serves what is added over HTTP (collections: "
+                                                         "none yet; import images with: deepindex collection import "
+                                                         "photos ...)")
+    CollectionStore.open("photos")
+    assert collection_note({"collection": "photos"}) is None
+    note = collection_note({"collection": "photo"}) or ""
+    assert note.startswith("collection photo does not exist yet") and "(collections: photos;" in note, note
+    assert (collection_note({}) or "").startswith("collection digit-scenes does not")  # the default name
+
+
 def test_a_checkpoint_path_that_is_not_there_is_refused_before_anything_deploys(tmp_path):
     from serving.app import build_app
 

@@ -89,6 +89,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     adopt_library_loggers()  # importing ray.serve gave its logger a console handler of its own
     app = build_app(app_args)  # validates the args, and that the model is there, before anything starts
+    note = collection_note(app_args)
+    if note:
+        log.warning("%s", note)
     connect()
     host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
     serve.start(http_options={"host": host, "port": port})
@@ -118,6 +121,21 @@ def run_serve(args: argparse.Namespace) -> int:
 
             forget_serve()
     return 0
+
+
+def collection_note(app_args: dict[str, Any]) -> str | None:
+    """What to say when the collection to serve does not exist yet: the service creates it empty
+    (serving what is added over HTTP), which a mistyped name would also do, silently."""
+    from deepindex.collection import list_collections
+    from serving.schemas import ServeArgs
+
+    name = app_args.get("collection") or ServeArgs.model_fields["collection"].default
+    known = [c["name"] for c in list_collections(app_args.get("catalogue_url"))]
+    if name in known:
+        return None
+    return (f"collection {name} does not exist yet: the service creates it empty and serves what is added over "
+            f"HTTP (collections: {', '.join(known) or 'none yet'}; import images with: deepindex collection "
+            f"import {name} ...)")
 
 
 def why_not_running(name: str) -> str:
