@@ -45,7 +45,7 @@ RUN pip install "/tmp/src[s3]" && rm -rf /tmp/src
 
 COPY jobs /app/jobs
 COPY serving /app/serving
-COPY tune_configs /app/tune_configs
+COPY platform/deepindex/tune/spaces /app/tune_configs
 
 # Non-root: uid 1000, the uid the k8s manifests run as (runAsUser/fsGroup 1000).
 RUN useradd --create-home --uid 1000 --shell /bin/bash ray

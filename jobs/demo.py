@@ -149,7 +149,7 @@ def demo(args: list[str]) -> int:
     console.event("collection %s: the digit-scenes gallery's 2000 scenes (ids scene-000000...)", COLLECTION)
     name = time.strftime("demo-%Y%m%d-%H%M%S")
     try:
-        summary = tune_main("tune_configs/smoke.yaml", overrides, name=name, promote=False, show=False)
+        summary = tune_main("smoke", overrides, name=name, promote=False, show=False)
         if summary["best"] is None:
             print("demo: the sweep produced no result", file=sys.stderr)
             return 1

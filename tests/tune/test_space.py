@@ -4,18 +4,21 @@ from pathlib import Path
 import pytest
 
 from deepindex.config import ConfigError
-from deepindex.tune.space import load_space, parse_space
+from deepindex.tune.space import SPACES, load_space, parse_space
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD_SPACE = {"optim.lr": {"loguniform": [0.001, 0.1]}}
 
 
 @pytest.mark.parametrize("name, keys", [
-    ("default.yaml", {"optim.lr", "model.dropout", "regularization.l1", "regularization.l2", "schedule.policy"}),
-    ("smoke.yaml", {"optim.lr", "model.dropout", "regularization.l2", "schedule.policy"}),
+    ("default", {"optim.lr", "model.dropout", "regularization.l1", "regularization.l2", "schedule.policy"}),
+    ("smoke", {"optim.lr", "model.dropout", "regularization.l2", "schedule.policy"}),
 ])
 def test_shipped_spaces_load(name, keys):
-    spec = load_space(ROOT / "tune_configs" / name)
+    """By name from any folder (the package's copy), or by the repository's tune_configs/ path: the same file."""
+    spec = load_space(name)
+    assert spec.path == str(SPACES / f"{name}.yaml") == load_space(f"{name}.yaml").path
+    assert load_space(ROOT / "tune_configs" / f"{name}.yaml").raw == spec.raw
     assert keys <= set(spec.space)
     assert spec.space["regularization.l2"].kind == "loguniform"
     from ray.tune.search.sample import Domain
@@ -89,3 +92,32 @@ def test_cli_refuses_a_bad_space_with_one_line(tmp_path, capsys):
     assert main(["tune", "--space", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "deepindex tune: error: space.optim.lr: empty range [0.1, 0.01]"
+
+
+def test_a_recipe_replaces_the_spaces_base_and_overrides_apply_on_top(tmp_path):
+    """`deepindex tune --space smoke --config RECIPE key=value`: the trials start from the recipe (its dataset,
+    not smoke's digit-scenes base), the dotted overrides on top; the space and its settings are smoke's."""
+    recipe = tmp_path / "train.yaml"
+    recipe.write_text("data:\n  dataset: digits\ntrain:\n  epochs: 3\n  batch_size: 16\n")
+    spec = load_space("smoke", ["train.batch_size=8"], config=recipe)
+    assert spec.base.data.dataset == "digits" and spec.base.train.epochs == 3 and spec.base.train.batch_size == 8
+    assert spec.base.model.channels == load_space("smoke", config=recipe).base.model.channels != [16, 32, 64]
+    assert set(spec.space) == set(load_space("smoke").space) and spec.settings.num_samples == 4
+    with pytest.raises(ConfigError, match=r"^config: no such file .*nope\.yaml$"):
+        load_space("smoke", config=tmp_path / "nope.yaml")
+
+
+def test_cli_names_the_shipped_spaces_when_a_space_is_not_found(tmp_path, capsys, monkeypatch):
+    from deepindex.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no tune_configs/ here
+    names = ", ".join(sorted(p.stem for p in SPACES.glob("*.yaml")))
+    assert names == "default, noisy_labels, smoke"
+    for space in ("smokey", "tune_configs/smoke.yaml"):
+        assert main(["tune", "--space", space]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"deepindex tune: error: space: no such file {space} (or a shipped space: {names})"
+    bad = tmp_path / "train.yaml"
+    bad.write_text("train:\n  epochz: 3\n")
+    assert main(["tune", "--config", str(bad)]) == 2
+    assert capsys.readouterr().err.strip().startswith("deepindex tune: error: train.epochz")

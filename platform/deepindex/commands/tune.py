@@ -6,7 +6,10 @@ import argparse
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("tune", help="run (or resume) a hyperparameter sweep with Ray Tune, tracked in MLflow")
-    p.add_argument("--space", required=True, help="search space YAML, e.g. tune_configs/smoke.yaml")
+    p.add_argument("--space", default="default",
+                   help="a shipped space (default, smoke, noisy_labels) or a search space YAML (default: default)")
+    p.add_argument("--config", help="training YAML every trial starts from (replaces the space's `base`), "
+                                    "e.g. the recipe `deepindex example photos` writes")
     p.add_argument("--name", help="sweep name; the same name resumes an interrupted sweep")
     p.add_argument("--samples", type=int, help="override tune.num_samples")
     p.add_argument("--search", choices=["random", "grid", "optuna"], help="override tune.search")
@@ -33,7 +36,7 @@ def run_tune(args: argparse.Namespace) -> int:
     settings = {k: v for k, v in {"num_samples": args.samples, "search": args.search,
                                   "max_concurrent_trials": args.max_concurrent}.items() if v is not None}
     out = tune_main(args.space, args.overrides, name=args.name, settings=settings,
-                    promote=False if args.no_promote else None)
+                    promote=False if args.no_promote else None, config=args.config)
     return 3 if out["interrupted"] else 0
 
 

@@ -13,17 +13,18 @@ log = logging.getLogger(__name__)
 
 
 def tune_main(space: str, overrides: list[str] | None = None, *, name: str | None = None,
-              settings: dict[str, Any] | None = None, promote: bool | None = None, show: bool = True
-              ) -> dict[str, Any]:
+              settings: dict[str, Any] | None = None, promote: bool | None = None, show: bool = True,
+              config: str | None = None) -> dict[str, Any]:
     """Validate the space first (a bad key fails before Ray starts), sweep, return its summary
-    (``show``: also printed as JSON on stdout)."""
+    (``show``: also printed as JSON on stdout).  ``space``: a file or a shipped space's name;
+    ``config``: the training YAML the trials start from instead of the space's ``base``."""
     from deepindex.cluster import connect
     from deepindex.train.trainer import storage_path
     from deepindex.tune.driver import run_sweep
     from deepindex.tune.space import load_space
     from deepindex.workflows import sync_pending
 
-    spec = load_space(space, overrides, settings)
+    spec = load_space(space, overrides, settings, config)
     connect()
     sync_pending(storage_path(spec.base))
     out = run_sweep(spec, name=name, promote=promote)

@@ -1,9 +1,11 @@
-"""Search spaces: ``tune_configs/*.yaml`` over the same dotted keys as training configs.
+"""Search spaces: YAML files over the same dotted keys as training configs.
 
+The spaces shipped with deepindex live in ``deepindex/tune/spaces/`` (``tune_configs/`` in the
+repository is that folder) and are named without their folder: ``deepindex tune --space smoke``.
 A file has three sections::
 
-    base:                     # the config every trial starts from
-      config: null            # optional training YAML
+    base:                     # the config every trial starts from (``--config FILE`` replaces it)
+      config: null            # optional training YAML, relative to this file
       overrides: {train.epochs: 8}
     space:                    # dotted key -> one distribution
       optim.lr: {loguniform: [0.005, 0.2]}
@@ -25,6 +27,8 @@ from typing import Any, Literal
 
 from deepindex.config import Config, ConfigError, load_config, read_yaml
 
+# The spaces that ship with the package, by name (``default``, ``smoke``, ``noisy_labels``).
+SPACES = Path(__file__).resolve().parent / "spaces"
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "value")
 _SECTIONS = ("base", "space", "tune")
 
@@ -117,8 +121,11 @@ def _dist(key: str, spec: Any) -> Dist:
     return Dist(kind, args)
 
 
-def parse_space(raw: dict[str, Any], path: str = "<space>", overrides: list[str] | None = None) -> SweepSpec:
-    """Validate a loaded YAML dict; the first problem is a ConfigError naming its key."""
+def parse_space(raw: dict[str, Any], path: str = "<space>", overrides: list[str] | None = None,
+                config: str | Path | None = None) -> SweepSpec:
+    """Validate a loaded YAML dict; the first problem is a ConfigError naming its key.  ``config``: a
+    training YAML every trial starts from instead of the space's ``base`` section (``overrides`` still
+    apply on top), so one space sweeps any collection's recipe."""
     if not isinstance(raw, dict):
         raise ConfigError(f"space: {path} must hold a mapping with sections {', '.join(_SECTIONS)}")
     for k in raw:
@@ -131,7 +138,7 @@ def parse_space(raw: dict[str, Any], path: str = "<space>", overrides: list[str]
     cfg_path = base_raw.get("config")
     if cfg_path and not Path(cfg_path).is_absolute():
         cfg_path = str(Path(path).parent / cfg_path) if not Path(cfg_path).exists() else cfg_path
-    base = load_config(cfg_path, base_overrides)
+    base = load_config(cfg_path, base_overrides) if config is None else load_config(config)
     if overrides:
         base = base.override(overrides)
 
@@ -204,12 +211,25 @@ def _check_settings(s: SweepSettings, space: dict[str, Dist], base: Config) -> N
         raise ConfigError("tune.trial_driver_cpus: must be > 0")
 
 
+def space_file(space: str | Path) -> Path:
+    """A space's file: ``space`` itself where that file exists, else the shipped space of that name."""
+    p = Path(space)
+    if p.is_file():
+        return p
+    shipped = SPACES / (p.name if p.suffix == ".yaml" else f"{p.name}.yaml")
+    if p.name == str(space) and shipped.is_file():  # a bare name (`smoke`, `smoke.yaml`), not a missing path
+        return shipped
+    names = ", ".join(sorted(f.stem for f in SPACES.glob("*.yaml")))
+    raise ConfigError(f"space: no such file {space} (or a shipped space: {names})")
+
+
 def load_space(path: str | Path, overrides: list[str] | None = None,
-               settings: dict[str, Any] | None = None) -> SweepSpec:
-    """Read and validate ``tune_configs/X.yaml``; ``overrides`` apply to the base config,
-    ``settings`` to the ``tune`` section (e.g. ``{"num_samples": 4}``)."""
-    p = Path(path)
+               settings: dict[str, Any] | None = None, config: str | Path | None = None) -> SweepSpec:
+    """Read and validate a space (a file, or a shipped space's name: :func:`space_file`); ``config``
+    replaces its ``base`` section, ``overrides`` apply to the base config, ``settings`` to the
+    ``tune`` section (e.g. ``{"num_samples": 4}``)."""
+    p = space_file(path)
     raw = read_yaml(p, "space")
     if settings and isinstance(raw, dict):
         raw = {**raw, "tune": {**(raw.get("tune") or {}), **settings}}
-    return parse_space(raw, str(p), overrides)
+    return parse_space(raw, str(p), overrides, config)
