@@ -59,6 +59,10 @@ class DataConfig(_Section):
     # local = every worker decodes its items itself (a DataLoader).  auto = ray for file collections;
     # the digit datasets and CIFAR are tensors in memory and always local.
     pipeline: Literal["auto", "ray", "local"] = "auto"
+    # Where data.pipeline=ray keeps the decoded collections (deepindex.data.cache); unset: <ray.storage_path>/
+    # data_cache.  A sweep or an audit sets it to its own storage path's, where its trials' runs live one
+    # folder down: every run, trial and fold on one storage path decodes a collection once.
+    cache_dir: str | None = None
     # Noisy web labels (deepindex.data.noise): the fraction of train and val items whose tag set
     # is corrupted (a tag dropped, added or swapped); the test split stays clean.
     label_noise: float = Field(0.0, ge=0, le=1)

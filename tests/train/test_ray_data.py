@@ -135,6 +135,36 @@ def test_scoring_the_checkpoint_reads_the_cache_not_the_images(first_run, monkey
     assert cached.metrics["test_map"] == pytest.approx(local.metrics["test_map"], abs=1e-6)
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_a_sweep_on_the_recipe_reads_the_cache_the_run_decoded(first_run, tmp_path):
+    """`deepindex tune --space smoke --config RECIPE` on the storage path a training run decoded the collection
+    into: the shipped space, the recipe's data and model (not the space's base), and the trial reads that cache
+    (each trial's run is one folder down, <storage>/<sweep>/train: it decoded there again before)."""
+    import yaml
+
+    from deepindex.checkpoint import load_model
+    from deepindex.tune.driver import run_sweep, trial_checkpoints
+    from deepindex.tune.space import load_space
+
+    storage = first_run["storage"]
+    [cache, *_] = _caches(storage)
+    before = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
+    caches = _caches(storage)
+    recipe = tmp_path / "train.yaml"  # the run's config as a user's recipe file, on one half-CPU worker
+    recipe.write_text(yaml.safe_dump(first_run["cfg"].override(
+        {"ray.num_workers": 1, "ray.cpus_per_worker": 0.5, "tracking.enabled": False}).to_dict()))
+    spec = load_space("smoke", settings={"num_samples": 1}, config=recipe)
+    assert spec.base.data.dataset == "manifest" and spec.base.train.epochs == 1  # not smoke's digit-scenes, 5 epochs
+    out = run_sweep(spec, name="sweep", promote=False)
+    assert out.best is not None and out.best.epochs_done == 1, out.trials
+    assert not (storage / "sweep" / "train" / "data_cache").exists()
+    assert _caches(storage) == caches and {p: p.stat().st_mtime_ns for p in cache.rglob("*")} == before
+    best, _ = trial_checkpoints(storage / "sweep" / "train", out.best.trial_id, out.metric, out.mode)
+    assert best is not None and load_model(best).config.data.cache_dir == str(storage / "data_cache")
+
+
 def _write_report(folder: Path, d, rows: list[tuple[int, str]], ids: list[str]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / SUSPECTS_FILE).open("w", newline="") as f:

@@ -196,6 +196,7 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
     from deepindex.audit.report import GRID_FILE, summary_table, suspects_grid, write_report
     from deepindex.cluster import connect
     from deepindex.data import build_splits
+    from deepindex.data.cache import share_cache
     from deepindex.data.label_view import fingerprint
     from deepindex.tracking.uri import resolve_tracking_uri
     from deepindex.train.metrics import mean_ap
@@ -205,6 +206,7 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
     start = time.monotonic()
     name = name or cfg.ray.name or time.strftime("audit-%Y%m%d-%H%M%S")
     storage = storage_path(cfg)
+    cfg = share_cache(cfg, storage)  # each fold's run is under <storage>/<name>/train: one decode for all
     audit_dir = Path(storage) / name
     splits = build_splits(cfg.data)  # the given labels, ids and images; fails early on bad data
     view, concepts = splits.view, splits.concepts

@@ -5,7 +5,7 @@ workers.  It decodes every image of an image folder or a manifest through the ev
 (:func:`deepindex.data.transforms.decode_file`, the same pixels serving sees) with Ray Data, in
 parallel across the cluster, and writes::
 
-    <ray.storage_path>/data_cache/<key>/
+    <data.cache_dir, default <ray.storage_path>/data_cache>/<key>/
         split=train/*.parquet  split=val/  split=test/   columns index (int64), image (uint8 C x S x S)
         labels.npz        the targets of each split, by index (the label view relabels from these)
         items.json        the image path of each split's items, by index (item ids, label filters)
@@ -42,7 +42,7 @@ import PIL
 from deepindex.data.transforms import NormStats, decode_file
 
 if TYPE_CHECKING:
-    from deepindex.config import DataConfig
+    from deepindex.config import Config, DataConfig
     from deepindex.data.files import FileItems
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,27 @@ def cache_key(d: DataConfig) -> str:
     return h.hexdigest()[:24]
 
 
+def cache_root(d: DataConfig, storage: str | Path) -> str:
+    """The folder of ``d``'s decoded collections: ``data.cache_dir``, else ``<storage>/data_cache``."""
+    if d.cache_dir:
+        return d.cache_dir
+    s = str(storage)
+    return f"{s.rstrip('/')}/{CACHE_DIR}" if "://" in s else str(Path(s) / CACHE_DIR)
+
+
+def share_cache(cfg: Config, storage: str) -> Config:
+    """``cfg`` with ``data.cache_dir`` pinned to ``storage``'s cache: what a sweep or an audit hands its
+    trials, whose runs each have a storage path of their own below it (an explicit one is kept; a dataset
+    held in memory has no cache)."""
+    from deepindex.config import FILE_DATASETS
+
+    if cfg.data.cache_dir or cfg.data.dataset not in FILE_DATASETS:
+        return cfg
+    return cfg.override({"data.cache_dir": cache_root(cfg.data, storage)})
+
+
 def cache_path(d: DataConfig, storage: str | Path) -> Path:
-    return Path(storage) / CACHE_DIR / cache_key(d)
+    return Path(cache_root(d, storage)) / cache_key(d)
 
 
 def _load(path: Path, seconds: float) -> DecodedCache | None:

@@ -4,7 +4,8 @@
 file collection.  With ``ray``, :func:`prepare_ingest` runs on the driver before the workers start:
 
 1. :func:`deepindex.data.cache.prepare_cache` finds or writes the decoded uint8 shards and their
-   normalisation stats under ``<ray.storage_path>/data_cache/<key>`` (decoded once per key);
+   normalisation stats under ``<data.cache_dir>/<key>`` (default ``<ray.storage_path>/data_cache``; decoded
+   once per key);
 2. the label view (``data.label_noise``, ``data.label_filter``, ``data.cv_folds``/``cv_fold``) is
    applied to the cached labels by :func:`deepindex.data.label_view.apply_label_view`, the function
    the local path uses, on a stand-in dataset that holds only labels and paths (no pixels);
@@ -31,7 +32,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from deepindex.config import FILE_DATASETS
-from deepindex.data.cache import BLOCK_BYTES, SPLITS, DecodedCache, prepare_cache
+from deepindex.data.cache import BLOCK_BYTES, SPLITS, DecodedCache, cache_root, prepare_cache
 from deepindex.data.transforms import NormStats, imagenet_stats, normalize
 
 if TYPE_CHECKING:
@@ -52,9 +53,10 @@ def pipeline_for(cfg: Config, storage: str) -> str:
     d = cfg.data
     if d.pipeline == "local" or d.dataset not in FILE_DATASETS:
         return "local"
-    if "://" in storage:  # the cache is written atomically with renames and locks: a filesystem path
+    root = cache_root(d, storage)
+    if "://" in root:  # the cache is written atomically with renames and locks: a filesystem path
         log.warning("data: data.pipeline=%s falls back to local: the decode cache needs a filesystem "
-                    "ray.storage_path, not %s", d.pipeline, storage)
+                    "ray.storage_path (or data.cache_dir), not %s", d.pipeline, root)
         return "local"
     return "ray"
 
@@ -78,7 +80,7 @@ def cached_split(cfg: Config, storage: str, split: str, stats: NormStats) -> tup
     checkpoint this way decodes no image and reads none of the collection's files."""
     from deepindex.data.cache import find_cache, read_images
 
-    if cfg.data.pipeline == "local" or cfg.data.dataset not in FILE_DATASETS or "://" in storage:
+    if cfg.data.pipeline == "local" or cfg.data.dataset not in FILE_DATASETS or "://" in cache_root(cfg.data, storage):
         return None
     cache = find_cache(cfg.data, storage)
     if cache is None:

@@ -43,7 +43,7 @@ AUDIT_FILE = "audit.json"
 SUSPECT_COLUMNS = ["rank", "index", "item", "concept", "issue", "given", "pred_prob", "quality"]
 # Data config keys that do not change which items and noisy labels the train split holds.
 _NOT_FINGERPRINT = {"label_filter", "label_filter_mode", "cv_folds", "cv_fold", "num_workers", "augment",
-                    "augment_strength", "pipeline"}
+                    "augment_strength", "pipeline", "cache_dir"}
 
 
 @dataclass

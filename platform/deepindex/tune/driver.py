@@ -230,6 +230,7 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | N
     from ray import tune
 
     from deepindex.console import event, tune_verbosity
+    from deepindex.data.cache import share_cache
     from deepindex.tracking.uri import resolve_tracking_uri
     from deepindex.train.engine import primary_metric
     from deepindex.train.trainer import storage_path
@@ -237,13 +238,14 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | N
     start = time.monotonic()
     name = name or spec.settings.name or time.strftime("sweep-%Y%m%d-%H%M%S")
     storage = storage_path(spec.base)
+    base = share_cache(spec.base, storage)  # each trial's run is under <storage>/<name>/train: one decode for all
     sweep_dir = Path(storage) / name
     metric, mode = primary_metric(spec.base.multilabel)
     uri = (tracking_uri or resolve_tracking_uri()) if spec.base.tracking.enabled else None
     parent = _parent_run(spec, name, sweep_dir, uri)
 
     trainable = tune.with_resources(
-        functools.partial(trial_driver, base=spec.base.to_dict(), sweep=name,
+        functools.partial(trial_driver, base=base.to_dict(), sweep=name,
                           train_storage=str(sweep_dir / "train"), tracking_uri=uri, parent_run_id=parent),
         {"CPU": spec.settings.trial_driver_cpus})
     if tune.Tuner.can_restore(str(sweep_dir)):
