@@ -91,7 +91,8 @@ def test_cli_commands_write_their_log_file(capsys):
     from deepindex.paths import state_dir
 
     assert main(["tune", "--space", "no-such-space.yaml"]) == 2
-    assert capsys.readouterr().err.strip() == "deepindex tune: error: space: no such file no-such-space.yaml"
+    assert capsys.readouterr().err.strip() == ("deepindex tune: error: space: no such file no-such-space.yaml "
+                                               "(or a shipped space: default, noisy_labels, smoke)")
     assert [p.name.split("-")[0] for p in (state_dir() / "logs").glob("*.log")] == ["tune"]
 
 

@@ -34,7 +34,7 @@ EVENTS = "deepindex.events"
 MARK = "[deepindex] "  # a forwarded worker line starting with this is an event
 # Loggers that bring their own console handler (or none and stop propagating): their records are
 # sent up to the root logger instead, where the handlers below decide.
-_LIBRARY_LOGGERS = ("ray", "ray.data", "ray.serve", "ray.tune", "ray.train", "mlflow")
+_LIBRARY_LOGGERS = ("ray", "ray.data", "ray.serve", "ray.tune", "ray.train", "mlflow", "optuna")
 _FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Ray Data configures its logger from this file instead of its default (a console handler, no propagation).
 _RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
@@ -236,6 +236,14 @@ def adopt_library_loggers() -> None:
             lib.removeHandler(h)
         lib.propagate = True
     logging.getLogger("ray").setLevel(logging.INFO)
+
+
+def library_imported() -> None:
+    """A library imported after :func:`setup` that installs a console handler of its own (optuna, when
+    an optuna search starts: `[I ...] A new study created in memory`) goes to the log file too.
+    Outside a command's console (the Python API) the libraries keep their own handlers."""
+    if _active is not None:
+        adopt_library_loggers()
 
 
 def tune_verbosity() -> int:

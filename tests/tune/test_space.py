@@ -121,3 +121,33 @@ def test_cli_names_the_shipped_spaces_when_a_space_is_not_found(tmp_path, capsys
     bad.write_text("train:\n  epochz: 3\n")
     assert main(["tune", "--config", str(bad)]) == 2
     assert capsys.readouterr().err.strip().startswith("deepindex tune: error: train.epochz")
+
+
+def test_the_optuna_search_proposes_reproducibly_inside_the_space_and_logs_to_the_file(capsys):
+    """The default space's model-based search (Optuna TPE, seeded by tune.seed): the same proposals for the
+    same seed, each inside the space; in a command's quiet console optuna's own lines (`[I ...] A new study
+    created in memory`) go to the log file, not the terminal."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from deepindex import console
+    from deepindex.tune.driver import _searcher
+
+    spec = load_space("default", settings={"num_samples": 4})
+    assert spec.settings.search == "optuna"
+    path = console.setup("unit-optuna")
+    try:
+        proposals = []
+        for _ in range(2):
+            search, limit = _searcher(spec, "val_map", "max", 3)
+            assert isinstance(search, OptunaSearch) and limit == 3  # Tune caps a Searcher's concurrency
+            assert search.set_search_properties("val_map", "max", spec.param_space())
+            proposals.append([search.suggest(f"t{i}") for i in range(3)])
+    finally:
+        console.teardown()
+    assert proposals[0] == proposals[1] and len({str(p) for p in proposals[0]}) == 3
+    for point in proposals[0]:
+        assert 0.005 <= point["optim.lr"] <= 0.2 and 0.0 <= point["model.dropout"] <= 0.5
+        assert point["schedule.policy"] in ("step", "exponential", "cosine", "plateau")
+        assert isinstance(point["schedule.step_size"], int) and 2 <= point["schedule.step_size"] <= 5
+    assert "study created" not in capsys.readouterr().err
+    assert "A new study created in memory" in path.read_text()

@@ -183,6 +183,10 @@ def _searcher(spec: SweepSpec, metric: str, mode: str, concurrency: int
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
+        from deepindex.console import library_imported
+
+        library_imported()  # optuna's own console handler: its lines go to the log file
+
         return OptunaSearch(metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=s.seed),
                             points_to_evaluate=points), concurrency
     from ray.tune.search import BasicVariantGenerator
