@@ -315,5 +315,7 @@ def audit_main(config_path: str | None, overrides: list[str], name: str | None =
               "mlflow_parent_run_id": out.parent_run_id,
               "fold_runs": [f.run_id for f in out.folds], "wall_s": round(out.wall_s, 1),
               "train_on_cleaned_labels": f"data.label_filter={out.report}"}
+    if out.meta.get("warning"):
+        result["warning"] = out.meta["warning"]
     print(json.dumps(result, indent=2))
     return result

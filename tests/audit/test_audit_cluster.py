@@ -242,6 +242,8 @@ def test_report_lists_suspects_cleaned_labels_and_the_grid(audited: Audited) -> 
     changed = sum(set(line["tags"]) != set(line["given"]) for line in lines)
     assert changed == len({r["index"] for r in rows})
     assert len(list(csv.DictReader((rep / "concepts.csv").open()))) == 10
+    # Fold models that learnt the concepts: no warning that the flags are the models' own errors.
+    assert out.meta["warning"] is None and json.loads((rep / "audit.json").read_text())["warning"] is None
     assert "precision" in out.summary and len(out.summary.splitlines()) == 14
     with Image.open(rep / "suspects.png") as im:
         assert im.width > 600 and im.height > 400

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from deepindex.audit.detect import detect, detection_scores
-from deepindex.audit.report import cleaned, summary_table, suspects_grid, write_report
+from deepindex.audit.report import cleaned, summary_table, suspects_grid, weak_model_warning, write_report
 from deepindex.config import Config, load_config
 from deepindex.data import Splits, build_splits
 from deepindex.data.label_view import fingerprint
@@ -54,6 +54,24 @@ def test_cleanlab_flags_the_corrupted_labels_and_estimates_per_concept_noise(aud
         det.quality[det.flagged].min())
     with pytest.raises(ValueError, match=r"^audit: labels"):
         detect(given[:, :9], probs, splits.concepts)
+
+
+@pytest.mark.timeout(60)
+def test_flags_on_most_items_say_the_fold_models_are_weak(audit_inputs: AuditInputs) -> None:
+    """A good model on 30 % corrupted items flags fewer than half of them: no warning.  Out-of-fold
+    probabilities at chance flag nearly every item: the table ends with a warning naming the share
+    and the out-of-fold mAP, and what to do."""
+    _, splits, given, probs, _ = audit_inputs
+    good = detect(given, probs, splits.concepts)
+    assert good.flagged.any(1).mean() < 0.5 and weak_model_warning(good, 0.95) is None
+    assert "warning" not in summary_table(good, warning=weak_model_warning(good, 0.95))
+    chance = detect(given, np.random.default_rng(1).random(given.shape), splits.concepts)
+    n = int(chance.flagged.any(1).sum())
+    w = weak_model_warning(chance, 0.3)
+    assert n > 0.9 * len(given) and w is not None
+    assert w.startswith(f"{n} of {len(given)} items ({round(100 * n / len(given))} %) have a suspect label")
+    assert "out-of-fold mAP 0.3000" in w and "train.epochs" in w
+    assert summary_table(chance, warning=w).splitlines()[-1] == f"warning: {w}"
 
 
 @pytest.mark.timeout(60)

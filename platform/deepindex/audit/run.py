@@ -193,7 +193,7 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
     from ray.tune.search import BasicVariantGenerator
 
     from deepindex.audit.detect import detect, detection_scores
-    from deepindex.audit.report import GRID_FILE, summary_table, suspects_grid, write_report
+    from deepindex.audit.report import GRID_FILE, summary_table, suspects_grid, weak_model_warning, write_report
     from deepindex.cluster import connect
     from deepindex.data import build_splits
     from deepindex.data.cache import share_cache
@@ -266,12 +266,14 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
     import torch
 
     oof_map = mean_ap(torch.from_numpy(probs), torch.from_numpy(given.astype(np.float32)))
+    warning = weak_model_warning(det, oof_map)
     wall = time.monotonic() - start
     meta: dict[str, Any] = {
         "name": name, "folds": folds, "filter_by": cfg.audit.filter_by, "items": len(given), "concepts": concepts,
         "flagged_labels": int(det.flagged.sum()), "flagged_items": int(det.flagged.any(1).sum()),
         "oof_map_given": oof_map, "detection": scores, "wall_s": wall, "parent_run_id": parent, "tracking_uri": uri,
-        "fold_runs": [vars(r) for r in results], "data": fingerprint(cfg.data), "config": cfg.to_dict()}
+        "fold_runs": [vars(r) for r in results], "data": fingerprint(cfg.data), "config": cfg.to_dict(),
+        "warning": warning}
     if truth is not None:
         meta["oof_map_clean"] = mean_ap(torch.from_numpy(probs), view.clean["train"])
     report = write_report(audit_dir / "report", det=det, given=given, probs=probs, ids=view.ids, meta=meta,
@@ -282,7 +284,7 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    summary = summary_table(det, scores, per_concept)
+    summary = summary_table(det, scores, per_concept, warning)
     if parent and uri:
         _log_parent(uri, parent, report, det, scores, meta)
     return AuditOutcome(name, audit_dir, report, parent, results, summary, scores, oof_map, wall,
