@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def _summary(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if not isinstance(v, list)}
+    return {k: v for k, v in d.items() if not isinstance(v, list)}  # the test's per-concept AP is a dict: kept
 
 
 def train_main(config_path: str | None, overrides: list[str], name: str | None = None) -> dict[str, Any]:
@@ -98,7 +98,7 @@ def finalize_run(tracker: Tracker | None, best_checkpoint: str, latest_checkpoin
 
     scored = score_checkpoint(best_checkpoint)
     if tracker is None:
-        return scored.metrics, None
+        return scored.named(), None
     fig = curve_figure(scored)
     try:
         figure = "test_pr_curve.png" if scored.multilabel else "test_confusion_matrix.png"
@@ -107,7 +107,7 @@ def finalize_run(tracker: Tracker | None, best_checkpoint: str, latest_checkpoin
         run_id = log_final(tracker, report, latest_checkpoint, name, status)
     finally:
         plt.close(fig)
-    return scored.metrics, run_id
+    return scored.named(), run_id
 
 
 def promote(run_id: str, name: str, tracking_uri: str | None = None, *, parent_run_id: str | None = None,

@@ -165,6 +165,28 @@ def test_a_sweep_on_the_recipe_reads_the_cache_the_run_decoded(first_run, tmp_pa
     assert best is not None and load_model(best).config.data.cache_dir == str(storage / "data_cache")
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_evaluate_prints_the_checkpoints_metrics_with_each_concepts_ap_by_name(first_run, capsys):
+    """`deepindex evaluate CHECKPOINT [--split val]`: JSON on stdout, the per-concept AP keyed by concept
+    (it was a bare list in the checkpoint's concept order), mAP their mean."""
+    from deepindex.cli import main
+    from deepindex.train import evaluation
+
+    path = first_run["result"].checkpoint.path
+    for split in ("test", "val"):
+        assert main(["evaluate", path, "--split", split]) == 0
+        out = json.loads(capsys.readouterr().out)
+        scored = evaluation.score_checkpoint(path, split)
+        assert set(out) == {f"{split}_loss", f"{split}_map", f"{split}_ap"}
+        assert out[f"{split}_ap"] == dict(zip(scored.concepts, scored.metrics[f"{split}_ap"], strict=True))
+        assert list(out[f"{split}_ap"]) == ["red", "green", "blue", "circle", "square", "triangle", "red_circle",
+                                            "blue_square"]
+        aps = [a for a in out[f"{split}_ap"].values() if a is not None]
+        assert out[f"{split}_map"] == pytest.approx(sum(aps) / len(aps), abs=1e-6)
+
+
 def _write_report(folder: Path, d, rows: list[tuple[int, str]], ids: list[str]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / SUSPECTS_FILE).open("w", newline="") as f:

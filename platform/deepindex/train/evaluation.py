@@ -28,6 +28,12 @@ class Scored:
     concepts: list[str]
     multilabel: bool
 
+    def named(self) -> dict[str, Any]:
+        """The metrics as a person reads them: per-concept AP (``test_ap``) by concept name, not in the
+        checkpoint's concept order (MLflow gets the list's table, ``test_ap.csv``)."""
+        return {k: dict(zip(self.concepts, v, strict=True)) if k.endswith("_ap") and isinstance(v, list) else v
+                for k, v in self.metrics.items()}
+
 
 def score_checkpoint(path: str | Path, split: str = "test", data: DataConfig | None = None,
                      batch_size: int = 256) -> Scored:
@@ -66,8 +72,8 @@ def score_checkpoint(path: str | Path, split: str = "test", data: DataConfig | N
 
 
 def evaluate_checkpoint(path: str | Path, split: str = "test") -> dict[str, Any]:
-    """A checkpoint's metrics on a split of its own dataset."""
-    return score_checkpoint(path, split).metrics
+    """A checkpoint's metrics on a split of its own dataset (per-concept AP by concept name)."""
+    return score_checkpoint(path, split).named()
 
 
 def ap_table(scored: Scored) -> str:
