@@ -38,7 +38,7 @@ def train_main(config_path: str | None, overrides: list[str], name: str | None =
     """Validate the config first (a bad key fails before Ray starts), train, print the results."""
     from deepindex.cluster import connect
     from deepindex.console import event
-    from deepindex.train.trainer import epoch_lines
+    from deepindex.train.trainer import epoch_lines, run_name
 
     started = time.monotonic()
     cfg = load_config(config_path, overrides)
@@ -50,7 +50,12 @@ def train_main(config_path: str | None, overrides: list[str], name: str | None =
     event("training %s on %d worker(s), %d epochs (%s)", cfg.model.name, cfg.ray.num_workers, cfg.train.epochs,
           cfg.data.dataset)
     # One MLflow run per training run (when a tracking server is configured or up).
-    out, run_id = tracked_train(cfg, name=name, callbacks=[epoch_lines(cfg.train.epochs)])
+    name = name or run_name(cfg)
+    try:
+        out, run_id = tracked_train(cfg, name=name, callbacks=[epoch_lines(cfg.train.epochs)])
+    except KeyboardInterrupt:
+        event("train %s interrupted; the same command with --name %s resumes it from its last checkpoint", name, name)
+        raise
     test = ", ".join(f"{k} {v:.4f}" for k, v in _summary(out.test_metrics).items() if isinstance(v, float))
     event("trained %s in %.0f s: best checkpoint %s; test: %s", out.name, time.monotonic() - started, out.checkpoint,
           test)
@@ -78,8 +83,8 @@ def tracked_train(cfg: Config, *, name: str | None = None, callbacks: list[UserC
                            parent_run_id=parent_run_id, tags=tags)
     try:
         outcome = train(cfg, name=name, evaluate_test=False, tracker=tracker, callbacks=callbacks)
-    except BaseException:
-        mark_failed(tracker, name)
+    except BaseException as e:
+        mark_failed(tracker, name, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     outcome.test_metrics, run_id = finalize_run(tracker, outcome.checkpoint, outcome.latest_checkpoint, name)
     return outcome, run_id

@@ -1,6 +1,7 @@
 """Ray Train V2 on real local clusters: quality floors, multi-node placement, resume after faults."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -97,19 +98,43 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_local, tmp_path):
 
 
 @pytest.mark.timeout(420)
-def test_stopped_run_started_again_resumes(tmp_path):
-    """Kill a whole `jobs/train.py` run (driver and its local cluster), start it again: it resumes."""
-    env = {**os.environ, "DEEPINDEX_HOME": str(tmp_path / "home"), "DEEPINDEX_NUM_CPUS": "4"}
+@pytest.mark.mlflow
+def test_stopped_run_started_again_resumes(tmp_path, mlflow_server):
+    """Ctrl-C a `jobs/train.py` run (the `deepindex train` command) after its first checkpoint: it says it
+    was interrupted and how to resume, exits 130 and its MLflow run ends KILLED (Ray Train's own SIGINT
+    handler ended it without a word, status 1, the run FAILED); then its driver and local cluster are
+    killed, and the same command resumes it, in the same MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    env = {**os.environ, "DEEPINDEX_HOME": str(tmp_path / "home"), "DEEPINDEX_NUM_CPUS": "4",
+           "MLFLOW_TRACKING_URI": mlflow_server.uri}
+    experiment = f"interrupted-{tmp_path.name}"
     cmd = [sys.executable, str(REPO / "jobs" / "train.py"), "--name", "again", *TINY, *TWO_WORKERS,
-           "data.train_size=3000", "train.epochs=4",
+           "data.train_size=3000", "train.epochs=4", f"tracking.experiment={experiment}",
            f"ray.storage_path={tmp_path}"]
-    p = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient(mlflow_server.uri)
+
+    def the_run():
+        [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        return run
+    log = tmp_path / "first.err"
+    with log.open("w") as stderr:
+        p = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=stderr)
     try:
         wait_until(lambda: _committed_epoch(tmp_path, "again") >= 1, 240, every=0.2, alive=lambda: p.poll() is None,
                    what="the first run checkpointed epoch 1")
+        p.send_signal(signal.SIGINT)  # what Ctrl-C sends the command
+        p.wait(timeout=120)
+        err = log.read_text()
+        assert p.returncode == 130, err[-2000:]
+        assert err.splitlines()[-2:] == [
+            "train again interrupted; the same command with --name again resumes it from its last checkpoint",
+            "deepindex train: interrupted"], err[-2000:]
+        assert the_run().info.status == "KILLED"
     finally:
-        os.killpg(p.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)  # the Ray processes the driver started
         p.wait(timeout=30)
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -121,3 +146,5 @@ def test_stopped_run_started_again_resumes(tmp_path):
     # console shows it, and a Tune trial restored after its last epoch ends on that epoch.
     console = done.stdout + done.stderr
     assert f"epoch {st['start_epoch']}/4: " in console, console[-2000:]
+    run = the_run()  # the same run, continued
+    assert run.info.status == "FINISHED" and run.info.run_id == result["mlflow_run_id"]

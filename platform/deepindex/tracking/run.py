@@ -221,10 +221,11 @@ def _server_back(tracker: Tracker) -> bool:
     return bool(tracker.experiment_id) and reachable(tracker.tracking_uri)
 
 
-def mark_failed(tracker: Tracker | None, name: str, checkpoint: str | None = None) -> None:
+def mark_failed(tracker: Tracker | None, name: str, checkpoint: str | None = None, status: str = "FAILED") -> None:
+    """End the run's MLflow run with ``status`` (``KILLED``: interrupted by the user)."""
     if tracker is None or tracker.disabled:
         return
     rid = run_id_of(tracker, checkpoint, name)
     if rid:
         with contextlib.suppress(Exception):  # the failure itself is what the caller reports
-            tracker.client.set_terminated(rid, "FAILED")
+            tracker.client.set_terminated(rid, status)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +129,25 @@ class TrainOutcome:
     test_metrics: dict[str, Any]
 
 
+def fit(trainer: TorchTrainer, name: str) -> Any:
+    """``trainer.fit()`` with Ctrl-C as a user means it: an interrupt.
+
+    Ray Train V2's ``fit()`` installs a SIGINT handler of its own that aborts the run and then calls
+    ``sys.exit(0)``, so a Ctrl-C ended ``deepindex train`` silently with status 0 (and a script's next
+    step went on), and the handler stayed installed after ``fit()``, swallowing a later Ctrl-C.  Here
+    that exit is a ``KeyboardInterrupt`` and the previous handler is back once ``fit()`` returns.
+    """
+    main = threading.current_thread() is threading.main_thread()  # Tune runs trials in other threads
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    except SystemExit as e:
+        raise KeyboardInterrupt(f"train: run {name} interrupted") from e
+    finally:
+        if main and previous is not None:  # None: a handler not set from Python, which fit() replaced all the same
+            signal.signal(signal.SIGINT, previous)
+
+
 def train(cfg: Config, *, name: str | None = None, evaluate_test: bool = True, tracker: Tracker | None = None,
           callbacks: list[UserCallback] | None = None) -> TrainOutcome:
     """Fit on the connected Ray cluster, then score the best checkpoint on the test split."""
@@ -137,7 +158,7 @@ def train(cfg: Config, *, name: str | None = None, evaluate_test: bool = True, t
     # Our connection rules, not ray's auto-init (which may attach to any cluster on the machine).
     connect()
     trainer = build_trainer(cfg, name=name, tracker=tracker, callbacks=callbacks)
-    result = trainer.fit()
+    result = fit(trainer, name)
     latest = result.checkpoint
     if latest is None:  # rank 0 reports one every epoch: fit() raises before a run ends without one
         raise RuntimeError(f"train: run {name} finished without a checkpoint")
