@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from deepindex.checkpoint import LoadedModel
     from deepindex.index.collection import Collection
+    from deepindex.train.evaluation import Scored
 
 log = logging.getLogger(__name__)
 
@@ -135,15 +136,17 @@ def promote(run_id: str, name: str, tracking_uri: str | None = None, *, parent_r
         qbe = retrieval_floor(cand_dir, cand_cfg, run_id, tracking_uri) if floor is not None else None
     metric, mode = primary_metric(cand.multilabel, prefix="test_")
     cand_value = float(cand.metrics[metric])
+    champ_version = registry.alias_version(name, alias, tracking_uri)
+    champ = None if champ_version is None else registry.resolve_model(f"models:/{name}/{champ_version}", tracking_uri)
+    if champ is not None:  # before anything is registered: a model of another collection is refused whole
+        _check_comparable(read_checkpoint(champ.checkpoint_path), cand, name, alias, champ_version)
     version = registry.register_run(run_id, name, tracking_uri)
 
-    champ_version = registry.alias_version(name, alias, tracking_uri)
     champ_value: float | None = None
     if champ_version == version:
         champ_value = cand_value
         promoted, reason = False, f"version {version} is already the {alias}"
-    elif champ_version is not None:
-        champ = registry.resolve_model(f"models:/{name}/{champ_version}", tracking_uri)
+    elif champ is not None:
         champ_value = float(score_checkpoint(champ.checkpoint_path, data=cand_cfg.data).metrics[metric])
         promoted = cand_value > champ_value if mode == "max" else cand_value < champ_value
         reason = (f"{metric} {cand_value:.4f} {'beats' if promoted else 'does not beat'} the {alias} "
@@ -168,6 +171,27 @@ def promote(run_id: str, name: str, tracking_uri: str | None = None, *, parent_r
           run_id)
     registry.log_decision(decision, parent_run_id, tracking_uri)
     return decision
+
+
+def _check_comparable(champion: dict[str, Any], cand: Scored, name: str, alias: str, version: str | None) -> None:
+    """A candidate whose concepts (or label kind) are not the champion's is a model of another collection:
+    no test split scores both, and serving it would change what the service tags.  One line on what to do."""
+    def few(concepts: list[str]) -> str:
+        return f"{len(concepts)} concepts ({', '.join(concepts[:4])}{', ...' if len(concepts) > 4 else ''})"
+
+    theirs, ours = list(champion["concepts"]), list(cand.concepts)
+    if theirs == ours and bool(champion["multilabel"]) == cand.multilabel:
+        return
+    kind = {True: "multi-label", False: "single-label"}
+    raise NotComparable(
+        f"model: the {alias} of {name} (version {version}) tags {few(theirs)}, {kind[bool(champion['multilabel'])]}; "
+        f"this candidate {few(ours)}, {kind[cand.multilabel]}: a model of another collection. Register it under a "
+        f"name of its own (--model NAME, or tracking.registered_model=NAME for a sweep) and serve it with "
+        f"--model models:/NAME@champion")
+
+
+class NotComparable(ValueError):
+    """The candidate and the champion tag different concepts: nothing was registered."""
 
 
 def retrieval_floor(checkpoint: str | Path, cfg: Config, run_id: str | None = None,

@@ -149,6 +149,50 @@ def test_a_retrieval_floor_refuses_a_better_candidate_below_it(mlflow_server, sp
     assert client.get_model_version_by_alias(name, "champion").version == ok.version == refused.version
 
 
+def test_a_model_of_another_collection_is_refused_before_anything_is_registered(mlflow_server, splits, tmp_path,
+                                                                                capsys, monkeypatch):
+    """A champion of the digits (10 single-label classes) and a candidate trained on the example photos
+    (8 multi-label concepts): no split scores both (it raised a bare 'not comparable' from the scoring, after
+    registering the candidate under the digits' name). One line says what to do; nothing is registered;
+    under a name of its own the candidate is promoted."""
+    from mlflow.tracking import MlflowClient
+
+    from deepindex.cli import main
+    from deepindex.data import build_splits
+    from deepindex.data.photos import make_photo_collection
+    from deepindex.models import build_model
+    from deepindex.workflows import NotComparable, promote
+
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.create_experiment(f"collections-{tmp_path.name}")
+    name = f"digits-{tmp_path.name}"
+    assert promote(_candidate(client, exp, splits, tmp_path, epochs=0, seed=1), name, mlflow_server.uri).promoted
+    root = make_photo_collection(tmp_path / "photos", n=40, size=128, seed=0).root
+    cfg = load_config(None, ["data.dataset=manifest", f"data.root={root}", "data.image_size=32", "data.channels=3",
+                             "model.channels=[8]", "model.embed_dim=16"])
+    sp = build_splits(cfg.data)
+    save_checkpoint(tmp_path / "photo-ckpt", model=build_model(cfg.model, len(sp.concepts), sp.channels), config=cfg,
+                    stats=sp.stats, concepts=sp.concepts, multilabel=sp.multilabel, epoch=0)
+    run = client.create_run(exp, run_name="photos")
+    client.log_artifact(run.info.run_id, str(tmp_path / "photo-ckpt" / "checkpoint.pt"), "checkpoint")
+    client.set_terminated(run.info.run_id)
+    versions = len(client.search_model_versions(f"name='{name}'"))
+    with pytest.raises(NotComparable) as e:
+        promote(run.info.run_id, name, mlflow_server.uri)
+    assert str(e.value).startswith(f"model: the champion of {name} (version 1) tags 10 concepts (0, 1, 2, 3, ...), "
+                                   "single-label; this candidate 8 concepts (red, green, blue, circle, ...), "
+                                   "multi-label: a model of another collection"), str(e.value)
+    assert len(client.search_model_versions(f"name='{name}'")) == versions
+    # The command: the same, in one line.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    capsys.readouterr()
+    assert main(["promote", "--run", run.info.run_id, "--model", name]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deepindex promote: error: model: the champion of ") and "\n" not in err, err
+    photos = promote(run.info.run_id, f"photos-{tmp_path.name}", mlflow_server.uri)
+    assert photos.promoted and photos.champion is None
+
+
 def test_a_checkpoint_path_resolves_to_its_content_hash(tmp_path, monkeypatch):
     from deepindex.tracking.registry import resolve_model
 
