@@ -15,7 +15,7 @@ import torch
 from deepindex.config import ConfigError, load_config
 from deepindex.data import build_splits
 from deepindex.data import ingest as ingest_module
-from deepindex.data.cache import COMPLETE, cache_key, prepare_cache, read_images
+from deepindex.data.cache import COMPLETE, cache_key, cache_root, prepare_cache, read_images
 from deepindex.data.ingest import labelled_splits, pipeline_for, prepare_ingest
 from deepindex.data.inspect import resolve_config
 from deepindex.data.label_view import AUDIT_FILE, SUSPECTS_FILE, fingerprint
@@ -247,5 +247,10 @@ def test_pipeline_switch():
     assert pipeline_for(load_config(None, [*photos, "data.pipeline=local"]), "/tmp/x") == "local"
     assert pipeline_for(load_config(None, photos), "s3://bucket/runs") == "local"  # the cache needs a filesystem
     assert pipeline_for(load_config(None, []), "/tmp/x") == "local"  # digit-scenes: tensors in memory
+    # data.cache_dir moves the cache (a sweep's trials get their storage path's): a relative one is the driver's.
+    moved = load_config(None, [*photos, "data.cache_dir=decoded"]).data
+    assert cache_root(moved, "/tmp/x") == str(Path("decoded").resolve())
+    assert cache_root(load_config(None, photos).data, "/tmp/x") == "/tmp/x/data_cache"
+    assert pipeline_for(load_config(None, [*photos, "data.cache_dir=s3://bucket/cache"]), "/tmp/x") == "local"
     with pytest.raises(ConfigError, match=r"^data\.pipeline: ray reads image files"):
         load_config(None, ["data.pipeline=ray"])

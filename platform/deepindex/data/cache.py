@@ -137,9 +137,10 @@ def cache_key(d: DataConfig) -> str:
 
 
 def cache_root(d: DataConfig, storage: str | Path) -> str:
-    """The folder of ``d``'s decoded collections: ``data.cache_dir``, else ``<storage>/data_cache``."""
+    """The folder of ``d``'s decoded collections: ``data.cache_dir``, else ``<storage>/data_cache`` (a
+    relative folder is the driver's: resolved, as the Ray Data tasks that read it run elsewhere)."""
     if d.cache_dir:
-        return d.cache_dir
+        return d.cache_dir if "://" in d.cache_dir else str(Path(d.cache_dir).expanduser().resolve())
     s = str(storage)
     return f"{s.rstrip('/')}/{CACHE_DIR}" if "://" in s else str(Path(s) / CACHE_DIR)
 
