@@ -133,8 +133,9 @@ def fit(trainer: TorchTrainer, name: str) -> Any:
     """``trainer.fit()`` with Ctrl-C as a user means it: an interrupt.
 
     Ray Train V2's ``fit()`` installs a SIGINT handler of its own that aborts the run and then calls
-    ``sys.exit(0)``, so a Ctrl-C ended ``deepindex train`` silently with status 0 (and a script's next
-    step went on), and the handler stayed installed after ``fit()``, swallowing a later Ctrl-C.  Here
+    ``sys.exit(0)``, so a Ctrl-C ended ``deepindex train`` without a word (status 1 here; 0 as Ray means
+    it, when a script's next step would go on), and the handler stayed installed after ``fit()``,
+    swallowing a later Ctrl-C.  Here
     that exit is a ``KeyboardInterrupt`` and the previous handler is back once ``fit()`` returns.
     """
     main = threading.current_thread() is threading.main_thread()  # Tune runs trials in other threads
