@@ -173,6 +173,10 @@ def promote(run_id: str, name: str, tracking_uri: str | None = None, *, parent_r
     return decision
 
 
+class NotComparable(ValueError):
+    """The candidate and the champion tag different concepts: nothing was registered."""
+
+
 def _check_comparable(champion: dict[str, Any], cand: Scored, name: str, alias: str, version: str | None) -> None:
     """A candidate whose concepts (or label kind) are not the champion's is a model of another collection:
     no test split scores both, and serving it would change what the service tags.  One line on what to do."""
@@ -188,10 +192,6 @@ def _check_comparable(champion: dict[str, Any], cand: Scored, name: str, alias: 
         f"this candidate {few(ours)}, {kind[cand.multilabel]}: a model of another collection. Register it under a "
         f"name of its own (--model NAME, or tracking.registered_model=NAME for a sweep) and serve it with "
         f"--model models:/NAME@champion")
-
-
-class NotComparable(ValueError):
-    """The candidate and the champion tag different concepts: nothing was registered."""
 
 
 def retrieval_floor(checkpoint: str | Path, cfg: Config, run_id: str | None = None,

@@ -149,9 +149,9 @@ def test_a_sweep_on_the_recipe_reads_the_cache_the_run_decoded(first_run, tmp_pa
     from deepindex.tune.space import load_space
 
     storage = first_run["storage"]
-    [cache, *_] = _caches(storage)
-    before = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
     caches = _caches(storage)
+    cache = caches[0]
+    before = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
     recipe = tmp_path / "train.yaml"  # the run's config as a user's recipe file, on one half-CPU worker
     recipe.write_text(yaml.safe_dump(first_run["cfg"].override(
         {"ray.num_workers": 1, "ray.cpus_per_worker": 0.5, "tracking.enabled": False}).to_dict()))

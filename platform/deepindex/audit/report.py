@@ -73,8 +73,9 @@ def cleaned(given: np.ndarray, flagged: np.ndarray) -> np.ndarray:
 # An audit that flags more than this share of the items is read as one of weak fold models, not of noisy
 # labels: cleanlab flags where the out-of-fold predictions disagree with the given labels, and a model
 # that has not learnt the concepts disagrees everywhere.  Web labels with half their items wrong are rare
-# (a good model on digit-scenes with 50 % of the items' tags corrupted flags 49 % of the items; at
-# chance, all of them; the example photos' exact labels after 2 epochs per fold: 91 %).
+# (digit-scenes with 50 % of the items' tags corrupted and the out-of-fold probabilities of a good model,
+# made as tests/audit/test_detect_report.py makes them: 49 % of the items flagged; probabilities at
+# chance: all of them; the example photos' exact labels after a real 2-epoch audit per fold: 91 %).
 WEAK_MODEL_SHARE = 0.5
 
 

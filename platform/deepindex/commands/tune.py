@@ -5,9 +5,11 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from deepindex.tune.space import shipped_spaces
+
     p = sub.add_parser("tune", help="run (or resume) a hyperparameter sweep with Ray Tune, tracked in MLflow")
     p.add_argument("--space", default="default",
-                   help="a shipped space (default, smoke, noisy_labels) or a search space YAML (default: default)")
+                   help=f"a shipped space ({', '.join(shipped_spaces())}) or a search space YAML (default: default)")
     p.add_argument("--config", help="training YAML every trial starts from (replaces the space's `base`), "
                                     "e.g. the recipe `deepindex example photos` writes")
     p.add_argument("--name", help="sweep name; the same name resumes an interrupted sweep")

@@ -134,11 +134,13 @@ def parse_space(raw: dict[str, Any], path: str = "<space>", overrides: list[str]
     base_raw = raw.get("base") or {}
     if not isinstance(base_raw, dict) or set(base_raw) - {"config", "overrides"}:
         raise ConfigError("base: expected a mapping with `config` and/or `overrides`")
-    base_overrides = dict(base_raw.get("overrides") or {})
-    cfg_path = base_raw.get("config")
-    if cfg_path and not Path(cfg_path).is_absolute():
-        cfg_path = str(Path(path).parent / cfg_path) if not Path(cfg_path).exists() else cfg_path
-    base = load_config(cfg_path, base_overrides) if config is None else load_config(config)
+    if config is None:
+        cfg_path = base_raw.get("config")
+        if cfg_path and not Path(cfg_path).is_absolute():
+            cfg_path = str(Path(path).parent / cfg_path) if not Path(cfg_path).exists() else cfg_path
+        base = load_config(cfg_path, dict(base_raw.get("overrides") or {}))
+    else:
+        base = load_config(config)
     if overrides:
         base = base.override(overrides)
 
@@ -211,6 +213,11 @@ def _check_settings(s: SweepSettings, space: dict[str, Dist], base: Config) -> N
         raise ConfigError("tune.trial_driver_cpus: must be > 0")
 
 
+def shipped_spaces() -> list[str]:
+    """The names of the spaces that ship with the package."""
+    return sorted(f.stem for f in SPACES.glob("*.yaml"))
+
+
 def space_file(space: str | Path) -> Path:
     """A space's file: ``space`` itself where that file exists, else the shipped space of that name."""
     p = Path(space)
@@ -219,8 +226,7 @@ def space_file(space: str | Path) -> Path:
     shipped = SPACES / (p.name if p.suffix == ".yaml" else f"{p.name}.yaml")
     if p.name == str(space) and shipped.is_file():  # a bare name (`smoke`, `smoke.yaml`), not a missing path
         return shipped
-    names = ", ".join(sorted(f.stem for f in SPACES.glob("*.yaml")))
-    raise ConfigError(f"space: no such file {space} (or a shipped space: {names})")
+    raise ConfigError(f"space: no such file {space} (or a shipped space: {', '.join(shipped_spaces())})")
 
 
 def load_space(path: str | Path, overrides: list[str] | None = None,
