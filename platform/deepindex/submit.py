@@ -1,11 +1,14 @@
-"""Submitting the job entrypoints (``jobs/*.py``) to a running Ray cluster through the Jobs API.
+"""Submitting the deepindex jobs to a running Ray cluster through the Jobs API.
 
 ``deepindex submit train data.dataset=digits`` is ``ray job submit -- python jobs/train.py
 data.dataset=digits`` with the runtime environment this project needs: the working tree as
 ``working_dir`` (the job's entrypoint and configs), ``platform/deepindex`` as a ``py_module`` (so
 the cluster need not have the library installed), excludes for local state and caches, and the
-MLflow tracking URI.  Ray's token authentication is honoured the way Ray's own clients find the
-token: ``RAY_AUTH_TOKEN``, else the file at ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``.
+MLflow tracking URI.  Outside a project checkout (a folder of one's own with a recipe and images,
+deepindex installed), the folder is the ``working_dir``, the installed library the ``py_module``,
+and the entrypoint the CLI itself (``python -m deepindex.cli train ...``).  Ray's token
+authentication is honoured the way Ray's own clients find the token: ``RAY_AUTH_TOKEN``, else the
+file at ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``.
 """
 from __future__ import annotations
 
@@ -24,13 +27,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The job name on the command line -> its entrypoint script, relative to the project root.
-JOBS: dict[str, str] = {
-    "train": "jobs/train.py",
-    "tune": "jobs/tune.py",
-    "index": "jobs/build_index.py",
-    "promote": "jobs/promote.py",
-    "audit": "jobs/audit.py",
+
+@dataclass(frozen=True)
+class Job:
+    script: str  # its entrypoint in a project checkout, relative to the root
+    command: tuple[str, ...]  # the same job in the CLI's words: python -m deepindex.cli COMMAND ...
+
+
+# The job name on the command line -> how it runs.
+JOBS: dict[str, Job] = {
+    "train": Job("jobs/train.py", ("train",)),
+    "tune": Job("jobs/tune.py", ("tune",)),
+    "index": Job("jobs/build_index.py", ("index", "build")),
+    "promote": Job("jobs/promote.py", ("promote",)),
+    "audit": Job("jobs/audit.py", ("data", "audit")),
 }
 
 # Never uploaded: local state, caches and weights (jobs read data and write results on shared
@@ -38,10 +48,13 @@ JOBS: dict[str, str] = {
 # to working_dir *and* to each py_module with that one as the base, so a pattern that could match
 # inside platform/deepindex (e.g. "data", the package's data module) must never appear here.
 # Ray also honours the root .gitignore (which already ignores /data and local state).
-EXCLUDES: list[str] = [
+STATE_EXCLUDES: list[str] = [
     ".git", ".venv", "venv", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".hypothesis",
     ".deepindex", "mlruns", "mlartifacts", "ray_results", "*.pt", "*.pth", "*.ckpt", "*.faiss", "*.db",
-    "/tests", "/k8s", "/build", "/dist", "/.whl", "/.gl", "/Dockerfile", "/.dockerignore",
+]
+# ... and in a project checkout, what only its developers need (a folder of one's own keeps its tests/).
+EXCLUDES: list[str] = [
+    *STATE_EXCLUDES, "/tests", "/k8s", "/build", "/dist", "/.whl", "/.gl", "/Dockerfile", "/.dockerignore",
 ]
 
 # Environment variables passed through to the job when set here (--tracking-uri and --env win).
@@ -61,13 +74,34 @@ class Submission:
     submission_id: str | None = None
 
 
-def find_project_root(start: str | Path | None = None) -> Path:
+def is_project(d: Path) -> bool:
+    """A deepindex checkout: its job entrypoints and the library's source."""
+    return (d / "jobs").is_dir() and (d / "platform" / "deepindex").is_dir()
+
+
+def find_project_root(start: str | Path | None = None) -> Path | None:
     """The nearest directory at or above ``start`` that holds ``jobs/`` and ``platform/deepindex``."""
     here = Path(start or Path.cwd()).resolve()
-    for d in (here, *here.parents):
-        if (d / "jobs").is_dir() and (d / "platform" / "deepindex").is_dir():
-            return d
-    raise ValueError(f"project-dir: no deepindex project (jobs/ and platform/deepindex/) at or above {here}")
+    return next((d for d in (here, *here.parents) if is_project(d)), None)
+
+
+def folder_to_ship(project_dir: str | None = None) -> Path:
+    """What a submission uploads as its working dir: ``--project-dir`` (which must be a checkout), else
+    the checkout the working directory lies in, else the working directory itself (a folder of one's own)."""
+    if project_dir is None:
+        return find_project_root() or Path.cwd().resolve()
+    root = find_project_root(project_dir)
+    if root is None:
+        raise ValueError(f"project-dir: no deepindex project (jobs/ and platform/deepindex/) at or above "
+                         f"{Path(project_dir).resolve()}")
+    return root
+
+
+def library_dir() -> Path:
+    """The deepindex package this client runs: the ``py_module`` shipped from a folder of one's own."""
+    import deepindex
+
+    return Path(deepindex.__file__).resolve().parent
 
 
 def parse_env(items: list[str] | None) -> dict[str, str]:
@@ -85,8 +119,9 @@ def build_runtime_env(root: Path, *, tracking_uri: str | None = None,
                       env: dict[str, str] | None = None, ship_code: bool = True) -> dict[str, Any]:
     """The runtime environment of every deepindex job.
 
-    ``ship_code=False`` is for clusters whose image has the project installed (``k8s/``): then only
-    the environment variables travel.
+    ``root`` is a project checkout (its tree and ``platform/deepindex`` travel) or a folder of one's
+    own (it travels with the installed library).  ``ship_code=False`` is for clusters whose image has
+    the project installed (``k8s/``): then only the environment variables travel.
     """
     env_vars = {k: os.environ[k] for k in PASSTHROUGH_ENV if os.environ.get(k)}
     if tracking_uri:
@@ -98,21 +133,27 @@ def build_runtime_env(root: Path, *, tracking_uri: str | None = None,
         log.warning("MLFLOW_TRACKING_URI=%s is a local store; the job's runs land on the cluster's disk", uri)
     runtime_env: dict[str, Any] = {"env_vars": env_vars}
     if ship_code:
-        runtime_env.update(working_dir=str(root), py_modules=[str(root / "platform" / "deepindex")],
-                           excludes=list(EXCLUDES))
+        project = is_project(root)
+        runtime_env.update(working_dir=str(root),
+                           py_modules=[str(root / "platform" / "deepindex" if project else library_dir())],
+                           excludes=list(EXCLUDES if project else STATE_EXCLUDES))
     return runtime_env
 
 
 def build_submission(job: str, args: list[str], root: Path, *, tracking_uri: str | None = None,
                      env: dict[str, str] | None = None, ship_code: bool = True,
                      submission_id: str | None = None) -> Submission:
-    """The entrypoint and runtime environment for ``job`` with its command-line ``args``."""
+    """The entrypoint and runtime environment for ``job`` with its command-line ``args``: the job's script
+    in a project checkout (and in the cluster's image, ``ship_code=False``), else the CLI."""
     if job not in JOBS:
         raise ValueError(f"job: unknown job {job!r}; one of {', '.join(JOBS)}")
-    script = JOBS[job]
-    if ship_code and not (root / script).is_file():
-        raise ValueError(f"job: {script} does not exist under {root}")
-    entrypoint = shlex.join(["python", script, *args])
+    spec = JOBS[job]
+    if not ship_code or is_project(root):
+        if ship_code and not (root / spec.script).is_file():
+            raise ValueError(f"job: {spec.script} does not exist under {root}")
+        entrypoint = shlex.join(["python", spec.script, *args])
+    else:
+        entrypoint = shlex.join(["python", "-m", "deepindex.cli", *spec.command, *args])
     return Submission(entrypoint, build_runtime_env(root, tracking_uri=tracking_uri, env=env, ship_code=ship_code),
                       submission_id)
 

@@ -153,10 +153,10 @@ class RayTestCluster:
                                  f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
         return out
 
-    def deepindex(self, *args: str, timeout: float = 240, auth_mode: bool = False,
+    def deepindex(self, *args: str, timeout: float = 240, auth_mode: bool = False, cwd: Path = REPO,
                   **env: str) -> subprocess.CompletedProcess:
         # By default without RAY_AUTH_MODE: `deepindex submit` must find and send the token itself.
-        return subprocess.run([sys.executable, "-m", "deepindex.cli", *args], cwd=REPO,
+        return subprocess.run([sys.executable, "-m", "deepindex.cli", *args], cwd=cwd,
                               env=self.env(auth_mode=auth_mode, **env), capture_output=True, text=True,
                               timeout=timeout)
 

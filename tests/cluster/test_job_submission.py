@@ -81,11 +81,25 @@ def test_ray_job_submit_cli_trains_on_both_nodes(stack):
 
 
 @pytest.mark.timeout(300)
-def test_deepindex_submit_trains_on_both_nodes(stack):
+def test_deepindex_submit_from_a_folder_of_ones_own_trains_on_both_nodes(stack, tmp_path):
+    """A user's folder outside any checkout (deepindex installed): its recipe travels with the job."""
+    import yaml
+
+    from deepindex.config import parse_overrides
+
     cluster, tracking_uri = stack
     sid, name = f"di-{uuid.uuid4().hex[:8]}", "di-run"
+    own = tmp_path / "mine"
+    own.mkdir()
+    recipe: dict[str, dict] = {}
+    for key, value in parse_overrides([a for a in TINY_TRAIN if a.startswith(("data.", "model."))]).items():
+        section, field = key.split(".", 1)
+        recipe.setdefault(section, {})[field] = value
+    (own / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    rest = [a for a in TINY_TRAIN if not a.startswith(("data.", "model."))]
     out = cluster.deepindex("submit", "--address", cluster.address, "--tracking-uri", tracking_uri,
-                            "--submission-id", sid, "train", *tiny_train_args(cluster, name))
+                            "--submission-id", sid, "train", "--config", "recipe.yaml", "--name", name, *rest,
+                            f"ray.storage_path={cluster.storage}", cwd=own)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert out.stdout.splitlines()[0] == sid  # the job id comes first, then the followed logs
     result = json.loads(out.stdout[out.stdout.index("{\n"):out.stdout.rindex("}") + 1])
@@ -93,8 +107,14 @@ def test_deepindex_submit_trains_on_both_nodes(stack):
     assert f"job {sid} SUCCEEDED" in out.stderr
     info = cluster.job_info(sid)
     assert info["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == tracking_uri
-    assert Path(info["entrypoint"].split()[1]) == Path("jobs/train.py")
+    assert info["entrypoint"].startswith("python -m deepindex.cli train --config recipe.yaml ")
     assert_trained_on_both_nodes(cluster, sid, name, tracking_uri)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run, = client.search_runs([client.get_experiment_by_name("deepindex").experiment_id],
+                              f"attributes.run_name = '{name}'")
+    assert run.data.params["data.train_size"] == "600"  # the recipe's, not the default
 
 
 @pytest.mark.timeout(180)
@@ -109,6 +129,7 @@ def test_bad_config_fails_and_logs_name_the_key(stack):
     logs = cluster.ray_cli("job", "logs", "--address", cluster.address, sid, check=True).stdout
     assert "optim.lrr: unknown key" in logs
     assert "Traceback" not in logs  # a one-line error, not a stack trace
+    assert Path(cluster.job_info(sid)["entrypoint"].split()[1]) == Path("jobs/train.py")  # from the checkout
 
 
 @pytest.mark.timeout(240)

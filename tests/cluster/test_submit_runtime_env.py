@@ -29,6 +29,33 @@ def test_submission_ships_the_project_and_the_tracking_uri(monkeypatch):
     assert set(no_ship) == {"env_vars"}
 
 
+def test_a_folder_of_ones_own_ships_with_the_installed_library_and_runs_the_cli(tmp_path, monkeypatch):
+    """Outside a checkout (deepindex installed, a folder with a recipe and images): that folder is the
+    working dir, the installed package the py_module, and the job is the CLI's own command."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert s.find_project_root() is None and s.folder_to_ship() == tmp_path.resolve()
+    sub = s.build_submission("audit", ["--config", "photos/train.yaml", "audit.folds=3"], s.folder_to_ship())
+    assert sub.entrypoint == "python -m deepindex.cli data audit --config photos/train.yaml audit.folds=3"
+    env = sub.runtime_env
+    import deepindex
+
+    assert env["working_dir"] == str(tmp_path.resolve())
+    assert env["py_modules"] == [str(Path(deepindex.__file__).resolve().parent)]
+    assert "/tests" not in env["excludes"] and {".deepindex", "mlruns", "*.pt"} <= set(env["excludes"])
+    # Every job's command is one the CLI knows (its parser accepts the words before the job's args).
+    from deepindex.cli import build_parser
+
+    for job in s.JOBS.values():
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args([*job.command, "--help"])
+        assert e.value.code == 0, job
+    # In a checkout, from any folder inside it: the checkout and its job scripts, as before.
+    monkeypatch.chdir(ROOT / "platform")
+    assert s.folder_to_ship() == ROOT
+    assert s.build_submission("audit", [], s.folder_to_ship()).entrypoint == "python jobs/audit.py"
+
+
 @pytest.mark.parametrize("module", ["working_dir", "py_modules"])
 def test_uploaded_packages_hold_the_whole_library_and_no_local_state(tmp_path, module):
     """Pack what Ray would upload, with Ray's own packer (it honours .gitignore as well as our
@@ -51,6 +78,20 @@ def test_uploaded_packages_hold_the_whole_library_and_no_local_state(tmp_path, m
     assert not [n for n in names if n.endswith((".pt", ".pyc"))]
 
 
+def test_a_folder_of_ones_own_uploads_its_recipe_and_images_and_no_local_state(tmp_path):
+    from ray._private.runtime_env.packaging import create_package
+
+    own = tmp_path / "mine"
+    for rel in ("photos/train.yaml", "photos/a.png", "tests/notes.txt", ".deepindex/state.json",
+                "mlruns/0/meta.yaml", "best.pt"):
+        (own / rel).parent.mkdir(parents=True, exist_ok=True)
+        (own / rel).write_text("x")
+    env = s.build_runtime_env(own)
+    create_package(str(own), tmp_path / "pkg.zip", excludes=env["excludes"], include_gitignore=True)
+    names = {n for n in zipfile.ZipFile(tmp_path / "pkg.zip").namelist() if not n.endswith("/")}
+    assert names == {"photos/train.yaml", "photos/a.png", "tests/notes.txt"}, names
+
+
 def test_cli_errors_are_one_line_and_name_the_field(tmp_path):
     def run(*argv, **env):
         return subprocess.run([sys.executable, "-m", "deepindex.cli", "submit", *argv], cwd=ROOT, capture_output=True,
@@ -69,6 +110,14 @@ def test_cli_errors_are_one_line_and_name_the_field(tmp_path):
     dry = run("--dry-run", "--tracking-uri", "http://m:5000", "tune", "--space", "tune_configs/smoke.yaml")
     assert dry.returncode == 0, dry.stderr
     assert json.loads(dry.stdout)["entrypoint"] == "python jobs/tune.py --space tune_configs/smoke.yaml"
+    # From a folder of one's own (deepindex installed, no checkout above it).
+    own = subprocess.run([sys.executable, "-m", "deepindex.cli", "submit", "--dry-run", "tune", "--space", "smoke"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert own.returncode == 0, own.stderr
+    sent = json.loads(own.stdout)
+    assert sent["entrypoint"] == "python -m deepindex.cli tune --space smoke"
+    assert sent["runtime_env"]["working_dir"] == str(tmp_path.resolve())
 
 
 def test_auth_token_lookup_follows_ray(tmp_path, monkeypatch):
