@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import pytest
 
@@ -94,6 +95,24 @@ def test_cli_commands_write_their_log_file(capsys):
     assert capsys.readouterr().err.strip() == ("deepindex tune: error: space: no such file no-such-space.yaml "
                                                "(or a shipped space: default, noisy_labels, smoke)")
     assert [p.name.split("-")[0] for p in (state_dir() / "logs").glob("*.log")] == ["tune"]
+
+
+def test_a_library_with_a_console_handler_of_its_own_joins_a_short_commands_console(capsys):
+    """``deepindex submit`` imports Ray's Jobs client, whose logger prints to stderr by itself."""
+    ray_logger = logging.getLogger("ray")
+    saved = (list(ray_logger.handlers), ray_logger.propagate)
+    undo = console.plain()
+    try:
+        ray_logger.addHandler(logging.StreamHandler(sys.stderr))  # as `import ray` leaves it
+        ray_logger.propagate = False
+        console.library_imported()
+        sdk = logging.getLogger("ray.dashboard.modules.job.sdk")
+        sdk.info("WebSocket closed for job raysubmit_x with close code 1000")
+        sdk.warning("a warning of Ray's")
+    finally:
+        undo()
+        ray_logger.handlers[:], ray_logger.propagate = saved
+    assert _lines(capsys.readouterr().err) == ["WARNING ray.dashboard.modules.job.sdk: a warning of Ray's"]
 
 
 def test_short_commands_print_our_lines_as_they_are_and_leave_the_libraries_info_out(capsys):

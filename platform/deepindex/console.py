@@ -53,6 +53,7 @@ class _Active:
 
 
 _active: _Active | None = None
+_plain_console = False  # plain() is on: a short command's console, no log file
 
 
 def event(msg: str, *args: Any) -> None:
@@ -128,6 +129,7 @@ def plain(verbose: bool = False) -> Callable[[], None]:
     which keep no log file: deepindex's own lines as they are, warnings and errors with their level
     and origin, the libraries' INFO chatter left out; ``verbose``: everything, with times.  Returns
     what removes it again (the CLI does when the command ends: tests run commands in one process)."""
+    global _plain_console
     handler = _ConsoleHandler()
     if verbose:
         handler.setFormatter(logging.Formatter(_FILE_FORMAT))
@@ -138,10 +140,13 @@ def plain(verbose: bool = False) -> Callable[[], None]:
     level = root.level
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    _plain_console = True
 
     def undo() -> None:
+        global _plain_console
         root.removeHandler(handler)
         root.setLevel(level)
+        _plain_console = False
 
     return undo
 
@@ -239,10 +244,12 @@ def adopt_library_loggers() -> None:
 
 
 def library_imported() -> None:
-    """A library imported after :func:`setup` that installs a console handler of its own (optuna, when
-    an optuna search starts: `[I ...] A new study created in memory`) goes to the log file too.
-    Outside a command's console (the Python API) the libraries keep their own handlers."""
-    if _active is not None:
+    """A library imported after :func:`setup` or :func:`plain` that installs a console handler of its
+    own goes to that console's handlers too (optuna, when an optuna search starts: `[I ...] A new study
+    created in memory`; Ray, when ``deepindex submit`` imports its Jobs client: `INFO dashboard_sdk.py:423
+    -- Package ... already exists`).  Outside a command's console (the Python API) the libraries keep
+    their own handlers."""
+    if _active is not None or _plain_console:
         adopt_library_loggers()
 
 

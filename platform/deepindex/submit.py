@@ -200,6 +200,9 @@ def connect(address: str | None = None) -> JobSubmissionClient:
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    from deepindex.console import library_imported
+
+    library_imported()  # Ray's loggers: our console's filter, not their own handler
     addr = resolve_address(address)
     try:
         return JobSubmissionClient(addr, headers=auth_headers())
