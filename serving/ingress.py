@@ -41,6 +41,7 @@ from serving.schemas import (
     HERE,
     AboutResponse,
     AddItemsResponse,
+    Alive,
     DeleteItemResponse,
     ErrorResponse,
     Health,
@@ -563,7 +564,7 @@ class Ingress:
         return kept[:top_k]
 
     # ---- health, metrics, page -------------------------------------------------------------
-    @app.get("/healthz", response_model=Health, operation_id="healthz")
+    @app.get("/healthz", response_model=Alive, operation_id="healthz")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok"}
 

@@ -288,6 +288,11 @@ class AboutResponse(BaseModel):
     retrieval: RetrievalSummary | None = None  # None: this version has no report attached
 
 
+class Alive(BaseModel):
+    """``/healthz``: the ingress answers (liveness); whether a model and an index serve is ``/readyz``'s."""
+    status: str
+
+
 class Health(BaseModel):
     status: str
     model: dict[str, Any] | None = None

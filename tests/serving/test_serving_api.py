@@ -41,7 +41,7 @@ def test_serve_port_is_haproxy_in_front_of_direct_ingress(served):
 
 
 def test_health_ready_docs(served):
-    assert served.get("/healthz").json() == {"status": "ok", "model": None, "index": None, "reasons": []}
+    assert served.get("/healthz").json() == {"status": "ok"}  # liveness only: no empty model/index fields
     r = served.get("/readyz").json()
     assert r["status"] == "ready" and r["model"]["version"] == served.version and r["index"]["count"] >= GALLERY
     assert served.get("/docs").status_code == 200
