@@ -794,11 +794,14 @@ class Ingress:
         the same bytes changes nothing (200); with other bytes it is a 409 (in one request too)."""
         self._authorize(request, write=True)
         raw = await self._read_images(request)
+        rule = ("1-200 characters [A-Za-z0-9._:@/+-], not ending in /image or /similar (those URLs name an "
+                "item's image and neighbours)")
         for item_id, _, what, _ in raw:
-            if not item_id or not NEW_ITEM_ID.match(item_id):
-                raise ApiError(400, "bad_id", f"{what}: an item id of 1-200 characters [A-Za-z0-9._:@/+-] is required, "
-                                              "not ending in /image or /similar (those URLs name an item's image "
-                                              "and neighbours)")
+            if not item_id:  # the file's name is not its id: ids are said, one per image
+                raise ApiError(400, "bad_id", f"{what}: no id; send an id form field per image, in the images' "
+                                              f"order (JSON: each image's \"id\"): {rule}")
+            if not NEW_ITEM_ID.match(item_id):
+                raise ApiError(400, "bad_id", f"{item_id[:80]!r} ({what}): not an item id: {rule}")
         first: dict[str, bytes] = {}
         for item_id, data, _, _ in raw:
             if first.setdefault(str(item_id), data) != data:

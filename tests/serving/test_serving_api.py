@@ -305,6 +305,13 @@ def test_bad_input_gets_4xx_json_and_service_keeps_serving(served):
         if r.status_code != status or body.get("error", {}).get("code") != code or not body["error"].get("message"):
             failures.append((name, r.status_code, r.text[:200]))
     assert not failures, failures
+    # An image without an id, and a bad id: the message says which, not only the rule.
+    png = png_bytes(served.images[0])
+    no_id = served.post("/v1/items", files={"images": ("mine.png", png)}, headers=served.auth).json()
+    assert no_id["error"]["message"].startswith("mine.png: no id; send an id form field per image"), no_id
+    bad_id = served.post("/v1/items", files={"images": ("mine.png", png)}, data={"id": "my photo"},
+                         headers=served.auth).json()
+    assert bad_id["error"]["message"].startswith("'my photo' (mine.png): not an item id: 1-200 characters"), bad_id
     big = served.post("/v1/tag", data=b"x" * (20 * 1024 * 1024 + 10), headers={"content-type": "application/json"})
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
     assert served.get("/healthz").status_code == 200
