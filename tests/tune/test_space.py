@@ -107,6 +107,24 @@ def test_a_recipe_replaces_the_spaces_base_and_overrides_apply_on_top(tmp_path):
         load_space("smoke", config=tmp_path / "nope.yaml")
 
 
+def test_tune_overrides_set_the_sweep_settings_a_recipe_may_need(tmp_path, capsys):
+    """A recipe whose learning rate lies outside smoke's range cannot be smoke's first trial; the error says
+    which setting, and `tune.seed_defaults=false` on the command line sets it (any `tune.` key does)."""
+    from deepindex.cli import main
+
+    recipe = tmp_path / "train.yaml"
+    recipe.write_text("data:\n  dataset: digits\noptim:\n  lr: 0.003\n")
+    with pytest.raises(ConfigError, match=r"base value 0\.003 is outside .* tune\.seed_defaults=false leaves it out"):
+        load_space("smoke", config=recipe)
+    spec = load_space("smoke", ["tune.seed_defaults=false", "tune.num_samples=2", "train.epochs=1"], config=recipe)
+    assert not spec.settings.seed_defaults and spec.settings.num_samples == 2 and spec.base.train.epochs == 1
+    assert spec.settings.search == "random"  # the space's other settings stay
+    for bad, message in [("tune.seed_defaults=maybe", "tune.seed_defaults: must be true or false, got 'maybe'"),
+                         ("tune.serach=optuna", "tune.serach: unknown key")]:
+        assert main(["tune", "--space", "smoke", "--config", str(recipe), "tune.seed_defaults=false", bad]) == 2
+        assert capsys.readouterr().err.strip() == f"deepindex tune: error: {message}"
+
+
 def test_cli_names_the_shipped_spaces_when_a_space_is_not_found(tmp_path, capsys, monkeypatch):
     from deepindex.cli import main
 

@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--search", choices=["random", "grid", "optuna"], help="override tune.search")
     p.add_argument("--max-concurrent", type=int, help="override tune.max_concurrent_trials (0: sized to the cluster)")
     p.add_argument("--no-promote", action="store_true", help="do not promote the best trial at the end")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the base config")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides of the base config; tune.KEY=VALUE sets the space's sweep setting "
+                        "(e.g. tune.seed_defaults=false)")
     p.set_defaults(func=run_tune)
 
     q = sub.add_parser("promote", help="register a sweep's best trial; move alias `champion` only if it is better")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from deepindex.config import Config, ConfigError, load_config, read_yaml
+from deepindex.config import Config, ConfigError, load_config, parse_overrides, read_yaml
 
 # The spaces that ship with the package, by name (``default``, ``smoke``, ``noisy_labels``).
 SPACES = Path(__file__).resolve().parent / "spaces"
@@ -125,7 +125,11 @@ def parse_space(raw: dict[str, Any], path: str = "<space>", overrides: list[str]
                 config: str | Path | None = None) -> SweepSpec:
     """Validate a loaded YAML dict; the first problem is a ConfigError naming its key.  ``config``: a
     training YAML every trial starts from instead of the space's ``base`` section (``overrides`` still
-    apply on top), so one space sweeps any collection's recipe."""
+    apply on top), so one space sweeps any collection's recipe.  An override ``tune.KEY=VALUE`` sets the
+    space's sweep setting instead (``tune.seed_defaults=false``)."""
+    sweep_overrides = {k.split(".", 1)[1]: v for k, v in
+                       parse_overrides([o for o in overrides or [] if o.startswith("tune.")]).items()}
+    overrides = [o for o in overrides or [] if not o.startswith("tune.")]
     if not isinstance(raw, dict):
         raise ConfigError(f"space: {path} must hold a mapping with sections {', '.join(_SECTIONS)}")
     for k in raw:
@@ -163,6 +167,7 @@ def parse_space(raw: dict[str, Any], path: str = "<space>", overrides: list[str]
     tune_raw = raw.get("tune") or {}
     if not isinstance(tune_raw, dict):
         raise ConfigError("tune: expected a mapping")
+    tune_raw = {**tune_raw, **sweep_overrides}
     allowed = SweepSettings.__dataclass_fields__
     for k in tune_raw:
         if k not in allowed:
@@ -185,7 +190,7 @@ def _check_in_space(key: str, dist: Dist, value: Any) -> None:
         ok = value == dist.args
     if not ok:
         raise ConfigError(f"space.{key}: the base value {value!r} is outside {dist.kind} {dist.args} "
-                          "(tune.seed_defaults runs it as the first trial)")
+                          "(tune.seed_defaults runs it as the first trial; tune.seed_defaults=false leaves it out)")
 
 
 def _check_settings(s: SweepSettings, space: dict[str, Dist], base: Config) -> None:
@@ -211,6 +216,9 @@ def _check_settings(s: SweepSettings, space: dict[str, Dist], base: Config) -> N
         raise ConfigError("tune.max_concurrent_trials: must be >= 0 (0: sized to the cluster)")
     if not s.trial_driver_cpus > 0:
         raise ConfigError("tune.trial_driver_cpus: must be > 0")
+    for flag in ("promote", "seed_defaults"):
+        if not isinstance(getattr(s, flag), bool):
+            raise ConfigError(f"tune.{flag}: must be true or false, got {getattr(s, flag)!r}")
 
 
 def shipped_spaces() -> list[str]:
