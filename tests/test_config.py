@@ -67,3 +67,23 @@ def test_cli_prints_one_line_for_bad_key(capsys):
     assert main(["train", "optim.lrr=0.1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["deepindex train: error: optim.lrr: unknown key"]
+
+
+def test_local_paths_are_made_absolute_where_the_command_runs(tmp_path, monkeypatch):
+    """A recipe's `data.root: photos` names the folder beside the command: trials (each in a folder of its
+    own), the checkpoint and a later `deepindex evaluate` from elsewhere must all read that one."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "sub" / "train.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text("data:\n  dataset: manifest\n  root: photos\n  manifest: photos/tags.csv\n")
+    cfg = load_config(recipe, ["data.label_filter=audit/report", "model.weights=~/w.pth", "ray.storage_path=results"])
+    assert cfg.data.root == str(tmp_path / "photos") and cfg.data.manifest == str(tmp_path / "photos" / "tags.csv")
+    assert cfg.data.label_filter == str(tmp_path / "audit" / "report")
+    assert cfg.model.weights == str(Path.home() / "w.pth") and cfg.ray.storage_path == str(tmp_path / "results")
+    kept = load_config(None, ["data.root=/data/photos", "data.label_filter=runs:/abc123",
+                              "ray.storage_path=s3://bucket/results", "data.cache_dir=gs://b/cache"])
+    assert (kept.data.root, kept.data.label_filter, kept.ray.storage_path, kept.data.cache_dir) == (
+        "/data/photos", "runs:/abc123", "s3://bucket/results", "gs://b/cache")
+    assert load_config(None).data.root is None

@@ -348,8 +348,31 @@ DATASET_RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# Keys that name local files or folders.  A relative one is relative to where the command runs: it is
+# made absolute when the config is loaded, so Tune's trials (each in a folder of its own), the
+# checkpoint, the MLflow params and a later ``deepindex evaluate`` from another folder name the same
+# files.  URIs (``s3://``, ``runs:/``) stay as they are.
+PATH_KEYS = ("data.root", "data.manifest", "data.concepts", "data.label_filter", "data.cache_dir",
+             "model.weights", "ray.storage_path")
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with its relative (or ``~``) local paths made absolute against the working directory."""
+    flat = cfg.flat()
+    updates: dict[str, str] = {}
+    for key in PATH_KEYS:
+        value = flat.get(key)
+        if not isinstance(value, str) or not value or ":/" in value:
+            continue
+        p = Path(value).expanduser()
+        if not p.is_absolute() or value.startswith("~"):
+            updates[key] = str(p.resolve())
+    return cfg.override(updates) if updates else cfg
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Defaults <- the dataset's recipe (``DATASET_RECIPES``) <- YAML file <- dotted overrides."""
+    """Defaults <- the dataset's recipe (``DATASET_RECIPES``) <- YAML file <- dotted overrides; local paths
+    absolute (:func:`absolute_paths`)."""
     base: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -363,4 +386,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         cfg = cfg.override(dotted)
     given = dotted.keys() | flatten(base).keys()
     unset = {k: v for k, v in DATASET_RECIPES.get(cfg.data.dataset, {}).items() if k not in given}
-    return cfg.override(unset) if unset else cfg
+    return absolute_paths(cfg.override(unset) if unset else cfg)
