@@ -94,6 +94,12 @@ class _ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
+# Library errors that a line of ours reports already (a sweep's trial, an audit's fold: which one, and
+# its error's last line): their tracebacks go to the log file only.
+_REPORTED_ERRORS = (("ray.tune.execution.tune_controller", "Trial task failed"),
+                    ("ray.tune.tune", "Trials did not complete"))
+
+
 class _QuietFilter(logging.Filter):
     """The quiet console: events, deepindex's warnings and errors, and anyone's errors."""
 
@@ -101,7 +107,8 @@ class _QuietFilter(logging.Filter):
         if record.name == EVENTS or record.name.startswith(EVENTS + "."):
             return True
         if record.levelno >= logging.ERROR:
-            return True
+            return not any(record.name == name and str(record.msg).startswith(text)
+                           for name, text in _REPORTED_ERRORS)
         ours = record.name == "deepindex" or record.name.startswith("deepindex.")
         return ours and record.levelno >= logging.WARNING
 
@@ -251,6 +258,37 @@ def library_imported() -> None:
     their own handlers."""
     if _active is not None or _plain_console:
         adopt_library_loggers()
+
+
+def error_line(error: object) -> str:
+    """The last line of an error's text: a Ray task's traceback ends with the exception and its message."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def trial_error(trial: Any) -> str:
+    """What a failed Tune trial's error says, in one line (its traceback is in the trial's folder and the log
+    file, where Tune's own record of it goes)."""
+    try:  # Tune writes it to the trial's local staging folder first (get_error() reads the synced copy)
+        return error_line(Path(trial.error_file).read_text()) if trial.error_file else "see the log file"
+    except Exception:  # noqa: BLE001 - the line matters more than its detail
+        return "see the log file"
+
+
+def failure_lines(describe: Callable[[Any], str], logger: logging.Logger) -> type:
+    """A Tune callback class (to subclass) that puts a failed trial on the console in one line:
+    ``describe(trial)`` names it (``trial 1a2b failed after 0/4 epochs``), its error's last line follows;
+    a failure Tune retries is a warning, the last one an error."""
+    from ray import tune
+
+    class FailureLines(tune.Callback):
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            logger.error("%s: %s (the log file has its traceback)", describe(trial), trial_error(trial))
+
+        def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            logger.warning("%s: %s; starting it again", describe(trial), trial_error(trial))
+
+    return FailureLines
 
 
 def tune_verbosity() -> int:

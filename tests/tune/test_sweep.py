@@ -122,3 +122,43 @@ def test_asha_sweep_interrupted_restored_tracked_and_promoted(ray_local, mlflow_
     assert champ.run_id == out.best.run_id
 
 
+
+
+@pytest.mark.timeout(300)
+def test_a_sweep_whose_trials_all_fail_says_why_once_each_and_fails(ray_local, mlflow_server, tmp_path, capsys,
+                                                                     monkeypatch):
+    """`deepindex tune` on a collection that is not there: each trial's error in one line (not Tune's
+    tracebacks), then the command fails naming it, and the sweep's MLflow run ends FAILED."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from deepindex.cli import main
+    from deepindex.paths import state_dir
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    missing = tmp_path / "no-such-photos"
+    space = tmp_path / "space.yaml"
+    base = {"data.dataset": "image-folder", "data.root": str(missing), "model.channels": [8, 16],
+            "model.embed_dim": 32, "train.epochs": 1, **{k: yaml.safe_load(v) for k, v in
+                                                          (a.split("=", 1) for a in ONE_WORKER)},
+            "ray.storage_path": str(tmp_path / "results"), "tracking.experiment": f"sweep-{tmp_path.name}"}
+    space.write_text(yaml.safe_dump({"base": {"overrides": base}, "space": {"optim.lr": {"choice": [0.01, 0.02]}},
+                                     "tune": {"num_samples": 2, "grace_period": 1, "promote": False}}))
+    assert main(["tune", "--space", str(space), "--name", "gone"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    why = f"data.root: no such folder {missing}"
+    assert lines[-1].startswith("deepindex tune: error: sweep gone: all 2 trials failed; trial "), lines[-1]
+    assert why in lines[-1] and lines[-1].endswith("(the log file has the tracebacks)"), lines[-1]
+    failed = [ln for ln in lines if " failed after 0/1 epochs: " in ln]
+    # Each trial: once failed and started again (max_failures=1), then failed for good, each time saying why.
+    assert len([ln for ln in failed if ln.endswith("; starting it again")]) == 2, err
+    assert len([ln for ln in failed if ln.endswith("(the log file has its traceback)")]) == 2, err
+    assert all(why in ln for ln in failed), failed
+    assert "Traceback" not in err and "Trial task failed" not in err and "Trials did not complete" not in err, err
+    log_file, = (state_dir() / "logs").glob("tune-*.log")
+    assert "Trial task failed" in log_file.read_text()  # Tune's own record, with its traceback
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name(f"sweep-{tmp_path.name}")
+    parent, = client.search_runs([exp.experiment_id], "tags.deepindex.kind = 'sweep'")
+    assert parent.info.status == "FAILED"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,16 +28,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deepindex.config import Config, ConfigError, from_dict
-from deepindex.console import event, tune_verbosity
+from deepindex.console import error_line, event, failure_lines, tune_verbosity
 
 if TYPE_CHECKING:
     from ray.tune import Callback
 
     from deepindex.audit.detect import Detection
 
+log = logging.getLogger(__name__)
 
 AUDIT_STATE = "deepindex_audit.json"
 FOLD_DRIVER_MEMORY = 512 * 2**20  # bytes reserved by a fold's Tune trial
+
+
+class AuditFailed(ValueError):
+    """A fold did not finish: no out-of-fold prediction for its items, so no report."""
 
 
 @dataclass
@@ -174,10 +180,12 @@ def _per_concept(flagged: np.ndarray, truth: np.ndarray) -> list[dict[str, Any]]
 
 
 def _fold_lines(folds: int) -> Callback:
-    """A Tune callback (it runs in this driver) that puts one console line per finished fold."""
-    from ray import tune
+    """A Tune callback (it runs in this driver) that puts one console line per finished or failed fold."""
 
-    class FoldLines(tune.Callback):
+    def failed(trial: Any) -> str:
+        return f"fold {int(trial.config['fold']) + 1} of {folds} failed"
+
+    class FoldLines(failure_lines(failed, log)):  # type: ignore[misc]  # a class made at run time
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
             r = trial.last_result or {}
             if "held_out" in r:
@@ -247,9 +255,9 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
     missing = [k for k in range(folds) if not oof_path(audit_dir, k).is_file()]
     if missing:
         _end_parent(uri, parent, "FAILED")
-        why = f" ({type(errors[0]).__name__}: {str(errors[0]).splitlines()[0][:200]})" if errors else ""
-        raise RuntimeError(f"audit {name}: folds {missing} did not finish{why}; run it again with the same "
-                           f"name to resume")
+        why = f" ({error_line(errors[0])[:300]})" if errors else ""
+        raise AuditFailed(f"audit {name}: folds {[k + 1 for k in missing]} of {folds} did not finish{why}; run it "
+                          f"again with the same name to resume")
 
     probs = np.full(given.shape, np.nan, dtype=np.float32)
     results: list[FoldResult] = []

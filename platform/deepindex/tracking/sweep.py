@@ -72,8 +72,9 @@ def end_run(run_id: str, status: str, tracking_uri: str) -> None:
 
 
 def record_summary(parent_run_id: str, tracking_uri: str, *, metrics: dict[str, float], tags: dict[str, str],
-                   best_params: dict[str, Any] | None, trials_json: str, finished: bool) -> None:
-    """The sweep's outcome on its parent run; ``finished`` ends the run FINISHED."""
+                   best_params: dict[str, Any] | None, trials_json: str, status: str | None) -> None:
+    """The sweep's outcome on its parent run; ``status`` (FINISHED, FAILED) ends the run, None leaves it
+    running (an interrupted sweep, resumed by its name)."""
     from mlflow.entities import Metric, Param
 
     client = mlflow_client(tracking_uri)
@@ -88,8 +89,8 @@ def record_summary(parent_run_id: str, tracking_uri: str, *, metrics: dict[str, 
     now = int(time.time() * 1000)
     client.log_batch(parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
     client.log_text(parent_run_id, trials_json, "trials.json")
-    if finished:
-        client.set_terminated(parent_run_id, "FINISHED")
+    if status is not None:
+        client.set_terminated(parent_run_id, status)
 
 
 def describe_sweep(parent_run_id: str, tracking_uri: str, *, name: str, metric: str, mode: str, max_epochs: int,

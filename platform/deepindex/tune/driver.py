@@ -53,6 +53,11 @@ class TrialSummary:
     stopped_early: bool
     status: str
     run_id: str | None = None
+    error: str | None = None  # a failed trial's error, its last line
+
+
+class SweepFailed(ValueError):
+    """Every trial of a sweep failed: nothing to rank or promote."""
 
 
 @dataclass
@@ -74,6 +79,11 @@ class SweepOutcome:
     def stopped_early(self) -> int:
         return sum(t.stopped_early for t in self.trials)
 
+    @property
+    def failed(self) -> bool:
+        """It ended, and no trial ended without an error."""
+        return bool(self.trials) and not self.interrupted and all(t.status == "ERROR" for t in self.trials)
+
 
 def _report_callback() -> TuneReportCallback:
     """``TuneReportCallback`` plus ``epochs_done`` (1-based), the ASHA time attribute."""
@@ -89,12 +99,15 @@ def _report_callback() -> TuneReportCallback:
 
 
 def _trial_lines(max_epochs: int, metric: str) -> Callback:
-    """A Tune callback (it runs in this driver) that puts one console line per ended trial."""
-    from ray import tune
+    """A Tune callback (it runs in this driver) that puts one console line per ended or failed trial."""
 
-    from deepindex.console import event
+    from deepindex.console import event, failure_lines
 
-    class TrialLines(tune.Callback):
+    def failed(trial: Any) -> str:
+        return f"trial {trial.trial_id} failed after {int((trial.last_result or {}).get(EPOCHS_DONE, 0))}/" \
+               f"{max_epochs} epochs"
+
+    class TrialLines(failure_lines(failed, log)):  # type: ignore[misc]  # a class made at run time
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
             r = trial.last_result or {}
             done = int(r.get(EPOCHS_DONE, 0))
@@ -103,10 +116,6 @@ def _trial_lines(max_epochs: int, metric: str) -> Callback:
             event("trial %s: %d/%d epochs, %s %s%s", trial.trial_id, done, max_epochs, metric, shown,
                   ", stopped early" if done < max_epochs else "")
 
-        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            done = int((trial.last_result or {}).get(EPOCHS_DONE, 0))
-            log.error("trial %s failed after %d/%d epochs (the log file has its error)", trial.trial_id, done,
-                      max_epochs)
 
     return TrialLines()
 
@@ -284,6 +293,10 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | N
     if outcome.interrupted:
         log.warning("sweep %s was interrupted; run it again with the same name to resume it", name)
         return outcome
+    if outcome.failed:
+        first = outcome.trials[0]
+        raise SweepFailed(f"sweep {name}: all {len(outcome.trials)} trials failed; trial {first.trial_id}: "
+                          f"{first.error} (the log file has the tracebacks)")
     do_promote = spec.settings.promote if promote is None else promote
     if outcome.best is not None and outcome.best.run_id and uri:
         from deepindex.workflows import promote as promote_run
@@ -296,6 +309,8 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | N
 
 def _summarise(grid: ResultGrid, spec: SweepSpec, name: str, path: str, metric: str, mode: str, parent: str | None,
                wall_s: float) -> SweepOutcome:
+    from deepindex.console import error_line
+
     trials_state = _saved_statuses(path)
     summaries = []
     for r in grid:  # type: ignore[attr-defined]  # ResultGrid iterates through __getitem__, which mypy does not model
@@ -307,7 +322,8 @@ def _summarise(grid: ResultGrid, spec: SweepSpec, name: str, path: str, metric: 
         value = m.get(metric)
         stopped_early = status == "TERMINATED" and r.error is None and done < spec.max_epochs
         summaries.append(TrialSummary(tid, params, float(value) if value is not None else None, done,
-                                      stopped_early=stopped_early, status=status))
+                                      stopped_early=stopped_early, status=status,
+                                      error=error_line(r.error) if r.error is not None else None))
     interrupted = any(s.status in ("PENDING", "RUNNING", "PAUSED") for s in summaries)
     scored = [(s.metric, s) for s in summaries if s.metric is not None and s.status != "ERROR"]
     # The best by the last reported value: a trial ASHA stopped early is never better than
@@ -381,4 +397,4 @@ def _record(outcome: SweepOutcome, uri: str | None, max_epochs: int) -> None:
                            best_trial=outcome.best.trial_id if outcome.best is not None else None)
     tracked.record_summary(outcome.parent_run_id, uri, metrics=metrics, tags=tags, best_params=best_params,
                            trials_json=json.dumps([vars(t) for t in outcome.trials], indent=2, default=str),
-                           finished=not outcome.interrupted)
+                           status=None if outcome.interrupted else "FAILED" if outcome.failed else "FINISHED")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from deepindex.config import Config, ConfigError, load_config, parse_overrides, read_yaml
+from deepindex.config import Config, ConfigError, absolute_paths, load_config, parse_overrides, read_yaml
 
 # The spaces that ship with the package, by name (``default``, ``smoke``, ``noisy_labels``).
 SPACES = Path(__file__).resolve().parent / "spaces"
@@ -146,7 +146,7 @@ def parse_space(raw: dict[str, Any], path: str = "<space>", overrides: list[str]
     else:
         base = load_config(config)
     if overrides:
-        base = base.override(overrides)
+        base = absolute_paths(base.override(overrides))
 
     flat = base.flat()
     space_raw = raw.get("space") or {}
