@@ -187,6 +187,28 @@ def test_evaluate_prints_the_checkpoints_metrics_with_each_concepts_ap_by_name(f
         assert out[f"{split}_map"] == pytest.approx(sum(aps) / len(aps), abs=1e-6)
 
 
+def test_evaluate_reads_a_collection_that_moved_where_it_is_now(first_run, tmp_path, capsys):
+    """`deepindex evaluate CHECKPOINT data.root=NEW`: the checkpoint names the folder it trained on; a copy
+    elsewhere scores the same (decoded from its files, not the run's cache); only data.* keys change."""
+    import shutil
+
+    from deepindex.cli import main
+
+    path = first_run["result"].checkpoint.path
+    assert main(["evaluate", path]) == 0
+    before = json.loads(capsys.readouterr().out)
+    moved = tmp_path / "moved"
+    shutil.copytree(first_run["cfg"].data.root, moved)
+    assert main(["evaluate", path, f"data.root={moved}"]) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert after["test_map"] == pytest.approx(before["test_map"], abs=1e-4), (before, after)
+    for args, message in [([f"data.root={tmp_path / 'nowhere'}"], f"data.root: no such folder {tmp_path / 'nowhere'}"),
+                          (["model.dropout=0.5"], "model.dropout: evaluate changes only data.* keys")]:
+        assert main(["evaluate", path, *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"deepindex evaluate: error: {message}"), err
+
+
 def _write_report(folder: Path, d, rows: list[tuple[int, str]], ids: list[str]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / SUSPECTS_FILE).open("w", newline="") as f:

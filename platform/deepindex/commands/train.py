@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     e = sub.add_parser("evaluate", help="a checkpoint's metrics on a split of its dataset")
     e.add_argument("checkpoint", help="checkpoint directory or checkpoint.pt")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE",
+                   help="change the checkpoint's data config, e.g. data.root=/new/place for a collection that moved")
     e.set_defaults(func=run_evaluate)
 
 
@@ -32,5 +34,5 @@ def run_train(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from deepindex.train.evaluation import evaluate_checkpoint
 
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.split), indent=2))
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.split, args.overrides), indent=2))
     return 0

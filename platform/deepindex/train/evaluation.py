@@ -71,9 +71,20 @@ def score_checkpoint(path: str | Path, split: str = "test", data: DataConfig | N
     return Scored(metrics, logits, targets, list(lm.concepts), lm.multilabel)
 
 
-def evaluate_checkpoint(path: str | Path, split: str = "test") -> dict[str, Any]:
-    """A checkpoint's metrics on a split of its own dataset (per-concept AP by concept name)."""
-    return score_checkpoint(path, split).named()
+def evaluate_checkpoint(path: str | Path, split: str = "test", overrides: list[str] | None = None) -> dict[str, Any]:
+    """A checkpoint's metrics on a split of its own dataset (per-concept AP by concept name); ``overrides``
+    (``data.KEY=VALUE``) change that data config first: a collection that moved (``data.root=...``), or
+    one of the same concepts."""
+    data = None
+    if overrides:
+        from deepindex.checkpoint import read_checkpoint
+        from deepindex.config import ConfigError, absolute_paths, from_dict, parse_overrides
+
+        for key in parse_overrides(overrides):
+            if not key.startswith("data."):
+                raise ConfigError(f"{key}: evaluate changes only data.* keys (the model is the checkpoint's)")
+        data = absolute_paths(from_dict(read_checkpoint(path)["config"]).override(overrides)).data
+    return score_checkpoint(path, split, data=data).named()
 
 
 def ap_table(scored: Scored) -> str:
