@@ -25,6 +25,7 @@ from support import require_tool
 ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ["cpu-dev", "gpu-prod"]
 RAY_KINDS = ("RayCluster", "RayJob", "RayService")
+SCRIPTS = {job.script for job in JOBS.values()}  # the job entrypoints a checkout (and the image) holds
 K8S_VERSION = "1.32.0"  # the oldest Kubernetes these manifests promise to run on
 SHARED = "/mnt/shared"
 
@@ -218,13 +219,15 @@ def test_rayjob_entrypoints_name_existing_jobs_and_files(overlay):
         script, args = entrypoint_script(job["spec"]["entrypoint"])
         # The image copies the repo's jobs/ to /app/jobs: the same relative path must be a known job.
         rel = Path(script).relative_to("/app")
-        assert str(rel) in JOBS.values(), f"{job['metadata']['name']}: {script} is not a deepindex job"
+        assert str(rel) in SCRIPTS, f"{job['metadata']['name']}: {script} is not a deepindex job"
         assert (ROOT / rel).is_file(), f"{job['metadata']['name']}: {rel} does not exist"
         seen.add(str(rel))
         # The arguments are ones the job's own parser accepts (it exits on an unknown option).
         from deepindex.cli import build_parser
 
         build_parser().parse_args([*cli_prefix(ROOT / rel), *args])
+        # ... the same command `deepindex submit` runs from a folder outside a checkout.
+        assert [list(j.command) for j in JOBS.values() if j.script == str(rel)] == [cli_prefix(ROOT / rel)]
         for a in args:  # files the job reads from the image must exist in the repo
             if a.startswith("/app/"):
                 assert (ROOT / Path(a).relative_to("/app")).is_file(), f"{job['metadata']['name']}: {a}"
@@ -241,7 +244,7 @@ def test_rayjob_entrypoints_name_existing_jobs_and_files(overlay):
         else:
             assert job["spec"]["shutdownAfterJobFinishes"] is True and job["spec"]["ttlSecondsAfterFinished"] > 0
         assert "deletionStrategy" not in job["spec"]  # needs an alpha feature gate of the operator
-    assert seen == set(JOBS.values())
+    assert seen == SCRIPTS
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
