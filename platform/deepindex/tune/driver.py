@@ -100,12 +100,11 @@ def _report_callback() -> TuneReportCallback:
 
 def _trial_lines(max_epochs: int, metric: str) -> Callback:
     """A Tune callback (it runs in this driver) that puts one console line per ended or failed trial."""
-
     from deepindex.console import event, failure_lines
 
     def failed(trial: Any) -> str:
-        return f"trial {trial.trial_id} failed after {int((trial.last_result or {}).get(EPOCHS_DONE, 0))}/" \
-               f"{max_epochs} epochs"
+        done = int((trial.last_result or {}).get(EPOCHS_DONE, 0))
+        return f"trial {trial.trial_id} failed after {done}/{max_epochs} epochs"
 
     class TrialLines(failure_lines(failed, log)):  # type: ignore[misc]  # a class made at run time
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
@@ -115,7 +114,6 @@ def _trial_lines(max_epochs: int, metric: str) -> Callback:
             shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
             event("trial %s: %d/%d epochs, %s %s%s", trial.trial_id, done, max_epochs, metric, shown,
                   ", stopped early" if done < max_epochs else "")
-
 
     return TrialLines()
 
