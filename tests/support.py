@@ -91,12 +91,11 @@ def ensure_ray() -> None:
     global ray_started_here
     if ray.is_initialized():
         return
-    from deepindex.cluster import local_cluster_env
+    from deepindex.cluster import start_local_cluster
 
     saved = dict(os.environ)
-    os.environ.update(local_cluster_env())  # the cluster's processes inherit it
     try:
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        start_local_cluster(4, log_to_driver=False)  # the cluster's processes inherit its environment
     finally:
         os.environ.clear()
         os.environ.update(saved)  # later tests start from a clean environment

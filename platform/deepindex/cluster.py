@@ -62,8 +62,27 @@ def _init(num_cpus: int | None, **kwargs: Any) -> None:
         ray.init(address=head.address, **kwargs)
         return
     n = num_cpus or int(os.environ.get("DEEPINDEX_NUM_CPUS", "0")) or max(4, os.cpu_count() or 1)
-    os.environ.update(local_cluster_env())  # the new cluster's processes inherit it
-    ray.init(address="local", num_cpus=n, include_dashboard=False, **kwargs)
+    start_local_cluster(n, **kwargs)
+
+
+def start_local_cluster(num_cpus: int, **kwargs: Any) -> None:
+    """``ray.init`` of a new cluster on this machine, this process its driver.
+
+    With its dashboard, on a free loopback port: its State API is what Ray Train's placement-group
+    cleaner asks whether a run's controller still lives.  Tune ends a trial by killing its actor,
+    the Train controller with it; without that answer the killed run's worker group keeps its CPUs
+    until this driver exits, and on a cluster sized for one trial at a time the next trial waits
+    forever.  ``RAY_API_SERVER_ADDRESS`` (inherited by the cluster's processes) names this
+    cluster's API server, so the cleaner does not guess among other Rays on the machine.
+    """
+    import ray
+
+    from deepindex.net import HOST, free_port
+
+    port = free_port()
+    os.environ.update({**local_cluster_env(), "RAY_API_SERVER_ADDRESS": f"http://{HOST}:{port}"})
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host=HOST,
+             dashboard_port=port, **kwargs)
 
 
 def reload_ray_auth() -> None:

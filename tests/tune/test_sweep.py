@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from support import ONE_WORKER, TINY
+from support import ONE_WORKER, TINY, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.mlflow]
 
@@ -61,6 +61,7 @@ def test_asha_sweep_interrupted_restored_tracked_and_promoted(ray_local, mlflow_
     that arrives after a better one falls below the cutoff and stops.
     """
     from mlflow.tracking import MlflowClient
+    from ray.util import placement_group_table
 
     from deepindex.tune.driver import run_sweep
 
@@ -76,6 +77,7 @@ def test_asha_sweep_interrupted_restored_tracked_and_promoted(ray_local, mlflow_
                  extra=["model.channels=[16,32,64]", "model.embed_dim=64"])
     client = MlflowClient(mlflow_server.uri)
     caplog.set_level("INFO", logger="deepindex.events")
+    groups_before = set(placement_group_table())
 
     first = run_sweep(spec, name="asha", tracking_uri=mlflow_server.uri,
                       callbacks=[_InterruptAfter(3, tmp_path / "interrupted")])
@@ -120,6 +122,14 @@ def test_asha_sweep_interrupted_restored_tracked_and_promoted(ray_local, mlflow_
     assert out.promotion is not None and out.promotion.promoted
     champ = client.get_model_version_by_alias(spec.base.tracking.registered_model, "champion")
     assert champ.run_id == out.best.run_id
+
+    # Tune ended the stopped and interrupted trials by killing their actors, each one's Train
+    # controller with it: Ray Train's cleaner (asking the cluster's State API) gives back their
+    # worker groups' CPUs, or the next job on this cluster would wait for them forever.
+    def kept() -> list[str]:
+        return [g for g, info in placement_group_table().items()
+                if g not in groups_before and info["state"] != "REMOVED"]
+    wait_until(lambda: not kept(), timeout=60, what="the sweep's placement groups removed")
 
 
 
