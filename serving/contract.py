@@ -27,6 +27,8 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from deepindex.index.vectors import QUERY_METRICS, metric_names
+
 # Item ids and tags: the collection's rules (deepindex.collection.store).  An id may hold '/', so a new
 # one may not end in /image or /similar: its URL would name the item's image or neighbours instead.
 ITEM_ID_PATTERN = r"^[A-Za-z0-9._:@/+-]{1,200}$"
@@ -121,7 +123,7 @@ def query_parameters(*, max_k: int, max_query_chars: int, features: Mapping[str,
                      concepts: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The schema of every query parameter by name (``min_prob.<concept>`` apart: :func:`min_prob_parameters`)."""
     # A metric every feature answers, so any (feature, metric) the document allows is answered.
-    metrics = [m for m in ("l2", "ip", "cosine") if all(m in ms for ms in features.values())] or ["cosine"]
+    metrics = [m for m in QUERY_METRICS if all(m in ms for ms in features.values())] or ["cosine"]
     k = {"type": "integer", "minimum": 1, "maximum": max_k, "default": 10}
     return {
         "k": {**k, "description": "results per page"},
@@ -139,9 +141,9 @@ def query_parameters(*, max_k: int, max_query_chars: int, features: Mapping[str,
                        "description": "an indexed item as the example (fused with the keywords)"},
         "feature": {"type": "string", "enum": sorted(features),
                     "description": "the descriptor the example is compared by (default: the index's)"},
-        "metric": {"type": "string", "enum": metrics,
-                   "description": "l2: minus the Euclidean distance; ip: dot product; cosine: dot product of "
-                                  "L2-normalised vectors (default: the feature's)"},
+        "metric": {"type": "string", "enum": metric_names(metrics),
+                   "description": "l2 (or euclidean): minus the Euclidean distance; ip (or dot): dot product; "
+                                  "cosine: dot product of L2-normalised vectors (default: the feature's)"},
         "fusion": {"type": "string", "enum": ["weighted", "rrf"], "default": "weighted",
                    "description": "weighted: sum of min-max normalised scores times weights; rrf: reciprocal "
                                   "rank fusion, sum of weight / (60 + rank)"},

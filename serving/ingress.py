@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deepindex.index.vectors import QUERY_METRICS, query_metric
 from serving import contract
 from serving.errors import ApiError
 from serving.reads import LocalReads
@@ -74,7 +75,6 @@ SCORING = {"all": "product of the query concepts' presence probabilities (all pr
            "any": "1 - product of (1 - presence probability): noisy-or, at least one present"}
 FUSION = {"weighted": "sum over signals of weight x min-max normalised score, divided by the sum of the weights",
           "rrf": "reciprocal rank fusion: sum over signals of weight / (60 + rank)"}
-METRICS = ("l2", "ip", "cosine")
 MIN_PROB = "min_prob."
 # Error bodies: the exact list per operation is serving/contract.py's; FastAPI only needs the model.
 _ERRORS: dict[int | str, dict[str, Any]] = {422: {"model": ErrorResponse}}
@@ -387,8 +387,10 @@ class Ingress:
             raise ApiError(422, "bad_feature", f"feature={feature!r}: this index answers "
                                                f"{', '.join(sorted(info['features']))}")
         if metric is not None:
-            if metric not in METRICS:
-                raise ApiError(422, "bad_metric", f"metric={metric!r}: one of {', '.join(METRICS)}")
+            try:
+                metric = query_metric(metric)  # euclidean and dot are l2's and ip's other names
+            except ValueError as e:
+                raise ApiError(422, "bad_metric", str(e)) from None
             ok = info["features"][feature or info["default_feature"]]
             if metric not in ok:
                 raise ApiError(422, "bad_metric", f"metric={metric}: feature {feature or info['default_feature']} "
@@ -626,8 +628,8 @@ class Ingress:
             features, concepts = info["features"], info["concepts"]
         except ApiError:  # no index yet (a first build): what the configuration promises
             spec = await self._model_spec()
-            features = {f: list(METRICS) for f in (a.features or ["penultimate"])}
-            features["probs"] = list(METRICS)
+            features = {f: list(QUERY_METRICS) for f in (a.features or ["penultimate"])}
+            features["probs"] = list(QUERY_METRICS)
             concepts = list(spec["concepts"])
         key = repr((sorted(features.items()), concepts))
         if key not in self._contracts:

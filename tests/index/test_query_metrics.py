@@ -28,6 +28,8 @@ def test_metrics_rank_differently_on_raw_vectors():
     assert exact_knn(base, q, 1, "l2")[1][0, 0] == 0
     # normalize=True turns ip into cosine, as the index option does.
     assert exact_knn(base, q, 1, "ip", normalize=True)[1][0, 0] == 0
+    # ... and the aliases rank as their metrics do.
+    assert exact_knn(base, q, 1, "dot")[1][0, 0] == 1 and exact_knn(base, q, 1, "euclidean")[1][0, 0] == 0
 
 
 def test_leave_one_out_excludes_the_query_itself():
@@ -49,7 +51,11 @@ def test_which_index_kinds_answer_which_metric():
     check_metric("cosine", "ivf", "ip", True)
     with pytest.raises(ValueError, match="metric=l2: this hnsw index was built with ip on L2-normalised vectors"):
         check_metric("l2", "hnsw", "ip", True)
-    with pytest.raises(ValueError, match="metric: expected one of l2, ip, cosine"):
+    with pytest.raises(ValueError, match=r"^metric: expected one of l2 \(euclidean\), ip \(dot\), cosine, got 'manh"):
         check_metric("manhattan", "flat", "ip", True)
+    # The names a user may know them by: dot is ip (an ip-built index answers it), euclidean is l2.
+    check_metric("dot", "ivf", "ip", False)
+    with pytest.raises(ValueError, match="metric=l2: this hnsw index"):
+        check_metric("euclidean", "hnsw", "ip", True)
     with pytest.raises(ValueError, match="vectors: expected a 2-D"):
         exact_knn(np.zeros(4, np.float32), np.zeros((1, 4), np.float32), 1, "l2")

@@ -39,6 +39,11 @@ def test_feature_and_metric_per_query_and_clear_422s(served):
             assert (body["feature"], body["metric"]) == (feature, metric) and len(body["results"]) == 10
             labels = set(served.labels[10])
             assert sum(bool(labels & set(h["labels"])) for h in body["results"]) >= 8, (feature, metric)
+    # The names a user may know them by: the answer says which metric it used, and ranks as that one.
+    for alias, metric in (("dot", "ip"), ("euclidean", "l2")):
+        body = served.get("/v1/items/scene-000010/similar", params={"k": 10, "metric": alias}).json()
+        same = served.get("/v1/items/scene-000010/similar", params={"k": 10, "metric": metric}).json()
+        assert body["metric"] == metric and body["results"] == same["results"]
     up = served.post("/v1/search/similar", params={"k": 3, "feature": "probs", "metric": "l2"},
                      files={"images": ("q.png", png_bytes(served.images[17]))}).json()
     assert up["feature"] == "probs" and up["results"][0]["id"] == "scene-000017"
@@ -127,7 +132,7 @@ def test_openapi_states_what_the_service_accepts(served):
     assert (search["k"]["schema"]["minimum"], search["k"]["schema"]["maximum"]) == (1, LIMITS["max_k"])
     assert search["mode"]["schema"]["enum"] == ["all", "any"]
     assert search["fusion"]["schema"]["enum"] == ["weighted", "rrf"]
-    assert search["metric"]["schema"]["enum"] == ["l2", "ip", "cosine"]
+    assert search["metric"]["schema"]["enum"] == ["l2", "ip", "cosine", "euclidean", "dot"]  # and their aliases
     assert search["feature"]["schema"]["enum"] == ["penultimate", "probs"]
     assert {f"min_prob.{d}" for d in "0123456789"} <= set(search)
     tag = {p["name"]: p["schema"] for p in doc["paths"]["/v1/tag"]["post"]["parameters"]}

@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="descriptors to index, comma-separated (the first is the default for queries)")
     b.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf"],
                    help="auto: exact up to --exact-max items, IVF above")
-    b.add_argument("--metric", default="ip", choices=["ip", "l2"])
+    b.add_argument("--metric", default="ip", choices=["ip", "l2"],
+                   help="what the index is built to compare by: ip (the dot product; cosine with the default "
+                        "normalisation) or l2 (the Euclidean distance)")
     b.add_argument("--no-normalize", action="store_true", help="keep raw embeddings (default: L2-normalised)")
     b.add_argument("--exact-max", type=int, default=100_000)
     b.add_argument("--workers", type=int, help="embedding actors (default: sized to the cluster's free CPUs)")

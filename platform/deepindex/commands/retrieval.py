@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=10, help="precision@k and mAP@k")
     p.add_argument("--features", default="probs,penultimate,last_but_two", help="descriptors, comma-separated")
-    p.add_argument("--metrics", default="l2,ip,cosine", help="comma-separated: l2, ip, cosine")
+    p.add_argument("--metrics", default="l2,ip,cosine", help="comma-separated: l2 (or euclidean), ip (or dot), cosine")
     p.add_argument("--normalize", action="store_true", help="L2-normalise descriptors for l2 and ip too")
     p.add_argument("--vocabulary", action="append", default=[],
                    help="synonyms file(s) added to the concept names (repeatable)")

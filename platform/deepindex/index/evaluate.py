@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deepindex.index.metrics import average_precision_at_k, map_at_k, precision_at_k, relevance
+from deepindex.index.vectors import QUERY_METRICS, query_metric
 
 if TYPE_CHECKING:
     from deepindex.checkpoint import LoadedModel
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DESCRIPTORS = ("probs", "penultimate", "last_but_two")
-METRICS = ("l2", "ip", "cosine")
 FILTER_MIN_PROB = 0.5
 
 
@@ -153,21 +153,17 @@ def fusion_quality(probs: np.ndarray, feature: np.ndarray, labels: np.ndarray, c
 
 
 def evaluate_retrieval(lm: LoadedModel, collection: Collection, *, descriptors: Sequence[str] = DESCRIPTORS,
-                       metrics: Sequence[str] = METRICS, k: int = 10, vocabulary: Vocabulary | None = None,
+                       metrics: Sequence[str] = QUERY_METRICS, k: int = 10, vocabulary: Vocabulary | None = None,
                        queries_per_concept: int = 20, normalize: bool = False,
                        seed: int = 0, batch_size: int = 256) -> dict[str, Any]:
     """The whole report for a loaded model (:class:`deepindex.checkpoint.LoadedModel`) on a labelled collection."""
     from deepindex.index.embed import embed_features_local
     from deepindex.index.keywords import Vocabulary
-    from deepindex.index.vectors import QUERY_METRICS
-
     if collection.labels is None:
         raise ValueError(f"collection: {collection.name} has no labels; retrieval quality needs them")
     if k < 1 or k >= len(collection):
         raise ValueError(f"k: must be within [1, {len(collection) - 1}], got {k}")
-    for m in metrics:
-        if m not in QUERY_METRICS:
-            raise ValueError(f"metrics: unknown metric {m!r}; one of {', '.join(QUERY_METRICS)}")
+    metrics = [query_metric(m) for m in metrics]
     have = lm.model.feature_points()
     for d in descriptors:
         if d not in have:

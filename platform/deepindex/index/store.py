@@ -49,6 +49,7 @@ from deepindex.index.vectors import (
     allowed_metrics,
     check_metric,
     exact_knn,
+    query_metric,
 )
 
 log = logging.getLogger(__name__)
@@ -640,7 +641,7 @@ class IndexStore:
     def check_query(self, feature: str | None, metric: str | None) -> tuple[str, str]:
         """(feature, metric) of a query, defaults filled in; a ValueError naming the parameter otherwise."""
         name = self.feature(feature)
-        metric = metric or self.default_metric(name)
+        metric = query_metric(metric) if metric else self.default_metric(name)
         if name in self.manifest.features:
             spec = self.manifest.features[name]
             check_metric(metric, spec.kind, spec.metric, spec.normalize)

@@ -7,6 +7,7 @@ Scores are "higher is more similar" whatever the metric: the inner product (the 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Literal
 
@@ -170,6 +171,26 @@ def brute_force(base: np.ndarray, queries: np.ndarray, k: int, metric: str = "ip
 #   are: built ``ip`` on raw vectors -> ``ip``; ``l2`` on raw vectors -> ``l2``; either on
 #   L2-normalised vectors -> ``cosine`` (l2 between unit vectors is sqrt(2 - 2 cos): same order).
 QUERY_METRICS = ("l2", "ip", "cosine")
+# The names a user may know them by (the mission's "Euclidean or dot product").
+METRIC_ALIASES = {"euclidean": "l2", "dot": "ip"}
+
+
+def query_metric(name: str) -> str:
+    """``name`` as one of :data:`QUERY_METRICS` (an alias maps to its metric), else a ValueError naming it."""
+    metric = METRIC_ALIASES.get(name, name)
+    if metric not in QUERY_METRICS:
+        known = ", ".join(f"{m} ({a})" if (a := _alias_of(m)) else m for m in QUERY_METRICS)
+        raise ValueError(f"metric: expected one of {known}, got {name!r}")
+    return metric
+
+
+def _alias_of(metric: str) -> str | None:
+    return next((a for a, m in METRIC_ALIASES.items() if m == metric), None)
+
+
+def metric_names(metrics: Sequence[str]) -> list[str]:
+    """``metrics`` and their aliases: every name a query may give for one of them."""
+    return [*metrics, *(a for a, m in METRIC_ALIASES.items() if m in metrics)]
 
 
 def allowed_metrics(kind: str, built_metric: str, normalized: bool, raw_available: bool = True) -> tuple[str, ...]:
@@ -183,8 +204,7 @@ def allowed_metrics(kind: str, built_metric: str, normalized: bool, raw_availabl
 
 def check_metric(metric: str, kind: str, built_metric: str, normalized: bool, raw_available: bool = True) -> None:
     """ValueError naming ``metric`` when the index cannot answer it (the service's 422)."""
-    if metric not in QUERY_METRICS:
-        raise ValueError(f"metric: expected one of {', '.join(QUERY_METRICS)}, got {metric!r}")
+    metric = query_metric(metric)
     ok = allowed_metrics(kind, built_metric, normalized, raw_available)
     if metric not in ok:
         norm = "L2-normalised" if normalized else "raw"
@@ -194,8 +214,7 @@ def check_metric(metric: str, kind: str, built_metric: str, normalized: bool, ra
 
 def prepare_for(metric: str, x: np.ndarray, normalize: bool = False) -> np.ndarray:
     """Vectors as ``metric`` compares them: L2-normalised for cosine (or when asked), float32 contiguous."""
-    if metric not in QUERY_METRICS:
-        raise ValueError(f"metric: expected one of {', '.join(QUERY_METRICS)}, got {metric!r}")
+    metric = query_metric(metric)
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"vectors: expected a 2-D (N, D) matrix, got shape {x.shape}")
@@ -212,6 +231,7 @@ def exact_knn(base: np.ndarray, queries: np.ndarray, k: int, metric: str = "cosi
     per query (its own row, for leave-one-out evaluation); -1 rows pad where fewer than k exist.
     """
     faiss = _faiss()
+    metric = query_metric(metric)
     b, q = prepare_for(metric, base, normalize), prepare_for(metric, queries, normalize)
     if b.shape[1] != q.shape[1]:
         raise ValueError(f"queries: dimension {q.shape[1]} but the base has {b.shape[1]}")
