@@ -111,6 +111,7 @@ def run_serve(args: argparse.Namespace) -> int:
         event("writes (POST/DELETE /v1/items) need: Authorization: Bearer $(cat %s)", app_args["api_token_file"])
     if args.detach:
         return 0
+    event("serving until Ctrl-C")
     try:
         while True:
             time.sleep(3600)
@@ -120,6 +121,7 @@ def run_serve(args: argparse.Namespace) -> int:
             from deepindex.localplatform import forget_serve
 
             forget_serve()
+        event("service stopped: %s no longer answers", url)
     return 0
 
 
