@@ -17,6 +17,9 @@ import pytest
 
 from support import TINY, MlflowServer, ensure_ray, require_tool, start_mlflow_server
 
+# pytest-timeout that also ends a test blocked in ray.get; pytester runs a session inside a test.
+pytest_plugins = ["timeouts", "pytester"]
+
 if TYPE_CHECKING:
     from deepindex.config import Config
 
