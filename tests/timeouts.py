@@ -34,12 +34,14 @@ def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
 
     def handler(signum: int, frame: Any) -> None:
         __tracebackhide__ = True
+        if not settings.disable_debugger_detection and pytest_timeout.is_debugging():
+            return  # as pytest-timeout: no timeout under a debugger
         first = TIMED_OUT not in item.stash
         item.stash[TIMED_OUT] = settings.timeout
         signal.setitimer(signal.ITIMER_REAL, AGAIN_S)
         if first:
             with contextlib.suppress(pytest.fail.Exception):
-                pytest_timeout.timeout_sigalrm(item, settings)  # the stacks, then its Failed
+                pytest_timeout.timeout_sigalrm(item, settings)  # the stacks, then its Failed (not Ray-proof)
         raise KeyboardInterrupt
 
     def cancel() -> None:

@@ -121,7 +121,7 @@ def run_serve(args: argparse.Namespace) -> int:
             from deepindex.localplatform import forget_serve
 
             forget_serve()
-        event("service stopped: %s no longer answers", url)
+        event("service stopped: application %s deleted", name)
     return 0
 
 

@@ -159,6 +159,7 @@ def evaluate_retrieval(lm: LoadedModel, collection: Collection, *, descriptors: 
     """The whole report for a loaded model (:class:`deepindex.checkpoint.LoadedModel`) on a labelled collection."""
     from deepindex.index.embed import embed_features_local
     from deepindex.index.keywords import Vocabulary
+
     if collection.labels is None:
         raise ValueError(f"collection: {collection.name} has no labels; retrieval quality needs them")
     if k < 1 or k >= len(collection):

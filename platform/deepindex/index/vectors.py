@@ -172,25 +172,21 @@ def brute_force(base: np.ndarray, queries: np.ndarray, k: int, metric: str = "ip
 #   L2-normalised vectors -> ``cosine`` (l2 between unit vectors is sqrt(2 - 2 cos): same order).
 QUERY_METRICS = ("l2", "ip", "cosine")
 # The names a user may know them by (the mission's "Euclidean or dot product").
-METRIC_ALIASES = {"euclidean": "l2", "dot": "ip"}
+ALIAS_OF = {"l2": "euclidean", "ip": "dot"}
 
 
 def query_metric(name: str) -> str:
     """``name`` as one of :data:`QUERY_METRICS` (an alias maps to its metric), else a ValueError naming it."""
-    metric = METRIC_ALIASES.get(name, name)
+    metric = next((m for m, a in ALIAS_OF.items() if a == name), name)
     if metric not in QUERY_METRICS:
-        known = ", ".join(f"{m} ({a})" if (a := _alias_of(m)) else m for m in QUERY_METRICS)
+        known = ", ".join(f"{m} ({ALIAS_OF[m]})" if m in ALIAS_OF else m for m in QUERY_METRICS)
         raise ValueError(f"metric: expected one of {known}, got {name!r}")
     return metric
 
 
-def _alias_of(metric: str) -> str | None:
-    return next((a for a, m in METRIC_ALIASES.items() if m == metric), None)
-
-
 def metric_names(metrics: Sequence[str]) -> list[str]:
     """``metrics`` and their aliases: every name a query may give for one of them."""
-    return [*metrics, *(a for a, m in METRIC_ALIASES.items() if m in metrics)]
+    return [*metrics, *(ALIAS_OF[m] for m in metrics if m in ALIAS_OF)]
 
 
 def allowed_metrics(kind: str, built_metric: str, normalized: bool, raw_available: bool = True) -> tuple[str, ...]:
