@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from deepindex.serve_env import serve_env
@@ -49,6 +50,10 @@ def _init(num_cpus: int | None, **kwargs: Any) -> None:
     if address:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, **kwargs)
+        from deepindex.localplatform import running_service
+
+        head = running_service("ray")
+        _fixed_size(head is not None and head.address == address)  # a job on the local platform's head
         return
     from deepindex.localplatform import ray_client_env, running_service
 
@@ -60,9 +65,74 @@ def _init(num_cpus: int | None, **kwargs: Any) -> None:
         os.environ.update({**ray_client_env(), **{k: os.environ.get(k, v) for k, v in _LOCAL_TRAIN_ENV.items()}})
         reload_ray_auth()
         ray.init(address=head.address, **kwargs)
+        _fixed_size(True)
         return
-    n = num_cpus or int(os.environ.get("DEEPINDEX_NUM_CPUS", "0")) or max(4, os.cpu_count() or 1)
-    start_local_cluster(n, **kwargs)
+    start_local_cluster(num_cpus or default_num_cpus(), **kwargs)
+
+
+def default_num_cpus() -> int:
+    """Logical CPUs of a cluster this machine starts (``deepindex up``, or a fresh local one):
+    ``DEEPINDEX_NUM_CPUS``, else at least 4.  A trial's driver, its Train workers and a running
+    service each hold CPUs: with one logical CPU per core, 2 cores fit a service or one trial, not both."""
+    return int(os.environ.get("DEEPINDEX_NUM_CPUS", "0")) or max(4, os.cpu_count() or 1)
+
+
+# The GCS address of the cluster this process connected to when that cluster is one of this
+# machine's (a fresh local cluster, the local platform's head): it never grows, so a job that does
+# not fit in what is free would wait forever.
+_fixed_cluster: str | None = None
+# How long a job waits on such a cluster for the CPUs it needs before it says why it cannot start.
+RESOURCE_WAIT_S = 60.0
+
+
+class ClusterBusy(ValueError):
+    """The connected cluster cannot give a job the CPUs/GPUs it needs: a one-line error for the CLI."""
+
+
+def wait_for_resources(need: dict[str, float], what: str, wait_s: float | None = None) -> dict[str, float]:
+    """The cluster's free resources once they hold ``need`` (e.g. ``{"CPU": 1.0}``).
+
+    Ray queues work that does not fit, without a word, until something frees up or the autoscaler
+    adds a node.  On a cluster of this machine nothing is added: a job behind a running service
+    would hang.  So: say once what the job waits for; on such a cluster give up after ``wait_s``
+    (default ``RESOURCE_WAIT_S``) with the numbers and what to do, at once if the cluster could not
+    hold the job even when idle.  A remote cluster may grow: Ray's wait goes on after the line.
+    """
+    import ray
+
+    from deepindex.console import event
+
+    need = {k: v for k, v in need.items() if v > 0}
+    wait_s = RESOURCE_WAIT_S if wait_s is None else wait_s
+
+    def short() -> dict[str, float]:
+        free = ray.available_resources()
+        return {k: v for k, v in need.items() if free.get(k, 0.0) + 1e-9 < v}
+
+    fixed = fixed_size()
+    deadline, said = time.monotonic() + wait_s, False
+    while (missing := short()):
+        total, free = ray.cluster_resources(), ray.available_resources()
+        have = ", ".join(f"{free.get(k, 0.0):g} of {total.get(k, 0.0):g} {k}s free" for k in missing)
+        wants = ", ".join(f"{v:g} {k}" for k, v in missing.items())
+        if fixed and any(total.get(k, 0.0) + 1e-9 < v for k, v in missing.items()):
+            held = ", ".join(f"{total.get(k, 0.0):g} {k}s in all" for k in missing)
+            raise ClusterBusy(f"{what} needs {wants} and this machine's cluster has {held}: ask for less "
+                              "(ray.num_workers, ray.cpus_per_worker) or start it with more "
+                              "(deepindex up --num-cpus N)")
+        if not said:
+            event("%s waits for %s (the cluster has %s; a running service, training or sweep holds the rest)",
+                  what, wants, have)
+            said = True
+            if not fixed:
+                break  # the autoscaler may add a node: Ray's own queue waits for it
+        if time.monotonic() > deadline:
+            raise ClusterBusy(f"{what} needs {wants} and this machine's cluster still has {have} after "
+                              f"{wait_s:.0f}s: stop what holds them (`deepindex status` lists a running service), "
+                              "start the platform with more (deepindex down; deepindex up --num-cpus N), or ask for "
+                              "less (ray.num_workers, ray.cpus_per_worker)")
+        time.sleep(0.5)
+    return dict(ray.available_resources())
 
 
 def start_local_cluster(num_cpus: int, **kwargs: Any) -> None:
@@ -83,6 +153,22 @@ def start_local_cluster(num_cpus: int, **kwargs: Any) -> None:
     os.environ.update({**local_cluster_env(), "RAY_API_SERVER_ADDRESS": f"http://{HOST}:{port}"})
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host=HOST,
              dashboard_port=port, **kwargs)
+    _fixed_size(True)
+
+
+def _fixed_size(fixed: bool) -> None:
+    import ray
+
+    global _fixed_cluster
+    _fixed_cluster = ray.get_runtime_context().gcs_address if fixed else None
+
+
+def fixed_size() -> bool:
+    """Whether the connected cluster is one of this machine's, which no autoscaler grows."""
+    import ray
+
+    return (ray.is_initialized() and _fixed_cluster is not None
+            and ray.get_runtime_context().gcs_address == _fixed_cluster)
 
 
 def reload_ray_auth() -> None:

@@ -161,6 +161,13 @@ class RayConfig(_Section):
     max_failures: int = Field(2, ge=-1)
     keep_checkpoints: int = Field(2, ge=1)
 
+    def worker_group(self) -> dict[str, float]:
+        """What a run's Train workers hold together (Train V2's controller holds nothing)."""
+        need = {"CPU": self.num_workers * self.cpus_per_worker}
+        if self.use_gpu:
+            need["GPU"] = float(self.num_workers)
+        return need
+
 
 class TrackingConfig(_Section):
     enabled: bool = True

@@ -147,7 +147,7 @@ def _ensure_token() -> None:
 
 
 def _start_ray(port: int, opts: UpOptions) -> Service:
-    from deepindex.cluster import local_cluster_env
+    from deepindex.cluster import default_num_cpus, local_cluster_env
 
     _ensure_token()
     dashboard, client = opts.dashboard_port or free_port(), free_port()
@@ -158,9 +158,7 @@ def _start_ray(port: int, opts: UpOptions) -> Service:
            "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={dashboard}",
            "--disable-usage-stats", f"--temp-dir={ray_temp_dir()}",
            # Ray Client's fixed default port (10001) would clash with a second head on the machine.
-           f"--ray-client-server-port={client}"]
-    if opts.num_cpus:
-        cmd.append(f"--num-cpus={opts.num_cpus}")
+           f"--ray-client-server-port={client}", f"--num-cpus={opts.num_cpus or default_num_cpus()}"]
     # In-cluster State API calls (that cleaner's) otherwise guess the cluster and give up when
     # another Ray runs on the machine ("Found multiple active Ray instances").
     env = {**os.environ, **ray_client_env(), **local_cluster_env(), "RAY_ADDRESS": f"{HOST}:{port}"}

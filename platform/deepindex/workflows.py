@@ -37,7 +37,7 @@ def _summary(d: dict[str, Any]) -> dict[str, Any]:
 
 def train_main(config_path: str | None, overrides: list[str], name: str | None = None) -> dict[str, Any]:
     """Validate the config first (a bad key fails before Ray starts), train, print the results."""
-    from deepindex.cluster import connect
+    from deepindex.cluster import connect, wait_for_resources
     from deepindex.console import event
     from deepindex.train.trainer import epoch_lines, run_name
 
@@ -47,6 +47,8 @@ def train_main(config_path: str | None, overrides: list[str], name: str | None =
 
     check_label_filter(cfg.data)  # a missing or mismatched audit report fails here, not in every worker
     connect()
+    wait_for_resources(cfg.ray.worker_group(), f"training ({cfg.ray.num_workers} worker(s) x "
+                                                f"{cfg.ray.cpus_per_worker:g} CPU)")
     sync_pending(storage_path(cfg))
     event("training %s on %d worker(s), %d epochs (%s)", cfg.model.name, cfg.ray.num_workers, cfg.train.epochs,
           cfg.data.dataset)

@@ -202,7 +202,7 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
 
     from deepindex.audit.detect import detect, detection_scores
     from deepindex.audit.report import GRID_FILE, summary_table, suspects_grid, weak_model_warning, write_report
-    from deepindex.cluster import connect
+    from deepindex.cluster import connect, wait_for_resources
     from deepindex.data import build_splits
     from deepindex.data.cache import share_cache
     from deepindex.data.label_view import fingerprint
@@ -223,6 +223,10 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
     if len(given) < folds:
         raise ConfigError(f"audit.folds: {folds} folds need at least {folds} train items, there are {len(given)}")
     connect()
+    fold_need = cfg.ray.worker_group()
+    fold_need["CPU"] += cfg.audit.fold_driver_cpus
+    wait_for_resources(fold_need, f"an audit fold ({cfg.ray.num_workers} worker(s) x {cfg.ray.cpus_per_worker:g} "
+                                  f"CPU, {cfg.audit.fold_driver_cpus:g} for its driver)")
     uri = (tracking_uri or resolve_tracking_uri()) if cfg.tracking.enabled else None
     parent = _parent_run(cfg, name, audit_dir, uri)
 

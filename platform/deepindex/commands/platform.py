@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="Ray dashboard and Jobs API port, on loopback (0: any free port)")
     p.add_argument("--mlflow-port", type=int, default=DEFAULT_MLFLOW_PORT, help="MLflow port (0: any free port)")
     p.add_argument("--num-cpus", type=int, default=None,
-                   help="logical CPUs of the head (default: the cores; more lets Train+Tune overlap on few cores)")
+                   help="logical CPUs of the head (default: DEEPINDEX_NUM_CPUS, else the cores and at least 4: "
+                        "a service, a sweep's trial and its Train workers each hold some)")
     p.set_defaults(func=run_up)
     d = sub.add_parser("down", help="stop the local platform's processes (by their recorded ids)")
     d.set_defaults(func=run_down)

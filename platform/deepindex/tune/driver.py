@@ -164,16 +164,16 @@ def trial_checkpoints(train_storage: str | Path, trial_id: str, metric: str, mod
 
 
 def trial_concurrency(spec: SweepSpec) -> int:
-    """How many trials the cluster's free CPUs/GPUs hold at once (at least 1)."""
-    import ray
+    """How many trials the cluster's free CPUs/GPUs hold at once (at least 1; on a cluster of this
+    machine that cannot free enough for one, a one-line error instead of a sweep that never starts)."""
+    from deepindex.cluster import wait_for_resources
 
     s, r = spec.settings, spec.base.ray
-    free = ray.available_resources()
-    per_trial_cpu = s.trial_driver_cpus + r.num_workers * r.cpus_per_worker
-    n = int(free.get("CPU", 0.0) // per_trial_cpu)
-    if r.use_gpu:
-        n = min(n, int(free.get("GPU", 0.0) // r.num_workers))
-    n = max(1, n)
+    per_trial = r.worker_group()
+    per_trial["CPU"] += s.trial_driver_cpus
+    free = wait_for_resources(per_trial, f"a trial of this sweep ({s.trial_driver_cpus:g} CPU for its driver, "
+                                         f"{r.num_workers} worker(s) x {r.cpus_per_worker:g})")
+    n = max(1, min(int(free.get(k, 0.0) // v) for k, v in per_trial.items()))
     if s.max_concurrent_trials:
         n = min(n, s.max_concurrent_trials)
     return n
@@ -247,6 +247,7 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | N
     from deepindex.train.trainer import storage_path
 
     start = time.monotonic()
+    concurrency = trial_concurrency(spec)  # before anything is written: a cluster too busy fails here
     name = name or spec.settings.name or time.strftime("sweep-%Y%m%d-%H%M%S")
     storage = storage_path(spec.base)
     base = share_cache(spec.base, storage)  # each trial's run is under <storage>/<name>/train: one decode for all
@@ -263,7 +264,6 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | N
         log.info("sweep %s exists at %s: restoring it (finished trials kept, unfinished ones resumed)", name, sweep_dir)
         tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        concurrency = trial_concurrency(spec)
         s = spec.settings
         event("sweep %s: %d trials (%s search%s, %s scheduler), %d at a time, up to %d epochs each", name,
               s.num_samples, s.search, ", the defaults first" if s.seed_defaults else "", s.scheduler, concurrency,
