@@ -70,6 +70,19 @@ class ServeArgs(BaseModel):
     # the model's memory in every ingress replica.  Off: model replicas of their own scale apart.
     model_in_ingress: bool = False
 
+    def cpus(self) -> float:
+        """The CPUs the application holds at its starting size (index replica and metrics hub: none)."""
+        def start(replicas: int, autoscaling: dict[str, Any] | None) -> int:
+            if not autoscaling:
+                return replicas
+            return max(1, int(autoscaling.get("initial_replicas") or autoscaling.get("min_replicas", 1)))
+
+        ingress = start(self.ingress_replicas, self.ingress_autoscaling)
+        if self.model_in_ingress:
+            return ingress * (self.ingress_num_cpus + self.model_num_cpus)
+        model = start(self.model_replicas, self.model_autoscaling)
+        return ingress * self.ingress_num_cpus + model * self.model_num_cpus
+
     def model_threads_or_cpus(self) -> int:
         """Torch threads for the model: ``model_threads``, else the model's CPUs (at least 1)."""
         return self.model_threads or max(1, int(self.model_num_cpus))

@@ -117,6 +117,34 @@ def test_the_cli_says_in_one_line_why_the_job_cannot_start(held, capsys, monkeyp
     assert "Traceback" not in "\n".join(err)
 
 
+def test_serve_says_in_one_line_why_the_service_cannot_start(held, small_model, tmp_path, capsys, monkeypatch):
+    """A new application whose replicas the free CPUs cannot hold: Serve would wait for them forever."""
+    import yaml
+
+    from deepindex.net import free_port
+    from serving.schemas import HERE
+
+    cfg = yaml.safe_load((HERE / "config.yaml").read_text())
+    cfg["applications"] = cfg["applications"][:1]
+    cfg["applications"][0]["name"] = "resource-wait-test"  # never an application another test runs
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(cluster, "RESOURCE_WAIT_S", 1.0)
+    assert main(["serve", "--config", str(tmp_path / "serve.yaml"), "--model", str(small_model),
+                 "--port", str(free_port()), "--detach"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("deepindex serve: error: the service (1.5 CPU for its replicas) needs 1.5 CPU and "
+                              f"this machine's cluster still has {LEFT:g} of 4 CPUs free after 1s")
+
+
+def test_a_services_cpus_are_its_replicas_at_their_starting_size():
+    from serving.schemas import ServeArgs
+
+    assert ServeArgs().cpus() == 1.5  # one ingress replica (0.5) and one model replica (1)
+    assert ServeArgs(model_in_ingress=True, ingress_replicas=2).cpus() == 3.0
+    assert ServeArgs(ingress_replicas=2, model_autoscaling={"min_replicas": 2, "max_replicas": 4}).cpus() == 3.0
+    assert ServeArgs(model_autoscaling={"min_replicas": 0, "initial_replicas": 3}).cpus() == 3.5
+
+
 def test_up_and_a_fresh_local_cluster_default_to_the_same_cpus(monkeypatch):
     monkeypatch.delenv("DEEPINDEX_NUM_CPUS", raising=False)
     assert cluster.default_num_cpus() >= 4

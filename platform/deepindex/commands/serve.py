@@ -83,9 +83,11 @@ def run_serve(args: argparse.Namespace) -> int:
         app_args["api_token_file"] = str(ensure_api_token())
     from ray import serve
 
-    from deepindex.cluster import connect
+    from deepindex.cluster import connect, wait_for_resources
+    from deepindex.config import validate_as
     from deepindex.console import adopt_library_loggers, event
     from serving.app import build_app
+    from serving.schemas import ServeArgs
 
     adopt_library_loggers()  # importing ray.serve gave its logger a console handler of its own
     app = build_app(app_args)  # validates the args, and that the model is there, before anything starts
@@ -93,6 +95,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if note:
         log.warning("%s", note)
     connect()
+    if not _app_exists(name):  # a running one is updated in place, with the CPUs it holds
+        need = validate_as(ServeArgs, app_args).cpus()
+        wait_for_resources({"CPU": need}, f"the service ({need:g} CPU for its replicas)")
     host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
     serve.start(http_options={"host": host, "port": port})
     try:
@@ -123,6 +128,19 @@ def run_serve(args: argparse.Namespace) -> int:
             forget_serve()
         event("service stopped: application %s deleted", name)
     return 0
+
+
+def _app_exists(name: str) -> bool:
+    """Whether Serve runs an application ``name`` on the connected cluster (without starting Serve)."""
+    import ray
+    from ray import serve
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return name in serve.status().applications
 
 
 def collection_note(app_args: dict[str, Any]) -> str | None:
