@@ -51,6 +51,32 @@ def first_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"cfg": cfg, "storage": storage, "result": result, "events": events}
 
 
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_a_batch_larger_than_each_workers_share_is_refused_before_training(first_run):
+    """42 train items on 2 workers, 21 each: a global batch of 64 (32 a worker) would run no step with the
+    last partial batch dropped, every epoch, and report a loss of 0 at 0 images/s (seen by hand)."""
+    cfg = first_run["cfg"].override(["train.batch_size=64"])
+    with pytest.raises(ConfigError) as e:
+        build_trainer(cfg, name="too-big-a-batch")
+    assert str(e.value) == ("train.batch_size: 64 is more than the train split fills (32 a worker; each worker "
+                            "holds 21 of the 42 items): no training step would run; set train.batch_size <= 42")
+    build_trainer(first_run["cfg"].override(["train.batch_size=42"]), name="just-fits")  # 21 a worker: fits
+
+
+def test_a_generated_split_too_small_for_a_batch_or_for_the_workers_is_refused(tmp_path):
+    from deepindex.train.trainer import check_batches
+
+    cfg = load_config(None, ["data.train_size=100", "train.batch_size=128", "ray.num_workers=1",
+                             f"ray.storage_path={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"^train.batch_size: 128 is more than the train split fills: no training "
+                                          r"step would run; set train.batch_size <= 100$"):
+        build_trainer(cfg, name="too-big-a-batch")  # digit-scenes: exactly data.train_size items
+    with pytest.raises(ConfigError, match=r"^ray.num_workers: 4 workers share a train split of 3 items"):
+        check_batches(cfg.override(["ray.num_workers=4"]), 3)
+    check_batches(cfg.override(["train.batch_size=100"]), 100)  # one full batch: fits
+
+
 def _caches(storage: Path) -> list[Path]:
     return sorted(p for p in (storage / "data_cache").iterdir() if p.is_dir() and not p.name.startswith("."))
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deepindex.config import Config
+from deepindex.config import Config, ConfigError
 from deepindex.paths import state_dir
 from deepindex.train.engine import primary_metric
 
@@ -41,6 +41,22 @@ def journal_path(cfg: Config, name: str) -> str | None:
     from deepindex.tracking.tracker import JOURNAL
 
     return None if "://" in storage else str(Path(storage) / name / JOURNAL)
+
+
+def check_batches(cfg: Config, train_rows: int) -> None:
+    """Every worker's share of the train split holds at least one of its batches: the loaders drop
+    the last partial batch (so every rank takes the same steps), and a share smaller than a batch
+    would train nothing, every epoch, without a word (seen with a 48-image folder at batch 64)."""
+    world = cfg.ray.num_workers
+    per_worker = max(1, cfg.train.batch_size // world)  # the global batch is split
+    share = train_rows // world
+    if share == 0:
+        raise ConfigError(f"ray.num_workers: {world} workers share a train split of {train_rows} items, "
+                          "fewer than the workers")
+    if share < per_worker:
+        each = f" ({per_worker} a worker; each worker holds {share} of the {train_rows} items)" if world > 1 else ""
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the train split fills{each}: "
+                          f"no training step would run; set train.batch_size <= {share * world}")
 
 
 def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list[UserCallback] | None = None,
@@ -75,8 +91,11 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list[UserC
     if pipeline_for(cfg, storage) == "ray":
         # A file collection: decoded once into the cache (or found there) and sharded by Ray Data.
         ingest = prepare_ingest(cfg, storage)
+        check_batches(cfg, int(ingest.plan["train_rows"]))
         loop_config["ray_data"] = ingest.plan
         data = {"datasets": ingest.datasets, "dataset_config": ingest.data_config}
+    elif cfg.data.dataset in ("digit-scenes", "digits"):  # generated: exactly data.train_size items
+        check_batches(cfg, cfg.data.train_size)
     return TorchTrainer(
         # mypy reads ray.train.torch's Train V1 TorchTrainer, which wants a loop returning None; Train V2 (what
         # runs) takes any loop and hands its value back as Result.return_value (jobs/bench_train.py reads it).
