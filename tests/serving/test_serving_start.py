@@ -58,6 +58,12 @@ def test_a_checkpoint_path_that_is_not_there_is_refused_before_anything_deploys(
 
     with pytest.raises(FileNotFoundError, match=f"model: no checkpoint at {tmp_path}/nope.pt"):
         build_app({"model": str(tmp_path / "nope.pt"), "api_token_file": None})
+    # A file that is there but no checkpoint (a glob of checkpoint_* picks Ray Train's snapshot .json):
+    # refused here, where it used to fail in every model replica once deployed.
+    snapshot = tmp_path / "checkpoint_manager_snapshot.json"
+    snapshot.write_text('{"latest_checkpoint_result": null}')
+    with pytest.raises(ValueError, match=f"^model: {snapshot} is not a deepindex checkpoint"):
+        build_app({"model": str(snapshot), "api_token_file": None})
 
 
 @pytest.mark.timeout(300)

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,8 +79,13 @@ def require_model(model_uri: str, tracking_uri: str | None = None) -> None:
     this before it deploys anything that would load the model."""
     if model_uri.startswith("models:/"):
         _lookup(model_uri, tracking_uri)
-    else:
-        _checkpoint_at(model_uri)
+        return
+    f = _checkpoint_at(model_uri)
+    # torch.save writes a zip archive: anything else (a Ray Train snapshot .json picked by a glob, a log)
+    # is refused here, not ~40 s later by every replica that tries to load it.
+    if not zipfile.is_zipfile(f):
+        raise ValueError(f"model: {model_uri} is not a deepindex checkpoint (a checkpoint folder, or the "
+                         f"{FILENAME} in it)")
 
 
 def _checkpoint_at(path: str) -> Path:
