@@ -43,11 +43,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     index = _deployment(IndexServer).options(ray_actor_options=_actor_options(0)).bind(a.model_dump())
     # One hub: /metrics answers for every ingress replica, whichever one the scrape reaches.
     hub = _deployment(MetricsHub).options(ray_actor_options=_actor_options(0)).bind()
-    ingress_cpus = a.ingress_num_cpus
     model: Any = None
-    if a.model_in_ingress:  # every ingress replica loads the model (serving/ingress.py)
-        ingress_cpus += a.model_num_cpus
-    else:
+    if not a.model_in_ingress:  # else every ingress replica loads the model (serving/ingress.py)
         model = _deployment(ModelServer).options(
             **_scaling(a.model_replicas, a.model_autoscaling),
             # Enough requests in flight per replica for full batches to form.
@@ -57,4 +54,4 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
               a.forward_batch_size)
     return _deployment(Ingress).options(**_scaling(a.ingress_replicas, a.ingress_autoscaling),
                            max_ongoing_requests=256,
-                           ray_actor_options=_actor_options(ingress_cpus)).bind(model, index, a.model_dump(), hub)
+                           ray_actor_options=_actor_options(a.ingress_cpus())).bind(model, index, a.model_dump(), hub)

@@ -70,6 +70,10 @@ class ServeArgs(BaseModel):
     # the model's memory in every ingress replica.  Off: model replicas of their own scale apart.
     model_in_ingress: bool = False
 
+    def ingress_cpus(self) -> float:
+        """An ingress replica's CPUs: with ``model_in_ingress`` it holds the model's too."""
+        return self.ingress_num_cpus + (self.model_num_cpus if self.model_in_ingress else 0.0)
+
     def cpus(self) -> float:
         """The CPUs the application holds at its starting size (index replica and metrics hub: none)."""
         def start(replicas: int, autoscaling: dict[str, Any] | None) -> int:
@@ -77,11 +81,10 @@ class ServeArgs(BaseModel):
                 return replicas
             return max(1, int(autoscaling.get("initial_replicas") or autoscaling.get("min_replicas", 1)))
 
-        ingress = start(self.ingress_replicas, self.ingress_autoscaling)
+        ingress = start(self.ingress_replicas, self.ingress_autoscaling) * self.ingress_cpus()
         if self.model_in_ingress:
-            return ingress * (self.ingress_num_cpus + self.model_num_cpus)
-        model = start(self.model_replicas, self.model_autoscaling)
-        return ingress * self.ingress_num_cpus + model * self.model_num_cpus
+            return ingress
+        return ingress + start(self.model_replicas, self.model_autoscaling) * self.model_num_cpus
 
     def model_threads_or_cpus(self) -> int:
         """Torch threads for the model: ``model_threads``, else the model's CPUs (at least 1)."""

@@ -82,6 +82,30 @@ def wait_until(predicate: Callable[[], T], timeout: float, every: float = 0.1,
 ray_started_here = False
 
 
+@contextlib.contextmanager
+def cpus_held(leave: float) -> Iterator[Any]:
+    """An actor holding all but ``leave`` of the cluster's free CPUs (a running service, as far as Ray
+    can tell); yields its handle and kills it on exit.  The driver's view of free resources follows
+    the raylets' reports, so both ways this waits for the view to show the change (not a fixed time)."""
+    import ray
+
+    @ray.remote
+    class Holder:
+        def ping(self) -> int:
+            return 1
+
+    holder = Holder.options(num_cpus=ray.available_resources().get("CPU", 0.0) - leave).remote()
+    ray.get(holder.ping.remote())
+    wait_until(lambda: ray.available_resources().get("CPU", 0.0) <= leave + 1e-6, timeout=60,
+               what="the cluster's resource view to show the held CPUs")
+    try:
+        yield holder
+    finally:
+        ray.kill(holder)
+        wait_until(lambda: ray.available_resources().get("CPU", 0.0) > leave + 1e-6, timeout=60,
+                   what="the held CPUs free again")
+
+
 def ensure_ray() -> None:
     """The session's local Ray cluster: 4 logical CPUs on 2 cores (Train + Tune need more logical CPUs
     than cores), started with the Serve data plane's environment so the serving tests run on it as

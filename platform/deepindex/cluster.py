@@ -104,15 +104,14 @@ def wait_for_resources(need: dict[str, float], what: str, wait_s: float | None =
 
     need = {k: v for k, v in need.items() if v > 0}
     wait_s = RESOURCE_WAIT_S if wait_s is None else wait_s
-
-    def short() -> dict[str, float]:
-        free = ray.available_resources()
-        return {k: v for k, v in need.items() if free.get(k, 0.0) + 1e-9 < v}
-
     fixed = fixed_size()
     deadline, said = time.monotonic() + wait_s, False
-    while (missing := short()):
-        total, free = ray.cluster_resources(), ray.available_resources()
+    while True:
+        free = ray.available_resources()
+        missing = {k: v for k, v in need.items() if free.get(k, 0.0) + 1e-9 < v}
+        if not missing:
+            return dict(free)
+        total = ray.cluster_resources()
         have = ", ".join(f"{free.get(k, 0.0):g} of {total.get(k, 0.0):g} {k}s free" for k in missing)
         wants = ", ".join(f"{v:g} {k}" for k, v in missing.items())
         if fixed and any(total.get(k, 0.0) + 1e-9 < v for k, v in missing.items()):
@@ -125,14 +124,13 @@ def wait_for_resources(need: dict[str, float], what: str, wait_s: float | None =
                   what, wants, have)
             said = True
             if not fixed:
-                break  # the autoscaler may add a node: Ray's own queue waits for it
+                return dict(free)  # the autoscaler may add a node: Ray's own queue waits for it
         if time.monotonic() > deadline:
             raise ClusterBusy(f"{what} needs {wants} and this machine's cluster still has {have} after "
                               f"{wait_s:.0f}s: stop what holds them (`deepindex status` lists a running service), "
                               "start the platform with more (deepindex down; deepindex up --num-cpus N), or ask for "
                               "less (ray.num_workers, ray.cpus_per_worker)")
         time.sleep(0.5)
-    return dict(ray.available_resources())
 
 
 def start_local_cluster(num_cpus: int, **kwargs: Any) -> None:

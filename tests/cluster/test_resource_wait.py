@@ -14,7 +14,7 @@ import pytest
 
 from deepindex import cluster
 from deepindex.cli import main
-from support import wait_until
+from support import cpus_held
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("ray_local")]
 
@@ -24,22 +24,8 @@ LEFT = 0.5  # CPUs the holder leaves free
 @pytest.fixture
 def held() -> Iterator[object]:
     """An actor holding all but LEFT of the free CPUs (a running service, as far as Ray can tell)."""
-    import ray
-
-    @ray.remote
-    class Holder:
-        def ping(self) -> int:
-            return 1
-
-    holder = Holder.options(num_cpus=ray.available_resources().get("CPU", 0.0) - LEFT).remote()
-    ray.get(holder.ping.remote())
-    # The driver's view of free resources follows the raylets' reports: wait for it to show the hold.
-    wait_until(lambda: ray.available_resources().get("CPU", 0.0) <= LEFT + 1e-6, timeout=60,
-               what="the cluster's resource view to show the held CPUs")
-    yield holder
-    ray.kill(holder)
-    wait_until(lambda: ray.available_resources().get("CPU", 0.0) > LEFT + 1e-6, timeout=60,
-               what="the held CPUs free again")
+    with cpus_held(LEFT) as holder:
+        yield holder
 
 
 class _Lines(logging.Handler):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support import wait_until
+from support import cpus_held
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -26,33 +26,18 @@ def gallery():
 
 @pytest.mark.timeout(300)
 def test_ray_data_build_matches_local_and_sizes_itself_to_free_cpus(small_model, ray_local, gallery, tmp_path):
-    import ray
-
     from deepindex.index.build import build_index, size_pool
     from deepindex.index.store import IndexStore
     from deepindex.tracking.registry import resolve_model
 
     # A service holding most of the CPUs (here: an actor taking all but 0.5 of those free, 3.5 of the
     # session cluster's 4 when nothing else runs): the build still runs.
-    @ray.remote
-    class Holder:
-        def ping(self) -> int:
-            return 1
-
-    holder = Holder.options(num_cpus=ray.available_resources().get("CPU", 0.0) - 0.5).remote()
-    ray.get(holder.ping.remote())
-    # The driver's view of free resources follows the raylets' reports: the build sizes itself
-    # from the view, so wait for the view to show the held CPUs (not for a fixed time).
-    wait_until(lambda: ray.available_resources().get("CPU", 0.0) <= 0.5 + 1e-6, timeout=60,
-               what="the cluster's resource view to show the held CPUs")
-    try:
+    with cpus_held(0.5):
         pool = size_pool(None)
         assert pool.actors * pool.cpus <= 0.5 + 1e-6
         seen: list[tuple[int, int]] = []
         r = build_index(str(small_model), out=tmp_path / "ray", batch_size=64,
                         features=["penultimate", "last_but_two"], progress=lambda d, n: seen.append((d, n)))
-    finally:
-        ray.kill(holder)
     local = build_index(str(small_model), out=tmp_path / "local", use_ray=False,
                         features=["penultimate", "last_but_two"])
     assert seen[0] == (0, 700) and seen[-1] == (700, 700) and r.seq == gallery.head() == 700
