@@ -163,3 +163,47 @@ def test_a_manifest_is_evaluated_on_its_test_split_from_its_own_folder(tmp_path,
     assert main([*base[:6], str(plain), "--root", str(photos.root), "--split", "test"]) == 2
     assert capsys.readouterr().err == f"deepindex evaluate-retrieval: error: split: {plain} has no 'test' rows " \
                                       "(no split column)\n"
+
+
+def test_a_catalogue_collection_is_evaluated_by_name_as_its_manifest_is(tmp_path, capsys):
+    """`--collection NAME`, the name `deepindex serve --collection` takes: the catalogue's live items, their
+    stored bytes and tags, the test split the manifest import recorded. The same images as the manifest's
+    test rows, so the same figures; a deleted item leaves the evaluation. Untrained model, as above."""
+    from deepindex.checkpoint import save_checkpoint
+    from deepindex.cli import main
+    from deepindex.config import load_config
+    from deepindex.data.photos import make_photo_collection
+    from deepindex.data.transforms import NormStats
+    from deepindex.models import build_model
+
+    photos = make_photo_collection(tmp_path / "photos", n=40, size=128, seed=0, concepts=["red", "circle"])
+    cfg = load_config(str(photos.train_config), ["data.image_size=32"])
+    save_checkpoint(tmp_path / "model", model=build_model(cfg.model, 2, 3), config=cfg,
+                    stats=NormStats((0.5,) * 3, (0.25,) * 3), concepts=["red", "circle"], multilabel=True, epoch=0)
+    where = ["--catalogue", f"sqlite:///{tmp_path / 'catalogue.db'}", "--blobs", str(tmp_path / "blobs")]
+    assert main(["collection", "import", "mine", "--manifest", str(photos.manifest), *where]) == 0
+    base = ["evaluate-retrieval", "--model", str(tmp_path / "model"), "--features", "probs,penultimate",
+            "--metrics", "cosine,l2", "--k", "3", "--queries-per-concept", "2"]
+
+    def report(*args: str) -> dict:
+        out = tmp_path / "report.json"
+        assert main([*base, *args, "--json", str(out)]) == 0, capsys.readouterr().err
+        return json.loads(out.read_text())
+
+    by_name = report("--collection", "mine", *where)
+    by_file = report("--collection", "manifest", "--manifest", str(photos.manifest))
+    assert by_name["collection"]["name"] == "mine" and by_name["collection"]["split"] == "test"
+    assert by_name["collection"]["size"] == by_file["collection"]["size"] == photos.counts["test"]
+    for part in ("qbe", "keyword", "fusion"):
+        assert by_name[part] == by_file[part], part
+    assert report("--collection", "mine", "--split", "all", *where)["collection"]["size"] == 40
+
+    test_ids = [line.split(",")[0] for line in photos.manifest.read_text().splitlines()[1:] if line.endswith(",test")]
+    assert main(["collection", "rm", "mine", test_ids[0], *where]) == 0
+    assert report("--collection", "mine", *where)["collection"]["size"] == photos.counts["test"] - 1
+
+    capsys.readouterr()
+    assert main([*base, "--collection", "yours", *where]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deepindex evaluate-retrieval: error: collection: no collection named 'yours'")
+    assert "known: mine" in err and "digit-scenes, image-folder, manifest" in err and err.count("\n") == 1

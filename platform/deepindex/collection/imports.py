@@ -95,16 +95,18 @@ def import_digit_scenes(store: CollectionStore, size: int = 5000, seed: int = 0,
     return _finish(store, "digit-scenes", res)
 
 
-def _file_entries(paths: Sequence[Path], ids: Sequence[str], tags: Sequence[Sequence[str]],
-                  unreadable: list[str]) -> Iterator[Entry]:
+def _file_entries(src: FileSource, unreadable: list[str]) -> Iterator[Entry]:
     """Items from files; a file that cannot be read as an image goes to ``unreadable`` instead."""
-    for path, item_id, t in zip(paths, ids, tags, strict=True):
+    splits = src.splits if src.splits is not None else [None] * len(src.ids)
+    for path, item_id, t, split in zip(src.paths, src.ids, src.tags, splits, strict=True):
         try:
             data = path.read_bytes()
             meta: dict[str, Any] = {"filename": item_id, **image_meta(data)}
         except (OSError, ValueError) as e:
             unreadable.append(f"{item_id}: {e}")
             continue
+        if split is not None:
+            meta["split"] = split
         yield item_id, data, t, meta
 
 
@@ -118,6 +120,7 @@ class FileSource:
     paths: Sequence[Path]
     ids: Sequence[str]
     tags: Sequence[Sequence[str]]
+    splits: Sequence[str | None] | None = None  # a manifest's split column (train/val/test), kept in each item's meta
 
 
 def folder_source(root: str | Path) -> FileSource:
@@ -156,12 +159,13 @@ def manifest_source(manifest: str | Path, root: str | Path | None = None,
     found = read_manifest(manifest, root, concept_list)
     multi_hot = found.targets.numpy()
     tags = [[found.concepts[j] for j in np.flatnonzero(row)] for row in multi_hot]
-    return FileSource(str(manifest), f"manifest:{Path(manifest).resolve()}", found.paths, found.ids, tags)
+    return FileSource(str(manifest), f"manifest:{Path(manifest).resolve()}", found.paths, found.ids, tags,
+                      found.splits)
 
 
 def import_files(store: CollectionStore, src: FileSource, batch_size: int = 500) -> AddResult:
     unreadable: list[str] = []
-    res = store.add_bulk(_file_entries(src.paths, src.ids, src.tags, unreadable), source=src.source,
+    res = store.add_bulk(_file_entries(src, unreadable), source=src.source,
                          batch_size=batch_size, keep_items=False, progress=_progress(f"{src.what} -> {store.name}"))
     res.skipped += len(unreadable)
     res.skipped_reasons = (unreadable + res.skipped_reasons)[:20]

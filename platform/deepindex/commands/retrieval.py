@@ -11,12 +11,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--model", default="models:/deepindex@champion",
                    help="models:/NAME@champion, models:/NAME/VERSION or a checkpoint path")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local platform's)")
-    p.add_argument("--collection", default="digit-scenes", choices=["digit-scenes", "image-folder", "manifest"])
+    p.add_argument("--collection", default="digit-scenes", metavar="NAME",
+                   help="what to evaluate on: digit-scenes (the embedded gallery of held-out handwriting), "
+                        "image-folder (--root), manifest (--manifest), or the name of a catalogue collection "
+                        "(deepindex collection ls): its live items, their tags as the labels (default: digit-scenes)")
+    p.add_argument("--catalogue", metavar="URL", help="a catalogue collection's catalogue (default: as `deepindex "
+                                                      "collection`: DEEPINDEX_CATALOGUE_URL, else the state folder's)")
+    p.add_argument("--blobs", metavar="URL", help="where its image bytes live (default: as `deepindex collection`)")
     p.add_argument("--root", help="image folder root, or the folder manifest paths are relative to (default: the "
                                   "manifest's folder)")
     p.add_argument("--manifest", help="CSV or JSONL tag manifest")
     p.add_argument("--split", default="auto", choices=["auto", "all", "train", "val", "test"],
-                   help="a manifest's split column rows to evaluate on (auto: test if it has any, else all)")
+                   help="a manifest's split column rows (or a catalogue collection's items whose import recorded "
+                        "that split) to evaluate on (auto: test if there are any, else all)")
     p.add_argument("--size", type=int, default=5000, help="digit-scenes gallery size (test glyphs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=10, help="precision@k and mAP@k")
@@ -56,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     lm = load_model(resolved.checkpoint_path)
     coll = load_collection(args.collection, image_size=lm.image_size, channels=lm.channels,
                            concepts=lm.concepts, size=args.size, root=args.root, manifest=args.manifest,
-                           seed=args.seed, max_digits=lm.config.data.max_digits, preset=lm.preset, split=args.split)
+                           seed=args.seed, max_digits=lm.config.data.max_digits, preset=lm.preset, split=args.split,
+                           catalogue_url=args.catalogue, blobs_url=args.blobs)
     report = evaluate_retrieval(lm, coll, descriptors=_list(args.features, "--features"),
                                 metrics=_list(args.metrics, "--metrics"), k=args.k,
                                 vocabulary=Vocabulary.from_files(args.vocabulary, lm.concepts),
