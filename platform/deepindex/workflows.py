@@ -43,9 +43,7 @@ def train_main(config_path: str | None, overrides: list[str], name: str | None =
 
     started = time.monotonic()
     cfg = load_config(config_path, overrides)
-    from deepindex.data.label_view import check_label_filter
-
-    check_label_filter(cfg.data)  # a missing or mismatched audit report fails here, not in every worker
+    check_data(cfg)
     connect()
     wait_for_resources(cfg.ray.worker_group(), f"training ({cfg.ray.num_workers} worker(s) x "
                                                 f"{cfg.ray.cpus_per_worker:g} CPU)")
@@ -68,6 +66,18 @@ def train_main(config_path: str | None, overrides: list[str], name: str | None =
               "test": _summary(out.test_metrics), "mlflow_run_id": run_id}
     print(json.dumps(result, indent=2))
     return result
+
+
+def check_data(cfg: Config) -> None:
+    """What a driver checks of the data before it starts Ray: the files are there and read (a missing
+    folder or manifest, a manifest without its root, unreadable images), and an audit report given as
+    ``data.label_filter`` fits them.  Otherwise a training's workers, or every trial of a sweep,
+    would each fail on it after the cluster started."""
+    from deepindex.data.inspect import resolve_config
+    from deepindex.data.label_view import check_label_filter
+
+    resolve_config(cfg)
+    check_label_filter(cfg.data)
 
 
 def tracked_train(cfg: Config, *, name: str | None = None, callbacks: list[UserCallback] | None = None,

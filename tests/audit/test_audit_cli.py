@@ -1,5 +1,5 @@
-"""``deepindex data audit`` / ``deepindex submit audit`` / ``data.label_filter``: one-line errors
-naming the field, before any Ray cluster starts."""
+"""``deepindex data audit`` / ``deepindex submit audit`` / ``data.label_filter``, and the data of
+``train`` and ``tune``: one-line errors naming the field, before any Ray cluster starts."""
 from __future__ import annotations
 
 import json
@@ -93,3 +93,21 @@ def test_an_audit_with_its_tracking_server_down_runs_untracked_after_one_warning
         assert open_audit_run(cfg, "a1", uri, recorded="0123abcd") is None
     assert [r.getMessage() for r in caplog.records] == [
         f"MLflow server {uri} is unreachable: the audit a1 runs untracked; its report stays on the Ray storage path"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", [["train"], ["tune", "--space", "smoke"]])
+def test_train_and_tune_refuse_missing_data_before_ray_starts(command: list[str], tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A sweep used to start the cluster and fail every trial on the same missing folder."""
+    cases = [(["data.dataset=image-folder", f"data.root={tmp_path / 'nowhere'}"],
+              f"data.root: no such folder {tmp_path / 'nowhere'}"),
+             (["data.dataset=manifest", f"data.manifest={tmp_path / 'tags.csv'}"],
+              "data.root: required for a manifest (paths in it are relative to the root)"),
+             (["data.dataset=manifest", f"data.manifest={tmp_path / 'tags.csv'}", f"data.root={tmp_path}"],
+              f"data.manifest: no such file {tmp_path / 'tags.csv'}")]
+    for overrides, message in cases:
+        assert main([*command, *overrides]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"deepindex {command[0]}: error: {message}"], err
+    assert not _ray_started()

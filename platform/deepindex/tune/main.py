@@ -22,9 +22,10 @@ def tune_main(space: str, overrides: list[str] | None = None, *, name: str | Non
     from deepindex.train.trainer import storage_path
     from deepindex.tune.driver import run_sweep
     from deepindex.tune.space import load_space
-    from deepindex.workflows import sync_pending
+    from deepindex.workflows import check_data, sync_pending
 
     spec = load_space(space, overrides, settings, config)
+    check_data(spec.base)
     connect()
     sync_pending(storage_path(spec.base))
     out = run_sweep(spec, name=name, promote=promote)
