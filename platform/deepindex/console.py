@@ -56,6 +56,31 @@ _active: _Active | None = None
 _plain_console = False  # plain() is on: a short command's console, no log file
 
 
+class ProgressLine:
+    """Progress of ``what`` over a known number of items, on stderr: one line per 10 % (a live line on a
+    terminal) with the rate.  Called as ``(done, total)``; ``(0, total)`` first says the total."""
+
+    def __init__(self, what: str, starting: str | None = None) -> None:
+        self.what, self.starting = what, starting
+        self.start = time.monotonic()
+        self.shown = -1
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if done == 0:
+            print(f"{self.what}: {total} items" + (f"; {self.starting}" if self.starting else ""),
+                  file=sys.stderr, flush=True)
+            return
+        pct = int(100 * done / max(total, 1))
+        if pct // 10 == self.shown // 10 and done < total:
+            return
+        self.shown = pct
+        rate = done / max(time.monotonic() - self.start, 1e-6)
+        line = f"{self.what}: {done}/{total} items ({pct}%), {rate:.0f} items/s"
+        print(("\r" + line) if self.tty else line, end="" if self.tty and done < total else "\n",
+              file=sys.stderr, flush=True)
+
+
 def event(msg: str, *args: Any) -> None:
     """One line on the console (and in the log file): something the user waits for happened."""
     logging.getLogger(EVENTS).info(msg, *args)

@@ -190,7 +190,11 @@ def test_a_catalogue_collection_is_evaluated_by_name_as_its_manifest_is(tmp_path
         assert main([*base, *args, "--json", str(out)]) == 0, capsys.readouterr().err
         return json.loads(out.read_text())
 
+    capsys.readouterr()
     by_name = report("--collection", "mine", *where)
+    n = photos.counts["test"]
+    first, last = capsys.readouterr().err.splitlines()[-2:]  # the embedding's progress
+    assert first == f"embedding: {n} items" and last.startswith(f"embedding: {n}/{n} items (100%), "), (first, last)
     by_file = report("--collection", "manifest", "--manifest", str(photos.manifest))
     assert by_name["collection"]["name"] == "mine" and by_name["collection"]["split"] == "test"
     assert by_name["collection"]["size"] == by_file["collection"]["size"] == photos.counts["test"]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
+
+from deepindex.console import ProgressLine
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,28 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=run_info)
 
 
-class _Progress:
-    """One line per 10 % (or a live line on a terminal): items embedded, items/s."""
-
-    def __init__(self) -> None:
-        self.start = time.monotonic()
-        self.shown = -1
-        self.tty = sys.stderr.isatty()
-
-    def __call__(self, done: int, total: int) -> None:
-        if done == 0:
-            print(f"embedding: {total} items; starting the embedding workers", file=sys.stderr, flush=True)
-            return
-        pct = int(100 * done / max(total, 1))
-        if pct // 10 == self.shown // 10 and done < total:
-            return
-        self.shown = pct
-        rate = done / max(time.monotonic() - self.start, 1e-6)
-        line = f"embedding: {done}/{total} items ({pct}%), {rate:.0f} items/s"
-        print(("\r" + line) if self.tty else line, end="" if self.tty and done < total else "\n",
-              file=sys.stderr, flush=True)
-
-
 def run_build(args: argparse.Namespace) -> int:
     from deepindex.index.build import build_index
     from deepindex.index.vectors import VectorConfig
@@ -71,7 +49,8 @@ def run_build(args: argparse.Namespace) -> int:
     features = [f.strip() for f in args.features.split(",") if f.strip()]
     r = build_index(args.model, collection=args.collection, out=args.out, vector_cfg=cfg, features=features,
                     use_ray=not args.local, workers=args.workers, batch_size=args.batch_size,
-                    tracking_uri=args.tracking_uri, progress=_Progress())
+                    tracking_uri=args.tracking_uri,
+                    progress=ProgressLine("embedding", "starting the embedding workers"))
     print(json.dumps({"path": str(r.path), "model": r.model.name, "version": r.model.version, "items": r.count,
                       "seq": r.seq, "features": r.features, "kind": r.kind, "metric": r.metric,
                       "skipped": r.skipped, "seconds": round(r.seconds, 2)}, indent=2))

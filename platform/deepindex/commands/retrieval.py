@@ -50,6 +50,7 @@ def _list(value: str, name: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from deepindex.checkpoint import load_model
+    from deepindex.console import ProgressLine
     from deepindex.index.collection import load_collection
     from deepindex.index.evaluate import evaluate_retrieval, format_table
     from deepindex.index.keywords import Vocabulary
@@ -68,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate_retrieval(lm, coll, descriptors=_list(args.features, "--features"),
                                 metrics=_list(args.metrics, "--metrics"), k=args.k,
                                 vocabulary=Vocabulary.from_files(args.vocabulary, lm.concepts),
-                                queries_per_concept=args.queries_per_concept, normalize=args.normalize, seed=args.seed)
+                                queries_per_concept=args.queries_per_concept, normalize=args.normalize, seed=args.seed,
+                                progress=ProgressLine("embedding"))
     report["model"] = {"uri": args.model, "name": resolved.name, "version": resolved.version}
     print(format_table(report))
     if args.json_out:

@@ -122,14 +122,20 @@ def embed_collection_local(lm: LoadedModel, collection: Collection, batch_size: 
     return np.concatenate(probs), np.concatenate(embs), np.concatenate(thumbs)
 
 
-def embed_features_local(lm: LoadedModel, collection: Collection, features: Sequence[str], batch_size: int = 256
-                         ) -> dict[str, np.ndarray]:
-    """In-process (no Ray): ``{name: (N, D_name)}`` float32 for every item of ``collection``."""
+def embed_features_local(lm: LoadedModel, collection: Collection, features: Sequence[str], batch_size: int = 256,
+                         progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+    """In-process (no Ray): ``{name: (N, D_name)}`` float32 for every item of ``collection``;
+    ``progress(done, total)`` after each batch (and ``(0, total)`` first)."""
     parts: dict[str, list[np.ndarray]] = {f: [] for f in features}
-    for start in range(0, len(collection), batch_size):
-        unit = collection.unit_images(np.arange(start, min(start + batch_size, len(collection))))  # (B, C, S, S)
+    n = len(collection)
+    if progress is not None:
+        progress(0, n)
+    for start in range(0, n, batch_size):
+        unit = collection.unit_images(np.arange(start, min(start + batch_size, n)))  # (B, C, S, S)
         for name, v in infer_unit(lm, unit, features).items():
             parts[name].append(v)
+        if progress is not None:
+            progress(min(start + batch_size, n), n)
     return {name: np.concatenate(v) for name, v in parts.items()}
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -155,8 +155,10 @@ def fusion_quality(probs: np.ndarray, feature: np.ndarray, labels: np.ndarray, c
 def evaluate_retrieval(lm: LoadedModel, collection: Collection, *, descriptors: Sequence[str] = DESCRIPTORS,
                        metrics: Sequence[str] = QUERY_METRICS, k: int = 10, vocabulary: Vocabulary | None = None,
                        queries_per_concept: int = 20, normalize: bool = False,
-                       seed: int = 0, batch_size: int = 256) -> dict[str, Any]:
-    """The whole report for a loaded model (:class:`deepindex.checkpoint.LoadedModel`) on a labelled collection."""
+                       seed: int = 0, batch_size: int = 256,
+                       progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """The whole report for a loaded model (:class:`deepindex.checkpoint.LoadedModel`) on a labelled
+    collection; ``progress(done, total)`` as its items are embedded."""
     from deepindex.index.embed import embed_features_local
     from deepindex.index.keywords import Vocabulary
 
@@ -172,7 +174,7 @@ def evaluate_retrieval(lm: LoadedModel, collection: Collection, *, descriptors: 
     t0 = time.perf_counter()
     vocabulary = vocabulary or Vocabulary(lm.concepts)
     wanted = list(dict.fromkeys(["probs", *descriptors]))
-    feats = embed_features_local(lm, collection, wanted, batch_size)
+    feats = embed_features_local(lm, collection, wanted, batch_size, progress)
     labels = label_matrix(collection.labels, lm.concepts)
     t_embed = time.perf_counter() - t0
     report: dict[str, Any] = {
