@@ -64,7 +64,8 @@ class DataConfig(_Section):
     # folder down: every run, trial and fold on one storage path decodes a collection once.
     cache_dir: str | None = None
     # Noisy web labels (deepindex.data.noise): the fraction of train and val items whose tag set
-    # is corrupted (a tag dropped, added or swapped); the test split stays clean.
+    # is corrupted (a tag dropped, added or swapped; exclusive classes: another class given); the
+    # test split stays clean.
     label_noise: float = Field(0.0, ge=0, le=1)
     label_noise_seed: int = 0
     # An audit (`deepindex data audit`): its folder, suspects.csv or runs:/<MLflow run id>; its
@@ -218,10 +219,6 @@ class Config(_Section):
         if self.train.batch_size < self.ray.num_workers:
             raise ValueError("train.batch_size: smaller than ray.num_workers")
         multilabel = self.data.dataset in ("digit-scenes", "manifest")
-        for key, on in (("label_noise", self.data.label_noise > 0), ("label_filter", self.data.label_filter)):
-            if on and not multilabel:
-                raise ValueError(f"data.{key}: needs a multi-label dataset (digit-scenes or manifest), "
-                                 f"not {self.data.dataset}")
         if self.data.pipeline == "ray" and self.data.dataset not in FILE_DATASETS:
             raise ValueError(f"data.pipeline: ray reads image files ({', '.join(FILE_DATASETS)}); "
                              f"{self.data.dataset} is built in memory (data.pipeline=auto or local)")

@@ -57,6 +57,31 @@ def test_cleanlab_flags_the_corrupted_labels_and_estimates_per_concept_noise(aud
 
 
 @pytest.mark.timeout(60)
+def test_exclusive_classes_flag_the_given_class_and_the_predicted_one() -> None:
+    """One class per item (softmax probabilities): cleanlab's multiclass filter flags an item, and its
+    two pairs are the given class (a wrong tag) and the model's class (a missing one), as the noise
+    swaps them; the flip view is then the model's class."""
+    cfg = load_config(None, [*CFG, "data.dataset=digits"])
+    v = build_splits(cfg.data).view
+    y, clean = v.given.numpy(), v.clean["train"].numpy()
+    rng = np.random.default_rng(0)
+    logits = 4.0 * np.eye(10)[clean] + rng.normal(0, 1.0, (len(y), 10))  # right ~97 % of the time
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    given = np.eye(10, dtype=bool)[y]
+    det = detect(given, probs, [str(d) for d in range(10)], exclusive=True)
+    s = detection_scores(det.flagged, v.flipped["train"].numpy())
+    assert s["precision"] > 0.85 and s["recall"] > 0.85, s
+    items = np.flatnonzero(det.flagged.any(1))
+    assert (det.flagged[items].sum(1) <= 2).all() and det.flagged[items, y[items]].all()
+    moved = cleaned(given, det.flagged)[items]
+    two = det.flagged[items].sum(1) == 2
+    assert (moved[two].argmax(1) == probs[items][two].argmax(1)).all() and (moved[two].sum(1) == 1).all()
+    assert np.array_equal(det.quality, np.where(given, probs, 1 - probs))
+    with pytest.raises(ValueError, match="exactly one class per item"):
+        detect(given | np.eye(10, dtype=bool)[(y + 1) % 10], probs, [str(d) for d in range(10)], exclusive=True)
+
+
+@pytest.mark.timeout(60)
 def test_flags_on_most_items_say_the_fold_models_are_weak(audit_inputs: AuditInputs) -> None:
     """A good model on 30 % corrupted items flags fewer than half of them: no warning.  Out-of-fold
     probabilities at chance flag nearly every item: the table ends with a warning naming the share

@@ -7,10 +7,15 @@ labels, least confident first (``audit.filter_by``, default ``prune_by_noise_rat
 per-concept noise estimates summarise the labels: what ``rank_classes_by_multilabel_quality``
 reports, counted here from the same default filter (that function forks a process pool per
 concept with no way to say otherwise, and truncates its counts through a float rate).
+For exclusive classes (one class per item, softmax probabilities) cleanlab's multiclass
+Confident Learning flags the items whose given class is likely wrong; each such item is two
+(item, concept) pairs here, as a swap of the noise is: the given class a wrong tag, the class
+the model predicts a missing one (unless the model predicts the given class too).
 Nothing here trains or touches Ray.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,27 +46,21 @@ def _label_lists(given: np.ndarray) -> list[list[int]]:
 
 
 def detect(given: np.ndarray, probs: np.ndarray, concepts: list[str],
-           filter_by: str = "prune_by_noise_rate") -> Detection:
-    """Flag suspect labels of ``given`` (N, K 0/1) from out-of-fold ``probs`` (N, K)."""
-    from cleanlab.multilabel_classification.filter import find_multilabel_issues_per_class
-    from cleanlab.multilabel_classification.rank import get_label_quality_scores_per_class
-
+           filter_by: str = "prune_by_noise_rate", exclusive: bool = False) -> Detection:
+    """Flag suspect labels of ``given`` (N, K 0/1) from out-of-fold ``probs`` (N, K); ``exclusive``:
+    one class per item, ``probs`` a softmax's."""
     given = np.asarray(given) > 0.5
     probs = np.asarray(probs, dtype=np.float64)
     if given.shape != probs.shape or given.ndim != 2 or given.shape[1] != len(concepts):
         raise ValueError(f"audit: labels {given.shape} and probabilities {probs.shape} do not match "
                          f"{len(concepts)} concepts")
-    labels = _label_lists(given)
-    def issues(how: str) -> np.ndarray:
-        # n_jobs=1: cleanlab's default forks a process pool, here from a Ray driver (whose signal
-        # handlers the children inherit: each printed a stack dump when the pool ended); same results.
-        return np.asarray(find_multilabel_issues_per_class(labels, probs, filter_by=how, n_jobs=1), dtype=bool)
-
+    if exclusive and not (given.sum(1) == 1).all():
+        raise ValueError("audit: exclusive classes need exactly one class per item")
+    issues = _class_issues(given, probs) if exclusive else _tag_issues(given, probs)
     flagged = issues(filter_by)
     estimated = flagged if filter_by == NOISE_ESTIMATE_FILTER else issues(NOISE_ESTIMATE_FILTER)
-    quality = np.asarray(get_label_quality_scores_per_class(labels, probs, method="self_confidence"))
-    if quality.shape != given.shape:  # documented as K arrays of (N,); 2.9 returns (N, K)
-        quality = np.stack(list(quality), axis=1)
+    # Self-confidence: the probability the model gives the label as it is (given, or absent).
+    quality = np.where(given, probs, 1.0 - probs)
     n = max(len(given), 1)
     noise = []
     for k, name in enumerate(concepts):
@@ -72,6 +71,32 @@ def detect(given: np.ndarray, probs: np.ndarray, concepts: list[str],
                       "flagged_wrong": int((flagged[:, k] & given[:, k]).sum()),
                       "flagged_missing": int((flagged[:, k] & ~given[:, k]).sum())})
     return Detection(flagged, quality, list(concepts), noise)
+
+
+def _tag_issues(given: np.ndarray, probs: np.ndarray) -> Callable[[str], np.ndarray]:
+    from cleanlab.multilabel_classification.filter import find_multilabel_issues_per_class
+
+    labels = _label_lists(given)
+
+    def issues(how: str) -> np.ndarray:
+        # n_jobs=1: cleanlab's default forks a process pool, here from a Ray driver (whose signal
+        # handlers the children inherit: each printed a stack dump when the pool ended); same results.
+        return np.asarray(find_multilabel_issues_per_class(labels, probs, filter_by=how, n_jobs=1), dtype=bool)
+
+    return issues
+
+
+def _class_issues(given: np.ndarray, probs: np.ndarray) -> Callable[[str], np.ndarray]:
+    from cleanlab.filter import find_label_issues
+
+    labels = given.argmax(1)
+    predicted = np.eye(given.shape[1], dtype=bool)[probs.argmax(1)]
+
+    def issues(how: str) -> np.ndarray:
+        wrong = np.asarray(find_label_issues(labels, probs, filter_by=how, n_jobs=1), dtype=bool)
+        return wrong[:, None] & (given | predicted)  # the given class and the one the model sees instead
+
+    return issues
 
 
 def detection_scores(flagged: np.ndarray, truth: np.ndarray) -> dict[str, float]:

@@ -164,9 +164,10 @@ def _unnormalize(x: torch.Tensor, stats: NormStats) -> torch.Tensor:
 
 def suspects_grid(dataset: Dataset[tuple[torch.Tensor, torch.Tensor]], stats: NormStats, det: Detection,
                   given: np.ndarray, probs: np.ndarray, ids: list[str], n: int = 24,
-                  truth: np.ndarray | None = None) -> Figure:
+                  truth: np.ndarray | None = None, exclusive: bool = False) -> Figure:
     """A matplotlib figure: the ``n`` most suspect items, each with its given tags, the tags the
-    model predicts (p > 0.5), and the suspect labels: ``-c`` a wrong tag, ``+c`` a missing one
+    model predicts (p > 0.5; exclusive classes: its most probable class), and the suspect labels:
+    ``-c`` a wrong tag, ``+c`` a missing one
     (red when the noise is known and the flag is a false alarm, green when it is right)."""
     import matplotlib
 
@@ -186,7 +187,8 @@ def suspects_grid(dataset: Dataset[tuple[torch.Tensor, torch.Tensor]], stats: No
         ax.imshow(img, cmap="gray" if x.shape[0] == 1 else None, vmin=0, vmax=1)
         names = det.concepts
         given_t = " ".join(names[k] for k in np.flatnonzero(g[i])) or "-"
-        pred_t = " ".join(names[k] for k in np.flatnonzero(probs[i] > 0.5)) or "-"
+        predicted = [int(probs[i].argmax())] if exclusive else np.flatnonzero(probs[i] > 0.5)
+        pred_t = " ".join(names[k] for k in predicted) or "-"
         ax.set_title(f"{ids[i]}\ngiven: {given_t}\npred:  {pred_t}", fontsize=7, loc="left", family="monospace")
         flags = np.flatnonzero(det.flagged[i])
         flags = flags[np.argsort(det.quality[i, flags], kind="stable")]  # most suspect first

@@ -50,7 +50,7 @@ class FoldResult:
     fold: int
     items: int
     run_id: str | None
-    test_map: float | None
+    test_score: float | None  # the fold model's test mAP (multi-label) or top-1 error (exclusive classes)
     node_id: str | None
     checkpoint: str | None
 
@@ -72,9 +72,6 @@ class AuditOutcome:
 
 def check_config(cfg: Config) -> None:
     """Refuse, naming the key, what an audit cannot do."""
-    if not cfg.multilabel:
-        raise ConfigError(f"data.dataset: the audit needs a multi-label dataset (digit-scenes or manifest), "
-                          f"not {cfg.data.dataset}")
     if cfg.data.label_filter:
         raise ConfigError("data.label_filter: an audit audits the given labels; drop the filter")
     if cfg.data.cv_folds:
@@ -91,7 +88,8 @@ def oof_path(audit_dir: str | Path, fold: int) -> Path:
 
 
 def predict_holdout(checkpoint: str, cfg: Config, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(held-out train indices, (n, K) probabilities) of a fold's checkpoint."""
+    """(held-out train indices, (n, K) probabilities: sigmoid per concept, or softmax over exclusive
+    classes) of a fold's checkpoint."""
     import torch
     from torch.utils.data import DataLoader, Subset
 
@@ -106,7 +104,7 @@ def predict_holdout(checkpoint: str, cfg: Config, threads: int = 1) -> tuple[np.
     if held is None:
         raise ValueError(f"audit: fold {cfg.data.cv_fold} of {cfg.data.cv_folds} holds no item out")
     logits, _ = predict(lm.model, DataLoader(Subset(view.full_train, held.tolist()), batch_size=512))
-    return held, torch.sigmoid(logits).numpy()
+    return held, (torch.sigmoid(logits) if lm.multilabel else torch.softmax(logits, dim=1)).numpy()
 
 
 def _worker_node(train_storage: str, name: str) -> str | None:
@@ -140,17 +138,17 @@ def fold_driver(params: dict[str, Any], *, base: dict[str, Any], audit: str, aud
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.stem}.tmp.npz")
         np.savez(tmp, index=held, probs=probs.astype(np.float32), run_id=np.array(run_id or ""),
-                 test_map=np.array(float(outcome.test_metrics.get("test_map", np.nan))),
+                 test_score=np.array(float(outcome.test_metrics.get(test_metric(cfg), np.nan))),
                  node_id=np.array(node or ""), checkpoint=np.array(str(outcome.checkpoint)))
         os.replace(tmp, out)  # a fold is done exactly when its file exists
     res, held, _ = _read_fold(out, k)
-    ray.tune.report({"fold": k, "done": 1, "held_out": len(held), "fold_test_map": res.test_map})
+    ray.tune.report({"fold": k, "done": 1, "held_out": len(held), "fold_test_score": res.test_score})
 
 
 def _read_fold(path: Path, fold: int) -> tuple[FoldResult, np.ndarray, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
         held, probs = z["index"], z["probs"]
-        res = FoldResult(fold, len(held), str(z["run_id"]) or None, float(z["test_map"]),
+        res = FoldResult(fold, len(held), str(z["run_id"]) or None, float(z["test_score"]),
                          str(z["node_id"]) or None, str(z["checkpoint"]) or None)
     return res, held, probs
 
@@ -179,8 +177,16 @@ def _per_concept(flagged: np.ndarray, truth: np.ndarray) -> list[dict[str, Any]]
     return out
 
 
-def _fold_lines(folds: int) -> Callback:
+def test_metric(cfg: Config) -> str:
+    """The fold models' test score: what ``deepindex train`` ranks by, on the test split."""
+    from deepindex.train.engine import primary_metric
+
+    return primary_metric(cfg.multilabel, "test_")[0]
+
+
+def _fold_lines(folds: int, metric: str) -> Callback:
     """A Tune callback (it runs in this driver) that puts one console line per finished or failed fold."""
+    what = {"test_map": "test mAP", "test_top1_error": "test top-1 error"}.get(metric, metric)
 
     def failed(trial: Any) -> str:
         return f"fold {int(trial.config['fold']) + 1} of {folds} failed"
@@ -189,8 +195,8 @@ def _fold_lines(folds: int) -> Callback:
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
             r = trial.last_result or {}
             if "held_out" in r:
-                event("fold %d of %d: its model (test mAP %.4f) predicted the %d items it did not see",
-                      int(r["fold"]) + 1, folds, float(r["fold_test_map"]), int(r["held_out"]))
+                event("fold %d of %d: its model (%s %.4f) predicted the %d items it did not see",
+                      int(r["fold"]) + 1, folds, what, float(r["fold_test_score"]), int(r["held_out"]))
 
     return FoldLines()
 
@@ -206,6 +212,7 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
     from deepindex.data import build_splits
     from deepindex.data.cache import share_cache
     from deepindex.data.label_view import fingerprint
+    from deepindex.data.noise import multi_hot
     from deepindex.tracking.uri import resolve_tracking_uri
     from deepindex.train.metrics import mean_ap
     from deepindex.train.trainer import storage_path
@@ -218,7 +225,7 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
     audit_dir = Path(storage) / name
     splits = build_splits(cfg.data)  # the given labels, ids and images; fails early on bad data
     view, concepts = splits.view, splits.concepts
-    given = view.given.numpy() > 0.5
+    given = multi_hot(view.given, len(concepts)).numpy()  # exclusive classes one-hot
     folds = cfg.audit.folds
     if len(given) < folds:
         raise ConfigError(f"audit.folds: {folds} folds need at least {folds} train items, there are {len(given)}")
@@ -247,7 +254,7 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
             trainable,
             param_space={"fold": tune.grid_search(list(range(folds)))},
             tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=concurrent)),
-            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[_fold_lines(folds)],
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[_fold_lines(folds, test_metric(cfg))],
                                       failure_config=tune.FailureConfig(max_failures=1), verbose=tune_verbosity()),
         )
     try:
@@ -271,7 +278,7 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
         results.append(res)
     if np.isnan(probs).any():
         raise RuntimeError(f"audit {name}: the folds do not cover every train item")
-    det = detect(given, probs, concepts, cfg.audit.filter_by)
+    det = detect(given, probs, concepts, cfg.audit.filter_by, exclusive=not cfg.multilabel)
     truth = view.flipped["train"].numpy() if "train" in view.flipped else None
     scores = detection_scores(det.flagged, truth) if truth is not None else None
     per_concept = _per_concept(det.flagged, truth) if truth is not None else None
@@ -287,11 +294,11 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
         "fold_runs": [vars(r) for r in results], "data": fingerprint(cfg.data), "config": cfg.to_dict(),
         "warning": warning}
     if truth is not None:
-        meta["oof_map_clean"] = mean_ap(torch.from_numpy(probs), view.clean["train"])
+        meta["oof_map_clean"] = mean_ap(torch.from_numpy(probs), multi_hot(view.clean["train"], len(concepts)).float())
     report = write_report(audit_dir / "report", det=det, given=given, probs=probs, ids=view.ids, meta=meta,
                           truth=truth, per_concept=per_concept, manifest=cfg.data.dataset == "manifest")
     fig = suspects_grid(view.full_train, splits.stats, det, given, probs, view.ids, n=cfg.audit.grid_items,
-                        truth=truth)
+                        truth=truth, exclusive=not cfg.multilabel)
     fig.savefig(report / GRID_FILE, dpi=110)
     import matplotlib.pyplot as plt
 

@@ -5,8 +5,10 @@ step (Ray Train workers, evaluation, the audit) gets the same labels for the sam
 
 1. noise (train and val; test stays clean), see :mod:`deepindex.data.noise`;
 2. an audit's suspects (train only): ``flip`` replaces each suspect (item, concept) label by
-   its opposite (a wrong tag removed, a missing tag added): the cleaned label view;
-   ``drop`` leaves out every item with a suspect label;
+   its opposite (a wrong tag removed, a missing tag added): the cleaned label view (exclusive
+   classes: the item takes the class its suspect pairs name, the given one removed and the
+   suggested one added; one left with no class or two is left out); ``drop`` leaves out every
+   item with a suspect label;
 3. ``data.cv_folds`` / ``data.cv_fold``: train on every fold but one (the audit).
 
 The :class:`LabelView` attached to the splits keeps what a step may need afterwards: the
@@ -98,7 +100,7 @@ def with_targets(ds: Dataset, y: torch.Tensor) -> Dataset:
 
 
 def item_ids(ds: Dataset, split: str, root: str | None = None) -> list[str]:
-    """Stable ids: a file's path relative to ``root`` (manifests), else ``split/<index>``."""
+    """Stable ids: a file's path relative to ``root`` (manifests, image folders), else ``split/<index>``."""
     paths = getattr(ds, "paths", None)
     if paths is not None:
         return [os.path.relpath(p, root) if root else str(p) for p in paths]
@@ -109,29 +111,38 @@ def apply_label_view(splits: Splits, d: DataConfig) -> Splits:
     """Apply noise, filter and fold of the DataConfig ``d`` to ``splits`` (in place); returns it."""
     train_y = targets_of(splits.train)
     view = LabelView(full_train=splits.train, given=train_y)
+    k = len(splits.concepts)
     if d.label_noise > 0:
         from deepindex.data.noise import corrupt
 
         for split in ("train", "val"):
             ds = getattr(splits, split)
-            noisy = corrupt(targets_of(ds), d.label_noise, d.label_noise_seed, split)
+            noisy = corrupt(targets_of(ds), d.label_noise, d.label_noise_seed, split, num_classes=k)
             view.clean[split], view.flipped[split] = noisy.clean, noisy.flipped
             setattr(splits, split, with_targets(ds, noisy.noisy))
         log.info("label noise %.2f: %d train and %d val items carry a wrong tag set", d.label_noise,
                  int(view.flipped["train"].any(1).sum()), int(view.flipped["val"].any(1).sum()))
     view.given = targets_of(splits.train)
-    view.ids = item_ids(splits.train, "train", d.root if d.dataset == "manifest" else None)
+    view.ids = item_ids(splits.train, "train", d.root if d.dataset in ("manifest", "image-folder") else None)
     keep = np.arange(len(view.given))
     if d.label_filter:
+        from deepindex.data.noise import multi_hot
+
         pairs = read_filter(d, view.ids, splits.concepts)
-        mask = torch.zeros_like(view.given, dtype=torch.bool)
+        given = multi_hot(view.given, k)
+        mask = torch.zeros_like(given)
         if len(pairs):
             mask[pairs[:, 0], pairs[:, 1]] = True
         view.filtered = mask
-        if d.label_filter_mode == "flip":
-            splits.train = with_targets(splits.train, torch.where(mask, 1.0 - view.given, view.given))
-        else:
+        if d.label_filter_mode == "drop":
             keep = np.flatnonzero(~mask.any(1).numpy())
+        elif view.given.ndim == 2:
+            splits.train = with_targets(splits.train, torch.where(mask, 1.0 - view.given, view.given))
+        else:  # exclusive classes: the flipped pairs name the class instead; an item left with none or two is left out
+            flipped = given ^ mask
+            one = flipped.sum(1) == 1
+            splits.train = with_targets(splits.train, torch.where(one, flipped.float().argmax(1), view.given.long()))
+            keep = np.flatnonzero(one.numpy())
         log.info("label filter %s: %d suspect labels on %d items (%s)", d.label_filter, int(mask.sum()),
                  int(mask.any(1).sum()), d.label_filter_mode)
     view.full_train = splits.train
