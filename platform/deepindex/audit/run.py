@@ -138,7 +138,7 @@ def fold_driver(params: dict[str, Any], *, base: dict[str, Any], audit: str, aud
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.stem}.tmp.npz")
         np.savez(tmp, index=held, probs=probs.astype(np.float32), run_id=np.array(run_id or ""),
-                 test_score=np.array(float(outcome.test_metrics.get(test_metric(cfg), np.nan))),
+                 test_score=np.array(float(outcome.test_metrics.get(fold_metric(cfg), np.nan))),
                  node_id=np.array(node or ""), checkpoint=np.array(str(outcome.checkpoint)))
         os.replace(tmp, out)  # a fold is done exactly when its file exists
     res, held, _ = _read_fold(out, k)
@@ -148,7 +148,8 @@ def fold_driver(params: dict[str, Any], *, base: dict[str, Any], audit: str, aud
 def _read_fold(path: Path, fold: int) -> tuple[FoldResult, np.ndarray, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
         held, probs = z["index"], z["probs"]
-        res = FoldResult(fold, len(held), str(z["run_id"]) or None, float(z["test_score"]),
+        score = z["test_score"] if "test_score" in z.files else z["test_map"]  # a fold an older version wrote
+        res = FoldResult(fold, len(held), str(z["run_id"]) or None, float(score),
                          str(z["node_id"]) or None, str(z["checkpoint"]) or None)
     return res, held, probs
 
@@ -177,7 +178,7 @@ def _per_concept(flagged: np.ndarray, truth: np.ndarray) -> list[dict[str, Any]]
     return out
 
 
-def test_metric(cfg: Config) -> str:
+def fold_metric(cfg: Config) -> str:
     """The fold models' test score: what ``deepindex train`` ranks by, on the test split."""
     from deepindex.train.engine import primary_metric
 
@@ -254,7 +255,7 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
             trainable,
             param_space={"fold": tune.grid_search(list(range(folds)))},
             tune_config=tune.TuneConfig(search_alg=BasicVariantGenerator(max_concurrent=concurrent)),
-            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[_fold_lines(folds, test_metric(cfg))],
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[_fold_lines(folds, fold_metric(cfg))],
                                       failure_config=tune.FailureConfig(max_failures=1), verbose=tune_verbosity()),
         )
     try:
