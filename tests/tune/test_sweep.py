@@ -137,8 +137,9 @@ def test_asha_sweep_interrupted_restored_tracked_and_promoted(ray_local, mlflow_
 @pytest.mark.timeout(300)
 def test_a_sweep_whose_trials_all_fail_says_why_once_each_and_fails(ray_local, mlflow_server, tmp_path, capsys,
                                                                      monkeypatch):
-    """`deepindex tune` on a collection that is not there: each trial's error in one line (not Tune's
-    tracebacks), then the command fails naming it, and the sweep's MLflow run ends FAILED."""
+    """A sweep whose every trial fails where only the trial can know it (each sampled batch is larger than
+    the train split; the data itself is checked before the sweep starts): each trial's error in one line
+    (not Tune's tracebacks), then the command fails naming it, and the sweep's MLflow run ends FAILED."""
     import yaml
     from mlflow.tracking import MlflowClient
 
@@ -146,18 +147,18 @@ def test_a_sweep_whose_trials_all_fail_says_why_once_each_and_fails(ray_local, m
     from deepindex.paths import state_dir
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
-    missing = tmp_path / "no-such-photos"
     space = tmp_path / "space.yaml"
-    base = {"data.dataset": "image-folder", "data.root": str(missing), "model.channels": [8, 16],
-            "model.embed_dim": 32, "train.epochs": 1, **{k: yaml.safe_load(v) for k, v in
-                                                          (a.split("=", 1) for a in ONE_WORKER)},
+    base = {"data.train_size": 200, "data.val_size": 50, "data.test_size": 50, "train.batch_size": 256,
+            "model.channels": [8, 16], "model.embed_dim": 32, "train.epochs": 1,
+            **{k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in ONE_WORKER)},
             "ray.storage_path": str(tmp_path / "results"), "tracking.experiment": f"sweep-{tmp_path.name}"}
-    space.write_text(yaml.safe_dump({"base": {"overrides": base}, "space": {"optim.lr": {"choice": [0.01, 0.02]}},
+    space.write_text(yaml.safe_dump({"base": {"overrides": base},
+                                     "space": {"train.batch_size": {"choice": [512, 1024]}},
                                      "tune": {"num_samples": 2, "grace_period": 1, "promote": False}}))
     assert main(["tune", "--space", str(space), "--name", "gone"]) == 2
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
-    why = f"data.root: no such folder {missing}"
+    why = "is more than the train split fills: no training step would run; set train.batch_size <= 200"
     assert lines[-1].startswith("deepindex tune: error: sweep gone: all 2 trials failed; trial "), lines[-1]
     assert why in lines[-1] and lines[-1].endswith("(the log file has the tracebacks)"), lines[-1]
     failed = [ln for ln in lines if " failed after 0/1 epochs: " in ln]
