@@ -59,7 +59,9 @@ def detect(given: np.ndarray, probs: np.ndarray, concepts: list[str],
     issues = _class_issues(given, probs) if exclusive else _tag_issues(given, probs)
     flagged = issues(filter_by)
     estimated = flagged if filter_by == NOISE_ESTIMATE_FILTER else issues(NOISE_ESTIMATE_FILTER)
-    # Self-confidence: the probability the model gives the label as it is (given, or absent).
+    # Self-confidence: the probability the model gives the label as it is (given, or absent); for tags
+    # exactly cleanlab's get_label_quality_scores_per_class(method="self_confidence"), and defined the
+    # same way for the pairs of an exclusive class.
     quality = np.where(given, probs, 1.0 - probs)
     n = max(len(given), 1)
     noise = []
