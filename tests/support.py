@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -80,6 +81,32 @@ def wait_until(predicate: Callable[[], T], timeout: float, every: float = 0.1,
 
 # ---- the session's Ray cluster -------------------------------------------------------------------
 ray_started_here = False
+
+
+class ConsoleEvents(logging.Handler):
+    """The console's event lines (the ``deepindex.events`` logger) while in the ``with`` block;
+    ``then`` (settable) runs once, on the first line."""
+
+    def __init__(self, then: Callable[[], object] | None = None) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+        self.then = then
+        self.logger = logging.getLogger("deepindex.events")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+        if self.then is not None and len(self.lines) == 1:
+            self.then()
+
+    def __enter__(self) -> ConsoleEvents:
+        self.level = self.logger.level
+        self.logger.addHandler(self)
+        self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -20,7 +19,7 @@ import pytest
 
 from deepindex.audit.bench import NOISY_CLASSES, compare_label_views
 from deepindex.config import Config, load_config
-from support import ensure_ray
+from support import ConsoleEvents, ensure_ray
 
 if TYPE_CHECKING:
     from deepindex.audit.run import AuditOutcome
@@ -37,21 +36,10 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AuditOut
 
     ensure_ray()
     storage = tmp_path_factory.mktemp("audit-classes")
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    events = logging.getLogger("deepindex.events")
-    level = events.level
-    events.addHandler(handler)
-    events.setLevel(logging.INFO)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("DEEPINDEX_HOME", str(storage / "home"))  # never a developer's state dir
-            cfg = load_config(None, [*CLASSES, f"ray.storage_path={storage}"])
-            yield run_audit(cfg, name="classes"), cfg, lines
-    finally:
-        events.removeHandler(handler)
-        events.setLevel(level)
+    with ConsoleEvents() as events, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEEPINDEX_HOME", str(storage / "home"))  # never a developer's state dir
+        cfg = load_config(None, [*CLASSES, f"ray.storage_path={storage}"])
+        yield run_audit(cfg, name="classes"), cfg, events.lines
 
 
 @pytest.mark.timeout(600)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 import re
 import signal
@@ -27,7 +26,7 @@ import pytest
 
 from deepindex.audit.bench import NOISY_DIGITS, compare_label_views
 from deepindex.config import Config, load_config
-from support import MlflowServer, two_node_cluster, wait_until
+from support import ConsoleEvents, MlflowServer, two_node_cluster, wait_until
 
 if TYPE_CHECKING:
     from ray.cluster_utils import Cluster
@@ -75,28 +74,6 @@ class Audited:
     events: list[str]  # the console's lines (deepindex.events) while the audit ran
 
 
-class _Events(logging.Handler):
-    """The console's lines (``deepindex.events``) while in the ``with`` block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-        self.logger = logging.getLogger("deepindex.events")
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-    def __enter__(self) -> _Events:
-        self.level = self.logger.level
-        self.logger.addHandler(self)
-        self.logger.setLevel(logging.INFO)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.logger.removeHandler(self)
-        self.logger.setLevel(self.level)
-
-
 @pytest.fixture(scope="module")
 def two_nodes() -> Iterator[Cluster]:
     """Head + one worker node on this machine, 2 logical CPUs each: the 3 one-CPU folds (their
@@ -134,7 +111,7 @@ def audited(two_nodes: Cluster, mlflow_server: MlflowServer, tmp_path_factory: p
                 return st
             return None
 
-        with _Events() as events:
+        with ConsoleEvents() as events:
             t = threading.Thread(target=go, daemon=True)
             start = time.monotonic()
             t.start()

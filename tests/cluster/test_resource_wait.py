@@ -7,14 +7,13 @@ Train's controller retried the worker group's start every 60 s, forever.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import pytest
 
 from deepindex import cluster
 from deepindex.cli import main
-from support import cpus_held
+from support import ConsoleEvents, cpus_held
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("ray_local")]
 
@@ -28,30 +27,10 @@ def held() -> Iterator[object]:
         yield holder
 
 
-class _Lines(logging.Handler):
-    """The console's lines (``deepindex.events``); ``then`` runs on the first one."""
-
-    def __init__(self, then=None) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-        self.then = then
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-        if self.then is not None and len(self.lines) == 1:
-            self.then()
-
-
 @pytest.fixture
-def lines(request) -> Iterator[_Lines]:
-    h = _Lines()
-    log = logging.getLogger("deepindex.events")
-    level = log.level
-    log.addHandler(h)
-    log.setLevel(logging.INFO)
-    yield h
-    log.removeHandler(h)
-    log.setLevel(level)
+def lines() -> Iterator[ConsoleEvents]:
+    with ConsoleEvents() as h:
+        yield h
 
 
 def test_the_session_cluster_is_one_that_never_grows():

@@ -22,7 +22,7 @@ from deepindex.data.label_view import AUDIT_FILE, SUSPECTS_FILE, fingerprint
 from deepindex.data.photos import make_photo_collection
 from deepindex.data.transforms import decode_file
 from deepindex.train.trainer import build_trainer
-from support import TWO_WORKERS, ensure_ray
+from support import TWO_WORKERS, ConsoleEvents, ensure_ray
 
 # 60 example photos (42 train, 9 val, 9 test by their split column) read at 32 px; a 2-block ConvNet.
 SMALL = ["data.dataset=manifest", "data.image_size=32", "data.augment=flip,crop", "model.channels=[8,16]",
@@ -36,19 +36,9 @@ def first_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = make_photo_collection(tmp_path_factory.mktemp("photos"), n=60, size=128, seed=0).root
     storage = tmp_path_factory.mktemp("storage")
     cfg = load_config(None, [*SMALL, f"data.root={root}", f"ray.storage_path={storage}"])
-    events: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: events.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("deepindex.events")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with ConsoleEvents() as events:
         result = build_trainer(cfg, name="first").fit()
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    return {"cfg": cfg, "storage": storage, "result": result, "events": events}
+    return {"cfg": cfg, "storage": storage, "result": result, "events": events.lines}
 
 
 @pytest.mark.cluster
