@@ -69,14 +69,16 @@ def train_main(config_path: str | None, overrides: list[str], name: str | None =
 
 
 def check_data(cfg: Config) -> None:
-    """What a driver checks of the data before it starts Ray: the files are there and read (a missing
-    folder or manifest, a manifest without its root, unreadable images), and an audit report given as
-    ``data.label_filter`` fits them.  Otherwise a training's workers, or every trial of a sweep,
-    would each fail on it after the cluster started."""
-    from deepindex.data.inspect import resolve_config
+    """What a driver checks of the data before it starts Ray: the files are there (a missing folder,
+    manifest or file, a manifest without its root), whatever else the config says of them, and an
+    audit report given as ``data.label_filter`` fits them.  Otherwise a training's workers, or every
+    trial of a sweep, would each fail on it after the cluster started."""
+    from deepindex.config import FILE_DATASETS
+    from deepindex.data.inspect import data_files
     from deepindex.data.label_view import check_label_filter
 
-    resolve_config(cfg)
+    if cfg.data.dataset in FILE_DATASETS:
+        data_files(cfg.data)
     check_label_filter(cfg.data)
 
 

@@ -109,6 +109,9 @@ def test_train_and_tune_refuse_missing_data_before_ray_starts(command: list[str]
     """A sweep used to start the cluster and fail every trial on the same missing folder."""
     cases = [(["data.dataset=image-folder", f"data.root={tmp_path / 'nowhere'}"],
               f"data.root: no such folder {tmp_path / 'nowhere'}"),
+             (["data.dataset=image-folder", f"data.root={tmp_path / 'nowhere'}", "data.channels=3",
+               "data.image_size=32"],  # nothing left to infer from the files: they are checked all the same
+              f"data.root: no such folder {tmp_path / 'nowhere'}"),
              (["data.dataset=manifest", f"data.manifest={tmp_path / 'tags.csv'}"],
               "data.root: required for a manifest (paths in it are relative to the root)"),
              (["data.dataset=manifest", f"data.manifest={tmp_path / 'tags.csv'}", f"data.root={tmp_path}"],

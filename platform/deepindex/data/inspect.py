@@ -69,7 +69,9 @@ def inspect_images(paths: list[Path], sample: int = SAMPLE) -> ImageFormat:
     return ImageFormat(len(picked), len(paths), colour, int(statistics.median(shorts)))
 
 
-def _file_paths(d: DataConfig) -> list[Path]:
+def data_files(d: DataConfig) -> list[Path]:
+    """The image files of a file dataset (``config.FILE_DATASETS``), listed and parsed, not decoded: a
+    missing folder, manifest or file fails here."""
     from deepindex.data.files import read_collection, read_image_folder
 
     if d.dataset == "image-folder":
@@ -105,7 +107,7 @@ def resolve_data(d: DataConfig, *, pretrained: bool = False) -> tuple[DataConfig
     else:  # fit, or nothing said: what the files hold
         updates = {"preset": "fit", "channels": d.channels, "image_size": d.image_size}
         if d.channels is None or d.image_size is None:
-            fmt = inspect_images(_file_paths(d))
+            fmt = inspect_images(data_files(d))
             seen = f"{fmt.sampled} images sampled from {fmt.total}"
             if d.channels is None:
                 updates["channels"] = 3 if fmt.colour else 1
