@@ -56,6 +56,9 @@ _active: _Active | None = None
 _plain_console = False  # plain() is on: a short command's console, no log file
 
 
+Progress = Callable[[int, int], None]  # (items done so far, items in all); (0, n) first: a ProgressLine, say
+
+
 class ProgressLine:
     """Progress of ``what`` over a known number of items, on stderr: one line per 10 % (a live line on a
     terminal) with the rate.  Called as ``(done, total)``; ``(0, total)`` first says the total."""

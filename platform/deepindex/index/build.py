@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from deepindex.collection import CollectionStore, Item
+from deepindex.console import Progress
 from deepindex.index.store import IndexStore, index_dir_name
 from deepindex.index.vectors import VectorConfig
 from deepindex.tracking.registry import ResolvedModel, resolve_model
@@ -27,7 +28,6 @@ from deepindex.tracking.registry import ResolvedModel, resolve_model
 log = logging.getLogger(__name__)
 
 DEFAULT_FEATURES = ("penultimate",)
-Progress = Callable[[int, int], None]  # (items embedded so far, items in all); (0, n) first
 
 
 @dataclass

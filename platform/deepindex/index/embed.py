@@ -17,6 +17,7 @@ from deepindex.checkpoint import LoadedModel, load_model
 from deepindex.data.transforms import normalize
 
 if TYPE_CHECKING:
+    from deepindex.console import Progress
     from deepindex.index.collection import Collection
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def embed_collection_local(lm: LoadedModel, collection: Collection, batch_size: 
 
 
 def embed_features_local(lm: LoadedModel, collection: Collection, features: Sequence[str], batch_size: int = 256,
-                         progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+                         progress: Progress | None = None) -> dict[str, np.ndarray]:
     """In-process (no Ray): ``{name: (N, D_name)}`` float32 for every item of ``collection``;
     ``progress(done, total)`` after each batch (and ``(0, total)`` first)."""
     parts: dict[str, list[np.ndarray]] = {f: [] for f in features}

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,6 +33,7 @@ from deepindex.index.vectors import QUERY_METRICS, query_metric
 
 if TYPE_CHECKING:
     from deepindex.checkpoint import LoadedModel
+    from deepindex.console import Progress
     from deepindex.index.collection import Collection
     from deepindex.index.keywords import Vocabulary
 
@@ -156,7 +157,7 @@ def evaluate_retrieval(lm: LoadedModel, collection: Collection, *, descriptors: 
                        metrics: Sequence[str] = QUERY_METRICS, k: int = 10, vocabulary: Vocabulary | None = None,
                        queries_per_concept: int = 20, normalize: bool = False,
                        seed: int = 0, batch_size: int = 256,
-                       progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                       progress: Progress | None = None) -> dict[str, Any]:
     """The whole report for a loaded model (:class:`deepindex.checkpoint.LoadedModel`) on a labelled
     collection; ``progress(done, total)`` as its items are embedded."""
     from deepindex.index.embed import embed_features_local
