@@ -39,11 +39,13 @@ def train_main(config_path: str | None, overrides: list[str], name: str | None =
     """Validate the config first (a bad key fails before Ray starts), train, print the results."""
     from deepindex.cluster import connect, wait_for_resources
     from deepindex.console import event
-    from deepindex.train.trainer import epoch_lines, run_name
+    from deepindex.train.trainer import claim_run, epoch_lines, run_name
 
     started = time.monotonic()
     cfg = load_config(config_path, overrides)
     check_data(cfg)
+    name = name or run_name(cfg)
+    claim_run(cfg, name)  # a changed resume fails here, before Ray starts
     connect()
     wait_for_resources(cfg.ray.worker_group(), f"training ({cfg.ray.num_workers} worker(s) x "
                                                 f"{cfg.ray.cpus_per_worker:g} CPU)")
@@ -51,7 +53,6 @@ def train_main(config_path: str | None, overrides: list[str], name: str | None =
     event("training %s on %d worker(s), %d epochs (%s)", cfg.model.name, cfg.ray.num_workers, cfg.train.epochs,
           cfg.data.dataset)
     # One MLflow run per training run (when a tracking server is configured or up).
-    name = name or run_name(cfg)
     try:
         out, run_id = tracked_train(cfg, name=name, callbacks=[epoch_lines(cfg.train.epochs)])
     except KeyboardInterrupt:

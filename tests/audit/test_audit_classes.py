@@ -77,3 +77,33 @@ def test_training_on_the_cleaned_classes_beats_the_noisy_ones(audited, record_pr
     assert all(f < n for f, n in zip(err["filtered"], err["noisy"], strict=True)), err
     assert np.mean(err["filtered"]) <= np.mean(err["noisy"]) - 0.005, err
     assert np.mean(err["clean"]) < np.mean(err["filtered"]), err  # what is left: the filter is not the truth
+
+
+@pytest.mark.timeout(300)
+def test_the_same_name_refuses_other_folds_and_filters_the_same_folds_another_way(audited) -> None:
+    """Restoring the audit with K=5 would score 5 folds' held-out items against 3 folds' models: refused,
+    naming the key, before anything runs.  Its filter acts after the folds: named again with another
+    one, the audit rewrites its report from the same folds, training nothing.  (Last in the module: it
+    rewrites the report the tests above read.)"""
+    from deepindex.audit.run import run_audit
+    from deepindex.restore import ChangedOnRestore
+
+    out, cfg, _ = audited
+    before = {p.name: p.stat().st_mtime_ns for p in out.report.iterdir()}
+    with pytest.raises(ChangedOnRestore, match=r"^audit classes exists at .* with audit\.folds=3 \(now 5\): "):
+        run_audit(cfg.override({"audit.folds": 5, "audit.filter_by": "both"}), name="classes")
+    assert {p.name: p.stat().st_mtime_ns for p in out.report.iterdir()} == before
+
+    folds = sorted(out.path.glob("oof/fold*.npz"))
+    stamps = [f.stat().st_mtime_ns for f in folds]
+    again = run_audit(cfg.override({"audit.filter_by": "predicted_neq_given"}), name="classes")
+    assert len(folds) == 3 and [f.stat().st_mtime_ns for f in folds] == stamps  # no fold trained again
+    meta = json.loads((again.report / "audit.json").read_text())
+    assert meta["filter_by"] == "predicted_neq_given"
+    # This filter flags exactly the items whose out-of-fold argmax is not their given class.
+    probs = np.load(again.report / "oof_probs.npy")
+    rows = [json.loads(line) for line in (again.report / "cleaned_labels.jsonl").read_text().splitlines()]
+    given = np.array([meta["concepts"].index(r["given"][0]) for r in sorted(rows, key=lambda r: r["index"])])
+    expected = {int(i) for i in np.flatnonzero(probs.argmax(1) != given)}
+    assert {r["index"] for r in rows if r["tags"] != r["given"]} == expected and meta["flagged_items"] == len(expected)
+

@@ -84,6 +84,19 @@ def test_asha_sweep_interrupted_restored_tracked_and_promoted(ray_local, mlflow_
     assert first.interrupted and first.promotion is None
     assert client.get_run(first.parent_run_id).info.status == "RUNNING"
 
+    # The same name with another space or base config would resume the saved trials with the new
+    # config (or ignore the change): refused, naming what changed, before anything starts.
+    from dataclasses import replace
+
+    from deepindex.restore import ChangedOnRestore
+
+    changed = replace(spec, base=spec.base.override({"train.batch_size": 64}),
+                      settings=replace(spec.settings, num_samples=2, promote=False))  # promote acts after the trials
+    with pytest.raises(ChangedOnRestore, match=r"^sweep asha exists at .* with train\.batch_size=32 \(now 64\), "
+                                                r"tune\.num_samples=1 \(now 2\): .* another --name"):
+        run_sweep(changed, name="asha", tracking_uri=mlflow_server.uri)
+    assert client.get_run(first.parent_run_id).info.status == "RUNNING"
+
     out = run_sweep(spec, name="asha", tracking_uri=mlflow_server.uri)  # same name: Tuner.restore
     assert not out.interrupted and out.parent_run_id == first.parent_run_id
     assert len(out.trials) == 4
@@ -113,6 +126,7 @@ def test_asha_sweep_interrupted_restored_tracked_and_promoted(ray_local, mlflow_
         line = [e for e in events if e.startswith(f"trial {t.trial_id}: ")][-1]  # the restored sweep's
         assert line.endswith(", stopped early") == t.stopped_early, line
     assert any(e.startswith("sweep asha: 4 trials in ") for e in events), events
+    assert sum(e.startswith("sweep asha exists at ") and "restoring it" in e for e in events) == 1, events
     # MLflow: a model-training experiment; the parent's description links every trial and their comparison.
     assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     description = parent.data.tags["mlflow.note.content"]

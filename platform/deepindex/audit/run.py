@@ -29,6 +29,7 @@ import numpy as np
 
 from deepindex.config import Config, ConfigError, from_dict
 from deepindex.console import error_line, event, failure_lines, tune_verbosity
+from deepindex.restore import check_unchanged, config_definition, read_state, record_definition, update_state
 
 if TYPE_CHECKING:
     from ray.tune import Callback
@@ -159,12 +160,10 @@ def _parent_run(cfg: Config, name: str, audit_dir: Path, uri: str | None) -> str
     id is kept in ``deepindex_audit.json`` in the audit folder)."""
     from deepindex.tracking.audit import open_audit_run
 
-    state = audit_dir / AUDIT_STATE
-    recorded = json.loads(state.read_text()) if state.is_file() else {}
+    recorded = read_state(audit_dir, AUDIT_STATE)
     rid = open_audit_run(cfg, name, uri, recorded=recorded.get("parent_run_id"))
     if rid is not None and rid != recorded.get("parent_run_id"):
-        audit_dir.mkdir(parents=True, exist_ok=True)
-        state.write_text(json.dumps({**recorded, "parent_run_id": rid, "tracking_uri": uri}))
+        update_state(audit_dir, AUDIT_STATE, parent_run_id=rid, tracking_uri=uri)
     return rid
 
 
@@ -224,6 +223,12 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
     storage = storage_path(cfg)
     cfg = share_cache(cfg, storage)  # each fold's run is under <storage>/<name>/train: one decode for all
     audit_dir = Path(storage) / name
+    restoring = tune.Tuner.can_restore(str(audit_dir))
+    # The detection runs after the folds: a restored audit may filter them another way.
+    definition = config_definition(cfg, free=("audit.filter_by", "audit.grid_items", "audit.max_concurrent",
+                                              "audit.fold_driver_cpus"))
+    if restoring:  # before anything is written: a changed audit is refused as it was
+        check_unchanged("audit", name, audit_dir, AUDIT_STATE, definition)
     splits = build_splits(cfg.data)  # the given labels, ids and images; fails early on bad data
     view, concepts = splits.view, splits.concepts
     given = multi_hot(view.given, len(concepts)).numpy()  # exclusive classes one-hot
@@ -245,10 +250,11 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
         # Tune refuses a trial of no resources: the driver holds memory (it builds the splits
         # and predicts a fold), not CPU, which would keep a fold's Train worker waiting.
         {"CPU": cfg.audit.fold_driver_cpus, "memory": FOLD_DRIVER_MEMORY})
-    if tune.Tuner.can_restore(str(audit_dir)):
+    if restoring:
         event("audit %s exists at %s: restoring it (finished folds kept)", name, audit_dir)
         tuner = tune.Tuner.restore(str(audit_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
+        record_definition(audit_dir, AUDIT_STATE, definition)
         concurrent = cfg.audit.max_concurrent or folds
         event("audit %s: %d folds of %d train items, %d at a time", name, folds, len(given), concurrent)
         tuner = tune.Tuner(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from deepindex.config import Config, ConfigError
 from deepindex.paths import state_dir
+from deepindex.restore import check_unchanged, config_definition, record_definition
 from deepindex.train.engine import primary_metric
 
 if TYPE_CHECKING:
@@ -20,6 +21,9 @@ if TYPE_CHECKING:
     from deepindex.tracking.tracker import Tracker
 
 log = logging.getLogger(__name__)
+
+TRAIN_STATE = "deepindex_train.json"  # a training run's definition (deepindex.restore)
+RAY_TRAIN_STATE = "checkpoint_manager_snapshot.json"  # Ray Train V2's: a run with it resumes from its checkpoint
 
 
 def storage_path(cfg: Config) -> str:
@@ -59,6 +63,24 @@ def check_batches(cfg: Config, train_rows: int) -> None:
                           f"no training step would run; set train.batch_size <= {share * world}")
 
 
+def claim_run(cfg: Config, name: str) -> None:
+    """A run named again resumes from its last checkpoint (:mod:`deepindex.restore`): refused if it
+    would train something else; a new run records what it trains.  Where it runs, on how many
+    workers and threads, and its tracking may change, and ``train.epochs`` (more epochs continue a
+    finished run) unless the schedule is cosine, which anneals over the run's epochs: a resumed cosine
+    goes on past its end by raising the learning rate again."""
+    storage = storage_path(cfg)
+    if "://" in storage:
+        return  # remote storage: Ray Train's checkpoint is all there is to go by
+    folder = Path(storage) / name
+    free = ("ray.", "tracking.", "train.threads") + (() if cfg.schedule.policy == "cosine" else ("train.epochs",))
+    definition = config_definition(cfg, free=free)
+    if (folder / RAY_TRAIN_STATE).is_file():
+        check_unchanged("training run", name, folder, TRAIN_STATE, definition)
+    else:
+        record_definition(folder, TRAIN_STATE, definition)
+
+
 def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list[UserCallback] | None = None,
                   extra: dict[str, Any] | None = None, tracker: Tracker | None = None) -> TorchTrainer:
     """A ``TorchTrainer`` for ``cfg``; same ``name`` + storage path = resume from its checkpoint."""
@@ -69,6 +91,8 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list[UserC
     from deepindex.data.inspect import resolve_config
     from deepindex.train.worker import train_loop_per_worker
 
+    name = name or run_name(cfg)
+    claim_run(cfg, name)  # as given: what a resume is compared with
     # On the driver, once: what the data config leaves unset is inferred and logged here, so
     # every worker, checkpoint and MLflow run holds the same values; and missing ImageNet
     # weights fail here, in one line, before any worker starts.
@@ -77,7 +101,6 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list[UserC
         from deepindex.models.transfer import ensure_pretrained
 
         ensure_pretrained(cfg.model.name)
-    name = name or run_name(cfg)
     storage = storage_path(cfg)
     multilabel = cfg.multilabel
     metric, mode = primary_metric(multilabel)

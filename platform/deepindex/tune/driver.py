@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from deepindex.restore import check_unchanged, config_definition, read_state, record_definition, update_state
 from deepindex.tracking.registry import PromotionDecision
 from deepindex.tune.space import SweepSpec
 
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 EPOCHS_DONE = "epochs_done"  # the ASHA time attribute: survives trial restarts, unlike training_iteration
 SWEEP_FILE = "deepindex_sweep.json"
+# Settings a restored sweep may change: they act after its trials, or say how many run at once.
+SETTINGS_AFTER_TRIALS = ("promote", "name", "max_concurrent_trials", "trial_driver_cpus")
 
 
 @dataclass
@@ -218,10 +221,9 @@ def _parent_run(spec: SweepSpec, name: str, sweep_dir: Path, tracking_uri: str |
     from deepindex.tracking.run import run_tags
     from deepindex.tracking.sweep import open_parent_run
 
-    f = sweep_dir / SWEEP_FILE
-    recorded = json.loads(f.read_text()) if f.is_file() else {}
     if tracking_uri is None:
         return None
+    recorded = read_state(sweep_dir, SWEEP_FILE)
     params: dict[str, Any] = {f"sweep.{k}": v for k, v in vars(spec.settings).items()}
     params.update({f"space.{k}": f"{d.kind} {d.args}" for k, d in spec.space.items()})
     rid = open_parent_run(
@@ -230,9 +232,17 @@ def _parent_run(spec: SweepSpec, name: str, sweep_dir: Path, tracking_uri: str |
         texts={"space.yaml": yaml.safe_dump(spec.raw, sort_keys=False),
                "base_config.yaml": yaml.safe_dump(spec.base.to_dict(), sort_keys=False)})
     if rid != recorded.get("parent_run_id"):
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps({**recorded, "parent_run_id": rid, "tracking_uri": tracking_uri}))
+        update_state(sweep_dir, SWEEP_FILE, parent_run_id=rid, tracking_uri=tracking_uri)
     return rid
+
+
+def _definition(spec: SweepSpec) -> dict[str, Any]:
+    """What makes the sweep what it is (:mod:`deepindex.restore`): its trials' base config, space and
+    search.  Left out: what acts after the trials (promotion, where to find the sweep, concurrency)."""
+    d = config_definition(spec.base)
+    d.update({f"space.{k}": [dist.kind, dist.args] for k, dist in spec.space.items()})
+    d.update({f"tune.{k}": v for k, v in vars(spec.settings).items() if k not in SETTINGS_AFTER_TRIALS})
+    return d
 
 
 def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | None = None,
@@ -252,6 +262,11 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | N
     storage = storage_path(spec.base)
     base = share_cache(spec.base, storage)  # each trial's run is under <storage>/<name>/train: one decode for all
     sweep_dir = Path(storage) / name
+    restoring = tune.Tuner.can_restore(str(sweep_dir))
+    if restoring:  # before anything is written: a changed sweep is refused as it was
+        check_unchanged("sweep", name, sweep_dir, SWEEP_FILE, _definition(spec))
+    else:
+        record_definition(sweep_dir, SWEEP_FILE, _definition(spec))
     metric, mode = primary_metric(spec.base.multilabel)
     uri = (tracking_uri or resolve_tracking_uri()) if spec.base.tracking.enabled else None
     parent = _parent_run(spec, name, sweep_dir, uri)
@@ -260,8 +275,8 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | N
         functools.partial(trial_driver, base=base.to_dict(), sweep=name,
                           train_storage=str(sweep_dir / "train"), tracking_uri=uri, parent_run_id=parent),
         {"CPU": spec.settings.trial_driver_cpus})
-    if tune.Tuner.can_restore(str(sweep_dir)):
-        log.info("sweep %s exists at %s: restoring it (finished trials kept, unfinished ones resumed)", name, sweep_dir)
+    if restoring:
+        event("sweep %s exists at %s: restoring it (finished trials kept, unfinished ones resumed)", name, sweep_dir)
         tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         s = spec.settings

@@ -1,0 +1,90 @@
+"""A named run (a training run, a sweep, an audit) is its folder: the same name resumes it as it was started.
+
+A training run named again resumes from its last checkpoint: another model would fail to load it
+in every worker, and another schedule or dataset would silently mix two runs in one.
+``Tuner.restore`` brings back a sweep's or an audit's saved trials, their search space and
+scheduler, and the trials it resumes get the *new* command's base config: the same mix.  So each
+run's folder keeps a small JSON state file (a sweep's or audit's MLflow parent run, and the run's
+*definition*: the dotted keys that make it what it is), and a resume whose definition differs is
+refused before anything starts, naming the keys.  Keys that do not change what is computed (where
+it runs, on how many workers, promotion, the audit's filter) may change: the caller leaves them
+out of the definition.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from deepindex.atomic import write_file
+from deepindex.config import ConfigError
+
+if TYPE_CHECKING:
+    from deepindex.config import Config
+
+SHOWN = 4  # changed keys named in the error; the rest are counted
+# Config keys a restored run may change: where it and its decoded data are, and what acts after its
+# trials (promotion).
+FREE = ("ray.name", "ray.storage_path", "data.cache_dir", "tracking.registered_model", "tracking.promote_min_qbe_map",
+        "tracking.promote_qbe_gallery")
+
+
+class ChangedOnRestore(ConfigError):
+    """A command named an existing sweep or audit with another definition."""
+
+
+def read_state(folder: Path, file: str) -> dict[str, Any]:
+    """The run's state file (``{}`` when there is none yet)."""
+    f = folder / file
+    if not f.is_file():
+        return {}
+    state: dict[str, Any] = json.loads(f.read_text())
+    return state
+
+
+def update_state(folder: Path, file: str, **values: Any) -> None:
+    """Set ``values`` in the run's state file, keeping the rest."""
+    write_file(folder / file, json.dumps({**read_state(folder, file), **values}, default=str))
+
+
+def config_definition(cfg: Config, free: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The dotted keys of ``cfg`` that define a run, less :data:`FREE` and the caller's ``free`` (a key,
+    or a section as ``"ray."``)."""
+    return {k: v for k, v in cfg.flat().items()
+            if k not in FREE and not any(k == f or (f.endswith(".") and k.startswith(f)) for f in free)}
+
+
+def _normal(definition: dict[str, Any]) -> dict[str, Any]:
+    normal: dict[str, Any] = json.loads(json.dumps(definition, default=str))  # tuples as lists, as saved
+    return normal
+
+
+def changes(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``key=old (now new)`` for every key whose value differs, sorted by key."""
+    now = _normal(now)
+    out = []
+    for key in sorted(set(recorded) | set(now)):
+        old, new = recorded.get(key, "unset"), now.get(key, "unset")
+        if old != new:
+            out.append(f"{key}={json.dumps(old)} (now {json.dumps(new)})")
+    return out
+
+
+def record_definition(folder: Path, file: str, definition: dict[str, Any]) -> None:
+    """A new run: its definition, for the next command that names it."""
+    update_state(folder, file, definition=_normal(definition))
+
+
+def check_unchanged(kind: str, name: str, folder: Path, file: str, definition: dict[str, Any]) -> None:
+    """Before restoring ``kind`` ``name`` from ``folder``: refuse a definition that is not the saved one.
+    A run saved before definitions were recorded is restored as it is."""
+    recorded = read_state(folder, file).get("definition")
+    if recorded is None:
+        return
+    diff = changes(recorded, definition)
+    if not diff:
+        return
+    more = f" and {len(diff) - SHOWN} more" if len(diff) > SHOWN else ""
+    raise ChangedOnRestore(
+        f"{kind} {name} exists at {folder} with {', '.join(diff[:SHOWN])}{more}: the same name resumes it as it was "
+        f"started. Give another --name for a new {kind}, or leave the changes out to resume this one")

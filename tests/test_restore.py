@@ -1,0 +1,83 @@
+"""deepindex.restore: a sweep or audit named again is restored as it was started, or refused."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deepindex.config import load_config
+from deepindex.restore import (
+    FREE,
+    ChangedOnRestore,
+    check_unchanged,
+    config_definition,
+    read_state,
+    record_definition,
+    update_state,
+)
+
+
+def test_the_state_file_keeps_the_parent_run_and_the_definition_side_by_side(tmp_path) -> None:
+    assert read_state(tmp_path / "run", "state.json") == {}
+    update_state(tmp_path / "run", "state.json", parent_run_id="abc", tracking_uri="http://x")
+    record_definition(tmp_path / "run", "state.json", {"model.channels": (8, 16), "optim.lr": 0.1})
+    update_state(tmp_path / "run", "state.json", parent_run_id="def")
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state == {"parent_run_id": "def", "tracking_uri": "http://x",
+                     "definition": {"model.channels": [8, 16], "optim.lr": 0.1}}
+
+
+def test_the_same_definition_restores_and_another_is_refused_naming_each_key(tmp_path) -> None:
+    cfg = load_config(None, ["data.dataset=digits", "model.channels=[8,16]"])
+    record_definition(tmp_path, "s.json", config_definition(cfg))
+    check_unchanged("sweep", "s", tmp_path, "s.json", config_definition(cfg))  # tuples against saved lists: equal
+    # Where the run is, and promotion, may change.
+    moved = cfg.override({k: v for k, v in {"ray.storage_path": "/elsewhere", "tracking.registered_model": "other",
+                                            "tracking.promote_min_qbe_map": 0.9}.items() if k in FREE})
+    check_unchanged("sweep", "s", tmp_path, "s.json", config_definition(moved))
+    other = cfg.override({"optim.lr": 0.5, "model.channels": [8, 32]})
+    with pytest.raises(ChangedOnRestore) as e:
+        check_unchanged("sweep", "s", tmp_path, "s.json", {**config_definition(other), "space.x": ["choice", [1]]})
+    msg = str(e.value)
+    assert msg.startswith(f"sweep s exists at {tmp_path} with model.channels=[8, 16] (now [8, 32]), "
+                          f"optim.lr={cfg.optim.lr} (now 0.5), space.x=\"unset\" (now [\"choice\", [1]]): "), msg
+    assert msg.endswith("Give another --name for a new sweep, or leave the changes out to resume this one")
+    # A long list is cut: four keys named, the rest counted.
+    many = cfg.override({"optim.lr": 0.5, "train.epochs": 2, "train.batch_size": 7, "model.dropout": 0.45,
+                         "data.train_size": 100})
+    with pytest.raises(ChangedOnRestore, match=r"train\.batch_size=\d+ \(now 7\) and 1 more: "):
+        check_unchanged("sweep", "s", tmp_path, "s.json", config_definition(many))
+    # An audit's own free keys (its filter acts after the folds) are the caller's to leave out.
+    record_definition(tmp_path, "a.json", config_definition(cfg, free=("audit.filter_by",)))
+    filtered = cfg.override({"audit.filter_by": "both"})
+    check_unchanged("audit", "a", tmp_path, "a.json", config_definition(filtered, free=("audit.filter_by",)))
+    with pytest.raises(ChangedOnRestore, match=r"^audit a exists at .* with audit\.folds=5 \(now 3\): "):
+        check_unchanged("audit", "a", tmp_path, "a.json",
+                        config_definition(filtered.override({"audit.folds": 3}), free=("audit.filter_by",)))
+
+
+def test_a_run_saved_before_definitions_were_recorded_restores_as_it_is(tmp_path) -> None:
+    update_state(tmp_path, "s.json", parent_run_id="abc")
+    check_unchanged("sweep", "s", tmp_path, "s.json", {"optim.lr": 1.0})
+
+
+def test_a_training_run_resumes_on_other_workers_or_longer_unless_its_schedule_is_cosine(tmp_path) -> None:
+    """``claim_run`` before a training run: the integration (a real resume, the CLI's line) is
+    tests/tracking/test_tracked_training.py's; here Ray Train's run state is an empty stand-in file."""
+    from deepindex.train.trainer import RAY_TRAIN_STATE, claim_run
+
+    for policy in ("step", "cosine"):
+        cfg = load_config(None, ["data.dataset=digits", f"schedule.policy={policy}", f"ray.storage_path={tmp_path}"])
+        claim_run(cfg, policy)  # a new run: recorded
+        claim_run(cfg.override({"model.dropout": 0.4}), policy)  # not started yet: a new definition
+        (tmp_path / policy / RAY_TRAIN_STATE).touch()  # now it has a checkpoint to resume from
+        with pytest.raises(ChangedOnRestore, match=rf"^training run {policy} exists at .* with model\.dropout=0\.4 "):
+            claim_run(cfg, policy)
+        cfg = cfg.override({"model.dropout": 0.4})
+        claim_run(cfg.override({"ray.num_workers": 3, "train.threads": 2, "tracking.enabled": False}), policy)
+        longer = cfg.override({"train.epochs": cfg.train.epochs + 4})
+        if policy == "step":
+            claim_run(longer, policy)
+        else:
+            with pytest.raises(ChangedOnRestore, match=r" with train\.epochs=\d+ \(now \d+\): "):
+                claim_run(longer, policy)
