@@ -294,6 +294,21 @@ def error_line(error: object) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
+def failure_line(error: BaseException) -> str:
+    """An unexpected failure in one line: a Ray Train run's first failed worker (its rank, its exception)
+    or the controller's error, else the exception itself; its type and the first line of its message."""
+    failures: dict[int, BaseException] | None = getattr(error, "worker_failures", None)
+    where = ""
+    if failures:
+        rank = min(failures)
+        where, error = f"training failed in worker rank {rank}: ", failures[rank]
+    elif getattr(error, "controller_failure", None) is not None:
+        where, error = "training failed in its controller: ", error.controller_failure  # type: ignore[attr-defined]
+    error = getattr(error, "cause", None) or error  # a Ray task's error wraps the exception it raised
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return f"{where}{type(error).__name__}" + (f": {lines[0][:300]}" if lines else "")
+
+
 def trial_error(trial: Any) -> str:
     """What a failed Tune trial's error says, in one line (its traceback is in the trial's folder and the log
     file, where Tune's own record of it goes)."""

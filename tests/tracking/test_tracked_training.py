@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ def _history(client, run_id: str, key: str) -> list[int]:
 
 
 @pytest.mark.timeout(300)
-def test_run_holds_params_metrics_tags_artifacts_and_resume_continues_it(ray_local, mlflow_server, tmp_path):
+def test_run_holds_params_metrics_tags_artifacts_and_resume_continues_it(ray_local, mlflow_server, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     from deepindex.workflows import tracked_train
@@ -52,6 +53,31 @@ def test_run_holds_params_metrics_tags_artifacts_and_resume_continues_it(ray_loc
     exp = client.get_experiment_by_name(exp_name)
     assert len(client.search_runs([exp.experiment_id])) == 1
     assert client.get_run(run_id).info.status == "FINISHED"
+
+    # The same name with another model would fail to load the checkpoint in every worker (a
+    # traceback per worker, retried); another dataset or schedule would mix two runs in one.  The
+    # command refuses it in one line naming the keys, before anything runs; more epochs were fine.
+    from deepindex.cli import main
+
+    overrides = [*TINY, *ONE_WORKER, "train.epochs=3", f"ray.storage_path={tmp_path / 'results'}",
+                 f"tracking.experiment={exp_name}"]
+    assert main(["train", "--name", "run1", *overrides, "model.channels=[8,32]", "optim.lr=0.05"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"deepindex train: error: training run run1 exists at {tmp_path / 'results' / 'run1'} with "
+                   "model.channels=[8, 16] (now [8, 32]), optim.lr=0.02 (now 0.05): the same name resumes it as it "
+                   "was started. Give another --name for a new training run, or leave the changes out to resume "
+                   "this one"], err
+    assert _history(client, run_id, "val_top1_error") == [0, 1, 2]
+    # A run saved before definitions were recorded resumes as it is: then the workers fail to load
+    # the checkpoint, and the command says so in one line, naming the log file (exit 1), no traceback.
+    (tmp_path / "results" / "run1" / "deepindex_train.json").unlink()
+    assert main(["train", "--name", "run1", *overrides, "model.channels=[8,32]", "ray.max_failures=0",
+                 "tracking.enabled=false"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0] == "training convnet on 1 worker(s), 3 epochs (digits)", err
+    assert re.fullmatch(r"deepindex train: failed: training failed in worker rank 0: RuntimeError: Error\(s\) in "
+                        r"loading state_dict for ConceptModel: \(the traceback is in (/\S+\.log)\)", err[1]), err
+    assert "size mismatch for body" in Path(err[1].rsplit(" ", 1)[1].rstrip(")")).read_text()
 
 
 @pytest.mark.timeout(300)
