@@ -75,6 +75,7 @@ def test_a_training_run_resumes_on_other_workers_or_longer_unless_its_schedule_i
             claim_run(cfg, policy)
         cfg = cfg.override({"model.dropout": 0.4})
         claim_run(cfg.override({"ray.num_workers": 3, "train.threads": 2, "tracking.enabled": False}), policy)
+        claim_run(cfg.override({"audit.filter_by": "both"}), policy)  # a fold of an audit restored with another filter
         longer = cfg.override({"train.epochs": cfg.train.epochs + 4})
         if policy == "step":
             claim_run(longer, policy)

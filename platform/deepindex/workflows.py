@@ -45,13 +45,15 @@ def train_main(config_path: str | None, overrides: list[str], name: str | None =
     cfg = load_config(config_path, overrides)
     check_data(cfg)
     name = name or run_name(cfg)
-    claim_run(cfg, name)  # a changed resume fails here, before Ray starts
+    resumed = claim_run(cfg, name)  # a changed resume fails here, before Ray starts
     connect()
     wait_for_resources(cfg.ray.worker_group(), f"training ({cfg.ray.num_workers} worker(s) x "
                                                 f"{cfg.ray.cpus_per_worker:g} CPU)")
     sync_pending(storage_path(cfg))
     event("training %s on %d worker(s), %d epochs (%s)", cfg.model.name, cfg.ray.num_workers, cfg.train.epochs,
           cfg.data.dataset)
+    if resumed is not None:
+        event("train %s exists at %s: resuming it from its last checkpoint", name, resumed)
     # One MLflow run per training run (when a tracking server is configured or up).
     try:
         out, run_id = tracked_train(cfg, name=name, callbacks=[epoch_lines(cfg.train.epochs)])

@@ -74,10 +74,12 @@ def test_run_holds_params_metrics_tags_artifacts_and_resume_continues_it(ray_loc
     assert main(["train", "--name", "run1", *overrides, "model.channels=[8,32]", "ray.max_failures=0",
                  "tracking.enabled=false"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and err[0] == "training convnet on 1 worker(s), 3 epochs (digits)", err
+    assert err[:2] == ["training convnet on 1 worker(s), 3 epochs (digits)",
+                       f"train run1 exists at {tmp_path / 'results' / 'run1'}: resuming it from its last checkpoint"]
+    assert len(err) == 3, err
     assert re.fullmatch(r"deepindex train: failed: training failed in worker rank 0: RuntimeError: Error\(s\) in "
-                        r"loading state_dict for ConceptModel: \(the traceback is in (/\S+\.log)\)", err[1]), err
-    assert "size mismatch for body" in Path(err[1].rsplit(" ", 1)[1].rstrip(")")).read_text()
+                        r"loading state_dict for ConceptModel: \(the traceback is in (/\S+\.log)\)", err[2]), err
+    assert "size mismatch for body" in Path(err[2].rsplit(" ", 1)[1].rstrip(")")).read_text()
 
 
 @pytest.mark.timeout(300)

@@ -145,6 +145,7 @@ def test_stopped_run_started_again_resumes(tmp_path, mlflow_server):
     # The resumed epoch is reported again (its first report may have died with the run): the
     # console shows it, and a Tune trial restored after its last epoch ends on that epoch.
     console = done.stdout + done.stderr
+    assert f"train again exists at {tmp_path / 'again'}: resuming it from its last checkpoint\n" in console
     assert f"epoch {st['start_epoch']}/4: " in console, console[-2000:]
     run = the_run()  # the same run, continued
     assert run.info.status == "FINISHED" and run.info.run_id == result["mlflow_run_id"]

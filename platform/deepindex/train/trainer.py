@@ -63,22 +63,26 @@ def check_batches(cfg: Config, train_rows: int) -> None:
                           f"no training step would run; set train.batch_size <= {share * world}")
 
 
-def claim_run(cfg: Config, name: str) -> None:
+def claim_run(cfg: Config, name: str) -> Path | None:
     """A run named again resumes from its last checkpoint (:mod:`deepindex.restore`): refused if it
-    would train something else; a new run records what it trains.  Where it runs, on how many
-    workers and threads, and its tracking may change, and ``train.epochs`` (more epochs continue a
-    finished run) unless the schedule is cosine, which anneals over the run's epochs: a resumed cosine
-    goes on past its end by raising the learning rate again."""
+    would train something else; a new run records what it trains.  Returns the folder of the run it
+    resumes (None: a new run, or remote storage).  Where it runs, on how many workers and threads,
+    its tracking and the audit it is a fold of may change, and ``train.epochs`` (more epochs continue
+    a finished run) unless the schedule is cosine, which anneals over the run's epochs: a resumed
+    cosine goes on past its end by raising the learning rate again."""
     storage = storage_path(cfg)
     if "://" in storage:
-        return  # remote storage: Ray Train's checkpoint is all there is to go by
+        return None  # remote storage: Ray Train's checkpoint is all there is to go by
     folder = Path(storage) / name
-    free = ("ray.", "tracking.", "train.threads") + (() if cfg.schedule.policy == "cosine" else ("train.epochs",))
+    # audit.*: a fold's audit (its filter may change on a restore; the audit checks its own folds)
+    free = ("ray.", "tracking.", "audit.", "train.threads") + (() if cfg.schedule.policy == "cosine"
+                                                                else ("train.epochs",))
     definition = config_definition(cfg, free=free)
     if (folder / RAY_TRAIN_STATE).is_file():
         check_unchanged("training run", name, folder, TRAIN_STATE, definition)
-    else:
-        record_definition(folder, TRAIN_STATE, definition)
+        return folder
+    record_definition(folder, TRAIN_STATE, definition)
+    return None
 
 
 def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list[UserCallback] | None = None,
