@@ -64,6 +64,14 @@ def test_a_checkpoint_path_that_is_not_there_is_refused_before_anything_deploys(
     snapshot.write_text('{"latest_checkpoint_result": null}')
     with pytest.raises(ValueError, match=f"^model: {snapshot} is not a deepindex checkpoint"):
         build_app({"model": str(snapshot), "api_token_file": None})
+    # A training run's folder (the name `deepindex train` prints): the message names its latest checkpoint.
+    for stamp in ("2026-12-06_06-02-32.539691", "2026-12-06_06-02-40.320739"):
+        (tmp_path / f"checkpoint_{stamp}").mkdir()
+        (tmp_path / f"checkpoint_{stamp}" / "checkpoint.pt").write_bytes(b"PK")
+    with pytest.raises(FileNotFoundError, match=f"^model: {tmp_path} is a training run's folder, not a checkpoint: "
+                                                f"give one of its checkpoints \\(the latest is "
+                                                f"{tmp_path}/checkpoint_2026-12-06_06-02-40.320739; "):
+        build_app({"model": str(tmp_path), "api_token_file": None})
 
 
 @pytest.mark.timeout(300)

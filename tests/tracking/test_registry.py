@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import torch
@@ -56,7 +57,7 @@ def _candidate(client, experiment_id, splits, tmp_path, epochs: int, seed: int, 
     return run.info.run_id
 
 
-def test_weaker_candidate_keeps_the_champion_better_one_replaces_it(mlflow_server, splits, tmp_path):
+def test_weaker_candidate_keeps_the_champion_better_one_replaces_it(mlflow_server, splits, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     from deepindex.tracking.registry import resolve_model
@@ -101,6 +102,18 @@ def test_weaker_candidate_keeps_the_champion_better_one_replaces_it(mlflow_serve
     assert (local.name, local.version) == ("local", "file-" + digest)
     with pytest.raises(ValueError, match="not found in the registry"):
         resolve_model(f"models:/{name}@nobody", mlflow_server.uri)
+
+    # `deepindex evaluate` takes what serve and index take: the champion's figures on its test split.
+    from deepindex.cli import main
+    from deepindex.train.evaluation import evaluate_checkpoint
+
+    capsys.readouterr()
+    assert main(["evaluate", f"models:/{name}@champion", "--tracking-uri", mlflow_server.uri]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(json.dumps(evaluate_checkpoint(champ.checkpoint_path)))
+    assert printed["test_top1_error"] == pytest.approx(better.candidate)
+    assert main(["evaluate", f"models:/{name}@nobody", "--tracking-uri", mlflow_server.uri]) == 2
+    assert capsys.readouterr().err.startswith(f"deepindex evaluate: error: model: models:/{name}@nobody not found")
 
 
 def test_a_retrieval_floor_refuses_a_better_candidate_below_it(mlflow_server, splits, tmp_path):

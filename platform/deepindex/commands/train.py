@@ -16,9 +16,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--name", help="run name; the same name and storage path resume a run")
     p.set_defaults(func=run_train)
 
-    e = sub.add_parser("evaluate", help="a checkpoint's metrics on a split of its dataset")
-    e.add_argument("checkpoint", help="checkpoint directory or checkpoint.pt")
+    e = sub.add_parser("evaluate", help="a model's metrics on a split of its dataset")
+    e.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint (its folder or "
+                                 "checkpoint.pt)")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--tracking-uri", help="MLflow tracking URI for a models:/ URI (default: the local platform's)")
     e.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE",
                    help="change the checkpoint's data config, e.g. data.root=/new/place for a collection that moved")
     e.set_defaults(func=run_evaluate)
@@ -32,7 +34,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from deepindex.tracking.registry import resolve_model
     from deepindex.train.evaluation import evaluate_checkpoint
 
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.split, args.overrides), indent=2))
+    resolved = resolve_model(args.model, args.tracking_uri)
+    print(json.dumps(evaluate_checkpoint(resolved.checkpoint_path, args.split, args.overrides), indent=2))
     return 0

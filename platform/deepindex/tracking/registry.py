@@ -93,6 +93,11 @@ def _checkpoint_at(path: str) -> Path:
         raise ValueError("model: empty model URI")
     f = checkpoint_file(path)
     if not f.is_file():
+        run = sorted(Path(path).expanduser().glob(f"checkpoint_*/{FILENAME}")) if Path(path).is_dir() else []
+        if run:  # a training run's folder (what `deepindex train` names): one of its checkpoints, then
+            raise FileNotFoundError(f"model: {path} is a training run's folder, not a checkpoint: give one of its "
+                                    f"checkpoints (the latest is {run[-1].parent}; `deepindex train` printed the "
+                                    f"best)")
         raise FileNotFoundError(f"model: no checkpoint at {path} (expected a models:/ URI or a checkpoint path)")
     return f
 
