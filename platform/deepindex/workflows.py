@@ -133,12 +133,13 @@ def finalize_run(tracker: Tracker | None, best_checkpoint: str, latest_checkpoin
     return scored.named(), run_id
 
 
-def promote(run_id: str, name: str, tracking_uri: str | None = None, *, parent_run_id: str | None = None,
+def promote(run_id: str, name: str | None, tracking_uri: str | None = None, *, parent_run_id: str | None = None,
             alias: str = "champion", min_qbe_map: float | None = None) -> PromotionDecision:
     """Score the candidate run and the current champion on the candidate's test split; move the
     alias to the candidate only when it is strictly better, and, when a retrieval floor is set
     (``min_qbe_map``, else the candidate's ``tracking.promote_min_qbe_map``), when its query-by-example
-    mAP@10 reaches it (:func:`retrieval_floor`).  The candidate is registered either way."""
+    mAP@10 reaches it (:func:`retrieval_floor`).  The candidate is registered either way, under
+    ``name``, else its own ``tracking.registered_model``."""
     from deepindex.checkpoint import read_checkpoint
     from deepindex.config import from_dict
     from deepindex.tracking import registry
@@ -150,6 +151,7 @@ def promote(run_id: str, name: str, tracking_uri: str | None = None, *, parent_r
         cand_cfg = from_dict(read_checkpoint(cand_dir)["config"])
         cand = score_checkpoint(cand_dir)
         floor = cand_cfg.tracking.promote_min_qbe_map if min_qbe_map is None else min_qbe_map
+        name = name or cand_cfg.tracking.registered_model
         qbe = retrieval_floor(cand_dir, cand_cfg, run_id, tracking_uri) if floor is not None else None
     metric, mode = primary_metric(cand.multilabel, prefix="test_")
     cand_value = float(cand.metrics[metric])
@@ -184,8 +186,8 @@ def promote(run_id: str, name: str, tracking_uri: str | None = None, *, parent_r
                                  run_id, reason, qbe_floor=floor, qbe_map=None if qbe is None else qbe["map"])
     from deepindex.console import event
 
-    event("promotion: %s -> %s (run %s)", reason, f"{alias} = version {version}" if promoted else f"{alias} unchanged",
-          run_id)
+    event("promotion: %s -> %s (run %s)", reason,
+          f"{name}@{alias} = version {version}" if promoted else f"{name}@{alias} unchanged", run_id)
     registry.log_decision(decision, parent_run_id, tracking_uri)
     return decision
 
@@ -257,11 +259,12 @@ def _held_out_gallery(lm: LoadedModel, cfg: Config) -> Collection:
                       splits.channels, images=images, labels=labels, meta={"split": "test"}, preset=splits.preset)
 
 
-def promote_main(*, sweep: str | None = None, run_id: str | None = None, model: str = "deepindex",
+def promote_main(*, sweep: str | None = None, run_id: str | None = None, model: str | None = None,
                  experiment: str = "deepindex", tracking_uri: str | None = None, show: bool = True,
                  min_qbe_map: float | None = None) -> dict[str, Any]:
-    """Promote a sweep's best trial (or a given run): register it, move ``champion`` if better (and at or
-    above the retrieval floor, when one is set); ``show`` prints the decision as JSON on stdout."""
+    """Promote a sweep's best trial (or a given run): register it as ``model`` (default: the run's own
+    ``tracking.registered_model``), move ``champion`` if better (and at or above the retrieval floor,
+    when one is set); ``show`` prints the decision as JSON on stdout."""
     from deepindex.tracking.sweep import find_sweep_best
 
     if (sweep is None) == (run_id is None):

@@ -182,7 +182,8 @@ def test_a_model_of_another_collection_is_refused_before_anything_is_registered(
     assert promote(_candidate(client, exp, splits, tmp_path, epochs=0, seed=1), name, mlflow_server.uri).promoted
     root = make_photo_collection(tmp_path / "photos", n=40, size=128, seed=0).root
     cfg = load_config(None, ["data.dataset=manifest", f"data.root={root}", "data.image_size=32", "data.channels=3",
-                             "model.channels=[8]", "model.embed_dim=16"])
+                             "model.channels=[8]", "model.embed_dim=16",
+                             f"tracking.registered_model=photos-{tmp_path.name}"])
     sp = build_splits(cfg.data)
     save_checkpoint(tmp_path / "photo-ckpt", model=build_model(cfg.model, len(sp.concepts), sp.channels), config=cfg,
                     stats=sp.stats, concepts=sp.concepts, multilabel=sp.multilabel, epoch=0)
@@ -202,8 +203,13 @@ def test_a_model_of_another_collection_is_refused_before_anything_is_registered(
     assert main(["promote", "--run", run.info.run_id, "--model", name]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("deepindex promote: error: model: the champion of ") and "\n" not in err, err
-    photos = promote(run.info.run_id, f"photos-{tmp_path.name}", mlflow_server.uri)
-    assert photos.promoted and photos.champion is None
+    # Without --model the candidate goes where its own config says (it went to `deepindex`, another
+    # collection's model, unless the user remembered --model).
+    assert main(["promote", "--run", run.info.run_id]) == 0
+    out = capsys.readouterr()
+    photos = json.loads(out.out)
+    assert photos["promoted"] and photos["name"] == f"photos-{tmp_path.name}" and photos["champion"] is None
+    assert f"-> photos-{tmp_path.name}@champion = version 1 (run {run.info.run_id})" in out.err, out.err
 
 
 def test_a_checkpoint_path_resolves_to_its_content_hash(tmp_path, monkeypatch):

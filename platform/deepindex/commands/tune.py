@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g = q.add_mutually_exclusive_group(required=True)
     g.add_argument("--sweep", help="sweep name (its best trial is promoted)")
     g.add_argument("--run", dest="run_id", help="an MLflow run id with a checkpoint/ artifact")
-    q.add_argument("--model", default="deepindex", help="registered model name")
+    q.add_argument("--model", help="registered model name (default: the run's own tracking.registered_model, "
+                                   "deepindex unless its config set another)")
     q.add_argument("--experiment", default="deepindex", help="MLflow experiment of the sweep")
     q.add_argument("--min-qbe-map", type=float, metavar="MAP",
                    help="retrieval floor: refuse unless the candidate's query-by-example mAP@10 on a held-out "
