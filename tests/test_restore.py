@@ -1,4 +1,4 @@
-"""deepindex.restore: a sweep or audit named again is restored as it was started, or refused."""
+"""deepindex.restore: a training run, sweep or audit named again resumes as it was started, or is refused."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,10 @@ import pytest
 
 from deepindex.config import load_config
 from deepindex.restore import (
+    AUDIT_STATE,
     FREE,
+    SWEEP_STATE,
+    TRAIN_STATE,
     ChangedOnRestore,
     check_unchanged,
     config_definition,
@@ -18,26 +21,26 @@ from deepindex.restore import (
 
 
 def test_the_state_file_keeps_the_parent_run_and_the_definition_side_by_side(tmp_path) -> None:
-    assert read_state(tmp_path / "run", "state.json") == {}
-    update_state(tmp_path / "run", "state.json", parent_run_id="abc", tracking_uri="http://x")
-    record_definition(tmp_path / "run", "state.json", {"model.channels": (8, 16), "optim.lr": 0.1})
-    update_state(tmp_path / "run", "state.json", parent_run_id="def")
-    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert read_state(tmp_path / "run", TRAIN_STATE) == {}
+    update_state(tmp_path / "run", TRAIN_STATE, parent_run_id="abc", tracking_uri="http://x")
+    record_definition(tmp_path / "run", TRAIN_STATE, {"model.channels": (8, 16), "optim.lr": 0.1})
+    update_state(tmp_path / "run", TRAIN_STATE, parent_run_id="def")
+    state = json.loads((tmp_path / "run" / TRAIN_STATE).read_text())
     assert state == {"parent_run_id": "def", "tracking_uri": "http://x",
                      "definition": {"model.channels": [8, 16], "optim.lr": 0.1}}
 
 
 def test_the_same_definition_restores_and_another_is_refused_naming_each_key(tmp_path) -> None:
     cfg = load_config(None, ["data.dataset=digits", "model.channels=[8,16]"])
-    record_definition(tmp_path, "s.json", config_definition(cfg))
-    check_unchanged("sweep", "s", tmp_path, "s.json", config_definition(cfg))  # tuples against saved lists: equal
+    record_definition(tmp_path, SWEEP_STATE, config_definition(cfg))
+    check_unchanged("s", tmp_path, SWEEP_STATE, config_definition(cfg))  # tuples against saved lists: equal
     # Where the run is, and promotion, may change.
     moved = cfg.override({k: v for k, v in {"ray.storage_path": "/elsewhere", "tracking.registered_model": "other",
                                             "tracking.promote_min_qbe_map": 0.9}.items() if k in FREE})
-    check_unchanged("sweep", "s", tmp_path, "s.json", config_definition(moved))
+    check_unchanged("s", tmp_path, SWEEP_STATE, config_definition(moved))
     other = cfg.override({"optim.lr": 0.5, "model.channels": [8, 32]})
     with pytest.raises(ChangedOnRestore) as e:
-        check_unchanged("sweep", "s", tmp_path, "s.json", {**config_definition(other), "space.x": ["choice", [1]]})
+        check_unchanged("s", tmp_path, SWEEP_STATE, {**config_definition(other), "space.x": ["choice", [1]]})
     msg = str(e.value)
     assert msg.startswith(f"sweep s exists at {tmp_path} with model.channels=[8, 16] (now [8, 32]), "
                           f"optim.lr={cfg.optim.lr} (now 0.5), space.x=\"unset\" (now [\"choice\", [1]]): "), msg
@@ -46,19 +49,19 @@ def test_the_same_definition_restores_and_another_is_refused_naming_each_key(tmp
     many = cfg.override({"optim.lr": 0.5, "train.epochs": 2, "train.batch_size": 7, "model.dropout": 0.45,
                          "data.train_size": 100})
     with pytest.raises(ChangedOnRestore, match=r"train\.batch_size=\d+ \(now 7\) and 1 more: "):
-        check_unchanged("sweep", "s", tmp_path, "s.json", config_definition(many))
+        check_unchanged("s", tmp_path, SWEEP_STATE, config_definition(many))
     # An audit's own free keys (its filter acts after the folds) are the caller's to leave out.
-    record_definition(tmp_path, "a.json", config_definition(cfg, free=("audit.filter_by",)))
+    record_definition(tmp_path / "a", AUDIT_STATE, config_definition(cfg, free=("audit.filter_by",)))
     filtered = cfg.override({"audit.filter_by": "both"})
-    check_unchanged("audit", "a", tmp_path, "a.json", config_definition(filtered, free=("audit.filter_by",)))
+    check_unchanged("a", tmp_path / "a", AUDIT_STATE, config_definition(filtered, free=("audit.filter_by",)))
     with pytest.raises(ChangedOnRestore, match=r"^audit a exists at .* with audit\.folds=5 \(now 3\): "):
-        check_unchanged("audit", "a", tmp_path, "a.json",
+        check_unchanged("a", tmp_path / "a", AUDIT_STATE,
                         config_definition(filtered.override({"audit.folds": 3}), free=("audit.filter_by",)))
 
 
 def test_a_run_saved_before_definitions_were_recorded_restores_as_it_is(tmp_path) -> None:
-    update_state(tmp_path, "s.json", parent_run_id="abc")
-    check_unchanged("sweep", "s", tmp_path, "s.json", {"optim.lr": 1.0})
+    update_state(tmp_path, SWEEP_STATE, parent_run_id="abc")
+    check_unchanged("s", tmp_path, SWEEP_STATE, {"optim.lr": 1.0})
 
 
 def test_a_training_run_resumes_on_other_workers_or_longer_unless_its_schedule_is_cosine(tmp_path) -> None:
@@ -82,3 +85,17 @@ def test_a_training_run_resumes_on_other_workers_or_longer_unless_its_schedule_i
         else:
             with pytest.raises(ChangedOnRestore, match=r" with train\.epochs=\d+ \(now \d+\): "):
                 claim_run(longer, policy)
+
+
+def test_a_name_is_one_kind_of_run(tmp_path) -> None:
+    """An audit named like a sweep would restore the sweep's trials as folds (both are Tune runs);
+    a training run named like a sweep would write its checkpoints among the trials."""
+    record_definition(tmp_path / "s2", SWEEP_STATE, {"optim.lr": 0.1})
+    with pytest.raises(ChangedOnRestore, match=rf"^s2: {tmp_path / 's2'} holds a sweep, not an audit: give another "
+                                               r"--name$"):
+        check_unchanged("s2", tmp_path / "s2", AUDIT_STATE, {"optim.lr": 0.1})
+    with pytest.raises(ChangedOnRestore, match=r"holds a sweep, not a training run"):
+        record_definition(tmp_path / "s2", TRAIN_STATE, {"optim.lr": 0.1})
+    assert sorted(p.name for p in (tmp_path / "s2").iterdir()) == [SWEEP_STATE]
+    check_unchanged("s2", tmp_path / "s2", SWEEP_STATE, {"optim.lr": 0.1})
+

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from deepindex.config import Config
 
 SHOWN = 4  # changed keys named in the error; the rest are counted
+# Each kind of run's state file in its folder: a folder holds one kind (a name is not reused across kinds).
+SWEEP_STATE, AUDIT_STATE, TRAIN_STATE = "deepindex_sweep.json", "deepindex_audit.json", "deepindex_train.json"
+KINDS = {SWEEP_STATE: "sweep", AUDIT_STATE: "audit", TRAIN_STATE: "training run"}
 # Config keys a restored run may change: where it and its decoded data are, and what acts after its
 # trials (promotion).
 FREE = ("ray.name", "ray.storage_path", "data.cache_dir", "tracking.registered_model", "tracking.promote_min_qbe_map",
@@ -70,14 +73,27 @@ def changes(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return out
 
 
+def _same_kind(name: str, folder: Path, file: str) -> None:
+    """Refuse a folder that holds another kind of run (a sweep named like an audit, a training run
+    named like a sweep): restoring or recording there would read or mix the other's state."""
+    for other, what in KINDS.items():
+        if other != file and (folder / other).is_file():
+            kind = KINDS[file]
+            raise ChangedOnRestore(f"{name}: {folder} holds a {what}, not {'an' if kind[0] in 'aeiou' else 'a'} "
+                                   f"{kind}: give another --name")
+
+
 def record_definition(folder: Path, file: str, definition: dict[str, Any]) -> None:
     """A new run: its definition, for the next command that names it."""
+    _same_kind(folder.name, folder, file)
     update_state(folder, file, definition=_normal(definition))
 
 
-def check_unchanged(kind: str, name: str, folder: Path, file: str, definition: dict[str, Any]) -> None:
-    """Before restoring ``kind`` ``name`` from ``folder``: refuse a definition that is not the saved one.
-    A run saved before definitions were recorded is restored as it is."""
+def check_unchanged(name: str, folder: Path, file: str, definition: dict[str, Any]) -> None:
+    """Before restoring the run ``name`` from ``folder`` (its kind's state ``file``): refuse a definition
+    that is not the saved one.  A run saved before definitions were recorded is restored as it is."""
+    _same_kind(name, folder, file)
+    kind = KINDS[file]
     recorded = read_state(folder, file).get("definition")
     if recorded is None:
         return

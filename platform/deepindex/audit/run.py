@@ -29,7 +29,14 @@ import numpy as np
 
 from deepindex.config import Config, ConfigError, from_dict
 from deepindex.console import error_line, event, failure_lines, tune_verbosity
-from deepindex.restore import check_unchanged, config_definition, read_state, record_definition, update_state
+from deepindex.restore import (
+    AUDIT_STATE,
+    check_unchanged,
+    config_definition,
+    read_state,
+    record_definition,
+    update_state,
+)
 
 if TYPE_CHECKING:
     from ray.tune import Callback
@@ -38,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-AUDIT_STATE = "deepindex_audit.json"
 FOLD_DRIVER_MEMORY = 512 * 2**20  # bytes reserved by a fold's Tune trial
 
 
@@ -228,7 +234,9 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
     definition = config_definition(cfg, free=("audit.filter_by", "audit.grid_items", "audit.max_concurrent",
                                               "audit.fold_driver_cpus"))
     if restoring:  # before anything is written: a changed audit is refused as it was
-        check_unchanged("audit", name, audit_dir, AUDIT_STATE, definition)
+        check_unchanged(name, audit_dir, AUDIT_STATE, definition)
+    else:
+        record_definition(audit_dir, AUDIT_STATE, definition)
     splits = build_splits(cfg.data)  # the given labels, ids and images; fails early on bad data
     view, concepts = splits.view, splits.concepts
     given = multi_hot(view.given, len(concepts)).numpy()  # exclusive classes one-hot
@@ -254,7 +262,6 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
         event("audit %s exists at %s: restoring it (finished folds kept)", name, audit_dir)
         tuner = tune.Tuner.restore(str(audit_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        record_definition(audit_dir, AUDIT_STATE, definition)
         concurrent = cfg.audit.max_concurrent or folds
         event("audit %s: %d folds of %d train items, %d at a time", name, folds, len(given), concurrent)
         tuner = tune.Tuner(

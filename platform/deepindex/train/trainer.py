@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from deepindex.config import Config, ConfigError
 from deepindex.paths import state_dir
-from deepindex.restore import check_unchanged, config_definition, record_definition
+from deepindex.restore import TRAIN_STATE, check_unchanged, config_definition, record_definition
 from deepindex.train.engine import primary_metric
 
 if TYPE_CHECKING:
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TRAIN_STATE = "deepindex_train.json"  # a training run's definition (deepindex.restore)
 RAY_TRAIN_STATE = "checkpoint_manager_snapshot.json"  # Ray Train V2's: a run with it resumes from its checkpoint
 
 
@@ -79,7 +78,7 @@ def claim_run(cfg: Config, name: str) -> Path | None:
                                                                 else ("train.epochs",))
     definition = config_definition(cfg, free=free)
     if (folder / RAY_TRAIN_STATE).is_file():
-        check_unchanged("training run", name, folder, TRAIN_STATE, definition)
+        check_unchanged(name, folder, TRAIN_STATE, definition)
         return folder
     record_definition(folder, TRAIN_STATE, definition)
     return None

@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from deepindex.restore import check_unchanged, config_definition, read_state, record_definition, update_state
+from deepindex.restore import (
+    SWEEP_STATE,
+    check_unchanged,
+    config_definition,
+    read_state,
+    record_definition,
+    update_state,
+)
 from deepindex.tracking.registry import PromotionDecision
 from deepindex.tune.space import SweepSpec
 
@@ -42,7 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EPOCHS_DONE = "epochs_done"  # the ASHA time attribute: survives trial restarts, unlike training_iteration
-SWEEP_FILE = "deepindex_sweep.json"
+SWEEP_FILE = SWEEP_STATE
 # Settings a restored sweep may change: they act after its trials, or say how many run at once.
 SETTINGS_AFTER_TRIALS = ("promote", "name", "max_concurrent_trials", "trial_driver_cpus")
 
@@ -264,7 +271,7 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | N
     sweep_dir = Path(storage) / name
     restoring = tune.Tuner.can_restore(str(sweep_dir))
     if restoring:  # before anything is written: a changed sweep is refused as it was
-        check_unchanged("sweep", name, sweep_dir, SWEEP_FILE, _definition(spec))
+        check_unchanged(name, sweep_dir, SWEEP_FILE, _definition(spec))
     else:
         record_definition(sweep_dir, SWEEP_FILE, _definition(spec))
     metric, mode = primary_metric(spec.base.multilabel)
