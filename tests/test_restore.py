@@ -66,14 +66,18 @@ def test_a_run_saved_before_definitions_were_recorded_restores_as_it_is(tmp_path
 
 def test_a_training_run_resumes_on_other_workers_or_longer_unless_its_schedule_is_cosine(tmp_path) -> None:
     """``claim_run`` before a training run: the integration (a real resume, the CLI's line) is
-    tests/tracking/test_tracked_training.py's; here Ray Train's run state is an empty stand-in file."""
+    tests/tracking/test_tracked_training.py's; here Ray Train's run state is a stand-in file of its
+    shape (the field the tests of Ray Train runs read too)."""
     from deepindex.train.trainer import RAY_TRAIN_STATE, claim_run
 
     for policy in ("step", "cosine"):
         cfg = load_config(None, ["data.dataset=digits", f"schedule.policy={policy}", f"ray.storage_path={tmp_path}"])
         claim_run(cfg, policy)  # a new run: recorded
         claim_run(cfg.override({"model.dropout": 0.4}), policy)  # not started yet: a new definition
-        (tmp_path / policy / RAY_TRAIN_STATE).touch()  # now it has a checkpoint to resume from
+        state = tmp_path / policy / RAY_TRAIN_STATE
+        state.write_text('{"latest_checkpoint_result": null}')  # failed before its first checkpoint: starts over
+        claim_run(cfg.override({"model.dropout": 0.4}), policy)
+        state.write_text('{"latest_checkpoint_result": {"metrics": {"epoch": 0}}}')  # now it resumes from one
         with pytest.raises(ChangedOnRestore, match=rf"^training run {policy} exists at .* with model\.dropout=0\.4 "):
             claim_run(cfg, policy)
         cfg = cfg.override({"model.dropout": 0.4})

@@ -1,6 +1,7 @@
 """``build_trainer(cfg)``: the one Ray Train ``TorchTrainer`` that train and tune share."""
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -77,11 +78,23 @@ def claim_run(cfg: Config, name: str) -> Path | None:
     free = ("ray.", "tracking.", "audit.", "train.threads") + (() if cfg.schedule.policy == "cosine"
                                                                 else ("train.epochs",))
     definition = config_definition(cfg, free=free)
-    if (folder / RAY_TRAIN_STATE).is_file():
+    if _has_checkpoint(folder):
         check_unchanged(name, folder, TRAIN_STATE, definition)
         return folder
-    record_definition(folder, TRAIN_STATE, definition)
+    record_definition(folder, TRAIN_STATE, definition)  # a run that failed before its first checkpoint starts over
     return None
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    """Whether Ray Train resumes the run in ``folder`` from a checkpoint: its run state names one (an
+    unreadable state counts as one: Ray Train would not start over from it either)."""
+    f = folder / RAY_TRAIN_STATE
+    if not f.is_file():
+        return False
+    try:
+        return bool(json.loads(f.read_text()).get("latest_checkpoint_result"))
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list[UserCallback] | None = None,

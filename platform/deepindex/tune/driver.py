@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EPOCHS_DONE = "epochs_done"  # the ASHA time attribute: survives trial restarts, unlike training_iteration
-SWEEP_FILE = SWEEP_STATE
 # Settings a restored sweep may change: they act after its trials, or say how many run at once.
 SETTINGS_AFTER_TRIALS = ("promote", "name", "max_concurrent_trials", "trial_driver_cpus")
 
@@ -230,7 +229,7 @@ def _parent_run(spec: SweepSpec, name: str, sweep_dir: Path, tracking_uri: str |
 
     if tracking_uri is None:
         return None
-    recorded = read_state(sweep_dir, SWEEP_FILE)
+    recorded = read_state(sweep_dir, SWEEP_STATE)
     params: dict[str, Any] = {f"sweep.{k}": v for k, v in vars(spec.settings).items()}
     params.update({f"space.{k}": f"{d.kind} {d.args}" for k, d in spec.space.items()})
     rid = open_parent_run(
@@ -239,7 +238,7 @@ def _parent_run(spec: SweepSpec, name: str, sweep_dir: Path, tracking_uri: str |
         texts={"space.yaml": yaml.safe_dump(spec.raw, sort_keys=False),
                "base_config.yaml": yaml.safe_dump(spec.base.to_dict(), sort_keys=False)})
     if rid != recorded.get("parent_run_id"):
-        update_state(sweep_dir, SWEEP_FILE, parent_run_id=rid, tracking_uri=tracking_uri)
+        update_state(sweep_dir, SWEEP_STATE, parent_run_id=rid, tracking_uri=tracking_uri)
     return rid
 
 
@@ -271,9 +270,9 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | N
     sweep_dir = Path(storage) / name
     restoring = tune.Tuner.can_restore(str(sweep_dir))
     if restoring:  # before anything is written: a changed sweep is refused as it was
-        check_unchanged(name, sweep_dir, SWEEP_FILE, _definition(spec))
+        check_unchanged(name, sweep_dir, SWEEP_STATE, _definition(spec))
     else:
-        record_definition(sweep_dir, SWEEP_FILE, _definition(spec))
+        record_definition(sweep_dir, SWEEP_STATE, _definition(spec))
     metric, mode = primary_metric(spec.base.multilabel)
     uri = (tracking_uri or resolve_tracking_uri()) if spec.base.tracking.enabled else None
     parent = _parent_run(spec, name, sweep_dir, uri)
