@@ -288,9 +288,13 @@ def library_imported() -> None:
         adopt_library_loggers()
 
 
+def _text_lines(error: object) -> list[str]:
+    return [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+
+
 def error_line(error: object) -> str:
     """The last line of an error's text: a Ray task's traceback ends with the exception and its message."""
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    lines = _text_lines(error)
     return lines[-1] if lines else type(error).__name__
 
 
@@ -305,7 +309,7 @@ def failure_line(error: BaseException) -> str:
     elif getattr(error, "controller_failure", None) is not None:
         where, error = "training failed in its controller: ", error.controller_failure  # type: ignore[attr-defined]
     error = getattr(error, "cause", None) or error  # a Ray task's error wraps the exception it raised
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    lines = _text_lines(error)
     return f"{where}{type(error).__name__}" + (f": {lines[0][:300]}" if lines else "")
 
 
