@@ -70,6 +70,19 @@ def _init(num_cpus: int | None, **kwargs: Any) -> None:
     start_local_cluster(num_cpus or default_num_cpus(), **kwargs)
 
 
+def lasting_cluster() -> str | None:
+    """The address of the cluster ``connect()`` would join that outlives this process
+    (``RAY_ADDRESS``, else the local platform's head), or None: ``connect()`` would start a
+    cluster of this process's own, gone when it exits."""
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        return address
+    from deepindex.localplatform import running_service
+
+    head = running_service("ray")
+    return head.address if head is not None else None
+
+
 def default_num_cpus() -> int:
     """Logical CPUs of a cluster this machine starts (``deepindex up``, or a fresh local one):
     ``DEEPINDEX_NUM_CPUS``, else at least 4.  A trial's driver, its Train workers and a running

@@ -20,6 +20,25 @@ def test_serve_command_refuses_bad_args_in_one_line_naming_them(argv, error, cap
     assert err == f"deepindex serve: error: {error}" or err.startswith(f"deepindex serve: error: {error},"), err
 
 
+def test_detach_with_no_cluster_that_outlives_the_command_is_refused_before_anything_starts(capsys, monkeypatch):
+    """Without `deepindex up` or RAY_ADDRESS, serve starts a cluster of its own, which ends with the
+    command: `--detach` would print "service ready" for a service already gone."""
+    import ray
+
+    from deepindex.cli import main
+
+    assert main(["serve", "--detach"]) == 2
+    assert capsys.readouterr().err == ("deepindex serve: error: --detach: no cluster outlives this command (the local "
+                                       "platform is not up and RAY_ADDRESS is not set), so the service would stop as "
+                                       "it returns: start the platform first (deepindex up), or leave --detach out "
+                                       "to serve until Ctrl-C\n")
+    assert not ray.is_initialized()
+    from deepindex.cluster import lasting_cluster
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.7:6379")  # a cluster somewhere else outlives the command
+    assert lasting_cluster() == "10.0.0.7:6379"
+
+
 def test_serve_reads_the_packaged_config_wherever_it_runs(tmp_path, monkeypatch, capsys):
     """A user's own folder has no serving/config.yaml: the default is the installed package's."""
     import yaml

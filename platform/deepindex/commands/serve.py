@@ -79,6 +79,13 @@ def _app_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any],
 
 def run_serve(args: argparse.Namespace) -> int:
     app_args, http, name = _app_args(args)
+    from deepindex.cluster import lasting_cluster
+
+    if args.detach and lasting_cluster() is None:
+        # The cluster this command would start is its own: the service would die as it returns.
+        raise ValueError("--detach: no cluster outlives this command (the local platform is not up and RAY_ADDRESS "
+                         "is not set), so the service would stop as it returns: start the platform first "
+                         "(deepindex up), or leave --detach out to serve until Ctrl-C")
     if not app_args.get("api_token_file") and not os.environ.get("DEEPINDEX_API_TOKEN"):
         app_args["api_token_file"] = str(ensure_api_token())
     from ray import serve
