@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from deepindex.index.vectors import QUERY_METRICS, metric_names
+from deepindex.index.vectors import FEATURE_ALIAS_OF, QUERY_METRICS, metric_names
 
 # Item ids and tags: the collection's rules (deepindex.collection.store).  An id may hold '/', so a new
 # one may not end in /image or /similar: its URL would name the item's image or neighbours instead.
@@ -139,8 +139,10 @@ def query_parameters(*, max_k: int, max_query_chars: int, features: Mapping[str,
                                   "of this query is a 404"},
         "example_id": {"type": "string", "pattern": ITEM_ID_PATTERN,
                        "description": "an indexed item as the example (fused with the keywords)"},
-        "feature": {"type": "string", "enum": sorted(features),
-                    "description": "the descriptor the example is compared by (default: the index's)"},
+        "feature": {"type": "string", "enum": [*sorted(features), *(FEATURE_ALIAS_OF[f] for f in sorted(features)
+                                                                     if f in FEATURE_ALIAS_OF)],
+                    "description": "the descriptor the example is compared by (default: the index's); output is "
+                                   "probs's other name, last_but_one penultimate's"},
         "metric": {"type": "string", "enum": metric_names(metrics),
                    "description": "l2 (or euclidean): minus the Euclidean distance; ip (or dot): dot product; "
                                   "cosine: dot product of L2-normalised vectors (default: the feature's)"},

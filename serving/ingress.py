@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deepindex.index.vectors import QUERY_METRICS, query_metric
+from deepindex.index.vectors import QUERY_METRICS, feature_name, feature_names, query_metric
 from serving import contract
 from serving.errors import ApiError
 from serving.reads import LocalReads
@@ -383,9 +383,13 @@ class Ingress:
         if cursor is not None and not CURSOR.match(cursor):
             raise ApiError(422, "bad_cursor", "cursor: not a cursor (pass next_cursor as it came)")
         info = await self._query_info(version)
-        if feature is not None and feature not in info["features"]:
-            raise ApiError(422, "bad_feature", f"feature={feature!r}: this index answers "
-                                               f"{', '.join(sorted(info['features']))}")
+        if feature is not None:
+            given, feature = feature, feature_name(feature)  # output and last_but_one: probs's and penultimate's names
+            if feature not in info["features"]:
+                raise ApiError(422, "bad_feature", f"feature={given!r}: this index answers "
+                                                   f"{feature_names(sorted(info['features']))}; the service indexes "
+                                                   f"the model's other descriptors (e.g. last_but_two) that its "
+                                                   f"args.features lists")
         if metric is not None:
             try:
                 metric = query_metric(metric)  # euclidean and dot are l2's and ip's other names
@@ -710,7 +714,7 @@ class Ingress:
         spec = await self._model_spec()
         opts = await self._options(request, spec["version"], mode=mode, cursor=cursor, feature=feature, metric=metric,
                                    fusion=fusion, weights={"keywords": weight_keywords, "example": weight_example})
-        r, vector, digest = await self._example_vector(request, "/v1/search", feature)
+        r, vector, digest = await self._example_vector(request, "/v1/search", opts["feature"])
         version = r["version"]
         parsed = self._vocabulary(spec["concepts"]).parse(q) if q is not None else None
         example = {"upload": digest}
@@ -726,7 +730,7 @@ class Ingress:
         self._k(k)
         spec = await self._model_spec()
         opts = await self._options(request, spec["version"], cursor=cursor, feature=feature, metric=metric)
-        r, vector, digest = await self._example_vector(request, "/v1/search/similar", feature)
+        r, vector, digest = await self._example_vector(request, "/v1/search/similar", opts["feature"])
         # The index of the very version that embedded the query: model and index always match.
         res = await self._query(r["version"], "/v1/search/similar", opts, k, vector=vector,
                                 example={"upload": digest})

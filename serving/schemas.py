@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 HERE = Path(__file__).resolve().parent
 
@@ -73,6 +73,14 @@ class ServeArgs(BaseModel):
     def ingress_cpus(self) -> float:
         """An ingress replica's CPUs: with ``model_in_ingress`` it holds the model's too."""
         return self.ingress_num_cpus + (self.model_num_cpus if self.model_in_ingress else 0.0)
+
+    @field_validator("features")
+    @classmethod
+    def _feature_names(cls, v: list[str] | None) -> list[str] | None:
+        """output and last_but_one are probs's and penultimate's other names."""
+        from deepindex.index.vectors import feature_name
+
+        return None if v is None else [feature_name(f) for f in v]
 
     def cpus(self) -> float:
         """The CPUs the application holds at its starting size (index replica and metrics hub: none)."""

@@ -39,7 +39,7 @@ def test_ray_data_build_matches_local_and_sizes_itself_to_free_cpus(small_model,
         r = build_index(str(small_model), out=tmp_path / "ray", batch_size=64,
                         features=["penultimate", "last_but_two"], progress=lambda d, n: seen.append((d, n)))
     local = build_index(str(small_model), out=tmp_path / "local", use_ray=False,
-                        features=["penultimate", "last_but_two"])
+                        features=["last_but_one", "last_but_two"])  # penultimate by the mission's name
     assert seen[0] == (0, 700) and seen[-1] == (700, 700) and r.seq == gallery.head() == 700
     a, b = IndexStore.load(r.path), IndexStore.load(local.path)
     assert a.ids == b.ids == [f"scene-{i:06d}" for i in range(700)]  # row order survives the actor pool

@@ -53,8 +53,8 @@ def test_an_untrained_model_fails_the_floors(small_model):
     lm = load_model(small_model)
     torch.manual_seed(0)
     lm.model.load_state_dict(build_model(lm.config.model, len(lm.concepts), 1).state_dict())
-    r = evaluate_retrieval(lm, digit_gallery(600, seed=0), descriptors=["probs"], metrics=["cosine"], k=10)
-    assert r["keyword"]["map"] < 0.6
+    r = evaluate_retrieval(lm, digit_gallery(600, seed=0), descriptors=["output"], metrics=["cosine"], k=10)
+    assert r["keyword"]["map"] < 0.6 and list(r["dims"]) == ["probs"]  # output: the probabilities' other name
 
 
 def test_attach_keeps_the_report_beside_a_checkpoint_for_its_version_only(small_model, tmp_path, capsys):

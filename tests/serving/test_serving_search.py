@@ -44,9 +44,18 @@ def test_feature_and_metric_per_query_and_clear_422s(served):
         body = served.get("/v1/items/scene-000010/similar", params={"k": 10, "metric": alias}).json()
         same = served.get("/v1/items/scene-000010/similar", params={"k": 10, "metric": metric}).json()
         assert body["metric"] == metric and body["results"] == same["results"]
-    up = served.post("/v1/search/similar", params={"k": 3, "feature": "probs", "metric": "l2"},
+    # The mission's names for the descriptors: output (the probabilities), last_but_one (the embedding).
+    for alias, feature in (("output", "probs"), ("last_but_one", "penultimate")):
+        body = served.get("/v1/items/scene-000010/similar", params={"k": 10, "feature": alias}).json()
+        same = served.get("/v1/items/scene-000010/similar", params={"k": 10, "feature": feature}).json()
+        assert body["feature"] == feature and body["results"] == same["results"]
+    up = served.post("/v1/search/similar", params={"k": 3, "feature": "output", "metric": "l2"},
                      files={"images": ("q.png", png_bytes(served.images[17]))}).json()
     assert up["feature"] == "probs" and up["results"][0]["id"] == "scene-000017"
+    r = served.get("/v1/items/scene-000010/similar", params={"k": 5, "feature": "last_but_two"})
+    assert r.status_code == 422 and r.json()["error"]["message"] == (
+        "feature='last_but_two': this index answers penultimate (last_but_one), probs (output); the service indexes "
+        "the model's other descriptors (e.g. last_but_two) that its args.features lists"), r.text
     for params, code, name in (({"feature": "stage9"}, "bad_feature", "feature"),
                                ({"metric": "manhattan"}, "bad_metric", "metric"),
                                ({"min_prob.zebra": "0.5"}, "bad_min_prob", "min_prob.zebra"),
@@ -133,7 +142,7 @@ def test_openapi_states_what_the_service_accepts(served):
     assert search["mode"]["schema"]["enum"] == ["all", "any"]
     assert search["fusion"]["schema"]["enum"] == ["weighted", "rrf"]
     assert search["metric"]["schema"]["enum"] == ["l2", "ip", "cosine", "euclidean", "dot"]  # and their aliases
-    assert search["feature"]["schema"]["enum"] == ["penultimate", "probs"]
+    assert search["feature"]["schema"]["enum"] == ["penultimate", "probs", "last_but_one", "output"]  # and theirs
     assert {f"min_prob.{d}" for d in "0123456789"} <= set(search)
     tag = {p["name"]: p["schema"] for p in doc["paths"]["/v1/tag"]["post"]["parameters"]}
     assert (tag["threshold"]["minimum"], tag["threshold"]["maximum"]) == (0, 1)

@@ -39,6 +39,14 @@ def test_detach_with_no_cluster_that_outlives_the_command_is_refused_before_anyt
     assert lasting_cluster() == "10.0.0.7:6379"
 
 
+def test_the_descriptors_to_index_take_the_missions_names():
+    from serving.schemas import ServeArgs
+
+    assert ServeArgs(features=["last_but_one", "output", "last_but_two"]).features == ["penultimate", "probs",
+                                                                                      "last_but_two"]
+    assert ServeArgs().features is None  # the index's default
+
+
 def test_serve_reads_the_packaged_config_wherever_it_runs(tmp_path, monkeypatch, capsys):
     """A user's own folder has no serving/config.yaml: the default is the installed package's."""
     import yaml

@@ -22,7 +22,7 @@ import numpy as np
 from deepindex.collection import CollectionStore, Item
 from deepindex.console import Progress
 from deepindex.index.store import IndexStore, index_dir_name
-from deepindex.index.vectors import VectorConfig
+from deepindex.index.vectors import VectorConfig, feature_name
 from deepindex.tracking.registry import ResolvedModel, resolve_model
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def build_index(model_uri: str, *, collection: str = "digit-scenes", out: str | 
     cfg = vector_cfg or VectorConfig()
     resolved = resolve_model(model_uri, tracking_uri)
     lm = load_model(resolved.checkpoint_path)
-    names = list(features or DEFAULT_FEATURES)
+    names = [feature_name(f) for f in features or DEFAULT_FEATURES]
     known = lm.model.feature_points()
     bad = [f for f in names if f not in known or f in ("probs", "logits")]
     if bad:

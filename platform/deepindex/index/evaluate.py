@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deepindex.index.metrics import average_precision_at_k, map_at_k, precision_at_k, relevance
-from deepindex.index.vectors import QUERY_METRICS, query_metric
+from deepindex.index.vectors import QUERY_METRICS, feature_name, query_metric
 
 if TYPE_CHECKING:
     from deepindex.checkpoint import LoadedModel
@@ -169,6 +169,7 @@ def evaluate_retrieval(lm: LoadedModel, collection: Collection, *, descriptors: 
         raise ValueError(f"k: must be within [1, {len(collection) - 1}], got {k}")
     metrics = [query_metric(m) for m in metrics]
     have = lm.model.feature_points()
+    descriptors = [feature_name(d) for d in descriptors]
     for d in descriptors:
         if d not in have:
             raise ValueError(f"features: unknown feature point {d!r}; this model has {', '.join(have)}")

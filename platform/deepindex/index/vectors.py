@@ -175,6 +175,21 @@ QUERY_METRICS = ("l2", "ip", "cosine")
 ALIAS_OF = {"l2": "euclidean", "ip": "dot"}
 
 
+# The descriptors by the names of the mission ("output, last but one, last but two"): ``output``
+# is the concept probabilities (the network's output), ``last_but_one`` the embedding.
+FEATURE_ALIAS_OF = {"probs": "output", "penultimate": "last_but_one"}
+
+
+def feature_name(name: str) -> str:
+    """A descriptor's name as the models and indexes know it (an alias maps to it; others pass as given)."""
+    return next((f for f, a in FEATURE_ALIAS_OF.items() if a == name), name)
+
+
+def feature_names(features: Sequence[str]) -> str:
+    """``features`` for a message, each with its alias: ``penultimate (last_but_one), probs (output)``."""
+    return ", ".join(f"{f} ({FEATURE_ALIAS_OF[f]})" if f in FEATURE_ALIAS_OF else f for f in features)
+
+
 def query_metric(name: str) -> str:
     """``name`` as one of :data:`QUERY_METRICS` (an alias maps to its metric), else a ValueError naming it."""
     metric = next((m for m, a in ALIAS_OF.items() if a == name), name)
