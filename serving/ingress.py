@@ -252,6 +252,22 @@ def _check(res: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
+def _known_parameters(request: Request) -> None:
+    """A query parameter the endpoint does not take is a 422 naming it: a misspelt ``featur=`` would
+    otherwise be dropped silently, and the answer look like what was asked."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known = {p.alias for p in dependant.query_params} - {"self"}  # Serve's class-based view lists the replica
+    searches = "feature" in known  # the search endpoints take min_prob.<concept> filters besides
+    for key in request.query_params:
+        if key not in known and not (searches and key.startswith(MIN_PROB)):
+            takes = ", ".join([*sorted(known), *([f"{MIN_PROB}<concept>"] if searches else [])]) or "none"
+            raise ApiError(422, "unknown_parameter", f"{key[:80]}: not a parameter of {request.method} "
+                                                     f"{getattr(route, 'path', request.url.path)} (it takes {takes})")
+
+
 def _image_url(item_id: str) -> str:
     return f"/v1/items/{quote(item_id, safe='/')}/image"
 
@@ -349,7 +365,13 @@ class Ingress:
         return self._vocab[key]
 
     def _authorize(self, request: Request, write: bool) -> None:
-        """Writes need the service's bearer token when it has one (reads too with ``auth_reads``)."""
+        """Writes need the service's bearer token when it has one (reads too with ``auth_reads``).
+        Every endpoint's first call: then its query parameters are checked too."""
+        self._authorize_token(request, write)
+        if request.scope.get("query_string"):
+            _known_parameters(request)
+
+    def _authorize_token(self, request: Request, write: bool) -> None:
         if self._token is None or not (write or self.args.auth_reads):
             return
         header = request.headers.get("authorization", "")

@@ -52,6 +52,14 @@ def test_feature_and_metric_per_query_and_clear_422s(served):
     up = served.post("/v1/search/similar", params={"k": 3, "feature": "output", "metric": "l2"},
                      files={"images": ("q.png", png_bytes(served.images[17]))}).json()
     assert up["feature"] == "probs" and up["results"][0]["id"] == "scene-000017"
+    # A misspelt parameter is named, never dropped (the answer would look like what was asked).
+    r = served.post("/v1/tag", params={"topk": 3}, files={"images": ("q.png", png_bytes(served.images[17]))})
+    assert r.status_code == 422 and r.json()["error"] == {
+        "code": "unknown_parameter", "message": "topk: not a parameter of POST /v1/tag (it takes threshold, top_k)"}
+    r = served.get("/v1/search", params={"q": "seven", "min_prob.7": "0.5", "cursr": "x"})
+    assert r.status_code == 422 and r.json()["error"]["message"] == (
+        "cursr: not a parameter of GET /v1/search (it takes cursor, example_id, feature, fusion, k, metric, mode, q, "
+        "weight_example, weight_keywords, min_prob.<concept>)")
     r = served.get("/v1/items/scene-000010/similar", params={"k": 5, "feature": "last_but_two"})
     assert r.status_code == 422 and r.json()["error"]["message"] == (
         "feature='last_but_two': this index answers penultimate (last_but_one), probs (output); the service indexes "
@@ -60,7 +68,8 @@ def test_feature_and_metric_per_query_and_clear_422s(served):
                                ({"metric": "manhattan"}, "bad_metric", "metric"),
                                ({"min_prob.zebra": "0.5"}, "bad_min_prob", "min_prob.zebra"),
                                ({"min_prob.3": "1.5"}, "bad_min_prob", "min_prob.3"),
-                               ({"cursor": "not a cursor!"}, "bad_cursor", "cursor")):
+                               ({"cursor": "not a cursor!"}, "bad_cursor", "cursor"),
+                               ({"featur": "output"}, "unknown_parameter", "featur:")):
         r = served.get("/v1/items/scene-000010/similar", params={"k": 5, **params})
         assert r.status_code == 422 and r.json()["error"]["code"] == code, r.text
         assert name in r.json()["error"]["message"]
