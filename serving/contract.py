@@ -35,8 +35,10 @@ ITEM_ID_PATTERN = r"^[A-Za-z0-9._:@/+-]{1,200}$"
 SUBRESOURCE = r"/(image|similar)$"
 NEW_ITEM_ID_PATTERN = r"^(?!.*/(image|similar)$)[A-Za-z0-9._:@/+-]{1,200}$"
 MAX_TAG = 200
-# A tags form field: comma-separated tags, each at most MAX_TAG characters (blank ones are dropped).
-TAGS_FIELD_PATTERN = rf"^[^,]{{0,{MAX_TAG}}}(,[^,]{{0,{MAX_TAG}}})*$"
+# A tags form field: tags separated by ',', ';' or '|' (tags.csv's separators too), each at most MAX_TAG
+# characters (blank ones are dropped).
+TAG_SEPARATORS = ",;|"
+TAGS_FIELD_PATTERN = rf"^[^,;|]{{0,{MAX_TAG}}}([,;|][^,;|]{{0,{MAX_TAG}}})*$"
 # Whitespace as Python's str.isspace() (and so str.strip(), which the collection's tag rules use) reads
 # it, spelled out rather than \s (ECMAScript's \s, JSON Schema's, is another set): the schema and the
 # handlers call the same text blank.
@@ -91,8 +93,8 @@ def image_bodies(max_images: int, *, ids: str, tags: bool) -> dict[str, Any]:
         form["id"] = {**id_schema, "description": "the item's id" if ids == "required" else "a label echoed back"}
     if tags:
         form["tags"] = {"type": "string", "pattern": TAGS_FIELD_PATTERN,
-                        "description": f"the item's known labels, comma-separated, each at most {MAX_TAG} "
-                                       "characters (blank ones dropped)"}
+                        "description": f"the item's known labels, separated by , ; or | (as in a tags.csv), each at "
+                                       f"most {MAX_TAG} characters (blank ones dropped)"}
     image: dict[str, Any] = {
         "type": "object", "required": ["data"],
         "properties": {"data": {"type": "string", "format": IMAGE_FORMAT,

@@ -511,7 +511,7 @@ class Ingress:
                 raise ApiError(400, "bad_tags", f"{len(tags)} tags fields for {len(files)} images")
             for i, f in enumerate(files):
                 data = await f.read(a.max_image_bytes + 1)  # one byte over is enough to refuse
-                parts = tags[i].split(",") if tags else []
+                parts = re.split(f"[{re.escape(contract.TAG_SEPARATORS)}]", tags[i]) if tags else []
                 if any(len(t) > contract.MAX_TAG for t in parts):
                     raise ApiError(400, "bad_tags",
                                    f"tags of image {i}: each tag at most {contract.MAX_TAG} characters")

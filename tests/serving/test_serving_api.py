@@ -159,7 +159,7 @@ def test_items_added_deleted_and_served_from_the_collection(served):
     pngs = [png_bytes(new.images[j]) for j in range(3)]
     before = served.get("/readyz").json()["index"]["count"]
     files = [("images", (f"n{j}.png", pngs[j])) for j in range(3)]
-    data = {"id": ["added/a", "added/b", "added/c"], "tags": ["3", "", "7,1"]}
+    data = {"id": ["added/a", "added/b", "added/c"], "tags": ["3;5", "", "7,1"]}  # tags.csv's ; or a comma
     assert served.post("/v1/items", files=files, data=data).status_code == 401  # writes need the token
     wrong = served.post("/v1/items", files=files, data=data, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 403 and wrong.json()["error"]["code"] == "forbidden"
@@ -170,6 +170,7 @@ def test_items_added_deleted_and_served_from_the_collection(served):
     # Durable in the collection before the answer: the original bytes, byte for byte, and the tags.
     store = served.store()
     assert store.image("added/c") == pngs[2] and store.get("added/c").tags == ["7", "1"]
+    assert store.get("added/a").tags == ["3", "5"] and store.get("added/b").tags == []
     item = served.get("/v1/items/added/b").json()
     assert item["id"] == "added/b" and item["concepts"][0]["probability"] > 0.5
     assert item["meta"]["content_hash"] == hashlib.sha256(pngs[1]).hexdigest()
