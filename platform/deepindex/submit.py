@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -228,13 +229,47 @@ def submit(client: JobSubmissionClient, sub: Submission, *, metadata: dict[str, 
             raise ValueError(f"submit: {_first_line(e)}") from None
 
 
+# What Ray's job manager writes into a job's log itself (`2026-12-06 09:47:28,996 INFO
+# job_manager.py:581 -- Runtime env is setting up.`): Ray's internals, shown with -v only.
+_RAY_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s+(?:DEBUG|INFO)\s+\S+\.py:\d+ -- ")
+
+
+class JobLogLines:
+    """A job's log, chunk by chunk, as the console shows it: whole lines, without Ray's own INFO
+    lines (in the debug log) unless ``keep_ray`` (``-v``)."""
+
+    def __init__(self, keep_ray: bool = False) -> None:
+        self.keep_ray = keep_ray
+        self._part = ""
+
+    def feed(self, chunk: str) -> str:
+        lines = (self._part + chunk).split("\n")
+        self._part = lines.pop()  # a line the chunk cut short waits for its end
+        return "".join(self._line(line + "\n") for line in lines)
+
+    def end(self) -> str:
+        rest, self._part = self._part, ""
+        return self._line(rest) if rest else ""
+
+    def _line(self, line: str) -> str:
+        if not self.keep_ray and _RAY_LOG_LINE.match(line):
+            log.debug("job log: %s", line.rstrip())
+            return ""
+        return line
+
+
 def follow(client: JobSubmissionClient, job_id: str, out: TextIO = sys.stdout) -> None:
-    """Stream the job's logs to ``out`` until it ends."""
+    """Stream the job's logs to ``out`` until it ends (Ray's own lines only with ``-v``)."""
+    from deepindex.console import verbose
+
+    lines = JobLogLines(keep_ray=verbose())
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
-            out.write(chunk)
+            out.write(lines.feed(chunk))
             out.flush()
+        out.write(lines.end())
+        out.flush()
 
     asyncio.run(tail())
 

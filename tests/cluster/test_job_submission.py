@@ -107,6 +107,7 @@ def test_deepindex_submit_from_a_folder_of_ones_own_trains_on_both_nodes(stack, 
     # The console is ours: Ray's client chatter (`INFO dashboard_sdk.py:... -- Uploading package ...`,
     # `WebSocket closed ...`) stays off it.
     assert [line.split(" as ")[0] for line in out.stderr.splitlines()] == ["submitted train", f"job {sid} SUCCEEDED"]
+    assert "job_manager.py" not in out.stdout  # nor the job manager's own line in the followed log
     info = cluster.job_info(sid)
     assert info["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == tracking_uri
     assert info["entrypoint"].startswith("python -m deepindex.cli train --config recipe.yaml ")

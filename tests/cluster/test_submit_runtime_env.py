@@ -135,3 +135,21 @@ def test_auth_token_lookup_follows_ray(tmp_path, monkeypatch):
     assert s.read_auth_token() == "env-token"
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     assert s.auth_headers() == {}
+
+
+def test_a_followed_jobs_log_shows_its_lines_whole_without_rays_own():
+    """Ray's job manager writes its own INFO line into every job's log: the console is for the job's."""
+    from deepindex.submit import JobLogLines
+
+    ray_line = "2026-12-06 09:47:28,996\tINFO job_manager.py:581 -- Runtime env is setting up.\n"
+    ours = "training convnet on 2 worker(s), 2 epochs (manifest)\n"
+    log = ray_line + "Running entrypoint for job j1: python -m deepindex.cli train\n" + ours + "{\n  \"name\": \"t\"\n}"
+    for cut in range(1, len(log)):  # wherever the stream splits its chunks
+        lines = JobLogLines()
+        shown = lines.feed(log[:cut]) + lines.feed(log[cut:]) + lines.end()
+        assert shown == log[len(ray_line):], cut
+    verbose = JobLogLines(keep_ray=True)
+    assert verbose.feed(log) + verbose.end() == log  # -v shows everything
+    # Ray's warnings stay: they may say why a job waits or failed.
+    warning = "2026-12-06 09:47:29,001\tWARNING worker.py:1 -- a warning of Ray's stays on the console\n"
+    assert JobLogLines().feed(warning) == warning
