@@ -30,6 +30,9 @@ from deepindex.paths import state_dir
 log = logging.getLogger(__name__)
 
 ITEM_ID = re.compile(r"[A-Za-z0-9._:@/+-]{1,200}")
+# The service's /v1/items/<id>/image and /similar name an item's image and neighbours: a new id may
+# not end so (serving/contract.py's NEW_ITEM_ID_PATTERN says the same to HTTP clients).
+SUBRESOURCE = re.compile(r"/(image|similar)$")
 COLLECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 MAX_TAG = 200
 MAX_META_BYTES = 64 * 1024
@@ -87,6 +90,16 @@ class AddResult:
 def check_item_id(item_id: str) -> str:
     if not isinstance(item_id, str) or not ITEM_ID.fullmatch(item_id):
         raise ValueError(f"id: {str(item_id)[:80]!r} must be 1-200 characters of A-Z a-z 0-9 . _ : @ / + -")
+    return item_id
+
+
+def check_new_item_id(item_id: str) -> str:
+    """An id for an item to add: :func:`check_item_id`'s rule, and not a URL of another item's."""
+    check_item_id(item_id)
+    tail = SUBRESOURCE.search(item_id)
+    if tail:
+        raise ValueError(f"id: {item_id[:80]!r} ends in {tail.group(0)}, which the service's URLs give another "
+                         f"item's {tail.group(1)} (/v1/items/<id>{tail.group(0)}): give another id")
     return item_id
 
 
@@ -211,7 +224,7 @@ class CollectionStore:
         The same id with the same bytes: the existing item, ``created=False`` (an idempotent re-post).
         The same id with other bytes: :class:`DuplicateItem`.  A deleted id may be added again (a new seq).
         """
-        check_item_id(item_id)
+        check_new_item_id(item_id)
         data = check_data(data)
         tags_l, meta_d = check_tags(tags), check_meta(meta)
         h = sha256_hex(data)
@@ -311,7 +324,7 @@ class CollectionStore:
                 if len(entry) != 4:
                     raise ValueError("item: expected (id, bytes, tags, meta)")
                 item_id, data, tags, meta = entry
-                check_item_id(item_id)
+                check_new_item_id(item_id)
                 data = check_data(data)
                 h = sha256_hex(data)
                 prior = valid.get(item_id)
