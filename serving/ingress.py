@@ -110,6 +110,8 @@ async def _http_error(request: Request, e: StarletteHTTPException) -> JSONRespon
         allow = allowed_methods(request.scope)
         headers["Allow"] = ", ".join(allow)
         message = f"{request.method} is not allowed here; allowed: {headers['Allow']}"
+    elif e.status_code == 404 and message == "Not Found":  # no route: say which, and where the routes are
+        message = f"{request.method} {request.url.path[:200]}: no such endpoint (the API: /docs, /openapi.json)"
     return JSONResponse({"error": {"code": codes.get(e.status_code, "http_error"), "message": message}},
                         status_code=e.status_code, headers=headers)
 

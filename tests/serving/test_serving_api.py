@@ -313,6 +313,8 @@ def test_bad_input_gets_4xx_json_and_service_keeps_serving(served):
     bad_id = served.post("/v1/items", files={"images": ("mine.png", png)}, data={"id": "my photo"},
                          headers=served.auth).json()
     assert bad_id["error"]["message"].startswith("'my photo' (mine.png): not an item id: 1-200 characters"), bad_id
+    assert served.get("/v1/info").json()["error"]["message"] == ("GET /v1/info: no such endpoint (the API: /docs, "
+                                                                 "/openapi.json)")
     big = served.post("/v1/tag", data=b"x" * (20 * 1024 * 1024 + 10), headers={"content-type": "application/json"})
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
     assert served.get("/healthz").status_code == 200
