@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -9,13 +14,17 @@ from deepindex.config import load_config
 from deepindex.restore import (
     AUDIT_STATE,
     FREE,
+    LOCK,
     SWEEP_STATE,
     TRAIN_STATE,
     ChangedOnRestore,
+    RunInProgress,
     check_unchanged,
     config_definition,
+    fresh_name,
     read_state,
     record_definition,
+    running,
     update_state,
 )
 
@@ -103,3 +112,43 @@ def test_a_name_is_one_kind_of_run(tmp_path) -> None:
     assert sorted(p.name for p in (tmp_path / "s2").iterdir()) == [SWEEP_STATE]
     check_unchanged("s2", tmp_path / "s2", SWEEP_STATE, {"optim.lr": 0.1})
 
+
+
+def test_a_run_is_run_by_one_process_at_a_time_and_a_killed_one_leaves_no_lock(tmp_path, capsys) -> None:
+    """The same `deepindex train --name t1` in a second terminal is refused, naming the process that
+    runs it; once that process ends, killed or not, the name runs again."""
+    folder = tmp_path / "t1"
+    with running("train", "t1", folder):
+        with pytest.raises(RunInProgress, match=rf"^train t1 is running now \(pid {os.getpid()} on .+, since .+\) at "
+                                                 rf"{folder}: wait for it to end, or give another --name$"), \
+                running("train", "t1", folder):
+            pass
+        # The command itself: one line, exit 2, before Ray or the data are touched.
+        from deepindex.cli import main
+
+        assert main(["train", "--name", "t1", "data.dataset=digits", f"ray.storage_path={tmp_path}"]) == 2
+        assert capsys.readouterr().err.startswith(f"deepindex train: error: train t1 is running now (pid {os.getpid()}")
+    with running("train", "t1", folder):  # released at the end of the block
+        pass
+    # A holder SIGKILLed mid-run: the lock ends with it (no stale lock to clear by hand).
+    code = ("import sys, time; from pathlib import Path; from deepindex.restore import running\n"
+            "with running('sweep', 's1', Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "s1")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(RunInProgress, match=rf"^sweep s1 is running now \(pid {holder.pid} on "), \
+                running("sweep", "s1", tmp_path / "s1"):
+            pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    with running("sweep", "s1", tmp_path / "s1"):
+        assert (tmp_path / "s1" / LOCK).read_text().startswith(f"pid {os.getpid()} ")
+
+
+def test_default_names_of_runs_started_in_the_same_second_differ(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: fmt.replace("%Y%m%d-%H%M%S", "20261206-101500"))
+    names = [fresh_name("train", str(tmp_path)) for _ in range(3)]
+    assert names == ["train-20261206-101500", "train-20261206-101500-2", "train-20261206-101500-3"]
+    assert all((tmp_path / n).is_dir() for n in names)  # each name's folder is taken as it is given
+    assert fresh_name("sweep", "s3://bucket/runs") == "sweep-20261206-101500"  # remote: the time alone

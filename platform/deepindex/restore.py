@@ -12,7 +12,14 @@ out of the definition.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +29,10 @@ from deepindex.config import ConfigError
 if TYPE_CHECKING:
     from deepindex.config import Config
 
+log = logging.getLogger(__name__)
+
 SHOWN = 4  # changed keys named in the error; the rest are counted
+LOCK = ".deepindex.lock"  # held by the process that runs the run in the folder
 # Each kind of run's state file in its folder: a folder holds one kind (a name is not reused across kinds).
 SWEEP_STATE, AUDIT_STATE, TRAIN_STATE = "deepindex_sweep.json", "deepindex_audit.json", "deepindex_train.json"
 KINDS = {SWEEP_STATE: "sweep", AUDIT_STATE: "audit", TRAIN_STATE: "training run"}
@@ -104,3 +114,53 @@ def check_unchanged(name: str, folder: Path, file: str, definition: dict[str, An
     raise ChangedOnRestore(
         f"{kind} {name} exists at {folder} with {', '.join(diff[:SHOWN])}{more}: the same name resumes it as it was "
         f"started. Give another --name for a new {kind}, or leave the changes out to resume this one")
+
+
+class RunInProgress(ConfigError):
+    """A command named a run that another process is running now."""
+
+
+@contextlib.contextmanager
+def running(kind: str, name: str, folder: Path) -> Iterator[None]:
+    """Hold the run's lock while this process runs it: the same command in another terminal, or a job
+    submitted twice, is refused instead of writing the same checkpoints and trials from two drivers.
+    An advisory ``flock``: it ends with the process however it ends, so a killed run leaves no stale
+    lock.  Remote storage (``s3://...``), or a file system without locks, runs without one."""
+    if "://" in str(folder):
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by the processes Ray starts
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise RunInProgress(f"{kind} {name} is running now ({holder}) at {folder}: wait for it to end, or "
+                                f"give another --name") from None
+        except OSError as e:  # e.g. ENOLCK on a network file system
+            log.debug("no lock on %s: %s", folder / LOCK, e)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def fresh_name(prefix: str, storage: str) -> str:
+    """A new run's default name, ``PREFIX-YYYYmmdd-HHMMSS``, ``-2``, ``-3``... when runs started in the
+    same second: its folder is made here, so two commands never take the same one."""
+    base = time.strftime(f"{prefix}-%Y%m%d-%H%M%S")
+    if "://" in storage:
+        return base
+    Path(storage).mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        name = base if n == 1 else f"{base}-{n}"
+        try:
+            (Path(storage) / name).mkdir()
+        except FileExistsError:
+            continue
+        return name
+    raise RuntimeError(f"{prefix}: no free name in {storage} after {base}-999")

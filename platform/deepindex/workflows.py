@@ -37,14 +37,22 @@ def _summary(d: dict[str, Any]) -> dict[str, Any]:
 
 def train_main(config_path: str | None, overrides: list[str], name: str | None = None) -> dict[str, Any]:
     """Validate the config first (a bad key fails before Ray starts), train, print the results."""
-    from deepindex.cluster import connect, wait_for_resources
-    from deepindex.console import event
-    from deepindex.train.trainer import claim_run, epoch_lines, run_name
+    from deepindex.restore import running
+    from deepindex.train.trainer import run_name
 
     started = time.monotonic()
     cfg = load_config(config_path, overrides)
     check_data(cfg)
     name = name or run_name(cfg)
+    with running("train", name, Path(storage_path(cfg)) / name):  # one process at a time trains a run
+        return _train_main(cfg, name, started)
+
+
+def _train_main(cfg: Config, name: str, started: float) -> dict[str, Any]:
+    from deepindex.cluster import connect, wait_for_resources
+    from deepindex.console import event
+    from deepindex.train.trainer import claim_run, epoch_lines
+
     resumed = claim_run(cfg, name)  # a changed resume fails here, before Ray starts
     connect()
     wait_for_resources(cfg.ray.worker_group(), f"training ({cfg.ray.num_workers} worker(s) x "

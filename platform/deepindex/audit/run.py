@@ -33,8 +33,10 @@ from deepindex.restore import (
     AUDIT_STATE,
     check_unchanged,
     config_definition,
+    fresh_name,
     read_state,
     record_definition,
+    running,
     update_state,
 )
 
@@ -208,7 +210,18 @@ def _fold_lines(folds: int, metric: str) -> Callback:
 
 
 def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None = None) -> AuditOutcome:
-    """Audit the train labels of ``cfg`` on the connected cluster; write the report, log MLflow."""
+    """Audit the train labels of ``cfg`` on the connected cluster; write the report, log MLflow.
+    One process at a time runs an audit (:func:`deepindex.restore.running`)."""
+    from deepindex.train.trainer import storage_path
+
+    check_config(cfg)
+    storage = storage_path(cfg)
+    name = name or cfg.ray.name or fresh_name("audit", storage)
+    with running("audit", name, Path(storage) / name):
+        return _run_audit(cfg, name, tracking_uri)
+
+
+def _run_audit(cfg: Config, name: str, tracking_uri: str | None) -> AuditOutcome:
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
@@ -223,9 +236,7 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
     from deepindex.train.metrics import mean_ap
     from deepindex.train.trainer import storage_path
 
-    check_config(cfg)
     start = time.monotonic()
-    name = name or cfg.ray.name or time.strftime("audit-%Y%m%d-%H%M%S")
     storage = storage_path(cfg)
     cfg = share_cache(cfg, storage)  # each fold's run is under <storage>/<name>/train: one decode for all
     audit_dir = Path(storage) / name

@@ -5,7 +5,6 @@ import json
 import logging
 import signal
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +34,10 @@ def storage_path(cfg: Config) -> str:
 
 
 def run_name(cfg: Config) -> str:
-    return cfg.ray.name or time.strftime("train-%Y%m%d-%H%M%S")
+    """``ray.name``, else a new run's own name (``train-YYYYmmdd-HHMMSS``; its folder is made)."""
+    from deepindex.restore import fresh_name
+
+    return cfg.ray.name or fresh_name("train", storage_path(cfg))
 
 
 def journal_path(cfg: Config, name: str) -> str | None:

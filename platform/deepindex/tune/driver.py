@@ -31,8 +31,10 @@ from deepindex.restore import (
     SWEEP_STATE,
     check_unchanged,
     config_definition,
+    fresh_name,
     read_state,
     record_definition,
+    running,
     update_state,
 )
 from deepindex.tracking.registry import PromotionDecision
@@ -253,7 +255,18 @@ def _definition(spec: SweepSpec) -> dict[str, Any]:
 
 def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | None = None,
               callbacks: list[Callback] | None = None, promote: bool | None = None) -> SweepOutcome:
-    """Run (or restore) the sweep on the connected cluster; record the best trial; maybe promote it."""
+    """Run (or restore) the sweep on the connected cluster; record the best trial; maybe promote it.
+    One process at a time runs a sweep (:func:`deepindex.restore.running`)."""
+    from deepindex.train.trainer import storage_path
+
+    storage = storage_path(spec.base)
+    name = name or spec.settings.name or fresh_name("sweep", storage)
+    with running("sweep", name, Path(storage) / name):
+        return _run_sweep(spec, name, tracking_uri, callbacks, promote)
+
+
+def _run_sweep(spec: SweepSpec, name: str, tracking_uri: str | None, callbacks: list[Callback] | None,
+               promote: bool | None) -> SweepOutcome:
     from ray import tune
 
     from deepindex.console import event, tune_verbosity
@@ -264,7 +277,6 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | N
 
     start = time.monotonic()
     concurrency = trial_concurrency(spec)  # before anything is written: a cluster too busy fails here
-    name = name or spec.settings.name or time.strftime("sweep-%Y%m%d-%H%M%S")
     storage = storage_path(spec.base)
     base = share_cache(spec.base, storage)  # each trial's run is under <storage>/<name>/train: one decode for all
     sweep_dir = Path(storage) / name
