@@ -270,3 +270,28 @@ def test_precision_and_map():
     assert relevance(q, res).tolist() == [[True, False, False]]
     with pytest.raises(ValueError):
         precision_at_k(rel, 5)
+
+
+def test_ndcg_grades_by_the_concepts_shared_where_every_item_is_relevant():
+    """Items that all share a concept with the query (a colour and a shape in every photo): precision and
+    mAP are 1 in any order, nDCG ranks the item with the query's very concepts first."""
+    from deepindex.index.evaluate import jaccard_gains, qbe_chance, qbe_quality
+    from deepindex.index.metrics import jaccard, ndcg_at_k
+
+    labels = np.array([[1, 1, 0], [1, 1, 0], [1, 0, 1], [1, 0, 0]], bool)  # item 0 queries; 1 is its twin
+    g = jaccard(labels[:1], labels[[1, 2, 3]][None])  # shared / either: 2/2, 1/3, 1/2
+    np.testing.assert_allclose(g, [[1.0, 1 / 3, 1 / 2]])
+    ideal, mean = jaccard_gains(labels, np.array([0]), 3)
+    np.testing.assert_allclose(ideal, [[1.0, 1 / 2, 1 / 3]])
+    assert mean[0] == pytest.approx((1 + 1 / 3 + 1 / 2) / 3)
+    assert ndcg_at_k(ideal, ideal, 3) == pytest.approx(1.0)
+    worst = np.array([[1 / 3, 1 / 2, 1.0]])
+    expected = (1 / 3 + 0.5 / np.log2(3) + 1 / np.log2(4)) / (1 + 0.5 / np.log2(3) + (1 / 3) / np.log2(4))
+    assert ndcg_at_k(worst, ideal, 3) == pytest.approx(expected)
+    # Leave-one-out over the four: a descriptor that is the labels finds each twin first; a reversed one does not.
+    good = qbe_quality(labels.astype(np.float32), labels, "l2", k=2)
+    bad = qbe_quality(-labels.astype(np.float32) * np.arange(1, 4), labels, "ip", k=2)
+    assert good["precision_at_2"] == bad["precision_at_2"] == 1.0  # every item is relevant to every query
+    assert good["ndcg_at_2"] > bad["ndcg_at_2"] and good["ndcg_at_2"] == pytest.approx(1.0)
+    chance = qbe_chance(labels, k=2)
+    assert chance["precision_at_2"] == 1.0 and bad["ndcg_at_2"] < 1.0 and 0 < chance["ndcg_at_2"] < 1.0

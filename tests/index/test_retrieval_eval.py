@@ -33,6 +33,7 @@ def test_quality_floors_on_the_small_model(report):
         for m in ("l2", "ip", "cosine"):
             cell = report["qbe"][d][m]
             assert 0.5 < cell["map_at_10"] <= cell["precision_at_10"] + 1e-9 <= 1 + 1e-9, (d, m)
+            assert report["qbe_chance_ndcg"] + 0.2 < cell["ndcg_at_10"] <= 1 + 1e-9, (d, m)  # graded, far above chance
     best = max(c["map_at_10"] for row in report["qbe"].values() for c in row.values())
     assert report["qbe_best"]["map_at_10"] == best
     # "Items with c like this one": the fused ranking beats the example alone.
@@ -103,6 +104,8 @@ def test_command_prints_the_table_writes_json_and_logs_to_mlflow(small_model, ml
     assert m["retrieval.qbe.penultimate.l2.map_at_10"] == pytest.approx(rep["qbe"]["penultimate"]["l2"]["map_at_10"])
     assert m["retrieval.keyword.ap.7"] == pytest.approx(rep["keyword"]["ap"]["7"])
     assert "retrieval.fusion.rrf.map_at_10" in m
+    assert m["retrieval.qbe.probs.ip.ndcg_at_10"] == pytest.approx(rep["qbe"]["probs"]["ip"]["ndcg_at_10"])
+    assert "nDCG@10" in printed and m["retrieval.qbe_chance_ndcg"] == pytest.approx(rep["qbe_chance_ndcg"])
     from mlflow.artifacts import download_artifacts
 
     got = download_artifacts(run_id=run_id, artifact_path="retrieval/report.json", dst_path=str(tmp_path / "dl"),

@@ -1,4 +1,5 @@
-"""Retrieval quality: precision@k and mAP@k, an item relevant when it shares a concept with the query."""
+"""Retrieval quality: precision@k and mAP@k, an item relevant when it shares a concept with the query;
+nDCG@k graded by how much of the query's concepts an item shares (Jaccard)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +8,27 @@ import numpy as np
 def relevance(query_labels: np.ndarray, result_labels: np.ndarray) -> np.ndarray:
     """Multi-hot (Q, K) queries and (Q, k, K) results -> (Q, k) bool: shares at least one concept."""
     return np.einsum("qc,qkc->qk", query_labels.astype(np.float32), result_labels.astype(np.float32)) > 0
+
+
+def jaccard(query_labels: np.ndarray, result_labels: np.ndarray) -> np.ndarray:
+    """Multi-hot (Q, K) queries and (Q, k, K) results -> (Q, k) |shared concepts| / |concepts of either|."""
+    q = query_labels.astype(bool)[:, None, :]
+    r = result_labels.astype(bool)
+    inter, union = (q & r).sum(axis=2), (q | r).sum(axis=2)
+    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+
+def dcg(gains: np.ndarray) -> np.ndarray:
+    """(Q, k) gains in rank order -> (Q,) discounted cumulative gain, gain / log2(rank + 1)."""
+    return (gains / np.log2(np.arange(2, gains.shape[1] + 2))).sum(axis=1)
+
+
+def ndcg_at_k(gains: np.ndarray, ideal: np.ndarray, k: int) -> float:
+    """Mean over queries of DCG@k / the ideal DCG@k (``ideal``: the k best gains in the collection, best
+    first); a query nothing in the collection gains from is left out."""
+    best = dcg(ideal[:, :k].astype(np.float64))
+    ok = best > 0
+    return float((dcg(gains[ok, :k].astype(np.float64)) / best[ok]).mean()) if ok.any() else 0.0
 
 
 def precision_at_k(rel: np.ndarray, k: int) -> float:

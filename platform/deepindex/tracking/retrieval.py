@@ -1,7 +1,7 @@
 """Log a retrieval-quality report (:func:`deepindex.index.evaluate.evaluate_retrieval`) to an MLflow run.
 
 Metrics are flat names under ``retrieval.``: ``keyword.map``, ``keyword.ap.<concept>``,
-``qbe.<descriptor>.<metric>.map_at_<k>`` / ``precision_at_<k>``, ``qbe_best.map_at_<k>``,
+``qbe.<descriptor>.<metric>.map_at_<k>`` / ``precision_at_<k>`` / ``ndcg_at_<k>``, ``qbe_best.map_at_<k>``,
 ``fusion.<signal>.map_at_<k>``; the whole report is the artifact ``retrieval/report.json``.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def flat_metrics(report: dict[str, Any], prefix: str = "retrieval") -> dict[str,
         elif isinstance(node, (int, float)) and not isinstance(node, bool):
             out[".".join(path)] = float(node)
 
-    for section in ("keyword", "qbe", "qbe_best", "qbe_chance", "fusion"):
+    for section in ("keyword", "qbe", "qbe_best", "qbe_chance", "qbe_chance_ndcg", "fusion"):
         walk(report.get(section, {}), [prefix, section])
     return out
 
