@@ -71,12 +71,17 @@ def _init(num_cpus: int | None, **kwargs: Any) -> None:
 
 
 def lasting_cluster() -> str | None:
-    """The address of the cluster ``connect()`` would join that outlives this process
-    (``RAY_ADDRESS``, else the local platform's head), or None: ``connect()`` would start a
-    cluster of this process's own, gone when it exits."""
+    """The address of the cluster ``connect()`` would join that outlives the command
+    (``RAY_ADDRESS``; the one this process is connected to already, as a caller of the command's
+    function is; else the local platform's head), or None: ``connect()`` would start a cluster of
+    the command's own, gone when it exits."""
+    import ray
+
     address = os.environ.get("RAY_ADDRESS")
     if address:
         return address
+    if ray.is_initialized():
+        return str(ray.get_runtime_context().gcs_address)
     from deepindex.localplatform import running_service
 
     head = running_service("ray")

@@ -20,21 +20,24 @@ def test_serve_command_refuses_bad_args_in_one_line_naming_them(argv, error, cap
     assert err == f"deepindex serve: error: {error}" or err.startswith(f"deepindex serve: error: {error},"), err
 
 
-def test_detach_with_no_cluster_that_outlives_the_command_is_refused_before_anything_starts(capsys, monkeypatch):
+def test_detach_with_no_cluster_that_outlives_the_command_is_refused_before_anything_starts(tmp_path, monkeypatch):
     """Without `deepindex up` or RAY_ADDRESS, serve starts a cluster of its own, which ends with the
-    command: `--detach` would print "service ready" for a service already gone."""
-    import ray
+    command: `--detach` would print "service ready" for a service already gone.  The command as a user
+    runs it, in a process of its own (this one may be connected to the session's cluster)."""
+    import os
+    import subprocess
+    import sys
 
-    from deepindex.cli import main
-
-    assert main(["serve", "--detach"]) == 2
-    assert capsys.readouterr().err == ("deepindex serve: error: --detach: no cluster outlives this command (the local "
-                                       "platform is not up and RAY_ADDRESS is not set), so the service would stop as "
-                                       "it returns: start the platform first (deepindex up), or leave --detach out "
-                                       "to serve until Ctrl-C\n")
-    assert not ray.is_initialized()
     from deepindex.cluster import lasting_cluster
 
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-m", "deepindex.cli", "serve", "--detach"], capture_output=True, text=True,
+                         env={**env, "DEEPINDEX_HOME": str(tmp_path / "home")}, timeout=120)
+    assert out.returncode == 2 and out.stderr == (
+        "deepindex serve: error: --detach: no cluster outlives this command (the local platform is not up and "
+        "RAY_ADDRESS is not set), so the service would stop as it returns: start the platform first (deepindex up), "
+        "or leave --detach out to serve until Ctrl-C\n"), out.stderr
+    assert not (tmp_path / "home" / "serving").exists()  # refused before anything, the API token included
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.7:6379")  # a cluster somewhere else outlives the command
     assert lasting_cluster() == "10.0.0.7:6379"
 
