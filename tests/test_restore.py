@@ -114,36 +114,39 @@ def test_a_name_is_one_kind_of_run(tmp_path) -> None:
 
 
 
-def test_a_run_is_run_by_one_process_at_a_time_and_a_killed_one_leaves_no_lock(tmp_path, capsys) -> None:
+def test_a_run_is_run_by_one_process_at_a_time_and_a_killed_one_leaves_no_lock(tmp_path, capsys, monkeypatch) -> None:
     """The same `deepindex train --name t1` in a second terminal is refused, naming the process that
     runs it; once that process ends, killed or not, the name runs again."""
     folder = tmp_path / "t1"
-    with running("train", "t1", folder):
+    with running("train", "t1", str(tmp_path)):
         with pytest.raises(RunInProgress, match=rf"^train t1 is running now \(pid {os.getpid()} on .+, since .+\) at "
                                                  rf"{folder}: wait for it to end, or give another --name$"), \
-                running("train", "t1", folder):
+                running("train", "t1", str(tmp_path)):
             pass
         # The command itself: one line, exit 2, before Ray or the data are touched.
         from deepindex.cli import main
 
         assert main(["train", "--name", "t1", "data.dataset=digits", f"ray.storage_path={tmp_path}"]) == 2
         assert capsys.readouterr().err.startswith(f"deepindex train: error: train t1 is running now (pid {os.getpid()}")
-    with running("train", "t1", folder):  # released at the end of the block
+    with running("train", "t1", str(tmp_path)):  # released at the end of the block
         pass
     # A holder SIGKILLed mid-run: the lock ends with it (no stale lock to clear by hand).
-    code = ("import sys, time; from pathlib import Path; from deepindex.restore import running\n"
-            "with running('sweep', 's1', Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "s1")], stdout=subprocess.PIPE, text=True)
+    code = ("import sys, time; from deepindex.restore import running\n"
+            "with running('sweep', 's1', sys.argv[1]):\n    print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         with pytest.raises(RunInProgress, match=rf"^sweep s1 is running now \(pid {holder.pid} on "), \
-                running("sweep", "s1", tmp_path / "s1"):
+                running("sweep", "s1", str(tmp_path)):
             pass
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
-    with running("sweep", "s1", tmp_path / "s1"):
+    with running("sweep", "s1", str(tmp_path)):
         assert (tmp_path / "s1" / LOCK).read_text().startswith(f"pid {os.getpid()} ")
+    monkeypatch.chdir(tmp_path)
+    with running("sweep", "s1", "s3://bucket/runs"):  # remote storage: no lock, and no local folder "s3:"
+        assert not (tmp_path / "s3:").exists()
 
 
 def test_default_names_of_runs_started_in_the_same_second_differ(tmp_path, monkeypatch) -> None:

@@ -121,14 +121,16 @@ class RunInProgress(ConfigError):
 
 
 @contextlib.contextmanager
-def running(kind: str, name: str, folder: Path) -> Iterator[None]:
-    """Hold the run's lock while this process runs it: the same command in another terminal, or a job
-    submitted twice, is refused instead of writing the same checkpoints and trials from two drivers.
-    An advisory ``flock``: it ends with the process however it ends, so a killed run leaves no stale
-    lock.  Remote storage (``s3://...``), or a file system without locks, runs without one."""
-    if "://" in str(folder):
+def running(kind: str, name: str, storage: str) -> Iterator[None]:
+    """Hold the lock of the run ``name`` under ``storage`` while this process runs it: the same command
+    in another terminal, or a job submitted twice, is refused instead of writing the same checkpoints
+    and trials from two drivers.  An advisory ``flock``: it ends with the process however it ends, so a
+    killed run leaves no stale lock.  Remote storage (``s3://...``), or a file system without locks,
+    runs without one."""
+    if "://" in storage:  # (a Path of it would read as a local folder "s3:")
         yield
         return
+    folder = Path(storage) / name
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by the processes Ray starts
     try:

@@ -44,7 +44,7 @@ def train_main(config_path: str | None, overrides: list[str], name: str | None =
     cfg = load_config(config_path, overrides)
     check_data(cfg)
     name = name or run_name(cfg)
-    with running("train", name, Path(storage_path(cfg)) / name):  # one process at a time trains a run
+    with running("train", name, storage_path(cfg)):  # one process at a time trains a run
         return _train_main(cfg, name, started)
 
 

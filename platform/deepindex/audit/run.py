@@ -217,11 +217,11 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
     check_config(cfg)
     storage = storage_path(cfg)
     name = name or cfg.ray.name or fresh_name("audit", storage)
-    with running("audit", name, Path(storage) / name):
-        return _run_audit(cfg, name, tracking_uri)
+    with running("audit", name, storage):
+        return _run_audit(cfg, name, storage, tracking_uri)
 
 
-def _run_audit(cfg: Config, name: str, tracking_uri: str | None) -> AuditOutcome:
+def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -> AuditOutcome:
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
@@ -234,10 +234,8 @@ def _run_audit(cfg: Config, name: str, tracking_uri: str | None) -> AuditOutcome
     from deepindex.data.noise import multi_hot
     from deepindex.tracking.uri import resolve_tracking_uri
     from deepindex.train.metrics import mean_ap
-    from deepindex.train.trainer import storage_path
 
     start = time.monotonic()
-    storage = storage_path(cfg)
     cfg = share_cache(cfg, storage)  # each fold's run is under <storage>/<name>/train: one decode for all
     audit_dir = Path(storage) / name
     restoring = tune.Tuner.can_restore(str(audit_dir))

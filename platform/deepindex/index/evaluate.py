@@ -138,11 +138,13 @@ def qbe_quality(feature: np.ndarray, labels: np.ndarray, metric: str, k: int = 1
             f"ndcg_at_{k}": ndcg_at_k(gains, ideal, k)}
 
 
-def qbe_chance(labels: np.ndarray, k: int = 10) -> dict[str, float]:
+def qbe_chance(labels: np.ndarray, k: int = 10, gains: tuple[np.ndarray, np.ndarray] | None = None
+               ) -> dict[str, float]:
     """A random ranking's expected precision@k (the mean share of the gallery relevant to a query) and
-    nDCG@k (the mean gain in every rank, over the ideal DCG)."""
+    nDCG@k (the mean gain in every rank, over the ideal DCG; ``gains``: :func:`jaccard_gains` of the
+    labelled items, when the caller has them)."""
     queries = np.flatnonzero(labels.any(axis=1))
-    ideal, mean = jaccard_gains(labels, queries, k)
+    ideal, mean = jaccard_gains(labels, queries, k) if gains is None else gains
     best = dcg(ideal)
     ok = best > 0
     random_dcg = mean * (1 / np.log2(np.arange(2, k + 2))).sum()
@@ -225,15 +227,15 @@ def evaluate_retrieval(lm: LoadedModel, collection: Collection, *, descriptors: 
         "keyword": keyword_quality(feats["probs"], labels, lm.concepts, vocabulary, k),
         "qbe": {},
     }
-    ideal = jaccard_gains(labels, np.flatnonzero(labels.any(axis=1)), k)[0]  # the same for every descriptor
+    gains = jaccard_gains(labels, np.flatnonzero(labels.any(axis=1)), k)  # the same for every descriptor
     for d in descriptors:
-        report["qbe"][d] = {m: qbe_quality(feats[d], labels, m, k, normalize, ideal) for m in metrics}
+        report["qbe"][d] = {m: qbe_quality(feats[d], labels, m, k, normalize, gains[0]) for m in metrics}
         log.debug("qbe %s: %s", d, report["qbe"][d])  # the command prints the table
     best = max(((d, m) for d in descriptors for m in metrics),
                key=lambda dm: (report["qbe"][dm[0]][dm[1]][f"map_at_{k}"],  # nDCG breaks a tie (all 1.0 where
                                report["qbe"][dm[0]][dm[1]][f"ndcg_at_{k}"]))  # every item shares a concept)
     report["qbe_best"] = {"descriptor": best[0], "metric": best[1], **report["qbe"][best[0]][best[1]]}
-    chance = qbe_chance(labels, k)
+    chance = qbe_chance(labels, k, gains)
     report["qbe_chance"] = chance[f"precision_at_{k}"]  # what /v1/about and the page show
     report["qbe_chance_ndcg"] = chance[f"ndcg_at_{k}"]
     report["fusion"] = {"descriptor": best[0], "metric": best[1], "min_prob": FILTER_MIN_PROB,

@@ -261,11 +261,11 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | N
 
     storage = storage_path(spec.base)
     name = name or spec.settings.name or fresh_name("sweep", storage)
-    with running("sweep", name, Path(storage) / name):
-        return _run_sweep(spec, name, tracking_uri, callbacks, promote)
+    with running("sweep", name, storage):
+        return _run_sweep(spec, name, storage, tracking_uri, callbacks, promote)
 
 
-def _run_sweep(spec: SweepSpec, name: str, tracking_uri: str | None, callbacks: list[Callback] | None,
+def _run_sweep(spec: SweepSpec, name: str, storage: str, tracking_uri: str | None, callbacks: list[Callback] | None,
                promote: bool | None) -> SweepOutcome:
     from ray import tune
 
@@ -273,11 +273,9 @@ def _run_sweep(spec: SweepSpec, name: str, tracking_uri: str | None, callbacks: 
     from deepindex.data.cache import share_cache
     from deepindex.tracking.uri import resolve_tracking_uri
     from deepindex.train.engine import primary_metric
-    from deepindex.train.trainer import storage_path
 
     start = time.monotonic()
-    concurrency = trial_concurrency(spec)  # before anything is written: a cluster too busy fails here
-    storage = storage_path(spec.base)
+    concurrency = trial_concurrency(spec)  # before the sweep's state is written: a cluster too busy fails here
     base = share_cache(spec.base, storage)  # each trial's run is under <storage>/<name>/train: one decode for all
     sweep_dir = Path(storage) / name
     restoring = tune.Tuner.can_restore(str(sweep_dir))
