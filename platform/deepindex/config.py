@@ -366,7 +366,11 @@ def absolute_paths(cfg: Config) -> Config:
     updates: dict[str, str] = {}
     for key in PATH_KEYS:
         value = flat.get(key)
-        if not isinstance(value, str) or not value or ":/" in value:
+        if not isinstance(value, str) or not value:
+            continue
+        if "\x00" in value:  # no file name holds one; the OS would refuse it later, mid-run
+            raise ConfigError(f"{key}: {value!r} holds a NUL character, which no path can")
+        if ":/" in value:
             continue
         p = Path(value).expanduser()
         if not p.is_absolute() or value.startswith("~"):

@@ -8,11 +8,11 @@ import string
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from deepindex.config import ConfigError, load_config
+from deepindex.config import PATH_KEYS, ConfigError, load_config
 from deepindex.data.files import ManifestError, read_concepts, read_manifest
 
 KNOWN = list(load_config().flat())
@@ -24,12 +24,15 @@ FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 @FAST
 @given(st.dictionaries(keys, scalars, max_size=4))
+@example({"data.root": "\x00"})  # found by this test: Path.resolve's ValueError, not a ConfigError
+@example({"ray.storage_path": "/runs/a\x00b"})  # absolute, never resolved: it failed later, mid-run
 def test_config_overrides_fail_only_with_config_errors(overrides):
     try:
         cfg = load_config(None, overrides)
     except ConfigError as e:
         assert str(e).split(":")[0], "the error names a key"
     else:
+        assert not any("\x00" in str(cfg.flat()[k] or "") for k in PATH_KEYS), cfg.flat()
         assert cfg.train.epochs >= 1
 
 
