@@ -46,6 +46,26 @@ def test_flat_folder_with_a_sidecar_needs_no_manifest_or_concepts(flat):
     assert "split column" in sp.report.summary() and "not in the tags file" in sp.report.summary()
 
 
+def test_class_folders_without_a_tags_file_point_at_the_image_folder_dataset(tmp_path):
+    """The layout most collections come in (torchvision's ImageFolder) read as a manifest: the error
+    says how to read it, and the image-folder dataset does, one class per folder."""
+    root = tmp_path / "shapes"
+    for c in ("circle", "square", "triangle"):
+        for i in range(3):
+            _jpeg(root / c / f"{i}.jpg", (40 * i, 90, 9))
+    (root / "notes").mkdir()  # a folder of no images is no class, nor is a hidden one
+    _jpeg(root / ".ipynb_checkpoints" / "0.jpg", (1, 2, 3))
+    with pytest.raises(FileNotFoundError) as e:
+        read_collection(root)
+    assert str(e.value) == (f"data.manifest: not given, and {root} holds none of tags.csv, tags.jsonl, manifest.csv, "
+                            "manifest.jsonl; its folders of images (circle, square, triangle) read as one class each "
+                            "with data.dataset=image-folder")
+    sp = build_splits(load_config(None, ["data.dataset=image-folder", f"data.root={root}", "data.image_size=16"]).data)
+    assert sp.concepts == ["circle", "square", "triangle"] and not sp.multilabel
+    with pytest.raises(FileNotFoundError, match=r"manifest\.jsonl$"):  # nothing to point at
+        read_collection(root / "notes")
+
+
 def test_a_concepts_file_beside_the_images_is_used(flat):
     (flat / "concepts.txt").write_text("sky\nsea\nboat\n")
     assert read_collection(flat).concepts == ["sky", "sea", "boat"]

@@ -14,6 +14,18 @@ def test_topk_error():
     assert topk_error(logits, y, 5) == 0.0  # k capped at the class count
 
 
+def test_a_split_reports_top5_only_with_more_than_5_classes():
+    """Top-5 error with 5 classes or fewer is 0 whatever the model does: not reported (it was, as
+    test_top5_error 0.0000, for a 3-class image folder)."""
+    from deepindex.train.engine import scores_to_metrics
+
+    y = torch.tensor([1, 2, 0, 5])
+    few = scores_to_metrics(torch.zeros(4, 5), y.clamp(max=4), False, prefix="test_")
+    assert set(few) == {"test_top1_error"}
+    many = scores_to_metrics(-torch.arange(6.0).repeat(4, 1), y, False, prefix="test_")  # ranks class 0 first
+    assert set(many) == {"test_top1_error", "test_top5_error"} and many["test_top5_error"] == 0.25  # class 5
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_ap_matches_sklearn(seed):
     rng = np.random.default_rng(seed)

@@ -67,6 +67,24 @@ def test_a_generated_split_too_small_for_a_batch_or_for_the_workers_is_refused(t
     check_batches(cfg.override(["train.batch_size=100"]), 100)  # one full batch: fits
 
 
+def test_a_batch_that_leaves_much_of_the_split_out_of_each_epoch_is_warned_about(caplog):
+    """255 train items (a small image folder's) at the default batch of 128 on 2 workers: each worker's
+    127 items fill one batch of 64, so each epoch trains 128.  The warning names the batch that takes most."""
+    from deepindex.train.trainer import check_batches
+
+    cfg = load_config(None, ["ray.num_workers=2", "train.batch_size=128"])
+    caplog.set_level("WARNING", logger="deepindex.train.trainer")
+    check_batches(cfg, 255)
+    assert [r.getMessage() for r in caplog.records] == [
+        "train.batch_size: 128 trains 128 of the 255 train items each epoch (each worker leaves out its last partial "
+        "batch, a different one every epoch); train.batch_size=126 would train 252"]
+    caplog.clear()
+    check_batches(cfg, 20000)  # 32 of 20,000 left out: nothing to say
+    check_batches(cfg.override(["ray.num_workers=1", "train.batch_size=16"]), 420)  # 4 of 420
+    check_batches(cfg.override(["ray.num_workers=1", "train.batch_size=100"]), 100)
+    assert not caplog.records
+
+
 def _caches(storage: Path) -> list[Path]:
     return sorted(p for p in (storage / "data_cache").iterdir() if p.is_dir() and not p.name.startswith("."))
 

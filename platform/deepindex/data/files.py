@@ -105,7 +105,8 @@ def read_image_folder(root: str | Path) -> FileItems:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data.root: no such folder {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    # A folder of no images is no class (an output never trained), nor is a hidden one (.ipynb_checkpoints).
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _holds_images(p))
     if not classes:
         raise ValueError(f"data.root: {root} holds no class folders (root/<class>/<image>)")
     paths, targets, ids = [], [], []
@@ -192,11 +193,22 @@ def find_sidecar(root: str | Path) -> Path:
         raise FileNotFoundError(f"data.root: no such folder {root}")
     found = [root / n for n in SIDECAR_NAMES if (root / n).is_file()]
     if not found:
-        raise FileNotFoundError(f"data.manifest: not given, and {root} holds none of {', '.join(SIDECAR_NAMES)}")
+        msg = f"data.manifest: not given, and {root} holds none of {', '.join(SIDECAR_NAMES)}"
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                         and _holds_images(p))
+        if classes:  # torchvision's ImageFolder layout, the one most collections come in
+            shown = ", ".join(classes[:5]) + (f" and {len(classes) - 5} more" if len(classes) > 5 else "")
+            msg += (f"; its folders of images ({shown}) read as one class each with "
+                    f"data.dataset=image-folder")
+        raise FileNotFoundError(msg)
     if len(found) > 1:
         names = " and ".join(p.name for p in found)
         raise ValueError(f"data.manifest: {root} holds {names}; name one with data.manifest")
     return found[0]
+
+
+def _holds_images(folder: Path) -> bool:
+    return any(f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() for f in folder.rglob("*"))
 
 
 def _unlisted_images(root: Path, listed: set[Path]) -> int:

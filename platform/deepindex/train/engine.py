@@ -94,7 +94,8 @@ def predict(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]
 
 def scores_to_metrics(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, loss_fn: nn.Module | None = None,
                       prefix: str = "val_") -> dict[str, Any]:
-    """Metrics of a whole split from its logits: loss and top-1/top-5 error, or mAP and per-concept AP."""
+    """Metrics of a whole split from its logits: loss and top-1/top-5 error (top-5 for more than 5
+    classes), or mAP and per-concept AP."""
     out: dict[str, Any] = {}
     if loss_fn is not None:
         out[f"{prefix}loss"] = float(loss_fn(logits, targets))
@@ -104,7 +105,8 @@ def scores_to_metrics(logits: torch.Tensor, targets: torch.Tensor, multilabel: b
         out[f"{prefix}ap"] = [None if v != v else float(v) for v in ap.tolist()]  # NaN -> None (JSON)
     else:
         out[f"{prefix}top1_error"] = topk_error(logits, targets, 1)
-        out[f"{prefix}top5_error"] = topk_error(logits, targets, 5)
+        if logits.shape[-1] > 5:  # with 5 classes or fewer every label is in the top 5: always 0
+            out[f"{prefix}top5_error"] = topk_error(logits, targets, 5)
     return out
 
 

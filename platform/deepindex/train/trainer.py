@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from deepindex.tracking.tracker import Tracker
 
 log = logging.getLogger(__name__)
+_LEFT_OUT = 0.1  # check_batches warns when each epoch leaves out more of the train split than this
 
 RAY_TRAIN_STATE = "checkpoint_manager_snapshot.json"  # Ray Train V2's: a run with it resumes from its checkpoint
 
@@ -52,7 +53,9 @@ def journal_path(cfg: Config, name: str) -> str | None:
 def check_batches(cfg: Config, train_rows: int) -> None:
     """Every worker's share of the train split holds at least one of its batches: the loaders drop
     the last partial batch (so every rank takes the same steps), and a share smaller than a batch
-    would train nothing, every epoch, without a word (seen with a 48-image folder at batch 64)."""
+    would train nothing, every epoch, without a word (seen with a 48-image folder at batch 64).
+    A batch that leaves more than a tenth of the split out of each epoch is warned about, with the
+    batch size that would take the most (319 images in class folders at the default 128 trained 128)."""
     world = cfg.ray.num_workers
     per_worker = max(1, cfg.train.batch_size // world)  # the global batch is split
     share = train_rows // world
@@ -63,6 +66,15 @@ def check_batches(cfg: Config, train_rows: int) -> None:
         each = f" ({per_worker} a worker; each worker holds {share} of the {train_rows} items)" if world > 1 else ""
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the train split fills{each}: "
                           f"no training step would run; set train.batch_size <= {share * world}")
+    trained = share // per_worker * per_worker * world
+    if train_rows - trained > _LEFT_OUT * train_rows:
+        # The loaders keep every rank's steps equal by dropping each one's last partial batch: on a
+        # small collection that can be half of it, every epoch.  A batch a little smaller takes it all.
+        best = max(range((per_worker + 1) // 2, per_worker + 1), key=lambda b: (share // b * b, b))
+        better = share // best * best * world
+        log.warning("train.batch_size: %d trains %d of the %d train items each epoch (each worker leaves out "
+                    "its last partial batch, a different one every epoch); train.batch_size=%d would train %d",
+                    cfg.train.batch_size, trained, train_rows, best * world, better)
 
 
 def claim_run(cfg: Config, name: str) -> Path | None:
