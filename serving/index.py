@@ -149,7 +149,7 @@ class IndexServer:
         assert pair is not None
         m = pair.index.manifest
         return {"version": pair.version, "features": {k: list(v) for k, v in pair.index.query_features().items()},
-                "default_feature": m.default_feature, "concepts": list(m.concepts)}
+                "default_feature": m.default_feature, "concepts": list(m.concepts), "multilabel": m.multilabel}
 
     def query(self, version: str, spec: dict[str, Any]) -> dict[str, Any]:
         """One search (:class:`deepindex.index.query.Query` fields in ``spec``) on ``version``'s index:

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deepindex.index.keywords import SCORING, SCORING_EXCLUSIVE
 from deepindex.index.vectors import QUERY_METRICS, feature_name, feature_names, query_metric
 from serving import contract
 from serving.errors import ApiError
@@ -71,8 +72,6 @@ NEW_ITEM_ID = re.compile(contract.NEW_ITEM_ID_PATTERN)
 SUBRESOURCE = re.compile(contract.SUBRESOURCE)
 CURSOR = re.compile(contract.CURSOR_PATTERN)
 NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")  # a JSON number, as the schema reads one
-SCORING = {"all": "product of the query concepts' presence probabilities (all present, independence assumed)",
-           "any": "1 - product of (1 - presence probability): noisy-or, at least one present"}
 FUSION = {"weighted": "sum over signals of weight x min-max normalised score, divided by the sum of the weights",
           "rrf": "reciprocal rank fusion: sum over signals of weight / (60 + rank)"}
 MIN_PROB = "min_prob."
@@ -445,7 +444,8 @@ class Ingress:
                 raise ApiError(422, "bad_min_prob", f"{key}={value!r}: a number within [0, 1]")
             min_prob[concept] = max(t, min_prob.get(concept, 0.0))  # a repeated filter: both must hold
         return {"mode": mode, "cursor": cursor, "feature": feature, "metric": metric, "fusion": fusion,
-                "weights": w, "min_prob": min_prob}
+                "weights": w, "min_prob": min_prob, "scoring": (SCORING if info.get("multilabel", True)
+                                                                else SCORING_EXCLUSIVE)[mode]}
 
     async def _query(self, version: str, endpoint: str, opts: dict[str, Any], k: int, *,
                      concepts: list[str] | None = None, q: str | None = None, vector: np.ndarray | None = None,
@@ -694,7 +694,7 @@ class Ingress:
         return {"query": q, "mode": opts["mode"], "concepts": parsed.concepts if parsed else [],
                 "matched": parsed.matched if parsed else {}, "unmatched": parsed.unmatched if parsed else [],
                 "corrected": parsed.corrected if parsed else {}, "suggestions": parsed.suggestions if parsed else {},
-                "scoring": SCORING[opts["mode"]], "example": example,
+                "scoring": opts["scoring"], "example": example,
                 "feature": res["feature"] if example else None, "metric": res["metric"] if example else None,
                 "min_prob": opts["min_prob"],
                 "fusion": f"{opts['fusion']}: {FUSION[opts['fusion']]}" if fused else None,

@@ -16,17 +16,19 @@ pytestmark = pytest.mark.timeout(60)
 CONCEPTS = ["cat", "dog", "aquarium_fish"]
 
 
-def store(n: int = 300, kind: str = "flat", seed: int = 0) -> IndexStore:
+def store(n: int = 300, kind: str = "flat", seed: int = 0, multilabel: bool = True) -> IndexStore:
     rng = np.random.default_rng(seed)
     # Coarse probabilities (two decimals): many equal keyword scores, so ties cross page boundaries.
     probs = np.round(rng.random((n, 3)), 2).astype(np.float32)
+    if not multilabel:  # a softmax's: each row sums to 1
+        probs = probs / probs.sum(axis=1, keepdims=True)
     centres = rng.normal(size=(6, 8)).astype(np.float32) * 4
     feats = (centres[rng.integers(0, 6, n)] + rng.normal(size=(n, 8))).astype(np.float32)
     return IndexStore.create(model={"uri": "x", "name": "m", "version": "1"}, collection="c", seq=n,
                              concepts=CONCEPTS, ids=[f"i{j:04d}" for j in range(n)], labels=[[] for _ in range(n)],
                              probs=probs, features={"penultimate": feats},
                              vector_cfg=VectorConfig(kind=kind, metric="l2", normalize=False, hnsw_ef_search=16),
-                             default_feature="penultimate", image_size=4, channels=1, multilabel=True)
+                             default_feature="penultimate", image_size=4, channels=1, multilabel=multilabel)
 
 
 def all_pages(index: IndexStore, q: Query) -> list[tuple[str, float]]:
@@ -64,6 +66,29 @@ def test_keyword_pages_cover_every_item_once_in_score_then_id_order():
         run(index, Query(k=7, key=q.key, concepts=["cat"], cursor="bm90IGEgY3Vyc29y"))
     with pytest.raises(ValueError, match="cursor: not a cursor"):  # well formed, but an integer id: never issued
         run(index, Query(k=7, key=q.key, concepts=["cat"], cursor=encode_cursor(0.5, 3, q.key)))
+
+
+def test_exclusive_classes_are_disjoint_not_independent():
+    """A softmax model's classes: `any` is the sum of their probabilities (exactly the chance the image is one
+    of them; noisy-or undercounts it), and `all` of two is refused: no image is two classes, and a product of
+    softmax probabilities put first the images the model was least sure of (a 3-class image folder's
+    "circle square" answered circles at 0.25)."""
+    index = store(multilabel=False)
+    got = run(index, Query(k=300, concepts=["cat", "dog"], mode="any"))
+    want = np.clip(index.probs[:, 0].astype(np.float64) + index.probs[:, 1], 0, 1)
+    assert [index.ids[r] for r, _ in got.hits] == expected_order(index, np.arange(300), want)
+    assert np.allclose([s for _, s in got.hits], np.sort(want)[::-1])
+    with pytest.raises(ValueError, match=r"^mode=all: cat, dog are exclusive classes of this model \(an image is one "
+                                         r"of them\), so no image is all of them; mode=any finds images of any of them$"):
+        run(index, Query(k=5, concepts=["cat", "dog", "cat"], mode="all"))
+    one = run(index, Query(k=300, concepts=["dog", "dog"], mode="all"))  # one class: its probability
+    assert np.allclose([s for _, s in one.hits], np.sort(index.probs[:, 1])[::-1])
+    ranked = index.rank_keywords([0, 1], 5, "any")  # the store's own ranking agrees
+    assert [r for r, _ in ranked] == [r for r, _ in got.hits[:5]]
+    # A multi-label model's concepts stay independent: noisy-or and the product.
+    ml = store()
+    assert run(ml, Query(k=3, concepts=["cat", "dog"], mode="all")).hits
+    assert np.allclose(scores(ml.probs, [0, 1], "any"), 1 - (1 - ml.probs[:, 0]) * (1 - ml.probs[:, 1]))
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])

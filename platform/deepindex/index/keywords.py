@@ -32,6 +32,11 @@ Scoring (``rank``): with ``p_i(c)`` the presence probability of concept ``c`` in
   present if concepts are independent; computed as a sum of logs so many concepts do not
   underflow;
 - ``any``: ``score = 1 - prod_c (1 - p_i(c))`` (noisy-or), the probability that at least one is.
+
+A model of exclusive classes (softmax: an image is one of them) makes the concepts disjoint, not
+independent: ``any`` is then ``sum_c p_i(c)``, exactly the probability that the image is one of
+them, and ``all`` of two or more classes is refused (no image is two classes; its product would
+rank the images the model is least sure of first).
 """
 from __future__ import annotations
 
@@ -51,6 +56,12 @@ _TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)*", re.UNICODE)
 _CLITIC = re.compile(r"'s?$")
 SUGGEST_MIN_SCORE = 75.0  # rapidfuzz WRatio (0-100) for a "did you mean" phrase
 SUGGEST_MAX = 3
+# What a search's score is, per mode, for people (the response's ``scoring``): independent concepts
+# (a multi-label model's sigmoids), or exclusive classes (a softmax).
+SCORING = {"all": "product of the query concepts' presence probabilities (all present, independence assumed)",
+           "any": "1 - product of (1 - presence probability): noisy-or, at least one present"}
+SCORING_EXCLUSIVE = {"all": "the class's probability (exclusive classes: an image is one of them)",
+                     "any": "sum of the query classes' probabilities (exclusive classes: the image is one of them)"}
 
 
 def max_edits(word: str) -> int:
@@ -238,9 +249,14 @@ def read_synonyms(path: str | Path) -> tuple[dict[str, list[str]], list[str]]:
     return syn, [str(w) for w in stop]
 
 
-def scores(probs: np.ndarray, concept_idx: list[int], mode: str = "all") -> np.ndarray:
-    """(N, K) probabilities -> (N,) scores for the query concepts (see the module doc)."""
+def scores(probs: np.ndarray, concept_idx: list[int], mode: str = "all", exclusive: bool = False) -> np.ndarray:
+    """(N, K) probabilities -> (N,) scores for the query concepts (see the module doc); ``exclusive``:
+    the probabilities are a softmax's, over classes an image is one of."""
     p = probs[:, concept_idx].astype(np.float64)  # (N, q)
+    if exclusive and mode in SCORING:
+        if mode == "all" and len(set(concept_idx)) > 1:
+            raise ValueError("mode=all: exclusive classes: no image is two of them; mode=any finds images of any")
+        return np.clip(probs[:, sorted(set(concept_idx))].astype(np.float64).sum(axis=1), 0.0, 1.0)
     if mode == "all":
         return np.exp(np.log(np.clip(p, 1e-12, 1.0)).sum(axis=1))
     if mode == "any":
@@ -248,9 +264,10 @@ def scores(probs: np.ndarray, concept_idx: list[int], mode: str = "all") -> np.n
     raise ValueError(f"mode: expected 'all' or 'any', got {mode!r}")
 
 
-def rank(probs: np.ndarray, concept_idx: list[int], k: int, mode: str = "all") -> tuple[np.ndarray, np.ndarray]:
+def rank(probs: np.ndarray, concept_idx: list[int], k: int, mode: str = "all",
+         exclusive: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Top-k rows and their scores, best first (ties broken by row for stable results)."""
-    s = scores(probs, concept_idx, mode)
+    s = scores(probs, concept_idx, mode, exclusive)
     k = min(k, len(s))
     if k == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
