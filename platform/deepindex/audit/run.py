@@ -226,7 +226,15 @@ def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -
     from ray.tune.search import BasicVariantGenerator
 
     from deepindex.audit.detect import detect, detection_scores
-    from deepindex.audit.report import GRID_FILE, summary_table, suspects_grid, weak_model_warning, write_report
+    from deepindex.audit.report import (
+        GRID_FILE,
+        chance_score,
+        summary_table,
+        suspects_grid,
+        weak_folds_warning,
+        weak_model_warning,
+        write_report,
+    )
     from deepindex.cluster import connect, wait_for_resources
     from deepindex.data import build_splits
     from deepindex.data.cache import share_cache
@@ -308,7 +316,12 @@ def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -
     import torch
 
     oof_map = mean_ap(torch.from_numpy(probs), torch.from_numpy(given.astype(np.float32)))
-    warning = weak_model_warning(det, oof_map)
+    from deepindex.data.label_view import targets_of
+
+    chance = chance_score(targets_of(splits.test).numpy(), cfg.multilabel)
+    warnings = [weak_folds_warning([r.test_score if r.test_score is not None else np.nan for r in results], chance,
+                                   cfg.multilabel), weak_model_warning(det, oof_map)]
+    warning = " ".join(w for w in warnings if w) or None
     wall = time.monotonic() - start
     meta: dict[str, Any] = {
         "name": name, "folds": folds, "filter_by": cfg.audit.filter_by, "items": len(given), "concepts": concepts,
