@@ -78,8 +78,9 @@ def test_exclusive_classes_are_disjoint_not_independent():
     want = np.clip(index.probs[:, 0].astype(np.float64) + index.probs[:, 1], 0, 1)
     assert [index.ids[r] for r, _ in got.hits] == expected_order(index, np.arange(300), want)
     assert np.allclose([s for _, s in got.hits], np.sort(want)[::-1])
-    with pytest.raises(ValueError, match=r"^mode=all: cat, dog are exclusive classes of this model \(an image is one "
-                                         r"of them\), so no image is all of them; mode=any finds images of any of them$"):
+    with pytest.raises(ValueError, match=r"^mode=all: cat, dog are exclusive classes of this model \(an image is "
+                                         r"one of them\), so no image is all of them; mode=any finds images of any "
+                                         r"of them$"):
         run(index, Query(k=5, concepts=["cat", "dog", "cat"], mode="all"))
     one = run(index, Query(k=300, concepts=["dog", "dog"], mode="all"))  # one class: its probability
     assert np.allclose([s for _, s in one.hits], np.sort(index.probs[:, 1])[::-1])
