@@ -105,8 +105,7 @@ def read_image_folder(root: str | Path) -> FileItems:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data.root: no such folder {root}")
-    # A folder of no images is no class (an output never trained), nor is a hidden one (.ipynb_checkpoints).
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _holds_images(p))
+    classes = class_folders(root)
     if not classes:
         raise ValueError(f"data.root: {root} holds no class folders (root/<class>/<image>)")
     paths, targets, ids = [], [], []
@@ -194,8 +193,7 @@ def find_sidecar(root: str | Path) -> Path:
     found = [root / n for n in SIDECAR_NAMES if (root / n).is_file()]
     if not found:
         msg = f"data.manifest: not given, and {root} holds none of {', '.join(SIDECAR_NAMES)}"
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                         and _holds_images(p))
+        classes = class_folders(root)
         if classes:  # torchvision's ImageFolder layout, the one most collections come in
             shown = ", ".join(classes[:5]) + (f" and {len(classes) - 5} more" if len(classes) > 5 else "")
             msg += (f"; its folders of images ({shown}) read as one class each with "
@@ -207,8 +205,11 @@ def find_sidecar(root: str | Path) -> Path:
     return found[0]
 
 
-def _holds_images(folder: Path) -> bool:
-    return any(f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() for f in folder.rglob("*"))
+def class_folders(root: Path) -> list[str]:
+    """The classes of an image folder, sorted: its subfolders that hold images.  A folder of none is no
+    class (an output no image trains), nor is a hidden one (``.ipynb_checkpoints``)."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and any(f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() for f in p.rglob("*")))
 
 
 def _unlisted_images(root: Path, listed: set[Path]) -> int:

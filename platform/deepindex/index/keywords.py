@@ -252,11 +252,11 @@ def read_synonyms(path: str | Path) -> tuple[dict[str, list[str]], list[str]]:
 def scores(probs: np.ndarray, concept_idx: list[int], mode: str = "all", exclusive: bool = False) -> np.ndarray:
     """(N, K) probabilities -> (N,) scores for the query concepts (see the module doc); ``exclusive``:
     the probabilities are a softmax's, over classes an image is one of."""
-    p = probs[:, concept_idx].astype(np.float64)  # (N, q)
     if exclusive and mode in SCORING:
         if mode == "all" and len(set(concept_idx)) > 1:
             raise ValueError("mode=all: exclusive classes: no image is two of them; mode=any finds images of any")
         return np.clip(probs[:, sorted(set(concept_idx))].astype(np.float64).sum(axis=1), 0.0, 1.0)
+    p = probs[:, concept_idx].astype(np.float64)  # (N, q)
     if mode == "all":
         return np.exp(np.log(np.clip(p, 1e-12, 1.0)).sum(axis=1))
     if mode == "any":
