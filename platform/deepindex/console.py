@@ -89,6 +89,20 @@ def event(msg: str, *args: Any) -> None:
     logging.getLogger(EVENTS).info(msg, *args)
 
 
+def announce(in_trials_too: bool, msg: str, *args: Any) -> None:
+    """A console event on a driver.  In a Ray actor (a sweep's trial) only ``in_trials_too`` lines are
+    (printed with the console's mark, the sweep's driver shows them); the others go to the log."""
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+        if in_trials_too:
+            print(MARK + msg % args, flush=True)
+        else:
+            logging.getLogger(__name__).info(msg, *args)
+        return
+    event(msg, *args)
+
+
 def report(result: Any, out: str | None = None) -> None:
     """A job's result as JSON on stdout (what a benchmark or a Ray job leaves), and in ``out`` if given."""
     import json

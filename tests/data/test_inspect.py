@@ -43,6 +43,13 @@ def test_colour_folder_stays_rgb_and_the_size_comes_from_the_images(tmp_path, ca
     assert again is resolved  # resolved once: nothing to infer, nothing printed the second time
     lines = [r.getMessage() for r in caplog.records if r.name == "deepindex.data.inspect"]
     assert len(lines) == 1 and "data.channels=3" in lines[0] and "data.image_size=96" in lines[0]
+    # A command starting a run (build_trainer) puts it on the console, an event: the README's promise that
+    # the first lines say what was inferred (it went to the log file only).  A checkpoint's load does not.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="deepindex.events"):
+        resolve_config(cfg, announce=True)
+    events = [r.getMessage() for r in caplog.records if r.name == "deepindex.events"]
+    assert events == [lines[0]], events
 
 
 def test_gray_folder_is_one_channel_and_explicit_keys_win(tmp_path):

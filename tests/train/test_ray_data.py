@@ -95,7 +95,11 @@ def _caches(storage: Path) -> list[Path]:
 def test_two_workers_train_on_disjoint_shards_of_the_decoded_cache(first_run):
     result, storage = first_run["result"], first_run["storage"]
     assert result.error is None and result.metrics["epoch"] == 0
-    assert any(e.startswith("data: decoded 60 images in ") for e in first_run["events"]), first_run["events"]
+    events = first_run["events"]
+    # The console says what was inferred (channels, preset) and what the import found, then the decode.
+    assert [e.split(" (")[0] for e in events[:1]] == ["data: inferred data.channels=3"], events
+    assert any(e.startswith("data: decoded 60 images in ") for e in events), events
+    assert any(e.startswith("data: ") and "tags.csv: 60 items" in e for e in events), events
     [cache] = _caches(storage)
     meta = json.loads((cache / COMPLETE).read_text())
     assert meta["counts"] == {"train": 42, "val": 9, "test": 9} and meta["channels"] == 3

@@ -169,35 +169,21 @@ def labelled_splits(cfg: Config, cache: DecodedCache) -> tuple[np.ndarray, dict[
     return keep, {"train": train_y, "val": val_y, "test": test_y}
 
 
-def _announce(in_trials_too: bool, msg: str, *args: Any) -> None:
-    """A console event on a driver.  In a Ray actor (a sweep's trial) only ``in_trials_too`` lines are
-    (printed with the console's mark, the sweep's driver shows them); a trial's cache hit goes to the log."""
-    import ray
-
-    from deepindex.console import MARK, event
-
-    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
-        if in_trials_too:
-            print(MARK + msg % args, flush=True)
-        else:
-            log.info(msg, *args)
-        return
-    event(msg, *args)
-
-
 def prepare_ingest(cfg: Config, storage: str) -> RayIngest:
     """Decode once (or find the cache), apply the label view, build the Ray datasets (on the driver)."""
     import ray.data
     import ray.train
 
+    from deepindex.console import announce
+
     cache = prepare_cache(cfg.data, storage)
     n = sum(cache.counts.values())
     if cache.hit:
-        _announce(False, "data: cache hit %s (%d items)", cache.path, n)
+        announce(False, "data: cache hit %s (%d items)", cache.path, n)
     else:
-        _announce(True, "data: decoded %d images in %.1f s into %s", n, cache.seconds, cache.path)
-    if cache.report:
-        log.info("data: %s", cache.report)
+        announce(True, "data: decoded %d images in %.1f s into %s", n, cache.seconds, cache.path)
+    if cache.report:  # what the import found (unknown tags, duplicates, the split column)
+        announce(False, "data: %s", cache.report)
     keep, labels = labelled_splits(cfg, cache)
     n_train = cache.counts["train"]
     mask = None

@@ -127,11 +127,18 @@ def resolve_data(d: DataConfig, *, pretrained: bool = False) -> tuple[DataConfig
     return d.model_copy(update=updates), notes
 
 
-def resolve_config(cfg: Config) -> Config:
-    """``cfg`` with its data section resolved; logs what was inferred, once, on the caller's side."""
+def resolve_config(cfg: Config, announce: bool = False) -> Config:
+    """``cfg`` with its data section resolved; logs what was inferred, once, on the caller's side
+    (``announce``: on the console, as a command starting a run does)."""
+    from deepindex.console import announce as console_line
+
     d, notes = resolve_data(cfg.data, pretrained=cfg.model.pretrained != "none")
     if d is cfg.data:
         return cfg
     if notes:
-        log.info("data: inferred %s; set these keys to choose otherwise", "; ".join(notes))
+        msg = "data: inferred %s; set these keys to choose otherwise"
+        if announce:
+            console_line(False, msg, "; ".join(notes))
+        else:
+            log.info(msg, "; ".join(notes))
     return cfg.override({f"data.{k}": getattr(d, k) for k in ("preset", "channels", "image_size", "normalize")})

@@ -126,7 +126,7 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list[UserC
     # On the driver, once: what the data config leaves unset is inferred and logged here, so
     # every worker, checkpoint and MLflow run holds the same values; and missing ImageNet
     # weights fail here, in one line, before any worker starts.
-    cfg = resolve_config(cfg)
+    cfg = resolve_config(cfg, announce=True)
     if cfg.model.pretrained != "none":
         from deepindex.models.transfer import ensure_pretrained
 
