@@ -444,7 +444,7 @@ class Ingress:
                 raise ApiError(422, "bad_min_prob", f"{key}={value!r}: a number within [0, 1]")
             min_prob[concept] = max(t, min_prob.get(concept, 0.0))  # a repeated filter: both must hold
         return {"mode": mode, "cursor": cursor, "feature": feature, "metric": metric, "fusion": fusion,
-                "weights": w, "min_prob": min_prob, "scoring": (SCORING if info.get("multilabel", True)
+                "weights": w, "min_prob": min_prob, "scoring": (SCORING if info["multilabel"]
                                                                 else SCORING_EXCLUSIVE)[mode]}
 
     async def _query(self, version: str, endpoint: str, opts: dict[str, Any], k: int, *,

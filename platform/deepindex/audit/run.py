@@ -238,7 +238,7 @@ def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -
     from deepindex.cluster import connect, wait_for_resources
     from deepindex.data import build_splits
     from deepindex.data.cache import share_cache
-    from deepindex.data.label_view import fingerprint
+    from deepindex.data.label_view import fingerprint, targets_of
     from deepindex.data.noise import multi_hot
     from deepindex.tracking.uri import resolve_tracking_uri
     from deepindex.train.metrics import mean_ap
@@ -316,8 +316,6 @@ def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -
     import torch
 
     oof_map = mean_ap(torch.from_numpy(probs), torch.from_numpy(given.astype(np.float32)))
-    from deepindex.data.label_view import targets_of
-
     chance = chance_score(targets_of(splits.test).numpy(), cfg.multilabel)
     warnings = [weak_folds_warning([r.test_score if r.test_score is not None else np.nan for r in results], chance,
                                    cfg.multilabel), weak_model_warning(det, oof_map)]

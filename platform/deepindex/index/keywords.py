@@ -249,13 +249,18 @@ def read_synonyms(path: str | Path) -> tuple[dict[str, list[str]], list[str]]:
     return syn, [str(w) for w in stop]
 
 
-def scores(probs: np.ndarray, concept_idx: list[int], mode: str = "all", exclusive: bool = False) -> np.ndarray:
+def scores(probs: np.ndarray, concept_idx: list[int], mode: str = "all", exclusive: bool = False,
+           names: list[str] | None = None) -> np.ndarray:
     """(N, K) probabilities -> (N,) scores for the query concepts (see the module doc); ``exclusive``:
-    the probabilities are a softmax's, over classes an image is one of."""
+    the probabilities are a softmax's, over classes an image is one of (``names``: the K concepts, for
+    the refusal of ``all``)."""
     if exclusive and mode in SCORING:
-        if mode == "all" and len(set(concept_idx)) > 1:
-            raise ValueError("mode=all: exclusive classes: no image is two of them; mode=any finds images of any")
-        return np.clip(probs[:, sorted(set(concept_idx))].astype(np.float64).sum(axis=1), 0.0, 1.0)
+        distinct = list(dict.fromkeys(concept_idx))
+        if mode == "all" and len(distinct) > 1:
+            which = ", ".join(names[j] for j in distinct) if names else f"{len(distinct)} classes"
+            raise ValueError(f"mode=all: {which} are exclusive classes of this model (an image is one of them), "
+                             f"so no image is all of them; mode=any finds images of any of them")
+        return np.clip(probs[:, distinct].astype(np.float64).sum(axis=1), 0.0, 1.0)
     p = probs[:, concept_idx].astype(np.float64)  # (N, q)
     if mode == "all":
         return np.exp(np.log(np.clip(p, 1e-12, 1.0)).sum(axis=1))
@@ -264,10 +269,10 @@ def scores(probs: np.ndarray, concept_idx: list[int], mode: str = "all", exclusi
     raise ValueError(f"mode: expected 'all' or 'any', got {mode!r}")
 
 
-def rank(probs: np.ndarray, concept_idx: list[int], k: int, mode: str = "all",
-         exclusive: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def rank(probs: np.ndarray, concept_idx: list[int], k: int, mode: str = "all", exclusive: bool = False,
+         names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k rows and their scores, best first (ties broken by row for stable results)."""
-    s = scores(probs, concept_idx, mode, exclusive)
+    s = scores(probs, concept_idx, mode, exclusive, names)
     k = min(k, len(s))
     if k == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0)

@@ -75,10 +75,6 @@ def run(index: IndexStore, q: Query) -> Result:
         raise ValueError("query: give keywords, an example, or both")
     if q.vector is not None and q.item is not None:
         raise ValueError("example: an uploaded image or an item id, not both")
-    classes = [c for c in dict.fromkeys(q.concepts or []) if c in index.manifest.concepts]
-    if q.mode == "all" and len(classes) > 1 and not index.manifest.multilabel:
-        raise ValueError(f"mode=all: {', '.join(classes)} are exclusive classes of this model (an image is one of "
-                         f"them), so no image is all of them; mode=any finds images of any of them")
     with index.rw.read():  # one consistent view of the rows while scoring (adds wait, queries do not)
         keep_rows = index.alive.copy()
         if q.min_prob:
@@ -153,7 +149,8 @@ def _keywords(index: IndexStore, q: Query, keep_rows: np.ndarray) -> Scored:
     idx = [names[c] for c in (q.concepts or []) if c in names]
     if not idx:  # no concept matched: nothing scores (the response reports the unmatched words)
         return Scored(rows[:0], np.zeros(0))
-    return Scored(rows, scores(index.probs[rows], idx, q.mode, exclusive=not index.manifest.multilabel))
+    m = index.manifest
+    return Scored(rows, scores(index.probs[rows], idx, q.mode, exclusive=not m.multilabel, names=m.concepts))
 
 
 def _example_page(index: IndexStore, q: Query, vector: np.ndarray, feature: str, metric: str,

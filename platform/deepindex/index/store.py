@@ -718,7 +718,8 @@ class IndexStore:
 
         with self.rw.read():
             live = self.live_rows()
-            rows, scores = rank(self.probs[live], concept_idx, k, mode, exclusive=not self.manifest.multilabel)
+            rows, scores = rank(self.probs[live], concept_idx, k, mode, exclusive=not self.manifest.multilabel,
+                                names=self.manifest.concepts)
             return [(int(live[r]), float(s)) for r, s in zip(rows, scores, strict=True)]
 
     def item(self, item_id: str, feature: str | None = None) -> tuple[int, np.ndarray, np.ndarray] | None:
