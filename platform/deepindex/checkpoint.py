@@ -124,11 +124,27 @@ def _load_failure(e: BaseException) -> str:
     return (cause or lines or [e.__class__.__name__])[0][:160]
 
 
+def _foreign_format(p: Path) -> str | None:
+    """What a file that ``torch.save`` cannot have written looks like (it writes a zip archive, or a
+    pickle that starts with its protocol byte), so a JSON or image file is named for what it is
+    rather than by the unpickler's ``Unsupported operand 123``."""
+    with open(p, "rb") as fh:
+        head = fh.read(8)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    if not head:
+        return "it is empty"
+    return f"it starts with {head!r}, and torch.save writes a zip archive"
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The raw checkpoint dict, from a directory or the file itself; never executes code."""
     p = checkpoint_file(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint: no such file {p}")
+    foreign = _foreign_format(p)
+    if foreign is not None:
+        raise ValueError(f"checkpoint: {p} is not a PyTorch file ({foreign})")
     try:
         # weights_only: tensors and plain containers only; a pickled object is refused, never run.
         state = torch.load(p, map_location="cpu", weights_only=True)

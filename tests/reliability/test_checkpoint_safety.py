@@ -35,7 +35,15 @@ def test_foreign_file_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / FILENAME)
     with pytest.raises(ValueError, match="not a deepindex checkpoint"):
         read_checkpoint(tmp_path)
+    # A file torch.save cannot have written is named for what it is, not by the unpickler's opcode.
     (tmp_path / FILENAME).write_text('{"json": "not torch"}')
+    with pytest.raises(ValueError, match=r"not a PyTorch file \(it starts with b'\{\"json\":', and torch.save"):
+        read_checkpoint(tmp_path)
+    (tmp_path / FILENAME).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"not a PyTorch file \(it is empty\)"):
+        read_checkpoint(tmp_path)
+    # A torch file that is not a loadable one still says why in the unpickler's words.
+    (tmp_path / FILENAME).write_bytes(b"PK\x03\x04" + b"\0" * 60)
     with pytest.raises(ValueError, match=r"not a loadable deepindex checkpoint \((?!Weights only load failed)"):
         read_checkpoint(tmp_path)
 
