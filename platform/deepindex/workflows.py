@@ -112,22 +112,28 @@ def tracked_train(cfg: Config, *, name: str | None = None, callbacks: list[UserC
     except BaseException as e:
         mark_failed(tracker, name, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
-    outcome.test_metrics, run_id = finalize_run(tracker, outcome.checkpoint, outcome.latest_checkpoint, name)
+    outcome.test_metrics, run_id = finalize_run(tracker, outcome.checkpoint, outcome.latest_checkpoint, name,
+                                                warn_unlearnt=True)
     return outcome, run_id
 
 
 def finalize_run(tracker: Tracker | None, best_checkpoint: str, latest_checkpoint: str | None, name: str,
-                 status: str = "FINISHED") -> tuple[dict[str, Any], str | None]:
+                 status: str = "FINISHED", warn_unlearnt: bool = False) -> tuple[dict[str, Any], str | None]:
     """Score ``best_checkpoint`` on the test split and hand the report to tracking; ends the run with
-    ``status`` (a Tune trial that ASHA stopped ends KILLED).  Returns (test metrics, run id)."""
+    ``status`` (a Tune trial that ASHA stopped ends KILLED).  Returns (test metrics, run id).
+    ``warn_unlearnt``: say so when the model scores hardly better than a guess (a training run; a
+    sweep's trials are compared by the sweep instead)."""
     import matplotlib.pyplot as plt
 
     from deepindex.checkpoint import checkpoint_file
     from deepindex.tracking.run import FinalReport, log_final
     from deepindex.tracking.tracker import numeric_metrics
-    from deepindex.train.evaluation import ap_table, curve_figure, score_checkpoint
+    from deepindex.train.evaluation import ap_table, curve_figure, learnt_little_warning, score_checkpoint
 
     scored = score_checkpoint(best_checkpoint)
+    warning = learnt_little_warning(scored) if warn_unlearnt else None
+    if warning:
+        log.warning("%s: %s", name, warning)
     if tracker is None:
         return scored.named(), None
     fig = curve_figure(scored)

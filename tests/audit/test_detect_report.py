@@ -17,7 +17,6 @@ import torch
 
 from deepindex.audit.detect import detect, detection_scores
 from deepindex.audit.report import (
-    chance_score,
     cleaned,
     summary_table,
     suspects_grid,
@@ -28,6 +27,7 @@ from deepindex.audit.report import (
 from deepindex.config import Config, load_config
 from deepindex.data import Splits, build_splits
 from deepindex.data.label_view import fingerprint
+from deepindex.train.metrics import chance_score
 
 # (config, splits, given labels, out-of-fold probabilities, the corrupted pairs)
 AuditInputs = tuple[Config, Splits, np.ndarray, np.ndarray, np.ndarray]

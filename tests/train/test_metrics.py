@@ -55,3 +55,56 @@ def test_concept_without_positives_is_left_out_of_the_mean():
     ap = per_concept_ap(s, y)
     assert ap[0] == pytest.approx(1.0) and torch.isnan(ap[1])
     assert mean_ap(s, y) == pytest.approx(1.0)
+
+
+def test_a_finished_training_whose_model_answers_by_chance_says_so(small_model, tmp_path, caplog):
+    """A run can finish, checkpoint and log everything and still hold a guess (a few hundred photos at
+    the default batch of 128 make a handful of steps): `deepindex train`'s end says so, against what a
+    guess scores on the same test split; a model that learnt is not warned about."""
+    import logging
+
+    from deepindex.checkpoint import load_model, save_checkpoint
+    from deepindex.workflows import finalize_run
+
+    with caplog.at_level(logging.WARNING, logger="deepindex.workflows"):
+        metrics, run_id = finalize_run(None, str(small_model), None, "learnt", warn_unlearnt=True)
+    assert run_id is None and metrics["test_map"] > 0.9 and "learnt next to nothing" not in caplog.text
+
+    lm = load_model(small_model)  # the same model with every weight zero: the same logits for every image
+    with torch.no_grad():
+        for p in lm.model.parameters():
+            p.zero_()
+    save_checkpoint(tmp_path, model=lm.model, config=lm.config, stats=lm.stats, concepts=lm.concepts,
+                    multilabel=lm.multilabel, epoch=1)
+    with caplog.at_level(logging.WARNING, logger="deepindex.workflows"):
+        metrics, _ = finalize_run(None, str(tmp_path), None, "guess", warn_unlearnt=True)
+        finalize_run(None, str(tmp_path), None, "trial", warn_unlearnt=False)  # a sweep's trial: not said
+    said = [r.getMessage() for r in caplog.records if "learnt next to nothing" in r.getMessage()]
+    # Tied scores rank as one threshold: every concept's AP is its prevalence, a random ranking's mAP.
+    assert len(said) == 1 and said[0].startswith(
+        f"guess: the model learnt next to nothing: test mAP {metrics['test_map']:.4f}, where a random ranking "
+        f"scores {metrics['test_map']:.4f}. Train it longer (train.epochs)")
+
+
+def test_chance_is_a_guess_score_and_a_quarter_of_the_way_to_perfect_is_learning():
+    from deepindex.train.metrics import chance_score, learnt_little
+
+    classes = torch.tensor([0] * 6 + [1] * 3 + [2] * 3)
+    assert chance_score(classes, multilabel=False) == pytest.approx(0.5)  # always "0": wrong on 6 of 12
+    assert learnt_little(0.38, 0.5, multilabel=False) and not learnt_little(0.37, 0.5, multilabel=False)
+    assert learnt_little(0.62, 0.5, multilabel=True) and not learnt_little(0.63, 0.5, multilabel=True)
+    assert not learnt_little(float("nan"), 0.5, multilabel=True)  # not scored: not judged
+
+
+def test_a_classifier_no_better_than_its_commonest_class_is_named_in_top1_error():
+    from deepindex.train.evaluation import Scored, learnt_little_warning
+
+    targets = torch.tensor([0] * 8 + [1] * 6 + [2] * 6)  # always "0" errs 12 of 20
+    guess = Scored({"test_top1_error": 0.55, "test_loss": 1.1}, torch.zeros(20, 3), targets, ["a", "b", "c"], False)
+    assert learnt_little_warning(guess) == (
+        "the model learnt next to nothing: test top-1 error 0.5500, where always answering the most frequent class "
+        "errs 0.6000. Train it longer (train.epochs), in more steps an epoch (a smaller train.batch_size) or from "
+        "ImageNet weights (model.pretrained=imagenet); `deepindex example photos` writes a recipe that learns from a "
+        "few hundred photos")
+    learnt = Scored({"test_top1_error": 0.44}, torch.zeros(20, 3), targets, ["a", "b", "c"], False)
+    assert learnt_little_warning(learnt) is None  # 0.44 < 0.75 x 0.6: more than a quarter of the way

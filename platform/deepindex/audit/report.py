@@ -90,29 +90,16 @@ def weak_model_warning(det: Detection, oof_map: float) -> str | None:
             "(model.pretrained=imagenet) before training on this report")
 
 
-# A fold model that closes less than this share of the way from a guess to a perfect test score has
-# learnt next to nothing: its out-of-fold probabilities, and the flags drawn from them, are noise.
-WEAK_FOLD_GAIN = 0.25
-
-
-def chance_score(test_targets: np.ndarray, multilabel: bool) -> float:
-    """What a model that learnt nothing scores on the test split: a random ranking's mAP (each concept's
-    prevalence, over the concepts present), or the top-1 error of always answering the most frequent class."""
-    y = np.asarray(test_targets)
-    if multilabel:
-        prevalence = y.astype(np.float64).mean(axis=0)
-        return float(prevalence[prevalence > 0].mean()) if (prevalence > 0).any() else 0.0
-    return float(1.0 - np.bincount(y.astype(np.int64)).max() / len(y)) if len(y) else 1.0
+GUESS_CLASS = "always answering the most frequent class"
 
 
 def weak_folds_warning(scores: list[float], chance: float, multilabel: bool) -> str | None:
-    """Folds whose model scored on the test split hardly better than ``chance`` (:func:`chance_score`), named."""
-    if multilabel:
-        weak = [k for k, s in enumerate(scores) if s == s and s < chance + WEAK_FOLD_GAIN * (1.0 - chance)]
-        what, guess = "test mAP", "a random ranking"
-    else:
-        weak = [k for k, s in enumerate(scores) if s == s and s > (1.0 - WEAK_FOLD_GAIN) * chance]
-        what, guess = "test top-1 error", "always answering the most frequent class"
+    """Folds whose model scored on the test split hardly better than ``chance``
+    (:func:`deepindex.train.metrics.chance_score`), named."""
+    from deepindex.train.metrics import learnt_little
+
+    weak = [k for k, s in enumerate(scores) if learnt_little(s, chance, multilabel)]
+    what, guess = ("test mAP", "a random ranking") if multilabel else ("test top-1 error", GUESS_CLASS)
     if not weak:
         return None
     names = " and ".join(", ".join(str(k + 1) for k in weak).rsplit(", ", 1))

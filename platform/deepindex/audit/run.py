@@ -228,7 +228,6 @@ def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -
     from deepindex.audit.detect import detect, detection_scores
     from deepindex.audit.report import (
         GRID_FILE,
-        chance_score,
         summary_table,
         suspects_grid,
         weak_folds_warning,
@@ -241,7 +240,7 @@ def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -
     from deepindex.data.label_view import fingerprint, targets_of
     from deepindex.data.noise import multi_hot
     from deepindex.tracking.uri import resolve_tracking_uri
-    from deepindex.train.metrics import mean_ap
+    from deepindex.train.metrics import chance_score, mean_ap
 
     start = time.monotonic()
     cfg = share_cache(cfg, storage)  # each fold's run is under <storage>/<name>/train: one decode for all
@@ -316,7 +315,7 @@ def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -
     import torch
 
     oof_map = mean_ap(torch.from_numpy(probs), torch.from_numpy(given.astype(np.float32)))
-    chance = chance_score(targets_of(splits.test).numpy(), cfg.multilabel)
+    chance = chance_score(targets_of(splits.test), cfg.multilabel)
     warnings = [weak_folds_warning([r.test_score if r.test_score is not None else np.nan for r in results], chance,
                                    cfg.multilabel), weak_model_warning(det, oof_map)]
     warning = " ".join(w for w in warnings if w) or None

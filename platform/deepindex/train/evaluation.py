@@ -71,6 +71,30 @@ def score_checkpoint(path: str | Path, split: str = "test", data: DataConfig | N
     return Scored(metrics, logits, targets, list(lm.concepts), lm.multilabel)
 
 
+def learnt_little_warning(scored: Scored) -> str | None:
+    """Said when a model's test score is hardly better than a guess's
+    (:func:`deepindex.train.metrics.learnt_little`): a run can finish, checkpoint and log everything
+    and still hold a model that answers by chance (a few hundred photos at the default batch of 128
+    make a handful of steps)."""
+    from deepindex.train.metrics import chance_score, learnt_little
+
+    if scored.multilabel:
+        name, said, guess = "map", "mAP", "a random ranking scores"
+    else:
+        name, said, guess = "top1_error", "top-1 error", "always answering the most frequent class errs"
+    key = next((k for k in scored.metrics if k.endswith("_" + name)), None)
+    if key is None or len(scored.targets) == 0:
+        return None
+    score, chance = float(scored.metrics[key]), chance_score(scored.targets, scored.multilabel)
+    if not learnt_little(score, chance, scored.multilabel):
+        return None
+    split = key[: -len(name) - 1]
+    return (f"the model learnt next to nothing: {split} {said} {score:.4f}, "
+            f"where {guess} {chance:.4f}. Train it longer (train.epochs), in more steps an epoch (a smaller "
+            f"train.batch_size) or from ImageNet weights (model.pretrained=imagenet); `deepindex example photos` "
+            f"writes a recipe that learns from a few hundred photos")
+
+
 def evaluate_checkpoint(path: str | Path, split: str = "test", overrides: list[str] | None = None) -> dict[str, Any]:
     """A checkpoint's metrics on a split of its own dataset (per-concept AP by concept name); ``overrides``
     (``data.KEY=VALUE``) change that data config first: a collection that moved (``data.root=...``), or

@@ -48,3 +48,28 @@ def per_concept_ap(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def mean_ap(scores: torch.Tensor, targets: torch.Tensor) -> float:
     ap = per_concept_ap(scores, targets)
     return float(ap[~ap.isnan()].mean()) if (~ap.isnan()).any() else float("nan")
+
+
+# A model that closes less than this share of the way from a guess to a perfect test score has learnt
+# next to nothing (an audit's fold: its flags are noise; a training: its model is a guess).
+LEARNT_LITTLE_GAIN = 0.25
+
+
+def chance_score(targets: torch.Tensor, multilabel: bool) -> float:
+    """What a model that learnt nothing scores on a split: a random ranking's mAP (each concept's
+    prevalence, over the concepts present), or the top-1 error of always answering the most frequent class."""
+    y = torch.as_tensor(targets)
+    if multilabel:
+        prevalence = y.double().mean(dim=0)
+        return float(prevalence[prevalence > 0].mean()) if bool((prevalence > 0).any()) else 0.0
+    return float(1.0 - torch.bincount(y.long()).max() / len(y)) if len(y) else 1.0
+
+
+def learnt_little(score: float, chance: float, multilabel: bool) -> bool:
+    """``score`` (test mAP, or top-1 error) closes less than :data:`LEARNT_LITTLE_GAIN` of the gap from
+    ``chance`` (:func:`chance_score`) to a perfect score; an unscored (NaN) one is not judged."""
+    if score != score:
+        return False
+    if multilabel:
+        return score < chance + LEARNT_LITTLE_GAIN * (1.0 - chance)
+    return score > (1.0 - LEARNT_LITTLE_GAIN) * chance
