@@ -64,7 +64,7 @@ def _train_main(cfg: Config, name: str, started: float) -> dict[str, Any]:
         event("train %s exists at %s: resuming it from its last checkpoint", name, resumed)
     # One MLflow run per training run (when a tracking server is configured or up).
     try:
-        out, run_id = tracked_train(cfg, name=name, callbacks=[epoch_lines(cfg.train.epochs)])
+        out, run_id = tracked_train(cfg, name=name, callbacks=[epoch_lines(cfg.train.epochs)], warn_unlearnt=True)
     except KeyboardInterrupt:
         event("train %s interrupted; the same command with --name %s resumes it from its last checkpoint", name, name)
         raise
@@ -95,11 +95,13 @@ def check_data(cfg: Config) -> None:
 
 def tracked_train(cfg: Config, *, name: str | None = None, callbacks: list[UserCallback] | None = None,
                   parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-                  tracking_uri: str | None = None) -> tuple[TrainOutcome, str | None]:
+                  tracking_uri: str | None = None, warn_unlearnt: bool = False) -> tuple[TrainOutcome, str | None]:
     """Train on the connected cluster with MLflow tracking; returns (outcome, MLflow run id).
 
     After Ray Train returns, the best checkpoint (by the validation metric) is scored on the test
-    split and the run gets the test metrics, reports and the checkpoint (:func:`finalize_run`).
+    split and the run gets the test metrics, reports and the checkpoint (:func:`finalize_run`;
+    ``warn_unlearnt``: a model hardly better than a guess is said to be, as `deepindex train` does;
+    an audit's folds are judged together by the audit).
     """
     from deepindex.tracking.run import make_tracker, mark_failed
     from deepindex.train.trainer import journal_path, run_name, train
@@ -113,7 +115,7 @@ def tracked_train(cfg: Config, *, name: str | None = None, callbacks: list[UserC
         mark_failed(tracker, name, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     outcome.test_metrics, run_id = finalize_run(tracker, outcome.checkpoint, outcome.latest_checkpoint, name,
-                                                warn_unlearnt=True)
+                                                warn_unlearnt=warn_unlearnt)
     return outcome, run_id
 
 
@@ -122,7 +124,7 @@ def finalize_run(tracker: Tracker | None, best_checkpoint: str, latest_checkpoin
     """Score ``best_checkpoint`` on the test split and hand the report to tracking; ends the run with
     ``status`` (a Tune trial that ASHA stopped ends KILLED).  Returns (test metrics, run id).
     ``warn_unlearnt``: say so when the model scores hardly better than a guess (a training run; a
-    sweep's trials are compared by the sweep instead)."""
+    sweep's trials are compared by the sweep, an audit's folds by the audit)."""
     import matplotlib.pyplot as plt
 
     from deepindex.checkpoint import checkpoint_file

@@ -90,16 +90,13 @@ def weak_model_warning(det: Detection, oof_map: float) -> str | None:
             "(model.pretrained=imagenet) before training on this report")
 
 
-GUESS_CLASS = "always answering the most frequent class"
-
-
 def weak_folds_warning(scores: list[float], chance: float, multilabel: bool) -> str | None:
     """Folds whose model scored on the test split hardly better than ``chance``
     (:func:`deepindex.train.metrics.chance_score`), named."""
-    from deepindex.train.metrics import learnt_little
+    from deepindex.train.metrics import GUESS, learnt_little
 
     weak = [k for k, s in enumerate(scores) if learnt_little(s, chance, multilabel)]
-    what, guess = ("test mAP", "a random ranking") if multilabel else ("test top-1 error", GUESS_CLASS)
+    what, guess = ("test mAP" if multilabel else "test top-1 error"), GUESS[multilabel]
     if not weak:
         return None
     names = " and ".join(", ".join(str(k + 1) for k in weak).rsplit(", ", 1))

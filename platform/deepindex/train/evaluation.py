@@ -76,12 +76,12 @@ def learnt_little_warning(scored: Scored) -> str | None:
     (:func:`deepindex.train.metrics.learnt_little`): a run can finish, checkpoint and log everything
     and still hold a model that answers by chance (a few hundred photos at the default batch of 128
     make a handful of steps)."""
-    from deepindex.train.metrics import chance_score, learnt_little
+    from deepindex.train.metrics import GUESS, chance_score, learnt_little
 
     if scored.multilabel:
-        name, said, guess = "map", "mAP", "a random ranking scores"
+        name, said, guess = "map", "mAP", GUESS[True] + " scores"
     else:
-        name, said, guess = "top1_error", "top-1 error", "always answering the most frequent class errs"
+        name, said, guess = "top1_error", "top-1 error", GUESS[False] + " errs"
     key = next((k for k in scored.metrics if k.endswith("_" + name)), None)
     if key is None or len(scored.targets) == 0:
         return None

@@ -53,6 +53,8 @@ def mean_ap(scores: torch.Tensor, targets: torch.Tensor) -> float:
 # A model that closes less than this share of the way from a guess to a perfect test score has learnt
 # next to nothing (an audit's fold: its flags are noise; a training: its model is a guess).
 LEARNT_LITTLE_GAIN = 0.25
+# The guess :func:`chance_score` scores, by the model's kind (multi-label or not), in people's words.
+GUESS = {True: "a random ranking", False: "always answering the most frequent class"}
 
 
 def chance_score(targets: torch.Tensor, multilabel: bool) -> float:
