@@ -160,7 +160,7 @@ def promote(run_id: str, name: str | None, tracking_uri: str | None = None, *, p
     from deepindex.config import from_dict
     from deepindex.tracking import registry
     from deepindex.train.engine import primary_metric
-    from deepindex.train.evaluation import score_checkpoint
+    from deepindex.train.evaluation import learnt_little_finding, score_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="deepindex-candidate-") as tmp:
         cand_dir = registry.download_run_checkpoint(run_id, tmp, tracking_uri)
@@ -188,6 +188,9 @@ def promote(run_id: str, name: str | None, tracking_uri: str | None = None, *, p
                   f"(version {champ_version}) {champ_value:.4f}")
     else:
         promoted, reason = True, f"no {alias} yet; {metric} {cand_value:.4f}"
+    unlearnt = learnt_little_finding(cand)
+    if unlearnt:  # said, not refused: a score a little above a guess's can be real (a skewed split)
+        reason += f"; the candidate {unlearnt}"
     if qbe is not None and floor is not None:
         below = qbe["map"] < floor
         reason += (f"; query-by-example mAP@10 {qbe['map']:.4f} ({qbe['descriptor']}/{qbe['metric']}, "

@@ -72,9 +72,14 @@ def test_weaker_candidate_keeps_the_champion_better_one_replaces_it(mlflow_serve
 
     first = promote(untrained, name, mlflow_server.uri)
     assert first.promoted and first.champion is None and first.metric == "test_top1_error"
+    # Promoted (there is no champion to keep), and said to be a guess: 10 classes, an untrained model.
+    assert (f"no champion yet; test_top1_error {first.candidate:.4f}; the candidate learnt next to nothing: "
+            f"test top-1 error {first.candidate:.4f}, where always answering the most frequent class errs 0.") \
+        in first.reason
 
     better = promote(trained, name, mlflow_server.uri)
     assert better.promoted, better.reason
+    assert "learnt next to nothing" not in better.reason
     assert better.candidate < better.champion  # top-1 error: lower is better
     assert client.get_model_version_by_alias(name, "champion").version == better.version
 
