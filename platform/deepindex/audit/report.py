@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from deepindex.audit.detect import Detection
 from deepindex.data.label_view import AUDIT_FILE, SUSPECT_COLUMNS, SUSPECTS_FILE
+from deepindex.train.metrics import GUESS, learnt_little
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -93,8 +94,6 @@ def weak_model_warning(det: Detection, oof_map: float) -> str | None:
 def weak_folds_warning(scores: list[float], chance: float, multilabel: bool) -> str | None:
     """Folds whose model scored on the test split hardly better than ``chance``
     (:func:`deepindex.train.metrics.chance_score`), named."""
-    from deepindex.train.metrics import GUESS, learnt_little
-
     weak = [k for k, s in enumerate(scores) if learnt_little(s, chance, multilabel)]
     what, guess = ("test mAP" if multilabel else "test top-1 error"), GUESS[multilabel]
     if not weak:
