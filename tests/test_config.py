@@ -66,7 +66,36 @@ def test_cli_prints_one_line_for_bad_key(capsys):
 
     assert main(["train", "optim.lrr=0.1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["deepindex train: error: optim.lrr: unknown key"]
+    assert err == ["deepindex train: error: optim.lrr: unknown key (did you mean optim.lr?)"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=0.1", "train.lr: unknown key (did you mean optim.lr?)"),  # the key in another section
+    ("train.l2=0.001", "train.l2: unknown key (did you mean regularization.l2?)"),
+    ("train.dropout=0.2", "train.dropout: unknown key (did you mean model.dropout?)"),
+    ("train.epoch=3", "train.epoch: unknown key (did you mean train.epochs?)"),  # spelling
+    ("regularisation.l2=0.001", "regularisation: unknown section (did you mean regularization.l2?)"),
+    ("optimizer.lr=0.1", "optimizer: unknown section (did you mean optim.lr?)"),
+    ("nosuch.thing=1", "nosuch: unknown section"),  # nothing close: no guess
+])
+def test_a_mistyped_key_gets_the_key_it_was_likely_meant_to_be(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == message
+
+
+def test_a_mistyped_yaml_key_and_serve_arg_get_a_suggestion(tmp_path):
+    from deepindex.config import validate_as
+
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"^train\.lr: unknown key \(did you mean optim\.lr\?\)$"):
+        load_config(f)
+    from serving.schemas import ServeArgs
+
+    with pytest.raises(ConfigError) as e:
+        validate_as(ServeArgs, {"reload_interval": 5}, prefix="args.")
+    assert str(e.value) == "args.reload_interval: unknown key (did you mean args.reload_interval_s?)"
 
 
 def test_local_paths_are_made_absolute_where_the_command_runs(tmp_path, monkeypatch):

@@ -1,12 +1,14 @@
 """One typed configuration for every step, loaded from YAML with dotted overrides.
 
 Unknown or ill-typed keys are a :class:`ConfigError` that names the dotted key, so
-``deepindex train optim.lrr=0.1`` fails with ``optim.lrr: unknown key``.  The resolved
+``deepindex train optim.lrr=0.1`` fails with ``optim.lrr: unknown key (did you mean optim.lr?)``.  The resolved
 config travels as a plain dict (``to_dict``) into checkpoints, MLflow params and Tune
 search spaces, which address the same dotted keys.
 """
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -292,14 +294,48 @@ def _merge(base: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
         node = out
         for i, part in enumerate(parts[:-1]):
             if not isinstance(node.get(part), dict):
-                raise ConfigError(f"{'.'.join(parts[: i + 1])}: unknown section")
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: unknown section{did_you_mean(key, _keys_of(base))}")
             node = node[part]
         if parts[-1] not in node:
-            raise ConfigError(f"{key}: unknown key")
+            raise ConfigError(f"{key}: unknown key{did_you_mean(key, _keys_of(base))}")
         if isinstance(node[parts[-1]], dict) and not isinstance(value, dict):
             raise ConfigError(f"{key}: is a section, not a value")
         node[parts[-1]] = value
     return out
+
+
+def _keys_of(d: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every dotted key of a nested dict, its sections included."""
+    out: list[str] = []
+    for k, v in d.items():
+        out.append(prefix + k)
+        if isinstance(v, dict):
+            out += _keys_of(v, f"{prefix}{k}.")
+    return out
+
+
+def model_keys(cls: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of a pydantic model, its sections included."""
+    out: list[str] = []
+    for name, field in cls.model_fields.items():
+        out.append(prefix + name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out += model_keys(field.annotation, f"{prefix}{name}.")
+    return out
+
+
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """`` (did you mean optim.lr?)`` for a mistyped dotted key, or "" when nothing is close.  The same
+    last part in another section comes first (``train.lr`` -> ``optim.lr``), then spelling
+    (``optim.lrr`` -> ``optim.lr``, ``regularisation.l2`` -> ``regularization.l2``)."""
+    known = [k for k in known if k != key]
+    leaf = key.rsplit(".", 1)[-1]
+    hits = [k for k in known if k.rsplit(".", 1)[-1] == leaf and "." in k] if "." in key else []
+    if not hits:
+        hits = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+    if not hits:  # a mistyped section name alone (a YAML file's top level): compare it with the sections
+        hits = difflib.get_close_matches(key, [k for k in known if "." not in k], n=1, cutoff=0.7)
+    return f" (did you mean {' or '.join(hits[:3])}?)" if hits else ""
 
 
 def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
@@ -324,7 +360,7 @@ def validate_as(cls: type[M], d: Any, prefix: str = "") -> M:
         loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + did_you_mean(prefix + loc, [prefix + k for k in model_keys(cls)])
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
             if ": " in msg and not loc:  # our own validators already start with the key

@@ -29,7 +29,7 @@ def test_shipped_spaces_load(name, keys):
 
 
 @pytest.mark.parametrize("space, message", [
-    ({"optim.lrr": {"uniform": [0.1, 0.2]}}, "space.optim.lrr: unknown key"),
+    ({"optim.lrr": {"uniform": [0.1, 0.2]}}, "space.optim.lrr: unknown key (did you mean optim.lr?)"),
     ({"optim.lr": {"loguniform": [0.1, 0.1]}}, "space.optim.lr: empty range"),
     ({"model.dropout": {"uniform": [0.5, 0.2]}}, "space.model.dropout: empty range"),
     ({"schedule.policy": {"choice": []}}, "space.schedule.policy: empty choice"),
@@ -46,7 +46,7 @@ def test_bad_space_names_the_key(space, message):
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"space": GOOD_SPACE, "tune": {"serach": "optuna"}}, "tune.serach: unknown key"),
+    ({"space": GOOD_SPACE, "tune": {"serach": "optuna"}}, "tune.serach: unknown key (did you mean tune.search?)"),
     ({"space": {"optim.lr": {"grid": [0.1, 0.2]}}, "tune": {"search": "optuna"}},
      "space.optim.lr: grid is not supported"),
     ({"space": GOOD_SPACE, "tune": {"grace_period": 50}}, "tune.grace_period:"),
@@ -120,7 +120,7 @@ def test_tune_overrides_set_the_sweep_settings_a_recipe_may_need(tmp_path, capsy
     assert not spec.settings.seed_defaults and spec.settings.num_samples == 2 and spec.base.train.epochs == 1
     assert spec.settings.search == "random"  # the space's other settings stay
     for bad, message in [("tune.seed_defaults=maybe", "tune.seed_defaults: must be true or false, got 'maybe'"),
-                         ("tune.serach=optuna", "tune.serach: unknown key")]:
+                         ("tune.serach=optuna", "tune.serach: unknown key (did you mean tune.search?)")]:
         assert main(["tune", "--space", "smoke", "--config", str(recipe), "tune.seed_defaults=false", bad]) == 2
         assert capsys.readouterr().err.strip() == f"deepindex tune: error: {message}"
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from deepindex.config import Config, ConfigError, absolute_paths, load_config, parse_overrides, read_yaml
+from deepindex.config import Config, ConfigError, absolute_paths, did_you_mean, load_config, parse_overrides, read_yaml
 
 # The spaces that ship with the package, by name (``default``, ``smoke``, ``noisy_labels``).
 SPACES = Path(__file__).resolve().parent / "spaces"
@@ -155,7 +155,7 @@ def parse_space(raw: dict[str, Any], path: str = "<space>", overrides: list[str]
     space: dict[str, Dist] = {}
     for key, spec in space_raw.items():
         if key not in flat:
-            raise ConfigError(f"space.{key}: unknown key")
+            raise ConfigError(f"space.{key}: unknown key{did_you_mean(key, flat)}")
         dist = _dist(key, spec)
         for v in dist.samples():
             try:
@@ -171,7 +171,8 @@ def parse_space(raw: dict[str, Any], path: str = "<space>", overrides: list[str]
     allowed = SweepSettings.__dataclass_fields__
     for k in tune_raw:
         if k not in allowed:
-            raise ConfigError(f"tune.{k}: unknown key")
+            hint = did_you_mean(f"tune.{k}", [f"tune.{a}" for a in allowed])
+            raise ConfigError(f"tune.{k}: unknown key{hint}")
     settings = SweepSettings(**tune_raw)
     _check_settings(settings, space, base)
     if settings.seed_defaults:
