@@ -36,14 +36,14 @@ def test_bad_override_names_the_key(override, key):
 def test_a_dataset_recipe_sits_under_the_file_and_the_overrides(tmp_path):
     default = load_config(None, [])
     digits = load_config(None, ["data.dataset=digits"])
-    assert (digits.model.channels, digits.model.embed_dim, digits.optim.lr, digits.train.epochs) == ((16, 32, 64), 64,
-                                                                                                      0.02, 6)
+    assert (digits.model.channels, digits.model.embed_dim, digits.optim.lr, digits.train.epochs,
+            digits.schedule.step_size, digits.data.train_size) == ((16, 32, 64), 64, 0.02, 4, 3, 14000)
     assert digits.model.dropout == default.model.dropout  # what the recipe does not name stays the default
     assert load_config(None, ["data.dataset=digits", "train.epochs=3"]).train.epochs == 3
     f = tmp_path / "c.yaml"
     f.write_text("data: {dataset: digits}\noptim: {lr: 0.1}\n")
     from_file = load_config(f)
-    assert from_file.optim.lr == 0.1 and from_file.train.epochs == 6
+    assert from_file.optim.lr == 0.1 and from_file.train.epochs == 4
     assert load_config(None, ["data.dataset=digit-scenes"]).model.channels == default.model.channels
 
 
