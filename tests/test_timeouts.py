@@ -21,7 +21,7 @@ def cluster():
     ray.shutdown()
 
 
-@pytest.mark.timeout(5, func_only=True)  # the test's body: starting Ray may take longer
+@pytest.mark.timeout(3, func_only=True)  # the test's body: starting Ray may take longer
 def test_waits_for_cpus_that_never_come(cluster):
     @ray.remote(num_cpus=2)
     class Greedy:
@@ -31,7 +31,7 @@ def test_waits_for_cpus_that_never_come(cluster):
     ray.get(Greedy.remote().ping.remote())  # a deadlock: the cluster has 1 CPU
 
 
-@pytest.mark.timeout(5, func_only=True)  # the test's body: starting Ray may take longer
+@pytest.mark.timeout(3, func_only=True)  # the test's body: starting Ray may take longer
 def test_sleeps_in_python():
     time.sleep(600)
 
