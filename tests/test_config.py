@@ -91,6 +91,9 @@ def test_a_mistyped_yaml_key_and_serve_arg_get_a_suggestion(tmp_path):
     f.write_text("train:\n  lr: 0.1\n")
     with pytest.raises(ConfigError, match=r"^train\.lr: unknown key \(did you mean optim\.lr\?\)$"):
         load_config(f)
+    f.write_text("optimizer:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"^optimizer: unknown section \(did you mean optim\?\)$"):
+        load_config(f)
     from serving.schemas import ServeArgs
 
     with pytest.raises(ConfigError) as e:

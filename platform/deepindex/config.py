@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeGuard, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -319,9 +319,17 @@ def model_keys(cls: type[BaseModel], prefix: str = "") -> list[str]:
     out: list[str] = []
     for name, field in cls.model_fields.items():
         out.append(prefix + name)
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+        if _is_section(field.annotation):
             out += model_keys(field.annotation, f"{prefix}{name}.")
     return out
+
+
+def _is_section(annotation: Any) -> TypeGuard[type[BaseModel]]:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _all_sections(cls: type[BaseModel]) -> bool:
+    return all(_is_section(f.annotation) for f in cls.model_fields.values())
 
 
 def did_you_mean(key: str, known: Iterable[str]) -> str:
@@ -360,7 +368,9 @@ def validate_as(cls: type[M], d: Any, prefix: str = "") -> M:
         loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key" + did_you_mean(prefix + loc, [prefix + k for k in model_keys(cls)])
+            # A top-level name of a model made of sections (Config's data, optim, ...) is a section.
+            kind = "section" if "." not in loc and _all_sections(cls) else "key"
+            msg = f"unknown {kind}" + did_you_mean(prefix + loc, [prefix + k for k in model_keys(cls)])
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
             if ": " in msg and not loc:  # our own validators already start with the key
