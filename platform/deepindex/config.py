@@ -294,23 +294,13 @@ def _merge(base: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
         node = out
         for i, part in enumerate(parts[:-1]):
             if not isinstance(node.get(part), dict):
-                raise ConfigError(f"{'.'.join(parts[: i + 1])}: unknown section{did_you_mean(key, _keys_of(base))}")
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: unknown section{did_you_mean(key, model_keys(Config))}")
             node = node[part]
         if parts[-1] not in node:
-            raise ConfigError(f"{key}: unknown key{did_you_mean(key, _keys_of(base))}")
+            raise ConfigError(f"{key}: unknown key{did_you_mean(key, model_keys(Config))}")
         if isinstance(node[parts[-1]], dict) and not isinstance(value, dict):
             raise ConfigError(f"{key}: is a section, not a value")
         node[parts[-1]] = value
-    return out
-
-
-def _keys_of(d: dict[str, Any], prefix: str = "") -> list[str]:
-    """Every dotted key of a nested dict, its sections included."""
-    out: list[str] = []
-    for k, v in d.items():
-        out.append(prefix + k)
-        if isinstance(v, dict):
-            out += _keys_of(v, f"{prefix}{k}.")
     return out
 
 
