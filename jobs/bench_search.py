@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_serve import add_layout_args, layout_args, replica_rss_gb  # jobs/ beside this script
+from bench_serve import add_layout_args, layout_args, layout_serve_args, replica_rss_gb  # jobs/ beside this script
 
 from deepindex import console
 
@@ -131,7 +131,7 @@ def bench_layout(layout: str, model: str, coll: dict[str, str], items: int, clie
     try:
         t = time.monotonic()
         serve.run(build_app({"model": model, **coll, "reload_interval_s": 0, "api_token_file": None,
-                             "model_in_ingress": layout == "in-ingress", **extra}), name="bench", route_prefix="/")
+                             **layout_serve_args(layout, extra)}), name="bench", route_prefix="/")
         _served(url, items)
         console.event("%s: %d items indexed and served in %.1f s", layout, items, time.monotonic() - t)
         out: dict[str, Any] = {}

@@ -2,9 +2,11 @@
 
 ``python jobs/bench_serve.py [--profiles small,resnet18-224] [--model CKPT_OR_URI] [--out bench.json]``
 
-``POST /v1/tag`` (one image per request) at concurrency 1, 8 and 32 through Ray Serve over HTTP, in
-   both layouts (``--layouts``: model replicas of their own, and ``model_in_ingress``),
-   against the bare model forward at batch 1, 8 and 32 in this process with as many torch threads
+``POST /v1/tag`` (one image per request) at concurrency 1, 8 and 32 through Ray Serve over HTTP, each
+   level for at least ``--seconds`` (5 s; a fixed 400 requests made a level of the small model 0.4 s
+   long, its 32 clients still in step: batches of 27 against 5 over 5 s), in each layout (``--layouts``:
+   model replicas of their own, ``model_in_ingress``, and that in 2 ingress replicas), against the
+   bare model forward at batch 1, 8 and 32 in this process with as many torch threads
    as the model replica has CPUs.  Quoted as ratios: throughput at 32 / bare batched throughput
    (target >= 0.7), and the p50 overhead over the bare forward (target <= 10 ms).  Two model
    profiles by default, because the ratio is a property of the model as much as of the service:
@@ -138,7 +140,7 @@ def bench_bare(model_path: str, batch_sizes: list[int], threads: int, seconds: f
 
 
 async def _load_async(url: str, bodies: list[bytes], ctype: str, concurrency: int, n: int,
-                      body: str = "multipart") -> tuple[list[float], float]:
+                      body: str = "multipart", seconds: float = 0.0) -> tuple[list[float], float]:
     import base64
 
     import aiohttp
@@ -163,31 +165,35 @@ async def _load_async(url: str, bodies: list[bytes], ctype: str, concurrency: in
                     raise RuntimeError(f"{url}: HTTP {r.status}")
             return time.perf_counter() - t
 
-        async def client(k: int, count: int, lat: list[float]) -> None:
-            for j in range(count):
+        async def client(k: int, count: int, lat: list[float], until: float = 0.0) -> None:
+            j = 0
+            while j < count or time.perf_counter() < until:
                 lat.append(await one(k + j * concurrency))
+                j += 1
 
         await asyncio.gather(*[client(k, 2, []) for k in range(concurrency)])  # warm-up: connections, batching
         lat: list[float] = []
         start = time.perf_counter()
-        await asyncio.gather(*[client(k, n // concurrency, lat) for k in range(concurrency)])
+        # Every client sends its share of n, and goes on until `seconds` have passed: a level of a
+        # fast server lasts long enough to measure (400 requests took 0.4 s and moved by a third).
+        await asyncio.gather(*[client(k, n // concurrency, lat, start + seconds) for k in range(concurrency)])
         return lat, time.perf_counter() - start
 
 
-def _load_process(url, bodies, ctype, concurrency, n, body, queue) -> None:
+def _load_process(url, bodies, ctype, concurrency, n, body, seconds, queue) -> None:
     try:
-        queue.put(asyncio.run(_load_async(url, bodies, ctype, concurrency, n, body)))
+        queue.put(asyncio.run(_load_async(url, bodies, ctype, concurrency, n, body, seconds)))
     except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the benchmark
         queue.put(e)
 
 
-def http_load(url: str, bodies: list[bytes], ctype: str, concurrency: int, n: int, body: str = "multipart"
-              ) -> tuple[list[float], float]:
-    """``concurrency`` clients sending ``n`` requests in all (``body``: multipart files or base64 JSON),
-    from a separate process."""
+def http_load(url: str, bodies: list[bytes], ctype: str, concurrency: int, n: int, body: str = "multipart",
+              seconds: float = 0.0) -> tuple[list[float], float]:
+    """``concurrency`` clients sending at least ``n`` requests in all, for at least ``seconds`` (``body``:
+    multipart files or base64 JSON), from a separate process: (each request's latency, wall time)."""
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_load_process, args=(url, bodies, ctype, concurrency, n, body, q))
+    p = ctx.Process(target=_load_process, args=(url, bodies, ctype, concurrency, n, body, seconds, q))
     p.start()
     res = q.get(timeout=600)
     p.join(30)
@@ -208,13 +214,25 @@ def _batch_totals(url: str) -> tuple[float, float]:
     return totals.get("deepindex_model_batch_size_sum", 0.0), totals.get("deepindex_model_batch_size_count", 0.0)
 
 
-LAYOUTS = ("replicas", "in-ingress")  # model replicas of their own (the default) / the model in the ingress
+# The Serve application's arguments per layout: model replicas of their own (the default); the model
+# in the ingress replica; the same in as many ingress replicas as this machine has cores (2 here), which
+# the Python work of a request (HTTP, multipart, decoding: ~1.5 ms of one core for the small model)
+# needs once requests come faster than one process parses them.
+LAYOUTS: dict[str, dict[str, object]] = {"replicas": {"model_in_ingress": False},
+                                         "in-ingress": {"model_in_ingress": True},
+                                         "in-ingress-2": {"model_in_ingress": True, "ingress_replicas": 2}}
+
+
+def layout_serve_args(layout: str, extra: dict | None = None) -> dict:
+    """The Serve application's arguments of ``layout``, then ``--serve-arg``'s."""
+    return {**LAYOUTS[layout], **(extra or {})}
 
 
 def add_layout_args(p: argparse.ArgumentParser) -> None:
     """``--layouts`` and ``--serve-arg`` (this job's and ``jobs/bench_search.py``'s)."""
     p.add_argument("--layouts", default=",".join(LAYOUTS),
-                   help="deepindex layouts: replicas (model replicas of their own), in-ingress (model_in_ingress)")
+                   help="deepindex layouts: replicas (model replicas of their own), in-ingress (model_in_ingress), "
+                        "in-ingress-2 (the same in 2 ingress replicas)")
     p.add_argument("--serve-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="another argument of the Serve application (serving/schemas.py ServeArgs), e.g. "
                         "ingress_replicas=2; repeatable")
@@ -232,7 +250,7 @@ def layout_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[l
 
 
 def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threads: int,
-                layout: str = "replicas", extra: dict | None = None) -> dict:
+                layout: str = "replicas", extra: dict | None = None, seconds: float = 0.0) -> dict:
     from ray import serve
 
     from deepindex import console
@@ -249,7 +267,7 @@ def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threa
     serve.run(build_app({"model": model_path, "collection": "bench", "index_dir": f"{scratch}/indexes",
                          "catalogue_url": f"sqlite:///{scratch}/catalogue.db", "blobs_url": f"{scratch}/blobs",
                          "reload_interval_s": 0, "model_num_cpus": threads, "model_threads": threads,
-                         "model_in_ingress": layout == "in-ingress", **(extra or {})}),
+                         **layout_serve_args(layout, extra)}),
               name="bench", route_prefix="/")
     bodies, ctype = make_requests(model_path)
     out: dict = {"request_bytes": int(np.mean([len(b) for b in bodies])), "levels": {}}
@@ -257,17 +275,17 @@ def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threa
     try:
         for c in concurrencies:
             before = _batch_totals(url)
-            row = _level(f"{url}/v1/tag", bodies, ctype, c, per_level, "multipart")
+            row = _level(f"{url}/v1/tag", bodies, ctype, c, per_level, "multipart", seconds)
             after = _batch_totals(url)
             # images per model batch over the level (warm-up included), from /metrics
             row["mean_batch_size"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
             out["levels"][str(c)] = row
             _say(f"deepindex ({layout})", c, "multipart", row)
-        out["json_levels"] = _levels(f"{url}/v1/tag", bodies, ctype, concurrencies, per_level, "json")
+        out["json_levels"] = _levels(f"{url}/v1/tag", bodies, ctype, concurrencies, per_level, "json", seconds)
         c = max(concurrencies)
         _say(f"deepindex ({layout})", c, "JSON", out["json_levels"][str(c)])
         # The ceiling of the data plane itself: GET /healthz (no body, no model) at the top level.
-        lat, wall = http_load(f"{url}/healthz", [], "", c, max(per_level, 4 * c) // c * c)
+        lat, wall = http_load(f"{url}/healthz", [], "", c, max(per_level, 4 * c) // c * c, seconds=seconds)
         out["healthz_at_max_concurrency"] = {"requests_per_s": len(lat) / wall, "p50_ms": 1e3 * _pct(lat, 50)}
         out["replica_rss_gb"] = replica_rss_gb()
         console.event("deepindex (%s): resident memory per replica, GB: %s", layout, out["replica_rss_gb"])
@@ -292,20 +310,22 @@ def replica_rss_gb() -> dict[str, float]:
     return out
 
 
-def _level(url: str, bodies: list[bytes], ctype: str, c: int, per_level: int, body: str) -> dict[str, float]:
-    """One concurrency level: ``c`` clients, at least ``per_level`` requests (4 per client)."""
+def _level(url: str, bodies: list[bytes], ctype: str, c: int, per_level: int, body: str, seconds: float = 0.0
+           ) -> dict[str, float]:
+    """One concurrency level: ``c`` clients, at least ``per_level`` requests (4 per client) and ``seconds``."""
     n = max(per_level, 4 * c) // c * c
-    lat, wall = http_load(url, bodies, ctype, c, n, body)
-    return {"requests": n, "images_per_s": n / wall, "p50_ms": 1e3 * _pct(lat, 50), "p99_ms": 1e3 * _pct(lat, 99)}
+    lat, wall = http_load(url, bodies, ctype, c, n, body, seconds)
+    return {"requests": len(lat), "seconds": wall, "images_per_s": len(lat) / wall, "p50_ms": 1e3 * _pct(lat, 50),
+            "p99_ms": 1e3 * _pct(lat, 99)}
 
 
-def _levels(url: str, bodies: list[bytes], ctype: str, concurrencies: list[int], per_level: int, body: str
-            ) -> dict[str, dict[str, float]]:
-    return {str(c): _level(url, bodies, ctype, c, per_level, body) for c in concurrencies}
+def _levels(url: str, bodies: list[bytes], ctype: str, concurrencies: list[int], per_level: int, body: str,
+            seconds: float = 0.0) -> dict[str, dict[str, float]]:
+    return {str(c): _level(url, bodies, ctype, c, per_level, body, seconds) for c in concurrencies}
 
 
 def bench_peer(stack: str, model_path: str, concurrencies: list[int], per_level: int, threads: int,
-               max_batch_size: int = 32, forward: str = "served") -> dict:
+               max_batch_size: int = 32, forward: str = "served", seconds: float = 0.0) -> dict:
     """``jobs/serve_peers.py STACK`` in its own process group (killed with it), both request bodies."""
     import os
     import signal
@@ -339,7 +359,7 @@ def bench_peer(stack: str, model_path: str, concurrencies: list[int], per_level:
         probe = requests.post(f"{url}/v1/tag", files={"images": ("image", bodies[0], ctype)}, timeout=60)
         if probe.status_code != 200 or proc.poll() is not None:
             raise RuntimeError(f"{stack} on {url}: HTTP {probe.status_code} {probe.text[:300]}; see {log_path}")
-        out = {body: _levels(f"{url}/v1/tag", bodies, ctype, concurrencies, per_level, body)
+        out = {body: _levels(f"{url}/v1/tag", bodies, ctype, concurrencies, per_level, body, seconds)
                for body in ("multipart", "json")}
         top = max(concurrencies)
         for body in out:
@@ -352,17 +372,19 @@ def bench_peer(stack: str, model_path: str, concurrencies: list[int], per_level:
 
 
 def bench_tag(model: str, levels: list[int], per_level: int, threads: int, peers: list[str],
-              layouts: list[str], extra: dict | None = None, peer_forward: str = "served") -> dict:
+              layouts: list[str], extra: dict | None = None, peer_forward: str = "served",
+              seconds: float = 0.0) -> dict:
     from deepindex import console
 
     bare = bench_bare(model, levels, threads)
     bare_eager = bench_bare(model, levels, threads, forward="eager")
     console.event("%s: the bare model, batches of %d: %.1f img/s (eager %.1f)", model, max(levels),
                   bare[str(max(levels))]["images_per_s"], bare_eager[str(max(levels))]["images_per_s"])
-    served = {layout: bench_serve(model, levels, per_level, threads, layout, extra) for layout in layouts}
+    served = {layout: bench_serve(model, levels, per_level, threads, layout, extra, seconds) for layout in layouts}
     top, one = str(max(levels)), str(min(levels))
     max_batch = int((extra or {}).get("max_batch_size", 32))  # the peers batch as deepindex does
-    peer = {stack: bench_peer(stack, model, levels, per_level, threads, max_batch, peer_forward) for stack in peers}
+    peer = {stack: bench_peer(stack, model, levels, per_level, threads, max_batch, peer_forward, seconds)
+            for stack in peers}
     vs: dict = {}
     targets: dict = {}
     for layout, ours in served.items():
@@ -400,7 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="benchmark this checkpoint path or models:/ URI instead of the profiles")
     p.add_argument("--profiles", default=",".join(PROFILES), help=f"models to build and serve: {', '.join(PROFILES)}")
     p.add_argument("--concurrency", default="1,8,32")
-    p.add_argument("--requests", type=int, default=200, help="requests per concurrency level (at least 4x it)")
+    p.add_argument("--requests", type=int, default=0,
+                   help="at least this many requests per concurrency level (and at least 4 per client)")
+    p.add_argument("--seconds", type=float, default=5.0,
+                   help="each concurrency level sends requests for at least this long")
     p.add_argument("--threads", type=int, default=1, help="CPUs/torch threads of the model replica and the bare model")
     p.add_argument("--peers", default="fastapi,litserve",
                    help="stacks to serve the same model beside deepindex (jobs/serve_peers.py); '' for none")
@@ -419,14 +444,14 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))  # the profiles' models (43 MB for ResNet-18)
     levels = [int(c) for c in args.concurrency.split(",")]
-    report: dict = {"threads": args.threads, "serve_args": extra, "tag": {}}
+    report: dict = {"threads": args.threads, "serve_args": extra, "seconds_per_level": args.seconds, "tag": {}}
     try:
         models = {"given": args.model} if args.model else {
             prof: str(make_model(prof, tmp / prof)) for prof in args.profiles.split(",") if prof}
         for name, model in models.items():
             report["tag"][name] = bench_tag(model, levels, args.requests, args.threads,
                                             [x for x in args.peers.split(",") if x],
-                                            layouts, extra, args.peer_forward)
+                                            layouts, extra, args.peer_forward, args.seconds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
