@@ -175,7 +175,7 @@ async def _load_async(url: str, bodies: list[bytes], ctype: str, concurrency: in
         lat: list[float] = []
         start = time.perf_counter()
         # Every client sends its share of n, and goes on until `seconds` have passed: a level of a
-        # fast server lasts long enough to measure (400 requests took 0.4 s and moved by a third).
+        # fast server lasts long enough for its clients to fall out of step (see the docstring).
         await asyncio.gather(*[client(k, n // concurrency, lat, start + seconds) for k in range(concurrency)])
         return lat, time.perf_counter() - start
 
@@ -216,7 +216,7 @@ def _batch_totals(url: str) -> tuple[float, float]:
 
 # The Serve application's arguments per layout: model replicas of their own (the default); the model
 # in the ingress replica; the same in as many ingress replicas as this machine has cores (2 here), which
-# the Python work of a request (HTTP, multipart, decoding: ~1.5 ms of one core for the small model)
+# the Python work of a request (HTTP, multipart, decoding: ~1.6 ms of one core for the small model)
 # needs once requests come faster than one process parses them.
 LAYOUTS: dict[str, dict[str, object]] = {"replicas": {"model_in_ingress": False},
                                          "in-ingress": {"model_in_ingress": True},
