@@ -102,10 +102,18 @@ def _cpu_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(f"every test's CPU and wall time: {out}")
 
 
+_leftovers: list[str] = []  # processes that outlived the session (pytest_sessionfinish stopped them)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
                             config: pytest.Config) -> None:
     """No silent skips: every test that could not run here, and why, at the very end."""
     _cpu_summary(terminalreporter)
+    if _leftovers:
+        terminalreporter.write_sep("=", f"{len(_leftovers)} process(es) outlived the tests that started them; "
+                                        "stopped now")
+        for line in _leftovers:
+            terminalreporter.write_line(line)
     skipped = terminalreporter.stats.get("skipped", [])
     if not skipped:
         return
@@ -122,6 +130,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         import ray
 
         ray.shutdown()
+    # Tests stop what they start; what is still running here (seen once: a Ray Train controller
+    # whose cluster had been shut down, asleep for minutes) is stopped by pid and listed.
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None and not hasattr(session.config, "workerinput"):
+        _leftovers.extend(support.stop_leftovers(factory.getbasetemp()))
 
 
 @pytest.fixture(scope="session")

@@ -217,6 +217,45 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def processes_of(root: Path) -> list[int]:
+    """Live processes other than this one that were started for a test under ``root``: their
+    ``DEEPINDEX_HOME`` lies there (every test's state folder, which Ray's processes inherit from the
+    driver that started their cluster)."""
+    prefix = str(root).rstrip("/").encode() + b"/"
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        home = next((e.removeprefix(b"DEEPINDEX_HOME=") for e in env if e.startswith(b"DEEPINDEX_HOME=")), None)
+        if home is not None and (home + b"/").startswith(prefix) and pid_alive(int(d.name)):
+            out.append(int(d.name))
+    return sorted(out)
+
+
+def stop_leftovers(root: Path, grace: float = 10.0) -> list[str]:
+    """Kill, by pid, what :func:`processes_of` still finds after ``grace`` seconds (a process on its
+    way out gets them); returns a line for each: its pid, name and the test it was started in."""
+    deadline = time.monotonic() + grace
+    while (left := processes_of(root)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    lines = []
+    for pid in left:
+        try:
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            test = next((e.removeprefix(b"PYTEST_CURRENT_TEST=").decode(errors="replace") for e in env
+                         if e.startswith(b"PYTEST_CURRENT_TEST=")), "?")
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue  # gone meanwhile
+        lines.append(f"pid {pid} {name} (started in {test})")
+    return lines
+
+
 def kill_session(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 30) -> None:
     """Signal a process started with ``start_new_session=True`` (its process group) and wait until its
     session is empty (a test's processes never outlive it).  With ``SIGKILL``, a crash, every member
