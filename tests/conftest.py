@@ -131,9 +131,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
         ray.shutdown()
     # Tests stop what they start; what is still running here (seen once: a Ray Train controller
-    # whose cluster had been shut down, asleep for minutes) is stopped by pid and listed.
+    # still asleep after its cluster and the suite had ended) is stopped by pid and listed.
     factory = getattr(session.config, "_tmp_path_factory", None)
-    if factory is not None and not hasattr(session.config, "workerinput"):
+    if factory is not None:
         _leftovers.extend(support.stop_leftovers(factory.getbasetemp()))
 
 

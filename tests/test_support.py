@@ -17,7 +17,7 @@ def test_processes_left_under_the_sessions_folder_are_found_and_stopped_by_pid(t
                                                   "PYTEST_CURRENT_TEST": "tests/x.py::test_y (call)"})
     other = subprocess.Popen(["sleep", "60"], env={**os.environ, "DEEPINDEX_HOME": f"{tmp_path}-other/state"})
     try:
-        assert processes_of(tmp_path) == [mine.pid]  # this process (its home is under tmp_path too) is not
+        assert processes_of(tmp_path) == [mine.pid]
         assert stop_leftovers(tmp_path, grace=0.3) == [f"pid {mine.pid} sleep (started in tests/x.py::test_y (call))"]
         mine.wait(timeout=10)
         assert processes_of(tmp_path) == [] and pid_alive(other.pid)
