@@ -111,6 +111,27 @@ def test_example_pages_go_past_the_first_fetch_and_cover_every_item_once(kind):
     assert "i0005" not in {i for i, _ in got} and len(got) == (299 if kind == "flat" else len({i for i, _ in got}))
 
 
+def test_a_first_page_by_example_is_one_vector_search(monkeypatch):
+    """The first page of a similar-items query fetches k + 2 (k + 1 of them surely above the rest: the page
+    and whether another follows), so the vector index is searched once, not once at k + 1 and again."""
+    index = store()
+    vi = index.vectors["penultimate"]
+    asked: list[int] = []
+    real = vi.search
+
+    def counted(queries: np.ndarray, k: int):
+        asked.append(k)
+        return real(queries, k)
+
+    monkeypatch.setattr(vi, "search", counted)
+    res = run(index, Query(k=10, key="i", item="i0005"))
+    assert asked == [10 + 2 + 1]  # the example item itself is fetched and left out
+    assert len(res.hits) == 10 and res.next_cursor is not None
+    full = index.similarity(index.features["penultimate"][5], "penultimate", "l2")
+    full[5] = -np.inf
+    assert [index.ids[r] for r, _ in res.hits] == expected_order(index, np.arange(300), full)[:10]
+
+
 def test_probs_are_a_descriptor_with_every_metric_and_bad_parameters_are_named():
     index = store(kind="hnsw")
     assert set(index.query_features()) == {"penultimate", "probs"}

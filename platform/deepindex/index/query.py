@@ -159,11 +159,13 @@ def _example_page(index: IndexStore, q: Query, vector: np.ndarray, feature: str,
 
     The fetched set is the top ``depth``; its lowest score may be shared with items it left out, so
     only items scoring strictly above it are certain.  ``k + 1`` of those after the cursor settle the
-    page and whether a next one exists; else the depth doubles, up to every item.
+    page and whether a next one exists; else the depth doubles, up to every item.  The first page
+    fetches ``k + 2``, the fewest that can hold ``k + 1`` certain items (``k + 1`` never could: its
+    lowest is never certain, so every search fetched twice).
     """
     after = _cursor(q)
     n_keep = int(keep_rows.sum())
-    depth = 2 * (q.k + 1) if after is not None else q.k + 1
+    depth = 2 * (q.k + 1) if after is not None else q.k + 2
     while True:
         hits = index.similar(vector[None, :], depth, feature=feature, metric=metric, mask=keep_rows)[0]
         rows = np.array([r for r, _ in hits], dtype=np.int64)
