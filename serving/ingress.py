@@ -37,6 +37,7 @@ from deepindex.index.keywords import SCORING, SCORING_EXCLUSIVE
 from deepindex.index.vectors import QUERY_METRICS, feature_name, feature_names, query_metric
 from serving import contract
 from serving.errors import ApiError
+from serving.heap import HeapFreezer
 from serving.reads import LocalReads
 from serving.schemas import (
     HEALTH_S,
@@ -311,6 +312,7 @@ class Ingress:
         self._vocab: dict[tuple[str, ...], Vocabulary] = {}
         self._page = (HERE / "static" / "index.html").read_text()
         self._reads = LocalReads(ttl_s=SPEC_TTL_S) if self.args.local_reads else None
+        self._heap: HeapFreezer | None = None  # made on the event loop, by the first spec
         self._token = self.args.api_token()
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -334,6 +336,11 @@ class Ingress:
         spec = await _call(self.model.info)
         self._spec, self._spec_at = spec, time.monotonic()
         self.serve_metrics.set_model(spec["name"], spec["version"])
+        if self._heap is None:
+            reads = self._reads
+            self._heap = HeapFreezer(asyncio.get_running_loop().call_later,
+                                     ready=reads.loaded if reads is not None else lambda version: True)
+        self._heap.seen(spec["version"])
         return spec
 
     def _background(self, work: Coroutine[Any, Any, Any], what: str) -> "asyncio.Task[Any]":

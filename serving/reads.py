@@ -149,6 +149,10 @@ class LocalReads:
         mine = self._writer.get()
         return mine is not None and mine.get("nonce") == self._nonce
 
+    def loaded(self, version: str) -> bool:
+        """Whether this process holds a copy of ``version``'s index."""
+        return version in self._copies
+
     # ---- searches -----------------------------------------------------------------------------
     def search(self, version: str, spec: dict[str, Any]) -> dict[str, Any] | None:
         """The answer from this process's copy of ``version``'s index, or None: ask the index replica."""
