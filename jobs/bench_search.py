@@ -147,8 +147,10 @@ def bench_layout(layout: str, model: str, coll: dict[str, str], items: int, clie
             out[name] = res
             per = ", ".join(f"{op} p50 {v['p50_ms']} / p99 {v['p99_ms']} ms" for op, v in res["per_endpoint"].items())
             console.event("%s %s: %.0f req/s, %s (searches answered by the ingress / the index replica: %s; "
-                          "the load process used %.2f cores)", layout, name, res["throughput_rps"], per,
-                          "{local} / {index}".format(**res["searches_answered_by"]), res["client_cpu_share"])
+                          "the load process used %.2f cores, its own garbage collections paused it for at "
+                          "most %.1f ms)", layout, name, res["throughput_rps"], per,
+                          "{local} / {index}".format(**res["searches_answered_by"]), res["client_cpu_share"],
+                          res["client_gc"]["max_ms"])
         # The ingress now holds a copy of the served index: its memory after the runs, per deployment.
         out["replica_rss_gb"] = replica_rss_gb()
         console.event("%s: resident memory per replica, GB: %s", layout, out["replica_rss_gb"])

@@ -256,11 +256,21 @@ def summarize(records: list[Record], t0: float) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _frozen_gc(every_s: float = 1.0) -> Iterator[None]:
+def _frozen_gc(every_s: float = 1.0) -> Iterator[list[tuple[float, float]]]:
     """This process's garbage collector kept from pausing the clients: what exists is frozen every
     ``every_s`` (out of every later collection), so a collection looks at the last second's objects
     only.  Without it, full collections over the growing list of records stopped every client for up
-    to 130 ms mid-run, and the pause counted as the service's latency."""
+    to 130 ms mid-run, and the pause counted as the service's latency.  Yields the collections that
+    still ran, as (monotonic start, seconds): what of the latencies is this process's own pause."""
+    pauses: list[tuple[float, float]] = []
+    began: list[float] = []
+
+    def timed(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[:] = [time.perf_counter(), time.monotonic()]
+        elif began:
+            pauses.append((began[1], time.perf_counter() - began[0]))
+
     stop = threading.Event()
 
     def freeze() -> None:
@@ -269,12 +279,14 @@ def _frozen_gc(every_s: float = 1.0) -> Iterator[None]:
 
     t = threading.Thread(target=freeze, name="gc-freeze", daemon=True)
     gc.freeze()
+    gc.callbacks.append(timed)
     t.start()
     try:
-        yield
+        yield pauses
     finally:
         stop.set()
         t.join()
+        gc.callbacks.remove(timed)
         gc.unfreeze()
 
 
@@ -307,9 +319,12 @@ def run_load(url: str, clients: int = 32, seconds: float = 60.0, warmup: float =
 
     sampler = threading.Thread(target=sample_after_warmup, daemon=True)
     sampler.start()
-    with _frozen_gc():
+    with _frozen_gc() as pauses:
         records = (drive_async(url, work, clients, warmup + seconds, timeout, ops) if client == "aiohttp"
                    else drive(url, work, clients, warmup + seconds, timeout, ops=ops))
+    measured = [s for at, s in pauses if at >= start + warmup]
+    result["client_gc"] = {"collections": len(measured), "max_ms": round(1000 * max(measured, default=0.0), 2),
+                           "total_ms": round(1000 * sum(measured), 1)}
     sampler.join(60)
     rss["end"] = replica_rss_kb(reps)
     result.update(summarize(records, start + warmup))

@@ -107,6 +107,8 @@ def test_load_job_asyncio_clients_narrowed_to_the_searches(served, tmp_path):
     assert {r["op"] for r in records} == {"search", "similar"} and {r["status"] for r in records} == {200}
     assert all(0 <= r["start"] <= r["end"] for r in records)
     assert 0 < out["records_t0_unix"] <= time.time()
+    gc_ = out["client_gc"]  # the load process's own collections in the measured seconds (not the service's)
+    assert gc_["collections"] >= 0 and 0 <= gc_["max_ms"] <= gc_["total_ms"] + 0.1, gc_
     with pytest.raises(ValueError, match=r"^ops: tagg; choose from tag, search, similar"):
         job.run_load(served.url, ops=("tagg",))
     with pytest.raises(ValueError, match=r"^client: 'curl' is not one of aiohttp, threads"):
