@@ -34,6 +34,7 @@ def _ingress(model: _Model):
     ing = object.__new__(Bare)  # no replica: only the fields _model_spec uses
     ing.model, ing.serve_metrics = model, ServeMetrics()
     ing._spec, ing._spec_at, ing._spec_refresh, ing._tasks = None, 0.0, None, set()
+    ing._reads, ing._heap = None, None  # no local reads; the heap freezer is made by the first spec
     return ing
 
 
@@ -74,5 +75,8 @@ def test_an_expired_spec_is_refreshed_once_in_the_background_while_requests_go_o
         assert (await ing._model_spec())["version"] == "3"
         await asyncio.sleep(0.01)
         assert model.calls == 5 and (await ing._model_spec())["version"] == "4"
+        # Every new spec's version was handed to the heap freezer (serving/heap.py), none frozen yet
+        # (its freeze is due WARM_S after a version is first served).
+        assert ing._heap.version == "4" and not ing._heap.frozen
 
     asyncio.run(scenario())
