@@ -9,7 +9,6 @@ process ids (the groups plus every descendant, e.g. Ray workers, which get group
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -170,13 +169,22 @@ class RayTestCluster:
                           timeout_s, every=1.0, what=f"job {job_id} to end")
 
     def train_workers(self, ray_job_id: str) -> list[dict]:
-        """The Ray Train worker actors of one Ray job (``ray list actors``, through the State API)."""
-        out = self.ray_cli("list", "actors", "--address", self.address, "--filter", "class_name=RayTrainWorker",
-                           "--filter", f"job_id={ray_job_id}", "--detail", "--format", "json", "--limit", "1000",
-                           check=True, timeout=60)
-        # Warnings may precede the JSON on stdout; no match at all prints nothing.
-        start = out.stdout.find("[")
-        return json.loads(out.stdout[start:]) if start >= 0 else []
+        """The Ray Train worker actors of one Ray job, from the State API (what ``ray list actors
+        --filter ... --detail`` asks; over HTTP, as a poll every 2 s would cost a CLI process each)."""
+        params = {"filter_keys": ["class_name", "job_id"], "filter_predicates": ["=", "="],
+                  "filter_values": ["RayTrainWorker", ray_job_id], "detail": "1", "limit": "1000"}
+        r = requests.get(f"{self.address}/api/v0/actors", params=params, headers=self.headers, timeout=60)
+        r.raise_for_status()
+        actors: list[dict] = r.json()["data"]["result"]["result"]
+        return actors
+
+    def cluster_status(self) -> str:
+        """The cluster's resource usage as ``ray status`` prints it (the dashboard's formatted status)."""
+        r = requests.get(f"{self.address}/api/cluster_status", params={"format": "1"}, headers=self.headers,
+                         timeout=60)
+        r.raise_for_status()
+        status: str = r.json()["data"]["clusterStatus"]
+        return status
 
 
 @pytest.fixture(scope="module")

@@ -164,6 +164,5 @@ def test_ray_job_stop_stops_a_running_sweep_cleanly(stack):
     wait_until(lambda: not any(pid_alive(p) for p in pids)
                and all(w["state"] == "DEAD" for w in cluster.train_workers(ray_job_id)),
                90, every=2.0, what="every train worker of the stopped sweep gone")
-    wait_until(lambda: "0.0/4.0 CPU" in cluster.ray_cli("status", "--address", f"127.0.0.1:{cluster.gcs_port}",
-                                                       check=True, timeout=60).stdout,
-               60, every=2.0, what="all the cluster's CPUs free again")
+    wait_until(lambda: "0.0/4.0 CPU" in cluster.cluster_status(), 60, every=2.0,
+               what="all the cluster's CPUs free again")
