@@ -29,11 +29,11 @@ TRIES = 20  # how many times the freeze waits another WARM_S for the version to 
 
 class HeapFreezer:
     """``seen(version)`` on every spec of the served model; ``call_later(seconds, fn)`` schedules (the
-    event loop's), ``ready(version)`` says whether the version's long-lived objects are loaded."""
+    event loop's), ``ready(version)`` says whether the version's long-lived objects are loaded (None:
+    nothing more to load)."""
 
     def __init__(self, call_later: Callable[[float, Callable[[], None]], object],
-                 ready: Callable[[str], bool] = lambda version: True, warm_s: float = WARM_S,
-                 tries: int = TRIES) -> None:
+                 ready: Callable[[str], bool] | None = None, warm_s: float = WARM_S, tries: int = TRIES) -> None:
         self._call_later = call_later
         self._ready = ready
         self.warm_s, self.tries = warm_s, tries
@@ -55,7 +55,7 @@ class HeapFreezer:
     def _freeze(self, version: str, tries: int) -> None:
         if version != self.version or self.frozen:
             return  # another version came meanwhile: its own freeze is scheduled
-        if not self._ready(version) and tries > 0:
+        if self._ready is not None and not self._ready(version) and tries > 0:
             self._later(version, tries - 1)
             return
         gc.freeze()

@@ -337,9 +337,8 @@ class Ingress:
         self._spec, self._spec_at = spec, time.monotonic()
         self.serve_metrics.set_model(spec["name"], spec["version"])
         if self._heap is None:
-            reads = self._reads
             self._heap = HeapFreezer(asyncio.get_running_loop().call_later,
-                                     ready=reads.loaded if reads is not None else lambda version: True)
+                                     ready=self._reads.loaded if self._reads is not None else None)
         self._heap.seen(spec["version"])
         return spec
 
