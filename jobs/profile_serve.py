@@ -15,7 +15,7 @@ copy of the index; the ingress's samples are also split by what they were doing 
 itself, the rest of our handler, ...).
 
     python jobs/profile_serve.py [--concurrency 32] [--seconds 15] [--model-in-ingress] [--searches]
-                                 [--out profile.json]
+                                 [--out profile.json] [--stacks-dir DIR]
 """
 from __future__ import annotations
 
@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--searches", action="store_true",
                    help="profile keyword and similar-item searches on a 2,000-item collection instead of tagging")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--stacks-dir", help="also keep py-spy's collapsed stacks here (<role>.txt), for a flame graph "
+                                        "or inclusive shares")
     args = p.parse_args(argv)
 
     from ray import serve
@@ -219,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
             if proc is not None:
                 proc.wait(timeout=120)
                 if raw.exists():
+                    if args.stacks_dir:
+                        Path(args.stacks_dir).mkdir(parents=True, exist_ok=True)
+                        shutil.copy(raw, Path(args.stacks_dir) / f"{role.replace(' ', '-')}.txt")
                     report[f"{role} hottest functions (own samples)"] = _top_functions(raw)
                     if role == "ingress replica" and (args.searches or args.model_in_ingress):
                         groups = SEARCH_GROUPS if args.searches else TAG_GROUPS
