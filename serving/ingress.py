@@ -37,6 +37,7 @@ from deepindex.index.keywords import SCORING, SCORING_EXCLUSIVE
 from deepindex.index.vectors import QUERY_METRICS, feature_name, feature_names, query_metric
 from serving import contract
 from serving.errors import ApiError
+from serving.fastpath import FastReads
 from serving.heap import HeapFreezer
 from serving.reads import LocalReads
 from serving.schemas import (
@@ -161,8 +162,10 @@ class ObserveMiddleware:
                                           "message": f"request body of {size.decode()} bytes, the limit is {limit}"}},
                                status_code=413)(scope, receive, send_observed)
         else:
+            fast = getattr(state, "fast_reads", None)  # plain GET searches skip FastAPI's binding (serving/fastpath.py)
             try:
-                await self.app(scope, receive, send_observed)
+                if fast is None or not await fast(scope, receive, send_observed):
+                    await self.app(scope, receive, send_observed)
             except Exception:  # a bug, not the client: logged, answered 500, and the replica keeps serving
                 log.exception("unhandled error on %s", scope.get("path"))
                 if not started:
@@ -300,6 +303,7 @@ class Ingress:
         self.serve_metrics = ServeMetrics()
         self._replica = serve.get_replica_context().replica_id.unique_id
         app.state.metrics = self.serve_metrics
+        app.state.fast_reads = FastReads(app, self, counted=lambda path: self.serve_metrics.fastpath.labels(path).inc())
         # base64 inflates by 4/3; one spare megabyte for the rest of the body.
         app.state.max_body = int(self.args.max_images_per_request * self.args.max_image_bytes * 4 / 3) + (1 << 20)
         Image.MAX_IMAGE_PIXELS = self.args.max_image_pixels  # PIL's own bomb guard, as a backstop

@@ -41,6 +41,9 @@ class ServeMetrics:
         self.searches = Counter("deepindex_searches", "searches, by where they were answered: the ingress's own "
                                 "copy of the served index (local) or the index replica (index)", ["answered_by"],
                                 registry=r)
+        self.fastpath = Counter("deepindex_fastpath_requests", "plain GET searches bound past FastAPI "
+                                "(serving/fastpath.py), by endpoint; the rest of them went through FastAPI",
+                                ["endpoint"], registry=r)
         self.index_items = Gauge("deepindex_index_items", "items in the served index", registry=r)
         self.model_info = Gauge("deepindex_model_info", "the served model (value 1)", ["name", "version"], registry=r)
         self._version: tuple[str, str] | None = None

@@ -202,3 +202,57 @@ def test_the_ingress_answers_searches_from_its_copy_and_sees_each_write_at_once(
     after = _searches(served)
     assert after["local"] - before["local"] == 4 * 3
     assert after.get("index", 0) == before.get("index", 0)
+
+
+def _fastpath(served) -> dict[str, float]:
+    """deepindex_fastpath_requests_total by endpoint: GET searches bound past FastAPI (serving/fastpath.py)."""
+    fams = text_string_to_metric_families(served.get("/metrics").text)
+    return {s.labels["endpoint"]: s.value for f in fams if f.name == "deepindex_fastpath_requests"
+            for s in f.samples if s.name.endswith("_total")}
+
+
+def test_plain_get_searches_skip_fastapi_and_answer_byte_for_byte_as_it_does(served):
+    """serving/fastpath.py binds a plain GET search itself.  The same query with one parameter given twice
+    goes through FastAPI, which reads the last value: both answer the same status, headers' content type
+    and bytes, errors included, and the fast path counts only the plain ones."""
+    similar = "/v1/items/{item_id:path}/similar"
+    first = served.get("/v1/search", params={"q": "seven", "k": 2}).json()
+    queries = [
+        ("/v1/search", [("q", "seven"), ("k", "5")]),
+        ("/v1/search", [("q", "sevens or three"), ("k", "10"), ("mode", "any")]),
+        ("/v1/search", [("q", "seven"), ("k", "3"), ("min_prob.7", "0.2"), ("min_prob.3", "0.01")]),
+        ("/v1/search", [("q", "seven"), ("k", "3"), ("example_id", "scene-000010"), ("fusion", "rrf")]),
+        ("/v1/search", [("q", "seven"), ("k", "2"), ("cursor", first["next_cursor"])]),
+        ("/v1/items/scene-000010/similar", [("k", "10")]),
+        ("/v1/items/scene-000010/similar", [("k", "4"), ("feature", "output"), ("metric", "euclidean")]),
+        # The endpoint's own refusals, answered by the app's exception handlers either way.
+        ("/v1/search", [("q", "seven"), ("k", "0")]),
+        ("/v1/search", [("q", "seven"), ("k", "123456789")]),
+        ("/v1/search", [("q", "seven"), ("mode", "most")]),
+        ("/v1/search", [("q", "seven"), ("cursor", "not a cursor")]),
+        ("/v1/search", [("q", "seven"), ("min_prob.7", "2")]),
+        ("/v1/search", [("q", "seven"), ("min_prob.no-such-concept", "0.5")]),
+        ("/v1/search", [("q", "   ")]),
+        ("/v1/search", [("q", "seven"), ("example_id", "no-such-item")]),
+        ("/v1/items/no-such-item/similar", [("k", "10")]),
+        ("/v1/items/scene-000010/similar", [("k", "10"), ("feature", "colour")]),
+        ("/v1/items/scene-000010/similar", [("k", "10"), ("metric", "manhattan")]),
+    ]
+    before = _fastpath(served)
+    for path, params in queries:
+        fast = served.get(path, params=params)
+        via_fastapi = served.get(path, params=[(params[0][0], "0"), *params])  # the last value is the one read
+        assert (fast.status_code, fast.headers["content-type"], fast.content) == (
+            via_fastapi.status_code, via_fastapi.headers["content-type"], via_fastapi.content), (path, params)
+    n_similar = sum(p.endswith("/similar") for p, _ in queries)
+    expected = {"/v1/search": before.get("/v1/search", 0) + len(queries) - n_similar,
+                similar: before.get(similar, 0) + n_similar}
+    wait_until(lambda: {k: _fastpath(served).get(k, 0) for k in expected} == expected, 10, every=0.2,
+               what=f"the fast path's counts {expected}")
+    # What it leaves to FastAPI stays FastAPI's: a missing q, a non-canonical k, an unknown key.
+    r = served.get("/v1/search", params={"k": "5"})
+    assert r.status_code == 422 and r.json()["error"]["message"].startswith("q: "), r.text
+    assert served.get("/v1/search", params={"q": "seven", "k": "05"}).json()["results"] == served.get(
+        "/v1/search", params={"q": "seven", "k": "5"}).json()["results"]
+    r = served.get("/v1/items/scene-000010/similar", params={"k": "3", "kk": "3"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_parameter", r.text

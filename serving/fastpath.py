@@ -1,0 +1,165 @@
+"""Plain GET searches answered past FastAPI's per-request machinery, with FastAPI's own semantics.
+
+A search answered from the ingress's copy of the index takes ~0.3 ms; around it, FastAPI bound each
+query parameter through pydantic, solved the endpoint's dependencies, walked its middleware and
+router, and validated the response: ~20 % of the ingress's CPU per search (``python
+jobs/profile_serve.py --searches --stacks-dir DIR``), the searches/s it lost on 2 cores.
+
+For the read endpoints named in :data:`FAST` (keyword search, similar items), a request whose query
+is *plain* is bound here instead: every parameter once, each one the endpoint declares as ``str`` or
+``int`` (an int in canonical digits), plus the ``min_prob.<concept>`` filters, which the endpoint
+reads itself.  The route is FastAPI's own (its path pattern, its ``response_model``), the endpoint is
+the same method, its errors go through the app's exception handlers, and its answer through
+FastAPI's ``serialize_response``.  Anything else (a repeated, empty or non-canonical value, a float
+weight, a missing required parameter, an unknown key, another route) goes through FastAPI as before,
+so every 422 and the OpenAPI contract stay FastAPI's (``tests/serving/test_serving_fastpath.py``
+checks both ways answer byte for byte the same).
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi import FastAPI, Request
+from fastapi.datastructures import DefaultPlaceholder
+from fastapi.responses import Response
+from fastapi.routing import APIRoute, iter_route_contexts, serialize_response
+from pydantic_core import PydanticUndefined
+from starlette.routing import Match
+from starlette.types import Receive, Scope, Send
+
+FAST = (("GET", "/v1/search"), ("GET", "/v1/items/{item_id:path}/similar"))
+FILTER = "min_prob."  # the search endpoints' filters: the endpoint reads them from the query itself
+KINDS: dict[Any, type] = {str: str, str | None: str, int: int}
+INT = re.compile(r"(0|[1-9][0-9]{0,8})")  # canonical digits: what pydantic reads as the same int
+
+
+@dataclass(frozen=True)
+class _Param:
+    kind: type  # str or int
+    required: bool
+
+
+@dataclass(frozen=True)
+class FastRoute:
+    route: APIRoute
+    params: dict[str, _Param]  # the query parameters bound here (name -> kind); any other key: FastAPI
+    filters: bool  # min_prob.<concept> keys pass through to the endpoint
+    request: str | None  # the endpoint's parameter that takes the Request
+
+
+def _bindable(sig: inspect.Signature, path_params: set[str]) -> dict[str, _Param]:
+    """The endpoint's query parameters that this module binds: those typed ``str`` or ``int`` (optional
+    or not).  One of another type (a float weight) is FastAPI's: a request that carries it falls back."""
+    out: dict[str, _Param] = {}
+    for name, p in list(sig.parameters.items())[1:]:  # [0]: self (Serve injects the replica)
+        kind = KINDS.get(p.annotation)
+        if kind is None or name in path_params:
+            continue
+        default = getattr(p.default, "default", p.default)  # Query(...) -> its default
+        out[name] = _Param(kind, required=p.default is inspect.Parameter.empty or default is PydanticUndefined)
+    return out
+
+
+def fast_routes(app: FastAPI, wanted: tuple[tuple[str, str], ...] = FAST) -> list[FastRoute]:
+    """The app's routes of ``wanted`` (method, path template), as FastAPI built them."""
+    out = []
+    for ctx in iter_route_contexts(app.routes):
+        route = ctx.original_route
+        if not isinstance(route, APIRoute) or not any(
+                m in (route.methods or ()) and route.path == p for m, p in wanted):
+            continue
+        if not isinstance(route.response_class, DefaultPlaceholder) or route.response_field is None:
+            continue  # a custom response class: FastAPI's path renders it
+        sig = inspect.signature(route.endpoint)
+        params = _bindable(sig, set(route.param_convertors))
+        request = next((n for n, p in sig.parameters.items() if p.annotation is Request), None)
+        out.append(FastRoute(route, params, filters="feature" in params, request=request))
+    return out
+
+
+def bind(fast: FastRoute, query_string: bytes) -> dict[str, Any] | None:
+    """The endpoint's keyword arguments for a plain query, or None: FastAPI binds this one."""
+    kwargs: dict[str, Any] = {}
+    seen: set[str] = set()
+    for key, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):  # as Starlette reads it
+        if key in seen or not value:
+            return None
+        seen.add(key)
+        p = fast.params.get(key)
+        if p is None:
+            if fast.filters and key.startswith(FILTER):
+                continue
+            return None
+        if p.kind is int:
+            if not INT.fullmatch(value):
+                return None
+            kwargs[key] = int(value)
+        else:
+            kwargs[key] = value
+    if any(p.required and name not in kwargs for name, p in fast.params.items()):
+        return None
+    return kwargs
+
+
+class FastReads:
+    """Answers the plain requests of :data:`FAST` for ``instance`` (the ingress replica); ``__call__``
+    says whether it did."""
+
+    def __init__(self, app: FastAPI, instance: object, counted: Callable[[str], None] | None = None) -> None:
+        self._app, self._instance, self._counted = app, instance, counted  # counted(route template) per request
+        self._routes = fast_routes(app)
+
+    def _match(self, scope: Scope) -> tuple[FastRoute, Scope] | None:
+        if scope["method"] != "GET":
+            return None
+        for fast in self._routes:
+            match, child = fast.route.matches(scope)
+            if match == Match.FULL:
+                return fast, child
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        found = self._match(scope)
+        if found is None:
+            return False
+        fast, child = found
+        kwargs = bind(fast, scope.get("query_string", b""))
+        if kwargs is None:
+            return False
+        scope.update(child)  # route, endpoint and path parameters, as Starlette's router sets them
+        kwargs.update(scope.get("path_params", {}))
+        request = Request(scope, receive)
+        if fast.request is not None:
+            kwargs[fast.request] = request
+        route = fast.route
+        if self._counted is not None:
+            self._counted(route.path)
+        try:
+            raw = await route.endpoint(self._instance, **kwargs)
+        except Exception as e:  # an error with a handler is answered as FastAPI would answer it
+            handler = self._handler(e)
+            if handler is None:
+                raise
+            await (await handler(request, e))(scope, receive, send)
+            return True
+        if isinstance(raw, Response):
+            await raw(scope, receive, send)
+            return True
+        content = await serialize_response(
+            field=route.response_field, response_content=raw, include=route.response_model_include,
+            exclude=route.response_model_exclude, by_alias=route.response_model_by_alias,
+            exclude_unset=route.response_model_exclude_unset, exclude_defaults=route.response_model_exclude_defaults,
+            exclude_none=route.response_model_exclude_none, is_coroutine=True, dump_json=True)
+        await Response(content=content, media_type="application/json", status_code=route.status_code or 200)(
+            scope, receive, send)
+        return True
+
+    def _handler(self, e: Exception) -> Callable[..., Any] | None:
+        """The app's exception handler for ``e`` (by its class, nearest first, as Starlette looks it up)."""
+        handlers = self._app.exception_handlers
+        return next((handlers[c] for c in type(e).__mro__ if c in handlers), None)
