@@ -58,8 +58,8 @@ def _bindable(sig: inspect.Signature, path_params: set[str]) -> dict[str, _Param
     out: dict[str, _Param] = {}
     for name, p in list(sig.parameters.items())[1:]:  # [0]: self (Serve injects the replica)
         kind = KINDS.get(p.annotation)
-        if kind is None or name in path_params:
-            continue
+        if kind is None or name in path_params or getattr(p.default, "alias", None) not in (None, name):
+            continue  # an aliased one is read by another key: FastAPI's too
         default = getattr(p.default, "default", p.default)  # Query(...) -> its default
         out[name] = _Param(kind, required=p.default is inspect.Parameter.empty or default is PydanticUndefined)
     return out
@@ -75,7 +75,7 @@ def fast_routes(app: FastAPI, wanted: tuple[tuple[str, str], ...] = FAST) -> lis
             continue
         if not isinstance(route.response_class, DefaultPlaceholder) or route.response_field is None:
             continue  # a custom response class: FastAPI's path renders it
-        sig = inspect.signature(route.endpoint)
+        sig = inspect.signature(route.endpoint, eval_str=True)  # real types, were the module to postpone them
         params = _bindable(sig, set(route.param_convertors))
         request = next((n for n, p in sig.parameters.items() if p.annotation is Request), None)
         out.append(FastRoute(route, params, filters="feature" in params, request=request))

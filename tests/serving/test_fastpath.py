@@ -2,9 +2,12 @@
 (tests/serving/test_serving_search.py checks both ways answer the same over real HTTP.)"""
 from __future__ import annotations
 
-import pytest
+import inspect
 
-from serving.fastpath import FastRoute, bind, fast_routes
+import pytest
+from fastapi import Query, Request
+
+from serving.fastpath import FastRoute, _bindable, bind, fast_routes
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +50,11 @@ def test_anything_else_is_left_to_fastapi(routes, query):
 
 def test_a_path_parameter_given_in_the_query_is_left_to_fastapi(routes):
     assert bind(routes["/v1/items/{item_id:path}/similar"], b"item_id=x&k=3") is None
+
+
+def test_a_parameter_of_another_type_or_read_by_an_alias_is_left_to_fastapi():
+    def endpoint(self, request: Request, item: str, q: str = Query(), k: int = 10, w: float | None = None,
+                 tag: str | None = Query(None, alias="tag-name"), n: int | None = None): ...
+
+    params = _bindable(inspect.signature(endpoint, eval_str=True), path_params={"item"})
+    assert {name: (p.kind, p.required) for name, p in params.items()} == {"q": (str, True), "k": (int, False)}
