@@ -12,8 +12,8 @@ reads itself.  The route is FastAPI's own (its path pattern, its ``response_mode
 the same method, its errors go through the app's exception handlers, and its answer through
 FastAPI's ``serialize_response``.  Anything else (a repeated, empty or non-canonical value, a float
 weight, a missing required parameter, an unknown key, another route) goes through FastAPI as before,
-so every 422 and the OpenAPI contract stay FastAPI's (``tests/serving/test_serving_fastpath.py``
-checks both ways answer byte for byte the same).
+so every 422 and the OpenAPI contract stay FastAPI's (``tests/serving/test_serving_search.py``
+checks both ways answer byte for byte the same; ``tests/serving/test_fastpath.py`` what is bound).
 """
 from __future__ import annotations
 
