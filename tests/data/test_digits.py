@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from deepindex.config import load_config
@@ -75,3 +76,38 @@ def test_glyphs_are_scikit_learns_digits():
     d = load_digits()
     np.testing.assert_allclose(images, d.images / 16.0, atol=1e-7)
     assert (targets == d.target).all() and images.shape == (1797, 8, 8) and images.dtype == np.float32
+
+
+def test_scenes_are_pasted_glyph_by_glyph_as_drawn():
+    """The vectorised paste writes exactly what pasting each drawn glyph in turn writes; multi-label
+    glyphs sit inside distinct cells of their scene, single ones inside the canvas."""
+    from deepindex.data.digits import _draw, _load_glyphs, _paste, _resize_cache
+
+    glyphs, _ = _load_glyphs()
+    pool = glyph_split(0)["train"]
+    for size, max_digits, sides in ((32, 4, np.arange(9, 17)), (48, 2, np.arange(24, 25)), (32, 0, np.arange(11, 25))):
+        resized = _resize_cache(glyphs[pool], sides.tolist())
+        d = _draw(np.random.default_rng(7), 300, len(pool), sides, size, max_digits)
+        fast = np.zeros((300, size, size), dtype=np.float32)
+        _paste(fast, d, resized, chunk=64)  # several chunks per side
+        slow = np.zeros_like(fast)
+        for i, g, s, y0, x0 in zip(d.scene, d.glyph, d.side, d.y0, d.x0, strict=True):
+            slow[i, y0 : y0 + s, x0 : x0 + s] = resized[int(s)][g]
+        np.testing.assert_array_equal(fast, slow)
+        assert (d.y0 >= 0).all() and (d.x0 >= 0).all()
+        assert (d.y0 + d.side <= size).all() and (d.x0 + d.side <= size).all()
+        if max_digits:
+            cell = size // 2
+            per_scene = np.bincount(d.scene, minlength=300)
+            assert per_scene.min() == 1 and per_scene.max() == max_digits
+            cy, cx = d.y0 // cell, d.x0 // cell
+            assert ((d.y0 + d.side - 1) // cell == cy).all() and ((d.x0 + d.side - 1) // cell == cx).all()
+            cells = set(zip(d.scene.tolist(), (cy * 2 + cx).tolist(), strict=True))
+            assert len(cells) == len(d.scene)  # one glyph per cell
+        else:
+            assert (d.scene == np.arange(300)).all()
+
+
+def test_more_digits_than_cells_is_refused():
+    with pytest.raises(ValueError, match=r"data\.max_digits"):
+        make_scenes("train", 5, max_digits=5)

@@ -83,6 +83,8 @@ def make_scenes(
     """
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+    if multilabel and not 1 <= max_digits <= 4:
+        raise ValueError(f"data.max_digits: 1 to 4 (one glyph per cell of a 2x2 grid), got {max_digits}")
     glyphs, labels = _load_glyphs()
     pool = glyph_split(seed)[split]
     # Each split gets its own stream, so changing train_size does not change the test set.
@@ -94,29 +96,64 @@ def make_scenes(
     cell = image_size // 2
     # Glyph side in pixels: multi-label glyphs fill 60-100% of a cell; single ones 35-75% of the canvas.
     lo, hi = (max(4, int(0.6 * cell)), cell) if multilabel else (max(4, int(0.35 * image_size)), int(0.75 * image_size))
-    sizes = list(range(lo, hi + 1))
-    resized = _resize_cache(glyphs[pool], sizes)  # size -> (len(pool), s, s)
-
-    for i in range(n):
-        if multilabel:
-            k = int(rng.integers(1, max_digits + 1))
-            cells = rng.choice(4, size=k, replace=False)
-            for c in cells:
-                g = int(rng.integers(len(pool)))
-                s = int(rng.choice(sizes))
-                y0 = (c // 2) * cell + int(rng.integers(0, cell - s + 1))
-                x0 = (c % 2) * cell + int(rng.integers(0, cell - s + 1))
-                patch = resized[s][g]
-                canvas[i, y0 : y0 + s, x0 : x0 + s] = np.maximum(canvas[i, y0 : y0 + s, x0 : x0 + s], patch)
-                targets[i, labels[pool[g]]] = 1.0
-        else:
-            g = int(rng.integers(len(pool)))
-            s = int(rng.choice(sizes))
-            y0 = int(rng.integers(0, image_size - s + 1))
-            x0 = int(rng.integers(0, image_size - s + 1))
-            canvas[i, y0 : y0 + s, x0 : x0 + s] = resized[s][g]
-            targets[i] = labels[pool[g]]
+    sizes = np.arange(lo, hi + 1)
+    resized = _resize_cache(glyphs[pool], sizes.tolist())  # size -> (len(pool), s, s)
+    d = _draw(rng, n, len(pool), sizes, image_size, max_digits if multilabel else 0)
+    _paste(canvas, d, resized)
+    digits = labels[pool[d.glyph]]
+    if multilabel:
+        targets[d.scene, digits] = 1.0
+    else:
+        targets[d.scene] = digits
     return TensorSplit(torch.from_numpy(canvas).unsqueeze(1), torch.from_numpy(targets), list(CONCEPTS))
+
+
+@dataclass(frozen=True)
+class Placements:
+    """One row per glyph placed: its scene, glyph (index into the split's pool), side and top-left corner."""
+    scene: np.ndarray
+    glyph: np.ndarray
+    side: np.ndarray
+    y0: np.ndarray
+    x0: np.ndarray
+
+
+def _draw(rng: np.random.Generator, n: int, pool: int, sizes: np.ndarray, image_size: int,
+          max_digits: int) -> Placements:
+    """Where every glyph of ``n`` scenes goes, drawn at once.  ``max_digits`` > 0: multi-label scenes,
+    1..max_digits glyphs in distinct cells of a 2x2 grid, each inside its cell (so none overlaps
+    another); 0: one glyph per scene, anywhere on the canvas."""
+    if max_digits:
+        cell = image_size // 2
+        k = rng.integers(1, max_digits + 1, size=n)  # glyphs per scene
+        cells = np.argsort(rng.random((n, 4)), axis=1)  # a random order of the 4 cells per scene ...
+        used = np.arange(4) < k[:, None]  # ... of which the first k are filled
+        scene, c = np.nonzero(used)[0], cells[used]
+        origin_y, origin_x, room = (c // 2) * cell, (c % 2) * cell, cell
+    else:
+        scene = np.arange(n)
+        origin_y = origin_x = np.zeros(n, dtype=np.int64)
+        room = image_size
+    m = len(scene)
+    glyph = rng.integers(pool, size=m)
+    side = sizes[rng.integers(len(sizes), size=m)]
+    free = room - side + 1  # positions the glyph can take along each axis
+    y0 = origin_y + (rng.random(m) * free).astype(np.int64)
+    x0 = origin_x + (rng.random(m) * free).astype(np.int64)
+    return Placements(scene, glyph, side, y0, x0)
+
+
+def _paste(canvas: np.ndarray, d: Placements, resized: dict[int, np.ndarray], chunk: int = 4096) -> None:
+    """Write every placed glyph into ``canvas`` (N, S, S), a group of equal sides at a time, through
+    flat indices.  Placements never overlap (one glyph per cell, or per scene), so plain assignment is exact."""
+    _, h, w = canvas.shape
+    flat = canvas.reshape(-1)
+    for s in np.unique(d.side).tolist():
+        rows = np.flatnonzero(d.side == s)
+        offsets = (np.arange(s)[:, None] * w + np.arange(s)[None, :]).reshape(-1)  # a patch's pixels, row-major
+        for part in np.array_split(rows, max(1, -(-len(rows) // chunk))):
+            base = d.scene[part] * (h * w) + d.y0[part] * w + d.x0[part]
+            flat[(base[:, None] + offsets[None, :]).reshape(-1)] = resized[s][d.glyph[part]].reshape(-1)
 
 
 def _resize_cache(glyphs: np.ndarray, sizes: list[int]) -> dict[int, np.ndarray]:
