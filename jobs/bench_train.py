@@ -4,7 +4,8 @@
 - **torchrun**: ``torch.distributed.run`` with N processes, gloo DDP, the same per-worker data feed,
   model, global batch and threads per process (what a user picks for data parallelism without Ray).
 
-Each loop runs ``--runs`` times (median reported), in the same run of this script.  Steady state is
+Each loop runs ``--runs`` times (median reported), in the same run of this script, the order turning
+each round so that no loop always runs first or last.  Steady state is
 images/s over the epochs after the first (which warms up).  Start-up is the time from the call that
 starts training (``trainer.fit()``; torchrun's launch) to the first batch, with Ray's broken down by
 where it goes (worker processes, entry into the training function, data, DDP).  Then the targets of
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -197,14 +199,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     connect()
     init_s = time.time() - t0
     runs: dict[str, list[dict[str, Any]]] = {"ray": [], "torchrun": [], "plain": []}
+    loops: dict[str, Callable[[], dict[str, Any]]] = {
+        "ray": lambda: ray_loop(cfg), "torchrun": lambda: torchrun_loop(cfg, overrides),
+        "plain": lambda: plain_loop(cfg, total_threads)}
     try:
         for i in range(args.runs):
-            print(f"run {i + 1}/{args.runs}: ray", file=sys.stderr, flush=True)
-            runs["ray"].append(ray_loop(cfg))
-            print(f"run {i + 1}/{args.runs}: torchrun", file=sys.stderr, flush=True)
-            runs["torchrun"].append(torchrun_loop(cfg, overrides))
-            print(f"run {i + 1}/{args.runs}: plain", file=sys.stderr, flush=True)
-            runs["plain"].append(plain_loop(cfg, total_threads))
+            # The order turns each round (ray first, then torchrun first, then plain first): over 3 runs every
+            # loop takes every place once, so a machine that warms up or slows down over the run favours none.
+            names = list(runs)
+            for name in names[i % 3:] + names[:i % 3]:
+                print(f"run {i + 1}/{args.runs}: {name}", file=sys.stderr, flush=True)
+                runs[name].append(loops[name]())
     finally:
         ray.shutdown()
     for rs in runs.values():
