@@ -120,27 +120,32 @@ class Placements:
 
 def _draw(rng: np.random.Generator, n: int, pool: int, sizes: np.ndarray, image_size: int,
           max_digits: int) -> Placements:
-    """Where every glyph of ``n`` scenes goes, drawn at once.  ``max_digits`` > 0: multi-label scenes,
-    1..max_digits glyphs in distinct cells of a 2x2 grid, each inside its cell (so none overlaps
-    another); 0: one glyph per scene, anywhere on the canvas."""
+    """Where every glyph of ``n`` scenes goes.  ``max_digits`` > 0: multi-label scenes, 1..max_digits
+    glyphs in distinct cells of a 2x2 grid, each inside its cell (so none overlaps another); 0: one
+    glyph per scene, anywhere on the canvas.
+
+    The draws are the ones this module has always made, one scalar at a time in the same order (a
+    size is ``sizes[integers(len(sizes))]``, the very draw ``choice(sizes)`` makes): the scenes stay the
+    same tensors, and so do the floors, audits and searches calibrated on them.  Only pasting, the
+    larger part of the cost, is done in bulk (:func:`_paste`)."""
+    ns, rows = len(sizes), []
+    side_of = sizes.tolist()
     if max_digits:
         cell = image_size // 2
-        k = rng.integers(1, max_digits + 1, size=n)  # glyphs per scene
-        cells = np.argsort(rng.random((n, 4)), axis=1)  # a random order of the 4 cells per scene ...
-        used = np.arange(4) < k[:, None]  # ... of which the first k are filled
-        scene, c = np.nonzero(used)[0], cells[used]
-        origin_y, origin_x, room = (c // 2) * cell, (c % 2) * cell, cell
+        for i in range(n):
+            for c in rng.choice(4, size=int(rng.integers(1, max_digits + 1)), replace=False).tolist():
+                g = int(rng.integers(pool))
+                s = side_of[int(rng.integers(ns))]
+                y0 = (c // 2) * cell + int(rng.integers(0, cell - s + 1))
+                rows.append((i, g, s, y0, (c % 2) * cell + int(rng.integers(0, cell - s + 1))))
     else:
-        scene = np.arange(n)
-        origin_y = origin_x = np.zeros(n, dtype=np.int64)
-        room = image_size
-    m = len(scene)
-    glyph = rng.integers(pool, size=m)
-    side = sizes[rng.integers(len(sizes), size=m)]
-    free = room - side + 1  # positions the glyph can take along each axis
-    y0 = origin_y + (rng.random(m) * free).astype(np.int64)
-    x0 = origin_x + (rng.random(m) * free).astype(np.int64)
-    return Placements(scene, glyph, side, y0, x0)
+        for i in range(n):
+            g = int(rng.integers(pool))
+            s = side_of[int(rng.integers(ns))]
+            y0 = int(rng.integers(0, image_size - s + 1))
+            rows.append((i, g, s, y0, int(rng.integers(0, image_size - s + 1))))
+    a = np.array(rows, dtype=np.int64).reshape(-1, 5)
+    return Placements(a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4])
 
 
 def _paste(canvas: np.ndarray, d: Placements, resized: dict[int, np.ndarray], chunk: int = 4096) -> None:
