@@ -126,8 +126,8 @@ def _draw(rng: np.random.Generator, n: int, pool: int, sizes: np.ndarray, image_
 
     The draws are the ones this module has always made, one scalar at a time in the same order (a
     size is ``sizes[integers(len(sizes))]``, the very draw ``choice(sizes)`` makes): the scenes stay the
-    same tensors, and so do the floors, audits and searches calibrated on them.  Only pasting, the
-    larger part of the cost, is done in bulk (:func:`_paste`)."""
+    same tensors, and so do the floors, audits and searches calibrated on them.  Only pasting (about
+    half of the loop's cost) is done in bulk (:func:`_paste`)."""
     ns, rows = len(sizes), []
     side_of = sizes.tolist()
     if max_digits:
