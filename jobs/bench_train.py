@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # The order turns each round (ray first, then torchrun first, then plain first): over 3 runs every
             # loop takes every place once, so a machine that warms up or slows down over the run favours none.
             names = list(runs)
-            for name in names[i % 3:] + names[:i % 3]:
+            for name in names[i % len(names):] + names[:i % len(names)]:
                 print(f"run {i + 1}/{args.runs}: {name}", file=sys.stderr, flush=True)
                 runs[name].append(loops[name]())
     finally:
