@@ -76,6 +76,12 @@ ERRORS: dict[str, tuple[int, ...]] = {
 }
 WRITES = ("add_items", "delete_item")
 SEARCHES = ("search", "search_by_upload", "similar_image", "similar_item")
+MIN_PROB = "min_prob."  # the searches' filters, one query key per concept: min_prob.<concept>=t
+
+
+def takes_min_prob(operation_id: str | None) -> bool:
+    """Whether the operation takes ``min_prob.<concept>`` filters besides its declared parameters."""
+    return operation_id in SEARCHES
 
 
 def image_bodies(max_images: int, *, ids: str, tags: bool) -> dict[str, Any]:
@@ -157,7 +163,7 @@ def query_parameters(*, max_k: int, max_query_chars: int, features: Mapping[str,
 
 
 def min_prob_parameters(concepts: Sequence[str]) -> list[dict[str, Any]]:
-    return [{"name": f"min_prob.{c}", "in": "query", "required": False,
+    return [{"name": f"{MIN_PROB}{c}", "in": "query", "required": False,
              "schema": {"type": "number", "minimum": 0, "maximum": 1},
              "description": f"keep only items whose probability of {c!r} is at least this"} for c in concepts]
 

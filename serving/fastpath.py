@@ -32,8 +32,9 @@ from pydantic_core import PydanticUndefined
 from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
+from serving import contract
+
 FAST = (("GET", "/v1/search"), ("GET", "/v1/items/{item_id:path}/similar"))
-FILTER = "min_prob."  # the search endpoints' filters: the endpoint reads them from the query itself
 KINDS: dict[Any, type] = {str: str, str | None: str, int: int}
 INT = re.compile(r"(0|[1-9][0-9]{0,8})")  # canonical digits: what pydantic reads as the same int
 
@@ -48,7 +49,7 @@ class _Param:
 class FastRoute:
     route: APIRoute
     params: dict[str, _Param]  # the query parameters bound here (name -> kind); any other key: FastAPI
-    filters: bool  # min_prob.<concept> keys pass through to the endpoint
+    filters: bool  # min_prob.<concept> keys pass through to the endpoint, which reads them itself
     request: str | None  # the endpoint's parameter that takes the Request
 
 
@@ -78,7 +79,7 @@ def fast_routes(app: FastAPI, wanted: tuple[tuple[str, str], ...] = FAST) -> lis
         sig = inspect.signature(route.endpoint, eval_str=True)  # real types, were the module to postpone them
         params = _bindable(sig, set(route.param_convertors))
         request = next((n for n, p in sig.parameters.items() if p.annotation is Request), None)
-        out.append(FastRoute(route, params, filters="feature" in params, request=request))
+        out.append(FastRoute(route, params, filters=contract.takes_min_prob(route.operation_id), request=request))
     return out
 
 
@@ -92,7 +93,7 @@ def bind(fast: FastRoute, query_string: bytes) -> dict[str, Any] | None:
         seen.add(key)
         p = fast.params.get(key)
         if p is None:
-            if fast.filters and key.startswith(FILTER):
+            if fast.filters and key.startswith(contract.MIN_PROB):
                 continue
             return None
         if p.kind is int:

@@ -76,7 +76,6 @@ CURSOR = re.compile(contract.CURSOR_PATTERN)
 NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")  # a JSON number, as the schema reads one
 FUSION = {"weighted": "sum over signals of weight x min-max normalised score, divided by the sum of the weights",
           "rrf": "reciprocal rank fusion: sum over signals of weight / (60 + rank)"}
-MIN_PROB = "min_prob."
 # Error bodies: the exact list per operation is serving/contract.py's; FastAPI only needs the model.
 _ERRORS: dict[int | str, dict[str, Any]] = {422: {"model": ErrorResponse}}
 
@@ -265,10 +264,10 @@ def _known_parameters(request: Request) -> None:
     if dependant is None:
         return
     known = {p.alias for p in dependant.query_params} - {"self"}  # Serve's class-based view lists the replica
-    searches = "feature" in known  # the search endpoints take min_prob.<concept> filters besides
+    searches = contract.takes_min_prob(getattr(route, "operation_id", None))
     for key in request.query_params:
-        if key not in known and not (searches and key.startswith(MIN_PROB)):
-            takes = ", ".join([*sorted(known), *([f"{MIN_PROB}<concept>"] if searches else [])]) or "none"
+        if key not in known and not (searches and key.startswith(contract.MIN_PROB)):
+            takes = ", ".join([*sorted(known), *([f"{contract.MIN_PROB}<concept>"] if searches else [])]) or "none"
             raise ApiError(422, "unknown_parameter", f"{key[:80]}: not a parameter of {request.method} "
                                                      f"{getattr(route, 'path', request.url.path)} (it takes {takes})")
 
@@ -443,9 +442,9 @@ class Ingress:
             w[name] = float(v)
         min_prob: dict[str, float] = {}
         for key, value in request.query_params.multi_items():
-            if not key.startswith(MIN_PROB):
+            if not key.startswith(contract.MIN_PROB):
                 continue
-            concept = key[len(MIN_PROB):]
+            concept = key[len(contract.MIN_PROB):]
             if concept not in info["concepts"]:
                 raise ApiError(422, "bad_min_prob", f"{key}: unknown concept; the model has "
                                                     f"{', '.join(info['concepts'][:20])}")
