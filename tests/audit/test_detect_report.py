@@ -65,6 +65,27 @@ def test_cleanlab_flags_the_corrupted_labels_and_estimates_per_concept_noise(aud
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["prune_by_noise_rate", "predicted_neq_given"])
+def test_a_concept_on_every_item_or_on_none_gets_no_flags_and_leaves_the_others_as_they_were(
+        audit_inputs: AuditInputs, how: str) -> None:
+    """cleanlab refuses a binary task with one label ("at least 2 classes"), which used to end an
+    audit after all its folds had trained: a concept tagged on every item (a collection-wide tag
+    such as "photo"), or on none with some filters.  Such a concept gets no flags; the others get
+    exactly the flags they get without it."""
+    _, splits, given, probs, _ = audit_inputs
+    base = detect(given, probs, splits.concepts, filter_by=how)
+    everywhere, nowhere = np.ones((len(given), 1), bool), np.zeros((len(given), 1), bool)
+    p = np.full((len(given), 1), 0.9)
+    for extra in (everywhere, nowhere):
+        det = detect(np.hstack([given, extra]), np.hstack([probs, p]), [*splits.concepts, "photo"], filter_by=how)
+        assert not det.flagged[:, -1].any()
+        assert np.array_equal(det.flagged[:, :-1], base.flagged)
+        assert det.concept_noise[-1]["wrong_tags_est"] == det.concept_noise[-1]["missing_tags_est"] == 0
+    one = detect(given[:1], probs[:1], splits.concepts, filter_by=how)  # one item: every concept constant
+    assert not one.flagged.any()
+
+
+@pytest.mark.timeout(60)
 def test_exclusive_classes_flag_the_given_class_and_the_predicted_one() -> None:
     """One class per item (softmax probabilities): cleanlab's multiclass filter flags an item, and its
     two pairs are the given class (a wrong tag) and the model's class (a missing one), as the noise

@@ -78,12 +78,21 @@ def detect(given: np.ndarray, probs: np.ndarray, concepts: list[str],
 def _tag_issues(given: np.ndarray, probs: np.ndarray) -> Callable[[str], np.ndarray]:
     from cleanlab.multilabel_classification.filter import find_multilabel_issues_per_class
 
-    labels = _label_lists(given)
+    # cleanlab's binary task per concept needs both labels: a concept on every item (or on none)
+    # gives it nothing to estimate noise from, and some of its filters refuse it ("at least 2
+    # classes") after every fold has trained.  Such a concept gets no flags; the others' flags do
+    # not depend on it (each concept is its own task).
+    varying = np.flatnonzero(given.any(0) & ~given.all(0))
+    labels = _label_lists(given[:, varying])
 
     def issues(how: str) -> np.ndarray:
-        # n_jobs=1: cleanlab's default forks a process pool, here from a Ray driver (whose signal
-        # handlers the children inherit: each printed a stack dump when the pool ended); same results.
-        return np.asarray(find_multilabel_issues_per_class(labels, probs, filter_by=how, n_jobs=1), dtype=bool)
+        out = np.zeros(given.shape, dtype=bool)
+        if len(varying):
+            # n_jobs=1: cleanlab's default forks a process pool, here from a Ray driver (whose signal
+            # handlers the children inherit: each printed a stack dump when the pool ended); same results.
+            out[:, varying] = np.asarray(find_multilabel_issues_per_class(labels, probs[:, varying], filter_by=how,
+                                                                          n_jobs=1), dtype=bool)
+        return out
 
     return issues
 
