@@ -78,6 +78,18 @@ def test_words_with_two_lemmas_meet_whichever_came_first():
     assert v.parse("leaf").concepts == ["leaf"] and v.parse("leaves").concepts == ["leaf"]
 
 
+@pytest.mark.parametrize("names", [["sunglass", "sunglasses"], ["sunglasses", "sunglass"], ["dog", "dogs"],
+                                   ["glasses", "glass"], ["leaf", "leaves"]])
+def test_names_that_share_a_lemma_each_reach_themselves_as_written(names):
+    """Both are ImageNet classes ("sunglass", "sunglasses"): the second used to be unreachable, even typed
+    exactly, as its lemma was the first's.  Each name reaches itself; an inflection of neither reaches the
+    first by its lemma, as before."""
+    v = Vocabulary(names)
+    for name in names:
+        assert v.parse(name).concepts == [name] and v.parse(name.upper()).concepts == [name]
+    assert v.parse(f"{names[1]} and {names[0]}").concepts == [names[1], names[0]]
+
+
 _word = st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=9)
 
 
@@ -117,3 +129,8 @@ def test_bad_synonyms_files_name_the_field(tmp_path, text, field):
 
 def test_tokens():
     assert tokens("Aquarium_Fish, t-shirt's 3s don't") == ["aquarium", "fish", "t", "shirt", "3s", "don't"]
+    # As phones type them: a typographic apostrophe, full-width letters (NFKC).
+    assert tokens("t-shirt\u2019s don\u2019t") == ["t", "shirt", "don't"]
+    assert tokens("\uff24\uff4f\uff47 \uff13") == ["dog", "3"]
+    v = Vocabulary(["cat_toy", "dog"])
+    assert v.parse("cat\u2019s toy").concepts == ["cat_toy"] and v.parse("\uff24\uff4f\uff47").concepts == ["dog"]

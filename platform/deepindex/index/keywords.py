@@ -43,6 +43,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 _TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)*", re.UNICODE)
 _CLITIC = re.compile(r"'s?$")
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u02bc": "'"})  # right single quotation mark, modifier letter
 SUGGEST_MIN_SCORE = 75.0  # rapidfuzz WRatio (0-100) for a "did you mean" phrase
 SUGGEST_MAX = 3
 # What a search's score is, per mode, for people (the response's ``scoring``): independent concepts
@@ -88,6 +90,10 @@ class Vocabulary:
         self.concepts = list(concepts)
         self.autocorrect = autocorrect
         self.lookup: dict[tuple[str, ...], str] = {}  # lemma phrase -> concept
+        # Phrase as written -> concept, looked up before the lemmas: two names that share a lemma
+        # ("glass", "glasses"; both ImageNet classes: "sunglass", "sunglasses") each stay reachable
+        # by their own spelling; the lemma still reaches the first of them.
+        self.exact: dict[tuple[str, ...], str] = {}
         self.phrases: dict[str, str] = {}  # display phrase -> concept (for suggestions)
         # Own names first: a synonym never takes a concept's own name from it.
         entries = [(c, c) for c in self.concepts]
@@ -108,6 +114,7 @@ class Vocabulary:
             key = tuple(k for k in keyed if k is not None)
             if len(key) != len(keyed):
                 continue  # not reached: every word of an entry was aliased above
+            self.exact.setdefault(tuple(words), concept)
             if self.lookup.setdefault(key, concept) != concept:
                 log.debug("vocabulary: %r already means %r, not %r", text, self.lookup[key], concept)
             self.phrases.setdefault(" ".join(words), concept)
@@ -154,7 +161,7 @@ class Vocabulary:
         while i < len(typed):
             for n in range(min(self.max_len, len(typed) - i), 0, -1):  # longest phrase first
                 key = tuple(k for k in keys[i : i + n] if k is not None)
-                c = self.lookup.get(key) if len(key) == n else None
+                c = self.exact.get(tuple(typed[i : i + n])) or (self.lookup.get(key) if len(key) == n else None)
                 if c is not None:
                     matched[" ".join(typed[i : i + n])] = c
                     used.update(typed[i : i + n])
@@ -206,9 +213,12 @@ class Vocabulary:
 
 
 def tokens(text: str) -> list[str]:
-    """Lower-case words of ``text``: underscores, hyphens and punctuation split; clitic ``'s`` dropped."""
+    """Lower-case words of ``text``: underscores, hyphens and punctuation split; clitic ``'s`` dropped.
+
+    The text is NFKC-normalised first (full-width ``Ｄｏｇ`` is ``dog``), and a typographic apostrophe
+    is the ASCII one (``cat’s`` is ``cat's``, as phones and word processors type it)."""
     out = []
-    for t in _TOKEN.findall(text.lower()):
+    for t in _TOKEN.findall(unicodedata.normalize("NFKC", text).translate(_APOSTROPHES).lower()):
         t = _CLITIC.sub("", t)
         if t:
             out.append(t)
