@@ -8,8 +8,12 @@ What the service's search endpoints run (``serving/index.py`` hands a :class:`Qu
 - **keywords only**: every live item scored by the query concepts' presence probabilities;
 - **example only** (an uploaded image's descriptor, or an indexed item, itself excluded): the
   nearest items through the index's vector search, fetched deeper (doubling) until the page and
-  whether anything follows it are certain; an approximate index that finds no more hands over to an
-  exact scan of the raw descriptors, so paging reaches every item;
+  whether anything follows it are certain.  On an approximate index (HNSW, IVF) only the first page
+  comes from its search (which may miss an item near the query: what approximate means); the pages
+  after it are an exact scan of the raw descriptors after the cursor, so every item ranked after
+  the first page appears exactly once.  (Fetching deeper through the approximate search would take
+  its top ``depth`` for the exact one: an item it missed, scoring above one it found, would then be
+  passed by the cursor and never shown; a third of a small clustered collection was, on review.);
 - **both**: every live item gets an exact similarity score (the raw descriptor matrix), and the
   two signals are fused by ``fusion`` (``weighted`` or ``rrf``, :func:`deepindex.index.fusion.fuse`)
   with ``weights`` per signal (``keywords``, ``example``; 1 each by default; a weight for a signal
@@ -164,6 +168,9 @@ def _example_page(index: IndexStore, q: Query, vector: np.ndarray, feature: str,
     lowest is never certain, so every search fetched twice).
     """
     after = _cursor(q)
+    if after is not None and index.approximate(feature, metric):  # see the module doc
+        rows = np.flatnonzero(keep_rows)
+        return _page(index, Scored(rows, index.similarity(vector, feature, metric)[rows]), q)
     n_keep = int(keep_rows.sum())
     depth = 2 * (q.k + 1) if after is not None else q.k + 2
     while True:

@@ -649,6 +649,12 @@ class IndexStore:
             check_metric(metric, "flat", PROBS_METRIC, False)
         return name, metric
 
+    def approximate(self, feature: str, metric: str) -> bool:
+        """Whether :meth:`similar` answers ``feature`` by ``metric`` through an approximate vector index
+        (HNSW, IVF: it may miss a near item), not an exact scan."""
+        spec = self.manifest.features.get(feature)
+        return spec is not None and spec.kind != "flat" and metric == spec.default_query_metric
+
     def _matrix(self, name: str) -> np.ndarray:
         return self.features.get(name, self.probs)  # probs: the keyword matrix
 
