@@ -201,3 +201,52 @@ def test_keywords_and_example_fused_by_the_documented_rule(rule):
     # Keywords that matched no concept: the example alone ranks.
     alone = run(index, Query(k=5, concepts=[], vector=vec))
     assert [r for r, _ in alone.hits] == [r for r, _ in run(index, Query(k=5, vector=vec)).hits]
+
+
+def _add(index: IndexStore, seq: int, item: str, probs: list[float], vec: np.ndarray) -> None:
+    index.apply([IndexChange(seq=seq, op="add", id=item, probs=np.array(probs, np.float32),
+                             features={"penultimate": vec.astype(np.float32)}, labels=[])])
+
+
+def test_fused_pages_rank_as_the_first_did_when_items_come_and_go():
+    """Found on review: a fused score depends on the other items (``weighted`` normalises by the signals'
+    lowest and highest scores), so one item added far from the example after the first page rescaled every
+    score, and the pages after it skipped 85 of 200 items.  Later pages now normalise by the first page's
+    bounds: every item there from the start is shown once (a deleted one never), in the first page's order."""
+    index = store(n=200)
+    vec = index.features["penultimate"][7]
+    q = Query(k=10, key="h", concepts=["dog"], vector=vec, fusion="weighted")
+    first = run(index, q)
+    rows = np.arange(200)
+    parts = {"keywords": Scored(rows, scores(index.probs, [1], "all")),
+             "example": Scored(rows, index.similarity(vec, "penultimate", "l2"))}
+    order = expected_order(index, rows, fuse(parts, "weighted").scores)
+    assert [index.ids[r] for r, _ in first.hits] == order[:10]
+    _add(index, 201, "far", [0.0, 1.0, 0.0], vec + 1000)  # a dog above every other, far from the example
+    index.apply([IndexChange(seq=202, op="delete", id=order[20])])
+    seen, cursor = [], first.next_cursor
+    while cursor is not None:
+        res = run(index, Query(**{**q.__dict__, "cursor": cursor}))
+        seen += [index.ids[r] for r, _ in res.hits]
+        cursor = res.next_cursor
+    assert [i for i in seen if i != "far"] == [i for i in order[10:] if i != order[20]]
+    assert seen.count("far") <= 1
+    # A cursor whose bounds are not numbers is not one this service issued.
+    bad = encode_cursor(1.0, "i0001", "h", {"b": {"keywords": ["x", "y"]}})
+    with pytest.raises(ValueError, match=r"^cursor: not a cursor this service issued"):
+        run(index, Query(**{**q.__dict__, "cursor": bad}))
+
+
+def test_rrf_pages_hold_while_the_collection_does_not_change_and_say_so_when_it_does():
+    """``rrf`` ranks every item: an add above an item moves its rank, so pages across a change repeated or
+    skipped items (found on review).  Its cursor is bound to the index's state: refused, naming the cursor,
+    once an item is added or deleted; the first page again starts over."""
+    index = store(n=200)
+    vec = index.features["penultimate"][7]
+    q = Query(k=10, key="h", concepts=["dog"], vector=vec, fusion="rrf")
+    assert len(all_pages(index, q)) == 200  # unchanged: every item once (the rule's own test checks the order)
+    first = run(index, q)
+    _add(index, 201, "new", [0.5, 0.5, 0.5], vec)
+    with pytest.raises(ValueError, match=r"^cursor: the collection changed since the first page"):
+        run(index, Query(**{**q.__dict__, "cursor": first.next_cursor}))
+    assert len(all_pages(index, q)) == 201

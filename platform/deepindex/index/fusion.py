@@ -27,6 +27,12 @@ item.  The cursor is opaque to clients (URL-safe base64 of a small JSON), carrie
 exactly (``float.hex``) and a digest of the query it belongs to, and is refused for another
 query.  Over a fixed result set every item appears exactly once across the pages; if items
 are added between two requests, those ranked before the cursor are not shown (no page moves).
+A fused ranking depends on the other items, not only on each item's own scores: ``weighted``
+normalises by the signals' lowest and highest scores, ``rrf`` ranks every item.  So a fused
+query's cursor also carries ``state`` (:func:`cursor_state`): ``weighted`` pages normalise by
+the first page's bounds (:func:`signal_bounds`), which keeps every item's fused score as it
+was; ``rrf`` pages hold only while the collection does not change (the caller binds them to
+its state).
 """
 from __future__ import annotations
 
@@ -75,13 +81,22 @@ class Scored:
         return len(self.rows)
 
 
-def normalise(s: np.ndarray) -> np.ndarray:
-    """Min-max to [0, 1]: best 1, worst 0; all 1 when every score is the same."""
+Bounds = Mapping[str, tuple[float, float]]  # signal -> (lowest, highest) score it was normalised by
+
+
+def normalise(s: np.ndarray, bounds: tuple[float, float] | None = None) -> np.ndarray:
+    """Min-max to [0, 1]: best 1, worst 0; all 1 when every score is the same.  ``bounds``: (lo, hi) to
+    normalise by instead of the scores' own (a later page's, ranking as the first did)."""
     s = np.asarray(s, dtype=np.float64)
     if len(s) == 0:
         return s
-    lo, hi = s.min(), s.max()
+    lo, hi = bounds if bounds is not None else (s.min(), s.max())
     return np.ones_like(s) if hi - lo <= 0 else (s - lo) / (hi - lo)
+
+
+def signal_bounds(parts: Mapping[str, Scored]) -> dict[str, tuple[float, float]]:
+    """(lowest, highest) score of each signal that scored any item: what ``weighted`` normalises by."""
+    return {name: (float(p.scores.min()), float(p.scores.max())) for name, p in parts.items() if len(p)}
 
 
 def competition_ranks(s: np.ndarray) -> np.ndarray:
@@ -91,8 +106,9 @@ def competition_ranks(s: np.ndarray) -> np.ndarray:
 
 
 def fuse(parts: Mapping[str, Scored], rule: Rule = "weighted", weights: Mapping[str, float] | None = None,
-         rrf_k: int = RRF_K) -> Scored:
-    """Fuse named signals into one :class:`Scored` over the union of their items (see the module doc)."""
+         rrf_k: int = RRF_K, bounds: Bounds | None = None) -> Scored:
+    """Fuse named signals into one :class:`Scored` over the union of their items (see the module doc);
+    ``bounds``: ``weighted`` normalises each signal by these (lo, hi) where given, not its own."""
     if rule not in RULES:
         raise ValueError(f"rule: expected one of {', '.join(RULES)}, got {rule!r}")
     if not parts:
@@ -113,7 +129,7 @@ def fuse(parts: Mapping[str, Scored], rule: Rule = "weighted", weights: Mapping[
     for name, p in parts.items():
         if len(p) == 0 or w[name] == 0:
             continue
-        contrib = (w[name] * normalise(p.scores) if rule == "weighted"
+        contrib = (w[name] * normalise(p.scores, (bounds or {}).get(name)) if rule == "weighted"
                    else w[name] / (rrf_k + competition_ranks(p.scores)))
         total[np.searchsorted(rows, p.rows)] += contrib
     if rule == "weighted":
@@ -155,28 +171,45 @@ def query_key(**params: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def encode_cursor(score: float, item_id: str | int, key: str = "") -> str:
-    blob = json.dumps({"s": float(score).hex(), "id": item_id, "q": key}, separators=(",", ":"))
+def encode_cursor(score: float, item_id: str | int, key: str = "", state: Mapping[str, Any] | None = None) -> str:
+    """``state``: what the query's later pages need besides the position (JSON), e.g. a fusion's bounds."""
+    d: dict[str, Any] = {"s": float(score).hex(), "id": item_id, "q": key}
+    if state:
+        d["x"] = dict(state)
+    blob = json.dumps(d, separators=(",", ":"))
     return base64.urlsafe_b64encode(blob.encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str, key: str = "") -> tuple[float, str | int]:
-    """(score, id) of a cursor from :func:`encode_cursor`; ValueError naming ``cursor`` otherwise."""
+def _decoded(cursor: str, key: str) -> dict[str, Any]:
     try:
         d = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         score, item_id, q = float.fromhex(d["s"]), d["id"], d["q"]
-        if not isinstance(item_id, (str, int)) or isinstance(item_id, bool) or not np.isfinite(score):
+        if (not isinstance(item_id, (str, int)) or isinstance(item_id, bool) or not np.isfinite(score)
+                or not isinstance(d.get("x", {}), dict)):
             raise TypeError
     except (ValueError, TypeError, KeyError, AttributeError):
         raise ValueError("cursor: not a cursor this service issued") from None
     if q != key:
         raise ValueError("cursor: it belongs to another query (same parameters are needed to page on)")
-    return score, item_id
+    return {"score": score, "id": item_id, "state": d.get("x", {})}
+
+
+def decode_cursor(cursor: str, key: str = "") -> tuple[float, str | int]:
+    """(score, id) of a cursor from :func:`encode_cursor`; ValueError naming ``cursor`` otherwise."""
+    d = _decoded(cursor, key)
+    return d["score"], d["id"]
+
+
+def cursor_state(cursor: str, key: str = "") -> dict[str, Any]:
+    """The ``state`` a cursor from :func:`encode_cursor` carries ({} if none); ValueError naming ``cursor``."""
+    state: dict[str, Any] = _decoded(cursor, key)["state"]
+    return state
 
 
 def page(scored: Scored, ids: Sequence[str] | Sequence[int] | np.ndarray, size: int, cursor: str | None = None,
-         key: str = "") -> Page:
-    """The ``size`` best items after ``cursor`` in (score desc, id asc) order; ``ids[row]`` names a row."""
+         key: str = "", state: Mapping[str, Any] | None = None) -> Page:
+    """The ``size`` best items after ``cursor`` in (score desc, id asc) order; ``ids[row]`` names a row;
+    the next cursor carries ``state``."""
     if size < 1:
         raise ValueError(f"size: must be >= 1, got {size}")
     id_arr = np.asarray(ids)
@@ -198,5 +231,5 @@ def page(scored: Scored, ids: Sequence[str] | Sequence[int] | np.ndarray, size: 
         cand = np.arange(n)
     order = cand[np.lexsort((item[cand], -s[cand]))][:size]
     ids_out = item[order].tolist()
-    nxt = encode_cursor(s[order[-1]], ids_out[-1], key) if n > size else None
+    nxt = encode_cursor(s[order[-1]], ids_out[-1], key, state) if n > size else None
     return Page(r[order], s[order], ids_out, nxt)

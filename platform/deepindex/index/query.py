@@ -22,16 +22,31 @@ What the service's search endpoints run (``serving/index.py`` hands a :class:`Qu
 
 Pages are ``(score desc, id asc)``; ``cursor`` is the last (score, id) of the previous page, bound
 to the query by ``key`` (:func:`deepindex.index.fusion.query_key`): a cursor of another query is a
-ValueError naming ``cursor``.
+ValueError naming ``cursor``.  A fused query's later pages rank as its first did, whatever was added
+or deleted in between: ``weighted`` normalises by the first page's bounds (carried in the cursor);
+``rrf``, whose ranks count every item, refuses a cursor once the index has changed (ValueError naming
+``cursor``: the service's 404 ``unknown_cursor``; found on review, its pages repeated or skipped
+items across an add).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from deepindex.index.fusion import RULES, Rule, Scored, concept_mask, decode_cursor, fuse, page
+from deepindex.index.fusion import (
+    RULES,
+    Rule,
+    Scored,
+    concept_mask,
+    cursor_state,
+    decode_cursor,
+    fuse,
+    page,
+    signal_bounds,
+)
 from deepindex.index.store import IndexStore
 
 SIGNALS = ("keywords", "example")
@@ -96,7 +111,9 @@ def run(index: IndexStore, q: Query) -> Result:
             sim = index.similarity(vector, feature, metric)
             parts = {"keywords": _keywords(index, q, keep_rows), "example": Scored(rows, sim[rows])}
             weights = {s: float(w) for s, w in q.weights.items() if s in parts}
-            hits, nxt = _page(index, fuse(parts, q.fusion, weights), q)
+            state = _fusion_state(index, q, parts)
+            bounds = {n: (float.fromhex(lo), float.fromhex(hi)) for n, (lo, hi) in state.get("b", {}).items()}
+            hits, nxt = _page(index, fuse(parts, q.fusion, weights, bounds=bounds), q, state)
     return Result(hits, nxt, feature, metric, signals)
 
 
@@ -121,9 +138,33 @@ def _after(index: IndexStore, rows: np.ndarray, scores: np.ndarray, after: tuple
     return out
 
 
-def _page(index: IndexStore, scored: Scored, q: Query) -> tuple[list[tuple[int, float]], str | None]:
+def _fusion_state(index: IndexStore, q: Query, parts: Mapping[str, Scored]) -> dict[str, Any]:
+    """What a fused query's pages carry so that a later page ranks as the first did (the module doc):
+    ``weighted``, each signal's (lo, hi) on the first page (as ``float.hex``); ``rrf``, the index's
+    ``seq`` then, since its ranks hold only while no item is added or deleted."""
+    before = cursor_state(q.cursor, q.key) if q.cursor is not None else None
+    if q.fusion == "rrf":
+        if before is not None and before.get("seq", index.seq) != index.seq:
+            raise ValueError("cursor: the collection changed since the first page; rrf ranks every item, so its "
+                             "pages hold only while none is added or deleted: start again from the first page")
+        return {"seq": index.seq}
+    if before is None:
+        return {"b": {n: [lo.hex(), hi.hex()] for n, (lo, hi) in signal_bounds(parts).items()}}
+    b = before.get("b", {})
+    try:
+        if not all(isinstance(n, str) and len(v) == 2 and all(np.isfinite(float.fromhex(x)) for x in v)
+                   for n, v in b.items()):
+            raise TypeError
+    except (TypeError, ValueError, AttributeError):
+        raise ValueError("cursor: not a cursor this service issued") from None
+    return {"b": b}
+
+
+def _page(index: IndexStore, scored: Scored, q: Query, state: Mapping[str, Any] | None = None
+          ) -> tuple[list[tuple[int, float]], str | None]:
     """:func:`deepindex.index.fusion.page` over the few items that can be on this page: those after the
-    cursor scoring at least the (k+1)-th best of them (ties kept), so only their ids are looked up."""
+    cursor scoring at least the (k+1)-th best of them (ties kept), so only their ids are looked up;
+    the next cursor carries ``state``."""
     s = scored.scores
     cand = np.flatnonzero(_after(index, scored.rows, s, _cursor(q)))
     if len(cand) > q.k + 1:
@@ -131,7 +172,7 @@ def _page(index: IndexStore, scored: Scored, q: Query) -> tuple[list[tuple[int, 
         cand = cand[s[cand] >= cut]
     rows = scored.rows[cand]
     ids = np.array([index.ids[int(r)] for r in rows], dtype=str)
-    pg = page(Scored(np.arange(len(rows)), s[cand]), ids, q.k, q.cursor, q.key)
+    pg = page(Scored(np.arange(len(rows)), s[cand]), ids, q.k, q.cursor, q.key, state)
     return [(int(rows[j]), float(v)) for j, v in zip(pg.rows, pg.scores, strict=True)], pg.next_cursor
 
 
