@@ -28,7 +28,6 @@ from fastapi import FastAPI, Request
 from fastapi.datastructures import DefaultPlaceholder
 from fastapi.responses import Response
 from fastapi.routing import APIRoute, iter_route_contexts, serialize_response
-from pydantic_core import PydanticUndefined
 from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
@@ -49,25 +48,47 @@ class _Param:
 class FastRoute:
     route: APIRoute
     params: dict[str, _Param]  # the query parameters bound here (name -> kind); any other key: FastAPI
+    defaults: dict[str, Any]  # every optional query parameter's default, as FastAPI fills it in when absent
     filters: bool  # min_prob.<concept> keys pass through to the endpoint, which reads them itself
     request: str | None  # the endpoint's parameter that takes the Request
 
 
-def _bindable(sig: inspect.Signature, path_params: set[str]) -> dict[str, _Param]:
-    """The endpoint's query parameters that this module binds: those typed ``str`` or ``int`` (optional
-    or not).  One of another type (a float weight) is FastAPI's: a request that carries it falls back."""
-    out: dict[str, _Param] = {}
-    for name, p in list(sig.parameters.items())[1:]:  # [0]: self (Serve injects the replica)
-        kind = KINDS.get(p.annotation)
-        if kind is None or name in path_params or getattr(p.default, "alias", None) not in (None, name):
-            continue  # an aliased one is read by another key: FastAPI's too
-        default = getattr(p.default, "default", p.default)  # Query(...) -> its default
-        out[name] = _Param(kind, required=p.default is inspect.Parameter.empty or default is PydanticUndefined)
-    return out
+def _bindable(route: APIRoute, instance: str) -> tuple[dict[str, _Param], dict[str, Any]] | None:
+    """(the query parameters bound here, the defaults of the optional ones), from FastAPI's own analysis
+    of the route (its dependant); None when the route is FastAPI's alone.
+
+    Bound here: a query parameter typed ``str`` or ``int`` (optional or not), read by its own name, with
+    no constraint of its own (``max_length``, ``le``, a pattern: FastAPI's to check).  A request that
+    carries any other one falls back to FastAPI.  The route is FastAPI's alone when it reads a header, a
+    cookie or a body, has a dependency other than Serve's ``instance`` (``self``; a dependency could
+    refuse the request or be overridden by a query key), or a required query parameter not bound here
+    (only FastAPI can say it is missing)."""
+    d = route.dependant
+    if d.header_params or d.cookie_params or d.body_params or route.dependencies:
+        return None
+    for dep in d.dependencies:  # in a replica, Serve's: self=Depends(<the replica's instance>)
+        if dep.name != instance or dep.query_params or dep.header_params or dep.cookie_params or dep.body_params \
+                or dep.dependencies:
+            return None
+    params: dict[str, _Param] = {}
+    defaults: dict[str, Any] = {}
+    for f in d.query_params:
+        if f.name == instance:  # self, before Serve makes it a dependency
+            continue
+        info = f.field_info
+        kind = KINDS.get(info.annotation)
+        if kind is not None and not info.metadata and f.alias == f.name:
+            params[f.name] = _Param(kind, required=info.is_required())
+        elif info.is_required():
+            return None
+        if not info.is_required():
+            defaults[f.name] = info.get_default(call_default_factory=True)
+    return params, defaults
 
 
 def fast_routes(app: FastAPI, wanted: tuple[tuple[str, str], ...] = FAST) -> list[FastRoute]:
-    """The app's routes of ``wanted`` (method, path template), as FastAPI built them."""
+    """The app's routes of ``wanted`` (method, path template), as FastAPI built them, that this module
+    can answer (:func:`_bindable`)."""
     out = []
     for ctx in iter_route_contexts(app.routes):
         route = ctx.original_route
@@ -77,14 +98,17 @@ def fast_routes(app: FastAPI, wanted: tuple[tuple[str, str], ...] = FAST) -> lis
         if not isinstance(route.response_class, DefaultPlaceholder) or route.response_field is None:
             continue  # a custom response class: FastAPI's path renders it
         sig = inspect.signature(route.endpoint, eval_str=True)  # real types, were the module to postpone them
-        params = _bindable(sig, set(route.param_convertors))
+        bindable = _bindable(route, next(iter(sig.parameters)))
+        if bindable is None:
+            continue
         request = next((n for n, p in sig.parameters.items() if p.annotation is Request), None)
-        out.append(FastRoute(route, params, filters=contract.takes_min_prob(route.operation_id), request=request))
+        out.append(FastRoute(route, *bindable, filters=contract.takes_min_prob(route.operation_id), request=request))
     return out
 
 
 def bind(fast: FastRoute, query_string: bytes) -> dict[str, Any] | None:
-    """The endpoint's keyword arguments for a plain query, or None: FastAPI binds this one."""
+    """The endpoint's keyword arguments for a plain query (an absent optional parameter: its default), or
+    None: FastAPI binds this one."""
     kwargs: dict[str, Any] = {}
     seen: set[str] = set()
     for key, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):  # as Starlette reads it
@@ -104,7 +128,7 @@ def bind(fast: FastRoute, query_string: bytes) -> dict[str, Any] | None:
             kwargs[key] = value
     if any(p.required and name not in kwargs for name, p in fast.params.items()):
         return None
-    return kwargs
+    return {**fast.defaults, **kwargs}
 
 
 class FastReads:
