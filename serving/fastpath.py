@@ -28,6 +28,8 @@ from fastapi import FastAPI, Request
 from fastapi.datastructures import DefaultPlaceholder
 from fastapi.responses import Response
 from fastapi.routing import APIRoute, iter_route_contexts, serialize_response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
@@ -170,7 +172,9 @@ class FastReads:
             handler = self._handler(e)
             if handler is None:
                 raise
-            await (await handler(request, e))(scope, receive, send)
+            answer = (await handler(request, e) if inspect.iscoroutinefunction(handler)
+                      else await run_in_threadpool(handler, request, e))  # a plain function, as Starlette runs it
+            await answer(scope, receive, send)
             return True
         if isinstance(raw, Response):
             await raw(scope, receive, send)
@@ -185,6 +189,10 @@ class FastReads:
         return True
 
     def _handler(self, e: Exception) -> Callable[..., Any] | None:
-        """The app's exception handler for ``e`` (by its class, nearest first, as Starlette looks it up)."""
+        """The app's exception handler for ``e``, as Starlette's ExceptionMiddleware looks it up: an HTTP
+        exception's status code first, then its class, nearest first; 500 and ``Exception`` are the
+        outermost middleware's (a 500 from there), not this one's."""
         handlers = self._app.exception_handlers
-        return next((handlers[c] for c in type(e).__mro__ if c in handlers), None)
+        if isinstance(e, StarletteHTTPException) and e.status_code != 500 and e.status_code in handlers:
+            return handlers[e.status_code]
+        return next((handlers[c] for c in type(e).__mro__ if c in handlers and c is not Exception), None)

@@ -97,3 +97,55 @@ def test_routes_that_read_headers_cookies_or_dependencies_are_fastapis_alone():
         assert _route(endpoint) is None, endpoint.__name__
     assert _route(plain, dependencies=[Depends(lambda: None)]) is None  # a route-level dependency
     assert _route(plain) is not None
+
+
+def test_errors_go_to_the_handler_starlette_would_pick():
+    """Found on review (read in the code): the fast path looked handlers up by class only and awaited them.
+    Starlette tries an HTTP exception's status code first, leaves ``Exception`` to its outermost middleware,
+    and runs a plain-function handler in a thread."""
+    import asyncio
+
+    from fastapi import HTTPException
+    from fastapi.responses import PlainTextResponse
+
+    from serving.fastpath import FastReads
+
+    app = FastAPI()
+
+    @app.get("/v1/search", operation_id="search")
+    async def search(self=Depends(_instance), *, q: str = Query()) -> dict:  # noqa: B008
+        if q == "gone":
+            raise HTTPException(404, "nothing")
+        if q == "value":
+            raise ValueError("bad")
+        raise RuntimeError("bug")
+
+    app.add_exception_handler(404, lambda request, e: PlainTextResponse("by status", 404))  # a plain function
+    app.add_exception_handler(HTTPException, lambda request, e: PlainTextResponse("by class", e.status_code))
+    app.add_exception_handler(ValueError, lambda request, e: PlainTextResponse("value", 400))
+    app.add_exception_handler(Exception, lambda request, e: PlainTextResponse("outermost", 500))
+
+    def answer(q: str) -> tuple[int, bytes] | str:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+                 "path": "/v1/search", "raw_path": b"/v1/search", "root_path": "", "query_string": f"q={q}".encode(),
+                 "headers": [(b"host", b"t")], "server": ("t", 80), "client": ("c", 1), "app": app}
+        out: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(m: dict) -> None:
+            out.append(m)
+
+        async def go() -> tuple[int, bytes] | str:
+            try:
+                assert await FastReads(app, object())(scope, receive, send)
+            except RuntimeError as e:
+                return f"raised {e}"
+            return out[0]["status"], b"".join(m.get("body", b"") for m in out[1:])
+
+        return asyncio.run(go())
+
+    assert answer("gone") == (404, b"by status")
+    assert answer("value") == (400, b"value")
+    assert answer("bug") == "raised bug"  # to the outermost middleware, as through FastAPI
