@@ -121,6 +121,29 @@ def test_changes_go_to_the_delta_and_survive_a_reload(tmp_path):
     assert len(back) == 101 and back.similar(far[:1] * -1, 1)[0][0][0] == back.rows["new-a"]
 
 
+@pytest.mark.parametrize("bad", [
+    {"last_but_two": None},  # a feature missing
+    {"last_but_two": np.zeros(5, np.float32)},  # a feature of another size
+    {"probs": None}, {"probs": np.full(4, 0.5, np.float32)},
+])
+def test_a_bad_add_is_refused_before_anything_is_written(tmp_path, bad):
+    """Found on review: only the probabilities' shape was checked before the batch went to the delta, so an
+    add lacking a feature (or with one of another size) was written and synced, then failed in memory: every
+    later load of the index, the writer's and every reader's, failed on it.  The whole batch is refused now,
+    before a byte is written, and the index stays as it was."""
+    path = make_store(10).save(tmp_path / "i")
+    s = IndexStore.load(path)
+    good = add(11, "ok", np.ones(8))
+    feats = {k: v for k, v in {**good.features, **{k: v for k, v in bad.items() if k != "probs"}}.items()
+             if v is not None}
+    worse = IndexChange(12, "add", "bad", ["b"], bad.get("probs", good.probs), feats)
+    with pytest.raises(ValueError, match=r"^index: item bad has "):
+        s.apply([good, worse])
+    assert not (path / "delta.jsonl").exists() and s.seq == 10 and len(s) == 10 and "ok" not in s.rows
+    assert {len(s.probs), *(len(x) for x in s.features.values()), len(s.ids)} == {10}
+    assert s.apply([good]) == 1 and len(IndexStore.load(path)) == 11
+
+
 def test_an_add_and_its_delete_in_one_batch_stay_deleted_after_a_reload(tmp_path):
     path = make_store(100).save(tmp_path / "i")
     s = IndexStore.load(path)

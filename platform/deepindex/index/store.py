@@ -539,16 +539,28 @@ class IndexStore:
             new = [c for c in changes if c.seq > self.seq]
             if not new:
                 return 0
-            for c in new:
-                if c.op == "add" and c.probs is not None and c.probs.shape != (len(self.manifest.concepts),):
-                    raise ValueError(f"index: item {c.id} has {c.probs.shape} probabilities, the index "
-                                     f"{len(self.manifest.concepts)}")
+            for c in new:  # refused before anything is written: a bad change in the delta would fail every load
+                self._check_add(c)
             if self.path is not None:
                 _append_synced(self.path / DELTA, _batch_bytes(new))
                 self.delta_count += len(new)
             with self.rw.write():
                 self._apply_in_memory(new)
             return len(new)
+
+    def _check_add(self, c: IndexChange) -> None:
+        """ValueError naming the item unless an add holds probabilities and every feature at the index's sizes."""
+        if c.op != "add":
+            return
+        k = len(self.manifest.concepts)
+        if c.probs is None or np.shape(c.probs) != (k,):
+            raise ValueError(f"index: item {c.id} has {None if c.probs is None else np.shape(c.probs)} "
+                             f"probabilities, the index {k}")
+        for name, spec in self.manifest.features.items():
+            got = (c.features or {}).get(name)
+            if got is None or np.shape(got) != (spec.dim,):
+                raise ValueError(f"index: item {c.id} has {None if got is None else np.shape(got)} for feature "
+                                 f"{name}, the index ({spec.dim},)")
 
     def _apply_in_memory(self, changes: Iterable[IndexChange]) -> None:
         adds: list[IndexChange] = []
