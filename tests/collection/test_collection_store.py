@@ -249,6 +249,40 @@ def test_sweep_removes_only_old_orphans_and_temp_files(tmp_path: Path) -> None:
     assert s.image("a") == b"kept" and s.blobs.has(young) and not s.blobs.has(orphan) and not tmp.exists()
 
 
+@pytest.mark.parametrize("many", [False, True])
+def test_a_sweep_between_a_reused_blob_and_its_row_keeps_the_blob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  many: bool) -> None:
+    """Found on review: a killed writer's orphan blob is old; a later add of the same bytes found it there and
+    left it old, so a sweep (another process's) between that add's blob and its row removed it: the add was
+    acknowledged, its bytes gone.  A reused blob is made young again."""
+    import os
+    import time
+
+    from deepindex.collection import catalogue as cat
+    from deepindex.collection import store as cs
+
+    s = CollectionStore.open("photos", blobs_url=str(tmp_path / "blobs"))
+    data = b"the same image, sent again"
+    orphan = s.blobs.put(data)  # a writer killed after its blob, before its row
+    old = time.time() - 7200
+    os.utime(next((tmp_path / "blobs").rglob(orphan)), (old, old))
+    swept: list[dict[str, int]] = []
+    real = cat.write_txn
+
+    def sweep_first(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        swept.append(s.sweep(older_than_s=3600))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cs.cat, "write_txn", sweep_first)
+    if many:
+        s.add_many([("x", data, ["t"], {})], source=None)
+    else:
+        s.add("x", data)
+    monkeypatch.setattr(cs.cat, "write_txn", real)
+    assert swept == [{"temp_files": 0, "orphans": 0}]
+    assert s.image("x") == data and s.verify()["ok"]
+
+
 def test_schema_is_portable_to_postgresql() -> None:
     """Everything the store emits compiles for PostgreSQL (runs there too when a server is at hand)."""
     from sqlalchemy.dialects import postgresql

@@ -31,6 +31,10 @@ from deepindex.atomic import write_file
 log = logging.getLogger(__name__)
 
 HASH_HEX = 64
+# A remote blob a writer reuses is written again when older than this (a local one is touched), so that
+# :meth:`BlobStore.sweep` (unreferenced blobs older than an hour by default) never takes it before the
+# row naming it is committed.
+REFRESH_AFTER_S = 600.0
 
 
 class CorruptBlob(OSError):
@@ -154,14 +158,16 @@ class BlobStore:
         h = check_hash(content_hash) if content_hash else sha256_hex(data)
         if not self.local:
             p = self._remote_path(h)
-            if not self.has(h, len(data)):
-                self._fs.pipe_file(p, data)
+            if not self.has(h, len(data)) or self._remote_age(p) > REFRESH_AFTER_S:
+                self._fs.pipe_file(p, data)  # a reused old blob is written again: young, :meth:`sweep` keeps it
             return h
         path = self._local_path(h)
         self._ensure_dir(path.parent)
         if self.has(h, len(data)):
-            # Another writer may have renamed it in and not yet synced its folder: sync it here
-            # before a catalogue row is committed that names it.
+            # An orphan a killed writer left is old: made young again, so :meth:`sweep` does not take it
+            # between now and the commit of the row that names it.  Another writer may have renamed it in
+            # and not yet synced its folder: sync it here before a catalogue row is committed that names it.
+            os.utime(path)
             _fsync_path(path)
         else:
             write_file(path, data)  # temp file, fsync, rename
@@ -181,6 +187,7 @@ class BlobStore:
                 path = self._local_path(h)
                 self._ensure_dir(path.parent)
                 if self.has(h, len(d)):
+                    os.utime(path)  # young again (see put)
                     continue
                 tmp = path.with_name(f".{h}.{os.getpid()}-{time.monotonic_ns()}.tmp")
                 with open(tmp, "wb") as fh:
@@ -199,6 +206,13 @@ class BlobStore:
         finally:
             for tmp, _ in tmps:  # an error before the renames: leave no temp file behind
                 tmp.unlink(missing_ok=True)
+
+    def _remote_age(self, p: str) -> float:
+        """Seconds since the remote blob ``p`` was written."""
+        info = self._fs.info(p)
+        mtime = info.get("LastModified") or info.get("mtime") or info.get("created")
+        ts = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime or 0)
+        return time.time() - ts
 
     # ---- housekeeping ------------------------------------------------------------------------------
     def hashes(self) -> Iterator[str]:
@@ -247,10 +261,7 @@ class BlobStore:
             if h in keep:
                 continue
             p = self._remote_path(h)
-            info = self._fs.info(p)
-            mtime = info.get("LastModified") or info.get("mtime") or info.get("created")
-            ts = mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime or 0)
-            if now - ts > older_than_s:
+            if self._remote_age(p) > older_than_s:
                 self._fs.rm_file(p)
                 removed["orphans"] += 1
         return removed
