@@ -63,7 +63,7 @@ def search(index: IndexStore, spec: dict[str, Any]) -> dict[str, Any]:
         return error(404, "unknown_item", f"no item {ex.args[0]!r} in the collection")
     except ValueError as ex:
         return error(422, _code(str(ex)), str(ex))
-    return {"results": [index.hit(r, s) for r, s in res.hits], "next_cursor": res.next_cursor,
+    return {"results": res.items, "next_cursor": res.next_cursor,
             "feature": res.feature, "metric": res.metric, "signals": res.signals, "index": index_ref(index)}
 
 

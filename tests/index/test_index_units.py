@@ -318,3 +318,29 @@ def test_ndcg_grades_by_the_concepts_shared_where_every_item_is_relevant():
     assert good["ndcg_at_2"] > bad["ndcg_at_2"] and good["ndcg_at_2"] == pytest.approx(1.0)
     chance = qbe_chance(labels, k=2)
     assert chance["precision_at_2"] == 1.0 and bad["ndcg_at_2"] < 1.0 and 0 < chance["ndcg_at_2"] < 1.0
+
+
+def test_a_search_names_its_items_before_a_compaction_can_renumber_the_rows(tmp_path, monkeypatch):
+    """Found on review: the service turned a search's rows into ids after the query let go of the read lock;
+    a compaction in between (another request's add) renumbers the rows, and the answer named other items
+    with these scores.  The query reads the ids and labels while the rows still mean them."""
+    import serving.reads as reads
+    from deepindex.index import store as st
+
+    monkeypatch.setattr(st, "COMPACT_MIN", 1)
+    monkeypatch.setattr(st, "COMPACT_FRACTION", 0)
+    s = IndexStore.load(make_store(20).save(tmp_path / "i"))
+    s.apply([IndexChange(21, "delete", "i0"), IndexChange(22, "delete", "i1")])
+    spec = {"k": 3, "key": "k", "cursor": None, "concepts": None, "mode": "all", "vector": None, "item": "i15",
+            "feature": None, "metric": None, "min_prob": {}, "fusion": "weighted", "weights": {}}
+    alone = [h["id"] for h in reads.search(s, spec)["results"]]
+    real = reads.run
+
+    def then_compact(index, q):  # another thread's add -> catch-up -> compaction, right after the query
+        res = real(index, q)
+        assert index.compact()
+        assert [index.ids[r] for r, _ in res.hits] != alone  # the rows now mean other items
+        return res
+
+    monkeypatch.setattr(reads, "run", then_compact)
+    assert [h["id"] for h in reads.search(s, spec)["results"]] == alone

@@ -74,7 +74,8 @@ class Query:
 
 @dataclass(frozen=True)
 class Result:
-    hits: list[tuple[int, float]]  # (row, score), best first
+    hits: list[tuple[int, float]]  # (row, score), best first: rows of the index as it was during the query
+    items: list[dict[str, Any]]  # the same hits as {id, score, labels}, read while the rows still meant them
     next_cursor: str | None
     feature: str  # the descriptor and metric the example was compared by (the defaults when no example)
     metric: str
@@ -114,7 +115,10 @@ def run(index: IndexStore, q: Query) -> Result:
             state = _fusion_state(index, q, parts)
             bounds = {n: (float.fromhex(lo), float.fromhex(hi)) for n, (lo, hi) in state.get("b", {}).items()}
             hits, nxt = _page(index, fuse(parts, q.fusion, weights, bounds=bounds), q, state)
-    return Result(hits, nxt, feature, metric, signals)
+        # Ids and labels inside the read lock: a compaction after it renumbers the rows (found on review:
+        # read after the lock, a compaction in between named other items with these scores).
+        items = [index.hit(r, s) for r, s in hits]
+    return Result(hits, items, nxt, feature, metric, signals)
 
 
 def _cursor(q: Query) -> tuple[float, str] | None:
