@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from deepindex.index.query import Query, UnknownExample, run
-from deepindex.index.store import DeltaUnreadable, IndexRewritten, IndexStore, base_id, find_index
+from deepindex.index.store import DeltaUnreadable, Held, IndexRewritten, IndexStore, base_id, find_index
 from serving.rollover import STATE_FILE as SERVING_FILE
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,8 @@ class LocalReads:
         self._checking = False
         self._copies: dict[str, IndexStore] = {}  # version -> the copy
         self._loading: set[str] = set()
-        self._refused: dict[str, int | None] = {}  # version -> the base (base_id) whose delta cannot be followed
+        # version -> the base (its manifest, held open: see store.Held) whose delta cannot be followed
+        self._refused: dict[str, Held | None] = {}
 
     def _open(self, folder: Path) -> None:
         self.dir = folder
@@ -195,7 +196,8 @@ class LocalReads:
             if path is None:
                 return
             for _ in range(3):  # a compaction may swap the folder while the copy is read: read again
-                if version in self._refused and base_id(path) == self._refused[version]:
+                refused = self._refused.get(version)
+                if refused is not None and base_id(path) == refused.ino:
                     return  # the base whose delta cannot be followed: the writer's alone
                 try:
                     copy = IndexStore.load(path, recover=False)

@@ -344,3 +344,44 @@ def test_a_search_names_its_items_before_a_compaction_can_renumber_the_rows(tmp_
 
     monkeypatch.setattr(reads, "run", then_compact)
     assert [h["id"] for h in reads.search(s, spec)["results"]] == alone
+
+
+def test_a_reader_sees_every_compaction_even_when_the_new_files_take_the_old_inode_numbers(tmp_path):
+    """Found on review: a reader told "same base, same delta" by comparing inode numbers, and on ext4 a
+    compaction's new files took the numbers of the old folder's just-deleted ones, nearly every time: the
+    reader then applied the new delta from the old one's offset (a deleted item stayed, adds were missed).
+    A reader holds the files it read open, so their numbers cannot be reused while it compares them."""
+    from deepindex.index.store import IndexRewritten
+
+    path = make_store(50).save(tmp_path / "i")
+    far = clustered(400, 8, seed=8) * 10
+    w = IndexStore.load(path)
+    seq = 50
+    for rnd in range(8):
+        # A reader of a base with a one-line delta; the writer deletes, compacts, adds three.
+        w.save(path)
+        seq += 1
+        w.apply([add(seq, f"a{seq}", far[seq % 400])])
+        r = IndexStore.load(path, recover=False)
+        seq += 1
+        w.apply([IndexChange(seq, "delete", f"a{seq - 1}")])
+        w.save(path)
+        for _ in range(3):
+            seq += 1
+            w.apply([add(seq, f"a{seq}", far[seq % 400])])
+        with pytest.raises(IndexRewritten):
+            r.follow()
+        # A reader of a base with no delta; two compactions, then an add.
+        w.save(path)
+        r = IndexStore.load(path, recover=False)
+        seq += 1
+        w.apply([IndexChange(seq, "delete", f"i{rnd}")])
+        w.save(path)
+        seq += 1
+        w.apply([add(seq, f"a{seq}", far[seq % 400])])
+        w.save(path)
+        seq += 1
+        w.apply([add(seq, f"a{seq}", far[seq % 400])])
+        with pytest.raises(IndexRewritten):
+            r.follow()
+        assert IndexStore.load(path, recover=False).rows.keys() == w.rows.keys()

@@ -32,6 +32,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -272,6 +273,25 @@ def list_indexes(collection_dir: str | Path) -> list[tuple[Path, IndexManifest]]
     return sorted(out, key=lambda pm: (pm[0] / MANIFEST).stat().st_mtime)
 
 
+class Held:
+    """A file kept open, identified by its inode: while it is held, no other file on its filesystem can
+    take that inode number, so comparing it with a path's current inode says whether the path still
+    names this file (found on review: after a compaction deleted the old folder, ext4 gave its freed
+    inodes to the new files, and a reader comparing bare numbers missed the swap)."""
+
+    def __init__(self, fd: int) -> None:
+        self.ino = os.fstat(fd).st_ino
+        self._closed = weakref.finalize(self, os.close, fd)
+
+    @classmethod
+    def open(cls, path: Path) -> Held | None:
+        """``path`` held open, or None when there is no such file."""
+        try:
+            return cls(os.open(path, os.O_RDONLY))
+        except FileNotFoundError:
+            return None
+
+
 def base_id(path: str | Path) -> int | None:
     """Which base the index folder ``path`` holds: its manifest's inode (a compaction writes a new
     one), read from an open file, so fresh on a filesystem that caches attributes (NFS); None: none."""
@@ -282,15 +302,17 @@ def base_id(path: str | Path) -> int | None:
         return None
 
 
-def _read_tail(path: Path, start: int) -> tuple[int, int, bytes] | None:
-    """(inode, size, the bytes from ``start``) of a file, read through one open file; None: no file."""
+def _read_tail(path: Path, start: int, hold: bool = False) -> tuple[int, int, bytes, Held | None] | None:
+    """(inode, size, the bytes from ``start``, the file held open if ``hold``) of a file, read through one
+    open file; None: no file."""
     try:
         with open(path, "rb") as fh:
             st = os.fstat(fh.fileno())
+            held = Held(os.dup(fh.fileno())) if hold else None
             if st.st_size <= start:
-                return st.st_ino, st.st_size, b""
+                return st.st_ino, st.st_size, b"", held
             fh.seek(start)
-            return st.st_ino, st.st_size, fh.read()
+            return st.st_ino, st.st_size, fh.read(), held
     except FileNotFoundError:
         return None
 
@@ -362,8 +384,8 @@ class IndexStore:
         self.seq = manifest.seq if seq is None else seq
         self.delta_count = 0
         self._delta_at = 0  # bytes of the delta this copy has read (a reader's follow() goes on from there)
-        self._delta_ino: int | None = None  # which delta file that was
-        self._base_ino: int | None = None  # the manifest's inode when loaded from a folder
+        self._delta: Held | None = None  # which delta file that was (held open: see Held)
+        self._base: Held | None = None  # the manifest when loaded from a folder (held open)
         self._lock = threading.Lock()  # one writer at a time (apply, compact)
         self.rw = RWLock()  # readers (queries) vs the in-memory swap of a write
 
@@ -400,7 +422,7 @@ class IndexStore:
             recover_dir(p, MANIFEST)
         if not (p / MANIFEST).is_file():
             raise FileNotFoundError(f"index: no {MANIFEST} in {p}")
-        base = base_id(p)  # which base this is (a reader's follow() checks it)
+        base = Held.open(p / MANIFEST)  # which base this is (a reader's follow() checks it)
         m = read_manifest(p)
         rows = [json.loads(line) for line in (p / ITEMS).read_text().splitlines() if line]
         ids = [str(r["id"]) for r in rows]
@@ -421,19 +443,19 @@ class IndexStore:
         if probs.shape != (len(ids), len(m.concepts)):
             raise ValueError(f"index: {p} is inconsistent (probabilities, ids and concepts differ in size)")
         store = cls(m, ids, labels, probs, features, vectors, path=p)
-        store._base_ino = base
+        store._base = base
         store._replay(p / DELTA, repair=recover)
-        if not recover and base_id(p) != base:  # a compaction swapped the folder while this copy read it
+        if not recover and (base is None or base_id(p) != base.ino):  # a compaction swapped the folder meanwhile
             raise IndexRewritten(f"index {p}: rewritten while it was read")
         return store
 
     def _replay(self, delta: Path, repair: bool) -> None:
         """Apply the delta's whole batches; ``repair`` (the writer's load): cut the file after them, so
         the next batch is not appended to a torn one (which every later read would stop at)."""
-        got = _read_tail(delta, 0)
+        got = _read_tail(delta, 0, hold=True)
         if got is None:
             return
-        self._delta_ino, _, data = got
+        _, _, data, self._delta = got
         changes, self._delta_at, bad = _parse_delta(data, 0)
         if bad or len(data) > self._delta_at:
             # A batch cut short by a crash (or an unreadable line) ends the log: the catalogue still has
@@ -449,9 +471,10 @@ class IndexStore:
         self.delta_count = len(changes)
 
     @property
-    def base(self) -> int | None:
-        """The :func:`base_id` of the folder this copy was read from (None: not from a folder)."""
-        return self._base_ino
+    def base(self) -> Held | None:
+        """The manifest of the base this copy was read from, held open (None: not from a folder): its
+        ``ino`` is the folder's :func:`base_id` while the folder holds that base."""
+        return self._base
 
     def follow(self) -> int:
         """Apply the changes the index's writer (another process) appended to the delta since this
@@ -467,17 +490,17 @@ class IndexStore:
             return 0
         with self._lock:
             # No delta yet when this copy was read: is its base still the folder's?
-            if self._delta_ino is None and base_id(self.path) != self._base_ino:
+            if self._delta is None and (self._base is None or base_id(self.path) != self._base.ino):
                 raise IndexRewritten(f"index {self.path}: another base (compacted)")
-            got = _read_tail(self.path / DELTA, self._delta_at)
+            got = _read_tail(self.path / DELTA, self._delta_at, hold=self._delta is None)
             if got is None:
-                if self._delta_ino is not None:
+                if self._delta is not None:
                     raise IndexRewritten(f"index {self.path}: its delta is gone (compacted)")
                 return 0
-            ino, size, data = got
-            if self._delta_ino is None:
-                self._delta_ino = ino  # the first change since this copy's base
-            elif ino != self._delta_ino or size < self._delta_at:
+            ino, size, data, held = got
+            if self._delta is None:
+                self._delta = held  # the first change since this copy's base
+            elif ino != self._delta.ino or size < self._delta_at:
                 raise IndexRewritten(f"index {self.path}: another delta (compacted)")
             if not data:
                 return 0  # nothing new
@@ -519,8 +542,8 @@ class IndexStore:
 
         target = swap_dir(path, write, MANIFEST)
         # This object now mirrors the new base (compaction keeps serving from it).
-        self.manifest, self.path, self.delta_count, self._delta_at, self._delta_ino = manifest, target, 0, 0, None
-        self._base_ino = base_id(target)
+        self.manifest, self.path, self.delta_count, self._delta_at, self._delta = manifest, target, 0, 0, None
+        self._base = Held.open(target / MANIFEST)
         self.ids, self.labels = ids, [self.labels[i] for i in live]
         self.probs = self.probs[live]
         self.features = {k: v[live] for k, v in self.features.items()}
