@@ -132,3 +132,34 @@ def test_writer_killed_between_the_two_renames_the_previous_folder_is_put_back(t
     recover_all(target.parent, DONE)  # what a lookup in the collection folder runs first
     assert (target / DONE).read_text() == "1"
     assert sorted(os.listdir(target.parent)) == ["m-v1"]
+
+
+def test_the_rename_itself_is_synced_after_the_new_bytes(tmp_path, monkeypatch):
+    """Found on review: the new bytes were synced, but not the folder that the rename changed, so after a
+    power cut (not a kill) the old version could come back.  Each write syncs the folder after its rename,
+    and a swapped-in folder's own entries before it."""
+    synced: list[tuple[str, int]] = []  # ("file" | "dir", inode) in the order they were synced
+    real = os.fsync
+
+    def record(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.append(("dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file", st.st_ino))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    target = write_file(tmp_path / "state.json", "{}")
+    assert synced == [("file", target.stat().st_ino), ("dir", tmp_path.stat().st_ino)]
+
+    synced.clear()
+
+    def fill(d: Path) -> None:
+        (d / "sub").mkdir()
+        (d / "sub" / "a").write_text("a")
+        (d / "DONE").write_text("")
+
+    folder = swap_dir(tmp_path / "idx", fill, "DONE")
+    dirs = [ino for kind, ino in synced if kind == "dir"]
+    assert dirs[-1] == tmp_path.stat().st_ino  # the swap, last
+    assert folder.stat().st_ino in dirs and (folder / "sub").stat().st_ino in dirs  # their entries, before it
+    assert {ino for kind, ino in synced if kind == "file"} == {(folder / "sub" / "a").stat().st_ino,
+                                                              (folder / "DONE").stat().st_ino}

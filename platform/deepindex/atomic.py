@@ -43,10 +43,25 @@ def write_file(path: str | Path, content: bytes | str | Callable[[Path], None]) 
         with open(tmp, "rb") as fh:  # durable before the rename makes it visible
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename durable too: after a power cut, the new version, not the old
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (a rename into it) durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a filesystem that does not sync folders
+        pass
+    finally:
+        os.close(fd)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -153,6 +168,9 @@ def swap_dir(target: str | Path, write: Callable[[Path], None], complete: str) -
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+            elif f.is_dir():
+                fsync_dir(f)
+        fsync_dir(tmp)
         if not target.exists():
             os.rename(tmp, target)
         elif not _exchange(tmp, target):  # when swapped, tmp holds the old version: removed below
@@ -162,6 +180,7 @@ def swap_dir(target: str | Path, write: Callable[[Path], None], complete: str) -
             os.rename(target, old / "x")
             os.rename(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(target.parent)  # the swap durable: after a power cut, the new folder, not the old
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
