@@ -75,6 +75,49 @@ def test_bad_manifest_line_is_named(tmp_path, manifest_root, line, message):
     assert f"{m}:3:" in str(e.value) and message in str(e.value)
 
 
+def test_review_finds_tags_after_a_comma_a_cut_jpeg_a_huge_image_and_a_bom_are_named_not_lost(tmp_path, manifest_root):
+    """Found on review: "a0.png,sky,sea" kept sky and dropped sea silently; a JPEG cut in half passed the
+    image check and failed later in training without a name; a PNG whose header says 20000x20000 escaped
+    as a traceback; a byte-order mark (Excel's "CSV UTF-8") made the first concept '\ufeffsky'."""
+    from deepindex.data.files import read_concepts
+    from deepindex.data.transforms import UnreadableImage, decode_file
+
+    root, _ = manifest_root
+    m = tmp_path / "m.csv"
+    m.write_text("path,tags\na0.png,sky\na1.png,sky,sea\n")
+    with pytest.raises(ManifestError, match=rf"^{m}:3: more fields than the header names; separate a row's tags "
+                                            r"with ';' or '\|'"):
+        read_manifest(m, root, ["sky", "sea"])
+    whole = tmp_path / "whole.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(whole, quality=95)
+    (root / "cut.jpg").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    Image.new("L", (1, 1)).save(root / "huge.png")
+    data = bytearray((root / "huge.png").read_bytes())
+    data[16:24] = (20000).to_bytes(4, "big") * 2  # IHDR width and height: a decompression bomb by its header
+    (root / "huge.png").write_bytes(bytes(data))
+    for name in ("cut.jpg", "huge.png"):
+        m.write_text(f"path,tags\na0.png,sky\n{name},sky\n")
+        with pytest.raises(ManifestError, match=rf"^{m}:3: unreadable image {name} "):
+            read_manifest(m, root, ["sky", "sea"])
+    with pytest.raises(UnreadableImage, match=r"cut\.jpg: unreadable image \(OSError: image file is truncated"):
+        decode_file(root / "cut.jpg", 16, 3)
+    bom = tmp_path / "concepts.txt"
+    bom.write_bytes("\ufeffsky\nsea\n".encode())
+    assert read_concepts(bom) == ["sky", "sea"]
+    m.write_bytes("\ufeffpath,tags\na0.png,sky\n".encode())
+    assert read_manifest(m, root, ["sky", "sea"]).targets.tolist() == [[1.0, 0.0]]
+
+
+def test_hidden_files_in_an_image_folder_are_not_images_of_its_classes(folder):
+    """Found on review: macOS's ._<name> files and .ipynb_checkpoints were listed as images, and the build
+    failed on them ("cannot identify image")."""
+    (folder / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (folder / "dog" / ".ipynb_checkpoints").mkdir()
+    _img(folder / "dog" / ".ipynb_checkpoints" / "0-checkpoint.png")
+    items = read_image_folder(folder)
+    assert len(items.paths) == 20 and not any("/." in i or i.startswith(".") for i in items.ids)
+
+
 def test_symlink_escape_is_refused(tmp_path):
     root = tmp_path / "r"
     root.mkdir()

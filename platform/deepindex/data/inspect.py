@@ -64,7 +64,7 @@ def inspect_images(paths: list[Path], sample: int = SAMPLE) -> ImageFormat:
             with Image.open(p) as im:
                 colour += _is_colour(im)
                 shorts.append(min(im.size))
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:  # the bomb: a huge image
             raise ValueError(f"data.root: unreadable image {p} ({e.__class__.__name__})") from None
     return ImageFormat(len(picked), len(paths), colour, int(statistics.median(shorts)))
 

@@ -149,14 +149,25 @@ def uint8_to_unit(arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.float32) / np.float32(255.0)
 
 
+class UnreadableImage(OSError):
+    """An image file that cannot be decoded; the message names it."""
+
+
 def decode_file(path: str | Path | IO[bytes], image_size: int, channels: int, preset: str | None = None
                 ) -> np.ndarray:
     """An image file (or its bytes, as a binary stream) -> (C, S, S) uint8 at the preset: the one decode
     step for files and stored items."""
     # No JPEG draft mode (a reduced-scale decode): serving decodes uploads at full scale, and
     # training must see the pixels serving will see.
-    with Image.open(path) as im:
-        return pil_to_uint8(im, image_size, channels, preset)
+    try:
+        with Image.open(path) as im:
+            return pil_to_uint8(im, image_size, channels, preset)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        if not isinstance(path, (str, Path)):
+            raise
+        # A file that cannot be decoded (cut short, damaged, too big): named, where a training or build
+        # stops on it (found on review: "image file is truncated", from inside a Ray Data task).
+        raise UnreadableImage(f"{path}: unreadable image ({e.__class__.__name__}: {e})") from e
 
 
 def pil_to_unit_tensor(img: Image.Image, image_size: int, channels: int, preset: str | None = None) -> torch.Tensor:
