@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from pydantic import ValidationError
 
@@ -119,3 +121,36 @@ def test_local_paths_are_made_absolute_where_the_command_runs(tmp_path, monkeypa
     assert (kept.data.root, kept.data.label_filter, kept.ray.storage_path, kept.data.cache_dir) == (
         "/data/photos", "runs:/abc123", "s3://bucket/results", "gs://b/cache")
     assert load_config(None).data.root is None
+
+
+def test_overrides_read_as_a_user_means_them():
+    """Found on review: values were YAML whatever the key, so text keys lost what follows a '#' or were
+    refused when they looked like numbers, dates or booleans; 010 was eight; data.augment= (empty, "off"
+    by the field's own comment) was refused; channels of 0 and an infinite lr passed; and a section given
+    as a mapping replaced the whole section, resetting what the config file set."""
+    cfg = load_config(None, ["data.root=/data/photos #2", "ray.name=007", "tracking.experiment=no",
+                             "tracking.run_name=2024-06-01", "model.weights=~/w.pth", "train.seed=010",
+                             "data.augment="])
+    assert (cfg.data.root, cfg.ray.name, cfg.tracking.experiment, cfg.tracking.run_name) == (
+        "/data/photos #2", "007", "no", "2024-06-01")
+    assert cfg.model.weights.endswith("/w.pth") and cfg.train.seed == 10 and cfg.data.augment == ()
+    assert load_config(None, ["tracking.run_name=null", "data.root=~"]).tracking.run_name is None
+    for bad, message in (("model.channels=[32,0]", "model.channels: Input should be greater than 0"),
+                         ("model.mlp_hidden=[-1]", "model.mlp_hidden: Input should be greater than 0"),
+                         ("optim.lr=.inf", "optim.lr: Input should be a finite number"),
+                         ("optim.lr=.nan", "optim.lr: Input should be a finite number")):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(message)}"):
+            load_config(None, [bad])
+
+
+def test_a_section_given_as_a_mapping_sets_its_keys_and_keeps_the_rest(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  dataset: digits\n  train_size: 500\noptim:\n  name: adamw\n")
+    cfg = load_config(f, ["data={seed: 3}", "optim={lr: 0.01}"])
+    assert (cfg.data.dataset, cfg.data.train_size, cfg.data.seed) == ("digits", 500, 3)
+    assert (cfg.optim.name, cfg.optim.lr) == ("adamw", 0.01)
+    with pytest.raises(ConfigError, match=r"^data\.sed: unknown key \(did you mean data\.seed\?\)"):
+        load_config(f, ["data={sed: 3}"])
+    f.write_bytes(b"data:\n  root: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=rf"^config: {re.escape(str(f))} is not UTF-8 text"):
+        load_config(f, [])

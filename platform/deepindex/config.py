@@ -8,12 +8,13 @@ search spaces, which address the same dotted keys.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeGuard, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -25,8 +26,9 @@ FILE_DATASETS = ("image-folder", "manifest")
 
 
 class _Section(BaseModel):
-    # frozen: a resolved config is a value; extra=forbid: typos are errors, not silence.
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # frozen: a resolved config is a value; extra=forbid: typos are errors, not silence; no inf or nan in
+    # a float (optim.lr=.inf passed every bound).
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -85,12 +87,12 @@ class DataConfig(_Section):
         # "crop,flip" on the command line and in Tune choices; "none" or "" for no augmentation.
         if isinstance(v, str):
             return tuple(n.strip() for n in v.split(",") if n.strip() and n.strip() != "none")
-        return v
+        return () if v is None else v  # data.augment= (empty) on the command line: off
 
 
 class ModelConfig(_Section):
     name: str = "convnet"
-    channels: tuple[int, ...] = (32, 64, 128)  # convnet: one block per entry, each halves H and W
+    channels: tuple[PositiveInt, ...] = (32, 64, 128)  # convnet: one block per entry, each halves H and W
     convs_per_block: int = Field(1, ge=1, le=4)
     activation: Literal["relu", "prelu", "tanh", "sigmoid"] = "relu"
     pool: Literal["max", "avg"] = "max"
@@ -107,7 +109,7 @@ class ModelConfig(_Section):
     # that module and every layer before it are frozen (deepindex.models.transfer).
     freeze: str = "none"
     mlp_input_size: int = Field(32, ge=1, le=256)  # mlp: pixels are average-pooled to this square
-    mlp_hidden: tuple[int, ...] = (512, 256)  # mlp: hidden layer widths
+    mlp_hidden: tuple[PositiveInt, ...] = (512, 256)  # mlp: hidden layer widths
 
 
 class OptimConfig(_Section):
@@ -273,21 +275,50 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` items -> {key: value}: a value is read as YAML (numbers, lists, booleans), except for
+    a config key that takes text, whose value is the text as typed (found on review: YAML read
+    ``data.root=/data/photos #2`` as /data/photos, and refused ``tracking.experiment=no`` and
+    ``ray.name=007``), and an integer key's decimal digits with a leading zero (YAML 1.1 reads ``010``
+    as eight); an empty value unsets the key."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"{item}: an override must look like key=value (e.g. optim.lr=0.1)")
         key, raw = item.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            out[key.strip()] = raw
+        key = key.strip()
+        kind = _field_kind(key)
+        if raw == "" or (kind is str and raw.strip() in ("null", "Null", "NULL", "~")):
+            out[key] = None
+        elif kind is str:
+            out[key] = raw
+        elif kind is int and re.fullmatch(r"[+-]?0[0-9]+", raw.strip()):
+            out[key] = int(raw.strip(), 10)  # train.seed=010 is ten (YAML 1.1 reads eight)
+        else:
+            try:
+                out[key] = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                out[key] = raw
     return out
+
+
+def _field_kind(key: str) -> type | None:
+    """``str`` or ``int`` when the dotted config ``key`` is a field of that type (optional or not), else None."""
+    cls: Any = Config
+    *sections, name = key.split(".")
+    for part in sections:
+        field = cls.model_fields.get(part) if _is_section(cls) else None
+        if field is None or not _is_section(field.annotation):
+            return None
+        cls = field.annotation
+    field = cls.model_fields.get(name) if _is_section(cls) else None
+    if field is None:
+        return None
+    return next((t for t in (str, int) if field.annotation in (t, t | None)), None)
 
 
 def _merge(base: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
     out = _deepcopy(base)
-    for key, value in dotted.items():
+    for key, value in _sections_as_keys(base, dotted).items():
         parts = key.split(".")
         if not all(parts):
             raise ConfigError(f"{key or '(empty key)'}: not a dotted config key (e.g. optim.lr)")
@@ -301,6 +332,22 @@ def _merge(base: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
         if isinstance(node[parts[-1]], dict) and not isinstance(value, dict):
             raise ConfigError(f"{key}: is a section, not a value")
         node[parts[-1]] = value
+    return out
+
+
+def _sections_as_keys(base: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
+    """A section given as a mapping (``data={seed: 3}``) -> its dotted keys (``data.seed``): it sets those
+    keys and keeps the rest of the section (found on review: it replaced the whole section, resetting what
+    the config file had set)."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node: Any = base
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(value, dict) and value:
+            out.update({f"{key}.{k}": v for k, v in flatten(value).items()})
+        else:
+            out[key] = value
     return out
 
 
@@ -374,9 +421,11 @@ def read_yaml(path: str | Path, label: str) -> Any:
     if not p.is_file():
         raise ConfigError(f"{label}: no such file {p}")
     try:
-        return yaml.safe_load(p.read_text()) or {}
+        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{label}: {p} is not valid YAML ({e.__class__.__name__})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{label}: {p} is not UTF-8 text (byte {e.start})") from None
 
 
 # A dataset's own recipe: what `deepindex train data.dataset=NAME` starts from instead of the defaults,
@@ -431,6 +480,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     dotted = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     if dotted:
         cfg = cfg.override(dotted)
-    given = dotted.keys() | flatten(base).keys()
+    given = flatten(_sections_as_keys(cfg.to_dict(), dotted)).keys() | flatten(base).keys()
     unset = {k: v for k, v in DATASET_RECIPES.get(cfg.data.dataset, {}).items() if k not in given}
     return absolute_paths(cfg.override(unset) if unset else cfg)
