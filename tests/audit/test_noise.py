@@ -15,7 +15,7 @@ from torch.nn.functional import one_hot
 from deepindex.config import ConfigError, DataConfig, load_config
 from deepindex.data import Splits, build_splits
 from deepindex.data.folds import fold_ids, fold_split
-from deepindex.data.label_view import AUDIT_FILE, SUSPECTS_FILE, fingerprint
+from deepindex.data.label_view import AUDIT_FILE, SUSPECTS_FILE, check_label_filter, fingerprint
 from deepindex.data.noise import corrupt
 
 SMALL = ["data.train_size=600", "data.val_size=200", "data.test_size=200"]
@@ -179,6 +179,10 @@ def test_label_filter_refuses_a_report_of_other_data_or_other_items(tmp_path: Pa
         build_splits(cfg.override({"data.label_filter": str(bad)}).data)
     with pytest.raises(FileNotFoundError, match=r"^data\.label_filter: no audit report at"):
         build_splits(cfg.override({"data.label_filter": str(tmp_path / "nowhere")}).data)
+    # How pixels reach the model is not which items and labels the audit saw: a pretrained backbone's run
+    # fills in normalize after the audit took its fingerprint (found on review: every such run refused).
+    report = _write_report(tmp_path / "r", cfg.data, [(1, "1")])
+    check_label_filter(cfg.override({"data.label_filter": str(report), "data.normalize": "imagenet"}).data)
 
 
 @pytest.mark.timeout(30)

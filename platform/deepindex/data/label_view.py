@@ -44,8 +44,10 @@ AUDIT_FILE = "audit.json"
 # suspects.csv columns; the filter reads index, item, concept (and checks item against index).
 SUSPECT_COLUMNS = ["rank", "index", "item", "concept", "issue", "given", "pred_prob", "quality"]
 # Data config keys that do not change which items and noisy labels the train split holds.
+# normalize and preset: how pixels reach the model, which a pretrained backbone's defaults change after the
+# audit's fingerprint was taken (found on review: every filtered run of a pretrained model was refused).
 _NOT_FINGERPRINT = {"label_filter", "label_filter_mode", "cv_folds", "cv_fold", "num_workers", "augment",
-                    "augment_strength", "pipeline", "cache_dir"}
+                    "augment_strength", "pipeline", "cache_dir", "normalize", "preset"}
 
 
 @dataclass
