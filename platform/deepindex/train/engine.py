@@ -80,8 +80,11 @@ def train_one_epoch(
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device | str = "cpu",
-            precision: Precision | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits and targets of a loader, on the CPU: (N, K), (N,) | (N, K)."""
+            precision: Precision | None = None, empty: tuple[int, bool] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits and targets of a loader, on the CPU: (N, K), (N,) | (N, K).  ``empty`` (K, multilabel): what
+    a loader without a batch gives, (0, K) and (0,) | (0, K) (a worker's share of a split smaller than the
+    worker group; found on review: ``torch.cat`` of nothing failed every try of the run); else a ValueError."""
     model.eval()
     outs, ys = [], []
     for x, y in loader:
@@ -89,6 +92,11 @@ def predict(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]
         with precision.autocast() if precision is not None else contextlib.nullcontext():
             outs.append(model(x).float().cpu())
         ys.append(y)
+    if not outs:
+        if empty is None:
+            raise ValueError("predict: the loader holds no batch")
+        k, multilabel = empty
+        return torch.zeros((0, k)), (torch.zeros((0, k)) if multilabel else torch.zeros(0, dtype=torch.int64))
     return torch.cat(outs), torch.cat(ys)
 
 

@@ -89,6 +89,13 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if not isinstance(v, list)}
 
 
+def validation_metrics(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool) -> dict[str, Any]:
+    """The validation split's metrics, scored with the plain loss as the test split's are: the training
+    loss's label smoothing or bootstrap would make a more confident model score worse, and the plateau
+    schedule cut its rate for it (found on review)."""
+    return scores_to_metrics(logits, targets, multilabel, make_loss(multilabel))
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     """Train ``loop_config["config"]``; returns this rank's per-epoch scalar metrics."""
     import psutil
@@ -175,9 +182,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         status["train_rows"] = int(train_metrics["train_images"])  # this rank's, last epoch
         # DDP's wrapped model, as a Module: nn.Module's __getattr__ is typed Tensor | Module.
         bare = cast(nn.Module, model.module) if hasattr(model, "module") else model
-        logits, targets = predict(bare, feed.val_batches(), device, precision=precision)
+        logits, targets = predict(bare, feed.val_batches(), device, precision=precision,
+                                  empty=(len(feed.concepts), feed.multilabel))
         logits, targets = _gather(logits), _gather(targets)
-        val_metrics = scores_to_metrics(logits, targets, feed.multilabel, loss_fn)
+        val_metrics = validation_metrics(logits, targets, feed.multilabel)
         scheduler.step(val_metrics["val_loss"])
         # Images and images/s of the whole group: every rank trained as many images (equal shards,
         # drop_last) in about the same time.
