@@ -154,3 +154,14 @@ def test_a_section_given_as_a_mapping_sets_its_keys_and_keeps_the_rest(tmp_path)
     f.write_bytes(b"data:\n  root: \xff\xfe\n")
     with pytest.raises(ConfigError, match=rf"^config: {re.escape(str(f))} is not UTF-8 text"):
         load_config(f, [])
+
+
+def test_multistep_milestones_inside_the_warm_up_are_refused():
+    """Found on review: the milestones are shifted by the warm-up, so one at its end fired at once (the whole
+    warm-up at lr / factor) and one before it never fired."""
+    for bad in ("[2,4]", "[1,6]"):
+        with pytest.raises(ConfigError, match=r"^schedule\.milestones: \[\d, \d\] must come after the warm-up "
+                                              r"\(schedule\.warmup_epochs=2\)"):
+            load_config(None, ["schedule.policy=multistep", "schedule.warmup_epochs=2", f"schedule.milestones={bad}"])
+    load_config(None, ["schedule.policy=multistep", "schedule.warmup_epochs=2", "schedule.milestones=[3,6]"])
+    load_config(None, ["schedule.policy=step", "schedule.warmup_epochs=7"])  # milestones (6, 9): not used

@@ -228,6 +228,12 @@ class Config(_Section):
                              f"{self.data.dataset} is built in memory (data.pipeline=auto or local)")
         if self.train.bootstrap != "none" and not multilabel:
             raise ValueError("train.bootstrap: the bootstrapping loss is for multi-label datasets")
+        s = self.schedule
+        if s.policy == "multistep" and s.warmup_epochs and any(m <= s.warmup_epochs for m in s.milestones):
+            # The main policy starts after the warm-up: such a milestone fired at once (the whole warm-up at
+            # lr / factor) or never (found on review).
+            raise ValueError(f"schedule.milestones: {list(s.milestones)} must come after the warm-up "
+                             f"(schedule.warmup_epochs={s.warmup_epochs}): each > {s.warmup_epochs}")
         if self.data.cv_folds == 1 or (self.data.cv_folds and self.data.cv_fold >= self.data.cv_folds):
             raise ValueError(f"data.cv_fold: fold {self.data.cv_fold} of {self.data.cv_folds} folds "
                              "(cv_folds is 0 or >= 2; cv_fold < cv_folds)")
