@@ -110,11 +110,16 @@ def to_model_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("RGB")
 
 
+# Beyond this aspect ratio an image is cut around its centre before the preset's resize (its output is
+# then a hair off torchvision's, which resizes the whole sliver); every photo's aspect is far below it.
+MAX_ASPECT = 64
+
+
 def preset_resize(img: Image.Image, image_size: int, preset: str | None = None) -> Image.Image:
     """The preset's geometric eval transform on the PIL image.
 
     Exactly what torchvision.transforms.v2's ``resize`` (bilinear) and ``center_crop`` do to a PIL
-    image (the same output sizes, anchors and PIL filter; ``tests/data/test_transforms.py`` holds
+    image (the same output sizes, anchors and PIL filter; ``tests/data/test_inspect.py`` holds
     them to it), written with PIL alone so that a process that only decodes (the serving ingress)
     never imports torch.
     """
@@ -125,6 +130,13 @@ def preset_resize(img: Image.Image, image_size: int, preset: str | None = None) 
         return img if img.size == (s, s) else img.resize((s, s), Image.Resampling.BILINEAR)
     short = round(s / p.crop_ratio)
     w, h = img.size
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        # A sliver (a 1 x 100000 PNG is 274 bytes): resized whole, its long side would take ~20 GB (found on
+        # review: a dead replica).  Only its centre can reach the crop: cut to MAX_ASPECT:1 around it first.
+        keep = MAX_ASPECT * min(w, h)
+        img = (img.crop(((w - keep) // 2, 0, (w - keep) // 2 + keep, h)) if w > h
+               else img.crop((0, (h - keep) // 2, w, (h - keep) // 2 + keep)))
+        w, h = img.size
     if min(w, h) != short:  # shorter side -> short, the longer one in proportion (rounded down)
         long = int(short * max(w, h) / min(w, h))
         img = img.resize((short, long) if w <= h else (long, short), Image.Resampling.BILINEAR)
@@ -147,6 +159,12 @@ def pil_to_uint8(img: Image.Image, image_size: int, channels: int, preset: str |
 def uint8_to_unit(arr: np.ndarray) -> np.ndarray:
     """uint8 pixels (any shape) -> float32 in [0, 1]."""
     return arr.astype(np.float32) / np.float32(255.0)
+
+
+# What decoding an image's bytes can raise for bytes alone (never a bug of ours): PIL's errors, the bomb
+# guard, and the arithmetic or memory errors of absurd sizes.  A build or catch-up skips such an item.
+UNDECODABLE: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, ArithmeticError, MemoryError,
+                                                Image.DecompressionBombError)
 
 
 class UnreadableImage(OSError):

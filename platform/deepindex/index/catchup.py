@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from deepindex.collection import Change, CollectionStore
+from deepindex.data.transforms import UNDECODABLE
 from deepindex.index.store import IndexChange, IndexStore
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def to_index_changes(changes: Sequence[Change], store: CollectionStore, index: I
         try:
             pixels[j] = image_bytes_to_unit(store.image_by_hash(c.item.content_hash), m.image_size, m.channels,
                                             m.preset)
-        except (OSError, ValueError, SyntaxError) as e:  # what PIL raises on bytes it cannot read
+        except UNDECODABLE as e:  # what PIL raises on bytes it cannot read
             ok[j] = False
             log.warning("index %s: item %s does not decode (%s); not indexed", index.path, c.item.id, e)
     out = embed(pixels) if len(adds) else {}

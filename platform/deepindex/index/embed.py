@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from deepindex.checkpoint import LoadedModel, load_model
-from deepindex.data.transforms import normalize
+from deepindex.data.transforms import UNDECODABLE, normalize
 
 if TYPE_CHECKING:
     from deepindex.console import Progress
@@ -193,7 +193,7 @@ class ItemEmbedActor:
         for j, h in enumerate(hashes):
             try:
                 pixels[j] = image_bytes_to_unit(self.blobs.get(h), self.shape[1], self.shape[0], self.lm.preset)
-            except (OSError, ValueError, SyntaxError) as e:  # a blob PIL cannot read: skipped, not fatal
+            except UNDECODABLE as e:  # a blob PIL cannot read: skipped, not fatal
                 ok[j] = False
                 log.warning("item with content %s does not decode (%s); skipped", h, e)
         out = self.embed(pixels)
