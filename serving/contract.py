@@ -33,7 +33,9 @@ from deepindex.index.vectors import FEATURE_ALIAS_OF, QUERY_METRICS, metric_name
 # one may not end in /image or /similar: its URL would name the item's image or neighbours instead.
 ITEM_ID_PATTERN = r"^[A-Za-z0-9._:@/+-]{1,200}$"
 SUBRESOURCE = r"/(image|similar)$"
-NEW_ITEM_ID_PATTERN = r"^(?!.*/(image|similar)$)[A-Za-z0-9._:@/+-]{1,200}$"
+# Not a URL of another item's (/image, /similar), nor with a "." or ".." path segment (clients resolve
+# those in a URL: /v1/items/a/../b/image is b's).
+NEW_ITEM_ID_PATTERN = r"^(?!.*/(image|similar)$)(?!(.*/)?\.\.?(/|$))[A-Za-z0-9._:@/+-]{1,200}$"
 MAX_TAG = 200
 # A tags form field: tags separated by ',', ';' or '|' (tags.csv's separators too), each at most MAX_TAG
 # characters (blank ones are dropped).
@@ -69,8 +71,8 @@ ERRORS: dict[str, tuple[int, ...]] = {
     "item_image": (404, 422, 503),
     "get_item": (404, 422, 503),
     "add_items": (400, 401, 403, 409, 413, 415, 422, 503),
-    "delete_item": (401, 403, 404, 503),
-    "status": (503,),
+    "delete_item": (401, 403, 404, 422, 503),  # 422: a query parameter it does not take
+    "status": (422, 503),
     "healthz": (),
     "readyz": (),
 }

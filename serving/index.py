@@ -199,29 +199,35 @@ class IndexServer:
     def add(self, items: list[tuple[str, bytes, list[str]]], source: str = "upload") -> dict[str, Any]:
         """Add items: durable in the collection first, then in every loaded index (the serving pair,
         and a rollover's next one), so a search of either version sees them on return."""
-        added: list[str] = []
-        existing: list[str] = []
-        try:
-            with self._write:
-                for item_id, data, tags in items:
-                    it, created = self.store.add(item_id, data, tags=tags, source=source)
-                    (added if created else existing).append(it.id)
-                seq = self.store.head()
-                self._sync_all(seq)
-        except DuplicateItem as ex:
-            return _err(409, "duplicate_item", str(ex))
-        except ValueError as ex:
-            return _err(400, "bad_item", str(ex))
+        # All or nothing: every id, tag and conflict is checked before a byte is written (found on review:
+        # stored one by one, a conflict on the second item answered 409 with the first already stored, and
+        # no index caught up with it).  Whatever was committed is indexed before the answer, even an error.
+        with self._write:
+            head = self.store.head()
+            refused = None
+            try:
+                res = self.store.add_bulk([(i, d, t, {}) for i, d, t in items], source=source, on_conflict="error")
+            except DuplicateItem as ex:
+                refused = _err(409, "duplicate_item", str(ex))
+            except ValueError as ex:
+                refused = _err(400, "bad_item", str(ex))
+            seq = self.store.head()
+            if seq > head:
+                self._sync_all(seq)  # an index's failure here is not the client's: it is not a 4xx
+            if refused is not None:
+                return refused
+        added = [it.id for it in res.items if it.seq > head]
+        existing = [it.id for it in res.items if it.seq <= head]
         return {"added": added, "existing": existing, "seq": seq, "count": self.store.count(),
                 "index": self._serving_dict()}
 
     def delete(self, item_id: str) -> dict[str, Any]:
-        try:
-            with self._write:
+        with self._write:
+            try:
                 it = self.store.delete(item_id)
-                self._sync_all(it.deleted_seq or self.store.head())
-        except (UnknownItem, ValueError):  # ValueError: an id that cannot exist
-            return _err(404, "unknown_item", f"no item {item_id!r} in the collection")
+            except (UnknownItem, ValueError):  # ValueError: an id that cannot exist
+                return _err(404, "unknown_item", f"no item {item_id!r} in the collection")
+            self._sync_all(it.deleted_seq or self.store.head())  # an index's failure is not a 404
         return {"deleted": item_id, "seq": it.deleted_seq, "count": self.store.count(), "index": self._serving_dict()}
 
     def _sync_all(self, upto: int) -> None:

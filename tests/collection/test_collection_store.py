@@ -163,6 +163,8 @@ def test_add_many_counts_idempotency_and_conflicts(catalogue_url: str, tmp_path:
     (lambda s: s.add("a/image", b"x"), "id: 'a/image' ends in /image, which the service's URLs give another "
                                        "item's image"),  # GET /v1/items/a/image is item a's image
     (lambda s: s.add_many([("b/similar", b"x", [], {})], source="bulk"), "id: 'b/similar' ends in /similar"),
+    (lambda s: s.add("a/../b", b"x"), "id: 'a/../b' has a '.' or '..' segment"),  # a URL resolves it: b's
+    (lambda s: s.add("..", b"x"), "id: '..' has a '.' or '..' segment"),
     (lambda s: s.add("ok", b""), "data:"),
     (lambda s: s.add("ok", "text"), "data:"),
     (lambda s: s.add("ok", b"x", tags="cat"), "tags:"),

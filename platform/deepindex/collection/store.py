@@ -96,6 +96,9 @@ def check_item_id(item_id: str) -> str:
 def check_new_item_id(item_id: str) -> str:
     """An id for an item to add: :func:`check_item_id`'s rule, and not a URL of another item's."""
     check_item_id(item_id)
+    if any(seg in (".", "..") for seg in item_id.split("/")):
+        raise ValueError(f"id: {item_id[:80]!r} has a '.' or '..' segment, which a URL resolves away: "
+                         f"/v1/items/<id> would name another item; give another id")
     tail = SUBRESOURCE.search(item_id)
     if tail:
         raise ValueError(f"id: {item_id[:80]!r} ends in {tail.group(0)}, which the service's URLs give another "
