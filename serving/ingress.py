@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import ValidationError as PydanticValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
@@ -128,6 +129,36 @@ def allowed_methods(scope: Scope) -> list[str]:
     return sorted({m for r in routes if r.path == first for m in (r.methods or ())})
 
 
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
+          (b"GIF89a", "image/gif"), (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"))
+
+
+def sniff_image_type(data: bytes) -> str:
+    """The media type of image bytes from their signature (what PIL would open them as), without decoding:
+    a stored image of any size is sent as it is (found on review: opening one over PIL's pixel limit, to
+    read its format, answered 500)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((mime for magic, mime in _MAGIC if data.startswith(magic)), "application/octet-stream")
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """``receive`` that refuses a body past ``limit`` bytes (a 413, as a declared length over it is): found on
+    review, a chunked request's body was read whole, whatever its size."""
+    seen = 0
+
+    async def counted() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise ApiError(413, "request_too_large", f"request body over {limit} bytes, the limit")
+        return message
+
+    return counted
+
+
 class ObserveMiddleware:
     """Requests by endpoint (the route template, not the raw path) and status; latency; body limit.
 
@@ -156,6 +187,8 @@ class ObserveMiddleware:
 
         limit = getattr(state, "max_body", None)
         size = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if limit and not size:
+            receive = _limited(receive, limit)  # a chunked body has no length to check up front: counted
         if limit and size.isdigit() and int(size) > limit:
             await JSONResponse({"error": {"code": "request_too_large",
                                           "message": f"request body of {size.decode()} bytes, the limit is {limit}"}},
@@ -412,7 +445,7 @@ class Ingress:
         the weights, and the ``min_prob.<concept>`` filters."""
         if mode not in SCORING:
             raise ApiError(422, "bad_mode", f"mode={mode!r}: 'all' or 'any'")
-        if cursor is not None and not CURSOR.match(cursor):
+        if cursor is not None and not CURSOR.fullmatch(cursor):
             raise ApiError(422, "bad_cursor", "cursor: not a cursor (pass next_cursor as it came)")
         info = await self._query_info(version)
         if feature is not None:
@@ -531,6 +564,13 @@ class Ingress:
         elif ctype.startswith("application/json"):
             try:
                 body = ImagesJSON.model_validate(await request.json())
+            except ApiError:  # the body's size limit (_limited)
+                raise
+            except PydanticValidationError as e:  # the field at fault named (its first line only said "1 error")
+                err = e.errors()[0]
+                where = ".".join(str(x) for x in err["loc"]) or "body"
+                raise ApiError(400, "bad_json", f"{where}: {err['msg']}; expected "
+                                                f"{{\"images\": [{{\"data\": <base64>}}]}}") from None
             except Exception as e:  # noqa: BLE001 - whatever makes the body unreadable, it is the client's: a 400
                 raise ApiError(400, "bad_json", f"expected {{\"images\": [{{\"data\": <base64>}}]}}: "
                                                 f"{str(e).splitlines()[0]}") from None
@@ -725,7 +765,7 @@ class Ingress:
         spec = await self._model_spec()
         opts = await self._options(request, spec["version"], mode=mode, cursor=cursor, feature=feature, metric=metric,
                                    fusion=fusion, weights={"keywords": weight_keywords, "example": weight_example})
-        if example_id is not None and not ITEM_ID.match(example_id):
+        if example_id is not None and not ITEM_ID.fullmatch(example_id):
             raise ApiError(404, "unknown_item", f"no item {example_id!r} in the collection")
         parsed = self._vocabulary(spec["concepts"]).parse(q)
         example = {"id": example_id} if example_id is not None else None
@@ -801,16 +841,23 @@ class Ingress:
                            f"size={size}: must be between {contract.SIZE_MIN} and {contract.SIZE_MAX}")
         res = _check(await _call(self.index.image, item_id))
         data = res["bytes"]
+        if size is None:  # the original: its type from its first bytes, never decoded (a huge image is fine)
+            return Response(data, media_type=sniff_image_type(data))
         from PIL import Image
 
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                fmt = (im.format or "").upper()
-                if size is None:
-                    return Response(data, media_type=Image.MIME.get(fmt, "application/octet-stream"))
-                im.thumbnail((size, size))
+            with Image.open(io.BytesIO(data)) as opened:
+                opened.thumbnail((size, size))
+                thumb: Image.Image = opened
+                if thumb.mode == "F":  # PNG holds none of these: a grey or colour thumbnail
+                    thumb = thumb.convert("L")
+                elif thumb.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
+                    thumb = thumb.convert("RGB")  # CMYK, YCbCr, LAB, HSV
                 buf = io.BytesIO()
-                im.save(buf, format="PNG")
+                thumb.save(buf, format="PNG")
+        except Image.DecompressionBombError:  # stored by an import, which has no pixel limit
+            raise ApiError(422, "image_too_large", f"{item_id}: the image has more pixels than the service decodes "
+                                                   f"({self.args.max_image_pixels:,}); fetch it without size") from None
         except OSError:  # bytes PIL cannot read (stored as they came): sent as they are
             return Response(data, media_type="application/octet-stream")
         return Response(buf.getvalue(), media_type="image/png")
@@ -834,12 +881,12 @@ class Ingress:
         self._authorize(request, write=True)
         raw = await self._read_images(request)
         rule = ("1-200 characters [A-Za-z0-9._:@/+-], not ending in /image or /similar (those URLs name an "
-                "item's image and neighbours)")
+                "item's image and neighbours), no '.' or '..' segment (a URL resolves them)")
         for item_id, _, what, _ in raw:
             if not item_id:  # the file's name is not its id: ids are said, one per image
                 raise ApiError(400, "bad_id", f"{what}: no id; send an id form field per image, in the images' "
                                               f"order (JSON: each image's \"id\"): {rule}")
-            if not NEW_ITEM_ID.match(item_id):
+            if not NEW_ITEM_ID.fullmatch(item_id):
                 raise ApiError(400, "bad_id", f"{item_id[:80]!r} ({what}): not an item id: {rule}")
         first: dict[str, bytes] = {}
         for item_id, data, _, _ in raw:

@@ -1,4 +1,5 @@
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -94,6 +95,7 @@ def test_review_finds_tags_after_a_comma_a_cut_jpeg_a_huge_image_and_a_bom_are_n
     Image.new("L", (1, 1)).save(root / "huge.png")
     data = bytearray((root / "huge.png").read_bytes())
     data[16:24] = (20000).to_bytes(4, "big") * 2  # IHDR width and height: a decompression bomb by its header
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # its CRC, so that it reads as a PNG
     (root / "huge.png").write_bytes(bytes(data))
     for name in ("cut.jpg", "huge.png"):
         m.write_text(f"path,tags\na0.png,sky\n{name},sky\n")
