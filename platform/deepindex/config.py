@@ -292,7 +292,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"{item}: an override must look like key=value (e.g. optim.lr=0.1)")
         key, raw = item.split("=", 1)
         key = key.strip()
-        kind = _field_kind(key)
+        kind = field_kind(key)
         if raw == "" or (kind is str and raw.strip() in ("null", "Null", "NULL", "~")):
             out[key] = None
         elif kind is str:
@@ -307,7 +307,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _field_kind(key: str) -> type | None:
+def field_kind(key: str) -> type | None:
     """``str`` or ``int`` when the dotted config ``key`` is a field of that type (optional or not), else None."""
     cls: Any = Config
     *sections, name = key.split(".")

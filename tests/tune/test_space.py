@@ -38,6 +38,10 @@ def test_shipped_spaces_load(name, keys):
     ({"schedule.policy": {"choice": ["step", "linear"]}}, "space.schedule.policy: 'linear' is not a valid value"),
     ({"optim.lr": {"normal": [0, 1]}}, "space.optim.lr: expected one of"),
     ({"optim": {"choice": [1]}}, "space.optim: unknown key"),
+    # Found on review: integer bounds passed, and every trial failed on its draw (3.4 epochs of step).
+    ({"schedule.step_size": {"uniform": [2, 5]}}, "space.schedule.step_size: uniform draws real numbers, "
+                                                  "schedule.step_size takes integers: use {randint: [low, high]}"),
+    ({"train.epochs": {"loguniform": [2, 8]}}, "space.train.epochs: loguniform draws real numbers"),
 ])
 def test_bad_space_names_the_key(space, message):
     with pytest.raises(ConfigError) as e:
@@ -169,3 +173,12 @@ def test_the_optuna_search_proposes_reproducibly_inside_the_space_and_logs_to_th
         assert isinstance(point["schedule.step_size"], int) and 2 <= point["schedule.step_size"] <= 5
     assert "study created" not in capsys.readouterr().err
     assert "A new study created in memory" in path.read_text()
+
+
+def test_a_trial_that_ran_its_own_epochs_was_not_stopped_early():
+    """Found on review: with train.epochs searched, a 4-epoch trial of a [4, 8] choice that ran its 4 epochs
+    was reported stopped early (and its run closed KILLED), against the space's largest value."""
+    spec = parse_space({"space": {"train.epochs": {"choice": [4, 8]}, "optim.lr": {"uniform": [0.01, 0.1]}}})
+    assert spec.max_epochs == 8 and spec.epochs_of({"train.epochs": 4, "optim.lr": 0.05}) == 4
+    plain = parse_space({"space": GOOD_SPACE})
+    assert plain.epochs_of({}) == plain.base.train.epochs == plain.max_epochs

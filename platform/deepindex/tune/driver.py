@@ -109,22 +109,23 @@ def _report_callback() -> TuneReportCallback:
     return EpochReportCallback()
 
 
-def _trial_lines(max_epochs: int, metric: str) -> Callback:
+def _trial_lines(spec: SweepSpec, metric: str) -> Callback:
     """A Tune callback (it runs in this driver) that puts one console line per ended or failed trial."""
     from deepindex.console import event, failure_lines
 
     def failed(trial: Any) -> str:
         done = int((trial.last_result or {}).get(EPOCHS_DONE, 0))
-        return f"trial {trial.trial_id} failed after {done}/{max_epochs} epochs"
+        return f"trial {trial.trial_id} failed after {done}/{spec.epochs_of(trial.config or {})} epochs"
 
     class TrialLines(failure_lines(failed, log)):  # type: ignore[misc]  # a class made at run time
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
             r = trial.last_result or {}
             done = int(r.get(EPOCHS_DONE, 0))
+            epochs = spec.epochs_of(trial.config or {})
             value = r.get(metric)
             shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
-            event("trial %s: %d/%d epochs, %s %s%s", trial.trial_id, done, max_epochs, metric, shown,
-                  ", stopped early" if done < max_epochs else "")
+            event("trial %s: %d/%d epochs, %s %s%s", trial.trial_id, done, epochs, metric, shown,
+                  ", stopped early" if done < epochs else "")
 
     return TrialLines()
 
@@ -307,7 +308,7 @@ def _run_sweep(spec: SweepSpec, name: str, storage: str, tracking_uri: str | Non
                                         scheduler=_scheduler(spec), num_samples=spec.settings.num_samples,
                                         max_concurrent_trials=max_concurrent),
             run_config=tune.RunConfig(name=name, storage_path=storage,
-                                      callbacks=[*(callbacks or []), _trial_lines(spec.max_epochs, metric)],
+                                      callbacks=[*(callbacks or []), _trial_lines(spec, metric)],
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       # Tune's status tables and per-trial boxes: in the log file (-v prints them)
                                       verbose=tune_verbosity()),
@@ -349,7 +350,7 @@ def _summarise(grid: ResultGrid, spec: SweepSpec, name: str, path: str, metric: 
         done = int(m.get(EPOCHS_DONE, 0))
         params = {k: v for k, v in (r.config or {}).items()}
         value = m.get(metric)
-        stopped_early = status == "TERMINATED" and r.error is None and done < spec.max_epochs
+        stopped_early = status == "TERMINATED" and r.error is None and done < spec.epochs_of(params)
         summaries.append(TrialSummary(tid, params, float(value) if value is not None else None, done,
                                       stopped_early=stopped_early, status=status,
                                       error=error_line(r.error) if r.error is not None else None))

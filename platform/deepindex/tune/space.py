@@ -25,7 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from deepindex.config import Config, ConfigError, absolute_paths, did_you_mean, load_config, parse_overrides, read_yaml
+from deepindex.config import (
+    Config,
+    ConfigError,
+    absolute_paths,
+    did_you_mean,
+    field_kind,
+    load_config,
+    parse_overrides,
+    read_yaml,
+)
 
 # The spaces that ship with the package, by name (``default``, ``smoke``, ``noisy_labels``).
 SPACES = Path(__file__).resolve().parent / "spaces"
@@ -97,6 +106,11 @@ class SweepSpec:
         d = self.space.get("train.epochs")
         return int(max(d.samples())) if d is not None else self.base.train.epochs
 
+    def epochs_of(self, params: dict[str, Any]) -> int:
+        """The epochs a trial with ``params`` trains when nothing stops it (its own ``train.epochs`` when
+        searched: a 4-epoch trial of a [4, 8] choice that ran 4 was not stopped early; found on review)."""
+        return int(params.get("train.epochs", self.base.train.epochs))
+
 
 def _dist(key: str, spec: Any) -> Dist:
     where = f"space.{key}"
@@ -157,6 +171,10 @@ def parse_space(raw: dict[str, Any], path: str = "<space>", overrides: list[str]
         if key not in flat:
             raise ConfigError(f"space.{key}: unknown key{did_you_mean(key, flat)}")
         dist = _dist(key, spec)
+        if dist.kind in ("uniform", "loguniform") and field_kind(key) is int:
+            # Its bounds pass as integers, its draws (3.4) fail every trial (found on review).
+            raise ConfigError(f"space.{key}: {dist.kind} draws real numbers, {key} takes integers: use "
+                              f"{{randint: [low, high]}} or a choice")
         for v in dist.samples():
             try:
                 base.override({key: v})
