@@ -349,19 +349,30 @@ def _summarise(grid: ResultGrid, spec: SweepSpec, name: str, path: str, metric: 
         status = trials_state.get(tid, "ERROR" if r.error else "TERMINATED")
         done = int(m.get(EPOCHS_DONE, 0))
         params = {k: v for k, v in (r.config or {}).items()}
-        value = m.get(metric)
+        value = _best_reported(r, metric, mode)
         stopped_early = status == "TERMINATED" and r.error is None and done < spec.epochs_of(params)
-        summaries.append(TrialSummary(tid, params, float(value) if value is not None else None, done,
+        summaries.append(TrialSummary(tid, params, value, done,
                                       stopped_early=stopped_early, status=status,
                                       error=error_line(r.error) if r.error is not None else None))
     interrupted = any(s.status in ("PENDING", "RUNNING", "PAUSED") for s in summaries)
     scored = [(s.metric, s) for s in summaries if s.metric is not None and s.status != "ERROR"]
-    # The best by the last reported value: a trial ASHA stopped early is never better than
-    # the rung's survivors, and a finished trial's last epoch is what its checkpoint saw.
+    # The best trial by its best epoch: that epoch's checkpoint is what its run logs and a promotion
+    # registers (finalize_run, trial_checkpoints).  Ranked by the last epoch, a trial that peaked and
+    # then slipped lost to one whose promoted checkpoint was worse (found on review).
     best = None
     if scored:
         best = (max if mode == "max" else min)(scored, key=lambda m: m[0])[1]
     return SweepOutcome(name, path, metric, mode, summaries, best, parent, wall_s, interrupted)
+
+
+def _best_reported(result: Any, metric: str, mode: str) -> float | None:
+    """A trial's best reported ``metric`` over its epochs (its last one when Tune kept no history)."""
+    df = getattr(result, "metrics_dataframe", None)
+    if df is not None and metric in df and df[metric].notna().any():
+        col = df[metric].dropna()
+        return float(col.max() if mode == "max" else col.min())
+    value = (result.metrics or {}).get(metric)
+    return float(value) if value is not None else None
 
 
 def _saved_statuses(path: str) -> dict[str, str]:
