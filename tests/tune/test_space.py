@@ -182,3 +182,15 @@ def test_a_trial_that_ran_its_own_epochs_was_not_stopped_early():
     assert spec.max_epochs == 8 and spec.epochs_of({"train.epochs": 4, "optim.lr": 0.05}) == 4
     plain = parse_space({"space": GOOD_SPACE})
     assert plain.epochs_of({}) == plain.base.train.epochs == plain.max_epochs
+
+
+def test_a_relative_base_config_is_the_space_files_neighbour_even_with_a_namesake_here(tmp_path, monkeypatch):
+    """Found on review: a relative ``base.config`` was looked up in the current folder first, so a same-named
+    file there replaced the one next to the space file."""
+    (tmp_path / "spaces").mkdir()
+    (tmp_path / "spaces" / "train.yaml").write_text("optim:\n  lr: 0.03\n")
+    (tmp_path / "train.yaml").write_text("optim:\n  lr: 0.07\n")
+    space = tmp_path / "spaces" / "s.yaml"
+    space.write_text("base:\n  config: train.yaml\nspace:\n  model.dropout: {uniform: [0.1, 0.2]}\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_space(str(space)).base.optim.lr == 0.03

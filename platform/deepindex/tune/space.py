@@ -155,7 +155,10 @@ def parse_space(raw: dict[str, Any], path: str = "<space>", overrides: list[str]
     if config is None:
         cfg_path = base_raw.get("config")
         if cfg_path and not Path(cfg_path).is_absolute():
-            cfg_path = str(Path(path).parent / cfg_path) if not Path(cfg_path).exists() else cfg_path
+            # Relative to the space file, as documented; the current folder only when the space file's folder
+            # has no such file (a same-named file in the current folder was taken first; found on review).
+            here = Path(path).parent / cfg_path
+            cfg_path = str(here) if here.exists() or not Path(cfg_path).exists() else cfg_path
         base = load_config(cfg_path, dict(base_raw.get("overrides") or {}))
     else:
         base = load_config(config)
