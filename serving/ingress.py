@@ -856,7 +856,7 @@ class Ingress:
                 buf = io.BytesIO()
                 thumb.save(buf, format="PNG")
         except Image.DecompressionBombError:  # stored by an import, which has no pixel limit
-            raise ApiError(422, "image_too_large", f"{item_id}: the image has more pixels than the service decodes "
+            raise ApiError(422, "no_thumbnail", f"{item_id}: the image has more pixels than the service decodes "
                                                    f"({self.args.max_image_pixels:,}); fetch it without size") from None
         except OSError:  # bytes PIL cannot read (stored as they came): sent as they are
             return Response(data, media_type="application/octet-stream")
