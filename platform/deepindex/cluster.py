@@ -1,6 +1,7 @@
 """Connecting to Ray: a remote cluster (``RAY_ADDRESS``), the local platform, or a new local one."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -165,11 +166,49 @@ def start_local_cluster(num_cpus: int, **kwargs: Any) -> None:
 
     from deepindex.net import HOST, free_port
 
-    port = free_port()
-    os.environ.update({**local_cluster_env(), "RAY_API_SERVER_ADDRESS": f"http://{HOST}:{port}"})
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host=HOST,
-             dashboard_port=port, **kwargs)
+    for attempt in range(1, _START_ATTEMPTS + 1):
+        port = free_port()
+        os.environ.update({**local_cluster_env(), "RAY_API_SERVER_ADDRESS": f"http://{HOST}:{port}"})
+        before = _children()
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host=HOST,
+                     dashboard_port=port, **kwargs)
+            break
+        except Exception as e:
+            if attempt == _START_ATTEMPTS or _START_TIMEOUT not in str(e):
+                raise
+            log.warning("the local Ray cluster did not start (%s); starting it again", e)
+            _stop_failed_start(before)
     _fixed_size(True)
+
+
+# Ray gives a new node's raylet a fixed 30 s to register with its GCS, then raises out of
+# ``ray.init``.  On a loaded 2-core machine that wait was seen to run out (about one start in a
+# few hundred): once more, after stopping what the failed start left running.
+_START_TIMEOUT = "timed out during startup"
+_START_ATTEMPTS = 2
+
+
+def _children() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _stop_failed_start(before: set[int]) -> None:
+    """Stop the processes a failed ``ray.init`` started (its GCS, raylet, dashboard, workers).
+
+    Ray raised before recording its node, so ``ray.shutdown`` knows none of them: they are this
+    process's children that were not there before the start."""
+    import psutil
+    import ray
+
+    ray.shutdown()
+    procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(procs, timeout=10)
 
 
 def _fixed_size(fixed: bool) -> None:
