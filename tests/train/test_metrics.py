@@ -108,3 +108,20 @@ def test_a_classifier_no_better_than_its_commonest_class_is_named_in_top1_error(
         "few hundred photos")
     learnt = Scored({"test_top1_error": 0.44}, torch.zeros(20, 3), targets, ["a", "b", "c"], False)
     assert learnt_little_warning(learnt) is None  # 0.44 < 0.75 x 0.6: more than a quarter of the way
+
+
+def test_a_model_scored_on_another_configs_images_sees_them_at_its_own_input(small_model):
+    """Promotion scores the champion on the candidate's data config (the same images for both). A
+    candidate trained at another size, normalisation or train split fed the champion its own input
+    keys and stats, and the champion, shown images it was never trained to see, lost to it."""
+    from deepindex.checkpoint import load_model
+    from deepindex.train.evaluation import score_checkpoint
+
+    lm = load_model(small_model)
+    own = score_checkpoint(small_model)
+    candidates = lm.config.data.model_copy(update={"image_size": lm.image_size + 8, "normalize": "imagenet",
+                                                   "train_size": lm.config.data.train_size // 2})
+    seen = score_checkpoint(small_model, data=candidates)
+    assert torch.equal(seen.targets, own.targets)
+    assert torch.allclose(seen.logits, own.logits, atol=1e-5)
+    assert seen.metrics["test_map"] == pytest.approx(own.metrics["test_map"])

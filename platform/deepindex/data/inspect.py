@@ -43,6 +43,11 @@ class ImageFormat:
     short_side: int  # median shorter side, px
 
 
+
+# The data keys that say how a model sees an image (the rest say which images): resolved once and
+# kept in its checkpoint, so serving and any later scoring show it images the way it was trained on.
+INPUT_KEYS = ("preset", "channels", "image_size", "normalize")
+
 def _is_colour(im: Image.Image) -> bool:
     if im.mode in _COLOUR_MODES:
         return True
@@ -141,4 +146,4 @@ def resolve_config(cfg: Config, announce: bool = False) -> Config:
             console_line(False, msg, "; ".join(notes))
         else:
             log.info(msg, "; ".join(notes))
-    return cfg.override({f"data.{k}": getattr(d, k) for k in ("preset", "channels", "image_size", "normalize")})
+    return cfg.override({f"data.{k}": getattr(d, k) for k in INPUT_KEYS})

@@ -107,12 +107,12 @@ def _train_transform(d: DataConfig, image_size: int) -> Transform | None:
 
 
 def _tensor_splits(parts: dict[str, tuple[torch.Tensor, torch.Tensor]], concepts: list[str], multilabel: bool,
-                   image_size: int, d: DataConfig | None = None, train_augment: bool = True) -> Splits:
+                   image_size: int, d: DataConfig | None = None, train_augment: bool = True,
+                   stats: NormStats | None = None) -> Splits:
     channels = parts["train"][0].shape[1]
-    if d is not None and d.normalize == "imagenet":
-        stats = imagenet_stats(channels)
-    else:
-        stats = compute_stats(parts["train"][0])
+    if stats is None:
+        imagenet = d is not None and d.normalize == "imagenet"
+        stats = imagenet_stats(channels) if imagenet else compute_stats(parts["train"][0])
     ds: dict[str, SplitData] = {k: TensorDataset(normalize(x, stats), y) for k, (x, y) in parts.items()}
     transform = _train_transform(d, image_size) if d is not None and train_augment else None
     if transform is not None:
@@ -151,7 +151,8 @@ def _column_split_indices(splits: list[str | None], val_fraction: float, test_fr
     return out
 
 
-def _file_splits(items: FileItems, d: DataConfig, multilabel: bool, train_augment: bool = True) -> Splits:
+def _file_splits(items: FileItems, d: DataConfig, multilabel: bool, train_augment: bool = True,
+                 stats: NormStats | None = None) -> Splits:
     shape = _shape(d)
     if items.splits is not None:
         idx = _column_split_indices(items.splits, d.val_fraction, d.test_fraction, d.seed)
@@ -159,9 +160,9 @@ def _file_splits(items: FileItems, d: DataConfig, multilabel: bool, train_augmen
         idx = _split_indices(len(items.paths), d.val_fraction, d.test_fraction, d.seed)
     sub = {k: ([items.paths[i] for i in v], items.targets[torch.as_tensor(v, dtype=torch.int64)])
            for k, v in idx.items()}
-    if d.normalize == "imagenet":
+    if stats is None and d.normalize == "imagenet":
         stats = imagenet_stats(shape.channels)
-    else:
+    elif stats is None:
         # Stats from a fixed sample of training images: enough for a mean and std, cheap on big folders.
         sample = sub["train"][0][:_STATS_SAMPLE]
         raw = ImageFileDataset(sample, sub["train"][1][: len(sample)], shape.image_size, shape.channels, None,
@@ -175,11 +176,13 @@ def _file_splits(items: FileItems, d: DataConfig, multilabel: bool, train_augmen
                   shape.image_size, shape.preset, items.report)
 
 
-def build_splits(d: DataConfig, train_augment: bool = True) -> Splits:
+def build_splits(d: DataConfig, train_augment: bool = True, stats: NormStats | None = None) -> Splits:
     """Build the splits named by a :class:`deepindex.config.DataConfig`, with its label noise,
     label filter and CV fold applied (:mod:`deepindex.data.label_view`).
 
-    ``train_augment=False`` leaves ``data.augment`` out (scoring a checkpoint on its train split).
+    ``train_augment=False`` leaves ``data.augment`` out (scoring a checkpoint on its train split);
+    ``stats`` normalises with a model's own stats instead of the data's (scoring a checkpoint on
+    another config's images).
     """
     from deepindex.data.inspect import resolve_data
     from deepindex.data.label_view import apply_label_view
@@ -187,10 +190,10 @@ def build_splits(d: DataConfig, train_augment: bool = True) -> Splits:
     d, notes = resolve_data(d)
     if notes:  # a direct caller (tests, benchmarks); training resolves on the driver first
         log.info("data: inferred %s", "; ".join(notes))
-    return apply_label_view(_dataset_splits(d, train_augment), d)
+    return apply_label_view(_dataset_splits(d, train_augment, stats), d)
 
 
-def _dataset_splits(d: DataConfig, train_augment: bool) -> Splits:
+def _dataset_splits(d: DataConfig, train_augment: bool, stats: NormStats | None) -> Splits:
     if d.dataset in ("digit-scenes", "digits"):
         multilabel = d.dataset == "digit-scenes"
         if d.channels != 1:
@@ -203,17 +206,17 @@ def _dataset_splits(d: DataConfig, train_augment: bool) -> Splits:
                             seed=d.seed)
             parts[split] = (s.images, s.targets)
             concepts = s.concepts
-        return _tensor_splits(parts, concepts, multilabel, image_size, d, train_augment)
+        return _tensor_splits(parts, concepts, multilabel, image_size, d, train_augment, stats)
     if d.dataset == "image-folder":
         if not d.root:
             raise ValueError("data.root: required for an image folder")
-        return _file_splits(read_image_folder(d.root), d, multilabel=False, train_augment=train_augment)
+        return _file_splits(read_image_folder(d.root), d, False, train_augment, stats)
     if d.dataset == "manifest":
         if not d.root:
             raise ValueError("data.root: a manifest needs data.root (its paths are relative to it)")
         # data.manifest and data.concepts are optional: a flat folder with a sidecar tags file.
         items = read_collection(d.root, d.manifest, d.concepts, unknown_tags=d.unknown_tags)
-        return _file_splits(items, d, multilabel=True, train_augment=train_augment)
+        return _file_splits(items, d, True, train_augment, stats)
     if d.dataset in ("cifar10", "cifar100"):
         if not d.root:
             raise ValueError("data.root: required for CIFAR (the folder holding torchvision's files)")
@@ -224,5 +227,5 @@ def _dataset_splits(d: DataConfig, train_augment: bool) -> Splits:
         idx = _split_indices(len(y), d.val_fraction, 1e-9, d.seed)
         keep = np.concatenate([idx["train"], idx["test"]])  # test of the train file goes back to train
         parts = {"train": (x[keep], y[keep]), "val": (x[idx["val"]], y[idx["val"]]), "test": (xt, yt)}
-        return _tensor_splits(parts, classes, False, 32, d, train_augment)
+        return _tensor_splits(parts, classes, False, 32, d, train_augment, stats)
     raise ValueError(f"data.dataset: unknown dataset {d.dataset!r}")

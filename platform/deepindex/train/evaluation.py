@@ -40,7 +40,9 @@ def score_checkpoint(path: str | Path, split: str = "test", data: DataConfig | N
     """A checkpoint's logits and metrics on a split of ``data`` (default: its own data config).
 
     Promotion scores the candidate and the champion on the candidate's data config, so both
-    figures come from the same images.  A file collection that training read through Ray Data is
+    figures come from the same images; each model sees them at its own input (size, channels,
+    preset, normalisation: ``INPUT_KEYS`` and the stats of its checkpoint), as serving would show
+    them to it.  A file collection that training read through Ray Data is
     scored from its decode cache (no image decoded again; the checkpoint's normalisation stats, which
     equal the ones the local path recomputes), unless ``data`` is given.
     """
@@ -52,6 +54,10 @@ def score_checkpoint(path: str | Path, split: str = "test", data: DataConfig | N
     from deepindex.train.losses import make_loss
 
     lm = load_model(path)
+    if data is not None:  # another config's images, seen the way this model was trained to see them
+        from deepindex.data.inspect import INPUT_KEYS
+
+        data = data.model_copy(update={k: getattr(lm.config.data, k) for k in INPUT_KEYS})
     found = None
     if data is None:  # its own data: from the decode cache its training read, where there is one
         from deepindex.data.ingest import cached_split
@@ -61,7 +67,8 @@ def score_checkpoint(path: str | Path, split: str = "test", data: DataConfig | N
     if found is not None:
         dataset, concepts = found
     else:
-        splits = build_splits(data if data is not None else lm.config.data, train_augment=False)
+        splits = (build_splits(lm.config.data, train_augment=False) if data is None
+                  else build_splits(data, train_augment=False, stats=lm.stats))
         dataset, concepts = getattr(splits, split), splits.concepts
     if list(concepts) != list(lm.concepts):
         raise ValueError(f"data.dataset: the checkpoint {path} knows {len(lm.concepts)} concepts, the split has "
