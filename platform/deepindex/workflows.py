@@ -172,22 +172,37 @@ def promote(run_id: str, name: str | None, tracking_uri: str | None = None, *, p
     metric, mode = primary_metric(cand.multilabel, prefix="test_")
     cand_value = float(cand.metrics[metric])
     champ_version = registry.alias_version(name, alias, tracking_uri)
-    champ = None if champ_version is None else registry.resolve_model(f"models:/{name}/{champ_version}", tracking_uri)
-    if champ is not None:  # before anything is registered: a model of another collection is refused whole
-        _check_comparable(read_checkpoint(champ.checkpoint_path), cand, name, alias, champ_version)
-    version = registry.register_run(run_id, name, tracking_uri)
-
-    champ_value: float | None = None
-    if champ_version == version:
-        champ_value = cand_value
-        promoted, reason = False, f"version {version} is already the {alias}"
-    elif champ is not None:
-        champ_value = float(score_checkpoint(champ.checkpoint_path, data=cand_cfg.data).metrics[metric])
-        promoted = cand_value > champ_value if mode == "max" else cand_value < champ_value
-        reason = (f"{metric} {cand_value:.4f} {'beats' if promoted else 'does not beat'} the {alias} "
-                  f"(version {champ_version}) {champ_value:.4f}")
-    else:
-        promoted, reason = True, f"no {alias} yet; {metric} {cand_value:.4f}"
+    version: str | None = None
+    scores: dict[str, float] = {}  # champion version -> its score on the candidate's test split
+    while True:
+        champ = (None if champ_version is None
+                 else registry.resolve_model(f"models:/{name}/{champ_version}", tracking_uri))
+        if champ is not None:  # before anything is registered: a model of another collection is refused whole
+            _check_comparable(read_checkpoint(champ.checkpoint_path), cand, name, alias, champ_version)
+        if version is None:
+            version = registry.register_run(run_id, name, tracking_uri)
+        champ_value: float | None = None
+        if champ_version == version:
+            champ_value = cand_value
+            promoted, reason = False, f"version {version} is already the {alias}"
+        elif champ is not None and champ_version is not None:
+            if champ_version not in scores:
+                scores[champ_version] = float(
+                    score_checkpoint(champ.checkpoint_path, data=cand_cfg.data).metrics[metric])
+            champ_value = scores[champ_version]
+            promoted = cand_value > champ_value if mode == "max" else cand_value < champ_value
+            reason = (f"{metric} {cand_value:.4f} {'beats' if promoted else 'does not beat'} the {alias} "
+                      f"(version {champ_version}) {champ_value:.4f}")
+        else:
+            promoted, reason = True, f"no {alias} yet; {metric} {cand_value:.4f}"
+        # Another promotion may have moved the alias while this one scored (two sweeps ending together):
+        # decide again against the new champion rather than overwrite it.  MLflow has no compare-and-set
+        # for aliases; what is left is the one call between this read and set_alias below.
+        now = registry.alias_version(name, alias, tracking_uri)
+        if now == champ_version:
+            break
+        log.info("promotion: the %s of %s moved to version %s meanwhile; comparing with it", alias, name, now)
+        champ_version = now
     unlearnt = learnt_little_finding(cand)
     if unlearnt:  # said, not refused: a score a little above a guess's can be real (a skewed split)
         reason += f"; the candidate {unlearnt}"

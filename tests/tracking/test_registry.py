@@ -121,6 +121,42 @@ def test_weaker_candidate_keeps_the_champion_better_one_replaces_it(mlflow_serve
     assert capsys.readouterr().err.startswith(f"deepindex evaluate: error: model: models:/{name}@nobody not found")
 
 
+def test_a_champion_moved_while_a_promotion_scores_is_the_one_it_is_compared_with(mlflow_server, splits, tmp_path,
+                                                                                 monkeypatch):
+    """Two promotions at once (two sweeps ending together): B moves the champion while A is still
+    scoring the old one.  A used to compare with the old champion, beat it, and overwrite B's better
+    model with its own; A now decides again against B's."""
+    from mlflow.tracking import MlflowClient
+
+    from deepindex.train import evaluation
+    from deepindex.workflows import promote
+
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.create_experiment(f"race-{tmp_path.name}")
+    name = f"model-{tmp_path.name}"
+    weak = _candidate(client, exp, splits, tmp_path, epochs=0, seed=1)
+    strong = _candidate(client, exp, splits, tmp_path, epochs=TRAINED_EPOCHS, seed=2)
+    medium = _candidate(client, exp, splits, tmp_path, epochs=1, seed=5)
+    assert promote(weak, name, mlflow_server.uri).promoted
+
+    real = evaluation.score_checkpoint
+    other: list[object] = []
+
+    def scoring_the_champion(path, *args, **kwargs):
+        if kwargs.get("data") is not None and not other:  # A scores the old champion: B ends meanwhile
+            other.append(None)
+            other[0] = promote(strong, name, mlflow_server.uri)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "score_checkpoint", scoring_the_champion)
+    a = promote(medium, name, mlflow_server.uri)
+    b = other[0]
+    assert b.promoted and b.champion_version == "1", b.reason
+    assert a.champion_version == b.version and a.champion == pytest.approx(b.candidate), a.reason
+    assert a.candidate > b.candidate and not a.promoted, a.reason  # 1 epoch against 10: the weaker one
+    assert client.get_model_version_by_alias(name, "champion").version == b.version
+
+
 def test_a_retrieval_floor_refuses_a_better_candidate_below_it(mlflow_server, splits, tmp_path):
     """tracking.promote_min_qbe_map: beating the champion on the test split is not enough when the
     candidate's query-by-example mAP@10 (held-out gallery: here its digits test split) is below the floor."""
