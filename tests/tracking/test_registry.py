@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -57,15 +58,19 @@ def _candidate(client, experiment_id, splits, tmp_path, epochs: int, seed: int, 
     return run.info.run_id
 
 
-def test_weaker_candidate_keeps_the_champion_better_one_replaces_it(mlflow_server, splits, tmp_path, capsys):
+def _registry(mlflow_server, tmp_path, experiment: str, model: str) -> tuple[Any, str, str]:
+    """A client of the session's MLflow server, an experiment and a model name of this test's own."""
     from mlflow.tracking import MlflowClient
 
+    client = MlflowClient(mlflow_server.uri)
+    return client, client.create_experiment(f"{experiment}-{tmp_path.name}"), f"{model}-{tmp_path.name}"
+
+
+def test_weaker_candidate_keeps_the_champion_better_one_replaces_it(mlflow_server, splits, tmp_path, capsys):
     from deepindex.tracking.registry import resolve_model
     from deepindex.workflows import promote
 
-    client = MlflowClient(mlflow_server.uri)
-    exp = client.create_experiment(f"registry-{tmp_path.name}")
-    name = f"model-{tmp_path.name}"
+    client, exp, name = _registry(mlflow_server, tmp_path, "registry", "model")
     untrained = _candidate(client, exp, splits, tmp_path, epochs=0, seed=1)
     trained = _candidate(client, exp, splits, tmp_path, epochs=TRAINED_EPOCHS, seed=2)
     untrained2 = _candidate(client, exp, splits, tmp_path, epochs=0, seed=3)
@@ -126,14 +131,10 @@ def test_a_champion_moved_while_a_promotion_scores_is_the_one_it_is_compared_wit
     """Two promotions at once (two sweeps ending together): B moves the champion while A is still
     scoring the old one.  A used to compare with the old champion, beat it, and overwrite B's better
     model with its own; A now decides again against B's."""
-    from mlflow.tracking import MlflowClient
-
     from deepindex.train import evaluation
     from deepindex.workflows import promote
 
-    client = MlflowClient(mlflow_server.uri)
-    exp = client.create_experiment(f"race-{tmp_path.name}")
-    name = f"model-{tmp_path.name}"
+    client, exp, name = _registry(mlflow_server, tmp_path, "race", "model")
     weak = _candidate(client, exp, splits, tmp_path, epochs=0, seed=1)
     strong = _candidate(client, exp, splits, tmp_path, epochs=TRAINED_EPOCHS, seed=2)
     medium = _candidate(client, exp, splits, tmp_path, epochs=1, seed=5)
@@ -160,13 +161,9 @@ def test_a_champion_moved_while_a_promotion_scores_is_the_one_it_is_compared_wit
 def test_a_retrieval_floor_refuses_a_better_candidate_below_it(mlflow_server, splits, tmp_path):
     """tracking.promote_min_qbe_map: beating the champion on the test split is not enough when the
     candidate's query-by-example mAP@10 (held-out gallery: here its digits test split) is below the floor."""
-    from mlflow.tracking import MlflowClient
-
     from deepindex.workflows import promote
 
-    client = MlflowClient(mlflow_server.uri)
-    exp = client.create_experiment(f"floor-{tmp_path.name}")
-    name = f"floor-{tmp_path.name}"
+    client, exp, name = _registry(mlflow_server, tmp_path, "floor", "floor")
     first = promote(_candidate(client, exp, splits, tmp_path, epochs=0, seed=1), name, mlflow_server.uri)
     assert first.promoted and first.qbe_floor is None and first.qbe_map is None  # no floor: not measured
     # The floor from the candidate's own config (as a sweep's trials carry it).
@@ -209,17 +206,13 @@ def test_a_model_of_another_collection_is_refused_before_anything_is_registered(
     (8 multi-label concepts): no split scores both (it raised a bare 'not comparable' from the scoring, after
     registering the candidate under the digits' name). One line says what to do; nothing is registered;
     under a name of its own the candidate is promoted."""
-    from mlflow.tracking import MlflowClient
-
     from deepindex.cli import main
     from deepindex.data import build_splits
     from deepindex.data.photos import make_photo_collection
     from deepindex.models import build_model
     from deepindex.workflows import NotComparable, promote
 
-    client = MlflowClient(mlflow_server.uri)
-    exp = client.create_experiment(f"collections-{tmp_path.name}")
-    name = f"digits-{tmp_path.name}"
+    client, exp, name = _registry(mlflow_server, tmp_path, "collections", "digits")
     assert promote(_candidate(client, exp, splits, tmp_path, epochs=0, seed=1), name, mlflow_server.uri).promoted
     root = make_photo_collection(tmp_path / "photos", n=40, size=128, seed=0).root
     cfg = load_config(None, ["data.dataset=manifest", f"data.root={root}", "data.image_size=32", "data.channels=3",

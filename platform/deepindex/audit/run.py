@@ -27,18 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from deepindex import restore
 from deepindex.config import Config, ConfigError, from_dict
 from deepindex.console import error_line, event, failure_lines, tune_verbosity
-from deepindex.restore import (
-    AUDIT_STATE,
-    check_unchanged,
-    config_definition,
-    fresh_name,
-    read_state,
-    record_definition,
-    running,
-    update_state,
-)
 
 if TYPE_CHECKING:
     from ray.tune import Callback
@@ -168,10 +159,10 @@ def _parent_run(cfg: Config, name: str, audit_dir: Path, uri: str | None) -> str
     id is kept in ``deepindex_audit.json`` in the audit folder)."""
     from deepindex.tracking.audit import open_audit_run
 
-    recorded = read_state(audit_dir, AUDIT_STATE)
+    recorded = restore.read_state(audit_dir, restore.AUDIT_STATE)
     rid = open_audit_run(cfg, name, uri, recorded=recorded.get("parent_run_id"))
     if rid is not None and rid != recorded.get("parent_run_id"):
-        update_state(audit_dir, AUDIT_STATE, parent_run_id=rid, tracking_uri=uri)
+        restore.update_state(audit_dir, restore.AUDIT_STATE, parent_run_id=rid, tracking_uri=uri)
     return rid
 
 
@@ -216,8 +207,8 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
 
     check_config(cfg)
     storage = storage_path(cfg)
-    name = name or cfg.ray.name or fresh_name("audit", storage)
-    with running("audit", name, storage):
+    name = name or cfg.ray.name or restore.fresh_name("audit", storage)
+    with restore.running("audit", name, storage):
         return _run_audit(cfg, name, storage, tracking_uri)
 
 
@@ -247,12 +238,12 @@ def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -
     audit_dir = Path(storage) / name
     restoring = tune.Tuner.can_restore(str(audit_dir))
     # The detection runs after the folds: a restored audit may filter them another way.
-    definition = config_definition(cfg, free=("audit.filter_by", "audit.grid_items", "audit.max_concurrent",
+    definition = restore.config_definition(cfg, free=("audit.filter_by", "audit.grid_items", "audit.max_concurrent",
                                               "audit.fold_driver_cpus"))
     if restoring:  # before anything is written: a changed audit is refused as it was
-        check_unchanged(name, audit_dir, AUDIT_STATE, definition)
+        restore.check_unchanged(name, audit_dir, restore.AUDIT_STATE, definition)
     else:
-        record_definition(audit_dir, AUDIT_STATE, definition)
+        restore.record_definition(audit_dir, restore.AUDIT_STATE, definition)
     splits = build_splits(cfg.data)  # the given labels, ids and images; fails early on bad data
     view, concepts = splits.view, splits.concepts
     given = multi_hot(view.given, len(concepts)).numpy()  # exclusive classes one-hot

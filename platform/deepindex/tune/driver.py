@@ -27,16 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from deepindex.restore import (
-    SWEEP_STATE,
-    check_unchanged,
-    config_definition,
-    fresh_name,
-    read_state,
-    record_definition,
-    running,
-    update_state,
-)
+from deepindex import restore
 from deepindex.tracking.registry import PromotionDecision
 from deepindex.tune.space import SweepSpec
 
@@ -232,7 +223,7 @@ def _parent_run(spec: SweepSpec, name: str, sweep_dir: Path, tracking_uri: str |
 
     if tracking_uri is None:
         return None
-    recorded = read_state(sweep_dir, SWEEP_STATE)
+    recorded = restore.read_state(sweep_dir, restore.SWEEP_STATE)
     params: dict[str, Any] = {f"sweep.{k}": v for k, v in vars(spec.settings).items()}
     params.update({f"space.{k}": f"{d.kind} {d.args}" for k, d in spec.space.items()})
     rid = open_parent_run(
@@ -241,14 +232,14 @@ def _parent_run(spec: SweepSpec, name: str, sweep_dir: Path, tracking_uri: str |
         texts={"space.yaml": yaml.safe_dump(spec.raw, sort_keys=False),
                "base_config.yaml": yaml.safe_dump(spec.base.to_dict(), sort_keys=False)})
     if rid != recorded.get("parent_run_id"):
-        update_state(sweep_dir, SWEEP_STATE, parent_run_id=rid, tracking_uri=tracking_uri)
+        restore.update_state(sweep_dir, restore.SWEEP_STATE, parent_run_id=rid, tracking_uri=tracking_uri)
     return rid
 
 
 def _definition(spec: SweepSpec) -> dict[str, Any]:
     """What makes the sweep what it is (:mod:`deepindex.restore`): its trials' base config, space and
     search.  Left out: what acts after the trials (promotion, where to find the sweep, concurrency)."""
-    d = config_definition(spec.base)
+    d = restore.config_definition(spec.base)
     d.update({f"space.{k}": [dist.kind, dist.args] for k, dist in spec.space.items()})
     d.update({f"tune.{k}": v for k, v in vars(spec.settings).items() if k not in SETTINGS_AFTER_TRIALS})
     return d
@@ -261,8 +252,8 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | N
     from deepindex.train.trainer import storage_path
 
     storage = storage_path(spec.base)
-    name = name or spec.settings.name or fresh_name("sweep", storage)
-    with running("sweep", name, storage):
+    name = name or spec.settings.name or restore.fresh_name("sweep", storage)
+    with restore.running("sweep", name, storage):
         return _run_sweep(spec, name, storage, tracking_uri, callbacks, promote)
 
 
@@ -281,9 +272,9 @@ def _run_sweep(spec: SweepSpec, name: str, storage: str, tracking_uri: str | Non
     sweep_dir = Path(storage) / name
     restoring = tune.Tuner.can_restore(str(sweep_dir))
     if restoring:  # before anything is written: a changed sweep is refused as it was
-        check_unchanged(name, sweep_dir, SWEEP_STATE, _definition(spec))
+        restore.check_unchanged(name, sweep_dir, restore.SWEEP_STATE, _definition(spec))
     else:
-        record_definition(sweep_dir, SWEEP_STATE, _definition(spec))
+        restore.record_definition(sweep_dir, restore.SWEEP_STATE, _definition(spec))
     metric, mode = primary_metric(spec.base.multilabel)
     uri = (tracking_uri or resolve_tracking_uri()) if spec.base.tracking.enabled else None
     parent = _parent_run(spec, name, sweep_dir, uri)
