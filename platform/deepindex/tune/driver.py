@@ -385,17 +385,41 @@ def _trial_status(t: TrialSummary) -> str:
     return "finished" if t.status == "TERMINATED" else t.status.lower()
 
 
+def _journal_ends(outcome: SweepOutcome, uri: str, train_storage: Path) -> None:
+    """The tracking server is down as the sweep ends: each ended trial's test metrics and status go
+    to its journal (beside its epochs, journaled by its worker), for ``deepindex tracking sync`` (or
+    the next command) to log into its run; the sweep's summary and promotion wait for the sweep to
+    be run again under its name."""
+    from deepindex.tracking.tracker import JOURNAL, Tracker
+    from deepindex.workflows import finalize_run
+
+    for t in outcome.trials:
+        best, latest = trial_checkpoints(train_storage, t.trial_id, outcome.metric, outcome.mode)
+        if t.status != "TERMINATED" or best is None:
+            continue
+        journal = str(train_storage / t.trial_id / JOURNAL)
+        finalize_run(Tracker(uri, "", t.trial_id, offline_path=journal, disabled=True), best, latest, t.trial_id,
+                     status="KILLED" if t.stopped_early else "FINISHED")
+    log.warning("MLflow server %s is unreachable at the end of sweep %s: its trials' results are journaled under "
+                "%s; `deepindex tracking sync` logs them once it is back, and running the sweep again under its "
+                "name records its best trial and promotes it", uri, outcome.name, train_storage)
+
+
 def _record(outcome: SweepOutcome, uri: str | None, max_epochs: int) -> None:
     """Child run ids, early-stopped child runs closed as KILLED, the best trial on the parent run."""
     if uri is None or outcome.parent_run_id is None:
         return
     from deepindex.tracking import sweep as tracked
-    from deepindex.tracking.tracker import Tracker
+    from deepindex.tracking.tracker import JOURNAL, Tracker
+    from deepindex.tracking.uri import reachable
     from deepindex.workflows import finalize_run
 
+    train_storage = Path(outcome.path) / "train"
+    if not reachable(uri):
+        _journal_ends(outcome, uri, train_storage)
+        return
     by_trial = tracked.child_runs(outcome.parent_run_id, uri)
     exp_id = outcome.experiment_id = tracked.experiment_of(outcome.parent_run_id, uri)
-    train_storage = Path(outcome.path) / "train"
     for t in outcome.trials:
         child = by_trial.get(t.trial_id)
         if child is None:
@@ -410,7 +434,8 @@ def _record(outcome: SweepOutcome, uri: str | None, max_epochs: int) -> None:
             continue
         # ASHA ends a trial by killing its actor: the test split, artifacts and the checkpoint
         # of every trial are logged here, and a stopped trial's run ends KILLED.
-        tracker = Tracker(uri, exp_id, t.trial_id, run_id=t.run_id)
+        journal = str(train_storage / t.trial_id / JOURNAL)  # should the server go down again meanwhile
+        tracker = Tracker(uri, exp_id, t.trial_id, run_id=t.run_id, offline_path=journal)
         finalize_run(tracker, best, latest, t.trial_id, status="KILLED" if t.stopped_early else "FINISHED")
     metrics = {"trials": len(outcome.trials), "trials_stopped_early": outcome.stopped_early,
                "sweep_wall_s": outcome.wall_s}
