@@ -83,6 +83,10 @@ def test_asha_sweep_interrupted_restored_tracked_and_promoted(ray_local, mlflow_
                       callbacks=[_InterruptAfter(3, tmp_path / "interrupted")])
     assert first.interrupted and first.promotion is None
     assert client.get_run(first.parent_run_id).info.status == "RUNNING"
+    from deepindex.workflows import promote_main
+
+    with pytest.raises(ValueError, match=r"^sweep: 'asha' has not finished \(interrupted, or still running\): run"):
+        promote_main(sweep="asha", experiment=f"sweep-{tmp_path.name}", tracking_uri=mlflow_server.uri)
 
     # The same name with another space or base config would resume the saved trials with the new
     # config (or ignore the change): refused, naming what changed, before anything starts.

@@ -131,6 +131,9 @@ def find_sweep_best(sweep: str, experiment: str = "deepindex", tracking_uri: str
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         raise ValueError(f"sweep: no sweep named {sweep!r} in experiment {experiment!r}")
+    if runs[0].info.status == "RUNNING":  # interrupted (or still going): its best so far is not the sweep's
+        raise ValueError(f"sweep: {sweep!r} has not finished (interrupted, or still running): run the sweep again "
+                         f"under its name to finish it, or promote one trial's run with --run RUN_ID")
     best = runs[0].data.tags.get("best_run_id")
     if not best:
         raise ValueError(f"sweep: {sweep!r} has no best trial recorded (unfinished or untracked)")
