@@ -71,6 +71,29 @@ def test_a_concepts_file_beside_the_images_is_used(flat):
     assert read_collection(flat).concepts == ["sky", "sea", "boat"]
 
 
+def test_a_concepts_file_has_comments_and_hashtag_concepts(flat):
+    """``# ...`` is a comment wherever it is indented; ``#boat``, a web tag, is a concept (it used to be
+    dropped as a comment, and every row tagged with it refused as an unknown tag)."""
+    (flat / "concepts.txt").write_text("# the concepts of this collection\nsky\n  # indented\n#\nsea\n\n#boat\n")
+    tags = (flat / "tags.csv").read_text().replace(";boat", ";#boat")
+    (flat / "tags.csv").write_text(tags)
+    items = read_collection(flat)
+    assert items.concepts == ["sky", "sea", "#boat"]
+    assert items.targets[:, 2].sum() == 4  # p0, p3, p6, p9
+
+
+def test_csv_column_names_are_read_as_a_spreadsheet_writes_them(flat):
+    """``Path, Tags, Split``: the same columns.  A "Split" column used to be an ignored extra field, and
+    every row's split a random draw."""
+    text = (flat / "tags.csv").read_text().split("\n", 1)[1]
+    (flat / "tags.csv").write_text("Path, Tags ,Split\n" + text)
+    items = read_collection(flat)
+    assert items.splits[:6] == ["train"] * 6 and items.splits[-2:] == ["test", "test"]
+    (flat / "tags.csv").write_text("path,tags,Split,split\n" + text)
+    with pytest.raises(ManifestError, match=r"tags\.csv:1: the CSV header names 'split' twice$"):
+        read_collection(flat)
+
+
 def test_train_test_column_gets_a_val_split_carved_from_train(tmp_path):
     root = tmp_path / "r"
     for i in range(20):
@@ -179,6 +202,14 @@ def test_cmyk_palette_alpha_and_16bit_images_decode(tmp_path):
     deep = Image.fromarray(np.full((16, 16), 65535 // 2, dtype=np.uint16))
     deep.save(tmp_path / "d16.png")
     assert abs(int(decode_file(tmp_path / "d16.png", 8, 1, "fit")[0, 4, 4]) - 127) <= 1  # scaled, not clipped
+
+    # A float TIFF of values within 0..1 (what scientific and HDR tools write): 0..1, not a black image
+    # read as 0..255; a NaN pixel reads as 0.
+    ramp = np.tile(np.linspace(0.0, 1.0, 16, dtype=np.float32), (16, 1))
+    ramp[0, 0] = np.nan
+    Image.fromarray(ramp).save(tmp_path / "f32.tif")  # mode F
+    row = decode_file(tmp_path / "f32.tif", 16, 1, "fit")[0, 8]
+    assert row[0] == 0 and row[-1] == 255 and abs(int(row[8]) - 136) <= 2
 
 
 def test_a_manifest_of_mixed_modes_trains_as_rgb(tmp_path):

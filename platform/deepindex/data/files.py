@@ -128,13 +128,19 @@ def read_concepts(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"data.concepts: no such file {p}")
-    concepts = [line.strip() for line in _read_text(p, "the concept list").splitlines()
-                if line.strip() and not line.startswith("#")]
+    concepts = [line.strip() for line in _read_text(p, "the concept list").splitlines() if not _comment(line)]
     if not concepts:
         raise ValueError(f"data.concepts: {p} lists no concepts")
     if len(set(concepts)) != len(concepts):
         raise ValueError(f"data.concepts: {p} lists a concept twice")
     return concepts
+
+
+def _comment(line: str) -> bool:
+    """A blank line, or a comment: ``#`` then a space or nothing (``# my concepts``).  ``#sunset``, a web
+    tag, is a concept."""
+    text = line.strip()
+    return not text or text == "#" or (text[0] == "#" and text[1].isspace())
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -177,8 +183,15 @@ def _manifest_rows(path: Path) -> Iterator[tuple[int, str, list[str], str | None
     else:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         try:
-            if reader.fieldnames is None or not {"path", "tags"} <= set(reader.fieldnames):
+            # Column names as a spreadsheet writes them ("Path", " tags", "Split") are the same columns:
+            # a "Split" column read as an extra field used to leave every row's split to chance.
+            names = [f.strip().lower() for f in reader.fieldnames or []]
+            twice = sorted({f for f in names if names.count(f) > 1 and f in ("path", "tags", "split")})
+            if twice:
+                raise ManifestError(f"{path}:1: the CSV header names {twice[0]!r} twice")
+            if not {"path", "tags"} <= set(names):
                 raise ManifestError(f"{path}:1: the CSV header must name 'path' and 'tags'")
+            reader.fieldnames = names
             for row in reader:
                 n = reader.line_num
                 if None in row:  # more fields than the header: tags written "a,b" unquoted

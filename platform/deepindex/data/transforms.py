@@ -101,9 +101,12 @@ def to_model_mode(img: Image.Image, channels: int) -> Image.Image:
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit/float grayscale: convert("L") clips rather than scales, so scale to 0..255 first.
-        arr = np.asarray(img, dtype=np.float32)
-        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        # 16-bit/float grayscale: convert("L") clips rather than scales, so scale to 0..255 first.  A
+        # float image whose values lie within 0..1 (what scientific and HDR tools write) is 0..1.
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        top = float(arr.max()) if arr.size else 0.0
+        hi = (65535.0 if img.mode.startswith("I;16") or top > 255 else
+              1.0 if img.mode == "F" and top <= 1.0 else 255.0)
         img = Image.fromarray(np.clip(arr * (255.0 / hi), 0, 255).astype(np.uint8), mode="L")
     if channels == 1:
         return img.convert("L") if img.mode in ("L", "RGB") else img.convert("RGB").convert("L")
