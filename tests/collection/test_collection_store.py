@@ -244,11 +244,14 @@ def test_sweep_removes_only_old_orphans_and_temp_files(tmp_path: Path) -> None:
     shard = next((tmp_path / "blobs").rglob(kept.content_hash)).parent
     tmp = shard / f".{kept.content_hash}.123-4.tmp"
     tmp.write_bytes(b"half")
+    aside = shard / f".{kept.content_hash}.123-5.sweep"  # what a sweep killed mid-removal left
+    aside.write_bytes(b"kept")
     old = time.time() - 7200
-    for p in (tmp, *(tmp_path / "blobs").rglob(orphan), *(tmp_path / "blobs").rglob(kept.content_hash)):
+    for p in (tmp, aside, *(tmp_path / "blobs").rglob(orphan), *(tmp_path / "blobs").rglob(kept.content_hash)):
         os.utime(p, (old, old))
-    assert s.sweep(older_than_s=3600) == {"temp_files": 1, "orphans": 1}
-    assert s.image("a") == b"kept" and s.blobs.has(young) and not s.blobs.has(orphan) and not tmp.exists()
+    assert s.sweep(older_than_s=3600) == {"temp_files": 2, "orphans": 1}
+    assert s.image("a") == b"kept" and s.blobs.has(young) and not s.blobs.has(orphan)
+    assert not tmp.exists() and not aside.exists()
 
 
 @pytest.mark.parametrize("many", [False, True])
@@ -283,6 +286,37 @@ def test_a_sweep_between_a_reused_blob_and_its_row_keeps_the_blob(tmp_path: Path
     monkeypatch.setattr(cs.cat, "write_txn", real)
     assert swept == [{"temp_files": 0, "orphans": 0}]
     assert s.image("x") == data and s.verify()["ok"]
+
+
+def test_a_blob_reused_between_the_sweeps_look_and_its_removal_is_kept(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found on review: the sweep read an orphan's age, then removed it.  A writer that reused the blob in
+    between (made it young, committed its row) lost an acknowledged add's bytes.  The sweep now moves the
+    orphan aside and reads its age again there before removing it."""
+    import os
+    import time
+
+    s = CollectionStore.open("photos", blobs_url=str(tmp_path / "blobs"))
+    data = b"the same image, sent again"
+    orphan = s.blobs.put(data)  # a writer killed after its blob, before its row
+    old = time.time() - 7200
+    os.utime(next((tmp_path / "blobs").rglob(orphan)), (old, old))
+    real = Path.stat
+    added: list[str] = []
+
+    def stat(self: Path, *args: object, **kwargs: object) -> os.stat_result:
+        result = real(self, *args, **kwargs)  # type: ignore[arg-type]
+        if self.name == orphan and not added:  # the sweep has seen it old: a writer reuses it now
+            added.append("x")
+            s.add("x", data)
+        return result
+
+    monkeypatch.setattr(Path, "stat", stat)
+    swept = s.sweep(older_than_s=3600)
+    monkeypatch.setattr(Path, "stat", real)
+    assert added == ["x"] and swept == {"temp_files": 0, "orphans": 0}
+    assert s.image("x") == data and s.verify()["ok"]
+    assert [f.name for f in (tmp_path / "blobs").rglob("*") if f.is_file()] == [orphan]  # nothing left aside
 
 
 def test_schema_is_portable_to_postgresql() -> None:

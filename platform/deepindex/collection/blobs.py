@@ -87,6 +87,42 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+# An orphan the sweep has moved out of writers' reach before it removes it (see _take).
+ASIDE = ".sweep"
+
+
+def _touch(path: Path) -> bool:
+    """Make a blob young again; False when the sweep took it meanwhile (the caller writes it again)."""
+    try:
+        os.utime(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _take(f: Path, older_than_s: float) -> bool:
+    """Remove the orphan blob ``f`` if it is still old once out of writers' reach.
+
+    A writer reusing the blob makes it young (:func:`_touch`) and then commits a row naming it: between
+    the sweep's look at its age and its removal, that writer would lose an acknowledged add's bytes.
+    So the blob is first moved aside (a writer from then on finds it missing and writes it again), its
+    age read again there (a writer that made it young just before keeps it: moved back), and only then
+    removed."""
+    aside = f.with_name(f".{f.name}.{os.getpid()}-{time.monotonic_ns()}{ASIDE}")
+    try:
+        os.rename(f, aside)
+    except FileNotFoundError:
+        return False
+    try:
+        if time.time() - aside.stat().st_mtime > older_than_s:
+            aside.unlink()
+            return True
+        os.replace(aside, f)  # young after all; a writer may have written f again meanwhile: the same bytes
+    except FileNotFoundError:  # another sweep took it
+        pass
+    return False
+
+
 class BlobStore:
     """Content-addressed bytes under ``url`` (a local folder, ``file://`` URL, or fsspec URL)."""
 
@@ -163,11 +199,10 @@ class BlobStore:
             return h
         path = self._local_path(h)
         self._ensure_dir(path.parent)
-        if self.has(h, len(data)):
+        if self.has(h, len(data)) and _touch(path):
             # An orphan a killed writer left is old: made young again, so :meth:`sweep` does not take it
             # between now and the commit of the row that names it.  Another writer may have renamed it in
             # and not yet synced its folder: sync it here before a catalogue row is committed that names it.
-            os.utime(path)
             _fsync_path(path)
         else:
             write_file(path, data)  # temp file, fsync, rename
@@ -186,8 +221,7 @@ class BlobStore:
             for h, d in todo.items():
                 path = self._local_path(h)
                 self._ensure_dir(path.parent)
-                if self.has(h, len(d)):
-                    os.utime(path)  # young again (see put)
+                if self.has(h, len(d)) and _touch(path):  # young again (see put)
                     continue
                 tmp = path.with_name(f".{h}.{os.getpid()}-{time.monotonic_ns()}.tmp")
                 with open(tmp, "wb") as fh:
@@ -250,11 +284,10 @@ class BlobStore:
                         continue
                     if not old:
                         continue
-                    if f.name.startswith(".") and f.name.endswith(".tmp"):
+                    if f.name.startswith(".") and f.name.endswith((".tmp", ASIDE)):
                         f.unlink(missing_ok=True)
                         removed["temp_files"] += 1
-                    elif len(f.name) == HASH_HEX and f.name not in keep:
-                        f.unlink(missing_ok=True)
+                    elif len(f.name) == HASH_HEX and f.name not in keep and _take(f, older_than_s):
                         removed["orphans"] += 1
             return removed
         for h in list(self.hashes()):
