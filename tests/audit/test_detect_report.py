@@ -250,3 +250,20 @@ def test_a_report_named_by_its_run_is_downloaded_once_and_leaves_no_folder_per_p
     with pytest.raises(ValueError, match="only this user owns and can write"):
         resolve_report(f"runs:/{run_id}")
     assert list(shared.iterdir()) == []
+
+
+def test_a_folds_held_out_items_are_predicted_once_each_without_augmentation(small_model, tmp_path):
+    """Found on review: the held-out fold was read through the train split's random augmentation
+    (data.augment, the photos recipe's crop and flip), so every out-of-fold probability cleanlab ranks
+    came from a random crop, and two runs of the same audit flagged different items."""
+    from deepindex.audit.run import fold_config, predict_holdout
+    from deepindex.checkpoint import load_model
+
+    base = load_model(small_model).config.override({"data.train_size": 400})
+    plain = fold_config(base, 4, 1, str(tmp_path))
+    augmented = plain.override({"data.augment": "crop,flip,jitter"})
+    held, probs = predict_holdout(str(small_model), plain)
+    for _ in range(2):
+        again, p = predict_holdout(str(small_model), augmented)
+        assert np.array_equal(again, held) and len(held) == 100
+        assert np.allclose(p, probs, atol=1e-6)

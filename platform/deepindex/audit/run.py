@@ -94,12 +94,14 @@ def predict_holdout(checkpoint: str, cfg: Config, threads: int = 1) -> tuple[np.
     from torch.utils.data import DataLoader, Subset
 
     from deepindex.checkpoint import load_model
-    from deepindex.data import build_splits
     from deepindex.train.engine import predict
+    from deepindex.train.evaluation import model_splits
 
     torch.set_num_threads(max(1, threads))
     lm = load_model(checkpoint)
-    view = build_splits(cfg.data).view
+    # Each held-out item once, as the fold's model sees an image: no random augmentation (data.augment),
+    # its own input keys and stats (model.pretrained's ImageNet normalisation, resolved only in training).
+    view = model_splits(lm, cfg.data).view
     held = view.holdout_index
     if held is None:
         raise ValueError(f"audit: fold {cfg.data.cv_fold} of {cfg.data.cv_folds} holds no item out")
@@ -244,7 +246,7 @@ def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -
         restore.check_unchanged(name, audit_dir, restore.AUDIT_STATE, definition)
     else:
         restore.record_definition(audit_dir, restore.AUDIT_STATE, definition)
-    splits = build_splits(cfg.data)  # the given labels, ids and images; fails early on bad data
+    splits = build_splits(cfg.data, train_augment=False)  # the given labels, ids and images; fails early on bad data
     view, concepts = splits.view, splits.concepts
     given = multi_hot(view.given, len(concepts)).numpy()  # exclusive classes one-hot
     folds = cfg.audit.folds

@@ -19,6 +19,9 @@ from deepindex.config import DataConfig
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from deepindex.checkpoint import LoadedModel
+    from deepindex.data import Splits
+
 
 @dataclass
 class Scored:
@@ -33,6 +36,17 @@ class Scored:
         checkpoint's concept order (MLflow gets the list's table, ``test_ap.csv``)."""
         return {k: dict(zip(self.concepts, v, strict=True)) if k.endswith("_ap") and isinstance(v, list) else v
                 for k, v in self.metrics.items()}
+
+
+def model_splits(lm: LoadedModel, data: DataConfig) -> Splits:
+    """The splits of ``data`` (which images, labels, folds) as the model ``lm`` sees an image: at its
+    checkpoint's input keys (size, channels, preset, normalisation) and stats, with no train-time
+    augmentation, so every read of an item is the same image serving would show it."""
+    from deepindex.data import build_splits
+    from deepindex.data.inspect import INPUT_KEYS
+
+    mine = data.model_copy(update={k: getattr(lm.config.data, k) for k in INPUT_KEYS})
+    return build_splits(mine, train_augment=False, stats=lm.stats)
 
 
 def score_checkpoint(path: str | Path, split: str = "test", data: DataConfig | None = None,
@@ -54,10 +68,6 @@ def score_checkpoint(path: str | Path, split: str = "test", data: DataConfig | N
     from deepindex.train.losses import make_loss
 
     lm = load_model(path)
-    if data is not None:  # another config's images, seen the way this model was trained to see them
-        from deepindex.data.inspect import INPUT_KEYS
-
-        data = data.model_copy(update={k: getattr(lm.config.data, k) for k in INPUT_KEYS})
     found = None
     if data is None:  # its own data: from the decode cache its training read, where there is one
         from deepindex.data.ingest import cached_split
@@ -67,8 +77,7 @@ def score_checkpoint(path: str | Path, split: str = "test", data: DataConfig | N
     if found is not None:
         dataset, concepts = found
     else:
-        splits = (build_splits(lm.config.data, train_augment=False) if data is None
-                  else build_splits(data, train_augment=False, stats=lm.stats))
+        splits = build_splits(lm.config.data, train_augment=False) if data is None else model_splits(lm, data)
         dataset, concepts = getattr(splits, split), splits.concepts
     if list(concepts) != list(lm.concepts):
         raise ValueError(f"data.dataset: the checkpoint {path} knows {len(lm.concepts)} concepts, the split has "
