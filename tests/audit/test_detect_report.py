@@ -204,6 +204,28 @@ def test_report_round_trips_through_the_label_filter(audit_inputs: AuditInputs, 
     assert torch.equal(filtered.view.given, torch.from_numpy(given.astype(np.float32)))
 
 
+@pytest.mark.timeout(60)
+def test_a_filter_whose_labels_changed_since_the_audit_is_refused(audit_inputs: AuditInputs, tmp_path: Path) -> None:
+    """Found on review: flip toggled the label as it is now.  A tag fixed by hand after the audit was
+    toggled back to the wrong one.  A suspect whose label is no longer the one the audit saw is refused."""
+    cfg, splits, given, probs, truth = audit_inputs
+    det = detect(given, probs, splits.concepts)
+    out = write_report(tmp_path / "report", det=det, given=given, probs=probs, ids=splits.view.ids,
+                       meta={"data": fingerprint(cfg.data)}, truth=truth)
+    lines = (out / "suspects.csv").read_text().splitlines()
+    head = lines[0].split(",")
+    col = head.index("given")
+    row = lines[3].split(",")
+    row[col] = str(1 - int(row[col]))  # the audit saw the other label: this one was fixed since
+    lines[3] = ",".join(row)
+    (out / "suspects.csv").write_text("\n".join(lines) + "\n")
+    saw = "untagged" if row[col] == "0" else "tagged"
+    with pytest.raises(ValueError, match=rf"^data\.label_filter: .*suspects\.csv:4: item '{row[head.index('item')]}' "
+                                         rf"has concept '{row[head.index('concept')]}' .* the audit saw it {saw}: the "
+                                         rf"labels changed since the audit; audit them again$"):
+        build_splits(cfg.override({"data.label_filter": str(out)}).data)
+
+
 @pytest.mark.mlflow
 @pytest.mark.timeout(120)
 def test_a_report_named_by_its_run_is_downloaded_once_and_leaves_no_folder_per_process(

@@ -130,8 +130,8 @@ def apply_label_view(splits: Splits, d: DataConfig) -> Splits:
     if d.label_filter:
         from deepindex.data.noise import multi_hot
 
-        pairs = read_filter(d, view.ids, splits.concepts)
         given = multi_hot(view.given, k)
+        pairs = read_filter(d, view.ids, splits.concepts, given)
         mask = torch.zeros_like(given)
         if len(pairs):
             mask[pairs[:, 0], pairs[:, 1]] = True
@@ -210,8 +210,12 @@ def check_label_filter(d: DataConfig) -> Path | None:
     return folder
 
 
-def read_filter(d: DataConfig, ids: list[str], concepts: list[str]) -> np.ndarray:
-    """(M, 2) int array of (train index, concept index) suspect pairs, checked against the data."""
+def read_filter(d: DataConfig, ids: list[str], concepts: list[str], given: torch.Tensor | None = None) -> np.ndarray:
+    """(M, 2) int array of (train index, concept index) suspect pairs, checked against the data.
+
+    ``given`` (N, K) 0/1, the train labels now: a pair whose label is no longer the one the audit
+    flagged (its ``given`` column; a tag fixed by hand since) is refused, naming its line.  A flip
+    would otherwise toggle the fixed label back to the wrong one."""
     folder = check_label_filter(d)
     if folder is None:  # no filter: no suspects
         return np.zeros((0, 2), dtype=np.int64)
@@ -232,5 +236,12 @@ def read_filter(d: DataConfig, ids: list[str], concepts: list[str]) -> np.ndarra
                 raise ValueError(f"data.label_filter: {path}:{n}: item {row['item']!r} is not train item {i}")
             if row["concept"] not in index:
                 raise ValueError(f"data.label_filter: {path}:{n}: unknown concept {row['concept']!r}")
-            pairs.append((i, index[row["concept"]]))
+            k = index[row["concept"]]
+            seen = row.get("given")
+            if given is not None and seen not in (None, "") and str(int(given[i, k])) != seen.strip():
+                raise ValueError(f"data.label_filter: {path}:{n}: item {row['item']!r} has concept {row['concept']!r} "
+                                 f"{'tagged' if given[i, k] else 'untagged'} now, the audit saw it "
+                                 f"{'untagged' if given[i, k] else 'tagged'}: the labels changed since the audit; "
+                                 f"audit them again")
+            pairs.append((i, k))
     return np.array(pairs, dtype=np.int64).reshape(-1, 2)
