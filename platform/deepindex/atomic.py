@@ -27,8 +27,11 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def write_file(path: str | Path, content: bytes | str | Callable[[Path], None]) -> Path:
-    """Write ``path`` atomically: ``content`` is bytes, text, or a function that writes the temp path."""
+def write_file(path: str | Path, content: bytes | str | Callable[[Path], None], *, durable: bool = True) -> Path:
+    """Write ``path`` atomically: ``content`` is bytes, text, or a function that writes the temp path.
+
+    ``durable=False`` skips the syncs: still never half a file, but a power cut may bring back the old
+    version (a status file rewritten every epoch, whose next write says the same)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -40,10 +43,12 @@ def write_file(path: str | Path, content: bytes | str | Callable[[Path], None]) 
         else:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(content.encode() if isinstance(content, str) else content)
-        with open(tmp, "rb") as fh:  # durable before the rename makes it visible
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp, "rb") as fh:  # durable before the rename makes it visible
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)  # the rename durable too: after a power cut, the new version, not the old
+        if durable:
+            fsync_dir(path.parent)  # the rename durable too: after a power cut, the new version, not the old
     finally:
         if tmp.exists():
             tmp.unlink()

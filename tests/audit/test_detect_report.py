@@ -289,3 +289,25 @@ def test_a_folds_held_out_items_are_predicted_once_each_without_augmentation(sma
         again, p = predict_holdout(str(small_model), augmented)
         assert np.array_equal(again, held) and len(held) == 100
         assert np.allclose(p, probs, atol=1e-6)
+
+
+def test_a_fold_file_a_crash_left_unreadable_is_trained_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A fold is done when its file exists: one cut short (a crash before its bytes reached the disk)
+    made every restore of the audit fail on it.  It is now written whole and synced, and one that does
+    not read counts as not done."""
+    import io
+
+    from deepindex.audit.run import _finished, oof_path
+
+    path = oof_path(tmp_path, 2)
+    assert not _finished(path, 2)
+    npz = io.BytesIO()
+    np.savez(npz, index=np.arange(3), probs=np.zeros((3, 2), np.float32), run_id=np.array(""),
+             test_score=np.array(0.5), node_id=np.array(""), checkpoint=np.array(""))
+    path.parent.mkdir(parents=True)
+    for cut in (0, len(npz.getvalue()) // 2):
+        path.write_bytes(npz.getvalue()[:cut])
+        assert not _finished(path, 2)
+    assert "fold 2's file" in caplog.text and "training the fold again" in caplog.text
+    path.write_bytes(npz.getvalue())
+    assert _finished(path, 2)

@@ -16,8 +16,8 @@ A report folder holds:
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from deepindex.atomic import write_file
 from deepindex.audit.detect import Detection
 from deepindex.data.label_view import AUDIT_FILE, SUSPECT_COLUMNS, SUSPECTS_FILE
 from deepindex.train.metrics import GUESS, learnt_little
@@ -41,10 +42,12 @@ PROBS_FILE = "oof_probs.npy"
 GRID_FILE = "suspects.png"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # a reader (or a filter) never sees half a report file
+def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=columns)
+    w.writeheader()
+    w.writerows(rows)
+    return f.getvalue()
 
 
 def suspect_rows(det: Detection, given: np.ndarray, probs: np.ndarray, ids: list[str],
@@ -139,18 +142,10 @@ def write_report(out: str | Path, *, det: Detection, given: np.ndarray, probs: n
     out.mkdir(parents=True, exist_ok=True)
     rows = suspect_rows(det, given, probs, ids, truth)
     cols = SUSPECT_COLUMNS + (["corrupted"] if truth is not None else [])
-    with (out / f".{SUSPECTS_FILE}.tmp").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(out / f".{SUSPECTS_FILE}.tmp", out / SUSPECTS_FILE)
-
+    # Each file written whole and synced (deepindex.atomic): a reader, or a filter, never sees half of one.
+    write_file(out / SUSPECTS_FILE, _csv(rows, cols))
     table = [dict(c, **(per_concept[k] if per_concept else {})) for k, c in enumerate(det.concept_noise)]
-    with (out / f".{CONCEPTS_FILE}.tmp").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(table[0]))
-        w.writeheader()
-        w.writerows(table)
-    os.replace(out / f".{CONCEPTS_FILE}.tmp", out / CONCEPTS_FILE)
+    write_file(out / CONCEPTS_FILE, _csv(table, list(table[0])))
 
     clean = cleaned(given, det.flagged)
     g = np.asarray(given) > 0.5
@@ -161,14 +156,14 @@ def write_report(out: str | Path, *, det: Detection, given: np.ndarray, probs: n
                                  "given": [det.concepts[k] for k in np.flatnonzero(g[i])]}))
         if manifest:
             manifest_lines.append(json.dumps({"path": item, "tags": tags}))
-    _atomic_write(out / CLEANED_FILE, "\n".join(lines) + "\n")
+    write_file(out / CLEANED_FILE, "\n".join(lines) + "\n")
     if manifest:
-        _atomic_write(out / CLEANED_MANIFEST, "\n".join(manifest_lines) + "\n")
-    tmp = out / f".{PROBS_FILE}.tmp.npy"
-    np.save(tmp, np.asarray(probs, dtype=np.float32), allow_pickle=False)
-    os.replace(tmp, out / PROBS_FILE)
+        write_file(out / CLEANED_MANIFEST, "\n".join(manifest_lines) + "\n")
+    npy = io.BytesIO()
+    np.save(npy, np.asarray(probs, dtype=np.float32), allow_pickle=False)
+    write_file(out / PROBS_FILE, npy.getvalue())
     # Written last: a folder with audit.json is a complete report (the label filter needs both).
-    _atomic_write(out / AUDIT_FILE, json.dumps(meta, indent=2, default=str))
+    write_file(out / AUDIT_FILE, json.dumps(meta, indent=2, default=str))
     return out
 
 

@@ -17,10 +17,11 @@ Layout under ``<ray.storage_path>/<name>/``: Tune's experiment state, ``train/fo
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
-import os
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deepindex import restore
+from deepindex.atomic import write_file
 from deepindex.config import Config, ConfigError, from_dict
 from deepindex.console import error_line, event, failure_lines, tune_verbosity
 
@@ -128,7 +130,7 @@ def fold_driver(params: dict[str, Any], *, base: dict[str, Any], audit: str, aud
     train_storage = str(Path(audit_dir) / "train")
     cfg = fold_config(base, folds, k, train_storage)
     out = oof_path(audit_dir, k)
-    if not out.is_file():  # a restored audit keeps the folds it finished
+    if not _finished(out, k):  # a restored audit keeps the folds it finished
         name = f"fold{k}"
         # Trained and tracked as `deepindex train` is: one MLflow run, here a child of the audit's.
         outcome, run_id = tracked_train(cfg, name=name, parent_run_id=parent_run_id, tags=fold_tags(audit, k),
@@ -137,14 +139,26 @@ def fold_driver(params: dict[str, Any], *, base: dict[str, Any], audit: str, aud
         node = _worker_node(train_storage, name)
         if run_id and node and tracking_uri:
             tag_fold_node(run_id, node, tracking_uri)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.stem}.tmp.npz")
-        np.savez(tmp, index=held, probs=probs.astype(np.float32), run_id=np.array(run_id or ""),
+        npz = io.BytesIO()
+        np.savez(npz, index=held, probs=probs.astype(np.float32), run_id=np.array(run_id or ""),
                  test_score=np.array(float(outcome.test_metrics.get(fold_metric(cfg), np.nan))),
                  node_id=np.array(node or ""), checkpoint=np.array(str(outcome.checkpoint)))
-        os.replace(tmp, out)  # a fold is done exactly when its file exists
+        write_file(out, npz.getvalue())  # a fold is done exactly when its file exists, whole and synced
     res, held, _ = _read_fold(out, k)
     ray.tune.report({"fold": k, "done": 1, "held_out": len(held), "fold_test_score": res.test_score})
+
+
+def _finished(path: Path, fold: int) -> bool:
+    """Whether fold ``fold`` is done: its file is there and reads (one a crash or a full disk left
+    unreadable is trained again, rather than every restore failing on it)."""
+    if not path.is_file():
+        return False
+    try:
+        _read_fold(path, fold)
+        return True
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        log.warning("audit: fold %d's file %s is unreadable (%s): training the fold again", fold, path, e)
+        return False
 
 
 def _read_fold(path: Path, fold: int) -> tuple[FoldResult, np.ndarray, np.ndarray]:

@@ -54,12 +54,10 @@ def _write_status(status_dir: str | None, rank: int, **fields: Any) -> None:
     """Where each worker is (pid, epoch): for operators, and for fault-injection tests."""
     if not status_dir:
         return
-    d = Path(status_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".rank{rank}.json.tmp"
-    tmp.write_text(json.dumps({"rank": rank, "pid": os.getpid(), "node": os.uname().nodename, "time": time.time(),
-                               **fields}))
-    os.replace(tmp, d / f"rank{rank}.json")
+    from deepindex.atomic import write_file
+
+    write_file(Path(status_dir) / f"rank{rank}.json", json.dumps(
+        {"rank": rank, "pid": os.getpid(), "node": os.uname().nodename, "time": time.time(), **fields}), durable=False)
 
 
 def _write_shard(status_dir: str | None, rank: int, rows: np.ndarray | None) -> None:
