@@ -6,9 +6,10 @@ that wraps one (model replicas of their own: the default); with ``model_in_ingre
 replica holds one itself and answers without a hop to another process (``serving/ingress.py``).
 
 Which version to serve is the index replica's decision (it moves model and index together,
-``serving/index.py``): a task on the replica's event loop asks it every half second, loads a new
-version next to the served one (in a thread), and swaps the reference; a batch in flight keeps
-the model it started with.  Until the index replica answers (the first seconds of a start), the
+``serving/index.py``): a task on the replica's event loop tells it every half second which
+version it serves and asks which to serve, loads a new version next to the served one (a task
+of its own, in a thread, while the reports go on), and swaps the reference; a batch in flight
+keeps the model it started with.  Until the index replica answers (the first seconds of a start), the
 replica serves what the model URI resolves to.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.5
 REPORT_RETRY_S = 30.0  # a version without a retrieval report: ask again after this long
+REFUSED_RETRY_S = 30.0  # a model file that held another version than asked: loaded again after this long
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,9 @@ class ServedModel:
         self.infer.set_max_batch_size(self._served.batch)  # type: ignore[attr-defined]
         self.infer.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
         self._follower: asyncio.Task[None] | None = None
+        self._wanted: str | None = None  # the version the index replica last asked for
+        self._load_error: str | None = None  # why the last load did not swap in, if it did not
+        self._refused_at: dict[str, tuple[str, float]] = {}  # ref -> (version asked, when its load held another)
         self.ensure_following()
         log.info("serving %s version %s", self._served.resolved.name, self._served.resolved.version)
 
@@ -144,22 +149,58 @@ class ServedModel:
         self._follower = loop.create_task(self._follow())
 
     async def _follow(self) -> None:
+        """Report the served version every ``POLL_S`` and load the one the index replica wants.
+
+        The load runs as a task of its own (:meth:`_reload`) while this loop goes on reporting the version
+        still served: the index replica keeps a version's index loaded while a replica reports it, and a
+        load that took longer than its patience (a download, a big model's batch timing) had the old
+        index unloaded under a replica still answering with the old model (found on review)."""
+        loading: asyncio.Task[None] | None = None
         while True:
             await asyncio.sleep(POLL_S)
             try:
                 cur = self._served.resolved
                 want = await self._index.report_model.remote(self._replica, cur.version)
-                if want and want.get("version") and want["version"] != cur.version:
-                    new = await asyncio.to_thread(_load, want["ref"], self._tracking_uri, self._max_batch,
-                                                  self._batch_size)
-                    log.info("model: version %s -> %s", cur.version, new.resolved.version)
-                    self._served = new  # one reference swap: a batch in flight keeps its model
-                    self.infer.set_max_batch_size(new.batch)  # type: ignore[attr-defined]
-                    self.reloads += 1
-                self.last_error = None
+                self._wanted = want.get("version") if want else None
+                if self._wanted == cur.version:
+                    self._load_error = None  # what is served is what is wanted
+                if (self._wanted and self._wanted != cur.version and (loading is None or loading.done())
+                        and not self._refused(want["ref"], self._wanted)):
+                    loading = asyncio.get_running_loop().create_task(self._reload(want["ref"], self._wanted))
+                if loading is None or loading.done():
+                    self.last_error = self._load_error
             except Exception as e:  # noqa: BLE001 - keep serving the loaded version; report the problem
                 self.last_error = f"{type(e).__name__}: {e}"
                 log.debug("model: could not ask the index replica which version to serve: %s", self.last_error)
+
+    async def _reload(self, ref: str, version: str) -> None:
+        """Load ``ref`` (the index replica's ``version``) beside the served model, then swap it in, unless
+        the index replica has changed its mind meanwhile or ``ref`` now holds another version (a model
+        file replaced since: retried after ``REFUSED_RETRY_S``, not reloaded on every poll)."""
+        try:
+            new = await asyncio.to_thread(_load, ref, self._tracking_uri, self._max_batch, self._batch_size)
+        except Exception as e:  # noqa: BLE001 - keep serving the loaded version; report the problem
+            self._load_error = f"{type(e).__name__}: {e}"
+            log.warning("model: could not load version %s (%s): %s", version, ref, self._load_error)
+            return
+        got = new.resolved.version
+        if got != version:
+            self._refused_at[ref] = (version, time.monotonic())
+            self._load_error = f"model: {ref} holds version {got}, not version {version} that the index serves"
+            log.warning("%s; serving version %s meanwhile", self._load_error, self._served.resolved.version)
+            return
+        if got != self._wanted:
+            log.info("model: loaded version %s, but the index replica now serves %s", got, self._wanted)
+            return
+        log.info("model: version %s -> %s", self._served.resolved.version, got)
+        self._served = new  # one reference swap: a batch in flight keeps its model
+        self.infer.set_max_batch_size(new.batch)  # type: ignore[attr-defined]
+        self.reloads += 1
+        self._load_error = None
+
+    def _refused(self, ref: str, version: str) -> bool:
+        seen = self._refused_at.get(ref)
+        return seen is not None and seen[0] == version and time.monotonic() - seen[1] < REFUSED_RETRY_S
 
     # ---- calls -------------------------------------------------------------------------------
     async def retrieval(self) -> dict[str, Any]:
