@@ -9,6 +9,7 @@ Every error a client can cause is a 4xx ``{"error": {"code", "message"}}``.
 """
 # No `from __future__ import annotations`: FastAPI must see real types (Request) on Serve's methods.
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import io
@@ -70,6 +71,10 @@ if TYPE_CHECKING:  # quoted where used: this module's annotations are evaluated 
 log = logging.getLogger(__name__)
 
 SPEC_TTL_S = 1.0  # how stale the ingress's view of the served model version may get (plus one call to the model)
+# Older than this (a replica that got no request for a while), a request waits for the fresh spec rather
+# than go on with the old one: after a switch, the old version's index stays loaded for at least
+# serving.rollover.OLD_GRACE_S, and a request naming a version the index has unloaded is a 503.
+SPEC_WAIT_S = 3.0
 ITEM_ID = re.compile(contract.ITEM_ID_PATTERN)
 NEW_ITEM_ID = re.compile(contract.NEW_ITEM_ID_PATTERN)
 SUBRESOURCE = re.compile(contract.SUBRESOURCE)
@@ -357,12 +362,19 @@ class Ingress:
         ``refresh`` (a caller found it out of date) or when it is older than ``SPEC_TTL_S``: then one
         request starts the question in the background and every request goes on with the spec it has,
         so no request waits for it (when each request that found it expired asked the model itself, all
-        32 of a 32-client load stalled together for 40-100 ms once a second: the search p99)."""
+        32 of a 32-client load stalled together for 40-100 ms once a second: the search p99).  A spec
+        older than ``SPEC_WAIT_S`` (no request for a while) is fetched before the request goes on: after
+        a quiet spell across a switch, the old one named a version whose index was gone (503s; found on
+        review)."""
         if refresh or self._spec is None:
             return await self._fetch_spec()
-        if time.monotonic() - self._spec_at > SPEC_TTL_S and self._spec_refresh is None:
+        age = time.monotonic() - self._spec_at
+        if age > SPEC_TTL_S and self._spec_refresh is None:
             self._spec_refresh = task = self._background(self._fetch_spec(), "model spec")
             task.add_done_callback(self._spec_refreshed)
+        if age > SPEC_WAIT_S and self._spec_refresh is not None:  # a quiet spell: wait for that one question
+            with contextlib.suppress(Exception):  # it failed: go on with the spec there is (logged)
+                return await asyncio.shield(self._spec_refresh)
         return self._spec
 
     def _spec_refreshed(self, _: "asyncio.Task[Any]") -> None:
