@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import threading
 import time
@@ -101,7 +102,9 @@ class Rollover:
             try:
                 self._step()
                 self.last_error, self.attempt = None, 0
-                wait = interval if self.server.args.reload_interval_s else 3600.0
+                # reload_interval_s=0: the model URI is never looked at again ("0 = never"; it was looked
+                # at hourly), but for a switch to settle or an explicit check_now.
+                wait = interval if self.server.args.reload_interval_s else math.inf
             except Exception as e:  # noqa: BLE001 - keep serving the pair we have; say why; try again later
                 self.attempt += 1
                 self.last_error = f"{type(e).__name__}: {e}"
@@ -114,7 +117,7 @@ class Rollover:
             while self._settling and time.monotonic() < deadline and not self._poke.wait(SETTLE_POLL_S):
                 if not self._settle() and self.phase == "switching":
                     self._set("idle", f"serving version {self.server.serving}")
-            self._poke.wait(max(0.0, deadline - time.monotonic()))
+            self._poke.wait(None if math.isinf(deadline) else max(0.0, deadline - time.monotonic()))
             self._poke.clear()
 
     def restore(self) -> None:

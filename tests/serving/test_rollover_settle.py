@@ -67,3 +67,30 @@ def test_a_model_replica_that_stopped_reporting_holds_nothing(tmp_path: Path) ->
     clock.now += OLD_GRACE_S
     assert roll._settle() is False and set(server.pairs) == {"2"}
     assert roll._settle() is False  # nothing left to settle
+
+
+@pytest.mark.timeout(30)
+def test_reload_interval_zero_never_looks_at_the_model_uri_again(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``reload_interval_s: 0`` is "never" (serving.schemas); the loop looked again every hour, so a
+    benchmark that pins its model with it switched models mid-run after a promotion."""
+    server = _IndexServerStandIn(tmp_path)
+    server.args = ServeArgs(model="unused", index_dir=str(tmp_path), reload_interval_s=0)
+    r = Rollover(server)  # type: ignore[arg-type]
+    steps: list[int] = []
+    waits: list[float | None] = []
+    monkeypatch.setattr(r, "_step", lambda: steps.append(1))
+
+    class Poke:  # the loop's wake-up event: records how long the loop would sleep, ends it at the second
+        def wait(self, timeout: float | None = None) -> bool:
+            waits.append(timeout)
+            if len(waits) == 2:
+                r._stop.set()
+            return True
+
+        def clear(self) -> None:
+            pass
+
+    r._poke = Poke()  # type: ignore[assignment]
+    r._run()
+    assert steps == [1, 1] and waits == [None, None]
