@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 DEFAULT_RAY_PORT = 6390  # not Ray's 6379, so a developer's own `ray start` keeps its port
 DEFAULT_DASHBOARD_PORT = 8275  # not Ray's 8265, for the same reason; the Jobs API is served there
 DEFAULT_MLFLOW_PORT = 5050
+MAX_PORT = 65535
+NUM_CPUS_ENV = "DEEPINDEX_NUM_CPUS"
 
 
 class PlatformError(RuntimeError):
@@ -246,10 +248,38 @@ SERVICES: dict[str, ServiceKind] = {
 
 
 # ---- the commands -------------------------------------------------------------------------
+def num_cpus_from_env() -> int | None:
+    """``DEEPINDEX_NUM_CPUS`` as the head's CPU count; None when it is unset or empty (the default)."""
+    raw = os.environ.get(NUM_CPUS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{NUM_CPUS_ENV}: must be a whole number >= 1 (the head's logical CPUs), not {raw[:40]!r}")
+    return n
+
+
+def _check_numbers(ports: dict[str, int], num_cpus: int | None) -> None:
+    """Ports and CPUs a caller gave, named by their `deepindex up` option: checked before anything starts."""
+    for flag, p in ports.items():
+        if not 0 <= p <= MAX_PORT:
+            raise ValueError(f"{flag}: a port must be 0-{MAX_PORT} (0: any free port), not {p}")
+    if num_cpus is not None and num_cpus < 1:
+        raise ValueError(f"--num-cpus: must be >= 1, not {num_cpus}")
+
+
 def up(ray_port: int = DEFAULT_RAY_PORT, mlflow_port: int = DEFAULT_MLFLOW_PORT, num_cpus: int | None = None,
        timeout: float = 120.0, services: tuple[str, ...] = ("ray", "mlflow"),
        dashboard_port: int = DEFAULT_DASHBOARD_PORT) -> dict[str, Service]:
-    """Start what is not running; keep what is.  Port 0 picks a free port."""
+    """Start what is not running; keep what is.  Port 0 picks a free port.  ``num_cpus`` None:
+    ``DEEPINDEX_NUM_CPUS``, else the default.  A bad number is a ValueError naming it, before anything starts."""
+    _check_numbers({"--ray-port": ray_port, "--mlflow-port": mlflow_port, "--dashboard-port": dashboard_port},
+                   num_cpus)
+    if num_cpus is None:
+        num_cpus = num_cpus_from_env()
     ports = {"ray": ray_port, "mlflow": mlflow_port}
     opts = UpOptions(num_cpus=num_cpus, dashboard_port=dashboard_port)
     state = read_state()

@@ -85,8 +85,12 @@ def _when(t: float) -> str:
 def run_import(args: argparse.Namespace) -> int:
     from deepindex.collection import imports
 
+    # Every argument is checked before the collection is opened with create=True: a refused
+    # command creates nothing.
     if args.size < 1:
         raise ValueError("size: must be >= 1")
+    if args.batch_size < 1:
+        raise ValueError("batch-size: must be >= 1")
     src = None  # a folder or manifest is read first: a bad one creates no collection
     if args.folder:
         src = imports.folder_source(args.folder)
@@ -143,14 +147,19 @@ def run_info(args: argparse.Namespace) -> int:
 
 def run_add(args: argparse.Namespace) -> int:
     from deepindex.collection.imports import image_meta
+    from deepindex.collection.store import check_data, check_meta, check_new_item_id, check_tags
 
+    # The item is checked as store.add checks it, before the collection is opened with create=True:
+    # a refused add creates no collection.
+    check_new_item_id(args.id)
+    tags = check_tags(args.tag)
     path = Path(args.file)
     if not path.is_file():
         raise FileNotFoundError(f"file: no such file {path}")
-    data = path.read_bytes()
-    meta = {"filename": path.name, **image_meta(data)}
+    data = check_data(path.read_bytes())
+    meta = check_meta({"filename": path.name, **image_meta(data)})
     store = _open(args, create=True)
-    item, created = store.add(args.id, data, tags=args.tag, source="cli", meta=meta)
+    item, created = store.add(args.id, data, tags=tags, source="cli", meta=meta)
     line = (f"added {item.id} to {store.name} (seq {item.seq}, sha256 {item.content_hash[:12]}, {item.size} bytes)"
             if created else f"{item.id} was already in {store.name} with these bytes (seq {item.seq}): nothing to do")
     _emit(args, {"collection": store.name, "id": item.id, "created": created, "seq": item.seq,

@@ -42,6 +42,13 @@ def run_build(args: argparse.Namespace) -> int:
     from deepindex.index.vectors import VectorConfig
 
     cfg = VectorConfig(kind=args.kind, metric=args.metric, normalize=not args.no_normalize, exact_max=args.exact_max)
+    # What a user can get wrong is refused in one line before Ray starts or is joined (as train, tune
+    # and serve do): the model is there (looked up, not downloaded) and so is the collection.
+    from deepindex.collection import CollectionStore
+    from deepindex.tracking.registry import require_model
+
+    require_model(args.model, args.tracking_uri)
+    CollectionStore.open(args.collection, create=False)
     if not args.local:
         from deepindex.cluster import connect
 

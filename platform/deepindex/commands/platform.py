@@ -23,22 +23,49 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from deepindex.localplatform import DEFAULT_DASHBOARD_PORT, DEFAULT_MLFLOW_PORT, DEFAULT_RAY_PORT
 
     p = sub.add_parser("up", help="start a local Ray head and MLflow tracking server (idempotent)")
-    p.add_argument("--ray-port", type=int, default=DEFAULT_RAY_PORT, help="Ray GCS port (0: any free port)")
-    p.add_argument("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT,
+    # Bad numbers are argparse's one-line error naming the option (exit 2), before anything starts.
+    p.add_argument("--ray-port", type=_port, default=DEFAULT_RAY_PORT, help="Ray GCS port (0: any free port)")
+    p.add_argument("--dashboard-port", type=_port, default=DEFAULT_DASHBOARD_PORT,
                    help="Ray dashboard and Jobs API port, on loopback (0: any free port)")
-    p.add_argument("--mlflow-port", type=int, default=DEFAULT_MLFLOW_PORT, help="MLflow port (0: any free port)")
-    p.add_argument("--num-cpus", type=int, default=None,
+    p.add_argument("--mlflow-port", type=_port, default=DEFAULT_MLFLOW_PORT, help="MLflow port (0: any free port)")
+    p.add_argument("--num-cpus", type=_cpus, default=None,
                    help="logical CPUs of the head (default: DEEPINDEX_NUM_CPUS, else the cores and at least 4: "
                         "a service, a sweep's trial and its Train workers each hold some)")
     p.set_defaults(func=run_up)
     d = sub.add_parser("down", help="stop the local platform's processes (by their recorded ids)")
     d.set_defaults(func=run_down)
     s = sub.add_parser("status", help="the local platform's services, every address to use them, and processes")
-    s.add_argument("--json", action="store_true", help="the full status as JSON (pids, logs, health)")
+    s.add_argument("--json", action="store_true",
+                   help='the full status as one JSON object: {"running", "services" (pids, logs, health), '
+                        '"pending_journals"}')
     s.set_defaults(func=run_status)
     e = sub.add_parser("env", help="`export` lines that point ray, mlflow and deepindex at the local platform: "
                                    "eval $(deepindex env)")
     e.set_defaults(func=run_env)
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _port(text: str) -> int:
+    """A TCP port for `up`; 0 asks for any free one (localplatform.up picks it)."""
+    from deepindex.localplatform import MAX_PORT
+
+    n = _whole_number(text)
+    if not 0 <= n <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"a port must be 0-{MAX_PORT} (0: any free port), not {n}")
+    return n
+
+
+def _cpus(text: str) -> int:
+    n = _whole_number(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (leave it out for the default), not {n}")
+    return n
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -82,17 +109,25 @@ def run_status(args: argparse.Namespace) -> int:
 
     st = status()
     pending = [str(p) for p in pending_journals(storage_path(load_config(None, [])))]
-    if pending:
-        print(f"runs with tracking journals not yet in MLflow (`deepindex tracking sync` logs them): {pending}")
-    if not st:
-        print("the local platform is not running (start it with: deepindex up)")
-        return 1
-    if args.json:
-        print(json.dumps(st, indent=2))
-    else:
-        _print_status(st)
     # A Serve application that stopped answering is reported, not a platform failure.
-    return 0 if all(v["state"] == "running" for k, v in st.items() if k != "serve") else 1
+    running = bool(st) and all(v["state"] == "running" for k, v in st.items() if k != "serve")
+    not_running = "the local platform is not running (start it with: deepindex up)"
+    pending_line = f"runs with tracking journals not yet in MLflow (`deepindex tracking sync` logs them): {pending}"
+    if args.json:
+        # stdout is one JSON document, whatever the state; the sentences for people go to stderr.
+        print(json.dumps({"running": running, "services": st, "pending_journals": pending}, indent=2))
+        if pending:
+            print(pending_line, file=sys.stderr)
+        if not st:
+            print(not_running, file=sys.stderr)
+        return 0 if running else 1
+    if pending:
+        print(pending_line)
+    if not st:
+        print(not_running)
+        return 1
+    _print_status(st)
+    return 0 if running else 1
 
 
 def _with_ui(urls: dict[str, str]) -> dict[str, str]:
