@@ -130,9 +130,9 @@ class ServedModel:
         self.infer.set_max_batch_size(self._served.batch)  # type: ignore[attr-defined]
         self.infer.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
         self._follower: asyncio.Task[None] | None = None
-        self._wanted: str | None = None  # the version the index replica last asked for
+        self._wanted: tuple[str | None, str] | None = None  # the (name, version) the index replica last asked for
         self._load_error: str | None = None  # why the last load did not swap in, if it did not
-        self._refused_at: dict[str, tuple[str, float]] = {}  # ref -> (version asked, when its load held another)
+        self._refused_at: dict[str, tuple[tuple[str | None, str], float]] = {}  # ref -> (asked, when it held another)
         self.ensure_following()
         log.info("serving %s version %s", self._served.resolved.name, self._served.resolved.version)
 
@@ -161,10 +161,11 @@ class ServedModel:
             try:
                 cur = self._served.resolved
                 want = await self._index.report_model.remote(self._replica, cur.version)
-                self._wanted = want.get("version") if want else None
-                if self._wanted == cur.version:
+                # By name and version: registry versions restart at 1 for every model name.
+                self._wanted = (want.get("name"), want["version"]) if want and want.get("version") else None
+                if self._wanted and self._wanted[1] == cur.version and self._wanted[0] in (None, cur.name):
                     self._load_error = None  # what is served is what is wanted
-                if (self._wanted and self._wanted != cur.version and (loading is None or loading.done())
+                elif (self._wanted and (loading is None or loading.done())
                         and not self._refused(want["ref"], self._wanted)):
                     loading = asyncio.get_running_loop().create_task(self._reload(want["ref"], self._wanted))
                 if loading is None or loading.done():
@@ -173,23 +174,27 @@ class ServedModel:
                 self.last_error = f"{type(e).__name__}: {e}"
                 log.debug("model: could not ask the index replica which version to serve: %s", self.last_error)
 
-    async def _reload(self, ref: str, version: str) -> None:
+    async def _reload(self, ref: str, wanted: tuple[str | None, str]) -> None:
         """Load ``ref`` (the index replica's ``version``) beside the served model, then swap it in, unless
         the index replica has changed its mind meanwhile or ``ref`` now holds another version (a model
-        file replaced since: retried after ``REFUSED_RETRY_S``, not reloaded on every poll)."""
+        file replaced since: retried after ``REFUSED_RETRY_S``, not reloaded on every poll).  ``wanted``:
+        the (name, version) the index replica serves."""
+        version = wanted[1]
         try:
             new = await asyncio.to_thread(_load, ref, self._tracking_uri, self._max_batch, self._batch_size)
         except Exception as e:  # noqa: BLE001 - keep serving the loaded version; report the problem
             self._load_error = f"{type(e).__name__}: {e}"
             log.warning("model: could not load version %s (%s): %s", version, ref, self._load_error)
             return
-        got = new.resolved.version
-        if got != version:
-            self._refused_at[ref] = (version, time.monotonic())
-            self._load_error = f"model: {ref} holds version {got}, not version {version} that the index serves"
+        got, name = new.resolved.version, new.resolved.name
+        if got != version or wanted[0] not in (None, name):
+            self._refused_at[ref] = (wanted, time.monotonic())
+            self._load_error = (f"model: {ref} holds version {got}, not version {version} that the index serves"
+                                if got != version else f"model: {ref} holds model {name}, not {wanted[0]} that the "
+                                f"index serves")
             log.warning("%s; serving version %s meanwhile", self._load_error, self._served.resolved.version)
             return
-        if got != self._wanted:
+        if wanted != self._wanted:
             log.info("model: loaded version %s, but the index replica now serves %s", got, self._wanted)
             return
         log.info("model: version %s -> %s", self._served.resolved.version, got)
@@ -198,9 +203,9 @@ class ServedModel:
         self.reloads += 1
         self._load_error = None
 
-    def _refused(self, ref: str, version: str) -> bool:
+    def _refused(self, ref: str, wanted: tuple[str | None, str]) -> bool:
         seen = self._refused_at.get(ref)
-        return seen is not None and seen[0] == version and time.monotonic() - seen[1] < REFUSED_RETRY_S
+        return seen is not None and seen[0] == wanted and time.monotonic() - seen[1] < REFUSED_RETRY_S
 
     # ---- calls -------------------------------------------------------------------------------
     async def retrieval(self) -> dict[str, Any]:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 WRITER_FILE = "writer.json"  # the index replica's nonce, in the collection's index folder
 
+_Key = tuple[str | None, str]  # (model name, version) of an index
 _Ident = tuple[int, int, int]  # (inode, mtime ns, size) of a file: changed when it is rewritten
 
 
@@ -109,10 +110,11 @@ class LocalReads:
         self._nonce: str | None = None  # what the writer last answered
         self._confirmed_at = -math.inf
         self._checking = False
-        self._copies: dict[str, IndexStore] = {}  # version -> the copy
-        self._loading: set[str] = set()
+        # (model name, version) -> the copy: registry versions restart at 1 for every model name
+        self._copies: dict[_Key, IndexStore] = {}
+        self._loading: set[_Key] = set()
         # version -> the base (its manifest, held open: see store.Held) whose delta cannot be followed
-        self._refused: dict[str, Held | None] = {}
+        self._refused: dict[_Key, Held | None] = {}
 
     def _open(self, folder: Path) -> None:
         self.dir = folder
@@ -152,7 +154,7 @@ class LocalReads:
 
     def loaded(self, version: str) -> bool:
         """Whether this process holds a copy of ``version``'s index."""
-        return version in self._copies
+        return any(v == version for _, v in self._copies)
 
     # ---- searches -----------------------------------------------------------------------------
     def search(self, version: str, spec: dict[str, Any]) -> dict[str, Any] | None:
@@ -162,13 +164,13 @@ class LocalReads:
         serving = self._serving.get()
         if serving is None or serving.get("version") != version:
             return None
-        copy = self._copy(version)
+        copy = self._copy((serving.get("name"), version))
         if copy is None:
             return None
         return search(copy, spec)
 
-    def _copy(self, version: str) -> IndexStore | None:
-        copy = self._copies.get(version)
+    def _copy(self, key: _Key) -> IndexStore | None:
+        copy = self._copies.get(key)
         if copy is not None:
             try:
                 copy.follow()
@@ -176,37 +178,38 @@ class LocalReads:
             except IndexRewritten:
                 pass  # compacted: a copy of the new base loads below
             except (OSError, DeltaUnreadable) as e:
-                log.warning("local reads of version %s stop until its index is rewritten: %s", version, e)
-                self._refused[version] = copy.base
-            self._copies.pop(version, None)
-        self._load_soon(version)
+                log.warning("local reads of version %s stop until its index is rewritten: %s", key[1], e)
+                self._refused[key] = copy.base
+            self._copies.pop(key, None)
+        self._load_soon(key)
         return None
 
-    def _load_soon(self, version: str) -> None:
-        if version in self._loading:
+    def _load_soon(self, key: _Key) -> None:
+        if key in self._loading:
             return
-        self._loading.add(version)
-        threading.Thread(target=self._load, args=(version,), name=f"index-copy-{version}", daemon=True).start()
+        self._loading.add(key)
+        threading.Thread(target=self._load, args=(key,), name=f"index-copy-{key[1]}", daemon=True).start()
 
-    def _load(self, version: str) -> None:
+    def _load(self, key: _Key) -> None:
         """Load a copy in the background (a big index takes a while; searches go to the index replica)."""
+        name, version = key
         try:
             assert self.dir is not None
-            path = find_index(self.dir, version=version, recover=False)
+            path = find_index(self.dir, name, version=version, recover=False)
             if path is None:
                 return
             for _ in range(3):  # a compaction may swap the folder while the copy is read: read again
-                refused = self._refused.get(version)
+                refused = self._refused.get(key)
                 if refused is not None and base_id(path) == refused.ino:
                     return  # the base whose delta cannot be followed: the writer's alone
                 try:
                     copy = IndexStore.load(path, recover=False)
                 except IndexRewritten:
                     continue
-                self._copies = {version: copy}  # one version's copy at a time: the served one
+                self._copies = {key: copy}  # one version's copy at a time: the served one
                 log.info("local reads: version %s, %d items at change %d", version, len(copy), copy.seq)
                 return
         except (OSError, ValueError) as e:
             log.warning("local reads: no copy of version %s's index (%s); the index replica answers", version, e)
         finally:
-            self._loading.discard(version)
+            self._loading.discard(key)

@@ -141,7 +141,12 @@ class Rollover:
         r = resolve_model(a.model, a.tracking_uri)
         ref = f"models:/{r.name}/{r.version}" if r.name != LOCAL else a.model
         s = self.server
-        if s.serving == r.version and r.version in s.pairs:
+        # Registry versions restart at 1 for every model name: the same version of another name (the
+        # service started again with --model models:/photos@champion on a collection that served
+        # deepindex's) is another model, whose index is built and switched to (it used to stay idle,
+        # tagging with one model and searching another's index).
+        served = s.pairs.get(s.serving) if s.serving else None
+        if served is not None and (served.name, served.version) == (r.name, r.version):
             self.target = None
             if not self._settle():
                 self._set("idle", f"serving version {r.version}")

@@ -34,8 +34,8 @@ class StandInIndex:
         return answer()
 
 
-def _served(version: str) -> _Served:
-    return _Served(ResolvedModel(f"/models/{version}/checkpoint.pt", "m", version), None, 8)  # type: ignore[arg-type]
+def _served(version: str, name: str = "m") -> _Served:
+    return _Served(ResolvedModel(f"/models/{version}/checkpoint.pt", name, version), None, 8)  # type: ignore[arg-type]
 
 
 def _replica(index: StandInIndex, version: str) -> ServedModel:
@@ -72,7 +72,7 @@ def test_a_replica_reports_the_version_it_serves_all_through_a_long_load(monkeyp
 
     monkeypatch.setattr(served_model, "_load", load)
     monkeypatch.setattr(ServedModel, "infer", type("Batch", (), {"set_max_batch_size": lambda self, n: None})())
-    index = StandInIndex({"version": "2", "ref": "models:/m/2"})
+    index = StandInIndex({"name": "m", "version": "2", "ref": "models:/m/2"})
     m = _replica(index, "1")
 
     async def scenario() -> None:
@@ -106,7 +106,7 @@ def test_a_model_file_that_holds_another_version_is_not_swapped_in_nor_loaded_on
         return _served("file-b")  # the file was replaced: not the version the index was built with
 
     monkeypatch.setattr(served_model, "_load", load)
-    index = StandInIndex({"version": "file-a", "ref": "/models/m.pt"})
+    index = StandInIndex({"name": "m", "version": "file-a", "ref": "/models/m.pt"})
     m = _replica(index, "file-c")
 
     async def scenario() -> None:
@@ -121,3 +121,31 @@ def test_a_model_file_that_holds_another_version_is_not_swapped_in_nor_loaded_on
     assert loads == ["/models/m.pt"]
     assert m._served.resolved.version == "file-c" and m.reloads == 0
     assert m.last_error == "model: /models/m.pt holds version file-b, not version file-a that the index serves"
+
+
+def test_the_same_version_of_another_model_name_is_loaded(monkeypatch: pytest.MonkeyPatch):
+    """Registry versions restart at 1 for every name: a replica serving deepindex version 1, told to serve
+    photos version 1, compared versions only and never loaded photos (found on review)."""
+    monkeypatch.setattr(served_model, "POLL_S", 0.01)
+    loads: list[str] = []
+
+    def load(ref: str, *args: object) -> _Served:
+        loads.append(ref)
+        return _served("1", "photos")
+
+    monkeypatch.setattr(served_model, "_load", load)
+    monkeypatch.setattr(ServedModel, "infer", type("Batch", (), {"set_max_batch_size": lambda self, n: None})())
+    index = StandInIndex({"name": "photos", "version": "1", "ref": "models:/photos/1"})
+    m = _replica(index, "1")
+    m._served = _served("1", "deepindex")
+
+    async def scenario() -> None:
+        follower = asyncio.get_running_loop().create_task(m._follow())
+        try:
+            await _until(lambda: m._served.resolved.name == "photos", "photos version 1 swapped in")
+            await _until(lambda: len(index.reports) >= 20, "20 polls")
+        finally:
+            follower.cancel()
+
+    asyncio.run(scenario())
+    assert loads == ["models:/photos/1"] and m.reloads == 1 and m.last_error is None

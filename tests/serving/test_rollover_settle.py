@@ -94,3 +94,30 @@ def test_reload_interval_zero_never_looks_at_the_model_uri_again(tmp_path: Path,
     r._poke = Poke()  # type: ignore[assignment]
     r._run()
     assert steps == [1, 1] and waits == [None, None]
+
+
+@pytest.mark.timeout(30)
+def test_the_same_version_of_another_model_name_is_a_new_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registry versions restart at 1 for every name.  A service started again with --model
+    models:/photos@champion on a collection whose index served deepindex version 1 stayed idle (version
+    1 is served), tagging with photos' model and searching deepindex's index (found on review)."""
+    from types import SimpleNamespace
+
+    from deepindex.tracking import registry
+
+    server = _IndexServerStandIn(tmp_path)
+    server.pairs = {"1": SimpleNamespace(name="deepindex", version="1")}
+    server.serving = "1"
+    r = Rollover(server)  # type: ignore[arg-type]
+    prepared: list[dict[str, str]] = []
+    monkeypatch.setattr(registry, "resolve_model", lambda uri, tracking_uri=None: registry.ResolvedModel(
+        "/m/checkpoint.pt", "photos", "1"))
+    monkeypatch.setattr(r, "_prepare", lambda target, build: prepared.append(dict(target)) or SimpleNamespace(
+        name=target["name"], version=target["version"], index=[]))
+    monkeypatch.setattr(r, "_activate", lambda pair, reason: server.pairs.update({pair.version: pair}))
+    monkeypatch.setattr(r, "_gc", lambda: None)
+    r._step()
+    assert prepared == [{"name": "photos", "version": "1", "ref": "models:/photos/1"}]
+    assert server.pairs["1"].name == "photos"
+    r._step()  # now served: nothing more to do
+    assert len(prepared) == 1 and r.phase == "idle"
