@@ -682,9 +682,7 @@ class Ingress:
         from prometheus_client import CONTENT_TYPE_LATEST
 
         try:
-            spec = await self._model_spec()
-            info = await _call(self.index.info, spec["version"])
-            self.serve_metrics.index_items.set(info.get("count", 0))
+            await self._refresh_gauges(fresh=True)
         except Exception as e:  # noqa: BLE001 - a scrape still answers with what the replicas know
             log.warning("metrics: model/index info unavailable: %s", e)
         try:
@@ -694,10 +692,24 @@ class Ingress:
             raise ApiError(503, "metrics_unavailable", "the metrics hub is restarting; scrape again") from None
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
+    async def _refresh_gauges(self, fresh: bool = False) -> None:
+        """The served model and the index's item count in this replica's gauges (``fresh``: the model
+        asked now, for a scrape; else the spec as requests see it)."""
+        spec = await self._model_spec(refresh=fresh)
+        info = await _call(self.index.info, spec["version"])
+        self.serve_metrics.index_items.set(info.get("count", 0))
+
     async def check_health(self) -> None:
-        """Serve's periodic health check (every HEALTH_S): also hands this replica's numbers to the hub."""
+        """Serve's periodic health check (every HEALTH_S): also hands this replica's numbers to the hub,
+        its gauges brought up to date first (a replica that serves no request would otherwise report the
+        model and item count it last saw, and the scrape showed a rolled-over version as still served;
+        found on review)."""
         if self._local is not None:
             self._local.ensure_following()
+        try:
+            await self._refresh_gauges()
+        except Exception as e:  # noqa: BLE001 - the model's or index's health is not this replica's
+            log.debug("metrics: could not refresh the model/index gauges: %s", e)
         try:
             await asyncio.wait_for(self.hub.push.remote(self._replica, self.serve_metrics.snapshot()), 5.0)
         except Exception as e:  # noqa: BLE001 - the hub's health is not this replica's
@@ -920,7 +932,9 @@ class Ingress:
             raise ApiError(405, "method_not_allowed", "DELETE is not allowed here; allowed: GET",
                            headers={"Allow": "GET"})
         self._authorize(request, write=True)
-        return _check(await _call(self.index.delete, item_id, idempotent=False))
+        res = _check(await _call(self.index.delete, item_id, idempotent=False))
+        self.serve_metrics.index_items.set(res["count"])
+        return res
 
     @app.get("/v1/about", response_model=AboutResponse, responses=_ERRORS, operation_id="about")
     async def about(self, request: Request) -> dict[str, Any]:

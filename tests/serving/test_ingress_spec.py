@@ -99,3 +99,41 @@ def test_an_expired_spec_is_refreshed_once_in_the_background_while_requests_go_o
         assert ing._heap.version == "5" and not ing._heap.frozen
 
     asyncio.run(scenario())
+
+
+def test_an_idle_replica_keeps_its_model_and_item_gauges_current_through_its_health_checks():
+    """Found on review: the gauges were set only by requests, so a replica serving none went on reporting
+    the model it last saw (the scrape showed a rolled-over version as still served) and the item count
+    before a delete; its health checks (every 2 s, its push to the metrics hub) now refresh them."""
+    from serving.metrics import ServeMetrics
+
+    class Index:  # the index replica's info, and the hub's push: stand-ins, as the model's
+        def __init__(self) -> None:
+            self.count = 10
+            self.info, self.push = self, self
+
+        async def remote(self, *args: object) -> dict:
+            return {"count": self.count}
+
+    def gauges(m: ServeMetrics) -> tuple[set[str], float]:
+        samples = {s.name: s for f in m.registry.collect() for s in f.samples}
+        versions = {s.labels["version"] for f in m.registry.collect() for s in f.samples
+                    if s.name == "deepindex_model_info"}
+        return versions, samples["deepindex_index_items"].value
+
+    async def scenario() -> None:
+        model = _Model()
+        model.gate.set()
+        ing = _ingress(model)
+        ing.index = ing.hub = Index()
+        ing._local, ing._replica = None, "r1"
+        await ing.check_health()
+        assert gauges(ing.serve_metrics) == ({"1"}, 10)
+        model.version, ing.index.count = "2", 9  # a rollover and a delete, while this replica serves nothing
+        ing._spec_at -= 10
+        await ing.check_health()
+        await asyncio.sleep(0.01)
+        await ing.check_health()
+        assert gauges(ing.serve_metrics) == ({"2"}, 9)
+
+    asyncio.run(scenario())
