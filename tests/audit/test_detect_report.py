@@ -284,11 +284,18 @@ def test_a_folds_held_out_items_are_predicted_once_each_without_augmentation(sma
     base = load_model(small_model).config.override({"data.train_size": 400})
     plain = fold_config(base, 4, 1, str(tmp_path))
     augmented = plain.override({"data.augment": "crop,flip,jitter"})
-    held, probs = predict_holdout(str(small_model), plain)
+    held, probs, computed_on = predict_holdout(str(small_model), plain)
     for _ in range(2):
-        again, p = predict_holdout(str(small_model), augmented)
+        again, p, digest = predict_holdout(str(small_model), augmented)
         assert np.array_equal(again, held) and len(held) == 100
-        assert np.allclose(p, probs, atol=1e-6)
+        assert np.allclose(p, probs, atol=1e-6) and digest == computed_on
+    # The data a fold file says it was computed on is the audit driver's data (no fold, no augmentation):
+    # a fold just trained is never refused as computed on other items.
+    from deepindex.audit.run import data_digest
+    from deepindex.data.noise import multi_hot
+
+    driver = build_splits(base.data, train_augment=False)
+    assert computed_on == data_digest(driver.view.ids, multi_hot(driver.view.given, len(driver.concepts)).numpy())
 
 
 def test_a_fold_file_a_crash_left_unreadable_is_trained_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -311,3 +318,127 @@ def test_a_fold_file_a_crash_left_unreadable_is_trained_again(tmp_path: Path, ca
     assert "fold 2's file" in caplog.text and "training the fold again" in caplog.text
     path.write_bytes(npz.getvalue())
     assert _finished(path, 2)
+
+
+def _collection(root: Path, split_column: list[str] | None) -> None:
+    """16 small images (PNG and JPEG, some in a subfolder), each of its own colour (no two the same
+    bytes, so none is merged as a duplicate), and tags.csv beside them."""
+    from PIL import Image
+
+    rels = []
+    for i in range(16):
+        rel = f"{'sub/' if i % 4 == 0 else ''}p{i:02}.{'png' if i % 2 else 'jpg'}"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 16), (15 * i, 200 - 10 * i, 90 if i % 2 else 30)).save(root / rel)
+        rels.append(rel)
+    tags = [f"{'sky' if i % 2 else 'sea'}{';boat' if i % 3 == 0 else ''}" for i in range(16)]
+    if split_column is None:
+        (root / "tags.csv").write_text("path,tags\n" + "".join(f"{r},{t}\n" for r, t in zip(rels, tags, strict=True)))
+    else:
+        (root / "tags.csv").write_text("path,tags,split\n" + "".join(
+            f"{r},{t},{s}\n" for r, t, s in zip(rels, tags, split_column, strict=True)))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("split_column", [
+    ["train"] * 8 + [""] * 2 + ["val"] * 3 + ["test"] * 3,  # every split named (empty cells: train)
+    ["test"] * 3 + ["train"] * 10 + [""] * 3,  # no val rows: val carved from train
+    None,  # no split column: every split drawn
+], ids=["train-val-test", "no-val-rows", "no-column"])
+def test_the_cleaned_manifest_keeps_every_item_in_its_split_with_only_the_train_labels_cleaned(
+        tmp_path: Path, split_column: list[str] | None) -> None:
+    """Found on review: cleaned_manifest.jsonl held the train items alone, with no split column, so
+    training on it (as the README says) carved new val and test splits out of the audited train items
+    and the collection's own val and test items were gone.  It now lists every item in the split it
+    was in: trained on, it gives the same train, val and test items, in the same order, the train
+    items with the cleaned tags and the others with the tags they were given."""
+    from deepindex.audit.detect import Detection
+    from deepindex.audit.report import CLEANED_MANIFEST, held_splits
+    from deepindex.data.files import read_collection
+    from deepindex.data.noise import multi_hot
+
+    root = tmp_path / "photos"
+    _collection(root, split_column)
+    cfg = load_config(None, ["data.dataset=manifest", f"data.root={root}", "data.image_size=16"])
+    splits = build_splits(cfg.data, train_augment=False)
+    v = splits.view
+    given = multi_hot(v.given, len(splits.concepts)).numpy()
+    flagged = np.zeros_like(given)
+    flagged[0, int(np.flatnonzero(given[0])[0])] = True  # a wrong tag
+    flagged[2, int(np.flatnonzero(~given[2])[0])] = True  # a missing one
+    det = Detection(flagged, np.where(flagged, 0.1, 0.9), splits.concepts,
+                    [{"concept": c, "wrong_tags_est": 0, "missing_tags_est": 0} for c in splits.concepts])
+    held = held_splits(splits, cfg.data.root)
+    assert [len(held["val"][0]), len(held["test"][0])] == [len(splits.val), len(splits.test)]
+    with pytest.raises(ValueError, match="needs the val and test items"):
+        write_report(tmp_path / "no", det=det, given=given, probs=given.astype(float), ids=v.ids,
+                     meta={"data": fingerprint(cfg.data)}, manifest=True)
+    out = write_report(tmp_path / "report", det=det, given=given, probs=given.astype(float), ids=v.ids,
+                       meta={"data": fingerprint(cfg.data)}, manifest=True, held=held)
+
+    manifest = out / CLEANED_MANIFEST
+    items = read_collection(root, manifest)
+    assert len(items.paths) == 16 and items.splits is not None and None not in items.splits
+    assert items.report is not None and items.report.duplicates == 0
+    again = build_splits(cfg.override({"data.manifest": str(manifest)}).data, train_augment=False)
+    assert again.concepts == splits.concepts
+    assert again.view.ids == v.ids  # the same train items, in the audit's order
+    for split in ("val", "test"):  # the same val and test items with the tags they were given
+        ids, tags = held_splits(again, cfg.data.root)[split]
+        assert ids == held[split][0] and np.array_equal(tags, held[split][1])
+    cleaned_train = multi_hot(again.view.given, len(again.concepts)).numpy()
+    assert np.array_equal(cleaned_train, cleaned(given, flagged))
+    assert not cleaned_train[0, flagged[0]].any() and cleaned_train[2, flagged[2]].all()
+    assert (cleaned_train != given).sum() == 2
+    assert set(v.ids).isdisjoint(held["val"][0] + held["test"][0])  # no audited train item in val or test
+    # The label filter on the collection as it was trains on the same labels as the cleaned manifest.
+    filtered = build_splits(cfg.override({"data.label_filter": str(out)}).data, train_augment=False)
+    assert np.array_equal(multi_hot(filtered.train.targets, len(splits.concepts)).numpy(), cleaned_train)
+
+
+def test_a_kept_fold_computed_on_other_items_or_labels_is_refused(tmp_path: Path) -> None:
+    """Found on review: a fold file held positional indices alone and a resumed audit kept it whatever
+    the data now was, so after items were added, reordered or re-tagged its probabilities went to other
+    items (or the resume failed with a bare IndexError).  A fold file now holds the digest of the
+    train items and labels it was computed on; one computed on others is refused, in one line."""
+    from deepindex.audit.run import DataChanged, data_digest, kept_folds, oof_path, read_fold, write_fold
+
+    ids = [f"p{i}.jpg" for i in range(6)]
+    given = np.eye(3, dtype=bool)[[0, 1, 2, 0, 1, 2]]
+    now = data_digest(ids, given)
+    assert data_digest(list(ids), given.astype(np.float32)) == now  # bool or float labels: the same data
+    retagged = given.copy()
+    retagged[4] = ~retagged[4]
+    before = {"reordered": data_digest(ids[::-1], given[::-1]),
+              "added": data_digest([*ids, "p6.jpg"], np.vstack([given, given[:1]])),
+              "re-tagged": data_digest(ids, retagged),
+              "renamed": data_digest([*ids[:5], "q5.jpg"], given)}
+    assert now not in before.values() and len(set(before.values())) == 4
+
+    path = oof_path(tmp_path, 1)
+    path.parent.mkdir(parents=True)
+
+    def write(digest: str) -> None:
+        write_fold(path, held=np.array([1, 4]), probs=np.full((2, 3), 0.25), digest=digest, run_id="r1",
+                   test_score=0.875, node_id=None, checkpoint="/ckpt")
+
+    refused = (r"^audit a1: the data changed since the audit started \(fold 2 was computed on other items or "
+               r"labels\): run the audit under another --name$")
+    for digest in before.values():
+        write(digest)
+        with pytest.raises(DataChanged, match=refused):
+            read_fold(path, 1, now, "a1")
+        with pytest.raises(DataChanged, match=refused):  # refused before a restored audit trains anything
+            kept_folds(tmp_path, 3, now, "a1")
+    write(now)
+    res, held, probs = read_fold(path, 1, now, "a1")
+    assert held.tolist() == [1, 4] and probs.dtype == np.float32 and np.allclose(probs, 0.25)
+    assert (res.fold, res.items, res.run_id, res.test_score, res.node_id, res.checkpoint) == (1, 2, "r1", 0.875,
+                                                                                               None, "/ckpt")
+    assert kept_folds(tmp_path, 3, now, "a1") == [1]
+    # A fold file an older version wrote holds no digest: read as before.
+    np.savez(path, index=np.array([1, 4]), probs=np.zeros((2, 3), np.float32), run_id=np.array(""),
+             test_score=np.array(0.5), node_id=np.array(""), checkpoint=np.array(""))
+    assert read_fold(path, 1, now, "a1")[1].tolist() == [1, 4] and kept_folds(tmp_path, 3, now, "a1") == [1]
+    path.write_bytes(b"cut")  # one a crash left unreadable is trained again, not refused
+    assert kept_folds(tmp_path, 3, now, "a1") == []

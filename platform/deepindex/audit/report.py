@@ -9,7 +9,9 @@ A report folder holds:
   and what was flagged (+ the detection's precision and recall when the truth is known);
 - ``cleaned_labels.jsonl``: every train item's given and cleaned tags (``data.label_filter``
   with ``label_filter_mode=flip`` trains on exactly these); for a manifest dataset also
-  ``cleaned_manifest.jsonl`` (``{"path", "tags"}``), a manifest ``data.manifest`` accepts;
+  ``cleaned_manifest.jsonl`` (``{"path", "tags", "split"}``), a manifest ``data.manifest`` accepts:
+  every item of the collection, the train items with their cleaned tags, the val and test items
+  with the tags they were given, each in the split it was in, so training on it keeps the splits;
 - ``oof_probs.npy``: the (N, K) out-of-fold probabilities; ``audit.json``: settings, data
   fingerprint, summary; ``suspects.png``: the most suspect items as an image grid.
 """
@@ -33,6 +35,7 @@ from deepindex.train.metrics import GUESS, learnt_little
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from deepindex.data import Splits
     from deepindex.data.transforms import NormStats
 
 CONCEPTS_FILE = "concepts.csv"
@@ -134,10 +137,31 @@ def summary_table(det: Detection, scores: dict[str, float] | None = None,
     return "\n".join(lines)
 
 
+# The splits a cleaned manifest lists besides train: split -> (ids, (n, K) given tags).
+HeldSplits = dict[str, tuple[list[str], np.ndarray]]
+
+
+def held_splits(splits: Splits, root: str | None) -> HeldSplits:
+    """The val and test items of ``splits`` as the cleaned manifest lists them: their ids (paths
+    relative to ``root``, as the train items' ids are) and the tags they were given."""
+    from deepindex.data.label_view import item_ids, targets_of
+    from deepindex.data.noise import multi_hot
+
+    k = len(splits.concepts)
+    return {name: (item_ids(ds, name, root), multi_hot(targets_of(ds), k).numpy())
+            for name, ds in (("val", splits.val), ("test", splits.test))}
+
+
 def write_report(out: str | Path, *, det: Detection, given: np.ndarray, probs: np.ndarray, ids: list[str],
                  meta: dict[str, Any], truth: np.ndarray | None = None, per_concept: list[dict[str, Any]] | None = None,
-                 manifest: bool = False) -> Path:
-    """Write every report file but the image grid into ``out``; returns the folder."""
+                 manifest: bool = False, held: HeldSplits | None = None) -> Path:
+    """Write every report file but the image grid into ``out``; returns the folder.
+
+    ``manifest``: also ``cleaned_manifest.jsonl``, which needs ``held`` (:func:`held_splits`): a
+    manifest of the train items alone made whoever trained on it carve new val and test splits
+    from the audited train items (found on review)."""
+    if manifest and held is None:
+        raise ValueError("audit report: a cleaned manifest needs the val and test items (held)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = suspect_rows(det, given, probs, ids, truth)
@@ -155,9 +179,16 @@ def write_report(out: str | Path, *, det: Detection, given: np.ndarray, probs: n
         lines.append(json.dumps({"item": item, "index": i, "tags": tags,
                                  "given": [det.concepts[k] for k in np.flatnonzero(g[i])]}))
         if manifest:
-            manifest_lines.append(json.dumps({"path": item, "tags": tags}))
+            manifest_lines.append(json.dumps({"path": item, "tags": tags, "split": "train"}))
     write_file(out / CLEANED_FILE, "\n".join(lines) + "\n")
-    if manifest:
+    if manifest and held is not None:
+        # Every item in the split it was in (the split column pins them: none is carved again), the
+        # train items first and in the audit's order, so the train split read back is the audit's, item
+        # for item.  The val tags are the ones the audit's config gave (data.label_noise included).
+        for split, (split_ids, split_tags) in held.items():
+            tagged = np.asarray(split_tags) > 0.5
+            manifest_lines.extend(json.dumps({"path": item, "tags": [det.concepts[k] for k in np.flatnonzero(row)],
+                                              "split": split}) for item, row in zip(split_ids, tagged, strict=True))
         write_file(out / CLEANED_MANIFEST, "\n".join(manifest_lines) + "\n")
     npy = io.BytesIO()
     np.save(npy, np.asarray(probs, dtype=np.float32), allow_pickle=False)

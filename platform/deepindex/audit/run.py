@@ -9,7 +9,9 @@ predicts its held-out fold and writes ``<audit>/oof/fold<k>.npz``.  What goes to
 how, is :mod:`deepindex.tracking.audit`'s business.  A killed Train worker restarts that
 fold's worker group from its last checkpoint (Ray Train's FailureConfig); the other folds
 never notice.  Running an audit again with the same name and storage path restores it:
-finished folds are kept.
+finished folds are kept, each only if it was computed on the train items and given labels of
+now (a fold file holds their digest, :func:`data_digest`): a collection that changed meanwhile
+is refused (:class:`DataChanged`), not half-predicted.
 
 Layout under ``<ray.storage_path>/<name>/``: Tune's experiment state, ``train/fold<k>/``
 (the folds' Train runs), ``oof/`` and ``report/`` (see :mod:`deepindex.audit.report`).
@@ -17,6 +19,7 @@ Layout under ``<ray.storage_path>/<name>/``: Tune's experiment state, ``train/fo
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -45,6 +48,14 @@ FOLD_DRIVER_MEMORY = 512 * 2**20  # bytes reserved by a fold's Tune trial
 
 class AuditFailed(ValueError):
     """A fold did not finish: no out-of-fold prediction for its items, so no report."""
+
+
+class DataChanged(ValueError):
+    """A kept fold was computed on other train items or labels than the audit's data now."""
+
+    def __init__(self, audit: str, fold: int) -> None:
+        super().__init__(f"audit {audit}: the data changed since the audit started (fold {fold + 1} was computed "
+                         "on other items or labels): run the audit under another --name")
 
 
 @dataclass
@@ -89,13 +100,25 @@ def oof_path(audit_dir: str | Path, fold: int) -> Path:
     return Path(audit_dir) / "oof" / f"fold{fold}.npz"
 
 
-def predict_holdout(checkpoint: str, cfg: Config, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def data_digest(ids: list[str], given: np.ndarray) -> str:
+    """A short digest of the train items (their ids, in order) and their given labels ((N, K), multi-hot
+    or one-hot): what a fold file's positional indices refer to."""
+    h = hashlib.sha256()
+    h.update(json.dumps(list(ids)).encode())
+    labels = np.ascontiguousarray(np.asarray(given) > 0.5)
+    h.update(repr(labels.shape).encode())
+    h.update(labels.tobytes())
+    return h.hexdigest()[:32]
+
+
+def predict_holdout(checkpoint: str, cfg: Config, threads: int = 1) -> tuple[np.ndarray, np.ndarray, str]:
     """(held-out train indices, (n, K) probabilities: sigmoid per concept, or softmax over exclusive
-    classes) of a fold's checkpoint."""
+    classes, and the :func:`data_digest` of the train items the indices refer to) of a fold's checkpoint."""
     import torch
     from torch.utils.data import DataLoader, Subset
 
     from deepindex.checkpoint import load_model
+    from deepindex.data.noise import multi_hot
     from deepindex.train.engine import predict
     from deepindex.train.evaluation import model_splits
 
@@ -103,12 +126,14 @@ def predict_holdout(checkpoint: str, cfg: Config, threads: int = 1) -> tuple[np.
     lm = load_model(checkpoint)
     # Each held-out item once, as the fold's model sees an image: no random augmentation (data.augment),
     # its own input keys and stats (model.pretrained's ImageNet normalisation, resolved only in training).
-    view = model_splits(lm, cfg.data).view
+    splits = model_splits(lm, cfg.data)
+    view = splits.view
     held = view.holdout_index
     if held is None:
         raise ValueError(f"audit: fold {cfg.data.cv_fold} of {cfg.data.cv_folds} holds no item out")
     logits, _ = predict(lm.model, DataLoader(Subset(view.full_train, held.tolist()), batch_size=512))
-    return held, (torch.sigmoid(logits) if lm.multilabel else torch.softmax(logits, dim=1)).numpy()
+    probs = (torch.sigmoid(logits) if lm.multilabel else torch.softmax(logits, dim=1)).numpy()
+    return held, probs, data_digest(view.ids, multi_hot(view.given, len(splits.concepts)).numpy())
 
 
 def _worker_node(train_storage: str, name: str) -> str | None:
@@ -119,8 +144,9 @@ def _worker_node(train_storage: str, name: str) -> str | None:
 
 
 def fold_driver(params: dict[str, Any], *, base: dict[str, Any], audit: str, audit_dir: str, folds: int,
-                tracking_uri: str | None, parent_run_id: str | None, threads: int) -> None:
-    """One Tune trial: train on every fold but ``params["fold"]``, then predict that fold."""
+                tracking_uri: str | None, parent_run_id: str | None, threads: int, digest: str | None = None) -> None:
+    """One Tune trial: train on every fold but ``params["fold"]``, then predict that fold.
+    ``digest``: the :func:`data_digest` of the audit's data now, which a kept fold must match."""
     import ray.tune
 
     from deepindex.tracking.audit import fold_tags, tag_fold_node
@@ -135,17 +161,45 @@ def fold_driver(params: dict[str, Any], *, base: dict[str, Any], audit: str, aud
         # Trained and tracked as `deepindex train` is: one MLflow run, here a child of the audit's.
         outcome, run_id = tracked_train(cfg, name=name, parent_run_id=parent_run_id, tags=fold_tags(audit, k),
                                         tracking_uri=tracking_uri)
-        held, probs = predict_holdout(outcome.checkpoint, cfg, threads)
+        held, probs, computed_on = predict_holdout(outcome.checkpoint, cfg, threads)
         node = _worker_node(train_storage, name)
         if run_id and node and tracking_uri:
             tag_fold_node(run_id, node, tracking_uri)
-        npz = io.BytesIO()
-        np.savez(npz, index=held, probs=probs.astype(np.float32), run_id=np.array(run_id or ""),
-                 test_score=np.array(float(outcome.test_metrics.get(fold_metric(cfg), np.nan))),
-                 node_id=np.array(node or ""), checkpoint=np.array(str(outcome.checkpoint)))
-        write_file(out, npz.getvalue())  # a fold is done exactly when its file exists, whole and synced
-    res, held, _ = _read_fold(out, k)
+        write_fold(out, held=held, probs=probs, digest=computed_on, run_id=run_id,
+                   test_score=float(outcome.test_metrics.get(fold_metric(cfg), np.nan)), node_id=node,
+                   checkpoint=str(outcome.checkpoint))
+    res, held, _ = read_fold(out, k, digest, audit)
     ray.tune.report({"fold": k, "done": 1, "held_out": len(held), "fold_test_score": res.test_score})
+
+
+def write_fold(path: Path, *, held: np.ndarray, probs: np.ndarray, digest: str, run_id: str | None,
+               test_score: float, node_id: str | None, checkpoint: str) -> None:
+    """A finished fold's file: its held-out indices and their probabilities, with the :func:`data_digest`
+    of the train items the indices refer to."""
+    npz = io.BytesIO()
+    np.savez(npz, index=held, probs=np.asarray(probs, dtype=np.float32), run_id=np.array(run_id or ""),
+             test_score=np.array(float(test_score)), node_id=np.array(node_id or ""),
+             checkpoint=np.array(checkpoint), data_digest=np.array(digest))
+    write_file(path, npz.getvalue())  # a fold is done exactly when its file exists, whole and synced
+
+
+def read_fold(path: Path, fold: int, digest: str | None, audit: str) -> tuple[FoldResult, np.ndarray, np.ndarray]:
+    """A finished fold's file, refused (:class:`DataChanged`) when it was computed on other train items or
+    labels than those of digest ``digest`` (its indices would name other items).  A file an older
+    version wrote holds no digest and is read as before."""
+    res, held, probs, computed_on = _read_fold(path, fold)
+    if digest is not None and computed_on is not None and computed_on != digest:
+        raise DataChanged(audit, fold)
+    return res, held, probs
+
+
+def kept_folds(audit_dir: str | Path, folds: int, digest: str, audit: str) -> list[int]:
+    """The folds an earlier run of the audit finished (their files read), each checked against the data now:
+    refused before anything trains when one was computed on other items or labels."""
+    kept = [k for k in range(folds) if _finished(oof_path(audit_dir, k), k)]
+    for k in kept:
+        read_fold(oof_path(audit_dir, k), k, digest, audit)
+    return kept
 
 
 def _finished(path: Path, fold: int) -> bool:
@@ -161,13 +215,16 @@ def _finished(path: Path, fold: int) -> bool:
         return False
 
 
-def _read_fold(path: Path, fold: int) -> tuple[FoldResult, np.ndarray, np.ndarray]:
+def _read_fold(path: Path, fold: int) -> tuple[FoldResult, np.ndarray, np.ndarray, str | None]:
+    """(the fold's result, held-out indices, probabilities, the digest of the data it was computed on:
+    None in a file an older version wrote)."""
     with np.load(path, allow_pickle=False) as z:
         held, probs = z["index"], z["probs"]
         score = z["test_score"] if "test_score" in z.files else z["test_map"]  # a fold an older version wrote
         res = FoldResult(fold, len(held), str(z["run_id"]) or None, float(score),
                          str(z["node_id"]) or None, str(z["checkpoint"]) or None)
-    return res, held, probs
+        computed_on = str(z["data_digest"]) if "data_digest" in z.files else None
+    return res, held, probs, computed_on
 
 
 def _parent_run(cfg: Config, name: str, audit_dir: Path, uri: str | None) -> str | None:
@@ -235,6 +292,7 @@ def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -
     from deepindex.audit.detect import detect, detection_scores
     from deepindex.audit.report import (
         GRID_FILE,
+        held_splits,
         summary_table,
         suspects_grid,
         weak_folds_warning,
@@ -266,6 +324,8 @@ def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -
     folds = cfg.audit.folds
     if len(given) < folds:
         raise ConfigError(f"audit.folds: {folds} folds need at least {folds} train items, there are {len(given)}")
+    digest = data_digest(view.ids, given)
+    kept_folds(audit_dir, folds, digest, name)  # a restored audit whose data changed: refused before any training
     connect()
     fold_need = cfg.ray.worker_group()
     fold_need["CPU"] += cfg.audit.fold_driver_cpus
@@ -277,7 +337,7 @@ def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -
     threads = max(1, int(cfg.audit.fold_driver_cpus))
     trainable = tune.with_resources(
         functools.partial(fold_driver, base=cfg.to_dict(), audit=name, audit_dir=str(audit_dir), folds=folds,
-                          tracking_uri=uri, parent_run_id=parent, threads=threads),
+                          tracking_uri=uri, parent_run_id=parent, threads=threads, digest=digest),
         # Tune refuses a trial of no resources: the driver holds memory (it builds the splits
         # and predicts a fold), not CPU, which would keep a fold's Train worker waiting.
         {"CPU": cfg.audit.fold_driver_cpus, "memory": FOLD_DRIVER_MEMORY})
@@ -309,10 +369,17 @@ def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -
 
     probs = np.full(given.shape, np.nan, dtype=np.float32)
     results: list[FoldResult] = []
-    for k in range(folds):
-        res, held, p = _read_fold(oof_path(audit_dir, k), k)
-        probs[held] = p
-        results.append(res)
+    try:
+        for k in range(folds):
+            res, held, p = read_fold(oof_path(audit_dir, k), k, digest, name)
+            if p.shape[1:] != probs.shape[1:] or (len(held) and (held.min() < 0 or held.max() >= len(probs))):
+                # a fold an older version wrote (no digest) on other data: its indices name no item of now
+                raise DataChanged(name, k)
+            probs[held] = p
+            results.append(res)
+    except DataChanged:
+        _end_parent(uri, parent, "FAILED")
+        raise
     if np.isnan(probs).any():
         raise RuntimeError(f"audit {name}: the folds do not cover every train item")
     det = detect(given, probs, concepts, cfg.audit.filter_by, exclusive=not cfg.multilabel)
@@ -335,8 +402,10 @@ def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -
         "warning": warning}
     if truth is not None:
         meta["oof_map_clean"] = mean_ap(torch.from_numpy(probs), multi_hot(view.clean["train"], len(concepts)).float())
+    manifest = cfg.data.dataset == "manifest"
     report = write_report(audit_dir / "report", det=det, given=given, probs=probs, ids=view.ids, meta=meta,
-                          truth=truth, per_concept=per_concept, manifest=cfg.data.dataset == "manifest")
+                          truth=truth, per_concept=per_concept, manifest=manifest,
+                          held=held_splits(splits, cfg.data.root) if manifest else None)
     fig = suspects_grid(view.full_train, splits.stats, det, given, probs, view.ids, n=cfg.audit.grid_items,
                         truth=truth, exclusive=not cfg.multilabel)
     fig.savefig(report / GRID_FILE, dpi=110)
