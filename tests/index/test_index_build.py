@@ -104,3 +104,19 @@ def test_cli_build_and_info(small_model, gallery, capsys):
     assert "no collection named 'nope'" in capsys.readouterr().err  # a clean one-line error
     assert main(["index", "build", "--model", str(small_model), "--local", "--features", "stage9"]) == 2
     assert "features: 'stage9'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [("--batch-size", "0", "must be >= 1, not 0"),
+                                                  ("--workers", "-2", "must be >= 1, not -2"),
+                                                  ("--exact-max", "0", "must be >= 1, not 0"),
+                                                  ("--batch-size", "x", "'x' is not a whole number")])
+def test_index_build_names_a_bad_number_before_anything_starts(flag: str, value: str, message: str,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Found on review: --batch-size 0 was a ZeroDivisionError after Ray started and the model downloaded
+    (with --local: "range() arg 3 must not be zero"), --exact-max 0 a 4-line pydantic error."""
+    from deepindex.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["index", "build", flag, value])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"deepindex index build: error: argument {flag}: {message}"

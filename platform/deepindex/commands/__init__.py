@@ -1,1 +1,19 @@
 """CLI subcommands: one module per command, each with ``register(subparsers)``."""
+
+import argparse
+
+
+def whole_number(text: str) -> int:
+    """An argparse type: an integer, else argparse's one-line error naming the option (exit 2)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    n = whole_number(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {n}")
+    return n

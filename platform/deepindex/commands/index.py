@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from deepindex.commands import positive_int
 from deepindex.console import ProgressLine
 
 
@@ -26,9 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="what the index is built to compare by: ip (the dot product; cosine with the default "
                         "normalisation) or l2 (the Euclidean distance)")
     b.add_argument("--no-normalize", action="store_true", help="keep raw embeddings (default: L2-normalised)")
-    b.add_argument("--exact-max", type=int, default=100_000)
-    b.add_argument("--workers", type=int, help="embedding actors (default: sized to the cluster's free CPUs)")
-    b.add_argument("--batch-size", type=int, default=256)
+    # Bad numbers are argparse's one-line error naming the option (exit 2), before anything starts.
+    b.add_argument("--exact-max", type=positive_int, default=100_000)
+    b.add_argument("--workers", type=positive_int, help="embedding actors (default: sized to the cluster's free CPUs)")
+    b.add_argument("--batch-size", type=positive_int, default=256)
     b.add_argument("--local", action="store_true", help="embed in this process, without Ray")
     b.set_defaults(func=run_build)
 

@@ -7,6 +7,8 @@ import shlex
 import sys
 from typing import Any
 
+from deepindex.commands import whole_number
+
 # What each address is for, in the order `status` and `up` print them.
 _ADDRESSES = {
     "ray": "Ray head (RAY_ADDRESS; deepindex jobs, ray.init, `ray status`)",
@@ -44,25 +46,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     e.set_defaults(func=run_env)
 
 
-def _whole_number(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-
-
 def _port(text: str) -> int:
     """A TCP port for `up`; 0 asks for any free one (localplatform.up picks it)."""
     from deepindex.localplatform import MAX_PORT
 
-    n = _whole_number(text)
+    n = whole_number(text)
     if not 0 <= n <= MAX_PORT:
         raise argparse.ArgumentTypeError(f"a port must be 0-{MAX_PORT} (0: any free port), not {n}")
     return n
 
 
 def _cpus(text: str) -> int:
-    n = _whole_number(text)
+    n = whole_number(text)
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1 (leave it out for the default), not {n}")
     return n
