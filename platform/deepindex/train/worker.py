@@ -50,6 +50,18 @@ def _gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def group_train_means(m: dict[str, float]) -> dict[str, float]:
+    """``train_loss`` and ``train_penalty`` over every rank's images (each rank's are over its own
+    shard; rank 0's alone were logged as the epoch's, found on review).  Every rank calls it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return m
+    seen = m["train_images"]
+    sums: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(sums, (m["train_loss"] * seen, m["train_penalty"] * seen, seen))
+    loss, pen, n = (sum(part[i] for part in sums) for i in range(3))
+    return {**m, "train_loss": loss / max(n, 1), "train_penalty": pen / max(n, 1)}
+
+
 def _write_status(status_dir: str | None, rank: int, **fields: Any) -> None:
     """Where each worker is (pid, epoch): for operators, and for fault-injection tests."""
     if not status_dir:
@@ -173,8 +185,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
             if rank == 0:
                 log.info("epoch %d: train.unfreeze_epoch reached, every layer trains from now on", epoch)
         lr = current_lr(optimizer)
-        train_metrics = train_one_epoch(model, feed.train_batches(epoch), optimizer, loss_fn, penalty, epoch, device,
-                                        precision=precision)
+        train_metrics = group_train_means(train_one_epoch(model, feed.train_batches(epoch), optimizer, loss_fn,
+                                                          penalty, epoch, device, precision=precision))
         if epoch == start_epoch:
             _write_shard(loop_config.get("status_dir"), rank, feed.rows_read)
         status["train_rows"] = int(train_metrics["train_images"])  # this rank's, last epoch
