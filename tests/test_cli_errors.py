@@ -138,3 +138,66 @@ def test_index_build_refuses_a_missing_collection_before_ray(no_ray: list[Any], 
     assert len(err.splitlines()) == 1 and err.startswith("deepindex index: error: collection: no collection named "
                                                          "'nope'"), err
     assert no_ray == []
+
+
+# ---- serve --config: a malformed file is one line naming the key, before Ray -----------------------
+@pytest.mark.parametrize(("text", "message"), [
+    ("- a\n- b\n", "config: must be a mapping (key: value lines), not a list, in {path}"),
+    ("applications: [\n", "config: {path} is not valid YAML (ParserError)"),
+    ("applications:\n- name: x\n  args: [1, 2]\n",
+     "applications[0].args: must be a mapping (key: value lines), not a list, in {path}"),
+    ("applications:\n- 3\n", "applications[0]: must be a mapping (key: value lines), not an int, in {path}"),
+    ("applications: {name: x}\n", "applications: must be a list of applications, not a dict, in {path}"),
+    ("applications:\n- name: x\nhttp_options: [8000]\n",
+     "http_options: must be a mapping (key: value lines), not a list, in {path}"),
+    ("applications: []\n", "serve: {path} defines no application"),
+], ids=["top-level-list", "invalid-yaml", "args-list", "application-int", "applications-dict", "http-options-list",
+        "no-application"])
+def test_serve_names_a_malformed_config_before_ray(no_ray: list[Any], monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   text: str, message: str) -> None:
+    asked: list[Any] = []
+    monkeypatch.setattr("deepindex.cluster.lasting_cluster", lambda *a, **k: asked.append(a))
+    path = tmp_path / "serve.yaml"
+    path.write_text(text)
+    for detach in ([], ["--detach"]):
+        assert main(["serve", *detach, "--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines() == [f"deepindex serve: error: {message.format(path=path)}"], err
+    assert no_ray == [] and asked == []  # refused before any cluster was looked for
+
+
+# ---- the short commands: one line for any failure, never a traceback -----------------------------
+def test_collection_names_a_catalogue_url_it_cannot_open(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["collection", "ls", "--catalogue", "bogus://x"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["deepindex collection: error: catalogue: bogus://x: SQLAlchemy knows no database "
+                                "'bogus' (expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB)"], err
+
+    port = free_port()  # nothing listens there: the connection is refused at once
+    assert main(["collection", "ls", "--catalogue", f"postgresql://someone:s3cret@127.0.0.1:{port}/db"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    where = f"postgresql://127.0.0.1:{port}/db"
+    assert err.startswith(f"deepindex collection: error: catalogue: cannot open {where}: "), err
+    assert "s3cret" not in err and "someone" not in err
+
+    assert main(["collection", "ls", "--catalogue", "postgresql://someone:s3cret@127.0.0.1:notaport/db"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("deepindex collection: error: catalogue: not a database URL: 'postgresql://...' (expected "
+                   "sqlite:///PATH or postgresql://USER@HOST:PORT/DB)\n"), err
+
+
+def test_a_short_command_fails_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    def broken(*a: Any, **k: Any) -> Any:
+        raise RuntimeError("the disk is on fire\nsecond line")
+
+    monkeypatch.setattr("deepindex.collection.list_collections", broken)
+    assert main(["collection", "ls"]) == 1
+    out, err = capsys.readouterr()
+    assert err == ("deepindex collection: failed: RuntimeError: the disk is on fire (deepindex -v collection ... "
+                   "prints the traceback)\n"), err
+    assert "Traceback" not in out + err
+    with pytest.raises(RuntimeError, match="the disk is on fire"):  # -v: the traceback
+        main(["-v", "collection", "ls"])

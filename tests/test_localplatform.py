@@ -5,17 +5,21 @@ loopback; ``tests/reliability/test_platform_security.py`` checks the commands it
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from deepindex.cli import main
-from deepindex.localplatform import ray_temp_dir, read_state
+from deepindex.localplatform import SERVICES, Service, _write_state, down, platform_dir, ray_temp_dir, read_state, up
 from deepindex.net import free_port
 from deepindex.sessions import session_members
 from support import BIN, wait_until
@@ -245,3 +249,135 @@ def test_a_dead_service_is_reported_and_restarted(home, capsys):
     assert "mlflow: dead" in capsys.readouterr().out
     again = up(mlflow_port=0, services=("mlflow",))["mlflow"]
     assert again.pid != first.pid and session_members(again.pgid)
+
+
+# ---- `up` on a running platform, and two `up`s at once: no Ray, no MLflow -------------------------
+# The services in the state file are processes of the test's own (`sleep`, each the leader of a new
+# session, as `up` starts a service), stopped by their pids when the test ends.
+@pytest.fixture
+def sleepers():
+    procs: list[subprocess.Popen] = []
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen(["sleep", "120"], start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def _fake(name: str, proc: subprocess.Popen, port: int, **options: int) -> Service:
+    address = f"127.0.0.1:{port}" if name == "ray" else f"http://127.0.0.1:{port}"
+    started_with = {f"--{k.replace('_', '-')}": v for k, v in options.items()}
+    return Service(name, proc.pid, proc.pid, port, address, f"{name}.log", [], {name: address},
+                   **({"options": started_with} if started_with else {}))
+
+
+@pytest.mark.timeout(60)
+def test_up_checks_that_a_running_platform_answers(sleepers, monkeypatch, capsys):
+    monkeypatch.setattr("deepindex.localplatform.READY_TIMEOUT_S", 1.0, raising=False)
+    ray_port, mlflow_port, dashboard = free_port(), free_port(), free_port()
+    ray, mlflow = sleepers(), sleepers()  # alive, and nothing answers on their ports
+    _write_state({"ray": _fake("ray", ray, ray_port), "mlflow": _fake("mlflow", mlflow, mlflow_port)})
+    assert main(["up", "--ray-port", str(ray_port), "--mlflow-port", str(mlflow_port),
+                 "--dashboard-port", str(dashboard)]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        f"deepindex up: error: ray (running already, pid {ray.pid}), mlflow (running already, pid {mlflow.pid}): "
+        f"not ready after 1s; see {platform_dir()}/*.log (`deepindex down` stops the platform, `deepindex up` then "
+        "starts it afresh)"), err
+    assert "platform up" not in err
+    # Kept as they were: `up` stops nothing that runs.
+    assert ray.poll() is None and mlflow.poll() is None
+    assert {k: v.pid for k, v in read_state().items()} == {"ray": ray.pid, "mlflow": mlflow.pid}
+
+
+@pytest.mark.timeout(60)
+def test_up_says_which_options_a_running_platform_keeps(sleepers, monkeypatch, caplog):
+    for name in SERVICES:
+        monkeypatch.setitem(SERVICES, name, dataclasses.replace(SERVICES[name], ready=lambda svc: True))
+    monkeypatch.delenv("DEEPINDEX_NUM_CPUS", raising=False)
+    ray_port, mlflow_port, dashboard = free_port(), free_port(), free_port()
+    ray, mlflow = sleepers(), sleepers()
+    _write_state({"ray": _fake("ray", ray, ray_port, num_cpus=2, dashboard_port=dashboard),
+                  "mlflow": _fake("mlflow", mlflow, mlflow_port)})
+    pids = {"ray": ray.pid, "mlflow": mlflow.pid}
+
+    def warnings() -> list[str]:
+        out = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        caplog.clear()
+        return out
+
+    caplog.set_level(logging.INFO, logger="deepindex.localplatform")
+    # What it runs with, the defaults and 0 (any port): nothing to say.
+    for kwargs in ({"ray_port": ray_port, "mlflow_port": mlflow_port, "dashboard_port": dashboard, "num_cpus": 2},
+                   {}, {"ray_port": 0, "mlflow_port": 0, "dashboard_port": 0}):
+        assert {k: v.pid for k, v in up(**kwargs).items()} == pids
+        assert warnings() == [], kwargs
+
+    other = {"ray_port": free_port(), "mlflow_port": free_port(), "dashboard_port": free_port()}
+    assert {k: v.pid for k, v in up(**other, num_cpus=4).items()} == pids
+    assert warnings() == [
+        f"the platform runs already with other options than asked for, kept as they are: ray --ray-port {ray_port} "
+        f"(asked for {other['ray_port']}); ray --dashboard-port {dashboard} (asked for {other['dashboard_port']}); "
+        f"ray --num-cpus 2 (asked for 4); mlflow --mlflow-port {mlflow_port} (asked for {other['mlflow_port']}) "
+        "(options apply when a service starts: `deepindex down` first to change them)"]
+    monkeypatch.setenv("DEEPINDEX_NUM_CPUS", "3")
+    up()
+    assert [w for w in warnings() if "ray --num-cpus 2 (asked for 3)" in w] != []
+
+
+@pytest.mark.timeout(60)
+def test_two_ups_at_once_start_one_platform(sleepers, monkeypatch, caplog):
+    started: list[str] = []
+
+    def fake_start(name: str):
+        def start(port: int, opts) -> Service:
+            time.sleep(0.5)  # what `ray start` takes before `up` records it: the other `up` reads the state meanwhile
+            started.append(name)
+            return _fake(name, sleepers(), port)
+        return start
+
+    for name in SERVICES:
+        monkeypatch.setitem(SERVICES, name, dataclasses.replace(SERVICES[name], start=fake_start(name),
+                                                                ready=lambda svc: True))
+    ports = {"ray_port": free_port(), "mlflow_port": free_port(), "dashboard_port": free_port()}
+    results: list[dict] = []
+    threads = [threading.Thread(target=lambda: results.append(up(**ports))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 2
+    assert sorted(started) == ["mlflow", "ray"]  # one platform, not a second one that orphans the first
+    recorded = {k: v.pid for k, v in read_state().items()}
+    assert [{k: v.pid for k, v in r.items()} for r in results] == [recorded, recorded]
+    assert any("waiting for it to end" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(60)
+def test_down_waits_for_the_process_that_holds_the_lock(sleepers):
+    service = sleepers()
+    _write_state({"mlflow": _fake("mlflow", service, free_port())})
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+                               str(platform_dir() / "state.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.update(down()))
+        t.start()
+        t.join(1.0)
+        assert t.is_alive() and service.poll() is None  # an `up` holds the lock: `down` waits for it
+        holder.kill()  # the lock goes with its process, however that ends
+        holder.wait()
+        t.join(30)
+        assert not t.is_alive() and result == {"mlflow": [service.pid]}
+        assert read_state() == {}
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()

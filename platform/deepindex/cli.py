@@ -4,7 +4,8 @@ Every module there defines ``register(subparsers)`` that adds its subcommand and
 ``func``.  Errors a user can fix (bad config key, missing file, bad manifest line) end as
 one line on stderr and exit status 2, never a traceback.  The commands that run Ray work print
 one line per event and keep the rest in a log file (:mod:`deepindex.console`; ``-v`` prints it all);
-any other failure of theirs (a Train worker's error) is one line naming the log file, exit status 1.
+any other failure of theirs (a Train worker's error) is one line naming the log file, exit status 1; the
+other commands keep no log file, and their other failures are one line too (``-v`` raises the traceback).
 """
 from __future__ import annotations
 
@@ -55,10 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"deepindex {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # any other failure: one line on the console, the traceback in the log file
-        path = console.log_path()
-        if args.verbose or path is None:
+    except Exception as e:  # any other failure: one line on the console, the traceback in the log file (or -v)
+        if args.verbose:
             raise
+        path = console.log_path()
+        if path is None:  # a short command keeps no log file: -v prints the traceback
+            print(f"deepindex {args.command}: failed: {console.failure_line(e)} (deepindex -v {args.command} ... "
+                  "prints the traceback)", file=sys.stderr)
+            return 1
         logging.getLogger(__name__).info("deepindex %s failed", args.command, exc_info=True)  # the log file only
         print(f"deepindex {args.command}: failed: {console.failure_line(e)} (the traceback is in {path})",
               file=sys.stderr)

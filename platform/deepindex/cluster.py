@@ -137,7 +137,7 @@ def wait_for_resources(need: dict[str, float], what: str, wait_s: float | None =
             held = ", ".join(f"{total.get(k, 0.0):g} {k}s in all" for k in missing)
             raise ClusterBusy(f"{what} needs {wants} and this machine's cluster has {held}: ask for less "
                               "(ray.num_workers, ray.cpus_per_worker) or start it with more "
-                              "(deepindex up --num-cpus N)")
+                              "(deepindex down; deepindex up --num-cpus N)")
         if not said:
             event("%s waits for %s (the cluster has %s; a running service, training or sweep holds the rest)",
                   what, wants, have)

@@ -7,7 +7,9 @@ Serve URL ``deepindex serve`` recorded), ``env`` turns them into ``export`` line
 (:func:`client_env`); :data:`SERVICES` says how each one starts, comes up and stops.  Each service is
 started in a new session (``start_new_session=True``) and stopped by that session's id
 (:mod:`deepindex.sessions`).  Nothing is ever stopped by name (``ray stop`` would stop every Ray
-on the machine).
+on the machine).  ``up`` and ``down`` hold an exclusive lock on ``<state dir>/platform/state.lock``
+while they run, so two of them on one state folder take turns (neither records services the other
+cannot see, nor stops what the other is starting).
 
 Ray keeps token authentication on: ``up`` writes a token file (mode 0600) in the state
 folder and starts the head with ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``;
@@ -16,6 +18,7 @@ uses it).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -23,7 +26,8 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from hashlib import sha1
 from pathlib import Path
@@ -41,6 +45,7 @@ DEFAULT_DASHBOARD_PORT = 8275  # not Ray's 8265, for the same reason; the Jobs A
 DEFAULT_MLFLOW_PORT = 5050
 MAX_PORT = 65535
 NUM_CPUS_ENV = "DEEPINDEX_NUM_CPUS"
+READY_TIMEOUT_S = 120.0  # how long `up` waits for each service to answer, started now or running already
 
 
 class PlatformError(RuntimeError):
@@ -57,6 +62,9 @@ class Service:
     log: str
     helpers: list[int]
     urls: dict[str, str] = field(default_factory=dict)  # every address it serves, by name (status, env)
+    # The `deepindex up` options besides its port it was started with, by flag ({"--num-cpus": 4}): a later
+    # `up` that asks for others says they do not apply to it.  {} in a state file from before they were kept.
+    options: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,29 @@ def read_state() -> dict[str, Service]:
 
 def _write_state(services: dict[str, Service]) -> None:
     write_file(_state_file(), json.dumps({k: vars(v) for k, v in services.items()}, indent=2))
+
+
+def _lock_file() -> Path:
+    return platform_dir() / "state.lock"
+
+
+@contextmanager
+def _state_lock() -> Iterator[None]:
+    """Hold the state folder's platform lock (an exclusive ``flock``), waiting for another ``up`` or
+    ``down`` that holds it.  The kernel releases it when this process ends, however it ends; the services
+    started meanwhile do not inherit it (Python's files are not inheritable, and Popen closes the rest)."""
+    path = _lock_file()
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another `deepindex up` or `deepindex down` is running on %s: waiting for it to end",
+                        state_dir())
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---- processes --------------------------------------------------------------------------
@@ -153,6 +184,7 @@ def _start_ray(port: int, opts: UpOptions) -> Service:
 
     _ensure_token()
     dashboard, client = opts.dashboard_port or free_port(), free_port()
+    num_cpus = opts.num_cpus or default_num_cpus()
     cmd = [_bin("ray"), "start", "--head", "--block", f"--port={port}", f"--node-ip-address={HOST}",
            # The dashboard serves the Jobs API (`deepindex submit`, `ray job submit`) and the State
            # API, which Ray Train's placement-group cleaner needs: without it, a trial killed by
@@ -160,7 +192,7 @@ def _start_ray(port: int, opts: UpOptions) -> Service:
            "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={dashboard}",
            "--disable-usage-stats", f"--temp-dir={ray_temp_dir()}",
            # Ray Client's fixed default port (10001) would clash with a second head on the machine.
-           f"--ray-client-server-port={client}", f"--num-cpus={opts.num_cpus or default_num_cpus()}"]
+           f"--ray-client-server-port={client}", f"--num-cpus={num_cpus}"]
     # In-cluster State API calls (that cleaner's) otherwise guess the cluster and give up when
     # another Ray runs on the machine ("Found multiple active Ray instances").
     env = {**os.environ, **ray_client_env(), **local_cluster_env(), "RAY_ADDRESS": f"{HOST}:{port}"}
@@ -170,7 +202,8 @@ def _start_ray(port: int, opts: UpOptions) -> Service:
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     proc, logf = _spawn("ray", cmd, env)
     urls = {"ray": f"{HOST}:{port}", "dashboard": f"http://{HOST}:{dashboard}", "client": f"ray://{HOST}:{client}"}
-    return Service("ray", proc.pid, proc.pid, port, f"{HOST}:{port}", str(logf), [], urls)
+    options = {"--dashboard-port": dashboard, "--num-cpus": num_cpus}
+    return Service("ray", proc.pid, proc.pid, port, f"{HOST}:{port}", str(logf), [], urls, options)
 
 
 def _ray_ready(svc: Service) -> bool:
@@ -237,11 +270,21 @@ class ServiceKind:
     health: Callable[[Service], bool] | None = None  # reported by `status` beyond "alive"
     # Fixed ports it binds besides its own, with their `deepindex up` options: checked before anything starts.
     other_ports: Callable[[UpOptions], dict[str, int]] = lambda opts: {}
+    # The options besides its port that a user asked for (None: not asked), by their `deepindex up` flag:
+    # compared with those a running service was started with (Service.options).
+    asked: Callable[[UpOptions], dict[str, int | None]] = lambda opts: {}
+
+
+def _given(port: int, default: int) -> int | None:
+    """A port a user asked for: not 0 (any), nor the default (which the command line passes when none is given)."""
+    return None if port in (0, default) else port
 
 
 SERVICES: dict[str, ServiceKind] = {
     "ray": ServiceKind(DEFAULT_RAY_PORT, "--ray-port", _start_ray, _ray_ready, stop_leader_first=True,
-                       other_ports=lambda opts: {"--dashboard-port": opts.dashboard_port}),
+                       other_ports=lambda opts: {"--dashboard-port": opts.dashboard_port},
+                       asked=lambda opts: {"--dashboard-port": _given(opts.dashboard_port, DEFAULT_DASHBOARD_PORT),
+                                           "--num-cpus": opts.num_cpus}),
     "mlflow": ServiceKind(DEFAULT_MLFLOW_PORT, "--mlflow-port", _start_mlflow, _mlflow_ready,
                           stop_leader_first=False, health=lambda svc: mlflow_healthy(svc.address)),
 }
@@ -272,22 +315,31 @@ def _check_numbers(ports: dict[str, int], num_cpus: int | None) -> None:
 
 
 def up(ray_port: int = DEFAULT_RAY_PORT, mlflow_port: int = DEFAULT_MLFLOW_PORT, num_cpus: int | None = None,
-       timeout: float = 120.0, services: tuple[str, ...] = ("ray", "mlflow"),
+       timeout: float | None = None, services: tuple[str, ...] = ("ray", "mlflow"),
        dashboard_port: int = DEFAULT_DASHBOARD_PORT) -> dict[str, Service]:
-    """Start what is not running; keep what is.  Port 0 picks a free port.  ``num_cpus`` None:
-    ``DEEPINDEX_NUM_CPUS``, else the default.  A bad number is a ValueError naming it, before anything starts."""
+    """Start what is not running; keep what is, once it answers too.  Port 0 picks a free port.  ``num_cpus``
+    None: ``DEEPINDEX_NUM_CPUS``, else the default.  A bad number is a ValueError naming it, before anything
+    starts.  Options that differ from those a running service was started with are a warning: they apply
+    when it starts.  ``timeout`` (default :data:`READY_TIMEOUT_S`): how long each service may take to answer."""
     _check_numbers({"--ray-port": ray_port, "--mlflow-port": mlflow_port, "--dashboard-port": dashboard_port},
                    num_cpus)
     if num_cpus is None:
         num_cpus = num_cpus_from_env()
     ports = {"ray": ray_port, "mlflow": mlflow_port}
     opts = UpOptions(num_cpus=num_cpus, dashboard_port=dashboard_port)
+    with _state_lock():  # another `up` or `down` on this state folder waits until this one has recorded its work
+        return _up(ports, opts, READY_TIMEOUT_S if timeout is None else timeout, services)
+
+
+def _up(ports: dict[str, int], opts: UpOptions, timeout: float, services: tuple[str, ...]) -> dict[str, Service]:
     state = read_state()
     wanted: dict[str, int] = {}
+    running: dict[str, Service] = {}
     for name in services:
         old = state.get(name)
         if old is not None and _alive(old):
             log.info("%s already running (pid %d, %s)", name, old.pid, old.address)
+            running[name] = old
             continue
         if old is not None:
             log.warning("%s (pid %d) recorded as running has died; see %s. Starting it again.", name, old.pid, old.log)
@@ -298,27 +350,41 @@ def up(ray_port: int = DEFAULT_RAY_PORT, mlflow_port: int = DEFAULT_MLFLOW_PORT,
             if p and not port_free(p):
                 raise PlatformError(f"{name}: port {HOST}:{p} is in use by another process; choose another with {flag}")
         wanted[name] = port
+    kept = [f"{name} {d}" for name, svc in running.items() for d in _other_options(name, svc, ports[name], opts)]
+    if kept:
+        log.warning("the platform runs already with other options than asked for, kept as they are: %s (options "
+                    "apply when a service starts: `deepindex down` first to change them)", "; ".join(kept))
     # Every port is checked before anything starts: a refused `up` leaves nothing running.
     starting = {name: SERVICES[name].start(port, opts) for name, port in wanted.items()}
     # Record before waiting: an interrupted `up` still leaves ids that `down` can stop.
     _write_state({**state, **starting})
 
+    # A service running already must answer too: a live process is not a working one (an MLflow server
+    # stuck on its database, a head whose raylet died).
     deadline = time.monotonic() + timeout
-    pending = dict(starting)
+    pending = {**running, **starting}
     while pending:
         for name, svc in list(pending.items()):
             if SERVICES[name].ready(svc):
-                svc.helpers = [p for p in session_members(svc.pgid) if p != svc.pid]
-                log.info("%s up at %s (pid %d, %d helper processes)", name, svc.address, svc.pid, len(svc.helpers))
+                if name in starting:
+                    svc.helpers = [p for p in session_members(svc.pgid) if p != svc.pid]
+                    log.info("%s up at %s (pid %d, %d helper processes)", name, svc.address, svc.pid,
+                             len(svc.helpers))
                 pending.pop(name)
             elif not _alive(svc):
                 stop_session(svc.pgid, svc.pid)
+                state.pop(name, None)
                 state.update({k: v for k, v in starting.items() if k != name})
                 _write_state(state)
-                raise PlatformError(f"{name}: exited while starting; last lines of {svc.log}:\n{_tail(Path(svc.log))}")
+                what = "exited while starting" if name in starting else f"exited (pid {svc.pid}, running before)"
+                raise PlatformError(f"{name}: {what}; last lines of {svc.log}:\n{_tail(Path(svc.log))}")
         if pending and time.monotonic() > deadline:
-            raise PlatformError(f"{', '.join(pending)}: not ready after {timeout:.0f}s; see {platform_dir()}/*.log "
-                                "(`deepindex down` stops what was started)")
+            names = [name if name in starting else f"{name} (running already, pid {pending[name].pid})"
+                     for name in pending]
+            hint = ("`deepindex down` stops what was started" if not set(pending) & set(running) else
+                    "`deepindex down` stops the platform, `deepindex up` then starts it afresh")
+            raise PlatformError(f"{', '.join(names)}: not ready after {timeout:.0f}s; see {platform_dir()}/*.log "
+                                f"({hint})")
         if pending:
             time.sleep(0.3)
     state.update(starting)
@@ -326,21 +392,34 @@ def up(ray_port: int = DEFAULT_RAY_PORT, mlflow_port: int = DEFAULT_MLFLOW_PORT,
     return state
 
 
+def _other_options(name: str, svc: Service, port: int, opts: UpOptions) -> list[str]:
+    """The options asked for that the running service ``svc`` was not started with: ``--num-cpus 4 (asked
+    for 8)``.  Its port is compared when one other than 0 and the default was asked for."""
+    kind = SERVICES[name]
+    asked = {kind.flag: _given(port, kind.default_port), **kind.asked(opts)}
+    has = {kind.flag: svc.port, **svc.options}
+    return [f"{flag} {has[flag]} (asked for {value})" for flag, value in asked.items()
+            if value is not None and flag in has and has[flag] != value]
+
+
 def down() -> dict[str, list[int]]:
     """Stop every recorded service's session; returns the pids stopped per service."""
-    state = read_state()
-    stopped: dict[str, list[int]] = {}
-    for name, svc in state.items():
-        kind = SERVICES.get(name)
-        stopped[name] = stop_session(svc.pgid, svc.pid if kind is not None and kind.stop_leader_first else None)
-        if stopped[name]:
-            log.debug("%s: stopped %d processes", name, len(stopped[name]))
-        else:
-            log.info("%s: was not running", name)
-    for f in (state_dir() / "platform" / "state.json", _serve_file()):
-        if f.exists():
-            f.unlink()
-    return stopped
+    if not (state_dir() / "platform").is_dir():
+        return {}  # never started here (and no folder is made for that)
+    with _state_lock():  # an `up` running meanwhile records what it starts first: this stops it too
+        state = read_state()
+        stopped: dict[str, list[int]] = {}
+        for name, svc in state.items():
+            kind = SERVICES.get(name)
+            stopped[name] = stop_session(svc.pgid, svc.pid if kind is not None and kind.stop_leader_first else None)
+            if stopped[name]:
+                log.debug("%s: stopped %d processes", name, len(stopped[name]))
+            else:
+                log.info("%s: was not running", name)
+        for f in (state_dir() / "platform" / "state.json", _serve_file()):
+            if f.exists():
+                f.unlink()
+        return stopped
 
 
 def status() -> dict[str, dict[str, Any]]:

@@ -122,9 +122,35 @@ def engine_for(url: str) -> Engine:
         eng = _engines.get(key)
         if eng is None:
             eng = _create_engine(url)
-            create_schema(eng)
+            try:
+                create_schema(eng)  # the first connection: a server that does not answer fails here
+            except exc.OperationalError as e:
+                eng.dispose()
+                raise ValueError(f"catalogue: cannot open {_where(url)}: {_reason(e, url)}") from e
             _engines[key] = eng
         return eng
+
+
+def _where(url: str) -> str:
+    """The catalogue a URL names, for an error: its scheme, host, port and database; never its user,
+    password or query (which may hold a password too)."""
+    try:
+        u = make_url(url)
+    except (exc.ArgumentError, ValueError):
+        return "<unparseable catalogue URL>"
+    host = f"{u.host or ''}{f':{u.port}' if u.port else ''}"
+    return f"{u.drivername}://{host}" + (f"/{u.database}" if u.database else "")
+
+
+def _reason(error: exc.DBAPIError, url: str) -> str:
+    """The first line of what the database driver said, with the URL's password blanked should it be there."""
+    lines = [ln.strip() for ln in str(error.orig or error).splitlines() if ln.strip()]
+    text = lines[0][:300] if lines else type(error).__name__
+    try:
+        password = make_url(url).password
+    except (exc.ArgumentError, ValueError):
+        password = None
+    return text.replace(str(password), "***") if password else text
 
 
 def dispose_engines() -> None:
@@ -138,14 +164,25 @@ def dispose_engines() -> None:
 def _create_engine(url: str) -> Engine:
     try:
         u = make_url(url)
-    except exc.ArgumentError:
-        raise ValueError(f"catalogue: not a database URL: {url!r}") from None
-    if u.get_backend_name() != "sqlite":
-        # pool_pre_ping: a server restarted under a long-lived service is reconnected, not an error.
-        return create_engine(u, pool_pre_ping=True)
-    if u.database and u.database != ":memory:":
-        Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    eng = create_engine(u, connect_args={"timeout": BUSY_TIMEOUT_S})
+    except (exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
+        # No credentials in the error: only the scheme of a URL that may hold some.
+        shown = url if "@" not in url else (url.split("://", 1)[0] + "://..." if "://" in url else "...")
+        raise ValueError(f"catalogue: not a database URL: {shown!r} (expected sqlite:///PATH or "
+                         "postgresql://USER@HOST:PORT/DB)") from None
+    try:
+        if u.get_backend_name() != "sqlite":
+            # pool_pre_ping: a server restarted under a long-lived service is reconnected, not an error.
+            return create_engine(u, pool_pre_ping=True)
+        if u.database and u.database != ":memory:":
+            Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        eng = create_engine(u, connect_args={"timeout": BUSY_TIMEOUT_S})
+    except exc.NoSuchModuleError:  # an ArgumentError: SQLAlchemy has no such dialect or driver
+        raise ValueError(f"catalogue: {_where(url)}: SQLAlchemy knows no database {u.drivername!r} (expected "
+                         "sqlite:///PATH or postgresql://USER@HOST:PORT/DB)") from None
+    except exc.ArgumentError as e:
+        raise ValueError(f"catalogue: {_where(url)}: {e}") from None
+    except ImportError as e:  # the dialect is known, its driver module is not installed
+        raise ValueError(f"catalogue: {_where(url)}: its database driver is not installed ({e})") from None
 
     @event.listens_for(eng, "connect")
     def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:

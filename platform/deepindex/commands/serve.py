@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deepindex.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -42,20 +44,47 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run_serve)
 
 
-def _app_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], str]:
-    import yaml
+def _mapping(value: Any, key: str, path: Path) -> dict[str, Any]:
+    """``value`` (the YAML at ``key``; None: empty) as a dict, or a ConfigError naming the key and the file."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: must be a mapping (key: value lines), not {_a(value)}, in {path}")
+    return value
 
+
+def _a(value: Any) -> str:
+    """What a YAML value is, for an error: "a list", "an int"."""
+    kind = type(value).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
+def _read_serve_config(cfg_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A Serve config file's top level and its first application, each checked to be a mapping (with
+    its ``args`` and ``http_options``) before anything starts: a malformed file is one line naming the key."""
+    from deepindex.config import read_yaml
+
+    cfg = _mapping(read_yaml(cfg_path, "config"), "config", cfg_path)
+    apps = cfg.get("applications")
+    if apps is not None and not isinstance(apps, list):
+        raise ConfigError(f"applications: must be a list of applications, not {_a(apps)}, in {cfg_path}")
+    if not apps:
+        raise ValueError(f"serve: {cfg_path} defines no application")
+    app = _mapping(apps[0], "applications[0]", cfg_path)
+    _mapping(app.get("args"), "applications[0].args", cfg_path)
+    _mapping(cfg.get("http_options"), "http_options", cfg_path)
+    name = app.get("name", "deepindex")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"applications[0].name: must be a non-empty string, not {name!r}, in {cfg_path}")
+    return cfg, app
+
+
+def _app_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], str]:
     from deepindex.config import parse_overrides
     from serving.schemas import HERE
 
     cfg_path = Path(args.config) if args.config else HERE / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"config: no such file {cfg_path}")
-    cfg = yaml.safe_load(cfg_path.read_text()) or {}
-    apps = cfg.get("applications") or []
-    if not apps:
-        raise ValueError(f"serve: {cfg_path} defines no application")
-    app = apps[0]
+    cfg, app = _read_serve_config(cfg_path)
     app_args = dict(app.get("args") or {})
     # Paths given on this command line are relative to where it runs, not to the repo.
     if args.model:
