@@ -247,13 +247,15 @@ def test_evaluate_reads_a_collection_that_moved_where_it_is_now(first_run, tmp_p
         assert err.startswith(f"deepindex evaluate: error: {message}"), err
 
 
-def _write_report(folder: Path, d, rows: list[tuple[int, str]], ids: list[str]) -> Path:
+def _write_report(folder: Path, d, rows: list[tuple[int, str]], splits) -> Path:
+    """An audit report flagging ``rows`` (train index, concept) of ``splits``, each with the label it has."""
+    ids = [os.path.relpath(p, d.root) for p in splits.train.paths]
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / SUSPECTS_FILE).open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["rank", "index", "item", "concept", "issue", "given", "pred_prob", "quality"])
         for r, (i, c) in enumerate(rows, 1):
-            w.writerow([r, i, ids[i], c, "x", 0, 0.5, 0.1])
+            w.writerow([r, i, ids[i], c, "x", int(splits.view.given[i, splits.concepts.index(c)]), 0.5, 0.1])
     (folder / AUDIT_FILE).write_text(json.dumps({"data": fingerprint(d)}))
     return folder
 
@@ -271,8 +273,8 @@ def test_label_views_give_the_ray_path_the_local_paths_labels(first_run, tmp_pat
     if view == "noise+fold":
         cfg = cfg.override({"data.cv_folds": 3, "data.cv_fold": 1})
     else:
-        ids = [os.path.relpath(p, cfg.data.root) for p in build_splits(cfg.data).train.paths]  # type: ignore[attr-defined]
-        report = _write_report(tmp_path / "audit", cfg.data, [(3, "red"), (3, "circle"), (10, "blue")], ids)
+        report = _write_report(tmp_path / "audit", cfg.data, [(3, "red"), (3, "circle"), (10, "blue")],
+                               build_splits(cfg.data))
         cfg = cfg.override({"data.label_filter": str(report), "data.label_filter_mode": view.split("-")[-1]})
     local = build_splits(cfg.data)
     cache = prepare_cache(cfg.data, first_run["storage"])

@@ -52,8 +52,9 @@ COMPLETE = "cache.json"
 LABELS = "labels.npz"
 ITEMS = "items.json"
 SPLITS = ("train", "val", "test")
-# Bump when what a key's folder holds changes (columns, decode); old folders are then never read.
-FORMAT = 1
+# Bump when what a key's folder holds changes (columns, decode, the split draw); old folders are then never read.
+# 2: items dealt to splits by id (data.splits.file_split_indices), no longer by position.
+FORMAT = 2
 # The data keys that decide the pixels, the items, their labels and the splits.
 KEY_FIELDS = ("dataset", "root", "manifest", "concepts", "image_size", "channels", "preset", "unknown_tags",
               "val_fraction", "test_fraction", "seed")
@@ -215,15 +216,6 @@ def _read_items(d: DataConfig) -> FileItems:
     return read_collection(d.root, d.manifest, d.concepts, unknown_tags=d.unknown_tags)
 
 
-def split_indices(items: FileItems, d: DataConfig) -> dict[str, np.ndarray]:
-    """Item indices of each split: the same draw as the local path's."""
-    from deepindex.data.splits import _column_split_indices, _split_indices
-
-    if items.splits is not None:
-        return _column_split_indices(items.splits, d.val_fraction, d.test_fraction, d.seed)
-    return _split_indices(len(items.paths), d.val_fraction, d.test_fraction, d.seed)
-
-
 def _decode_batch(batch: dict[str, np.ndarray], image_size: int, channels: int, preset: str
                   ) -> dict[str, np.ndarray]:
     """Ray Data map_batches: {split, index, path} -> {split, index, image (B, C, S, S) uint8}."""
@@ -283,11 +275,12 @@ def _train_stats(train_dir: Path) -> NormStats:
 
 def _decode(d: DataConfig, target: Path) -> DecodedCache:
     from deepindex.atomic import swap_dir
+    from deepindex.data.splits import file_split_indices
 
     start = time.perf_counter()
     shape = _shape(d)
     items = _read_items(d)
-    idx = split_indices(items, d)
+    idx = file_split_indices(items, d)  # the local path's draw
     split_paths = {s: [items.paths[i] for i in idx[s]] for s in SPLITS}
     labels = {s: items.targets[np.asarray(idx[s], dtype=np.int64)].numpy() for s in SPLITS}
     multilabel = d.dataset == "manifest"
