@@ -129,3 +129,25 @@ def test_an_app_that_cannot_start_says_why_in_one_line(served):
                    "loadable deepindex checkpoint (Unsupported operand 103)"), why
     assert served.get("/healthz").status_code == 200  # the package's application is untouched
     assert why_not_running("no-such-app") == ""
+
+
+def test_an_address_serve_cannot_take_is_refused_and_a_configured_one_gives_way(served):
+    """serve.start keeps a running Serve's address and only logs that new http_options do not apply:
+    `deepindex serve --port 8001` on a cluster whose Serve listened on 8000 deployed there, then waited a
+    minute for 8001 and failed (found on review).  Asked for on the command line: one line, before the
+    deploy; from the config file: the running address is used."""
+    from ray.serve.context import _get_global_client
+
+    from deepindex.commands.serve import serve_address
+
+    cfg = _get_global_client().http_config
+    host, port = str(cfg.host), int(cfg.port)
+    other = port + 1
+    assert serve_address(host, port, None, port) == (host, port)
+    assert serve_address(host, other, None, None) == (host, port)  # the config file's port gives way
+    with pytest.raises(ValueError, match=rf"^--port: Serve runs on this cluster already, at {host}:{port}, and keeps "
+                                         rf"its address: leave --port {other} out to serve there, or shut Serve down "
+                                         r"first \(`serve shutdown`\)$"):
+        serve_address(host, other, None, other)
+    with pytest.raises(ValueError, match=r"^--host: .* leave --host 0\.0\.0\.0 out"):
+        serve_address("0.0.0.0", port, "0.0.0.0", None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -131,21 +132,34 @@ def run_serve(args: argparse.Namespace) -> int:
     if note:
         log.warning("%s", note)
     connect()
-    if not _app_exists(name):  # a running one is updated in place, with the CPUs it holds
+    existed = _app_exists(name)
+    if not existed:  # a running one is updated in place, with the CPUs it holds
         need = validate_as(ServeArgs, app_args).cpus()
         wait_for_resources({"CPU": need}, f"the service ({need:g} CPU for its replicas)")
     host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
     serve.start(http_options={"host": host, "port": port})
+    host, port = serve_address(host, port, args.host, args.port)
+    # Until the service answers (and is recorded), a Ctrl-C or a failure deletes an application this command
+    # created: it would keep its CPUs, unlisted by `deepindex status` (found on review).  One it updated
+    # in place is left as it is.
     try:
-        serve.run(app, name=name, route_prefix="/")
-    except RuntimeError as e:  # Serve's "Deploying application ... failed", which does not say why
-        print(f"deepindex serve: error: {why_not_running(name) or e}", file=sys.stderr)
-        return 1
-    # 0.0.0.0 listens everywhere; this machine reaches it on loopback.
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    if not _answers(url):
-        raise RuntimeError(f"serve: the application is deployed but {url}/healthz does not answer")
-    on_platform = _record_on_platform(url, name)
+        try:
+            serve.run(app, name=name, route_prefix="/")
+        except RuntimeError as e:  # Serve's "Deploying application ... failed", which does not say why
+            print(f"deepindex serve: error: {why_not_running(name) or e}", file=sys.stderr)
+            if not existed:
+                serve.delete(name)
+            return 1
+        # 0.0.0.0 listens everywhere; this machine reaches it on loopback.
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        if not _answers(url):
+            raise RuntimeError(f"serve: the application is deployed but {url}/healthz does not answer")
+        on_platform = _record_on_platform(url, name)
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(Exception):
+                serve.delete(name)
+        raise
     event("service ready: %s/ (API docs %s/docs)%s", url, url,
           "; `deepindex status` lists it" if on_platform else "")
     if app_args.get("api_token_file"):
@@ -164,6 +178,30 @@ def run_serve(args: argparse.Namespace) -> int:
             forget_serve()
         event("service stopped: application %s deleted", name)
     return 0
+
+
+def serve_address(host: str, port: int, asked_host: str | None, asked_port: int | None) -> tuple[str, int]:
+    """Where Serve listens on the connected cluster: ``serve.start`` keeps a running Serve's address and
+    only logs that new ``http_options`` do not apply, so ``--port 8001`` deployed on 8000 and then waited a
+    minute for 8001 (found on review).  An address asked for on the command line that Serve cannot take
+    is refused in one line; one from the config file gives way to the running one."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    if client is None:  # serve.start just ran: never
+        return host, port
+    cfg = client.http_config
+    running = (str(cfg.host), int(cfg.port))
+    if running == (host, port):
+        return running
+    clash = [f"--{k} {v}" for k, v, now in (("host", asked_host, running[0]), ("port", asked_port, running[1]))
+             if v is not None and v != now]
+    if clash:
+        raise ValueError(f"{clash[0].split()[0]}: Serve runs on this cluster already, at {running[0]}:{running[1]}, "
+                         f"and keeps its address: leave {' and '.join(clash)} out to serve there, or shut Serve down "
+                         f"first (`serve shutdown`)")
+    log.info("Serve runs on this cluster already, at %s:%d (not %s:%d): serving there", *running, host, port)
+    return running
 
 
 def _app_exists(name: str) -> bool:
