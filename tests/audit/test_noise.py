@@ -140,12 +140,18 @@ def test_cv_fold_trains_on_the_other_folds_with_the_full_splits_stats() -> None:
 
 
 def _write_report(folder: Path, d: DataConfig, rows: list[tuple[int, str]], **meta_over: Any) -> Path:
+    """An audit report flagging ``rows`` (train index, concept), each with the label the data gives it
+    (the label filter checks that it has not changed since)."""
+    from deepindex.data.noise import multi_hot
+
+    sp = build_splits(d)
+    given, index = multi_hot(sp.view.given, len(sp.concepts)), {c: k for k, c in enumerate(sp.concepts)}
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / SUSPECTS_FILE).open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["rank", "index", "item", "concept", "issue", "given", "pred_prob", "quality"])
         for r, (i, c) in enumerate(rows, 1):
-            w.writerow([r, i, f"train/{i}", c, "x", 0, 0.5, 0.1])
+            w.writerow([r, i, f"train/{i}", c, "x", int(given[i, index[c]]) if c in index else 0, 0.5, 0.1])
     (folder / AUDIT_FILE).write_text(json.dumps({"data": {**fingerprint(d), **meta_over}}))
     return folder
 
