@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from deepindex.config import ConfigError
+from deepindex.config import ConfigError, load_config
 from deepindex.tune.space import SPACES, load_space, parse_space, shipped_spaces
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,6 +145,25 @@ def test_cli_names_the_shipped_spaces_when_a_space_is_not_found(tmp_path, capsys
     assert capsys.readouterr().err.strip().startswith("deepindex tune: error: train.epochz")
 
 
+def test_a_constant_key_is_left_out_of_the_seed_trial_and_its_check():
+    """Found on review: a ``value`` key (every trial's constant) in a space with tune.seed_defaults was
+    checked against the base value (refused unless equal) and put in the seed point, where Optuna, which
+    has no dimension for it, failed inside Tuner.fit after the sweep's MLflow run and state were made."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from deepindex.tune.driver import _searcher
+
+    raw = {"space": {"optim.lr": {"loguniform": [0.01, 0.1]}, "train.epochs": {"value": 4}},
+           "tune": {"seed_defaults": True, "search": "optuna", "num_samples": 2}}
+    spec = parse_space(raw)  # the base's train.epochs is not 4: not refused
+    assert spec.default_point() == {"optim.lr": 0.05}
+    search, _ = _searcher(spec, "val_map", "max", 2)
+    assert isinstance(search, OptunaSearch)
+    assert search.set_search_properties("val_map", "max", spec.param_space())
+    first = search.suggest("t0")  # the seed trial: the base lr; Tune adds the constant to every trial
+    assert first == {"optim.lr": 0.05} and spec.param_space()["train.epochs"] == 4
+
+
 def test_the_optuna_search_proposes_reproducibly_inside_the_space_and_logs_to_the_file(capsys):
     """The default space's model-based search (Optuna TPE, seeded by tune.seed): the same proposals for the
     same seed, each inside the space; in a command's quiet console optuna's own lines (`[I ...] A new study
@@ -194,3 +213,39 @@ def test_a_relative_base_config_is_the_space_files_neighbour_even_with_a_namesak
     space.write_text("base:\n  config: train.yaml\nspace:\n  model.dropout: {uniform: [0.1, 0.2]}\n")
     monkeypatch.chdir(tmp_path)
     assert load_space(str(space)).base.optim.lr == 0.03
+
+
+def test_a_sweep_or_an_audit_on_a_remote_storage_path_is_refused_in_one_line():
+    """Found on review: a sweep's folders were Path(storage) / name, and Path("s3://b/r") is the local
+    "s3:/b/r": every trial trained to a local folder and the sweep then marked each one FAILED."""
+    from deepindex.audit.run import run_audit
+    from deepindex.tune.driver import run_sweep
+
+    message = (r"^ray\.storage_path: a {} keeps its state, trials and reports in a folder every node shares, "
+               r"not at s3://bucket/runs \(training runs alone take a remote URL\)")
+    spec = load_space("smoke", overrides=["ray.storage_path=s3://bucket/runs"])
+    with pytest.raises(ConfigError, match=message.format("sweep")):
+        run_sweep(spec, name="s")
+    with pytest.raises(ConfigError, match=message.format("audit")):
+        run_audit(load_config(None, ["ray.storage_path=s3://bucket/runs", "data.label_noise=0.3"]), name="a")
+
+
+def test_a_sweep_on_a_cluster_that_grows_runs_the_concurrency_asked_for(monkeypatch: pytest.MonkeyPatch):
+    """Found on review: concurrency was sized from the resources free at the start, so a KubeRay sweep, which
+    starts on the smallest cluster, ran one trial at a time whatever --max-concurrent said.  The cluster's
+    answers are stand-ins here (the test is about trial_concurrency, their caller): 2.5 CPUs free, a trial
+    needing 2.5."""
+    from deepindex import cluster
+    from deepindex.tune.driver import trial_concurrency
+
+    monkeypatch.setattr(cluster, "wait_for_resources", lambda need, what: {"CPU": 2.5})
+    spec = load_space("smoke", settings={"max_concurrent_trials": 6, "trial_driver_cpus": 0.5},
+                      overrides=["ray.num_workers=2", "ray.cpus_per_worker=1"])
+    monkeypatch.setattr(cluster, "fixed_size", lambda: False)  # an autoscaler adds nodes for queued trials
+    assert trial_concurrency(spec) == 6
+    monkeypatch.setattr(cluster, "fixed_size", lambda: True)  # this machine's cluster: what is free
+    assert trial_concurrency(spec) == 1
+    auto = load_space("smoke", settings={"max_concurrent_trials": 0, "trial_driver_cpus": 0.5},
+                      overrides=["ray.num_workers=2", "ray.cpus_per_worker=1"])
+    monkeypatch.setattr(cluster, "fixed_size", lambda: False)
+    assert trial_concurrency(auto) == 1  # 0: sized to what is free

@@ -97,9 +97,12 @@ class SweepSpec:
         return {k: d.to_tune() for k, d in self.space.items()}
 
     def default_point(self) -> dict[str, Any]:
-        """The base config's values of the searched keys: the first trial when ``tune.seed_defaults``."""
+        """The base config's values of the searched keys: the first trial when ``tune.seed_defaults``.
+        A ``value`` key is every trial's constant, not searched: left out (a searcher such as Optuna has no
+        dimension for it, and the sweep died in Tuner.fit; found on review)."""
         flat = self.base.flat()
-        return {k: list(flat[k]) if isinstance(flat[k], (list, tuple)) else flat[k] for k in self.space}
+        return {k: list(flat[k]) if isinstance(flat[k], (list, tuple)) else flat[k]
+                for k, d in self.space.items() if d.kind != "value"}
 
     @property
     def max_epochs(self) -> int:
@@ -198,7 +201,8 @@ def parse_space(raw: dict[str, Any], path: str = "<space>", overrides: list[str]
     _check_settings(settings, space, base)
     if settings.seed_defaults:
         for key, dist in space.items():
-            _check_in_space(key, dist, flat[key])
+            if dist.kind != "value":  # a constant: the seed trial takes it too
+                _check_in_space(key, dist, flat[key])
     return SweepSpec(path, base, space, settings, raw)
 
 
