@@ -165,3 +165,18 @@ def test_multistep_milestones_inside_the_warm_up_are_refused():
             load_config(None, ["schedule.policy=multistep", "schedule.warmup_epochs=2", f"schedule.milestones={bad}"])
     load_config(None, ["schedule.policy=multistep", "schedule.warmup_epochs=2", "schedule.milestones=[3,6]"])
     load_config(None, ["schedule.policy=step", "schedule.warmup_epochs=7"])  # milestones (6, 9): not used
+
+
+def test_the_default_storage_path_is_the_environments_then_the_state_folders(tmp_path, monkeypatch):
+    """k8s sets DEEPINDEX_STORAGE_PATH to the shared volume's folder: a command given no ray.storage_path
+    (a sweep named again, tracking sync, promote) finds the jobs' runs there."""
+    from deepindex.paths import state_dir
+    from deepindex.train.trainer import STORAGE_ENV, storage_path
+
+    monkeypatch.delenv(STORAGE_ENV, raising=False)
+    assert storage_path(load_config(None, [])) == str(state_dir() / "ray_results")
+    monkeypatch.setenv(STORAGE_ENV, str(tmp_path / "shared"))
+    assert storage_path(load_config(None, [])) == str(tmp_path / "shared")
+    assert storage_path(load_config(None, [f"ray.storage_path={tmp_path / 'mine'}"])) == str(tmp_path / "mine")
+    monkeypatch.setenv(STORAGE_ENV, "s3://bucket/runs")
+    assert storage_path(load_config(None, [])) == "s3://bucket/runs"

@@ -276,10 +276,10 @@ def _fold_lines(folds: int, metric: str) -> Callback:
 def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None = None) -> AuditOutcome:
     """Audit the train labels of ``cfg`` on the connected cluster; write the report, log MLflow.
     One process at a time runs an audit (:func:`deepindex.restore.running`)."""
-    from deepindex.train.trainer import storage_path
+    from deepindex.train.trainer import folder_storage
 
     check_config(cfg)
-    storage = storage_path(cfg)
+    storage = folder_storage(cfg, "audit")
     name = name or cfg.ray.name or restore.fresh_name("audit", storage)
     with restore.running("audit", name, storage):
         return _run_audit(cfg, name, storage, tracking_uri)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -26,12 +27,28 @@ _LEFT_OUT = 0.1  # check_batches warns when each epoch leaves out more of the tr
 RAY_TRAIN_STATE = "checkpoint_manager_snapshot.json"  # Ray Train V2's: a run with it resumes from its checkpoint
 
 
+STORAGE_ENV = "DEEPINDEX_STORAGE_PATH"  # the default ray.storage_path (k8s: the shared volume's folder)
+
+
 def storage_path(cfg: Config) -> str:
-    """Where Ray Train persists checkpoints: the config's, else ``<state dir>/ray_results``."""
-    if cfg.ray.storage_path:
-        p = cfg.ray.storage_path
+    """Where Ray Train persists checkpoints: the config's ``ray.storage_path``, else
+    ``$DEEPINDEX_STORAGE_PATH``, else ``<state dir>/ray_results``."""
+    p = cfg.ray.storage_path or os.environ.get(STORAGE_ENV)
+    if p:
         return p if "://" in p else str(Path(p).expanduser().resolve())
     return str(state_dir() / "ray_results")
+
+
+def folder_storage(cfg: Config, what: str) -> str:
+    """:func:`storage_path` for a sweep or an audit, whose state, trial folders and reports are files on a
+    shared folder: a remote URL is refused in one line (``Path("s3://b/x")`` is the local ``s3:/b/x``:
+    every trial trained to a local folder, and the sweep then marked each one FAILED; found on review)."""
+    p = storage_path(cfg)
+    if "://" in p:
+        raise ConfigError(f"ray.storage_path: a {what} keeps its state, trials and reports in a folder every node "
+                          f"shares, not at {p} (training runs alone take a remote URL): give such a folder, e.g. "
+                          f"/mnt/shared/ray_results on k8s")
+    return p
 
 
 def run_name(cfg: Config) -> str:
