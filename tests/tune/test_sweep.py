@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 import pytest
@@ -137,6 +138,10 @@ def test_asha_sweep_interrupted_restored_tracked_and_promoted(ray_local, mlflow_
         assert line.endswith(", stopped early") == t.stopped_early, line
     assert any(e.startswith("sweep asha: 4 trials in ") for e in events), events
     assert sum(e.startswith("sweep asha exists at ") and "restoring it" in e for e in events) == 1, events
+    # Tune keeps the concurrency the sweep started with; the restore says which (it was silently ignored).
+    (started,) = [m.group(1) for e in events if (m := re.match(r"sweep asha: \d+ trials \(.*\), (\d+) at a time", e))]
+    assert any(e.startswith("sweep asha exists at ") and e.endswith(f"resumed, {started} at a time as it started)")
+               for e in events), events
     # MLflow: a model-training experiment; the parent's description links every trial and their comparison.
     assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     description = parent.data.tags["mlflow.note.content"]

@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EPOCHS_DONE = "epochs_done"  # the ASHA time attribute: survives trial restarts, unlike training_iteration
-# Settings a restored sweep may change: they act after its trials, or say how many run at once.
+# Settings a restored sweep may change: they act after its trials, or say how many run at once (which
+# Tune keeps as the sweep started: said, not refused).
 SETTINGS_AFTER_TRIALS = ("promote", "name", "max_concurrent_trials", "trial_driver_cpus")
 
 
@@ -167,9 +168,13 @@ def trial_checkpoints(train_storage: str | Path, trial_id: str, metric: str, mod
 
 
 def trial_concurrency(spec: SweepSpec) -> int:
-    """How many trials the cluster's free CPUs/GPUs hold at once (at least 1; on a cluster of this
-    machine that cannot free enough for one, a one-line error instead of a sweep that never starts)."""
-    from deepindex.cluster import wait_for_resources
+    """How many trials run at once: as many as the cluster's free CPUs/GPUs hold (at least 1; on a cluster
+    of this machine that cannot free enough for one, a one-line error instead of a sweep that never
+    starts), at most ``tune.max_concurrent_trials``.  On a cluster that grows (an autoscaler: KubeRay's),
+    a ``tune.max_concurrent_trials`` given is taken as it is: its trials queue and the autoscaler adds
+    nodes for them, where sizing from the minimum cluster ran a k8s sweep one trial at a time (found on
+    review)."""
+    from deepindex.cluster import fixed_size, wait_for_resources
 
     s, r = spec.settings, spec.base.ray
     per_trial = r.worker_group()
@@ -178,7 +183,7 @@ def trial_concurrency(spec: SweepSpec) -> int:
                                          f"{r.num_workers} worker(s) x {r.cpus_per_worker:g})")
     n = max(1, min(int(free.get(k, 0.0) // v) for k, v in per_trial.items()))
     if s.max_concurrent_trials:
-        n = min(n, s.max_concurrent_trials)
+        n = min(n, s.max_concurrent_trials) if fixed_size() else s.max_concurrent_trials
     return n
 
 
@@ -249,9 +254,9 @@ def run_sweep(spec: SweepSpec, *, name: str | None = None, tracking_uri: str | N
               callbacks: list[Callback] | None = None, promote: bool | None = None) -> SweepOutcome:
     """Run (or restore) the sweep on the connected cluster; record the best trial; maybe promote it.
     One process at a time runs a sweep (:func:`deepindex.restore.running`)."""
-    from deepindex.train.trainer import storage_path
+    from deepindex.train.trainer import folder_storage
 
-    storage = storage_path(spec.base)
+    storage = folder_storage(spec.base, "sweep")
     name = name or spec.settings.name or restore.fresh_name("sweep", storage)
     with restore.running("sweep", name, storage):
         return _run_sweep(spec, name, storage, tracking_uri, callbacks, promote)
@@ -284,9 +289,19 @@ def _run_sweep(spec: SweepSpec, name: str, storage: str, tracking_uri: str | Non
                           train_storage=str(sweep_dir / "train"), tracking_uri=uri, parent_run_id=parent),
         {"CPU": spec.settings.trial_driver_cpus})
     if restoring:
-        event("sweep %s exists at %s: restoring it (finished trials kept, unfinished ones resumed)", name, sweep_dir)
+        # Tune restores the sweep's TuneConfig and searcher as saved: the trials run at the concurrency the
+        # sweep started with, whatever this command asks (it was accepted and silently ignored; found on review).
+        started_at = restore.read_state(sweep_dir, restore.SWEEP_STATE).get("concurrency")
+        at = f", {started_at} at a time as it started" if started_at else ""
+        event("sweep %s exists at %s: restoring it (finished trials kept, unfinished ones resumed%s)", name, sweep_dir,
+              at)
+        if started_at and started_at != concurrency:
+            log.warning("sweep %s: restored at %s trials at a time, as it started (Tune keeps its saved settings); "
+                        "%d fit the cluster now: another --name starts a sweep that uses them", name, started_at,
+                        concurrency)
         tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
+        restore.update_state(sweep_dir, restore.SWEEP_STATE, concurrency=concurrency)
         s = spec.settings
         event("sweep %s: %d trials (%s search%s, %s scheduler), %d at a time, up to %d epochs each", name,
               s.num_samples, s.search, ", the defaults first" if s.seed_defaults else "", s.scheduler, concurrency,
