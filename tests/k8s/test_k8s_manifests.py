@@ -256,9 +256,21 @@ def test_mlflow_uri_of_the_jobs_is_the_mlflow_service(overlay):
     assert env["data"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     # Serve's fast data plane, as deepindex.serve_env.serve_env sets it for local clusters.
     assert env["data"]["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and env["data"]["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    # The jobs' default ray.storage_path (deepindex.train.trainer.STORAGE_ENV) is where their entrypoints write:
+    # a sweep named again, tracking sync and promote find the runs (a dead RAY_STORAGE_PATH stood here).
+    from deepindex.train.trainer import STORAGE_ENV
+
+    assert env["data"][STORAGE_ENV] == SHARED + "/ray_results"
     (dep,) = [d for d in of_kind(docs, "Deployment") if d["metadata"]["name"] == "mlflow"]
     c = dep["spec"]["template"]["spec"]["containers"][0]
     assert "--backend-store-uri" in c["args"][0] and "--artifacts-destination" in c["args"][0]
+    # Prometheus scrapes /metrics at the pod's IP: an explicit --allowed-hosts list must admit it (MLflow's
+    # own check, as the server runs it), besides the Service name; a stranger's host name stays refused.
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    allowed = re.search(r'--allowed-hosts "([^"]+)"', c["args"][0]).group(1).split(",")  # type: ignore[union-attr]
+    assert all(is_allowed_host_header(allowed, h) for h in ("10.244.1.7:5000", "mlflow:5000", "localhost:5000"))
+    assert not is_allowed_host_header(allowed, "attacker.example:5000")
     secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
     # kustomize suffixes generated Secrets with a content hash.
     assert {re.sub(r"-[a-z0-9]{10}$", "", s) for s in secrets} == {"mlflow-db", "mlflow-s3"}
