@@ -49,3 +49,43 @@ def test_a_sweep_ending_with_its_server_down_journals_each_trials_end_for_sync(s
     run = client.get_run(child)
     assert run.info.status == "FINISHED" and run.data.metrics["test_map"] == pytest.approx(expected)
     assert "checkpoint/checkpoint.pt" in [a.path for a in client.list_artifacts(child, "checkpoint")]
+
+
+def test_a_trial_that_started_while_the_server_was_down_gets_its_run_under_the_sweep(small_model, mlflow_server,
+                                                                                      tmp_path):
+    """Found on review: a trial whose rank 0 found the server unreachable trained untracked (its epochs in its
+    journal) and had no run under the sweep; at the sweep's end, the server back, it was left out, never
+    ended, and as the best trial not promoted.  Its run is now made under the parent and finalized."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from deepindex.checkpoint import load_model, save_checkpoint
+    from deepindex.tracking.sweep import TRIAL_TAG
+    from deepindex.tracking.tracker import JOURNAL
+    from deepindex.train.evaluation import score_checkpoint
+    from deepindex.tune.driver import SweepOutcome, TrialSummary, _record
+
+    client = MlflowClient(mlflow_server.uri)
+    lm = load_model(small_model)
+    cfg = lm.config.override({"tracking.experiment": f"late-{tmp_path.name}"})
+    exp = client.create_experiment(cfg.tracking.experiment)
+    parent = client.create_run(exp, run_name="sweep").info.run_id
+    trial_dir = tmp_path / "ray" / "sweep" / "train" / "t1"
+    for epoch in (0, 1):  # checkpoints without a run id: the trial never reached the server
+        save_checkpoint(trial_dir / f"checkpoint_00000{epoch}", model=lm.model, config=cfg, stats=lm.stats,
+                        concepts=lm.concepts, multilabel=lm.multilabel, epoch=epoch, metrics={"val_map": 0.5 + epoch})
+    (trial_dir / JOURNAL).write_text("".join(json.dumps(
+        {"kind": "epoch", "time": 1.0 + e, "run_name": "t1", "run_id": None, "step": e,
+         "metrics": {"val_map": 0.5 + e}}) + "\n" for e in (0, 1)))
+    trial = TrialSummary("t1", {}, 1.5, 2, False, "TERMINATED")
+    outcome = SweepOutcome("sweep", str(trial_dir.parent.parent), "val_map", "max", [trial], trial, parent, 1.0, False)
+
+    _record(outcome, mlflow_server.uri, 2)
+
+    (child,) = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
+    assert child.data.tags[TRIAL_TAG] == "t1" and child.info.status == "FINISHED" and trial.run_id == child.info.run_id
+    expected = score_checkpoint(trial_dir / "checkpoint_000001").metrics["test_map"]
+    assert child.data.metrics["test_map"] == pytest.approx(expected)
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "val_map")] == [0, 1]  # the journaled epochs
+    assert client.get_run(parent).data.tags["best_run_id"] == child.info.run_id  # what promote --sweep takes

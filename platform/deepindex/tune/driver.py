@@ -420,6 +420,34 @@ def _journal_ends(outcome: SweepOutcome, uri: str, train_storage: Path) -> None:
                 "name records its best trial and promotes it", uri, outcome.name, train_storage)
 
 
+def _late_child_run(outcome: SweepOutcome, uri: str, t: TrialSummary, train_storage: Path) -> None:
+    """A trial that started while the tracking server was unreachable trained untracked (its epochs in
+    its journal) and has no run under the sweep: it was left out of the sweep's record, never ended,
+    and as the best trial not promoted (found on review).  Its run is created now under the sweep's
+    parent run, with the trial's tags, and finalized: the journaled epochs, the test metrics, the
+    checkpoint."""
+    from deepindex.checkpoint import read_checkpoint
+    from deepindex.config import from_dict
+    from deepindex.tracking.run import make_tracker
+    from deepindex.tracking.sweep import SWEEP_TAG, TRIAL_TAG
+    from deepindex.tracking.tracker import JOURNAL
+    from deepindex.workflows import finalize_run
+
+    best, latest = trial_checkpoints(train_storage, t.trial_id, outcome.metric, outcome.mode)
+    if t.status != "TERMINATED" or best is None:
+        return
+    cfg = from_dict(read_checkpoint(best)["config"])
+    tracker = make_tracker(cfg, t.trial_id, journal=str(train_storage / t.trial_id / JOURNAL), tracking_uri=uri,
+                           parent_run_id=outcome.parent_run_id, tags={SWEEP_TAG: outcome.name, TRIAL_TAG: t.trial_id})
+    if tracker is None or tracker.disabled:
+        return
+    tracker.start(cfg, {})
+    if tracker.run_id is None:
+        return
+    t.run_id = tracker.run_id
+    finalize_run(tracker, best, latest, t.trial_id, status="KILLED" if t.stopped_early else "FINISHED")
+
+
 def _record(outcome: SweepOutcome, uri: str | None, max_epochs: int) -> None:
     """Child run ids, early-stopped child runs closed as KILLED, the best trial on the parent run."""
     if uri is None or outcome.parent_run_id is None:
@@ -437,7 +465,8 @@ def _record(outcome: SweepOutcome, uri: str | None, max_epochs: int) -> None:
     exp_id = outcome.experiment_id = tracked.experiment_of(outcome.parent_run_id, uri)
     for t in outcome.trials:
         child = by_trial.get(t.trial_id)
-        if child is None:
+        if child is None:  # started while the server was unreachable: its run is made now, under the sweep
+            _late_child_run(outcome, uri, t, train_storage)
             continue
         t.run_id = child.run_id
         tracked.set_tag(t.run_id, "tune.status", _trial_status(t), uri)
