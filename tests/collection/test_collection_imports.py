@@ -88,6 +88,25 @@ def test_manifest_import_with_and_without_a_concept_list(tmp_path: Path) -> None
     assert import_manifest(_store("strict"), jsonl, tmp_path / "pets", concepts=concepts).added == 1
 
 
+def test_a_manifest_import_keeps_every_row_as_its_item(tmp_path: Path) -> None:
+    """Found on review: two rows naming files with the same bytes were merged as training merges them: the
+    second row's id went missing and its tags moved to the first.  A row written ./x.png (`find .`) became
+    an id the collection refuses, and was skipped."""
+    root = tmp_path / "pets"
+    root.mkdir()
+    same = png_bytes(np.full((8, 8), 0.25))
+    for name in ("a.png", "b.png"):
+        (root / name).write_bytes(same)
+    (root / "c.png").write_bytes(png_bytes(np.full((8, 8), 0.75)))
+    manifest = root / "tags.csv"
+    manifest.write_text("path,tags\n./a.png,cat\nb.png,dog\nsub//../c.png,cat\n")
+    s = _store("rows")
+    res = import_manifest(s, manifest, root)
+    assert (res.added, res.existing, res.skipped) == (3, 0, 0), res
+    assert [(i, s.get(i).tags) for i in ("a.png", "b.png", "c.png")] == [  # type: ignore[union-attr]
+        ("a.png", ["cat"]), ("b.png", ["dog"]), ("c.png", ["cat"])]
+
+
 def test_manifest_inside_its_folder_needs_no_root_and_takes_its_concepts_txt(tmp_path: Path) -> None:
     """As training reads a collection (``data.root``): paths relative to the manifest's folder, and
     the ``concepts.txt`` there, when there is one, is the concept list (its order, unknown tags refused)."""

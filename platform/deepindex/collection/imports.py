@@ -156,7 +156,9 @@ def manifest_source(manifest: str | Path, root: str | Path | None = None,
         concept_list = read_concepts(concepts)
     else:
         concept_list = list(concepts)
-    found = read_manifest(manifest, root, concept_list)
+    # Every row is an item: two names for the same bytes are two items of a collection (training merges
+    # them; here the second row's id went missing and its tags moved to the first; found on review).
+    found = read_manifest(manifest, root, concept_list, dedupe=False)
     multi_hot = found.targets.numpy()
     tags = [[found.concepts[j] for j in np.flatnonzero(row)] for row in multi_hot]
     return FileSource(str(manifest), f"manifest:{Path(manifest).resolve()}", found.paths, found.ids, tags,

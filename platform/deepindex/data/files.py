@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import logging
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,7 +303,9 @@ def read_manifest(manifest: str | Path, root: str | Path, concepts: list[str] | 
                 report.duplicate_examples.append((kept[1], rel))
                 continue
             first_by_hash[digest] = len(rows)
-        rows.append((p, rel, list(tags), split))
+        # The item's id: its path as the collection names it, whatever spelling the manifest used
+        # (`find . -name '*.jpg'` writes ./x.jpg, which a collection refuses as an id; found on review).
+        rows.append((p, posixpath.normpath(rel), list(tags), split))
     if not rows:
         raise ManifestError(f"{manifest}: no items")
     report.unknown_names = sorted(unknown_seen)
