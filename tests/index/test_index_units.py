@@ -320,6 +320,20 @@ def test_ndcg_grades_by_the_concepts_shared_where_every_item_is_relevant():
     assert chance["precision_at_2"] == 1.0 and bad["ndcg_at_2"] < 1.0 and 0 < chance["ndcg_at_2"] < 1.0
 
 
+def test_an_item_whose_tags_no_other_item_carries_is_not_a_query():
+    """Found on review: such an item counted as a query whose AP and precision were 0 whatever the ranking, so
+    a perfect descriptor scored mAP 0.8 beside nDCG 1.0.  It is no query (nothing to find), in the chance
+    figures too."""
+    from deepindex.index.evaluate import qbe_chance, qbe_quality, qbe_queries
+
+    labels = np.zeros((5, 3), bool)
+    labels[[0, 1], 0] = labels[[2, 3], 1] = labels[4, 2] = True  # item 4's concept is its own
+    assert qbe_queries(labels).tolist() == [0, 1, 2, 3]
+    perfect = qbe_quality(labels.astype(np.float32), labels, "l2", k=1)
+    assert perfect == {"precision_at_1": 1.0, "map_at_1": 1.0, "ndcg_at_1": 1.0}
+    assert qbe_chance(labels, k=1)["precision_at_1"] == pytest.approx(1 / 4)
+
+
 def test_a_search_names_its_items_before_a_compaction_can_renumber_the_rows(tmp_path, monkeypatch):
     """Found on review: the service turned a search's rows into ids after the query let go of the read lock;
     a compaction in between (another request's add) renumbers the rows, and the answer named other items

@@ -103,6 +103,15 @@ def n_relevant(labels: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray
     return out
 
 
+def qbe_queries(labels: np.ndarray) -> np.ndarray:
+    """The items a leave-one-out query by example asks with: those sharing a concept with another item.
+    An unlabelled item, or one whose tags no other item carries, has nothing to find: counted, its AP
+    and precision were 0 whatever the ranking, so a perfect one scored below 1, and nDCG (which left it
+    out) disagreed with mAP (found on review)."""
+    labelled = np.flatnonzero(labels.any(axis=1))
+    return labelled[n_relevant(labels, labelled) > 0]
+
+
 def jaccard_gains(labels: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """For each query row: the k best Jaccard gains in the gallery, best first (the ideal ranking's),
     and the mean gain over the gallery (a random ranking's expected gain), itself excluded."""
@@ -127,7 +136,7 @@ def qbe_quality(feature: np.ndarray, labels: np.ndarray, metric: str, k: int = 1
     queries' ideal gains, :func:`jaccard_gains`, computed once for every descriptor and metric)."""
     from deepindex.index.vectors import exact_knn
 
-    queries = np.flatnonzero(labels.any(axis=1))  # an unlabelled item has nothing to find
+    queries = qbe_queries(labels)
     _, rows = exact_knn(feature, feature[queries], k, metric, normalize=normalize, exclude=queries)
     found = labels[np.maximum(rows, 0)]
     rel = relevance(labels[queries], found) & (rows >= 0)  # (Q, k)
@@ -143,7 +152,7 @@ def qbe_chance(labels: np.ndarray, k: int = 10, gains: tuple[np.ndarray, np.ndar
     """A random ranking's expected precision@k (the mean share of the gallery relevant to a query) and
     nDCG@k (the mean gain in every rank, over the ideal DCG; ``gains``: :func:`jaccard_gains` of the
     labelled items, when the caller has them)."""
-    queries = np.flatnonzero(labels.any(axis=1))
+    queries = qbe_queries(labels)
     ideal, mean = jaccard_gains(labels, queries, k) if gains is None else gains
     best = dcg(ideal)
     ok = best > 0
@@ -227,7 +236,7 @@ def evaluate_retrieval(lm: LoadedModel, collection: Collection, *, descriptors: 
         "keyword": keyword_quality(feats["probs"], labels, lm.concepts, vocabulary, k),
         "qbe": {},
     }
-    gains = jaccard_gains(labels, np.flatnonzero(labels.any(axis=1)), k)  # the same for every descriptor
+    gains = jaccard_gains(labels, qbe_queries(labels), k)  # the same for every descriptor
     for d in descriptors:
         report["qbe"][d] = {m: qbe_quality(feats[d], labels, m, k, normalize, gains[0]) for m in metrics}
         log.debug("qbe %s: %s", d, report["qbe"][d])  # the command prints the table
