@@ -157,3 +157,17 @@ def test_checkpoints_hold_resolved_data_keys(tmp_path):
 def test_bad_preset_is_a_config_error():
     with pytest.raises(ConfigError, match=r"^data\.preset"):
         load_config(None, ["data.preset=imagenet"])
+
+
+def test_the_sample_spreads_over_the_whole_folder(tmp_path):
+    """Found on review: 257 to 511 paths gave a step of 1 and the first 256 of them, so the classes sorted
+    last (here the only colour ones) were never looked at."""
+    from deepindex.data.inspect import inspect_images
+
+    paths = []
+    for i in range(300):
+        p = tmp_path / f"{i:03d}.png"
+        Image.new("RGB" if i >= 256 else "L", (12, 12), (200, 30, 30) if i >= 256 else 90).save(p)
+        paths.append(p)
+    fmt = inspect_images(paths)
+    assert fmt.sampled == 256 and 30 <= fmt.colour <= 44  # most of the last 44 (the colour ones) are looked at

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from deepindex.data.transforms import PRESETS
@@ -61,8 +62,9 @@ def inspect_images(paths: list[Path], sample: int = SAMPLE) -> ImageFormat:
     """Colour and size of an evenly spaced sample of ``paths`` (headers only, no decoding)."""
     if not paths:
         raise ValueError("data.root: no images to inspect")
-    step = max(1, len(paths) // sample)
-    picked = paths[::step][:sample]
+    # Spread over the whole list (class folders are sorted: whole classes went unlooked-at when 257 to 511
+    # paths gave a step of 1 and the first 256; found on review).
+    picked = [paths[i] for i in np.linspace(0, len(paths) - 1, min(sample, len(paths))).round().astype(int)]
     colour, shorts = 0, []
     for p in picked:
         try:
