@@ -102,6 +102,11 @@ def _load(ref: str, tracking_uri: str | None, max_batch_size: int, batch_size: i
     return _Served(r, lm, batch, served.forwards)
 
 
+def _is(wanted: tuple[str | None, str], r: ResolvedModel) -> bool:
+    """Whether ``r`` is the (name, version) the index replica serves (no name given: any name)."""
+    return wanted[1] == r.version and wanted[0] in (None, r.name)
+
+
 class ServedModel:
     """The model a replica serves, following the index replica's choice of version.
 
@@ -163,7 +168,7 @@ class ServedModel:
                 want = await self._index.report_model.remote(self._replica, cur.version)
                 # By name and version: registry versions restart at 1 for every model name.
                 self._wanted = (want.get("name"), want["version"]) if want and want.get("version") else None
-                if self._wanted and self._wanted[1] == cur.version and self._wanted[0] in (None, cur.name):
+                if self._wanted and _is(self._wanted, cur):
                     self._load_error = None  # what is served is what is wanted
                 elif (self._wanted and (loading is None or loading.done())
                         and not self._refused(want["ref"], self._wanted)):
@@ -187,7 +192,7 @@ class ServedModel:
             log.warning("model: could not load version %s (%s): %s", version, ref, self._load_error)
             return
         got, name = new.resolved.version, new.resolved.name
-        if got != version or wanted[0] not in (None, name):
+        if not _is(wanted, new.resolved):
             self._refused_at[ref] = (wanted, time.monotonic())
             self._load_error = (f"model: {ref} holds version {got}, not version {version} that the index serves"
                                 if got != version else f"model: {ref} holds model {name}, not {wanted[0]} that the "

@@ -188,31 +188,42 @@ def read_fold(path: Path, fold: int, digest: str | None, audit: str) -> tuple[Fo
     labels than those of digest ``digest`` (its indices would name other items).  A file an older
     version wrote holds no digest and is read as before."""
     res, held, probs, computed_on = _read_fold(path, fold)
+    _same_data(computed_on, digest, audit, fold)
+    return res, held, probs
+
+
+def _same_data(computed_on: str | None, digest: str | None, audit: str, fold: int) -> None:
     if digest is not None and computed_on is not None and computed_on != digest:
         raise DataChanged(audit, fold)
-    return res, held, probs
 
 
 def kept_folds(audit_dir: str | Path, folds: int, digest: str, audit: str) -> list[int]:
     """The folds an earlier run of the audit finished (their files read), each checked against the data now:
     refused before anything trains when one was computed on other items or labels."""
-    kept = [k for k in range(folds) if _finished(oof_path(audit_dir, k), k)]
-    for k in kept:
-        read_fold(oof_path(audit_dir, k), k, digest, audit)
+    kept = []
+    for k in range(folds):
+        got = _readable(oof_path(audit_dir, k), k)
+        if got is not None:
+            _same_data(got[3], digest, audit, k)
+            kept.append(k)
     return kept
 
 
 def _finished(path: Path, fold: int) -> bool:
     """Whether fold ``fold`` is done: its file is there and reads (one a crash or a full disk left
     unreadable is trained again, rather than every restore failing on it)."""
+    return _readable(path, fold) is not None
+
+
+def _readable(path: Path, fold: int) -> tuple[FoldResult, np.ndarray, np.ndarray, str | None] | None:
+    """:func:`_read_fold` of a fold's file, or None when there is none or it does not read (said)."""
     if not path.is_file():
-        return False
+        return None
     try:
-        _read_fold(path, fold)
-        return True
+        return _read_fold(path, fold)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         log.warning("audit: fold %d's file %s is unreadable (%s): training the fold again", fold, path, e)
-        return False
+        return None
 
 
 def _read_fold(path: Path, fold: int) -> tuple[FoldResult, np.ndarray, np.ndarray, str | None]:

@@ -58,6 +58,11 @@ class TrialSummary:
     run_id: str | None = None
     error: str | None = None  # a failed trial's error, its last line
 
+    @property
+    def end_status(self) -> str:
+        """How its MLflow run ends: ASHA ends a trial by killing its actor (KILLED), else FINISHED."""
+        return "KILLED" if self.stopped_early else "FINISHED"
+
 
 class SweepFailed(ValueError):
     """Every trial of a sweep failed: nothing to rank or promote."""
@@ -400,21 +405,28 @@ def _trial_status(t: TrialSummary) -> str:
     return "finished" if t.status == "TERMINATED" else t.status.lower()
 
 
+def _journal(train_storage: Path, trial_id: str) -> str:
+    """A trial's tracking journal: beside its checkpoints, where its worker journals its epochs."""
+    from deepindex.tracking.tracker import JOURNAL
+
+    return str(train_storage / trial_id / JOURNAL)
+
+
 def _journal_ends(outcome: SweepOutcome, uri: str, train_storage: Path) -> None:
     """The tracking server is down as the sweep ends: each ended trial's test metrics and status go
     to its journal (beside its epochs, journaled by its worker), for ``deepindex tracking sync`` (or
     the next command) to log into its run; the sweep's summary and promotion wait for the sweep to
     be run again under its name."""
-    from deepindex.tracking.tracker import JOURNAL, Tracker
+    from deepindex.tracking.tracker import Tracker
     from deepindex.workflows import finalize_run
 
     for t in outcome.trials:
         best, latest = trial_checkpoints(train_storage, t.trial_id, outcome.metric, outcome.mode)
         if t.status != "TERMINATED" or best is None:
             continue
-        journal = str(train_storage / t.trial_id / JOURNAL)
+        journal = _journal(train_storage, t.trial_id)
         finalize_run(Tracker(uri, "", t.trial_id, offline_path=journal, disabled=True), best, latest, t.trial_id,
-                     status="KILLED" if t.stopped_early else "FINISHED")
+                     status=t.end_status)
     log.warning("MLflow server %s is unreachable at the end of sweep %s: its trials' results are journaled under "
                 "%s; `deepindex tracking sync` logs them once it is back, and running the sweep again under its "
                 "name records its best trial and promotes it", uri, outcome.name, train_storage)
@@ -430,14 +442,13 @@ def _late_child_run(outcome: SweepOutcome, uri: str, t: TrialSummary, train_stor
     from deepindex.config import from_dict
     from deepindex.tracking.run import make_tracker
     from deepindex.tracking.sweep import SWEEP_TAG, TRIAL_TAG
-    from deepindex.tracking.tracker import JOURNAL
     from deepindex.workflows import finalize_run
 
     best, latest = trial_checkpoints(train_storage, t.trial_id, outcome.metric, outcome.mode)
     if t.status != "TERMINATED" or best is None:
         return
     cfg = from_dict(read_checkpoint(best)["config"])
-    tracker = make_tracker(cfg, t.trial_id, journal=str(train_storage / t.trial_id / JOURNAL), tracking_uri=uri,
+    tracker = make_tracker(cfg, t.trial_id, journal=_journal(train_storage, t.trial_id), tracking_uri=uri,
                            parent_run_id=outcome.parent_run_id, tags={SWEEP_TAG: outcome.name, TRIAL_TAG: t.trial_id})
     if tracker is None or tracker.disabled:
         return
@@ -445,7 +456,7 @@ def _late_child_run(outcome: SweepOutcome, uri: str, t: TrialSummary, train_stor
     if tracker.run_id is None:
         return
     t.run_id = tracker.run_id
-    finalize_run(tracker, best, latest, t.trial_id, status="KILLED" if t.stopped_early else "FINISHED")
+    finalize_run(tracker, best, latest, t.trial_id, status=t.end_status)
 
 
 def _record(outcome: SweepOutcome, uri: str | None, max_epochs: int) -> None:
@@ -453,7 +464,7 @@ def _record(outcome: SweepOutcome, uri: str | None, max_epochs: int) -> None:
     if uri is None or outcome.parent_run_id is None:
         return
     from deepindex.tracking import sweep as tracked
-    from deepindex.tracking.tracker import JOURNAL, Tracker
+    from deepindex.tracking.tracker import Tracker
     from deepindex.tracking.uri import reachable
     from deepindex.workflows import finalize_run
 
@@ -478,9 +489,9 @@ def _record(outcome: SweepOutcome, uri: str | None, max_epochs: int) -> None:
             continue
         # ASHA ends a trial by killing its actor: the test split, artifacts and the checkpoint
         # of every trial are logged here, and a stopped trial's run ends KILLED.
-        journal = str(train_storage / t.trial_id / JOURNAL)  # should the server go down again meanwhile
+        journal = _journal(train_storage, t.trial_id)  # should the server go down again meanwhile
         tracker = Tracker(uri, exp_id, t.trial_id, run_id=t.run_id, offline_path=journal)
-        finalize_run(tracker, best, latest, t.trial_id, status="KILLED" if t.stopped_early else "FINISHED")
+        finalize_run(tracker, best, latest, t.trial_id, status=t.end_status)
     metrics = {"trials": len(outcome.trials), "trials_stopped_early": outcome.stopped_early,
                "sweep_wall_s": outcome.wall_s}
     tags: dict[str, str] = {}
