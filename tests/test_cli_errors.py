@@ -201,3 +201,33 @@ def test_a_short_command_fails_in_one_line(monkeypatch: pytest.MonkeyPatch,
     assert "Traceback" not in out + err
     with pytest.raises(RuntimeError, match="the disk is on fire"):  # -v: the traceback
         main(["-v", "collection", "ls"])
+
+
+# ---- overrides may stand between options ---------------------------------------------------------
+@pytest.mark.parametrize(("argv", "overrides", "option"), [
+    (["train", "optim.lr=0.1", "--name", "r1", "train.epochs=2"], ["optim.lr=0.1", "train.epochs=2"], ("name", "r1")),
+    (["train", "a.b=1", "--config", "c.yaml", "a.b=2"], ["a.b=1", "a.b=2"], ("config", "c.yaml")),
+    (["evaluate", "models:/m@champion", "--split", "val", "data.root=/new"], ["data.root=/new"], ("split", "val")),
+    (["tune", "--space", "s", "optim.lr=0.1", "--samples", "3", "tune.seed_defaults=false"],
+     ["optim.lr=0.1", "tune.seed_defaults=false"], ("samples", 3)),
+])
+def test_overrides_between_options_join_the_commands_own(argv: list[str], overrides: list[str],
+                                                         option: tuple[str, Any]) -> None:
+    from deepindex.cli import build_parser, parse
+
+    args = parse(build_parser(), argv)
+    assert args.overrides == overrides
+    assert getattr(args, option[0]) == option[1]
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "a.b=1", "--name", "r1", "--nmae", "x"],  # a misspelt option stays argparse's error
+    ["train", "a.b=1", "--name", "r1", "notanoverride"],
+    ["collection", "ls", "a.b=1"],  # a command without overrides takes none
+])
+def test_what_is_not_an_override_is_still_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("deepindex: error: unrecognized arguments: "), err

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import logging
 import pkgutil
+import re
 import sys
 
 from deepindex.config import ConfigError
@@ -35,9 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
 QUIET = ("train", "tune", "promote", "index", "serve", "up", "data")
 
 
+# A ``key=value`` override: a dotted key, never an option.
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.\-]*=")
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, and ``key=value`` overrides may stand between options
+    (``train a=1 --name N b=2``): argparse stops a ``nargs="*"`` positional at the first option and
+    calls what follows unrecognized; those overrides join the command's own, in order.  Any other
+    leftover is argparse's usual error."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        overrides = getattr(args, "overrides", None)
+        if not isinstance(overrides, list) or not all(_OVERRIDE.match(a) for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        overrides.extend(extra)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     from deepindex import console
 
     undo = None
