@@ -3,6 +3,8 @@
 Each is one bulk :meth:`CollectionStore.add_bulk` over a lazy stream of items, so an import of any
 size holds one batch of bytes in memory, and each is idempotent: ids are stable (the scene number,
 the path under the root), so re-running an import finds its items already there and adds nothing.
+Two sources whose ids repeat (a ``train/`` and a ``test/`` folder of the same layout, galleries of two
+seeds) go into one collection under an ``id_prefix`` each; without one the second's repeats are skipped.
 An item that cannot be imported (an id outside the allowed characters, an unreadable image, the id
 already live with other bytes) is skipped and counted, never half-added.
 
@@ -14,13 +16,13 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from deepindex.collection.store import AddResult, CollectionStore
+from deepindex.collection.store import AddResult, CollectionStore, check_new_item_id
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +71,20 @@ def _finish(store: CollectionStore, what: str, res: AddResult) -> AddResult:
     return res
 
 
+def check_id_prefix(prefix: str) -> str:
+    """A prefix every imported id starts with: an id's characters, no ``.``/``..`` segment."""
+    try:
+        check_new_item_id(f"{prefix}x")
+    except ValueError:
+        raise ValueError(f"id-prefix: {prefix[:80]!r} must be characters of A-Z a-z 0-9 . _ : @ / + - "
+                         "with no '.' or '..' segment (e.g. train/)") from None
+    return prefix
+
+
 def import_digit_scenes(store: CollectionStore, size: int = 5000, seed: int = 0,
-                        batch_size: int = 500) -> AddResult:
+                        batch_size: int = 500, id_prefix: str = "") -> AddResult:
     """The embedded digit-scenes gallery (``digit_gallery(size, seed=seed)``: 32x32 grayscale scenes
-    of the test glyphs) as PNG items ``scene-000000``...; tags are the digits present.
+    of the test glyphs) as PNG items ``<id_prefix>scene-000000``...; tags are the digits present.
 
     The gallery is a prefix-stable stream: importing 5,000 after 2,000 adds the 3,000 new scenes.
     """
@@ -80,6 +92,8 @@ def import_digit_scenes(store: CollectionStore, size: int = 5000, seed: int = 0,
 
     if size < 1:
         raise ValueError("size: must be >= 1")
+    if id_prefix:
+        check_id_prefix(id_prefix)
     gallery = digit_gallery(size, seed=seed)
     assert gallery.images is not None and gallery.labels is not None
     images, labels = gallery.images, gallery.labels
@@ -88,7 +102,7 @@ def import_digit_scenes(store: CollectionStore, size: int = 5000, seed: int = 0,
         for i, item_id in enumerate(gallery.ids):
             meta = {"split": "test", "width": gallery.image_size, "height": gallery.image_size,
                     "format": "PNG", "seed": seed, "index": i}
-            yield item_id, png_bytes(images[i]), labels[i], meta
+            yield id_prefix + item_id, png_bytes(images[i]), labels[i], meta
 
     res = store.add_bulk(entries(), source="digit-scenes", batch_size=batch_size, keep_items=False,
                          progress=_progress(f"digit-scenes -> {store.name}"))
@@ -98,10 +112,11 @@ def import_digit_scenes(store: CollectionStore, size: int = 5000, seed: int = 0,
 def _file_entries(src: FileSource, unreadable: list[str]) -> Iterator[Entry]:
     """Items from files; a file that cannot be read as an image goes to ``unreadable`` instead."""
     splits = src.splits if src.splits is not None else [None] * len(src.ids)
-    for path, item_id, t, split in zip(src.paths, src.ids, src.tags, splits, strict=True):
+    for path, name, t, split in zip(src.paths, src.ids, src.tags, splits, strict=True):
+        item_id = src.id_prefix + name
         try:
             data = path.read_bytes()
-            meta: dict[str, Any] = {"filename": item_id, **image_meta(data)}
+            meta: dict[str, Any] = {"filename": name, **image_meta(data)}
         except (OSError, ValueError) as e:
             unreadable.append(f"{item_id}: {e}")
             continue
@@ -118,9 +133,13 @@ class FileSource:
     what: str  # for people: the folder or manifest
     source: str  # recorded with every change it makes
     paths: Sequence[Path]
-    ids: Sequence[str]
+    ids: Sequence[str]  # the names under the root; an item's id is id_prefix + its name
     tags: Sequence[Sequence[str]]
     splits: Sequence[str | None] | None = None  # a manifest's split column (train/val/test), kept in each item's meta
+    id_prefix: str = ""
+
+    def prefixed(self, id_prefix: str) -> FileSource:
+        return replace(self, id_prefix=check_id_prefix(id_prefix)) if id_prefix else self
 
 
 def folder_source(root: str | Path) -> FileSource:

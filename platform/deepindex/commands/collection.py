@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                  "manifest's folder)")
     i.add_argument("--concepts", metavar="FILE", help="manifest: the concept list, one per line (default: concepts.txt "
                                                       "in the root if there is one, else the manifest's own tags)")
+    i.add_argument("--id-prefix", default="", metavar="P",
+                   help="start every imported id with P (e.g. train/): a second folder or gallery whose ids repeat "
+                        "the first's goes in beside it instead of being skipped")
     i.add_argument("--batch-size", type=int, default=500, help="items per transaction")
     i.set_defaults(func=run_import)
 
@@ -91,15 +94,18 @@ def run_import(args: argparse.Namespace) -> int:
         raise ValueError("size: must be >= 1")
     if args.batch_size < 1:
         raise ValueError("batch-size: must be >= 1")
+    if args.id_prefix:
+        imports.check_id_prefix(args.id_prefix)
     src = None  # a folder or manifest is read first: a bad one creates no collection
     if args.folder:
-        src = imports.folder_source(args.folder)
+        src = imports.folder_source(args.folder).prefixed(args.id_prefix)
     elif args.manifest:
-        src = imports.manifest_source(args.manifest, args.root, concepts=args.concepts)
+        src = imports.manifest_source(args.manifest, args.root, concepts=args.concepts).prefixed(args.id_prefix)
     store = _open(args, create=True)
     if src is None:
         what = f"the digit-scenes gallery (size {args.size}, seed {args.seed})"
-        res = imports.import_digit_scenes(store, size=args.size, seed=args.seed, batch_size=args.batch_size)
+        res = imports.import_digit_scenes(store, size=args.size, seed=args.seed, batch_size=args.batch_size,
+                                          id_prefix=args.id_prefix)
     else:
         what = src.what
         res = imports.import_files(store, src, batch_size=args.batch_size)
@@ -112,6 +118,9 @@ def run_import(args: argparse.Namespace) -> int:
     if res.skipped and not args.json:
         for reason in res.skipped_reasons[:10]:
             print(f"  skipped {reason}", file=sys.stderr)
+        if any("with other bytes" in r for r in res.skipped_reasons):
+            print("  (ids that another import holds with other images: --id-prefix, e.g. --id-prefix train/, "
+                  "gives this import ids of its own)", file=sys.stderr)
     return 0
 
 
