@@ -316,3 +316,36 @@ def test_pipeline_switch():
     assert pipeline_for(load_config(None, [*photos, "data.cache_dir=s3://bucket/cache"]), "/tmp/x") == "local"
     with pytest.raises(ConfigError, match=r"^data\.pipeline: ray reads image files"):
         load_config(None, ["data.pipeline=ray"])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("view", ["plain", "fold", "filter-drop", "duplicates"])
+def test_the_local_path_counts_the_train_split_its_workers_build(tmp_path, view):
+    """data.pipeline=local: the driver counts the train split from the listing (no image decoded) as
+    build_splits in each worker makes it (fold, filter, a duplicate merged), and a batch it cannot fill
+    is refused before a worker starts, as on the Ray Data path."""
+    from deepindex.data import split_len
+    from deepindex.data.ingest import listed_train_rows
+
+    root = make_photo_collection(tmp_path / "photos", n=60, size=128, seed=0).root
+    storage = tmp_path / "storage"
+    cfg = resolve_config(load_config(None, [*SMALL, f"data.root={root}", f"ray.storage_path={storage}",
+                                            "data.pipeline=local"]))
+    if view == "fold":
+        cfg = cfg.override({"data.cv_folds": 3, "data.cv_fold": 1})
+    elif view == "filter-drop":
+        report = _write_report(tmp_path / "audit", cfg.data, [(3, "red"), (10, "blue")], build_splits(cfg.data))
+        cfg = cfg.override({"data.label_filter": str(report), "data.label_filter_mode": "drop"})
+    elif view == "duplicates":  # a train row naming another train row's bytes: one item in the worker
+        manifest = next(p for p in Path(root).iterdir() if p.suffix == ".csv")
+        rows = list(csv.reader(manifest.open()))
+        first = next(r for r in rows[1:] if r[-1] == "train")
+        copy = Path(root) / f"copy-{Path(first[0]).name}"
+        copy.write_bytes((Path(root) / first[0]).read_bytes())
+        with manifest.open("a", newline="") as f:
+            csv.writer(f).writerow([copy.name, *first[1:]])
+    built = split_len(build_splits(cfg.data).train)
+    assert listed_train_rows(cfg.data) == built
+    assert built == {"plain": 42, "fold": 28, "filter-drop": 40, "duplicates": 42}[view]
+    with pytest.raises(ConfigError, match=rf"^train.batch_size: {built + 2} is more than the train split fills"):
+        build_trainer(cfg.override({"train.batch_size": built + 2}), name="too-big-a-batch")

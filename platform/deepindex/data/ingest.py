@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import ray.data
     import ray.train
 
-    from deepindex.config import Config
+    from deepindex.config import Config, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,30 @@ class RayIngest:
     datasets: dict[str, ray.data.Dataset]
     data_config: ray.train.DataConfig
     plan: dict[str, Any]  # JSON-able: concepts, stats, shapes, row counts (train_loop_config["ray_data"])
+
+
+def listed_train_rows(d: DataConfig) -> int:
+    """How many train items the local path (``data.pipeline=local``) trains a file collection on:
+    its listing's train split under the label view, as each worker builds it (duplicates merged,
+    noise, filter and fold applied), counted on the driver without decoding an image."""
+    from deepindex.data import Splits, split_len
+    from deepindex.data.files import read_collection, read_image_folder
+    from deepindex.data.label_view import apply_label_view
+    from deepindex.data.splits import file_split_indices
+
+    if d.dataset not in FILE_DATASETS or not d.root:
+        raise ValueError(f"data.dataset: {d.dataset!r} is not a file collection")
+    if d.dataset == "image-folder":
+        items = read_image_folder(d.root)
+    else:
+        items = read_collection(d.root, d.manifest, d.concepts, unknown_tags=d.unknown_tags, check_images=False)
+    idx = file_split_indices(items, d)
+    parts = [LabelsOnly(items.targets[torch.as_tensor(idx[s], dtype=torch.int64)], [items.paths[i] for i in idx[s]])
+             for s in SPLITS]
+    channels = d.channels or 3  # the shape and stats are placeholders: the label view reads targets and paths
+    splits = Splits(parts[0], parts[1], parts[2], items.concepts, d.dataset == "manifest",
+                    imagenet_stats(channels), channels, d.image_size or 0)
+    return split_len(apply_label_view(splits, d).train)
 
 
 def labelled_splits(cfg: Config, cache: DecodedCache) -> tuple[np.ndarray, dict[str, torch.Tensor]]:

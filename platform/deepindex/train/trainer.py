@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deepindex.config import Config, ConfigError
+from deepindex.config import FILE_DATASETS, Config, ConfigError
 from deepindex.paths import state_dir
 from deepindex.restore import TRAIN_STATE, check_unchanged, config_definition, record_definition
 from deepindex.train.engine import primary_metric
@@ -134,7 +134,7 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list[UserC
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from deepindex.data.ingest import pipeline_for, prepare_ingest
+    from deepindex.data.ingest import listed_train_rows, pipeline_for, prepare_ingest
     from deepindex.data.inspect import resolve_config
     from deepindex.train.worker import train_loop_per_worker
 
@@ -166,6 +166,8 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list[UserC
         data = {"datasets": ingest.datasets, "dataset_config": ingest.data_config}
     elif cfg.data.dataset in ("digit-scenes", "digits"):  # generated: exactly data.train_size items
         check_batches(cfg, cfg.data.train_size)
+    elif cfg.data.dataset in FILE_DATASETS:  # the local path: counted from the listing, no image decoded
+        check_batches(cfg, listed_train_rows(cfg.data))
     return TorchTrainer(
         # mypy reads ray.train.torch's Train V1 TorchTrainer, which wants a loop returning None; Train V2 (what
         # runs) takes any loop and hands its value back as Result.return_value (jobs/bench_train.py reads it).
