@@ -204,6 +204,14 @@ class Rollover:
         s = self.server
         a = s.args
         version = target["version"]
+        # The ref must still hold this version: a checkpoint path whose file was replaced in place
+        # holds another, and its weights beside this version's index would embed every new item
+        # (and every uploaded example) in another space than the index's (found on review: a
+        # restarted index replica restored the old index with the new file's weights).
+        resolved = resolve_model(target["ref"], a.tracking_uri)
+        if (resolved.name, resolved.version) != (target["name"], version):
+            raise ValueError(f"{target['ref']} now holds version {resolved.version} of {resolved.name}, not "
+                             f"{version} (replaced in place)")
         path = find_index(self.dir, target["name"], version)
         if path is None:
             if not build:
@@ -219,7 +227,7 @@ class Rollover:
         self._set("loading", f"index and model of version {version}")
         index = IndexStore.load(path)
         index.manifest.check_model(target["name"], version)
-        lm = load_model(resolve_model(target["ref"], a.tracking_uri).checkpoint_path)
+        lm = load_model(resolved.checkpoint_path)
         pair = Pair(target["name"], version, target["ref"], index, lm)
         behind = s.store.head() - index.seq
         self._set("catching_up", f"{behind} changes since the index's snapshot", 0.0)

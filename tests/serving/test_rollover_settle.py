@@ -121,3 +121,39 @@ def test_the_same_version_of_another_model_name_is_a_new_model(tmp_path: Path, m
     assert server.pairs["1"].name == "photos"
     r._step()  # now served: nothing more to do
     assert len(prepared) == 1 and r.phase == "idle"
+
+
+@pytest.mark.timeout(30)
+def test_a_restart_does_not_restore_a_checkpoint_path_replaced_in_place(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """``serving.json`` names the version a checkpoint path held; if the file now holds another, the old
+    version's index is not loaded with the new file's weights (every item added since, and every uploaded
+    example, would be embedded in another space than the index's): the loop picks the new version."""
+    import json
+
+    from deepindex.checkpoint import checkpoint_version
+    from deepindex.tracking.registry import LOCAL
+    from serving.rollover import STATE_FILE
+
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"the weights the index was built with")
+    old = checkpoint_version(ckpt)
+    server = _IndexServerStandIn(tmp_path / "indexes")
+    server.pairs, server.serving = {}, None  # a replica that just started
+    (tmp_path / "indexes").mkdir()
+    (tmp_path / "indexes" / STATE_FILE).write_text(json.dumps({"name": LOCAL, "version": old, "ref": str(ckpt)}))
+    ckpt.write_bytes(b"other weights, written over the same file")
+
+    def no_lookup(*a: object) -> None:
+        raise AssertionError("the replaced version's index was looked up")
+
+    monkeypatch.setattr("deepindex.index.store.find_index", no_lookup)
+    caplog.set_level("WARNING", logger="serving.rollover")
+    Rollover(server).restore()  # type: ignore[arg-type]  # the stand-in
+    assert server.serving is None and server.pairs == {}
+    new = checkpoint_version(ckpt)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"rollover: the saved pair {{'name': '{LOCAL}', 'version': '{old}', 'ref': '{ckpt}'}} could not be restored "
+        f"({ckpt} now holds version {new} of {LOCAL}, not {old} (replaced in place))"]
