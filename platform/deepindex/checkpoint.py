@@ -61,7 +61,9 @@ def _resolved(value: int | None, key: str) -> int:
 def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, config: Config, stats: NormStats,
                     concepts: list[str], multilabel: bool, epoch: int, optimizer: torch.optim.Optimizer | None = None,
                     scheduler: EpochScheduler | None = None, metrics: dict[str, Any] | None = None,
-                    extra: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None, streams: dict[str, Any] | None = None) -> Path:
+    """``streams``: what a resumed run needs to go on drawing as the uninterrupted one would
+    (every rank's random state, the fp16 loss scaler's): tensors and plain values."""
     from deepindex.data.inspect import resolve_config
 
     directory = Path(directory)
@@ -82,6 +84,7 @@ def save_checkpoint(directory: str | Path, *, model: torch.nn.Module, config: Co
         "epoch": int(epoch),
         "metrics": _plain(metrics or {}),
         "extra": _plain(extra or {}),
+        "streams": streams,
     }
     # atomic: a reader sees the old or the new file
     return write_file(directory / FILENAME, lambda tmp: torch.save(state, tmp))

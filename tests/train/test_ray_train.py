@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from deepindex.checkpoint import load_model, read_checkpoint
 from deepindex.config import load_config
@@ -91,10 +92,14 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_local, tmp_path):
     # Resumed from the checkpoint of epoch 1: epochs 0 and 1 were not recomputed.
     assert final[0]["start_epoch"] == 2 and final[1]["start_epoch"] == 2
     assert read_checkpoint(result.checkpoint.path)["epoch"] == 3
-    # Same seed, uninterrupted: the final metrics agree within tolerance (only dropout's RNG differs).
+    # Same seed, uninterrupted: the same run.  The checkpoint holds every rank's random state, so the
+    # resumed epochs draw the dropout masks the uninterrupted ones did (they drew epoch 0's again, and
+    # the two runs ended up to 0.002 apart in validation error and 0.009 in loss).
     clean = build_trainer(cfg, name="no-fault").fit()
-    assert abs(clean.metrics["val_top1_error"] - result.metrics["val_top1_error"]) <= 0.05
-    assert abs(clean.metrics["val_loss"] - result.metrics["val_loss"]) <= 0.15
+    assert clean.metrics["val_loss"] == result.metrics["val_loss"], (clean.metrics, result.metrics)
+    assert clean.metrics["val_top1_error"] == result.metrics["val_top1_error"]
+    weights = [read_checkpoint(r.checkpoint.path)["model"] for r in (clean, result)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 @pytest.mark.timeout(420)

@@ -50,6 +50,38 @@ def _gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _streams(device: torch.device, precision: Precision) -> dict[str, Any]:
+    """Every rank's random state (rank order) and the fp16 loss scaler's: a run resumed from this
+    epoch's checkpoint draws the dropout masks, augmentations and loader seeds the uninterrupted run
+    would have (it seeded afresh and drew epoch 1's again), and keeps its loss scale.  Every rank calls it."""
+    mine = {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    ranks: list[Any] = [mine]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+    return {"rng": ranks, "scaler": precision.scaler.state_dict() if precision.scaler is not None else None}
+
+
+def _restore_streams(streams: dict[str, Any] | None, rank: int, world: int, device: torch.device,
+                     precision: Precision) -> None:
+    """Where :func:`_streams` left off; a checkpoint of another worker count (or of before they were
+    saved) leaves each rank's seeded stream as it is."""
+    if not streams:
+        return
+    if precision.scaler is not None and streams.get("scaler"):
+        precision.scaler.load_state_dict(streams["scaler"])
+    ranks = streams.get("rng") or []
+    if len(ranks) != world:
+        if rank == 0:
+            log.info("the checkpoint's random streams are %d workers', this run has %d: they start afresh",
+                     len(ranks), world)
+        return
+    torch.set_rng_state(ranks[rank]["cpu"])
+    if device.type == "cuda" and ranks[rank].get("cuda") is not None:
+        torch.cuda.set_rng_state(ranks[rank]["cuda"], device)
+
+
 def group_train_means(m: dict[str, float]) -> dict[str, float]:
     """``train_loss`` and ``train_penalty`` over every rank's images (each rank's are over its own
     shard; rank 0's alone were logged as the epoch's, found on review).  Every rank calls it."""
@@ -137,6 +169,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
     scheduler = EpochScheduler(optimizer, cfg.schedule, cfg.train.epochs)
     start_epoch, extra = 0, dict(loop_config.get("extra") or {})
     resumed: dict[str, Any] | None = None  # the checkpointed epoch's metrics, when resuming
+    streams: dict[str, Any] | None = None  # the checkpointed epoch's random streams, restored before the next
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -148,6 +181,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         start_epoch = state["epoch"] + 1
         resumed = _scalars({**(state.get("metrics") or {}), "epoch": state["epoch"]})
         extra.update(state.get("extra") or {})  # e.g. the MLflow run id: continue, not duplicate
+        streams = state.get("streams")
         if rank == 0:
             log.info("resuming from the checkpoint of epoch %d", state["epoch"])
 
@@ -175,6 +209,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         # reached the callbacks (a run stopped between writing the checkpoint and reporting it), and
         # a Tune trial restored after its last epoch would otherwise end on the one before it.
         ray.train.report(resumed)
+    _restore_streams(streams, rank, world, device, precision)  # last: nothing above draws from them
     for epoch in range(start_epoch, cfg.train.epochs):
         epoch_start = time.time()
         _write_status(loop_config.get("status_dir"), rank, epoch=epoch, **status)
@@ -207,12 +242,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
             if tracker is not None:
                 tracker.log_epoch(metrics, epoch)
         scalars = _scalars(metrics)
+        at_end = _streams(device, precision)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
                 save_checkpoint(tmp, model=model, config=cfg, stats=feed.stats, concepts=feed.concepts,
                                 multilabel=feed.multilabel, epoch=epoch, optimizer=optimizer,
-                                scheduler=scheduler, metrics=metrics, extra=extra)
+                                scheduler=scheduler, metrics=metrics, extra=extra, streams=at_end)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
                 log.info("epoch %d: %s", epoch, scalars)
             ray.train.report(scalars, checkpoint=ckpt)
