@@ -16,7 +16,8 @@ pytestmark = pytest.mark.timeout(60)
 CONCEPTS = ["cat", "dog", "aquarium_fish"]
 
 
-def store(n: int = 300, kind: str = "flat", seed: int = 0, multilabel: bool = True) -> IndexStore:
+def store(n: int = 300, kind: str = "flat", seed: int = 0, multilabel: bool = True, metric: str = "l2",
+          normalize: bool = False) -> IndexStore:
     rng = np.random.default_rng(seed)
     # Coarse probabilities (two decimals): many equal keyword scores, so ties cross page boundaries.
     probs = np.round(rng.random((n, 3)), 2).astype(np.float32)
@@ -27,7 +28,7 @@ def store(n: int = 300, kind: str = "flat", seed: int = 0, multilabel: bool = Tr
     return IndexStore.create(model={"uri": "x", "name": "m", "version": "1"}, collection="c", seq=n,
                              concepts=CONCEPTS, ids=[f"i{j:04d}" for j in range(n)], labels=[[] for _ in range(n)],
                              probs=probs, features={"penultimate": feats},
-                             vector_cfg=VectorConfig(kind=kind, metric="l2", normalize=False, hnsw_ef_search=16),
+                             vector_cfg=VectorConfig(kind=kind, metric=metric, normalize=normalize, hnsw_ef_search=16),
                              default_feature="penultimate", image_size=4, channels=1, multilabel=multilabel)
 
 
@@ -113,6 +114,25 @@ def test_example_pages_go_past_the_first_fetch_and_cover_every_item_once(kind):
     # An indexed item as the example: itself left out, the rest all there.
     got = all_pages(index, Query(k=50, key="i", item="i0005"))
     assert "i0005" not in {i for i, _ in got} and len(got) == (299 if kind == "flat" else len({i for i, _ in got}))
+
+
+@pytest.mark.parametrize(("kind", "metric"), [("flat", "l2"), ("hnsw", "l2"), ("ivf", "l2"), ("hnsw", "ip")])
+def test_a_normalised_index_scores_every_page_by_exact_cosine(kind, metric):
+    """An index of L2-normalised vectors answers cosine (its manifest says so).  Built with the l2 metric it
+    scored the first page by minus the distance, and an approximate index's next pages, rescored by exact
+    cosine, compared those with the cursor's distance: page 2 came back empty (found on review).  Every
+    hit's score is now the exact cosine, on every page and index kind, and the pages cover every item once."""
+    index = store(n=120, kind=kind, metric=metric, normalize=True)
+    assert index.manifest.features["penultimate"].default_query_metric == "cosine"
+    vec = index.features["penultimate"][5]
+    exact = index.similarity(vec, "penultimate", "cosine")
+    got = all_pages(index, Query(k=7, key="e", vector=vec))
+    ids = [i for i, _ in got]
+    assert len(set(ids)) == len(ids) and len(ids) >= 120 - 7, len(ids)
+    assert all(s == exact[index.rows[i]] for i, s in got)  # the one exact arithmetic, bit for bit
+    assert [s for _, s in got] == sorted((s for _, s in got), reverse=True)
+    if kind == "flat":
+        assert ids == expected_order(index, np.arange(120), exact)
 
 
 def test_pages_after_the_first_on_an_approximate_index_miss_nothing_on_clustered_data():

@@ -719,7 +719,7 @@ class IndexStore:
             if exact:
                 scores, rows = exact_knn(self._matrix(name), queries, fetch, metric)
             else:
-                scores, rows = self.vectors[name].search(queries, fetch)
+                scores, rows = self._rescored(name, metric, queries, self.vectors[name].search(queries, fetch)[1])
             out: list[list[tuple[int, float]]] = []
             short = False
             for q in range(len(queries)):
@@ -732,6 +732,24 @@ class IndexStore:
             if not short or fetch >= len(self.ids):
                 return out
             fetch = min(2 * fetch, len(self.ids))
+
+    def _rescored(self, name: str, metric: str, queries: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A vector index's hits (Q, fetch) scored as :meth:`similarity` scores them, best first.
+
+        The index finds the rows; their scores come from the one exact arithmetic every page and
+        fusion use.  An L2 index of normalised vectors answers cosine but computed minus a distance
+        (another scale), and even on one scale its float32 arithmetic is not the exact one: a page
+        after the first, rescored exactly, compared its scores with the cursor's and lost or repeated
+        items (found on review)."""
+        x = self._matrix(name)
+        out_s = np.full(rows.shape, np.nan, dtype=np.float32)
+        out_r = np.full(rows.shape, -1, dtype=np.int64)
+        for q in range(len(queries)):
+            found = rows[q][rows[q] >= 0]
+            if len(found):
+                s, r = exact_knn(x[found], queries[q : q + 1], len(found), metric)
+                out_s[q, : len(found)], out_r[q, : len(found)] = s[0], found[r[0]]
+        return out_s, out_r
 
     def similarity(self, query: np.ndarray, feature: str | None = None, metric: str | None = None) -> np.ndarray:
         """(N,) exact scores of every row (deleted ones too: the caller masks) against one (D,) query,
