@@ -37,9 +37,12 @@ def to_index_changes(changes: Sequence[Change], store: CollectionStore, index: I
     pixels = np.zeros((len(adds), *shape), dtype=np.uint8)
     ok = np.ones(len(adds), dtype=bool)
     for j, c in enumerate(adds):
+        # Read outside the decode's guard: a blob store that fails to answer (an S3 5xx, an NFS EIO: OSErrors
+        # too) fails the catch-up, which is retried; caught with the decode's errors, the item was applied
+        # as a delete and the index's seq moved past it for good (found on review).
+        data = store.image_by_hash(c.item.content_hash)
         try:
-            pixels[j] = image_bytes_to_unit(store.image_by_hash(c.item.content_hash), m.image_size, m.channels,
-                                            m.preset)
+            pixels[j] = image_bytes_to_unit(data, m.image_size, m.channels, m.preset)
         except UNDECODABLE as e:  # what PIL raises on bytes it cannot read
             ok[j] = False
             log.warning("index %s: item %s does not decode (%s); not indexed", index.path, c.item.id, e)

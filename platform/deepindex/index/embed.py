@@ -191,8 +191,9 @@ class ItemEmbedActor:
         pixels = np.zeros((len(hashes), *self.shape), dtype=np.uint8)
         ok = np.ones(len(hashes), dtype=bool)
         for j, h in enumerate(hashes):
+            data = self.blobs.get(h)  # a blob store that fails to answer fails the build (catchup.py says why)
             try:
-                pixels[j] = image_bytes_to_unit(self.blobs.get(h), self.shape[1], self.shape[0], self.lm.preset)
+                pixels[j] = image_bytes_to_unit(data, self.shape[1], self.shape[0], self.lm.preset)
             except UNDECODABLE as e:  # a blob PIL cannot read: skipped, not fatal
                 ok[j] = False
                 log.warning("item with content %s does not decode (%s); skipped", h, e)
