@@ -341,12 +341,18 @@ def _append_synced(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _parse_delta(data: bytes, start: int) -> tuple[list[IndexChange], int, bool]:
+def _parse_delta(data: bytes, start: int, after: int | None = None) -> tuple[list[IndexChange], int, str | None]:
     """The changes of the whole batches in ``data`` (the delta from byte ``start``): (changes, the byte
-    after the last whole batch, whether an unreadable complete line stopped the read).  A batch whose
-    last line is not there yet (or a line without its newline) is being written, or was cut short by a
-    crash, and is not read.  A line without "more" ends its batch (a delta written before batches
-    were marked: every line its own)."""
+    after the last whole batch, what stopped the read early: None, ``"unreadable"`` (a complete line
+    that does not parse) or ``"gap"``).  A batch whose last line is not there yet (or a line without
+    its newline) is being written, or was cut short by a crash, and is not read.  A line without
+    "more" ends its batch (a delta written before batches were marked: every line its own).
+
+    ``after``: the base's seq.  Catalogue seqs have no gaps and every change is applied in order, so
+    the delta goes on from there with no gap; a batch that skips seqs was appended by a writer of
+    another base (a build swapped this folder under a running service) and ends what can be applied:
+    catching up from the catalogue applies the changes again (found on review: the skipped ones were
+    lost, and an item deleted in them came back)."""
     changes: list[IndexChange] = []
     batch: list[IndexChange] = []
     at = pos = start
@@ -356,12 +362,17 @@ def _parse_delta(data: bytes, start: int) -> tuple[list[IndexChange], int, bool]
             batch.append(IndexChange.from_record(r))
             more = r.get("more") is True
         except (ValueError, KeyError, TypeError):
-            return changes, at, True
+            return changes, at, "unreadable"
         pos += len(line) + 1
         if not more:
+            if after is not None:
+                for c in batch:
+                    if c.seq > after + 1:
+                        return changes, at, "gap"
+                    after = max(after, c.seq)
             changes += batch
             batch, at = [], pos
-    return changes, at, False
+    return changes, at, None
 
 
 class IndexStore:
@@ -456,11 +467,12 @@ class IndexStore:
         if got is None:
             return
         _, _, data, self._delta = got
-        changes, self._delta_at, bad = _parse_delta(data, 0)
-        if bad or len(data) > self._delta_at:
-            # A batch cut short by a crash (or an unreadable line) ends the log: the catalogue still has
-            # those changes and anything after them, and catching up applies them again.
-            what = "an unreadable line" if bad else "a batch a crash cut short"
+        changes, self._delta_at, stop = _parse_delta(data, 0, after=self.seq)
+        if stop or len(data) > self._delta_at:
+            # A batch cut short by a crash (or an unreadable line, or one after a gap) ends the log: the
+            # catalogue still has those changes and anything after them, and catching up applies them again.
+            what = {"unreadable": "an unreadable line", "gap": "a gap in its seqs (another base's writer "
+                    "appended to it)"}.get(stop or "", "a batch a crash cut short")
             if repair:
                 with open(delta, "r+b") as fh:
                     fh.truncate(self._delta_at)

@@ -1,0 +1,64 @@
+"""An index folder swapped under its writer (``deepindex index build`` of the served version, into the
+folder a running service writes): the service goes on appending its changes to the new base's delta,
+after a gap.  A reload applies the delta up to the gap and catches up from the catalogue: nothing is
+lost and nothing deleted comes back.
+
+The embedder is a stand-in (fixed descriptors): the test is about which changes the index holds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepindex.collection import CollectionStore
+from deepindex.index.catchup import catch_up
+from deepindex.index.store import DELTA, IndexStore
+from deepindex.index.vectors import VectorConfig
+from support import png_bytes
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _embed(pixels: np.ndarray) -> dict[str, np.ndarray]:
+    n = len(pixels)
+    return {"probs": np.full((n, 1), 0.5, np.float32), "penultimate": np.ones((n, 4), np.float32)}
+
+
+def _base(store: CollectionStore, seq: int) -> IndexStore:
+    """What a build writes: the collection's snapshot at ``seq``, embedded."""
+    items = list(store.snapshot(seq))
+    n = len(items)
+    return IndexStore.create(model={"uri": "m", "name": "m", "version": "1"}, collection=store.name, seq=seq,
+                             concepts=["a"], ids=[i.id for i in items], labels=[i.tags for i in items],
+                             probs=np.full((n, 1), 0.5, np.float32),
+                             features={"penultimate": np.ones((n, 4), np.float32)},
+                             vector_cfg=VectorConfig(kind="flat"), default_feature="penultimate", image_size=8,
+                             channels=1, multilabel=True)
+
+
+def test_a_base_swapped_under_the_writer_loses_no_change_on_reload(tmp_path: Path) -> None:
+    store = CollectionStore.open("c")
+    for i in range(3):
+        store.add(f"old-{i}", png_bytes(np.full((8, 8), i / 10)))
+    folder = tmp_path / "m-1"
+    _base(store, store.head()).save(folder)
+    service = IndexStore.load(folder)  # the serving index replica: the folder's writer
+
+    built_at = store.head()  # a build starts from this snapshot; it embeds for minutes...
+    store.add("during-build", png_bytes(np.full((8, 8), 0.5)))
+    store.delete("old-0")
+    catch_up(service, store, _embed)  # ...while the service applies what comes in
+    _base(store, built_at).save(folder)  # the build's base swapped in: it holds old-0, not during-build
+    store.add("after-build", png_bytes(np.full((8, 8), 0.6)))
+    catch_up(service, store, _embed)  # appended to the new base's delta, after a gap
+
+    live = sorted(i.id for i in store.snapshot())
+    assert live == ["after-build", "during-build", "old-1", "old-2"] and sorted(service.rows) == live
+    reloaded = IndexStore.load(folder)  # a restart: the delta up to the gap (none of it), then the catalogue
+    assert reloaded.seq == built_at and sorted(reloaded.rows) == ["old-0", "old-1", "old-2"]
+    assert (folder / DELTA).stat().st_size == 0  # the writer's load cut what followed the gap
+    assert catch_up(reloaded, store, _embed) == store.head() - built_at
+    assert sorted(reloaded.rows) == live and reloaded.seq == store.head()
+    again = IndexStore.load(folder)  # and the next load needs no catalogue
+    assert sorted(again.rows) == live and again.seq == store.head()
