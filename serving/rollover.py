@@ -212,7 +212,7 @@ class Rollover:
         if (resolved.name, resolved.version) != (target["name"], version):
             raise ValueError(f"{target['ref']} now holds version {resolved.version} of {resolved.name}, not "
                              f"{version} (replaced in place)")
-        path = find_index(self.dir, target["name"], version)
+        path = find_index(self.dir, target["name"], version, collection=a.collection)
         if path is None:
             if not build:
                 raise FileNotFoundError(f"no index of version {version} in {self.dir}")

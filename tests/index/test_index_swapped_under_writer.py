@@ -62,3 +62,31 @@ def test_a_base_swapped_under_the_writer_loses_no_change_on_reload(tmp_path: Pat
     assert sorted(reloaded.rows) == live and reloaded.seq == store.head()
     again = IndexStore.load(folder)  # and the next load needs no catalogue
     assert sorted(again.rows) == live and again.seq == store.head()
+
+
+def test_an_index_of_another_catalogue_is_refused_not_served(tmp_path: Path) -> None:
+    """A collection folder holds an index built from another catalogue of the collection's name (a move to
+    PostgreSQL, one restored from a backup): past this catalogue's last change, catching up did nothing and
+    the service answered with the other catalogue's items.  And an index folder shared by collections
+    finds each one's own index of a model version."""
+    from deepindex.index.store import find_index
+
+    other = CollectionStore.open("c", catalogue_url=f"sqlite:///{tmp_path / 'other.db'}",
+                                 blobs_url=str(tmp_path / "other-blobs"))
+    for i in range(5):
+        other.add(f"a-{i}", png_bytes(np.full((8, 8), i / 10)))
+    _base(other, other.head()).save(tmp_path / "shared" / "m-1")
+    store = CollectionStore.open("c")
+    for i in range(3):
+        store.add(f"b-{i}", png_bytes(np.full((8, 8), i / 10)))
+    index = IndexStore.load(tmp_path / "shared" / "m-1")
+    with pytest.raises(ValueError, match=r"built up to change 5 of c, but c has 3 changes: it was built from "
+                                         r"another catalogue; build it again \(deepindex index build\)$"):
+        catch_up(index, store, _embed)
+
+    d = CollectionStore.open("d")
+    d.add("d-0", png_bytes(np.full((8, 8), 0.3)))
+    _base(d, d.head()).save(tmp_path / "shared" / "n-1")  # the same model version, another collection
+    assert find_index(tmp_path / "shared", "m", "1", collection="d") == tmp_path / "shared" / "n-1"
+    assert find_index(tmp_path / "shared", "m", "1", collection="c") == tmp_path / "shared" / "m-1"
+    assert find_index(tmp_path / "shared", "m", "1", collection="e") is None

@@ -64,7 +64,15 @@ def catch_up(index: IndexStore, store: CollectionStore, embed: Embedder, upto: i
     """Apply every catalogue change after ``index.seq`` (up to ``upto``, default the head as it is when
     each batch is read); returns how many were applied.  Compacts the index when its delta has grown."""
     applied = 0
-    target = store.head() if upto is None else upto
+    head = store.head()
+    if index.seq > head:
+        # Past the collection's last change: the index was built from another catalogue (a move to
+        # PostgreSQL, one restored from a backup, another collection of the name).  Catching up did
+        # nothing, and the index served another collection's items (found on review).
+        raise ValueError(f"index {index.path or ''}: built up to change {index.seq} of {index.manifest.collection}, "
+                         f"but {store.name} has {head} changes: it was built from another catalogue; "
+                         "build it again (deepindex index build)")
+    target = head if upto is None else upto
     while index.seq < target:
         changes = store.changes(after=index.seq, upto=target, limit=BATCH)
         if not changes:

@@ -234,9 +234,10 @@ def read_manifest(path: str | Path) -> IndexManifest:
 
 
 def find_index(path: str | Path, model_name: str | None = None, version: str | None = None, *,
-               recover: bool = True) -> Path | None:
+               recover: bool = True, collection: str | None = None) -> Path | None:
     """``path`` itself when it is an index; else its sub-folder built with ``version`` (a collection
-    folder).  ``recover=False``: a reader's look, which leaves a killed writer's folders as they are."""
+    folder), of ``collection`` if given (an index folder shared by collections holds others' too).
+    ``recover=False``: a reader's look, which leaves a killed writer's folders as they are."""
     p = Path(path)
     if recover:
         recover_dir(p, MANIFEST)
@@ -250,10 +251,12 @@ def find_index(path: str | Path, model_name: str | None = None, version: str | N
         # Hidden folders are a writer's temp or moved-aside copies (deepindex.atomic), never an index.
         if not sub.name.startswith(".") and (sub / MANIFEST).is_file():
             try:
-                m = read_manifest(sub).model
+                manifest = read_manifest(sub)
             except (ValueError, OSError):
                 continue  # an index of an older format: not this version's
-            if m.version == version and (model_name is None or m.name == model_name):
+            m = manifest.model
+            if (m.version == version and (model_name is None or m.name == model_name)
+                    and (collection is None or manifest.collection == collection)):
                 return sub
     return None
 
