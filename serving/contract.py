@@ -4,7 +4,8 @@ FastAPI describes the routes, the response models and the parameters' types; wha
 service knows is added here, so the document a client (or schemathesis) reads is the contract
 the handlers enforce:
 
-- bounds from the app's arguments: ``k`` and ``top_k`` within ``1..max_k``, ``threshold`` within
+- bounds from the app's arguments: ``k`` and ``top_k`` within ``1..max_k`` (left out:
+  :func:`default_k`, 10 or ``max_k`` when that is lower), ``threshold`` within
   ``0..1``, ``size`` within ``8..1024``, ``q`` up to ``max_query_chars`` with a non-blank
   character, weights above 0;
 - enums: ``mode``, ``fusion``, ``metric`` and ``feature`` (the served index's descriptors and
@@ -49,6 +50,7 @@ NON_BLANK_PATTERN = f"[^{WHITESPACE}]"
 # A cursor as issued: URL-safe base64 without padding (deepindex.index.fusion.encode_cursor).
 CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,2048}$"
 MAX_WEIGHT = 1000.0
+DEFAULT_K = 10  # k and top_k when a request leaves them out, within max_k (default_k)
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/bmp", "image/webp", "image/tiff")
 IMAGE_FORMAT = "image"  # a string holding an image file base64-encoded (an OpenAPI custom format)
 SIZE_MIN, SIZE_MAX = 8, 1024
@@ -84,6 +86,13 @@ MIN_PROB = "min_prob."  # the searches' filters, one query key per concept: min_
 def takes_min_prob(operation_id: str | None) -> bool:
     """Whether the operation takes ``min_prob.<concept>`` filters besides its declared parameters."""
     return operation_id in SEARCHES
+
+
+def default_k(max_k: int) -> int:
+    """``k`` (``top_k``) of a request that leaves it out: :data:`DEFAULT_K`, or ``max_k`` when that is lower
+    (found on review: with ``max_k`` below 10 every such request was a 422, and the document's default
+    lay above its maximum)."""
+    return min(DEFAULT_K, max_k)
 
 
 def image_bodies(max_images: int, *, ids: str, tags: bool) -> dict[str, Any]:
@@ -134,7 +143,7 @@ def query_parameters(*, max_k: int, max_query_chars: int, features: Mapping[str,
     """The schema of every query parameter by name (``min_prob.<concept>`` apart: :func:`min_prob_parameters`)."""
     # A metric every feature answers, so any (feature, metric) the document allows is answered.
     metrics = [m for m in QUERY_METRICS if all(m in ms for ms in features.values())] or ["cosine"]
-    k = {"type": "integer", "minimum": 1, "maximum": max_k, "default": 10}
+    k = {"type": "integer", "minimum": 1, "maximum": max_k, "default": default_k(max_k)}
     return {
         "k": {**k, "description": "results per page"},
         "top_k": {**k, "description": "concepts per image, best first"},

@@ -30,7 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError as PydanticValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -134,6 +134,22 @@ def allowed_methods(scope: Scope) -> list[str]:
     return sorted({m for r in routes if r.path == first for m in (r.methods or ())})
 
 
+def route_template(scope: Scope) -> str | None:
+    """The path template of the route Starlette's router would hand ``scope`` to (the first that matches
+    fully, else the first whose path matches, a 405's), as ``scope["route"]`` names it once routed; None
+    for a path no route matches.  For a request answered before routing (a declared body over the limit)."""
+    from fastapi.routing import iter_route_contexts
+
+    partial = None
+    for r in iter_route_contexts(scope["app"].routes):
+        match = r.matches(scope)[0]
+        if match == Match.FULL:
+            return getattr(r.original_route, "path", None)
+        if match == Match.PARTIAL and partial is None:
+            partial = getattr(r.original_route, "path", None)
+    return partial
+
+
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
           (b"GIF89a", "image/gif"), (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"))
 
@@ -145,6 +161,50 @@ def sniff_image_type(data: bytes) -> str:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "image/webp"
     return next((mime for magic, mime in _MAGIC if data.startswith(magic)), "application/octet-stream")
+
+
+# The modes a thumbnail is written in (PNG holds them all); any other is made one of these.
+PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
+
+
+class NoThumbnail(Exception):
+    """An image PIL reads but no PNG thumbnail can be made of; the message says why."""
+
+
+def thumbnail_png(data: bytes, size: int) -> bytes | None:
+    """A PNG at most ``size`` pixels a side of the image ``data``, or None for bytes PIL cannot read (the
+    caller sends them as they are).  Raises PIL's ``DecompressionBombError`` (over its pixel limit) and
+    :class:`NoThumbnail` (read, but not made into a PNG thumbnail): never anything a caller would answer 500.
+
+    16-bit, 32-bit and float greyscale (``I;16``, ``I;16B``, ``I``, ``F``) are scaled to 8-bit ``L`` before
+    the resize, as the model's input is (:func:`deepindex.data.transforms.to_model_mode`): PIL resizes none
+    of the 16-bit modes ("image has wrong mode", a 500) and PNG writes no ``I`` (the original was sent
+    instead of a thumbnail; both found on review).  CMYK, YCbCr, LAB and HSV become RGB after the resize.
+    """
+    from PIL import Image
+
+    from deepindex.data.transforms import to_model_mode
+
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            thumb: Image.Image = opened
+            if thumb.mode.startswith("I") or thumb.mode == "F":  # deep greyscale: decoded and scaled here
+                thumb = to_model_mode(thumb, channels=1)
+            thumb.thumbnail((size, size))
+            if thumb.mode not in PNG_MODES:
+                thumb = thumb.convert("RGB")
+            buf = io.BytesIO()
+            try:
+                thumb.save(buf, format="PNG")
+            except (OSError, ValueError) as e:  # read fine, but not written: not the reading's failure
+                raise NoThumbnail(f"the image (mode {thumb.mode}) cannot be written as a PNG ({e})") from None
+    except (Image.DecompressionBombError, NoThumbnail):
+        raise
+    except (OSError, SyntaxError, EOFError):  # not an image PIL reads, or cut short or damaged
+        return None
+    except (ValueError, ArithmeticError, MemoryError) as e:  # read, but PIL cannot resize or convert it
+        raise NoThumbnail(f"no thumbnail can be made of the image ({type(e).__name__}: {e})") from None
+    return buf.getvalue()
 
 
 def _limited(receive: Receive, limit: int) -> Receive:
@@ -194,7 +254,10 @@ class ObserveMiddleware:
         size = dict(scope.get("headers") or ()).get(b"content-length", b"")
         if limit and not size:
             receive = _limited(receive, limit)  # a chunked body has no length to check up front: counted
+        routed: str | None = None  # the route template of a request answered here, before the router
         if limit and size.isdigit() and int(size) > limit:
+            # Labelled by its route, as the same body sent chunked is (found on review: "unmatched").
+            routed = route_template(scope)
             await JSONResponse({"error": {"code": "request_too_large",
                                           "message": f"request body of {size.decode()} bytes, the limit is {limit}"}},
                                status_code=413)(scope, receive, send_observed)
@@ -211,7 +274,7 @@ class ObserveMiddleware:
         m = getattr(state, "metrics", None)
         if m is not None:
             # The route template bounds label cardinality; a path no route matched is "unmatched".
-            endpoint = (getattr(scope.get("route"), "path", None)
+            endpoint = (getattr(scope.get("route"), "path", None) or routed
                         or (scope.get("path", "") if status < 400 else "unmatched"))
             m.requests.labels(endpoint=endpoint, method=scope.get("method", ""), status=str(status)).inc()
             m.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)
@@ -308,6 +371,34 @@ def _known_parameters(request: Request) -> None:
             takes = ", ".join([*sorted(known), *([f"{contract.MIN_PROB}<concept>"] if searches else [])]) or "none"
             raise ApiError(422, "unknown_parameter", f"{key[:80]}: not a parameter of {request.method} "
                                                      f"{getattr(route, 'path', request.url.path)} (it takes {takes})")
+
+
+def page_size(k: int, max_k: int, *, given: bool, name: str = "k") -> int:
+    """``k`` (or ``top_k``: ``name``) checked against ``1..max_k``; a request that leaves it out (not
+    ``given``) gets :func:`serving.contract.default_k`.  The endpoints' signatures say 10 (a default cannot
+    come from the replica's arguments there; the fast path binds the same 10), so whether the query holds
+    the parameter is what tells a left-out one (found on review: with ``max_k`` below 10, every request
+    without ``k`` was a 422)."""
+    if not given:
+        return contract.default_k(max_k)
+    if not 1 <= k <= max_k:
+        raise ApiError(422, f"{name}_out_of_range", f"{name}={k}: must be between 1 and {max_k}")
+    return k
+
+
+def form_files(form: FormData) -> list[UploadFile]:
+    """The file parts of a multipart form, in order; an ``images`` part without a filename is a 400 naming
+    that.  Starlette reads such a part as a text field (decoded, capped at 1 MB): its image was not sent
+    as a file, and the request answered "holds no image" (found on review), or dropped that image beside
+    file parts.  Its bytes are not recovered: decoded as UTF-8, or Latin-1 where that fails, they cannot be
+    told back for sure."""
+    files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+    texts = sum(1 for k, v in form.multi_items() if k == "images" and not isinstance(v, UploadFile))
+    if texts:
+        raise ApiError(400, "bad_multipart" if files else "no_images",
+                       f"images: {texts} part(s) without a filename, read as text, not as an image file: send each "
+                       f"image as a file part (Content-Disposition: form-data; name=\"images\"; filename=...)")
+    return files
 
 
 def _image_url(item_id: str) -> str:
@@ -437,10 +528,9 @@ class Ingress:
         if not hmac.compare_digest(given.strip().encode(), self._token.encode()):
             raise ApiError(403, "forbidden", "the bearer token is not this service's API token")
 
-    def _k(self, k: int, name: str = "k") -> int:
-        if not 1 <= k <= self.args.max_k:
-            raise ApiError(422, f"{name}_out_of_range", f"{name}={k}: must be between 1 and {self.args.max_k}")
-        return k
+    def _k(self, request: Request, k: int, name: str = "k") -> int:
+        """The ``k`` (``top_k``) the request asks for, checked: :func:`page_size`."""
+        return page_size(k, self.args.max_k, given=name in request.query_params, name=name)
 
     def _q(self, q: str) -> str:
         if not contract.non_blank(q):
@@ -555,7 +645,7 @@ class Ingress:
                     raise ApiError(413, "too_many_images",
                                    f"at most {a.max_images_per_request} images per request") from None
                 raise ApiError(400, "bad_multipart", f"multipart body: {e.detail}") from None
-            files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+            files = form_files(form)
             ids = [str(v) for k, v in form.multi_items() if k == "id" and not isinstance(v, UploadFile)]
             tags = [str(v) for k, v in form.multi_items() if k == "tags" and not isinstance(v, UploadFile)]
             if len(files) > a.max_images_per_request:
@@ -752,7 +842,7 @@ class Ingress:
         self._authorize(request, write=False)
         if not 0.0 <= threshold <= 1.0:
             raise ApiError(422, "threshold_out_of_range", f"threshold={threshold}: must be between 0 and 1")
-        self._k(top_k, "top_k")
+        top_k = self._k(request, top_k, "top_k")
         raw = await self._read_images(request)
         spec, results = await self._infer(self._decode(raw), "/v1/tag")
         return {"model": {"name": spec["name"], "version": spec["version"]},
@@ -785,7 +875,7 @@ class Ingress:
         by ``cursor``."""
         self._authorize(request, write=False)
         self._q(q)
-        self._k(k)
+        k = self._k(request, k)
         spec = await self._model_spec()
         opts = await self._options(request, spec["version"], mode=mode, cursor=cursor, feature=feature, metric=metric,
                                    fusion=fusion, weights={"keywords": weight_keywords, "example": weight_example})
@@ -807,7 +897,7 @@ class Ingress:
         self._authorize(request, write=False)
         if q is not None:
             self._q(q)
-        self._k(k)
+        k = self._k(request, k)
         spec = await self._model_spec()
         opts = await self._options(request, spec["version"], mode=mode, cursor=cursor, feature=feature, metric=metric,
                                    fusion=fusion, weights={"keywords": weight_keywords, "example": weight_example})
@@ -824,7 +914,7 @@ class Ingress:
                             feature: str | None = None, metric: str | None = None) -> dict[str, Any]:
         """The items nearest to one uploaded image (query by example), ``k`` a page."""
         self._authorize(request, write=False)
-        self._k(k)
+        k = self._k(request, k)
         spec = await self._model_spec()
         opts = await self._options(request, spec["version"], cursor=cursor, feature=feature, metric=metric)
         r, vector, digest = await self._example_vector(request, "/v1/search/similar", opts["feature"])
@@ -842,7 +932,7 @@ class Ingress:
                            feature: str | None = None, metric: str | None = None) -> dict[str, Any]:
         """The items nearest to an indexed item (itself excluded), ``k`` a page."""
         self._authorize(request, write=False)
-        self._k(k)
+        k = self._k(request, k)
         spec = await self._model_spec()
         opts = await self._options(request, spec["version"], cursor=cursor, feature=feature, metric=metric)
         res = await self._query(spec["version"], "/v1/items/similar", opts, k, example={"id": item_id})
@@ -870,26 +960,20 @@ class Ingress:
         from PIL import Image
 
         try:
-            with Image.open(io.BytesIO(data)) as opened:
-                opened.thumbnail((size, size))
-                thumb: Image.Image = opened
-                if thumb.mode == "F":  # PNG holds none of these: a grey or colour thumbnail
-                    thumb = thumb.convert("L")
-                elif thumb.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
-                    thumb = thumb.convert("RGB")  # CMYK, YCbCr, LAB, HSV
-                buf = io.BytesIO()
-                thumb.save(buf, format="PNG")
+            png = thumbnail_png(data, size)
         except Image.DecompressionBombError:  # stored by an import, which has no pixel limit
             raise ApiError(422, "no_thumbnail", f"{item_id}: the image has more pixels than the service decodes "
                                                    f"({self.args.max_image_pixels:,}); fetch it without size") from None
-        except OSError:  # bytes PIL cannot read (stored as they came): sent as they are
+        except NoThumbnail as e:
+            raise ApiError(422, "no_thumbnail", f"{item_id}: {e}; fetch it without size") from None
+        if png is None:  # bytes PIL cannot read (stored as they came): sent as they are
             return Response(data, media_type="application/octet-stream")
-        return Response(buf.getvalue(), media_type="image/png")
+        return Response(png, media_type="image/png")
 
     @app.get("/v1/items/{item_id:path}", response_model=ItemResponse, responses=_ERRORS, operation_id="get_item")
     async def get_item(self, request: Request, item_id: str, top_k: int = 10) -> dict[str, Any]:
         self._authorize(request, write=False)
-        self._k(top_k, "top_k")
+        top_k = self._k(request, top_k, "top_k")
         spec = await self._model_spec()
         res = _check(await _call(self.index.get, item_id, spec["name"], spec["version"]))
         return {"id": item_id, "concepts": self._top(res["probs"], res["concepts"], top_k, 0.0),

@@ -187,7 +187,9 @@ def _decoded(cursor: str, key: str) -> dict[str, Any]:
         if (not isinstance(item_id, (str, int)) or isinstance(item_id, bool) or not np.isfinite(score)
                 or not isinstance(d.get("x", {}), dict)):
             raise TypeError
-    except (ValueError, TypeError, KeyError, AttributeError):
+    # OverflowError: a score past float's range ("0x1p99999"); RecursionError: JSON nested deeper than the
+    # parser goes (a cursor of 2048 '[' fits the pattern).  Both crafted, neither issued: found on review (500s).
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError):
         raise ValueError("cursor: not a cursor this service issued") from None
     if q != key:
         raise ValueError("cursor: it belongs to another query (same parameters are needed to page on)")

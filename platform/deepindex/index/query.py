@@ -159,7 +159,7 @@ def _fusion_state(index: IndexStore, q: Query, parts: Mapping[str, Scored]) -> d
         if not all(isinstance(n, str) and len(v) == 2 and all(np.isfinite(float.fromhex(x)) for x in v)
                    for n, v in b.items()):
             raise TypeError
-    except (TypeError, ValueError, AttributeError):
+    except (TypeError, ValueError, AttributeError, OverflowError):  # OverflowError: a bound past float's range
         raise ValueError("cursor: not a cursor this service issued") from None
     return {"b": b}
 

@@ -1,0 +1,302 @@
+"""Edge cases of the ingress's handlers found on review, without a cluster: thumbnails of 16/32-bit and float
+greyscale images, crafted cursors, ``max_k`` below the default ``k``, an image part sent without a filename,
+and the metric label of a request refused for its declared size.  The handlers run on a bare ``Ingress``
+(no replica) whose model spec and index replica are stand-ins."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from starlette.requests import Request
+
+from serving.errors import ApiError
+from serving.schemas import ServeArgs
+
+pytestmark = pytest.mark.timeout(120)
+
+CONCEPTS = [str(d) for d in range(10)]
+
+
+class _Remote:
+    """A replica method as the ingress calls it: ``await handle.method.remote(*args)``."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    async def remote(self, *args: Any) -> Any:
+        return self.answer(*args)
+
+
+def _ingress(**args: Any) -> Any:
+    from serving.ingress import Ingress
+    from serving.metrics import ServeMetrics
+
+    class Bare(Ingress.func_or_class):  # type: ignore[name-defined]
+        def __del__(self) -> None:  # Serve's wrapper shuts its ASGI app down here: none was started
+            pass
+
+    ing = object.__new__(Bare)  # no replica: only the fields the handlers under test use
+    ing.args = ServeArgs(**args)
+    ing._token = None
+    ing.serve_metrics = ServeMetrics()
+    ing._spec = {"name": "m", "version": "1", "concepts": CONCEPTS}
+    ing._spec_at, ing._spec_refresh, ing._tasks = time.monotonic() + 3600, None, set()  # fresh: never asked
+    ing._reads, ing._heap = None, None
+    ing.index = SimpleNamespace()
+    return ing
+
+
+def _request(path: str, query: bytes = b"", method: str = "GET", body: bytes = b"",
+             headers: list[tuple[bytes, bytes]] | None = None) -> Request:
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {"type": "http", "method": method, "path": path, "query_string": query, "root_path": "",
+             "headers": headers or []}
+    return Request(scope, receive)
+
+
+# ---- 1. thumbnails of images PNG cannot hold as they are ------------------------------------------
+def _saved(im: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _deep_images() -> dict[str, tuple[bytes, int]]:
+    """name -> (file bytes, the grey level a uniform half-scale image of that kind should show, 0..255)."""
+    half16 = np.full((300, 200), 32768, dtype=np.uint16)
+    i16b = Image.frombytes("I;16B", (200, 300), half16.astype(">u2").tobytes())
+    i32 = np.full((300, 200), 32768, dtype=np.int32)
+    i32[0, 0] = 65535  # over 255: read as 16-bit, as the model's input is
+    return {"I;16 PNG": (_saved(Image.fromarray(half16), "PNG"), 128),
+            "I;16B TIFF": (_saved(i16b, "TIFF"), 128),
+            "I TIFF": (_saved(Image.fromarray(i32), "TIFF"), 128),
+            "F TIFF (0..1)": (_saved(Image.fromarray(np.full((300, 200), 0.5, dtype=np.float32)), "TIFF"), 127)}
+
+
+def _item_image(ing: Any, data: bytes, size: int | None) -> Any:
+    ing.index.image = _Remote(lambda item_id: {"bytes": data})
+    return asyncio.run(ing.item_image(_request("/v1/items/a/image"), "a", size=size))
+
+
+@pytest.mark.parametrize("kind", list(_deep_images()))
+@pytest.mark.parametrize("size", [8, 128])
+def test_a_deep_greyscale_image_gets_an_8_bit_grey_png_thumbnail_scaled_as_the_model_reads_it(kind, size):
+    data, level = _deep_images()[kind]
+    from serving.decode import decode_image
+
+    assert decode_image(data, kind, 8_000_000, 16_000_000).mode in ("I;16", "I;16B", "I", "F")  # accepted on upload
+    res = _item_image(_ingress(), data, size)
+    assert res.status_code == 200 and res.media_type == "image/png"
+    with Image.open(io.BytesIO(res.body)) as thumb:
+        assert thumb.format == "PNG" and thumb.mode == "L" and max(thumb.size) == size
+        grey = np.asarray(thumb)
+    # Scaled, not clipped: half of 16-bit range is mid-grey (convert("L") clips it to 255, a float 0.5 to 0).
+    assert abs(int(np.median(grey)) - level) <= 1
+
+
+def test_thumbnails_of_other_modes_and_unreadable_bytes_are_as_before():
+    ing = _ingress()
+    cases = [(Image.new("RGB", (40, 30), (9, 8, 7)), "PNG", "RGB"), (Image.new("CMYK", (40, 30)), "JPEG", "RGB"),
+             (Image.new("P", (40, 30)), "GIF", "P"), (Image.new("LA", (40, 30)), "PNG", "LA")]
+    for data, mode in ((_saved(im, fmt), mode) for im, fmt, mode in cases):
+        res = _item_image(ing, data, 16)
+        assert res.status_code == 200 and res.media_type == "image/png"
+        with Image.open(io.BytesIO(res.body)) as thumb:
+            assert thumb.mode == mode and thumb.size == (16, 12)
+    png = _saved(Image.new("RGB", (64, 64)), "PNG")
+    for bad in (b"not an image at all", png[: len(png) // 2]):  # unreadable: the bytes as they were stored
+        res = _item_image(ing, bad, 16)
+        assert res.status_code == 200 and res.media_type == "application/octet-stream" and res.body == bad
+
+
+def test_a_thumbnail_that_cannot_be_written_is_a_422_not_the_original(monkeypatch):
+    data = _deep_images()["I;16 PNG"][0]
+
+    def fail(self: Image.Image, *args: Any, **kwargs: Any) -> None:
+        raise OSError("cannot write mode X as PNG")
+
+    monkeypatch.setattr(Image.Image, "save", fail)
+    with pytest.raises(ApiError) as e:  # read fine, so not "bytes PIL cannot read" (those go back as stored)
+        _item_image(_ingress(), data, 16)
+    assert e.value.status == 422 and e.value.code == "no_thumbnail" and "without size" in e.value.message
+
+
+# ---- 2. crafted cursors: the bad cursor error (the service's 404 unknown_cursor), never a 500 ---------
+def _cursor(d: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(d).encode()).decode().rstrip("=")
+
+
+CRAFTED = {
+    "score past float's range": _cursor({"s": "0x1p99999", "id": "a", "q": "k"}),
+    "JSON nested past the parser's depth": base64.urlsafe_b64encode(b"[" * 1536).decode().rstrip("="),
+    "a cursor's fields, then JSON nested past that depth": base64.urlsafe_b64encode(
+        b'{"s":"0x1p0","id":"a","q":"k","x":' + b"[" * 1400).decode().rstrip("="),
+}
+
+
+@pytest.mark.parametrize("name", list(CRAFTED))
+def test_a_crafted_cursor_is_not_a_cursor_this_service_issued(name):
+    import re
+
+    from deepindex.index.fusion import cursor_state, decode_cursor
+    from serving import contract
+    from serving.reads import _code
+
+    cursor = CRAFTED[name]
+    assert re.fullmatch(contract.CURSOR_PATTERN, cursor)  # past the ingress's pattern, to the index
+    for decode in (decode_cursor, cursor_state):
+        with pytest.raises(ValueError, match=r"^cursor: not a cursor this service issued") as e:
+            decode(cursor, "k")
+        assert _code(str(e.value)) == "bad_cursor"  # which the ingress answers 404 unknown_cursor
+
+
+def test_a_crafted_fusion_bound_is_not_a_cursor_this_service_issued():
+    from deepindex.index.query import Query, _fusion_state
+
+    for bound in ("0x1p99999", "-0x1p99999"):
+        cursor = _cursor({"s": "0x1p0", "id": "a", "q": "k", "x": {"b": {"keywords": [bound, "0x1p0"]}}})
+        with pytest.raises(ValueError, match=r"^cursor: not a cursor this service issued"):
+            _fusion_state(None, Query(k=3, key="k", cursor=cursor, fusion="weighted"), {})  # type: ignore[arg-type]
+    good = _cursor({"s": "0x1p0", "id": "a", "q": "k", "x": {"b": {"keywords": ["0x0p0", "0x1p0"]}}})
+    assert _fusion_state(None, Query(k=3, key="k", cursor=good, fusion="weighted"), {}) == {  # type: ignore[arg-type]
+        "b": {"keywords": ["0x0p0", "0x1p0"]}}
+
+
+# ---- 3. max_k below the default k ------------------------------------------------------------------
+def _get_item(ing: Any, query: bytes) -> dict[str, Any]:
+    probs = np.linspace(1.0, 0.1, len(CONCEPTS), dtype=np.float32)
+    ing.index.get = _Remote(lambda item_id, name, version: {
+        "probs": probs, "concepts": CONCEPTS, "labels": [], "meta": {}, "index": {}})
+    # The endpoint's default (10) comes with or without top_k in the query, as both FastAPI and the fast
+    # path bind it: the query tells them apart.
+    top_k = int(query.split(b"=")[1]) if query else 10
+    return asyncio.run(ing.get_item(_request("/v1/items/a", query), "a", top_k=top_k))
+
+
+def test_a_request_without_k_gets_at_most_max_k_and_an_explicit_k_over_it_is_still_a_422():
+    small = _ingress(max_k=5)
+    assert len(_get_item(small, b"")["concepts"]) == 5
+    assert len(_get_item(small, b"top_k=3")["concepts"]) == 3
+    with pytest.raises(ApiError) as e:
+        _get_item(small, b"top_k=10")
+    assert e.value.status == 422 and e.value.code == "top_k_out_of_range"
+    assert len(_get_item(_ingress(), b"")["concepts"]) == 10  # max_k 100: the default as before
+
+
+def test_both_bindings_hand_the_endpoint_10_and_the_query_says_whether_k_was_given():
+    from serving.fastpath import bind, fast_routes
+    from serving.ingress import app, page_size
+
+    search = next(f for f in fast_routes(app) if f.route.path == "/v1/search")
+    assert bind(search, b"q=a")["k"] == 10  # the fast path's default is the signature's, as FastAPI's
+    ing = _ingress(max_k=5)
+    assert ing._k(_request("/v1/search", b"q=a"), 10) == 5
+    assert ing._k(_request("/v1/search", b"q=a&k=4"), 4) == 4
+    with pytest.raises(ApiError):
+        ing._k(_request("/v1/search", b"q=a&k=10"), 10)
+    assert page_size(10, 100, given=False) == 10 and page_size(7, 100, given=True) == 7
+
+
+@pytest.mark.parametrize("max_k", [1, 5, 10, 100])
+def test_the_contract_publishes_a_default_k_within_max_k(max_k):
+    from fastapi.openapi.utils import get_openapi
+
+    from serving.contract import contract
+    from serving.ingress import DESCRIPTION, app
+
+    base = get_openapi(title=app.title, version=app.version, description=DESCRIPTION, routes=app.routes)
+    doc = contract(base, max_k=max_k, max_query_chars=64, max_images=4,
+                   features={"penultimate": ["cosine"], "probs": ["cosine"]}, concepts=CONCEPTS, auth_reads=False,
+                   write_token=False)
+    seen = 0
+    for item in doc["paths"].values():
+        for op in item.values():
+            for p in op.get("parameters", []):
+                if p["name"] in ("k", "top_k"):
+                    seen += 1
+                    s = p["schema"]
+                    assert s["minimum"] <= s["default"] <= s["maximum"] == max_k
+                    assert s["default"] == min(10, max_k)
+    assert seen == 6  # tag, search (GET and POST), similar image and item, get item
+
+
+# ---- 4. an image part without a filename -------------------------------------------------------------
+def _multipart(*parts: tuple[str, bytes, str | None]) -> bytes:
+    out = b""
+    for name, payload, filename in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += (f"--X\r\nContent-Disposition: {disposition}\r\nContent-Type: "
+                f"{'image/png' if name == 'images' else 'text/plain'}\r\n\r\n").encode() + payload + b"\r\n"
+    return out + b"--X--\r\n"
+
+
+def _read(ing: Any, body: bytes) -> Any:
+    headers = [(b"content-type", b"multipart/form-data; boundary=X"), (b"content-length", str(len(body)).encode())]
+    return asyncio.run(ing._read_images(_request("/v1/tag", method="POST", body=body, headers=headers)))
+
+
+def test_an_image_part_without_a_filename_is_named_in_the_400():
+    ing, png = _ingress(), _saved(Image.new("RGB", (8, 8)), "PNG")
+    with pytest.raises(ApiError) as e:
+        _read(ing, _multipart(("images", png, None)))
+    assert e.value.status == 400 and e.value.code == "no_images"
+    assert "without a filename" in e.value.message and "filename=" in e.value.message
+    # Beside a file part it is not dropped silently (one image answered for two sent).
+    with pytest.raises(ApiError) as e:
+        _read(ing, _multipart(("images", png, "a.png"), ("images", png, None)))
+    assert e.value.status == 400 and "without a filename" in e.value.message
+    got = _read(ing, _multipart(("images", png, "a.png"), ("id", b"x", None)))  # as before
+    assert [(i, data, what) for i, data, what, _ in got] == [("x", png, "a.png")]
+    with pytest.raises(ApiError) as e:  # no image part at all: the message as before
+        _read(ing, _multipart(("note", b"x", None)))
+    assert e.value.code == "no_images" and e.value.message == "the request holds no image"
+
+
+# ---- 5. the metric label of a body refused for its declared length ---------------------------------------
+@pytest.mark.parametrize(("method", "path", "label"), [
+    ("POST", "/v1/tag", "/v1/tag"),
+    ("POST", "/v1/items", "/v1/items"),
+    ("POST", "/v1/search/similar", "/v1/search/similar"),
+    ("POST", "/v1/items/a/image", "/v1/items/{item_id:path}/image"),  # a 405's route, as the router labels it
+    ("POST", "/no/such/path", "unmatched"),
+])
+def test_a_request_refused_for_its_declared_length_is_labelled_by_its_route(method, path, label):
+    from serving.ingress import ObserveMiddleware, app
+    from serving.metrics import ServeMetrics
+
+    metrics = ServeMetrics()
+    state = SimpleNamespace(max_body=1000, metrics=metrics)
+
+    async def never(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("answered before routing")
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": method, "path": path, "root_path": "", "query_string": b"",
+             "headers": [(b"content-length", b"5000")], "app": SimpleNamespace(state=state, routes=app.routes)}
+    asyncio.run(ObserveMiddleware(never)(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert metrics.registry.get_sample_value(
+        "deepindex_requests_total", {"endpoint": label, "method": method, "status": "413"}) == 1.0
