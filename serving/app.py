@@ -37,7 +37,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     from serving.model import ModelServer
 
     a = validate_as(ServeArgs, args or {}, prefix="args.").resolved()  # one line naming the arg at fault
-    a.api_token()  # a missing token file is an error now, not in a replica later
+    a.api_token_digest()  # a missing token file is an error now, not in a replica later
     require_model(a.model, a.tracking_uri)  # so is a model that is not there (a replica would fail to start)
     # One index replica: the collection's writer and the owner of the served (model, index) pair.
     index = _deployment(IndexServer).options(ray_actor_options=_actor_options(0)).bind(a.model_dump())

@@ -58,6 +58,7 @@ from serving.schemas import (
     SimilarResponse,
     StatusResponse,
     TagResponse,
+    token_digest,
 )
 
 if TYPE_CHECKING:  # quoted where used: this module's annotations are evaluated (no __future__ import)
@@ -445,7 +446,7 @@ class Ingress:
         self._page = (HERE / "static" / "index.html").read_text()
         self._reads = LocalReads(ttl_s=SPEC_TTL_S) if self.args.local_reads else None
         self._heap: HeapFreezer | None = None  # made on the event loop, by the first spec
-        self._token = self.args.api_token()
+        self._token = self.args.api_token_digest()  # its sha256: compared with the sent token's
 
     # ---- helpers ---------------------------------------------------------------------------
     async def _model_spec(self, refresh: bool = False) -> dict[str, Any]:
@@ -525,7 +526,7 @@ class Ingress:
         if scheme.lower() != "bearer" or not given:
             raise ApiError(401, "unauthorized", "this endpoint needs `Authorization: Bearer <token>` "
                                                 "(the service's API token)")
-        if not hmac.compare_digest(given.strip().encode(), self._token.encode()):
+        if not hmac.compare_digest(token_digest(given) or "", self._token):
             raise ApiError(403, "forbidden", "the bearer token is not this service's API token")
 
     def _k(self, request: Request, k: int, name: str = "k") -> int:

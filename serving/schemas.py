@@ -42,6 +42,10 @@ class ServeArgs(BaseModel):
     # the token in this file (mode 0600; `deepindex serve` makes one under the state folder), else
     # the DEEPINDEX_API_TOKEN environment variable (k8s: from a Secret).  auth_reads: reads too.
     api_token_file: str | None = None
+    # The token's sha256 (hex), for a token the replicas' processes do not hold: `deepindex serve`
+    # passes its own DEEPINDEX_API_TOKEN so, since a cluster started before it (`deepindex up`, a
+    # RAY_ADDRESS) gives its replicas another environment, where writes were open (found on review).
+    api_token_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     auth_reads: bool = False
     # Limits on client input: beyond them a request gets a 4xx, never a 500.
     max_image_bytes: int = Field(8_000_000, ge=1)
@@ -126,16 +130,27 @@ class ServeArgs(BaseModel):
             "blobs_url": fix(self.blobs_url) or default_blobs_url(), "vocabulary": fix(self.vocabulary),
             "api_token_file": fix(self.api_token_file)})
 
-    def api_token(self) -> str | None:
-        """The write token: the file's, else DEEPINDEX_API_TOKEN's, else None (writes open)."""
+    def api_token_digest(self) -> str | None:
+        """The write token's sha256 (hex): the file's token, else ``api_token_sha256``, else this process's
+        DEEPINDEX_API_TOKEN's; None: writes are open."""
         import os
 
         if self.api_token_file:
             p = Path(self.api_token_file)
             if not p.is_file():
                 raise ValueError(f"api_token_file: no such file {p}")
-            return p.read_text().strip() or None
-        return os.environ.get("DEEPINDEX_API_TOKEN") or None
+            return token_digest(p.read_text())
+        if self.api_token_sha256:
+            return self.api_token_sha256
+        return token_digest(os.environ.get("DEEPINDEX_API_TOKEN") or "")
+
+
+def token_digest(token: str) -> str | None:
+    """sha256 (hex) of a bearer token as sent (surrounding whitespace dropped); None for an empty one."""
+    import hashlib
+
+    token = token.strip()
+    return hashlib.sha256(token.encode()).hexdigest() if token else None
 
 
 class ErrorBody(BaseModel):

@@ -300,3 +300,36 @@ def test_a_request_refused_for_its_declared_length_is_labelled_by_its_route(meth
     assert sent[0]["status"] == 413
     assert metrics.registry.get_sample_value(
         "deepindex_requests_total", {"endpoint": label, "method": method, "status": "413"}) == 1.0
+
+
+# ---- 6. the write token of `deepindex serve`'s environment reaches replicas without it ---------------
+def test_the_serving_environments_token_guards_writes_in_replicas_that_lack_it(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """`deepindex serve` with DEEPINDEX_API_TOKEN set, on a cluster started before it (`deepindex up`): the
+    replicas' processes have another environment, without the variable, and writes were open.  The
+    command now hands them the token's sha256; a replica checks the sent token against it."""
+    from deepindex.commands.serve import write_token
+
+    monkeypatch.setenv("DEEPINDEX_HOME", str(tmp_path))
+    monkeypatch.setenv("DEEPINDEX_API_TOKEN", "s3cret-token\n")
+    app_args: dict[str, Any] = {"model": "unused"}
+    write_token(app_args)
+    assert "api_token_file" not in app_args and "s3cret" not in json.dumps(app_args)
+    monkeypatch.delenv("DEEPINDEX_API_TOKEN")  # the replica's process
+    ing = _ingress(**app_args)
+    ing._token = ing.args.api_token_digest()
+    assert ing._token == app_args["api_token_sha256"]
+    for header, status in ((None, 401), (b"Bearer wrong", 403)):
+        with pytest.raises(ApiError) as e:
+            ing._authorize_token(_request("/v1/items", method="POST",
+                                          headers=[(b"authorization", header)] if header else []), write=True)
+        assert e.value.status == status
+    ing._authorize_token(_request("/v1/items", method="POST", headers=[(b"authorization", b"Bearer s3cret-token")]),
+                         write=True)
+    ing._authorize_token(_request("/v1/search"), write=False)  # reads stay open (auth_reads: false)
+
+    # Without the variable, the command makes (or reuses) the token file, as before.
+    app_args = {"model": "unused"}
+    write_token(app_args)
+    assert "api_token_sha256" not in app_args and (tmp_path / "serving" / "api_token").is_file()
+    assert ServeArgs(**app_args).api_token_digest() is not None

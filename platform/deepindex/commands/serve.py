@@ -107,6 +107,22 @@ def _app_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any],
     return app_args, http, app.get("name", "deepindex")
 
 
+def write_token(app_args: dict[str, Any]) -> None:
+    """The service's write token, unless the config names one: this environment's DEEPINDEX_API_TOKEN,
+    handed to the replicas as its sha256 (a cluster started before this command gives them another
+    environment, without the variable: writes were open there, found on review), else the token file
+    under the state folder (made on first use)."""
+    if app_args.get("api_token_file") or app_args.get("api_token_sha256"):
+        return
+    from serving.schemas import token_digest
+
+    digest = token_digest(os.environ.get("DEEPINDEX_API_TOKEN") or "")
+    if digest:
+        app_args["api_token_sha256"] = digest
+    else:
+        app_args["api_token_file"] = str(ensure_api_token())
+
+
 def run_serve(args: argparse.Namespace) -> int:
     app_args, http, name = _app_args(args)
     from deepindex.cluster import lasting_cluster
@@ -116,8 +132,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError("--detach: no cluster outlives this command (the local platform is not up and RAY_ADDRESS "
                          "is not set), so the service would stop as it returns: start the platform first "
                          "(deepindex up), or leave --detach out to serve until Ctrl-C")
-    if not app_args.get("api_token_file") and not os.environ.get("DEEPINDEX_API_TOKEN"):
-        app_args["api_token_file"] = str(ensure_api_token())
+    write_token(app_args)
     from ray import serve
 
     from deepindex.cluster import connect, wait_for_resources
@@ -164,6 +179,8 @@ def run_serve(args: argparse.Namespace) -> int:
           "; `deepindex status` lists it" if on_platform else "")
     if app_args.get("api_token_file"):
         event("writes (POST/DELETE /v1/items) need: Authorization: Bearer $(cat %s)", app_args["api_token_file"])
+    elif app_args.get("api_token_sha256"):
+        event("writes (POST/DELETE /v1/items) need: Authorization: Bearer $DEEPINDEX_API_TOKEN")
     if args.detach:
         return 0
     event("serving until Ctrl-C")
