@@ -141,9 +141,10 @@ def test_a_fold_model_that_learnt_nothing_is_named_whatever_the_share_flagged() 
                  "noise. Train the folds longer (train.epochs), from ImageNet weights (model.pretrained=imagenet) or "
                  "with another train.seed, and audit again")
     assert weak_folds_warning([0.03, 0.1, float("nan")], chance, multilabel=False) is None  # a fold unscored
-    # Multi-label: a random ranking's mAP is each present concept's prevalence, averaged.
+    # Multi-label: a random ranking's expected AP of each present concept (3 and 1 positives of 4), averaged.
     tags = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0], [1, 0, 0]])
-    assert chance_score(tags, multilabel=True) == pytest.approx((0.75 + 0.25) / 2)
+    h4 = 1 + 1 / 2 + 1 / 3 + 1 / 4
+    assert chance_score(tags, multilabel=True) == pytest.approx(((h4 + 2 / 3 * (4 - h4)) / 4 + h4 / 4) / 2)
     one = weak_folds_warning([0.97, 0.55, 0.99], 0.5, multilabel=True)  # 0.55 < 0.5 + 0.25 * 0.5
     assert one is not None and one.startswith("fold 2 of 3 learnt next to nothing (test mAP 0.5500; a random "
                                               "ranking: 0.5000): the items it predicted")

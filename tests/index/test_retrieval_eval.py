@@ -238,3 +238,20 @@ def test_the_gallery_is_drawn_from_the_handwriting_the_model_did_not_train_on(sm
     base = ["evaluate-retrieval", "--model", str(ckpt), "--size", "100", "--features", "probs", "--metrics", "l2"]
     assert main(base) == 0 and main([*base, "--seed", "0"]) == 0
     assert seeds == [1, 0]
+
+
+def test_a_gallery_where_no_item_shares_a_concept_is_refused_in_a_line(small_model):
+    """Query by example asks with items that share a concept with another: with none, the report ended in a
+    reshape error from the nearest-neighbour search (found on review)."""
+    from deepindex.checkpoint import load_model
+    from deepindex.index.collection import Collection, digit_gallery
+
+    lm = load_model(small_model)
+    g = digit_gallery(3, seed=0)
+    lonely = Collection("lonely", g.ids, g.image_size, g.channels, images=g.images,
+                        labels=[["0"], ["1"], ["2"]])
+    from deepindex.index.evaluate import evaluate_retrieval
+
+    with pytest.raises(ValueError, match=r"^collection: no item of lonely shares a concept with another, so query "
+                                         r"by example has nothing to find"):
+        evaluate_retrieval(lm, lonely, descriptors=["output"], metrics=["cosine"], k=2)

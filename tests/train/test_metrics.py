@@ -80,10 +80,49 @@ def test_a_finished_training_whose_model_answers_by_chance_says_so(small_model, 
         metrics, _ = finalize_run(None, str(tmp_path), None, "guess", warn_unlearnt=True)
         finalize_run(None, str(tmp_path), None, "trial", warn_unlearnt=False)  # a sweep's trial: not said
     said = [r.getMessage() for r in caplog.records if "learnt next to nothing" in r.getMessage()]
-    # Tied scores rank as one threshold: every concept's AP is its prevalence, a random ranking's mAP.
-    assert len(said) == 1 and said[0].startswith(
-        f"guess: the model learnt next to nothing: test mAP {metrics['test_map']:.4f}, where a random ranking "
-        f"scores {metrics['test_map']:.4f}. Train it longer (train.epochs)")
+    # Tied scores rank as one threshold: every concept's AP is its prevalence, a little below a random
+    # ranking's expected AP (train.metrics.random_ap).
+    import re
+
+    assert len(said) == 1, said
+    m = re.match(rf"guess: the model learnt next to nothing: test mAP {metrics['test_map']:.4f}, where a random "
+                 r"ranking scores (0\.\d{4})\. Train it longer \(train.epochs\)", said[0])
+    assert m is not None and metrics["test_map"] < float(m.group(1)) < metrics["test_map"] + 0.05, said[0]
+
+
+def test_a_random_rankings_ap_is_the_mean_over_every_ranking():
+    """random_ap is the expected AP of a ranking drawn at random, counted over every ordering of a small
+    split (its prevalence, which stood for it, is lower)."""
+    import itertools
+
+    from deepindex.train.metrics import _average_precision, random_ap
+
+    for n, r in ((4, 1), (5, 2), (6, 3), (6, 6)):
+        aps = [_average_precision(torch.arange(n, 0, -1, dtype=torch.float64), torch.tensor(order))
+               for order in set(itertools.permutations([1] * r + [0] * (n - r)))]
+        assert random_ap(n, r) == pytest.approx(sum(aps) / len(aps), abs=1e-12), (n, r)
+        assert random_ap(n, r) > r / n or r == n
+    assert random_ap(20, 2) == pytest.approx(0.2231, abs=1e-4)  # 2 of 20: prevalence 0.10
+
+
+def test_ap_ranks_by_the_logits_and_a_diverged_model_scores_nan():
+    """float32 sigmoids are 1.0 above a logit of ~16.6: a confident negative tied every confident positive,
+    and AP ranked them as one threshold (0.75 here against the logits' 0.6389, scikit-learn's).  A model
+    whose logits hold a NaN has no ranking: NaN metrics, where sorting NaN first scored 0.75."""
+    from sklearn.metrics import average_precision_score
+
+    from deepindex.train.engine import scores_to_metrics
+
+    logits = torch.tensor([[20.0], [19.0], [18.0], [17.5], [-3.0]])
+    targets = torch.tensor([[0.0], [1.0], [1.0], [1.0], [0.0]])
+    want = average_precision_score(targets[:, 0].numpy(), logits[:, 0].numpy())
+    assert scores_to_metrics(logits, targets, multilabel=True)["val_map"] == pytest.approx(want)  # 0.6389
+    assert scores_to_metrics(logits, targets, multilabel=True)["val_map"] < 0.7
+    nan = scores_to_metrics(torch.full((5, 1), float("nan")), targets, multilabel=True)
+    assert nan["val_map"] != nan["val_map"] and nan["val_ap"] == [None]
+    single = scores_to_metrics(torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), torch.tensor([0, 1]),
+                               multilabel=False)
+    assert single["val_top1_error"] != single["val_top1_error"]
 
 
 def test_chance_is_a_guess_score_and_a_quarter_of_the_way_to_perfect_is_learning():

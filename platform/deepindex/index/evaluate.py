@@ -85,8 +85,11 @@ def keyword_quality(probs: np.ndarray, labels: np.ndarray, concepts: Sequence[st
         rel = labels[order, j][None, :]  # (1, N)
         ap[c] = float(average_precision_at_k(rel, n, np.array([labels[:, j].sum()]))[0])
         p_at_k[c] = precision_at_k(rel, min(k, n))
-    # A random ranking's expected AP and precision@k are the concept's prevalence: the floor to beat.
-    chance = float(np.mean([labels[:, concepts.index(c)].mean() for c in ap])) if ap else 0.0
+    # A random ranking's expected AP (train.metrics.random_ap; its prevalence stood for it, lower) is the
+    # floor to beat; its expected precision@k is the prevalence.
+    from deepindex.train.metrics import random_ap
+
+    chance = float(np.mean([random_ap(n, int(labels[:, concepts.index(c)].sum())) for c in ap])) if ap else 0.0
     return {"map": float(np.mean(list(ap.values()))) if ap else 0.0,
             f"precision_at_{k}": float(np.mean(list(p_at_k.values()))) if p_at_k else 0.0,
             "chance": chance, "ap": ap, "parsed_as": parsed_as}
@@ -236,6 +239,9 @@ def evaluate_retrieval(lm: LoadedModel, collection: Collection, *, descriptors: 
         "keyword": keyword_quality(feats["probs"], labels, lm.concepts, vocabulary, k),
         "qbe": {},
     }
+    if not len(qbe_queries(labels)):
+        raise ValueError(f"collection: no item of {collection.name} shares a concept with another, so query by "
+                         "example has nothing to find; evaluate on a labelled gallery with repeated concepts")
     gains = jaccard_gains(labels, qbe_queries(labels), k)  # the same for every descriptor
     for d in descriptors:
         report["qbe"][d] = {m: qbe_quality(feats[d], labels, m, k, normalize, gains[0]) for m in metrics}

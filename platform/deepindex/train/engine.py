@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from deepindex.models.transfer import keep_frozen_in_eval
 from deepindex.train.losses import Penalty, penalised_params
-from deepindex.train.metrics import mean_ap, per_concept_ap, topk_error
+from deepindex.train.metrics import per_concept_ap, topk_error
 from deepindex.train.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -107,14 +107,21 @@ def scores_to_metrics(logits: torch.Tensor, targets: torch.Tensor, multilabel: b
     out: dict[str, Any] = {}
     if loss_fn is not None:
         out[f"{prefix}loss"] = float(loss_fn(logits, targets))
+    # A model that diverged (a NaN or an infinite logit) has no ranking: every metric is NaN, which no
+    # best-checkpoint choice, Tune or promotion takes.  Sorted, NaN went first and scored like a row-order
+    # ranking (an mAP of 0.75, a top-1 error of 0.75, found on review).
+    finite = bool(torch.isfinite(logits).all())
     if multilabel:
-        ap = per_concept_ap(torch.sigmoid(logits), targets)
-        out[f"{prefix}map"] = mean_ap(torch.sigmoid(logits), targets)
+        # AP ranks by the logits: the same order as the sigmoid's, without float32's ties (every logit
+        # above ~16.6 is a probability of 1.0, where a confident negative tied the positives).
+        ap = per_concept_ap(logits, targets) if finite else torch.full((targets.shape[1],), float("nan"))
+        valid = ap[~ap.isnan()]
+        out[f"{prefix}map"] = float(valid.mean()) if len(valid) else float("nan")
         out[f"{prefix}ap"] = [None if v != v else float(v) for v in ap.tolist()]  # NaN -> None (JSON)
     else:
-        out[f"{prefix}top1_error"] = topk_error(logits, targets, 1)
+        out[f"{prefix}top1_error"] = topk_error(logits, targets, 1) if finite else float("nan")
         if logits.shape[-1] > 5:  # with 5 classes or fewer every label is in the top 5: always 0
-            out[f"{prefix}top5_error"] = topk_error(logits, targets, 5)
+            out[f"{prefix}top5_error"] = topk_error(logits, targets, 5) if finite else float("nan")
     return out
 
 

@@ -135,15 +135,16 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides: list[s
 
 
 def ap_table(scored: Scored) -> str:
-    """CSV of concept, AP, positives: sigmoid scores (multi-label) or one-vs-rest softmax."""
+    """CSV of concept, AP, positives: ranked by the sigmoid's logits (multi-label) or one-vs-rest by the
+    log-softmax (the probabilities' order, without float32's ties at 1.0)."""
     from deepindex.train.metrics import per_concept_ap
 
     if scored.multilabel:
-        probs, onehot = torch.sigmoid(scored.logits), scored.targets
+        ranks, onehot = scored.logits, scored.targets
     else:
-        probs = torch.softmax(scored.logits, dim=1)
-        onehot = torch.nn.functional.one_hot(scored.targets.long(), probs.shape[1])
-    ap = per_concept_ap(probs, onehot)
+        ranks = torch.log_softmax(scored.logits.double(), dim=1)
+        onehot = torch.nn.functional.one_hot(scored.targets.long(), ranks.shape[1])
+    ap = per_concept_ap(ranks, onehot)
     out = io.StringIO()
     w = csv.writer(out)
     w.writerow(["concept", "ap", "positives"])

@@ -57,13 +57,27 @@ LEARNT_LITTLE_GAIN = 0.25
 GUESS = {True: "a random ranking", False: "always answering the most frequent class"}
 
 
+def random_ap(n: int, positives: int) -> float:
+    """A random ranking's expected AP of a concept with ``positives`` of ``n`` items:
+    (H_n + (R - 1) / (n - 1) * (n - H_n)) / n, H_n the n-th harmonic number.  Its prevalence R / n,
+    which stood for it, is lower (0.10 against 0.22 for 2 of 20; found on review)."""
+    if positives <= 0 or n <= 0:
+        return float("nan")
+    if n == 1:
+        return 1.0
+    h = float(torch.arange(1, n + 1, dtype=torch.float64).reciprocal().sum())
+    return (h + (positives - 1) / (n - 1) * (n - h)) / n
+
+
 def chance_score(targets: torch.Tensor, multilabel: bool) -> float:
-    """What a model that learnt nothing scores on a split: a random ranking's mAP (each concept's
-    prevalence, over the concepts present), or the top-1 error of always answering the most frequent class."""
+    """What a model that learnt nothing scores on a split: a random ranking's expected mAP
+    (:func:`random_ap`, over the concepts present), or the top-1 error of always answering the most
+    frequent class."""
     y = torch.as_tensor(targets)
     if multilabel:
-        prevalence = y.double().mean(dim=0)
-        return float(prevalence[prevalence > 0].mean()) if bool((prevalence > 0).any()) else 0.0
+        counts = y.double().sum(dim=0)
+        present = [random_ap(len(y), int(c)) for c in counts.tolist() if c > 0]
+        return sum(present) / len(present) if present else 0.0
     return float(1.0 - torch.bincount(y.long()).max() / len(y)) if len(y) else 1.0
 
 
