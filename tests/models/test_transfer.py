@@ -137,3 +137,36 @@ def test_unfreeze_epoch_in_local_training(one_thread):
     run.epoch(1)
     assert all(p.requires_grad for p in run.model.parameters())
     assert not torch.equal(before, run.model.body[0][0].weight)  # trained from epoch 1
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("name", "factory", "last_bn"), [("resnet18", tvm.resnet18, "bn2"),
+                                                            ("resnet50", tvm.resnet50, "bn3")])
+def test_stochastic_depth_takes_every_imagenet_and_local_tensor(torch_home, tmp_path, name, factory, last_bn):
+    """Stochastic depth wraps each residual branch's last batch norm (its keys ``bn2.0.*``): those tensors of
+    the ImageNet file (and of a local ``model.weights``), named ``bn2.*``, were taken for the classifier's
+    and skipped, leaving 32 of resnet18's batch-norm tensors at their initial values (found on review)."""
+    from deepindex.models.backbones import load_local_weights
+
+    _fake_imagenet_file(name, factory)
+    # Batch norms as trained ones are, not at their initial 1 / 0 (which a skipped tensor keeps).
+    sd = {k: v + torch.rand_like(v) if v.is_floating_point() else v
+          for k, v in torch.load(weights_path(name), weights_only=True).items()}
+    torch.save(sd, weights_path(name))
+    plain = build_model(load_config(None, [f"model.name={name}", "model.pretrained=imagenet"]).model, 4, 3)
+    cfg = load_config(None, [f"model.name={name}", "model.pretrained=imagenet", "model.stochastic_depth=0.2"]).model
+    deep = build_model(cfg, 4, 3)
+    block = deep.body.net.layer2[1]
+    assert isinstance(getattr(block, last_bn), torch.nn.Sequential)  # the wrapper
+    for key in (f"layer2.1.{last_bn}.weight", f"layer2.1.{last_bn}.running_var", f"layer4.0.{last_bn}.bias"):
+        wrapped = key.replace(f"{last_bn}.", f"{last_bn}.0.")
+        assert torch.equal(deep.body.net.state_dict()[wrapped], sd[key]), key
+    # Every backbone tensor the plain model takes, the wrapped one takes too.
+    assert load_local_weights(deep, weights_path(name)) == load_local_weights(plain, weights_path(name))
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in factory(weights=None).state_dict().items()},
+               tmp_path / "local.pth")
+    fresh = build_model(load_config(None, [f"model.name={name}", "model.stochastic_depth=0.2"]).model, 4, 3)
+    load_local_weights(fresh, tmp_path / "local.pth")
+    local = torch.load(tmp_path / "local.pth", weights_only=True)
+    assert torch.equal(fresh.body.net.state_dict()[f"layer3.0.{last_bn}.0.running_mean"],
+                       local[f"layer3.0.{last_bn}.running_mean"])

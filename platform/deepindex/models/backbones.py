@@ -6,6 +6,7 @@ state_dict file (``model.weights``), either torchvision's own or one of ours.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -116,6 +117,22 @@ def _with_in_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
                      bias=conv.bias is not None)
 
 
+# Stochastic depth wraps a residual block's last batch norm (below): ``bn2`` (``bn3``) holds its tensors
+# as ``bn2.0.*`` there.  A state dict of the plain network names them ``bn2.*``.
+_WRAPPED_BN = re.compile(r"\.(bn[23])\.(weight|bias|running_mean|running_var|num_batches_tracked)$")
+
+
+def own_key(own: dict[str, torch.Tensor], key: str) -> str | None:
+    """The key of ``own`` (a model's state dict) that ``key`` names: itself, or its batch norm's tensor
+    inside stochastic depth's wrapper.  Without the second, ImageNet or ``model.weights`` tensors of every
+    residual branch's last batch norm were taken for the classifier's and skipped without a word, leaving
+    those layers at their initial values (found on review)."""
+    if key in own:
+        return key
+    wrapped = _WRAPPED_BN.sub(r".\1.0.\2", key)
+    return wrapped if wrapped in own else None
+
+
 def _add_stochastic_depth(net: tvm.ResNet, p: float) -> None:
     """Drop each residual branch with a probability rising linearly to ``p`` (Huang et al. 2016)."""
     blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
@@ -178,8 +195,9 @@ def load_local_weights(model: nn.Module, path: str | Path) -> int:
     own = model.state_dict()
     take, skipped = {}, []
     for k, v in sd.items():
-        for cand in (k, f"body.net.{k}", f"body.{k}"):
-            if cand in own:
+        for name in (k, f"body.net.{k}", f"body.{k}"):
+            cand = own_key(own, name)
+            if cand is not None:
                 if own[cand].shape == v.shape:
                     take[cand] = v
                 else:

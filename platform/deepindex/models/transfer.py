@@ -104,12 +104,14 @@ def load_pretrained(model: nn.Module, name: str) -> int:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which
         raise ValueError(f"model.pretrained: {path} is not a loadable state_dict ({e.__class__.__name__})") from None
+    from deepindex.models.backbones import own_key
+
     own = model.state_dict()
     take, skipped = {}, []
     for k, v in sd.items():
         k = _DENSENET_KEY.sub(r"\1\2", k)
-        cand = f"body.net.{k}"
-        if cand not in own:
+        cand = own_key(own, f"body.net.{k}")  # stochastic depth's wrapped batch norms too
+        if cand is None:
             continue  # the ImageNet classifier, replaced by the concept head (or aux heads)
         adapted = _adapt(cand, v, own[cand])
         if adapted is None:
