@@ -180,3 +180,10 @@ def test_the_default_storage_path_is_the_environments_then_the_state_folders(tmp
     assert storage_path(load_config(None, [f"ray.storage_path={tmp_path / 'mine'}"])) == str(tmp_path / "mine")
     monkeypatch.setenv(STORAGE_ENV, "s3://bucket/runs")
     assert storage_path(load_config(None, [])) == "s3://bucket/runs"
+
+
+def test_weight_decay_is_adamws_and_refused_with_sgd() -> None:
+    """optim.weight_decay is AdamW's decoupled decay; with SGD it was ignored without a word."""
+    with pytest.raises(ConfigError, match=r"^optim.weight_decay: AdamW's decoupled decay; SGD takes regularization.l2"):
+        load_config(None, ["optim.weight_decay=0.01"])
+    assert load_config(None, ["optim.name=adamw", "optim.weight_decay=0.01"]).optim.weight_decay == 0.01

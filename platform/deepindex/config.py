@@ -226,6 +226,10 @@ class Config(_Section):
         if self.data.pipeline == "ray" and self.data.dataset not in FILE_DATASETS:
             raise ValueError(f"data.pipeline: ray reads image files ({', '.join(FILE_DATASETS)}); "
                              f"{self.data.dataset} is built in memory (data.pipeline=auto or local)")
+        if self.optim.name == "sgd" and self.optim.weight_decay > 0:
+            # It was ignored without a word (found on review).
+            raise ValueError("optim.weight_decay: AdamW's decoupled decay; SGD takes regularization.l2 (and "
+                             "regularization.l2_start_epoch) instead")
         if self.train.bootstrap != "none" and not multilabel:
             raise ValueError("train.bootstrap: the bootstrapping loss is for multi-label datasets")
         s = self.schedule
