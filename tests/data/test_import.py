@@ -20,6 +20,11 @@ def _jpeg(path, colour, size=(20, 16)):
     Image.new("RGB", size, colour).save(path, quality=95)
 
 
+def _png(path, colour, size=(20, 16)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
 @pytest.fixture
 def flat(tmp_path):
     """A flat folder: 12 colour JPEGs, tags.csv beside them with a split column, one stray image."""
@@ -238,8 +243,8 @@ def test_adding_images_moves_no_other_item_between_splits(tmp_path):
     from deepindex.data.splits import file_split_indices
 
     root = tmp_path / "shapes"
-    for i in range(200):
-        _jpeg(root / ("a" if i % 2 else "b") / f"{i:03d}.jpg", (i, 90, 9))
+    for i in range(200):  # PNG: two JPEGs of nearby solid colours can be the same bytes, which count once
+        _png(root / ("a" if i % 2 else "b") / f"{i:03d}.png", (i, 90, 9))
     d = load_config(None, ["data.dataset=image-folder", f"data.root={root}"]).data
 
     def membership() -> dict[str, str]:
@@ -247,7 +252,7 @@ def test_adding_images_moves_no_other_item_between_splits(tmp_path):
         return {items.ids[i]: split for split, idx in file_split_indices(items, d).items() for i in idx}
 
     before = membership()
-    _jpeg(root / "a" / "000-new.jpg", (1, 2, 3))  # sorts before every other item of its folder
+    _png(root / "a" / "000-new.png", (1, 2, 3))  # sorts before every other item of its folder
     after = membership()
     moved = [i for i in before if after[i] != before[i]]
     assert len(after) == 201 and len(moved) <= 2, moved
@@ -256,3 +261,58 @@ def test_adding_images_moves_no_other_item_between_splits(tmp_path):
     items = read_image_folder(root)
     reseeded = {items.ids[i]: s for s, idx in file_split_indices(items, again).items() for i in idx}
     assert sum(reseeded[i] != after[i] for i in after) > 20  # the seed still draws other splits
+
+
+def test_a_transparency_key_of_an_rgb_or_grey_image_is_composited_on_white(tmp_path):
+    """PNG optimisers write an RGBA logo's binary alpha as RGB (or L) + a tRNS colour key: its transparent
+    pixels came out black, where the same logo saved as RGBA came out white (found on review)."""
+    from deepindex.data.transforms import decode_file
+
+    rgb = Image.new("RGB", (16, 16), (0, 0, 0))
+    rgb.paste((0, 200, 0), (8, 0, 16, 16))  # right half green, left half the keyed-out black
+    rgb.save(tmp_path / "rgb.png", transparency=(0, 0, 0))
+    grey = Image.new("L", (16, 16), 0)
+    grey.paste(90, (8, 0, 16, 16))
+    grey.save(tmp_path / "grey.png", transparency=0)
+    for name, right in (("rgb.png", [0, 200, 0]), ("grey.png", [90, 90, 90])):
+        with Image.open(tmp_path / name) as im:
+            assert "transparency" in im.info and im.mode in ("RGB", "L")
+        arr = decode_file(tmp_path / name, 16, 3, "fit")
+        assert arr[:, 8, 2].tolist() == [255, 255, 255], name  # keyed out: white
+        assert arr[:, 8, 12].tolist() == right, name
+
+
+def test_a_quoted_comma_in_the_tags_column_is_refused_naming_the_line(tmp_path):
+    """pandas' to_csv quotes "dog,cat": one tag named "dog,cat", the item tagged neither (found on review)."""
+    _jpeg(tmp_path / "a.jpg", (1, 2, 3))
+    (tmp_path / "tags.csv").write_text('path,tags\na.jpg,"dog,cat"\n')
+    with pytest.raises(ManifestError, match=r"tags.csv:2: tags 'dog,cat' hold a comma; separate a row's tags "
+                                            r"with ';' or '\|'$"):
+        read_collection(tmp_path)
+
+
+def test_an_image_folders_copies_are_kept_once_and_hidden_only_folders_are_no_class(tmp_path):
+    """A scraped folder's x.jpg and x (copy).jpg were dealt to train and test alike; manifests were deduplicated,
+    image folders not (found on review).  A copy under another class keeps the first and is counted.  A
+    folder whose only images are hidden (.ipynb_checkpoints) was a class no image trains."""
+    from deepindex.data.files import read_image_folder
+
+    root = tmp_path / "shapes"
+    for i in range(6):
+        _jpeg(root / ("a" if i % 2 else "b") / f"{i}.jpg", (i * 40, 90, 9))
+    (root / "a" / "1 (copy).jpg").write_bytes((root / "a" / "1.jpg").read_bytes())
+    (root / "b" / "1.jpg").write_bytes((root / "a" / "3.jpg").read_bytes())  # the same picture under b too
+    _jpeg(root / "misc" / ".ipynb_checkpoints" / "x.jpg", (1, 2, 3))
+    items = read_image_folder(root)
+    assert items.concepts == ["a", "b"]
+    # The first in the listing's order is kept ("1 (copy).jpg" sorts before "1.jpg").
+    assert sorted(items.ids) == ["a/1 (copy).jpg", "a/3.jpg", "a/5.jpg", "b/0.jpg", "b/2.jpg", "b/4.jpg"]
+    assert items.report is not None and items.report.summary() == (
+        f"{root}: 6 items; 2 duplicate images kept once (a/1.jpg = a/1 (copy).jpg; b/1.jpg = a/3.jpg); 1 of them "
+        "under another class than the first copy (kept under the first)")
+    listed = read_image_folder(root, dedupe=False)  # a listing: every file, no byte read
+    assert len(listed.ids) == 8 and listed.report is None
+    cfg = load_config(None, ["data.dataset=image-folder", f"data.root={root}", "data.image_size=16",
+                             "data.val_fraction=0.2", "data.test_fraction=0.2"])
+    sp = build_splits(cfg.data)
+    assert len(sp.train) + len(sp.val) + len(sp.test) == 6

@@ -147,7 +147,7 @@ def folder_source(root: str | Path) -> FileSource:
     from deepindex.data.files import read_image_folder
 
     root = Path(root)
-    found = read_image_folder(root)
+    found = read_image_folder(root, dedupe=False)  # every file is an item of the collection
     tags = [[found.concepts[int(t)]] for t in found.targets]
     return FileSource(str(root), f"folder:{root.resolve()}", found.paths, found.ids, tags)
 

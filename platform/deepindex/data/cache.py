@@ -54,7 +54,8 @@ ITEMS = "items.json"
 SPLITS = ("train", "val", "test")
 # Bump when what a key's folder holds changes (columns, decode, the split draw); old folders are then never read.
 # 2: items dealt to splits by id (data.splits.file_split_indices), no longer by position.
-FORMAT = 2
+# 3: an image folder's duplicate images kept once; RGB and grey images' transparency keys composited on white.
+FORMAT = 3
 # The data keys that decide the pixels, the items, their labels and the splits.
 KEY_FIELDS = ("dataset", "root", "manifest", "concepts", "image_size", "channels", "preset", "unknown_tags",
               "val_fraction", "test_fraction", "seed")
@@ -110,7 +111,7 @@ def _sources(d: DataConfig) -> tuple[list[Path], list[Path]]:
         raise ValueError(f"data.root: required for {d.dataset}")
     root = Path(d.root)
     if d.dataset == "image-folder":
-        return read_image_folder(root).paths, []
+        return read_image_folder(root, dedupe=False).paths, []
     manifest = Path(d.manifest) if d.manifest else find_sidecar(root)
     concepts = Path(d.concepts) if d.concepts else root / CONCEPTS_NAME
     items = read_collection(root, manifest, d.concepts, unknown_tags=d.unknown_tags, check_images=False,

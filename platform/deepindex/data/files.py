@@ -58,6 +58,7 @@ class ImportReport:
     policy: str = "error"
     duplicates: int = 0  # rows dropped because an earlier row holds the same bytes
     duplicate_examples: list[tuple[str, str]] = field(default_factory=list)  # (kept, dropped)
+    class_conflicts: int = 0  # of the duplicates, copies an image folder files under another class
     unlisted_images: int = 0  # images in a flat folder that the tags file does not list
     concepts_from_tags: bool = False
     split_counts: dict[str, int] = field(default_factory=dict)  # rows pinned by the split column
@@ -74,6 +75,9 @@ class ImportReport:
         if self.duplicates:
             ex = "; ".join(f"{b} = {a}" for a, b in self.duplicate_examples[:3])
             parts.append(f"{self.duplicates} duplicate images kept once ({ex})")
+            if self.class_conflicts:
+                parts.append(f"{self.class_conflicts} of them under another class than the first copy "
+                             "(kept under the first)")
         if self.unlisted_images:
             parts.append(f"{self.unlisted_images} images in the folder are not in the tags file (not used)")
         if self.concepts_from_tags:
@@ -102,7 +106,13 @@ def resolve_inside(root: Path, rel: str) -> Path:
     return p
 
 
-def read_image_folder(root: str | Path) -> FileItems:
+def read_image_folder(root: str | Path, dedupe: bool = True) -> FileItems:
+    """``root/<class>/<image>``: ids are paths relative to the root, targets the class folders' indices.
+
+    ``dedupe``: an image whose bytes an earlier one holds is kept once, as a manifest's are (a scraped
+    folder's ``x.png`` and ``x (copy).png`` were dealt to train and test alike, found on review); a copy
+    filed under another class keeps the first class and is counted.  The report (``FileItems.report``)
+    is there only when a copy was found.  A listing (``dedupe=False``) reads no image's bytes."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data.root: no such folder {root}")
@@ -122,7 +132,24 @@ def read_image_folder(root: str | Path) -> FileItems:
                 ids.append(str(f.relative_to(root)))
     if not paths:
         raise ValueError(f"data.root: no images under {root}")
-    return FileItems(paths, torch.tensor(targets, dtype=torch.int64), classes, ids)
+    report = None
+    if dedupe:
+        first: dict[str, int] = {}
+        keep: list[int] = []
+        dropped: list[tuple[str, str]] = []
+        conflicts = 0
+        for i, f in enumerate(paths):
+            j = first.setdefault(hashlib.blake2b(f.read_bytes(), digest_size=16).hexdigest(), i)
+            if j == i:
+                keep.append(i)
+                continue
+            dropped.append((ids[j], ids[i]))
+            conflicts += targets[j] != targets[i]
+        if dropped:
+            report = ImportReport(str(root), items=len(keep), duplicates=len(dropped), duplicate_examples=dropped[:20],
+                                  class_conflicts=conflicts)
+            paths, targets, ids = [paths[i] for i in keep], [targets[i] for i in keep], [ids[i] for i in keep]
+    return FileItems(paths, torch.tensor(targets, dtype=torch.int64), classes, ids, report=report)
 
 
 def read_concepts(path: str | Path) -> list[str]:
@@ -201,6 +228,9 @@ def _manifest_rows(path: Path) -> Iterator[tuple[int, str, list[str], str | None
                 rel, tags = row.get("path"), row.get("tags")
                 if not isinstance(rel, str) or not isinstance(tags, (str, type(None))):
                     raise ManifestError(f"{path}:{n}: expected the columns path,tags")
+                if tags and "," in tags:  # quoted "a,b": one tag named "a,b" (pandas' to_csv writes it)
+                    raise ManifestError(f"{path}:{n}: tags {tags!r} hold a comma; separate a row's tags with "
+                                        "';' or '|'")
                 tags_list = (tags or "").replace("|", ";").split(";")
                 yield n, rel, [t.strip() for t in tags_list if t.strip()], _split_value(row.get("split"), path, n)
         except csv.Error as e:
@@ -231,7 +261,9 @@ def class_folders(root: Path) -> list[str]:
     """The classes of an image folder, sorted: its subfolders that hold images.  A folder of none is no
     class (an output no image trains), nor is a hidden one (``.ipynb_checkpoints``)."""
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                  and any(f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() for f in p.rglob("*")))
+                  and any(f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+                          and not any(q.startswith(".") for q in f.relative_to(p).parts)  # as read_image_folder
+                          for f in p.rglob("*")))
 
 
 def _unlisted_images(root: Path, listed: set[Path]) -> int:

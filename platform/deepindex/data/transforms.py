@@ -95,7 +95,9 @@ def to_model_mode(img: Image.Image, channels: int) -> Image.Image:
     and a white page is what a viewer shows.
     """
     img = ImageOps.exif_transpose(img)  # phone photos store "rotate 90" in EXIF, not in pixels
-    if (img.mode == "P" and "transparency" in img.info) or img.mode in ("PA", "LA", "La", "RGBa"):
+    # A transparency key of a palette, RGB or grey image too (PNG optimisers write an RGBA logo's binary
+    # alpha as RGB + tRNS: its transparent pixels came out black, found on review).
+    if ("transparency" in img.info and img.mode in ("P", "RGB", "L")) or img.mode in ("PA", "LA", "La", "RGBa"):
         img = img.convert("RGBA")
     if img.mode == "RGBA":
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
