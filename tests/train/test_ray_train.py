@@ -100,6 +100,12 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_local, tmp_path):
     assert clean.metrics["val_top1_error"] == result.metrics["val_top1_error"]
     weights = [read_checkpoint(r.checkpoint.path)["model"] for r in (clean, result)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    # The reported validation loss is the saved model's: each rank validated with rank 0's batch-norm
+    # statistics (the checkpoint's), not the ones its own last batch left it.
+    from deepindex.train.evaluation import evaluate_checkpoint
+
+    saved = evaluate_checkpoint(clean.checkpoint.path, "val")
+    assert abs(saved["val_loss"] - clean.metrics["val_loss"]) <= 1e-5, (saved["val_loss"], clean.metrics["val_loss"])
 
 
 @pytest.mark.timeout(420)

@@ -82,6 +82,18 @@ def _restore_streams(streams: dict[str, Any] | None, rank: int, world: int, devi
         torch.cuda.set_rng_state(ranks[rank]["cuda"], device)
 
 
+def _rank0_buffers(module: nn.Module) -> None:
+    """Rank 0's buffers (batch norm's running statistics) on every rank.  DDP sends them out at the start
+    of each training forward, so after an epoch's last batch every rank holds its own: each validated its
+    shard with other statistics than the checkpoint (rank 0's) holds, and the epoch's validation metrics
+    were not the saved model's (found on review).  Training is unchanged: the next forward sends rank 0's
+    again.  Every rank calls it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for b in module.buffers():
+        dist.broadcast(b.data, src=0)
+
+
 def group_train_means(m: dict[str, float]) -> dict[str, float]:
     """``train_loss`` and ``train_penalty`` over every rank's images (each rank's are over its own
     shard; rank 0's alone were logged as the epoch's, found on review).  Every rank calls it."""
@@ -227,6 +239,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
         status["train_rows"] = int(train_metrics["train_images"])  # this rank's, last epoch
         # DDP's wrapped model, as a Module: nn.Module's __getattr__ is typed Tensor | Module.
         bare = cast(nn.Module, model.module) if hasattr(model, "module") else model
+        _rank0_buffers(bare)
         logits, targets = predict(bare, feed.val_batches(), device, precision=precision,
                                   empty=(len(feed.concepts), feed.multilabel))
         logits, targets = _gather(logits), _gather(targets)
