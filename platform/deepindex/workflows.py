@@ -166,10 +166,13 @@ def promote(run_id: str, name: str | None, tracking_uri: str | None = None, *, p
         cand_dir = registry.download_run_checkpoint(run_id, tmp, tracking_uri)
         cand_cfg = from_dict(read_checkpoint(cand_dir)["config"])
         cand = score_checkpoint(cand_dir)
+        metric, mode = primary_metric(cand.multilabel, prefix="test_")
+        if cand.metrics[metric] != cand.metrics[metric]:  # NaN: no comparison holds; with no champion it was promoted
+            raise ValueError(f"promote: run {run_id}'s model has no {metric} (NaN: its training diverged); "
+                             "nothing registered")
         floor = cand_cfg.tracking.promote_min_qbe_map if min_qbe_map is None else min_qbe_map
         name = name or cand_cfg.tracking.registered_model
         qbe = retrieval_floor(cand_dir, cand_cfg, run_id, tracking_uri) if floor is not None else None
-    metric, mode = primary_metric(cand.multilabel, prefix="test_")
     cand_value = float(cand.metrics[metric])
     champ_version = registry.alias_version(name, alias, tracking_uri)
     version: str | None = None

@@ -261,3 +261,26 @@ def test_a_checkpoint_path_resolves_to_its_content_hash(tmp_path, monkeypatch):
         resolve_model("models:/x@champion")
     with pytest.raises(FileNotFoundError):
         resolve_model(str(tmp_path / "nope"))
+
+
+def test_a_diverged_candidate_is_not_registered_nor_promoted(mlflow_server, splits, tmp_path):
+    """A model whose weights went NaN scores NaN (train.engine): no comparison holds, and with no champion
+    yet it was promoted ("no champion yet; test_top1_error nan").  Refused in one line, nothing registered."""
+    from deepindex.models import build_model
+    from deepindex.workflows import promote
+
+    client, exp, name = _registry(mlflow_server, tmp_path, "diverged", "digits")
+    cfg, sp = splits
+    model = build_model(cfg.model, len(sp.concepts), sp.channels)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    save_checkpoint(tmp_path / "nan", model=model, config=cfg, stats=sp.stats, concepts=sp.concepts,
+                    multilabel=sp.multilabel, epoch=3)
+    run = client.create_run(exp, run_name="diverged")
+    client.log_artifact(run.info.run_id, str(tmp_path / "nan" / "checkpoint.pt"), "checkpoint")
+    client.set_terminated(run.info.run_id)
+    with pytest.raises(ValueError, match=rf"^promote: run {run.info.run_id}'s model has no test_top1_error \(NaN: "
+                                         r"its training diverged\); nothing registered$"):
+        promote(run.info.run_id, name, mlflow_server.uri)
+    assert client.search_model_versions(f"name='{name}'") == []

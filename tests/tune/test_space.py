@@ -249,3 +249,30 @@ def test_a_sweep_on_a_cluster_that_grows_runs_the_concurrency_asked_for(monkeypa
                       overrides=["ray.num_workers=2", "ray.cpus_per_worker=1"])
     monkeypatch.setattr(cluster, "fixed_size", lambda: False)
     assert trial_concurrency(auto) == 1  # 0: sized to what is free
+
+
+def test_a_grid_with_seed_defaults_is_refused_in_one_line():
+    """Tune counted the seed point as a sample with the grid keys fixed: a 6-combination grid ran one trial
+    (found on review)."""
+    with pytest.raises(ConfigError, match=r"^tune.seed_defaults: a grid \(train.label_smoothing\) runs every "
+                                          r"combination once already; a seed trial would replace it with one"):
+        parse_space({"space": {"train.label_smoothing": {"grid": [0.0, 0.1]}}, "tune": {"seed_defaults": True}})
+    assert parse_space({"space": {"train.label_smoothing": {"grid": [0.0, 0.1]}}}).space  # without: the grid
+
+
+def test_a_diverged_epoch_is_the_worst_score_to_tune_and_no_trials_best():
+    """A model that diverged scores NaN (train.engine).  ASHA compares NaN as never below its cutoff, so the
+    trial was never stopped, and min/max kept a NaN that came first as the sweep's best (found on review)."""
+    from types import SimpleNamespace
+
+    from deepindex.tune.driver import EPOCHS_DONE, _best_reported, tune_metrics
+
+    nan = float("nan")
+    got = tune_metrics({"epoch": 2, "val_map": nan, "val_loss": nan})
+    assert got["val_map"] == 0.0 and got[EPOCHS_DONE] == 3 and got["val_loss"] != got["val_loss"]
+    assert tune_metrics({"epoch": 0, "val_top1_error": float("inf")})["val_top1_error"] == 1.0
+    assert tune_metrics({"epoch": 0, "val_top1_error": 0.25})["val_top1_error"] == 0.25
+    diverged = SimpleNamespace(metrics_dataframe=None, metrics={"val_top1_error": nan})
+    assert _best_reported(diverged, "val_top1_error", "min") is None
+    fine = SimpleNamespace(metrics_dataframe=None, metrics={"val_top1_error": 0.03})
+    assert _best_reported(fine, "val_top1_error", "min") == 0.03

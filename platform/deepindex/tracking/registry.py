@@ -205,4 +205,6 @@ def log_decision(d: PromotionDecision, parent_run_id: str | None = None, trackin
     if parent_run_id:
         client.log_text(parent_run_id, json.dumps(asdict(d), indent=2), "promotion.json")
     client.set_model_version_tag(d.name, d.version, d.metric, f"{d.candidate:.6f}")
+    if d.champion is not None:  # both figures, as on the runs (README: Promotion)
+        client.set_model_version_tag(d.name, d.version, f"promotion_champion_{d.metric}", f"{d.champion:.6f}")
     client.set_model_version_tag(d.name, d.version, "promotion.decision", tags["promotion.decision"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,15 +94,31 @@ class SweepOutcome:
         return bool(self.trials) and not self.interrupted and all(t.status == "ERROR" for t in self.trials)
 
 
+# What Tune sees of an epoch whose primary metric is NaN (a model that diverged: train.engine scores it
+# NaN): the worst score.  ASHA compares NaN as never below its cutoff, so a diverged trial was never
+# stopped and held its slot to the end, and a first trial's NaN stayed "best" (found on review).
+WORST = {"val_map": 0.0, "val_top1_error": 1.0}
+
+
+def tune_metrics(m: dict[str, Any]) -> dict[str, Any]:
+    """An epoch's report as Tune gets it: ``epochs_done`` (1-based, the ASHA time attribute) added, a
+    non-finite primary metric replaced by :data:`WORST` (the run's own MLflow metrics keep the NaN)."""
+    out = dict(m, **{EPOCHS_DONE: int(m.get("epoch", 0)) + 1})
+    for key, worst in WORST.items():
+        v = out.get(key)
+        if isinstance(v, (int, float)) and not math.isfinite(v):
+            out[key] = worst
+    return out
+
+
 def _report_callback() -> TuneReportCallback:
-    """``TuneReportCallback`` plus ``epochs_done`` (1-based), the ASHA time attribute."""
+    """``TuneReportCallback`` with each report through :func:`tune_metrics`."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class EpochReportCallback(TuneReportCallback):
         def after_report(self, run_context: TrainRunContext, metrics: list[dict[str, Any]],
                          checkpoint: Checkpoint | None) -> None:
-            metrics = [dict(m, **{EPOCHS_DONE: int(m.get("epoch", 0)) + 1}) for m in metrics]
-            super().after_report(run_context, metrics, checkpoint)
+            super().after_report(run_context, [tune_metrics(m) for m in metrics], checkpoint)
 
     return EpochReportCallback()
 
@@ -383,7 +400,8 @@ def _best_reported(result: Any, metric: str, mode: str) -> float | None:
         col = df[metric].dropna()
         return float(col.max() if mode == "max" else col.min())
     value = (result.metrics or {}).get(metric)
-    return float(value) if value is not None else None
+    # NaN is no score: min/max keep a NaN that comes first, and a diverged trial was "best" (found on review).
+    return float(value) if value is not None and math.isfinite(float(value)) else None
 
 
 def _saved_statuses(path: str) -> dict[str, str]:

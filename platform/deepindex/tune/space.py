@@ -199,6 +199,12 @@ def parse_space(raw: dict[str, Any], path: str = "<space>", overrides: list[str]
             raise ConfigError(f"tune.{k}: unknown key{hint}")
     settings = SweepSettings(**tune_raw)
     _check_settings(settings, space, base)
+    grid = [k for k, d in space.items() if d.kind == "grid"]
+    if settings.seed_defaults and grid:
+        # Tune counts the seed point as a sample with the grid keys fixed: one trial, not the grid
+        # (found on review).  A grid runs every combination once, the base values' among them if it holds them.
+        raise ConfigError(f"tune.seed_defaults: a grid ({', '.join(grid)}) runs every combination once already; "
+                          "a seed trial would replace it with one (tune.seed_defaults=false)")
     if settings.seed_defaults:
         for key, dist in space.items():
             if dist.kind != "value":  # a constant: the seed trial takes it too
