@@ -181,12 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     if records_dir:
         records_dir.mkdir(parents=True, exist_ok=True)
     try:
-        from deepindex.cluster import connect
+        from deepindex.cluster import own_cluster
         from deepindex.index.tiny import train_small
 
         model = str(train_small(scratch / "model")[0])
         coll = _collection(a.items, scratch)
-        connect()  # a fresh local cluster gets the Serve data plane's environment (deepindex.cluster)
+        own_cluster()  # a fresh local cluster gets the Serve data plane's environment (deepindex.cluster)
         runs = {layout: bench_layout(layout, model, coll, a.items, a.clients, a.seconds, a.warmup, extra, scratch,
                                      records_dir)
                 for layout in layouts}

@@ -8,7 +8,7 @@
    model replicas of their own, ``model_in_ingress``, and that in 2 ingress replicas), against the
    bare model forward at batch 1, 8 and 32 in this process with as many torch threads
    as the model replica has CPUs.  Quoted as ratios: throughput at 32 / bare batched throughput
-   (target >= 0.7), and the p50 overhead over the bare forward (target <= 10 ms).  Two model
+   (target >= 0.9, issue 15's), and the p50 overhead over the bare forward (reported).  Two model
    profiles by default, because the ratio is a property of the model as much as of the service:
    ``small``, the digit-scenes ConvNet the tests and the demo serve (1x32x32 PNGs, ~0.5 ms an
    image), and ``resnet18-224``, torchvision's ResNet-18 on 3x224x224 JPEGs (weights left at
@@ -254,12 +254,12 @@ def bench_serve(model_path: str, concurrencies: list[int], per_level: int, threa
     from ray import serve
 
     from deepindex import console
-    from deepindex.cluster import connect
+    from deepindex.cluster import own_cluster
     from deepindex.localplatform import free_port
     from serving.app import build_app
 
     console.adopt_library_loggers()  # Serve's logger installs its console handler on import: to the log file
-    connect()  # a fresh local cluster gets deepindex.cluster.serve_env (HAProxy + direct ingress)
+    own_cluster()  # a fresh local cluster gets deepindex.cluster.serve_env (HAProxy + direct ingress)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # An empty collection of the benchmark's own (tagging needs no index), gone with the run.
@@ -413,7 +413,9 @@ def bench_tag(model: str, levels: list[int], per_level: int, threads: int, peers
             for layout, ours in served.items()},
         "p50_overhead_ms": {layout: {c: v["p50_ms"] - bare[c]["p50_ms"] for c, v in ours["levels"].items()}
                             for layout, ours in served.items()},
-        "targets": {"throughput_ratio_at_32": ">= 0.7", "p50_overhead_ms": "<= 10"},
+        # What targets_held checks (issue 15); it said >= 0.7 and <= 10 ms here, from an older issue (found on review).
+        "targets": {"throughput_ratio_at_max_concurrency": ">= 0.9", "litserve_throughput_ratio": ">= 1.0",
+                    "p50_ms_over_litserve_at_concurrency_1": "<= 3"},
     }
 
 

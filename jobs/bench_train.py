@@ -190,13 +190,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import ray
 
     from deepindex import console
-    from deepindex.cluster import connect
+    from deepindex.cluster import own_cluster
 
     log_file = console.setup("bench-train", args.verbose)  # Ray's internals go to the log file, not the console
     print(f"log: {log_file}", file=sys.stderr, flush=True)
     total_threads = cfg.ray.num_workers * (cfg.train.threads or max(1, int(cfg.ray.cpus_per_worker)))
     t0 = time.time()
-    connect()
+    own_cluster()
     init_s = time.time() - t0
     runs: dict[str, list[dict[str, Any]]] = {"ray": [], "torchrun": [], "plain": []}
     loops: dict[str, Callable[[], dict[str, Any]]] = {

@@ -1,6 +1,7 @@
 """Ray job: build an index.  ``python jobs/build_index.py --model models:/deepindex@champion [--collection ...]``
 
-The same code path as ``deepindex index build``; submit with ``ray job submit -- python jobs/build_index.py``.
+The same code path as ``deepindex index build``; submit with
+``ray job submit --working-dir . -- python jobs/build_index.py``.
 """
 import sys
 

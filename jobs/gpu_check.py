@@ -1,6 +1,6 @@
 """GPU check: one script a machine with a GPU runs as is; prints images/s for each step.
 
-``python jobs/gpu_check.py`` (or ``ray job submit -- python jobs/gpu_check.py``):
+``python jobs/gpu_check.py`` (or ``ray job submit --working-dir . -- python jobs/gpu_check.py``):
 
 1. writes the example photo collection (600 colour JPEGs) to a temp folder;
 2. trains the ConvNet on it with Ray Train, ``ray.use_gpu=true``, 1-2 workers (one per GPU),

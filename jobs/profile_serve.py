@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray import serve
 
-    from deepindex.cluster import connect
+    from deepindex.cluster import own_cluster
     from deepindex.net import free_port
     from serving.app import build_app
 
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         coll = {"collection": "bench", "index_dir": f"{tmp}/indexes", "catalogue_url": f"sqlite:///{tmp}/catalogue.db",
                 "blobs_url": f"{tmp}/blobs"}
-    connect()
+    own_cluster()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model": model, **coll, "reload_interval_s": 0, "model_num_cpus": 1, "model_threads": 1,

@@ -1,6 +1,6 @@
 """Ray job: train a model.  ``python jobs/train.py [--config F] [--name N] key=value ...``
 
-The same code path as ``deepindex train``; submit with ``ray job submit -- python jobs/train.py``.
+The same code path as ``deepindex train``; submit with ``ray job submit --working-dir . -- python jobs/train.py``.
 """
 import sys
 

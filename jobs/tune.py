@@ -1,6 +1,6 @@
 """Ray job: a hyperparameter sweep.  ``python jobs/tune.py --space tune_configs/smoke.yaml [--name N] key=value ...``
 
-The same code path as ``deepindex tune``; submit with ``ray job submit -- python jobs/tune.py ...``.
+The same code path as ``deepindex tune``; submit with ``ray job submit --working-dir . -- python jobs/tune.py ...``.
 """
 import sys
 

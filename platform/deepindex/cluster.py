@@ -44,6 +44,20 @@ def connect(num_cpus: int | None = None, **kwargs: Any) -> None:
     route_worker_output()
 
 
+def own_cluster(num_cpus: int | None = None, **kwargs: Any) -> None:
+    """``ray.init`` of a fresh local cluster whatever runs already: a benchmark's.  Joining the local
+    platform's head (what :func:`connect` does), a benchmark measured beside `make demo`'s service, found
+    the route it deploys at taken, and its ``serve.shutdown()`` deleted that service (found on review)."""
+    import ray
+
+    from deepindex.console import route_worker_output
+
+    if ray.is_initialized():
+        return
+    start_local_cluster(num_cpus or default_num_cpus(), **kwargs)
+    route_worker_output()
+
+
 def _init(num_cpus: int | None, **kwargs: Any) -> None:
     import ray
 

@@ -39,3 +39,30 @@ def test_a_start_whose_raylet_never_registers_is_stopped_and_made_again(monkeypa
     assert not [pid for pid in failed_start if pid_alive(pid)], "the failed start's processes still run"
     assert ray.get(ray.put(41)) + 1 == 42
     assert ray.cluster_resources()["CPU"] == 4
+
+
+def test_a_benchmarks_cluster_is_its_own_even_beside_the_platform(monkeypatch: pytest.MonkeyPatch):
+    """`connect()` joins the local platform's head (`make demo` leaves one up, with its service); a benchmark
+    that joined it found its route taken, and its `serve.shutdown()` deleted the demo's service (found on
+    review).  `own_cluster()` starts a fresh local cluster whatever runs.  Ray is a stand-in here: the test
+    is about which start each function asks for, with a platform head recorded as running."""
+    import ray
+
+    from deepindex import cluster
+    from deepindex.localplatform import Service
+
+    head = Service("ray", 1, 1, 6390, "127.0.0.1:6390", "ray.log", [], {})
+    monkeypatch.setattr("deepindex.localplatform.running_service", lambda name: head if name == "ray" else None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    asked: list[object] = []
+    monkeypatch.setattr(ray, "init", lambda **kw: asked.append(kw.get("address")))
+    monkeypatch.setattr(cluster, "start_local_cluster", lambda n, **kw: asked.append(("fresh", n)))
+    monkeypatch.setattr(cluster, "reload_ray_auth", lambda: None)
+    monkeypatch.setattr(cluster, "_fixed_size", lambda fixed: None)
+    monkeypatch.setattr("deepindex.console.route_worker_output", lambda: None)
+    cluster.connect()
+    assert asked == ["127.0.0.1:6390"]  # a command joins the platform
+    asked.clear()
+    cluster.own_cluster(num_cpus=4)
+    assert asked == [("fresh", 4)]  # a benchmark starts its own
