@@ -178,10 +178,19 @@ def promote(run_id: str, name: str | None, tracking_uri: str | None = None, *, p
     version: str | None = None
     scores: dict[str, float] = {}  # champion version -> its score on the candidate's test split
     while True:
-        champ = (None if champ_version is None
-                 else registry.resolve_model(f"models:/{name}/{champ_version}", tracking_uri))
+        champ, unloadable = None, None
+        if champ_version is not None:
+            # A champion that no longer loads (its artifacts deleted, a checkpoint of an older format) is no
+            # champion: it blocked every promotion, and a sweep's summary, for good (found on review).
+            try:
+                champ = registry.resolve_model(f"models:/{name}/{champ_version}", tracking_uri)
+                champ_state = read_checkpoint(champ.checkpoint_path)
+            except (OSError, ValueError) as e:
+                champ, unloadable = None, str(e).splitlines()[0] if str(e) else type(e).__name__
+                log.warning("promotion: the %s of %s (version %s) cannot be loaded: %s", alias, name, champ_version,
+                            unloadable)
         if champ is not None:  # before anything is registered: a model of another collection is refused whole
-            _check_comparable(read_checkpoint(champ.checkpoint_path), cand, name, alias, champ_version)
+            _check_comparable(champ_state, cand, name, alias, champ_version)
         if version is None:
             version = registry.register_run(run_id, name, tracking_uri)
         champ_value: float | None = None
@@ -196,6 +205,9 @@ def promote(run_id: str, name: str | None, tracking_uri: str | None = None, *, p
             promoted = cand_value > champ_value if mode == "max" else cand_value < champ_value
             reason = (f"{metric} {cand_value:.4f} {'beats' if promoted else 'does not beat'} the {alias} "
                       f"(version {champ_version}) {champ_value:.4f}")
+        elif unloadable is not None:
+            promoted, reason = True, (f"the {alias} (version {champ_version}) cannot be loaded ({unloadable}); "
+                                      f"{metric} {cand_value:.4f}")
         else:
             promoted, reason = True, f"no {alias} yet; {metric} {cand_value:.4f}"
         # Another promotion may have moved the alias while this one scored (two sweeps ending together):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -284,3 +285,25 @@ def test_a_diverged_candidate_is_not_registered_nor_promoted(mlflow_server, spli
                                          r"its training diverged\); nothing registered$"):
         promote(run.info.run_id, name, mlflow_server.uri)
     assert client.search_model_versions(f"name='{name}'") == []
+
+
+def test_a_champion_that_no_longer_loads_gives_way_to_the_candidate(mlflow_server, splits, tmp_path, caplog):
+    """The champion's checkpoint cannot be read any more (here its downloaded copy is corrupt; its artifacts
+    deleted from the store read the same): every promotion failed on it, for good, and a sweep's summary with
+    it (found on review).  The candidate is registered and takes the alias; the decision says why."""
+    from deepindex.paths import state_dir
+    from deepindex.workflows import promote
+
+    client, exp, name = _registry(mlflow_server, tmp_path, "unloadable", "digits")
+    assert promote(_candidate(client, exp, splits, tmp_path, epochs=0, seed=1), name, mlflow_server.uri).promoted
+    from deepindex.tracking.registry import resolve_model
+
+    cached = Path(resolve_model(f"models:/{name}/1", mlflow_server.uri).checkpoint_path)  # downloaded once
+    assert cached == state_dir() / "models" / name / "1" / "checkpoint.pt"
+    cached.write_bytes(b"not a checkpoint any more")
+    with caplog.at_level("WARNING", logger="deepindex.workflows"):
+        d = promote(_candidate(client, exp, splits, tmp_path, epochs=0, seed=2), name, mlflow_server.uri)
+    assert d.promoted and d.version == "2" and d.champion is None, d
+    assert d.reason.startswith("the champion (version 1) cannot be loaded (checkpoint: "), d.reason
+    assert any("cannot be loaded" in r.getMessage() for r in caplog.records)
+    assert client.get_model_version_by_alias(name, "champion").version == "2"

@@ -129,9 +129,15 @@ def _download(client: MlflowClient, mv: ModelVersion) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if not mv.run_id:  # a version registered from a bare artifact location, not from a run
         raise ValueError(f"model: version {mv.version} of {mv.name} has no run to download {ARTIFACT_DIR}/ from")
+    from mlflow.exceptions import MlflowException
+
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{mv.version}-"))
     try:
-        got = Path(client.download_artifacts(mv.run_id, ARTIFACT_DIR, str(tmp)))
+        try:
+            got = Path(client.download_artifacts(mv.run_id, ARTIFACT_DIR, str(tmp)))
+        except MlflowException as e:  # its artifacts deleted, say: named, as a ValueError callers can take
+            raise ValueError(f"model: version {mv.version} of {mv.name} cannot be downloaded "
+                             f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
         if not (got / FILENAME).is_file():
             raise ValueError(f"model: version {mv.version} of {mv.name} holds no {FILENAME}")
         if dest.exists():  # downloaded meanwhile by another process
