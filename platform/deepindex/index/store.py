@@ -556,15 +556,18 @@ class IndexStore:
             (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
 
         target = swap_dir(path, write, MANIFEST)
-        # This object now mirrors the new base (compaction keeps serving from it).
-        self.manifest, self.path, self.delta_count, self._delta_at, self._delta = manifest, target, 0, 0, None
-        self._base = Held.open(target / MANIFEST)
-        self.ids, self.labels = ids, [self.labels[i] for i in live]
-        self.probs = self.probs[live]
-        self.features = {k: v[live] for k, v in self.features.items()}
-        self.vectors = vectors
-        self.alive = np.ones(len(ids), dtype=bool)
-        self.rows = {item: i for i, item in enumerate(ids)}
+        # This object now mirrors the new base (compaction keeps serving from it).  Queries wait only for
+        # this swap of references: the vector indexes were built and the folder written above, beside them
+        # (under the write lock, a compaction of 20k items held every query for ~3 s; found on review).
+        with self.rw.write():
+            self.manifest, self.path, self.delta_count, self._delta_at, self._delta = manifest, target, 0, 0, None
+            self._base = Held.open(target / MANIFEST)
+            self.ids, self.labels = ids, [self.labels[i] for i in live]
+            self.probs = self.probs[live]
+            self.features = {k: v[live] for k, v in self.features.items()}
+            self.vectors = vectors
+            self.alive = np.ones(len(ids), dtype=bool)
+            self.rows = {item: i for i, item in enumerate(ids)}
         return target
 
     # ---- changes ------------------------------------------------------------------------------
@@ -649,8 +652,7 @@ class IndexStore:
                 return False
             start = time.perf_counter()
             n = self.delta_count
-            with self.rw.write():  # queries wait for the swap (the new base is built under it)
-                self.save(self.path)
+            self.save(self.path)  # under the writers' lock: queries go on while the new base is built
             log.info("index %s: compacted %d delta changes into the base (%d items) in %.2fs", self.path, n,
                      len(self), time.perf_counter() - start)
             return True
