@@ -182,10 +182,15 @@ def promote(run_id: str, name: str | None, tracking_uri: str | None = None, *, p
         if champ_version is not None:
             # A champion that no longer loads (its artifacts deleted, a checkpoint of an older format) is no
             # champion: it blocked every promotion, and a sweep's summary, for good (found on review).
+            # Only a lasting failure: an outage or a full disk (OSError, a server error) fails the promotion
+            # as before, rather than hand the alias to a candidate no one compared (found on review).
             try:
                 champ = registry.resolve_model(f"models:/{name}/{champ_version}", tracking_uri)
-                champ_state = read_checkpoint(champ.checkpoint_path)
-            except (OSError, ValueError) as e:
+                try:
+                    champ_state = read_checkpoint(champ.checkpoint_path)
+                except ValueError as e:  # present, but no checkpoint this code reads (corrupt, another format)
+                    raise registry.ModelGone(str(e)) from None
+            except registry.ModelGone as e:
                 champ, unloadable = None, str(e).splitlines()[0] if str(e) else type(e).__name__
                 log.warning("promotion: the %s of %s (version %s) cannot be loaded: %s", alias, name, champ_version,
                             unloadable)

@@ -13,7 +13,7 @@ import pytest
 
 from deepindex.collection import CollectionStore
 from deepindex.index.catchup import catch_up
-from deepindex.index.store import DELTA, IndexStore
+from deepindex.index.store import DELTA, DeltaUnreadable, IndexStore
 from deepindex.index.vectors import VectorConfig
 from support import png_bytes
 
@@ -55,6 +55,13 @@ def test_a_base_swapped_under_the_writer_loses_no_change_on_reload(tmp_path: Pat
 
     live = sorted(i.id for i in store.snapshot())
     assert live == ["after-build", "during-build", "old-1", "old-2"] and sorted(service.rows) == live
+    # A reader's copy (the ingress's local reads) stops at the gap too, and its follow() refuses what lies
+    # past it (it applied the other writer's batch: old-0 back, during-build missing, its seq at the head).
+    reader = IndexStore.load(folder, recover=False)
+    assert reader.seq == built_at and sorted(reader.rows) == ["old-0", "old-1", "old-2"]
+    with pytest.raises(DeltaUnreadable, match="skips seqs"):
+        reader.follow()
+    assert reader.seq == built_at
     reloaded = IndexStore.load(folder)  # a restart: the delta up to the gap (none of it), then the catalogue
     assert reloaded.seq == built_at and sorted(reloaded.rows) == ["old-0", "old-1", "old-2"]
     assert (folder / DELTA).stat().st_size == 0  # the writer's load cut what followed the gap

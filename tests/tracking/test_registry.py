@@ -307,3 +307,25 @@ def test_a_champion_that_no_longer_loads_gives_way_to_the_candidate(mlflow_serve
     assert d.reason.startswith("the champion (version 1) cannot be loaded (checkpoint: "), d.reason
     assert any("cannot be loaded" in r.getMessage() for r in caplog.records)
     assert client.get_model_version_by_alias(name, "champion").version == "2"
+
+
+def test_a_champion_out_of_reach_for_a_moment_fails_the_promotion_not_the_champion(mlflow_server, splits, tmp_path,
+                                                                                   monkeypatch):
+    """Only a champion gone for good gives way: an outage or a full disk while reading it (an OSError, a server
+    error) fails the promotion as before, the alias where it was (found on review of the fix above)."""
+    from deepindex.tracking import registry
+    from deepindex.workflows import promote
+
+    client, exp, name = _registry(mlflow_server, tmp_path, "outage", "digits")
+    assert promote(_candidate(client, exp, splits, tmp_path, epochs=0, seed=1), name, mlflow_server.uri).promoted
+    real = registry.resolve_model
+
+    def unreachable(uri: str, tracking_uri: str | None = None):  # the registry's artifact store, down a moment
+        if uri == f"models:/{name}/1":
+            raise ConnectionError("Connection refused")
+        return real(uri, tracking_uri)
+
+    monkeypatch.setattr(registry, "resolve_model", unreachable)
+    with pytest.raises(ConnectionError):
+        promote(_candidate(client, exp, splits, tmp_path, epochs=0, seed=2), name, mlflow_server.uri)
+    assert client.get_model_version_by_alias(name, "champion").version == "1"

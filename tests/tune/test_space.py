@@ -272,7 +272,16 @@ def test_a_diverged_epoch_is_the_worst_score_to_tune_and_no_trials_best():
     assert got["val_map"] == 0.0 and got[EPOCHS_DONE] == 3 and got["val_loss"] != got["val_loss"]
     assert tune_metrics({"epoch": 0, "val_top1_error": float("inf")})["val_top1_error"] == 1.0
     assert tune_metrics({"epoch": 0, "val_top1_error": 0.25})["val_top1_error"] == 0.25
+    assert got["diverged"] == 1 and "diverged" not in tune_metrics({"epoch": 0, "val_map": 0.5})
     diverged = SimpleNamespace(metrics_dataframe=None, metrics={"val_top1_error": nan})
     assert _best_reported(diverged, "val_top1_error", "min") is None
+    # What Tune recorded: the worst score, marked.  Every epoch diverged: no best; some did: the others'.
+    import pandas as pd
+
+    marked = tune_metrics({"epoch": 1, "val_top1_error": nan})
+    all_bad = SimpleNamespace(metrics_dataframe=pd.DataFrame([marked]), metrics=marked)
+    assert _best_reported(all_bad, "val_top1_error", "min") is None
+    first_fine = pd.DataFrame([tune_metrics({"epoch": 0, "val_top1_error": 0.4}), marked])
+    assert _best_reported(SimpleNamespace(metrics_dataframe=first_fine, metrics=marked), "val_top1_error", "min") == 0.4
     fine = SimpleNamespace(metrics_dataframe=None, metrics={"val_top1_error": 0.03})
     assert _best_reported(fine, "val_top1_error", "min") == 0.03

@@ -156,7 +156,8 @@ class RayIngest:
 def listed_train_rows(d: DataConfig) -> int:
     """How many train items the local path (``data.pipeline=local``) trains a file collection on:
     its listing's train split under the label view, as each worker builds it (duplicates merged,
-    noise, filter and fold applied), counted on the driver without decoding an image."""
+    noise, filter and fold applied), counted on the driver.  No image is decoded, but every file is
+    read once to find the duplicates, as each worker's listing reads it."""
     from deepindex.data import Splits, split_len
     from deepindex.data.files import read_collection, read_image_folder
     from deepindex.data.label_view import apply_label_view

@@ -236,7 +236,8 @@ def read_manifest(path: str | Path) -> IndexManifest:
 def find_index(path: str | Path, model_name: str | None = None, version: str | None = None, *,
                recover: bool = True, collection: str | None = None) -> Path | None:
     """``path`` itself when it is an index; else its sub-folder built with ``version`` (a collection
-    folder), of ``collection`` if given (an index folder shared by collections holds others' too).
+    folder), of ``collection`` if given (an index of another collection, a folder copied or named by
+    hand, is not this one's; collections do not share an index folder: each has its own by default).
     ``recover=False``: a reader's look, which leaves a killed writer's folders as they are."""
     p = Path(path)
     if recover:
@@ -519,8 +520,11 @@ class IndexStore:
                 raise IndexRewritten(f"index {self.path}: another delta (compacted)")
             if not data:
                 return 0  # nothing new
-            changes, at, bad = _parse_delta(data, self._delta_at)
-            if bad:
+            changes, at, stop = _parse_delta(data, self._delta_at, after=self.seq)
+            if stop == "gap":  # another base's writer appended there (found on review: a reader applied it)
+                raise DeltaUnreadable(f"index {self.path}: a batch of its delta after byte {at} skips seqs "
+                                      "(another base's writer appended to it)")
+            if stop:
                 raise DeltaUnreadable(f"index {self.path}: a line of its delta after byte {at} is unreadable")
             self._delta_at = at
             self.delta_count += len(changes)

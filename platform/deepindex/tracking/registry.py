@@ -120,6 +120,11 @@ def _lookup(model_uri: str, tracking_uri: str | None) -> tuple[MlflowClient, Mod
         raise ValueError(f"model: {model_uri} not found in the registry ({e.message.splitlines()[0]})") from None
 
 
+class ModelGone(ValueError):
+    """A registered version whose checkpoint is gone for good (its run's artifacts deleted), or unreadable
+    (:class:`deepindex.checkpoint` format): what promotion treats as no champion.  An outage is not one."""
+
+
 def _download(client: MlflowClient, mv: ModelVersion) -> Path:
     from deepindex.paths import state_dir
 
@@ -128,18 +133,20 @@ def _download(client: MlflowClient, mv: ModelVersion) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     if not mv.run_id:  # a version registered from a bare artifact location, not from a run
-        raise ValueError(f"model: version {mv.version} of {mv.name} has no run to download {ARTIFACT_DIR}/ from")
+        raise ModelGone(f"model: version {mv.version} of {mv.name} has no run to download {ARTIFACT_DIR}/ from")
     from mlflow.exceptions import MlflowException
 
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{mv.version}-"))
     try:
         try:
             got = Path(client.download_artifacts(mv.run_id, ARTIFACT_DIR, str(tmp)))
-        except MlflowException as e:  # its artifacts deleted, say: named, as a ValueError callers can take
-            raise ValueError(f"model: version {mv.version} of {mv.name} cannot be downloaded "
-                             f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise  # a server error, an outage: not the version's fault
+            raise ModelGone(f"model: version {mv.version} of {mv.name} has no {ARTIFACT_DIR}/ artifacts any more "
+                            f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
         if not (got / FILENAME).is_file():
-            raise ValueError(f"model: version {mv.version} of {mv.name} holds no {FILENAME}")
+            raise ModelGone(f"model: version {mv.version} of {mv.name} holds no {FILENAME}")
         if dest.exists():  # downloaded meanwhile by another process
             return dest
         os.replace(got, dest)  # atomic: a reader sees no half-downloaded checkpoint

@@ -98,6 +98,7 @@ class SweepOutcome:
 # NaN): the worst score.  ASHA compares NaN as never below its cutoff, so a diverged trial was never
 # stopped and held its slot to the end, and a first trial's NaN stayed "best" (found on review).
 WORST = {"val_map": 0.0, "val_top1_error": 1.0}
+DIVERGED = "diverged"  # 1 on an epoch whose primary metric was replaced by WORST
 
 
 def tune_metrics(m: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +108,7 @@ def tune_metrics(m: dict[str, Any]) -> dict[str, Any]:
     for key, worst in WORST.items():
         v = out.get(key)
         if isinstance(v, (int, float)) and not math.isfinite(v):
-            out[key] = worst
+            out[key], out[DIVERGED] = worst, 1  # marked: no trial's best (_best_reported)
     return out
 
 
@@ -395,13 +396,19 @@ def _summarise(grid: ResultGrid, spec: SweepSpec, name: str, path: str, metric: 
 
 def _best_reported(result: Any, metric: str, mode: str) -> float | None:
     """A trial's best reported ``metric`` over its epochs (its last one when Tune kept no history)."""
+    # A diverged epoch is no score: Tune saw it as the worst (tune_metrics) so ASHA stops the trial, but a
+    # trial of nothing else is no sweep's best (found on review: all trials diverged, one was "best" at 0.0).
     df = getattr(result, "metrics_dataframe", None)
-    if df is not None and metric in df and df[metric].notna().any():
-        col = df[metric].dropna()
-        return float(col.max() if mode == "max" else col.min())
-    value = (result.metrics or {}).get(metric)
-    # NaN is no score: min/max keep a NaN that comes first, and a diverged trial was "best" (found on review).
-    return float(value) if value is not None and math.isfinite(float(value)) else None
+    if df is not None and metric in df:
+        rows = df[df[DIVERGED].fillna(0) != 1] if DIVERGED in df else df
+        col = rows[metric].dropna()
+        if len(col):
+            return float(col.max() if mode == "max" else col.min())
+    m = result.metrics or {}
+    value = m.get(metric)
+    if value is None or m.get(DIVERGED) == 1 or not math.isfinite(float(value)):
+        return None
+    return float(value)
 
 
 def _saved_statuses(path: str) -> dict[str, str]:
