@@ -46,11 +46,16 @@ def test_a_benchmarks_cluster_is_its_own_even_beside_the_platform(monkeypatch: p
     that joined it found its route taken, and its `serve.shutdown()` deleted the demo's service (found on
     review).  `own_cluster()` starts a fresh local cluster whatever runs.  Ray is a stand-in here: the test
     is about which start each function asks for, with a platform head recorded as running."""
+    import os
+
     import ray
 
     from deepindex import cluster
     from deepindex.localplatform import Service
 
+    # connect() writes the platform's client settings (its token file, ...) into the environment: here a
+    # copy, so nothing leaks into the tests after this one (it did: every later Ray start failed on auth).
+    monkeypatch.setattr(os, "environ", os.environ.copy())
     head = Service("ray", 1, 1, 6390, "127.0.0.1:6390", "ray.log", [], {})
     monkeypatch.setattr("deepindex.localplatform.running_service", lambda name: head if name == "ray" else None)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
