@@ -37,14 +37,20 @@ def _empty_index(store: CollectionStore, where: Path) -> IndexStore:
     return index
 
 
-def test_a_blob_store_that_fails_to_answer_fails_the_catch_up_and_loses_nothing(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _two_items_after_the_index(tmp_path: Path) -> tuple[CollectionStore, IndexStore, Any]:
+    """A collection, its empty index, then two items added: (store, index, the second item)."""
     store = CollectionStore.open("c")
     index = _empty_index(store, tmp_path / "ix")
     store.add("cat-1", png_bytes(np.full((8, 8), 0.1)))
     store.add("cat-2", png_bytes(np.full((8, 8), 0.2)))
-    flaky = store.get("cat-2")
-    assert flaky is not None
+    second = store.get("cat-2")
+    assert second is not None
+    return store, index, second
+
+
+def test_a_blob_store_that_fails_to_answer_fails_the_catch_up_and_loses_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, index, flaky = _two_items_after_the_index(tmp_path)
     real_get = BlobStore.get
 
     def get(self: BlobStore, h: str, *a: Any, **k: Any) -> bytes:  # an S3 503, an NFS EIO: OSErrors
@@ -63,12 +69,7 @@ def test_a_blob_store_that_fails_to_answer_fails_the_catch_up_and_loses_nothing(
 
 def test_bytes_that_do_not_decode_are_skipped_and_the_catch_up_goes_on(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    store = CollectionStore.open("c")
-    index = _empty_index(store, tmp_path / "ix")
-    store.add("cat-1", png_bytes(np.full((8, 8), 0.1)))
-    store.add("cat-2", png_bytes(np.full((8, 8), 0.2)))
-    broken = store.get("cat-2")
-    assert broken is not None
+    store, index, broken = _two_items_after_the_index(tmp_path)
     real_get = BlobStore.get
     monkeypatch.setattr(BlobStore, "get", lambda self, h, *a, **k: b"\x89PNG\r\n\x1a\n cut short"
                         if h == broken.content_hash else real_get(self, h, *a, **k))
