@@ -158,6 +158,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def _mismatch(e: RuntimeError) -> str:
+    """The first line of torch's load_state_dict report that names keys (missing, unexpected, a size)."""
+    lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+    first = lines[0] if lines else str(e)
+    return first if len(first) <= 300 else first[:297] + "..."
+
+
 def load_model(path: str | Path) -> LoadedModel:
     """Rebuild the model of a checkpoint with no other file."""
     from deepindex.models import build_model
@@ -169,7 +176,11 @@ def load_model(path: str | Path) -> LoadedModel:
     # ImageNet weights too (load_weights=False): serving needs no torch cache, and no download.
     model = build_model(cfg.model, len(state["concepts"]), _resolved(cfg.data.channels, "data.channels"),
                         load_weights=False)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:  # the weights are another architecture's than the config says
+        raise ValueError(f"{path}: its weights do not fit the model its config describes ({cfg.model.name}): "
+                         f"{_mismatch(e)}") from None
     model.eval()
     return LoadedModel(model, cfg, NormStats.from_dict(state["stats"]), state["concepts"], state["multilabel"],
                        state["epoch"], state["metrics"])

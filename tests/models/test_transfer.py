@@ -170,3 +170,73 @@ def test_stochastic_depth_takes_every_imagenet_and_local_tensor(torch_home, tmp_
     local = torch.load(tmp_path / "local.pth", weights_only=True)
     assert torch.equal(fresh.body.net.state_dict()[f"layer3.0.{last_bn}.0.running_mean"],
                        local[f"layer3.0.{last_bn}.running_mean"])
+
+
+@pytest.mark.timeout(120)
+def test_a_stochastic_depth_checkpoint_loads_whole_into_a_model_without_it(tmp_path):
+    """The other way round: ``bn2.0.*`` of a checkpoint trained with stochastic depth into a plain resnet18.
+    Those 40 batch-norm tensors stayed at their initial values, not even listed as skipped (found on review)."""
+    from deepindex.models.backbones import load_local_weights
+
+    deep = build_model(load_config(None, ["model.name=resnet18", "model.stochastic_depth=0.2"]).model, 4, 3)
+    with torch.no_grad():
+        for v in deep.state_dict().values():
+            if v.is_floating_point():
+                v.add_(torch.rand_like(v))
+    torch.save({"model": deep.state_dict()}, tmp_path / "ours.pt")
+    plain = build_model(load_config(None, ["model.name=resnet18"]).model, 4, 3)
+    assert load_local_weights(plain, tmp_path / "ours.pt") == len(deep.state_dict())
+    got, saved = plain.body.net.state_dict(), deep.body.net.state_dict()
+    assert torch.equal(got["layer1.0.bn2.weight"], saved["layer1.0.bn2.0.weight"])
+    assert torch.equal(got["layer4.1.bn2.running_var"], saved["layer4.1.bn2.0.running_var"])
+
+
+@pytest.mark.timeout(120)
+def test_torchvisions_densenet_file_loads_whole_as_model_weights(tmp_path):
+    """torchvision's densenet121 file names ``norm.1``/``conv.1`` what the modules call ``norm1``/``conv1``:
+    ``model.weights`` took 29 of its 727 tensors without a word (found on review); ImageNet's path renamed them."""
+    from deepindex.models.backbones import load_local_weights
+
+    torch.manual_seed(0)
+    sd = tvm.densenet121(weights=None).state_dict()
+    old = {k.replace(".norm1.", ".norm.1.").replace(".conv1.", ".conv.1.").replace(".norm2.", ".norm.2.")
+           .replace(".conv2.", ".conv.2."): v + 1 if v.is_floating_point() else v for k, v in sd.items()
+           if not k.endswith("num_batches_tracked")}  # a file from before batch norm counted its batches
+    assert sum(".norm.1." in k for k in old) > 100  # the old names, as in densenet121-a639ec97.pth
+    torch.save(old, tmp_path / "densenet121.pth")
+    m = build_model(load_config(None, ["model.name=densenet121"]).model, 4, 3)
+    taken = load_local_weights(m, tmp_path / "densenet121.pth")
+    assert taken == len(old) - 2  # all but the ImageNet classifier's weight and bias
+    layer = "features.denseblock2.denselayer3"
+    assert torch.equal(m.body.net.state_dict()[f"{layer}.norm1.running_mean"], old[f"{layer}.norm.1.running_mean"])
+
+
+def test_freezing_the_backbone_of_a_model_without_one_says_so():
+    with pytest.raises(ValueError, match=r"^model.freeze: 'backbone': this model has no parameters before its"):
+        build_model(load_config(None, ["model.name=mlp", "model.mlp_hidden=[]", "model.freeze=backbone"]).model, 3, 1)
+
+
+@pytest.mark.timeout(120)
+def test_dropout_inside_the_frozen_layers_runs_in_eval_mode():
+    """AlexNet frozen up to ``classifier.1`` (fc6): the dropout before fc6 is in the frozen part, the one
+    before fc7 is not.  The first stayed in train mode: the frozen fc6 saw dropped-out inputs (found on review)."""
+    m = build_model(load_config(None, ["model.name=alexnet", "model.freeze=classifier.1"]).model, 3, 3)
+    m.train()
+    keep_frozen_in_eval(m)
+    c = m.body.net.classifier
+    assert [type(x).__name__ for x in c[:5]] == ["Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    assert not c[0].training and not c[1].training  # fc6's input dropout and fc6: frozen
+    assert c[3].training and c[4].training  # fc7's: trained
+    assert m.head.training
+
+
+def test_a_bad_freeze_or_weights_file_fails_on_the_driver(tmp_path):
+    """Checked before any worker starts: a layer the model lacks, or a missing ``model.weights``, used to fail
+    in every Train worker (retried ``ray.max_failures`` times) after the cluster started (found on review)."""
+    from deepindex.train.trainer import check_model_options
+
+    with pytest.raises(ValueError, match=r"^model.freeze: no module 'layer5'; stages: none, backbone, conv1"):
+        check_model_options(load_config(None, ["model.name=resnet18", "model.freeze=layer5", "data.channels=3"]))
+    with pytest.raises(ValueError, match=rf"^model.weights: no such file {tmp_path}/gone.pt$"):
+        check_model_options(load_config(None, [f"model.weights={tmp_path}/gone.pt"]))
+    check_model_options(load_config(None, ["model.name=resnet18", "model.freeze=layer2", "data.channels=3"]))

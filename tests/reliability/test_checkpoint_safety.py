@@ -63,6 +63,20 @@ def test_checkpoint_roundtrip_rebuilds_the_model(tmp_path, tiny_cfg):
     assert (lm.config.data.channels, lm.config.data.image_size, lm.config.data.preset) == (1, 32, "digit")
 
 
+
+def test_weights_of_another_architecture_are_one_line_naming_the_file(tmp_path, tiny_cfg):
+    """Weights of channels [8,16] under a config that says [16,32] (an older version's checkpoint, a hand
+    edit): torch's "Error(s) in loading state_dict for ConceptModel:" and nothing else used to reach the user."""
+    save_checkpoint(tmp_path, model=build_model(tiny_cfg.model, 10, 1), config=tiny_cfg.override(
+        {"model.channels": [16, 32]}), stats=NormStats((0.1,), (0.2,)), concepts=[str(i) for i in range(10)],
+        multilabel=False, epoch=0, metrics={})
+    with pytest.raises(ValueError) as e:
+        load_model(tmp_path)
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path}: its weights do not fit the model its config describes (convnet): "), msg
+    assert "size mismatch for body" in msg and "\n" not in msg, msg
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_writer_killed_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path):

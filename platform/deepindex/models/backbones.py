@@ -120,6 +120,7 @@ def _with_in_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
 # Stochastic depth wraps a residual block's last batch norm (below): ``bn2`` (``bn3``) holds its tensors
 # as ``bn2.0.*`` there.  A state dict of the plain network names them ``bn2.*``.
 _WRAPPED_BN = re.compile(r"\.(bn[23])\.(weight|bias|running_mean|running_var|num_batches_tracked)$")
+_UNWRAPPED_BN = re.compile(r"\.(bn[23])\.0\.(weight|bias|running_mean|running_var|num_batches_tracked)$")
 
 
 def own_key(own: dict[str, torch.Tensor], key: str) -> str | None:
@@ -129,8 +130,11 @@ def own_key(own: dict[str, torch.Tensor], key: str) -> str | None:
     those layers at their initial values (found on review)."""
     if key in own:
         return key
-    wrapped = _WRAPPED_BN.sub(r".\1.0.\2", key)
-    return wrapped if wrapped in own else None
+    # ... and the other way: a checkpoint trained with stochastic depth into a model without it.
+    for cand in (_WRAPPED_BN.sub(r".\1.0.\2", key), _UNWRAPPED_BN.sub(r".\1.\2", key)):
+        if cand != key and cand in own:
+            return cand
+    return None
 
 
 def _add_stochastic_depth(net: tvm.ResNet, p: float) -> None:
@@ -192,9 +196,12 @@ def load_local_weights(model: nn.Module, path: str | Path) -> int:
     sd = torch.load(p, map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]  # one of our checkpoints
+    from deepindex.models.transfer import current_key
+
     own = model.state_dict()
     take, skipped = {}, []
     for k, v in sd.items():
+        k = current_key(k)  # torchvision's DenseNet files hold the old key names, as ImageNet's do
         for name in (k, f"body.net.{k}", f"body.{k}"):
             cand = own_key(own, name)
             if cand is not None:

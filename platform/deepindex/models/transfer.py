@@ -41,6 +41,11 @@ _DENSENET_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
+def current_key(key: str) -> str:
+    """A state-dict key as today's torchvision modules name it (old DenseNet files: ``norm.1`` -> ``norm1``)."""
+    return _DENSENET_KEY.sub(r"\1\2", key)
+
+
 def pretrained_weights(name: str) -> WeightsEnum | None:
     """torchvision's default ImageNet weights entry for a registered model, or None."""
     if name not in TORCHVISION:
@@ -109,7 +114,7 @@ def load_pretrained(model: nn.Module, name: str) -> int:
     own = model.state_dict()
     take, skipped = {}, []
     for k, v in sd.items():
-        k = _DENSENET_KEY.sub(r"\1\2", k)
+        k = current_key(k)
         cand = own_key(own, f"body.net.{k}")  # stochastic depth's wrapped batch norms too
         if cand is None:
             continue  # the ImageNet classifier, replaced by the concept head (or aux heads)
@@ -155,7 +160,11 @@ def apply_freeze(model: nn.Module, freeze: str) -> int:
         return 0
     params = list(model.named_parameters())
     if freeze == "backbone":
-        cut = max(i for i, (n, _) in enumerate(params) if not n.startswith("head."))
+        body = [i for i, (n, _) in enumerate(params) if not n.startswith("head.")]
+        if not body:
+            raise ValueError("model.freeze: 'backbone': this model has no parameters before its concept head "
+                             "(nothing to freeze)")
+        cut = max(body)
     else:
         prefix = _prefix_of(model, freeze) + "."
         inside = [i for i, (n, _) in enumerate(params) if n.startswith(prefix)]
@@ -190,7 +199,9 @@ def keep_frozen_in_eval(model: nn.Module) -> None:
     """After ``model.train()``: put every fully frozen module in eval mode.
 
     A frozen backbone must compute the features it was trained to compute: batch norm with
-    its running statistics (not the batch's, which would also update them) and no dropout.
+    its running statistics (not the batch's, which would also update them) and no dropout.  A
+    module without parameters (dropout) is in the frozen part when the next layer with parameters,
+    in the model's order, is frozen: AlexNet's first dropout, before a frozen ``classifier.1``.
     """
     def visit(m: nn.Module) -> None:
         params = list(m.parameters())
@@ -200,5 +211,13 @@ def keep_frozen_in_eval(model: nn.Module) -> None:
         for child in m.children():
             visit(child)
 
-    if has_frozen(model):
-        visit(model)
+    if not has_frozen(model):
+        return
+    visit(model)
+    next_frozen = False  # whether the next leaf with parameters (in forward order) is frozen
+    for m in reversed([m for m in model.modules() if not any(True for _ in m.children())]):
+        own = list(m.parameters(recurse=False))
+        if own:
+            next_frozen = not any(p.requires_grad for p in own)
+        elif next_frozen:
+            m.eval()

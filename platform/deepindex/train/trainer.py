@@ -128,6 +128,21 @@ def _has_checkpoint(folder: Path) -> bool:
         return True
 
 
+def check_model_options(cfg: Config) -> None:
+    """``model.weights`` and ``model.freeze`` on the driver, in one line, before any worker starts: a missing
+    file or a layer the model does not have used to fail in every worker (retried ``ray.max_failures`` times).
+    The model is built on the meta device: no memory, no weights."""
+    if cfg.model.weights and not Path(cfg.model.weights).expanduser().is_file():
+        raise ValueError(f"model.weights: no such file {cfg.model.weights}")
+    if cfg.model.freeze != "none":
+        import torch
+
+        from deepindex.models import build_model
+
+        with torch.device("meta"):
+            build_model(cfg.model, 2, int(cfg.data.channels or 3), load_weights=False)  # applies the freeze
+
+
 def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list[UserCallback] | None = None,
                   extra: dict[str, Any] | None = None, tracker: Tracker | None = None) -> TorchTrainer:
     """A ``TorchTrainer`` for ``cfg``; same ``name`` + storage path = resume from its checkpoint."""
@@ -148,6 +163,7 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list[UserC
         from deepindex.models.transfer import ensure_pretrained
 
         ensure_pretrained(cfg.model.name)
+    check_model_options(cfg)
     storage = storage_path(cfg)
     multilabel = cfg.multilabel
     metric, mode = primary_metric(multilabel)
