@@ -381,3 +381,38 @@ def test_down_waits_for_the_process_that_holds_the_lock(sleepers):
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+@pytest.mark.timeout(60)
+def test_a_stale_state_file_stops_no_other_program(sleepers):
+    """After a reboot, or once pids wrap around, the head's recorded pid may be another program's (a login
+    shell, tmux): `status` called it running and `down` sent its whole session SIGTERM, then SIGKILL (found on
+    review).  A service is known by its pid and the leader's start (boot id, start time), kept by `up`."""
+    from deepindex.localplatform import running_service, status
+    from deepindex.sessions import process_start
+
+    other = sleepers()  # the program that has the recorded pid now
+    stale = dataclasses.replace(_fake("ray", other, free_port()), started="another-boot:12345")
+    _write_state({"ray": stale})
+    assert running_service("ray") is None
+    assert status()["ray"]["state"] == "dead" and status()["ray"]["processes"] == []
+    assert down() == {"ray": []}
+    time.sleep(0.2)
+    assert other.poll() is None  # left alone
+    # The same record with the leader's own start is the service, and `down` stops it.
+    ours = sleepers()
+    _write_state({"ray": dataclasses.replace(_fake("ray", ours, free_port()), started=process_start(ours.pid) or "")})
+    assert running_service("ray") is not None and status()["ray"]["state"] == "running"
+    assert down()["ray"] == [ours.pid]
+    assert ours.wait(timeout=10) is not None and other.poll() is None
+
+
+@pytest.mark.timeout(60)
+def test_two_services_asked_for_one_port_are_refused_before_anything_starts(capsys):
+    port = free_port()
+    assert main(["up", "--ray-port", str(port), "--mlflow-port", str(port), "--dashboard-port", str(free_port())]) != 0
+    assert f"--mlflow-port: port {port} is asked for --ray-port too; give each service its own" \
+        in capsys.readouterr().err
+    assert main(["up", "--ray-port", str(port), "--dashboard-port", str(port), "--mlflow-port", str(free_port())]) != 0
+    assert f"--dashboard-port: port {port} is asked for --ray-port too" in capsys.readouterr().err
+    assert read_state() == {}

@@ -61,23 +61,22 @@ def own_cluster(num_cpus: int | None = None, **kwargs: Any) -> None:
 def _init(num_cpus: int | None, **kwargs: Any) -> None:
     import ray
 
+    from deepindex.localplatform import running_service, use_local_head_auth
+
     address = os.environ.get("RAY_ADDRESS")
-    if address:
+    head = running_service("ray")
+    if address and (head is None or head.address != address):
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, **kwargs)
-        from deepindex.localplatform import running_service
-
-        head = running_service("ray")
-        _fixed_size(head is not None and head.address == address)  # a job on the local platform's head
+        _fixed_size(False)
         return
-    from deepindex.localplatform import ray_client_env, running_service
-
-    head = running_service("ray")
     if head is not None:
-        # `deepindex up` runs a head with token auth: present its token, never turn auth off.
+        # `deepindex up` runs a head with token auth: present its token (not a RAY_AUTH_TOKEN the shell
+        # holds for another cluster, which Ray would present first), never turn auth off.
         log.info("connecting to the local platform's Ray head at %s", head.address)
+        use_local_head_auth()
         # Ray Train reads its settings in the driver and hands them to its controller and workers.
-        os.environ.update({**ray_client_env(), **{k: os.environ.get(k, v) for k, v in _LOCAL_TRAIN_ENV.items()}})
+        os.environ.update({k: os.environ.get(k, v) for k, v in _LOCAL_TRAIN_ENV.items()})
         reload_ray_auth()
         ray.init(address=head.address, **kwargs)
         _fixed_size(True)
@@ -107,7 +106,25 @@ def default_num_cpus() -> int:
     """Logical CPUs of a cluster this machine starts (``deepindex up``, or a fresh local one):
     ``DEEPINDEX_NUM_CPUS``, else at least 4.  A trial's driver, its Train workers and a running
     service each hold CPUs: with one logical CPU per core, 2 cores fit a service or one trial, not both."""
-    return int(os.environ.get("DEEPINDEX_NUM_CPUS", "0")) or max(4, os.cpu_count() or 1)
+    return num_cpus_from_env() or max(4, os.cpu_count() or 1)
+
+
+NUM_CPUS_ENV = "DEEPINDEX_NUM_CPUS"
+
+
+def num_cpus_from_env() -> int | None:
+    """``DEEPINDEX_NUM_CPUS`` as a local cluster's CPU count; None when it is unset or empty (the default).
+    Anything but a whole number >= 1 is a ValueError naming the variable."""
+    raw = os.environ.get(NUM_CPUS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{NUM_CPUS_ENV}: must be a whole number >= 1 (the cluster's logical CPUs), not {raw[:40]!r}")
+    return n
 
 
 # The GCS address of the cluster this process connected to when that cluster is one of this

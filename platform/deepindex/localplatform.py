@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from deepindex.atomic import write_file
+from deepindex.cluster import num_cpus_from_env
 from deepindex.net import HOST, free_port, port_free, port_open
 from deepindex.paths import state_dir
-from deepindex.sessions import session_members, stop_session
+from deepindex.sessions import process_start, session_members, stop_session
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ DEFAULT_RAY_PORT = 6390  # not Ray's 6379, so a developer's own `ray start` keep
 DEFAULT_DASHBOARD_PORT = 8275  # not Ray's 8265, for the same reason; the Jobs API is served there
 DEFAULT_MLFLOW_PORT = 5050
 MAX_PORT = 65535
-NUM_CPUS_ENV = "DEEPINDEX_NUM_CPUS"
 READY_TIMEOUT_S = 120.0  # how long `up` waits for each service to answer, started now or running already
 
 
@@ -65,6 +65,10 @@ class Service:
     # The `deepindex up` options besides its port it was started with, by flag ({"--num-cpus": 4}): a later
     # `up` that asks for others says they do not apply to it.  {} in a state file from before they were kept.
     options: dict[str, int] = field(default_factory=dict)
+    # Who the leader is (`sessions.process_start`: boot id and start time): after a reboot or once pids wrap
+    # around, the recorded pid may be another program's, and `down` must not stop that one's session.
+    # "" in a state file from before it was kept (the pid is then trusted, as it was).
+    started: str = ""
 
 
 @dataclass(frozen=True)
@@ -131,8 +135,23 @@ def _state_lock() -> Iterator[None]:
 
 
 # ---- processes --------------------------------------------------------------------------
+def _ours(svc: Service) -> bool:
+    """False when the recorded leader's pid belongs to another process now (a stale state file).  A leader
+    that has exited may have left helpers in its session: those are ours, for the kernel gives no new
+    process a pid that is still a session's id."""
+    return not svc.started or process_start(svc.pid) in (None, svc.started)
+
+
 def _alive(svc: Service) -> bool:
-    return svc.pid in session_members(svc.pgid)
+    return _ours(svc) and svc.pid in session_members(svc.pgid)
+
+
+def _stop(svc: Service, leader_first: bool) -> list[int]:
+    """Stop the service's session (nothing when its pid is another process's now); the pids stopped."""
+    if not _ours(svc):
+        log.info("%s: pid %d recorded for it belongs to another process now: left alone", svc.name, svc.pid)
+        return []
+    return stop_session(svc.pgid, svc.pid if leader_first else None)
 
 
 def _spawn(name: str, cmd: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
@@ -170,6 +189,19 @@ def ray_client_env() -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path())}
 
 
+def client_process_env() -> dict[str, str]:
+    """This process's environment as a client of the local head: :func:`ray_client_env`, without a
+    ``RAY_AUTH_TOKEN`` (another cluster's, which Ray would present before the head's token file)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
+    return {**env, **ray_client_env()}
+
+
+def use_local_head_auth() -> None:
+    """Present the local head's token from this process (its ``ray.init``, its Jobs API calls)."""
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.update(ray_client_env())
+
+
 def _ensure_token() -> None:
     p = token_path()
     if p.is_file() and p.read_text().strip():
@@ -183,7 +215,7 @@ def _start_ray(port: int, opts: UpOptions) -> Service:
     from deepindex.cluster import default_num_cpus, local_cluster_env
 
     _ensure_token()
-    dashboard, client = opts.dashboard_port or free_port(), free_port()
+    dashboard, client, agent = opts.dashboard_port or free_port(), free_port(), free_port()
     num_cpus = opts.num_cpus or default_num_cpus()
     cmd = [_bin("ray"), "start", "--head", "--block", f"--port={port}", f"--node-ip-address={HOST}",
            # The dashboard serves the Jobs API (`deepindex submit`, `ray job submit`) and the State
@@ -192,10 +224,17 @@ def _start_ray(port: int, opts: UpOptions) -> Service:
            "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={dashboard}",
            "--disable-usage-stats", f"--temp-dir={ray_temp_dir()}",
            # Ray Client's fixed default port (10001) would clash with a second head on the machine.
-           f"--ray-client-server-port={client}", f"--num-cpus={num_cpus}"]
+           f"--ray-client-server-port={client}", f"--num-cpus={num_cpus}",
+           # ... and so would the dashboard agent's (52365): its HTTP server then stays off, and the Jobs API
+           # answers "No available agent".
+           f"--dashboard-agent-listen-port={agent}"]
     # In-cluster State API calls (that cleaner's) otherwise guess the cluster and give up when
     # another Ray runs on the machine ("Found multiple active Ray instances").
-    env = {**os.environ, **ray_client_env(), **local_cluster_env(), "RAY_ADDRESS": f"{HOST}:{port}"}
+    # A shell set up for a remote cluster (the README's steps) must not hand the head that cluster's token
+    # (Ray reads RAY_AUTH_TOKEN before the token file) nor its API server (whose answers Ray Train's cleaner
+    # would act on): this head's own, whatever the shell holds.
+    env = {**client_process_env(), **local_cluster_env(), "RAY_ADDRESS": f"{HOST}:{port}",
+           "RAY_API_SERVER_ADDRESS": f"http://{HOST}:{dashboard}"}
     # On SIGTERM (`deepindex down`) `ray start --block` first drains its node for up to 30 s, so that
     # Serve can move its replicas to other nodes; a one-node platform has none, so it would wait the
     # whole time and be killed: stop at once (what `ray stop` does).  A value you set wins.
@@ -203,7 +242,8 @@ def _start_ray(port: int, opts: UpOptions) -> Service:
     proc, logf = _spawn("ray", cmd, env)
     urls = {"ray": f"{HOST}:{port}", "dashboard": f"http://{HOST}:{dashboard}", "client": f"ray://{HOST}:{client}"}
     options = {"--dashboard-port": dashboard, "--num-cpus": num_cpus}
-    return Service("ray", proc.pid, proc.pid, port, f"{HOST}:{port}", str(logf), [], urls, options)
+    return Service("ray", proc.pid, proc.pid, port, f"{HOST}:{port}", str(logf), [], urls, options,
+                   process_start(proc.pid) or "")
 
 
 def _ray_ready(svc: Service) -> bool:
@@ -220,7 +260,7 @@ def _ray_ready(svc: Service) -> bool:
         return False
     # ... and `ray status` answers once the autoscaler monitor has published the cluster's first
     # status (every 5 s): until then it prints "No cluster status" to a user who just ran `up`.
-    env = {**os.environ, **ray_client_env(), "RAY_ADDRESS": svc.address}
+    env = {**client_process_env(), "RAY_ADDRESS": svc.address}
     try:
         out = subprocess.run([_bin("ray"), "status"], env=env, capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
@@ -240,7 +280,8 @@ def _start_mlflow(port: int, opts: UpOptions) -> Service:
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc, logf = _spawn("mlflow", cmd, env)
     address = f"http://{HOST}:{port}"
-    return Service("mlflow", proc.pid, proc.pid, port, address, str(logf), [], {"mlflow": address})
+    return Service("mlflow", proc.pid, proc.pid, port, address, str(logf), [], {"mlflow": address},
+                   started=process_start(proc.pid) or "")
 
 
 def mlflow_healthy(uri: str, timeout: float = 2.0) -> bool:
@@ -291,20 +332,6 @@ SERVICES: dict[str, ServiceKind] = {
 
 
 # ---- the commands -------------------------------------------------------------------------
-def num_cpus_from_env() -> int | None:
-    """``DEEPINDEX_NUM_CPUS`` as the head's CPU count; None when it is unset or empty (the default)."""
-    raw = os.environ.get(NUM_CPUS_ENV, "").strip()
-    if not raw:
-        return None
-    try:
-        n = int(raw)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"{NUM_CPUS_ENV}: must be a whole number >= 1 (the head's logical CPUs), not {raw[:40]!r}")
-    return n
-
-
 def _check_numbers(ports: dict[str, int], num_cpus: int | None) -> None:
     """Ports and CPUs a caller gave, named by their `deepindex up` option: checked before anything starts."""
     for flag, p in ports.items():
@@ -312,6 +339,15 @@ def _check_numbers(ports: dict[str, int], num_cpus: int | None) -> None:
             raise ValueError(f"{flag}: a port must be 0-{MAX_PORT} (0: any free port), not {p}")
     if num_cpus is not None and num_cpus < 1:
         raise ValueError(f"--num-cpus: must be >= 1, not {num_cpus}")
+
+
+def _check_distinct(ports: dict[str, int]) -> None:
+    """Two services asked to take one port: one of them would die on start, the other run on."""
+    seen: dict[int, str] = {}
+    for flag, p in ports.items():
+        if p and p in seen:
+            raise ValueError(f"{flag}: port {p} is asked for {seen[p]} too; give each service its own")
+        seen.setdefault(p, flag)
 
 
 def up(ray_port: int = DEFAULT_RAY_PORT, mlflow_port: int = DEFAULT_MLFLOW_PORT, num_cpus: int | None = None,
@@ -323,6 +359,7 @@ def up(ray_port: int = DEFAULT_RAY_PORT, mlflow_port: int = DEFAULT_MLFLOW_PORT,
     when it starts.  ``timeout`` (default :data:`READY_TIMEOUT_S`): how long each service may take to answer."""
     _check_numbers({"--ray-port": ray_port, "--mlflow-port": mlflow_port, "--dashboard-port": dashboard_port},
                    num_cpus)
+    _check_distinct({"--ray-port": ray_port, "--mlflow-port": mlflow_port, "--dashboard-port": dashboard_port})
     if num_cpus is None:
         num_cpus = num_cpus_from_env()
     ports = {"ray": ray_port, "mlflow": mlflow_port}
@@ -343,7 +380,7 @@ def _up(ports: dict[str, int], opts: UpOptions, timeout: float, services: tuple[
             continue
         if old is not None:
             log.warning("%s (pid %d) recorded as running has died; see %s. Starting it again.", name, old.pid, old.log)
-            stop_session(old.pgid, old.pid)  # its helpers may have outlived it
+            _stop(old, leader_first=False)  # its helpers may have outlived it
             state.pop(name)
         port = ports[name] or free_port()
         for flag, p in {SERVICES[name].flag: port, **SERVICES[name].other_ports(opts)}.items():
@@ -372,7 +409,7 @@ def _up(ports: dict[str, int], opts: UpOptions, timeout: float, services: tuple[
                              len(svc.helpers))
                 pending.pop(name)
             elif not _alive(svc):
-                stop_session(svc.pgid, svc.pid)
+                _stop(svc, leader_first=False)
                 state.pop(name, None)
                 state.update({k: v for k, v in starting.items() if k != name})
                 _write_state(state)
@@ -411,7 +448,7 @@ def down() -> dict[str, list[int]]:
         stopped: dict[str, list[int]] = {}
         for name, svc in state.items():
             kind = SERVICES.get(name)
-            stopped[name] = stop_session(svc.pgid, svc.pid if kind is not None and kind.stop_leader_first else None)
+            stopped[name] = _stop(svc, leader_first=kind is not None and kind.stop_leader_first)
             if stopped[name]:
                 log.debug("%s: stopped %d processes", name, len(stopped[name]))
             else:
@@ -427,7 +464,7 @@ def status() -> dict[str, dict[str, Any]]:
     application ``deepindex serve`` recorded on this platform, with whether it answers."""
     out: dict[str, dict[str, Any]] = {}
     for name, svc in read_state().items():
-        members = session_members(svc.pgid)
+        members = session_members(svc.pgid) if _ours(svc) else []
         alive = svc.pid in members
         info: dict[str, Any] = {"state": "running" if alive else "dead", "address": svc.address,
                                 "urls": svc.urls or {name: svc.address}, "pid": svc.pid,

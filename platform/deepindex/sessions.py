@@ -35,6 +35,19 @@ def session_members(sid: int) -> list[int]:
     return sorted(out)
 
 
+def process_start(pid: int) -> str | None:
+    """Who ``pid`` is: this boot's id and the process's start time (clock ticks since boot), or None
+    when no such process runs.  A pid recorded in a state file may belong to another process after
+    a reboot or once pids wrap around; the pair does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()  # state is field 3 of proc(5); starttime is field 22
+    return f"{boot}:{fields[19]}" if len(fields) > 19 and fields[0] != "Z" else None
+
+
 def wait_gone(sid: int, pid: int | None, timeout: float) -> bool:
     """Wait until ``pid`` (or, when None, the whole session) has exited; True when it has."""
     deadline = time.monotonic() + timeout

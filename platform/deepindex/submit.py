@@ -164,11 +164,11 @@ def resolve_address(address: str | None) -> str:
     local platform's Jobs API when ``deepindex up`` runs one (its token is used too)."""
     addr = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not addr:
-        from deepindex.localplatform import client_env
+        from deepindex.localplatform import client_env, use_local_head_auth
 
         local = client_env()
         if "RAY_API_SERVER_ADDRESS" in local:
-            os.environ.setdefault("RAY_AUTH_TOKEN_PATH", local["RAY_AUTH_TOKEN_PATH"])
+            use_local_head_auth()  # its token, not one the shell holds for another cluster
             return local["RAY_API_SERVER_ADDRESS"]
     if not addr or addr in ("auto", "local"):
         raise ValueError("address: no Ray cluster; pass --address http://HEAD:8265, set RAY_API_SERVER_ADDRESS "

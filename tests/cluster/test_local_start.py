@@ -66,8 +66,17 @@ def test_a_benchmarks_cluster_is_its_own_even_beside_the_platform(monkeypatch: p
     monkeypatch.setattr(cluster, "reload_ray_auth", lambda: None)
     monkeypatch.setattr(cluster, "_fixed_size", lambda fixed: None)
     monkeypatch.setattr("deepindex.console.route_worker_output", lambda: None)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "remote-token")  # a shell set up for a remote cluster
     cluster.connect()
-    assert asked == ["127.0.0.1:6390"]  # a command joins the platform
+    assert asked == ["127.0.0.1:6390"]  # a command joins the platform ...
+    # ... with its token: Ray presents RAY_AUTH_TOKEN before the token file (found on review).
+    assert "RAY_AUTH_TOKEN" not in os.environ and os.environ["RAY_AUTH_TOKEN_PATH"].endswith("ray_auth_token")
+    asked.clear()
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6390")  # the head's address, set by hand
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "remote-token")
+    cluster.connect()
+    assert asked == ["127.0.0.1:6390"] and "RAY_AUTH_TOKEN" not in os.environ
+    monkeypatch.delenv("RAY_ADDRESS")
     asked.clear()
     cluster.own_cluster(num_cpus=4)
     assert asked == [("fresh", 4)]  # a benchmark starts its own

@@ -115,3 +115,9 @@ def test_up_and_a_fresh_local_cluster_default_to_the_same_cpus(monkeypatch):
     assert cluster.default_num_cpus() >= 4
     monkeypatch.setenv("DEEPINDEX_NUM_CPUS", "6")
     assert cluster.default_num_cpus() == 6
+    monkeypatch.setenv("DEEPINDEX_NUM_CPUS", "")
+    assert cluster.default_num_cpus() >= 4  # empty: the default, as `up` reads it
+    for bad in ("abc", "-2", "0"):  # `int()`'s own words, naming no variable, or a negative count for ray.init
+        monkeypatch.setenv("DEEPINDEX_NUM_CPUS", bad)
+        with pytest.raises(ValueError, match=rf"^DEEPINDEX_NUM_CPUS: must be a whole number >= 1 .*not '{bad}'$"):
+            cluster.default_num_cpus()

@@ -22,6 +22,10 @@ def test_commands_bind_loopback_and_keep_token_auth(monkeypatch, tmp_path):
     monkeypatch.setenv("DEEPINDEX_HOME", str(tmp_path / "home"))
     # A user who turned auth off in their shell does not turn it off for the platform.
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    # Nor does a shell set up for a remote cluster hand the head that cluster's token or API server (Ray reads
+    # RAY_AUTH_TOKEN before the token file; its Train cleaner asks RAY_API_SERVER_ADDRESS whether runs live).
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "remote-token")
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://remote-head:8265")
     spawned: dict[str, tuple[list[str], dict[str, str]]] = {}
 
     class _Proc:
@@ -48,3 +52,7 @@ def test_commands_bind_loopback_and_keep_token_auth(monkeypatch, tmp_path):
     assert len(token.read_text().strip()) == 64  # 256 bits
     assert stat.S_IMODE(token.stat().st_mode) == 0o600  # readable by its owner only
     assert lp.ray_client_env()["RAY_AUTH_MODE"] == "token"
+    assert "RAY_AUTH_TOKEN" not in ray_env and ray_env["RAY_API_SERVER_ADDRESS"] == "http://127.0.0.1:8265"
+    # The dashboard agent's HTTP port off Ray's fixed 52365: a second Ray on the machine holding it left the
+    # head's agent without its HTTP server, and the Jobs API answered "No available agent" (found on review).
+    assert flags["--dashboard-agent-listen-port"] != "52365"
