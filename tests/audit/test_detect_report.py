@@ -321,6 +321,24 @@ def test_a_fold_file_a_crash_left_unreadable_is_trained_again(tmp_path: Path, ca
     assert _finished(path, 2)
 
 
+def test_a_diverged_fold_is_its_error_not_a_finished_fold(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A fold whose model diverged (NaN predictions) was kept as finished; the audit then failed with "the
+    folds do not cover every train item", left its MLflow parent RUNNING, and every run again did the same
+    (found on review).  Its trial now fails naming the cause, and such a file (an older version's) is not done."""
+    from deepindex.audit.run import _finished, check_finite, oof_path, write_fold
+
+    probs = np.array([[0.2, 0.9], [np.nan, np.nan]], np.float32)
+    with pytest.raises(ValueError, match=r"^fold 3's model diverged: its predictions are NaN or infinite \(lower"):
+        check_finite(probs, 2)
+    check_finite(np.zeros((2, 2), np.float32), 2)
+    path = oof_path(tmp_path, 2)
+    path.parent.mkdir(parents=True)
+    write_fold(path, held=np.arange(2), probs=probs, digest="d", run_id="r", test_score=float("nan"), node_id=None,
+               checkpoint="c")
+    assert not _finished(path, 2)
+    assert "fold 3's model diverged" in caplog.text and "training the fold again" in caplog.text
+
+
 def _collection(root: Path, split_column: list[str] | None) -> None:
     """16 small images (PNG and JPEG, some in a subfolder), each of its own colour (no two the same
     bytes, so none is merged as a duplicate), and tags.csv beside them."""

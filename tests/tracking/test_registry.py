@@ -329,3 +329,35 @@ def test_a_champion_out_of_reach_for_a_moment_fails_the_promotion_not_the_champi
     with pytest.raises(ConnectionError):
         promote(_candidate(client, exp, splits, tmp_path, epochs=0, seed=2), name, mlflow_server.uri)
     assert client.get_model_version_by_alias(name, "champion").version == "1"
+
+
+@pytest.mark.mlflow
+@pytest.mark.timeout(120)
+def test_an_audit_report_logged_again_is_fetched_again(mlflow_server, tmp_path, monkeypatch):
+    """An audit run again under its name (another audit.filter_by) logs its new report on the same parent
+    run and ends it again.  The per-machine copy was keyed by server and run only: a machine that had the
+    old one trained on the old suspects (found on review)."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from deepindex.tracking.audit import REPORT_ARTIFACTS, download_report
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # this test's own copies
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    client = MlflowClient(mlflow_server.uri)
+    run_id = client.create_run(client.create_experiment(f"audit-cache-{tmp_path.name}")).info.run_id
+    report = tmp_path / "report"
+    report.mkdir()
+    for version in ("first", "second"):
+        (report / "suspects.csv").write_text(f"id,{version}\n")
+        client.log_artifacts(run_id, str(report), REPORT_ARTIFACTS)
+        client.set_terminated(run_id, "FINISHED")
+        got = download_report(run_id, mlflow_server.uri)
+        assert (got / "suspects.csv").read_text() == f"id,{version}\n"
+        time.sleep(0.01)  # the second end is a later millisecond
+    with pytest.raises(ValueError, match=r"^cannot fetch the audit report of run nope from "):
+        download_report("nope", mlflow_server.uri)

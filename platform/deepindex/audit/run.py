@@ -162,6 +162,7 @@ def fold_driver(params: dict[str, Any], *, base: dict[str, Any], audit: str, aud
         outcome, run_id = tracked_train(cfg, name=name, parent_run_id=parent_run_id, tags=fold_tags(audit, k),
                                         tracking_uri=tracking_uri)
         held, probs, computed_on = predict_holdout(outcome.checkpoint, cfg, threads)
+        check_finite(probs, k)  # the trial fails with the cause; no file: the fold is not done
         node = _worker_node(train_storage, name)
         if run_id and node and tracking_uri:
             tag_fold_node(run_id, node, tracking_uri)
@@ -170,6 +171,14 @@ def fold_driver(params: dict[str, Any], *, base: dict[str, Any], audit: str, aud
                    checkpoint=str(outcome.checkpoint))
     res, held, _ = read_fold(out, k, digest, audit)
     ray.tune.report({"fold": k, "done": 1, "held_out": len(held), "fold_test_score": res.test_score})
+
+
+def check_finite(probs: np.ndarray, fold: int) -> None:
+    """A fold whose model diverged predicts NaN: that is its error, not a result.  Kept as one, it was read as
+    done, then failed the audit as "the folds do not cover every train item", on every run again."""
+    if not np.isfinite(probs).all():
+        raise ValueError(f"fold {fold + 1}'s model diverged: its predictions are NaN or infinite (lower optim.lr, "
+                         "or add schedule.warmup_epochs)")
 
 
 def write_fold(path: Path, *, held: np.ndarray, probs: np.ndarray, digest: str, run_id: str | None,
@@ -232,6 +241,7 @@ def _read_fold(path: Path, fold: int) -> tuple[FoldResult, np.ndarray, np.ndarra
     with np.load(path, allow_pickle=False) as z:
         held, probs = z["index"], z["probs"]
         score = z["test_score"] if "test_score" in z.files else z["test_map"]  # a fold an older version wrote
+        check_finite(probs, fold)  # written by an older version, which kept a diverged fold
         res = FoldResult(fold, len(held), str(z["run_id"]) or None, float(score),
                          str(z["node_id"]) or None, str(z["checkpoint"]) or None)
         computed_on = str(z["data_digest"]) if "data_digest" in z.files else None
@@ -392,6 +402,7 @@ def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -
         _end_parent(uri, parent, "FAILED")
         raise
     if np.isnan(probs).any():
+        _end_parent(uri, parent, "FAILED")  # never leave the parent RUNNING for a dead audit
         raise RuntimeError(f"audit {name}: the folds do not cover every train item")
     det = detect(given, probs, concepts, cfg.audit.filter_by, exclusive=not cfg.multilabel)
     truth = view.flipped["train"].numpy() if "train" in view.flipped else None

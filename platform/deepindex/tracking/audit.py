@@ -91,13 +91,20 @@ def download_report(run_id: str, tracking_uri: str | None = None) -> Path:
     """The report folder an audit logged on its parent run ``run_id``, downloaded once per machine
     and user: into ``<temp>/deepindex-audit-<uid>/<key of server and run>``, swapped in whole
     (:func:`deepindex.atomic.swap_dir`), so the training driver and its workers on one node share one
-    copy and no process leaves a folder of its own behind.  A logged report does not change (the
-    audit logs it once, then ends its run).  No server, no such run or no report: a one-line
-    ``ValueError``, and nothing left on disk."""
+    copy and no process leaves a folder of its own behind.  An audit run again under its name (another
+    ``audit.filter_by``) logs a new report on the same run and ends it again: the copy is keyed by the
+    run's end too, so a machine that fetched the old one fetches the new (it used to train on the old
+    suspects, and two nodes of one run could train on different labels).  No server, no such run or
+    no report: a one-line ``ValueError``, and nothing left on disk."""
     from deepindex.atomic import swap_dir
 
     client = mlflow_client(tracking_uri)
-    key = hashlib.sha1(f"{client.tracking_uri}\n{run_id}".encode()).hexdigest()[:16]
+    try:
+        ended = client.get_run(run_id).info.end_time
+    except Exception as e:  # noqa: BLE001 - a missing run, a dead server: one answer
+        raise ValueError(f"cannot fetch the audit report of run {run_id} from {client.tracking_uri} "
+                         f"({type(e).__name__})") from None
+    key = hashlib.sha1(f"{client.tracking_uri}\n{run_id}\n{ended}".encode()).hexdigest()[:16]
     target = _private_dir(Path(tempfile.gettempdir()) / f"deepindex-audit-{os.getuid()}") / key
     if not (target / _DOWNLOADED).is_file():
         def write(tmp: Path) -> None:
