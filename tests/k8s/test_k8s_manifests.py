@@ -254,7 +254,13 @@ def test_mlflow_uri_of_the_jobs_is_the_mlflow_service(overlay):
     assert [p["port"] for p in svc["spec"]["ports"]] == [5000]
     (env,) = [d for d in of_kind(docs, "ConfigMap") if d["metadata"]["name"].startswith("deepindex-env")]
     assert env["data"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    # Serve's fast data plane, as deepindex.serve_env.serve_env sets it for local clusters.
+    # Serve's fast data plane, as deepindex.serve_env.serve_env sets it for local clusters: every variable but
+    # HAProxy's ports (free ones on a shared machine, fixed in a pod).  The draining period was missing: an
+    # ingress replica being replaced held its port 30 s on k8s (found on review).
+    from deepindex.serve_env import serve_env
+
+    local = {k: v for k, v in serve_env().items() if not k.startswith("RAY_SERVE_HAPROXY_")}
+    assert {k: env["data"].get(k) for k in local} == local
     assert env["data"]["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and env["data"]["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     # The jobs' default ray.storage_path (deepindex.train.trainer.STORAGE_ENV) is where their entrypoints write:
     # a sweep named again, tracking sync and promote find the runs (a dead RAY_STORAGE_PATH stood here).
