@@ -206,3 +206,23 @@ def test_bad_noise_and_audit_keys_name_the_key(override: list[str], key: str) ->
     with pytest.raises(ConfigError) as e:
         load_config(None, override)
     assert str(e.value).startswith(f"{key}:"), str(e.value)
+
+
+@pytest.mark.timeout(60)
+def test_a_file_audit_filters_a_run_that_reads_its_images_at_another_size(tmp_path: Path) -> None:
+    """The README's transfer recipe (``data.preset=photo``: 224 px, 3 channels) on an image folder audited at
+    its own 48 px: the audit's fingerprint differed in ``image_size`` only and the filter was refused (found on
+    review).  A generated dataset draws its items at its size: there the size still counts."""
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (tmp_path / "photos" / c).mkdir(parents=True)
+        for i in range(3):
+            img = Image.new("RGB", (48, 48), (40 * i, 90 if c == "cat" else 200, 7))
+            img.save(tmp_path / "photos" / c / f"{i}.png")
+    audited = load_config(None, ["data.dataset=image-folder", f"data.root={tmp_path / 'photos'}"]).data
+    photo = load_config(None, ["data.dataset=image-folder", f"data.root={tmp_path / 'photos'}", "data.preset=photo",
+                               "data.image_size=224"]).data
+    assert fingerprint(audited) == fingerprint(photo)
+    digits = load_config(None, [*SMALL]).data
+    assert fingerprint(digits) != fingerprint(digits.model_copy(update={"image_size": 48}))

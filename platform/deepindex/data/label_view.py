@@ -67,10 +67,17 @@ class LabelView:
 def fingerprint(d: DataConfig) -> dict[str, Any]:
     """The data config keys that decide which train items and given labels an audit saw (with the
     keys inferred from the data resolved: an unset ``data.channels`` and its inferred value agree)."""
+    from deepindex.config import FILE_DATASETS
     from deepindex.data.inspect import resolve_data
 
     d, _ = resolve_data(d)
-    return {k: v for k, v in d.model_dump(mode="json").items() if k not in _NOT_FINGERPRINT}
+    skip = set(_NOT_FINGERPRINT)
+    if d.dataset in FILE_DATASETS:
+        # Files are their items whatever size or channels they are read at (the filter checks every id
+        # too): the README's transfer recipe (data.preset=photo: 224 px) was refused for an audit at 48 px.
+        # A generated dataset draws its items at its size, so there both still count.
+        skip |= {"image_size", "channels"}
+    return {k: v for k, v in d.model_dump(mode="json").items() if k not in skip}
 
 
 def targets_of(ds: Dataset) -> torch.Tensor:
