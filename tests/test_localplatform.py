@@ -416,3 +416,17 @@ def test_two_services_asked_for_one_port_are_refused_before_anything_starts(caps
     assert main(["up", "--ray-port", str(port), "--dashboard-port", str(port), "--mlflow-port", str(free_port())]) != 0
     assert f"--dashboard-port: port {port} is asked for --ray-port too" in capsys.readouterr().err
     assert read_state() == {}
+
+
+@pytest.mark.timeout(60)
+def test_down_keeps_a_state_file_it_cannot_read(capsys):
+    """`down` used to remove a state file it could not read (damaged, or a newer version's fields) and say
+    the platform was not running: the services it named ran on with no record of them (found on review)."""
+    f = platform_dir() / "state.json"
+    f.write_text('{"ray": {"name": "ray", "pid": 1, "a_field_of_tomorrow": 1}}')
+    assert main(["down"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        f"deepindex down: error: {f} does not read (damaged, or another")
+    assert f.is_file()
+    f.write_text("{}")
+    assert main(["down"]) == 0 and not f.exists()

@@ -445,6 +445,11 @@ def down() -> dict[str, list[int]]:
         return {}  # never started here (and no folder is made for that)
     with _state_lock():  # an `up` running meanwhile records what it starts first: this stops it too
         state = read_state()
+        f = state_dir() / "platform" / "state.json"
+        if not state and f.is_file() and f.read_text(errors="replace").strip() not in ("", "{}"):
+            # Removed, it would leave the services it names running with no record of them (found on review).
+            raise PlatformError(f"{f} does not read (damaged, or another version's): nothing stopped and the file "
+                                "left in place; the services it names may still run (their pids are in it)")
         stopped: dict[str, list[int]] = {}
         for name, svc in state.items():
             kind = SERVICES.get(name)

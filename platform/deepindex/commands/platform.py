@@ -86,9 +86,13 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def run_down(args: argparse.Namespace) -> int:
-    from deepindex.localplatform import down
+    from deepindex.localplatform import PlatformError, down
 
-    stopped = down()
+    try:
+        stopped = down()
+    except PlatformError as e:
+        print(f"deepindex down: error: {e}", file=sys.stderr)
+        return 1
     if not stopped:
         print("the local platform was not running")
     for name, pids in stopped.items():
