@@ -226,3 +226,31 @@ def test_a_file_audit_filters_a_run_that_reads_its_images_at_another_size(tmp_pa
     assert fingerprint(audited) == fingerprint(photo)
     digits = load_config(None, [*SMALL]).data
     assert fingerprint(digits) != fingerprint(digits.model_copy(update={"image_size": 48}))
+
+
+@pytest.mark.timeout(60)
+def test_item_ids_of_a_root_reached_through_a_symlink_are_paths_under_it(tmp_path: Path) -> None:
+    """``data.root`` through a link (``/data`` -> ``/mnt/disk1/x/data``): the ids were relative to the root as
+    typed, of paths with the link resolved (``../../mnt/disk1/x/data/photos/cat/0.png``), and the audit's
+    ``cleaned_manifest.jsonl`` was refused line by line as escaping the root (found on review)."""
+    from PIL import Image
+
+    from deepindex.data import build_splits
+    from deepindex.data.label_view import item_ids
+
+    real = tmp_path / "disk" / "x" / "y" / "photos"
+    for c in ("cat", "dog"):
+        (real / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (60 * i, 90 if c == "cat" else 200, 7)).save(real / c / f"{i}.png")
+    (tmp_path / "link").symlink_to(real)
+    cfg = load_config(None, ["data.dataset=image-folder", f"data.root={tmp_path / 'link'}", "data.val_size=1",
+                             "data.test_size=1"])
+    every = {f"{c}/{i}.png" for c in ("cat", "dog") for i in range(4)}
+    ids = item_ids(build_splits(cfg.data).train, "train", str(tmp_path / "link"))
+    assert len(ids) == 6 and set(ids) < every, ids
+    manifest = tmp_path / "tags.jsonl"
+    manifest.write_text("".join(json.dumps({"path": p, "tags": [p.split("/")[0]]}) + "\n" for p in sorted(every)))
+    cfg = cfg.override({"data.dataset": "manifest", "data.manifest": str(manifest)})
+    ids = item_ids(build_splits(cfg.data).train, "train", str(tmp_path / "link"))
+    assert len(ids) == 6 and set(ids) < every, ids

@@ -112,8 +112,18 @@ def item_ids(ds: Dataset, split: str, root: str | None = None) -> list[str]:
     """Stable ids: a file's path relative to ``root`` (manifests, image folders), else ``split/<index>``."""
     paths = getattr(ds, "paths", None)
     if paths is not None:
-        return [os.path.relpath(p, root) if root else str(p) for p in paths]
+        return [_relative(str(p), root) if root else str(p) for p in paths]
     return [f"{split}/{i}" for i in range(len(targets_of(ds)))]
+
+
+def _relative(path: str, root: str) -> str:
+    """``path`` relative to ``root``.  A manifest's paths are resolved (symlinks followed): with a root reached
+    through a link they are relative to the resolved root, not to ``../../real/photos/5.png``, which the
+    audit's ``cleaned_manifest.jsonl`` then had refused as escaping the root (found on review)."""
+    rel = os.path.relpath(path, root)
+    if rel.startswith(".." + os.sep) or rel == "..":
+        rel = os.path.relpath(os.path.realpath(path), os.path.realpath(root))
+    return rel
 
 
 def apply_label_view(splits: Splits, d: DataConfig) -> Splits:
