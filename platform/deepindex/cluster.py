@@ -123,7 +123,7 @@ def num_cpus_from_env() -> int | None:
     except ValueError:
         n = 0
     if n < 1:
-        raise ValueError(f"{NUM_CPUS_ENV}: must be a whole number >= 1 (the cluster's logical CPUs), not {raw[:40]!r}")
+        raise ValueError(f"{NUM_CPUS_ENV}: must be a whole number >= 1 (the head's logical CPUs), not {raw[:40]!r}")
     return n
 
 
