@@ -183,6 +183,18 @@ def densenet121(cfg: ModelConfig, num_concepts: int, in_channels: int) -> Concep
     return ConceptModel(_DenseNetBody(net), dim, num_concepts, cfg.dropout)
 
 
+class MissingWeights(FileNotFoundError, ValueError):
+    """``model.weights`` names no file: a missing file, and a bad config value."""
+
+
+def weights_file(path: str | Path) -> Path:
+    """The ``model.weights`` file (``~`` expanded), checked on the driver and read by every worker."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise MissingWeights(f"model.weights: no such file {path}")
+    return p
+
+
 def load_local_weights(model: nn.Module, path: str | Path) -> int:
     """Load a local state_dict into ``model``; returns how many tensors were taken.
 
@@ -190,9 +202,7 @@ def load_local_weights(model: nn.Module, path: str | Path) -> int:
     Tensors whose shape differs (a first conv for another channel count, a classifier for
     another concept count) are skipped and logged: that is what transfer learning wants.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"model.weights: no such file {p}")
+    p = weights_file(path)
     sd = torch.load(p, map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]  # one of our checkpoints

@@ -132,8 +132,10 @@ def check_model_options(cfg: Config) -> None:
     """``model.weights`` and ``model.freeze`` on the driver, in one line, before any worker starts: a missing
     file or a layer the model does not have used to fail in every worker (retried ``ray.max_failures`` times).
     The model is built on the meta device: no memory, no weights."""
-    if cfg.model.weights and not Path(cfg.model.weights).expanduser().is_file():
-        raise ValueError(f"model.weights: no such file {cfg.model.weights}")
+    if cfg.model.weights:
+        from deepindex.models.backbones import weights_file
+
+        weights_file(cfg.model.weights)
     if cfg.model.freeze != "none":
         import torch
 
