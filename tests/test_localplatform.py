@@ -193,9 +193,12 @@ def _check_listeners(state: dict) -> None:
 
 
 def _ray_cli_through_deepindex_env(home: Path, dashboard: int) -> None:
-    """`ray status` and `ray job list` as a user runs them: nothing but `eval $(deepindex env)`."""
+    """`ray status` and `ray job list` as a user runs them: nothing but `eval $(deepindex env)` (the README's
+    unquoted form), in a shell set up for a remote cluster first (its token exported, as the README's remote
+    steps do: Ray's clients present RAY_AUTH_TOKEN before the token file)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    script = 'eval "$(deepindex env)" && env | grep -E "^(RAY|MLFLOW)_" | sort && ray status && ray job list'
+    env["RAY_AUTH_TOKEN"] = "0" * 64  # another cluster's
+    script = 'eval $(deepindex env) && env | grep -E "^(RAY|MLFLOW)_" | sort && ray status && ray job list'
     out = subprocess.run(["bash", "-c", script], env={**env, "PATH": f"{BIN}:{env['PATH']}"}, cwd=home.parent,
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -203,6 +206,7 @@ def _ray_cli_through_deepindex_env(home: Path, dashboard: int) -> None:
     assert exported["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{dashboard}"
     assert exported["RAY_AUTH_MODE"] == "token" and Path(exported["RAY_AUTH_TOKEN_PATH"]).is_file()
     assert {"RAY_ADDRESS", "MLFLOW_TRACKING_URI"} <= set(exported)
+    assert "RAY_AUTH_TOKEN" not in exported  # the remote token is gone from the shell
     assert "Active:" in out.stdout and "CPU" in out.stdout  # ray status reached the head
     assert f"http://127.0.0.1:{dashboard}" in out.stdout + out.stderr  # ray job list used the Jobs API
 

@@ -41,8 +41,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help='the full status as one JSON object: {"running", "services" (pids, logs, health), '
                         '"pending_journals"}')
     s.set_defaults(func=run_status)
-    e = sub.add_parser("env", help="`export` lines that point ray, mlflow and deepindex at the local platform: "
-                                   "eval $(deepindex env)")
+    e = sub.add_parser("env", help="`export` lines that point ray, mlflow and deepindex at the local platform "
+                                   "(and unset a remote cluster's RAY_AUTH_TOKEN): eval $(deepindex env)")
     e.set_defaults(func=run_env)
 
 
@@ -155,6 +155,10 @@ def run_env(args: argparse.Namespace) -> int:
     if "RAY_ADDRESS" not in env:
         print("deepindex env: the local platform is not running (start it with: deepindex up)", file=sys.stderr)
         return 1
+    # One command per line, each ended by ";": the README's `eval $(deepindex env)` (unquoted) joins the lines.
     for k, v in env.items():
-        print(f"export {k}={shlex.quote(v)}")
+        print(f"export {k}={shlex.quote(v)};")
+    # A shell set up for a remote cluster (the README's remote steps export RAY_AUTH_TOKEN) would go on
+    # presenting that token to this head: Ray's clients read it before the token file named above.
+    print("unset RAY_AUTH_TOKEN;")
     return 0
