@@ -124,7 +124,9 @@ def test_folds_partition_the_items_deterministically() -> None:
     assert np.array_equal(np.sort(np.concatenate(held)), np.arange(103))
     trained, h = fold_split(103, 5, 2)
     assert not set(trained) & set(h) and len(trained) + len(h) == 103
-    with pytest.raises(ValueError, match=r"^audit\.folds"):
+    # The setting a plain `deepindex train data.cv_folds=5` run names (it named audit.folds, which that run
+    # never set; the audit checks its audit.folds itself before it sets data.cv_folds).
+    with pytest.raises(ValueError, match=r"^data\.cv_folds: 5 folds need at least 5 train items, there are 3"):
         fold_ids(3, 5)
 
 

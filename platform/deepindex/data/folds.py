@@ -14,9 +14,9 @@ _FOLD_STREAM = 0xF01D  # keeps fold assignment apart from the split and noise st
 def fold_ids(n: int, folds: int, seed: int = 0) -> np.ndarray:
     """(n,) int: the fold of every item; folds differ in size by at most one item."""
     if folds < 2:
-        raise ValueError(f"audit.folds: needs at least 2 folds, got {folds}")
-    if n < folds:
-        raise ValueError(f"audit.folds: {folds} folds need at least {folds} train items, there are {n}")
+        raise ValueError(f"data.cv_folds: needs at least 2 folds, got {folds}")
+    if n < folds:  # (the audit checks its own audit.folds before it sets data.cv_folds)
+        raise ValueError(f"data.cv_folds: {folds} folds need at least {folds} train items, there are {n}")
     order = np.random.default_rng([seed, _FOLD_STREAM]).permutation(n)
     ids = np.empty(n, dtype=np.int64)
     ids[order] = np.arange(n) % folds
