@@ -136,6 +136,10 @@ def primary_metric(multilabel: bool, prefix: str = "val_") -> tuple[str, str]:
     return (f"{prefix}map", "max") if multilabel else (f"{prefix}top1_error", "min")
 
 
+# The worst score of each primary metric (both lie in 0..1): what Tune sees of a diverged epoch.
+WORST = {name: 0.0 if mode == "max" else 1.0 for name, mode in (primary_metric(True), primary_metric(False))}
+
+
 @dataclass
 class LocalTraining:
     """One in-process training run (no Ray, no DDP): what the Ray worker builds, on one process."""

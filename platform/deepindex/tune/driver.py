@@ -97,13 +97,15 @@ class SweepOutcome:
 # What Tune sees of an epoch whose primary metric is NaN (a model that diverged: train.engine scores it
 # NaN): the worst score.  ASHA compares NaN as never below its cutoff, so a diverged trial was never
 # stopped and held its slot to the end, and a first trial's NaN stayed "best" (found on review).
-WORST = {"val_map": 0.0, "val_top1_error": 1.0}
-DIVERGED = "diverged"  # 1 on an epoch whose primary metric was replaced by WORST
+DIVERGED = "diverged"  # 1 on an epoch whose primary metric was replaced by train.engine.WORST
 
 
 def tune_metrics(m: dict[str, Any]) -> dict[str, Any]:
     """An epoch's report as Tune gets it: ``epochs_done`` (1-based, the ASHA time attribute) added, a
-    non-finite primary metric replaced by :data:`WORST` (the run's own MLflow metrics keep the NaN)."""
+    non-finite primary metric replaced by its worst score, ``train.engine.WORST`` (the run's own MLflow
+    metrics keep the NaN)."""
+    from deepindex.train.engine import WORST
+
     out = dict(m, **{EPOCHS_DONE: int(m.get("epoch", 0)) + 1})
     for key, worst in WORST.items():
         v = out.get(key)
