@@ -171,3 +171,19 @@ def test_the_sample_spreads_over_the_whole_folder(tmp_path):
         paths.append(p)
     fmt = inspect_images(paths)
     assert fmt.sampled == 256 and 30 <= fmt.colour <= 44  # most of the last 44 (the colour ones) are looked at
+
+
+def test_digit_preset_on_colour_files_keeps_their_colour_and_says_so(tmp_path):
+    """data.preset=digit names a transform (squash to S x S) at its own size; a user who picks it to squash
+    colour photos gets colour, not 1-channel input without a word (found on review)."""
+    root = _folder(tmp_path / "imgs", "RGB", (200, 150))
+    d, notes = resolve_data(load_config(None, ["data.dataset=image-folder", f"data.root={root}",
+                                               "data.preset=digit"]).data)
+    assert (d.channels, d.image_size, d.preset) == (3, 32, "digit")
+    assert any(n.startswith("data.channels=3 (") for n in notes) and "data.image_size=32 (the digit preset's)" in notes
+    gray = _folder(tmp_path / "gray", "L", (40, 40))
+    d, _ = resolve_data(load_config(None, ["data.dataset=image-folder", f"data.root={gray}", "data.preset=digit"]).data)
+    assert (d.channels, d.image_size) == (1, 32)
+    d, notes = resolve_data(load_config(None, ["data.dataset=image-folder", f"data.root={root}", "data.preset=digit",
+                                               "data.channels=1", "data.image_size=48"]).data)
+    assert (d.channels, d.image_size) == (1, 48) and notes == []  # explicit keys win, nothing to say

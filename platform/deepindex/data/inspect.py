@@ -107,10 +107,22 @@ def resolve_data(d: DataConfig, *, pretrained: bool = False) -> tuple[DataConfig
             # These images are made in memory at their size; another preset would only change serving.
             raise ValueError(f"data.preset: {d.dataset} uses the {preset} preset, not {d.preset}")
         updates = {"preset": preset, "channels": d.channels or channels, "image_size": d.image_size or size}
-    elif d.preset in ("digit", "photo"):  # a preset with a size and channel count of its own
+    elif d.preset == "photo":  # RGB 224 px: what ImageNet-style models take
         p = PRESETS[d.preset]
         updates = {"preset": d.preset, "channels": d.channels or p.channels,
                    "image_size": d.image_size or p.image_size}
+    elif d.preset == "digit":  # a transform (squash to S x S) at its own size, on what the files hold
+        # Its channels come from the images as with fit: colour photos squashed for speed stayed colour
+        # in nobody's run but came out grey, without a word (found on review).
+        p = PRESETS[d.preset]
+        updates = {"preset": d.preset, "channels": d.channels, "image_size": d.image_size or p.image_size}
+        if d.channels is None:
+            fmt = inspect_images(data_files(d))
+            updates["channels"] = 3 if fmt.colour else 1
+            notes.append(f"data.channels={updates['channels']} ({fmt.colour} colour of {fmt.sampled} images "
+                         f"sampled from {fmt.total})")
+        if d.image_size is None:
+            notes.append(f"data.image_size={p.image_size} (the digit preset's)")
     else:  # fit, or nothing said: what the files hold
         updates = {"preset": "fit", "channels": d.channels, "image_size": d.image_size}
         if d.channels is None or d.image_size is None:
