@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 FILENAME = "checkpoint.pt"
 FORMAT_VERSION = 1
+# What every reader may take as there (save_checkpoint writes them all): the model's rebuild and its task.
+REQUIRED_KEYS = ("model", "config", "stats", "concepts", "multilabel", "epoch")
 
 
 @dataclass
@@ -155,6 +157,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"checkpoint: {p} is not a loadable deepindex checkpoint ({_load_failure(e)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise ValueError(f"checkpoint: {p} is not a deepindex checkpoint (format {FORMAT_VERSION})")
+    missing = [k for k in REQUIRED_KEYS if state.get(k) is None]
+    if missing:
+        # A hand-made or cut-down file: serving, indexing and promotion each failed on the first key they
+        # read, with a bare KeyError ('concepts') and no file named (found on review).  As model.weights
+        # such a file still serves: its "model" alone is read there (load_local_weights).
+        raise ValueError(f"checkpoint: {p} has no {', '.join(missing)} (a deepindex checkpoint holds "
+                         f"{', '.join(REQUIRED_KEYS)})")
     return state
 
 
@@ -183,4 +192,4 @@ def load_model(path: str | Path) -> LoadedModel:
                          f"{_mismatch(e)}") from None
     model.eval()
     return LoadedModel(model, cfg, NormStats.from_dict(state["stats"]), state["concepts"], state["multilabel"],
-                       state["epoch"], state["metrics"])
+                       state["epoch"], state.get("metrics") or {})

@@ -187,3 +187,21 @@ def test_digit_preset_on_colour_files_keeps_their_colour_and_says_so(tmp_path):
     d, notes = resolve_data(load_config(None, ["data.dataset=image-folder", f"data.root={root}", "data.preset=digit",
                                                "data.channels=1", "data.image_size=48"]).data)
     assert (d.channels, d.image_size) == (1, 48) and notes == []  # explicit keys win, nothing to say
+
+
+def test_a_torchvision_weights_file_is_normalised_as_imagenet_weights_are(tmp_path):
+    """model.weights naming torchvision's own state dict (ImageNet weights fetched by hand, what a machine
+    without internet is given) expects ImageNet's mean and std, as model.pretrained does; one of our files
+    makes no such claim, and data.normalize set by the user wins."""
+    from torchvision.models import resnet18
+
+    root = _folder(tmp_path / "imgs", "RGB", (64, 64))
+    tv = tmp_path / "resnet18-tv.pth"
+    torch.save(resnet18().state_dict(), tv)
+    ours = tmp_path / "ours.pt"
+    torch.save({"body.net.conv1.weight": torch.zeros(64, 3, 7, 7)}, ours)
+    base = ["data.dataset=image-folder", f"data.root={root}", "model.name=resnet18"]
+    assert resolve_config(load_config(None, [*base, f"model.weights={tv}"])).data.normalize == "imagenet"
+    assert resolve_config(load_config(None, [*base, f"model.weights={ours}"])).data.normalize == "dataset"
+    assert resolve_config(load_config(None, [*base, f"model.weights={tv}", "data.normalize=dataset"])
+                          ).data.normalize == "dataset"

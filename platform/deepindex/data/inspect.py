@@ -150,8 +150,11 @@ def resolve_config(cfg: Config, announce: bool = False) -> Config:
     """``cfg`` with its data section resolved; logs what was inferred, once, on the caller's side
     (``announce``: on the console, as a command starting a run does)."""
     from deepindex.console import announce as console_line
+    from deepindex.models.transfer import expects_imagenet_input
 
-    d, notes = resolve_data(cfg.data, pretrained=cfg.model.pretrained != "none")
+    # ImageNet weights expect ImageNet's mean and std, fetched (model.pretrained) or as a torchvision file
+    # (model.weights, what a machine without internet is given); the file is read only while it matters.
+    d, notes = resolve_data(cfg.data, pretrained=cfg.data.normalize is None and expects_imagenet_input(cfg.model))
     if d is cfg.data:
         return cfg
     if notes:

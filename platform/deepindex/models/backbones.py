@@ -6,10 +6,11 @@ state_dict file (``model.weights``), either torchvision's own or one of ours.
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -195,17 +196,42 @@ def weights_file(path: str | Path) -> Path:
     return p
 
 
+def _read_state_dict(p: Path) -> Any:
+    """The state dict in a ``model.weights`` file: the file itself, or the ``model`` of one of our
+    checkpoints (which needs nothing else of it: no concepts, no config)."""
+    sd = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]  # one of our checkpoints
+    return sd
+
+
+def _is_torchvision_state(sd: Any) -> bool:
+    """A torchvision model's state dict (ImageNet weights as torchvision publishes them): its keys name
+    the torchvision net's modules, where ours start with ``body.`` or ``head.``."""
+    return isinstance(sd, dict) and bool(sd) and not any(str(k).startswith(("body.", "head.")) for k in sd)
+
+
+def is_torchvision_weights(path: str | Path) -> bool:
+    """Whether ``model.weights`` names a torchvision state dict, whose weights expect what ImageNet
+    weights (``model.pretrained``) expect: ImageNet-normalised input (and GoogLeNet's transform_input).
+    False for a file of ours, and for a missing or unreadable one (loading it says what is wrong)."""
+    try:
+        return _is_torchvision_state(_read_state_dict(weights_file(path)))
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, EOFError):
+        return False
+
+
 def load_local_weights(model: nn.Module, path: str | Path) -> int:
     """Load a local state_dict into ``model``; returns how many tensors were taken.
 
     Accepts our own state_dicts and torchvision's (keys without the ``body.net.`` prefix).
     Tensors whose shape differs (a first conv for another channel count, a classifier for
     another concept count) are skipped and logged: that is what transfer learning wants.
+    A torchvision file is fed as ``model.pretrained`` feeds ImageNet weights: GoogLeNet's
+    transform_input goes on (for RGB input), which its config alone does not say.
     """
     p = weights_file(path)
-    sd = torch.load(p, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
-        sd = sd["model"]  # one of our checkpoints
+    sd = _read_state_dict(p)
     from deepindex.models.transfer import current_key
 
     own = model.state_dict()
@@ -223,5 +249,10 @@ def load_local_weights(model: nn.Module, path: str | Path) -> int:
     if not take:
         raise ValueError(f"model.weights: {p} shares no tensor with model")
     model.load_state_dict(take, strict=False)
+    # GoogLeNet's body: torchvision's weights expect transform_input, as model.pretrained builds it (one of
+    # our files holds the body's own flag, loaded above).  It used to stay off here (found on review).
+    on_torchvision = getattr(getattr(model, "body", None), "torchvision_weights_loaded", None)
+    if callable(on_torchvision) and _is_torchvision_state(sd):
+        on_torchvision()
     log.info("loaded %d tensors from %s; skipped %d of another shape: %s", len(take), p, len(skipped), skipped[:5])
     return len(take)

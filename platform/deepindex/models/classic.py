@@ -34,7 +34,7 @@ descriptors count layers back from the output: the output (``probs``), the last 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -87,12 +87,37 @@ class _GoogLeNetBody(nn.Module):
     """torchvision's GoogLeNet without dropout and classifier: image -> pooled inception 5b (B, 1024)."""
 
     feature_points = ("last_but_two", "stage1", "stage2", "stage3", "stage4")
+    transform_input: torch.Tensor  # 0-dim buffer: 1.0 when torchvision's transform_input is on
 
     def __init__(self, net: tvm.GoogLeNet) -> None:
         super().__init__()
         net.dropout = nn.Identity()  # the concept head has its own dropout
         net.fc = nn.Identity()
         self.net = net
+        # torchvision's transform_input is a constructor flag, in no state dict: it is kept here as a
+        # 0-dim buffer, so it travels with the weights (checkpoint, resume, model.weights of ours).  A
+        # model built from a config alone gets it from model.pretrained; a torchvision weights file given
+        # as model.weights turns it on when loaded (load_local_weights), which the config does not say.
+        self.register_buffer("transform_input", torch.tensor(float(net.transform_input)))
+
+    def set_transform_input(self, on: bool) -> None:
+        self.transform_input.fill_(float(on))
+        self.net.transform_input = on
+
+    def torchvision_weights_loaded(self) -> None:
+        """torchvision's ImageNet GoogLeNet weights were loaded (``model.weights``): feed them as
+        ``model.pretrained`` does, through transform_input, for RGB input (1-channel: off, as there)."""
+        self.set_transform_input(self.net.conv1.conv.in_channels == 3)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        key = prefix + "transform_input"
+        if key not in state_dict:
+            # A checkpoint from before the flag was kept (or a partial state dict, as model.weights
+            # loads): the value built from the config stays, as batch norm does for num_batches_tracked.
+            state_dict[key] = self.transform_input
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if not self.transform_input.is_meta:
+            self.net.transform_input = bool(self.transform_input.item())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (B, 1024)
@@ -165,7 +190,8 @@ def googlenet(cfg: ModelConfig, num_concepts: int, in_channels: int) -> ConceptM
     # ImageNet GoogLeNet weights were ported from a net fed (x - 0.5) / 0.5; torchvision's
     # transform_input maps ImageNet-normalised RGB onto that.  It is part of the architecture
     # (kept when a checkpoint is rebuilt), so it follows model.pretrained, not whether the
-    # weights are being loaded now.
+    # weights are being loaded now; the body's state dict holds it too (a torchvision file as
+    # model.weights turns it on, and a checkpoint of that model keeps it: _GoogLeNetBody).
     transform = cfg.pretrained == "imagenet" and in_channels == 3
     net = tvm.googlenet(weights=None, aux_logits=False, transform_input=transform, init_weights=True)
     net.conv1.conv = _with_in_channels(net.conv1.conv, in_channels)

@@ -29,7 +29,7 @@ from torch import nn
 if TYPE_CHECKING:
     from torchvision.models import WeightsEnum
 
-    from deepindex.config import Config
+    from deepindex.config import Config, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,20 @@ def pretrained_weights(name: str) -> WeightsEnum | None:
     from torchvision.models import get_model_weights
 
     return get_model_weights(TORCHVISION[name]).DEFAULT
+
+
+def expects_imagenet_input(model_cfg: ModelConfig) -> bool:
+    """Whether the weights a model starts from expect ImageNet-normalised input, as what
+    ``data.normalize`` left unset resolves to: ImageNet weights (``model.pretrained``), or a
+    torchvision state dict given as ``model.weights`` (the same weights, fetched by hand).  A file of
+    ours (a checkpoint, a ConceptModel state dict) is no such claim."""
+    if model_cfg.pretrained != "none":
+        return True
+    if not model_cfg.weights:
+        return False
+    from deepindex.models.backbones import is_torchvision_weights
+
+    return is_torchvision_weights(model_cfg.weights)
 
 
 def _weights_url(name: str) -> str:
