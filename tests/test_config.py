@@ -187,3 +187,46 @@ def test_weight_decay_is_adamws_and_refused_with_sgd() -> None:
     with pytest.raises(ConfigError, match=r"^optim.weight_decay: AdamW's decoupled decay; SGD takes regularization.l2"):
         load_config(None, ["optim.weight_decay=0.01"])
     assert load_config(None, ["optim.name=adamw", "optim.weight_decay=0.01"]).optim.weight_decay == 0.01
+
+
+def test_val_and_test_fractions_that_leave_nothing_to_train_are_refused_by_the_config(capsys):
+    """Found on review: each fraction was bounded alone, so 0.5 + 0.5 passed validation and failed only after Ray
+    started, as "too few items"."""
+    from deepindex.cli import main
+
+    for val, test in (("0.5", "0.5"), ("0.7", "0.4")):
+        with pytest.raises(ConfigError, match=rf"^data\.test_fraction: data\.val_fraction \+ data\.test_fraction must "
+                                              rf"be < 1 \({val} \+ {test} leaves no item to train\)$"):
+            load_config(None, [f"data.val_fraction={val}", f"data.test_fraction={test}"])
+    assert main(["train", "data.val_fraction=0.5", "data.test_fraction=0.5"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "deepindex train: error: data.test_fraction: data.val_fraction + data.test_fraction must be < 1 "
+        "(0.5 + 0.5 leaves no item to train)"]
+    cfg = load_config(None, ["data.val_fraction=0.45", "data.test_fraction=0.5"])
+    assert (cfg.data.val_fraction, cfg.data.test_fraction) == (0.45, 0.5)
+
+
+def test_dotted_keys_in_a_config_file_are_read_as_the_command_lines_are(tmp_path):
+    """Found on review: a sweep file's keys are dotted (tune_configs/*.yaml), so users write a train config the
+    same way, and `data.root: /x` at the top level was refused as an unknown key, with no suggestion."""
+    f = tmp_path / "c.yaml"
+    f.write_text("data.dataset: digits\noptim.lr: 0.01\ndata:\n  seed: 3\ntrain.epochs: 2\n")
+    cfg = load_config(f, ["train.epochs=3"])
+    assert (cfg.data.dataset, cfg.data.seed, cfg.optim.lr, cfg.train.epochs) == ("digits", 3, 0.01, 3)
+    assert load_config(f).train.epochs == 2  # set in the file, dotted: the digits recipe's 4 does not apply
+    assert load_config(f).model.channels == (16, 32, 64)  # what the file leaves out: the recipe's
+    for text, message in (
+        ("data.rooot: /x\n", "data.rooot: unknown key (did you mean data.root?)"),
+        ("train.lr: 0.1\n", "train.lr: unknown key (did you mean optim.lr?)"),
+        ("optimizer.lr: 0.1\n", "optimizer: unknown section (did you mean optim?)"),
+        ("nosuch.thing: 1\n", "nosuch: unknown section"),
+        # The same key both ways in one file: one of the two would be lost without a word.
+        ("data.root: /a\ndata:\n  root: /b\n", f"data.root: set twice in {f} (as data.root and in its section data); "
+                                               "keep one"),
+        ("data:\n  root: /b\ndata.root: /a\n", f"data.root: set twice in {f} (as data.root and in its section data); "
+                                               "keep one"),
+    ):
+        f.write_text(text)
+        with pytest.raises(ConfigError) as e:
+            load_config(f)
+        assert str(e.value) == message

@@ -241,6 +241,10 @@ class Config(_Section):
         if self.data.cv_folds == 1 or (self.data.cv_folds and self.data.cv_fold >= self.data.cv_folds):
             raise ValueError(f"data.cv_fold: fold {self.data.cv_fold} of {self.data.cv_folds} folds "
                              "(cv_folds is 0 or >= 2; cv_fold < cv_folds)")
+        if self.data.val_fraction + self.data.test_fraction >= 1:
+            # Each is bounded alone; together they failed only after Ray started, as "too few items".
+            raise ValueError(f"data.test_fraction: data.val_fraction + data.test_fraction must be < 1 "
+                             f"({self.data.val_fraction:g} + {self.data.test_fraction:g} leaves no item to train)")
         if self.model.pretrained != "none":
             from deepindex.models.transfer import pretrained_weights
 
@@ -476,16 +480,45 @@ def absolute_paths(cfg: Config) -> Config:
     return cfg.override(updates) if updates else cfg
 
 
+def _file_sections(loaded: dict[Any, Any], path: Path) -> dict[Any, Any]:
+    """A config file's mapping with its top-level dotted keys (``data.root: /x``) set in their sections, as
+    overrides are: written so (the way tune_configs/*.yaml and the command line write keys), they were
+    refused as unknown keys.  A key set both dotted and in its section is an error: one of the two
+    would be silently lost.  A dotted key that is no config key fails validation with a suggestion."""
+    out = {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in loaded.items()
+           if not (isinstance(k, str) and "." in k)}
+    for key, value in loaded.items():
+        if not (isinstance(key, str) and "." in key):
+            continue
+        parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"{key}: not a dotted config key (e.g. optim.lr)")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                section = ".".join(parts[: i + 1])
+                raise ConfigError(f"{key}: {path} also sets {section} to a value, not a section")
+            node = node[part]
+        if parts[-1] in node:
+            raise ConfigError(f"{key}: set twice in {path} (as {key} and in its section {'.'.join(parts[:-1])}); "
+                              "keep one")
+        node[parts[-1]] = value
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Defaults <- the dataset's recipe (``DATASET_RECIPES``) <- YAML file <- dotted overrides; local paths
-    absolute (:func:`absolute_paths`)."""
+    absolute (:func:`absolute_paths`).  The file holds sections (``optim: {lr: 0.01}``), dotted keys
+    (``optim.lr: 0.01``, as a sweep file's and the command line's), or both (:func:`_file_sections`)."""
     base: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         loaded = read_yaml(p, "config")
         if not isinstance(loaded, dict):
             raise ConfigError(f"config: {p} must hold a mapping of sections")
-        base = loaded
+        base = _file_sections(loaded, p)
     cfg = from_dict(base)
     dotted = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     if dotted:
