@@ -361,3 +361,31 @@ def test_an_audit_report_logged_again_is_fetched_again(mlflow_server, tmp_path, 
         time.sleep(0.01)  # the second end is a later millisecond
     with pytest.raises(ValueError, match=r"^cannot fetch the audit report of run nope from "):
         download_report("nope", mlflow_server.uri)
+
+
+def test_continuing_a_registered_run_trains_on_in_a_new_run_so_the_version_stays(mlflow_server, tmp_path):
+    """A registered version is its run's checkpoint/ artifact.  `deepindex train --name t1` again with a larger
+    train.epochs continued that run and rewrote its checkpoint, so version 1 became another model that was never
+    compared with anything (found on review).  A run with a registered version is continued in a new run that
+    names it; a run with none is continued in place, as before."""
+    from deepindex.tracking.registry import register_run
+    from deepindex.tracking.tracker import RUN_ID_KEY, TAG_CONTINUED_FROM, Tracker
+
+    client, exp, name = _registry(mlflow_server, tmp_path, "continued", "model")
+    cfg = load_config(None, list(TINY))
+
+    def start(run_id: str | None) -> str:
+        tracker = Tracker(mlflow_server.uri, exp, "t1")
+        extra = tracker.start(cfg, {RUN_ID_KEY: run_id} if run_id else {})
+        assert not tracker.disabled
+        return str(extra[RUN_ID_KEY])
+
+    first = start(None)
+    assert start(first) == first  # nothing registered: the same run goes on
+    client.set_terminated(first)
+    assert register_run(first, name, mlflow_server.uri) == "1"
+    second = start(first)
+    assert second != first
+    assert client.get_run(second).data.tags[TAG_CONTINUED_FROM] == first
+    assert client.get_run(first).info.status == "FINISHED"  # the registered run is left as it was
+    assert start(second) == second  # the new run has no version: it goes on in place

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 RUN_ID_KEY = "mlflow_run_id"
 TAG_TRAIN_NAME = "deepindex.train_name"
+# On a run that continues the training of a run holding a registered model version: that run's id.
+TAG_CONTINUED_FROM = "deepindex.continued_from"
 # MLflow's HTTP client retries for minutes by default; a dead server must cost seconds.  And it
 # prints "View run ... / View experiment ..." on stdout for every run it ends and a progress bar
 # for every download: our commands say where the runs are once, not per trial.
@@ -113,11 +115,18 @@ class Tracker:
             return extra
         try:
             run_id = extra.get(RUN_ID_KEY) or self.run_id or (self.named_run() if self.parent_run_id else None)
-            if run_id and self._exists(run_id):
+            registered = run_id is not None and self._registered(run_id)
+            if run_id and not registered and self._exists(run_id):
                 self.run_id = run_id
                 self.client.update_run(run_id, status="RUNNING")
                 log.info("continuing MLflow run %s", run_id)
             else:
+                if registered:
+                    # A registered version is its run's checkpoint/: continuing the run (a larger
+                    # train.epochs) rewrote it, and the version silently became another model (found on
+                    # review).  The training goes on in a new run that names the one it continues.
+                    self.tags = {**self.tags, TAG_CONTINUED_FROM: str(run_id)}
+                    log.info("MLflow run %s holds a registered model version: continuing in a new run", run_id)
                 self.run_id = self._create(cfg)
             extra[RUN_ID_KEY] = self.run_id
         except Exception as e:  # noqa: BLE001 - any tracking failure must leave training alone
@@ -144,6 +153,10 @@ class Tracker:
         batch = [Metric(k, v, now, step or 0) for k, v in values.items()]
         for i in range(0, len(batch), 500):  # the REST API takes at most 1000 per call
             self.client.log_batch(self.run_id, metrics=batch[i:i + 500])
+
+    def _registered(self, run_id: str) -> bool:
+        """Whether a model version was registered from run ``run_id`` (its checkpoint must not change)."""
+        return bool(self.client.search_model_versions(f"run_id = '{run_id}'", max_results=1))
 
     def _exists(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException
