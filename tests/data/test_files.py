@@ -133,3 +133,54 @@ def test_cifar_never_downloads(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         build_splits(cfg.data)
     assert not any(tmp_path.iterdir())
+
+
+def test_an_image_folder_of_split_folders_is_refused_not_trained_as_classes(tmp_path, capsys):
+    """Found on review: tv/{train,val}/{cat,dog}/*.png (torchvision's ImageFolder per split) trained "train vs
+    val" as its two classes, without a word.  Refused, before Ray starts, naming the folder to point at."""
+    import re
+
+    import ray
+
+    from deepindex.cli import main
+    from deepindex.data.files import find_sidecar
+
+    tv = tmp_path / "tv"
+    for split in ("train", "val"):
+        for c, v in (("cat", 50), ("dog", 200)):
+            for i in range(3):
+                _img(tv / split / c / f"{i}.png", v + i + (10 if split == "val" else 0))
+    message = (f"data.root: {tv} holds train/val folders (a split, not classes): point data.root at {tv / 'train'}, "
+               "or write a manifest with a split column")
+    with pytest.raises(ValueError) as e:
+        read_image_folder(tv)
+    assert str(e.value) == message
+    assert main(["train", "data.dataset=image-folder", f"data.root={tv}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"deepindex train: error: {message}"]
+    assert not ray.is_initialized()
+    with pytest.raises(FileNotFoundError) as nf:
+        find_sidecar(tv)
+    assert re.search(r"its folders of images \(train/val\) are a split, not classes: "
+                     rf"data\.dataset=image-folder with data\.root={re.escape(str(tv / 'train'))}", str(nf.value))
+    assert read_image_folder(tv / "train").concepts == ["cat", "dog"]
+    (tv / "val").rename(tv / "Test")  # any spelling SPLIT_NAMES knows, in any case
+    with pytest.raises(ValueError, match=r"holds Test/train folders \(a split, not classes\)"):
+        read_image_folder(tv)
+    _img(tv / "cat" / "0.png")  # a class among the split names: classes, as before
+    assert read_image_folder(tv, dedupe=False).concepts == ["Test", "cat", "train"]
+
+
+def test_a_jsonl_tags_string_with_a_comma_is_refused_as_a_csvs_is(tmp_path, manifest_root):
+    """Found on review: JSONL "tags": "sky,sea" became one concept named "sky,sea", silently (a CSV refuses a
+    comma in its tags, and the README says JSONL works the same)."""
+    root, _ = manifest_root
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"path": "a0.png", "tags": "sky;sea"}) + "\n"
+                 + json.dumps({"path": "a1.png", "tags": "sky,sea"}) + "\n")
+    with pytest.raises(ManifestError, match=rf"^{m}:2: tags 'sky,sea' hold a comma; separate a row's tags with "
+                                            r"';' or '\|', or give them as a list$"):
+        read_manifest(m, root, None)
+    m.write_text(json.dumps({"path": "a0.png", "tags": "sky;sea"}) + "\n"
+                 + json.dumps({"path": "a1.png", "tags": ["sky", "sea"]}) + "\n")
+    items = read_manifest(m, root, None)
+    assert items.concepts == ["sea", "sky"] and items.targets.tolist() == [[1.0, 1.0], [1.0, 1.0]]

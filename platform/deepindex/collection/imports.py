@@ -6,7 +6,14 @@ the path under the root), so re-running an import finds its items already there 
 Two sources whose ids repeat (a ``train/`` and a ``test/`` folder of the same layout, galleries of two
 seeds) go into one collection under an ``id_prefix`` each; without one the second's repeats are skipped.
 An item that cannot be imported (an id outside the allowed characters, an unreadable image, the id
-already live with other bytes) is skipped and counted, never half-added.
+already live with other bytes) is skipped and counted, never half-added.  An image is readable when it
+decodes whole: one cut short has a readable header, was imported, and then stopped a retrieval
+evaluation of the collection and went missing from its indexes (found on review).
+
+A manifest's rows of one path (after normalising: ``./a.jpg`` is ``a.jpg``) are one item with the union
+of their tags and the first row's split, as training reads them: one tag per row is a common way to
+write a manifest, and the rows after the first were taken for an item already there and their tags
+lost (found on review).
 
 The readers are :mod:`deepindex.data.files`' public functions; these importers only turn what they
 read into items, so what those readers learn (split columns, tag policies, EXIF) reaches imports.
@@ -16,7 +23,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +60,35 @@ def png_bytes(unit: np.ndarray) -> bytes:
 
 
 def image_meta(data: bytes) -> dict[str, Any]:
-    """Width, height and format from the image header (the pixels are not decoded)."""
+    """Width, height and format of an image whose pixels decode whole; else a ValueError.
+
+    The header alone passed an image cut short (a JPEG or PNG that ends early), which a retrieval
+    evaluation of the collection then failed on, unnamed, and an index build left out (found on review).
+    A JPEG is decoded at 1/8 scale (its DCT's own, fast), as training's manifest check does: every byte
+    of it is still read and decoded."""
     from PIL import Image, UnidentifiedImageError
+
+    from deepindex.data.transforms import UNDECODABLE
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return {"width": int(im.width), "height": int(im.height), "format": im.format}
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"data: not a readable image ({e.__class__.__name__})") from None
+            meta = {"width": int(im.width), "height": int(im.height), "format": im.format}
+            im.draft(im.mode, (1, 1))  # a no-op for any format but JPEG
+            im.load()
+            return meta
+    except UNDECODABLE as e:  # what the index build skips an item for (UnidentifiedImageError is an OSError)
+        # PIL's own words where they say what is wrong ("image file is truncated"), not where they name a BytesIO
+        why = e.__class__.__name__ if isinstance(e, UnidentifiedImageError) else f"{e.__class__.__name__}: {e}"
+        raise ValueError(f"data: not a readable image ({why[:200]})") from None
+
+
+@dataclass
+class ImportResult(AddResult):
+    """An import's counts: :class:`AddResult`'s, and of a file import what happened before the add."""
+
+    unreadable: int = 0  # of the skipped, files that could not be read or decoded as an image
+    merged: int = 0  # manifest rows of a path an earlier row named: their tags went to that row's item
+    split_conflicts: int = 0  # of the merged rows, those naming another split than the first (the first's holds)
 
 
 def _finish(store: CollectionStore, what: str, res: AddResult) -> AddResult:
@@ -109,8 +137,9 @@ def import_digit_scenes(store: CollectionStore, size: int = 5000, seed: int = 0,
     return _finish(store, "digit-scenes", res)
 
 
-def _file_entries(src: FileSource, unreadable: list[str]) -> Iterator[Entry]:
-    """Items from files; a file that cannot be read as an image goes to ``unreadable`` instead."""
+def _file_entries(src: FileSource, unreadable: list[str], counts: dict[str, int]) -> Iterator[Entry]:
+    """Items from files; a file that cannot be read as an image is counted (``counts["unreadable"]``) and
+    its first reasons go to ``unreadable`` instead."""
     splits = src.splits if src.splits is not None else [None] * len(src.ids)
     for path, name, t, split in zip(src.paths, src.ids, src.tags, splits, strict=True):
         item_id = src.id_prefix + name
@@ -118,7 +147,9 @@ def _file_entries(src: FileSource, unreadable: list[str]) -> Iterator[Entry]:
             data = path.read_bytes()
             meta: dict[str, Any] = {"filename": name, **image_meta(data)}
         except (OSError, ValueError) as e:
-            unreadable.append(f"{item_id}: {e}")
+            counts["unreadable"] += 1
+            if len(unreadable) < 20:
+                unreadable.append(f"{item_id}: {e}")
             continue
         if split is not None:
             meta["split"] = split
@@ -137,6 +168,10 @@ class FileSource:
     tags: Sequence[Sequence[str]]
     splits: Sequence[str | None] | None = None  # a manifest's split column (train/val/test), kept in each item's meta
     id_prefix: str = ""
+    merged: int = 0  # manifest rows of a path an earlier row named, merged into it
+    split_conflicts: int = 0  # of those, rows naming another split than the first row of their path
+    unknown_tags: int = 0  # tags not in the concept list, ignored or added (``unknown_policy``)
+    unknown_policy: str = "error"
 
     def prefixed(self, id_prefix: str) -> FileSource:
         return replace(self, id_prefix=check_id_prefix(id_prefix)) if id_prefix else self
@@ -153,10 +188,15 @@ def folder_source(root: str | Path) -> FileSource:
 
 
 def manifest_source(manifest: str | Path, root: str | Path | None = None,
-                    concepts: Sequence[str] | str | Path | None = None) -> FileSource:
+                    concepts: Sequence[str] | str | Path | None = None, unknown_tags: str = "error") -> FileSource:
     """A CSV/JSONL tag manifest, its paths relative to ``root`` (default: the manifest's folder).
     ``concepts``: a list, or a file with one per line; by default, as training reads a collection,
-    ``concepts.txt`` in ``root`` if there is one, else the manifest's own tags."""
+    ``concepts.txt`` in ``root`` if there is one, else the manifest's own tags.  ``unknown_tags``: a
+    tag not in the concept list is an error naming the line (``error``), dropped (``ignore``) or kept
+    (``add``), as training's ``data.unknown_tags``.
+
+    Rows of one path are one item: the union of their tags, the first row's split (as training reads
+    them).  An image that does not decode is not refused here: the import skips and counts it."""
     from deepindex.data.files import CONCEPTS_NAME, read_concepts, read_manifest
 
     if not Path(manifest).is_file():
@@ -175,28 +215,50 @@ def manifest_source(manifest: str | Path, root: str | Path | None = None,
         concept_list = read_concepts(concepts)
     else:
         concept_list = list(concepts)
-    # Every row is an item: two names for the same bytes are two items of a collection (training merges
+    # Every path is an item: two names for the same bytes are two items of a collection (training merges
     # them; here the second row's id went missing and its tags moved to the first; found on review).
-    found = read_manifest(manifest, root, concept_list, dedupe=False)
-    multi_hot = found.targets.numpy()
-    tags = [[found.concepts[j] for j in np.flatnonzero(row)] for row in multi_hot]
-    return FileSource(str(manifest), f"manifest:{Path(manifest).resolve()}", found.paths, found.ids, tags,
-                      found.splits)
+    # Images are checked as they are imported (an unreadable one is skipped and counted, not fatal).
+    found = read_manifest(manifest, root, concept_list, check_images=False, unknown_tags=unknown_tags, dedupe=False,
+                          unknown_tags_hint="--unknown-tags ignore|add")
+    multi_hot = found.targets.numpy() > 0
+    first: dict[str, int] = {}  # an id -> its item's index
+    keep: list[int] = []  # the rows that are items: the first of each path
+    merged = conflicts = 0
+    for i, item_id in enumerate(found.ids):
+        j = first.setdefault(item_id, i)
+        if j == i:
+            keep.append(i)
+            continue
+        multi_hot[j] |= multi_hot[i]  # the same file: every row's tags hold
+        merged += 1
+        conflicts += found.splits is not None and found.splits[i] is not None and found.splits[i] != found.splits[j]
+    tags = [[found.concepts[c] for c in np.flatnonzero(multi_hot[i])] for i in keep]
+    report = found.report
+    return FileSource(str(manifest), f"manifest:{Path(manifest).resolve()}", [found.paths[i] for i in keep],
+                      [found.ids[i] for i in keep], tags,
+                      [found.splits[i] for i in keep] if found.splits is not None else None,
+                      merged=merged, split_conflicts=conflicts,
+                      unknown_tags=report.unknown_tags if report is not None else 0, unknown_policy=unknown_tags)
 
 
-def import_files(store: CollectionStore, src: FileSource, batch_size: int = 500) -> AddResult:
+def import_files(store: CollectionStore, src: FileSource, batch_size: int = 500) -> ImportResult:
     unreadable: list[str] = []
-    res = store.add_bulk(_file_entries(src, unreadable), source=src.source,
-                         batch_size=batch_size, keep_items=False, progress=_progress(f"{src.what} -> {store.name}"))
-    res.skipped += len(unreadable)
+    counts = {"unreadable": 0}
+    added = store.add_bulk(_file_entries(src, unreadable, counts), source=src.source,
+                           batch_size=batch_size, keep_items=False, progress=_progress(f"{src.what} -> {store.name}"))
+    res = ImportResult(**{f.name: getattr(added, f.name) for f in fields(AddResult)},
+                       unreadable=counts["unreadable"], merged=src.merged, split_conflicts=src.split_conflicts)
+    res.skipped += res.unreadable
     res.skipped_reasons = (unreadable + res.skipped_reasons)[:20]
-    return _finish(store, src.what, res)
+    _finish(store, src.what, res)
+    return res
 
 
-def import_folder(store: CollectionStore, root: str | Path, batch_size: int = 500) -> AddResult:
+def import_folder(store: CollectionStore, root: str | Path, batch_size: int = 500) -> ImportResult:
     return import_files(store, folder_source(root), batch_size)
 
 
 def import_manifest(store: CollectionStore, manifest: str | Path, root: str | Path | None = None,
-                    concepts: Sequence[str] | str | Path | None = None, batch_size: int = 500) -> AddResult:
-    return import_files(store, manifest_source(manifest, root, concepts), batch_size)
+                    concepts: Sequence[str] | str | Path | None = None, batch_size: int = 500,
+                    unknown_tags: str = "error") -> ImportResult:
+    return import_files(store, manifest_source(manifest, root, concepts, unknown_tags), batch_size)

@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                  "manifest's folder)")
     i.add_argument("--concepts", metavar="FILE", help="manifest: the concept list, one per line (default: concepts.txt "
                                                       "in the root if there is one, else the manifest's own tags)")
+    i.add_argument("--unknown-tags", choices=("error", "ignore", "add"), default="error",
+                   help="manifest: a tag not in the concept list fails the import naming its line (error, the "
+                        "default), is dropped (ignore) or kept (add); counted")
     i.add_argument("--id-prefix", default="", metavar="P",
                    help="start every imported id with P (e.g. train/): a second folder or gallery whose ids repeat "
                         "the first's goes in beside it instead of being skipped")
@@ -100,7 +103,8 @@ def run_import(args: argparse.Namespace) -> int:
     if args.folder:
         src = imports.folder_source(args.folder).prefixed(args.id_prefix)
     elif args.manifest:
-        src = imports.manifest_source(args.manifest, args.root, concepts=args.concepts).prefixed(args.id_prefix)
+        src = imports.manifest_source(args.manifest, args.root, concepts=args.concepts,
+                                      unknown_tags=args.unknown_tags).prefixed(args.id_prefix)
     store = _open(args, create=True)
     if src is None:
         what = f"the digit-scenes gallery (size {args.size}, seed {args.seed})"
@@ -109,12 +113,25 @@ def run_import(args: argparse.Namespace) -> int:
     else:
         what = src.what
         res = imports.import_files(store, src, batch_size=args.batch_size)
-    skipped = f", {res.skipped} skipped" if res.skipped else ""
-    line = (f"imported {res.added} items into {store.name} from {what} ({res.existing} already there{skipped}) "
+    counts = [f"{res.existing} already there" + (f", {res.skipped} skipped" if res.skipped else "")]
+    extra: dict[str, Any] = {}
+    if isinstance(res, imports.ImportResult):
+        if res.unreadable:
+            counts[0] += f": {res.unreadable} unreadable image{'s' if res.unreadable != 1 else ''}"
+        if res.merged:  # rows of a path already listed: their tags went to its item (not "already there")
+            counts.append(f"{res.merged} row{'s' if res.merged != 1 else ''} merged with an earlier row of the same "
+                          "path" + (f", {res.split_conflicts} of them naming another split (the first row's kept)"
+                                    if res.split_conflicts else ""))
+        extra = {"unreadable": res.unreadable, "merged": res.merged, "split_conflicts": res.split_conflicts}
+    if src is not None and src.unknown_tags:
+        kept = "dropped" if src.unknown_policy == "ignore" else "kept"
+        counts.append(f"{src.unknown_tags} unknown tags {kept} (--unknown-tags {src.unknown_policy})")
+        extra["unknown_tags"] = src.unknown_tags
+    line = (f"imported {res.added} items into {store.name} from {what} ({'; '.join(counts)}) "
             f"in {res.seconds:.1f} s; {store.name} now holds {store.count()} items")
     _emit(args, {"collection": store.name, "added": res.added, "existing": res.existing, "skipped": res.skipped,
-                 "skipped_reasons": res.skipped_reasons, "seconds": round(res.seconds, 3), "head": store.head(),
-                 "count": store.count()}, line)
+                 **extra, "skipped_reasons": res.skipped_reasons, "seconds": round(res.seconds, 3),
+                 "head": store.head(), "count": store.count()}, line)
     if res.skipped and not args.json:
         for reason in res.skipped_reasons[:10]:
             print(f"  skipped {reason}", file=sys.stderr)

@@ -119,6 +119,10 @@ def read_image_folder(root: str | Path, dedupe: bool = True) -> FileItems:
     classes = class_folders(root)
     if not classes:
         raise ValueError(f"data.root: {root} holds no class folders (root/<class>/<image>)")
+    split = split_folders(root, classes)
+    if split is not None:  # root/{train,val}/<class>/...: read as classes, it trained "train vs val" silently
+        raise ValueError(f"data.root: {root} holds {split[0]} folders (a split, not classes): point data.root at "
+                         f"{split[1]}, or write a manifest with a split column")
     paths, targets, ids = [], [], []
     for ci, c in enumerate(classes):
         for f in sorted((root / c).rglob("*")):
@@ -202,6 +206,9 @@ def _manifest_rows(path: Path) -> Iterator[tuple[int, str, list[str], str | None
                 raise ManifestError(f"{path}:{n}: expected an object with 'path' and 'tags'")
             tags = row["tags"]
             if isinstance(tags, str):
+                if "," in tags:  # "dog,cat" was one concept named "dog,cat" (a CSV's tags refuse it too)
+                    raise ManifestError(f"{path}:{n}: tags {tags!r} hold a comma; separate a row's tags with "
+                                        "';' or '|', or give them as a list")
                 tags = [t for t in tags.replace("|", ";").split(";")]
             if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
                 raise ManifestError(f"{path}:{n}: 'tags' must be a list of strings")
@@ -246,7 +253,11 @@ def find_sidecar(root: str | Path) -> Path:
     if not found:
         msg = f"data.manifest: not given, and {root} holds none of {', '.join(SIDECAR_NAMES)}"
         classes = class_folders(root)
-        if classes:  # torchvision's ImageFolder layout, the one most collections come in
+        split = split_folders(root, classes) if classes else None
+        if split is not None:
+            msg += (f"; its folders of images ({split[0]}) are a split, not classes: data.dataset=image-folder "
+                    f"with data.root={split[1]}, or a manifest with a split column")
+        elif classes:  # torchvision's ImageFolder layout, the one most collections come in
             shown = ", ".join(classes[:5]) + (f" and {len(classes) - 5} more" if len(classes) > 5 else "")
             msg += (f"; its folders of images ({shown}) read as one class each with "
                     f"data.dataset=image-folder")
@@ -266,6 +277,16 @@ def class_folders(root: Path) -> list[str]:
                           for f in p.rglob("*")))
 
 
+def split_folders(root: Path, classes: list[str]) -> tuple[str, Path] | None:
+    """When every class folder of ``root`` is named for a split (``SPLIT_NAMES``: ``root/train/<class>/...``,
+    an image folder per split), (their names joined by ``/``, the folder to read as the image folder: the
+    train split's), else None."""
+    if not classes or not all(c.lower() in SPLIT_NAMES for c in classes):
+        return None
+    train = next((c for c in classes if SPLIT_NAMES[c.lower()] == "train"), classes[0])
+    return "/".join(classes), root / train
+
+
 def _unlisted_images(root: Path, listed: set[Path]) -> int:
     """Images directly in ``root`` that no manifest row names (a flat folder's stragglers)."""
     return sum(1 for f in root.iterdir()
@@ -273,10 +294,12 @@ def _unlisted_images(root: Path, listed: set[Path]) -> int:
 
 
 def read_manifest(manifest: str | Path, root: str | Path, concepts: list[str] | None, check_images: bool = True,
-                  unknown_tags: str = "error", dedupe: bool = True) -> FileItems:
+                  unknown_tags: str = "error", dedupe: bool = True,
+                  unknown_tags_hint: str = "data.unknown_tags=ignore|add") -> FileItems:
     """Read a tag manifest against a concept list (``None``: the tags found, sorted).
 
-    ``unknown_tags``: ``error`` (the line is named), ``ignore`` (dropped, counted) or ``add``
+    ``unknown_tags``: ``error`` (the line is named, and the error names ``unknown_tags_hint``, the
+    caller's spelling of the option, as the way to go on), ``ignore`` (dropped, counted) or ``add``
     (appended to the concepts, sorted, counted).  ``dedupe``: rows whose file bytes equal an
     earlier row's are dropped and their tags merged into it (so one image never sits in two
     splits).  The counts are in ``FileItems.report``.
@@ -303,7 +326,7 @@ def read_manifest(manifest: str | Path, root: str | Path, concepts: list[str] | 
             if unknown:
                 if unknown_tags == "error":
                     raise ManifestError(f"{manifest}:{n}: unknown tag {unknown[0]!r} (not in the concept list; "
-                                        f"data.unknown_tags=ignore|add to go on)")
+                                        f"{unknown_tags_hint} to go on)")
                 report.unknown_tags += len(unknown)
                 report.unknown_lines += 1
                 unknown_seen.update(unknown)
