@@ -184,3 +184,29 @@ def test_a_jsonl_tags_string_with_a_comma_is_refused_as_a_csvs_is(tmp_path, mani
                  + json.dumps({"path": "a1.png", "tags": ["sky", "sea"]}) + "\n")
     items = read_manifest(m, root, None)
     assert items.concepts == ["sea", "sky"] and items.targets.tolist() == [[1.0, 1.0], [1.0, 1.0]]
+
+
+def test_stats_of_a_split_column_come_from_items_drawn_by_id_not_its_first_rows(tmp_path, monkeypatch):
+    """A manifest concatenated from two sources (or sorted by class or date) pins its splits with a column,
+    in its own order: the stats came from its first rows, one source alone (found on review: a dark first
+    2,000 images put the bright rest at 8.7 sigma).  They come from items drawn by id now; a split drawn by
+    id gives the same sample as before (its first items)."""
+    from deepindex.data import splits as splits_module
+
+    monkeypatch.setattr(splits_module, "_STATS_SAMPLE", 20)
+    rows = ["path,tags,split"]
+    for i in range(80):  # 40 dark train images, then 40 bright ones; a val and a test row
+        arr = np.full((8, 8), 40 if i < 40 else 210, np.uint8)
+        arr[0, 0] = i  # each image its own bytes (equal ones are one item)
+        Image.fromarray(arr, mode="L").save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{'a' if i % 2 else 'b'},{'val' if i == 78 else 'test' if i == 79 else 'train'}")
+    (tmp_path / "tags.csv").write_text("\n".join(rows) + "\n")
+    cfg = load_config(None, ["data.dataset=manifest", f"data.root={tmp_path}", "data.image_size=8",
+                             "data.channels=1", "data.preset=fit"])
+    mean = build_splits(cfg.data, train_augment=False).stats.mean[0]
+    assert 0.35 < mean < 0.70, mean  # both sources (all dark: 40/255 = 0.16; all bright: 0.82)
+    # Without the column, the split is drawn by id and its first items are the sample, as before.
+    assert np.array_equal(splits_module.stats_sample([str(i) for i in range(10)], 0, 20), np.arange(10))
+    ids = [f"x{i}" for i in range(100)]
+    order = splits_module.id_order(ids, 3)
+    assert np.array_equal(splits_module.stats_sample([ids[i] for i in order], 3, 20), np.arange(20))

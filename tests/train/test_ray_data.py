@@ -349,3 +349,25 @@ def test_the_local_path_counts_the_train_split_its_workers_build(tmp_path, view)
     assert built == {"plain": 42, "fold": 28, "filter-drop": 40, "duplicates": 42}[view]
     with pytest.raises(ConfigError, match=rf"^train.batch_size: {built + 2} is more than the train split fills"):
         build_trainer(cfg.override({"train.batch_size": built + 2}), name="too-big-a-batch")
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_the_cache_takes_its_stats_from_the_local_paths_sample_of_a_split_column(tmp_path, monkeypatch):
+    """More train items than the stats sample, in a split column's order: both pipelines take the stats from
+    the same items drawn by id (data.splits.stats_sample), not from the column's first rows."""
+    from deepindex.data import cache as cache_module
+    from deepindex.data import splits as splits_module
+
+    ensure_ray()
+    monkeypatch.setattr(splits_module, "_STATS_SAMPLE", 10)
+    monkeypatch.setattr(cache_module, "STATS_SAMPLE", 10)
+    root = make_photo_collection(tmp_path / "photos", n=40, size=128, seed=3).root
+    d = resolve_config(load_config(None, [*SMALL, f"data.root={root}", "data.seed=5"])).data
+    cache = prepare_cache(d, tmp_path / "storage")
+    local = build_splits(d, train_augment=False)
+    assert len(local.train) > 10
+    assert np.allclose(cache.stats.mean, local.stats.mean, atol=1e-6)
+    assert np.allclose(cache.stats.std, local.stats.std, atol=1e-6)
+    firsts = torch.stack([torch.from_numpy(decode_file(p, 32, 3, "fit")) for p in local.train.paths[:10]])
+    assert not np.allclose(local.stats.mean, (firsts.float() / 255).mean((0, 2, 3)).numpy(), atol=1e-6)

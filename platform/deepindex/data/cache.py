@@ -32,7 +32,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,12 +55,13 @@ SPLITS = ("train", "val", "test")
 # Bump when what a key's folder holds changes (columns, decode, the split draw); old folders are then never read.
 # 2: items dealt to splits by id (data.splits.file_split_indices), no longer by position.
 # 3: an image folder's duplicate images kept once; RGB and grey images' transparency keys composited on white.
-FORMAT = 3
+# 4: the stats of a split column's train split from items drawn by id, no longer its first rows.
+FORMAT = 4
 # The data keys that decide the pixels, the items, their labels and the splits.
 KEY_FIELDS = ("dataset", "root", "manifest", "concepts", "image_size", "channels", "preset", "unknown_tags",
               "val_fraction", "test_fraction", "seed")
-# Normalisation stats come from the first this many training items, as the local path's do, so
-# both pipelines give a model the same inputs.
+# Normalisation stats come from this many training items (data.splits.stats_sample), as the local path's
+# do, so both pipelines give a model the same inputs.
 STATS_SAMPLE = 2000
 BLOCK_BYTES = 16 << 20  # a parquet file (and a Ray Data block read from it) holds at most about this many pixel bytes
 _DECODE_BATCH = 32
@@ -242,27 +243,36 @@ def _decode_all(split_paths: dict[str, list[Path]], out: Path, shape: tuple[int,
         (out / f"split={s}").mkdir(exist_ok=True)
 
 
-def read_table(split_dir: Path, below: int | None = None) -> Any:
+def read_table(split_dir: Path, below: int | None = None, only: Sequence[int] | None = None) -> Any:
     """A cached split as a pyarrow table (index, image), sorted by index, read here (no Ray tasks);
-    ``below``: only the items whose index is below it."""
+    ``below``: only the items whose index is below it; ``only``: only those indices."""
     import pyarrow.parquet as pq
     import ray.data  # noqa: F401 - registers Ray's tensor extension type, which the image column has
 
-    table = pq.read_table(split_dir, columns=["index", "image"],
-                          filters=[("index", "<", below)] if below is not None else None)
+    filters: list[tuple[str, str, Any]] = []
+    if below is not None:
+        filters.append(("index", "<", below))
+    if only is not None:
+        filters.append(("index", "in", [int(i) for i in only]))
+    table = pq.read_table(split_dir, columns=["index", "image"], filters=filters or None)
     return table.sort_by("index")
 
 
-def read_images(split_dir: Path, below: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_images(split_dir: Path, below: int | None = None, only: Sequence[int] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """(index (N,), image (N, C, S, S) uint8) of a cached split (see :func:`read_table`)."""
-    table = read_table(split_dir, below)
+    table = read_table(split_dir, below, only)
     chunks = [c.to_numpy() for c in table.column("image").chunks]
     return table.column("index").to_numpy(), np.concatenate(chunks) if chunks else np.zeros((0,), dtype=np.uint8)
 
 
-def _train_stats(train_dir: Path) -> NormStats:
-    """Per-channel mean/std of the first STATS_SAMPLE training items, as the local path computes them."""
-    _, u8 = read_images(train_dir, below=STATS_SAMPLE)  # (N, C, S, S)
+def _train_stats(train_dir: Path, train_ids: Sequence[str], seed: int) -> NormStats:
+    """Per-channel mean/std of the training items the local path takes them from (``splits.stats_sample``)."""
+    from deepindex.data.splits import stats_sample
+
+    pick = stats_sample(train_ids, seed, STATS_SAMPLE)
+    every = len(pick) == len(train_ids)
+    _, u8 = read_images(train_dir, only=None if every else np.sort(pick))  # (N, C, S, S)
     c = u8.shape[1]
     s1, s2, n = np.zeros(c), np.zeros(c), 0
     for i in range(0, len(u8), 64):  # float64 sums a chunk at a time: 2000 photos as float64 would be GBs
@@ -290,7 +300,7 @@ def _decode(d: DataConfig, target: Path) -> DecodedCache:
 
     def write(tmp: Path) -> None:
         _decode_all(split_paths, tmp, shape)
-        stats = _train_stats(tmp / "split=train")
+        stats = _train_stats(tmp / "split=train", [items.ids[i] for i in idx["train"]], d.seed)
         np.savez(tmp / LABELS, train=labels["train"], val=labels["val"], test=labels["test"])
         (tmp / ITEMS).write_text(json.dumps({s: [str(p) for p in split_paths[s]] for s in SPLITS}))
         meta.update(format=FORMAT, key=target.name, data={k: getattr(d, k) for k in KEY_FIELDS},
