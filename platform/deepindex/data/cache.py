@@ -272,7 +272,7 @@ def _train_stats(train_dir: Path, train_ids: Sequence[str], seed: int) -> NormSt
 
     pick = stats_sample(train_ids, seed, STATS_SAMPLE)
     every = len(pick) == len(train_ids)
-    _, u8 = read_images(train_dir, only=None if every else np.sort(pick))  # (N, C, S, S)
+    _, u8 = read_images(train_dir, only=None if every else np.sort(pick).tolist())  # (N, C, S, S)
     c = u8.shape[1]
     s1, s2, n = np.zeros(c), np.zeros(c), 0
     for i in range(0, len(u8), 64):  # float64 sums a chunk at a time: 2000 photos as float64 would be GBs
