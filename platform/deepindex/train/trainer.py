@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -16,8 +17,9 @@ from deepindex.restore import TRAIN_STATE, check_unchanged, config_definition, r
 from deepindex.train.engine import primary_metric
 
 if TYPE_CHECKING:
-    from ray.train import UserCallback
+    from ray.train import Checkpoint, UserCallback
     from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.result import Result
 
     from deepindex.tracking.tracker import Tracker
 
@@ -258,6 +260,32 @@ def fit(trainer: TorchTrainer, name: str) -> Any:
             signal.signal(signal.SIGINT, previous)
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def best_checkpoint(result: Result, metric: str, mode: str) -> Checkpoint:
+    """The checkpoint of ``result`` (a Train V2 ``Result``) with the best finite ``metric`` (``mode``: "max" or
+    "min"; :func:`deepindex.train.engine.primary_metric`), else, when no kept checkpoint has one, the latest.
+
+    Not ``Result.get_best_checkpoint``: Ray's checkpoint manager sorts a NaN score first and always keeps
+    the latest checkpoint, so a diverged epoch is among ``best_checkpoints`` while a run has kept no more
+    than ``ray.keep_checkpoints`` (a 2-epoch run at the default 2, or keep_checkpoints >= epochs); there
+    ``get_best_checkpoint``'s ``max``/``min`` keeps that first NaN (no comparison with it holds), and
+    ``deepindex train`` and the audit's folds took the diverged model as the best (found on review).
+    """
+    if mode not in ("max", "min"):
+        raise ValueError(f"best_checkpoint: mode {mode!r}, not 'max' or 'min'")
+    scored = [(ckpt, float(m[metric])) for ckpt, m in result.best_checkpoints or () if _finite(m.get(metric))]
+    if scored:
+        pick = max if mode == "max" else min
+        return pick(scored, key=lambda s: s[1])[0]
+    if result.checkpoint is None:
+        raise RuntimeError("train: the run finished without a checkpoint")
+    log.warning("train: no checkpoint has a finite %s (training diverged): the latest stands as the best", metric)
+    return result.checkpoint
+
+
 def train(cfg: Config, *, name: str | None = None, evaluate_test: bool = True, tracker: Tracker | None = None,
           callbacks: list[UserCallback] | None = None) -> TrainOutcome:
     """Fit on the connected Ray cluster, then score the best checkpoint on the test split."""
@@ -272,8 +300,6 @@ def train(cfg: Config, *, name: str | None = None, evaluate_test: bool = True, t
     latest = result.checkpoint
     if latest is None:  # rank 0 reports one every epoch: fit() raises before a run ends without one
         raise RuntimeError(f"train: run {name} finished without a checkpoint")
-    metric, mode = primary_metric(cfg.multilabel)
-    best = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else latest
-    best_path = best.path if best is not None else latest.path
+    best_path = best_checkpoint(result, *primary_metric(cfg.multilabel)).path
     test = evaluate_checkpoint(best_path) if evaluate_test else {}
     return TrainOutcome(name, dict(result.metrics or {}), best_path, latest.path, test)
