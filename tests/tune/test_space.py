@@ -285,3 +285,95 @@ def test_a_diverged_epoch_is_the_worst_score_to_tune_and_no_trials_best():
     assert _best_reported(SimpleNamespace(metrics_dataframe=first_fine, metrics=marked), "val_top1_error", "min") == 0.4
     fine = SimpleNamespace(metrics_dataframe=None, metrics={"val_top1_error": 0.03})
     assert _best_reported(fine, "val_top1_error", "min") == 0.03
+
+
+def test_a_dataset_on_the_command_line_brings_its_recipe_as_deepindex_train_does(tmp_path):
+    """Found on review: `deepindex tune data.dataset=digits` applied the override after the base config was built,
+    so the digits recipe (DATASET_RECIPES) that `deepindex train data.dataset=digits` starts from was left out:
+    its trials trained the default 20k canvases with the default ConvNet.  Now the recipe comes in under the
+    space's own base (default.yaml sets train.epochs: 8), as it comes in under a training YAML."""
+    spec = load_space("default", ["data.dataset=digits"])
+    assert spec.base.flat() == load_config(None, ["data.dataset=digits", "train.epochs=8"]).flat()
+    assert spec.base.data.train_size == 14000 and spec.base.model.channels == (16, 32, 64)
+    assert spec.base.schedule.step_size == 3 and spec.base.train.epochs == 8
+    # smoke's base sets its own size, model and epochs: they stay; what it leaves unset is the recipe's.
+    smoke = load_space("smoke", ["data.dataset=digits"]).base
+    assert (smoke.data.dataset, smoke.data.train_size, smoke.train.epochs) == ("digits", 6000, 5)
+    assert smoke.optim.lr == 0.02 and smoke.schedule.step_size == 3
+    # --config FILE: the same, the file's values over the recipe's.
+    recipe = tmp_path / "train.yaml"
+    recipe.write_text("train:\n  epochs: 3\n")
+    with_file = load_space("smoke", ["data.dataset=digits", "tune.seed_defaults=false"], config=recipe).base
+    assert with_file.flat() == load_config(recipe, ["data.dataset=digits"]).flat()
+    assert with_file.train.epochs == 3 and with_file.data.train_size == 14000 and with_file.optim.lr == 0.02
+
+
+def test_a_sweeps_base_is_command_line_over_space_file_over_recipe_over_defaults(tmp_path):
+    """The order every layer of a sweep's base config takes, the recipe brought in by a command-line dataset;
+    a section the space file gives as a mapping keeps its other keys when the command line sets one of them."""
+    space = tmp_path / "s.yaml"
+    space.write_text("base:\n  overrides:\n    train.epochs: 6\n    optim.lr: 0.03\n"
+                     "    data: {seed: 3, train_size: 5000}\n"
+                     "space:\n  model.dropout: {uniform: [0.1, 0.2]}\n")
+    base = load_space(str(space), ["data.dataset=digits", "data.train_size=3000", "schedule.step_size=2"]).base
+    assert base.data.dataset == "digits"
+    assert base.data.train_size == 3000 and base.schedule.step_size == 2  # the command line's, over file and recipe
+    assert base.train.epochs == 6 and base.optim.lr == 0.03 and base.data.seed == 3  # the file's, over the recipe
+    assert base.model.channels == (16, 32, 64) and base.model.embed_dim == 64  # the recipe's, over the defaults
+    assert base.data.val_size == 2000 and base.model.dropout == 0.3  # the defaults
+    # A section on the command line, a dotted key in the file: the command line's value, the file's others.
+    spec = load_space(str(space), ["data={train_size: 4000}"])
+    assert (spec.base.data.train_size, spec.base.data.seed, spec.base.data.dataset) == (4000, 3, "digit-scenes")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base:\n  overrides: [train.epochs=6]\nspace:\n  model.dropout: {uniform: [0.1, 0.2]}\n")
+    with pytest.raises(ConfigError, match=r"^base\.overrides: expected a mapping"):
+        load_space(str(bad))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tune.max_concurrent_trials=abc", "tune.max_concurrent_trials: must be an integer >= 0 (0: sized to the cluster), "
+                                       "got 'abc'"),
+    ("tune.max_concurrent_trials=1.5", "tune.max_concurrent_trials: must be an integer >= 0"),
+    ("tune.max_concurrent_trials=true", "tune.max_concurrent_trials: must be an integer >= 0"),
+    ("tune.max_concurrent_trials=-1", "tune.max_concurrent_trials: must be an integer >= 0"),
+    ("tune.trial_driver_cpus=abc", "tune.trial_driver_cpus: must be a number > 0 (the CPUs of each trial's driver), "
+                                   "got 'abc'"),
+    ("tune.trial_driver_cpus=true", "tune.trial_driver_cpus: must be a number > 0"),
+    ("tune.trial_driver_cpus=0", "tune.trial_driver_cpus: must be a number > 0"),
+    ("tune.trial_driver_cpus=.inf", "tune.trial_driver_cpus: must be a number > 0"),
+    ("tune.seed=abc", "tune.seed: must be an integer in [0, 4294967295], or null for an unseeded search, got 'abc'"),
+    ("tune.seed=true", "tune.seed: must be an integer"),
+    ("tune.seed=1.5", "tune.seed: must be an integer"),
+    ("tune.seed=-1", "tune.seed: must be an integer"),
+    ("tune.num_samples=true", "tune.num_samples: must be an integer >= 1, got True"),
+    ("tune.grace_period=true", "tune.grace_period: must be an integer in [1, 5] (train.epochs), got True"),
+    ("tune.reduction_factor=true", "tune.reduction_factor: must be an integer >= 2, got True"),
+])
+def test_an_ill_typed_sweep_setting_is_refused_naming_it(override, message):
+    """Found on review: an ill-typed `tune.*` setting was a TypeError naming no key (`'<' not supported`), or was
+    taken and failed after Ray had started (a seed of 'abc' in the searcher)."""
+    with pytest.raises(ConfigError) as e:
+        load_space("smoke", [override])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("name", [5, "", "  ", ["s"]])
+def test_a_sweep_name_is_text(name):
+    """Found on review: `name: 5` was taken, and the sweep's folder, Path(storage) / 5, failed after Ray started."""
+    with pytest.raises(ConfigError, match=r"^tune\.name: must be the sweep's name, a non-empty text"):
+        load_space("smoke", settings={"name": name})
+
+
+def test_sweep_settings_from_the_command_line_read_as_typed(capsys):
+    """`tune.name=5` (and `007`) names the sweep 5 (007), as `ray.name=007` names a run; an empty seed unseeds the
+    search; the command line refuses an ill-typed setting in one line, before Ray starts."""
+    from deepindex.cli import main
+
+    assert load_space("smoke", ["tune.name=5"]).settings.name == "5"
+    assert load_space("smoke", ["tune.name=007"]).settings.name == "007"
+    assert load_space("smoke", ["tune.name="]).settings.name is None
+    got = load_space("smoke", ["tune.seed=", "tune.trial_driver_cpus=1", "tune.max_concurrent_trials=0"]).settings
+    assert got.seed is None and got.trial_driver_cpus == 1 and got.max_concurrent_trials == 0
+    assert main(["tune", "--space", "smoke", "tune.max_concurrent_trials=abc"]) == 2
+    assert capsys.readouterr().err.strip() == ("deepindex tune: error: tune.max_concurrent_trials: must be an integer "
+                                               ">= 0 (0: sized to the cluster), got 'abc'")

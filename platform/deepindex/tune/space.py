@@ -21,6 +21,7 @@ of a range (and every choice) must be a valid value of that key: the error names
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,6 @@ from typing import Any, Literal
 from deepindex.config import (
     Config,
     ConfigError,
-    absolute_paths,
     did_you_mean,
     field_kind,
     load_config,
@@ -144,9 +144,9 @@ def parse_space(raw: dict[str, Any], path: str = "<space>", overrides: list[str]
     training YAML every trial starts from instead of the space's ``base`` section (``overrides`` still
     apply on top), so one space sweeps any collection's recipe.  An override ``tune.KEY=VALUE`` sets the
     space's sweep setting instead (``tune.seed_defaults=false``)."""
-    sweep_overrides = {k.split(".", 1)[1]: v for k, v in
-                       parse_overrides([o for o in overrides or [] if o.startswith("tune.")]).items()}
-    overrides = [o for o in overrides or [] if not o.startswith("tune.")]
+    sweep_overrides = _sweep_overrides([o for o in overrides or [] if o.startswith("tune.")])
+    # Parsed once, as `deepindex train` parses them; load_config then applies them over the base and the recipe.
+    cli = parse_overrides([o for o in overrides or [] if not o.startswith("tune.")])
     if not isinstance(raw, dict):
         raise ConfigError(f"space: {path} must hold a mapping with sections {', '.join(_SECTIONS)}")
     for k in raw:
@@ -162,11 +162,16 @@ def parse_space(raw: dict[str, Any], path: str = "<space>", overrides: list[str]
             # has no such file (a same-named file in the current folder was taken first; found on review).
             here = Path(path).parent / cfg_path
             cfg_path = str(here) if here.exists() or not Path(cfg_path).exists() else cfg_path
-        base = load_config(cfg_path, dict(base_raw.get("overrides") or {}))
+        file_overrides = base_raw.get("overrides") or {}
+        if not isinstance(file_overrides, dict):
+            raise ConfigError("base.overrides: expected a mapping of dotted keys to values (e.g. train.epochs: 8)")
+        # One load_config, as `deepindex train` runs it: the dataset's recipe (DATASET_RECIPES) under the
+        # space's base and the command line's overrides.  Applied after it, a `data.dataset=digits` on the
+        # command line left the digits recipe out (found on review).  Precedence: command line > the
+        # space's base.overrides > its base.config file > the recipe > the defaults.
+        base = load_config(cfg_path, _layer(file_overrides, cli))
     else:
-        base = load_config(config)
-    if overrides:
-        base = absolute_paths(base.override(overrides))
+        base = load_config(config, cli)  # command line > the --config file > the recipe > the defaults
 
     flat = base.flat()
     space_raw = raw.get("space") or {}
@@ -212,6 +217,33 @@ def parse_space(raw: dict[str, Any], path: str = "<space>", overrides: list[str]
     return SweepSpec(path, base, space, settings, raw)
 
 
+# Sweep settings that take free text: on the command line their value is the text as typed (`tune.name=007`
+# is the sweep 007, as `ray.name=007` is a run's; YAML read it as the number 7), an empty value or null unsets.
+_TEXT_SETTINGS = ("name",)
+
+
+def _sweep_overrides(items: list[str]) -> dict[str, Any]:
+    """``tune.KEY=VALUE`` items -> {KEY: value}, a value read as :func:`parse_overrides` reads one."""
+    out = {k.split(".", 1)[1]: v for k, v in parse_overrides(items).items()}
+    for item in items:
+        key, raw = item.split("=", 1)
+        name = key.strip().split(".", 1)[1]
+        if name in _TEXT_SETTINGS:
+            out[name] = None if raw == "" or raw.strip() in ("null", "Null", "NULL", "~") else raw
+    return out
+
+
+def _layer(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
+    """Overrides ``high`` over ``low``, as one mapping for :func:`load_config`: a section both give as a
+    mapping (``data: {seed: 3}``) is merged, and ``high``'s keys come after ``low``'s, so that a key one
+    gives dotted and the other inside its section takes ``high``'s value."""
+    out = dict(low)
+    for key, value in high.items():
+        below = out.pop(key, None)
+        out[key] = _layer(below, value) if isinstance(below, dict) and isinstance(value, dict) else value
+    return out
+
+
 def _check_in_space(key: str, dist: Dist, value: Any) -> None:
     """``tune.seed_defaults`` runs the base value of every searched key: it must lie in the space."""
     if dist.kind in ("choice", "grid"):
@@ -225,8 +257,16 @@ def _check_in_space(key: str, dist: Dist, value: Any) -> None:
                           "(tune.seed_defaults runs it as the first trial; tune.seed_defaults=false leaves it out)")
 
 
+def _integer(v: Any) -> bool:
+    """An integer, not a bool (YAML's ``true`` is Python's 1)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _check_settings(s: SweepSettings, space: dict[str, Dist], base: Config) -> None:
-    if not isinstance(s.num_samples, int) or s.num_samples < 1:
+    """Every setting's type and range, each a one-line ConfigError naming ``tune.KEY``: an ill-typed one was a
+    TypeError naming nothing (``tune.max_concurrent_trials=abc``), or was taken and failed after Ray started
+    (``tune.name=5``, ``tune.seed=abc``; found on review)."""
+    if not _integer(s.num_samples) or s.num_samples < 1:
         raise ConfigError(f"tune.num_samples: must be an integer >= 1, got {s.num_samples!r}")
     if s.search not in ("random", "grid", "optuna"):
         raise ConfigError(f"tune.search: must be random, grid or optuna, got {s.search!r}")
@@ -239,15 +279,25 @@ def _check_settings(s: SweepSettings, space: dict[str, Dist], base: Config) -> N
         raise ConfigError("tune.search: grid needs at least one `grid` distribution in space")
     epochs = space.get("train.epochs")
     max_t = int(max(epochs.samples())) if epochs else base.train.epochs
-    if not isinstance(s.grace_period, int) or not 1 <= s.grace_period <= max_t:
+    if not _integer(s.grace_period) or not 1 <= s.grace_period <= max_t:
         raise ConfigError(
             f"tune.grace_period: must be an integer in [1, {max_t}] (train.epochs), got {s.grace_period!r}")
-    if not isinstance(s.reduction_factor, int) or s.reduction_factor < 2:
+    if not _integer(s.reduction_factor) or s.reduction_factor < 2:
         raise ConfigError(f"tune.reduction_factor: must be an integer >= 2, got {s.reduction_factor!r}")
-    if s.max_concurrent_trials < 0:
-        raise ConfigError("tune.max_concurrent_trials: must be >= 0 (0: sized to the cluster)")
-    if not s.trial_driver_cpus > 0:
-        raise ConfigError("tune.trial_driver_cpus: must be > 0")
+    if not _integer(s.max_concurrent_trials) or s.max_concurrent_trials < 0:
+        raise ConfigError("tune.max_concurrent_trials: must be an integer >= 0 (0: sized to the cluster), "
+                          f"got {s.max_concurrent_trials!r}")
+    cpus = s.trial_driver_cpus
+    if not (isinstance(cpus, (int, float)) and not isinstance(cpus, bool) and math.isfinite(cpus) and cpus > 0):
+        raise ConfigError(f"tune.trial_driver_cpus: must be a number > 0 (the CPUs of each trial's driver), "
+                          f"got {cpus!r}")
+    if s.seed is not None and not (_integer(s.seed) and 0 <= s.seed < 2**32):
+        # Optuna's sampler and the random search's generator (numpy) take 0 .. 2**32 - 1.
+        raise ConfigError(f"tune.seed: must be an integer in [0, {2**32 - 1}], or null for an unseeded search, "
+                          f"got {s.seed!r}")
+    if s.name is not None and not (isinstance(s.name, str) and s.name.strip()):
+        raise ConfigError(f"tune.name: must be the sweep's name, a non-empty text (quote a number in YAML: "
+                          f"name: '5'), or null for a fresh one, got {s.name!r}")
     for flag in ("promote", "seed_defaults"):
         if not isinstance(getattr(s, flag), bool):
             raise ConfigError(f"tune.{flag}: must be true or false, got {getattr(s, flag)!r}")
