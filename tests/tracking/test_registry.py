@@ -389,3 +389,24 @@ def test_continuing_a_registered_run_trains_on_in_a_new_run_so_the_version_stays
     assert client.get_run(second).data.tags[TAG_CONTINUED_FROM] == first
     assert client.get_run(first).info.status == "FINISHED"  # the registered run is left as it was
     assert start(second) == second  # the new run has no version: it goes on in place
+
+
+def test_no_champion_is_told_apart_from_a_registry_that_does_not_answer(mlflow_server, tmp_path):
+    """alias_version read every MLflow failure as "no alias": a registry down or answering 5xx looked like a
+    model without a champion, and a promotion would hand the alias to a candidate compared with nothing
+    (found on review).  Only a missing model or alias is None now."""
+    from mlflow.exceptions import MlflowException
+
+    from deepindex.net import free_port
+    from deepindex.tracking.registry import alias_version, register_run, set_alias
+
+    client, exp, name = _registry(mlflow_server, tmp_path, "alias", "model")
+    assert alias_version(name, tracking_uri=mlflow_server.uri) is None  # no such model
+    run = client.create_run(exp).info.run_id
+    client.set_terminated(run)
+    version = register_run(run, name, mlflow_server.uri)
+    assert alias_version(name, tracking_uri=mlflow_server.uri) is None  # a model without the alias
+    set_alias(name, version, tracking_uri=mlflow_server.uri)
+    assert alias_version(name, tracking_uri=mlflow_server.uri) == version
+    with pytest.raises(MlflowException):  # nothing listens there: not "no champion"
+        alias_version(name, tracking_uri=f"http://127.0.0.1:{free_port()}")

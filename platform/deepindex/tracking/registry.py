@@ -185,13 +185,18 @@ def register_run(run_id: str, name: str, tracking_uri: str | None = None) -> str
 
 
 def alias_version(name: str, alias: str = CHAMPION, tracking_uri: str | None = None) -> str | None:
-    """The version ``models:/NAME@ALIAS`` names, or None when the alias (or the model) does not exist."""
+    """The version ``models:/NAME@ALIAS`` names, or None when the alias (or the model) does not exist.
+    Any other failure (the server down, a 5xx, a refused permission) is raised: read as "no champion
+    yet", it let a promotion hand the alias to a candidate compared with nothing (found on review)."""
     from mlflow.exceptions import MlflowException
 
     try:
         return str(mlflow_client(tracking_uri).get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as e:
+        # No such model: RESOURCE_DOES_NOT_EXIST; a model without that alias: INVALID_PARAMETER_VALUE.
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def set_alias(name: str, version: str, alias: str = CHAMPION, tracking_uri: str | None = None) -> None:
