@@ -410,3 +410,27 @@ def test_no_champion_is_told_apart_from_a_registry_that_does_not_answer(mlflow_s
     assert alias_version(name, tracking_uri=mlflow_server.uri) == version
     with pytest.raises(MlflowException):  # nothing listens there: not "no champion"
         alias_version(name, tracking_uri=f"http://127.0.0.1:{free_port()}")
+
+
+def test_a_version_of_another_registry_is_not_served_from_the_cache(mlflow_server, splits, tmp_path):
+    """Downloaded versions were cached under NAME/VERSION alone: version 1 of `deepindex` on a second server
+    (or one deleted and registered again) resolved to the first server's file (found on review).  The folder
+    keeps where its version came from; another origin downloads its own."""
+    from mlflow.tracking import MlflowClient
+
+    from deepindex.checkpoint import checkpoint_version
+    from deepindex.tracking.registry import register_run, resolve_model
+
+    client, exp, name = _registry(mlflow_server, tmp_path, "two-registries", "model")
+    other_uri = f"sqlite:///{tmp_path / 'other.db'}"
+    other = MlflowClient(other_uri, registry_uri=other_uri)
+    other_exp = other.create_experiment("other", artifact_location=str(tmp_path / "other-artifacts"))
+    assert register_run(_candidate(client, exp, splits, tmp_path / "a", epochs=0, seed=1), name,
+                        mlflow_server.uri) == "1"
+    assert register_run(_candidate(other, other_exp, splits, tmp_path / "b", epochs=0, seed=2), name, other_uri) == "1"
+    here = resolve_model(f"models:/{name}/1", mlflow_server.uri)
+    first = checkpoint_version(here.checkpoint_path)
+    there = resolve_model(f"models:/{name}/1", other_uri)
+    assert there.checkpoint_path == here.checkpoint_path  # one cache folder per name and version ...
+    assert checkpoint_version(there.checkpoint_path) != first  # ... holding the version of the registry asked
+    assert checkpoint_version(resolve_model(f"models:/{name}/1", mlflow_server.uri).checkpoint_path) == first

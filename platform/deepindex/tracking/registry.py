@@ -63,14 +63,16 @@ def resolve_model(model_uri: str, tracking_uri: str | None = None) -> ResolvedMo
     """``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a local checkpoint path -> a local checkpoint.
 
     Registry versions are downloaded once into ``<state dir>/models/NAME/VERSION`` (a version's
-    artifacts never change) and loaded from there afterwards.  A path resolves with name ``local``
+    artifacts never change) and loaded from there afterwards; the folder's ``origin.json`` names the
+    registry and run it came from, and another registry's (or run's) version of the same name and
+    number replaces it.  A path resolves with name ``local``
     and version ``file-`` + 12 hex digits of its sha256 (:func:`deepindex.checkpoint.checkpoint_version`).
     """
     if not model_uri.startswith("models:/"):
         f = _checkpoint_at(model_uri)
         return ResolvedModel(str(f.resolve()), LOCAL, checkpoint_version(f))
     client, mv = _lookup(model_uri, tracking_uri)
-    return ResolvedModel(str(_download(client, mv) / FILENAME), mv.name, str(mv.version))
+    return ResolvedModel(str(_download(client, mv, tracking_uri) / FILENAME), mv.name, str(mv.version))
 
 
 def require_model(model_uri: str, tracking_uri: str | None = None) -> None:
@@ -125,12 +127,30 @@ class ModelGone(ValueError):
     (:class:`deepindex.checkpoint` format): what promotion treats as no champion.  An outage is not one."""
 
 
-def _download(client: MlflowClient, mv: ModelVersion) -> Path:
+ORIGIN = "origin.json"  # in a downloaded version's folder: which registry's version, from which run
+
+
+def _origin(mv: ModelVersion, tracking_uri: str | None) -> dict[str, str | None]:
+    from deepindex.tracking.uri import resolve_tracking_uri
+
+    return {"tracking_uri": tracking_uri or resolve_tracking_uri(warn=False), "run_id": mv.run_id,
+            "source": mv.source}
+
+
+def _download(client: MlflowClient, mv: ModelVersion, tracking_uri: str | None = None) -> Path:
     from deepindex.paths import state_dir
 
     dest = state_dir() / "models" / mv.name / str(mv.version)
+    origin = _origin(mv, tracking_uri)
     if (dest / FILENAME).is_file():
-        return dest
+        # The same name and version on another server (or after the model was deleted and registered
+        # again) is another model: it was served from this folder (found on review).  A folder from before
+        # the origin was kept is downloaded again, once.
+        held = _held(dest)
+        if held == origin:
+            return dest
+        log.info("model: %s version %s in the cache came from %s; downloading the one of %s", mv.name,
+                 mv.version, (held or {}).get("tracking_uri", "an unrecorded registry"), origin["tracking_uri"])
     dest.parent.mkdir(parents=True, exist_ok=True)
     if not mv.run_id:  # a version registered from a bare artifact location, not from a run
         raise ModelGone(f"model: version {mv.version} of {mv.name} has no run to download {ARTIFACT_DIR}/ from")
@@ -147,12 +167,29 @@ def _download(client: MlflowClient, mv: ModelVersion) -> Path:
                             f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
         if not (got / FILENAME).is_file():
             raise ModelGone(f"model: version {mv.version} of {mv.name} holds no {FILENAME}")
-        if dest.exists():  # downloaded meanwhile by another process
-            return dest
-        os.replace(got, dest)  # atomic: a reader sees no half-downloaded checkpoint
+        (got / ORIGIN).write_text(json.dumps(origin, sort_keys=True))
+        if dest.exists():
+            if (dest / FILENAME).is_file() and _held(dest) == origin:  # downloaded meanwhile by another process
+                return dest
+            from deepindex.atomic import swap_dir
+
+            def fill(tmp_dir: Path) -> None:  # the checkpoint last: swap_dir's mark of a complete folder
+                for f in sorted(got.iterdir(), key=lambda q: q.name == FILENAME):
+                    os.replace(f, tmp_dir / f.name)
+
+            swap_dir(dest, fill, FILENAME)  # a reader of the old folder keeps its open file
+        else:
+            os.replace(got, dest)  # atomic: a reader sees no half-downloaded checkpoint
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _held(dest: Path) -> dict[str, str | None] | None:
+    try:
+        return dict(json.loads((dest / ORIGIN).read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def download_run_checkpoint(run_id: str, dest: str | Path, tracking_uri: str | None = None) -> Path:
