@@ -434,3 +434,23 @@ def test_a_version_of_another_registry_is_not_served_from_the_cache(mlflow_serve
     assert there.checkpoint_path == here.checkpoint_path  # one cache folder per name and version ...
     assert checkpoint_version(there.checkpoint_path) != first  # ... holding the version of the registry asked
     assert checkpoint_version(resolve_model(f"models:/{name}/1", mlflow_server.uri).checkpoint_path) == first
+
+
+def test_a_run_continued_with_more_epochs_says_what_it_goes_on_with(mlflow_server, tmp_path):
+    """MLflow params are written once: a run continued with train.epochs=10 kept train.epochs=5 in its params
+    and its config.yaml, the values it no longer ran (found on review).  Each changed key is a tag with its
+    value now, and config.yaml is the config the run goes on with."""
+    import yaml
+
+    from deepindex.tracking.tracker import RUN_ID_KEY, TAG_RESUMED, Tracker
+
+    client, exp, _ = _registry(mlflow_server, tmp_path, "resumed", "model")
+    first = Tracker(mlflow_server.uri, exp, "t1")
+    run_id = first.start(load_config(None, [*TINY, "train.epochs=5"]), {})[RUN_ID_KEY]
+    again = Tracker(mlflow_server.uri, exp, "t1")
+    assert again.start(load_config(None, [*TINY, "train.epochs=10"]), {RUN_ID_KEY: run_id})[RUN_ID_KEY] == run_id
+    data = client.get_run(run_id).data
+    assert data.params["train.epochs"] == "5"  # written once
+    assert {k: v for k, v in data.tags.items() if k.startswith(TAG_RESUMED)} == {f"{TAG_RESUMED}.train.epochs": "10"}
+    config = yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path))).read_text())
+    assert config["train"]["epochs"] == 10

@@ -35,6 +35,9 @@ RUN_ID_KEY = "mlflow_run_id"
 TAG_TRAIN_NAME = "deepindex.train_name"
 # On a run that continues the training of a run holding a registered model version: that run's id.
 TAG_CONTINUED_FROM = "deepindex.continued_from"
+# A continued run's keys that changed since it started (its params keep the first values): the prefix of
+# their tags, deepindex.resumed.train.epochs = 10.
+TAG_RESUMED = "deepindex.resumed"
 # MLflow's HTTP client retries for minutes by default; a dead server must cost seconds.  And it
 # prints "View run ... / View experiment ..." on stdout for every run it ends and a progress bar
 # for every download: our commands say where the runs are once, not per trial.
@@ -119,6 +122,7 @@ class Tracker:
             if run_id and not registered and self._exists(run_id):
                 self.run_id = run_id
                 self.client.update_run(run_id, status="RUNNING")
+                self._log_resumed_config(cfg)
                 log.info("continuing MLflow run %s", run_id)
             else:
                 if registered:
@@ -153,6 +157,26 @@ class Tracker:
         batch = [Metric(k, v, now, step or 0) for k, v in values.items()]
         for i in range(0, len(batch), 500):  # the REST API takes at most 1000 per call
             self.client.log_batch(self.run_id, metrics=batch[i:i + 500])
+
+    def _log_resumed_config(self, cfg: Config) -> None:
+        """A run continued with keys a resume may change (``train.epochs``, ``ray.*``, ``train.threads``,
+        ``tracking.*``): MLflow params are written once, so they keep the values the run started with and
+        each changed key is a tag ``deepindex.resumed.KEY`` with its value now; ``config.yaml`` is the config
+        the run goes on with.  The params alone said what it no longer ran (found on review)."""
+        import yaml
+        from mlflow.entities import RunTag
+
+        assert self.run_id is not None
+        params = self.client.get_run(self.run_id).data.params
+        changed = {k: param_value(v) for k, v in sorted(cfg.flat().items())
+                   if k in params and params[k] != param_value(v)}
+        if not changed:
+            return
+        tags = [RunTag(f"{TAG_RESUMED}.{k}", v[:5000]) for k, v in changed.items()]
+        for i in range(0, len(tags), 100):
+            self.client.log_batch(self.run_id, tags=tags[i:i + 100])
+        self.client.log_text(self.run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+        log.info("MLflow run %s continues with %s", self.run_id, ", ".join(f"{k}={v}" for k, v in changed.items()))
 
     def _registered(self, run_id: str) -> bool:
         """Whether a model version was registered from run ``run_id`` (its checkpoint must not change)."""
