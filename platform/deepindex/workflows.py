@@ -379,7 +379,14 @@ def sync_journals(storage: str | Path | None = None, tracking_uri: str | None = 
         name = str(end.get("run_name") or j.parent.name)
         cfg = from_dict(start["config"] if start else read_checkpoint(end["checkpoint"])["config"])
         exp_id = get_or_create_experiment(client, cfg.tracking.experiment)
-        tracker = Tracker(uri, exp_id, name, tags=run_tags(cfg), offline_path=str(j))
+        # A sweep's trial is created under the sweep's parent run with its trial tags (named_run finds it
+        # there if the sweep, run again, made it first): created on its own, it was an orphan, and the
+        # sweep run again made a second run of the trial without its epochs (found on review).
+        parent = end.get("parent_run_id") or next((r["parent_run_id"] for r in records if r.get("parent_run_id")),
+                                                  None)
+        own_tags = next((r["tags"] for r in records if r.get("parent_run_id") and r.get("tags")), {})
+        tracker = Tracker(uri, exp_id, name, tags={**run_tags(cfg), **own_tags}, parent_run_id=parent,
+                          offline_path=str(j))
         if run_id is None:  # the server was down from the start: the run is created now
             run_id = tracker.start(cfg, {}).get(RUN_ID_KEY)
         tracker.run_id = run_id

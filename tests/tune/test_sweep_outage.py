@@ -89,3 +89,49 @@ def test_a_trial_that_started_while_the_server_was_down_gets_its_run_under_the_s
     assert child.data.metrics["test_map"] == pytest.approx(expected)
     assert [m.step for m in client.get_metric_history(child.info.run_id, "val_map")] == [0, 1]  # the journaled epochs
     assert client.get_run(parent).data.tags["best_run_id"] == child.info.run_id  # what promote --sweep takes
+
+
+def test_a_trial_never_tracked_and_synced_after_the_sweep_is_its_child_run_once(small_model, mlflow_server, tmp_path):
+    """A trial that started and ended while the server was down (the sweep too): `deepindex tracking sync`
+    made its run on its own, outside the sweep, and the sweep run again made a second run of the trial
+    without its epochs (found on review).  Sync now makes it the sweep's child with its trial tags, and the
+    sweep run again finds it there."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from deepindex.checkpoint import load_model, save_checkpoint
+    from deepindex.tracking.sweep import SWEEP_TAG, TRIAL_TAG
+    from deepindex.tracking.tracker import JOURNAL
+    from deepindex.tune.driver import SweepOutcome, TrialSummary, _record
+    from deepindex.workflows import sync_journals
+
+    client = MlflowClient(mlflow_server.uri)
+    lm = load_model(small_model)
+    cfg = lm.config.override({"tracking.experiment": f"never-{tmp_path.name}"})
+    exp = client.create_experiment(cfg.tracking.experiment)
+    parent = client.create_run(exp, run_name="sweep").info.run_id
+    storage = tmp_path / "ray"
+    trial_dir = storage / "sweep" / "train" / "t1"
+    for epoch in (0, 1):  # checkpoints without a run id: the trial never reached the server
+        save_checkpoint(trial_dir / f"checkpoint_00000{epoch}", model=lm.model, config=cfg, stats=lm.stats,
+                        concepts=lm.concepts, multilabel=lm.multilabel, epoch=epoch, metrics={"val_map": 0.5 + epoch})
+    (trial_dir / JOURNAL).write_text("".join(json.dumps(
+        {"kind": "epoch", "time": 1.0 + e, "run_name": "t1", "run_id": None, "step": e,
+         "metrics": {"val_map": 0.5 + e}}) + "\n" for e in (0, 1)))
+    trial = TrialSummary("t1", {}, 1.5, 2, False, "TERMINATED")
+    outcome = SweepOutcome("sweep", str(storage / "sweep"), "val_map", "max", [trial], trial, parent, 1.0, False)
+
+    _record(outcome, f"http://127.0.0.1:{free_port()}", 2)  # the sweep ends with the server down
+    (synced,) = sync_journals(storage, mlflow_server.uri)  # the server back
+    assert synced.status == "synced" and synced.epochs == 2
+    (child,) = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
+    assert child.info.run_id == synced.run_id and child.info.status == "FINISHED"
+    assert (child.data.tags[TRIAL_TAG], child.data.tags[SWEEP_TAG]) == ("t1", "sweep")
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "val_map")] == [0, 1]
+
+    trial.run_id = None
+    _record(outcome, mlflow_server.uri, 2)  # the sweep run again under its name, the server up
+    assert [r.info.run_id for r in client.search_runs([exp], "")] in (
+        [child.info.run_id, parent], [parent, child.info.run_id])  # no second run of the trial
+    assert client.get_run(parent).data.tags["best_run_id"] == child.info.run_id

@@ -243,8 +243,11 @@ class Tracker:
             p = Path(self.offline_path)
             p.parent.mkdir(parents=True, exist_ok=True)
             with p.open("a") as f:
+                # The parent and tags too: a run created from the journal later (`deepindex tracking sync`)
+                # is a sweep's trial under its parent run, not a run of its own beside it (found on review).
+                where = {"parent_run_id": self.parent_run_id, "tags": self.tags} if self.parent_run_id else {}
                 f.write(json.dumps({"kind": kind, "time": time.time(), "run_name": self.run_name,
-                                    "run_id": self.run_id, **fields}) + "\n")
+                                    "run_id": self.run_id, **where, **fields}) + "\n")
         except OSError as e:
             log.debug("tracking journal %s not written: %s", self.offline_path, e)
 

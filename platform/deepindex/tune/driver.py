@@ -444,6 +444,7 @@ def _journal_ends(outcome: SweepOutcome, uri: str, train_storage: Path) -> None:
     to its journal (beside its epochs, journaled by its worker), for ``deepindex tracking sync`` (or
     the next command) to log into its run; the sweep's summary and promotion wait for the sweep to
     be run again under its name."""
+    from deepindex.tracking.sweep import SWEEP_TAG, TRIAL_TAG
     from deepindex.tracking.tracker import Tracker
     from deepindex.workflows import finalize_run
 
@@ -452,8 +453,11 @@ def _journal_ends(outcome: SweepOutcome, uri: str, train_storage: Path) -> None:
         if t.status != "TERMINATED" or best is None:
             continue
         journal = _journal(train_storage, t.trial_id)
-        finalize_run(Tracker(uri, "", t.trial_id, offline_path=journal, disabled=True), best, latest, t.trial_id,
-                     status=t.end_status)
+        # With the parent and the trial's tags, so that sync makes a trial that never reached the server a
+        # child of the sweep (tracker.journal writes them).
+        tracker = Tracker(uri, "", t.trial_id, tags={SWEEP_TAG: outcome.name, TRIAL_TAG: t.trial_id},
+                          parent_run_id=outcome.parent_run_id, offline_path=journal, disabled=True)
+        finalize_run(tracker, best, latest, t.trial_id, status=t.end_status)
     log.warning("MLflow server %s is unreachable at the end of sweep %s: its trials' results are journaled under "
                 "%s; `deepindex tracking sync` logs them once it is back, and running the sweep again under its "
                 "name records its best trial and promotes it", uri, outcome.name, train_storage)
