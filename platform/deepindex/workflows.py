@@ -384,7 +384,7 @@ def sync_journals(storage: str | Path | None = None, tracking_uri: str | None = 
         # sweep run again made a second run of the trial without its epochs (found on review).
         parent = end.get("parent_run_id") or next((r["parent_run_id"] for r in records if r.get("parent_run_id")),
                                                   None)
-        own_tags = next((r["tags"] for r in records if r.get("parent_run_id") and r.get("tags")), {})
+        own_tags: dict[str, str] = next((r["tags"] for r in records if r.get("parent_run_id") and r.get("tags")), {})
         tracker = Tracker(uri, exp_id, name, tags={**run_tags(cfg), **own_tags}, parent_run_id=parent,
                           offline_path=str(j))
         if run_id is None:  # the server was down from the start: the run is created now
