@@ -120,3 +120,29 @@ def test_index_build_names_a_bad_number_before_anything_starts(flag: str, value:
         main(["index", "build", flag, value])
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"deepindex index build: error: argument {flag}: {message}"
+
+
+@pytest.mark.timeout(120)
+def test_build_out_refuses_a_folder_that_is_not_an_index(small_model, tmp_path, capsys):
+    """`index build --out DIR` replaced DIR whole: given the collection's folder of indexes (or any folder of
+    the user's), it removed every version's index and the service's state, or the user's files (found on
+    review).  A folder that holds files and no index is refused before anything is embedded; an index is
+    replaced; a new or empty folder takes it."""
+    from deepindex.cli import main
+
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "holiday.jpg").write_bytes(b"the user's photo")
+    assert main(["index", "build", "--model", str(small_model), "--local", "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (f"deepindex index: error: --out: {mine} holds files and is not an index "
+                                            "(no manifest.json); writing the index there would replace them: give a "
+                                            "new or empty folder"), err
+    assert sorted(p.name for p in mine.iterdir()) == ["holiday.jpg", "sub"]  # untouched
+    from deepindex.index.store import MANIFEST, check_index_target
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / MANIFEST).write_text("{}")
+    for fine in ("new", "empty", "index"):  # (building into them: test_cli_build_and_info, the lifecycle tests)
+        check_index_target(tmp_path / fine)

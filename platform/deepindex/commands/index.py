@@ -47,8 +47,11 @@ def run_build(args: argparse.Namespace) -> int:
     # What a user can get wrong is refused in one line before Ray starts or is joined (as train, tune
     # and serve do): the model is there (looked up, not downloaded) and so is the collection.
     from deepindex.collection import CollectionStore
+    from deepindex.index.store import check_index_target
     from deepindex.tracking.registry import require_model
 
+    if args.out:
+        check_index_target(args.out)
     require_model(args.model, args.tracking_uri)
     CollectionStore.open(args.collection, create=False)
     if not args.local:

@@ -21,7 +21,7 @@ import numpy as np
 
 from deepindex.collection import CollectionStore, Item
 from deepindex.console import Progress
-from deepindex.index.store import IndexStore, index_dir_name
+from deepindex.index.store import IndexStore, check_index_target, index_dir_name
 from deepindex.index.vectors import VectorConfig, feature_name
 from deepindex.tracking.registry import ResolvedModel, resolve_model
 
@@ -162,6 +162,8 @@ def build_index(model_uri: str, *, collection: str = "digit-scenes", out: str | 
     from deepindex.checkpoint import load_model
 
     start = time.perf_counter()
+    if out is not None:
+        check_index_target(out)  # before the embedding: refused at once, not after minutes of work
     cfg = vector_cfg or VectorConfig()
     resolved = resolve_model(model_uri, tracking_uri)
     lm = load_model(resolved.checkpoint_path)

@@ -379,6 +379,18 @@ def _parse_delta(data: bytes, start: int, after: int | None = None) -> tuple[lis
     return changes, at, None
 
 
+def check_index_target(path: str | Path) -> None:
+    """That ``path`` may take an index: new, empty, or an index (replaced whole by :meth:`IndexStore.save`).
+    Anything else is refused: the swap removed what the folder held (found on review: ``index build --out``
+    given the collection's folder removed every version's index and the service's state)."""
+    p = Path(path)
+    if p.is_dir() and not (p / MANIFEST).is_file() and any(p.iterdir()):
+        raise ValueError(f"--out: {p} holds files and is not an index (no {MANIFEST}); writing the index there "
+                         "would replace them: give a new or empty folder")
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"--out: {p} is a file, not a folder")
+
+
 class IndexStore:
     """A loaded index: vector indexes per feature, probabilities, ids and labels, and the delta."""
 
@@ -536,6 +548,7 @@ class IndexStore:
 
     def save(self, path: str | Path) -> Path:
         """Write a base holding every live item (the delta folded in) atomically; the new folder has no delta."""
+        check_index_target(path)
         live = np.flatnonzero(self.alive)
         specs = {}
         vectors: dict[str, VectorIndex] = {}
