@@ -33,6 +33,11 @@ OLD_GRACE_S = 5.0  # an old pair stays loaded this long after the last model rep
 SETTLE_POLL_S = 0.2  # how often a switch checks whether the model replicas have moved
 
 
+# Changes of the collection made outside the service, applied to the served indexes at most this many at a
+# time under the write lock (Rollover._follow_collection).
+FOLLOW_BATCH = 256
+
+
 class Rollover:
     def __init__(self, server: IndexServer, clock: Callable[[], float] = time.monotonic):
         from deepindex.index.build import collection_dir
@@ -134,9 +139,31 @@ class Rollover:
         except Exception as e:  # noqa: BLE001 - no saved pair to serve: the loop picks a version
             log.warning("rollover: the saved pair %s could not be restored (%s)", st, e)
 
+    def _follow_collection(self) -> None:
+        """Apply the collection's changes made outside this service (``deepindex collection add | rm |
+        import``, the k8s import Job) to the served indexes: only this service's own HTTP writes did, so a
+        deleted item stayed in search results and an imported one never came, until the next HTTP write
+        (found on review).  Under the write lock, as those writes; a failure is said, and retried next time."""
+        s = self.server
+        served = s.pairs.get(s.serving) if s.serving else None
+        if served is None or s.store.head() <= served.index.seq:
+            return
+        try:
+            while True:  # a batch at a time: an import of thousands holds the service's own writes no longer
+                with s._write:
+                    head, seq = s.store.head(), served.index.seq
+                    if head <= seq:
+                        break
+                    s._sync_all(min(head, seq + FOLLOW_BATCH))
+            log.info("rollover: applied the collection's changes up to %d made outside the service", head)
+        except Exception as e:  # noqa: BLE001 - the served index stays as it was; the next step tries again
+            log.warning("rollover: the collection's changes made outside the service not applied yet: %s: %s",
+                        type(e).__name__, e)
+
     def _step(self) -> None:
         from deepindex.tracking.registry import LOCAL, resolve_model
 
+        self._follow_collection()  # first: a registry that does not answer must not hold it up
         a = self.server.args
         r = resolve_model(a.model, a.tracking_uri)
         ref = f"models:/{r.name}/{r.version}" if r.name != LOCAL else a.model

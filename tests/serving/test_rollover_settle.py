@@ -9,6 +9,7 @@ replica that lags.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -24,9 +25,16 @@ class _IndexServerStandIn:
         self.pairs: dict[str, object] = {"1": object(), "2": object()}  # version 2 just switched to
         self.serving = "2"
         self.reports: dict[str, str] = {}  # model replica -> the version it answers with
+        self.store = SimpleNamespace(head=lambda: 0)  # the collection: no change since any index's snapshot
 
     def model_versions(self) -> dict[str, str]:
         return dict(self.reports)
+
+
+class _EmptyIndex(list):
+    """An index of no item at the collection's start (what the rollover reads of one: its length, its seq)."""
+
+    seq = 0
 
 
 class _Clock:
@@ -106,14 +114,14 @@ def test_the_same_version_of_another_model_name_is_a_new_model(tmp_path: Path, m
     from deepindex.tracking import registry
 
     server = _IndexServerStandIn(tmp_path)
-    server.pairs = {"1": SimpleNamespace(name="deepindex", version="1")}
+    server.pairs = {"1": SimpleNamespace(name="deepindex", version="1", index=_EmptyIndex())}
     server.serving = "1"
     r = Rollover(server)  # type: ignore[arg-type]
     prepared: list[dict[str, str]] = []
     monkeypatch.setattr(registry, "resolve_model", lambda uri, tracking_uri=None: registry.ResolvedModel(
         "/m/checkpoint.pt", "photos", "1"))
     monkeypatch.setattr(r, "_prepare", lambda target, build: prepared.append(dict(target)) or SimpleNamespace(
-        name=target["name"], version=target["version"], index=[]))
+        name=target["name"], version=target["version"], index=_EmptyIndex()))
     monkeypatch.setattr(r, "_activate", lambda pair, reason: server.pairs.update({pair.version: pair}))
     monkeypatch.setattr(r, "_gc", lambda: None)
     r._step()
@@ -157,3 +165,60 @@ def test_a_restart_does_not_restore_a_checkpoint_path_replaced_in_place(tmp_path
     assert [r.getMessage() for r in caplog.records] == [
         f"rollover: the saved pair {{'name': '{LOCAL}', 'version': '{old}', 'ref': '{ckpt}'}} could not be restored "
         f"({ckpt} now holds version {new} of {LOCAL}, not {old} (replaced in place))"]
+
+
+@pytest.mark.timeout(60)
+def test_changes_made_outside_the_service_reach_the_served_index(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`deepindex collection rm` (or add, import, the k8s import Job) changes the catalogue behind the
+    service's back: only its own HTTP writes caught the served index up, so a deleted item stayed in search
+    results until the next HTTP write (found on review).  Each step of the rollover applies them now, under
+    the write lock, before it looks at the model URI (a registry that does not answer must not hold it up).
+    The collection is real; the index replica is the stand-in, recording the catch-ups it is asked for."""
+    import threading
+
+    import numpy as np
+
+    from deepindex.collection import CollectionStore
+    from deepindex.collection.imports import png_bytes
+    from deepindex.tracking import registry
+
+    store = CollectionStore.open("photos", blobs_url=str(tmp_path / "blobs"))
+    for i in range(3):
+        store.add(f"p{i}", png_bytes(np.full((8, 8), 40 * i, np.uint8)), tags=["a"])
+    server = _IndexServerStandIn(tmp_path)
+    index = SimpleNamespace(seq=store.head())
+    server.pairs, server.serving = {"1": SimpleNamespace(name="m", version="1", index=index)}, "1"
+    server.store, server._write = store, threading.RLock()
+    synced: list[tuple[int, bool]] = []
+
+    def sync_all(upto: int) -> None:
+        synced.append((upto, server._write._is_owned()))  # type: ignore[attr-defined]
+        index.seq = upto
+
+    server._sync_all = sync_all
+    r = Rollover(server)  # type: ignore[arg-type]
+    monkeypatch.setattr(registry, "resolve_model", lambda uri, tracking_uri=None: registry.ResolvedModel(
+        "/m/checkpoint.pt", "m", "1"))
+    r._step()
+    assert synced == []  # nothing changed since the index's snapshot
+    store.delete("p1")  # what `deepindex collection rm photos p1` does, in another process
+    r._step()
+    assert synced == [(store.head(), True)] and r.phase == "idle"
+    r._step()
+    assert len(synced) == 1  # caught up: nothing more
+    monkeypatch.setattr("serving.rollover.FOLLOW_BATCH", 2)  # an import: a few changes at a time, the lock let go
+    start = store.head()
+    for i in (10, 11, 12):
+        store.add(f"p{i}", png_bytes(np.full((8, 8), i, np.uint8)))
+    r._step()
+    assert synced[1:] == [(start + 2, True), (start + 3, True)]
+
+    def registry_down(uri: str, tracking_uri: str | None = None) -> None:
+        raise OSError("the registry does not answer")
+
+    monkeypatch.setattr(registry, "resolve_model", registry_down)
+    store.add("p3", png_bytes(np.full((8, 8), 200, np.uint8)))
+    with pytest.raises(OSError):
+        r._step()
+    assert synced[-1] == (store.head(), True)  # applied before the model URI was looked at
