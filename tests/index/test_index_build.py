@@ -146,3 +146,25 @@ def test_build_out_refuses_a_folder_that_is_not_an_index(small_model, tmp_path, 
     (tmp_path / "index" / MANIFEST).write_text("{}")
     for fine in ("new", "empty", "index"):  # (building into them: test_cli_build_and_info, the lifecycle tests)
         check_index_target(tmp_path / fine)
+
+
+@pytest.mark.timeout(120)
+def test_probs_listed_among_the_features_is_the_index_probs_not_an_error(small_model, tmp_path):
+    """The README's `index build --features penultimate,probs` and a service's `features: [output]` were
+    refused ("'probs' is not a descriptor"), and a service listing it retried its build forever (found on
+    review).  probs is in every index: listed, it is not stored twice; listed alone, it is one line."""
+    from deepindex.collection import CollectionStore
+    from deepindex.collection.imports import png_bytes
+    from deepindex.index.build import build_index
+    from deepindex.index.store import IndexStore
+
+    store = CollectionStore.open("few", blobs_url=str(tmp_path / "blobs"))
+    for i in range(4):
+        store.add(f"x{i}", png_bytes(np.random.default_rng(i).integers(0, 255, (32, 32), dtype=np.uint8)))
+    r = build_index(str(small_model), collection="few", out=tmp_path / "ix", features=["output", "penultimate"],
+                    use_ray=False)
+    assert r.features == ["penultimate"] and r.count == 4
+    index = IndexStore.load(r.path)
+    assert set(index.manifest.features) == {"penultimate"} and index.probs.shape[0] == 4
+    with pytest.raises(ValueError, match=r"^features: probs \(output\) is in every index; list the descriptors"):
+        build_index(str(small_model), collection="few", out=tmp_path / "ix2", features=["probs"], use_ray=False)

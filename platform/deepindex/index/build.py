@@ -167,12 +167,19 @@ def build_index(model_uri: str, *, collection: str = "digit-scenes", out: str | 
     cfg = vector_cfg or VectorConfig()
     resolved = resolve_model(model_uri, tracking_uri)
     lm = load_model(resolved.checkpoint_path)
-    names = [feature_name(f) for f in features or DEFAULT_FEATURES]
     known = lm.model.feature_points()
-    bad = [f for f in names if f not in known or f in ("probs", "logits")]
+    descriptors = ", ".join(f for f in known if f not in ("probs", "logits"))
+    # probs (output) is in every index (the concept-probability matrix keyword search and feature=probs read):
+    # listed, as the README's `--features penultimate,probs` and a service's `features: [output]` do, it is not
+    # stored twice (it was refused, and a service listing it retried its build forever; found on review).
+    names = [f for f in dict.fromkeys(feature_name(f) for f in features or DEFAULT_FEATURES) if f != "probs"]
+    if not names:
+        raise ValueError(f"features: probs (output) is in every index; list the descriptors to keep beside it "
+                         f"({descriptors})")
+    bad = [f for f in names if f not in known or f == "logits"]
     if bad:
         raise ValueError(f"features: {bad[0]!r} is not a descriptor of this model; choose from "
-                         f"{', '.join(f for f in known if f not in ('probs', 'logits'))} (or probs via keywords)")
+                         f"{descriptors} (or probs via keywords)")
     store = CollectionStore.open(collection, catalogue_url, blobs_url, create=False)
     seq = store.head() if upto is None else upto
     items = list(store.snapshot(seq))  # ids, hashes and tags only: cheap even at 100k items
