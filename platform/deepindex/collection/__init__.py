@@ -7,6 +7,7 @@ Importers for the digit-scenes gallery, an image folder and a tag manifest are i
 """
 from deepindex.collection.store import (
     AddResult,
+    BlobStoreMismatch,
     Change,
     CollectionStore,
     DuplicateItem,
@@ -15,4 +16,5 @@ from deepindex.collection.store import (
     list_collections,
 )
 
-__all__ = ["AddResult", "Change", "CollectionStore", "DuplicateItem", "Item", "UnknownItem", "list_collections"]
+__all__ = ["AddResult", "BlobStoreMismatch", "Change", "CollectionStore", "DuplicateItem", "Item", "UnknownItem",
+           "list_collections"]

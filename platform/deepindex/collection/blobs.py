@@ -63,6 +63,27 @@ def public_blobs_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+def local_blobs_path(url: str) -> str | None:
+    """The folder a local blob store's URL names, as written (a plain path or ``file://`` URL; ``~``
+    expanded, not made absolute); None for a remote one (``s3://``, ``memory://``, ...)."""
+    parts = urlsplit(str(url))
+    if parts.scheme == "file":
+        return os.path.expanduser(parts.path)
+    if not parts.scheme or (len(parts.scheme) == 1 and os.name == "nt"):
+        return os.path.expanduser(str(url))
+    return None
+
+
+def blobs_location(url: str) -> str:
+    """Where a blob store's bytes are, for comparing two URLs of one: a local folder as its absolute path
+    (symlinks resolved; a relative one against the working directory), a remote URL without
+    credentials, query or trailing slash."""
+    path = local_blobs_path(url)
+    if path is not None:
+        return str(Path(path).resolve())
+    return public_blobs_url(str(url)).rstrip("/")
+
+
 def _syncfs(path: Path) -> bool:
     """Flush the filesystem holding ``path`` (Linux ``syncfs``); False where unavailable."""
     try:

@@ -3,6 +3,11 @@
 Each is one bulk :meth:`CollectionStore.add_bulk` over a lazy stream of items, so an import of any
 size holds one batch of bytes in memory, and each is idempotent: ids are stable (the scene number,
 the path under the root), so re-running an import finds its items already there and adds nothing.
+Nor does it bring back an item deleted since (an id whose latest change is a delete is skipped and
+counted; ``readd_deleted`` adds such items again): a re-run to add a folder's new photos brought back
+every photo the user had deleted (found on review).  An item already there with other tags (a
+corrected manifest) is counted and left as it is, unless ``update_tags``: then its tags are changed, a
+delete and an add of the same bytes in the collection's change log, so indexes catch up with them.
 Two sources whose ids repeat (a ``train/`` and a ``test/`` folder of the same layout, galleries of two
 seeds) go into one collection under an ``id_prefix`` each; without one the second's repeats are skipped.
 An item that cannot be imported (an id outside the allowed characters, an unreadable image, the id
@@ -92,8 +97,9 @@ class ImportResult(AddResult):
 
 
 def _finish(store: CollectionStore, what: str, res: AddResult) -> AddResult:
-    log.debug("imported %d items into %s from %s (%d already there, %d skipped) in %.1f s",
-             res.added, store.name, what, res.existing, res.skipped, res.seconds)
+    log.debug("imported %d items into %s from %s (%d already there, %d skipped, %d deleted since, %d retagged) "
+              "in %.1f s", res.added, store.name, what, res.existing, res.skipped, res.deleted_since, res.retagged,
+              res.seconds)
     for reason in res.skipped_reasons[:5]:
         log.warning("skipped %s", reason)
     return res
@@ -109,8 +115,16 @@ def check_id_prefix(prefix: str) -> str:
     return prefix
 
 
+def _add(store: CollectionStore, entries: Iterator[Entry], source: str, what: str, batch_size: int,
+         readd_deleted: bool, update_tags: bool) -> AddResult:
+    return store.add_bulk(entries, source=source, batch_size=batch_size, keep_items=False,
+                          progress=_progress(f"{what} -> {store.name}"),
+                          deleted="readd" if readd_deleted else "skip", retag=update_tags)
+
+
 def import_digit_scenes(store: CollectionStore, size: int = 5000, seed: int = 0,
-                        batch_size: int = 500, id_prefix: str = "") -> AddResult:
+                        batch_size: int = 500, id_prefix: str = "", readd_deleted: bool = False,
+                        update_tags: bool = False) -> AddResult:
     """The embedded digit-scenes gallery (``digit_gallery(size, seed=seed)``: 32x32 grayscale scenes
     of the test glyphs) as PNG items ``<id_prefix>scene-000000``...; tags are the digits present.
 
@@ -132,8 +146,7 @@ def import_digit_scenes(store: CollectionStore, size: int = 5000, seed: int = 0,
                     "format": "PNG", "seed": seed, "index": i}
             yield id_prefix + item_id, png_bytes(images[i]), labels[i], meta
 
-    res = store.add_bulk(entries(), source="digit-scenes", batch_size=batch_size, keep_items=False,
-                         progress=_progress(f"digit-scenes -> {store.name}"))
+    res = _add(store, entries(), "digit-scenes", "digit-scenes", batch_size, readd_deleted, update_tags)
     return _finish(store, "digit-scenes", res)
 
 
@@ -241,11 +254,14 @@ def manifest_source(manifest: str | Path, root: str | Path | None = None,
                       unknown_tags=report.unknown_tags if report is not None else 0, unknown_policy=unknown_tags)
 
 
-def import_files(store: CollectionStore, src: FileSource, batch_size: int = 500) -> ImportResult:
+def import_files(store: CollectionStore, src: FileSource, batch_size: int = 500, readd_deleted: bool = False,
+                 update_tags: bool = False) -> ImportResult:
+    """``readd_deleted``: add again the items deleted since they were imported (else skipped and
+    counted); ``update_tags``: change the tags of items already there with other tags (else counted)."""
     unreadable: list[str] = []
     counts = {"unreadable": 0}
-    added = store.add_bulk(_file_entries(src, unreadable, counts), source=src.source,
-                           batch_size=batch_size, keep_items=False, progress=_progress(f"{src.what} -> {store.name}"))
+    added = _add(store, _file_entries(src, unreadable, counts), src.source, src.what, batch_size, readd_deleted,
+                 update_tags)
     res = ImportResult(**{f.name: getattr(added, f.name) for f in fields(AddResult)},
                        unreadable=counts["unreadable"], merged=src.merged, split_conflicts=src.split_conflicts)
     res.skipped += res.unreadable
@@ -254,11 +270,14 @@ def import_files(store: CollectionStore, src: FileSource, batch_size: int = 500)
     return res
 
 
-def import_folder(store: CollectionStore, root: str | Path, batch_size: int = 500) -> ImportResult:
-    return import_files(store, folder_source(root), batch_size)
+def import_folder(store: CollectionStore, root: str | Path, batch_size: int = 500, readd_deleted: bool = False,
+                  update_tags: bool = False) -> ImportResult:
+    return import_files(store, folder_source(root), batch_size, readd_deleted, update_tags)
 
 
 def import_manifest(store: CollectionStore, manifest: str | Path, root: str | Path | None = None,
                     concepts: Sequence[str] | str | Path | None = None, batch_size: int = 500,
-                    unknown_tags: str = "error") -> ImportResult:
-    return import_files(store, manifest_source(manifest, root, concepts, unknown_tags), batch_size)
+                    unknown_tags: str = "error", readd_deleted: bool = False,
+                    update_tags: bool = False) -> ImportResult:
+    return import_files(store, manifest_source(manifest, root, concepts, unknown_tags), batch_size, readd_deleted,
+                        update_tags)

@@ -10,21 +10,28 @@ commit returned) survives a crash.  A writer killed between the two leaves a blo
 Every change (an add or a delete) takes the collection's next sequence number; ``head()`` is the
 last one.  ``snapshot(upto)`` and ``changes(after, upto)`` are what an index is built and caught up
 from: a snapshot at ``n`` plus the changes after ``n`` is the collection at the later head.
+
+A collection records the blob store it was created with, and is opened with it unless another is
+named (``blobs_url``, ``DEEPINDEX_BLOBS_URL``).  Another store is read from with a warning but never
+written to: a writer given the default folder put new items' bytes there, split from the rest, and a
+check or index build of the collection's own store then found them missing (found on review).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, RowMapping, and_, exc, func, insert, or_, select, update
 
 from deepindex.collection import catalogue as cat
-from deepindex.collection.blobs import BlobStore, public_blobs_url, sha256_hex
+from deepindex.collection.blobs import BlobStore, blobs_location, local_blobs_path, public_blobs_url, sha256_hex
 from deepindex.paths import state_dir
 
 log = logging.getLogger(__name__)
@@ -67,6 +74,11 @@ class DuplicateItem(ValueError):
     """The id is live with other bytes (the service answers 409)."""
 
 
+class BlobStoreMismatch(ValueError):
+    """A write to a collection opened with another blob store than the one its images are in: its
+    bytes would be split across two stores, and readers of the recorded one would miss them."""
+
+
 class UnknownItem(KeyError):
     """No live item with that id (the service answers 404)."""
 
@@ -84,6 +96,9 @@ class AddResult:
     seconds: float = 0.0
     items: list[Item] = field(default_factory=list)
     skipped_reasons: list[str] = field(default_factory=list)  # the first few, "id: why"
+    deleted_since: int = 0  # ids whose latest change is a delete, not added again (``deleted="skip"``)
+    other_tags: int = 0  # of the ``existing``, items already there (same bytes) with other tags, unchanged
+    retagged: int = 0  # items already there (same bytes) whose tags were changed (``retag=True``)
 
 
 # ---- validation ---------------------------------------------------------------------------------
@@ -152,9 +167,19 @@ def check_data(data: bytes) -> bytes:
 
 
 def default_blobs_url() -> str:
-    import os
-
     return os.environ.get("DEEPINDEX_BLOBS_URL") or str(state_dir() / "collections" / "blobs")
+
+
+def recorded_blobs_url(url: str) -> str:
+    """What a new collection records as its blob store: a local folder's absolute path (a relative one
+    named another folder from any other working directory, a Ray worker's or a pod's), a remote URL
+    without credentials or query."""
+    return blobs_location(url) if local_blobs_path(url) is not None else public_blobs_url(url)
+
+
+def _relative_path(url: str) -> bool:
+    path = local_blobs_path(url)
+    return path is not None and not os.path.isabs(path)
 
 
 # ---- the store ----------------------------------------------------------------------------------
@@ -163,46 +188,66 @@ class CollectionStore:
     of processes may open the same collection (writes are serialised by the catalogue)."""
 
     def __init__(self, name: str, engine: Engine, collection_id: int, blobs: BlobStore, catalogue_url: str,
-                 created_at: float) -> None:
+                 created_at: float, blobs_mismatch: tuple[str, str] | None = None) -> None:
         self.name = name
         self._engine = engine
         self._cid = collection_id
         self.blobs = blobs
         self.catalogue_url = catalogue_url
         self.created_at = created_at
+        # (why, the way out) when ``blobs`` is not the store the collection's images are in: writes are refused.
+        self.blobs_mismatch = blobs_mismatch
 
     def __repr__(self) -> str:
         return f"CollectionStore({self.name!r}, {cat.public_url(self.catalogue_url)!r}, {self.blobs!r})"
 
     @classmethod
     def open(cls, name: str, catalogue_url: str | None = None, blobs_url: str | None = None,
-             create: bool = True) -> CollectionStore:
-        """Default catalogue: ``DEEPINDEX_CATALOGUE_URL``, else ``sqlite:///<state>/collections/catalogue.db``;
-        default blobs: ``DEEPINDEX_BLOBS_URL``, else ``<state>/collections/blobs``.
-        ``create=False``: an unknown name is a ValueError."""
+             create: bool = True, writes: bool = False) -> CollectionStore:
+        """Default catalogue: ``DEEPINDEX_CATALOGUE_URL``, else ``sqlite:///<state>/collections/catalogue.db``.
+        Blobs: ``blobs_url``, else ``DEEPINDEX_BLOBS_URL``, else the store the collection recorded when it
+        was created (a new one: ``<state>/collections/blobs``).  ``create=False``: an unknown name is a
+        ValueError.
+
+        A blob store given that is not the recorded one (another folder, bucket or prefix) is read from
+        with a warning (a copy may be checked or read), but every write is refused
+        (:class:`BlobStoreMismatch`): the collection's bytes would be split across two stores, and
+        whoever reads the recorded one would miss the new items' bytes.  ``writes=True``: refuse at once,
+        for a caller that opens to write (no warning first)."""
         check_name(name)
         url = catalogue_url or cat.default_catalogue_url()
-        burl = blobs_url or default_blobs_url()
+        given = blobs_url or os.environ.get("DEEPINDEX_BLOBS_URL") or None
         eng = cat.engine_for(url)
         row = _find(eng, name)
         if row is None:
             if not create:
                 known = ", ".join(c["name"] for c in list_collections(url)) or "none yet"
                 raise ValueError(f"collection: no collection named {name!r} in {cat.public_url(url)} (known: {known})")
+            burl = given or default_blobs_url()
             try:
                 with eng.connect() as conn, conn.execution_options(deepindex_write=True).begin():
                     conn.execute(insert(cat.collections).values(
-                        name=name, created_at=time.time(), head=0, live_count=0, blobs_url=public_blobs_url(burl),
+                        name=name, created_at=time.time(), head=0, live_count=0, blobs_url=recorded_blobs_url(burl),
                         schema_version=cat.SCHEMA_VERSION))
                 log.info("collection %s created in %s (blobs: %s)", name, cat.public_url(url), public_blobs_url(burl))
             except exc.IntegrityError:
                 pass  # another process created it first
             row = _find(eng, name)
             assert row is not None
-        elif row["blobs_url"] and row["blobs_url"] != public_blobs_url(burl):
-            log.warning("collection %s: its items were stored under %s, and it is opened with blobs at %s",
-                        name, row["blobs_url"], public_blobs_url(burl))
-        return cls(name, eng, int(row["id"]), BlobStore(burl), url, float(row["created_at"]))
+        blobs, mismatch = _pick_blobs(name, eng, row, given)
+        store = cls(name, eng, int(row["id"]), blobs, url, float(row["created_at"]), mismatch)
+        if mismatch is not None:
+            if writes:
+                store._check_writable("adding")
+            log.warning("%s: reads look there, adding (and sweeping) is refused %s", *mismatch)
+        return store
+
+    def _check_writable(self, what: str) -> None:
+        """:class:`BlobStoreMismatch` (one line, naming both stores) when opened with another blob store."""
+        if self.blobs_mismatch is not None:
+            why, way_out = self.blobs_mismatch
+            raise BlobStoreMismatch(f"{why}: {what} refused, as it would split the collection's images across "
+                                    f"two stores {way_out}")
 
     # ---- rows -> items ---------------------------------------------------------------------------
     def _item(self, r: Row, deleted_seq: int | Literal["row"] | None = "row") -> Item:
@@ -227,6 +272,7 @@ class CollectionStore:
         The same id with the same bytes: the existing item, ``created=False`` (an idempotent re-post).
         The same id with other bytes: :class:`DuplicateItem`.  A deleted id may be added again (a new seq).
         """
+        self._check_writable("adding")
         check_new_item_id(item_id)
         data = check_data(data)
         tags_l, meta_d = check_tags(tags), check_meta(meta)
@@ -282,12 +328,20 @@ class CollectionStore:
 
     def add_bulk(self, items: Iterable[tuple[str, bytes, Sequence[str], Mapping[str, Any]]], *,
                  source: str | None, batch_size: int = BATCH, on_conflict: Literal["error", "skip"] = "skip",
-                 keep_items: bool = True, progress: Callable[[AddResult], None] | None = None) -> AddResult:
+                 keep_items: bool = True, progress: Callable[[AddResult], None] | None = None,
+                 deleted: Literal["readd", "skip"] = "readd", retag: bool = False) -> AddResult:
         """:meth:`add_many` with counts (added / already there / skipped), for importers.
 
         ``items`` is consumed lazily, ``batch_size`` at a time, so an import of any size holds one
         batch of bytes in memory.  ``progress`` is called after each batch.
+
+        ``deleted="skip"``: an id whose latest change is a delete is not added again (counted in
+        ``deleted_since``): a re-run import must not bring back what a user deleted.  An item already
+        there with the same bytes and other tags is counted in ``other_tags`` and left as it is; with
+        ``retag`` its tags are changed instead (``retagged``): a tombstone and a new row with the same
+        bytes, two changes, so :meth:`changes` and an index catching up see the new tags.
         """
+        self._check_writable("adding")
         if batch_size < 1:
             raise ValueError("batch_size: must be >= 1")
         res = AddResult()
@@ -296,13 +350,13 @@ class CollectionStore:
         for it in items:
             batch.append(it)
             if len(batch) >= batch_size:
-                self._add_batch(batch, source, on_conflict, res, keep_items)
+                self._add_batch(batch, source, on_conflict, res, keep_items, deleted == "skip", retag)
                 batch = []
                 res.seconds = time.perf_counter() - t0
                 if progress:
                     progress(res)
         if batch:
-            self._add_batch(batch, source, on_conflict, res, keep_items)
+            self._add_batch(batch, source, on_conflict, res, keep_items, deleted == "skip", retag)
         res.seconds = time.perf_counter() - t0
         if progress:
             progress(res)
@@ -316,8 +370,19 @@ class CollectionStore:
             res.skipped_reasons.append(f"{str(item_id)[:80]}: {err}")
         log.debug("collection %s: skipped %s: %s", self.name, item_id, err)
 
+    def _tombstoned(self, conn: Connection, ids: Sequence[str]) -> set[str]:
+        """Those of ``ids`` (none of them live) that were deleted: their latest change is a delete."""
+        t = cat.items
+        out: set[str] = set()
+        for i in range(0, len(ids), 500):
+            q = select(t.c.item_id).where(t.c.collection_id == self._cid, t.c.item_id.in_(ids[i:i + 500]),
+                                          t.c.deleted_seq.is_not(None)).distinct()
+            out.update(r[0] for r in conn.execute(q))
+        return out
+
     def _add_batch(self, batch: list[tuple[str, bytes, Sequence[str], Mapping[str, Any]]], source: str | None,
-                   on_conflict: str, res: AddResult, keep_items: bool) -> None:
+                   on_conflict: str, res: AddResult, keep_items: bool, skip_deleted: bool = False,
+                   retag: bool = False) -> None:
         # 1. Validate; the first occurrence of an id in the batch is the one that counts.
         valid: dict[str, tuple[str, bytes, list[str], dict[str, Any]]] = {}
         order: list[tuple[str, str]] = []  # (id, hash) of each accepted input, in input order
@@ -344,6 +409,7 @@ class CollectionStore:
         ids = list(valid)
         with self._engine.connect() as conn:
             live = self._live(conn, ids)
+            gone = self._tombstoned(conn, [i for i in ids if i not in live]) if skip_deleted else set()
         for item_id, row in live.items():
             if row["content_hash"] != valid[item_id][0]:
                 try:
@@ -351,23 +417,60 @@ class CollectionStore:
                 except DuplicateItem as e:
                     self._skip(res, on_conflict, e, item_id)
                     del valid[item_id]
-        new = [i for i in valid if i not in live]
+
+        def other_tags(row: Row, item_id: str) -> bool:
+            return set(row["tags"]) != set(valid[item_id][2])
+
+        new = [i for i in valid if i not in live and i not in gone]
+        to_retag = [i for i in valid if i in live and retag and other_tags(live[i], i)]
         added: dict[str, Item] = {}
-        if new:
-            # 3. The bytes, durably, then 4. the rows, in one transaction.
-            self.blobs.put_many({valid[i][0]: valid[i][1] for i in new})
+        retagged: dict[str, Item] = {}
+        if new or to_retag:
+            # 3. The bytes, durably, then 4. the rows, in one transaction.  An item retagged keeps its blob,
+            # which its rows (the tombstone too) name, so no sweep takes it: not written again.
+            if new:
+                self.blobs.put_many({valid[i][0]: valid[i][1] for i in new})
+            t, c = cat.items, cat.collections
             with cat.write_txn(self._engine, self._cid) as (conn, head):
-                again = self._live(conn, new)  # added by another writer since step 2
+                again = self._live(conn, new + to_retag)  # what other writers did since step 2
+                if skip_deleted:
+                    gone |= self._tombstoned(conn, [i for i in new + to_retag if i not in again])
+                seq = head
                 rows: list[dict[str, Any]] = []
                 for i in new:
                     if i in again:
                         live[i] = again[i]
                         continue
+                    if i in gone:
+                        continue
                     h, data, tags, meta = valid[i]
-                    rows.append(self._row(head + 1 + len(rows), i, h, len(data), source, tags, meta))
+                    seq += 1
+                    rows.append(self._row(seq, i, h, len(data), source, tags, meta))
+                replaced: set[str] = set()  # the ids retagged: a tombstone, then a row with the new tags
+                for i in to_retag:
+                    old = again.get(i)
+                    h, data, tags, meta = valid[i]
+                    if old is None:  # deleted by another writer meanwhile: as any id deleted
+                        del live[i]
+                        if i not in gone:  # added again (``deleted="readd"``) with the new tags
+                            seq += 1
+                            rows.append(self._row(seq, i, h, len(data), source, tags, meta))
+                        continue
+                    live[i] = old
+                    if old["content_hash"] != h or not other_tags(old, i):
+                        continue  # replaced or retagged by another writer meanwhile: the rules below
+                    seq += 1
+                    conn.execute(update(t).where(t.c.collection_id == self._cid, t.c.seq == old["seq"])
+                                 .values(deleted_seq=seq))
+                    seq += 1
+                    rows.append(self._row(seq, i, h, len(data), source, tags, {**dict(old["meta"]), **meta}))
+                    replaced.add(i)
                 if rows:
-                    self._insert(conn, rows, head + len(rows))
-            added = {r["item_id"]: self._item(r) for r in rows}
+                    self._insert(conn, rows, seq)
+                if replaced:
+                    conn.execute(update(c).where(c.c.id == self._cid).values(live_count=c.c.live_count - len(replaced)))
+            for r in rows:
+                (retagged if r["item_id"] in replaced else added)[r["item_id"]] = self._item(r)
             for i, row in again.items():  # lost a race: same rules as before
                 if row["content_hash"] != valid[i][0]:
                     try:
@@ -376,18 +479,28 @@ class CollectionStore:
                         self._skip(res, on_conflict, e, i)
                         del valid[i]
         res.added += len(added)
+        res.retagged += len(retagged)
         counted: set[str] = set()
         for item_id, h in order:
             if item_id not in valid or valid[item_id][0] != h:
                 continue
-            if item_id in added and item_id not in counted:
+            if item_id in gone:
+                if item_id not in counted:
+                    counted.add(item_id)
+                    res.deleted_since += 1
+                continue
+            done = added.get(item_id) or retagged.get(item_id)
+            if done is not None and item_id not in counted:
                 counted.add(item_id)
                 if keep_items:
-                    res.items.append(added[item_id])
+                    res.items.append(done)
+                continue
+            if done is None and item_id not in live:  # deleted by another writer meanwhile, not added again
                 continue
             res.existing += 1
+            res.other_tags += done is None and other_tags(live[item_id], item_id)
             if keep_items:
-                res.items.append(added[item_id] if item_id in added else self._item(live[item_id]))
+                res.items.append(done if done is not None else self._item(live[item_id]))
 
     def delete(self, item_id: str) -> Item:
         """Tombstone the live item ``item_id`` (its own seq); :class:`UnknownItem` if none is live.
@@ -548,9 +661,40 @@ class CollectionStore:
     def sweep(self, older_than_s: float = 3600.0) -> dict[str, int]:
         """Remove blobs no row of any collection in this catalogue names, and killed writers' temp
         files, older than ``older_than_s``.  (Blob stores shared by several catalogues: don't.)"""
+        self._check_writable("sweeping")
         with self._engine.connect() as conn:
             referenced = {r[0] for r in conn.execute(select(cat.items.c.content_hash).distinct())}
         return self.blobs.sweep(referenced, older_than_s)
+
+
+def _pick_blobs(name: str, eng: Engine, row: RowMapping, given: str | None) -> tuple[BlobStore, tuple[str, str] | None]:
+    """The blob store to open the collection ``row`` with, and (why, the way out) when it is not the one
+    its images are in.  ``given``: a URL the caller named (argument or environment), else None: the
+    recorded store."""
+    recorded: str | None = row["blobs_url"]
+    if not recorded:  # recorded by no one: nothing to compare with
+        return BlobStore(given or default_blobs_url()), None
+    if not _relative_path(recorded):
+        blobs = BlobStore(given or recorded)
+        if given is None or blobs_location(given) == blobs_location(recorded):
+            return blobs, None
+        return blobs, (f"collection {name}: its images are in {recorded}, but it was opened with blobs at "
+                       f"{recorded_blobs_url(given)}",
+                       f"(give --blobs {recorded}, or set neither --blobs nor DEEPINDEX_BLOBS_URL)")
+    # A relative folder, recorded as given before paths were made absolute: which folder it named depends on
+    # the working directory of whoever created it.  The store given (else that path from here) is the one
+    # when it holds the collection's last-added bytes, or the collection has none yet.
+    burl = given or str(Path(local_blobs_path(recorded) or recorded).absolute())
+    blobs = BlobStore(burl)
+    t = cat.items
+    with eng.connect() as conn:
+        last = conn.execute(select(t.c.content_hash, t.c.size).where(t.c.collection_id == row["id"])
+                            .order_by(t.c.seq.desc()).limit(1)).first()
+    if last is None or blobs.has(last[0], int(last[1])):
+        return blobs, None
+    return blobs, (f"collection {name}: its images are in {recorded!r} (a relative folder, as given when the "
+                   f"collection was created), and {recorded_blobs_url(burl)} does not hold them",
+                   f"(give --blobs the absolute path of the folder {recorded!r} named there)")
 
 
 def _find(eng: Engine, name: str) -> RowMapping | None:

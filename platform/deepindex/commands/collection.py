@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "state folder)")
     common.add_argument("--blobs", metavar="URL",
                         help="where image bytes live: a folder or fsspec URL (default: DEEPINDEX_BLOBS_URL, else "
-                             "under the state folder)")
+                             "the store the collection was created with, a new one's under the state folder); "
+                             "another than a collection's own store is read from, never written to")
     common.add_argument("--json", action="store_true", help="print JSON instead of lines for people")
 
     p = sub.add_parser("collection", help="collections: the durable items and images indexes are built from")
@@ -47,6 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--id-prefix", default="", metavar="P",
                    help="start every imported id with P (e.g. train/): a second folder or gallery whose ids repeat "
                         "the first's goes in beside it instead of being skipped")
+    i.add_argument("--readd-deleted", action="store_true",
+                   help="add again the items deleted since an earlier import (by default a re-run skips and "
+                        "counts them: it never brings back what was deleted)")
+    i.add_argument("--update-tags", action="store_true",
+                   help="change the tags of items already there (same bytes) to this import's (by default they "
+                        "are counted and left as they are); a delete and an add in the change log, so indexes "
+                        "catch up")
     i.add_argument("--batch-size", type=int, default=500, help="items per transaction")
     i.set_defaults(func=run_import)
 
@@ -74,10 +82,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     ck.set_defaults(func=run_check)
 
 
-def _open(args: argparse.Namespace, create: bool = False) -> CollectionStore:
+def _open(args: argparse.Namespace, create: bool = False, writes: bool = False) -> CollectionStore:
+    """``writes``: a command that adds bytes; opened with another blob store than the collection's own,
+    it is refused (one line naming both) before anything is written."""
     from deepindex.collection import CollectionStore
 
-    return CollectionStore.open(args.name, catalogue_url=args.catalogue, blobs_url=args.blobs, create=create)
+    return CollectionStore.open(args.name, catalogue_url=args.catalogue, blobs_url=args.blobs, create=create,
+                                writes=writes)
 
 
 def _emit(args: argparse.Namespace, doc: Any, line: str) -> None:
@@ -105,16 +116,25 @@ def run_import(args: argparse.Namespace) -> int:
     elif args.manifest:
         src = imports.manifest_source(args.manifest, args.root, concepts=args.concepts,
                                       unknown_tags=args.unknown_tags).prefixed(args.id_prefix)
-    store = _open(args, create=True)
+    store = _open(args, create=True, writes=True)
     if src is None:
         what = f"the digit-scenes gallery (size {args.size}, seed {args.seed})"
         res = imports.import_digit_scenes(store, size=args.size, seed=args.seed, batch_size=args.batch_size,
-                                          id_prefix=args.id_prefix)
+                                          id_prefix=args.id_prefix, readd_deleted=args.readd_deleted,
+                                          update_tags=args.update_tags)
     else:
         what = src.what
-        res = imports.import_files(store, src, batch_size=args.batch_size)
+        res = imports.import_files(store, src, batch_size=args.batch_size, readd_deleted=args.readd_deleted,
+                                   update_tags=args.update_tags)
     counts = [f"{res.existing} already there" + (f", {res.skipped} skipped" if res.skipped else "")]
-    extra: dict[str, Any] = {}
+    if res.other_tags:  # same bytes, other tags: not changed, and the user is told so
+        counts.append(f"{res.other_tags} of them with other tags: tags not changed, --update-tags changes them")
+    if res.retagged:
+        counts.append(f"tags updated on {res.retagged} item{'s' if res.retagged != 1 else ''} already there")
+    if res.deleted_since:
+        counts.append(f"{res.deleted_since} deleted since, not re-added (--readd-deleted adds them)")
+    extra: dict[str, Any] = {"deleted_since": res.deleted_since, "other_tags": res.other_tags,
+                             "retagged": res.retagged}
     if isinstance(res, imports.ImportResult):
         if res.unreadable:
             counts[0] += f": {res.unreadable} unreadable image{'s' if res.unreadable != 1 else ''}"
@@ -122,7 +142,7 @@ def run_import(args: argparse.Namespace) -> int:
             counts.append(f"{res.merged} row{'s' if res.merged != 1 else ''} merged with an earlier row of the same "
                           "path" + (f", {res.split_conflicts} of them naming another split (the first row's kept)"
                                     if res.split_conflicts else ""))
-        extra = {"unreadable": res.unreadable, "merged": res.merged, "split_conflicts": res.split_conflicts}
+        extra.update(unreadable=res.unreadable, merged=res.merged, split_conflicts=res.split_conflicts)
     if src is not None and src.unknown_tags:
         kept = "dropped" if src.unknown_policy == "ignore" else "kept"
         counts.append(f"{src.unknown_tags} unknown tags {kept} (--unknown-tags {src.unknown_policy})")
@@ -184,7 +204,7 @@ def run_add(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"file: no such file {path}")
     data = check_data(path.read_bytes())
     meta = check_meta({"filename": path.name, **image_meta(data)})
-    store = _open(args, create=True)
+    store = _open(args, create=True, writes=True)
     item, created = store.add(args.id, data, tags=tags, source="cli", meta=meta)
     line = (f"added {item.id} to {store.name} (seq {item.seq}, sha256 {item.content_hash[:12]}, {item.size} bytes)"
             if created else f"{item.id} was already in {store.name} with these bytes (seq {item.seq}): nothing to do")
