@@ -28,9 +28,9 @@ TRIES = 20  # how many times the freeze waits another WARM_S for the version to 
 
 
 class HeapFreezer:
-    """``seen(version)`` on every spec of the served model; ``call_later(seconds, fn)`` schedules (the
-    event loop's), ``ready(version)`` says whether the version's long-lived objects are loaded (None:
-    nothing more to load)."""
+    """``seen(version, name)`` on every spec of the served model (a model is its name and version: registry
+    versions restart at 1 for every name); ``call_later(seconds, fn)`` schedules (the event loop's),
+    ``ready(version)`` says whether the version's long-lived objects are loaded (None: nothing more to load)."""
 
     def __init__(self, call_later: Callable[[float, Callable[[], None]], object],
                  ready: Callable[[str], bool] | None = None, warm_s: float = WARM_S, tries: int = TRIES) -> None:
@@ -38,25 +38,26 @@ class HeapFreezer:
         self._ready = ready
         self.warm_s, self.tries = warm_s, tries
         self.version: str | None = None
+        self.name: str | None = None  # the model's name (None: not said)
         self.frozen = False  # whether this freezer froze the heap (for the current version)
 
-    def seen(self, version: str) -> None:
-        if version == self.version:
+    def seen(self, version: str, name: str | None = None) -> None:
+        if (name, version) == (self.name, self.version):
             return
         if self.frozen:
             gc.unfreeze()  # the old version's objects become collectable again
             self.frozen = False
-        self.version = version
-        self._later(version, self.tries)
+        self.version, self.name = version, name
+        self._later(version, name, self.tries)
 
-    def _later(self, version: str, tries: int) -> None:
-        self._call_later(self.warm_s, lambda: self._freeze(version, tries))
+    def _later(self, version: str, name: str | None, tries: int) -> None:
+        self._call_later(self.warm_s, lambda: self._freeze(version, name, tries))
 
-    def _freeze(self, version: str, tries: int) -> None:
-        if version != self.version or self.frozen:
+    def _freeze(self, version: str, name: str | None, tries: int) -> None:
+        if (name, version) != (self.name, self.version) or self.frozen:
             return  # another version came meanwhile: its own freeze is scheduled
         if self._ready is not None and not self._ready(version) and tries > 0:
-            self._later(version, tries - 1)
+            self._later(version, name, tries - 1)
             return
         gc.freeze()
         self.frozen = True

@@ -14,6 +14,9 @@ response's model version and index version always match.  A rollback (the alias 
 the old index on disk and only catches it up.  The serving version is kept in ``serving.json`` in
 the collection's index folder, so a restarted replica serves the same pair.
 
+A model is its name and version (registry versions restart at 1 for every name): pairs, the model
+replicas' reports and the calls that name a model are keyed by both (:class:`serving.rollover.ModelKey`).
+
 Calls return ``{"error": {...}, "status": N}`` rather than raising, so the ingress maps them to HTTP
 as they are.
 """
@@ -33,11 +36,11 @@ from ray import serve
 
 from deepindex.atomic import write_file
 from deepindex.checkpoint import LoadedModel
-from deepindex.collection import CollectionStore, DuplicateItem, UnknownItem
+from deepindex.collection import BlobStoreMismatch, CollectionStore, DuplicateItem, UnknownItem
 from deepindex.index.store import IndexStore
 from serving.reads import WRITER_FILE, index_ref, search
 from serving.reads import error as _err
-from serving.rollover import Rollover
+from serving.rollover import ModelKey, Rollover
 from serving.schemas import HEALTH_S, ServeArgs
 
 if TYPE_CHECKING:
@@ -82,9 +85,9 @@ class IndexServer:
         self.args = ServeArgs.model_validate(args)
         a = self.args
         self.store = CollectionStore.open(a.collection, a.catalogue_url, a.blobs_url)
-        self.pairs: dict[str, Pair] = {}  # loaded, by model version
-        self.serving: str | None = None
-        self.model_reports: dict[str, tuple[str, float]] = {}  # model replica -> (version, when)
+        self.pairs: dict[ModelKey, Pair] = {}  # loaded, by model (name, version)
+        self.serving: ModelKey | None = None
+        self.model_reports: dict[str, tuple[ModelKey, float]] = {}  # model replica -> (its model, when)
         self._write = threading.RLock()  # catalogue writes, index changes and the switch, one at a time
         self.rollover = Rollover(self)
         # Ingress replicas answer searches from copies of the served index in this folder (serving/reads.py)
@@ -105,28 +108,47 @@ class IndexServer:
         """What the model replicas serve: ``{"version", "ref", "name"}`` (None while nothing is chosen)."""
         return self.rollover.model_target()
 
-    def report_model(self, replica: str, version: str) -> dict[str, Any]:
-        """A model replica says which version it serves (every poll); answers what it should serve."""
-        self.model_reports[replica] = (version, time.monotonic())
+    def report_model(self, replica: str, version: str, name: str | None = None) -> dict[str, Any]:
+        """A model replica says which model (``name``, ``version``) it serves (every poll); answers what it
+        should serve.  It reported the version alone, and a replica still on deepindex version 1 held
+        nothing once photos version 1 was served (found on review)."""
+        self.model_reports[replica] = (self._key(version, name), time.monotonic())
         return self.rollover.model_target()
 
-    def model_versions(self, within_s: float = 3 * MODEL_POLL_S + 2) -> dict[str, str]:
-        """The version each model replica heard from lately serves (a stopped one drops out)."""
+    def model_versions(self, within_s: float = 3 * MODEL_POLL_S + 2) -> dict[str, ModelKey]:
+        """The model (name, version) each model replica heard from lately serves (a stopped one drops out)."""
         now = time.monotonic()
-        return {r: v for r, (v, t) in list(self.model_reports.items()) if now - t <= within_s}
+        return {r: k for r, (k, t) in list(self.model_reports.items()) if now - t <= within_s}
 
-    def _pair(self, version: str | None) -> tuple[Pair | None, dict[str, Any] | None]:
-        v = version or self.serving
-        pair = self.pairs.get(v) if v else None
+    def _key(self, version: str, name: str | None) -> ModelKey:
+        """The model ``name`` ``version``; a caller that names no model (``version`` alone, as a client of the
+        handle may): the loaded pair of that version, the served one first."""
+        if name is not None:
+            return ModelKey(name, version)
+        serving = self.serving
+        if serving is not None and serving.version == version:
+            return serving
+        return next((k for k in list(self.pairs) if k.version == version), ModelKey(None, version))
+
+    def _pair(self, version: str | None, name: str | None = None) -> tuple[Pair | None, dict[str, Any] | None]:
+        """The loaded pair of model ``name`` ``version`` (no version: the served one), or a 503."""
+        key = self._key(version, name) if version else self.serving
+        pair = self.pairs.get(key) if key is not None else None
         if pair is None:
-            why = self.rollover.problem() or f"no index of {self.args.collection} for model version {v} is loaded"
+            what = (f"model {key.name} version {key.version}" if key is not None and key.name
+                    else f"model version {key.version if key is not None else None}")
+            why = self.rollover.problem() or f"no index of {self.args.collection} for {what} is loaded"
             return None, _err(503, "index_unavailable", why)
         return pair, None
 
     # ---- reads ------------------------------------------------------------------------------------
-    def info(self, version: str | None = None) -> dict[str, Any]:
-        pair, _ = self._pair(version)
-        out: dict[str, Any] = {"collection": self.args.collection, "serving": self.serving,
+    def info(self, version: str | None = None, name: str | None = None) -> dict[str, Any]:
+        """The index of model ``name`` ``version`` (no version: the served one).  ``serving``: the served
+        version, ``serving_name`` its model's name."""
+        pair, _ = self._pair(version, name)
+        served = self.serving
+        out: dict[str, Any] = {"collection": self.args.collection, "serving": served.version if served else None,
+                               "serving_name": served.name if served else None,
                                "rollover": self.rollover.status(), "loaded": pair is not None,
                                "head": self.store.head(), "items": self.store.count(), "pid": os.getpid()}
         if pair is None:
@@ -140,21 +162,22 @@ class IndexServer:
                    memory_bytes=pair.index.memory_bytes())
         return out
 
-    def query_info(self, version: str | None = None) -> dict[str, Any]:
-        """What a query of the served index may name: its features (each with the metrics it answers,
-        the default first), the default feature and the concepts (``min_prob.<concept>``)."""
-        pair, e = self._pair(version)
+    def query_info(self, version: str | None = None, name: str | None = None) -> dict[str, Any]:
+        """What a query of model ``name`` ``version``'s index may name: its features (each with the metrics
+        it answers, the default first), the default feature and the concepts (``min_prob.<concept>``)."""
+        pair, e = self._pair(version, name)
         if e is not None:
             return e
         assert pair is not None
         m = pair.index.manifest
-        return {"version": pair.version, "features": {k: list(v) for k, v in pair.index.query_features().items()},
+        return {"name": pair.name, "version": pair.version,
+                "features": {k: list(v) for k, v in pair.index.query_features().items()},
                 "default_feature": m.default_feature, "concepts": list(m.concepts), "multilabel": m.multilabel}
 
-    def query(self, version: str, spec: dict[str, Any]) -> dict[str, Any]:
-        """One search (:class:`deepindex.index.query.Query` fields in ``spec``) on ``version``'s index:
-        a page of hits, the next cursor, and the descriptor and metric used."""
-        pair, e = self._pair(version)
+    def query(self, version: str, spec: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+        """One search (:class:`deepindex.index.query.Query` fields in ``spec``) on model ``name``
+        ``version``'s index: a page of hits, the next cursor, and the descriptor and metric used."""
+        pair, e = self._pair(version, name)
         if e is not None:
             return e
         assert pair is not None
@@ -178,7 +201,8 @@ class IndexServer:
         write_file(path, json.dumps({"nonce": self.nonce, "pid": os.getpid()}))
 
     def get(self, item_id: str, name: str, version: str) -> dict[str, Any]:
-        pair, e = self._pair(version)
+        """The item as model ``name`` ``version``'s index holds it (its name was ignored: found on review)."""
+        pair, e = self._pair(version, name)
         if e is not None:
             return e
         assert pair is not None
@@ -207,6 +231,8 @@ class IndexServer:
             refused = None
             try:
                 res = self.store.add_bulk([(i, d, t, {}) for i, d, t in items], source=source, on_conflict="error")
+            except BlobStoreMismatch as ex:  # the service's settings, not the client's request: not a 4xx
+                refused = _err(503, "collection_unavailable", str(ex))
             except DuplicateItem as ex:
                 refused = _err(409, "duplicate_item", str(ex))
             except ValueError as ex:
@@ -237,7 +263,7 @@ class IndexServer:
             catch_up(pair.index, self.store, pair.embed, upto=upto)
 
     def _serving_dict(self) -> dict[str, Any] | None:
-        pair = self.pairs.get(self.serving) if self.serving else None
+        pair = self.pairs.get(self.serving) if self.serving is not None else None
         return pair.ref_dict() if pair is not None else None
 
     def image(self, item_id: str) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from serving.errors import ApiError
 from serving.fastpath import FastReads
 from serving.heap import HeapFreezer
 from serving.reads import LocalReads
+from serving.rollover import ModelKey
 from serving.schemas import (
     HEALTH_S,
     HERE,
@@ -172,10 +173,13 @@ class NoThumbnail(Exception):
     """An image PIL reads but no PNG thumbnail can be made of; the message says why."""
 
 
-def thumbnail_png(data: bytes, size: int) -> bytes | None:
+def thumbnail_png(data: bytes, size: int, max_pixels: int | None = None) -> bytes | None:
     """A PNG at most ``size`` pixels a side of the image ``data``, or None for bytes PIL cannot read (the
-    caller sends them as they are).  Raises PIL's ``DecompressionBombError`` (over its pixel limit) and
-    :class:`NoThumbnail` (read, but not made into a PNG thumbnail): never anything a caller would answer 500.
+    caller sends them as they are).  Raises PIL's ``DecompressionBombError`` (more than ``max_pixels``, read
+    from the header before any pixel is decoded, or over PIL's own limit) and :class:`NoThumbnail` (read, but
+    not made into a PNG thumbnail): never anything a caller would answer 500.  PIL's own guard stops only at
+    twice its limit (between the two it warns, and decodes): images up to twice the service's pixel limit
+    were decoded (found on review).
 
     16-bit, 32-bit and float greyscale (``I;16``, ``I;16B``, ``I``, ``F``) are scaled to 8-bit ``L`` before
     the resize, as the model's input is (:func:`deepindex.data.transforms.to_model_mode`): PIL resizes none
@@ -188,6 +192,9 @@ def thumbnail_png(data: bytes, size: int) -> bytes | None:
 
     try:
         with Image.open(io.BytesIO(data)) as opened:
+            w, h = opened.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise Image.DecompressionBombError(f"{w}x{h} pixels, over the limit of {max_pixels}")
             thumb: Image.Image = opened
             if thumb.mode.startswith("I") or thumb.mode == "F":  # deep greyscale: decoded and scaled here
                 thumb = to_model_mode(thumb, channels=1)
@@ -402,6 +409,11 @@ def form_files(form: FormData) -> list[UploadFile]:
     return files
 
 
+def _model(d: dict[str, Any]) -> ModelKey:
+    """The model (name, version) a model spec, a model's answer or an index's info names."""
+    return ModelKey(d.get("name"), d["version"])
+
+
 def _image_url(item_id: str) -> str:
     return f"/v1/items/{quote(item_id, safe='/')}/image"
 
@@ -440,7 +452,7 @@ class Ingress:
         self._spec_at = 0.0
         self._spec_refresh: asyncio.Task[dict[str, Any]] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # background work in flight (the loop holds weak references)
-        self._qinfo: dict[str, dict[str, Any]] = {}  # model version -> the index's query info
+        self._qinfo: dict[ModelKey, dict[str, Any]] = {}  # model (name, version) -> its index's query info
         self._contracts: dict[str, dict[str, Any]] = {}  # what a contract was built from -> the document
         self._vocab: dict[tuple[str, ...], Vocabulary] = {}
         self._page = (HERE / "static" / "index.html").read_text()
@@ -478,9 +490,14 @@ class Ingress:
         self.serve_metrics.set_model(spec["name"], spec["version"])
         if self._heap is None:
             self._heap = HeapFreezer(asyncio.get_running_loop().call_later,
-                                     ready=self._reads.loaded if self._reads is not None else None)
-        self._heap.seen(spec["version"])
+                                     ready=self._copy_loaded if self._reads is not None else None)
+        self._heap.seen(spec["version"], spec.get("name"))
         return spec
+
+    def _copy_loaded(self, version: str) -> bool:
+        """Whether this replica's copy of the served model's index is loaded (serving/reads.py)."""
+        heap, reads = self._heap, self._reads
+        return reads is not None and reads.loaded(version, heap.name if heap is not None else None)
 
     def _background(self, work: Coroutine[Any, Any, Any], what: str) -> "asyncio.Task[Any]":
         """Run ``work`` on this replica's event loop, holding a reference until it ends; a failure is
@@ -496,12 +513,14 @@ class Ingress:
         task.add_done_callback(done)
         return task
 
-    async def _query_info(self, version: str) -> dict[str, Any]:
-        """The served index's features (with their metrics), default feature and concepts: fixed per
-        model version (an index is never used with another), so asked once per version."""
-        if version not in self._qinfo:
-            self._qinfo = {version: _check(await _call(self.index.query_info, version))}
-        return self._qinfo[version]
+    async def _query_info(self, model: ModelKey) -> dict[str, Any]:
+        """The index's features (with their metrics), default feature and concepts: fixed per model (an
+        index is never used with another), so asked once per model, by name and version (registry versions
+        restart at 1 for every name: cached per version, photos version 1's filters were checked against
+        deepindex version 1's concepts, found on review)."""
+        if model not in self._qinfo:
+            self._qinfo = {model: _check(await _call(self.index.query_info, model.version, model.name))}
+        return self._qinfo[model]
 
     def _vocabulary(self, concepts: list[str]) -> "Vocabulary":
         from deepindex.index.keywords import Vocabulary
@@ -540,7 +559,7 @@ class Ingress:
             raise ApiError(422, "query_too_long", f"q: {len(q)} characters, the limit is {self.args.max_query_chars}")
         return q
 
-    async def _options(self, request: Request, version: str, *, mode: str = "all", cursor: str | None = None,
+    async def _options(self, request: Request, model: ModelKey, *, mode: str = "all", cursor: str | None = None,
                        feature: str | None = None, metric: str | None = None, fusion: str = "weighted",
                        weights: dict[str, float | None] | None = None) -> dict[str, Any]:
         """The search options every search endpoint shares, checked here (a bad one never reaches the model
@@ -550,7 +569,7 @@ class Ingress:
             raise ApiError(422, "bad_mode", f"mode={mode!r}: 'all' or 'any'")
         if cursor is not None and not CURSOR.fullmatch(cursor):
             raise ApiError(422, "bad_cursor", "cursor: not a cursor (pass next_cursor as it came)")
-        info = await self._query_info(version)
+        info = await self._query_info(model)
         if feature is not None:
             given, feature = feature, feature_name(feature)  # output and last_but_one: probs's and penultimate's names
             if feature not in info["features"]:
@@ -592,29 +611,29 @@ class Ingress:
                 "weights": w, "min_prob": min_prob, "scoring": (SCORING if info["multilabel"]
                                                                 else SCORING_EXCLUSIVE)[mode]}
 
-    async def _query(self, version: str, endpoint: str, opts: dict[str, Any], k: int, *,
+    async def _query(self, model: ModelKey, endpoint: str, opts: dict[str, Any], k: int, *,
                      concepts: list[str] | None = None, q: str | None = None, vector: np.ndarray | None = None,
                      example: dict[str, str] | None = None) -> dict[str, Any]:
-        """Run one search on the index of ``version``: the cursor is bound to every parameter of the query
-        (and to the model version: scores of another version are not comparable)."""
+        """Run one search on the index of ``model``: the cursor is bound to every parameter of the query
+        (and to the model, name and version: scores of another model are not comparable)."""
         from deepindex.index.fusion import query_key
 
-        key = query_key(endpoint=endpoint, version=version, q=q, example=example, **{
+        key = query_key(endpoint=endpoint, model=model.name, version=model.version, q=q, example=example, **{
             n: opts[n] for n in ("mode", "feature", "metric", "fusion", "weights", "min_prob")})
         spec = {"k": k, "key": key, "cursor": opts["cursor"], "concepts": concepts, "mode": opts["mode"],
                 "vector": vector, "item": (example or {}).get("id"), "feature": opts["feature"],
                 "metric": opts["metric"], "min_prob": opts["min_prob"], "fusion": opts["fusion"],
                 "weights": opts["weights"]}
-        res = await self._local_search(version, spec)
+        res = await self._local_search(model, spec)
         self.serve_metrics.searches.labels("index" if res is None else "local").inc()
         if res is None:
-            res = await _call(self.index.query, version, spec)
+            res = await _call(self.index.query, model.version, spec, model.name)
         if res.get("error", {}).get("code") == "bad_cursor":
             # Well formed, but not a page of this query (another query's, or a version ago): no such page.
             raise ApiError(404, "unknown_cursor", res["error"]["message"])
         return _check(res)
 
-    async def _local_search(self, version: str, spec: dict[str, Any]) -> dict[str, Any] | None:
+    async def _local_search(self, model: ModelKey, spec: dict[str, Any]) -> dict[str, Any] | None:
         """The search answered from this replica's copy of the served index (serving/reads.py), or None."""
         reads = self._reads
         if reads is None:
@@ -624,7 +643,7 @@ class Ingress:
                 self._background(self._confirm_reads(reads), "local reads")
             else:
                 await self._confirm_reads(reads)
-        return reads.search(version, spec)
+        return reads.search(model.version, spec, model.name)
 
     async def _confirm_reads(self, reads: LocalReads) -> None:
         answer = None
@@ -717,7 +736,7 @@ class Ingress:
             if bad is not None:
                 raise ApiError(422, "bad_feature", bad["message"])
             # A reload between the spec and the call: refresh the spec once and redo the request.
-            if all("error" not in r and r["version"] == spec["version"] for r in results):
+            if all("error" not in r and _model(r) == _model(spec) for r in results):
                 break
         else:
             raise ApiError(503, "model_changing", "the model version changed during the request; retry")
@@ -733,7 +752,7 @@ class Ingress:
         if len(raw) != 1:
             raise ApiError(400, "one_image", f"send exactly one image, got {len(raw)}")
         spec = await self._model_spec()
-        name = feature or (await self._query_info(spec["version"]))["default_feature"]
+        name = feature or (await self._query_info(_model(spec)))["default_feature"]
         _, results = await self._infer(self._decode(raw), endpoint, () if name == "probs" else (name,))
         r = results[0]
         vector = r["probs"] if name == "probs" else r["features"][name]
@@ -757,12 +776,12 @@ class Ingress:
             spec = await self._model_spec(refresh=True)
         except Exception as e:  # noqa: BLE001 - a model that cannot answer, whatever the cause, is not ready
             return JSONResponse({"status": "not ready", "reasons": [f"model: {e}"]}, status_code=503)
-        index = await _call(self.index.info, spec["version"])
+        index = await _call(self.index.info, spec["version"], spec["name"])
         self.serve_metrics.index_items.set(index.get("count", 0))
         if not index.get("loaded"):
             reasons.append(f"index: {index.get('problem')}")
-        elif index["model"]["version"] != spec["version"]:  # never: the index replica answers for that version
-            reasons.append(f"index: built for version {index['model']['version']}, the model is {spec['version']}")
+        elif _model(index["model"]) != _model(spec):  # never: the index replica answers for that model
+            reasons.append(f"index: built for {_model(index['model'])}, the model is {_model(spec)}")
         model = {k: spec[k] for k in ("name", "version", "uri", "batch_size", "reloads", "last_error")}
         body = {"status": "ready" if not reasons else "not ready", "model": model, "index": index, "reasons": reasons}
         return JSONResponse(body, status_code=200 if not reasons else 503)
@@ -787,7 +806,7 @@ class Ingress:
         """The served model and the index's item count in this replica's gauges (``fresh``: the model
         asked now, for a scrape; else the spec as requests see it)."""
         spec = await self._model_spec(refresh=fresh)
-        info = await _call(self.index.info, spec["version"])
+        info = await _call(self.index.info, spec["version"], spec["name"])
         self.serve_metrics.index_items.set(info.get("count", 0))
 
     async def check_health(self) -> None:
@@ -816,7 +835,7 @@ class Ingress:
         a = self.args
         try:
             spec = await self._model_spec()
-            info = await self._query_info(spec["version"])
+            info = await self._query_info(_model(spec))
             features, concepts = info["features"], info["concepts"]
         except ApiError:  # no index yet (a first build): what the configuration promises
             spec = await self._model_spec()
@@ -878,13 +897,13 @@ class Ingress:
         self._q(q)
         k = self._k(request, k)
         spec = await self._model_spec()
-        opts = await self._options(request, spec["version"], mode=mode, cursor=cursor, feature=feature, metric=metric,
+        opts = await self._options(request, _model(spec), mode=mode, cursor=cursor, feature=feature, metric=metric,
                                    fusion=fusion, weights={"keywords": weight_keywords, "example": weight_example})
         if example_id is not None and not ITEM_ID.fullmatch(example_id):
             raise ApiError(404, "unknown_item", f"no item {example_id!r} in the collection")
         parsed = self._vocabulary(spec["concepts"]).parse(q)
         example = {"id": example_id} if example_id is not None else None
-        res = await self._query(spec["version"], "/v1/search", opts, k, concepts=parsed.concepts, q=q,
+        res = await self._query(_model(spec), "/v1/search", opts, k, concepts=parsed.concepts, q=q,
                                 example=example)
         return self._search_answer(q, parsed, opts, res, {"name": spec["name"], "version": spec["version"]}, example)
 
@@ -900,15 +919,14 @@ class Ingress:
             self._q(q)
         k = self._k(request, k)
         spec = await self._model_spec()
-        opts = await self._options(request, spec["version"], mode=mode, cursor=cursor, feature=feature, metric=metric,
+        opts = await self._options(request, _model(spec), mode=mode, cursor=cursor, feature=feature, metric=metric,
                                    fusion=fusion, weights={"keywords": weight_keywords, "example": weight_example})
         r, vector, digest = await self._example_vector(request, "/v1/search", opts["feature"])
-        version = r["version"]
         parsed = self._vocabulary(spec["concepts"]).parse(q) if q is not None else None
         example = {"upload": digest}
-        res = await self._query(version, "/v1/search", opts, k, concepts=parsed.concepts if parsed else None, q=q,
+        res = await self._query(_model(r), "/v1/search", opts, k, concepts=parsed.concepts if parsed else None, q=q,
                                 vector=vector, example=example)
-        return self._search_answer(q, parsed, opts, res, {"name": r["name"], "version": version}, example)
+        return self._search_answer(q, parsed, opts, res, {"name": r["name"], "version": r["version"]}, example)
 
     @app.post("/v1/search/similar", response_model=SimilarResponse, responses=_ERRORS, operation_id="similar_image")
     async def similar_image(self, request: Request, k: int = 10, cursor: str | None = None,
@@ -917,10 +935,10 @@ class Ingress:
         self._authorize(request, write=False)
         k = self._k(request, k)
         spec = await self._model_spec()
-        opts = await self._options(request, spec["version"], cursor=cursor, feature=feature, metric=metric)
+        opts = await self._options(request, _model(spec), cursor=cursor, feature=feature, metric=metric)
         r, vector, digest = await self._example_vector(request, "/v1/search/similar", opts["feature"])
-        # The index of the very version that embedded the query: model and index always match.
-        res = await self._query(r["version"], "/v1/search/similar", opts, k, vector=vector,
+        # The index of the very model that embedded the query: model and index always match.
+        res = await self._query(_model(r), "/v1/search/similar", opts, k, vector=vector,
                                 example={"upload": digest})
         return {"feature": res["feature"], "metric": res["metric"],
                 "model": {"name": r["name"], "version": r["version"]}, "index": res["index"],
@@ -935,8 +953,8 @@ class Ingress:
         self._authorize(request, write=False)
         k = self._k(request, k)
         spec = await self._model_spec()
-        opts = await self._options(request, spec["version"], cursor=cursor, feature=feature, metric=metric)
-        res = await self._query(spec["version"], "/v1/items/similar", opts, k, example={"id": item_id})
+        opts = await self._options(request, _model(spec), cursor=cursor, feature=feature, metric=metric)
+        res = await self._query(_model(spec), "/v1/items/similar", opts, k, example={"id": item_id})
         return {"feature": res["feature"], "metric": res["metric"],
                 "model": {"name": spec["name"], "version": spec["version"]}, "index": res["index"],
                 "query_id": item_id, "min_prob": opts["min_prob"], "results": _hits(res["results"]),
@@ -961,7 +979,7 @@ class Ingress:
         from PIL import Image
 
         try:
-            png = thumbnail_png(data, size)
+            png = thumbnail_png(data, size, self.args.max_image_pixels)
         except Image.DecompressionBombError:  # stored by an import, which has no pixel limit
             raise ApiError(422, "no_thumbnail", f"{item_id}: the image has more pixels than the service decodes "
                                                    f"({self.args.max_image_pixels:,}); fetch it without size") from None
@@ -1039,7 +1057,7 @@ class Ingress:
         keep the old pair until they have."""
         self._authorize(request, write=False)
         spec = await self._model_spec(refresh=True)
-        info = await _call(self.index.info, spec["version"])
+        info = await _call(self.index.info, spec["version"], spec["name"])
         model = {"name": spec["name"], "version": spec["version"]}
         return {"collection": info["collection"], "model": model, "index": info.get("index"),
                 "rollover": info["rollover"], "items": info["items"], "head": info["head"]}

@@ -7,7 +7,7 @@ replica holds one itself and answers without a hop to another process (``serving
 
 Which version to serve is the index replica's decision (it moves model and index together,
 ``serving/index.py``): a task on the replica's event loop tells it every half second which
-version it serves and asks which to serve, loads a new version next to the served one (a task
+model (name and version) it serves and asks which to serve, loads a new version next to the served one (a task
 of its own, in a thread, while the reports go on), and swaps the reference; a batch in flight
 keeps the model it started with.  Until the index replica answers (the first seconds of a start), the
 replica serves what the model URI resolves to.
@@ -129,7 +129,8 @@ class ServedModel:
         self._served = _load(model, tracking_uri, max_batch_size, batch_size)
         self.reloads = 0
         self.last_error: str | None = None
-        self._report: tuple[str, dict[str, Any] | None] | None = None  # (version, its retrieval report)
+        # ((name, version), its retrieval report): registry versions restart at 1 for every name
+        self._report: tuple[tuple[str, str], dict[str, Any] | None] | None = None
         self._report_at = 0.0
         # serve.batch's wrapper has these setters; its annotation (a plain Callable) does not say so.
         self.infer.set_max_batch_size(self._served.batch)  # type: ignore[attr-defined]
@@ -165,7 +166,10 @@ class ServedModel:
             await asyncio.sleep(POLL_S)
             try:
                 cur = self._served.resolved
-                want = await self._index.report_model.remote(self._replica, cur.version)
+                # The model's name too: the index replica keeps a pair loaded while a replica answers with
+                # it, and deepindex version 1 is not photos version 1 (found on review: reported as "1", a
+                # replica still on deepindex held nothing, its searches went to photos' index).
+                want = await self._index.report_model.remote(self._replica, cur.version, cur.name)
                 # By name and version: registry versions restart at 1 for every model name.
                 self._wanted = (want.get("name"), want["version"]) if want and want.get("version") else None
                 if self._wanted and _is(self._wanted, cur):
@@ -220,14 +224,14 @@ class ServedModel:
 
         r = self._served.resolved
         cached = self._report
-        if cached is None or cached[0] != r.version or (
+        if cached is None or cached[0] != (r.name, r.version) or (
                 cached[1] is None and time.monotonic() - self._report_at >= REPORT_RETRY_S):
             report: dict[str, Any] | None = None
             try:
                 report = await asyncio.to_thread(report_for, r, self._tracking_uri)
             except Exception as e:  # noqa: BLE001 - the figures are optional: serve without them
                 log.warning("model: no retrieval report for version %s: %s: %s", r.version, type(e).__name__, e)
-            cached = self._report = (r.version, report)
+            cached = self._report = ((r.name, r.version), report)
             self._report_at = time.monotonic()
         return {"name": r.name, "version": r.version, "report": cached[1]}
 

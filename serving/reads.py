@@ -13,8 +13,8 @@ The copy is used only while all of this holds, else the search goes to the index
 - the writer confirmed within the last ``ttl_s`` that this folder is the one it writes: its
   ``writer.json`` here holds the nonce it answers with (a node that does not share the writer's
   disk, or a writer restarted elsewhere, fails this; a restart takes longer than ``ttl_s``);
-- the version asked for is the one the writer serves (``serving.json``): the old version during a
-  rollover's switch is answered by the index replica, which keeps it loaded;
+- the model asked for (name and version) is the one the writer serves (``serving.json``): the old
+  one during a rollover's switch is answered by the index replica, which keeps it loaded;
 - the copy is loaded and its base is the folder's current one (a compaction swaps the folder: the
   copy is reloaded in the background, and searches go to the index replica meanwhile);
 - the delta can be followed (an unreadable whole line: only the writer's load mends that; a batch
@@ -152,17 +152,18 @@ class LocalReads:
         mine = self._writer.get()
         return mine is not None and mine.get("nonce") == self._nonce
 
-    def loaded(self, version: str) -> bool:
-        """Whether this process holds a copy of ``version``'s index."""
-        return any(v == version for _, v in self._copies)
+    def loaded(self, version: str, name: str | None = None) -> bool:
+        """Whether this process holds a copy of model ``name`` ``version``'s index (no name: any name's)."""
+        return any(v == version and name in (None, n) for n, v in list(self._copies))
 
     # ---- searches -----------------------------------------------------------------------------
-    def search(self, version: str, spec: dict[str, Any]) -> dict[str, Any] | None:
-        """The answer from this process's copy of ``version``'s index, or None: ask the index replica."""
+    def search(self, version: str, spec: dict[str, Any], name: str | None = None) -> dict[str, Any] | None:
+        """The answer from this process's copy of model ``name`` ``version``'s index, or None: ask the index
+        replica.  ``name`` None: whichever model's ``version`` the writer serves."""
         if not self._writer_here():
             return None
         serving = self._serving.get()
-        if serving is None or serving.get("version") != version:
+        if serving is None or serving.get("version") != version or name not in (None, serving.get("name")):
             return None
         copy = self._copy((serving.get("name"), version))
         if copy is None:

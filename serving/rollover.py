@@ -1,8 +1,10 @@
 """When and how the index replica moves to a new model version (see ``serving/index.py``).
 
-A thread polls the model URI every ``reload_interval_s``.  When it names a version other than the
-one served, it prepares that version's pair (build the index from the collection unless its folder
-exists, load it and the model, catch it up with the changes made meanwhile), switches to it under
+A thread polls the model URI every ``reload_interval_s``.  When it names a model other than the
+one served (a model is its name and version: registry versions restart at 1 for every name, so every
+pair, report and index folder is keyed by both, :class:`ModelKey`), it prepares that model's pair
+(build the index from the collection unless a folder of it exists holding every descriptor of the
+service's ``features``, load it and the model, catch it up with the changes made meanwhile), switches to it under
 the write lock, and keeps the old pair loaded for as long as a model replica still answers with the
 old version (loading a large model from a remote registry can take minutes; a request it answers
 meanwhile is searched in that version's index).  Once none has for ``OLD_GRACE_S``, the old pair is
@@ -19,7 +21,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from deepindex.atomic import write_file
 
@@ -31,6 +33,19 @@ log = logging.getLogger(__name__)
 STATE_FILE = "serving.json"
 OLD_GRACE_S = 5.0  # an old pair stays loaded this long after the last model replica answered with it
 SETTLE_POLL_S = 0.2  # how often a switch checks whether the model replicas have moved
+
+
+class ModelKey(NamedTuple):
+    """What the service keys a served model by: its name and version.  Registry versions restart at 1 for
+    every name, so a version alone names no model (found on review: keyed by version, photos version 1
+    replaced deepindex version 1 at once, model replicas still on deepindex were searched in photos' index,
+    the ingress kept deepindex's concepts, and deepindex's index folder was never removed)."""
+
+    name: str | None  # None only in a report of a caller that named no model (see IndexServer.report_model)
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.name} version {self.version}"
 
 
 # Changes of the collection made outside the service, applied to the served indexes at most this many at a
@@ -55,7 +70,7 @@ class Rollover:
         self.since = time.time()
         self.last_switch: dict[str, Any] | None = None
         self._clock = clock
-        self._last_used: dict[str, float] = {}  # an old pair's version -> when a model replica last used it
+        self._last_used: dict[ModelKey, float] = {}  # an old pair's model -> when a model replica last used it
         self._settling = False  # old pairs still loaded after a switch
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -72,17 +87,24 @@ class Rollover:
     def check_now(self) -> None:
         self._poke.set()
 
-    def model_target(self) -> dict[str, Any]:
-        """The version model replicas serve: the served pair's, else (first start) the one being prepared."""
+    def _served(self) -> Pair | None:
         s = self.server
-        if s.serving and s.serving in s.pairs:
-            p = s.pairs[s.serving]
+        return s.pairs.get(s.serving) if s.serving is not None else None
+
+    def model_target(self) -> dict[str, Any]:
+        """The model model replicas serve: the served pair's, else (first start) the one being prepared."""
+        p = self._served()
+        if p is not None:
             return {"name": p.name, "version": p.version, "ref": p.ref}
         return dict(self.target) if self.target else {}
 
     def status(self) -> dict[str, Any]:
-        s = self.server
-        return {"phase": self.phase, "serving": s.serving, "target": (self.target or {}).get("version"),
+        """``serving`` and ``target`` are versions (as they always were); ``serving_name`` and ``target_name``
+        the models they are of."""
+        p = self._served()
+        target = self.target or {}
+        return {"phase": self.phase, "serving": p.version if p else None, "serving_name": p.name if p else None,
+                "target": target.get("version"), "target_name": target.get("name"),
                 "progress": self.progress, "message": self.message, "since": self.since,
                 "attempt": self.attempt, "last_error": self.last_error, "last_switch": self.last_switch}
 
@@ -121,12 +143,17 @@ class Rollover:
             # Until the next look at the model URI, check often whether the model replicas have moved.
             while self._settling and time.monotonic() < deadline and not self._poke.wait(SETTLE_POLL_S):
                 if not self._settle() and self.phase == "switching":
-                    self._set("idle", f"serving version {self.server.serving}")
+                    self._set("idle", self._serving_message())
             self._poke.wait(None if math.isinf(deadline) else max(0.0, deadline - time.monotonic()))
             self._poke.clear()
 
+    def _serving_message(self) -> str:
+        p = self._served()
+        return f"serving version {p.version}" if p is not None else "serving nothing"
+
     def restore(self) -> None:
-        """A restarted replica serves what it served (``serving.json``), if that index is still there."""
+        """A restarted replica serves what it served (``serving.json``), if that index is still there and
+        holds every descriptor of the service's ``features`` (else the loop builds it again)."""
         f = self.dir / STATE_FILE
         try:
             st = json.loads(f.read_text()) if f.is_file() else None
@@ -145,7 +172,7 @@ class Rollover:
         deleted item stayed in search results and an imported one never came, until the next HTTP write
         (found on review).  Under the write lock, as those writes; a failure is said, and retried next time."""
         s = self.server
-        served = s.pairs.get(s.serving) if s.serving else None
+        served = self._served()
         if served is None or s.store.head() <= served.index.seq:
             return
         try:
@@ -172,7 +199,7 @@ class Rollover:
         # service started again with --model models:/photos@champion on a collection that served
         # deepindex's) is another model, whose index is built and switched to (it used to stay idle,
         # tagging with one model and searching another's index).
-        served = s.pairs.get(s.serving) if s.serving else None
+        served = self._served()
         if served is not None and (served.name, served.version) == (r.name, r.version):
             self.target = None
             if not self._settle():
@@ -181,44 +208,61 @@ class Rollover:
         self.target = {"name": r.name, "version": r.version, "ref": ref}
         start = time.monotonic()
         pair = self._prepare(self.target, build=True)
-        old = s.serving
-        self._activate(pair, reason=f"from version {old}" if old else "first start")
-        self.last_switch = {"from": old, "to": r.version, "seconds": round(time.monotonic() - start, 2),
-                            "items": len(pair.index), "at": time.time()}
+        old, old_key = served, s.serving
+        self._activate(pair, reason=f"from {old.name} version {old.version}" if old else "first start")
+        # from and to: versions, as they always were; from_name and to_name: the models they are of.
+        self.last_switch = {"from": old.version if old else None, "to": r.version,
+                            "from_name": old.name if old else None, "to_name": r.name,
+                            "seconds": round(time.monotonic() - start, 2), "items": len(pair.index), "at": time.time()}
         self.target = None
-        if old and old != r.version:
-            self._last_used[old] = self._clock()
+        if old_key is not None and old_key != ModelKey(pair.name, pair.version):
+            self._last_used[old_key] = self._clock()
         if not self._settle():
             self._gc()
             self._set("idle", f"serving version {r.version}")
 
     def _settle(self) -> bool:
         """Unload each pair the service no longer serves once no model replica has answered with its
-        version for ``OLD_GRACE_S``, however long that takes (a model replica still loading the new
-        version answers with the old one, and its similar-by-upload requests need the old index);
-        then remove the index folders beyond ``keep_indexes``.  True while some old pair stays."""
+        model (name and version) for ``OLD_GRACE_S``, however long that takes (a model replica still
+        loading the new version answers with the old one, and its similar-by-upload requests need the
+        old index); then remove the index folders beyond ``keep_indexes``.  True while some old pair stays."""
         s = self.server
-        old = [v for v in s.pairs if v != s.serving]
+        old = [k for k in list(s.pairs) if k != s.serving]
         if not old:
             self._settling = False
             return False
         now = self._clock()
-        using = s.model_versions()
-        for v in old:
-            if v in using.values():
-                self._last_used[v] = now
-            elif now - self._last_used.setdefault(v, now) >= OLD_GRACE_S:
-                s.pairs.pop(v, None)
-                self._last_used.pop(v, None)
-                log.info("rollover: unloaded version %s (no model replica answers with it)", v)
-        self._settling = any(v != s.serving for v in s.pairs)
+        using = s.model_versions()  # model replica -> the model (name, version) it answers with
+        for k in old:
+            if k in using.values():
+                self._last_used[k] = now
+            elif now - self._last_used.setdefault(k, now) >= OLD_GRACE_S:
+                gone = s.pairs.pop(k, None)
+                self._last_used.pop(k, None)
+                if gone is not None:
+                    log.info("rollover: unloaded %s version %s (no model replica answers with it)", gone.name,
+                             gone.version)
+        self._settling = any(k != s.serving for k in list(s.pairs))
         if not self._settling:
             self._gc()
             return False
-        behind = sum(v != s.serving for v in using.values())
-        self._set("switching", f"model replicas moving to version {s.serving}"
+        behind = sum(k != s.serving for k in using.values())
+        served = self._served()
+        self._set("switching", f"model replicas moving to version {served.version if served else None}"
                   + (f"; {behind} of {len(using)} still on an older one" if behind else ""))
         return True
+
+    def _lacks(self, path: Any) -> list[str]:
+        """The descriptors of the service's ``features`` that the index in ``path`` does not hold: such an
+        index counts as none, and is built again (found on review: a folder of the version was loaded
+        whatever it held, so adding last_but_two to ``features``, as the 422 ``bad_feature`` and
+        ``serving/config.yaml`` say to, never took effect for a version that had an index)."""
+        from deepindex.index.build import DEFAULT_FEATURES
+        from deepindex.index.store import PROBS, read_manifest
+
+        held = read_manifest(path).features
+        wanted = dict.fromkeys(self.server.args.features or DEFAULT_FEATURES)  # names as the args read them
+        return [f for f in wanted if f != PROBS and f not in held]
 
     def _prepare(self, target: dict[str, Any], build: bool) -> Pair:
         from deepindex.checkpoint import load_model
@@ -240,9 +284,15 @@ class Rollover:
             raise ValueError(f"{target['ref']} now holds version {resolved.version} of {resolved.name}, not "
                              f"{version} (replaced in place)")
         path = find_index(self.dir, target["name"], version, collection=a.collection)
+        lacking = self._lacks(path) if path is not None else []
+        if lacking:
+            log.info("rollover: the index %s lacks %s of the service's features: %s", path, ", ".join(lacking),
+                     "built again" if build else "not restored")
+            path = None
         if path is None:
             if not build:
-                raise FileNotFoundError(f"no index of version {version} in {self.dir}")
+                raise FileNotFoundError(f"no index of {target['name']} version {version} in {self.dir}" + (
+                    f" holding {', '.join(lacking)} (the service's features)" if lacking else ""))
             self._set("building", f"index of {a.collection} for version {version}", 0.0)
             res = build_index(target["ref"], collection=a.collection, index_dir=self.dir, tracking_uri=a.tracking_uri,
                               catalogue_url=a.catalogue_url, blobs_url=a.blobs_url, features=a.features,
@@ -269,21 +319,24 @@ class Rollover:
         s = self.server
         with s._write:
             catch_up(pair.index, s.store, pair.embed)
-            s.pairs[pair.version] = pair
-            s.serving = pair.version
+            key = ModelKey(pair.name, pair.version)
+            s.pairs[key] = pair
+            s.serving = key
             write_file(self.dir / STATE_FILE, json.dumps({"name": pair.name, "version": pair.version,
                                                           "ref": pair.ref}))
         log.info("rollover: serving %s version %s (%s), index of %d items at change %d", pair.name, pair.version,
                  reason, len(pair.index), pair.index.seq)
 
     def _gc(self) -> None:
-        """Keep the newest ``keep_indexes`` index folders of the collection (never the served one)."""
+        """Keep the newest ``keep_indexes`` index folders of the collection (never the served one's: by
+        name and version, another model's folder of the same version is an old one)."""
         from deepindex.index.store import list_indexes
 
         keep = self.server.args.keep_indexes
         indexes = list_indexes(self.dir)
-        serving = self.server.serving
-        old = [p for p, m in indexes if m.model.version != serving]
+        served = self._served()
+        mine = (served.name, served.version) if served is not None else None
+        old = [p for p, m in indexes if (m.model.name, m.model.version) != mine]
         for path in old[: max(0, len(indexes) - keep)]:
             log.info("rollover: removing the old index %s (keeping the last %d)", path, keep)
             shutil.rmtree(path, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Pydantic types of the HTTP API (``/v1``) and of the application's arguments."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -108,7 +109,6 @@ class ServeArgs(BaseModel):
         ``serve run`` or ``deepindex serve`` was typed, and see neither that shell's environment nor its
         state folder."""
         from deepindex.collection.catalogue import default_catalogue_url
-        from deepindex.collection.store import default_blobs_url
         from deepindex.index.build import collection_dir
 
         root = HERE.parent
@@ -127,7 +127,10 @@ class ServeArgs(BaseModel):
         return self.model_copy(update={
             "model": model, "tracking_uri": tracking_uri, "index_dir": index_dir,
             "catalogue_url": self.catalogue_url or default_catalogue_url(),
-            "blobs_url": fix(self.blobs_url) or default_blobs_url(), "vocabulary": fix(self.vocabulary),
+            # None: the collection's own blob store, the one it recorded (a default folder here would be
+            # another store for a collection imported with --blobs: the service's adds were refused).
+            "blobs_url": fix(self.blobs_url) or os.environ.get("DEEPINDEX_BLOBS_URL") or None,
+            "vocabulary": fix(self.vocabulary),
             "api_token_file": fix(self.api_token_file)})
 
     def api_token_digest(self) -> str | None:
@@ -272,7 +275,9 @@ class DeleteItemResponse(BaseModel):
 class RolloverStatus(BaseModel):
     phase: str  # starting | idle | building | loading | catching_up | switching | retrying
     serving: str | None = None  # the model version served with its index
+    serving_name: str | None = None  # the name of that model (versions restart at 1 for every name)
     target: str | None = None  # the version being prepared
+    target_name: str | None = None  # the name of that model
     progress: float | None = None
     message: str = ""
     since: float

@@ -333,3 +333,117 @@ def test_the_serving_environments_token_guards_writes_in_replicas_that_lack_it(
     write_token(app_args)
     assert "api_token_sha256" not in app_args and (tmp_path / "serving" / "api_token").is_file()
     assert ServeArgs(**app_args).api_token_digest() is not None
+
+
+# ---- 7. a thumbnail of a stored image over the service's pixel limit ------------------------------------
+def test_a_thumbnail_of_an_image_over_the_pixel_limit_is_a_422_and_one_at_the_limit_is_made(monkeypatch):
+    """PIL's guard (Image.MAX_IMAGE_PIXELS, which a replica sets to max_image_pixels) stops only at twice its
+    limit; between the two it warns and decodes, and thumbnails of stored images up to twice the service's
+    limit were decoded (found on review).  The limit is read from the header, as an upload's is."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # as the Ingress replica sets it
+    ing = _ingress(max_image_pixels=100)
+    with pytest.raises(ApiError) as e:
+        _item_image(ing, _saved(Image.new("RGB", (101, 1)), "PNG"), 16)  # one pixel over
+    assert e.value.status == 422 and e.value.code == "no_thumbnail"
+    assert e.value.message == "a: the image has more pixels than the service decodes (100); fetch it without size"
+    res = _item_image(ing, _saved(Image.new("RGB", (10, 10)), "PNG"), 8)  # at the limit
+    assert res.status_code == 200 and res.media_type == "image/png"
+    res = _item_image(ing, over := _saved(Image.new("RGB", (101, 1)), "PNG"), None)  # the original: never decoded
+    assert res.status_code == 200 and res.body == over
+
+
+# ---- 8. the same version of another model ------------------------------------------------------------
+COLOURS = ["red", "green", "blue"]
+
+
+def _two_models(ing: Any) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
+    """The index replica of a switch from deepindex version 1 to photos version 1, both loaded: a call that
+    names the model gets that model's; one that names the version alone, the served model's.  Returns
+    the served model's name (to switch) and the searches asked for: (model, version, cursor key)."""
+    served = {"name": "deepindex"}
+    concepts = {"deepindex": CONCEPTS, "photos": COLOURS}
+    searches: list[tuple[str, str, str]] = []
+
+    def query_info(version: str, name: str | None = None) -> dict[str, Any]:
+        return {"name": name or served["name"], "version": version, "features": {"penultimate": ["cosine"]},
+                "default_feature": "penultimate", "concepts": concepts[name or served["name"]], "multilabel": False}
+
+    def query(version: str, spec: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+        searches.append((name or served["name"], version, spec["key"]))
+        return {"results": [], "next_cursor": None, "feature": "penultimate", "metric": "cosine",
+                "signals": ["keywords"], "index": {"collection": "c", "model_version": version, "seq": 0, "count": 0}}
+
+    ing.index.query_info, ing.index.query = _Remote(query_info), _Remote(query)
+    ing._qinfo, ing._vocab = {}, {}
+    return served, searches
+
+
+def _search(ing: Any, q: str, query: bytes = b"") -> dict[str, Any]:
+    return asyncio.run(ing.search(_request("/v1/search", query), q=q, k=10, mode="all", cursor=None, example_id=None,
+                                  feature=None, metric=None, fusion="weighted", weight_keywords=None,
+                                  weight_example=None))
+
+
+def test_after_a_switch_to_the_same_version_of_another_model_the_ingress_asks_that_models_index():
+    """Registry versions restart at 1 for every name.  The ingress cached the index's query info per version:
+    after deepindex version 1 -> photos version 1 it checked photos' filters against deepindex's concepts
+    (``min_prob.red``: 422 "unknown concept; the model has 0, 1, 2 ... 9"), asked the index replica for
+    version 1 alone, and bound its cursors to the version alone (found on review)."""
+    ing = _ingress(vocabulary=None)
+    served, searches = _two_models(ing)
+    ing._spec = {"name": "deepindex", "version": "1", "concepts": CONCEPTS}
+    assert _search(ing, "3", b"min_prob.3=0.5")["model"] == {"name": "deepindex", "version": "1"}
+    _search(ing, "3")
+    served["name"] = "photos"  # the index replica switched; this replica's model spec follows
+    ing._spec = {"name": "photos", "version": "1", "concepts": COLOURS}
+    got = _search(ing, "3", b"min_prob.red=0.5")
+    assert got["model"] == {"name": "photos", "version": "1"} and got["min_prob"] == {"red": 0.5}
+    _search(ing, "3")
+    with pytest.raises(ApiError) as e:  # and deepindex's concepts are photos' no more
+        _search(ing, "3", b"min_prob.3=0.5")
+    assert e.value.code == "bad_min_prob"
+    assert e.value.message == "min_prob.3: unknown concept; the model has red, green, blue"
+    assert [(n, v) for n, v, _ in searches] == [("deepindex", "1")] * 2 + [("photos", "1")] * 2
+    assert searches[1][2] != searches[3][2]  # the same query of another model: a cursor of one is not the other's
+
+
+def test_readyz_checks_the_index_of_the_model_the_model_replicas_serve():
+    """/readyz asked the index replica for the model replicas' version alone: with deepindex version 1 still
+    on the model replicas and photos version 1 served by the index replica, it answered with photos' index
+    as the model's (found on review)."""
+    ing = _ingress()
+    spec = {"name": "deepindex", "version": "1", "concepts": CONCEPTS, "uri": "models:/deepindex@champion",
+            "batch_size": 8, "reloads": 0, "last_error": None}
+    ing.model = SimpleNamespace(info=_Remote(lambda: spec))
+
+    def readyz(index_model: Any) -> tuple[int, dict[str, Any]]:
+        ing.index.info = _Remote(lambda version, name=None: {"loaded": True, "count": 3, "model": {
+            "name": index_model(name), "version": version}})
+        res = asyncio.run(ing.readyz())
+        return res.status_code, json.loads(res.body)
+
+    status, body = readyz(lambda name: name or "photos")  # both loaded; the version alone gets the served one
+    assert status == 200 and body["index"]["model"] == {"name": "deepindex", "version": "1"} and not body["reasons"]
+    status, body = readyz(lambda name: "photos")  # an index of another model than the model replicas' (never)
+    assert status == 503 and body["reasons"] == ["index: built for photos version 1, the model is deepindex version 1"]
+
+
+def test_local_reads_answer_only_for_the_model_the_writer_serves_by_name_and_version(tmp_path):
+    """The ingress's copy of the served index (serving/reads.py) was matched to a search by version alone:
+    a model replica still on deepindex version 1 had its searches answered from photos version 1's copy."""
+    from deepindex.index.store import index_dir_name
+    from index.test_index_units import make_store
+    from serving.reads import SERVING_FILE, WRITER_FILE, LocalReads
+    from support import wait_until
+
+    make_store(20, version="1", name="photos").save(tmp_path / index_dir_name("photos", "1"))
+    (tmp_path / WRITER_FILE).write_text(json.dumps({"nonce": "n1"}))
+    (tmp_path / SERVING_FILE).write_text(json.dumps({"name": "photos", "version": "1", "ref": "models:/photos/1"}))
+    spec = {"k": 5, "key": "k", "cursor": None, "concepts": None, "mode": "all", "vector": None, "item": "i1",
+            "feature": None, "metric": None, "min_prob": {}, "fusion": "weighted", "weights": {}}
+    reads = LocalReads(ttl_s=30)
+    reads.confirm({"nonce": "n1", "dir": str(tmp_path)})
+    wait_until(lambda: reads.search("1", spec, "photos"), 20, every=0.02, what="the local copy of photos' index")
+    assert reads.loaded("1", "photos") and reads.loaded("1") and not reads.loaded("1", "deepindex")
+    assert reads.search("1", spec, "deepindex") is None  # another model's version 1: the index replica answers
+    assert reads.search("1", spec) is not None  # a caller naming the version alone: the writer's, as before

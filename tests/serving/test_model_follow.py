@@ -20,14 +20,16 @@ pytestmark = pytest.mark.timeout(60)
 
 
 class StandInIndex:
-    """Answers every report with ``want``; ``reports`` holds the versions reported, in order."""
+    """Answers every report with ``want``; ``reports`` holds the versions reported, in order, ``models`` the
+    (name, version) pairs."""
 
     def __init__(self, want: dict[str, Any]) -> None:
-        self.want, self.reports = want, list[str]()
+        self.want, self.reports, self.models = want, list[str](), list[tuple[str | None, str]]()
         self.report_model = self
 
-    def remote(self, replica: str, version: str) -> Any:
+    def remote(self, replica: str, version: str, name: str | None = None) -> Any:
         self.reports.append(version)
+        self.models.append((name, version))
 
         async def answer() -> dict[str, Any]:
             return self.want
@@ -149,3 +151,55 @@ def test_the_same_version_of_another_model_name_is_loaded(monkeypatch: pytest.Mo
 
     asyncio.run(scenario())
     assert loads == ["models:/photos/1"] and m.reloads == 1 and m.last_error is None
+
+
+def test_a_replica_reports_the_name_of_the_model_it_serves_not_its_version_alone(monkeypatch: pytest.MonkeyPatch):
+    """Registry versions restart at 1 for every name.  A replica reported its version alone: still on
+    deepindex version 1 while it loaded photos version 1, it reported "1", which the index replica read as
+    photos', unloaded deepindex's index under it, and searched its requests in photos' (found on review)."""
+    monkeypatch.setattr(served_model, "POLL_S", 0.01)
+    started, release = threading.Event(), threading.Event()
+
+    def load(ref: str, *args: object) -> _Served:
+        started.set()
+        assert release.wait(30), "the test never released the load"
+        return _served("1", "photos")
+
+    monkeypatch.setattr(served_model, "_load", load)
+    monkeypatch.setattr(ServedModel, "infer", type("Batch", (), {"set_max_batch_size": lambda self, n: None})())
+    index = StandInIndex({"name": "photos", "version": "1", "ref": "models:/photos/1"})
+    m = _replica(index, "1")
+    m._served = _served("1", "deepindex")
+
+    async def scenario() -> None:
+        follower = asyncio.get_running_loop().create_task(m._follow())
+        try:
+            await _until(started.is_set, "the load of photos version 1 started")
+            await _until(lambda: len(index.models) >= 10, "reports while photos loads")
+            assert set(index.models) == {("deepindex", "1")}
+            release.set()
+            await _until(lambda: index.models[-1] == ("photos", "1"), "photos version 1 reported")
+        finally:
+            release.set()
+            follower.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_the_retrieval_report_of_the_same_version_of_another_model_is_read_again(monkeypatch: pytest.MonkeyPatch):
+    """The report was cached per version: after deepindex version 1 -> photos version 1, /v1/about showed
+    deepindex's figures as photos' (found on review)."""
+    read: list[tuple[str, str]] = []
+
+    def report_for(r: ResolvedModel, tracking_uri: str | None = None) -> dict[str, Any]:
+        read.append((r.name, r.version))
+        return {"of": r.name}
+
+    monkeypatch.setattr("deepindex.tracking.retrieval.report_for", report_for)
+    m = _replica(StandInIndex({}), "1")
+    m._served, m._report, m._report_at = _served("1", "deepindex"), None, 0.0
+    assert asyncio.run(m.retrieval()) == {"name": "deepindex", "version": "1", "report": {"of": "deepindex"}}
+    asyncio.run(m.retrieval())  # read once per model
+    m._served = _served("1", "photos")
+    assert asyncio.run(m.retrieval()) == {"name": "photos", "version": "1", "report": {"of": "photos"}}
+    assert read == [("deepindex", "1"), ("photos", "1")]

@@ -13,6 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 
+# serving.index before any test patches deepindex.index.store.find_index: serving.reads binds it on import, and
+# bound to a test's stand-in it answered the next test's local reads (seen in a run).
+import serving.index  # noqa: F401
 from serving.rollover import OLD_GRACE_S, Rollover
 from serving.schemas import ServeArgs
 
@@ -22,9 +25,10 @@ class _IndexServerStandIn:
 
     def __init__(self, index_dir: Path):
         self.args = ServeArgs(model="unused", index_dir=str(index_dir))
-        self.pairs: dict[str, object] = {"1": object(), "2": object()}  # version 2 just switched to
+        # version 2 just switched to (keyed as the test reads them; each pair names its model)
+        self.pairs: dict[object, object] = {v: SimpleNamespace(name="m", version=v) for v in ("1", "2")}
         self.serving = "2"
-        self.reports: dict[str, str] = {}  # model replica -> the version it answers with
+        self.reports: dict[str, object] = {}  # model replica -> the model it answers with (as pairs are keyed)
         self.store = SimpleNamespace(head=lambda: 0)  # the collection: no change since any index's snapshot
 
     def model_versions(self) -> dict[str, str]:
@@ -222,3 +226,238 @@ def test_changes_made_outside_the_service_reach_the_served_index(tmp_path: Path,
     with pytest.raises(OSError):
         r._step()
     assert synced[-1] == (store.head(), True)  # applied before the model URI was looked at
+
+
+# ---- a model is its name and version ------------------------------------------------------------------
+@pytest.mark.timeout(30)
+def test_the_same_version_of_another_model_is_served_beside_the_old_until_no_model_replica_answers_with_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registry versions restart at 1 for every name.  Keyed by version, photos version 1 replaced deepindex
+    version 1 at once: a model replica still on deepindex reported "1", so nothing waited for it, and its
+    requests were searched in photos' index (found on review).  Pairs and reports are keyed by both now."""
+    import json
+    import threading
+
+    from deepindex.tracking import registry
+    from serving.rollover import STATE_FILE
+
+    deepindex, photos = ("deepindex", "1"), ("photos", "1")  # (name, version): serving.rollover.ModelKey's tuple
+    server, clock = _IndexServerStandIn(tmp_path), _Clock()
+    server.pairs = {deepindex: SimpleNamespace(name="deepindex", version="1", ref="models:/deepindex/1",
+                                               index=_EmptyIndex())}
+    server.serving, server._write = deepindex, threading.RLock()
+    server.reports = {"a": deepindex}  # a model replica still loading photos: it answers with deepindex 1
+    r = Rollover(server, clock=clock)  # type: ignore[arg-type]  # the stand-in
+    monkeypatch.setattr(registry, "resolve_model", lambda uri, tracking_uri=None: registry.ResolvedModel(
+        "/m/checkpoint.pt", "photos", "1"))
+    monkeypatch.setattr(r, "_prepare", lambda target, build: SimpleNamespace(
+        name=target["name"], version=target["version"], ref=target["ref"], index=_EmptyIndex(), embed=None))
+    monkeypatch.setattr("deepindex.index.catchup.catch_up", lambda *a, **kw: 0)  # nothing changed meanwhile
+    collected: list[object] = []
+    monkeypatch.setattr(r, "_gc", lambda: collected.append(server.serving))
+    r._step()  # the real switch (_activate), under the write lock
+    assert server.serving == photos and set(server.pairs) == {deepindex, photos}
+    assert [server.pairs[k].name for k in (deepindex, photos)] == ["deepindex", "photos"]
+    assert r.phase == "switching" and r.message == "model replicas moving to version 1; 1 of 1 still on an older one"
+    assert r.model_target() == {"name": "photos", "version": "1", "ref": "models:/photos/1"}
+    st = r.status()
+    assert (st["serving"], st["serving_name"]) == ("1", "photos")
+    assert json.loads((r.dir / STATE_FILE).read_text()) == {"name": "photos", "version": "1", "ref": "models:/photos/1"}
+    clock.now += 3600  # an hour later the replica is still on deepindex: its requests still find their index
+    assert r._settle() is True and deepindex in server.pairs and not collected
+    server.reports = {"a": photos}  # it moved
+    clock.now += OLD_GRACE_S
+    assert r._settle() is False and set(server.pairs) == {photos} and collected == [photos]
+
+
+@pytest.mark.timeout(30)
+def test_the_old_index_of_the_same_version_of_another_model_is_removed_beyond_keep_indexes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_gc`` kept every folder of the served version, whatever its model: deepindex version 1's index
+    stayed on disk for ever once photos version 1 was served (found on review)."""
+    import threading
+
+    server = _IndexServerStandIn(tmp_path)
+    server.args = ServeArgs(model="unused", index_dir=str(tmp_path), keep_indexes=1)
+    server.pairs, server.serving, server._write = {}, None, threading.RLock()
+    folders = {name: tmp_path / f"{name}-1" for name in ("deepindex", "photos")}  # oldest first
+    for f in folders.values():
+        f.mkdir()
+    monkeypatch.setattr("deepindex.index.store.list_indexes", lambda d: [
+        (f, SimpleNamespace(model=SimpleNamespace(name=name, version="1")))
+        for name, f in folders.items() if f.is_dir()])
+    monkeypatch.setattr("deepindex.index.catchup.catch_up", lambda *a, **kw: 0)
+    r = Rollover(server)  # type: ignore[arg-type]  # the stand-in
+    r._activate(SimpleNamespace(name="photos", version="1", ref="models:/photos/1", index=_EmptyIndex(),  # type: ignore[arg-type]
+                                embed=None), reason="a test")
+    r._gc()
+    assert not folders["deepindex"].exists() and folders["photos"].is_dir()
+
+
+# ---- the service's features decide which index is good enough ------------------------------------------
+def _index_folder(root: Path, features: list[str], name: str = "m", version: str = "1") -> Path:
+    """A real (empty) index of model ``name`` ``version`` holding ``features``, in the collection's folder."""
+    import numpy as np
+
+    from deepindex.index.store import IndexStore, index_dir_name
+    from deepindex.index.vectors import VectorConfig
+
+    path = root / index_dir_name(name, version)
+    IndexStore.create(model={"uri": f"models:/{name}/{version}", "name": name, "version": version},
+                      collection=ServeArgs(model="unused").collection, seq=0, concepts=["a", "b"], ids=[], labels=[],
+                      probs=np.zeros((0, 2), np.float32), features={f: np.zeros((0, 4), np.float32) for f in features},
+                      vector_cfg=VectorConfig(), default_feature=features[0], image_size=8, channels=1,
+                      multilabel=False).save(path)
+    return path
+
+
+class _Built(Exception):
+    """The build stand-in's way to stop the rollover once it asked for a build."""
+
+
+class _Loaded(Exception):
+    """The model-loading stand-in's way to stop the rollover once it loads a found index."""
+
+
+def _no_registry_no_model(monkeypatch: pytest.MonkeyPatch) -> tuple[list[list[str] | None], list[str]]:
+    """resolve_model names model m version 1; the builds asked for (their features) and the models loaded
+    are recorded, and each stops the rollover there."""
+    from deepindex.tracking import registry
+
+    builds: list[list[str] | None] = []
+    loads: list[str] = []
+    monkeypatch.setattr(registry, "resolve_model", lambda uri, tracking_uri=None: registry.ResolvedModel(
+        "/m/checkpoint.pt", "m", "1"))
+
+    def build_index(ref: str, **kw: object) -> None:
+        builds.append(kw["features"])  # type: ignore[arg-type]
+        raise _Built
+
+    def load_model(path: str) -> None:
+        loads.append(path)
+        raise _Loaded
+
+    monkeypatch.setattr("deepindex.index.build.build_index", build_index)
+    monkeypatch.setattr("deepindex.checkpoint.load_model", load_model)
+    return builds, loads
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("held", "features", "built"), [
+    (["penultimate"], ["penultimate", "last_but_two"], True),  # last_but_two added to features: built again
+    (["penultimate"], ["last_but_two"], True),
+    (["last_but_two"], None, True),  # features unset: penultimate, the default
+    (["penultimate"], None, False),
+    (["penultimate", "last_but_two"], ["last_but_two"], False),  # holds more than asked: good enough
+    (["penultimate"], ["probs", "penultimate"], False),  # probs is in every index
+])
+def test_an_index_that_lacks_a_descriptor_of_features_is_built_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: list[str], features: list[str] | None,
+        built: bool) -> None:
+    """The 422 ``bad_feature`` and ``serving/config.yaml`` say to add a descriptor (last_but_two) to the
+    service's ``features`` to query it; the version's index folder was loaded whatever it held, so the
+    change never took effect for a version that had an index (found on review)."""
+    server = _IndexServerStandIn(tmp_path)
+    server.args = ServeArgs(model="unused", index_dir=str(tmp_path), features=features)
+    server.pairs, server.serving = {}, None
+    _index_folder(tmp_path, held)
+    builds, loads = _no_registry_no_model(monkeypatch)
+    r = Rollover(server)  # type: ignore[arg-type]  # the stand-in
+    with pytest.raises(_Built if built else _Loaded):
+        r._step()
+    assert builds == ([server.args.features] if built else [])
+    assert loads == ([] if built else ["/m/checkpoint.pt"])
+
+
+@pytest.mark.timeout(60)
+def test_a_restart_does_not_restore_an_index_that_lacks_a_descriptor_of_features(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """``serving.json`` names the pair served before the restart; an index without a descriptor the
+    service's ``features`` now lists is not restored (the loop builds it again, as a first start does)."""
+    import json
+
+    from serving.rollover import STATE_FILE
+
+    server = _IndexServerStandIn(tmp_path)
+    server.args = ServeArgs(model="unused", index_dir=str(tmp_path), features=["penultimate", "last_but_two"])
+    server.pairs, server.serving = {}, None
+    _index_folder(tmp_path, ["penultimate"])
+    (tmp_path / STATE_FILE).write_text(json.dumps({"name": "m", "version": "1", "ref": "models:/m/1"}))
+    builds, loads = _no_registry_no_model(monkeypatch)
+    caplog.set_level("WARNING", logger="serving.rollover")
+    Rollover(server).restore()  # type: ignore[arg-type]  # the stand-in
+    assert server.serving is None and loads == [] and builds == []
+    assert [r.getMessage() for r in caplog.records] == [
+        "rollover: the saved pair {'name': 'm', 'version': '1', 'ref': 'models:/m/1'} could not be restored "
+        f"(no index of m version 1 in {tmp_path} holding last_but_two (the service's features))"]
+
+    server.args = ServeArgs(model="unused", index_dir=str(tmp_path), features=["penultimate"])
+    Rollover(server).restore()  # type: ignore[arg-type]  # an index that holds them all is restored
+    assert loads == ["/m/checkpoint.pt"] and builds == []
+
+
+class _OneItemIndex:
+    """What the index replica reads of a loaded index to answer ``query_info``, ``info`` and ``get``."""
+
+    def __init__(self, name: str, concepts: list[str]) -> None:
+        self.manifest = SimpleNamespace(collection="c", model=SimpleNamespace(name=name, version="1"),
+                                        default_feature="penultimate", concepts=concepts, multilabel=False,
+                                        features={"penultimate": SimpleNamespace(kind="flat",
+                                                                                 default_query_metric="cosine")})
+        self.seq, self.path, self.probs = 0, Path(name), [1.0] * len(concepts)
+
+    def __len__(self) -> int:
+        return 1
+
+    def query_features(self) -> dict[str, tuple[str, ...]]:
+        return {"penultimate": ("cosine",), "probs": ("cosine",)}
+
+    def item(self, item_id: str) -> tuple[int, list[float], list[str]]:
+        return 0, self.probs, []
+
+    def memory_bytes(self) -> int:
+        return 0
+
+
+@pytest.mark.timeout(30)
+def test_the_index_replica_answers_for_the_model_named_not_for_its_version_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index replica's calls took a version only: the ingress, asking for deepindex version 1's query
+    info or item after the switch to photos version 1, got photos' (found on review).  A model replica's
+    report, and every call that names a model, now goes by name and version."""
+    import threading
+
+    from serving.index import IndexServer, Pair
+
+    digits, colours = [str(d) for d in range(10)], ["red", "green", "blue"]
+    deepindex, photos = ("deepindex", "1"), ("photos", "1")  # (name, version): serving.rollover.ModelKey's tuple
+    srv = object.__new__(IndexServer.func_or_class)  # no replica: the fields these calls read
+    srv.args = ServeArgs(model="unused", index_dir=str(tmp_path))
+    srv.pairs, srv.serving, srv.model_reports, srv._write = {}, None, {}, threading.RLock()
+    srv.store = SimpleNamespace(head=lambda: 0, count=lambda: 1, get=lambda item_id: SimpleNamespace(
+        tags=[], meta={}, source="upload", added_at=0.0, seq=1, content_hash="h", size=3))
+    srv.rollover = Rollover(srv)
+    monkeypatch.setattr("deepindex.index.catchup.catch_up", lambda *a, **kw: 0)
+    for name, concepts in (("deepindex", digits), ("photos", colours)):  # served in turn, as a rollover does
+        srv.rollover._activate(Pair(name, "1", f"models:/{name}/1", _OneItemIndex(name, concepts), None),  # type: ignore[arg-type]
+                               reason="a test")
+    assert set(srv.pairs) == {deepindex, photos} and srv.serving == photos
+
+    # A model replica still on deepindex version 1 says so, and is told to serve photos version 1.
+    assert srv.report_model("a", "1", "deepindex") == {"name": "photos", "version": "1", "ref": "models:/photos/1"}
+    srv.report_model("b", "1", "photos")
+    srv.report_model("c", "1")  # a caller that names no model: the loaded pair of that version, the served first
+    assert srv.model_versions() == {"a": deepindex, "b": photos, "c": photos}
+
+    assert srv.query_info("1", "deepindex")["concepts"] == digits
+    assert srv.query_info("1", "photos")["concepts"] == colours
+    assert srv.query_info("1")["concepts"] == colours and srv.query_info()["concepts"] == colours
+    assert srv.get("x", "deepindex", "1")["concepts"] == digits
+    assert srv.get("x", "photos", "1")["concepts"] == colours
+    assert srv.info("1", "deepindex")["model"] == {"name": "deepindex", "version": "1"}
+    info = srv.info()
+    assert info["model"] == {"name": "photos", "version": "1"} and (info["serving"], info["serving_name"]) == (
+        "1", "photos")
+    gone = srv.query_info("1", "other")
+    assert gone["status"] == 503 and gone["error"]["message"] == (
+        "no index of digit-scenes for model other version 1 is loaded")
