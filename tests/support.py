@@ -44,6 +44,15 @@ MISSING_TOOLS_ENV = "DEEPINDEX_MISSING_TOOLS"
 TOOL_SKIP = "not installed on this machine"  # in the reason of every skip for a missing tool
 
 
+def collection_cli(capsys: Any, *argv: str) -> tuple[int, str, str]:
+    """``deepindex collection ARGV...`` in this process: (exit code, stdout, stderr) as ``capsys`` caught them."""
+    from deepindex.cli import main
+
+    rc = main(["collection", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 def require_tool(name: str, binaries: tuple[str, ...], how: str) -> str:
     """The path of a system tool a test drives.  Missing, the test fails saying how to get it,
     unless `make test` found that the tool cannot be had here: then it is skipped, and the end of

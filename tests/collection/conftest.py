@@ -30,6 +30,13 @@ def _close_engines() -> Iterator[None]:
     dispose_engines()
 
 
+@pytest.fixture
+def no_settings_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No DEEPINDEX_BLOBS_URL or DEEPINDEX_CATALOGUE_URL from the shell: each store is the one a test names."""
+    monkeypatch.delenv("DEEPINDEX_BLOBS_URL", raising=False)
+    monkeypatch.delenv("DEEPINDEX_CATALOGUE_URL", raising=False)
+
+
 def _pg_bin(name: str) -> str | None:
     found = shutil.which(name)
     if found:

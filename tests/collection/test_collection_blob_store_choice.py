@@ -12,22 +12,12 @@ import numpy as np
 import pytest
 from sqlalchemy import update
 
-from deepindex.cli import main
 from deepindex.collection import CollectionStore, list_collections
 from deepindex.collection.store import BlobStoreMismatch
-from support import png_bytes
+from support import collection_cli, png_bytes
 
-
-@pytest.fixture(autouse=True)
-def _no_blobs_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("DEEPINDEX_BLOBS_URL", raising=False)
-    monkeypatch.delenv("DEEPINDEX_CATALOGUE_URL", raising=False)
-
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    rc = main(["collection", *argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+_run = collection_cli
+pytestmark = pytest.mark.usefixtures("no_settings_env")
 
 
 def _blob_files(folder: Path) -> list[Path]:

@@ -6,15 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepindex.cli import main
 from deepindex.collection import list_collections
-from support import png_bytes
+from support import collection_cli, png_bytes
 
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    rc = main(["collection", *argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+_run = collection_cli
 
 
 @pytest.mark.parametrize(("argv", "message"), [

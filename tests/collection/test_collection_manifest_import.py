@@ -11,17 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepindex.cli import main
 from deepindex.collection import CollectionStore, list_collections
 from deepindex.collection.imports import import_manifest
 from deepindex.data.files import ManifestError, read_manifest
-from support import png_bytes
+from support import collection_cli, png_bytes
 
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    rc = main(["collection", *argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+_run = collection_cli
 
 
 def _jpeg(seed: int, size: int = 64) -> bytes:

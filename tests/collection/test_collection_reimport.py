@@ -11,22 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepindex.cli import main
 from deepindex.collection import CollectionStore
 from deepindex.collection.imports import import_digit_scenes, import_manifest
-from support import png_bytes
+from support import collection_cli, png_bytes
 
-
-@pytest.fixture(autouse=True)
-def _no_blobs_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("DEEPINDEX_BLOBS_URL", raising=False)
-    monkeypatch.delenv("DEEPINDEX_CATALOGUE_URL", raising=False)
-
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    rc = main(["collection", *argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+_run = collection_cli
+pytestmark = pytest.mark.usefixtures("no_settings_env")
 
 
 def _photos(folder: Path, names: list[str], seed: int = 0) -> None:
