@@ -155,6 +155,7 @@ def test_an_image_folder_of_split_folders_is_refused_not_trained_as_classes(tmp_
     with pytest.raises(ValueError) as e:
         read_image_folder(tv)
     assert str(e.value) == message
+    ray.shutdown()  # whichever test ran before: the refusal below must come before Ray starts
     assert main(["train", "data.dataset=image-folder", f"data.root={tv}"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"deepindex train: error: {message}"]
     assert not ray.is_initialized()
