@@ -25,8 +25,8 @@ def _embed(pixels: np.ndarray) -> dict[str, np.ndarray]:
     return {"probs": np.full((n, 1), 0.5, np.float32), "penultimate": np.ones((n, 4), np.float32)}
 
 
-def _base(store: CollectionStore, seq: int) -> IndexStore:
-    """What a build writes: the collection's snapshot at ``seq``, embedded."""
+def _base(store: CollectionStore, seq: int, source: dict | None = None) -> IndexStore:
+    """What a build writes: the collection's snapshot at ``seq``, embedded (``source``: its manifest's)."""
     items = list(store.snapshot(seq))
     n = len(items)
     return IndexStore.create(model={"uri": "m", "name": "m", "version": "1"}, collection=store.name, seq=seq,
@@ -34,7 +34,7 @@ def _base(store: CollectionStore, seq: int) -> IndexStore:
                              probs=np.full((n, 1), 0.5, np.float32),
                              features={"penultimate": np.ones((n, 4), np.float32)},
                              vector_cfg=VectorConfig(kind="flat"), default_feature="penultimate", image_size=8,
-                             channels=1, multilabel=True)
+                             channels=1, multilabel=True, source=source)
 
 
 def test_a_base_swapped_under_the_writer_loses_no_change_on_reload(tmp_path: Path) -> None:
@@ -97,3 +97,28 @@ def test_an_index_of_another_catalogue_is_refused_not_served(tmp_path: Path) -> 
     assert find_index(tmp_path / "shared", "m", "1", collection="d") == tmp_path / "shared" / "n-1"
     assert find_index(tmp_path / "shared", "m", "1", collection="c") == tmp_path / "shared" / "m-1"
     assert find_index(tmp_path / "shared", "m", "1", collection="e") is None
+
+
+def test_an_index_of_another_collection_of_the_name_behind_this_ones_head_is_refused(tmp_path: Path) -> None:
+    """The same, with this catalogue's head at or past the index's seq (the catalogue deleted and the images
+    imported again, more of them): it was caught up as if it were this collection, serving the old items and
+    never indexing this one's first changes (found on review).  A build records which collection it read."""
+    other = CollectionStore.open("c", catalogue_url=f"sqlite:///{tmp_path / 'other.db'}",
+                                 blobs_url=str(tmp_path / "other-blobs"))
+    for i in range(3):
+        other.add(f"old-{i}", png_bytes(np.full((8, 8), i / 10)))
+    made = {"collection": "c", "catalogue_seq": other.head(), "collection_created_at": other.created_at}
+    _base(other, other.head(), made).save(tmp_path / "m-1")
+    store = CollectionStore.open("c")
+    for i in range(5):
+        store.add(f"new-{i}", png_bytes(np.full((8, 8), i / 10)))
+    assert store.created_at != other.created_at and store.head() >= other.head()
+    index = IndexStore.load(tmp_path / "m-1")
+    with pytest.raises(ValueError, match=r"built from another collection named c \(created .* UTC; this one .* "
+                                         r"UTC\): build it again \(deepindex index build\)$"):
+        catch_up(index, store, _embed)
+    assert sorted(index.rows) == ["old-0", "old-1", "old-2"]  # nothing of the other collection applied
+    own = {"collection": "c", "catalogue_seq": 2, "collection_created_at": store.created_at}
+    _base(store, 2, own).save(tmp_path / "m-2")
+    mine = IndexStore.load(tmp_path / "m-2")
+    assert catch_up(mine, store, _embed) == 3 and mine.seq == store.head()  # this collection's: caught up

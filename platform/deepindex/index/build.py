@@ -209,7 +209,8 @@ def build_index(model_uri: str, *, collection: str = "digit-scenes", out: str | 
         probs=out_arrays["probs"][keep] if len(items) else np.zeros((0, len(lm.concepts)), np.float32),
         features={f: out_arrays[f][keep] if len(items) else np.zeros((0, dims[f]), np.float32) for f in names},
         vector_cfg=cfg, default_feature=names[0], image_size=lm.image_size, channels=lm.channels,
-        multilabel=lm.multilabel, source={"collection": collection, "catalogue_seq": seq}, preset=lm.preset)
+        multilabel=lm.multilabel, source={"collection": collection, "catalogue_seq": seq,
+                                          "collection_created_at": store.created_at}, preset=lm.preset)
     path = Path(out) if out else collection_dir(collection, index_dir) / index_dir_name(resolved.name,
                                                                                           resolved.version)
     index.save(path)

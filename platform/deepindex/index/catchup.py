@@ -9,6 +9,7 @@ still moves past it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -72,6 +73,14 @@ def catch_up(index: IndexStore, store: CollectionStore, embed: Embedder, upto: i
         raise ValueError(f"index {index.path or ''}: built up to change {index.seq} of {index.manifest.collection}, "
                          f"but {store.name} has {head} changes: it was built from another catalogue; "
                          "build it again (deepindex index build)")
+    made = index.manifest.source.get("collection_created_at")
+    if made is not None and abs(float(made) - store.created_at) > 1e-6:
+        # Another collection of the name (its catalogue deleted and the images imported again, a move to
+        # PostgreSQL, another --catalogue): with a head at or past the index's seq, it was caught up as if it
+        # were this one, serving the old items and never indexing the new ones up to that seq (found on review).
+        raise ValueError(f"index {index.path or ''}: built from another collection named {store.name} (created "
+                         f"{_when(float(made))}; this one {_when(store.created_at)}): build it again "
+                         "(deepindex index build)")
     target = head if upto is None else upto
     while index.seq < target:
         changes = store.changes(after=index.seq, upto=target, limit=BATCH)
@@ -84,3 +93,7 @@ def catch_up(index: IndexStore, store: CollectionStore, embed: Embedder, upto: i
             target = max(target, store.head())
     index.compact()
     return applied
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
