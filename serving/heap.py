@@ -30,10 +30,12 @@ TRIES = 20  # how many times the freeze waits another WARM_S for the version to 
 class HeapFreezer:
     """``seen(version, name)`` on every spec of the served model (a model is its name and version: registry
     versions restart at 1 for every name); ``call_later(seconds, fn)`` schedules (the event loop's),
-    ``ready(version)`` says whether the version's long-lived objects are loaded (None: nothing more to load)."""
+    ``ready(version, name)`` says whether that model's long-lived objects are loaded (None: nothing more to
+    load)."""
 
     def __init__(self, call_later: Callable[[float, Callable[[], None]], object],
-                 ready: Callable[[str], bool] | None = None, warm_s: float = WARM_S, tries: int = TRIES) -> None:
+                 ready: Callable[[str, str | None], bool] | None = None, warm_s: float = WARM_S,
+                 tries: int = TRIES) -> None:
         self._call_later = call_later
         self._ready = ready
         self.warm_s, self.tries = warm_s, tries
@@ -56,7 +58,7 @@ class HeapFreezer:
     def _freeze(self, version: str, name: str | None, tries: int) -> None:
         if (name, version) != (self.name, self.version) or self.frozen:
             return  # another version came meanwhile: its own freeze is scheduled
-        if self._ready is not None and not self._ready(version) and tries > 0:
+        if self._ready is not None and not self._ready(version, name) and tries > 0:
             self._later(version, name, tries - 1)
             return
         gc.freeze()

@@ -490,14 +490,9 @@ class Ingress:
         self.serve_metrics.set_model(spec["name"], spec["version"])
         if self._heap is None:
             self._heap = HeapFreezer(asyncio.get_running_loop().call_later,
-                                     ready=self._copy_loaded if self._reads is not None else None)
+                                     ready=self._reads.loaded if self._reads is not None else None)
         self._heap.seen(spec["version"], spec.get("name"))
         return spec
-
-    def _copy_loaded(self, version: str) -> bool:
-        """Whether this replica's copy of the served model's index is loaded (serving/reads.py)."""
-        heap, reads = self._heap, self._reads
-        return reads is not None and reads.loaded(version, heap.name if heap is not None else None)
 
     def _background(self, work: Coroutine[Any, Any, Any], what: str) -> "asyncio.Task[Any]":
         """Run ``work`` on this replica's event loop, holding a reference until it ends; a failure is

@@ -57,7 +57,7 @@ def test_a_version_is_frozen_once_warm_and_unfrozen_when_another_comes() -> None
 def test_the_freeze_waits_for_the_version_to_be_ready_then_gives_up_waiting() -> None:
     later = Later()
     ready: set[str] = set()
-    heap = HeapFreezer(later, ready=ready.__contains__, warm_s=1.0, tries=2)
+    heap = HeapFreezer(later, ready=lambda version, name: version in ready, warm_s=1.0, tries=2)
     heap.seen("1")
     later.run()
     assert not heap.frozen and len(later.due) == 1  # not loaded yet: asked again later
