@@ -10,6 +10,23 @@ from deepindex.net import free_port
 pytestmark = [pytest.mark.mlflow, pytest.mark.timeout(180)]
 
 
+def _untracked_trial(trial_dir, lm, cfg):
+    """A trial that never reached the server: two checkpoints without a run id (epoch 1 the best) and its
+    epochs in its journal, as its rank 0 wrote them."""
+    import json
+
+    from deepindex.checkpoint import save_checkpoint
+    from deepindex.tracking.tracker import JOURNAL
+
+    for epoch in (0, 1):
+        save_checkpoint(trial_dir / f"checkpoint_00000{epoch}", model=lm.model, config=cfg, stats=lm.stats,
+                        concepts=lm.concepts, multilabel=lm.multilabel, epoch=epoch, metrics={"val_map": 0.5 + epoch})
+    (trial_dir / JOURNAL).write_text("".join(json.dumps(
+        {"kind": "epoch", "time": 1.0 + e, "run_name": "t1", "run_id": None, "step": e,
+         "metrics": {"val_map": 0.5 + e}}) + "\n" for e in (0, 1)))
+    return trial_dir
+
+
 def test_a_sweep_ending_with_its_server_down_journals_each_trials_end_for_sync(small_model, mlflow_server, tmp_path,
                                                                                caplog):
     from mlflow.tracking import MlflowClient
@@ -56,13 +73,11 @@ def test_a_trial_that_started_while_the_server_was_down_gets_its_run_under_the_s
     """Found on review: a trial whose rank 0 found the server unreachable trained untracked (its epochs in its
     journal) and had no run under the sweep; at the sweep's end, the server back, it was left out, never
     ended, and as the best trial not promoted.  Its run is now made under the parent and finalized."""
-    import json
 
     from mlflow.tracking import MlflowClient
 
-    from deepindex.checkpoint import load_model, save_checkpoint
+    from deepindex.checkpoint import load_model
     from deepindex.tracking.sweep import TRIAL_TAG
-    from deepindex.tracking.tracker import JOURNAL
     from deepindex.train.evaluation import score_checkpoint
     from deepindex.tune.driver import SweepOutcome, TrialSummary, _record
 
@@ -71,13 +86,7 @@ def test_a_trial_that_started_while_the_server_was_down_gets_its_run_under_the_s
     cfg = lm.config.override({"tracking.experiment": f"late-{tmp_path.name}"})
     exp = client.create_experiment(cfg.tracking.experiment)
     parent = client.create_run(exp, run_name="sweep").info.run_id
-    trial_dir = tmp_path / "ray" / "sweep" / "train" / "t1"
-    for epoch in (0, 1):  # checkpoints without a run id: the trial never reached the server
-        save_checkpoint(trial_dir / f"checkpoint_00000{epoch}", model=lm.model, config=cfg, stats=lm.stats,
-                        concepts=lm.concepts, multilabel=lm.multilabel, epoch=epoch, metrics={"val_map": 0.5 + epoch})
-    (trial_dir / JOURNAL).write_text("".join(json.dumps(
-        {"kind": "epoch", "time": 1.0 + e, "run_name": "t1", "run_id": None, "step": e,
-         "metrics": {"val_map": 0.5 + e}}) + "\n" for e in (0, 1)))
+    trial_dir = _untracked_trial(tmp_path / "ray" / "sweep" / "train" / "t1", lm, cfg)
     trial = TrialSummary("t1", {}, 1.5, 2, False, "TERMINATED")
     outcome = SweepOutcome("sweep", str(trial_dir.parent.parent), "val_map", "max", [trial], trial, parent, 1.0, False)
 
@@ -96,13 +105,11 @@ def test_a_trial_never_tracked_and_synced_after_the_sweep_is_its_child_run_once(
     made its run on its own, outside the sweep, and the sweep run again made a second run of the trial
     without its epochs (found on review).  Sync now makes it the sweep's child with its trial tags, and the
     sweep run again finds it there."""
-    import json
 
     from mlflow.tracking import MlflowClient
 
-    from deepindex.checkpoint import load_model, save_checkpoint
+    from deepindex.checkpoint import load_model
     from deepindex.tracking.sweep import SWEEP_TAG, TRIAL_TAG
-    from deepindex.tracking.tracker import JOURNAL
     from deepindex.tune.driver import SweepOutcome, TrialSummary, _record
     from deepindex.workflows import sync_journals
 
@@ -112,13 +119,7 @@ def test_a_trial_never_tracked_and_synced_after_the_sweep_is_its_child_run_once(
     exp = client.create_experiment(cfg.tracking.experiment)
     parent = client.create_run(exp, run_name="sweep").info.run_id
     storage = tmp_path / "ray"
-    trial_dir = storage / "sweep" / "train" / "t1"
-    for epoch in (0, 1):  # checkpoints without a run id: the trial never reached the server
-        save_checkpoint(trial_dir / f"checkpoint_00000{epoch}", model=lm.model, config=cfg, stats=lm.stats,
-                        concepts=lm.concepts, multilabel=lm.multilabel, epoch=epoch, metrics={"val_map": 0.5 + epoch})
-    (trial_dir / JOURNAL).write_text("".join(json.dumps(
-        {"kind": "epoch", "time": 1.0 + e, "run_name": "t1", "run_id": None, "step": e,
-         "metrics": {"val_map": 0.5 + e}}) + "\n" for e in (0, 1)))
+    _untracked_trial(storage / "sweep" / "train" / "t1", lm, cfg)
     trial = TrialSummary("t1", {}, 1.5, 2, False, "TERMINATED")
     outcome = SweepOutcome("sweep", str(storage / "sweep"), "val_map", "max", [trial], trial, parent, 1.0, False)
 
