@@ -71,16 +71,12 @@ def image_meta(data: bytes) -> dict[str, Any]:
     evaluation of the collection then failed on, unnamed, and an index build left out (found on review).
     A JPEG is decoded at 1/8 scale (its DCT's own, fast), as training's manifest check does: every byte
     of it is still read and decoded."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
-    from deepindex.data.transforms import UNDECODABLE
+    from deepindex.data.transforms import UNDECODABLE, decode_whole
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            meta = {"width": int(im.width), "height": int(im.height), "format": im.format}
-            im.draft(im.mode, (1, 1))  # a no-op for any format but JPEG
-            im.load()
-            return meta
+        return decode_whole(data)
     except UNDECODABLE as e:  # what the index build skips an item for (UnidentifiedImageError is an OSError)
         # PIL's own words where they say what is wrong ("image file is truncated"), not where they name a BytesIO
         why = e.__class__.__name__ if isinstance(e, UnidentifiedImageError) else f"{e.__class__.__name__}: {e}"

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from deepindex.data.transforms import decode_whole
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -343,10 +345,8 @@ def read_manifest(manifest: str | Path, root: str | Path, concepts: list[str] | 
                 with Image.open(io.BytesIO(data)) as im:
                     im.verify()
                 # verify() reads no pixel of a JPEG: one cut short passed it (found on review) and failed in
-                # training without a name.  Decoded whole, a JPEG at 1/8 scale (its DCT's own, fast).
-                with Image.open(io.BytesIO(data)) as im:
-                    im.draft(im.mode, (1, 1))
-                    im.load()
+                # training without a name.
+                decode_whole(data)
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 raise ManifestError(f"{manifest}:{n}: unreadable image {rel} ({e.__class__.__name__})") from None
         if dedupe:
