@@ -58,6 +58,17 @@ async def _until(predicate: Any, what: str) -> None:
         raise AssertionError(f"never: {what}") from None
 
 
+
+def _deepindex_replica_told_photos(monkeypatch: pytest.MonkeyPatch, load: Any) -> tuple[Any, Any]:
+    """A model replica serving deepindex version 1, whose index replica names photos version 1 (``load``: what
+    loading a model does)."""
+    monkeypatch.setattr(served_model, "_load", load)
+    monkeypatch.setattr(ServedModel, "infer", type("Batch", (), {"set_max_batch_size": lambda self, n: None})())
+    index = StandInIndex({"name": "photos", "version": "1", "ref": "models:/photos/1"})
+    m = _replica(index, "1")
+    m._served = _served("1", "deepindex")
+    return index, m
+
 def test_a_replica_reports_the_version_it_serves_all_through_a_long_load(monkeypatch: pytest.MonkeyPatch):
     """Found on review: the follower awaited the load in its poll loop and reported nothing meanwhile; the
     index replica, hearing from no replica on the old version, unloaded its index while the replica still
@@ -135,11 +146,7 @@ def test_the_same_version_of_another_model_name_is_loaded(monkeypatch: pytest.Mo
         loads.append(ref)
         return _served("1", "photos")
 
-    monkeypatch.setattr(served_model, "_load", load)
-    monkeypatch.setattr(ServedModel, "infer", type("Batch", (), {"set_max_batch_size": lambda self, n: None})())
-    index = StandInIndex({"name": "photos", "version": "1", "ref": "models:/photos/1"})
-    m = _replica(index, "1")
-    m._served = _served("1", "deepindex")
+    index, m = _deepindex_replica_told_photos(monkeypatch, load)
 
     async def scenario() -> None:
         follower = asyncio.get_running_loop().create_task(m._follow())
@@ -165,11 +172,7 @@ def test_a_replica_reports_the_name_of_the_model_it_serves_not_its_version_alone
         assert release.wait(30), "the test never released the load"
         return _served("1", "photos")
 
-    monkeypatch.setattr(served_model, "_load", load)
-    monkeypatch.setattr(ServedModel, "infer", type("Batch", (), {"set_max_batch_size": lambda self, n: None})())
-    index = StandInIndex({"name": "photos", "version": "1", "ref": "models:/photos/1"})
-    m = _replica(index, "1")
-    m._served = _served("1", "deepindex")
+    index, m = _deepindex_replica_told_photos(monkeypatch, load)
 
     async def scenario() -> None:
         follower = asyncio.get_running_loop().create_task(m._follow())
