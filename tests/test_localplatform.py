@@ -66,6 +66,7 @@ def test_up_down_twice_leaves_no_stray_process(home, capsys):
         if len(groups) == 2:  # first round only: another shell reaches the platform with `deepindex env` alone,
             _ray_cli_through_deepindex_env(home, dashboard)
             _check_listeners(first)  # and it listens on loopback (Ray's own guarded servers aside)
+            _serve_cli_through_deepindex_env(home, dashboard)  # after: its dashboard call starts a Ray worker
 
         # A client of this head: token auth is on, so it needs the token `up` wrote.
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -209,6 +210,18 @@ def _ray_cli_through_deepindex_env(home: Path, dashboard: int) -> None:
     assert "RAY_AUTH_TOKEN" not in exported  # the remote token is gone from the shell
     assert "Active:" in out.stdout and "CPU" in out.stdout  # ray status reached the head
     assert f"http://127.0.0.1:{dashboard}" in out.stdout + out.stderr  # ray job list used the Jobs API
+
+
+def _serve_cli_through_deepindex_env(home: Path, dashboard: int) -> None:
+    """Ray Serve's CLI (`serve status`; `serve delete deepindex` stops a detached service) after nothing
+    but `eval $(deepindex env)`: it reads RAY_DASHBOARD_ADDRESS, else port 8265, not this head's dashboard."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    out = subprocess.run(["bash", "-c", "eval $(deepindex env) && echo RAY_DASHBOARD_ADDRESS=$RAY_DASHBOARD_ADDRESS "
+                          "&& serve status"], env={**env, "PATH": f"{BIN}:{env['PATH']}"}, cwd=home.parent,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"RAY_DASHBOARD_ADDRESS=http://127.0.0.1:{dashboard}" in out.stdout
+    assert "applications:" in out.stdout  # serve status reached this head's dashboard
 
 
 def _state(pid: int) -> str:

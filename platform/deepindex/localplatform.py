@@ -509,7 +509,9 @@ def client_env() -> dict[str, str]:
     if "ray" in urls:
         env.update({"RAY_ADDRESS": urls["ray"], **ray_client_env()})
         if "dashboard" in urls:
-            env["RAY_API_SERVER_ADDRESS"] = urls["dashboard"]
+            # `ray job ...` reads the first, Ray Serve's CLI (`serve status`, `serve delete APP`) the second;
+            # both default to port 8265, not this head's dashboard.
+            env["RAY_API_SERVER_ADDRESS"] = env["RAY_DASHBOARD_ADDRESS"] = urls["dashboard"]
     if "mlflow" in urls:
         env["MLFLOW_TRACKING_URI"] = urls["mlflow"]
     return env
