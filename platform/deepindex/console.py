@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -312,9 +313,51 @@ def error_line(error: object) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
+def _causes(error: BaseException) -> list[BaseException]:
+    """``error`` and what it wraps, outermost first: a Ray task's error's ``cause`` (the exception the task
+    raised), else ``__cause__`` (``raise ... from``)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and all(current is not e for e in chain):
+        chain.append(current)
+        current = getattr(current, "cause", None) or current.__cause__
+    return chain
+
+
+def _package(error: BaseException) -> str:
+    return type(error).__module__.split(".")[0]
+
+
+# The end of the first exception of a Ray task's traceback text: "module.Type: message" (or "module.Type").
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*)(?:: (.*))?$")
+_DIRECT_CAUSE = "The above exception was the direct cause of the following exception:"
+
+
+def _raised_in_task(error: BaseException) -> str | None:
+    """"Type: message" of the exception that Ray's own wrapper (the last of a Ray task's traceback text, which
+    Ray's error carries) was raised from, or None.  Ray Data wraps a map function's exception in a
+    UserCodeException ("UDF failed to process a data block") whose cause does not cross to the driver: only
+    the text names it (after what that exception was itself raised from: PIL's own errors)."""
+    head = str(error).rsplit(_DIRECT_CAUSE, 1)
+    if len(head) < 2:
+        return None
+    lines = _text_lines(head[0])
+    m = _RAISED.match(lines[-1]) if lines else None
+    if m is None:
+        return None
+    name = m.group(1).rsplit(".", 1)[-1]
+    return f"{name}: {m.group(2)[:300]}" if m.group(2) else name
+
+
 def failure_line(error: BaseException) -> str:
     """An unexpected failure in one line: a Ray Train run's first failed worker (its rank, its exception)
-    or the controller's error, else the exception itself; its type and the first line of its message."""
+    or the controller's error, else the exception itself; its type and the first line of its message.
+
+    The exception named is the first of the chain of wrapped ones (a Ray task's ``cause``, ``raise ... from``)
+    that deepindex raises (each names what failed: the file, the line, the key), else the one a Ray task's
+    error wraps, else, when that is Ray's own wrapper, what the task's traceback text says it raised first: a
+    Ray Data task's failure was "UserCodeException: UDF failed to process a data block", naming no file
+    (found on review)."""
     failures: dict[int, BaseException] | None = getattr(error, "worker_failures", None)
     where = ""
     if failures:
@@ -322,7 +365,15 @@ def failure_line(error: BaseException) -> str:
         where, error = f"training failed in worker rank {rank}: ", failures[rank]
     elif getattr(error, "controller_failure", None) is not None:
         where, error = "training failed in its controller: ", error.controller_failure  # type: ignore[attr-defined]
-    error = getattr(error, "cause", None) or error  # a Ray task's error wraps the exception it raised
+    chain = _causes(error)
+    ours = next((e for e in chain if _package(e) == "deepindex"), None)
+    if ours is not None:
+        error = ours
+    else:
+        error = getattr(error, "cause", None) or error  # a Ray task's error wraps the exception it raised
+        raised = next(filter(None, map(_raised_in_task, chain)), None) if _package(error) == "ray" else None
+        if raised is not None:
+            return f"{where}{raised}"
     lines = _text_lines(error)
     return f"{where}{type(error).__name__}" + (f": {lines[0][:300]}" if lines else "")
 

@@ -111,8 +111,8 @@ def _sources(d: DataConfig) -> tuple[list[Path], list[Path]]:
     if not d.root:
         raise ValueError(f"data.root: required for {d.dataset}")
     root = Path(d.root)
-    if d.dataset == "image-folder":
-        return read_image_folder(root, dedupe=False).paths, []
+    if d.dataset == "image-folder":  # a listing for training: one class folder refused, as training reads it
+        return read_image_folder(root, dedupe=False, min_classes=2).paths, []
     manifest = Path(d.manifest) if d.manifest else find_sidecar(root)
     concepts = Path(d.concepts) if d.concepts else root / CONCEPTS_NAME
     items = read_collection(root, manifest, d.concepts, unknown_tags=d.unknown_tags, check_images=False,
@@ -213,7 +213,7 @@ def _read_items(d: DataConfig) -> FileItems:
 
     if not d.root:
         raise ValueError(f"data.root: required for {d.dataset}")
-    if d.dataset == "image-folder":
+    if d.dataset == "image-folder":  # every image decoded whole here: one that does not is named, before Ray Data
         return read_image_folder(d.root)
     return read_collection(d.root, d.manifest, d.concepts, unknown_tags=d.unknown_tags)
 

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import posixpath
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from deepindex.data.transforms import decode_whole
+from deepindex.data.transforms import UNDECODABLE, decode_whole
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class ImportReport:
     unknown_names: list[str] = field(default_factory=list)  # distinct unknown tags, sorted
     policy: str = "error"
     duplicates: int = 0  # rows dropped because an earlier row holds the same bytes
+    merged_rows: int = 0  # rows of a path an earlier row named (./a.jpg is a.jpg): their tags went to its item
+    merged_split_conflicts: int = 0  # of those, rows naming another split than the first row of their path
     duplicate_examples: list[tuple[str, str]] = field(default_factory=list)  # (kept, dropped)
     class_conflicts: int = 0  # of the duplicates, copies an image folder files under another class
     unlisted_images: int = 0  # images in a flat folder that the tags file does not list
@@ -74,6 +77,11 @@ class ImportReport:
             names = ", ".join(self.unknown_names[:5]) + (", ..." if len(self.unknown_names) > 5 else "")
             parts.append(f"{self.unknown_tags} unknown tags on {self.unknown_lines} lines {what} "
                          f"({len(self.unknown_names)} distinct: {names})")
+        if self.merged_rows:  # one file named twice: not two images with equal bytes (the line below)
+            n = self.merged_rows
+            parts.append(f"{n} row{'s' if n != 1 else ''} merged with an earlier row of the same path"
+                         + (f", {self.merged_split_conflicts} of them naming another split (the first row's kept)"
+                            if self.merged_split_conflicts else ""))
         if self.duplicates:
             ex = "; ".join(f"{b} = {a}" for a, b in self.duplicate_examples[:3])
             parts.append(f"{self.duplicates} duplicate images kept once ({ex})")
@@ -108,19 +116,32 @@ def resolve_inside(root: Path, rel: str) -> Path:
     return p
 
 
-def read_image_folder(root: str | Path, dedupe: bool = True) -> FileItems:
+def read_image_folder(root: str | Path, dedupe: bool = True, min_classes: int | None = None) -> FileItems:
     """``root/<class>/<image>``: ids are paths relative to the root, targets the class folders' indices.
 
     ``dedupe``: an image whose bytes an earlier one holds is kept once, as a manifest's are (a scraped
     folder's ``x.png`` and ``x (copy).png`` were dealt to train and test alike, found on review); a copy
     filed under another class keeps the first class and is counted.  The report (``FileItems.report``)
-    is there only when a copy was found.  A listing (``dedupe=False``) reads no image's bytes."""
+    is there only when a copy was found.  The bytes it reads are decoded whole too (as a manifest's rows
+    are checked): an image that does not decode is a ``ValueError`` naming it, here, where a training
+    failed on it inside a Ray Data task without its name (found on review).  A listing (``dedupe=False``)
+    reads no image's bytes.
+
+    ``min_classes``: fewer class folders are refused.  By default 2 for a read that dedupes (training's, a
+    retrieval evaluation's: one class trained a "perfect" model, loss 0, without a word; found on review)
+    and 1 for a listing (``dedupe=False``: a collection import files one folder's images under its name)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data.root: no such folder {root}")
     classes = class_folders(root)
     if not classes:
         raise ValueError(f"data.root: {root} holds no class folders (root/<class>/<image>)")
+    if min_classes is None:
+        min_classes = 2 if dedupe else 1
+    if len(classes) < min_classes and split_folders(root, classes) is None:  # a split: its own message below
+        raise ValueError(f"data.root: {root} holds {len(classes)} class folder{'s' if len(classes) != 1 else ''} "
+                         f"({', '.join(classes)}): an image folder needs at least {min_classes} class folders; for "
+                         f"images with no classes write a tags.csv (data.dataset=manifest)")
     split = split_folders(root, classes)
     if split is not None:  # root/{train,val}/<class>/...: read as classes, it trained "train vs val" silently
         raise ValueError(f"data.root: {root} holds {split[0]} folders (a split, not classes): point data.root at "
@@ -145,7 +166,8 @@ def read_image_folder(root: str | Path, dedupe: bool = True) -> FileItems:
         dropped: list[tuple[str, str]] = []
         conflicts = 0
         for i, f in enumerate(paths):
-            j = first.setdefault(hashlib.blake2b(f.read_bytes(), digest_size=16).hexdigest(), i)
+            data = _image_bytes(f, ids[i], root)
+            j = first.setdefault(hashlib.blake2b(data, digest_size=16).hexdigest(), i)
             if j == i:
                 keep.append(i)
                 continue
@@ -156,6 +178,24 @@ def read_image_folder(root: str | Path, dedupe: bool = True) -> FileItems:
                                   class_conflicts=conflicts)
             paths, targets, ids = [paths[i] for i in keep], [targets[i] for i in keep], [ids[i] for i in keep]
     return FileItems(paths, torch.tensor(targets, dtype=torch.int64), classes, ids, report=report)
+
+
+def _image_bytes(path: Path, rel: str, root: Path) -> bytes:
+    """The bytes of an image folder's ``path`` (``rel`` under ``root``), once they decode whole."""
+    try:
+        data = path.read_bytes()
+        decode_whole(data)
+    except UNDECODABLE as e:
+        raise ValueError(f"data.root: unreadable image {rel} in {root} ({e.__class__.__name__}: "
+                         f"{_first_line(e)})") from None
+    return data
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message, without the stream PIL names (``<_io.BytesIO object at 0x..>``)."""
+    lines = [ln.strip() for ln in re.sub(r" ?<_io\.\w+ object at 0x[0-9a-fA-F]+>", "", str(error)).splitlines()
+             if ln.strip()]
+    return lines[0][:200] if lines else ""
 
 
 def read_concepts(path: str | Path) -> list[str]:
@@ -302,9 +342,11 @@ def read_manifest(manifest: str | Path, root: str | Path, concepts: list[str] | 
 
     ``unknown_tags``: ``error`` (the line is named, and the error names ``unknown_tags_hint``, the
     caller's spelling of the option, as the way to go on), ``ignore`` (dropped, counted) or ``add``
-    (appended to the concepts, sorted, counted).  ``dedupe``: rows whose file bytes equal an
-    earlier row's are dropped and their tags merged into it (so one image never sits in two
-    splits).  The counts are in ``FileItems.report``.
+    (appended to the concepts, sorted, counted).  ``dedupe``: rows of a path an earlier row named
+    (after normalising: ``./a.jpg`` is ``a.jpg``) are merged into it (the union of their tags, the
+    first row's split), and rows whose file bytes equal an earlier row's are dropped and their tags
+    merged into it (so one image never sits in two splits); without it every row is listed as it is.
+    The counts are in ``FileItems.report``.
     """
     manifest, root = Path(manifest), Path(root)
     if not manifest.is_file():
@@ -316,11 +358,14 @@ def read_manifest(manifest: str | Path, root: str | Path, concepts: list[str] | 
     unknown_seen: set[str] = set()
     rows: list[tuple[Path, str, list[str], str | None]] = []
     first_by_hash: dict[str, int] = {}
+    first_by_id: dict[str, int] = {}  # an item id -> its row (dedupe: rows of one path are merged)
     for n, rel, tags, split in _manifest_rows(manifest):
         try:
             p = resolve_inside(root, rel)
         except ValueError as e:
             raise ManifestError(f"{manifest}:{n}: {e}") from None
+        if p.is_dir():
+            raise ManifestError(f"{manifest}:{n}: {rel} is a folder, not an image file")
         if not p.is_file():
             raise ManifestError(f"{manifest}:{n}: missing file {rel} (no {p})")
         if known is not None:
@@ -334,6 +379,18 @@ def read_manifest(manifest: str | Path, root: str | Path, concepts: list[str] | 
                 unknown_seen.update(unknown)
                 if unknown_tags == "ignore":
                     tags = [t for t in tags if t in known]
+        # The item's id: its path as the collection names it, whatever spelling the manifest used
+        # (`find . -name '*.jpg'` writes ./x.jpg, which a collection refuses as an id; found on review).
+        item_id = posixpath.normpath(rel)
+        if dedupe and item_id in first_by_id:
+            # A row of a path an earlier row named (one tag per row, or ./a.jpg and a.jpg): one item with every
+            # row's tags and the first row's split, as `collection import` reads it.  It was read and counted as
+            # a copy of itself ("a.jpg = a.jpg"), which is what two names with equal bytes are told.
+            kept = rows[first_by_id[item_id]]
+            kept[2].extend(t for t in tags if t not in kept[2])
+            report.merged_rows += 1
+            report.merged_split_conflicts += split is not None and kept[3] is not None and split != kept[3]
+            continue
         data = b""  # the file's bytes, read only to check or hash them
         if check_images or dedupe:
             try:
@@ -356,11 +413,11 @@ def read_manifest(manifest: str | Path, root: str | Path, concepts: list[str] | 
                 kept[2].extend(t for t in tags if t not in kept[2])  # the same picture: both taggings hold
                 report.duplicates += 1
                 report.duplicate_examples.append((kept[1], rel))
+                first_by_id[item_id] = first_by_hash[digest]  # a later row of this path merges into the same item
                 continue
             first_by_hash[digest] = len(rows)
-        # The item's id: its path as the collection names it, whatever spelling the manifest used
-        # (`find . -name '*.jpg'` writes ./x.jpg, which a collection refuses as an id; found on review).
-        rows.append((p, posixpath.normpath(rel), list(tags), split))
+        first_by_id[item_id] = len(rows)
+        rows.append((p, item_id, list(tags), split))
     if not rows:
         raise ManifestError(f"{manifest}: no items")
     report.unknown_names = sorted(unknown_seen)

@@ -84,7 +84,7 @@ def data_files(d: DataConfig) -> list[Path]:
     if d.dataset == "image-folder":
         if not d.root:
             raise ValueError("data.root: required for an image folder")
-        return read_image_folder(d.root, dedupe=False).paths
+        return read_image_folder(d.root, dedupe=False, min_classes=2).paths  # one class: refused before Ray
     if not d.root:
         raise ValueError("data.root: required for a manifest (paths in it are relative to the root)")
     # Parse only: every row's file exists, no decoding or hashing (the workers do that).

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 if TYPE_CHECKING:  # torch is imported where a tensor is made: decoding alone (the serving ingress) needs none
     import torch
@@ -173,15 +173,26 @@ UNDECODABLE: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError
                                                 Image.DecompressionBombError)
 
 
+# EXIF orientations that turn an image a quarter (transposed, rotated 90 or 270, transversed): upright, its
+# width is the stored height.
+_QUARTER_TURNS = (5, 6, 7, 8)  # a tuple: a damaged EXIF gives any value, a list too
+
+
 def decode_whole(data: bytes) -> dict[str, Any]:
     """Width, height and format of the image ``data``, once every byte of it decodes (a JPEG at 1/8 scale, its
     DCT's own and fast); raises what PIL raises (:data:`UNDECODABLE`).  A header alone passes an image cut
-    short, which training, a retrieval evaluation or an index build then failed on, unnamed (found on review)."""
+    short, which training, a retrieval evaluation or an index build then failed on, unnamed (found on review).
+
+    The size is the upright image's, as every decode shows it (:func:`to_model_mode` applies the EXIF
+    orientation): a phone's portrait JPEG stored 80 x 40 with "rotate 90" was recorded 80 wide (found on review)."""
     with Image.open(io.BytesIO(data)) as im:
-        meta = {"width": int(im.width), "height": int(im.height), "format": im.format}
+        width, height, fmt = int(im.width), int(im.height), im.format
         im.draft(im.mode, (1, 1))  # a no-op for any format but JPEG
         im.load()
-    return meta
+        # The orientation ImageOps.exif_transpose reads, read after load(): a PNG's eXIf chunk may follow its pixels.
+        if im.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS:
+            width, height = height, width
+    return {"width": width, "height": height, "format": fmt}
 
 
 class UnreadableImage(OSError):
