@@ -98,7 +98,9 @@ class AddResult:
     skipped_reasons: list[str] = field(default_factory=list)  # the first few, "id: why"
     deleted_since: int = 0  # ids whose latest change is a delete, not added again (``deleted="skip"``)
     other_tags: int = 0  # of the ``existing``, items already there (same bytes) with other tags, unchanged
+    other_split: int = 0  # of the ``existing``, items already there (same bytes) given another split, unchanged
     retagged: int = 0  # items already there (same bytes) whose tags were changed (``retag=True``)
+    resplit: int = 0  # items already there (same bytes) whose split was changed (``retag=True``)
 
 
 # ---- validation ---------------------------------------------------------------------------------
@@ -339,7 +341,11 @@ class CollectionStore:
         ``deleted_since``): a re-run import must not bring back what a user deleted.  An item already
         there with the same bytes and other tags is counted in ``other_tags`` and left as it is; with
         ``retag`` its tags are changed instead (``retagged``): a tombstone and a new row with the same
-        bytes, two changes, so :meth:`changes` and an index catching up see the new tags.
+        bytes, two changes, so :meth:`changes` and an index catching up see the new tags.  The same holds
+        for the split in an item's meta (a manifest's split column, what a retrieval evaluation reads):
+        another split given (``meta["split"]``) is counted in ``other_split``, or with ``retag`` changed
+        (``resplit``); a re-import that gives no split leaves the item's as it is.  A corrected split
+        column was neither applied nor reported (found on review).
         """
         self._check_writable("adding")
         if batch_size < 1:
@@ -421,10 +427,18 @@ class CollectionStore:
         def other_tags(row: Row, item_id: str) -> bool:
             return set(row["tags"]) != set(valid[item_id][2])
 
+        def other_split(row: Row, item_id: str) -> bool:
+            given = valid[item_id][3]
+            return "split" in given and dict(row["meta"] or {}).get("split") != given["split"]
+
+        def changed(row: Row, item_id: str) -> bool:
+            return other_tags(row, item_id) or other_split(row, item_id)
+
         new = [i for i in valid if i not in live and i not in gone]
-        to_retag = [i for i in valid if i in live and retag and other_tags(live[i], i)]
+        to_retag = [i for i in valid if i in live and retag and changed(live[i], i)]
         added: dict[str, Item] = {}
-        retagged: dict[str, Item] = {}
+        retagged: dict[str, Item] = {}  # rewritten with new tags, a new split or both
+        tags_changed = split_changed = 0
         if new or to_retag:
             # 3. The bytes, durably, then 4. the rows, in one transaction.  An item retagged keeps its blob,
             # which its rows (the tombstone too) name, so no sweep takes it: not written again.
@@ -457,8 +471,10 @@ class CollectionStore:
                             rows.append(self._row(seq, i, h, len(data), source, tags, meta))
                         continue
                     live[i] = old
-                    if old["content_hash"] != h or not other_tags(old, i):
+                    if old["content_hash"] != h or not changed(old, i):
                         continue  # replaced or retagged by another writer meanwhile: the rules below
+                    tags_changed += other_tags(old, i)
+                    split_changed += other_split(old, i)
                     seq += 1
                     conn.execute(update(t).where(t.c.collection_id == self._cid, t.c.seq == old["seq"])
                                  .values(deleted_seq=seq))
@@ -479,7 +495,8 @@ class CollectionStore:
                         self._skip(res, on_conflict, e, i)
                         del valid[i]
         res.added += len(added)
-        res.retagged += len(retagged)
+        res.retagged += tags_changed
+        res.resplit += split_changed
         counted: set[str] = set()
         for item_id, h in order:
             if item_id not in valid or valid[item_id][0] != h:
@@ -499,6 +516,7 @@ class CollectionStore:
                 continue
             res.existing += 1
             res.other_tags += done is None and other_tags(live[item_id], item_id)
+            res.other_split += done is None and other_split(live[item_id], item_id)
             if keep_items:
                 res.items.append(done if done is not None else self._item(live[item_id]))
 

@@ -52,9 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="add again the items deleted since an earlier import (by default a re-run skips and "
                         "counts them: it never brings back what was deleted)")
     i.add_argument("--update-tags", action="store_true",
-                   help="change the tags of items already there (same bytes) to this import's (by default they "
-                        "are counted and left as they are); a delete and an add in the change log, so indexes "
-                        "catch up")
+                   help="change the tags and the split of items already there (same bytes) to this import's (by "
+                        "default they are counted and left as they are); a delete and an add in the change log, "
+                        "so indexes catch up")
     i.add_argument("--batch-size", type=int, default=500, help="items per transaction")
     i.set_defaults(func=run_import)
 
@@ -131,10 +131,14 @@ def run_import(args: argparse.Namespace) -> int:
         counts.append(f"{res.other_tags} of them with other tags: tags not changed, --update-tags changes them")
     if res.retagged:
         counts.append(f"tags updated on {res.retagged} item{'s' if res.retagged != 1 else ''} already there")
+    if res.other_split:  # same bytes, another split in this import (a manifest's split column)
+        counts.append(f"{res.other_split} of them with another split: split not changed, --update-tags changes it")
+    if res.resplit:
+        counts.append(f"split updated on {res.resplit} item{'s' if res.resplit != 1 else ''} already there")
     if res.deleted_since:
         counts.append(f"{res.deleted_since} deleted since, not re-added (--readd-deleted adds them)")
     extra: dict[str, Any] = {"deleted_since": res.deleted_since, "other_tags": res.other_tags,
-                             "retagged": res.retagged}
+                             "retagged": res.retagged, "other_split": res.other_split, "resplit": res.resplit}
     if isinstance(res, imports.ImportResult):
         if res.unreadable:
             counts[0] += f": {res.unreadable} unreadable image{'s' if res.unreadable != 1 else ''}"
