@@ -30,6 +30,7 @@ def _deployment(cls: object) -> Deployment:
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     from deepindex.config import validate_as
+    from deepindex.index.build import check_features
     from deepindex.tracking.registry import require_model
     from serving.index import IndexServer
     from serving.ingress import Ingress
@@ -39,6 +40,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     a = validate_as(ServeArgs, args or {}, prefix="args.").resolved()  # one line naming the arg at fault
     a.api_token_digest()  # a missing token file is an error now, not in a replica later
     require_model(a.model, a.tracking_uri)  # so is a model that is not there (a replica would fail to start)
+    # And descriptors the model lacks, as `index build` refuses them: the index replica's build would fail
+    # and be retried forever, every search a 503, in place of the service this one replaces.
+    check_features(a.features, a.model, a.tracking_uri)
     # One index replica: the collection's writer and the owner of the served (model, index) pair.
     index = _deployment(IndexServer).options(ray_actor_options=_actor_options(0)).bind(a.model_dump())
     # One hub: /metrics answers for every ingress replica, whichever one the scrape reaches.

@@ -13,7 +13,8 @@ the handlers enforce:
   the served model;
 - request bodies: multipart with its required parts (the image as a file whose part names its
   image type; one image per request as documented, several by repeating the parts) or JSON
-  base64 images (``format: image``), with the id and tag rules of the collection;
+  base64 images (``format: image``), with the id and tag rules of the collection, and no part,
+  field or key besides those (``additionalProperties: false``: the handlers refuse others by name);
 - every error status an operation answers, with its JSON body; the bearer scheme on writes;
 - links from an added item to reading, searching by and deleting it (stateful clients);
 - no ``#/$defs/...`` left inline: nested pydantic definitions are moved under
@@ -95,6 +96,27 @@ def default_k(max_k: int) -> int:
     return min(DEFAULT_K, max_k)
 
 
+# What each image operation's body holds beside its images (image_bodies' ``ids`` and ``tags``).  The contract
+# says it (no other property: ``additionalProperties: false``) and the handlers refuse any other part, field
+# or key by its name (serving/ingress.py): a misspelt ``tag`` field was dropped, and the item stored without
+# its tags (found on review).
+IMAGE_BODIES: dict[str, dict[str, Any]] = {"tag": {"ids": "optional", "tags": False},
+                                           "add_items": {"ids": "required", "tags": True},
+                                           "similar_image": {"ids": "none", "tags": False},
+                                           "search_by_upload": {"ids": "none", "tags": False}}
+IMAGE_PART = "images"  # the multipart part of an image file (repeated for several)
+
+
+def form_fields(ids: str, tags: bool) -> tuple[str, ...]:
+    """The text parts a multipart body of an image operation takes beside its ``images`` files."""
+    return (*(("id",) if ids != "none" else ()), *(("tags",) if tags else ()))
+
+
+def image_keys(tags: bool) -> tuple[str, ...]:
+    """The keys of a JSON body's image (an ``id`` is taken by every image operation: echoed or ignored)."""
+    return ("id", "data", *(("tags",) if tags else ()))
+
+
 def image_bodies(max_images: int, *, ids: str, tags: bool) -> dict[str, Any]:
     """The request body of an image endpoint: multipart files or JSON base64 images.
 
@@ -103,12 +125,12 @@ def image_bodies(max_images: int, *, ids: str, tags: bool) -> dict[str, Any]:
     id_schema: dict[str, Any] = ({"type": "string", "pattern": NEW_ITEM_ID_PATTERN} if ids == "required"
                                  else {"type": "string"})
     form: dict[str, Any] = {
-        "images": {"type": "string", "format": "binary",
-                   "description": f"the image file (one of {', '.join(IMAGE_TYPES)}). Several images: repeat "
-                                  f"the part (at most {max_images}), with their ids in the same order"}}
-    if ids != "none":
+        IMAGE_PART: {"type": "string", "format": "binary",
+                     "description": f"the image file (one of {', '.join(IMAGE_TYPES)}). Several images: repeat "
+                                    f"the part (at most {max_images}), with their ids in the same order"}}
+    if "id" in form_fields(ids, tags):
         form["id"] = {**id_schema, "description": "the item's id" if ids == "required" else "a label echoed back"}
-    if tags:
+    if "tags" in form_fields(ids, tags):
         form["tags"] = {"type": "string", "pattern": TAGS_FIELD_PATTERN,
                         "description": f"the item's known labels, separated by , ; or | (as in a tags.csv), each at "
                                        f"most {MAX_TAG} characters (blank ones dropped)"}
@@ -121,18 +143,19 @@ def image_bodies(max_images: int, *, ids: str, tags: bool) -> dict[str, Any]:
         image["properties"]["id"] = id_schema
     else:
         image["properties"]["id"] = {"anyOf": [{"type": "string", "maxLength": 256}, {"type": "null"}]}
-    if tags:
+    if "tags" in image_keys(tags):
         image["properties"]["tags"] = {"type": "array", "items": {
             "type": "string", "minLength": 1, "maxLength": MAX_TAG, "pattern": NON_BLANK_PATTERN}}
+    image["additionalProperties"] = False
     return {"required": True, "content": {
         "multipart/form-data": {
-            "schema": {"type": "object", "required": ["images", *(["id"] if ids == "required" else [])],
-                       "properties": form},
+            "schema": {"type": "object", "required": [IMAGE_PART, *(["id"] if ids == "required" else [])],
+                       "properties": form, "additionalProperties": False},
             # Text parts are text/plain (RFC 7578's default), said outright so a client knows.
-            "encoding": {"images": {"contentType": ", ".join(IMAGE_TYPES)},
-                         **{name: {"contentType": "text/plain"} for name in form if name != "images"}}},
+            "encoding": {IMAGE_PART: {"contentType": ", ".join(IMAGE_TYPES)},
+                         **{name: {"contentType": "text/plain"} for name in form if name != IMAGE_PART}}},
         "application/json": {
-            "schema": {"type": "object", "required": ["images"], "properties": {
+            "schema": {"type": "object", "required": ["images"], "additionalProperties": False, "properties": {
                 "images": {"type": "array", "minItems": 1, "maxItems": max_images, "items": image}}},
             "example": {"images": [{"data": EXAMPLE_PNG,
                                     **({"id": "example-item", "tags": ["3"]} if ids == "required" else {})}]}}}}
@@ -186,10 +209,10 @@ def contract(base: dict[str, Any], *, max_k: int, max_query_chars: int, max_imag
     doc = copy.deepcopy(base)
     hoist_defs(doc)
     params = query_parameters(max_k=max_k, max_query_chars=max_query_chars, features=features, concepts=concepts)
-    bodies = {"tag": image_bodies(max_images, ids="optional", tags=False),
-              "add_items": image_bodies(max_images, ids="required", tags=True),
-              "similar_image": image_bodies(1, ids="none", tags=False),
-              "search_by_upload": image_bodies(1, ids="none", tags=False)}
+    bodies = {"tag": image_bodies(max_images, **IMAGE_BODIES["tag"]),
+              "add_items": image_bodies(max_images, **IMAGE_BODIES["add_items"]),
+              "similar_image": image_bodies(1, **IMAGE_BODIES["similar_image"]),
+              "search_by_upload": image_bodies(1, **IMAGE_BODIES["search_by_upload"])}
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for item in doc["paths"].values():
         for op in item.values():

@@ -186,7 +186,7 @@ def thumbnail_png(data: bytes, size: int, max_pixels: int | None = None) -> byte
     of the 16-bit modes ("image has wrong mode", a 500) and PNG writes no ``I`` (the original was sent
     instead of a thumbnail; both found on review).  CMYK, YCbCr, LAB and HSV become RGB after the resize.
     """
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     from deepindex.data.transforms import to_model_mode
 
@@ -199,6 +199,10 @@ def thumbnail_png(data: bytes, size: int, max_pixels: int | None = None) -> byte
             if thumb.mode.startswith("I") or thumb.mode == "F":  # deep greyscale: decoded and scaled here
                 thumb = to_model_mode(thumb, channels=1)
             thumb.thumbnail((size, size))
+            # Upright, as the model sees it (to_model_mode): a phone photo stores "rotate 90" in EXIF, and its
+            # thumbnail came out on its side (found on review).  After the resize: fewer pixels to turn, and a
+            # JPEG's draft decode stays in use.  A deep greyscale one was turned by to_model_mode already.
+            thumb = ImageOps.exif_transpose(thumb)
             if thumb.mode not in PNG_MODES:
                 thumb = thumb.convert("RGB")
             buf = io.BytesIO()
@@ -394,18 +398,43 @@ def page_size(k: int, max_k: int, *, given: bool, name: str = "k") -> int:
     return k
 
 
-def form_files(form: FormData) -> list[UploadFile]:
-    """The file parts of a multipart form, in order; an ``images`` part without a filename is a 400 naming
+# The parts an image file may come in: ``images`` (the contract's), and ``image``, the one-image endpoints'
+# spelling that clients of this repository send (tests/, a query by example).
+IMAGE_PARTS = (contract.IMAGE_PART, "image")
+
+
+def form_files(form: FormData, fields: tuple[str, ...] = ("id", "tags"), where: str = "this endpoint"
+               ) -> list[UploadFile]:
+    """The image files of a multipart form, in order.  An ``images`` part without a filename is a 400 naming
     that.  Starlette reads such a part as a text field (decoded, capped at 1 MB): its image was not sent
     as a file, and the request answered "holds no image" (found on review), or dropped that image beside
     file parts.  Its bytes are not recovered: decoded as UTF-8, or Latin-1 where that fails, they cannot be
-    told back for sure."""
-    files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-    texts = sum(1 for k, v in form.multi_items() if k == "images" and not isinstance(v, UploadFile))
+    told back for sure.
+
+    Any part but the images and the text ``fields`` the endpoint (``where``) takes is a 400 ``bad_multipart``
+    naming it: a file part of another name (``photo``) was taken for an image, and a misspelt text field
+    (``tag=3``) dropped, the item stored without its tags (found on review).  A form of text fields alone
+    holds no image: that is the error then (``no_images``)."""
+    items = form.multi_items()
+    files = [v for k, v in items if k in IMAGE_PARTS and isinstance(v, UploadFile)]
+    texts = sum(1 for k, v in items if k in IMAGE_PARTS and not isinstance(v, UploadFile))
     if texts:
         raise ApiError(400, "bad_multipart" if files else "no_images",
                        f"images: {texts} part(s) without a filename, read as text, not as an image file: send each "
                        f"image as a file part (Content-Disposition: form-data; name=\"images\"; filename=...)")
+    takes = f"it takes {', '.join([contract.IMAGE_PART, *fields])}"
+    for k, v in items:
+        if k in IMAGE_PARTS:
+            continue
+        if isinstance(v, UploadFile):
+            if k in fields:
+                name = (v.filename or "")[:80]
+                raise ApiError(400, "bad_multipart", f"{k}: a file part ({name!r}), not text: send {k} as a text "
+                                                     f"field, the image files as parts named images")
+            raise ApiError(400, "bad_multipart", f"{k[:80]}: not a part of {where} ({takes}): send each image "
+                                                 f"file as a part named images")
+        if k not in fields and files:
+            raise ApiError(400, "bad_multipart", f"{k[:80]}: not a field of {where} ({takes})")
     return files
 
 
@@ -647,10 +676,15 @@ class Ingress:
         finally:
             reads.confirm(answer)
 
-    async def _read_images(self, request: Request) -> list[tuple[str | None, bytes, str, list[str]]]:
-        """(id or None, bytes, name for messages, tags) per image, from multipart files or base64 JSON."""
+    async def _read_images(self, request: Request, op: str = "tag"
+                           ) -> list[tuple[str | None, bytes, str, list[str]]]:
+        """(id or None, bytes, name for messages, tags) per image, from multipart files or base64 JSON, the body
+        of operation ``op`` (what it takes beside the images: ``contract.IMAGE_BODIES``; any other part, field
+        or key is a 400 naming it)."""
         a = self.args
         ctype = request.headers.get("content-type", "")
+        takes = contract.IMAGE_BODIES[op]
+        where = f"{request.method} {request.scope.get('path', '')}"
         out: list[tuple[str | None, bytes, str, list[str]]] = []
         if ctype.startswith("multipart/form-data"):
             try:
@@ -660,7 +694,7 @@ class Ingress:
                     raise ApiError(413, "too_many_images",
                                    f"at most {a.max_images_per_request} images per request") from None
                 raise ApiError(400, "bad_multipart", f"multipart body: {e.detail}") from None
-            files = form_files(form)
+            files = form_files(form, contract.form_fields(**takes), where)
             ids = [str(v) for k, v in form.multi_items() if k == "id" and not isinstance(v, UploadFile)]
             tags = [str(v) for k, v in form.multi_items() if k == "tags" and not isinstance(v, UploadFile)]
             if len(files) > a.max_images_per_request:
@@ -685,8 +719,11 @@ class Ingress:
                 raise
             except PydanticValidationError as e:  # the field at fault named (its first line only said "1 error")
                 err = e.errors()[0]
-                where = ".".join(str(x) for x in err["loc"]) or "body"
-                raise ApiError(400, "bad_json", f"{where}: {err['msg']}; expected "
+                at = ".".join(str(x) for x in err["loc"]) or "body"
+                if err["type"] == "extra_forbidden":  # a misspelt key ("tagz") was dropped (found on review)
+                    raise ApiError(400, "bad_json", f"{at[:120]}: not a field of the {where} body ("
+                                                    f"{self._json_takes(takes['tags'])})") from None
+                raise ApiError(400, "bad_json", f"{at}: {err['msg']}; expected "
                                                 f"{{\"images\": [{{\"data\": <base64>}}]}}") from None
             except Exception as e:  # noqa: BLE001 - whatever makes the body unreadable, it is the client's: a 400
                 raise ApiError(400, "bad_json", f"expected {{\"images\": [{{\"data\": <base64>}}]}}: "
@@ -698,6 +735,9 @@ class Ingress:
 
             for i, im in enumerate(body.images):
                 what = f"images[{i}]"
+                if "tags" in im.model_fields_set and "tags" not in contract.image_keys(takes["tags"]):
+                    raise ApiError(400, "bad_json", f"images.{i}.tags: not a field of the {where} body ("
+                                                    f"{self._json_takes(takes['tags'])})")
                 for t in im.tags:
                     if not (1 <= len(t) <= contract.MAX_TAG and contract.non_blank(t)):
                         raise ApiError(400, "bad_tags", f"{what}.tags: {t[:40]!r} is not a tag of 1-"
@@ -709,6 +749,11 @@ class Ingress:
         if not out:
             raise ApiError(400, "no_images", "the request holds no image")
         return out
+
+    @staticmethod
+    def _json_takes(tags: bool) -> str:
+        """What a JSON body of an image operation holds, for a message."""
+        return f"it takes images, each with {', '.join(contract.image_keys(tags))}"
 
     def _decode(self, raw: list[tuple[str | None, bytes, str, list[str]]]) -> "list[Image.Image]":
         from serving.decode import decode_image
@@ -740,10 +785,11 @@ class Ingress:
         self.serve_metrics.images.labels(endpoint=endpoint).inc(len(results))
         return spec, results
 
-    async def _example_vector(self, request: Request, endpoint: str, feature: str | None
+    async def _example_vector(self, request: Request, endpoint: str, op: str, feature: str | None
                               ) -> tuple[dict[str, Any], np.ndarray, str]:
-        """One uploaded image -> (its model result, its descriptor for ``feature``, sha256 of its bytes)."""
-        raw = await self._read_images(request)
+        """One uploaded image, the body of operation ``op`` -> (its model result, its descriptor for ``feature``,
+        sha256 of its bytes)."""
+        raw = await self._read_images(request, op)
         if len(raw) != 1:
             raise ApiError(400, "one_image", f"send exactly one image, got {len(raw)}")
         spec = await self._model_spec()
@@ -858,7 +904,7 @@ class Ingress:
         if not 0.0 <= threshold <= 1.0:
             raise ApiError(422, "threshold_out_of_range", f"threshold={threshold}: must be between 0 and 1")
         top_k = self._k(request, top_k, "top_k")
-        raw = await self._read_images(request)
+        raw = await self._read_images(request, "tag")
         spec, results = await self._infer(self._decode(raw), "/v1/tag")
         return {"model": {"name": spec["name"], "version": spec["version"]},
                 "results": [{"index": i, "id": raw[i][0],
@@ -916,7 +962,8 @@ class Ingress:
         spec = await self._model_spec()
         opts = await self._options(request, _model(spec), mode=mode, cursor=cursor, feature=feature, metric=metric,
                                    fusion=fusion, weights={"keywords": weight_keywords, "example": weight_example})
-        r, vector, digest = await self._example_vector(request, "/v1/search", opts["feature"])
+        r, vector, digest = await self._example_vector(request, "/v1/search", "search_by_upload",
+                                                       opts["feature"])
         parsed = self._vocabulary(spec["concepts"]).parse(q) if q is not None else None
         example = {"upload": digest}
         res = await self._query(_model(r), "/v1/search", opts, k, concepts=parsed.concepts if parsed else None, q=q,
@@ -931,7 +978,8 @@ class Ingress:
         k = self._k(request, k)
         spec = await self._model_spec()
         opts = await self._options(request, _model(spec), cursor=cursor, feature=feature, metric=metric)
-        r, vector, digest = await self._example_vector(request, "/v1/search/similar", opts["feature"])
+        r, vector, digest = await self._example_vector(request, "/v1/search/similar", "similar_image",
+                                                       opts["feature"])
         # The index of the very model that embedded the query: model and index always match.
         res = await self._query(_model(r), "/v1/search/similar", opts, k, vector=vector,
                                 example={"upload": digest})
@@ -1001,7 +1049,7 @@ class Ingress:
         served index (and a rollover's next one), so searches see them at once.  Re-posting an id with
         the same bytes changes nothing (200); with other bytes it is a 409 (in one request too)."""
         self._authorize(request, write=True)
-        raw = await self._read_images(request)
+        raw = await self._read_images(request, "add_items")
         rule = ("1-200 characters [A-Za-z0-9._:@/+-], not ending in /image or /similar (those URLs name an "
                 "item's image and neighbours), no '.' or '..' segment (a URL resolves them)")
         for item_id, _, what, _ in raw:

@@ -181,12 +181,16 @@ class IndexRef(BaseModel):
 
 
 class Base64Image(BaseModel):
+    # An unknown key is refused, not dropped: a misspelt "tagz" stored the item without its tags (found on
+    # review).  Which of these an operation takes: serving.contract.IMAGE_BODIES.
+    model_config = ConfigDict(extra="forbid")
     id: str | None = Field(None, max_length=256)
     data: str = Field(..., description="the image file's bytes, base64")
     tags: list[str] = Field(default_factory=list, description="known labels of the item (POST /v1/items)")
 
 
 class ImagesJSON(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     images: list[Base64Image]
 
 

@@ -142,7 +142,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from serving.schemas import ServeArgs
 
     adopt_library_loggers()  # importing ray.serve gave its logger a console handler of its own
-    app = build_app(app_args)  # validates the args, and that the model is there, before anything starts
+    # Validates the args, that the model is there and has the descriptors `features` lists, before anything
+    # starts: a running application is left as it is.
+    app = build_app(app_args)
     note = collection_note(app_args)
     if note:
         log.warning("%s", note)

@@ -147,6 +147,42 @@ def embed_snapshot_local(checkpoint: str, store: CollectionStore, items: Sequenc
     return {k: np.concatenate(v) for k, v in parts.items()}, ok
 
 
+def index_features(features: Sequence[str] | None, known: Sequence[str]) -> list[str]:
+    """The descriptors an index keeps beside the concept probabilities for ``features`` (None or empty:
+    :data:`DEFAULT_FEATURES`; aliases read as their names), checked against ``known``, a model's feature
+    points: else a one-line ValueError naming the first at fault and what the model has."""
+    descriptors = ", ".join(f for f in known if f not in ("probs", "logits"))
+    # probs (output) is in every index (the concept-probability matrix keyword search and feature=probs read):
+    # listed, as the README's `--features penultimate,probs` and a service's `features: [output]` do, it is not
+    # stored twice (it was refused, and a service listing it retried its build forever; found on review).
+    names = [f for f in dict.fromkeys(feature_name(f) for f in features or DEFAULT_FEATURES) if f != "probs"]
+    if not names:
+        raise ValueError(f"features: probs (output) is in every index; list the descriptors to keep beside it "
+                         f"({descriptors})")
+    bad = [f for f in names if f not in known or f == "logits"]
+    if bad:
+        raise ValueError(f"features: {bad[0]!r} is not a descriptor of this model; choose from "
+                         f"{descriptors} (or probs via keywords)")
+    return names
+
+
+def check_features(features: Sequence[str] | None, model_uri: str, tracking_uri: str | None = None) -> list[str]:
+    """:func:`index_features` for the model ``model_uri`` names, for a command to call before it deploys or
+    embeds anything: ``deepindex serve --arg features=[bogus]`` printed "service ready" and replaced a
+    working service with one whose every index build failed, retried forever, every search a 503 (found
+    on review; ``index build`` refused it in one line).  The model is loaded only for a descriptor that
+    not every model has (the default, penultimate, needs no download)."""
+    from deepindex.models.base import HEAD_POINTS
+
+    wanted = {feature_name(f) for f in features or DEFAULT_FEATURES} - {"probs"}
+    if wanted and wanted <= set(HEAD_POINTS) - {"probs", "logits"}:
+        return index_features(features, HEAD_POINTS)
+    from deepindex.checkpoint import load_model
+
+    return index_features(features, load_model(resolve_model(model_uri, tracking_uri).checkpoint_path)
+                          .model.feature_points())
+
+
 def build_index(model_uri: str, *, collection: str = "digit-scenes", out: str | Path | None = None,
                 index_dir: str | Path | None = None, vector_cfg: VectorConfig | None = None,
                 features: Sequence[str] | None = None, use_ray: bool = True, workers: int | None = None,
@@ -167,19 +203,7 @@ def build_index(model_uri: str, *, collection: str = "digit-scenes", out: str | 
     cfg = vector_cfg or VectorConfig()
     resolved = resolve_model(model_uri, tracking_uri)
     lm = load_model(resolved.checkpoint_path)
-    known = lm.model.feature_points()
-    descriptors = ", ".join(f for f in known if f not in ("probs", "logits"))
-    # probs (output) is in every index (the concept-probability matrix keyword search and feature=probs read):
-    # listed, as the README's `--features penultimate,probs` and a service's `features: [output]` do, it is not
-    # stored twice (it was refused, and a service listing it retried its build forever; found on review).
-    names = [f for f in dict.fromkeys(feature_name(f) for f in features or DEFAULT_FEATURES) if f != "probs"]
-    if not names:
-        raise ValueError(f"features: probs (output) is in every index; list the descriptors to keep beside it "
-                         f"({descriptors})")
-    bad = [f for f in names if f not in known or f == "logits"]
-    if bad:
-        raise ValueError(f"features: {bad[0]!r} is not a descriptor of this model; choose from "
-                         f"{descriptors} (or probs via keywords)")
+    names = index_features(features, lm.model.feature_points())
     store = CollectionStore.open(collection, catalogue_url, blobs_url, create=False)
     seq = store.head() if upto is None else upto
     items = list(store.snapshot(seq))  # ids, hashes and tags only: cheap even at 100k items

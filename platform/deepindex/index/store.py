@@ -227,6 +227,10 @@ def read_manifest(path: str | Path) -> IndexManifest:
         raw = json.loads(p.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"index: no index at {p.parent} (no {MANIFEST} in it)") from None
+    except NotADirectoryError:  # a file named as the index (found on review: an internal failure, exit 1)
+        raise FileNotFoundError(f"index: no index at {p.parent} (a file, not an index folder)") from None
+    except IsADirectoryError:
+        raise FileNotFoundError(f"index: no index at {p.parent} (its {MANIFEST} is a folder)") from None
     if raw.get("format") != FORMAT:
         raise ValueError(f"index: {p.parent} has format {raw.get('format')}, expected {FORMAT} "
                          "(rebuild it: deepindex index build)")
