@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -40,6 +41,29 @@ KINDS = {SWEEP_STATE: "sweep", AUDIT_STATE: "audit", TRAIN_STATE: "training run"
 # trials (promotion).
 FREE = ("ray.name", "ray.storage_path", "data.cache_dir", "tracking.registered_model", "tracking.promote_min_qbe_map",
         "tracking.promote_qbe_gallery")
+
+
+# A run's name is its folder under the storage path (and its Tune or Train experiment's): one path
+# component, like a collection's name.  "../x" wrote an audit outside the storage path, "a/b" nested folders.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def name_problem(name: object) -> str | None:
+    """What keeps ``name`` from naming a run (None: nothing): 1-100 of ``A-Z a-z 0-9 . _ -``, starting with a
+    letter or digit; so never ``.``, ``..`` or a path."""
+    if isinstance(name, str) and RUN_NAME.fullmatch(name):
+        return None
+    return (f"{str(name)[:80]!r} must be 1-100 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit "
+            "(a run's name is its folder under the storage path)")
+
+
+def check_name(name: str, option: str = "--name") -> str:
+    """``name`` if it can name a run (:func:`name_problem`), else a ``ConfigError`` naming ``option``.
+    Checked before anything is made."""
+    why = name_problem(name)
+    if why:
+        raise ConfigError(f"{option}: {why}")
+    return name
 
 
 class ChangedOnRestore(ConfigError):
@@ -83,7 +107,7 @@ def changes(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return out
 
 
-def _same_kind(name: str, folder: Path, file: str) -> None:
+def check_kind(name: str, folder: Path, file: str) -> None:
     """Refuse a folder that holds another kind of run (a sweep named like an audit, a training run
     named like a sweep): restoring or recording there would read or mix the other's state."""
     for other, what in KINDS.items():
@@ -95,14 +119,14 @@ def _same_kind(name: str, folder: Path, file: str) -> None:
 
 def record_definition(folder: Path, file: str, definition: dict[str, Any]) -> None:
     """A new run: its definition, for the next command that names it."""
-    _same_kind(folder.name, folder, file)
+    check_kind(folder.name, folder, file)
     update_state(folder, file, definition=_normal(definition))
 
 
 def check_unchanged(name: str, folder: Path, file: str, definition: dict[str, Any]) -> None:
     """Before restoring the run ``name`` from ``folder`` (its kind's state ``file``): refuse a definition
     that is not the saved one.  A run saved before definitions were recorded is restored as it is."""
-    _same_kind(name, folder, file)
+    check_kind(name, folder, file)
     kind = KINDS[file]
     recorded = read_state(folder, file).get("definition")
     if recorded is None:
@@ -126,7 +150,8 @@ def running(kind: str, name: str, storage: str) -> Iterator[None]:
     in another terminal, or a job submitted twice, is refused instead of writing the same checkpoints
     and trials from two drivers.  An advisory ``flock``: it ends with the process however it ends, so a
     killed run leaves no stale lock.  Remote storage (``s3://...``), or a file system without locks,
-    runs without one."""
+    runs without one.  A name that is not one folder (:func:`check_name`) is refused first."""
+    check_name(name, f"--name (or {'tune' if kind == 'sweep' else 'ray'}.name)")
     if "://" in storage:  # (a Path of it would read as a local folder "s3:")
         yield
         return

@@ -8,17 +8,21 @@ MLflow tracking URI.  Outside a project checkout (a folder of one's own with a r
 deepindex installed), the folder is the ``working_dir``, the installed library the ``py_module``,
 and the entrypoint the CLI itself (``python -m deepindex.cli train ...``).  Ray's token
 authentication is honoured the way Ray's own clients find the token: ``RAY_AUTH_TOKEN``, else the
-file at ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``.
+file at ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``; the local platform's token file (which
+``deepindex env`` exports) goes to the local platform alone.  ``--address`` wins over
+``RAY_API_SERVER_ADDRESS`` and ``RAY_ADDRESS``, which Ray's own client would take instead.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -196,8 +200,58 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+# Ray's JobSubmissionClient takes these, in this order, over the address it is given
+# (ray.dashboard.utils.get_address_for_submission_client): `--address` was ignored in a shell that had
+# run `eval $(deepindex env)`, and a job meant for another cluster went to the local platform.
+ADDRESS_ENV: tuple[str, ...] = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+
+
+@contextlib.contextmanager
+def _environ(changes: dict[str, str | None]) -> Iterator[None]:
+    """``os.environ`` with ``changes`` (None: unset) for the block only; as it was afterwards."""
+    saved = {k: os.environ.get(k) for k in changes}
+    try:
+        for k, v in changes.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _same_address(a: str, b: str | None) -> bool:
+    return b is not None and a.rstrip("/") == b.rstrip("/")
+
+
+def client_environ(addr: str, given: bool) -> dict[str, str | None]:
+    """The environment a client of ``addr`` is built in (None: unset): never Ray's address variables, so the
+    address is the one used.  The token of an address given with ``--address`` is the shell's
+    (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``), except that the local platform's
+    token file (``deepindex env`` exports it) goes to the local platform's Jobs API alone; there, it is the one."""
+    changes: dict[str, str | None] = dict.fromkeys(ADDRESS_ENV)
+    if not given:  # the address came from this environment (or is the local platform's): so does its token
+        return changes
+    from deepindex.localplatform import client_env, ray_client_env, token_path
+
+    if _same_address(addr, client_env().get("RAY_API_SERVER_ADDRESS")):
+        changes.update({"RAY_AUTH_TOKEN": None, **ray_client_env()})
+        return changes
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path and Path(path).expanduser().resolve() == token_path().resolve():
+        changes["RAY_AUTH_TOKEN_PATH"] = None  # the local head's token is not sent to another cluster
+    return changes
+
+
 def connect(address: str | None = None) -> JobSubmissionClient:
-    """A ``JobSubmissionClient`` for the cluster; connection and auth failures are one-line errors."""
+    """A ``JobSubmissionClient`` for the cluster; connection and auth failures are one-line errors.
+    ``address`` (``--address``) wins over ``RAY_API_SERVER_ADDRESS`` and ``RAY_ADDRESS``, which are
+    left as they were for the rest of the command."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
@@ -205,10 +259,16 @@ def connect(address: str | None = None) -> JobSubmissionClient:
 
     library_imported()  # Ray's loggers: our console's filter, not their own handler
     addr = resolve_address(address)
-    try:
-        return JobSubmissionClient(addr, headers=auth_headers())
-    except (ConnectionError, RuntimeError, AuthenticationError) as e:
-        raise ValueError(f"address: cannot reach the Ray Jobs API at {addr}: {_first_line(e)}") from None
+    where = f"{addr} (--address)" if address else addr
+    with _environ(client_environ(addr, given=bool(address))):
+        headers = auth_headers()
+        try:
+            return JobSubmissionClient(addr, headers=headers)
+        except (ConnectionError, RuntimeError, AuthenticationError) as e:
+            raise ValueError(f"address: cannot reach the Ray Jobs API at {where}: {server_message(e)}") from None
+        except ValueError as e:  # not an address Ray can parse ("Invalid address format: x")
+            raise ValueError(f"address: cannot reach the Ray Jobs API at {where}: {server_message(e)} (an address "
+                             "looks like http://HEAD:8265)") from None
 
 
 def submit(client: JobSubmissionClient, sub: Submission, *, metadata: dict[str, str] | None = None,
@@ -226,7 +286,11 @@ def submit(client: JobSubmissionClient, sub: Submission, *, metadata: dict[str, 
                 log.info("the cluster's job agent is not ready yet; retrying")
                 time.sleep(2)
                 continue
-            raise ValueError(f"submit: {_first_line(e)}") from None
+            why = server_message(e)
+            if sub.submission_id and "already exists" in why:
+                raise ValueError(f"--submission-id: a job {sub.submission_id} already exists on the cluster: give "
+                                 f"another id, or leave it out for a new one ({why})") from None
+            raise ValueError(f"submit: {why}") from None
 
 
 # What Ray's job manager writes into a job's log itself (`2026-12-06 09:47:28,996 INFO
@@ -297,6 +361,20 @@ def exit_status(info: JobDetails) -> int:
     return code if isinstance(code, int) and code > 0 else 1
 
 
-def _first_line(e: BaseException) -> str:
+_TRACEBACK = "Traceback (most recent call last):"
+
+
+def server_message(e: BaseException) -> str:
+    """An error in one line.  The Jobs API answers a failed request with the server's traceback
+    (``Request failed with status code 500: Traceback (most recent call last): ... ValueError: Job with
+    submission_id x already exists...``, and a last line ``.``): its reason is the traceback's last line,
+    after the status its first line gives."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else e.__class__.__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip().strip(".")]
+    if not lines:
+        return e.__class__.__name__
+    first = lines[0]
+    if _TRACEBACK in text and len(lines) > 1:
+        status = first.split(_TRACEBACK, 1)[0].strip().rstrip(":")
+        return f"{status}: {lines[-1]}" if status else lines[-1]
+    return first

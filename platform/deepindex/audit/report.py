@@ -112,6 +112,13 @@ def weak_folds_warning(scores: list[float], chance: float, multilabel: bool) -> 
             f"weights (model.pretrained=imagenet) or with another train.seed, and audit again")
 
 
+def combine_warnings(*warnings: str | None) -> str | None:
+    """The warnings given (None: none), one text: each a sentence of its own, ended by a full stop (they
+    ran together: "... and audit again 226 of 300 items ...")."""
+    said = [w.strip() for w in warnings if w and w.strip()]
+    return " ".join(w if w.endswith((".", "!", "?")) else f"{w}." for w in said) or None
+
+
 def summary_table(det: Detection, scores: dict[str, float] | None = None,
                   per_concept: list[dict[str, Any]] | None = None, warning: str | None = None) -> str:
     """A fixed-width table: per concept, estimated and flagged wrong/missing tags (and ``warning`` last)."""

@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FOLD_DRIVER_MEMORY = 512 * 2**20  # bytes reserved by a fold's Tune trial
+# Datasets made in memory with exactly data.train_size train items (deepindex.train.trainer.build_trainer):
+# their folds' sizes are known before any data is built.
+GENERATED = ("digit-scenes", "digits")
 
 
 class AuditFailed(ValueError):
@@ -89,6 +92,26 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("data.label_filter: an audit audits the given labels; drop the filter")
     if cfg.data.cv_folds:
         raise ConfigError("data.cv_folds: the audit sets the folds itself (use audit.folds)")
+
+
+def check_folds_fit(cfg: Config, items: int) -> None:
+    """Refuse, naming the key, an audit whose folds cannot train on its ``items`` train items: fewer items
+    than folds, or a fold's share (every item but its own fold's) that fills no batch of
+    ``train.batch_size`` on its workers: the check each fold's training makes
+    (:func:`deepindex.train.trainer.check_batches`), made once before Ray starts.  Made in the folds,
+    every fold failed on it after the cluster started, and the audit's name was taken by a definition
+    that could never train (the same name with another batch size is refused)."""
+    from deepindex.train.trainer import check_batches
+
+    folds = cfg.audit.folds
+    if items < folds:
+        raise ConfigError(f"audit.folds: {folds} folds need at least {folds} train items, there are {items}")
+    trained = items - -(-items // folds)  # the smallest share: every item but the largest fold's
+    try:
+        check_batches(cfg, trained)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (each of the audit's {folds} folds trains on about {trained} of the {items} "
+                          "train items: every item but its own fold's)") from None
 
 
 def fold_config(base: Config | dict[str, Any], folds: int, fold: int, train_storage: str) -> Config:
@@ -300,6 +323,8 @@ def run_audit(cfg: Config, *, name: str | None = None, tracking_uri: str | None 
     from deepindex.train.trainer import folder_storage
 
     check_config(cfg)
+    if cfg.data.dataset in GENERATED:  # before a folder is made or Ray starts (other data: once it is read)
+        check_folds_fit(cfg, cfg.data.train_size)
     storage = folder_storage(cfg, "audit")
     name = name or cfg.ray.name or restore.fresh_name("audit", storage)
     with restore.running("audit", name, storage):
@@ -313,6 +338,7 @@ def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -
     from deepindex.audit.detect import detect, detection_scores
     from deepindex.audit.report import (
         GRID_FILE,
+        combine_warnings,
         held_splits,
         summary_table,
         suspects_grid,
@@ -337,14 +363,18 @@ def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -
                                               "audit.fold_driver_cpus"))
     if restoring:  # before anything is written: a changed audit is refused as it was
         restore.check_unchanged(name, audit_dir, restore.AUDIT_STATE, definition)
-    else:
-        restore.record_definition(audit_dir, restore.AUDIT_STATE, definition)
+    else:  # a folder of a sweep or training run of this name: refused before the data is read
+        restore.check_kind(name, audit_dir, restore.AUDIT_STATE)
     splits = build_splits(cfg.data, train_augment=False)  # the given labels, ids and images; fails early on bad data
     view, concepts = splits.view, splits.concepts
     given = multi_hot(view.given, len(concepts)).numpy()  # exclusive classes one-hot
     folds = cfg.audit.folds
-    if len(given) < folds:
+    if cfg.data.dataset not in GENERATED:  # (generated data was checked before its folder was made)
+        check_folds_fit(cfg, len(given))
+    elif len(given) < folds:
         raise ConfigError(f"audit.folds: {folds} folds need at least {folds} train items, there are {len(given)}")
+    if not restoring:  # a new audit's definition, once its folds are known to fit: a refused one takes no name
+        restore.record_definition(audit_dir, restore.AUDIT_STATE, definition)
     digest = data_digest(view.ids, given)
     kept_folds(audit_dir, folds, digest, name)  # a restored audit whose data changed: refused before any training
     connect()
@@ -384,9 +414,7 @@ def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -
     missing = [k for k in range(folds) if not oof_path(audit_dir, k).is_file()]
     if missing:
         _end_parent(uri, parent, "FAILED")
-        why = f" ({error_line(errors[0])[:300]})" if errors else ""
-        raise AuditFailed(f"audit {name}: folds {[k + 1 for k in missing]} of {folds} did not finish{why}; run it "
-                          f"again with the same name to resume")
+        raise AuditFailed(failed_folds(name, missing, folds, errors))
 
     probs = np.full(given.shape, np.nan, dtype=np.float32)
     results: list[FoldResult] = []
@@ -414,7 +442,7 @@ def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -
     chance = chance_score(targets_of(splits.test), cfg.multilabel)
     warnings = [weak_folds_warning([r.test_score if r.test_score is not None else np.nan for r in results], chance,
                                    cfg.multilabel), weak_model_warning(det, oof_map)]
-    warning = " ".join(w for w in warnings if w) or None
+    warning = combine_warnings(*warnings)
     wall = time.monotonic() - start
     meta: dict[str, Any] = {
         "name": name, "folds": folds, "filter_by": cfg.audit.filter_by, "items": len(given), "concepts": concepts,
@@ -441,9 +469,31 @@ def _run_audit(cfg: Config, name: str, storage: str, tracking_uri: str | None) -
                         int(det.flagged.sum()), meta)
 
 
+def is_config_error(error: object) -> bool:
+    """Whether a fold's error (a Tune trial's: a Ray task error wrapping what the fold raised) is a
+    ``ConfigError``, which the same config meets again however often it runs."""
+    if isinstance(error, ConfigError) or isinstance(getattr(error, "cause", None), ConfigError):
+        return True
+    last = error_line(error)  # an error Tune kept as text: its last line names the exception's type
+    return "ConfigError" in last or "ChangedOnRestore" in last
+
+
+def failed_folds(name: str, missing: list[int], folds: int, errors: list[Any]) -> str:
+    """Why the audit ``name`` has no report, and what to do: a fold that failed on its config fails again
+    under this name (its definition is kept, and another one refused), so another --name; any other
+    failure, the same name resumes it (finished folds kept)."""
+    why = f" ({error_line(errors[0])[:300]})" if errors else ""
+    if any(is_config_error(e) for e in errors):
+        advice = "fix the config and run it under another --name (this name keeps the config it started with)"
+    else:
+        advice = "run it again with the same name to resume"
+    return f"audit {name}: folds {[k + 1 for k in missing]} of {folds} did not finish{why}; {advice}"
+
+
 def _log_parent(uri: str, run_id: str, report: Path, det: Detection, scores: dict[str, Any] | None,
                 meta: dict[str, Any]) -> None:
-    """The audit's numbers and report on its MLflow parent run, which then ends FINISHED."""
+    """The audit's numbers and report on its MLflow parent run, which then ends FINISHED.  A server that
+    fails now is a warning (:func:`deepindex.tracking.audit.log_audit`): the audit is done, its report written."""
     from deepindex.tracking.audit import log_audit
 
     values = {"flagged_labels": meta["flagged_labels"], "flagged_items": meta["flagged_items"],

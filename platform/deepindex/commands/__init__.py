@@ -17,3 +17,14 @@ def positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, not {n}")
     return n
+
+
+def run_name(text: str) -> str:
+    """An argparse type: the name of a training run, sweep or audit (one folder under the storage path,
+    :func:`deepindex.restore.name_problem`), checked before anything is made or Ray starts."""
+    from deepindex.restore import name_problem
+
+    why = name_problem(text)
+    if why:
+        raise argparse.ArgumentTypeError(why)
+    return text

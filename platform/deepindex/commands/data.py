@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from deepindex.commands import run_name
 from deepindex.commands.train import add_config_args
 
 
@@ -17,7 +18,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "cleaned_labels.jsonl, suspects.png, audit.json) and an MLflow parent run with one child "
                     "run per fold. Train on the cleaned labels with data.label_filter=<report folder>.")
     add_config_args(a)
-    a.add_argument("--name", help="audit name; the same name and storage path resume an interrupted audit")
+    a.add_argument("--name", type=run_name, help="audit name (A-Z a-z 0-9 . _ -); the same name and storage path "
+                                                "resume an interrupted audit")
     a.add_argument("--tracking-uri",
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, then the local platform's)")
     a.set_defaults(func=run_audit_command)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from deepindex.commands import positive_int
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("evaluate-retrieval",
@@ -24,16 +26,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--split", default="auto", choices=["auto", "all", "train", "val", "test"],
                    help="a manifest's split column rows (or a catalogue collection's items whose import recorded "
                         "that split) to evaluate on (auto: test if there are any, else all)")
-    p.add_argument("--size", type=int, default=5000, help="digit-scenes gallery size (test glyphs)")
+    p.add_argument("--size", type=positive_int, default=5000,
+                   help="digit-scenes gallery size (test glyphs), more than --k")
     p.add_argument("--seed", type=int, help="digit-scenes gallery and fusion sampling seed (default: the model's "
                                             "data.seed, whose held-out handwriting the gallery draws from)")
-    p.add_argument("--k", type=int, default=10, help="precision@k and mAP@k")
+    p.add_argument("--k", type=positive_int, default=10, help="precision@k and mAP@k")
     p.add_argument("--features", default="probs,penultimate,last_but_two", help="descriptors, comma-separated")
     p.add_argument("--metrics", default="l2,ip,cosine", help="comma-separated: l2 (or euclidean), ip (or dot), cosine")
     p.add_argument("--normalize", action="store_true", help="L2-normalise descriptors for l2 and ip too")
     p.add_argument("--vocabulary", action="append", default=[],
                    help="synonyms file(s) added to the concept names (repeatable)")
-    p.add_argument("--queries-per-concept", type=int, default=20, help="fusion: example queries per concept")
+    p.add_argument("--queries-per-concept", type=positive_int, default=20,
+                   help="fusion: example queries per concept")
     p.add_argument("--json", dest="json_out", help="also write the report to this file")
     p.add_argument("--log-run", metavar="RUN_ID", help="log metrics + retrieval/report.json to this MLflow run")
     p.add_argument("--attach", action="store_true",
@@ -57,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     from deepindex.index.keywords import Vocabulary
     from deepindex.tracking.registry import resolve_model
 
+    if args.collection == "digit-scenes" and args.size <= args.k:  # each query needs k other items
+        raise ValueError(f"--size: the gallery of {args.size} items needs more than --k {args.k} (each query is "
+                         f"ranked against the others): give --size {args.k + 1} or more")
     if args.log_run:  # a wrong run id fails now, not after the evaluation
         from deepindex.tracking.retrieval import check_run
 

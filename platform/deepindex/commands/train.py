@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from deepindex.commands import run_name
+
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (defaults apply to what it leaves out)")
@@ -13,7 +15,8 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("train", help="train a model with Ray Train on the connected cluster")
     add_config_args(p)
-    p.add_argument("--name", help="run name; the same name and storage path resume a run")
+    p.add_argument("--name", type=run_name, help="run name (A-Z a-z 0-9 . _ -); the same name and storage path "
+                                                "resume a run")
     p.set_defaults(func=run_train)
 
     e = sub.add_parser("evaluate", help="a model's metrics on a split of its dataset")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from deepindex.commands import run_name
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from deepindex.tune.space import shipped_spaces
@@ -12,7 +14,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help=f"a shipped space ({', '.join(shipped_spaces())}) or a search space YAML (default: default)")
     p.add_argument("--config", help="training YAML every trial starts from (replaces the space's `base`), "
                                     "e.g. the recipe `deepindex example photos` writes")
-    p.add_argument("--name", help="sweep name; the same name resumes an interrupted sweep")
+    p.add_argument("--name", type=run_name, help="sweep name (A-Z a-z 0-9 . _ -); the same name resumes an "
+                                                "interrupted sweep")
     p.add_argument("--samples", type=int, help="override tune.num_samples")
     p.add_argument("--search", choices=["random", "grid", "optuna"], help="override tune.search")
     p.add_argument("--max-concurrent", type=int, help="override tune.max_concurrent_trials (0: sized to the cluster)")

@@ -69,13 +69,35 @@ def metric_name(key: str) -> str:
     return _UNSAFE.sub("_", key)
 
 
-def log_audit(run_id: str, tracking_uri: str, *, metrics: dict[str, float], report: str | Path) -> None:
+def log_audit(run_id: str, tracking_uri: str, *, metrics: dict[str, float], report: str | Path) -> bool:
     """The audit's numbers and its report folder (artifacts ``audit/``) on the parent run, which
-    then ends FINISHED."""
-    parent = Tracker(tracking_uri, "", AUDIT_KIND, run_id=run_id)  # its client and batched metric logging
-    parent.log_metrics({metric_name(k): float(v) for k, v in metrics.items()})
-    parent.client.log_artifacts(run_id, str(report), REPORT_ARTIFACTS)
-    parent.client.set_terminated(run_id, "FINISHED")
+    then ends FINISHED; True when all three are logged.
+
+    A server that fails here stops nothing, as a training's does not: the audit is done and its report is on
+    the storage path.  One warning names the server and what the run did not get, and the same audit run
+    again (its name and storage path: the folds are kept, nothing trains) logs them on the same run.  The
+    tracking journal (``deepindex tracking sync``) replays training runs, whose end is a checkpoint to score,
+    not an audit's; so there is nothing to journal here."""
+    missing = ["its numbers", f"its report (artifacts {REPORT_ARTIFACTS}/)", "its end (it stays RUNNING)"]
+    try:
+        parent = Tracker(tracking_uri, "", AUDIT_KIND, run_id=run_id)  # its client and batched metric logging
+        parent.log_metrics({metric_name(k): float(v) for k, v in metrics.items()})
+        missing.pop(0)
+        parent.client.log_artifacts(run_id, str(report), REPORT_ARTIFACTS)
+        missing.pop(0)
+        parent.client.set_terminated(run_id, "FINISHED")
+        return True
+    except Exception as e:  # noqa: BLE001 - any tracking failure leaves the finished audit alone
+        lines = str(e).strip().splitlines()
+        why = f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+        log.warning("MLflow server %s failed while the audit's results were logged (%s): its run %s did not get %s. "
+                    "The report stays at %s; run the audit again under the same name once the server answers, "
+                    "to log them", tracking_uri, why, run_id, _listed(missing), report)
+        return False
+
+
+def _listed(things: list[str]) -> str:
+    return things[0] if len(things) == 1 else f"{', '.join(things[:-1])} or {things[-1]}"
 
 
 def end_audit_run(run_id: str, status: str, tracking_uri: str) -> None:
