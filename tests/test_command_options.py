@@ -32,6 +32,7 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     (["--k", "0"], "argument --k: must be >= 1, not 0"),
     (["--queries-per-concept", "0"], "argument --queries-per-concept: must be >= 1, not 0"),
     (["--queries-per-concept", "many"], "argument --queries-per-concept: 'many' is not a whole number"),
+    (["--seed", "-1"], "argument --seed: must be >= 0, not -1"),  # was numpy's "expected non-negative integer"
 ])
 def test_evaluate_retrieval_names_a_bad_number_before_any_model_loads(
         no_model: list[Any], capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:

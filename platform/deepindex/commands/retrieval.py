@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from deepindex.commands import positive_int
+from deepindex.commands import non_negative_int, positive_int
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -28,8 +28,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "that split) to evaluate on (auto: test if there are any, else all)")
     p.add_argument("--size", type=positive_int, default=5000,
                    help="digit-scenes gallery size (test glyphs), more than --k")
-    p.add_argument("--seed", type=int, help="digit-scenes gallery and fusion sampling seed (default: the model's "
-                                            "data.seed, whose held-out handwriting the gallery draws from)")
+    p.add_argument("--seed", type=non_negative_int,
+                   help="digit-scenes gallery and fusion sampling seed (default: the model's data.seed, whose "
+                        "held-out handwriting the gallery draws from)")
     p.add_argument("--k", type=positive_int, default=10, help="precision@k and mAP@k")
     p.add_argument("--features", default="probs,penultimate,last_but_two", help="descriptors, comma-separated")
     p.add_argument("--metrics", default="l2,ip,cosine", help="comma-separated: l2 (or euclidean), ip (or dot), cosine")
