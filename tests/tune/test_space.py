@@ -364,6 +364,13 @@ def test_a_sweep_name_is_text(name):
         load_space("smoke", settings={"name": name})
 
 
+@pytest.mark.parametrize("name", ["a/b", "../x", ".."])
+def test_a_sweep_name_is_one_folder(name):
+    """Found on review: `tune.name=a/b` was refused only after Ray started (`--name a/b` at parsing)."""
+    with pytest.raises(ConfigError, match=r"^tune\.name: .* must be 1-100 characters of A-Z a-z 0-9 \. _ -"):
+        load_space("smoke", [f"tune.name={name}"])
+
+
 def test_sweep_settings_from_the_command_line_read_as_typed(capsys):
     """`tune.name=5` (and `007`) names the sweep 5 (007), as `ray.name=007` names a run; an empty seed unseeds the
     search; the command line refuses an ill-typed setting in one line, before Ray starts."""

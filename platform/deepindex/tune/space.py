@@ -35,6 +35,7 @@ from deepindex.config import (
     parse_overrides,
     read_yaml,
 )
+from deepindex.restore import check_name
 
 # The spaces that ship with the package, by name (``default``, ``smoke``, ``noisy_labels``).
 SPACES = Path(__file__).resolve().parent / "spaces"
@@ -298,6 +299,8 @@ def _check_settings(s: SweepSettings, space: dict[str, Dist], base: Config) -> N
     if s.name is not None and not (isinstance(s.name, str) and s.name.strip()):
         raise ConfigError(f"tune.name: must be the sweep's name, a non-empty text (quote a number in YAML: "
                           f"name: '5'), or null for a fresh one, got {s.name!r}")
+    if s.name is not None:  # one folder under the storage path, checked before Ray starts (a/b: nested folders)
+        check_name(s.name, "tune.name")
     for flag in ("promote", "seed_defaults"):
         if not isinstance(getattr(s, flag), bool):
             raise ConfigError(f"tune.{flag}: must be true or false, got {getattr(s, flag)!r}")
