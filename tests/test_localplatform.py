@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import logging
 import os
 import shutil
@@ -446,3 +447,20 @@ def test_down_keeps_a_state_file_it_cannot_read(capsys):
     assert f.is_file()
     f.write_text("{}")
     assert main(["down"]) == 0 and not f.exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_half_started_platform_is_not_running(sleepers, capsys):
+    """An `up` whose Ray head failed to start leaves MLflow alone in the state file: `status` said `mlflow: running`,
+    nothing of Ray, and exit 0 (`--json`: running true) while `deepindex env` said the platform is not running."""
+    mlflow = sleepers()  # alive: a process of this test's own stands in for the server
+    _write_state({"mlflow": _fake("mlflow", mlflow, free_port())})
+    assert main(["status", "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["running"] is False
+    assert doc["services"]["mlflow"]["state"] == "running" and doc["services"]["ray"]["state"] == "not running"
+    assert main(["status"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert "ray: not running (start it with: deepindex up)" in out, out
+    assert any(line.startswith("mlflow: running (pid ") for line in out), out
+    assert main(["env"]) == 1

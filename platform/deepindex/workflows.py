@@ -90,7 +90,19 @@ def check_data(cfg: Config) -> None:
 
     if cfg.data.dataset in FILE_DATASETS:
         data_files(cfg.data)
+    elif cfg.data.dataset in ("cifar10", "cifar100"):
+        _check_cifar(cfg.data.root, cfg.data.dataset)
     check_label_filter(cfg.data)
+
+
+def _check_cifar(root: str | None, which: str) -> None:
+    """CIFAR's files are there: the same check the workers make (:func:`deepindex.data.files.read_cifar`,
+    torchvision's integrity check of every file), on the smaller test file."""
+    from deepindex.data.files import read_cifar
+
+    if not root:  # the workers' own words (deepindex.data.splits)
+        raise ValueError("data.root: required for CIFAR (the folder holding torchvision's files)")
+    read_cifar(root, which, train=False)
 
 
 def tracked_train(cfg: Config, *, name: str | None = None, callbacks: list[UserCallback] | None = None,
@@ -242,6 +254,10 @@ def promote(run_id: str, name: str | None, tracking_uri: str | None = None, *, p
 
     event("promotion: %s -> %s (run %s)", reason,
           f"{name}@{alias} = version {version}" if promoted else f"{name}@{alias} unchanged", run_id)
+    if champ_version == version:
+        # Promoted earlier (`promote --run` twice, `promote --sweep` after the sweep promoted at its end): its
+        # record, on the run, the sweep's run and the version, stays the one of that promotion, not "not promoted".
+        return decision
     registry.log_decision(decision, parent_run_id, tracking_uri)
     return decision
 
@@ -313,6 +329,14 @@ def _held_out_gallery(lm: LoadedModel, cfg: Config) -> Collection:
                       splits.channels, images=images, labels=labels, meta={"split": "test"}, preset=splits.preset)
 
 
+def check_model_name(model: str) -> None:
+    """A registered model name MLflow takes, before anything is scored or registered: ``bad/name`` failed in MLflow
+    (``RestException: INVALID_PARAMETER_VALUE``) after the scoring, and ``""`` fell back to the run's own name."""
+    if not model.strip() or "/" in model or ":" in model:
+        raise ValueError(f"--model: {model!r} is no registered model name: give a name that is not empty and holds "
+                         "no '/' or ':' (or leave --model out for the run's own tracking.registered_model)")
+
+
 def promote_main(*, sweep: str | None = None, run_id: str | None = None, model: str | None = None,
                  experiment: str = "deepindex", tracking_uri: str | None = None, show: bool = True,
                  min_qbe_map: float | None = None) -> dict[str, Any]:
@@ -325,6 +349,8 @@ def promote_main(*, sweep: str | None = None, run_id: str | None = None, model: 
         raise ValueError("promote: give exactly one of --sweep NAME or --run RUN_ID")
     if min_qbe_map is not None and not 0.0 <= min_qbe_map <= 1.0:
         raise ValueError(f"--min-qbe-map: a mAP within [0, 1], got {min_qbe_map}")
+    if model is not None:
+        check_model_name(model)
     sync_pending(None, tracking_uri)  # a sweep that ended while MLflow was down has its best trial logged first
     parent = None
     if sweep is not None:

@@ -106,10 +106,14 @@ def run_status(args: argparse.Namespace) -> int:
     from deepindex.tracking.tracker import pending_journals
     from deepindex.train.trainer import storage_path
 
-    st = status()
+    recorded = status()
     pending = [str(p) for p in pending_journals(storage_path(load_config(None, [])))]
-    # A Serve application that stopped answering is reported, not a platform failure.
-    running = bool(st) and all(v["state"] == "running" for k, v in st.items() if k != "serve")
+    # A Serve application that stopped answering is reported, not a platform failure.  A platform without its
+    # Ray head runs nothing (an `up` whose head failed to start leaves MLflow alone in the state file), as
+    # `deepindex env` says; one without MLflow runs, its runs journaled until MLflow is up.
+    running = recorded.get("ray", {}).get("state") == "running" and all(
+        v["state"] == "running" for k, v in recorded.items() if k != "serve")
+    st = _with_missing(recorded)  # a service left out is named, not passed over
     not_running = "the local platform is not running (start it with: deepindex up)"
     pending_line = f"runs with tracking journals not yet in MLflow (`deepindex tracking sync` logs them): {pending}"
     if args.json:
@@ -129,6 +133,20 @@ def run_status(args: argparse.Namespace) -> int:
     return 0 if running else 1
 
 
+_MISSING = {"state": "not running", "hint": "start it with: deepindex up"}
+
+
+def _with_missing(st: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``st`` with each platform service that is not recorded (a half-started platform: `up` leaves out of the
+    state file a service that failed to start) as not running; {} stays {} (the platform is not running)."""
+    from deepindex.localplatform import SERVICES
+
+    if not st:
+        return st
+    missing = {name: dict(_MISSING) for name in SERVICES if name not in st}
+    return {**missing, **st} if missing else st
+
+
 def _with_ui(urls: dict[str, str]) -> dict[str, str]:
     from deepindex.tracking.uri import experiment_ui_url
 
@@ -137,6 +155,9 @@ def _with_ui(urls: dict[str, str]) -> dict[str, str]:
 
 def _print_status(st: dict[str, dict[str, Any]]) -> None:
     for name, info in st.items():
+        if info["state"] == _MISSING["state"]:
+            print(f"{name}: not running ({info['hint']})")
+            continue
         extra = f"pid {info['pid']}, {len(info['processes'])} processes" if "pid" in info else f"app {info['app']}"
         health = "" if info.get("healthy", True) else ", not healthy"
         print(f"{name}: {info['state']} ({extra}{health})")

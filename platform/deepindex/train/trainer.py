@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from deepindex.config import FILE_DATASETS, Config, ConfigError
 from deepindex.paths import state_dir
-from deepindex.restore import TRAIN_STATE, check_unchanged, config_definition, record_definition
+from deepindex.restore import TRAIN_STATE, check_unchanged, config_definition, read_state, record_definition
 from deepindex.train.engine import primary_metric
 
 if TYPE_CHECKING:
@@ -101,21 +101,37 @@ def claim_run(cfg: Config, name: str) -> Path | None:
     would train something else; a new run records what it trains.  Returns the folder of the run it
     resumes (None: a new run, or remote storage).  Where it runs, on how many workers and threads,
     its tracking and the audit it is a fold of may change, and ``train.epochs`` (more epochs continue
-    a finished run) unless the schedule is cosine, which anneals over the run's epochs: a resumed
-    cosine goes on past its end by raising the learning rate again."""
+    a finished run) unless the schedule, the recorded or the new one, is cosine, which anneals over the
+    run's epochs: a resumed cosine goes on past its end by raising the learning rate again."""
     storage = storage_path(cfg)
     if "://" in storage:
         return None  # remote storage: Ray Train's checkpoint is all there is to go by
     folder = Path(storage) / name
-    # audit.*: a fold's audit (its filter may change on a restore; the audit checks its own folds)
-    free = ("ray.", "tracking.", "audit.", "train.threads") + (() if cfg.schedule.policy == "cosine"
-                                                                else ("train.epochs",))
-    definition = config_definition(cfg, free=free)
+    # audit.*: a fold's audit (its filter may change on a restore; the audit checks its own folds).  train.epochs
+    # is always recorded: a run started with step and resumed with cosine is refused for its policy, not its epochs.
+    definition = config_definition(cfg, free=("ray.", "tracking.", "audit.", "train.threads"))
     if _has_checkpoint(folder):
-        check_unchanged(name, folder, TRAIN_STATE, definition)
+        check_unchanged(name, folder, TRAIN_STATE, _compared(definition, read_state(folder, TRAIN_STATE)))
         return folder
     record_definition(folder, TRAIN_STATE, definition)  # a run that failed before its first checkpoint starts over
     return None
+
+
+def _compared(definition: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """``definition`` as it is compared with the one the run recorded (in its state ``state``): train.epochs
+    counts only when the recorded or the new schedule is cosine, and the recorded definition holds it (one
+    recorded before train.epochs always was leaves it out of a non-cosine run's); otherwise it is the recorded
+    one's, so the comparison passes over it."""
+    recorded = state.get("definition")
+    if not isinstance(recorded, dict):
+        return definition
+    cosine = "cosine" in (definition.get("schedule.policy"), recorded.get("schedule.policy"))
+    if cosine and "train.epochs" in recorded:
+        return definition
+    out = {k: v for k, v in definition.items() if k != "train.epochs"}
+    if "train.epochs" in recorded:
+        out["train.epochs"] = recorded["train.epochs"]
+    return out
 
 
 def _has_checkpoint(folder: Path) -> bool:
