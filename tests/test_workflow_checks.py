@@ -52,3 +52,24 @@ def test_a_model_name_mlflow_refuses_is_refused_before_anything_is_registered(
     assert main(["promote", "--run", "0123abcd", "--model", model]) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith(f"deepindex promote: error: --model: {model!r} "), err
+
+
+@pytest.mark.parametrize("dataset", ["digit-scenes", "digits"])
+def test_a_batch_the_generated_train_split_cannot_fill_is_refused_before_ray_starts(
+        dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`train data.train_size=10` at the default batch of 128 was refused only once Ray had started (the audit
+    refuses its folds' before Ray): the driver knows a generated split's size, so it checks it first."""
+    import ray
+
+    ray.shutdown()
+
+    def no_ray(*a: object, **k: object) -> None:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr("deepindex.cluster.connect", no_ray)
+    code = main(["train", f"data.dataset={dataset}", "data.train_size=10", f"ray.storage_path={tmp_path / 'r'}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.splitlines()[-1].startswith("deepindex train: error: train.batch_size: 128 is more than the train "
+                                           "split fills"), err
+    assert not ray.is_initialized() and not (tmp_path / "r").exists()

@@ -23,6 +23,8 @@ class ConfigError(ValueError):
 
 # Datasets read from image files (the ones data.pipeline=ray decodes once and caches).
 FILE_DATASETS = ("image-folder", "manifest")
+# Datasets generated in memory: exactly data.train_size train items.
+GENERATED = ("digit-scenes", "digits")
 
 
 class _Section(BaseModel):

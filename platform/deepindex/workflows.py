@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deepindex.config import Config, load_config
+from deepindex.config import GENERATED, Config, load_config
 from deepindex.tracking.registry import PromotionDecision
 from deepindex.tracking.tracker import RUN_ID_KEY, Tracker
 from deepindex.train.trainer import TrainOutcome, storage_path
@@ -38,11 +38,13 @@ def _summary(d: dict[str, Any]) -> dict[str, Any]:
 def train_main(config_path: str | None, overrides: list[str], name: str | None = None) -> dict[str, Any]:
     """Validate the config first (a bad key fails before Ray starts), train, print the results."""
     from deepindex.restore import running
-    from deepindex.train.trainer import run_name
+    from deepindex.train.trainer import check_batches, run_name
 
     started = time.monotonic()
     cfg = load_config(config_path, overrides)
     check_data(cfg)
+    if cfg.data.dataset in GENERATED:  # exactly data.train_size items: a batch they cannot fill fails before Ray
+        check_batches(cfg, cfg.data.train_size, warn=False)  # (its warning comes once, where the trainer checks)
     name = name or run_name(cfg)
     with running("train", name, storage_path(cfg)):  # one process at a time trains a run
         return _train_main(cfg, name, started)

@@ -33,7 +33,7 @@ import numpy as np
 
 from deepindex import restore
 from deepindex.atomic import write_file
-from deepindex.config import Config, ConfigError, from_dict
+from deepindex.config import GENERATED, Config, ConfigError, from_dict
 from deepindex.console import error_line, event, failure_lines, tune_verbosity
 
 if TYPE_CHECKING:
@@ -44,9 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FOLD_DRIVER_MEMORY = 512 * 2**20  # bytes reserved by a fold's Tune trial
-# Datasets made in memory with exactly data.train_size train items (deepindex.train.trainer.build_trainer):
-# their folds' sizes are known before any data is built.
-GENERATED = ("digit-scenes", "digits")
+# GENERATED datasets are made in memory with exactly data.train_size train items: their folds' sizes are known
+# before any data is built.
 
 
 class AuditFailed(ValueError):

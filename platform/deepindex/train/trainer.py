@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deepindex.config import FILE_DATASETS, Config, ConfigError
+from deepindex.config import FILE_DATASETS, GENERATED, Config, ConfigError
 from deepindex.paths import state_dir
 from deepindex.restore import TRAIN_STATE, check_unchanged, config_definition, read_state, record_definition
 from deepindex.train.engine import primary_metric
@@ -69,7 +69,7 @@ def journal_path(cfg: Config, name: str) -> str | None:
     return None if "://" in storage else str(Path(storage) / name / JOURNAL)
 
 
-def check_batches(cfg: Config, train_rows: int) -> None:
+def check_batches(cfg: Config, train_rows: int, warn: bool = True) -> None:
     """Every worker's share of the train split holds at least one of its batches: the loaders drop
     the last partial batch (so every rank takes the same steps), and a share smaller than a batch
     would train nothing, every epoch, without a word (seen with a 48-image folder at batch 64).
@@ -86,7 +86,7 @@ def check_batches(cfg: Config, train_rows: int) -> None:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the train split fills{each}: "
                           f"no training step would run; set train.batch_size <= {share * world}")
     trained = share // per_worker * per_worker * world
-    if train_rows - trained > _LEFT_OUT * train_rows:
+    if warn and train_rows - trained > _LEFT_OUT * train_rows:
         # The loaders keep every rank's steps equal by dropping each one's last partial batch: on a
         # small collection that can be half of it, every epoch.  A batch a little smaller takes it all.
         best = max(range((per_worker + 1) // 2, per_worker + 1), key=lambda b: (share // b * b, b))
@@ -200,7 +200,7 @@ def build_trainer(cfg: Config, *, name: str | None = None, callbacks: list[UserC
         check_batches(cfg, int(ingest.plan["train_rows"]))
         loop_config["ray_data"] = ingest.plan
         data = {"datasets": ingest.datasets, "dataset_config": ingest.data_config}
-    elif cfg.data.dataset in ("digit-scenes", "digits"):  # generated: exactly data.train_size items
+    elif cfg.data.dataset in GENERATED:  # generated: exactly data.train_size items
         check_batches(cfg, cfg.data.train_size)
     elif cfg.data.dataset in FILE_DATASETS:  # the local path: counted from the listing, no image decoded
         check_batches(cfg, listed_train_rows(cfg.data))
